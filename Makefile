@@ -1,0 +1,30 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Pick your own torch build with e.g. `make demo TORCH="torch --index-url https://download.pytorch.org/whl/cu124"`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: demo test bench
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[data]"
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/sparsecnn analyze alexnet --profile deep-compression
+
+test: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q -n 2
+
+# Not one of the two commands: the performance suite (minutes; prints a table, writes JSON).
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks
