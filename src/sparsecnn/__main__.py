@@ -1,0 +1,5 @@
+import sys
+
+from sparsecnn.cli import main
+
+sys.exit(main())
