@@ -1,0 +1,476 @@
+"""The model zoo: LeNet-5 (Caffe), AlexNet (BVLC/Caffe), VGG-16 (configuration D), ResNet-18/50.
+
+Every model is built from its published definition with readable layer names (``conv1`` ... ``fc8``,
+``layer1.0.conv1``), so that per-layer sparsity profiles and reports can name layers the way the
+papers do. Each built model carries ``input_shape`` = (C, H, W), the input it was sized for.
+
+Initialisation is seeded through a local :class:`torch.Generator`: the model is first created on the
+``meta`` device (no memory, no random numbers drawn), then materialised and initialised from the
+generator, so building a model never changes the global torch RNG state.
+
+References
+----------
+LeCun et al., "Gradient-based learning applied to document recognition", 1998 (Caffe's ``lenet``).
+Krizhevsky et al., "ImageNet classification with deep convolutional neural networks", NIPS 2012
+(as ``bvlc_alexnet`` in Caffe). Simonyan & Zisserman, "Very deep convolutional networks", ICLR 2015.
+He et al., "Deep residual learning for image recognition", CVPR 2016.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsecnn.errors import SparseCNNError
+
+__all__ = ["build", "input_shape", "load_weights", "names", "resolve"]
+
+
+# --------------------------------------------------------------------------------------------------
+# shape helpers
+
+
+def _feature_hw(make: Callable[[], nn.Module], in_channels: int, size: int, model: str) -> tuple[int, ...]:
+    """Output shape (C, H, W) of the module ``make()`` for one (in_channels, size, size) image.
+
+    The module is built and run on the ``meta`` device: a dry shape calculation that costs nothing.
+    """
+    with torch.device("meta"):
+        module = make()
+        try:
+            out = module(torch.empty(1, in_channels, size, size))
+        except RuntimeError as exc:
+            raise SparseCNNError(
+                f"{model}: input_size {size} is too small for its convolutions and pools ({exc}); "
+                f"use a larger input_size"
+            ) from None
+    shape = tuple(int(d) for d in out.shape[1:])
+    if any(d <= 0 for d in shape):
+        raise SparseCNNError(f"{model}: input_size {size} is too small; use a larger input_size")
+    return shape
+
+
+def _check_positive(model: str, **values: int) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise SparseCNNError(f"{model}: {key} must be a positive integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# LeNet-5 (Caffe examples/mnist/lenet_train_test.prototxt)
+
+
+def _lenet5_features(in_channels: int, padding: int) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(in_channels, 20, 5, padding=padding),
+            pool1=nn.MaxPool2d(2, 2),
+            conv2=nn.Conv2d(20, 50, 5, padding=padding),
+            pool2=nn.MaxPool2d(2, 2),
+            flatten=nn.Flatten(),
+        )
+    )
+
+
+def _lenet5(num_classes: int, in_channels: int, input_size: int) -> nn.Sequential:
+    # Caffe's LeNet has no padding: 28 -> 24 -> 12 -> 8 -> 4. That geometry needs input_size >= 16.
+    # Below that (sklearn's 8x8 digits) both convolutions pad 2 ("same"), keeping the 20/50/500/10
+    # widths: 8 -> 8 -> 4 -> 4 -> 2, so fc1 sees 50*2*2 = 200 inputs.
+    padding = 0 if input_size >= 16 else 2
+    c, h, w = _feature_hw(lambda: _lenet5_features(in_channels, padding), in_channels, input_size, "lenet5")
+    features = _lenet5_features(in_channels, padding)
+    return nn.Sequential(
+        OrderedDict(
+            [
+                *features.named_children(),
+                ("fc1", nn.Linear(c, 500)),  # the flattened size is c here: Flatten is in features
+                ("relu1", nn.ReLU(inplace=True)),
+                ("fc2", nn.Linear(500, num_classes)),
+            ]
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# AlexNet (Caffe models/bvlc_alexnet/deploy.prototxt)
+
+
+def _lrn() -> nn.LocalResponseNorm:
+    # Caffe LRN across channels: local_size 5, alpha 1e-4, beta 0.75, k 1 (torch also divides alpha by n).
+    return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+
+
+def _pool3s2() -> nn.MaxPool2d:
+    # Caffe rounds pooled sizes up; at 227x227 this gives the published 55 -> 27 -> 13 -> 6.
+    return nn.MaxPool2d(3, 2, ceil_mode=True)
+
+
+def _alexnet_features(in_channels: int) -> list[tuple[str, nn.Module]]:
+    return [
+        ("conv1", nn.Conv2d(in_channels, 96, 11, stride=4)),
+        ("relu1", nn.ReLU(inplace=True)),
+        ("norm1", _lrn()),
+        ("pool1", _pool3s2()),
+        ("conv2", nn.Conv2d(96, 256, 5, padding=2, groups=2)),
+        ("relu2", nn.ReLU(inplace=True)),
+        ("norm2", _lrn()),
+        ("pool2", _pool3s2()),
+        ("conv3", nn.Conv2d(256, 384, 3, padding=1)),
+        ("relu3", nn.ReLU(inplace=True)),
+        ("conv4", nn.Conv2d(384, 384, 3, padding=1, groups=2)),
+        ("relu4", nn.ReLU(inplace=True)),
+        ("conv5", nn.Conv2d(384, 256, 3, padding=1, groups=2)),
+        ("relu5", nn.ReLU(inplace=True)),
+        ("pool5", _pool3s2()),
+        ("flatten", nn.Flatten()),
+    ]
+
+
+def _alexnet(num_classes: int, in_channels: int, input_size: int) -> nn.Sequential:
+    (flat,) = _feature_hw(
+        lambda: nn.Sequential(OrderedDict(_alexnet_features(in_channels))), in_channels, input_size, "alexnet"
+    )
+    return nn.Sequential(
+        OrderedDict(
+            [
+                *_alexnet_features(in_channels),
+                ("fc6", nn.Linear(flat, 4096)),  # 256*6*6 = 9216 at 227x227
+                ("relu6", nn.ReLU(inplace=True)),
+                ("drop6", nn.Dropout(0.5)),
+                ("fc7", nn.Linear(4096, 4096)),
+                ("relu7", nn.ReLU(inplace=True)),
+                ("drop7", nn.Dropout(0.5)),
+                ("fc8", nn.Linear(4096, num_classes)),
+            ]
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# VGG-16, configuration D (Simonyan & Zisserman table 1)
+
+_VGG16_STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+
+
+def _vgg16_features(in_channels: int) -> list[tuple[str, nn.Module]]:
+    layers: list[tuple[str, nn.Module]] = []
+    c = in_channels
+    for stage, (width, depth) in enumerate(_VGG16_STAGES, start=1):
+        for i in range(1, depth + 1):
+            layers.append((f"conv{stage}_{i}", nn.Conv2d(c, width, 3, padding=1)))
+            layers.append((f"relu{stage}_{i}", nn.ReLU(inplace=True)))
+            c = width
+        layers.append((f"pool{stage}", nn.MaxPool2d(2, 2)))
+    layers.append(("flatten", nn.Flatten()))
+    return layers
+
+
+def _vgg16(num_classes: int, in_channels: int, input_size: int) -> nn.Sequential:
+    # No adaptive pooling (the original network has none): fc6's input is 512 * (input_size/32)^2.
+    (flat,) = _feature_hw(
+        lambda: nn.Sequential(OrderedDict(_vgg16_features(in_channels))), in_channels, input_size, "vgg16"
+    )
+    return nn.Sequential(
+        OrderedDict(
+            [
+                *_vgg16_features(in_channels),
+                ("fc6", nn.Linear(flat, 4096)),  # 512*7*7 = 25088 at 224x224
+                ("relu6", nn.ReLU(inplace=True)),
+                ("drop6", nn.Dropout(0.5)),
+                ("fc7", nn.Linear(4096, 4096)),
+                ("relu7", nn.ReLU(inplace=True)),
+                ("drop7", nn.Dropout(0.5)),
+                ("fc8", nn.Linear(4096, num_classes)),
+            ]
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# ResNet-18 / ResNet-50 (He et al. 2016, table 1; stride on the 3x3 conv as in torchvision "v1.5")
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand (x4), with an identity or projection shortcut."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential | None:
+    if stride == 1 and in_planes == out_planes:
+        return None
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
+class ResNet(nn.Module):
+    """ResNet for ImageNet-style inputs: 7x7/2 stem, 3x3/2 max pool, four stages, global average pool."""
+
+    def __init__(
+        self, block: type[BasicBlock | Bottleneck], depths: tuple[int, int, int, int], num_classes: int,
+        in_channels: int,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        in_planes = 64
+        for i, (planes, depth) in enumerate(zip((64, 128, 256, 512), depths, strict=True), start=1):
+            blocks = []
+            for j in range(depth):
+                blocks.append(block(in_planes, planes, stride=2 if (i > 1 and j == 0) else 1))
+                in_planes = planes * block.expansion
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.flatten(self.avgpool(x)))
+
+
+def _resnet(block: type[BasicBlock | Bottleneck], depths: tuple[int, int, int, int], name: str):
+    def make(num_classes: int, in_channels: int, input_size: int) -> ResNet:
+        # The global average pool makes fc independent of input_size; the dry run only checks it fits.
+        def trunk() -> nn.Module:
+            net = ResNet(block, depths, num_classes, in_channels)
+            return nn.Sequential(net.conv1, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+
+        _feature_hw(trunk, in_channels, input_size, name)
+        return ResNet(block, depths, num_classes, in_channels)
+
+    return make
+
+
+# --------------------------------------------------------------------------------------------------
+# registry
+
+# name -> (constructor, default (num_classes, in_channels, input_size))
+_ZOO: dict[str, tuple[Callable[[int, int, int], nn.Module], tuple[int, int, int]]] = {
+    "alexnet": (_alexnet, (1000, 3, 227)),
+    "lenet5": (_lenet5, (10, 1, 28)),
+    "resnet18": (_resnet(BasicBlock, (2, 2, 2, 2), "resnet18"), (1000, 3, 224)),
+    "resnet50": (_resnet(Bottleneck, (3, 4, 6, 3), "resnet50"), (1000, 3, 224)),
+    "vgg16": (_vgg16, (1000, 3, 224)),
+}
+
+
+def names() -> tuple[str, ...]:
+    """Names of the zoo models, sorted: ``("alexnet", "lenet5", "resnet18", "resnet50", "vgg16")``."""
+    return tuple(sorted(_ZOO))
+
+
+@torch.no_grad()
+def _init_(model: nn.Module, generator: torch.Generator) -> None:
+    """Initialise every parameter and buffer of a freshly materialised model from ``generator``.
+
+    Convolutions: He normal (fan_out, ReLU), zero bias, as torchvision does for these models.
+    Linear layers: PyTorch's default (He uniform with a = sqrt(5), bias uniform +-1/sqrt(fan_in)).
+    BatchNorm: weight 1, bias 0, running statistics of the identity.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            bound = 1.0 / math.sqrt(module.in_features)
+            nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+            module.reset_running_stats()
+        elif any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(False)):
+            raise AssertionError(f"zoo init does not know how to initialise {name} ({type(module).__name__})")
+
+
+def build(
+    name: str,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    input_size: int | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Build a zoo model with seeded weights.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`names`.
+    num_classes, in_channels, input_size : int, optional
+        Override the model's defaults (lenet5: 10, 1, 28; alexnet: 1000, 3, 227; vgg16, resnet18,
+        resnet50: 1000, 3, 224). Fully connected input sizes follow from ``input_size`` by a dry
+        shape calculation.
+    seed : int
+        Seed of the local generator the weights are drawn from; the global RNG is not touched.
+
+    Returns
+    -------
+    torch.nn.Module
+        In training mode, on the CPU, float32, with attribute ``input_shape`` = (C, H, W).
+    """
+    if name not in _ZOO:
+        raise SparseCNNError(f"unknown model {name!r}; choose one of {', '.join(names())}")
+    make, (d_classes, d_channels, d_size) = _ZOO[name]
+    num_classes = d_classes if num_classes is None else num_classes
+    in_channels = d_channels if in_channels is None else in_channels
+    input_size = d_size if input_size is None else input_size
+    _check_positive(name, num_classes=num_classes, in_channels=in_channels, input_size=input_size)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SparseCNNError(f"{name}: seed must be an integer, got {seed!r}")
+
+    with torch.device("meta"):  # no allocation and no draws from the global RNG
+        model = make(num_classes, in_channels, input_size)
+    model = model.to_empty(device="cpu")
+    _init_(model, torch.Generator().manual_seed(seed))
+    model.input_shape = (in_channels, input_size, input_size)
+    model.zoo_name = name
+    return model
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """The (C, H, W) input a model was built for (its ``input_shape`` attribute).
+
+    Raises
+    ------
+    SparseCNNError
+        For a module that does not carry ``input_shape`` (anything not built by the zoo or a loader).
+    """
+    shape = getattr(model, "input_shape", None)
+    if (
+        isinstance(shape, tuple)
+        and len(shape) == 3
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
+        return shape
+    raise SparseCNNError(
+        f"{type(model).__name__} does not record its input shape; pass an explicit (C, H, W) input shape "
+        f"or set model.input_shape = (C, H, W)"
+    )
+
+
+def _state_dict_from(obj: Any, path: str) -> Mapping[str, torch.Tensor]:
+    # Accept a bare state dict or a training checkpoint that wraps one.
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise SparseCNNError(
+            f"weights file {path} does not hold a state dict (a mapping of names to tensors); "
+            f"save one with torch.save(model.state_dict(), path)"
+        )
+    # Checkpoints saved from DistributedDataParallel prefix every key with "module.".
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load a state dict file (``torch.save(model.state_dict(), path)``) into ``model`` in place.
+
+    Raises
+    ------
+    SparseCNNError
+        If the file is missing or not a readable torch file, or its state dict does not fit the model:
+        the message names the first missing, unexpected or mismatched key and both shapes.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SparseCNNError(f"weights file {path} does not exist; pass the path of a saved state dict")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types (pickle, zip, RuntimeError) for a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SparseCNNError(
+            f"weights file {path} is not a readable torch state dict ({first}); "
+            f"save one with torch.save(model.state_dict(), path)"
+        ) from None
+    state = _state_dict_from(obj, path)
+    own = model.state_dict()
+    for key, tensor in own.items():
+        if key not in state:
+            raise SparseCNNError(
+                f"weights file {path} does not fit the model: key {key!r} (shape {tuple(tensor.shape)}) "
+                f"is missing from the file; check that the file was saved from the same model"
+            )
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise SparseCNNError(
+                f"weights file {path} does not fit the model: key {key!r} has shape "
+                f"{tuple(state[key].shape)} in the file but {tuple(tensor.shape)} in the model; "
+                f"build the model with matching num_classes/in_channels/input_size"
+            )
+    for key in state:
+        if key not in own:
+            raise SparseCNNError(
+                f"weights file {path} does not fit the model: the file has key {key!r} "
+                f"(shape {tuple(state[key].shape)}) that the model lacks; check that it was saved from the same model"
+            )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def resolve(spec: str, weights: str | os.PathLike[str] | None = None, **build_kwargs: Any) -> nn.Module:
+    """Turn a model spec from the command line into a module.
+
+    A small dispatch: a zoo name builds the model (``build_kwargs`` go to :func:`build`); then
+    ``weights``, if given, is loaded with :func:`load_weights`.
+    """
+    if spec in _ZOO:
+        model = build(spec, **build_kwargs)
+    else:
+        raise SparseCNNError(f"unknown model {spec!r}; choose one of {', '.join(names())}")
+    if weights is not None:
+        load_weights(model, weights)
+    return model
