@@ -10,4 +10,23 @@ from sparsecnn.errors import SparseCNNError
 
 __version__ = "0.1.0"
 
-__all__ = ["SparseCNNError", "__version__"]
+__all__ = ["SparseCNNError", "SparseConv2d", "SparseLinear", "__version__", "sparsify", "strategies"]
+
+# Public names served lazily from their modules (PEP 562), so that `import sparsecnn` stays cheap.
+_LAZY: dict[str, str] = {
+    "SparseConv2d": "sparsecnn.layers",
+    "SparseLinear": "sparsecnn.layers",
+    "sparsify": "sparsecnn.layers",
+    "strategies": "sparsecnn.layers",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sparsecnn' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from sparsecnn.errors import SparseCNNError
+from sparsecnn.kernels.convert import first_unsorted
 
 __all__ = ["index_dtype", "pointer_dtype"]
 
@@ -155,21 +156,27 @@ def check_indptr(indptr: Any, n_rows: int, n_items: int, fmt: str, items: str) -
 
 def check_sorted_rows(indices: np.ndarray, indptr: np.ndarray, fmt: str, what: str) -> None:
     """Within each row the (already range-checked) indices strictly increase."""
-    if len(indices) < 2:
-        return
-    bad = np.diff(indices.astype(np.int64)) <= 0
-    # A step across a row boundary may go down; starts[k] is the first item of a row.
-    starts = indptr[1:-1].astype(np.int64)
-    starts = starts[(starts > 0) & (starts < len(indices))]
-    bad[starts - 1] = False
-    if bad.any():
-        k = int(np.flatnonzero(bad)[0])
+    k = first_unsorted(indptr, indices)
+    if k >= 0:
         row = int(np.searchsorted(indptr, k, side="right")) - 1
         invalid(fmt, f"{what} must be sorted and unique within each row",
-                f"row {row}: index {indices[k]} followed by {indices[k + 1]}")
+                f"row {row}: index {indices[k - 1]} followed by {indices[k]}")
 
 
 def sparsity_of(nnz: int, m: int, n: int) -> float:
     """``1 - nnz / (M N)``; an empty matrix has no zeros to skip, so its sparsity is 0."""
     size = m * n
     return 0.0 if size == 0 else 1.0 - nnz / size
+
+
+def kernel_view(arr: np.ndarray, for_encoding: bool = False) -> np.ndarray:
+    """``arr`` as numba can type it: float16, which numba lacks, is reinterpreted as uint16 bits.
+
+    Copying the bits is exact. For encoding, -0.0 (bits 0x8000) is first mapped to +0.0 so that
+    "bits != 0" means "value != 0"; the kernels test ``!= 0``.
+    """
+    if arr.dtype != np.float16:
+        return arr
+    if for_encoding:
+        arr = np.where(arr == 0, np.float16(0), arr)
+    return arr.view(np.uint16)

@@ -6,8 +6,27 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+from torch import nn
+
 from sparsecnn.models.profiles import PROFILES, apply_profile, get_profile, prunable_layers
-from sparsecnn.models.zoo import build, input_shape, load_weights, names, resolve
+from sparsecnn.models.zoo import build, input_shape, load_weights, names
+from sparsecnn.models.zoo import resolve as _zoo_resolve
+
+
+def resolve(spec: str, weights: str | os.PathLike[str] | None = None, **kw: Any) -> nn.Module:
+    """A zoo name (:func:`sparsecnn.models.zoo.resolve`), or a model file: ``.prototxt`` (+ weights
+    ``.caffemodel``), ``.onnx``, ``.pt``/``.pth`` (a pickled module, or a state dict with ``model=NAME``),
+    ``.npz``/``.safetensors`` sparse checkpoint (:func:`sparsecnn.io.load_model_file`)."""
+    from sparsecnn.io import is_model_file, load_model_file
+
+    if is_model_file(spec):
+        return load_model_file(spec, weights, **kw)
+    kw.pop("model", None)
+    return _zoo_resolve(spec, weights, **kw)
+
 
 __all__ = [
     "PROFILES",

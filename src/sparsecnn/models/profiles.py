@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,7 +75,9 @@ def get_profile(spec: str, model: nn.Module) -> dict[str, float]:
         Layer name -> fraction of its weights to prune.
     """
     if not isinstance(spec, str):
-        raise SparseCNNError(f"profile must be a string or a mapping of layer names to fractions, got {spec!r}")
+        raise SparseCNNError(
+            f"profile must be a string or a mapping of layer names to fractions, got {spec!r}"
+        )
     if spec.startswith("uniform:"):
         text = spec[len("uniform:"):]
         try:
@@ -88,7 +91,8 @@ def get_profile(spec: str, model: nn.Module) -> dict[str, float]:
         return dict.fromkeys(prunable_layers(model), value)
     if spec not in PROFILES:
         raise SparseCNNError(
-            f"unknown profile {spec!r}; choose one of {', '.join(sorted(PROFILES))} or uniform:S (S in [0, 1])"
+            f"unknown profile {spec!r}; choose one of {', '.join(sorted(PROFILES))} "
+            f"or uniform:S (S in [0, 1])"
         )
     return _check_profile(f"profile {spec!r}", PROFILES[spec], model)
 
@@ -123,12 +127,25 @@ def apply_profile(model: nn.Module, profile: str | Mapping[str, float]) -> dict[
     achieved: dict[str, float] = {}
     for name, frac in fractions.items():
         weight = layers[name].weight
-        flat = weight.detach().reshape(-1)
-        k = round(frac * flat.numel())
+        magnitude = weight.detach().reshape(-1).abs().numpy()
+        if not np.isfinite(magnitude).all():
+            raise SparseCNNError(
+                f"layer {name!r} has NaN or infinite weights; fix or reload the weights before pruning"
+            )
+        k = round(frac * magnitude.size)
         if k > 0:
-            order = torch.argsort(flat.abs(), stable=True)
-            flat_zeroed = flat.clone()
-            flat_zeroed[order[:k]] = 0.0
-            weight.copy_(flat_zeroed.view_as(weight))
+            weight.view(-1)[torch.from_numpy(_smallest(magnitude, k))] = 0.0
         achieved[name] = float((weight == 0).sum().item()) / weight.numel()
     return achieved
+
+
+def _smallest(magnitude: np.ndarray, k: int) -> np.ndarray:
+    """Flat indices of the ``k`` smallest entries; among equal values the lower index comes first.
+
+    Equal to ``argsort(magnitude, stable)[:k]`` but O(n): a selection finds the k-th value, then all
+    smaller entries and the first few equal to it are taken.
+    """
+    kth = np.partition(magnitude, k - 1)[k - 1]
+    below = np.flatnonzero(magnitude < kth)
+    ties = np.flatnonzero(magnitude == kth)[: k - below.size]
+    return np.concatenate([below, ties])

@@ -42,7 +42,7 @@ def _feature_hw(make: Callable[[], nn.Module], in_channels: int, size: int, mode
     The module is built and run on the ``meta`` device: a dry shape calculation that costs nothing.
     """
     with torch.device("meta"):
-        module = make()
+        module = make().eval()  # BatchNorm in training mode refuses a 1x1 map of one image
         try:
             out = module(torch.empty(1, in_channels, size, size))
         except RuntimeError as exc:
@@ -83,13 +83,13 @@ def _lenet5(num_classes: int, in_channels: int, input_size: int) -> nn.Sequentia
     # Below that (sklearn's 8x8 digits) both convolutions pad 2 ("same"), keeping the 20/50/500/10
     # widths: 8 -> 8 -> 4 -> 4 -> 2, so fc1 sees 50*2*2 = 200 inputs.
     padding = 0 if input_size >= 16 else 2
-    c, h, w = _feature_hw(lambda: _lenet5_features(in_channels, padding), in_channels, input_size, "lenet5")
+    (flat,) = _feature_hw(lambda: _lenet5_features(in_channels, padding), in_channels, input_size, "lenet5")
     features = _lenet5_features(in_channels, padding)
     return nn.Sequential(
         OrderedDict(
             [
                 *features.named_children(),
-                ("fc1", nn.Linear(c, 500)),  # the flattened size is c here: Flatten is in features
+                ("fc1", nn.Linear(flat, 500)),  # 50*4*4 = 800 at 28x28
                 ("relu1", nn.ReLU(inplace=True)),
                 ("fc2", nn.Linear(500, num_classes)),
             ]
@@ -101,7 +101,7 @@ def _lenet5(num_classes: int, in_channels: int, input_size: int) -> nn.Sequentia
 # AlexNet (Caffe models/bvlc_alexnet/deploy.prototxt)
 
 
-def _lrn() -> nn.LocalResponseNorm:
+def _lrn_caffe() -> nn.LocalResponseNorm:
     # Caffe LRN across channels: local_size 5, alpha 1e-4, beta 0.75, k 1 (torch also divides alpha by n).
     return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
 
@@ -111,7 +111,9 @@ def _pool3s2() -> nn.MaxPool2d:
     return nn.MaxPool2d(3, 2, ceil_mode=True)
 
 
-def _alexnet_features(in_channels: int) -> list[tuple[str, nn.Module]]:
+def _alexnet_features(in_channels: int, dry: bool = False) -> list[tuple[str, nn.Module]]:
+    # dry: LRN keeps the shape, and its meta-device forward costs a second of one-off tracing setup.
+    _lrn = nn.Identity if dry else _lrn_caffe
     return [
         ("conv1", nn.Conv2d(in_channels, 96, 11, stride=4)),
         ("relu1", nn.ReLU(inplace=True)),
@@ -134,7 +136,8 @@ def _alexnet_features(in_channels: int) -> list[tuple[str, nn.Module]]:
 
 def _alexnet(num_classes: int, in_channels: int, input_size: int) -> nn.Sequential:
     (flat,) = _feature_hw(
-        lambda: nn.Sequential(OrderedDict(_alexnet_features(in_channels))), in_channels, input_size, "alexnet"
+        lambda: nn.Sequential(OrderedDict(_alexnet_features(in_channels, dry=True))), in_channels, input_size,
+        "alexnet",
     )
     return nn.Sequential(
         OrderedDict(
@@ -244,7 +247,9 @@ class Bottleneck(nn.Module):
 def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential | None:
     if stride == 1 and in_planes == out_planes:
         return None
-    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes))
+    return nn.Sequential(
+        nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes)
+    )
 
 
 class ResNet(nn.Module):
@@ -455,7 +460,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         if key not in own:
             raise SparseCNNError(
                 f"weights file {path} does not fit the model: the file has key {key!r} "
-                f"(shape {tuple(state[key].shape)}) that the model lacks; check that it was saved from the same model"
+                f"(shape {tuple(state[key].shape)}) that the model lacks; "
+                f"check that it was saved from the same model"
             )
     model.load_state_dict(state, strict=True)
     return model

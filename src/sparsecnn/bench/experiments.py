@@ -1,0 +1,813 @@
+"""The seven experiments of the seed study, measured on this machine.
+
+1. ``weight_sparsity``: weight sparsity per layer of each model / profile.
+2. ``conv_layers``: per conv layer, the bytes of each format and the time of every strategy, the
+   planner's choice and the peers, on the layer's real input; conversion time recorded apart.
+3. ``fc_layers``: per FC layer at batch 1, GEMV vs SpMV (and the peers).
+4. ``sparsity_sweep``: the largest AlexNet conv layer with uniform random zeros from 0.5 to 0.995,
+   every strategy and peer; the report interpolates each one's break-even sparsity.
+5. ``memory_scaling``: weight matrices from 256x1200 to 25600x24000 at a fixed sparsity, dense vs
+   sparse, peak RSS of a child process and time.
+6. ``sparse_x_sparse``: activation sparsity after each ReLU on real inputs, then sparse x sparse vs
+   dense GEMM vs CSRMM, time and operand memory per layer.
+7. ``end_to_end``: latency (batch 1) and throughput (batch 32) of each model, dense vs sparsified.
+
+:func:`report_tasks` lists every measurement as a :class:`~sparsecnn.bench.harness.Task` up front
+(so the progress bar knows the total and ``--resume`` can skip by key); the heavy setup (models,
+inputs, sparsified copies) is built lazily and once, by :class:`_Context`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparsecnn.bench.harness import (
+    Harness,
+    Outcome,
+    ResultsLog,
+    Task,
+    check_close,
+    time_call,
+)
+from sparsecnn.errors import SparseCNNError
+
+__all__ = [
+    "EXPERIMENTS",
+    "ReportConfig",
+    "bench_model",
+    "layer_tasks",
+    "report_tasks",
+    "run_report",
+    "sweep_tasks",
+]
+
+# Experiment names, in report order: (name, title).
+EXPERIMENTS: tuple[tuple[str, str], ...] = (
+    ("weight_sparsity", "Weight sparsity per layer"),
+    ("conv_layers", "Conv layers: memory and time per strategy"),
+    ("fc_layers", "FC layers: GEMV vs SpMV"),
+    ("sparsity_sweep", "Sparsity sweep and break-even"),
+    ("memory_scaling", "Memory scaling"),
+    ("sparse_x_sparse", "Sparse x sparse"),
+    ("end_to_end", "End to end"),
+)
+
+# Peers that are timed per layer (onnxruntime is added when installed and on the CPU).
+LAYER_PEERS = ("torch-dense", "torch-csr", "scipy-csr", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What ``sparsecnn report`` measures. Build one with :meth:`preset`."""
+
+    size: str = "full"  # "full", "quick", or "tiny" (tests: a 67x67 AlexNet input, few points)
+    device: str = "cpu"  # "cpu" or "cuda"
+    threads: int | None = None  # None: every usable core
+    seed: int = 0  # weights, random zeros and random inputs
+    input: str = "digits"  # "digits" (scikit-learn's, resized) or "random"
+    repeats: int = 7  # timed samples per measurement (median and IQR over them)
+    max_task_s: float = 8.0  # stop sampling a measurement after this long (at least 3 samples)
+    alexnet_input: int = 227  # AlexNet input size; tiny uses 67 to keep the layers' structure
+    profiles: tuple[str, ...] = ("deep-compression", "ssl")
+    sweep_sparsities: tuple[float, ...] = (
+        0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
+    scaling_sizes: tuple[tuple[int, int], ...] = ((256, 1200), (2560, 4800), (25600, 24000))
+    scaling_skipped: tuple[tuple[int, int], ...] = ()  # sizes left out by this preset (the report says so)
+    scaling_n: int = 64  # columns of the dense operand in the scaling products
+    scaling_sparsity: float = 0.9
+    scaling_impls: tuple[str, ...] = ("dense", "csr", "torch-csr")
+    e2e_batches: tuple[int, ...] = (1, 32)
+    plan_measure: bool = True  # sparsify(..., "auto") times candidates (True) or uses the cost model
+    onnx: bool = True  # time ONNX Runtime when installed
+    lenet: bool = True  # include LeNet-5 trained and pruned on digits (when sparsecnn.prune exists)
+
+    @classmethod
+    def preset(cls, size: str = "full", **overrides: Any) -> ReportConfig:
+        if size == "full":
+            cfg = cls()
+        elif size == "quick":
+            cfg = cls(
+                size="quick", repeats=5, max_task_s=2.0,
+                sweep_sparsities=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.995),
+                scaling_sizes=((256, 1200), (2560, 4800)), scaling_skipped=((25600, 24000),),
+                scaling_impls=("dense", "csr"),
+            )
+        elif size == "tiny":
+            cfg = cls(
+                size="tiny", repeats=3, max_task_s=0.5, alexnet_input=67,
+                sweep_sparsities=(0.5, 0.9, 0.99),
+                scaling_sizes=((256, 1200),), scaling_skipped=((2560, 4800), (25600, 24000)),
+                scaling_impls=("dense", "csr"), e2e_batches=(1, 4), plan_measure=False, onnx=False,
+            )
+        else:
+            raise SparseCNNError(f"unknown report size {size!r}; use full, quick or tiny")
+        return replace(cfg, **overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# lazily built shared state
+
+
+def _digits_or_random(shape: tuple[int, int, int], batch: int, cfg: ReportConfig) -> tuple[torch.Tensor, str]:
+    from sparsecnn.analysis._inputs import load_input
+
+    if cfg.input == "digits":
+        try:
+            x = load_input("digits", shape, batch=batch)
+            # Normalise to zero mean, unit variance per image, as a trained network's inputs are.
+            x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) / x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+            return x.contiguous(), "digits"
+        except SparseCNNError:
+            pass  # scikit-learn missing: fall back to random, and say so in the records
+    return load_input("random", shape, batch=batch, seed=cfg.seed), "random"
+
+
+class _Context:
+    """Models, inputs and sparsified copies, built on first use and shared by the tasks."""
+
+    def __init__(self, cfg: ReportConfig, out_dir: Path | None) -> None:
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self._cache: dict[Any, Any] = {}
+
+    def _memo(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    # models ---------------------------------------------------------------------------------------
+    def model(self, name: str, profile: str) -> nn.Module:
+        """The dense model with the profile applied (eval mode, on the CPU)."""
+        return self._memo(("model", name, profile), lambda: self._make_model(name, profile))
+
+    def _make_model(self, name: str, profile: str) -> nn.Module:
+        from sparsecnn.models import apply_profile, build
+
+        if name == "lenet5" and profile == "digits-pruned":
+            return _trained_lenet(self.cfg).eval()
+        kwargs = {"input_size": self.cfg.alexnet_input} if name == "alexnet" else {}
+        model = build(name, seed=self.cfg.seed, **kwargs)
+        apply_profile(model, profile)
+        return model.eval()
+
+    def input(self, name: str, profile: str, batch: int) -> tuple[torch.Tensor, str]:
+        from sparsecnn.models import input_shape
+
+        model = self.model(name, profile)
+        return self._memo(("input", name, batch), lambda: _digits_or_random(input_shape(model), batch, self.cfg))
+
+    def layer_io(self, name: str, profile: str, batch: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each conv/linear layer's (input, dense output) on the model's real input batch."""
+        return self._memo(("io", name, profile, batch), lambda: _capture_io(
+            self.model(name, profile), self.input(name, profile, batch)[0]))
+
+    def sparse_model(self, name: str, profile: str, batch: int) -> tuple[nn.Module, float]:
+        """``sparsify(model, "auto")`` planned on this batch, and the seconds it took."""
+        def make() -> tuple[nn.Module, float]:
+            from sparsecnn.layers import sparsify
+
+            plan_path = self.out_dir / "plans.json" if self.out_dir else None
+            t0 = time.perf_counter()
+            sm = sparsify(self.model(name, profile), "auto", measure=self.cfg.plan_measure,
+                          example_input=self.input(name, profile, batch)[0], plan_path=plan_path,
+                          device=self.cfg.device)
+            return sm, time.perf_counter() - t0
+        return self._memo(("sparse", name, profile, batch), make)
+
+
+@torch.no_grad()
+def _capture_io(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name: str, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        # Clone: a later in-place ReLU would otherwise rewrite the captured output.
+        seen.setdefault(name, (args[0].clone(), out.clone()))
+
+    handles = [
+        m.register_forward_hook(lambda _m, args, out, n=n: hook(n, args, out))
+        for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _trained_lenet(cfg: ReportConfig) -> nn.Module:
+    """LeNet-5 trained and pruned on digits through the pruning engineer's public API."""
+    import sparsecnn.prune as prune
+
+    if not hasattr(prune, "train_and_prune_digits"):
+        raise SparseCNNError("sparsecnn.prune has no digits training entry point yet")
+    return prune.train_and_prune_digits(seed=cfg.seed)
+
+
+def lenet_available(cfg: ReportConfig) -> bool:
+    if not cfg.lenet:
+        return False
+    try:
+        import sparsecnn.prune as prune
+    except ImportError:
+        return False
+    return hasattr(prune, "train_and_prune_digits")
+
+
+def _models(cfg: ReportConfig) -> list[tuple[str, str]]:
+    out = [("alexnet", p) for p in cfg.profiles]
+    if lenet_available(cfg):
+        out.append(("lenet5", "digits-pruned"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# measurement helpers
+
+
+def _timed(fn: Callable[[], Any], ref: Any, cfg: ReportConfig, rtol: float = 1e-4,
+           metrics: dict[str, Any] | None = None) -> Outcome:
+    """Warm up and verify against ``ref`` (raising before any timing on a mismatch), then time."""
+    err = check_close(fn(), ref, rtol=rtol)  # the first call also compiles (JIT warm-up)
+    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else None
+    timing = time_call(fn, repeats=cfg.repeats, warmup=1, max_total_s=cfg.max_task_s, sync=sync)
+    return Outcome({**(metrics or {}), "max_rel_err": err}, timing)
+
+
+def _layer_kind(module: nn.Module) -> str:
+    return "linear" if isinstance(module, nn.Linear) else "conv"
+
+
+def _layers(model: nn.Module, kind: str) -> dict[str, nn.Module]:
+    cls = nn.Linear if kind == "linear" else nn.Conv2d
+    return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+
+
+def _engine_layer(module: nn.Module, strategy: str, name: str, device: str) -> nn.Module:
+    from sparsecnn.layers import SparseConv2d, SparseLinear
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback to torch is not this strategy's time
+        try:
+            if isinstance(module, nn.Linear):
+                return SparseLinear.from_dense(module, strategy, name=name, device=device)
+            return SparseConv2d.from_dense(module, strategy, name=name, device=device)
+        except UserWarning as w:
+            raise SparseCNNError(f"{name}: {strategy} cannot run this layer ({w})") from None
+
+
+def _strategy_task(experiment: str, params: dict[str, Any], module: Callable[[], nn.Module], name: str,
+                   strategy: str, io: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                   cfg: ReportConfig, label: str) -> Task:
+    def run() -> Outcome:
+        x, ref = io()
+        layer = _engine_layer(module(), strategy, name, cfg.device)
+        xd = x.to(cfg.device)
+        return _timed(lambda: layer(xd), ref, cfg, metrics={
+            "kind": "strategy", "conversion_s": layer.conversion_seconds,
+            "weight_nbytes": int(layer.weight_nbytes), "ran": layer.strategy})
+    return Task(experiment, {**params, "impl": strategy}, run, label)
+
+
+def _peer_task(experiment: str, params: dict[str, Any], module: Callable[[], nn.Module], peer: str,
+               io: Callable[[], tuple[torch.Tensor, torch.Tensor]], cfg: ReportConfig, label: str) -> Task:
+    def run() -> Outcome:
+        from sparsecnn.bench.peers import conv_peers, linear_peers
+
+        x, ref = io()
+        m = module()
+        make = linear_peers if isinstance(m, nn.Linear) else conv_peers
+        t0 = time.perf_counter()
+        peers = make(m, x, device=cfg.device, threads=torch.get_num_threads(), onnx=cfg.onnx)
+        conversion = time.perf_counter() - t0
+        if peer not in peers:
+            raise SparseCNNError(f"peer {peer} is not available here (device {cfg.device})")
+        return _timed(peers[peer], ref, cfg, metrics={"kind": "peer", "conversion_s": conversion})
+    return Task(experiment, {**params, "impl": peer}, run, label)
+
+
+def _peer_names(cfg: ReportConfig) -> list[str]:
+    from sparsecnn.bench.peers import have_onnxruntime
+
+    names = ["torch-dense", "torch-csr"]
+    if cfg.device == "cpu":
+        names.append("scipy-csr")
+        if cfg.onnx and have_onnxruntime():
+            names.append("onnxruntime")
+    return names
+
+
+def _strategies(kind: str) -> list[str]:
+    from sparsecnn.layers import strategies
+
+    return [s for s in strategies(kind) if s != "torch"]  # torch is the torch-dense peer
+
+
+def _bytes_task(experiment: str, params: dict[str, Any], module: Callable[[], nn.Module], label: str) -> Task:
+    def run() -> Outcome:
+        from sparsecnn.analysis.sparsity import weight_sparsity
+        from sparsecnn.formats import conv_weight_nbytes
+
+        m = module()
+        groups = getattr(m, "groups", 1)
+        w = m.weight.detach()
+        sizes = {fmt: conv_weight_nbytes(w, groups, fmt) for fmt in ("dense", "csr", "bsr", "relative")}
+        ws = weight_sparsity(w, groups)
+        return Outcome({"kind": "bytes", "bytes": sizes, "sparsity": ws.element,
+                        "shape": list(w.shape), "groups": groups,
+                        "csr_saving": sizes["dense"] / max(sizes["csr"], 1)})
+    return Task(experiment, {**params, "impl": "bytes"}, run, label)
+
+
+def layer_tasks(ctx: _Context, experiment: str, name: str, profile: str, kind: str, batch: int,
+                layers: Sequence[str] | None = None, planner: bool = True) -> list[Task]:
+    """Bytes, every strategy, the planner's choice and every peer, for each layer of ``kind``."""
+    cfg = ctx.cfg
+    model = ctx.model(name, profile)
+    out: list[Task] = []
+    for lname in layers or list(_layers(model, kind)):
+        module = functools.partial(model.get_submodule, lname)
+        io = functools.partial(lambda ln: ctx.layer_io(name, profile, batch)[ln], lname)
+        base = {"model": name, "profile": profile, "layer": lname}
+        timed = {**base, "batch": batch, "device": cfg.device}
+        tag = f"{name}/{profile} {lname}"
+        out.append(_bytes_task(experiment, base, module, f"{tag} bytes"))
+        out += [_strategy_task(experiment, timed, module, lname, s, io, cfg, f"{tag} {s}") for s in _strategies(kind)]
+        out += [_peer_task(experiment, timed, module, p, io, cfg, f"{tag} {p}") for p in _peer_names(cfg)]
+        if planner:
+            out.append(_planner_task(ctx, experiment, timed, name, profile, lname, batch, f"{tag} auto"))
+    return out
+
+
+def _planner_task(ctx: _Context, experiment: str, params: dict[str, Any], name: str, profile: str,
+                  lname: str, batch: int, label: str) -> Task:
+    def run() -> Outcome:
+        sm, plan_s = ctx.sparse_model(name, profile, batch)
+        layer = sm.get_submodule(lname)
+        x, ref = ctx.layer_io(name, profile, batch)[lname]
+        xd = x.to(ctx.cfg.device)
+        choice = getattr(layer, "strategy", "torch")
+        plan = getattr(sm, "sparsecnn_plan", None)
+        source = getattr(plan.layers.get(lname), "source", None) if plan is not None else None
+        return _timed(lambda: layer(xd), ref, ctx.cfg, metrics={
+            "kind": "planner", "choice": choice, "source": source, "plan_s": plan_s,
+            "measured": ctx.cfg.plan_measure})
+    return Task(experiment, {**params, "impl": "auto"}, run, label)
+
+
+# --------------------------------------------------------------------------------------------------
+# the experiments
+
+
+def _weight_sparsity_tasks(ctx: _Context) -> list[Task]:
+    out = []
+    for name, profile in _models(ctx.cfg):
+        def run(name: str = name, profile: str = profile) -> Outcome:
+            from sparsecnn.analysis.sparsity import weight_sparsity
+            from sparsecnn.models import get_profile, prunable_layers
+
+            model = ctx.model(name, profile)
+            target = get_profile(profile, model) if profile != "digits-pruned" else {}
+            layers = []
+            for lname, m in prunable_layers(model).items():
+                ws = weight_sparsity(m.weight, getattr(m, "groups", 1))
+                layers.append({"layer": lname, "kind": _layer_kind(m), "shape": list(m.weight.shape),
+                               "numel": m.weight.numel(), "nnz": int(torch.count_nonzero(m.weight)),
+                               "sparsity": ws.element, "filter_sparsity": ws.filter,
+                               "kernel_shape_sparsity": ws.kernel_shape, "target": target.get(lname)})
+            return Outcome({"layers": layers})
+        out.append(Task("weight_sparsity", {"model": name, "profile": profile}, run, f"{name}/{profile} weights"))
+    return out
+
+
+def _conv_tasks(ctx: _Context) -> list[Task]:
+    return [t for name, profile in _models(ctx.cfg)
+            for t in layer_tasks(ctx, "conv_layers", name, profile, "conv", 1)]
+
+
+def _fc_tasks(ctx: _Context) -> list[Task]:
+    # Only profiles that prune the FC layers (SSL as quoted by the seed prunes conv layers only).
+    out = []
+    for name, profile in _models(ctx.cfg):
+        model = ctx.model(name, profile)
+        fcs = _layers(model, "linear")
+        if all(float((m.weight == 0).float().mean()) == 0.0 for m in fcs.values()):
+            continue
+        out += layer_tasks(ctx, "fc_layers", name, profile, "linear", 1)
+    return out
+
+
+def _largest_conv(model: nn.Module) -> str:
+    convs = _layers(model, "conv")
+    return max(convs, key=lambda n: convs[n].weight.numel())
+
+
+def sweep_tasks(ctx: _Context, experiment: str, name: str, layer: str | None,
+                sparsities: Sequence[float], batch: int = 1) -> list[Task]:
+    """Every strategy and peer on one layer with a fraction ``s`` of random zeros, for each ``s``."""
+    cfg = ctx.cfg
+    model = ctx.model(name, "uniform:0")
+    lname = layer or _largest_conv(model)
+    convs = {**_layers(model, "conv"), **_layers(model, "linear")}
+    if lname not in convs:
+        raise SparseCNNError(f"{name} has no conv/linear layer {lname!r}; its layers: {', '.join(convs)}")
+    kind = _layer_kind(convs[lname])
+    out: list[Task] = []
+    for s in sparsities:
+        if not 0.0 <= s <= 1.0:
+            raise SparseCNNError(f"sparsity {s} is outside [0, 1]")
+
+        def module(s: float = s) -> nn.Module:
+            return ctx._memo(("swept", name, lname, s), lambda: _random_zeros(convs[lname], s, cfg.seed))
+
+        def io(s: float = s) -> tuple[torch.Tensor, torch.Tensor]:
+            x = ctx.layer_io(name, "uniform:0", batch)[lname][0]
+            with torch.no_grad():
+                return x, module(s)(x)
+
+        params = {"model": name, "layer": lname, "sparsity": float(s), "batch": batch, "device": cfg.device}
+        tag = f"{lname} s={s:g}"
+        out += [_strategy_task(experiment, params, module, lname, st, io, cfg, f"{tag} {st}")
+                for st in _strategies(kind)]
+        out += [_peer_task(experiment, params, module, p, io, cfg, f"{tag} {p}")
+                for p in _peer_names(cfg) if p != "onnxruntime"]  # a dense peer does not see sparsity
+    return out
+
+
+def _random_zeros(module: nn.Module, sparsity: float, seed: int) -> nn.Module:
+    """A copy of ``module`` with exactly ``round(s * numel)`` weights zeroed at random positions."""
+    import copy
+
+    m = copy.deepcopy(module).eval()
+    with torch.no_grad():
+        flat = m.weight.view(-1)
+        k = round(sparsity * flat.numel())
+        g = torch.Generator().manual_seed(seed + 1)
+        flat[torch.randperm(flat.numel(), generator=g)[:k]] = 0.0
+    return m
+
+
+def _sweep_report_tasks(ctx: _Context) -> list[Task]:
+    return sweep_tasks(ctx, "sparsity_sweep", "alexnet", None, ctx.cfg.sweep_sparsities)
+
+
+def _scaling_tasks(ctx: _Context) -> list[Task]:
+    cfg = ctx.cfg
+    out = []
+    for m, k in cfg.scaling_sizes:
+        for impl in cfg.scaling_impls:
+            spec = {"m": m, "k": k, "n": cfg.scaling_n, "sparsity": cfg.scaling_sparsity, "impl": impl,
+                    "device": cfg.device}
+
+            def run(spec: dict[str, Any] = spec) -> Outcome:
+                return _run_memprobe({**spec, "seed": cfg.seed, "threads": torch.get_num_threads(),
+                                      "repeats": cfg.repeats, "max_total_s": max(cfg.max_task_s, 2.0)})
+            out.append(Task("memory_scaling", spec, run, f"{m}x{k} {impl}"))
+    return out
+
+
+def _run_memprobe(spec: dict[str, Any]) -> Outcome:
+    """Run one memory probe in a child process; its peak RSS comes from ``os.wait4``."""
+    from sparsecnn.bench.harness import Timing
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "sparsecnn.bench._memprobe", json.dumps(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stdout.close()  # type: ignore[union-attr]
+    proc.stderr.close()  # type: ignore[union-attr]
+    lines = stdout.decode(errors="replace").strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
+        raise SparseCNNError(f"memory probe died (exit {proc.returncode}): {' | '.join(tail)}") from None
+    if "error" in result:
+        raise SparseCNNError(result["error"])
+    peak = usage.ru_maxrss * 1024  # Linux: KiB
+    t = result.pop("timing")
+    timing = Timing(**{k: v for k, v in t.items() if k != "iqr_s"})
+    return Outcome({**result, "peak_rss_bytes": peak, "matrix_rss_bytes": peak - result["baseline_rss_bytes"]},
+                   timing)
+
+
+def _spxsp_tasks(ctx: _Context) -> list[Task]:
+    cfg = ctx.cfg
+    out = []
+    for name, profile in _models(cfg)[:1] + [m for m in _models(cfg) if m[0] == "lenet5"]:
+        model = ctx.model(name, profile)
+        convs = list(_layers(model, "conv"))[1:]  # conv1 sees the image, not a ReLU output
+        for lname in convs:
+            base = {"model": name, "profile": profile, "layer": lname, "batch": 1, "device": cfg.device}
+            tag = f"{name}/{profile} {lname}"
+            out.append(Task("sparse_x_sparse", {**base, "impl": "activation"},
+                            functools.partial(_activation_run, ctx, name, profile, lname), f"{tag} activation"))
+            for impl in ("torch-dense", "dense", "csrmm", "spgemm", "torch-spgemm"):
+                out.append(Task("sparse_x_sparse", {**base, "impl": impl},
+                                functools.partial(_spxsp_run, ctx, name, profile, lname, impl), f"{tag} {impl}"))
+    return out
+
+
+def _activation_run(ctx: _Context, name: str, profile: str, lname: str) -> Outcome:
+    from sparsecnn.ops import im2col
+
+    x, _ = ctx.layer_io(name, profile, 1)[lname]
+    conv = ctx.model(name, profile).get_submodule(lname)
+    cols = im2col(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
+    source = ctx.input(name, profile, 1)[1]
+    return Outcome({"kind": "activation", "input_sparsity": float((x == 0).float().mean()),
+                    "lowered_sparsity": float((cols == 0).mean()), "input": source,
+                    "input_shape": list(x.shape), "lowered_shape": list(cols.shape)})
+
+
+def _operand_bytes(conv: nn.Conv2d, x: torch.Tensor, impl: str) -> dict[str, int]:
+    """Bytes of the two operands of the lowered product as ``impl`` stores them (output excluded: the
+    same dense output for every implementation)."""
+    from sparsecnn.formats import CSRMatrix, conv_weight_nbytes
+    from sparsecnn.ops import im2col
+
+    cols = im2col(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
+    w = conv.weight.detach()
+    if impl in ("torch-dense", "dense"):
+        return {"weight": conv_weight_nbytes(w, conv.groups, "dense"), "input": int(cols.nbytes)}
+    weight = conv_weight_nbytes(w, conv.groups, "csr")
+    if impl == "csrmm":
+        return {"weight": weight, "input": int(cols.nbytes)}
+    lowered = sum(CSRMatrix.from_dense(cols[b, g]).nbytes for b in range(cols.shape[0]) for g in range(cols.shape[1]))
+    if impl == "torch-spgemm":  # torch's CSR: int64 indices and pointers
+        nnz_w = int(torch.count_nonzero(w))
+        nnz_c = int(np.count_nonzero(cols))
+        rows = w.shape[0] + cols.shape[0] * cols.shape[1] * cols.shape[2]
+        return {"weight": nnz_w * 12 + (w.shape[0] + conv.groups) * 8,
+                "input": nnz_c * 12 + (rows + cols.shape[1]) * 8}
+    return {"weight": weight, "input": int(lowered)}
+
+
+def _spxsp_run(ctx: _Context, name: str, profile: str, lname: str, impl: str) -> Outcome:
+    cfg = ctx.cfg
+    x, ref = ctx.layer_io(name, profile, 1)[lname]
+    conv = ctx.model(name, profile).get_submodule(lname)
+    mem = _operand_bytes(conv, x, impl)
+    metrics = {"kind": "spxsp", "operand_bytes": mem["weight"] + mem["input"],
+               "weight_bytes": mem["weight"], "input_bytes": mem["input"]}
+    if impl == "torch-dense":
+        return _timed(lambda: conv(x), ref, cfg, metrics=metrics)
+    if impl == "torch-spgemm":
+        fn = _torch_spgemm(conv, x)
+        return _timed(fn, ref, cfg, metrics=metrics)
+    layer = _engine_layer(conv, impl, lname, cfg.device)
+    metrics["conversion_s"] = layer.conversion_seconds
+    return _timed(lambda: layer(x), ref, cfg, metrics=metrics)
+
+
+def _torch_spgemm(conv: nn.Conv2d, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """torch sparse CSR x sparse CSR (MKL) on the lowered input, batch 1; the input's conversion to
+    CSR is inside the timed call, as it is for the engine's spgemm."""
+    import torch.nn.functional as F
+
+    g = conv.groups
+    cout = conv.out_channels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w_csr = [wg.reshape(cout // g, -1).to_sparse_csr() for wg in conv.weight.detach().chunk(g, 0)]
+    out_shape = conv(x).shape
+    bias = conv.bias.detach().view(1, -1, 1, 1) if conv.bias is not None else 0.0
+
+    def run() -> torch.Tensor:
+        cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)[0]
+        k = cols.shape[0] // g
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parts = [(w_csr[i] @ cols[i * k:(i + 1) * k].to_sparse_csr()).to_dense() for i in range(g)]
+        return torch.cat(parts, 0).reshape(out_shape) + bias
+    return run
+
+
+def _e2e_tasks(ctx: _Context) -> list[Task]:
+    cfg = ctx.cfg
+    out = []
+    impls = ["torch-dense", "sparsecnn"]
+    from sparsecnn.bench.peers import have_onnxruntime
+
+    if cfg.device == "cpu" and cfg.onnx and have_onnxruntime():
+        impls.append("onnxruntime")
+    for name, profile in _models(cfg):
+        for batch in cfg.e2e_batches:
+            for impl in impls:
+                params = {"model": name, "profile": profile, "batch": batch, "impl": impl, "device": cfg.device}
+                out.append(Task("end_to_end", params, functools.partial(_e2e_run, ctx, name, profile, batch, impl),
+                                f"{name}/{profile} b{batch} {impl}"))
+    return out
+
+
+def _e2e_run(ctx: _Context, name: str, profile: str, batch: int, impl: str) -> Outcome:
+    cfg = ctx.cfg
+    model = ctx.model(name, profile).to(cfg.device)
+    x, source = ctx.input(name, profile, batch)
+    x = x.to(cfg.device)
+    with torch.no_grad():
+        ref = model(x)
+    metrics: dict[str, Any] = {"input": source}
+    if impl == "torch-dense":
+        fn: Callable[[], Any] = lambda: model(x)  # noqa: E731
+    elif impl == "onnxruntime":
+        from sparsecnn.bench.peers import model_peers
+
+        fn = model_peers(model, x, threads=torch.get_num_threads())["onnxruntime"]
+    else:
+        sm, plan_s = ctx.sparse_model(name, profile, batch)
+        metrics["plan_s"] = plan_s
+        metrics["plan_measured"] = cfg.plan_measure
+        metrics["strategies"] = {n: m.strategy for n, m in sm.named_modules() if hasattr(m, "strategy")}
+        fn = lambda: sm(x)  # noqa: E731
+    outcome = _timed(fn, ref, cfg, rtol=1e-3, metrics=metrics)
+    med = outcome.timing.median_s if outcome.timing else float("nan")
+    outcome.metrics["images_per_s"] = batch / med
+    outcome.metrics["latency_s"] = med
+    return outcome
+
+
+_PLANNERS: dict[str, Callable[[_Context], list[Task]]] = {
+    "weight_sparsity": _weight_sparsity_tasks,
+    "conv_layers": _conv_tasks,
+    "fc_layers": _fc_tasks,
+    "sparsity_sweep": _sweep_report_tasks,
+    "memory_scaling": _scaling_tasks,
+    "sparse_x_sparse": _spxsp_tasks,
+    "end_to_end": _e2e_tasks,
+}
+
+
+def report_tasks(ctx: _Context, only: Sequence[str] | None = None) -> list[Task]:
+    """Every measurement of the report, in report order."""
+    names = [n for n, _ in EXPERIMENTS if only is None or n in only]
+    return [t for n in names for t in _PLANNERS[n](ctx)]
+
+
+@dataclass
+class RunSummary:
+    """What :func:`run_report` did."""
+
+    report: Path
+    results: Path
+    measured: int = 0
+    skipped: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def run_report(cfg: ReportConfig, out_dir: str | os.PathLike[str], *, resume: bool = False,
+               progress: bool = True, only: Sequence[str] | None = None) -> RunSummary:
+    """Run the experiments, append every measurement to ``out_dir/results.jsonl``, write the report.
+
+    Parameters
+    ----------
+    cfg : ReportConfig
+    out_dir : path-like
+        Gets ``results.jsonl``, ``report.html``, ``*.png`` and ``plans.json`` (the planner's cache).
+    resume : bool
+        Keep ``results.jsonl`` and skip the measurements already in it.
+    only : sequence of str, optional
+        Experiment names to run (default: all seven).
+    """
+    from sparsecnn.report.html import write_report
+
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SparseCNNError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    log = ResultsLog(out / "results.jsonl", resume=resume)
+    before = len(log.measurements())
+    harness = Harness(log, threads=cfg.threads, device=cfg.device, progress=progress)
+    ctx = _Context(cfg, out)
+    with torch.no_grad():
+        tasks = report_tasks(ctx, only)
+        records = harness.run(tasks, title="sparsecnn report")
+    _write_config(out, cfg)
+    report = write_report(out)
+    fresh = len(log.measurements()) - before
+    return RunSummary(report=report, results=log.path, measured=fresh, skipped=len(tasks) - fresh,
+                      errors=sum(r["status"] == "error" for r in records), seconds=time.perf_counter() - t0)
+
+
+def _write_config(out: Path, cfg: ReportConfig) -> None:
+    """The configuration beside the results, for the report's notes (what --quick left out)."""
+    from dataclasses import asdict
+
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1), encoding="utf-8")
+
+
+def bench_model(model: nn.Module, name: str, *, batch: int = 1, device: str = "cpu", threads: int | None = None,
+                repeats: int = 7, progress: bool = True, results: str | os.PathLike[str] | None = None,
+                ) -> list[dict[str, Any]]:
+    """Time every strategy and peer on every conv/linear layer of ``model`` (its weights as they are).
+
+    Returns the measurement records (the schema of ``results.jsonl``); ``results`` keeps them in a
+    file as well.
+    """
+    import tempfile
+
+    cfg = ReportConfig.preset("full", device=device, threads=threads, repeats=repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        log = ResultsLog(Path(results) if results else Path(tmp) / "results.jsonl")
+        harness = Harness(log, threads=threads, device=device, progress=progress)
+        ctx = _Context(cfg, None)
+        ctx._cache[("model", name, "given")] = model.eval()
+        with torch.no_grad():
+            tasks = [t for kind in ("conv", "linear")
+                     for t in layer_tasks(ctx, "bench", name, "given", kind, batch, planner=False)]
+            return harness.run(tasks, title=f"bench {name}")
+
+
+def run_sweep(*, layer: str | None = None, shape: tuple[int, int, int] | None = None,
+              sparsities: Sequence[float], batch: int = 1, device: str = "cpu", threads: int | None = None,
+              repeats: int = 5, progress: bool = True, seed: int = 0) -> list[dict[str, Any]]:
+    """The sparsity sweep of ``sparsecnn sweep``: a zoo layer (``"alexnet.conv3"``) or a matrix shape.
+
+    Returns the measurement records; break-even points come from
+    :func:`sparsecnn.report.tables.break_even`.
+    """
+    import tempfile
+
+    cfg = ReportConfig.preset("full", device=device, threads=threads, repeats=repeats, seed=seed, max_task_s=4.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        log = ResultsLog(Path(tmp) / "results.jsonl")
+        harness = Harness(log, threads=threads, device=device, progress=progress)
+        ctx = _Context(cfg, None)
+        with torch.no_grad():
+            if shape is not None:
+                tasks = matrix_sweep_tasks(cfg, shape, sparsities)
+            else:
+                model_name, _, lname = (layer or "alexnet.conv3").partition(".")
+                from sparsecnn.models import names
+
+                if model_name not in names():
+                    raise SparseCNNError(f"--layer {layer!r}: unknown model {model_name!r}; one of {', '.join(names())}")
+                tasks = sweep_tasks(ctx, "sweep", model_name, lname or None, sparsities, batch)
+            return harness.run(tasks, title="sweep")
+
+
+def matrix_sweep_tasks(cfg: ReportConfig, shape: tuple[int, int, int], sparsities: Sequence[float]) -> list[Task]:
+    """``A (M x K) @ B (K x N)`` with random zeros in ``A``: torch dense, the engine's CSR and BSR
+    kernels (``ops.csr_matmul``, ``ops.bsr_matmul``) and the peers."""
+    from sparsecnn.bench.peers import matrix_peers
+    from sparsecnn.formats import BSRMatrix, CSRMatrix
+    from sparsecnn.ops import bsr_matmul, csr_matmul
+
+    m, k, n = shape
+    rng = np.random.default_rng(cfg.seed)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    tasks = []
+    for s in sparsities:
+        if not 0.0 <= s <= 1.0:
+            raise SparseCNNError(f"sparsity {s} is outside [0, 1]")
+
+        @functools.cache
+        def a_of(s: float = s) -> np.ndarray:
+            a = np.random.default_rng(cfg.seed + 1).standard_normal((m, k), dtype=np.float32)
+            a.reshape(-1)[np.random.default_rng(cfg.seed + 2).permutation(m * k)[:round(s * m * k)]] = 0.0
+            return a
+
+        @functools.cache
+        def ref_of(s: float = s) -> np.ndarray:
+            return a_of(s).astype(np.float64) @ b
+
+        params = {"shape": [m, k, n], "sparsity": float(s), "device": cfg.device}
+
+        def engine(impl: str, s: float = s) -> Outcome:
+            a = a_of(s)
+            t0 = time.perf_counter()
+            fmt = CSRMatrix.from_dense(a) if impl == "csrmm" else BSRMatrix.from_dense(a, (4, 4))
+            conv_s = time.perf_counter() - t0
+            out = np.empty((m, n), np.float32)
+            op = csr_matmul if impl == "csrmm" else bsr_matmul
+            return _timed(lambda: op(fmt, b, out), ref_of(s), cfg,
+                          metrics={"kind": "strategy", "conversion_s": conv_s, "weight_nbytes": fmt.nbytes})
+
+        def peer(p: str, s: float = s) -> Outcome:
+            fn = matrix_peers(a_of(s), b, device=cfg.device, threads=torch.get_num_threads(), onnx=False)[p]
+            return _timed(fn, ref_of(s), cfg, metrics={"kind": "peer"})
+
+        for impl in ("csrmm", "bsr"):
+            tasks.append(Task("sweep", {**params, "impl": impl}, functools.partial(engine, impl),
+                              f"s={s:g} {impl}"))
+        for p in _peer_names(replace(cfg, onnx=False)):
+            tasks.append(Task("sweep", {**params, "impl": p}, functools.partial(peer, p), f"s={s:g} {p}"))
+    return tasks

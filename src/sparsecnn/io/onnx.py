@@ -1,0 +1,562 @@
+"""ONNX models in (a small mapping of our own onto torch modules) and out (``torch.onnx.export``).
+
+Import maps each node to a torch module in a :class:`~sparsecnn.io._graph.GraphNet`, named after its
+weight (``conv1.weight`` -> ``conv1``) or its node name, so a model exported from torch comes back with
+the same layer names. Supported operators:
+
+Conv (2-D, symmetric pads), Gemm, MatMul (constant right-hand side), Relu, MaxPool, AveragePool,
+GlobalAveragePool, GlobalMaxPool, Flatten (axis 1), Reshape, LRN (odd size), Add, Sub, Mul, Div, Concat,
+BatchNormalization (inference), Dropout, Softmax, Identity, and the shape arithmetic torch emits for
+``x.view(x.size(0), -1)``: Constant, Shape, Gather, Unsqueeze, Squeeze.
+
+Why not onnx2torch: it is not installable here, and the list above is small enough that a mapping we
+control (readable names, our error messages, no extra dependency) is simpler than a converter.
+
+Export goes through the TorchScript exporter (``dynamo=False``): it needs no onnxscript, takes a fraction
+of a second, and maps ``nn.LocalResponseNorm`` to one ONNX ``LRN`` node (registered below) rather than
+the dozens of shape and pooling nodes torch decomposes it into. Sparse layers are densified for export
+(ONNX has no sparse convolution operator); pruned zeros stay zeros.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparsecnn.errors import SparseCNNError
+from sparsecnn.io._graph import (
+    BatchNorm,
+    Binary,
+    Concat,
+    Constant,
+    Gather,
+    GraphNet,
+    Reshape,
+    Shape,
+    Softmax2D,
+    Squeeze,
+    Step,
+    Unsqueeze,
+    safe_name,
+)
+
+__all__ = ["SUPPORTED_OPS", "export_onnx", "load_onnx"]
+
+
+def _onnx():
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:  # pragma: no cover - onnx is a declared optional dependency
+        raise SparseCNNError("ONNX support needs the onnx package: pip install 'sparsecnn[onnx]'") from None
+    return onnx, numpy_helper
+
+
+# ------------------------------------------------------------------------------------------------
+# import
+
+
+class _Importer:
+    def __init__(self, model: Any, path: str) -> None:
+        onnx, self.numpy_helper = _onnx()
+        self.onnx = onnx
+        self.path = path
+        self.graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if self.opset <= 0:
+            raise SparseCNNError("the model imports no default-domain (ai.onnx) opset")
+        self.consts: dict[str, np.ndarray] = {}
+        for t in self.graph.initializer:
+            self.consts[t.name] = self._array(t, f"initializer {t.name!r}")
+        self.blobs: set[str] = set()
+        self.steps: list[Step] = []
+        self.modules: dict[str, nn.Module] = {}
+        self.taken: set[str] = set()
+        self.materialized: set[str] = set()
+
+    def _array(self, tensor: Any, where: str) -> np.ndarray:
+        try:
+            return np.array(self.numpy_helper.to_array(tensor))
+        except Exception as exc:  # onnx raises assorted types for a malformed tensor
+            raise SparseCNNError(f"{where} is malformed ({type(exc).__name__}: {exc})") from None
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def attrs(self, node: Any) -> dict[str, Any]:
+        out = {}
+        for a in node.attribute:
+            try:
+                value = self.onnx.helper.get_attribute_value(a)
+            except Exception as exc:
+                raise SparseCNNError(f"attribute {a.name!r} is malformed ({exc})") from None
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            elif isinstance(value, self.onnx.TensorProto):
+                value = self._array(value, f"attribute {a.name!r}")
+            out[a.name] = value
+        return out
+
+    def const(self, name: str, where: str, what: str) -> np.ndarray:
+        if name not in self.consts:
+            raise SparseCNNError(f"{where}: {what} ({name!r}) must be a constant (an initializer)")
+        return self.consts[name]
+
+    def need(self, name: str, where: str) -> None:
+        """Make tensor ``name`` available at run time (a constant becomes a Constant step)."""
+        if name in self.blobs:
+            return
+        if name in self.consts:
+            if name not in self.materialized:
+                self.add(Constant(torch.from_numpy(self.consts[name].copy())), "const_" + name, (), (name,))
+                self.materialized.add(name)
+            return
+        raise SparseCNNError(f"{where}: input {name!r} is not produced by any earlier node or graph input")
+
+    def add(self, module: nn.Module, name: str, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+        key = safe_name(name, self.taken, type(module).__name__.lower())
+        self.modules[key] = module
+        self.steps.append(Step(key, tuple(inputs), tuple(outputs), -1))
+        self.blobs.update(outputs)
+
+    @staticmethod
+    def node_name(node: Any, index: int) -> str:
+        parts = [p for p in node.name.split("/") if p]
+        if len(parts) > 1 and parts[-1].split("_")[0] == node.op_type:
+            parts = parts[:-1]
+        if not parts or parts[-1].split("_")[0] == node.op_type:
+            return node.op_type.lower()
+        return parts[-1]
+
+    @staticmethod
+    def weight_name(name: str) -> str | None:
+        return name[: -len(".weight")] if name.endswith(".weight") else None
+
+    @staticmethod
+    def pads2d(where: str, a: dict[str, Any], k: Sequence[int]) -> tuple[int, int]:
+        auto = a.get("auto_pad", "NOTSET")
+        if auto not in ("NOTSET", "VALID"):
+            raise SparseCNNError(f"{where}: auto_pad {auto} is not supported; export with explicit pads")
+        pads = list(a.get("pads", [0, 0, 0, 0])) if auto == "NOTSET" else [0, 0, 0, 0]
+        if len(pads) != 4 or pads[:2] != pads[2:]:
+            raise SparseCNNError(f"{where}: asymmetric or non-2-D pads {pads} are not supported")
+        return int(pads[0]), int(pads[1])
+
+    # -- operators --------------------------------------------------------------------------------
+
+    def convert(self) -> GraphNet:
+        inputs = [i for i in self.graph.input if i.name not in self.consts]
+        if not inputs:
+            raise SparseCNNError("the graph has no inputs")
+        self.blobs.update(i.name for i in inputs)
+        for index, node in enumerate(self.graph.node):
+            where = f"node {node.name or index!r} ({node.op_type})"
+            if node.domain not in ("", "ai.onnx"):
+                raise SparseCNNError(f"{where}: operator domain {node.domain!r} is not supported")
+            handler = getattr(self, "op_" + node.op_type, None)
+            if handler is None:
+                raise SparseCNNError(
+                    f"{where}: operator {node.op_type!r} is not supported; supported: {', '.join(SUPPORTED_OPS)}"
+                )
+            if not node.output:
+                raise SparseCNNError(f"{where}: has no outputs")
+            handler(node, where, self.attrs(node), self.node_name(node, index))
+        outputs = [o.name for o in self.graph.output]
+        if not outputs:
+            raise SparseCNNError("the graph has no outputs")
+        for o in outputs:
+            self.need(o, f"graph output {o!r}")
+        dims = self.input_dims(inputs[0])
+        return GraphNet(self.steps, self.modules, [i.name for i in inputs], outputs, dims,
+                        source=f"onnx:{self.path}")
+
+    def input_dims(self, value_info: Any) -> tuple[int, ...]:
+        shape = value_info.type.tensor_type.shape
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in shape.dim]
+        return tuple(int(d) for d in dims[1:]) if len(dims) > 1 else ()
+
+    def _inputs(self, node: Any) -> list[str]:
+        return [i for i in node.input]  # "" marks an omitted optional input
+
+    def op_Conv(self, node, where, a, name):
+        ins = self._inputs(node)
+        w = self.const(ins[1], where, "the weight")
+        if w.ndim != 4:
+            raise SparseCNNError(f"{where}: only 2-D convolution is supported (weight shape {w.shape})")
+        group = int(a.get("group", 1))
+        k = tuple(int(v) for v in a.get("kernel_shape", w.shape[2:]))
+        if k != tuple(w.shape[2:]):
+            raise SparseCNNError(f"{where}: kernel_shape {k} does not match the weight shape {w.shape}")
+        pad = self.pads2d(where, a, k)
+        bias = ins[2] if len(ins) > 2 and ins[2] else None
+        module = nn.utils.skip_init(
+            nn.Conv2d, w.shape[1] * group, w.shape[0], k, stride=tuple(a.get("strides", (1, 1))), padding=pad,
+            dilation=tuple(a.get("dilations", (1, 1))), groups=group, bias=bias is not None,
+        )
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(w.astype(np.float32)))
+            if bias is not None:
+                module.bias.copy_(torch.from_numpy(self.const(bias, where, "the bias").astype(np.float32)))
+        self.need(ins[0], where)
+        self.add(module, self.weight_name(ins[1]) or name, ins[:1], node.output[:1])
+
+    def _linear(self, node, where, name, x, weight, weight_name, bias):
+        out_f, in_f = weight.shape
+        module = nn.utils.skip_init(nn.Linear, in_f, out_f, bias=bias is not None)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)))
+            if bias is not None:
+                module.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)))
+        self.need(x, where)
+        self.add(module, self.weight_name(weight_name) or name, (x,), node.output[:1])
+
+    def op_Gemm(self, node, where, a, name):
+        ins = self._inputs(node)
+        if a.get("transA", 0):
+            raise SparseCNNError(f"{where}: Gemm with transA=1 is not supported")
+        b = self.const(ins[1], where, "B (the weight)")
+        if b.ndim != 2:
+            raise SparseCNNError(f"{where}: B must be 2-D, got shape {b.shape}")
+        weight = (b if a.get("transB", 0) else b.T) * float(a.get("alpha", 1.0))
+        bias = None
+        if len(ins) > 2 and ins[2]:
+            c = self.const(ins[2], where, "C (the bias)")
+            try:
+                bias = np.broadcast_to(c, (1, weight.shape[0])).reshape(-1) * float(a.get("beta", 1.0))
+            except ValueError:
+                raise SparseCNNError(f"{where}: C of shape {c.shape} does not broadcast to the output") from None
+        self._linear(node, where, name, ins[0], weight, ins[1], bias)
+
+    def op_MatMul(self, node, where, a, name):
+        ins = self._inputs(node)
+        b = self.const(ins[1], where, "the right-hand side")
+        if b.ndim != 2:
+            raise SparseCNNError(f"{where}: the right-hand side must be 2-D, got shape {b.shape}")
+        self._linear(node, where, name, ins[0], b.T, ins[1], None)
+
+    def _simple(self, node, where, name, module, n_inputs=1):
+        ins = [i for i in self._inputs(node)[:n_inputs] if i]
+        for i in ins:
+            self.need(i, where)
+        self.add(module, name, ins, node.output[:1])
+
+    def op_Relu(self, node, where, a, name):
+        self._simple(node, where, name, nn.ReLU())
+
+    def op_Identity(self, node, where, a, name):
+        self._simple(node, where, name, nn.Identity())
+
+    def op_Dropout(self, node, where, a, name):
+        if len(node.output) > 1 and node.output[1]:
+            raise SparseCNNError(f"{where}: the Dropout mask output is not supported")
+        self._simple(node, where, name, nn.Dropout(float(a.get("ratio", 0.5))) if self.opset < 12 else nn.Dropout())
+
+    def _pool(self, node, where, a, name, avg):
+        if len(node.output) > 1 and node.output[1]:
+            raise SparseCNNError(f"{where}: the MaxPool indices output is not supported")
+        k = tuple(int(v) for v in a.get("kernel_shape", ()))
+        if len(k) != 2:
+            raise SparseCNNError(f"{where}: only 2-D pooling is supported (kernel_shape {k})")
+        pad = self.pads2d(where, a, k)
+        if 2 * pad[0] > k[0] or 2 * pad[1] > k[1]:
+            raise SparseCNNError(f"{where}: pads {pad} above half the kernel {k} are not supported")
+        stride = tuple(int(v) for v in a.get("strides", (1, 1)))
+        ceil = bool(a.get("ceil_mode", 0))
+        if avg:
+            module = nn.AvgPool2d(k, stride, pad, ceil_mode=ceil, count_include_pad=bool(a.get("count_include_pad", 0)))
+        else:
+            if int(a.get("storage_order", 0)):
+                raise SparseCNNError(f"{where}: storage_order 1 is not supported")
+            module = nn.MaxPool2d(k, stride, pad, dilation=tuple(a.get("dilations", (1, 1))), ceil_mode=ceil)
+        self._simple(node, where, name, module)
+
+    def op_MaxPool(self, node, where, a, name):
+        self._pool(node, where, a, name, avg=False)
+
+    def op_AveragePool(self, node, where, a, name):
+        self._pool(node, where, a, name, avg=True)
+
+    def op_GlobalAveragePool(self, node, where, a, name):
+        self._simple(node, where, name, nn.AdaptiveAvgPool2d(1))
+
+    def op_GlobalMaxPool(self, node, where, a, name):
+        self._simple(node, where, name, nn.AdaptiveMaxPool2d(1))
+
+    def op_Flatten(self, node, where, a, name):
+        if int(a.get("axis", 1)) != 1:
+            raise SparseCNNError(f"{where}: Flatten is supported for axis 1 only, got {a.get('axis')}")
+        self._simple(node, where, name, nn.Flatten(1))
+
+    def op_Reshape(self, node, where, a, name):
+        ins = self._inputs(node)
+        allowzero = bool(a.get("allowzero", 0))
+        if ins[1] in self.consts:
+            self._simple(node, where, name, Reshape(self.consts[ins[1]].reshape(-1).tolist(), allowzero))
+        else:
+            self._simple(node, where, name, Reshape(None, allowzero), n_inputs=2)
+
+    def op_LRN(self, node, where, a, name):
+        size = int(a.get("size", 0))
+        if size <= 0 or size % 2 == 0:
+            raise SparseCNNError(f"{where}: LRN size must be odd and positive, got {size}")
+        module = nn.LocalResponseNorm(size, float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)),
+                                      float(a.get("bias", 1.0)))
+        self._simple(node, where, name, module)
+
+    def _binary(self, node, where, name, op):
+        x, y = self._inputs(node)[:2]
+        if x in self.consts and y in self.consts:  # fold at import
+            fn = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[op]
+            self.consts[node.output[0]] = np.asarray(fn(self.consts[x], self.consts[y]))
+            return
+        if y in self.consts:
+            module = Binary(op, torch.from_numpy(self.consts[y].copy()))
+            ins = [x]
+        elif x in self.consts:
+            module = Binary(op, torch.from_numpy(self.consts[x].copy()), const_first=True)
+            ins = [y]
+        else:
+            module, ins = Binary(op), [x, y]
+        for i in ins:
+            self.need(i, where)
+        self.add(module, name, ins, node.output[:1])
+
+    def op_Add(self, node, where, a, name):
+        self._binary(node, where, name, "add")
+
+    def op_Sub(self, node, where, a, name):
+        self._binary(node, where, name, "sub")
+
+    def op_Mul(self, node, where, a, name):
+        self._binary(node, where, name, "mul")
+
+    def op_Div(self, node, where, a, name):
+        self._binary(node, where, name, "div")
+
+    def op_Concat(self, node, where, a, name):
+        ins = self._inputs(node)
+        self._simple(node, where, name, Concat(int(a["axis"]) if "axis" in a else 1), n_inputs=len(ins))
+
+    def op_BatchNormalization(self, node, where, a, name):
+        ins = self._inputs(node)
+        if len(ins) < 5 or int(a.get("training_mode", 0)):
+            raise SparseCNNError(f"{where}: only inference-mode BatchNormalization with 5 inputs is supported")
+        scale, bias, mean, var = (self.const(n, where, w) for n, w in zip(ins[1:5], ("scale", "B", "mean", "var"),
+                                                                          strict=True))
+        c = scale.shape[0] if scale.ndim == 1 else -1
+        if c <= 0 or any(t.shape != (c,) for t in (bias, mean, var)):
+            raise SparseCNNError(f"{where}: scale, B, mean and var must be vectors of one length")
+        module = BatchNorm(c, eps=float(a.get("epsilon", 1e-5)), momentum=0.1, affine=True)
+        with torch.no_grad():
+            for t, v in ((module.weight, scale), (module.bias, bias), (module.running_mean, mean),
+                         (module.running_var, var)):
+                t.copy_(torch.from_numpy(v.astype(np.float32)))
+        prefix = ins[1][: -len(".weight")] if ins[1].endswith(".weight") else name
+        self._simple(node, where, prefix, module)
+
+    def op_Softmax(self, node, where, a, name):
+        if self.opset >= 13:
+            self._simple(node, where, name, nn.Softmax(dim=int(a.get("axis", -1))))
+        else:
+            self._simple(node, where, name, Softmax2D(int(a.get("axis", 1))))
+
+    def op_Constant(self, node, where, a, name):
+        if "value" not in a or not isinstance(a["value"], np.ndarray):
+            raise SparseCNNError(f"{where}: only tensor-valued Constants are supported")
+        self.consts[node.output[0]] = a["value"]
+
+    def op_Shape(self, node, where, a, name):
+        if "start" in a or "end" in a:
+            raise SparseCNNError(f"{where}: Shape with start/end is not supported")
+        self._simple(node, where, name, Shape())
+
+    def op_Gather(self, node, where, a, name):
+        ins = self._inputs(node)
+        if ins[0] in self.consts and ins[1] in self.consts:
+            self.consts[node.output[0]] = np.take(self.consts[ins[0]], self.consts[ins[1]], axis=int(a.get("axis", 0)))
+            return
+        self._simple(node, where, name, Gather(int(a.get("axis", 0))), n_inputs=2)
+
+    def _axes(self, node, where, a) -> list[int]:
+        ins = self._inputs(node)
+        if "axes" in a:
+            return [int(v) for v in a["axes"]]
+        if len(ins) > 1 and ins[1]:
+            return [int(v) for v in self.const(ins[1], where, "axes").reshape(-1)]
+        return []
+
+    def op_Unsqueeze(self, node, where, a, name):
+        axes = self._axes(node, where, a)
+        if not axes:
+            raise SparseCNNError(f"{where}: Unsqueeze needs axes")
+        self._simple(node, where, name, Unsqueeze(axes))
+
+    def op_Squeeze(self, node, where, a, name):
+        self._simple(node, where, name, Squeeze(self._axes(node, where, a)))
+
+
+SUPPORTED_OPS: tuple[str, ...] = tuple(sorted(n[3:] for n in dir(_Importer) if n.startswith("op_")))
+
+
+def load_onnx(path: str | os.PathLike[str], *, input_shape: Sequence[int] | None = None) -> GraphNet:
+    """Load an ONNX model as a torch module.
+
+    Parameters
+    ----------
+    path : path
+        The ``.onnx`` file (external data files beside it are read too).
+    input_shape : (C, H, W), optional
+        Recorded as ``input_shape`` when the graph's input has symbolic dimensions.
+
+    Returns
+    -------
+    GraphNet
+        In eval mode, with ``nn.Conv2d`` / ``nn.Linear`` children named after their weights.
+
+    Raises
+    ------
+    SparseCNNError
+        For an unreadable or corrupt file, an unsupported operator (named with its node), or
+        constants that do not fit.
+    """
+    onnx, _ = _onnx()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SparseCNNError(f"ONNX model {path} does not exist")
+    try:
+        model = onnx.load(path)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SparseCNNError(f"ONNX model {path} is truncated or not an ONNX ModelProto ({first})") from None
+    if not model.HasField("graph") or not model.graph.node:
+        raise SparseCNNError(f"ONNX model {path} holds no graph nodes; is it an ONNX model?")
+    try:
+        net = _Importer(model, path).convert()
+    except SparseCNNError as exc:
+        raise SparseCNNError(f"ONNX model {path}: {exc}") from None
+    except (TypeError, IndexError, KeyError, RuntimeError, OverflowError, ValueError, AttributeError) as exc:
+        raise SparseCNNError(f"ONNX model {path}: cannot convert the graph ({type(exc).__name__}: {exc})") from None
+    if input_shape is not None:
+        net.input_shape = tuple(int(d) for d in input_shape)
+    if not net.input_shape or any(d <= 0 for d in net.input_shape):
+        net.input_shape = ()
+    return net.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+
+
+class _LRNFunction(torch.autograd.Function):
+    """``F.local_response_norm`` that the TorchScript exporter writes as one ONNX LRN node."""
+
+    @staticmethod
+    def forward(ctx, x, size, alpha, beta, k):
+        return nn.functional.local_response_norm(x, size, alpha, beta, k)
+
+    @staticmethod
+    def symbolic(g, x, size, alpha, beta, k):
+        return g.op("LRN", x, size_i=size, alpha_f=alpha, beta_f=beta, bias_f=k)
+
+
+class _ExportLRN(nn.Module):
+    def __init__(self, lrn: nn.LocalResponseNorm) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = lrn.size, lrn.alpha, lrn.beta, lrn.k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LRNFunction.apply(x, self.size, self.alpha, self.beta, self.k)
+
+
+def _for_export(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with export-friendly layers: sparse -> dense, LRN -> one ONNX node."""
+    model = copy.deepcopy(model).eval()
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            replacement = None
+            if isinstance(child, nn.LocalResponseNorm) and child.size % 2 == 1:
+                replacement = _ExportLRN(child)
+            elif hasattr(child, "to_dense") and callable(child.to_dense) and not isinstance(child, torch.Tensor):
+                dense = child.to_dense()  # sparsecnn's SparseConv2d / SparseLinear
+                if isinstance(dense, nn.Module):
+                    replacement = dense
+            if replacement is not None:
+                setattr(parent, child_name, replacement)
+    return model
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    input_shape: Sequence[int] | None = None,
+    opset: int = 17,
+) -> str:
+    """Export ``model`` to ONNX for ONNX Runtime and other runtimes.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any model torch can trace; sparsecnn's sparse layers are written as their dense equivalent.
+        The model is copied, not changed.
+    path : path
+        Output file, written atomically (a temporary file beside it, then renamed).
+    input_shape : (C, H, W), optional
+        Defaults to ``model.input_shape``. The batch dimension is dynamic (``batch``).
+    opset : int
+        ONNX opset version.
+
+    Returns
+    -------
+    str
+        ``path``. The graph's input is named ``input`` and its output ``output`` (``output0``, ... for
+        several).
+    """
+    onnx, _ = _onnx()
+    shape = tuple(input_shape) if input_shape is not None else tuple(getattr(model, "input_shape", ()) or ())
+    if not shape or any(not isinstance(d, int) or d <= 0 for d in shape):
+        raise SparseCNNError(
+            f"cannot export {type(model).__name__}: its input shape is unknown; pass input_shape=(C, H, W)"
+        )
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise SparseCNNError(f"cannot write {path}: directory {directory} does not exist")
+    export_model = _for_export(model)
+    x = torch.zeros(1, *shape)
+    with torch.no_grad():
+        try:
+            y = export_model(x)
+        except RuntimeError as exc:
+            raise SparseCNNError(f"cannot run {type(model).__name__} on an input of shape {(1, *shape)}: {exc}") from None
+    n_out = len(y) if isinstance(y, (tuple, list)) else 1
+    outputs = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+    dynamic = {name: {0: "batch"} for name in ["input", *outputs]}
+    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".onnx", dir=directory)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                export_model, (x,), tmp, dynamo=False, input_names=["input"], output_names=outputs,
+                dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True,
+                training=torch.onnx.TrainingMode.PRESERVE,  # eval model, and no conv+BN folding: names stay
+            )
+        onnx.checker.check_model(tmp)
+        os.replace(tmp, path)
+    except SparseCNNError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SparseCNNError(f"cannot export {type(model).__name__} to ONNX: {first}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,179 @@
+"""The fast kernels (direct sparse convolution, sparse linear) against torch's dense F.conv2d / F.linear."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparsecnn.kernels.conv import direct_conv2d, prepare_direct
+from sparsecnn.kernels.spmv import prepare_linear, sparse_linear
+from tests.conftest import random_sparse
+from tests.reference import assert_close
+
+
+def _conv_case(rng, b, cin, cout, hw, k, stride, padding, dilation, groups, sparsity, bias=True):
+    w = random_sparse(rng, (cout, cin // groups, *k), sparsity)
+    x = rng.standard_normal((b, cin, *hw)).astype(np.float32)
+    bv = rng.standard_normal(cout).astype(np.float32) if bias else None
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), None if bv is None else torch.from_numpy(bv),
+                   stride, padding, dilation, groups).numpy()
+    prep = prepare_direct(w, groups, stride, padding, dilation)
+    out = np.full(ref.shape, np.nan, dtype=np.float32)
+    direct_conv2d(prep, x, bv, out)
+    assert_close(out, ref, what="direct_conv2d")
+    return prep, w, x, bv, ref
+
+
+CONV_CASES = [
+    # b, cin, cout, (h, w), (kh, kw), stride, padding, dilation, groups
+    (1, 8, 16, (9, 9), (1, 1), (1, 1), (0, 0), (1, 1), 1),
+    (1, 8, 12, (11, 13), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (3, 6, 10, (13, 9), (3, 3), (2, 2), (1, 1), (1, 1), 2),
+    (2, 8, 8, (12, 12), (3, 3), (1, 1), (1, 1), (1, 1), 8),  # depthwise
+    (1, 8, 16, (15, 15), (3, 3), (2, 2), (1, 1), (1, 1), 8),  # depthwise, stride 2
+    (1, 4, 8, (14, 15), (5, 5), (1, 1), (2, 2), (1, 1), 2),
+    (1, 3, 8, (35, 35), (11, 11), (4, 4), (0, 0), (1, 1), 1),  # AlexNet conv1 shape, small
+    (2, 5, 7, (17, 16), (3, 3), (1, 1), (2, 2), (2, 2), 1),  # dilation 2
+    (1, 4, 6, (10, 11), (3, 2), (2, 1), (0, 2), (1, 2), 1),  # asymmetric everything
+    (3, 16, 8, (7, 7), (1, 1), (2, 2), (0, 0), (1, 1), 1),  # 1x1 stride 2 (ResNet downsample)
+    (1, 6, 6, (5, 5), (3, 3), (4, 4), (2, 2), (1, 1), 3),  # stride 4 on a tiny plane
+    (1, 4, 4, (3, 3), (3, 3), (1, 1), (0, 0), (1, 1), 1),  # 1x1 output
+]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"b{c[0]}c{c[1]}-{c[2]}k{c[4]}s{c[5]}g{c[8]}")
+def test_direct_conv_matches_torch(case, sparsity, rng):
+    _conv_case(rng, *case, sparsity)
+
+
+def test_direct_conv_without_bias_and_empty_filters(rng):
+    w = random_sparse(rng, (12, 8, 3, 3), 0.7)
+    w[[0, 5, 11]] = 0.0  # all-zero filters, first and last included
+    x = rng.standard_normal((2, 8, 10, 10)).astype(np.float32)
+    prep = prepare_direct(w, 1, (1, 1), (1, 1), (1, 1))
+    out = np.full((2, 12, 10, 10), np.nan, dtype=np.float32)
+    direct_conv2d(prep, x, None, out)
+    assert_close(out, F.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1).numpy())
+    assert not out[:, [0, 5, 11]].any()
+
+
+def test_direct_conv_int32_indices(rng):
+    # Cin * kh * kw = 4100 * 9 > 32768: the tap index no longer fits int16.
+    prep, *_ = _conv_case(rng, 1, 4100, 3, (4, 4), (3, 3), (1, 1), (1, 1), (1, 1), 1, 0.9)
+    assert prep.indices.dtype == np.int32
+
+
+def test_direct_conv_nbytes_and_dtypes(rng):
+    w = random_sparse(rng, (16, 8, 3, 3), 0.75)
+    prep = prepare_direct(w, 1, (1, 1), (1, 1), (1, 1))
+    nnz = int(np.count_nonzero(w))
+    assert prep.indices.dtype == np.int16 and prep.indptr.dtype == np.int32 and prep.data.dtype == np.float32
+    assert prep.nnz == nnz
+    assert prep.nbytes == 17 * 4 + nnz * 2 + nnz * 4
+
+
+def test_direct_conv_reuses_workspace_and_handles_new_shapes(rng):
+    w = random_sparse(rng, (8, 4, 3, 3), 0.5)
+    prep = prepare_direct(w, 1, (1, 1), (1, 1), (1, 1))
+    for shape in [(1, 4, 9, 9), (1, 4, 9, 9), (2, 4, 7, 12), (1, 4, 9, 9)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1).numpy()
+        out = np.empty_like(ref)
+        direct_conv2d(prep, x, None, out)
+        assert_close(out, ref)
+    assert len(prep._workspaces) == 2  # one per input shape (and thread count), not one per call
+
+
+def test_direct_conv_thread_counts_and_strided_out(rng):
+    w = random_sparse(rng, (9, 6, 3, 3), 0.6)
+    x = rng.standard_normal((2, 6, 8, 8)).astype(np.float32)
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1).numpy()
+    prep = prepare_direct(w, 1, (1, 1), (1, 1), (1, 1))
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, before):
+            numba.set_num_threads(threads)
+            big = np.zeros((2, 9, 8, 16), dtype=np.float32)
+            out = big[:, :, :, ::2]  # a non-contiguous output view
+            direct_conv2d(prep, x, None, out)
+            assert_close(out, ref)
+            assert not big[:, :, :, 1::2].any()
+    finally:
+        numba.set_num_threads(before)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    b=st.integers(1, 3),
+    cin_g=st.integers(1, 5),
+    cout_g=st.integers(1, 5),
+    groups=st.integers(1, 3),
+    h=st.integers(1, 14),
+    w=st.integers(1, 14),
+    kh=st.integers(1, 5),
+    kw=st.integers(1, 5),
+    sh=st.integers(1, 4),
+    sw=st.integers(1, 4),
+    ph=st.integers(0, 3),
+    pw=st.integers(0, 3),
+    dh=st.integers(1, 3),
+    dw=st.integers(1, 3),
+    sparsity=st.sampled_from([0.0, 0.3, 0.8, 0.95, 1.0]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_direct_conv_random_configs(b, cin_g, cout_g, groups, h, w, kh, kw, sh, sw, ph, pw, dh, dw,
+                                    sparsity, bias, seed):
+    if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1:
+        return  # torch rejects an empty output; the layer never builds one
+    rng = np.random.default_rng(seed)
+    _conv_case(rng, b, cin_g * groups, cout_g * groups, (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw),
+               groups, sparsity, bias)
+
+
+def _linear_case(rng, batch, m, k, sparsity, bias=True):
+    w = random_sparse(rng, (m, k), sparsity)
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    bv = rng.standard_normal(m).astype(np.float32) if bias else None
+    ref = F.linear(torch.from_numpy(x), torch.from_numpy(w), None if bv is None else torch.from_numpy(bv))
+    prep = prepare_linear(w)
+    out = np.full((batch, m), np.nan, dtype=np.float32)
+    sparse_linear(prep, x, bv, out)
+    assert_close(out, ref.numpy(), what="sparse_linear")
+    return prep
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("batch", [1, 3, 8, 33])
+@pytest.mark.parametrize(("m", "k"), [(1, 1), (7, 5), (130, 257), (64, 1000)])
+def test_sparse_linear_matches_torch(batch, m, k, sparsity, rng):
+    _linear_case(rng, batch, m, k, sparsity, bias=(m + batch) % 2 == 0)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_sparse_linear_index_dtypes_and_nbytes(batch, rng):
+    small = _linear_case(rng, batch, 9, 32768, 0.99)
+    assert small.indices.dtype == np.int16
+    big = _linear_case(rng, batch, 3, 40000, 0.99)
+    assert big.indices.dtype == np.int32
+    nnz = big.nnz
+    assert big.nbytes == 4 * 4 + nnz * 4 + nnz * 4
+
+
+def test_sparse_linear_empty_rows(rng):
+    w = random_sparse(rng, (10, 20), 0.5)
+    w[[0, 3, 9]] = 0.0
+    x = rng.standard_normal((2, 20)).astype(np.float32)
+    bv = rng.standard_normal(10).astype(np.float32)
+    for batch in (1, 2):
+        prep = prepare_linear(w)
+        out = np.empty((batch, 10), dtype=np.float32)
+        sparse_linear(prep, x[:batch], bv, out)
+        assert_close(out, x[:batch] @ w.T + bv)
+        assert np.array_equal(out[:, [0, 3, 9]], np.broadcast_to(bv[[0, 3, 9]], (batch, 3)))
