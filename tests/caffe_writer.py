@@ -9,6 +9,7 @@ num/channels/height/width 1-4). Sharing no code with the reader, it checks the r
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,8 +46,9 @@ def prototxt(layers: Sequence[Layer], input_shape: Sequence[int] | None = None, 
         lines.append(f'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ {dims} }} }} }}')
     for L in layers:
         io = " ".join([f'bottom: "{b}"' for b in L.bottom] + [f'top: "{t}"' for t in L.top])
-        if v1:
-            lines.append(f'layers {{ name: "{L.name}" type: {V1_ENUM[L.type][0]} {io} {L.params} }}')
+        if v1:  # V1 layers have no ParamSpec (they used blobs_lr), so drop param { ... } blocks
+            params = re.sub(r"\bparam \{[^}]*\}", "", L.params)
+            lines.append(f'layers {{ name: "{L.name}" type: {V1_ENUM[L.type][0]} {io} {params} }}')
         else:
             lines.append(f'layer {{ name: "{L.name}" type: "{L.type}" {io} {L.params} }}')
     return "\n".join(lines) + "\n"

@@ -158,10 +158,10 @@ def test_sparse_linear_matches_torch(batch, m, k, sparsity, rng):
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_sparse_linear_index_dtypes_and_nbytes(batch, rng):
-    small = _linear_case(rng, batch, 9, 32768, 0.99)
-    assert small.indices.dtype == np.int16
-    big = _linear_case(rng, batch, 3, 40000, 0.99)
-    assert big.indices.dtype == np.int32
+    small = _linear_case(rng, batch, 9, 65536, 0.99)
+    assert small.indices.dtype == np.uint16
+    big = _linear_case(rng, batch, 3, 65537, 0.99)
+    assert big.indices.dtype == np.uint32
     nnz = big.nnz
     assert big.nbytes == 4 * 4 + nnz * 4 + nnz * 4
 

@@ -10,12 +10,6 @@ from sparsecnn import SparseCNNError, models
 from sparsecnn.models import PROFILES, apply_profile, get_profile
 
 
-@pytest.fixture(scope="module")
-def alexnet_small() -> nn.Module:
-    # Same layer names and conv shapes as AlexNet; input 67 keeps fc6 small (256*1*1 inputs).
-    return models.build("alexnet", input_size=67)
-
-
 def test_published_values() -> None:
     assert PROFILES["deep-compression"] == {
         "conv1": 0.16, "conv2": 0.62, "conv3": 0.65, "conv4": 0.63, "conv5": 0.63,
@@ -25,7 +19,8 @@ def test_published_values() -> None:
 
 
 @pytest.mark.parametrize("spec", ["deep-compression", "ssl"])
-def test_apply_published(spec: str, alexnet_small: nn.Module) -> None:
+def test_apply_published(spec: str) -> None:
+    # Same layer names and conv shapes as AlexNet; input 67 keeps fc6 small (256*1*1 inputs).
     model = models.build("alexnet", input_size=67)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     achieved = apply_profile(model, spec)
@@ -74,7 +69,7 @@ def test_uniform_covers_every_conv_and_linear() -> None:
     assert all(abs(v - 0.8) < 1e-3 for v in achieved.values())
 
 
-def test_deterministic(alexnet_small: nn.Module) -> None:
+def test_deterministic() -> None:
     a = models.build("alexnet", input_size=67)
     b = models.build("alexnet", input_size=67)
     apply_profile(a, "deep-compression")

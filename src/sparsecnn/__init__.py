@@ -10,10 +10,14 @@ from sparsecnn.errors import SparseCNNError
 
 __version__ = "0.1.0"
 
-__all__ = ["SparseCNNError", "SparseConv2d", "SparseLinear", "__version__", "sparsify", "strategies"]
+__all__ = [
+    "SparseCNNError", "SparseConv2d", "SparseLinear", "__version__", "load", "save", "sparsify", "strategies",
+]
 
 # Public names served lazily from their modules (PEP 562), so that `import sparsecnn` stays cheap.
 _LAZY: dict[str, str] = {
+    "save": "sparsecnn.io",
+    "load": "sparsecnn.io",
     "SparseConv2d": "sparsecnn.layers",
     "SparseLinear": "sparsecnn.layers",
     "sparsify": "sparsecnn.layers",

@@ -356,7 +356,11 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
 def _example_input(model: nn.Module) -> torch.Tensor:
     from sparsecnn.models import input_shape
 
-    shape = input_shape(model)
+    try:
+        shape = input_shape(model)
+    except SparseCNNError as exc:
+        raise SparseCNNError(f"sparsify(..., 'auto') needs an example input: {exc}, or pass example_input=")\
+            from None
     return torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
 
 
@@ -425,7 +429,8 @@ def auto_plan(
             choices[name] = LayerChoice(min(est, key=est.__getitem__), "cost-model", est)
             continue
         key = cache_key(layer, xin, cands, str(dev))
-        hit = cache.get(key)
+        # a layer identical in key to one measured earlier in this call shares its decision
+        hit = new_entries.get(key) or cache.get(key)
         if isinstance(hit, dict) and hit.get("strategy") in cands:
             choices[name] = LayerChoice(hit["strategy"], "cache",
                                         {k: float(v) for k, v in hit.get("times_s", {}).items()})

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from sparsecnn.errors import SparseCNNError
+from sparsecnn.io import _sparse
 from sparsecnn.io._graph import (
     BatchNorm,
     Binary,
@@ -483,10 +484,8 @@ def _for_export(model: nn.Module) -> nn.Module:
             replacement = None
             if isinstance(child, nn.LocalResponseNorm) and child.size % 2 == 1:
                 replacement = _ExportLRN(child)
-            elif hasattr(child, "to_dense") and callable(child.to_dense) and not isinstance(child, torch.Tensor):
-                dense = child.to_dense()  # sparsecnn's SparseConv2d / SparseLinear
-                if isinstance(dense, nn.Module):
-                    replacement = dense
+            elif _sparse.is_sparse(child):
+                replacement = _sparse.dense_module(child)
             if replacement is not None:
                 setattr(parent, child_name, replacement)
     return model

@@ -1,0 +1,441 @@
+"""Tables and derived numbers from a results file: speedups, break-even points, the seed's claims.
+
+Everything here reads measurement records (the ``results.jsonl`` schema of
+:mod:`sparsecnn.bench.harness`, documented in ``docs/report.md``) and computes; nothing runs a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparsecnn.errors import SparseCNNError
+
+__all__ = [
+    "SEED",
+    "BreakEven",
+    "Results",
+    "Table",
+    "break_even",
+    "experiment_tables",
+    "load_results",
+    "sweep_curves",
+]
+
+# The seed study's numbers (Caffe with MKL / cuSPARSE on AlexNet), restated as measured here.
+SEED: dict[str, Any] = {
+    "conv_csrmm_speedup": 1.0,  # "no speedup on AlexNet conv layers from CSRMM"
+    "fc_speedup": 3.0,  # "about 3x on FC layers"
+    "csr_saving_ssl": {"conv1": 1.11, "conv2": 2.48, "conv3": 2.72, "conv4": 2.53, "conv5": 2.55},
+    "cpu_break_even": 0.97,  # "CSRMM beats GEMM only above ~97% random sparsity on CPU (never on GPU)"
+    "spxsp_speedup": 4.0,
+    "spxsp_memory": 4.2,
+    "relu_sparsity": {"conv2": 0.2357, "conv3": 0.565, "conv4": 0.647, "conv5": 0.685},
+}
+
+PEERS = ("torch-dense", "torch-csr", "scipy-csr", "onnxruntime")
+BASELINE = "torch-dense"
+
+
+@dataclass(frozen=True)
+class Table:
+    """A titled table of already formatted cells."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+@dataclass
+class Results:
+    """The records of one results file, grouped."""
+
+    env: dict[str, dict[str, Any]]  # env_id -> environment
+    measurements: list[dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def of(self, experiment: str, status: str | None = "ok") -> list[dict[str, Any]]:
+        return [r for r in self.measurements
+                if r["experiment"] == experiment and (status is None or r["status"] == status)]
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [r for r in self.measurements if r["status"] == "error"]
+
+    @property
+    def environment(self) -> dict[str, Any]:
+        """The environment of the latest measurement (or the latest header)."""
+        if self.measurements:
+            return self.env.get(self.measurements[-1]["env_id"], {})
+        return next(reversed(self.env.values()), {}) if self.env else {}
+
+
+def load_results(path: str | Path) -> Results:
+    """Read and validate ``results.jsonl`` (and ``config.json`` beside it, when present)."""
+    from sparsecnn.bench.harness import read_records, validate_record
+
+    p = Path(path)
+    records = read_records(p)
+    env: dict[str, dict[str, Any]] = {}
+    meas = []
+    for i, r in enumerate(records):
+        try:
+            validate_record(r)
+        except SparseCNNError as exc:
+            raise SparseCNNError(f"{p}: record {i + 1}: {exc}") from None
+        if r["type"] == "env":
+            env[r["env_id"]] = r["env"]
+        else:
+            meas.append(r)
+    cfg_path = p.parent / "config.json"
+    config = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    return Results(env, meas, config)
+
+
+# --------------------------------------------------------------------------------------------------
+# break-even
+
+
+@dataclass(frozen=True)
+class BreakEven:
+    """Where a strategy starts beating dense along a sparsity sweep.
+
+    ``status``: ``"crosses"`` (faster from ``sparsity`` on, interpolated), ``"always"`` (faster at every
+    measured sparsity; ``sparsity`` is the lowest measured), ``"never"`` (slower at the highest measured
+    one; ``sparsity`` is None) or ``"unknown"`` (no measurements).
+    """
+
+    status: str
+    sparsity: float | None
+
+    def describe(self) -> str:
+        if self.status == "crosses":
+            return f"{self.sparsity:.1%}"
+        if self.status == "always":
+            return f"always (≤ {self.sparsity:.1%})"
+        if self.status == "never":
+            return "never"
+        return "n/a"
+
+
+def break_even(sparsities: Sequence[float], speedups: Sequence[float | None]) -> BreakEven:
+    """The sparsity above which ``speedup >= 1`` holds for good, interpolated.
+
+    The crossing is taken after the *last* measured point that is slower than dense, so a noisy dip
+    at high sparsity moves the break-even up rather than hiding it. Between the two points around
+    the crossing the interpolation is linear in log(speedup) (a speedup that grows like
+    ``1 / (1 - s)`` is nearly straight in that scale).
+
+    Parameters
+    ----------
+    sparsities : sequence of float
+        Need not be sorted; entries whose speedup is None/NaN/<= 0 are ignored.
+    speedups : sequence of float or None
+        Dense time over the strategy's time at each sparsity.
+    """
+    pts = sorted((float(s), float(r)) for s, r in zip(sparsities, speedups, strict=True)
+                 if r is not None and math.isfinite(r) and r > 0)
+    if not pts:
+        return BreakEven("unknown", None)
+    slow = [i for i, (_, r) in enumerate(pts) if r < 1.0]
+    if not slow:
+        return BreakEven("always", pts[0][0])
+    j = slow[-1]
+    if j == len(pts) - 1:
+        return BreakEven("never", None)
+    (s0, r0), (s1, r1) = pts[j], pts[j + 1]
+    t = -math.log(r0) / (math.log(r1) - math.log(r0))
+    return BreakEven("crosses", s0 + t * (s1 - s0))
+
+
+# --------------------------------------------------------------------------------------------------
+# formatting helpers
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    if seconds >= 1:
+        return f"{seconds * 1e3:,.0f}"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f}"
+    return f"{seconds * 1e3:.3f}"
+
+
+def _x(ratio: float | None) -> str:
+    return "—" if ratio is None or not math.isfinite(ratio) else f"{ratio:.2f}×"
+
+
+def _pct(f: float | None) -> str:
+    return "—" if f is None else f"{f:.1%}"
+
+
+def _kib(n: float | None) -> str:
+    return "—" if n is None else f"{n / 1024:,.0f}"
+
+
+def _mib(n: float | None) -> str:
+    return "—" if n is None else f"{n / 2**20:,.1f}"
+
+
+def median(rec: Mapping[str, Any] | None) -> float | None:
+    if rec is None or rec["status"] != "ok" or not rec.get("timing"):
+        return None
+    return float(rec["timing"]["median_s"])
+
+
+def _time_cell(rec: Mapping[str, Any] | None, base: float | None) -> str:
+    """``time ms (speedup)``, or the error, for one measurement."""
+    if rec is None:
+        return "—"
+    if rec["status"] == "error":
+        return "error"
+    t = median(rec)
+    if t is None:
+        return "—"
+    iqr = rec["timing"]["iqr_s"]
+    cell = f"{_ms(t)} ±{_ms(iqr / 2)}"
+    return cell + (f" ({_x(base / t)})" if base else "")
+
+
+def _index(records: Iterable[Mapping[str, Any]], *keys: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+    return {tuple(r["params"].get(k) for k in keys): dict(r) for r in records}
+
+
+def _ordered(values: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def model_keys(records: Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    return _ordered((r["params"]["model"], r["params"]["profile"]) for r in records if "profile" in r["params"])
+
+
+def impls_of(records: Iterable[Mapping[str, Any]], exclude: Sequence[str] = ()) -> list[str]:
+    found = _ordered(r["params"]["impl"] for r in records if "impl" in r["params"])
+    strategies = [i for i in found if i not in PEERS and i not in ("bytes", "auto", "activation")]
+    peers = [p for p in PEERS if p in found]
+    rest = ["auto"] if "auto" in found else []
+    return [i for i in [BASELINE, *strategies, *peers[1:], *rest] if i in found and i not in exclude]
+
+
+# --------------------------------------------------------------------------------------------------
+# per-experiment tables
+
+
+def weight_tables(res: Results) -> list[Table]:
+    tables = []
+    for r in res.of("weight_sparsity"):
+        p = r["params"]
+        rows = [[x["layer"], x["kind"], "×".join(map(str, x["shape"])), f"{x['numel']:,}",
+                 _pct(x.get("target")), _pct(x["sparsity"]), _pct(x.get("filter_sparsity"))]
+                for x in r["metrics"]["layers"]]
+        tables.append(Table(f"{p['model']} / {p['profile']}",
+                            ["layer", "kind", "weight shape", "weights", "profile", "measured zeros",
+                             "all-zero filters"], rows))
+    return tables
+
+
+def layer_time_table(recs: list[dict[str, Any]], model: str, profile: str, title: str) -> Table:
+    """Per layer: median ms ± IQR/2 and speedup over torch dense for each implementation."""
+    mine = [r for r in recs if r["params"]["model"] == model and r["params"].get("profile") == profile
+            and r["params"]["impl"] != "bytes"]
+    idx = _index(mine, "layer", "impl")
+    impls = impls_of(mine)
+    layers = _ordered(r["params"]["layer"] for r in mine)
+    rows = []
+    for layer in layers:
+        base = median(idx.get((layer, BASELINE)))
+        row = [layer] + [_time_cell(idx.get((layer, i)), base if i != BASELINE else None) for i in impls]
+        auto = idx.get((layer, "auto"))
+        if auto is not None and auto["status"] == "ok":
+            row[-1] = f"{auto['metrics'].get('choice')}: {row[-1]}"
+        rows.append(row)
+    return Table(title, ["layer"] + [f"{i} ms" for i in impls], rows,
+                 "median ± half the interquartile range over repeats; (×) = speedup over torch-dense; "
+                 "'auto' is the planner's choice for the layer, timed as chosen.")
+
+
+def conversion_table(recs: list[dict[str, Any]], model: str, profile: str) -> Table:
+    mine = [r for r in recs if r["params"]["model"] == model and r["params"].get("profile") == profile
+            and r["status"] == "ok" and r["metrics"].get("kind") == "strategy"]
+    idx = _index(mine, "layer", "impl")
+    impls = _ordered(r["params"]["impl"] for r in mine)
+    layers = _ordered(r["params"]["layer"] for r in mine)
+    rows = [[layer] + [_ms(idx[(layer, i)]["metrics"].get("conversion_s")) if (layer, i) in idx else "—"
+                       for i in impls] for layer in layers]
+    return Table(f"{model} / {profile}: conversion time (not in the times above)", ["layer"] + [f"{i} ms" for i in impls],
+                 rows, "one-off cost of building each strategy's format from the dense weights.")
+
+
+def bytes_table(recs: list[dict[str, Any]], model: str, profile: str) -> Table:
+    mine = [r for r in recs if r["params"]["model"] == model and r["params"].get("profile") == profile
+            and r["params"]["impl"] == "bytes" and r["status"] == "ok"]
+    seed = SEED["csr_saving_ssl"] if profile == "ssl" else {}
+    rows = []
+    for r in mine:
+        b = r["metrics"]["bytes"]
+        layer = r["params"]["layer"]
+        rows.append([layer, _pct(r["metrics"]["sparsity"]), _kib(b["dense"]), _kib(b["csr"]), _kib(b["bsr"]),
+                     _kib(b["relative"]), _x(b["dense"] / max(b["csr"], 1)),
+                     _x(b["dense"] / max(b["relative"], 1)), _x(seed.get(layer))])
+    return Table(f"{model} / {profile}: weight storage", [
+        "layer", "sparsity", "dense KiB", "CSR KiB", "BSR 4×4 KiB", "relative-index KiB",
+        "saving dense/CSR", "saving dense/relative", "seed's CSR saving"], rows,
+        "CSR and BSR store indices at the narrowest integer width that fits (int16 here); relative "
+        "indices are Deep Compression's 4- or 8-bit gaps with filler zeros.")
+
+
+def sweep_curves(recs: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """impl -> [(sparsity, speedup over torch-dense)], sorted by sparsity; failed points left out."""
+    idx = _index(recs, "sparsity", "impl")
+    out: dict[str, list[tuple[float, float]]] = {}
+    for (s, impl), r in sorted(idx.items(), key=lambda kv: kv[0][0]):
+        base = median(idx.get((s, BASELINE)))
+        t = median(r)
+        if impl == BASELINE or base is None or t is None:
+            continue
+        out.setdefault(impl, []).append((s, base / t))
+    return out
+
+
+def sweep_tables(recs: list[dict[str, Any]]) -> list[Table]:
+    if not recs:
+        return []
+    idx = _index(recs, "sparsity", "impl")
+    impls = impls_of(recs)
+    sps = sorted(_ordered(r["params"]["sparsity"] for r in recs))
+    rows = []
+    for s in sps:
+        base = median(idx.get((s, BASELINE)))
+        rows.append([f"{s:.3f}"] + [_time_cell(idx.get((s, i)), base if i != BASELINE else None) for i in impls])
+    p = recs[0]["params"]
+    where = p.get("layer") or "×".join(map(str, p.get("shape", [])))
+    curves = sweep_curves(recs)
+    be_rows = []
+    for impl, pts in curves.items():
+        be = break_even([s for s, _ in pts], [r for _, r in pts])
+        best = max(pts, key=lambda q: q[1])
+        be_rows.append([impl, be.describe(), f"{best[1]:.2f}× at {best[0]:.3f}"])
+    return [
+        Table(f"{where}: median ms (speedup over torch-dense) by sparsity", ["sparsity"] + [f"{i} ms" for i in impls],
+              rows),
+        Table(f"{where}: break-even sparsity (faster than torch-dense from here on)",
+              ["implementation", "break-even", "best speedup"], be_rows,
+              "interpolated linearly in log(speedup) between the last slower point and the next one."),
+    ]
+
+
+def scaling_table(recs: list[dict[str, Any]]) -> Table:
+    idx = _index(recs, "m", "k", "impl")
+    sizes = _ordered((r["params"]["m"], r["params"]["k"]) for r in recs)
+    impls = _ordered(r["params"]["impl"] for r in recs)
+    rows = []
+    for m, k in sizes:
+        dense_t = median(idx.get((m, k, "dense")))
+        for impl in impls:
+            r = idx.get((m, k, impl))
+            if r is None:
+                continue
+            if r["status"] != "ok":
+                rows.append([f"{m}×{k}", impl, "error", "", "", "", "", r["error"][:80]])
+                continue
+            mt = r["metrics"]
+            t = median(r)
+            rows.append([f"{m}×{k}", impl, _ms(t), _mib(mt["peak_rss_bytes"]), _mib(mt["matrix_rss_bytes"]),
+                         _mib(mt["operand_bytes"]), _x(dense_t / t) if dense_t and t else "—", ""])
+    n = recs[0]["params"]["n"] if recs else 0
+    s = recs[0]["params"]["sparsity"] if recs else 0
+    return Table(f"weight matrices at sparsity {s:.0%}, times a dense {n}-column operand",
+                 ["matrix", "impl", "time ms", "peak RSS MiB", "RSS above baseline MiB", "weight bytes MiB",
+                  "dense/this time", "note"], rows,
+                 "peak RSS of a child process per measurement (os.wait4); the baseline is the child's "
+                 "high-water mark after imports and JIT warm-up, before the matrix was made.")
+
+
+def spxsp_tables(recs: list[dict[str, Any]]) -> list[Table]:
+    tables = []
+    for model, profile in model_keys(recs):
+        mine = [r for r in recs if r["params"]["model"] == model and r["params"]["profile"] == profile]
+        idx = _index(mine, "layer", "impl")
+        layers = _ordered(r["params"]["layer"] for r in mine)
+        impls = [i for i in ("torch-dense", "dense", "csrmm", "spgemm", "torch-spgemm")
+                 if any(r["params"]["impl"] == i for r in mine)]
+        rows = []
+        for layer in layers:
+            act = idx.get((layer, "activation"))
+            am = act["metrics"] if act and act["status"] == "ok" else {}
+            base = median(idx.get((layer, BASELINE)))
+            row = [layer, _pct(am.get("input_sparsity")), _pct(SEED["relu_sparsity"].get(layer)),
+                   _pct(am.get("lowered_sparsity"))]
+            row += [_time_cell(idx.get((layer, i)), base if i != BASELINE else None) for i in impls]
+            row += [_mib(idx[(layer, i)]["metrics"].get("operand_bytes"))
+                    if (layer, i) in idx and idx[(layer, i)]["status"] == "ok" else "—" for i in impls]
+            rows.append(row)
+        source = next((r["metrics"].get("input") for r in mine if r["params"]["impl"] == "activation"
+                       and r["status"] == "ok"), "?")
+        tables.append(Table(
+            f"{model} / {profile}: sparse weights × sparse (post-ReLU) lowered input, batch 1",
+            ["layer", "input zeros", "seed's ReLU zeros", "lowered zeros"] + [f"{i} ms" for i in impls]
+            + [f"{i} operands MiB" for i in impls], rows,
+            f"inputs: {source} images. Operand memory = weight + lowered input as each implementation stores "
+            "them (dense, or CSR); the dense output is the same for all and not counted."))
+    return tables
+
+
+def e2e_table(recs: list[dict[str, Any]]) -> Table:
+    idx = _index(recs, "model", "profile", "batch", "impl")
+    rows = []
+    for (model, profile, batch, impl), r in idx.items():
+        base = median(idx.get((model, profile, batch, BASELINE)))
+        t = median(r)
+        if r["status"] != "ok":
+            rows.append([f"{model} / {profile}", str(batch), impl, "error", "", "", r["error"][:80]])
+            continue
+        chosen = r["metrics"].get("strategies") or {}
+        counts = ", ".join(f"{k}×{v}" for k, v in sorted(_counts(chosen.values()).items()))
+        rows.append([f"{model} / {profile}", str(batch), impl, _ms(t), f"{batch / t:,.1f}" if t else "—",
+                     _x(base / t) if base and t else "—", counts])
+    return Table("whole model, dense vs sparsified", ["model", "batch", "impl", "ms per batch", "images/s",
+                                                      "speedup", "strategies chosen"], rows,
+                 "'sparsecnn' is sparsify(model, 'auto'): the planner's per-layer choice; planning time is not "
+                 "included.")
+
+
+def _counts(values: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def experiment_tables(res: Results, experiment: str) -> list[Table]:
+    """The tables of one experiment section."""
+    recs = res.of(experiment, status=None)
+    if experiment == "weight_sparsity":
+        return weight_tables(res)
+    if experiment in ("conv_layers", "fc_layers"):
+        out = []
+        for model, profile in model_keys(recs):
+            out.append(bytes_table(recs, model, profile))
+            out.append(layer_time_table(recs, model, profile, f"{model} / {profile}: time per layer, batch 1"))
+            out.append(conversion_table(recs, model, profile))
+        return out
+    if experiment == "sparsity_sweep":
+        return sweep_tables(recs)
+    if experiment == "memory_scaling":
+        return [scaling_table(recs)] if recs else []
+    if experiment == "sparse_x_sparse":
+        return spxsp_tables(recs)
+    if experiment == "end_to_end":
+        return [e2e_table(recs)] if recs else []
+    raise SparseCNNError(f"unknown experiment {experiment!r}")
+
+
+def geomean(values: Iterable[float]) -> float | None:
+    vals = [v for v in values if v and math.isfinite(v) and v > 0]
+    return math.exp(statistics.fmean(math.log(v) for v in vals)) if vals else None

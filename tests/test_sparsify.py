@@ -1,0 +1,240 @@
+"""Whole models through ``sparsify``: every strategy and "auto" match the dense model; fallbacks,
+NaN rejection, plans and the decision cache."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import sparsecnn
+from sparsecnn import SparseCNNError, SparseConv2d, SparseLinear, models
+from sparsecnn.plan import LayerChoice, Plan
+from tests.reference import assert_close
+
+# Whole models chain many layers; each layer's summation-order error (~1e-6 relative) compounds
+# through the network, so the end-to-end check allows 1e-3 relative to the largest logit.
+MODEL_RTOL = 1e-3
+
+
+def _model(name: str, profile: str, **build) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = models.build(name, **build).eval()
+    models.apply_profile(model, profile)
+    x = torch.randn(1, *models.input_shape(model), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+    return model, x, ref
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    return _model("lenet5", "uniform:0.9")
+
+
+@pytest.fixture(scope="module")
+def alexnet():
+    return _model("alexnet", "deep-compression")
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return _model("resnet18", "uniform:0.8", input_size=32)
+
+
+def _check(sparse: nn.Module, dense: nn.Module, x: torch.Tensor, ref: torch.Tensor, expect: str | None) -> None:
+    layers = [m for m in sparse.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+    n_dense = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in dense.modules())
+    assert len(layers) == n_dense  # every conv and linear was replaced
+    assert not any(isinstance(m, (nn.Conv2d, nn.Linear)) and not _inside_torch_layer(sparse, m)
+                   for m in sparse.modules())
+    if expect is not None:
+        conv_s = expect if expect in sparsecnn.strategies("conv") else "csrmm"
+        lin_s = expect if expect in sparsecnn.strategies("linear") else "spmm"
+        for m in layers:
+            assert m.strategy == (lin_s if isinstance(m, SparseLinear) else conv_s), m.name
+    with torch.no_grad():
+        assert_close(sparse(x), ref, rtol=MODEL_RTOL, what=f"{expect} model output")
+
+
+def _inside_torch_layer(model: nn.Module, module: nn.Module) -> bool:
+    """The dense module kept inside a SparseConv2d/SparseLinear running the torch strategy."""
+    return any(getattr(m, "conv", None) is module or getattr(m, "linear", None) is module
+               for m in model.modules() if isinstance(m, (SparseConv2d, SparseLinear)))
+
+
+ALL = tuple(dict.fromkeys(sparsecnn.strategies("conv") + sparsecnn.strategies("linear")))
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_lenet5_every_strategy(lenet, strategy: str) -> None:
+    model, x, ref = lenet
+    sparse = sparsecnn.sparsify(model, strategy)
+    _check(sparse, model, x, ref, strategy)
+    assert all(c.source == "given" for c in sparse.sparsecnn_plan.layers.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", sparsecnn.strategies("conv") + ("spmv",))
+def test_alexnet_deep_compression_every_strategy(alexnet, strategy: str) -> None:
+    model, x, ref = alexnet
+    _check(sparsecnn.sparsify(model, strategy), model, x, ref, strategy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", sparsecnn.strategies("conv"))
+def test_resnet18_uniform_every_strategy(resnet18, strategy: str) -> None:
+    model, x, ref = resnet18
+    _check(sparsecnn.sparsify(model, strategy), model, x, ref, strategy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["lenet", "alexnet", "resnet18"])
+def test_auto_matches_dense_and_second_call_hits_cache(fixture: str, request, tmp_path) -> None:
+    model, x, ref = request.getfixturevalue(fixture)
+    path = tmp_path / "plans.json"
+    first = sparsecnn.sparsify(model, "auto", plan_path=path)
+    _check(first, model, x, ref, None)
+    plan = first.sparsecnn_plan
+    # layers with the same cache key (shape, sparsity, input density) share one measurement
+    sources = [c.source for c in plan.layers.values()]
+    assert set(sources) <= {"measured", "cache"} and sources[0] == "measured"
+    for choice in plan.layers.values():
+        assert "torch" in choice.times_s  # torch is always a candidate...
+        assert choice.times_s[choice.strategy] == min(choice.times_s.values())  # ...and the fastest wins
+    assert len(json.loads(path.read_text())["entries"]) >= 1
+    second = sparsecnn.sparsify(model, "auto", plan_path=path)
+    # a cache hit does no timing: every layer's choice comes from the file
+    assert {c.source for c in second.sparsecnn_plan.layers.values()} == {"cache"}
+    assert dict(second.sparsecnn_plan) == dict(plan)
+    _check(second, model, x, ref, None)
+
+
+def test_auto_cache_key_changes_with_batch(lenet, tmp_path) -> None:
+    model, x, _ = lenet
+    path = tmp_path / "plans.json"
+    sparsecnn.sparsify(model, "auto", plan_path=path)
+    x3 = torch.randn(3, *x.shape[1:])
+    again = sparsecnn.sparsify(model, "auto", plan_path=path, example_input=x3)
+    assert {c.source for c in again.sparsecnn_plan.layers.values()} == {"measured"}
+    assert again.sparsecnn_plan["fc1"] in ("torch", "dense", "spmm")  # batch 3: spmm, not spmv
+    with torch.no_grad():
+        assert_close(again(x3), model(x3), rtol=MODEL_RTOL)
+
+
+def test_auto_default_cache_dir_from_env(lenet, tmp_path, monkeypatch) -> None:
+    model, _, _ = lenet
+    monkeypatch.setenv("SPARSECNN_CACHE_DIR", str(tmp_path / "cache"))
+    sparsecnn.sparsify(model, "auto")
+    assert (tmp_path / "cache" / "plans.json").exists()
+
+
+def test_auto_cost_model_does_no_timing(lenet, tmp_path) -> None:
+    model, x, ref = lenet
+    sparse = sparsecnn.sparsify(model, "auto", measure=False, plan_path=tmp_path / "p.json")
+    assert {c.source for c in sparse.sparsecnn_plan.layers.values()} == {"cost-model"}
+    assert not (tmp_path / "p.json").exists()
+    _check(sparse, model, x, ref, None)
+
+
+def test_plan_mapping_save_load(lenet, tmp_path) -> None:
+    model, x, ref = lenet
+    plan = Plan({"conv1": "direct", "conv2": "spgemm", "fc1": "spmv", "fc2": LayerChoice("dense", "given")})
+    sparse = sparsecnn.sparsify(model, plan)
+    assert dict(sparse.sparsecnn_plan) == {"conv1": "direct", "conv2": "spgemm", "fc1": "spmv", "fc2": "dense"}
+    _check(sparse, model, x, ref, None)
+    plan.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json") == plan
+    partial = sparsecnn.sparsify(model, {"conv2": "bsr"})  # unnamed layers stay torch
+    assert partial.sparsecnn_plan == {"conv2": "bsr"}
+    assert isinstance(partial.conv1, nn.Conv2d)
+    with pytest.raises(SparseCNNError, match="'conv9'"):
+        sparsecnn.sparsify(model, {"conv9": "csrmm"})
+    with pytest.raises(SparseCNNError, match="not a sparsecnn plan"):
+        (tmp_path / "bad.json").write_text("{}")
+        Plan.load(tmp_path / "bad.json")
+
+
+def test_sparsify_does_not_touch_the_model(lenet) -> None:
+    model, _, _ = lenet
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sparsecnn.sparsify(model, "csrmm")
+    assert isinstance(model.conv1, nn.Conv2d)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _odd_model() -> nn.Sequential:
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(3, 4, 3, padding=1),
+        refl=nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        up=nn.ConvTranspose2d(4, 2, 2, stride=2),
+        flat=nn.Flatten(),
+        fc=nn.Linear(2 * 12 * 12, 5),
+    )).eval()
+
+
+def test_fallback_warns_naming_layer_and_stays_correct(tmp_path) -> None:
+    model = _odd_model()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    for strategy in ("csrmm", "auto"):
+        with pytest.warns(UserWarning) as record:
+            sparse = sparsecnn.sparsify(model, strategy, example_input=x, plan_path=tmp_path / "p.json")
+        messages = " | ".join(str(w.message) for w in record)
+        assert "'refl'" in messages and "reflect" in messages
+        assert "'up'" in messages and "ConvTranspose2d" in messages
+        assert sparse.refl.strategy == "torch"
+        assert sparse.sparsecnn_plan.layers["refl"].strategy == "torch"
+        with torch.no_grad():
+            assert_close(sparse(x), ref)
+
+
+def test_nan_weights_rejected_naming_layer(lenet) -> None:
+    model, _, _ = lenet
+    bad = models.build("lenet5")
+    bad.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        bad.conv2.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(SparseCNNError, match="'conv2'.*NaN"):
+        sparsecnn.sparsify(bad, "csrmm")
+
+
+def test_sparsify_errors(lenet) -> None:
+    model, _, _ = lenet
+    with pytest.raises(SparseCNNError, match="unknown strategy 'fastest'"):
+        sparsecnn.sparsify(model, "fastest")
+    with pytest.raises(SparseCNNError, match="nn.Module"):
+        sparsecnn.sparsify("lenet5", "csrmm")
+    with pytest.raises(SparseCNNError, match="input shape"):
+        sparsecnn.sparsify(nn.Sequential(nn.Linear(3, 2)), "auto")
+
+
+def test_import_is_lazy() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, sparsecnn; assert 'sparsecnn.layers' not in sys.modules; "
+            "assert 'numba' not in sys.modules; sparsecnn.sparsify; assert 'sparsecnn.layers' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy", ALL)
+def test_cuda_lenet(lenet, strategy: str) -> None:
+    model, x, ref = lenet
+    with pytest.warns(UserWarning) if strategy == "direct" else _nothing():
+        sparse = sparsecnn.sparsify(model, strategy, device="cuda").cuda()
+    with torch.no_grad():
+        assert_close(sparse(x.cuda()).cpu(), ref, rtol=MODEL_RTOL)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
