@@ -18,9 +18,16 @@ import numpy as np
 
 # V1LayerParameter.LayerType values for the layer types the tests use.
 V1_ENUM = {
-    "Convolution": ("CONVOLUTION", 4), "InnerProduct": ("INNER_PRODUCT", 14), "ReLU": ("RELU", 18),
-    "Pooling": ("POOLING", 17), "LRN": ("LRN", 15), "Dropout": ("DROPOUT", 6), "Softmax": ("SOFTMAX", 20),
-    "Concat": ("CONCAT", 3), "Eltwise": ("ELTWISE", 25), "Flatten": ("FLATTEN", 8),
+    "Convolution": ("CONVOLUTION", 4),
+    "InnerProduct": ("INNER_PRODUCT", 14),
+    "ReLU": ("RELU", 18),
+    "Pooling": ("POOLING", 17),
+    "LRN": ("LRN", 15),
+    "Dropout": ("DROPOUT", 6),
+    "Softmax": ("SOFTMAX", 20),
+    "Concat": ("CONCAT", 3),
+    "Eltwise": ("ELTWISE", 25),
+    "Flatten": ("FLATTEN", 8),
 }
 
 
@@ -34,8 +41,13 @@ class Layer:
     blobs: list[np.ndarray] = field(default_factory=list)
 
 
-def prototxt(layers: Sequence[Layer], input_shape: Sequence[int] | None = None, v1: bool = False,
-             legacy_input: bool = False, name: str = "testnet") -> str:
+def prototxt(
+    layers: Sequence[Layer],
+    input_shape: Sequence[int] | None = None,
+    v1: bool = False,
+    legacy_input: bool = False,
+    name: str = "testnet",
+) -> str:
     """A deploy prototxt. ``input_shape`` (N, C, H, W) adds an Input layer (or legacy input fields)."""
     lines = [f'name: "{name}"']
     if input_shape is not None and (v1 or legacy_input):
@@ -43,7 +55,9 @@ def prototxt(layers: Sequence[Layer], input_shape: Sequence[int] | None = None, 
         lines += [f"input_dim: {d}" for d in input_shape]
     elif input_shape is not None:
         dims = " ".join(f"dim: {d}" for d in input_shape)
-        lines.append(f'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ {dims} }} }} }}')
+        lines.append(
+            f'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ {dims} }} }} }}'
+        )
     for L in layers:
         io = " ".join([f'bottom: "{b}"' for b in L.bottom] + [f'top: "{t}"' for t in L.top])
         if v1:  # V1 layers have no ParamSpec (they used blobs_lr), so drop param { ... } blocks
@@ -97,7 +111,9 @@ def blob(arr: np.ndarray, legacy: bool = False, double: bool = False) -> bytes:
     return head + _ld(5, arr.astype("<f4").tobytes())
 
 
-def caffemodel(layers: Sequence[Layer], v1: bool = False, legacy_blobs: bool = False, name: str = "testnet") -> bytes:
+def caffemodel(
+    layers: Sequence[Layer], v1: bool = False, legacy_blobs: bool = False, name: str = "testnet"
+) -> bytes:
     """A binary NetParameter holding each layer's name, type, bottoms, tops and blobs."""
     out = _string(1, name)
     for L in layers:
@@ -115,8 +131,14 @@ def caffemodel(layers: Sequence[Layer], v1: bool = False, legacy_blobs: bool = F
     return out
 
 
-def write(tmp_path, layers: Sequence[Layer], input_shape: Sequence[int], v1: bool = False,
-          legacy_blobs: bool = False, stem: str = "net") -> tuple[str, str]:
+def write(
+    tmp_path,
+    layers: Sequence[Layer],
+    input_shape: Sequence[int],
+    v1: bool = False,
+    legacy_blobs: bool = False,
+    stem: str = "net",
+) -> tuple[str, str]:
     """Write ``stem.prototxt`` and ``stem.caffemodel`` under ``tmp_path``; return both paths."""
     proto = tmp_path / f"{stem}.prototxt"
     model = tmp_path / f"{stem}.caffemodel"

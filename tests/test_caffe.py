@@ -32,29 +32,64 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def lenet_layers(rng) -> list[Layer]:
     return [
-        Layer("conv1", "Convolution", ["data"], ["conv1"],
-              "convolution_param { num_output: 20 kernel_size: 5 stride: 1 weight_filler { type: 'xavier' } }",
-              [_w(rng, 20, 1, 5, 5), _w(rng, 20)]),
-        Layer("pool1", "Pooling", ["conv1"], ["pool1"], "pooling_param { pool: MAX kernel_size: 2 stride: 2 }"),
-        Layer("conv2", "Convolution", ["pool1"], ["conv2"],
-              "param { lr_mult: 1 } param { lr_mult: 2 } convolution_param { num_output: 50 kernel_size: 5 }",
-              [_w(rng, 50, 20, 5, 5), _w(rng, 50)]),
-        Layer("pool2", "Pooling", ["conv2"], ["pool2"], "pooling_param { pool: MAX kernel_size: 2 stride: 2 }"),
-        Layer("ip1", "InnerProduct", ["pool2"], ["ip1"], "inner_product_param { num_output: 500 }",
-              [_w(rng, 500, 800, scale=0.03), _w(rng, 500)]),
+        Layer(
+            "conv1",
+            "Convolution",
+            ["data"],
+            ["conv1"],
+            "convolution_param { num_output: 20 kernel_size: 5 stride: 1 weight_filler { type: 'xavier' } }",
+            [_w(rng, 20, 1, 5, 5), _w(rng, 20)],
+        ),
+        Layer(
+            "pool1", "Pooling", ["conv1"], ["pool1"], "pooling_param { pool: MAX kernel_size: 2 stride: 2 }"
+        ),
+        Layer(
+            "conv2",
+            "Convolution",
+            ["pool1"],
+            ["conv2"],
+            "param { lr_mult: 1 } param { lr_mult: 2 } convolution_param { num_output: 50 kernel_size: 5 }",
+            [_w(rng, 50, 20, 5, 5), _w(rng, 50)],
+        ),
+        Layer(
+            "pool2", "Pooling", ["conv2"], ["pool2"], "pooling_param { pool: MAX kernel_size: 2 stride: 2 }"
+        ),
+        Layer(
+            "ip1",
+            "InnerProduct",
+            ["pool2"],
+            ["ip1"],
+            "inner_product_param { num_output: 500 }",
+            [_w(rng, 500, 800, scale=0.03), _w(rng, 500)],
+        ),
         Layer("relu1", "ReLU", ["ip1"], ["ip1"]),
-        Layer("ip2", "InnerProduct", ["ip1"], ["ip2"], "inner_product_param { num_output: 10 }",
-              [_w(rng, 10, 500), _w(rng, 10)]),
+        Layer(
+            "ip2",
+            "InnerProduct",
+            ["ip1"],
+            ["ip2"],
+            "inner_product_param { num_output: 10 }",
+            [_w(rng, 10, 500), _w(rng, 10)],
+        ),
         Layer("prob", "Softmax", ["ip2"], ["prob"]),
     ]
 
 
 def lenet_by_hand(layers: list[Layer]) -> nn.Module:
     b = {L.name: [torch.from_numpy(x) for x in L.blobs] for L in layers}
-    net = nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(1, 20, 5), pool1=nn.MaxPool2d(2, 2), conv2=nn.Conv2d(20, 50, 5), pool2=nn.MaxPool2d(2, 2),
-        flat=nn.Flatten(), ip1=nn.Linear(800, 500), relu1=nn.ReLU(), ip2=nn.Linear(500, 10), prob=nn.Softmax(1),
-    ))
+    net = nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(1, 20, 5),
+            pool1=nn.MaxPool2d(2, 2),
+            conv2=nn.Conv2d(20, 50, 5),
+            pool2=nn.MaxPool2d(2, 2),
+            flat=nn.Flatten(),
+            ip1=nn.Linear(800, 500),
+            relu1=nn.ReLU(),
+            ip2=nn.Linear(500, 10),
+            prob=nn.Softmax(1),
+        )
+    )
     with torch.no_grad():
         for name in ("conv1", "conv2", "ip1", "ip2"):
             getattr(net, name).weight.copy_(b[name][0])
@@ -69,7 +104,11 @@ def test_lenet_matches_torch_by_hand(tmp_path, rng, v1, legacy_blobs):
     model = load_caffe(proto, weights)
     assert model.input_shape == (1, 28, 28)
     assert [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))] == [
-        "conv1", "conv2", "ip1", "ip2"]
+        "conv1",
+        "conv2",
+        "ip1",
+        "ip2",
+    ]
     x = torch.from_numpy(rng.standard_normal((3, 1, 28, 28)).astype(np.float32))
     _close(model(x), lenet_by_hand(layers)(x))
 
@@ -99,27 +138,67 @@ def test_legacy_input_fields_and_double_blobs(tmp_path, rng):
 def alexnet_like_layers(rng) -> list[Layer]:
     lrn = "lrn_param { local_size: 5 alpha: 0.1 beta: 0.75 k: 2 }"
     return [
-        Layer("conv1", "Convolution", ["data"], ["conv1"], "convolution_param { num_output: 8 kernel_size: 5 stride: 2 }",
-              [_w(rng, 8, 3, 5, 5, scale=0.3), _w(rng, 8)]),
+        Layer(
+            "conv1",
+            "Convolution",
+            ["data"],
+            ["conv1"],
+            "convolution_param { num_output: 8 kernel_size: 5 stride: 2 }",
+            [_w(rng, 8, 3, 5, 5, scale=0.3), _w(rng, 8)],
+        ),
         Layer("relu1", "ReLU", ["conv1"], ["conv1"]),
         Layer("norm1", "LRN", ["conv1"], ["norm1"], lrn),
-        Layer("pool1", "Pooling", ["norm1"], ["pool1"], "pooling_param { pool: MAX kernel_size: 3 stride: 2 }"),
-        Layer("conv2", "Convolution", ["pool1"], ["conv2"],
-              "convolution_param { num_output: 16 pad: 2 kernel_size: 5 group: 2 }", [_w(rng, 16, 4, 5, 5), _w(rng, 16)]),
+        Layer(
+            "pool1", "Pooling", ["norm1"], ["pool1"], "pooling_param { pool: MAX kernel_size: 3 stride: 2 }"
+        ),
+        Layer(
+            "conv2",
+            "Convolution",
+            ["pool1"],
+            ["conv2"],
+            "convolution_param { num_output: 16 pad: 2 kernel_size: 5 group: 2 }",
+            [_w(rng, 16, 4, 5, 5), _w(rng, 16)],
+        ),
         Layer("relu2", "ReLU", ["conv2"], ["conv2"]),
         Layer("norm2", "LRN", ["conv2"], ["norm2"], lrn),
-        Layer("pool2", "Pooling", ["norm2"], ["pool2"], "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }"),
-        Layer("conv3", "Convolution", ["pool2"], ["conv3"],
-              "convolution_param { num_output: 12 pad_h: 1 pad_w: 0 kernel_h: 3 kernel_w: 1 group: 2 bias_term: false }",
-              [_w(rng, 12, 8, 3, 1)]),
+        Layer(
+            "pool2",
+            "Pooling",
+            ["norm2"],
+            ["pool2"],
+            "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }",
+        ),
+        Layer(
+            "conv3",
+            "Convolution",
+            ["pool2"],
+            ["conv3"],
+            "convolution_param { num_output: 12 pad_h: 1 pad_w: 0 kernel_h: 3 kernel_w: 1 group: 2 "
+            "bias_term: false }",
+            [_w(rng, 12, 8, 3, 1)],
+        ),
         Layer("relu3", "ReLU", ["conv3"], ["conv3"]),
-        Layer("pool5", "Pooling", ["conv3"], ["pool5"], "pooling_param { pool: MAX kernel_size: 3 stride: 2 }"),
-        Layer("fc6", "InnerProduct", ["pool5"], ["fc6"], "inner_product_param { num_output: 32 }",
-              [_w(rng, 32, 12 * 2 * 2), _w(rng, 32)]),
+        Layer(
+            "pool5", "Pooling", ["conv3"], ["pool5"], "pooling_param { pool: MAX kernel_size: 3 stride: 2 }"
+        ),
+        Layer(
+            "fc6",
+            "InnerProduct",
+            ["pool5"],
+            ["fc6"],
+            "inner_product_param { num_output: 32 }",
+            [_w(rng, 32, 12 * 2 * 2), _w(rng, 32)],
+        ),
         Layer("relu6", "ReLU", ["fc6"], ["fc6"]),
         Layer("drop6", "Dropout", ["fc6"], ["fc6"], "dropout_param { dropout_ratio: 0.5 }"),
-        Layer("fc7", "InnerProduct", ["fc6"], ["fc7"], "inner_product_param { num_output: 10 }",
-              [_w(rng, 10, 32), _w(rng, 10)]),
+        Layer(
+            "fc7",
+            "InnerProduct",
+            ["fc6"],
+            ["fc7"],
+            "inner_product_param { num_output: 10 }",
+            [_w(rng, 10, 32), _w(rng, 10)],
+        ),
         Layer("prob", "Softmax", ["fc7"], ["prob"]),
     ]
 
@@ -128,15 +207,26 @@ def alexnet_like_by_hand(layers: list[Layer]) -> nn.Module:
     # 35 -> conv1 16 -> pool1 ceil((16-3)/2)+1 = 8 (floor would give 7) -> conv2 8 -> pool2 (pad 1) 5
     # -> conv3 5 -> pool5 ceil((5-3)/2)+1 = 2
     b = {L.name: [torch.from_numpy(x) for x in L.blobs] for L in layers}
-    net = nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(3, 8, 5, stride=2), relu1=nn.ReLU(), norm1=nn.LocalResponseNorm(5, 0.1, 0.75, 2.0),
-        pool1=nn.MaxPool2d(3, 2, ceil_mode=True),
-        conv2=nn.Conv2d(8, 16, 5, padding=2, groups=2), relu2=nn.ReLU(), norm2=nn.LocalResponseNorm(5, 0.1, 0.75, 2.0),
-        pool2=nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=True),
-        conv3=nn.Conv2d(16, 12, (3, 1), padding=(1, 0), groups=2, bias=False), relu3=nn.ReLU(),
-        pool5=nn.MaxPool2d(3, 2, ceil_mode=True), flat=nn.Flatten(),
-        fc6=nn.Linear(48, 32), relu6=nn.ReLU(), fc7=nn.Linear(32, 10), prob=nn.Softmax(1),
-    ))
+    net = nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(3, 8, 5, stride=2),
+            relu1=nn.ReLU(),
+            norm1=nn.LocalResponseNorm(5, 0.1, 0.75, 2.0),
+            pool1=nn.MaxPool2d(3, 2, ceil_mode=True),
+            conv2=nn.Conv2d(8, 16, 5, padding=2, groups=2),
+            relu2=nn.ReLU(),
+            norm2=nn.LocalResponseNorm(5, 0.1, 0.75, 2.0),
+            pool2=nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=True),
+            conv3=nn.Conv2d(16, 12, (3, 1), padding=(1, 0), groups=2, bias=False),
+            relu3=nn.ReLU(),
+            pool5=nn.MaxPool2d(3, 2, ceil_mode=True),
+            flat=nn.Flatten(),
+            fc6=nn.Linear(48, 32),
+            relu6=nn.ReLU(),
+            fc7=nn.Linear(32, 10),
+            prob=nn.Softmax(1),
+        )
+    )
     with torch.no_grad():
         for name, blobs in b.items():
             for param, blob in zip(("weight", "bias"), blobs, strict=False):
@@ -182,11 +272,20 @@ def caffe_pool(x: np.ndarray, k: int, s: int, p: int, method: str) -> np.ndarray
 
 
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
-@pytest.mark.parametrize(("k", "s", "p"), [(2, 2, 0), (3, 2, 0), (3, 2, 1), (3, 3, 1), (2, 1, 1), (3, 1, 0), (4, 3, 2)])
+@pytest.mark.parametrize(
+    ("k", "s", "p"), [(2, 2, 0), (3, 2, 0), (3, 2, 1), (3, 3, 1), (2, 1, 1), (3, 1, 0), (4, 3, 2)]
+)
 @pytest.mark.parametrize("size", [5, 6, 7, 8])
 def test_pooling_matches_caffe_reference(tmp_path, rng, method, k, s, p, size):
-    layers = [Layer("pool", "Pooling", ["data"], ["pool"],
-                    f"pooling_param {{ pool: {method} kernel_size: {k} stride: {s} pad: {p} }}")]
+    layers = [
+        Layer(
+            "pool",
+            "Pooling",
+            ["data"],
+            ["pool"],
+            f"pooling_param {{ pool: {method} kernel_size: {k} stride: {s} pad: {p} }}",
+        )
+    ]
     (tmp_path / "p.prototxt").write_text(prototxt(layers, (1, 2, size, size)))
     model = load_caffe(tmp_path / "p.prototxt")
     x = rng.standard_normal((2, 2, size, size)).astype(np.float32)
@@ -202,7 +301,9 @@ def test_lrn_batchnorm_scale_eltwise_concat_flatten_against_formulas(tmp_path, r
         Layer("lrn", "LRN", ["data"], ["lrn"], "lrn_param { local_size: 3 alpha: 0.3 beta: 0.6 k: 1.5 }"),
         Layer("bn", "BatchNorm", ["data"], ["bn"], "batch_norm_param { eps: 0.001 }", [mean, var, factor]),
         Layer("scale", "Scale", ["bn"], ["bn"], "scale_param { bias_term: true }", [gamma, beta]),
-        Layer("sum", "Eltwise", ["lrn", "bn"], ["sum"], "eltwise_param { operation: SUM coeff: 2 coeff: -0.5 }"),
+        Layer(
+            "sum", "Eltwise", ["lrn", "bn"], ["sum"], "eltwise_param { operation: SUM coeff: 2 coeff: -0.5 }"
+        ),
         Layer("prod", "Eltwise", ["lrn", "bn"], ["prod"], "eltwise_param { operation: PROD }"),
         Layer("max", "Eltwise", ["lrn", "bn"], ["max"], "eltwise_param { operation: MAX }"),
         Layer("cat", "Concat", ["sum", "prod", "max"], ["cat"], "concat_param { axis: 1 }"),
@@ -214,7 +315,9 @@ def test_lrn_batchnorm_scale_eltwise_concat_flatten_against_formulas(tmp_path, r
     sq = np.pad(x**2, ((0, 0), (1, 1), (0, 0), (0, 0)))
     lrn = x / (1.5 + 0.3 / 3 * (sq[:, :-2] + sq[:, 1:-1] + sq[:, 2:])) ** 0.6  # caffe CrossChannelForward
     v = (1, c, 1, 1)
-    bn = (x - (mean / 2).reshape(v)) / np.sqrt((var / 2).reshape(v) + 1e-3) * gamma.reshape(v) + beta.reshape(v)
+    bn = (x - (mean / 2).reshape(v)) / np.sqrt((var / 2).reshape(v) + 1e-3) * gamma.reshape(v) + beta.reshape(
+        v
+    )
     ref = np.concatenate([2 * lrn - 0.5 * bn, lrn * bn, np.maximum(lrn, bn)], axis=1).reshape(2, -1)
     out = model(torch.from_numpy(x.astype(np.float32)))
     np.testing.assert_allclose(out.detach().numpy(), ref, rtol=1e-4, atol=1e-5)
@@ -223,8 +326,10 @@ def test_lrn_batchnorm_scale_eltwise_concat_flatten_against_formulas(tmp_path, r
 def test_train_only_layers_are_skipped_and_net_output_is_the_unconsumed_top(tmp_path, rng):
     layers = lenet_layers(rng)
     text = prototxt(layers, (1, 1, 28, 28))
-    text += ('layer { name: "acc" type: "Accuracy" bottom: "ip2" bottom: "label" top: "acc" '
-             'include { phase: TRAIN } }\n')
+    text += (
+        'layer { name: "acc" type: "Accuracy" bottom: "ip2" bottom: "label" top: "acc" '
+        "include { phase: TRAIN } }\n"
+    )
     (tmp_path / "n.prototxt").write_text(text)
     (tmp_path / "n.caffemodel").write_bytes(caffemodel(layers))
     model = load_caffe(tmp_path / "n.prototxt", tmp_path / "n.caffemodel")
@@ -239,7 +344,7 @@ def test_models_resolve_and_analyze_cli(tmp_path, rng, capsys):
     assert model.input_shape == (1, 28, 28) and isinstance(model.ip1, nn.Linear)
     assert main(["analyze", proto, "--weights", weights, "--batch", "2"]) == 0
     assert "conv2" in capsys.readouterr().out
-    with pytest.raises(SparseCNNError, match="pass the deploy .prototxt"):
+    with pytest.raises(SparseCNNError, match=r"pass the deploy \.prototxt"):
         resolve(weights)
 
 
@@ -259,7 +364,9 @@ def test_blob_shape_that_does_not_fit(tmp_path, rng):
     proto, _ = write(tmp_path, layers, (1, 1, 28, 28))
     layers[2].blobs[0] = _w(rng, 50, 20, 3, 3)
     (tmp_path / "bad.caffemodel").write_bytes(caffemodel(layers))
-    with pytest.raises(SparseCNNError, match=r"layer 'conv2'.*weight blob has shape \(50, 20, 3, 3\).*\(50, 20, 5, 5\)"):
+    with pytest.raises(
+        SparseCNNError, match=r"layer 'conv2'.*weight blob has shape \(50, 20, 3, 3\).*\(50, 20, 5, 5\)"
+    ):
         load_caffe(proto, tmp_path / "bad.caffemodel")
 
 
@@ -267,7 +374,7 @@ def test_missing_weights_for_a_layer(tmp_path, rng):
     layers = lenet_layers(rng)
     proto, _ = write(tmp_path, layers, (1, 1, 28, 28))
     (tmp_path / "part.caffemodel").write_bytes(caffemodel(layers[:4]))
-    with pytest.raises(SparseCNNError, match="layer 'ip1'.*no blobs"):
+    with pytest.raises(SparseCNNError, match=r"layer 'ip1'.*no blobs"):
         load_caffe(proto, tmp_path / "part.caffemodel")
 
 
@@ -286,16 +393,32 @@ def test_truncated_and_swapped_files(tmp_path, rng):
         load_caffe(tmp_path / "broken.prototxt")
 
 
-@pytest.mark.parametrize(("text", "match"), [
-    ('layer { name: "r" type: "ReLU" bottom: "nothere" top: "r" }', "bottom 'nothere' is not produced"),
-    ('layer { name: "p" type: "Pooling" bottom: "data" top: "p" pooling_param { kernel_size: 2 stride: 4 } }',
-     "stride .* larger than the kernel"),
-    ('layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 3 '
-     'kernel_size: 3 group: 2 } }', "divisible by group"),
-    ('layer { name: "n" type: "LRN" bottom: "data" top: "n" lrn_param { local_size: 4 } }', "must be odd"),
-    ('layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 4000000 '
-     'kernel_size: 1000 } }', "smaller than the"),
-])
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('layer { name: "r" type: "ReLU" bottom: "nothere" top: "r" }', "bottom 'nothere' is not produced"),
+        (
+            'layer { name: "p" type: "Pooling" bottom: "data" top: "p" '
+            "pooling_param { kernel_size: 2 stride: 4 } }",
+            "stride .* larger than the kernel",
+        ),
+        (
+            'layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 3 '
+            "kernel_size: 3 group: 2 } }",
+            "divisible by group",
+        ),
+        (
+            'layer { name: "n" type: "LRN" bottom: "data" top: "n" lrn_param { local_size: 4 } }',
+            "must be odd",
+        ),
+        (
+            'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+            "convolution_param { num_output: 4000000 "
+            "kernel_size: 1000 } }",
+            "smaller than the",
+        ),
+    ],
+)
 def test_bad_layer_configurations(tmp_path, text, match):
     (tmp_path / "n.prototxt").write_text(prototxt([], (1, 2, 8, 8)) + text + "\n")
     with pytest.raises(SparseCNNError, match=match):
@@ -327,8 +450,10 @@ def test_fuzzed_caffemodel_bytes(tmp_path_factory, data):
 
 
 @_FUZZ
-@given(cut=st.integers(0, 10**6), flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
-                                                  max_size=8))
+@given(
+    cut=st.integers(0, 10**6),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+)
 def test_mutated_caffemodel_into_loader(valid_lenet, tmp_path_factory, cut, flips):
     proto, weights = valid_lenet
     data = bytearray(open(weights, "rb").read())

@@ -48,7 +48,8 @@ class ConvCase:
     def __str__(self) -> str:
         return (f"c{self.cin}-{self.cout}k{self.k}s{self.stride}p{self.padding}d{self.dilation}"
                 f"g{self.groups}b{self.batch}hw{self.hw[0]}x{self.hw[1]}sp{self.sparsity}"
-                f"{'' if self.bias else '-nobias'}{f'-empty{self.empty_filters}' if self.empty_filters else ''}"
+                f"{'' if self.bias else '-nobias'}"
+                f"{f'-empty{self.empty_filters}' if self.empty_filters else ''}"
                 f"{'-relu' if self.relu_input else ''}")
 
 
@@ -85,7 +86,7 @@ def _make_conv(case: ConvCase, seed: int = 0) -> tuple[nn.Conv2d, torch.Tensor]:
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
         n = conv.weight.numel()
         flat = conv.weight.view(-1)
-        flat[torch.randperm(n, generator=gen)[: int(round(case.sparsity * n))]] = 0.0
+        flat[torch.randperm(n, generator=gen)[: round(case.sparsity * n)]] = 0.0
         conv.weight[: case.empty_filters] = 0.0
         if conv.bias is not None:
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen))
@@ -202,7 +203,7 @@ def _make_linear(case: LinearCase, seed: int = 0) -> tuple[nn.Linear, torch.Tens
     with torch.no_grad():
         lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen))
         n = lin.weight.numel()
-        lin.weight.view(-1)[torch.randperm(n, generator=gen)[: int(round(case.sparsity * n))]] = 0.0
+        lin.weight.view(-1)[torch.randperm(n, generator=gen)[: round(case.sparsity * n)]] = 0.0
         lin.weight[: case.empty_rows] = 0.0
         if lin.bias is not None:
             lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen))
@@ -311,7 +312,7 @@ def test_bad_strategy_and_inputs() -> None:
     with pytest.raises(SparseCNNError, match="unknown linear strategy 'csrmm'"):
         SparseLinear.from_dense(nn.Linear(3, 2), "csrmm")
     layer = SparseConv2d.from_dense(conv, "csrmm", name="c")
-    with pytest.raises(SparseCNNError, match="'c'.*float32"):
+    with pytest.raises(SparseCNNError, match=r"'c'.*float32"):
         layer(x.double())
     with pytest.raises(SparseCNNError, match=r"'c'.*\(B, 4, H, W\)"):
         layer(torch.randn(1, 5, 9, 9))

@@ -44,7 +44,8 @@ def resnet18():
     return _model("resnet18", "uniform:0.8", input_size=32)
 
 
-def _check(sparse: nn.Module, dense: nn.Module, x: torch.Tensor, ref: torch.Tensor, expect: str | None) -> None:
+def _check(sparse: nn.Module, dense: nn.Module, x: torch.Tensor, ref: torch.Tensor,
+           expect: str | None) -> None:
     layers = [m for m in sparse.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
     n_dense = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in dense.modules())
     assert len(layers) == n_dense  # every conv and linear was replaced
@@ -77,7 +78,7 @@ def test_lenet5_every_strategy(lenet, strategy: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", sparsecnn.strategies("conv") + ("spmv",))
+@pytest.mark.parametrize("strategy", (*sparsecnn.strategies("conv"), "spmv"))
 def test_alexnet_deep_compression_every_strategy(alexnet, strategy: str) -> None:
     model, x, ref = alexnet
     _check(sparsecnn.sparsify(model, strategy), model, x, ref, strategy)
@@ -143,7 +144,8 @@ def test_plan_mapping_save_load(lenet, tmp_path) -> None:
     model, x, ref = lenet
     plan = Plan({"conv1": "direct", "conv2": "spgemm", "fc1": "spmv", "fc2": LayerChoice("dense", "given")})
     sparse = sparsecnn.sparsify(model, plan)
-    assert dict(sparse.sparsecnn_plan) == {"conv1": "direct", "conv2": "spgemm", "fc1": "spmv", "fc2": "dense"}
+    assert dict(sparse.sparsecnn_plan) == {"conv1": "direct", "conv2": "spgemm", "fc1": "spmv",
+                                           "fc2": "dense"}
     _check(sparse, model, x, ref, None)
     plan.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json") == plan
@@ -198,7 +200,7 @@ def test_nan_weights_rejected_naming_layer(lenet) -> None:
     bad.load_state_dict(model.state_dict())
     with torch.no_grad():
         bad.conv2.weight[0, 0, 0, 0] = float("nan")
-    with pytest.raises(SparseCNNError, match="'conv2'.*NaN"):
+    with pytest.raises(SparseCNNError, match=r"'conv2'.*NaN"):
         sparsecnn.sparsify(bad, "csrmm")
 
 
@@ -206,7 +208,7 @@ def test_sparsify_errors(lenet) -> None:
     model, _, _ = lenet
     with pytest.raises(SparseCNNError, match="unknown strategy 'fastest'"):
         sparsecnn.sparsify(model, "fastest")
-    with pytest.raises(SparseCNNError, match="nn.Module"):
+    with pytest.raises(SparseCNNError, match=r"nn\.Module"):
         sparsecnn.sparsify("lenet5", "csrmm")
     with pytest.raises(SparseCNNError, match="input shape"):
         sparsecnn.sparsify(nn.Sequential(nn.Linear(3, 2)), "auto")

@@ -255,7 +255,8 @@ class _ConvEngine:
         ws["cols"] = cols
         ws["cols_t"] = torch.from_numpy(cols)
 
-    def _lower(self, x: torch.Tensor, x_np: np.ndarray, ws: dict[str, Any]) -> tuple[np.ndarray, torch.Tensor]:
+    def _lower(self, x: torch.Tensor, x_np: np.ndarray,
+               ws: dict[str, Any]) -> tuple[np.ndarray, torch.Tensor]:
         from sparsecnn.kernels.lowering import im2col
 
         if "cols" not in ws:  # pointwise: the input already is the lowered matrix
@@ -424,7 +425,12 @@ class _SpgemmConv(_ConvEngine):
         ws["data"] = np.empty(1024, np.float32)
 
     def compute(self, x, x_np, out, out_np, ws):
-        from sparsecnn.kernels.spgemm import csr_spgemm_conv, exclusive_scan, im2col_csr_count, im2col_csr_fill
+        from sparsecnn.kernels.spgemm import (
+            csr_spgemm_conv,
+            exclusive_scan,
+            im2col_csr_count,
+            im2col_csr_fill,
+        )
 
         s = self.spec
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel_size, s.stride, s.padding, s.dilation
@@ -440,7 +446,8 @@ class _SpgemmConv(_ConvEngine):
         if nnz:
             im2col_csr_fill(x_np, *geom, ws["indptr"], ws["indices"], ws["data"])
         f = self.format
-        csr_spgemm_conv(f.indptr, f.indices, f.data, ws["indptr"], ws["indices"], ws["data"], s.groups, s.k, self.bias,
+        csr_spgemm_conv(f.indptr, f.indices, f.data, ws["indptr"], ws["indices"], ws["data"], s.groups, s.k,
+                        self.bias,
                         out_np.reshape(out_np.shape[0], out_np.shape[1], -1))
 
 
@@ -549,7 +556,8 @@ class SparseConv2d(nn.Module):
         return int(self.engine.nbytes)
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, strategy: str, *, name: str = "", blocksize: tuple[int, int] = (4, 4),
+    def from_dense(cls, conv: nn.Conv2d, strategy: str, *, name: str = "",
+                   blocksize: tuple[int, int] = (4, 4),
                    device: str | torch.device = "cpu") -> SparseConv2d:
         """Convert a dense Conv2d to run with ``strategy``.
 
@@ -576,7 +584,8 @@ class SparseConv2d(nn.Module):
             When the layer cannot run ``strategy`` and falls back to ``torch``.
         """
         if strategy not in _CONV_STRATEGIES:
-            raise SparseCNNError(f"unknown conv strategy {strategy!r}; choose one of {', '.join(_CONV_STRATEGIES)}")
+            raise SparseCNNError(
+                f"unknown conv strategy {strategy!r}; choose one of {', '.join(_CONV_STRATEGIES)}")
         dev = _check_device(device)
         label = _label(name, conv)
         t0 = time.perf_counter()
@@ -612,13 +621,15 @@ class SparseConv2d(nn.Module):
             x = x.unsqueeze(0)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise SparseCNNError(
-                f"{_label(self.name, self)}: expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+                f"{_label(self.name, self)}: expected input (B, {self.in_channels}, H, W), "
+                f"got {tuple(x.shape)}")
         if x.dtype != torch.float32:
             raise SparseCNNError(
                 f"{_label(self.name, self)}: runs float32, got {x.dtype} input; call model.float()")
         if x.device.type != self.device.type:
             raise SparseCNNError(
-                f"{_label(self.name, self)}: was converted for {self.device.type}, got an input on {x.device}")
+                f"{_label(self.name, self)}: was converted for {self.device.type}, "
+                f"got an input on {x.device}")
         h, w = x.shape[2:]
         hout, wout = self.spec.out_hw(h, w)
         if hout < 1 or wout < 1:
@@ -753,7 +764,8 @@ class SparseLinear(nn.Module):
                 f"{_label(self.name, self)}: runs float32, got {x.dtype} input; call model.float()")
         if x.device.type != self.device.type:
             raise SparseCNNError(
-                f"{_label(self.name, self)}: was converted for {self.device.type}, got an input on {x.device}")
+                f"{_label(self.name, self)}: was converted for {self.device.type}, "
+                f"got an input on {x.device}")
         lead = x.shape[:-1]
         with torch.no_grad():
             y = self.engine.run(x.reshape(-1, self.in_features))
@@ -787,8 +799,9 @@ class _CudaConv:
             eng = _LoweredConv(spec, weight, bias)
             self.lowered = eng.format
             self.mats = [torch.from_numpy(eng.format.data).to(device)]
-            self.col_index = torch.from_numpy(eng.format.col_index).to(device)
-            self.row_map = torch.from_numpy(eng.format.row_map).to(device)
+            # torch indexes with int64; the format stores the smallest width
+            self.col_index = torch.from_numpy(eng.format.col_index.astype(np.int64)).to(device)
+            self.row_map = torch.from_numpy(eng.format.row_map.astype(np.int64)).to(device)
         elif strategy in ("csrmm", "spgemm"):
             self.mats = [lowered[i].to(device).to_sparse_csr() for i in range(g)]
         elif strategy == "bsr":
@@ -846,7 +859,8 @@ class _CudaConv:
 class _CudaLinear:
     """Linear strategies on CUDA: cuBLAS GEMM (dense) or cuSPARSE CSR x dense (spmv, spmm)."""
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, strategy: str, device: torch.device) -> None:
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, strategy: str,
+                 device: torch.device) -> None:
         w = torch.from_numpy(weight).to(device)
         self.weight = w if strategy == "dense" else w.to_sparse_csr()
         self.strategy = strategy
@@ -862,10 +876,7 @@ class _CudaLinear:
 def _torch_nbytes(t: torch.Tensor) -> int:
     if t.layout == torch.strided:
         return t.numel() * t.element_size()
-    if t.layout == torch.sparse_csr:
-        parts = (t.crow_indices(), t.col_indices(), t.values())
-    else:  # sparse_bsr
-        parts = (t.crow_indices(), t.col_indices(), t.values())
+    parts = (t.crow_indices(), t.col_indices(), t.values())  # sparse_csr and sparse_bsr alike
     return int(sum(p.numel() * p.element_size() for p in parts))
 
 # --------------------------------------------------------------------------------------------------
@@ -892,7 +903,8 @@ def _targets(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             out[name] = m
         elif isinstance(m, nn.modules.conv._ConvNd):
-            warnings.warn(f"layer {name!r}: {type(m).__name__} has no sparse kernel; kept as torch", stacklevel=3)
+            warnings.warn(f"layer {name!r}: {type(m).__name__} has no sparse kernel; kept as torch",
+                          stacklevel=3)
     return out
 
 
@@ -964,7 +976,8 @@ def sparsify(
         unknown = [n for n in strategy if n not in targets]
         if unknown:
             raise SparseCNNError(
-                f"the plan names layer(s) {', '.join(map(repr, unknown))} that the model lacks (its conv/linear "
+                f"the plan names layer(s) {', '.join(map(repr, unknown))} that the model lacks "
+                f"(its conv/linear "
                 f"layers: {', '.join(targets) or 'none'})")
         layers = strategy.layers if isinstance(strategy, Plan) else {
             n: LayerChoice(s, "given") for n, s in strategy.items()}
@@ -977,6 +990,7 @@ def sparsify(
         if layer is None:
             layer = _convert(targets[name], choice.strategy, name, device, blocksize)
         _set_submodule(copy_, name, layer)
-        applied[name] = choice if layer.strategy == choice.strategy else LayerChoice(layer.strategy, "fallback")
+        same = layer.strategy == choice.strategy
+        applied[name] = choice if same else LayerChoice(layer.strategy, "fallback")
     copy_.sparsecnn_plan = Plan(applied)
     return copy_

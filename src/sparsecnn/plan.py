@@ -106,8 +106,8 @@ class Plan(Mapping[str, str]):
         except FileNotFoundError:
             raise SparseCNNError(f"plan file {path} does not exist") from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise SparseCNNError(f"plan file {path} is not a sparsecnn plan ({exc}); write it with Plan.save")\
-                from None
+            raise SparseCNNError(
+                f"plan file {path} is not a sparsecnn plan ({exc}); write it with Plan.save") from None
         return cls(layers)
 
 
@@ -418,8 +418,11 @@ def auto_plan(
         if xin is None:
             choices[name] = LayerChoice("torch", "not-run")
             continue
-        if not isinstance(layer, nn.Linear) and _conv_unsupported(layer) is not None:
-            choices[name] = LayerChoice("torch", "given")  # sparsify's conversion warns with the reason
+        reason = None if isinstance(layer, nn.Linear) else _conv_unsupported(layer)
+        if reason is not None:
+            warnings.warn(f"layer {name!r}: no sparse strategy can run it ({reason}); falling back to torch",
+                          stacklevel=3)
+            choices[name] = LayerChoice("torch", "fallback")
             continue
         cands = _candidates(layer, xin.shape[0] if xin.dim() > 1 else 1)
         if not measure:

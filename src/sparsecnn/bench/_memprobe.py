@@ -59,9 +59,9 @@ def build_csr(m: int, k: int, sparsity: float, seed: int) -> Any:
         n = len(rows)
         if nnz + n > cap:
             raise SparseCNNError("random matrix drew far more nonzeros than expected; use another seed")
-        data[nnz:nnz + n] = a[rows, cols]
-        indices[nnz:nnz + n] = cols
-        indptr[r0 + 1:r1 + 1] = nnz + np.cumsum(np.bincount(rows, minlength=r1 - r0))
+        data[nnz : nnz + n] = a[rows, cols]
+        indices[nnz : nnz + n] = cols
+        indptr[r0 + 1 : r1 + 1] = nnz + np.cumsum(np.bincount(rows, minlength=r1 - r0))
         nnz += n
     ptr_dt = pointer_dtype(nnz)
     return CSRMatrix(indptr.astype(ptr_dt), indices[:nnz], data[:nnz], (m, k))
@@ -124,27 +124,38 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         operand = a_csr.nbytes
         if impl == "csr":
             if cuda:
-                raise SparseCNNError("impl 'csr' (the numba kernel) runs on the CPU only; use torch-csr on cuda")
+                raise SparseCNNError(
+                    "impl 'csr' (the numba kernel) runs on the CPU only; use torch-csr on cuda"
+                )
             out = np.empty((m, n), np.float32)
 
             def fn() -> Any:
                 return ops.csr_matmul(a_csr, b, out)
         else:
             at = torch.sparse_csr_tensor(
-                torch.from_numpy(a_csr.indptr.astype(np.int64)), torch.from_numpy(a_csr.indices.astype(np.int64)),
-                torch.from_numpy(a_csr.data), size=(m, k), device=device,
+                torch.from_numpy(a_csr.indptr.astype(np.int64)),
+                torch.from_numpy(a_csr.indices.astype(np.int64)),
+                torch.from_numpy(a_csr.data),
+                size=(m, k),
+                device=device,
             )
             operand = at.values().numel() * 4 + (at.col_indices().numel() + at.crow_indices().numel()) * 8
             bt = torch.from_numpy(b).to(device)
 
             def fn() -> Any:
                 return at @ bt
+
         y = fn()
         y_np = y.cpu().numpy() if hasattr(y, "cpu") else y
         err = _check_rows(a_csr, b, y_np, seed)
     sync = torch.cuda.synchronize if cuda else None
-    timing = time_call(fn, repeats=int(spec.get("repeats", 5)), warmup=1,
-                       max_total_s=float(spec.get("max_total_s", 20.0)), sync=sync)
+    timing = time_call(
+        fn,
+        repeats=int(spec.get("repeats", 5)),
+        warmup=1,
+        max_total_s=float(spec.get("max_total_s", 20.0)),
+        sync=sync,
+    )
     result = {
         "baseline_rss_bytes": baseline,
         "peak_rss_self_bytes": _maxrss_bytes(),

@@ -68,6 +68,10 @@ EXPERIMENTS: tuple[tuple[str, str], ...] = (
 
 # Peers that are timed per layer (onnxruntime is added when installed and on the CPU).
 LAYER_PEERS = ("torch-dense", "torch-csr", "scipy-csr", "onnxruntime")
+# LeNet-5 on digits is pruned to this fraction of its weights (Han et al. report 92% for LeNet-5).
+LENET_TARGET = 0.92
+# Experiment 6: torch dense conv, the engine's GEMM, CSRMM and sparse x sparse, torch CSR x CSR (MKL).
+SPXSP_IMPLS = ("torch-dense", "dense", "csrmm", "spgemm", "torch-spgemm")
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,7 @@ class ReportConfig:
     max_task_s: float = 8.0  # stop sampling a measurement after this long (at least 3 samples)
     alexnet_input: int = 227  # AlexNet input size; tiny uses 67 to keep the layers' structure
     profiles: tuple[str, ...] = ("deep-compression", "ssl")
-    sweep_sparsities: tuple[float, ...] = (
-        0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
+    sweep_sparsities: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
     scaling_sizes: tuple[tuple[int, int], ...] = ((256, 1200), (2560, 4800), (25600, 24000))
     scaling_skipped: tuple[tuple[int, int], ...] = ()  # sizes left out by this preset (the report says so)
     scaling_n: int = 64  # columns of the dense operand in the scaling products
@@ -101,17 +104,28 @@ class ReportConfig:
             cfg = cls()
         elif size == "quick":
             cfg = cls(
-                size="quick", repeats=5, max_task_s=2.0,
+                size="quick",
+                repeats=5,
+                max_task_s=2.0,
                 sweep_sparsities=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.995),
-                scaling_sizes=((256, 1200), (2560, 4800)), scaling_skipped=((25600, 24000),),
+                scaling_sizes=((256, 1200), (2560, 4800)),
+                scaling_skipped=((25600, 24000),),
                 scaling_impls=("dense", "csr"),
             )
         elif size == "tiny":
             cfg = cls(
-                size="tiny", repeats=3, max_task_s=0.5, alexnet_input=67,
+                size="tiny",
+                repeats=3,
+                max_task_s=0.3,
+                profiles=("deep-compression",),
+                alexnet_input=67,
                 sweep_sparsities=(0.5, 0.9, 0.99),
-                scaling_sizes=((256, 1200),), scaling_skipped=((2560, 4800), (25600, 24000)),
-                scaling_impls=("dense", "csr"), e2e_batches=(1, 4), plan_measure=False, onnx=False,
+                scaling_sizes=((256, 1200),),
+                scaling_skipped=((2560, 4800), (25600, 24000)),
+                scaling_impls=("dense", "csr"),
+                e2e_batches=(1, 4),
+                plan_measure=False,
+                onnx=False,
             )
         else:
             raise SparseCNNError(f"unknown report size {size!r}; use full, quick or tiny")
@@ -122,12 +136,16 @@ class ReportConfig:
 # lazily built shared state
 
 
-def _digits_or_random(shape: tuple[int, int, int], batch: int, cfg: ReportConfig) -> tuple[torch.Tensor, str]:
+def _digits_or_random(
+    shape: tuple[int, int, int], batch: int, cfg: ReportConfig, standardise: bool = True
+) -> tuple[torch.Tensor, str]:
     from sparsecnn.analysis._inputs import load_input
 
     if cfg.input == "digits":
         try:
             x = load_input("digits", shape, batch=batch)
+            if not standardise:
+                return x.contiguous(), "digits"
             # Normalise to zero mean, unit variance per image, as a trained network's inputs are.
             x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) / x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
             return x.contiguous(), "digits"
@@ -158,7 +176,9 @@ class _Context:
         from sparsecnn.models import apply_profile, build
 
         if name == "lenet5" and profile == "digits-pruned":
-            return _trained_lenet(self.cfg).eval()
+            model, meta = _trained_lenet(self.cfg, self.out_dir)
+            self._cache[("train-meta", name, profile)] = meta
+            return model
         kwargs = {"input_size": self.cfg.alexnet_input} if name == "alexnet" else {}
         model = build(name, seed=self.cfg.seed, **kwargs)
         apply_profile(model, profile)
@@ -168,24 +188,38 @@ class _Context:
         from sparsecnn.models import input_shape
 
         model = self.model(name, profile)
-        return self._memo(("input", name, batch), lambda: _digits_or_random(input_shape(model), batch, self.cfg))
+        # A trained model sees inputs as it was trained (digits in [0, 1]); a seeded-random one gets
+        # them standardised, as a network's first layer usually does.
+        trained = profile == "digits-pruned"
+        return self._memo(
+            ("input", name, batch), lambda: _digits_or_random(input_shape(model), batch, self.cfg, not trained)
+        )
 
     def layer_io(self, name: str, profile: str, batch: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each conv/linear layer's (input, dense output) on the model's real input batch."""
-        return self._memo(("io", name, profile, batch), lambda: _capture_io(
-            self.model(name, profile), self.input(name, profile, batch)[0]))
+        return self._memo(
+            ("io", name, profile, batch),
+            lambda: _capture_io(self.model(name, profile), self.input(name, profile, batch)[0]),
+        )
 
     def sparse_model(self, name: str, profile: str, batch: int) -> tuple[nn.Module, float]:
         """``sparsify(model, "auto")`` planned on this batch, and the seconds it took."""
+
         def make() -> tuple[nn.Module, float]:
             from sparsecnn.layers import sparsify
 
             plan_path = self.out_dir / "plans.json" if self.out_dir else None
             t0 = time.perf_counter()
-            sm = sparsify(self.model(name, profile), "auto", measure=self.cfg.plan_measure,
-                          example_input=self.input(name, profile, batch)[0], plan_path=plan_path,
-                          device=self.cfg.device)
+            sm = sparsify(
+                self.model(name, profile),
+                "auto",
+                measure=self.cfg.plan_measure,
+                example_input=self.input(name, profile, batch)[0],
+                plan_path=plan_path,
+                device=self.cfg.device,
+            )
             return sm, time.perf_counter() - t0
+
         return self._memo(("sparse", name, profile, batch), make)
 
 
@@ -199,7 +233,8 @@ def _capture_io(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tens
 
     handles = [
         m.register_forward_hook(lambda _m, args, out, n=n: hook(n, args, out))
-        for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
     try:
         model(x)
@@ -209,23 +244,47 @@ def _capture_io(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tens
     return seen
 
 
-def _trained_lenet(cfg: ReportConfig) -> nn.Module:
-    """LeNet-5 trained and pruned on digits through the pruning engineer's public API."""
-    import sparsecnn.prune as prune
+def _trained_lenet(cfg: ReportConfig, out_dir: Path | None) -> tuple[nn.Module, dict[str, Any]]:
+    """LeNet-5 trained on scikit-learn's digits, then magnitude-pruned and retrained, through the
+    public API of :mod:`sparsecnn.train` and :mod:`sparsecnn.prune`; cached in ``out_dir`` so that a
+    resumed report does not train again."""
+    from sparsecnn import data, models, train
+    from sparsecnn.prune import PruneConfig, prune_model
 
-    if not hasattr(prune, "train_and_prune_digits"):
-        raise SparseCNNError("sparsecnn.prune has no digits training entry point yet")
-    return prune.train_and_prune_digits(seed=cfg.seed)
+    splits = data.load("digits")
+    info = splits.info
+    model = models.build("lenet5", num_classes=info.num_classes, in_channels=info.in_channels,
+                         input_size=info.input_size, seed=cfg.seed)
+    cache = out_dir / "lenet5-digits-pruned.pt" if out_dir else None
+    meta_path = cache.with_suffix(".json") if cache else None
+    if cache is not None and cache.exists() and meta_path is not None and meta_path.exists():
+        model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
+        return model.eval(), json.loads(meta_path.read_text(encoding="utf-8"))
+    epochs = {"full": 20, "quick": 8, "tiny": 2}[cfg.size]
+    tc = train.TrainConfig(epochs=epochs, progress=False, device="cpu", seed=cfg.seed)
+    pc = PruneConfig(target=LENET_TARGET, retrain=replace(tc, epochs=max(1, epochs // 2), lr=0.01))
+    with torch.enable_grad():  # the report runs under no_grad
+        dense = train.fit(model, splits.train, splits.test, tc)
+        model, result = prune_model(model, splits.train, splits.test, pc)
+    meta = {"dense_accuracy": dense.test_accuracy, "pruned_accuracy": result.accuracy_after_retraining,
+            "target": LENET_TARGET, "method": "magnitude, iterative, retrained", "epochs": epochs}
+    if cache is not None and meta_path is not None:
+        torch.save(model.state_dict(), cache)
+        meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    return model.eval(), meta
 
 
 def lenet_available(cfg: ReportConfig) -> bool:
+    """LeNet-5 on digits needs the pruning stage and scikit-learn (for the data)."""
     if not cfg.lenet:
         return False
     try:
-        import sparsecnn.prune as prune
+        import sklearn  # noqa: F401
+
+        from sparsecnn.prune import PruneConfig, prune_model  # noqa: F401
     except ImportError:
         return False
-    return hasattr(prune, "train_and_prune_digits")
+    return True
 
 
 def _models(cfg: ReportConfig) -> list[tuple[str, str]]:
@@ -239,8 +298,13 @@ def _models(cfg: ReportConfig) -> list[tuple[str, str]]:
 # measurement helpers
 
 
-def _timed(fn: Callable[[], Any], ref: Any, cfg: ReportConfig, rtol: float = 1e-4,
-           metrics: dict[str, Any] | None = None) -> Outcome:
+def _timed(
+    fn: Callable[[], Any],
+    ref: Any,
+    cfg: ReportConfig,
+    rtol: float = 1e-4,
+    metrics: dict[str, Any] | None = None,
+) -> Outcome:
     """Warm up and verify against ``ref`` (raising before any timing on a mismatch), then time."""
     err = check_close(fn(), ref, rtol=rtol)  # the first call also compiles (JIT warm-up)
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else None
@@ -270,21 +334,44 @@ def _engine_layer(module: nn.Module, strategy: str, name: str, device: str) -> n
             raise SparseCNNError(f"{name}: {strategy} cannot run this layer ({w})") from None
 
 
-def _strategy_task(experiment: str, params: dict[str, Any], module: Callable[[], nn.Module], name: str,
-                   strategy: str, io: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-                   cfg: ReportConfig, label: str) -> Task:
+def _strategy_task(
+    experiment: str,
+    params: dict[str, Any],
+    module: Callable[[], nn.Module],
+    name: str,
+    strategy: str,
+    io: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    cfg: ReportConfig,
+    label: str,
+) -> Task:
     def run() -> Outcome:
         x, ref = io()
         layer = _engine_layer(module(), strategy, name, cfg.device)
         xd = x.to(cfg.device)
-        return _timed(lambda: layer(xd), ref, cfg, metrics={
-            "kind": "strategy", "conversion_s": layer.conversion_seconds,
-            "weight_nbytes": int(layer.weight_nbytes), "ran": layer.strategy})
+        return _timed(
+            lambda: layer(xd),
+            ref,
+            cfg,
+            metrics={
+                "kind": "strategy",
+                "conversion_s": layer.conversion_seconds,
+                "weight_nbytes": int(layer.weight_nbytes),
+                "ran": layer.strategy,
+            },
+        )
+
     return Task(experiment, {**params, "impl": strategy}, run, label)
 
 
-def _peer_task(experiment: str, params: dict[str, Any], module: Callable[[], nn.Module], peer: str,
-               io: Callable[[], tuple[torch.Tensor, torch.Tensor]], cfg: ReportConfig, label: str) -> Task:
+def _peer_task(
+    experiment: str,
+    params: dict[str, Any],
+    module: Callable[[], nn.Module],
+    peer: str,
+    io: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    cfg: ReportConfig,
+    label: str,
+) -> Task:
     def run() -> Outcome:
         from sparsecnn.bench.peers import conv_peers, linear_peers
 
@@ -297,6 +384,7 @@ def _peer_task(experiment: str, params: dict[str, Any], module: Callable[[], nn.
         if peer not in peers:
             raise SparseCNNError(f"peer {peer} is not available here (device {cfg.device})")
         return _timed(peers[peer], ref, cfg, metrics={"kind": "peer", "conversion_s": conversion})
+
     return Task(experiment, {**params, "impl": peer}, run, label)
 
 
@@ -327,14 +415,30 @@ def _bytes_task(experiment: str, params: dict[str, Any], module: Callable[[], nn
         w = m.weight.detach()
         sizes = {fmt: conv_weight_nbytes(w, groups, fmt) for fmt in ("dense", "csr", "bsr", "relative")}
         ws = weight_sparsity(w, groups)
-        return Outcome({"kind": "bytes", "bytes": sizes, "sparsity": ws.element,
-                        "shape": list(w.shape), "groups": groups,
-                        "csr_saving": sizes["dense"] / max(sizes["csr"], 1)})
+        return Outcome(
+            {
+                "kind": "bytes",
+                "bytes": sizes,
+                "sparsity": ws.element,
+                "shape": list(w.shape),
+                "groups": groups,
+                "csr_saving": sizes["dense"] / max(sizes["csr"], 1),
+            }
+        )
+
     return Task(experiment, {**params, "impl": "bytes"}, run, label)
 
 
-def layer_tasks(ctx: _Context, experiment: str, name: str, profile: str, kind: str, batch: int,
-                layers: Sequence[str] | None = None, planner: bool = True) -> list[Task]:
+def layer_tasks(
+    ctx: _Context,
+    experiment: str,
+    name: str,
+    profile: str,
+    kind: str,
+    batch: int,
+    layers: Sequence[str] | None = None,
+    planner: bool = True,
+) -> list[Task]:
     """Bytes, every strategy, the planner's choice and every peer, for each layer of ``kind``."""
     cfg = ctx.cfg
     model = ctx.model(name, profile)
@@ -346,15 +450,26 @@ def layer_tasks(ctx: _Context, experiment: str, name: str, profile: str, kind: s
         timed = {**base, "batch": batch, "device": cfg.device}
         tag = f"{name}/{profile} {lname}"
         out.append(_bytes_task(experiment, base, module, f"{tag} bytes"))
-        out += [_strategy_task(experiment, timed, module, lname, s, io, cfg, f"{tag} {s}") for s in _strategies(kind)]
+        out += [
+            _strategy_task(experiment, timed, module, lname, s, io, cfg, f"{tag} {s}")
+            for s in _strategies(kind)
+        ]
         out += [_peer_task(experiment, timed, module, p, io, cfg, f"{tag} {p}") for p in _peer_names(cfg)]
         if planner:
             out.append(_planner_task(ctx, experiment, timed, name, profile, lname, batch, f"{tag} auto"))
     return out
 
 
-def _planner_task(ctx: _Context, experiment: str, params: dict[str, Any], name: str, profile: str,
-                  lname: str, batch: int, label: str) -> Task:
+def _planner_task(
+    ctx: _Context,
+    experiment: str,
+    params: dict[str, Any],
+    name: str,
+    profile: str,
+    lname: str,
+    batch: int,
+    label: str,
+) -> Task:
     def run() -> Outcome:
         sm, plan_s = ctx.sparse_model(name, profile, batch)
         layer = sm.get_submodule(lname)
@@ -363,9 +478,19 @@ def _planner_task(ctx: _Context, experiment: str, params: dict[str, Any], name: 
         choice = getattr(layer, "strategy", "torch")
         plan = getattr(sm, "sparsecnn_plan", None)
         source = getattr(plan.layers.get(lname), "source", None) if plan is not None else None
-        return _timed(lambda: layer(xd), ref, ctx.cfg, metrics={
-            "kind": "planner", "choice": choice, "source": source, "plan_s": plan_s,
-            "measured": ctx.cfg.plan_measure})
+        return _timed(
+            lambda: layer(xd),
+            ref,
+            ctx.cfg,
+            metrics={
+                "kind": "planner",
+                "choice": choice,
+                "source": source,
+                "plan_s": plan_s,
+                "measured": ctx.cfg.plan_measure,
+            },
+        )
+
     return Task(experiment, {**params, "impl": "auto"}, run, label)
 
 
@@ -376,6 +501,7 @@ def _planner_task(ctx: _Context, experiment: str, params: dict[str, Any], name: 
 def _weight_sparsity_tasks(ctx: _Context) -> list[Task]:
     out = []
     for name, profile in _models(ctx.cfg):
+
         def run(name: str = name, profile: str = profile) -> Outcome:
             from sparsecnn.analysis.sparsity import weight_sparsity
             from sparsecnn.models import get_profile, prunable_layers
@@ -385,18 +511,34 @@ def _weight_sparsity_tasks(ctx: _Context) -> list[Task]:
             layers = []
             for lname, m in prunable_layers(model).items():
                 ws = weight_sparsity(m.weight, getattr(m, "groups", 1))
-                layers.append({"layer": lname, "kind": _layer_kind(m), "shape": list(m.weight.shape),
-                               "numel": m.weight.numel(), "nnz": int(torch.count_nonzero(m.weight)),
-                               "sparsity": ws.element, "filter_sparsity": ws.filter,
-                               "kernel_shape_sparsity": ws.kernel_shape, "target": target.get(lname)})
-            return Outcome({"layers": layers})
-        out.append(Task("weight_sparsity", {"model": name, "profile": profile}, run, f"{name}/{profile} weights"))
+                layers.append(
+                    {
+                        "layer": lname,
+                        "kind": _layer_kind(m),
+                        "shape": list(m.weight.shape),
+                        "numel": m.weight.numel(),
+                        "nnz": int(torch.count_nonzero(m.weight)),
+                        "sparsity": ws.element,
+                        "filter_sparsity": ws.filter,
+                        "kernel_shape_sparsity": ws.kernel_shape,
+                        "target": target.get(lname),
+                    }
+                )
+            training = ctx._cache.get(("train-meta", name, profile))
+            return Outcome({"layers": layers, "training": training})
+
+        out.append(
+            Task("weight_sparsity", {"model": name, "profile": profile}, run, f"{name}/{profile} weights")
+        )
     return out
 
 
 def _conv_tasks(ctx: _Context) -> list[Task]:
-    return [t for name, profile in _models(ctx.cfg)
-            for t in layer_tasks(ctx, "conv_layers", name, profile, "conv", 1)]
+    return [
+        t
+        for name, profile in _models(ctx.cfg)
+        for t in layer_tasks(ctx, "conv_layers", name, profile, "conv", 1)
+    ]
 
 
 def _fc_tasks(ctx: _Context) -> list[Task]:
@@ -416,8 +558,9 @@ def _largest_conv(model: nn.Module) -> str:
     return max(convs, key=lambda n: convs[n].weight.numel())
 
 
-def sweep_tasks(ctx: _Context, experiment: str, name: str, layer: str | None,
-                sparsities: Sequence[float], batch: int = 1) -> list[Task]:
+def sweep_tasks(
+    ctx: _Context, experiment: str, name: str, layer: str | None, sparsities: Sequence[float], batch: int = 1
+) -> list[Task]:
     """Every strategy and peer on one layer with a fraction ``s`` of random zeros, for each ``s``."""
     cfg = ctx.cfg
     model = ctx.model(name, "uniform:0")
@@ -441,10 +584,15 @@ def sweep_tasks(ctx: _Context, experiment: str, name: str, layer: str | None,
 
         params = {"model": name, "layer": lname, "sparsity": float(s), "batch": batch, "device": cfg.device}
         tag = f"{lname} s={s:g}"
-        out += [_strategy_task(experiment, params, module, lname, st, io, cfg, f"{tag} {st}")
-                for st in _strategies(kind)]
-        out += [_peer_task(experiment, params, module, p, io, cfg, f"{tag} {p}")
-                for p in _peer_names(cfg) if p != "onnxruntime"]  # a dense peer does not see sparsity
+        out += [
+            _strategy_task(experiment, params, module, lname, st, io, cfg, f"{tag} {st}")
+            for st in _strategies(kind)
+        ]
+        out += [
+            _peer_task(experiment, params, module, p, io, cfg, f"{tag} {p}")
+            for p in _peer_names(cfg)
+            if p != "onnxruntime"
+        ]  # a dense peer does not see sparsity
     return out
 
 
@@ -470,12 +618,26 @@ def _scaling_tasks(ctx: _Context) -> list[Task]:
     out = []
     for m, k in cfg.scaling_sizes:
         for impl in cfg.scaling_impls:
-            spec = {"m": m, "k": k, "n": cfg.scaling_n, "sparsity": cfg.scaling_sparsity, "impl": impl,
-                    "device": cfg.device}
+            spec = {
+                "m": m,
+                "k": k,
+                "n": cfg.scaling_n,
+                "sparsity": cfg.scaling_sparsity,
+                "impl": impl,
+                "device": cfg.device,
+            }
 
             def run(spec: dict[str, Any] = spec) -> Outcome:
-                return _run_memprobe({**spec, "seed": cfg.seed, "threads": torch.get_num_threads(),
-                                      "repeats": cfg.repeats, "max_total_s": max(cfg.max_task_s, 2.0)})
+                return _run_memprobe(
+                    {
+                        **spec,
+                        "seed": cfg.seed,
+                        "threads": torch.get_num_threads(),
+                        "repeats": cfg.repeats,
+                        "max_total_s": max(cfg.max_task_s, 2.0),
+                    }
+                )
+
             out.append(Task("memory_scaling", spec, run, f"{m}x{k} {impl}"))
     return out
 
@@ -485,8 +647,12 @@ def _run_memprobe(spec: dict[str, Any]) -> Outcome:
     from sparsecnn.bench.harness import Timing
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "sparsecnn.bench._memprobe", json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparsecnn.bench._memprobe", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     stdout, stderr = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -503,8 +669,9 @@ def _run_memprobe(spec: dict[str, Any]) -> Outcome:
     peak = usage.ru_maxrss * 1024  # Linux: KiB
     t = result.pop("timing")
     timing = Timing(**{k: v for k, v in t.items() if k != "iqr_s"})
-    return Outcome({**result, "peak_rss_bytes": peak, "matrix_rss_bytes": peak - result["baseline_rss_bytes"]},
-                   timing)
+    return Outcome(
+        {**result, "peak_rss_bytes": peak, "matrix_rss_bytes": peak - result["baseline_rss_bytes"]}, timing
+    )
 
 
 def _spxsp_tasks(ctx: _Context) -> list[Task]:
@@ -516,11 +683,23 @@ def _spxsp_tasks(ctx: _Context) -> list[Task]:
         for lname in convs:
             base = {"model": name, "profile": profile, "layer": lname, "batch": 1, "device": cfg.device}
             tag = f"{name}/{profile} {lname}"
-            out.append(Task("sparse_x_sparse", {**base, "impl": "activation"},
-                            functools.partial(_activation_run, ctx, name, profile, lname), f"{tag} activation"))
-            for impl in ("torch-dense", "dense", "csrmm", "spgemm", "torch-spgemm"):
-                out.append(Task("sparse_x_sparse", {**base, "impl": impl},
-                                functools.partial(_spxsp_run, ctx, name, profile, lname, impl), f"{tag} {impl}"))
+            out.append(
+                Task(
+                    "sparse_x_sparse",
+                    {**base, "impl": "activation"},
+                    functools.partial(_activation_run, ctx, name, profile, lname),
+                    f"{tag} activation",
+                )
+            )
+            out.extend(
+                Task(
+                    "sparse_x_sparse",
+                    {**base, "impl": impl},
+                    functools.partial(_spxsp_run, ctx, name, profile, lname, impl),
+                    f"{tag} {impl}",
+                )
+                for impl in SPXSP_IMPLS
+            )
     return out
 
 
@@ -531,9 +710,16 @@ def _activation_run(ctx: _Context, name: str, profile: str, lname: str) -> Outco
     conv = ctx.model(name, profile).get_submodule(lname)
     cols = im2col(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
     source = ctx.input(name, profile, 1)[1]
-    return Outcome({"kind": "activation", "input_sparsity": float((x == 0).float().mean()),
-                    "lowered_sparsity": float((cols == 0).mean()), "input": source,
-                    "input_shape": list(x.shape), "lowered_shape": list(cols.shape)})
+    return Outcome(
+        {
+            "kind": "activation",
+            "input_sparsity": float((x == 0).float().mean()),
+            "lowered_sparsity": float((cols == 0).mean()),
+            "input": source,
+            "input_shape": list(x.shape),
+            "lowered_shape": list(cols.shape),
+        }
+    )
 
 
 def _operand_bytes(conv: nn.Conv2d, x: torch.Tensor, impl: str) -> dict[str, int]:
@@ -549,13 +735,17 @@ def _operand_bytes(conv: nn.Conv2d, x: torch.Tensor, impl: str) -> dict[str, int
     weight = conv_weight_nbytes(w, conv.groups, "csr")
     if impl == "csrmm":
         return {"weight": weight, "input": int(cols.nbytes)}
-    lowered = sum(CSRMatrix.from_dense(cols[b, g]).nbytes for b in range(cols.shape[0]) for g in range(cols.shape[1]))
+    lowered = sum(
+        CSRMatrix.from_dense(cols[b, g]).nbytes for b in range(cols.shape[0]) for g in range(cols.shape[1])
+    )
     if impl == "torch-spgemm":  # torch's CSR: int64 indices and pointers
         nnz_w = int(torch.count_nonzero(w))
         nnz_c = int(np.count_nonzero(cols))
         rows = w.shape[0] + cols.shape[0] * cols.shape[1] * cols.shape[2]
-        return {"weight": nnz_w * 12 + (w.shape[0] + conv.groups) * 8,
-                "input": nnz_c * 12 + (rows + cols.shape[1]) * 8}
+        return {
+            "weight": nnz_w * 12 + (w.shape[0] + conv.groups) * 8,
+            "input": nnz_c * 12 + (rows + cols.shape[1]) * 8,
+        }
     return {"weight": weight, "input": int(lowered)}
 
 
@@ -564,8 +754,12 @@ def _spxsp_run(ctx: _Context, name: str, profile: str, lname: str, impl: str) ->
     x, ref = ctx.layer_io(name, profile, 1)[lname]
     conv = ctx.model(name, profile).get_submodule(lname)
     mem = _operand_bytes(conv, x, impl)
-    metrics = {"kind": "spxsp", "operand_bytes": mem["weight"] + mem["input"],
-               "weight_bytes": mem["weight"], "input_bytes": mem["input"]}
+    metrics = {
+        "kind": "spxsp",
+        "operand_bytes": mem["weight"] + mem["input"],
+        "weight_bytes": mem["weight"],
+        "input_bytes": mem["input"],
+    }
     if impl == "torch-dense":
         return _timed(lambda: conv(x), ref, cfg, metrics=metrics)
     if impl == "torch-spgemm":
@@ -594,8 +788,9 @@ def _torch_spgemm(conv: nn.Conv2d, x: torch.Tensor) -> Callable[[], torch.Tensor
         k = cols.shape[0] // g
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            parts = [(w_csr[i] @ cols[i * k:(i + 1) * k].to_sparse_csr()).to_dense() for i in range(g)]
+            parts = [(w_csr[i] @ cols[i * k : (i + 1) * k].to_sparse_csr()).to_dense() for i in range(g)]
         return torch.cat(parts, 0).reshape(out_shape) + bias
+
     return run
 
 
@@ -610,9 +805,21 @@ def _e2e_tasks(ctx: _Context) -> list[Task]:
     for name, profile in _models(cfg):
         for batch in cfg.e2e_batches:
             for impl in impls:
-                params = {"model": name, "profile": profile, "batch": batch, "impl": impl, "device": cfg.device}
-                out.append(Task("end_to_end", params, functools.partial(_e2e_run, ctx, name, profile, batch, impl),
-                                f"{name}/{profile} b{batch} {impl}"))
+                params = {
+                    "model": name,
+                    "profile": profile,
+                    "batch": batch,
+                    "impl": impl,
+                    "device": cfg.device,
+                }
+                out.append(
+                    Task(
+                        "end_to_end",
+                        params,
+                        functools.partial(_e2e_run, ctx, name, profile, batch, impl),
+                        f"{name}/{profile} b{batch} {impl}",
+                    )
+                )
     return out
 
 
@@ -673,8 +880,14 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)
 
 
-def run_report(cfg: ReportConfig, out_dir: str | os.PathLike[str], *, resume: bool = False,
-               progress: bool = True, only: Sequence[str] | None = None) -> RunSummary:
+def run_report(
+    cfg: ReportConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    only: Sequence[str] | None = None,
+) -> RunSummary:
     """Run the experiments, append every measurement to ``out_dir/results.jsonl``, write the report.
 
     Parameters
@@ -703,8 +916,14 @@ def run_report(cfg: ReportConfig, out_dir: str | os.PathLike[str], *, resume: bo
     _write_config(out, cfg)
     report = write_report(out)
     fresh = len(log.measurements()) - before
-    return RunSummary(report=report, results=log.path, measured=fresh, skipped=len(tasks) - fresh,
-                      errors=sum(r["status"] == "error" for r in records), seconds=time.perf_counter() - t0)
+    return RunSummary(
+        report=report,
+        results=log.path,
+        measured=fresh,
+        skipped=len(tasks) - fresh,
+        errors=sum(r["status"] == "error" for r in records),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _write_config(out: Path, cfg: ReportConfig) -> None:
@@ -714,9 +933,17 @@ def _write_config(out: Path, cfg: ReportConfig) -> None:
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1), encoding="utf-8")
 
 
-def bench_model(model: nn.Module, name: str, *, batch: int = 1, device: str = "cpu", threads: int | None = None,
-                repeats: int = 7, progress: bool = True, results: str | os.PathLike[str] | None = None,
-                ) -> list[dict[str, Any]]:
+def bench_model(
+    model: nn.Module,
+    name: str,
+    *,
+    batch: int = 1,
+    device: str = "cpu",
+    threads: int | None = None,
+    repeats: int = 7,
+    progress: bool = True,
+    results: str | os.PathLike[str] | None = None,
+) -> list[dict[str, Any]]:
     """Time every strategy and peer on every conv/linear layer of ``model`` (its weights as they are).
 
     Returns the measurement records (the schema of ``results.jsonl``); ``results`` keeps them in a
@@ -731,14 +958,26 @@ def bench_model(model: nn.Module, name: str, *, batch: int = 1, device: str = "c
         ctx = _Context(cfg, None)
         ctx._cache[("model", name, "given")] = model.eval()
         with torch.no_grad():
-            tasks = [t for kind in ("conv", "linear")
-                     for t in layer_tasks(ctx, "bench", name, "given", kind, batch, planner=False)]
+            tasks = [
+                t
+                for kind in ("conv", "linear")
+                for t in layer_tasks(ctx, "bench", name, "given", kind, batch, planner=False)
+            ]
             return harness.run(tasks, title=f"bench {name}")
 
 
-def run_sweep(*, layer: str | None = None, shape: tuple[int, int, int] | None = None,
-              sparsities: Sequence[float], batch: int = 1, device: str = "cpu", threads: int | None = None,
-              repeats: int = 5, progress: bool = True, seed: int = 0) -> list[dict[str, Any]]:
+def run_sweep(
+    *,
+    layer: str | None = None,
+    shape: tuple[int, int, int] | None = None,
+    sparsities: Sequence[float],
+    batch: int = 1,
+    device: str = "cpu",
+    threads: int | None = None,
+    repeats: int = 5,
+    progress: bool = True,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """The sparsity sweep of ``sparsecnn sweep``: a zoo layer (``"alexnet.conv3"``) or a matrix shape.
 
     Returns the measurement records; break-even points come from
@@ -746,7 +985,9 @@ def run_sweep(*, layer: str | None = None, shape: tuple[int, int, int] | None = 
     """
     import tempfile
 
-    cfg = ReportConfig.preset("full", device=device, threads=threads, repeats=repeats, seed=seed, max_task_s=4.0)
+    cfg = ReportConfig.preset(
+        "full", device=device, threads=threads, repeats=repeats, seed=seed, max_task_s=4.0
+    )
     with tempfile.TemporaryDirectory() as tmp:
         log = ResultsLog(Path(tmp) / "results.jsonl")
         harness = Harness(log, threads=threads, device=device, progress=progress)
@@ -759,12 +1000,16 @@ def run_sweep(*, layer: str | None = None, shape: tuple[int, int, int] | None = 
                 from sparsecnn.models import names
 
                 if model_name not in names():
-                    raise SparseCNNError(f"--layer {layer!r}: unknown model {model_name!r}; one of {', '.join(names())}")
+                    raise SparseCNNError(
+                        f"--layer {layer!r}: unknown model {model_name!r}; one of {', '.join(names())}"
+                    )
                 tasks = sweep_tasks(ctx, "sweep", model_name, lname or None, sparsities, batch)
             return harness.run(tasks, title="sweep")
 
 
-def matrix_sweep_tasks(cfg: ReportConfig, shape: tuple[int, int, int], sparsities: Sequence[float]) -> list[Task]:
+def matrix_sweep_tasks(
+    cfg: ReportConfig, shape: tuple[int, int, int], sparsities: Sequence[float]
+) -> list[Task]:
     """``A (M x K) @ B (K x N)`` with random zeros in ``A``: torch dense, the engine's CSR and BSR
     kernels (``ops.csr_matmul``, ``ops.bsr_matmul``) and the peers."""
     from sparsecnn.bench.peers import matrix_peers
@@ -782,7 +1027,7 @@ def matrix_sweep_tasks(cfg: ReportConfig, shape: tuple[int, int, int], sparsitie
         @functools.cache
         def a_of(s: float = s) -> np.ndarray:
             a = np.random.default_rng(cfg.seed + 1).standard_normal((m, k), dtype=np.float32)
-            a.reshape(-1)[np.random.default_rng(cfg.seed + 2).permutation(m * k)[:round(s * m * k)]] = 0.0
+            a.reshape(-1)[np.random.default_rng(cfg.seed + 2).permutation(m * k)[: round(s * m * k)]] = 0.0
             return a
 
         @functools.cache
@@ -798,16 +1043,23 @@ def matrix_sweep_tasks(cfg: ReportConfig, shape: tuple[int, int, int], sparsitie
             conv_s = time.perf_counter() - t0
             out = np.empty((m, n), np.float32)
             op = csr_matmul if impl == "csrmm" else bsr_matmul
-            return _timed(lambda: op(fmt, b, out), ref_of(s), cfg,
-                          metrics={"kind": "strategy", "conversion_s": conv_s, "weight_nbytes": fmt.nbytes})
+            return _timed(
+                lambda: op(fmt, b, out),
+                ref_of(s),
+                cfg,
+                metrics={"kind": "strategy", "conversion_s": conv_s, "weight_nbytes": fmt.nbytes},
+            )
 
         def peer(p: str, s: float = s) -> Outcome:
             fn = matrix_peers(a_of(s), b, device=cfg.device, threads=torch.get_num_threads(), onnx=False)[p]
             return _timed(fn, ref_of(s), cfg, metrics={"kind": "peer"})
 
-        for impl in ("csrmm", "bsr"):
-            tasks.append(Task("sweep", {**params, "impl": impl}, functools.partial(engine, impl),
-                              f"s={s:g} {impl}"))
-        for p in _peer_names(replace(cfg, onnx=False)):
-            tasks.append(Task("sweep", {**params, "impl": p}, functools.partial(peer, p), f"s={s:g} {p}"))
+        tasks.extend(
+            Task("sweep", {**params, "impl": impl}, functools.partial(engine, impl), f"s={s:g} {impl}")
+            for impl in ("csrmm", "bsr")
+        )
+        tasks.extend(
+            Task("sweep", {**params, "impl": p}, functools.partial(peer, p), f"s={s:g} {p}")
+            for p in _peer_names(replace(cfg, onnx=False))
+        )
     return tasks

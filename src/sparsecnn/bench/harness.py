@@ -153,8 +153,14 @@ def time_call(
             break
     q1, med, q3 = _quartiles(samples)
     return Timing(
-        median_s=med, q1_s=q1, q3_s=q3, min_s=min(samples), max_s=max(samples),
-        repeats=len(samples), inner=inner, warmup=max(warmup, 0),
+        median_s=med,
+        q1_s=q1,
+        q3_s=q3,
+        min_s=min(samples),
+        max_s=max(samples),
+        repeats=len(samples),
+        inner=inner,
+        warmup=max(warmup, 0),
     )
 
 
@@ -351,9 +357,19 @@ def _now() -> str:
 _REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
     ENV: {"schema": int, "type": str, "env_id": str, "time": str, "env": dict},
     MEASUREMENT: {
-        "schema": int, "type": str, "key": str, "experiment": str, "params": dict, "env_id": str,
-        "time": str, "status": str, "metrics": dict, "timing": (dict, type(None)),
-        "error": (str, type(None)), "threads": int, "device": str,
+        "schema": int,
+        "type": str,
+        "key": str,
+        "experiment": str,
+        "params": dict,
+        "env_id": str,
+        "time": str,
+        "status": str,
+        "metrics": dict,
+        "timing": (dict, type(None)),
+        "error": (str, type(None)),
+        "threads": int,
+        "device": str,
     },
 }
 _ENV_FIELDS = ("cpu_model", "cpu_flags", "cores", "torch_threads", "numba_threads", "versions", "blas")
@@ -371,7 +387,9 @@ def validate_record(rec: Mapping[str, Any]) -> None:
         if not isinstance(rec[name], typ) or (typ is int and isinstance(rec[name], bool)):
             raise SparseCNNError(f"{kind} record field {name!r} = {rec[name]!r:.80} has the wrong type")
     if rec["schema"] != SCHEMA_VERSION:
-        raise SparseCNNError(f"results record has schema {rec['schema']}, this sparsecnn reads {SCHEMA_VERSION}")
+        raise SparseCNNError(
+            f"results record has schema {rec['schema']}, this sparsecnn reads {SCHEMA_VERSION}"
+        )
     if kind == ENV:
         missing = [f for f in _ENV_FIELDS if f not in rec["env"]]
         if missing:
@@ -412,7 +430,9 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             if i == len(lines) - 1:  # no trailing newline: the write was cut off
                 break
-            raise SparseCNNError(f"{p}:{i + 1} is not a JSON record ({exc.msg}); the file is corrupt") from exc
+            raise SparseCNNError(
+                f"{p}:{i + 1} is not a JSON record ({exc.msg}); the file is corrupt"
+            ) from exc
     return records
 
 
@@ -471,7 +491,9 @@ class ResultsLog:
         """Append an env header unless an identical one is already in the file; return its id."""
         eid = environment_id(env)
         if not any(r.get("type") == ENV and r.get("env_id") == eid for r in self.records):
-            self.append({"schema": SCHEMA_VERSION, "type": ENV, "env_id": eid, "time": _now(), "env": dict(env)})
+            self.append(
+                {"schema": SCHEMA_VERSION, "type": ENV, "env_id": eid, "time": _now(), "env": dict(env)}
+            )
         return eid
 
 
@@ -532,8 +554,9 @@ class Harness:
         Show the rich progress bar (on stderr).
     """
 
-    def __init__(self, log: ResultsLog, *, threads: int | None = None, device: str = "cpu",
-                 progress: bool = True) -> None:
+    def __init__(
+        self, log: ResultsLog, *, threads: int | None = None, device: str = "cpu", progress: bool = True
+    ) -> None:
         self.log = log
         self.device = device
         self.threads = set_threads(threads)
@@ -567,8 +590,17 @@ class Harness:
             return done
         try:
             outcome = task.run()
-        except (SparseCNNError, ArithmeticError, RuntimeError, ValueError, TypeError, MemoryError,
-                OSError, NotImplementedError, ImportError) as exc:
+        except (
+            SparseCNNError,
+            ArithmeticError,
+            RuntimeError,
+            ValueError,
+            TypeError,
+            MemoryError,
+            OSError,
+            NotImplementedError,
+            ImportError,
+        ) as exc:
             # Recorded, not raised: one failing strategy must not end a 20-minute run.
             return self.record(task, None, f"{type(exc).__name__}: {exc}"[:2000])
         return self.record(task, outcome, None)
@@ -599,8 +631,13 @@ class Harness:
 
         console = Console(stderr=True)
         with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[label]}"), console=console, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[label]}"),
+            console=console,
+            transient=False,
             disable=not console.is_terminal,
         ) as bar:
             tid = bar.add_task(title, total=total, label="")

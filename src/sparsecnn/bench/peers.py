@@ -50,14 +50,21 @@ def _ort_session(model_bytes: bytes, threads: int) -> Any:
     return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def _ort_single_node(op: str, x_shape: tuple[int, ...], y_shape: tuple[int, ...],
-                     inits: dict[str, np.ndarray], inputs: list[str], **attrs: Any) -> bytes:
+def _ort_single_node(
+    op: str,
+    x_shape: tuple[int, ...],
+    y_shape: tuple[int, ...],
+    inits: dict[str, np.ndarray],
+    inputs: list[str],
+    **attrs: Any,
+) -> bytes:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     node = helper.make_node(op, ["x", *inputs], ["y"], **attrs)
     graph = helper.make_graph(
-        [node], f"sparsecnn_{op.lower()}",
+        [node],
+        f"sparsecnn_{op.lower()}",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))],
         [numpy_helper.from_array(np.ascontiguousarray(v, dtype=np.float32), k) for k, v in inits.items()],
@@ -79,8 +86,9 @@ def _csr_groups(w2d: list[torch.Tensor], device: str) -> tuple[list[torch.Tensor
 
 
 @torch.no_grad()
-def conv_peers(conv: nn.Conv2d, x: torch.Tensor, *, device: str = "cpu", threads: int = 1,
-               onnx: bool = True) -> dict[str, Peer]:
+def conv_peers(
+    conv: nn.Conv2d, x: torch.Tensor, *, device: str = "cpu", threads: int = 1, onnx: bool = True
+) -> dict[str, Peer]:
     """Peers for one conv layer on input ``x`` (shape (B, Cin, H, W)).
 
     Returns
@@ -100,14 +108,18 @@ def conv_peers(conv: nn.Conv2d, x: torch.Tensor, *, device: str = "cpu", threads
         y_shape = tuple(conv(x).shape)
     b, _, hout, wout = y_shape
     torch_csr, scipy_csr = _csr_groups(w2d, device)
-    kw = {"kernel_size": conv.kernel_size, "dilation": conv.dilation, "padding": conv.padding,
-          "stride": conv.stride}
+    kw = {
+        "kernel_size": conv.kernel_size,
+        "dilation": conv.dilation,
+        "padding": conv.padding,
+        "stride": conv.stride,
+    }
 
     def lowered() -> list[torch.Tensor]:
         cols = F.unfold(x, **kw)  # (B, Cin kh kw, L), rows grouped by input channel
         k = cols.shape[1] // g
         # (K, B L) per group: the whole batch in one product
-        return [cols[:, i * k:(i + 1) * k].permute(1, 0, 2).reshape(k, -1) for i in range(g)]
+        return [cols[:, i * k : (i + 1) * k].permute(1, 0, 2).reshape(k, -1) for i in range(g)]
 
     def finish(parts: list[torch.Tensor]) -> torch.Tensor:
         y = torch.cat(parts, 0).reshape(cout, b, hout * wout).permute(1, 0, 2).reshape(y_shape)
@@ -118,9 +130,14 @@ def conv_peers(conv: nn.Conv2d, x: torch.Tensor, *, device: str = "cpu", threads
         "torch-csr": lambda: finish([a @ c for a, c in zip(torch_csr, lowered(), strict=True)]),
     }
     if device == "cpu":
+
         def scipy_peer() -> torch.Tensor:
-            return finish([torch.from_numpy(np.asarray(a @ c.numpy())) for a, c in
-                           zip(scipy_csr, lowered(), strict=True)])
+            return finish(
+                [
+                    torch.from_numpy(np.asarray(a @ c.numpy()))
+                    for a, c in zip(scipy_csr, lowered(), strict=True)
+                ]
+            )
 
         peers["scipy-csr"] = scipy_peer
         if onnx and have_onnxruntime():
@@ -128,9 +145,16 @@ def conv_peers(conv: nn.Conv2d, x: torch.Tensor, *, device: str = "cpu", threads
             if bias is not None:
                 inits["b"] = bias.cpu().numpy()
             model = _ort_single_node(
-                "Conv", tuple(x.shape), y_shape, inits, list(inits),
-                group=g, kernel_shape=list(conv.kernel_size), strides=list(conv.stride),
-                dilations=list(conv.dilation), pads=[*conv.padding, *conv.padding],
+                "Conv",
+                tuple(x.shape),
+                y_shape,
+                inits,
+                list(inits),
+                group=g,
+                kernel_shape=list(conv.kernel_size),
+                strides=list(conv.stride),
+                dilations=list(conv.dilation),
+                pads=[*conv.padding, *conv.padding],
             )
             sess = _ort_session(model, threads)
             xn = x.cpu().numpy()
@@ -139,8 +163,9 @@ def conv_peers(conv: nn.Conv2d, x: torch.Tensor, *, device: str = "cpu", threads
 
 
 @torch.no_grad()
-def linear_peers(linear: nn.Linear, x: torch.Tensor, *, device: str = "cpu", threads: int = 1,
-                 onnx: bool = True) -> dict[str, Peer]:
+def linear_peers(
+    linear: nn.Linear, x: torch.Tensor, *, device: str = "cpu", threads: int = 1, onnx: bool = True
+) -> dict[str, Peer]:
     """Peers for one linear layer on input ``x`` (shape (B, in)); each returns (B, out)."""
     linear = linear.eval().to(device)
     x = x.to(device)
@@ -174,8 +199,9 @@ def linear_peers(linear: nn.Linear, x: torch.Tensor, *, device: str = "cpu", thr
     return peers
 
 
-def matrix_peers(a: np.ndarray, b: np.ndarray, *, device: str = "cpu", threads: int = 1,
-                 onnx: bool = True) -> dict[str, Peer]:
+def matrix_peers(
+    a: np.ndarray, b: np.ndarray, *, device: str = "cpu", threads: int = 1, onnx: bool = True
+) -> dict[str, Peer]:
     """Peers for ``A @ B`` with a dense-stored sparse ``A`` (M, K) and a dense ``B`` (K, N)."""
     import scipy.sparse as sp
 
@@ -194,8 +220,13 @@ def matrix_peers(a: np.ndarray, b: np.ndarray, *, device: str = "cpu", threads: 
         peers["scipy-csr"] = lambda: a_sp @ bn
         if onnx and have_onnxruntime():
             # MatMul(x, c) with a constant second operand: feed x = B^T (N, K), c = A^T, read (A B)^T
-            model = _ort_single_node("MatMul", (b.shape[1], b.shape[0]), (b.shape[1], a.shape[0]),
-                                     {"at": np.ascontiguousarray(a.T)}, ["at"])
+            model = _ort_single_node(
+                "MatMul",
+                (b.shape[1], b.shape[0]),
+                (b.shape[1], a.shape[0]),
+                {"at": np.ascontiguousarray(a.T)},
+                ["at"],
+            )
             sess = _ort_session(model, threads)
             bT = np.ascontiguousarray(b.T, dtype=np.float32)
             peers["onnxruntime"] = lambda: sess.run(None, {"x": bT})[0].T

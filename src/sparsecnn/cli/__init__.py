@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from sparsecnn.errors import SparseCNNError
 
 # Verb modules, in the order `sparsecnn --help` lists them.
-COMMANDS: tuple[str, ...] = ("analyze", "export")
+COMMANDS: tuple[str, ...] = ("analyze", "export", "bench", "sweep", "report", "train", "prune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,12 +36,19 @@ __all__ = [
 
 # Suffixes that make a MODEL argument a file rather than a zoo name.
 MODEL_FILE_SUFFIXES: tuple[str, ...] = (
-    ".prototxt", ".caffemodel", ".onnx", ".pt", ".pth", ".npz", ".safetensors",
+    ".prototxt",
+    ".caffemodel",
+    ".onnx",
+    ".pt",
+    ".pth",
+    ".npz",
+    ".safetensors",
 )
 
 
-def load_caffe(prototxt: PathLike, weights: PathLike | None = None, *,
-               input_shape: Sequence[int] | None = None) -> nn.Module:
+def load_caffe(
+    prototxt: PathLike, weights: PathLike | None = None, *, input_shape: Sequence[int] | None = None
+) -> nn.Module:
     from sparsecnn.io.caffe import load_caffe as _load
 
     return _load(prototxt, weights, input_shape=input_shape)
@@ -53,8 +60,9 @@ def load_onnx(path: PathLike, *, input_shape: Sequence[int] | None = None) -> nn
     return _load(path, input_shape=input_shape)
 
 
-def export_onnx(model: nn.Module, path: PathLike, *, input_shape: Sequence[int] | None = None,
-                opset: int = 17) -> str:
+def export_onnx(
+    model: nn.Module, path: PathLike, *, input_shape: Sequence[int] | None = None, opset: int = 17
+) -> str:
     from sparsecnn.io.onnx import export_onnx as _export
 
     return _export(model, path, input_shape=input_shape, opset=opset)
@@ -72,8 +80,13 @@ def load(path: PathLike, *, model: nn.Module | None = None) -> nn.Module:
     return _load(path, model=model)
 
 
-for _f, _mod in ((load_caffe, "caffe"), (load_onnx, "onnx"), (export_onnx, "onnx"), (save, "checkpoint"),
-                 (load, "checkpoint")):
+for _f, _mod in (
+    (load_caffe, "caffe"),
+    (load_onnx, "onnx"),
+    (export_onnx, "onnx"),
+    (save, "checkpoint"),
+    (load, "checkpoint"),
+):
     _f.__doc__ = f"See :func:`sparsecnn.io.{_mod}.{_f.__name__}`."
 
 
@@ -94,8 +107,9 @@ def _input_shape(kw: dict[str, Any]) -> Sequence[int] | None:
     return shape
 
 
-def load_model_file(spec: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None,
-                    **kw: Any) -> nn.Module:
+def load_model_file(
+    spec: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None, **kw: Any
+) -> nn.Module:
     """Load a model file named on the command line.
 
     ``*.prototxt`` (Caffe deploy net; ``weights`` = its ``.caffemodel``), ``*.onnx``, ``*.npz`` /

@@ -150,7 +150,7 @@ class Gather(nn.Module):
         if index.dim() == 0:
             return x.select(self.dim, int(index))
         return torch.index_select(x, self.dim, index.reshape(-1)).reshape(
-            x.shape[: self.dim % x.dim()] + index.shape + x.shape[self.dim % x.dim() + 1:]
+            x.shape[: self.dim % x.dim()] + index.shape + x.shape[self.dim % x.dim() + 1 :]
         )
 
 
@@ -231,9 +231,15 @@ def _pair(v: Any) -> Any:
 
 _SPECS: dict[type[nn.Module], Any] = {
     nn.Conv2d: lambda m: dict(
-        in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=_pair(m.kernel_size),
-        stride=_pair(m.stride), padding=_pair(m.padding), dilation=_pair(m.dilation), groups=m.groups,
-        bias=m.bias is not None, padding_mode=m.padding_mode,
+        in_channels=m.in_channels,
+        out_channels=m.out_channels,
+        kernel_size=_pair(m.kernel_size),
+        stride=_pair(m.stride),
+        padding=_pair(m.padding),
+        dilation=_pair(m.dilation),
+        groups=m.groups,
+        bias=m.bias is not None,
+        padding_mode=m.padding_mode,
     ),
     nn.Linear: lambda m: dict(
         in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None
@@ -245,18 +251,27 @@ _SPECS: dict[type[nn.Module], Any] = {
     nn.Softmax: lambda m: dict(dim=m.dim),
     nn.Flatten: lambda m: dict(start_dim=m.start_dim, end_dim=m.end_dim),
     nn.MaxPool2d: lambda m: dict(
-        kernel_size=_pair(m.kernel_size), stride=_pair(m.stride), padding=_pair(m.padding),
-        dilation=_pair(m.dilation), ceil_mode=m.ceil_mode,
+        kernel_size=_pair(m.kernel_size),
+        stride=_pair(m.stride),
+        padding=_pair(m.padding),
+        dilation=_pair(m.dilation),
+        ceil_mode=m.ceil_mode,
     ),
     nn.AvgPool2d: lambda m: dict(
-        kernel_size=_pair(m.kernel_size), stride=_pair(m.stride), padding=_pair(m.padding),
-        ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad,
+        kernel_size=_pair(m.kernel_size),
+        stride=_pair(m.stride),
+        padding=_pair(m.padding),
+        ceil_mode=m.ceil_mode,
+        count_include_pad=m.count_include_pad,
     ),
     nn.AdaptiveAvgPool2d: lambda m: dict(output_size=_pair(m.output_size)),
     nn.AdaptiveMaxPool2d: lambda m: dict(output_size=_pair(m.output_size)),
     nn.LocalResponseNorm: lambda m: dict(size=m.size, alpha=m.alpha, beta=m.beta, k=m.k),
     nn.BatchNorm1d: lambda m: dict(
-        num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+        num_features=m.num_features,
+        eps=m.eps,
+        momentum=m.momentum,
+        affine=m.affine,
         track_running_stats=m.track_running_stats,
     ),
     Concat: lambda m: dict(dim=m.dim),
@@ -276,9 +291,11 @@ _SPECS[BatchNorm] = _SPECS[nn.BatchNorm1d]
 _BUFFERED = {
     Constant: lambda m: dict(shape=list(m.value.shape), dtype=str(m.value.dtype).removeprefix("torch.")),
     Binary: lambda m: dict(
-        op=m.op, const_first=m.const_first,
-        const=None if m.const is None else
-        dict(shape=list(m.const.shape), dtype=str(m.const.dtype).removeprefix("torch.")),
+        op=m.op,
+        const_first=m.const_first,
+        const=None
+        if m.const is None
+        else dict(shape=list(m.const.shape), dtype=str(m.const.dtype).removeprefix("torch.")),
     ),
 }
 _CLASSES = {cls.__name__: cls for cls in (*_SPECS, *_BUFFERED)}
@@ -400,11 +417,15 @@ class GraphNet(nn.Module):
     def extra_repr(self) -> str:
         return f"inputs={self.inputs}, outputs={self.outputs}, input_shape={self.input_shape}"
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able description of the architecture (no weights) for :func:`from_description`."""
+    def describe(self, spec: Any = None) -> dict[str, Any]:
+        """A JSON-able description of the architecture (no weights) for :func:`from_description`.
+
+        ``spec(module) -> {"class", "args"}`` describes each child (default :func:`module_spec`).
+        """
+        spec = spec or module_spec
         return {
             "steps": [[s.name, list(s.inputs), list(s.outputs), s.flatten] for s in self.steps],
-            "modules": {name: module_spec(self._modules[name]) for name in self._modules},
+            "modules": {name: spec(self._modules[name]) for name in self._modules},
             "inputs": self.inputs,
             "outputs": self.outputs,
             "input_shape": list(self.input_shape),
@@ -416,13 +437,21 @@ def from_description(desc: dict[str, Any]) -> GraphNet:
     """Rebuild a :class:`GraphNet` (weights uninitialised) from :meth:`GraphNet.describe`."""
     try:
         modules = {str(name): module_from_spec(spec) for name, spec in desc["modules"].items()}
-        steps = [Step(str(n), tuple(str(i) for i in ins), tuple(str(o) for o in outs), int(f))
-                 for n, ins, outs, f in desc["steps"]]
+        steps = [
+            Step(str(n), tuple(str(i) for i in ins), tuple(str(o) for o in outs), int(f))
+            for n, ins, outs, f in desc["steps"]
+        ]
         for step in steps:
             if step.name not in modules:
                 raise SparseCNNError(f"step {step.name!r} has no module")
-        return GraphNet(steps, modules, [str(i) for i in desc["inputs"]], [str(o) for o in desc["outputs"]],
-                        tuple(int(d) for d in desc["input_shape"]), str(desc.get("source", "")))
+        return GraphNet(
+            steps,
+            modules,
+            [str(i) for i in desc["inputs"]],
+            [str(o) for o in desc["outputs"]],
+            tuple(int(d) for d in desc["input_shape"]),
+            str(desc.get("source", "")),
+        )
     except SparseCNNError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

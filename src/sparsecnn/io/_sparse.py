@@ -38,7 +38,9 @@ def _format_classes() -> dict[str, type]:
     from sparsecnn.kernels.conv import DirectConvPrep
     from sparsecnn.kernels.spmv import LinearPrep
 
-    return {c.__name__: c for c in (CSRMatrix, BSRMatrix, _layers().LoweredWeight, DirectConvPrep, LinearPrep)}
+    return {
+        c.__name__: c for c in (CSRMatrix, BSRMatrix, _layers().LoweredWeight, DirectConvPrep, LinearPrep)
+    }
 
 
 def format_parts(fmt: Any) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
@@ -77,7 +79,37 @@ def format_from_parts(name: str, scalars: dict[str, Any], arrays: dict[str, np.n
     check = getattr(fmt, "check_format", None)
     if callable(check):
         check()
+    else:  # the kernels' prepared CSR forms have no checker: the kernels index with these unchecked
+        rows = fmt.shape[0] if name == "LinearPrep" else fmt.weight_shape[0]
+        cols = fmt.shape[1] if name == "LinearPrep" else int(np.prod(fmt.weight_shape[1:]))
+        _check_csr(name, fmt.indptr, fmt.indices, fmt.data, rows, cols)
     return fmt
+
+
+def _check_csr(
+    name: str, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: int, cols: int
+) -> None:
+    def bad(why: str) -> SparseCNNError:
+        return SparseCNNError(f"stored {name} is invalid: {why}")
+
+    for arr, what in ((indptr, "indptr"), (indices, "indices")):
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise bad(f"{what} must be a 1-D integer array")
+    if data.ndim != 1 or data.dtype != np.float32:
+        raise bad("data must be a 1-D float32 array")
+    if indptr.size != rows + 1 or indptr[0] != 0 or indptr[-1] != data.size or indices.size != data.size:
+        raise bad(f"indptr/indices/data sizes do not fit {rows} rows and {data.size} nonzeros")
+    if (np.diff(indptr.astype(np.int64)) < 0).any():
+        raise bad("indptr decreases")
+    if indices.size and (indices.min() < 0 or indices.max() >= cols):
+        raise bad(f"column indices outside [0, {cols})")
+    if indices.size > 1:  # sorted within each row
+        step = np.diff(indices.astype(np.int64))
+        row_starts = indptr[1:-1].astype(np.int64)
+        ok = step > 0
+        ok[row_starts[(row_starts > 0) & (row_starts < indices.size)] - 1] = True
+        if not ok.all():
+            raise bad("column indices are not strictly increasing within a row")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,7 +120,9 @@ def dense_weight(layer: nn.Module) -> tuple[np.ndarray, np.ndarray | None]:
     L = _layers()
     eng = layer.engine
     if layer.device.type != "cpu":
-        raise SparseCNNError(f"layer {layer.name!r} runs on {layer.device}; only CPU sparse layers are supported")
+        raise SparseCNNError(
+            f"layer {layer.name!r} runs on {layer.device}; only CPU sparse layers are supported"
+        )
     if isinstance(layer, L.SparseLinear):
         if layer.strategy == "torch":
             return _module_weights(eng.linear)
@@ -133,7 +167,9 @@ def _module_weights(m: nn.Module) -> tuple[np.ndarray, np.ndarray | None]:
     return w, None if m.bias is None else m.bias.detach().cpu().numpy().copy()
 
 
-def _csr_dense(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _csr_dense(
+    indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, shape: tuple[int, int]
+) -> np.ndarray:
     out = np.zeros(shape, np.float32)
     rows = np.repeat(np.arange(shape[0]), np.diff(indptr.astype(np.int64)))
     out[rows, indices.astype(np.int64)] = data
@@ -145,11 +181,22 @@ def dense_module(layer: nn.Module) -> nn.Module:
     L = _layers()
     w, b = dense_weight(layer)
     if isinstance(layer, L.SparseLinear):
-        m: nn.Module = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=b is not None)
+        m: nn.Module = nn.utils.skip_init(
+            nn.Linear, layer.in_features, layer.out_features, bias=b is not None
+        )
     else:
         s = layer.spec
-        m = nn.utils.skip_init(nn.Conv2d, s.in_channels, s.out_channels, s.kernel_size, stride=s.stride,
-                               padding=s.padding, dilation=s.dilation, groups=s.groups, bias=b is not None)
+        m = nn.utils.skip_init(
+            nn.Conv2d,
+            s.in_channels,
+            s.out_channels,
+            s.kernel_size,
+            stride=s.stride,
+            padding=s.padding,
+            dilation=s.dilation,
+            groups=s.groups,
+            bias=b is not None,
+        )
     with torch.no_grad():
         m.weight.copy_(torch.from_numpy(w))
         if b is not None:
@@ -165,12 +212,24 @@ def layer_spec(layer: nn.Module) -> dict[str, Any]:
     L = _layers()
     if isinstance(layer, L.SparseLinear):
         has_bias = dense_bias_present(layer)
-        return {"kind": "linear", "in_features": layer.in_features, "out_features": layer.out_features,
-                "bias": has_bias}
+        return {
+            "kind": "linear",
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "bias": has_bias,
+        }
     s = layer.spec
-    return {"kind": "conv", "in_channels": s.in_channels, "out_channels": s.out_channels,
-            "kernel_size": list(s.kernel_size), "stride": list(s.stride), "padding": list(s.padding),
-            "dilation": list(s.dilation), "groups": s.groups, "bias": dense_bias_present(layer)}
+    return {
+        "kind": "conv",
+        "in_channels": s.in_channels,
+        "out_channels": s.out_channels,
+        "kernel_size": list(s.kernel_size),
+        "stride": list(s.stride),
+        "padding": list(s.padding),
+        "dilation": list(s.dilation),
+        "groups": s.groups,
+        "bias": dense_bias_present(layer),
+    }
 
 
 def dense_bias_present(layer: nn.Module) -> bool:
@@ -184,8 +243,48 @@ def dense_bias_present(layer: nn.Module) -> bool:
     return eng.bias is not None
 
 
-def rebuild_layer(spec: dict[str, Any], strategy: str, name: str, fmt: Any, bias: np.ndarray | None,
-                  dense: nn.Module | None, conversion_seconds: float) -> nn.Module:
+def _expect(name: str, what: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if tuple(got) != tuple(want):
+        raise SparseCNNError(
+            f"layer {name!r}: stored {what} has shape {tuple(got)}, the layer needs {tuple(want)}"
+        )
+
+
+def _check_conv_format(name: str, strategy: str, cs: Any, fmt: Any) -> None:
+    g, mg, k = cs.groups, cs.m_group, cs.k
+    if strategy == "dense":
+        _expect(name, "dense weight", fmt.shape, (g, mg, k))
+        if fmt.dtype != np.float32:
+            raise SparseCNNError(f"layer {name!r}: stored dense weight is {fmt.dtype}, not float32")
+    elif strategy in ("csrmm", "spgemm"):
+        _expect(name, "CSRMatrix", fmt.shape, (cs.out_channels, k))
+    elif strategy == "bsr":
+        r = fmt.blocksize[0]
+        rows = g * (-(-mg // r) * r) if g > 1 and mg % r else cs.out_channels
+        _expect(name, "BSRMatrix", fmt.shape, (rows, k))
+    elif strategy == "lowered":
+        _expect(name, "LoweredWeight", fmt.shape, (cs.out_channels, k))
+        if fmt.data.shape[0] != g:
+            raise SparseCNNError(
+                f"layer {name!r}: stored LoweredWeight has {fmt.data.shape[0]} groups, not {g}"
+            )
+    elif strategy == "direct":
+        _expect(
+            name, "DirectConvPrep", fmt.weight_shape, (cs.out_channels, cs.in_channels // g, *cs.kernel_size)
+        )
+        if (fmt.groups, fmt.stride, fmt.padding, fmt.dilation) != (g, cs.stride, cs.padding, cs.dilation):
+            raise SparseCNNError(f"layer {name!r}: stored DirectConvPrep geometry does not match the layer")
+
+
+def rebuild_layer(
+    spec: dict[str, Any],
+    strategy: str,
+    name: str,
+    fmt: Any,
+    bias: np.ndarray | None,
+    dense: nn.Module | None,
+    conversion_seconds: float,
+) -> nn.Module:
     """A SparseConv2d / SparseLinear from its stored format, without converting from dense.
 
     ``dense`` is the layer's ``torch`` module (strategy ``torch`` only, whose weights are dense).
@@ -196,23 +295,46 @@ def rebuild_layer(spec: dict[str, Any], strategy: str, name: str, fmt: Any, bias
         if strategy == "torch":
             eng: Any = L._TorchLinear(dense)
         elif strategy == "dense":
-            eng = L._DenseLinear(np.ascontiguousarray(fmt, dtype=np.float32), bias)  # the format is the weight
+            _expect(name, "dense weight", fmt.shape, (int(spec["out_features"]), int(spec["in_features"])))
+            eng = L._DenseLinear(
+                np.ascontiguousarray(fmt, dtype=np.float32), bias
+            )  # the format is the weight
         elif strategy in ("spmv", "spmm"):
+            _expect(
+                name, "LinearPrep", tuple(fmt.shape), (int(spec["out_features"]), int(spec["in_features"]))
+            )
             eng = L._SparseLinear.__new__(L._SparseLinear)
             eng.format, eng.nbytes, eng.bias, eng.m = fmt, int(fmt.nbytes), bias, int(fmt.shape[0])
         else:
             raise SparseCNNError(f"layer {name!r}: unknown linear strategy {strategy!r}")
-        return L.SparseLinear(eng, int(spec["in_features"]), int(spec["out_features"]), strategy, name, cpu,
-                              conversion_seconds)
-    cs = L._ConvSpec(int(spec["in_channels"]), int(spec["out_channels"]), tuple(spec["kernel_size"]),
-                     tuple(spec["stride"]), tuple(spec["padding"]), tuple(spec["dilation"]), int(spec["groups"]))
+        return L.SparseLinear(
+            eng, int(spec["in_features"]), int(spec["out_features"]), strategy, name, cpu, conversion_seconds
+        )
+    cs = L._ConvSpec(
+        int(spec["in_channels"]),
+        int(spec["out_channels"]),
+        tuple(spec["kernel_size"]),
+        tuple(spec["stride"]),
+        tuple(spec["padding"]),
+        tuple(spec["dilation"]),
+        int(spec["groups"]),
+    )
     if strategy == "torch":
         eng = L._TorchConv(dense)
     else:
-        classes = {"dense": L._DenseConv, "csrmm": L._CsrConv, "spgemm": L._SpgemmConv, "bsr": L._BsrConv,
-                   "lowered": L._LoweredConv, "direct": L._DirectConv}
+        classes = {
+            "dense": L._DenseConv,
+            "csrmm": L._CsrConv,
+            "spgemm": L._SpgemmConv,
+            "bsr": L._BsrConv,
+            "lowered": L._LoweredConv,
+            "direct": L._DirectConv,
+        }
         if strategy not in classes:
             raise SparseCNNError(f"layer {name!r}: unknown conv strategy {strategy!r}")
+        _check_conv_format(name, strategy, cs, fmt)
+        if bias is not None:
+            _expect(name, "bias", bias.shape, (cs.out_channels,))
         eng = classes[strategy].__new__(classes[strategy])
         L._ConvEngine.__init__(eng, cs, bias)
         eng.format, eng.nbytes = fmt, int(fmt.nbytes)

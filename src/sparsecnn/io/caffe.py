@@ -84,7 +84,9 @@ def read_prototxt(path: str | os.PathLike[str]) -> Any:
     try:
         text_format.Parse(text, net, allow_unknown_field=True)
     except text_format.ParseError as exc:
-        raise SparseCNNError(f"prototxt {os.fspath(path)} is not a valid Caffe net definition: {exc}") from None
+        raise SparseCNNError(
+            f"prototxt {os.fspath(path)} is not a valid Caffe net definition: {exc}"
+        ) from None
     except (RecursionError, ValueError, TypeError) as exc:  # pathological nesting or numbers
         raise SparseCNNError(f"prototxt {os.fspath(path)} cannot be parsed: {exc}") from None
     return net
@@ -98,7 +100,8 @@ def read_caffemodel(path: str | os.PathLike[str]) -> Any:
         net.ParseFromString(data)
     except (DecodeError, RecursionError, ValueError) as exc:
         raise SparseCNNError(
-            f"caffemodel {os.fspath(path)} is truncated or not a Caffe binary NetParameter ({exc or 'decode error'})"
+            f"caffemodel {os.fspath(path)} is truncated or not a Caffe binary NetParameter "
+            f"({exc or 'decode error'})"
         ) from None
     if not net.layer and not net.layers:
         raise SparseCNNError(f"caffemodel {os.fspath(path)} holds no layers; is it a Caffe .caffemodel?")
@@ -137,7 +140,9 @@ def _layers(net: Any) -> list[_Layer]:
     v1_enum = pb.V1LayerParameter.DESCRIPTOR.enum_types_by_name["LayerType"]
     for msg, v1 in [(m, False) for m in net.layer] + [(m, True) for m in net.layers]:
         if v1:
-            enum_name = v1_enum.values_by_number[msg.type].name if msg.type in v1_enum.values_by_number else ""
+            enum_name = (
+                v1_enum.values_by_number[msg.type].name if msg.type in v1_enum.values_by_number else ""
+            )
             ltype = pb.V1_TYPE_NAMES.get(enum_name, "") or f"V1 type {msg.type}"
         else:
             if msg.HasField("phase") and msg.phase != phase:
@@ -216,7 +221,9 @@ def _axis(axis: int, ndim: int, where: str) -> int:
     return axis % ndim
 
 
-def _hw(where: str, what: str, values: Sequence[int], h: int | None, w: int | None, default: int) -> tuple[int, int]:
+def _hw(
+    where: str, what: str, values: Sequence[int], h: int | None, w: int | None, default: int
+) -> tuple[int, int]:
     if h is not None or w is not None:
         if values:
             raise SparseCNNError(f"{where}: give either {what} or {what}_h and {what}_w, not both")
@@ -267,8 +274,14 @@ def _conv(L: _Layer, shapes: list[Shape], blobs: list[np.ndarray] | None, where:
     wshape = (n_out, c // group, kh, kw)
     _check_numel(where, wshape)
     blobs = _need_blobs(where, blobs, 2 if p.bias_term else 1)
-    args = dict(kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=group,
-                bias=p.bias_term)
+    args = dict(
+        kernel_size=(kh, kw),
+        stride=(sh, sw),
+        padding=(ph, pw),
+        dilation=(dh, dw),
+        groups=group,
+        bias=p.bias_term,
+    )
     if blobs is None:
         module = nn.Conv2d(c, n_out, **args)
     else:
@@ -329,8 +342,12 @@ def _pooling(L: _Layer, shapes, blobs, where):
     (x,) = shapes
     if len(x) != 4:
         raise SparseCNNError(f"{where}: needs a 4-D (N, C, H, W) input, got shape {x}")
-    method = pb.LayerParameter.DESCRIPTOR.fields_by_name["pooling_param"].message_type \
-        .enum_types_by_name["PoolMethod"].values_by_number[p.pool].name
+    method = (
+        pb.LayerParameter.DESCRIPTOR.fields_by_name["pooling_param"]
+        .message_type.enum_types_by_name["PoolMethod"]
+        .values_by_number[p.pool]
+        .name
+    )
     if method not in ("MAX", "AVE"):
         raise SparseCNNError(f"{where}: pooling method {method} is not supported (MAX and AVE are)")
     if p.global_pooling:
@@ -347,7 +364,9 @@ def _pooling(L: _Layer, shapes, blobs, where):
     else:
         raise SparseCNNError(f"{where}: pooling needs kernel_size, or kernel_h and kernel_w")
     ph, pw = (p.pad_h, p.pad_w) if p.HasField("pad_h") or p.HasField("pad_w") else (p.pad, p.pad)
-    sh, sw = (p.stride_h, p.stride_w) if p.HasField("stride_h") or p.HasField("stride_w") else (p.stride, p.stride)
+    sh, sw = (
+        (p.stride_h, p.stride_w) if p.HasField("stride_h") or p.HasField("stride_w") else (p.stride, p.stride)
+    )
     if min(kh, kw, sh, sw) <= 0:
         raise SparseCNNError(f"{where}: pooling kernel and stride must be positive")
     if ph >= kh or pw >= kw:
@@ -402,8 +421,9 @@ def _concat(L: _Layer, shapes, blobs, where):
     axis = p.axis if p.HasField("axis") or not p.HasField("concat_dim") else p.concat_dim
     axis = _axis(axis, len(shapes[0]), where)
     for s in shapes[1:]:
-        if len(s) != len(shapes[0]) or any(a != b for i, (a, b) in enumerate(zip(s, shapes[0], strict=True))
-                                           if i != axis):
+        if len(s) != len(shapes[0]) or any(
+            a != b for i, (a, b) in enumerate(zip(s, shapes[0], strict=True)) if i != axis
+        ):
             raise SparseCNNError(f"{where}: inputs of shapes {shapes} differ outside the concat axis {axis}")
     out = list(shapes[0])
     out[axis] = sum(s[axis] for s in shapes)
@@ -468,13 +488,22 @@ def _flatten(L: _Layer, shapes, blobs, where):
     a, e = _axis(p.axis, len(x), where), _axis(p.end_axis, len(x), where)
     if e < a:
         raise SparseCNNError(f"{where}: Flatten end_axis {p.end_axis} comes before axis {p.axis}")
-    return nn.Flatten(a, e), [(*x[:a], math.prod(x[a:e + 1]), *x[e + 1:])], -1
+    return nn.Flatten(a, e), [(*x[:a], math.prod(x[a : e + 1]), *x[e + 1 :])], -1
 
 
 _BUILDERS = {
-    "Convolution": _conv, "InnerProduct": _inner_product, "ReLU": _relu, "Pooling": _pooling,
-    "LRN": _lrn, "Dropout": _dropout, "Softmax": _softmax, "Concat": _concat, "Eltwise": _eltwise,
-    "BatchNorm": _batch_norm, "Scale": _scale, "Flatten": _flatten,
+    "Convolution": _conv,
+    "InnerProduct": _inner_product,
+    "ReLU": _relu,
+    "Pooling": _pooling,
+    "LRN": _lrn,
+    "Dropout": _dropout,
+    "Softmax": _softmax,
+    "Concat": _concat,
+    "Eltwise": _eltwise,
+    "BatchNorm": _batch_norm,
+    "Scale": _scale,
+    "Flatten": _flatten,
 }
 _N_BOTTOMS = {"Concat": None, "Eltwise": None}  # any number; all others take exactly one
 _PARAM_LAYERS = {"Convolution", "InnerProduct", "BatchNorm", "Scale"}
@@ -498,13 +527,15 @@ def _net_inputs(net: Any, layers: list[_Layer]) -> dict[str, Shape | None]:
     if net.input_shape and len(net.input_shape) != len(names):
         raise SparseCNNError(f"net has {len(names)} input(s) but {len(net.input_shape)} input_shape(s)")
     if net.input_dim and len(net.input_dim) != 4 * len(names):
-        raise SparseCNNError(f"net has {len(names)} input(s) but {len(net.input_dim)} input_dim values (4 each)")
+        raise SparseCNNError(
+            f"net has {len(names)} input(s) but {len(net.input_dim)} input_dim values (4 each)"
+        )
     for i, name in enumerate(names):
         where = f"input {name!r}"
         if net.input_shape:
             inputs[name] = _shape_from(net.input_shape[i].dim, where)
         elif net.input_dim:
-            inputs[name] = _shape_from(net.input_dim[4 * i: 4 * i + 4], where)
+            inputs[name] = _shape_from(net.input_dim[4 * i : 4 * i + 4], where)
         else:
             inputs[name] = None
     for L in layers:
@@ -550,7 +581,9 @@ def build_net(
         inputs[first] = _shape_from((1, *input_shape), "input_shape")
     for name, shape in inputs.items():
         if shape is None:
-            raise SparseCNNError(f"the Caffe net gives no shape for its input {name!r}; pass input_shape=(C, H, W)")
+            raise SparseCNNError(
+                f"the Caffe net gives no shape for its input {name!r}; pass input_shape=(C, H, W)"
+            )
     shapes: dict[str, Shape] = dict(inputs)  # type: ignore[arg-type]
     own_blobs = _weight_blobs(net)
     taken: set[str] = set()
@@ -634,4 +667,6 @@ def load_caffe(
     except SparseCNNError as exc:
         raise SparseCNNError(f"{os.fspath(prototxt)}: {exc}") from None
     except (TypeError, IndexError, KeyError, RuntimeError, OverflowError, ValueError) as exc:
-        raise SparseCNNError(f"{os.fspath(prototxt)}: cannot build the net ({type(exc).__name__}: {exc})") from None
+        raise SparseCNNError(
+            f"{os.fspath(prototxt)}: cannot build the net ({type(exc).__name__}: {exc})"
+        ) from None

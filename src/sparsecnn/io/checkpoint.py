@@ -62,9 +62,7 @@ def _graph_spec(module: nn.Module) -> dict[str, Any]:
 
 def _architecture(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, GraphNet):
-        desc = model.describe()
-        desc["modules"] = {name: _graph_spec(model._modules[name]) for name in model._modules}
-        return {"kind": "graph", "description": desc}
+        return {"kind": "graph", "description": model.describe(_graph_spec)}
     zoo = getattr(model, "zoo_name", None)
     shape = getattr(model, "input_shape", None)
     if isinstance(zoo, str) and isinstance(shape, tuple) and len(shape) == 3 and shape[1] == shape[2]:
@@ -104,8 +102,11 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> str:
         if not _sparse.is_sparse(m):
             continue
         spec = _sparse.layer_spec(m)
-        entry: dict[str, Any] = {"strategy": m.strategy, "spec": spec,
-                                 "conversion_seconds": float(m.conversion_seconds)}
+        entry: dict[str, Any] = {
+            "strategy": m.strategy,
+            "spec": spec,
+            "conversion_seconds": float(m.conversion_seconds),
+        }
         if m.strategy != "torch":  # torch keeps a dense module, saved with the state dict
             cls, scalars, parts = _sparse.format_parts(m.format)
             entry["format"] = {"class": cls, "fields": scalars, "arrays": sorted(parts)}
@@ -121,8 +122,11 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> str:
     plan = getattr(model, "sparsecnn_plan", None)
     shape = getattr(model, "input_shape", None)
     header = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "layers": layers,
-        "dense": list(state), "architecture": _architecture(model),
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "layers": layers,
+        "dense": list(state),
+        "architecture": _architecture(model),
         "input_shape": list(shape) if isinstance(shape, tuple) else None,
         "plan": plan.to_json() if hasattr(plan, "to_json") else None,
     }
@@ -216,7 +220,8 @@ def _skeleton(arch: Any, path: str) -> nn.Module:
             raise SparseCNNError(f"checkpoint {path} has malformed zoo build arguments")
         return build(str(arch.get("name")), **{k: int(v) for k, v in build_kw.items()})
     raise SparseCNNError(
-        f"checkpoint {path} was saved from a {arch.get('class', 'custom')} module, whose architecture it cannot "
+        f"checkpoint {path} was saved from a {arch.get('class', 'custom')} module, whose architecture it "
+        f"cannot "
         f"record; pass model=<a freshly built instance of it> to load"
     )
 
@@ -266,15 +271,21 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.
                 dense = nn.utils.skip_init(cls, **args).eval()
             else:
                 f = entry["format"]
-                fmt = _sparse.format_from_parts(str(f["class"]), dict(f["fields"]),
-                                                {k: arrays[prefix + k] for k in f["arrays"]})
-            bias = arrays[prefix + "bias"].astype(np.float32) if spec["bias"] and strategy != "torch" else None
-            layer = _sparse.rebuild_layer(spec, strategy, name, fmt, bias, dense,
-                                          float(entry.get("conversion_seconds", 0.0)))
+                fmt = _sparse.format_from_parts(
+                    str(f["class"]), dict(f["fields"]), {k: arrays[prefix + k] for k in f["arrays"]}
+                )
+            bias = (
+                arrays[prefix + "bias"].astype(np.float32) if spec["bias"] and strategy != "torch" else None
+            )
+            layer = _sparse.rebuild_layer(
+                spec, strategy, name, fmt, bias, dense, float(entry.get("conversion_seconds", 0.0))
+            )
             try:
                 skeleton.get_submodule(name)
             except AttributeError:
-                raise SparseCNNError(f"{bad}: the model has no layer {name!r} for a stored sparse layer") from None
+                raise SparseCNNError(
+                    f"{bad}: the model has no layer {name!r} for a stored sparse layer"
+                ) from None
             _set_submodule(skeleton, name, layer)
         state = {k: torch.from_numpy(np.array(arrays["dense/" + k])) for k in header["dense"]}
         missing, unexpected = skeleton.load_state_dict(state, strict=False)
@@ -294,8 +305,14 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.
     if isinstance(plan, dict) and isinstance(plan.get("layers"), dict):
         from sparsecnn.plan import LayerChoice, Plan
 
-        skeleton.sparsecnn_plan = Plan({
-            n: LayerChoice(str(e["strategy"]), str(e.get("source", "given")),
-                           {k: float(v) for k, v in e.get("times_s", {}).items()})
-            for n, e in plan["layers"].items()})
+        skeleton.sparsecnn_plan = Plan(
+            {
+                n: LayerChoice(
+                    str(e["strategy"]),
+                    str(e.get("source", "given")),
+                    {k: float(v) for k, v in e.get("times_s", {}).items()},
+                )
+                for n, e in plan["layers"].items()
+            }
+        )
     return skeleton.eval()

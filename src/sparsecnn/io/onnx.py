@@ -20,7 +20,7 @@ the dozens of shape and pooling nodes torch decomposes it into. Sparse layers ar
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import os
 import tempfile
 import warnings
@@ -164,7 +164,8 @@ class _Importer:
             handler = getattr(self, "op_" + node.op_type, None)
             if handler is None:
                 raise SparseCNNError(
-                    f"{where}: operator {node.op_type!r} is not supported; supported: {', '.join(SUPPORTED_OPS)}"
+                    f"{where}: operator {node.op_type!r} is not supported; "
+                    f"supported: {', '.join(SUPPORTED_OPS)}"
                 )
             if not node.output:
                 raise SparseCNNError(f"{where}: has no outputs")
@@ -175,8 +176,9 @@ class _Importer:
         for o in outputs:
             self.need(o, f"graph output {o!r}")
         dims = self.input_dims(inputs[0])
-        return GraphNet(self.steps, self.modules, [i.name for i in inputs], outputs, dims,
-                        source=f"onnx:{self.path}")
+        return GraphNet(
+            self.steps, self.modules, [i.name for i in inputs], outputs, dims, source=f"onnx:{self.path}"
+        )
 
     def input_dims(self, value_info: Any) -> tuple[int, ...]:
         shape = value_info.type.tensor_type.shape
@@ -198,8 +200,15 @@ class _Importer:
         pad = self.pads2d(where, a, k)
         bias = ins[2] if len(ins) > 2 and ins[2] else None
         module = nn.utils.skip_init(
-            nn.Conv2d, w.shape[1] * group, w.shape[0], k, stride=tuple(a.get("strides", (1, 1))), padding=pad,
-            dilation=tuple(a.get("dilations", (1, 1))), groups=group, bias=bias is not None,
+            nn.Conv2d,
+            w.shape[1] * group,
+            w.shape[0],
+            k,
+            stride=tuple(a.get("strides", (1, 1))),
+            padding=pad,
+            dilation=tuple(a.get("dilations", (1, 1))),
+            groups=group,
+            bias=bias is not None,
         )
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(w.astype(np.float32)))
@@ -232,7 +241,9 @@ class _Importer:
             try:
                 bias = np.broadcast_to(c, (1, weight.shape[0])).reshape(-1) * float(a.get("beta", 1.0))
             except ValueError:
-                raise SparseCNNError(f"{where}: C of shape {c.shape} does not broadcast to the output") from None
+                raise SparseCNNError(
+                    f"{where}: C of shape {c.shape} does not broadcast to the output"
+                ) from None
         self._linear(node, where, name, ins[0], weight, ins[1], bias)
 
     def op_MatMul(self, node, where, a, name):
@@ -257,7 +268,9 @@ class _Importer:
     def op_Dropout(self, node, where, a, name):
         if len(node.output) > 1 and node.output[1]:
             raise SparseCNNError(f"{where}: the Dropout mask output is not supported")
-        self._simple(node, where, name, nn.Dropout(float(a.get("ratio", 0.5))) if self.opset < 12 else nn.Dropout())
+        self._simple(
+            node, where, name, nn.Dropout(float(a.get("ratio", 0.5))) if self.opset < 12 else nn.Dropout()
+        )
 
     def _pool(self, node, where, a, name, avg):
         if len(node.output) > 1 and node.output[1]:
@@ -271,7 +284,9 @@ class _Importer:
         stride = tuple(int(v) for v in a.get("strides", (1, 1)))
         ceil = bool(a.get("ceil_mode", 0))
         if avg:
-            module = nn.AvgPool2d(k, stride, pad, ceil_mode=ceil, count_include_pad=bool(a.get("count_include_pad", 0)))
+            module = nn.AvgPool2d(
+                k, stride, pad, ceil_mode=ceil, count_include_pad=bool(a.get("count_include_pad", 0))
+            )
         else:
             if int(a.get("storage_order", 0)):
                 raise SparseCNNError(f"{where}: storage_order 1 is not supported")
@@ -307,8 +322,9 @@ class _Importer:
         size = int(a.get("size", 0))
         if size <= 0 or size % 2 == 0:
             raise SparseCNNError(f"{where}: LRN size must be odd and positive, got {size}")
-        module = nn.LocalResponseNorm(size, float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)),
-                                      float(a.get("bias", 1.0)))
+        module = nn.LocalResponseNorm(
+            size, float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)), float(a.get("bias", 1.0))
+        )
         self._simple(node, where, name, module)
 
     def _binary(self, node, where, name, op):
@@ -348,16 +364,23 @@ class _Importer:
     def op_BatchNormalization(self, node, where, a, name):
         ins = self._inputs(node)
         if len(ins) < 5 or int(a.get("training_mode", 0)):
-            raise SparseCNNError(f"{where}: only inference-mode BatchNormalization with 5 inputs is supported")
-        scale, bias, mean, var = (self.const(n, where, w) for n, w in zip(ins[1:5], ("scale", "B", "mean", "var"),
-                                                                          strict=True))
+            raise SparseCNNError(
+                f"{where}: only inference-mode BatchNormalization with 5 inputs is supported"
+            )
+        scale, bias, mean, var = (
+            self.const(n, where, w) for n, w in zip(ins[1:5], ("scale", "B", "mean", "var"), strict=True)
+        )
         c = scale.shape[0] if scale.ndim == 1 else -1
         if c <= 0 or any(t.shape != (c,) for t in (bias, mean, var)):
             raise SparseCNNError(f"{where}: scale, B, mean and var must be vectors of one length")
         module = BatchNorm(c, eps=float(a.get("epsilon", 1e-5)), momentum=0.1, affine=True)
         with torch.no_grad():
-            for t, v in ((module.weight, scale), (module.bias, bias), (module.running_mean, mean),
-                         (module.running_var, var)):
+            for t, v in (
+                (module.weight, scale),
+                (module.bias, bias),
+                (module.running_mean, mean),
+                (module.running_var, var),
+            ):
                 t.copy_(torch.from_numpy(v.astype(np.float32)))
         prefix = ins[1][: -len(".weight")] if ins[1].endswith(".weight") else name
         self._simple(node, where, prefix, module)
@@ -381,7 +404,9 @@ class _Importer:
     def op_Gather(self, node, where, a, name):
         ins = self._inputs(node)
         if ins[0] in self.consts and ins[1] in self.consts:
-            self.consts[node.output[0]] = np.take(self.consts[ins[0]], self.consts[ins[1]], axis=int(a.get("axis", 0)))
+            self.consts[node.output[0]] = np.take(
+                self.consts[ins[0]], self.consts[ins[1]], axis=int(a.get("axis", 0))
+            )
             return
         self._simple(node, where, name, Gather(int(a.get("axis", 0))), n_inputs=2)
 
@@ -443,7 +468,9 @@ def load_onnx(path: str | os.PathLike[str], *, input_shape: Sequence[int] | None
     except SparseCNNError as exc:
         raise SparseCNNError(f"ONNX model {path}: {exc}") from None
     except (TypeError, IndexError, KeyError, RuntimeError, OverflowError, ValueError, AttributeError) as exc:
-        raise SparseCNNError(f"ONNX model {path}: cannot convert the graph ({type(exc).__name__}: {exc})") from None
+        raise SparseCNNError(
+            f"ONNX model {path}: cannot convert the graph ({type(exc).__name__}: {exc})"
+        ) from None
     if input_shape is not None:
         net.input_shape = tuple(int(d) for d in input_shape)
     if not net.input_shape or any(d <= 0 for d in net.input_shape):
@@ -476,19 +503,29 @@ class _ExportLRN(nn.Module):
         return _LRNFunction.apply(x, self.size, self.alpha, self.beta, self.k)
 
 
-def _for_export(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with export-friendly layers: sparse -> dense, LRN -> one ONNX node."""
-    model = copy.deepcopy(model).eval()
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            replacement = None
-            if isinstance(child, nn.LocalResponseNorm) and child.size % 2 == 1:
-                replacement = _ExportLRN(child)
-            elif _sparse.is_sparse(child):
-                replacement = _sparse.dense_module(child)
-            if replacement is not None:
-                setattr(parent, child_name, replacement)
-    return model
+@contextlib.contextmanager
+def _for_export(model: nn.Module):
+    """``model`` in eval mode with export-friendly layers swapped in (sparse -> dense, LRN -> one ONNX
+    node), restored on exit. Swapping in place instead of copying saves memory and works for models
+    holding attributes deepcopy cannot copy."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    training = model.training
+    try:
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                replacement = None
+                if isinstance(child, nn.LocalResponseNorm) and child.size % 2 == 1:
+                    replacement = _ExportLRN(child)
+                elif _sparse.is_sparse(child):
+                    replacement = _sparse.dense_module(child)
+                if replacement is not None:
+                    swapped.append((parent, child_name, child))
+                    setattr(parent, child_name, replacement)
+        yield model.eval()
+    finally:
+        for parent, child_name, child in reversed(swapped):
+            setattr(parent, child_name, child)
+        model.train(training)
 
 
 def export_onnx(
@@ -528,34 +565,44 @@ def export_onnx(
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise SparseCNNError(f"cannot write {path}: directory {directory} does not exist")
-    export_model = _for_export(model)
-    x = torch.zeros(1, *shape)
-    with torch.no_grad():
+    with _for_export(model) as export_model:
+        x = torch.zeros(1, *shape)
+        with torch.no_grad():
+            try:
+                y = export_model(x)
+            except RuntimeError as exc:
+                raise SparseCNNError(
+                    f"cannot run {type(model).__name__} on an input of shape {(1, *shape)}: {exc}"
+                ) from None
+        n_out = len(y) if isinstance(y, (tuple, list)) else 1
+        outputs = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+        dynamic = {name: {0: "batch"} for name in ["input", *outputs]}
+        fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".onnx", dir=directory)
+        os.close(fd)
         try:
-            y = export_model(x)
-        except RuntimeError as exc:
-            raise SparseCNNError(f"cannot run {type(model).__name__} on an input of shape {(1, *shape)}: {exc}") from None
-    n_out = len(y) if isinstance(y, (tuple, list)) else 1
-    outputs = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
-    dynamic = {name: {0: "batch"} for name in ["input", *outputs]}
-    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".onnx", dir=directory)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                export_model, (x,), tmp, dynamo=False, input_names=["input"], output_names=outputs,
-                dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True,
-                training=torch.onnx.TrainingMode.PRESERVE,  # eval model, and no conv+BN folding: names stay
-            )
-        onnx.checker.check_model(tmp)
-        os.replace(tmp, path)
-    except SparseCNNError:
-        raise
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SparseCNNError(f"cannot export {type(model).__name__} to ONNX: {first}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    export_model,
+                    (x,),
+                    tmp,
+                    dynamo=False,
+                    input_names=["input"],
+                    output_names=outputs,
+                    dynamic_axes=dynamic,
+                    opset_version=opset,
+                    do_constant_folding=True,
+                    # PRESERVE: the model is in eval mode, and conv+BN are not folded, so names stay
+                    training=torch.onnx.TrainingMode.PRESERVE,
+                )
+            onnx.checker.check_model(tmp)
+            os.replace(tmp, path)
+        except SparseCNNError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SparseCNNError(f"cannot export {type(model).__name__} to ONNX: {first}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return path

@@ -56,7 +56,7 @@ def out_span(n_out: int, size: int, offset: int, stride: int) -> tuple[int, int]
 
 
 @pjit
-def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, rows, out):  # noqa: PLR0913
+def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, rows, out):
     """Lower ``x`` into ``out`` (Caffe im2col, grouped, with a table of rows).
 
     Parameters

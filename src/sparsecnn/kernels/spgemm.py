@@ -24,7 +24,7 @@ __all__ = ["csr_spgemm_conv", "exclusive_scan", "im2col_csr_count", "im2col_csr_
 
 
 @pjit
-def im2col_csr_count(x, kh, kw, sh, sw, ph, pw, dh, dw, groups, hout, wout, counts):  # noqa: PLR0913
+def im2col_csr_count(x, kh, kw, sh, sw, ph, pw, dh, dw, groups, hout, wout, counts):
     """Nonzeros of every lowered row: ``counts[(b * groups + g) * K + k]``.
 
     Parameters
@@ -72,7 +72,7 @@ def exclusive_scan(counts, indptr):
 
 
 @pjit
-def im2col_csr_fill(x, kh, kw, sh, sw, ph, pw, dh, dw, groups, hout, wout, indptr, indices, data):  # noqa: PLR0913
+def im2col_csr_fill(x, kh, kw, sh, sw, ph, pw, dh, dw, groups, hout, wout, indptr, indices, data):
     """Write the lowered input's nonzeros as CSR rows (columns ``n = oh * Wout + ow`` ascending).
 
     NOTE: ``indptr`` comes from :func:`exclusive_scan` of :func:`im2col_csr_count` on the same ``x``;
@@ -108,7 +108,7 @@ def im2col_csr_fill(x, kh, kw, sh, sw, ph, pw, dh, dw, groups, hout, wout, indpt
 
 
 @pjit
-def csr_spgemm_conv(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, groups, k_total, bias, out):  # noqa: PLR0913
+def csr_spgemm_conv(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, groups, k_total, bias, out):
     """``out[b, o] = bias[o] + A[o] @ X[b, g]`` with both ``A`` (weights) and ``X`` (input) in CSR.
 
     Parameters

@@ -31,8 +31,16 @@ def _plt() -> Any:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 110, "font.size": 9, "axes.grid": True,
-                         "grid.alpha": 0.3, "legend.fontsize": 8})
+    plt.rcParams.update(
+        {
+            "figure.dpi": 100,
+            "savefig.dpi": 110,
+            "font.size": 9,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "legend.fontsize": 8,
+        }
+    )
     return plt
 
 
@@ -45,7 +53,9 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _grouped_bars(ax: Any, groups: Sequence[str], series: dict[str, list[float | None]], log: bool = False) -> None:
+def _grouped_bars(
+    ax: Any, groups: Sequence[str], series: dict[str, list[float | None]], log: bool = False
+) -> None:
     n = max(len(series), 1)
     width = 0.8 / n
     for i, (label, vals) in enumerate(series.items()):
@@ -90,7 +100,12 @@ def plot_layer_bytes(res: Results, path: Path, experiment: str = "conv_layers") 
         layers = [r["params"]["layer"] for r in mine]
         series = {
             label: [r["metrics"]["bytes"][fmt] / 2**20 for r in mine]
-            for label, fmt in (("dense", "dense"), ("CSR", "csr"), ("BSR 4×4", "bsr"), ("relative index", "relative"))
+            for label, fmt in (
+                ("dense", "dense"),
+                ("CSR", "csr"),
+                ("BSR 4×4", "bsr"),
+                ("relative index", "relative"),
+            )
         }
         _grouped_bars(ax, layers, series)
         ax.set_title(f"{model} / {profile}")
@@ -126,8 +141,9 @@ def plot_layer_times(res: Results, path: Path, experiment: str = "conv_layers") 
     return _save(fig, path)
 
 
-def plot_sweep(res: Results, path: Path, experiment: str = "sparsity_sweep",
-               records: list[dict[str, Any]] | None = None) -> Path | None:
+def plot_sweep(
+    res: Results, path: Path, experiment: str = "sparsity_sweep", records: list[dict[str, Any]] | None = None
+) -> Path | None:
     recs = records if records is not None else res.of(experiment)
     curves = sweep_curves(recs)
     if not curves:
@@ -152,8 +168,9 @@ def plot_sweep(res: Results, path: Path, experiment: str = "sparsity_sweep",
     ax.set_ylabel("speedup over torch dense (×, log scale)")
     p = recs[0]["params"]
     where = f"{p.get('model', '')} {p.get('layer', '')}".strip() or "×".join(map(str, p.get("shape", [])))
-    ax.set_title(f"Speedup vs sparsity, {where}, batch {p.get('batch', '-')}, {p.get('device', 'cpu')}; "
-                 "◆ = break-even")
+    ax.set_title(
+        f"Speedup vs sparsity, {where}, batch {p.get('batch', '-')}, {p.get('device', 'cpu')}; ◆ = break-even"
+    )
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
@@ -172,11 +189,20 @@ def plot_scaling(res: Results, path: Path) -> Path | None:
         pts = [(m * k, idx[(m, k, impl)]) for m, k in sizes if (m, k, impl) in idx]
         xs = [x for x, _ in pts]
         a1.plot(xs, [median(r) * 1e3 for _, r in pts], marker="o", label=impl)
-        a2.plot(xs, [r["metrics"]["peak_rss_bytes"] / 2**20 for _, r in pts], marker="o", label=f"{impl} peak")
-        a2.plot(xs, [max(r["metrics"]["matrix_rss_bytes"], 1) / 2**20 for _, r in pts], marker="x", ls="--",
-                label=f"{impl} above baseline")
+        a2.plot(
+            xs, [r["metrics"]["peak_rss_bytes"] / 2**20 for _, r in pts], marker="o", label=f"{impl} peak"
+        )
+        a2.plot(
+            xs,
+            [max(r["metrics"]["matrix_rss_bytes"], 1) / 2**20 for _, r in pts],
+            marker="x",
+            ls="--",
+            label=f"{impl} above baseline",
+        )
         if impl != "dense":
-            ratio = [(m * k, median(idx.get((m, k, "dense"))), median(idx.get((m, k, impl)))) for m, k in sizes]
+            ratio = [
+                (m * k, median(idx.get((m, k, "dense"))), median(idx.get((m, k, impl)))) for m, k in sizes
+            ]
             ratio = [(x, d / t) for x, d, t in ratio if d and t]
             a3.plot([x for x, _ in ratio], [y for _, y in ratio], marker="o", label=f"dense / {impl}")
     for ax in (a1, a2, a3):
@@ -209,20 +235,33 @@ def plot_spxsp(res: Results, path: Path) -> Path | None:
     mine = [r for r in recs if r["params"]["model"] == model and r["params"]["profile"] == profile]
     idx = {(r["params"]["layer"], r["params"]["impl"]): r for r in mine}
     layers = list(dict.fromkeys(r["params"]["layer"] for r in mine))
-    impls = [i for i in ("torch-dense", "dense", "csrmm", "spgemm", "torch-spgemm")
-             if any(r["params"]["impl"] == i for r in mine)]
+    impls = [
+        i
+        for i in ("torch-dense", "dense", "csrmm", "spgemm", "torch-spgemm")
+        if any(r["params"]["impl"] == i for r in mine)
+    ]
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 3.8))
     times = {i: [(median(idx.get((layer, i))) or math.nan) * 1e3 for layer in layers] for i in impls}
     _grouped_bars(a1, layers, times, log=True)
     a1.set_ylabel("time per call (ms, log scale)")
     a1.set_title("Time")
-    mem = {i: [idx[(layer, i)]["metrics"]["operand_bytes"] / 2**20 if (layer, i) in idx else None
-               for layer in layers] for i in impls if i != "torch-dense"}
+    mem = {
+        i: [
+            idx[(layer, i)]["metrics"]["operand_bytes"] / 2**20 if (layer, i) in idx else None
+            for layer in layers
+        ]
+        for i in impls
+        if i != "torch-dense"
+    }
     _grouped_bars(a2, layers, mem)
     a2.set_ylabel("weight + lowered input (MiB)")
     a2.set_title("Operand memory")
-    act = [idx[(layer, "activation")]["metrics"]["input_sparsity"] * 100 if (layer, "activation") in idx else None
-           for layer in layers]
+    act = [
+        idx[(layer, "activation")]["metrics"]["input_sparsity"] * 100
+        if (layer, "activation") in idx
+        else None
+        for layer in layers
+    ]
     seed = [SEED["relu_sparsity"].get(layer, math.nan) * 100 for layer in layers]
     _grouped_bars(a3, layers, {"measured here": act, "seed (trained AlexNet)": seed})
     a3.set_ylim(0, 100)
@@ -242,7 +281,10 @@ def plot_e2e(res: Results, path: Path) -> Path | None:
     plt = _plt()
     batches = sorted({r["params"]["batch"] for r in recs})
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.6), squeeze=False)
-    idx = {(r["params"]["model"], r["params"]["profile"], r["params"]["batch"], r["params"]["impl"]): r for r in recs}
+    idx = {
+        (r["params"]["model"], r["params"]["profile"], r["params"]["batch"], r["params"]["impl"]): r
+        for r in recs
+    }
     models = list(dict.fromkeys((r["params"]["model"], r["params"]["profile"]) for r in recs))
     impls = list(dict.fromkeys(r["params"]["impl"] for r in recs))
     for ax, b in zip(axes[0], batches, strict=True):
@@ -253,7 +295,9 @@ def plot_e2e(res: Results, path: Path) -> Path | None:
         _grouped_bars(ax, [f"{m}\n{p}" for m, p in models], series, log=b == 1)
         ax.set_xlabel("model / profile")
         ax.set_ylabel("latency (ms, log scale)" if b == 1 else "throughput (images/s)")
-        ax.set_title(f"batch {b}: " + ("latency, lower is better" if b == 1 else "throughput, higher is better"))
+        ax.set_title(
+            f"batch {b}: " + ("latency, lower is better" if b == 1 else "throughput, higher is better")
+        )
         ax.legend()
     fig.suptitle("End to end: dense torch vs sparsified")
     return _save(fig, path)
@@ -263,8 +307,10 @@ def plot_e2e(res: Results, path: Path) -> Path | None:
 EXPERIMENT_PLOTS: dict[str, list[tuple[str, Any]]] = {
     "weight_sparsity": [("weight_sparsity.png", plot_weight_sparsity)],
     "conv_layers": [("conv_bytes.png", plot_layer_bytes), ("conv_times.png", plot_layer_times)],
-    "fc_layers": [("fc_bytes.png", lambda r, p: plot_layer_bytes(r, p, "fc_layers")),
-                  ("fc_times.png", lambda r, p: plot_layer_times(r, p, "fc_layers"))],
+    "fc_layers": [
+        ("fc_bytes.png", lambda r, p: plot_layer_bytes(r, p, "fc_layers")),
+        ("fc_times.png", lambda r, p: plot_layer_times(r, p, "fc_layers")),
+    ],
     "sparsity_sweep": [("sweep.png", plot_sweep)],
     "memory_scaling": [("memory_scaling.png", plot_scaling)],
     "sparse_x_sparse": [("sparse_x_sparse.png", plot_spxsp)],

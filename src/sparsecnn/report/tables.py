@@ -61,8 +61,11 @@ class Results:
     config: dict[str, Any] = field(default_factory=dict)
 
     def of(self, experiment: str, status: str | None = "ok") -> list[dict[str, Any]]:
-        return [r for r in self.measurements
-                if r["experiment"] == experiment and (status is None or r["status"] == status)]
+        return [
+            r
+            for r in self.measurements
+            if r["experiment"] == experiment and (status is None or r["status"] == status)
+        ]
 
     def errors(self) -> list[dict[str, Any]]:
         return [r for r in self.measurements if r["status"] == "error"]
@@ -138,8 +141,11 @@ def break_even(sparsities: Sequence[float], speedups: Sequence[float | None]) ->
     speedups : sequence of float or None
         Dense time over the strategy's time at each sparsity.
     """
-    pts = sorted((float(s), float(r)) for s, r in zip(sparsities, speedups, strict=True)
-                 if r is not None and math.isfinite(r) and r > 0)
+    pts = sorted(
+        (float(s), float(r))
+        for s, r in zip(sparsities, speedups, strict=True)
+        if r is not None and math.isfinite(r) and r > 0
+    )
     if not pts:
         return BreakEven("unknown", None)
     slow = [i for i, (_, r) in enumerate(pts) if r < 1.0]
@@ -212,7 +218,9 @@ def _ordered(values: Iterable[Any]) -> list[Any]:
 
 
 def model_keys(records: Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    return _ordered((r["params"]["model"], r["params"]["profile"]) for r in records if "profile" in r["params"])
+    return _ordered(
+        (r["params"]["model"], r["params"]["profile"]) for r in records if "profile" in r["params"]
+    )
 
 
 def impls_of(records: Iterable[Mapping[str, Any]], exclude: Sequence[str] = ()) -> list[str]:
@@ -231,19 +239,44 @@ def weight_tables(res: Results) -> list[Table]:
     tables = []
     for r in res.of("weight_sparsity"):
         p = r["params"]
-        rows = [[x["layer"], x["kind"], "×".join(map(str, x["shape"])), f"{x['numel']:,}",
-                 _pct(x.get("target")), _pct(x["sparsity"]), _pct(x.get("filter_sparsity"))]
-                for x in r["metrics"]["layers"]]
-        tables.append(Table(f"{p['model']} / {p['profile']}",
-                            ["layer", "kind", "weight shape", "weights", "profile", "measured zeros",
-                             "all-zero filters"], rows))
+        rows = [
+            [
+                x["layer"],
+                x["kind"],
+                "×".join(map(str, x["shape"])),
+                f"{x['numel']:,}",
+                _pct(x.get("target")),
+                _pct(x["sparsity"]),
+                _pct(x.get("filter_sparsity")),
+            ]
+            for x in r["metrics"]["layers"]
+        ]
+        tr = r["metrics"].get("training") or {}
+        acc = (
+            f" (digits test accuracy: dense {tr['dense_accuracy']:.1%}, pruned and retrained "
+            f"{tr['pruned_accuracy']:.1%})"
+            if tr
+            else ""
+        )
+        tables.append(
+            Table(
+                f"{p['model']} / {p['profile']}{acc}",
+                ["layer", "kind", "weight shape", "weights", "profile", "measured zeros", "all-zero filters"],
+                rows,
+            )
+        )
     return tables
 
 
 def layer_time_table(recs: list[dict[str, Any]], model: str, profile: str, title: str) -> Table:
     """Per layer: median ms ± IQR/2 and speedup over torch dense for each implementation."""
-    mine = [r for r in recs if r["params"]["model"] == model and r["params"].get("profile") == profile
-            and r["params"]["impl"] != "bytes"]
+    mine = [
+        r
+        for r in recs
+        if r["params"]["model"] == model
+        and r["params"].get("profile") == profile
+        and r["params"]["impl"] != "bytes"
+    ]
     idx = _index(mine, "layer", "impl")
     impls = impls_of(mine)
     layers = _ordered(r["params"]["layer"] for r in mine)
@@ -255,39 +288,84 @@ def layer_time_table(recs: list[dict[str, Any]], model: str, profile: str, title
         if auto is not None and auto["status"] == "ok":
             row[-1] = f"{auto['metrics'].get('choice')}: {row[-1]}"
         rows.append(row)
-    return Table(title, ["layer"] + [f"{i} ms" for i in impls], rows,
-                 "median ± half the interquartile range over repeats; (×) = speedup over torch-dense; "
-                 "'auto' is the planner's choice for the layer, timed as chosen.")
+    return Table(
+        title,
+        ["layer"] + [f"{i} ms" for i in impls],
+        rows,
+        "median ± half the interquartile range over repeats; (×) = speedup over torch-dense; "
+        "'auto' is the planner's choice for the layer, timed as chosen.",
+    )
 
 
 def conversion_table(recs: list[dict[str, Any]], model: str, profile: str) -> Table:
-    mine = [r for r in recs if r["params"]["model"] == model and r["params"].get("profile") == profile
-            and r["status"] == "ok" and r["metrics"].get("kind") == "strategy"]
+    mine = [
+        r
+        for r in recs
+        if r["params"]["model"] == model
+        and r["params"].get("profile") == profile
+        and r["status"] == "ok"
+        and r["metrics"].get("kind") == "strategy"
+    ]
     idx = _index(mine, "layer", "impl")
     impls = _ordered(r["params"]["impl"] for r in mine)
     layers = _ordered(r["params"]["layer"] for r in mine)
-    rows = [[layer] + [_ms(idx[(layer, i)]["metrics"].get("conversion_s")) if (layer, i) in idx else "—"
-                       for i in impls] for layer in layers]
-    return Table(f"{model} / {profile}: conversion time (not in the times above)", ["layer"] + [f"{i} ms" for i in impls],
-                 rows, "one-off cost of building each strategy's format from the dense weights.")
+    rows = [
+        [layer]
+        + [_ms(idx[(layer, i)]["metrics"].get("conversion_s")) if (layer, i) in idx else "—" for i in impls]
+        for layer in layers
+    ]
+    return Table(
+        f"{model} / {profile}: conversion time (not in the times above)",
+        ["layer"] + [f"{i} ms" for i in impls],
+        rows,
+        "one-off cost of building each strategy's format from the dense weights.",
+    )
 
 
 def bytes_table(recs: list[dict[str, Any]], model: str, profile: str) -> Table:
-    mine = [r for r in recs if r["params"]["model"] == model and r["params"].get("profile") == profile
-            and r["params"]["impl"] == "bytes" and r["status"] == "ok"]
+    mine = [
+        r
+        for r in recs
+        if r["params"]["model"] == model
+        and r["params"].get("profile") == profile
+        and r["params"]["impl"] == "bytes"
+        and r["status"] == "ok"
+    ]
     seed = SEED["csr_saving_ssl"] if profile == "ssl" else {}
     rows = []
     for r in mine:
         b = r["metrics"]["bytes"]
         layer = r["params"]["layer"]
-        rows.append([layer, _pct(r["metrics"]["sparsity"]), _kib(b["dense"]), _kib(b["csr"]), _kib(b["bsr"]),
-                     _kib(b["relative"]), _x(b["dense"] / max(b["csr"], 1)),
-                     _x(b["dense"] / max(b["relative"], 1)), _x(seed.get(layer))])
-    return Table(f"{model} / {profile}: weight storage", [
-        "layer", "sparsity", "dense KiB", "CSR KiB", "BSR 4×4 KiB", "relative-index KiB",
-        "saving dense/CSR", "saving dense/relative", "seed's CSR saving"], rows,
+        rows.append(
+            [
+                layer,
+                _pct(r["metrics"]["sparsity"]),
+                _kib(b["dense"]),
+                _kib(b["csr"]),
+                _kib(b["bsr"]),
+                _kib(b["relative"]),
+                _x(b["dense"] / max(b["csr"], 1)),
+                _x(b["dense"] / max(b["relative"], 1)),
+                _x(seed.get(layer)),
+            ]
+        )
+    return Table(
+        f"{model} / {profile}: weight storage",
+        [
+            "layer",
+            "sparsity",
+            "dense KiB",
+            "CSR KiB",
+            "BSR 4×4 KiB",
+            "relative-index KiB",
+            "saving dense/CSR",
+            "saving dense/relative",
+            "seed's CSR saving",
+        ],
+        rows,
         "CSR and BSR store indices at the narrowest integer width that fits (int16 here); relative "
-        "indices are Deep Compression's 4- or 8-bit gaps with filler zeros.")
+        "indices are Deep Compression's 4- or 8-bit gaps with filler zeros.",
+    )
 
 
 def sweep_curves(recs: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
@@ -312,7 +390,9 @@ def sweep_tables(recs: list[dict[str, Any]]) -> list[Table]:
     rows = []
     for s in sps:
         base = median(idx.get((s, BASELINE)))
-        rows.append([f"{s:.3f}"] + [_time_cell(idx.get((s, i)), base if i != BASELINE else None) for i in impls])
+        rows.append(
+            [f"{s:.3f}"] + [_time_cell(idx.get((s, i)), base if i != BASELINE else None) for i in impls]
+        )
     p = recs[0]["params"]
     where = p.get("layer") or "×".join(map(str, p.get("shape", [])))
     curves = sweep_curves(recs)
@@ -322,11 +402,17 @@ def sweep_tables(recs: list[dict[str, Any]]) -> list[Table]:
         best = max(pts, key=lambda q: q[1])
         be_rows.append([impl, be.describe(), f"{best[1]:.2f}× at {best[0]:.3f}"])
     return [
-        Table(f"{where}: median ms (speedup over torch-dense) by sparsity", ["sparsity"] + [f"{i} ms" for i in impls],
-              rows),
-        Table(f"{where}: break-even sparsity (faster than torch-dense from here on)",
-              ["implementation", "break-even", "best speedup"], be_rows,
-              "interpolated linearly in log(speedup) between the last slower point and the next one."),
+        Table(
+            f"{where}: median ms (speedup over torch-dense) by sparsity",
+            ["sparsity"] + [f"{i} ms" for i in impls],
+            rows,
+        ),
+        Table(
+            f"{where}: break-even sparsity (faster than torch-dense from here on)",
+            ["implementation", "break-even", "best speedup"],
+            be_rows,
+            "interpolated linearly in log(speedup) between the last slower point and the next one.",
+        ),
     ]
 
 
@@ -346,15 +432,36 @@ def scaling_table(recs: list[dict[str, Any]]) -> Table:
                 continue
             mt = r["metrics"]
             t = median(r)
-            rows.append([f"{m}×{k}", impl, _ms(t), _mib(mt["peak_rss_bytes"]), _mib(mt["matrix_rss_bytes"]),
-                         _mib(mt["operand_bytes"]), _x(dense_t / t) if dense_t and t else "—", ""])
+            rows.append(
+                [
+                    f"{m}×{k}",
+                    impl,
+                    _ms(t),
+                    _mib(mt["peak_rss_bytes"]),
+                    _mib(mt["matrix_rss_bytes"]),
+                    _mib(mt["operand_bytes"]),
+                    _x(dense_t / t) if dense_t and t else "—",
+                    "",
+                ]
+            )
     n = recs[0]["params"]["n"] if recs else 0
     s = recs[0]["params"]["sparsity"] if recs else 0
-    return Table(f"weight matrices at sparsity {s:.0%}, times a dense {n}-column operand",
-                 ["matrix", "impl", "time ms", "peak RSS MiB", "RSS above baseline MiB", "weight bytes MiB",
-                  "dense/this time", "note"], rows,
-                 "peak RSS of a child process per measurement (os.wait4); the baseline is the child's "
-                 "high-water mark after imports and JIT warm-up, before the matrix was made.")
+    return Table(
+        f"weight matrices at sparsity {s:.0%}, times a dense {n}-column operand",
+        [
+            "matrix",
+            "impl",
+            "time ms",
+            "peak RSS MiB",
+            "RSS above baseline MiB",
+            "weight bytes MiB",
+            "dense/this time",
+            "note",
+        ],
+        rows,
+        "peak RSS of a child process per measurement (os.wait4); the baseline is the child's "
+        "high-water mark after imports and JIT warm-up, before the matrix was made.",
+    )
 
 
 def spxsp_tables(recs: list[dict[str, Any]]) -> list[Table]:
@@ -363,27 +470,50 @@ def spxsp_tables(recs: list[dict[str, Any]]) -> list[Table]:
         mine = [r for r in recs if r["params"]["model"] == model and r["params"]["profile"] == profile]
         idx = _index(mine, "layer", "impl")
         layers = _ordered(r["params"]["layer"] for r in mine)
-        impls = [i for i in ("torch-dense", "dense", "csrmm", "spgemm", "torch-spgemm")
-                 if any(r["params"]["impl"] == i for r in mine)]
+        impls = [
+            i
+            for i in ("torch-dense", "dense", "csrmm", "spgemm", "torch-spgemm")
+            if any(r["params"]["impl"] == i for r in mine)
+        ]
         rows = []
         for layer in layers:
             act = idx.get((layer, "activation"))
             am = act["metrics"] if act and act["status"] == "ok" else {}
             base = median(idx.get((layer, BASELINE)))
-            row = [layer, _pct(am.get("input_sparsity")), _pct(SEED["relu_sparsity"].get(layer)),
-                   _pct(am.get("lowered_sparsity"))]
+            row = [
+                layer,
+                _pct(am.get("input_sparsity")),
+                _pct(SEED["relu_sparsity"].get(layer)),
+                _pct(am.get("lowered_sparsity")),
+            ]
             row += [_time_cell(idx.get((layer, i)), base if i != BASELINE else None) for i in impls]
-            row += [_mib(idx[(layer, i)]["metrics"].get("operand_bytes"))
-                    if (layer, i) in idx and idx[(layer, i)]["status"] == "ok" else "—" for i in impls]
+            row += [
+                _mib(idx[(layer, i)]["metrics"].get("operand_bytes"))
+                if (layer, i) in idx and idx[(layer, i)]["status"] == "ok"
+                else "—"
+                for i in impls
+            ]
             rows.append(row)
-        source = next((r["metrics"].get("input") for r in mine if r["params"]["impl"] == "activation"
-                       and r["status"] == "ok"), "?")
-        tables.append(Table(
-            f"{model} / {profile}: sparse weights × sparse (post-ReLU) lowered input, batch 1",
-            ["layer", "input zeros", "seed's ReLU zeros", "lowered zeros"] + [f"{i} ms" for i in impls]
-            + [f"{i} operands MiB" for i in impls], rows,
-            f"inputs: {source} images. Operand memory = weight + lowered input as each implementation stores "
-            "them (dense, or CSR); the dense output is the same for all and not counted."))
+        source = next(
+            (
+                r["metrics"].get("input")
+                for r in mine
+                if r["params"]["impl"] == "activation" and r["status"] == "ok"
+            ),
+            "?",
+        )
+        tables.append(
+            Table(
+                f"{model} / {profile}: sparse weights × sparse (post-ReLU) lowered input, batch 1",
+                ["layer", "input zeros", "seed's ReLU zeros", "lowered zeros"]
+                + [f"{i} ms" for i in impls]
+                + [f"{i} operands MiB" for i in impls],
+                rows,
+                f"inputs: {source} images. Operand memory = weight + lowered input as each implementation "
+                "stores "
+                "them (dense, or CSR); the dense output is the same for all and not counted.",
+            )
+        )
     return tables
 
 
@@ -398,12 +528,24 @@ def e2e_table(recs: list[dict[str, Any]]) -> Table:
             continue
         chosen = r["metrics"].get("strategies") or {}
         counts = ", ".join(f"{k}×{v}" for k, v in sorted(_counts(chosen.values()).items()))
-        rows.append([f"{model} / {profile}", str(batch), impl, _ms(t), f"{batch / t:,.1f}" if t else "—",
-                     _x(base / t) if base and t else "—", counts])
-    return Table("whole model, dense vs sparsified", ["model", "batch", "impl", "ms per batch", "images/s",
-                                                      "speedup", "strategies chosen"], rows,
-                 "'sparsecnn' is sparsify(model, 'auto'): the planner's per-layer choice; planning time is not "
-                 "included.")
+        rows.append(
+            [
+                f"{model} / {profile}",
+                str(batch),
+                impl,
+                _ms(t),
+                f"{batch / t:,.1f}" if t else "—",
+                _x(base / t) if base and t else "—",
+                counts,
+            ]
+        )
+    return Table(
+        "whole model, dense vs sparsified",
+        ["model", "batch", "impl", "ms per batch", "images/s", "speedup", "strategies chosen"],
+        rows,
+        "'sparsecnn' is sparsify(model, 'auto'): the planner's per-layer choice; planning time is not "
+        "included.",
+    )
 
 
 def _counts(values: Iterable[str]) -> dict[str, int]:
@@ -422,7 +564,9 @@ def experiment_tables(res: Results, experiment: str) -> list[Table]:
         out = []
         for model, profile in model_keys(recs):
             out.append(bytes_table(recs, model, profile))
-            out.append(layer_time_table(recs, model, profile, f"{model} / {profile}: time per layer, batch 1"))
+            out.append(
+                layer_time_table(recs, model, profile, f"{model} / {profile}: time per layer, batch 1")
+            )
             out.append(conversion_table(recs, model, profile))
         return out
     if experiment == "sparsity_sweep":

@@ -1,0 +1,103 @@
+"""``sparsecnn bench``: per-layer time of every strategy vs dense for one model (docs/report.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sparsecnn.errors import SparseCNNError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="per-layer time of every sparse strategy and peer vs torch dense",
+        description="Time every conv/linear layer of MODEL with every strategy of the engine and the peers "
+        "(torch dense, torch.sparse CSR, scipy.sparse, ONNX Runtime) on the layer's real input; each output "
+        "is checked against torch's dense layer before it is timed. Prints one table per layer kind.",
+    )
+    p.add_argument("model", metavar="MODEL", help="zoo model name (sparsecnn.models.names())")
+    p.add_argument("--profile", metavar="P", help="prune first: deep-compression, ssl or uniform:S")
+    p.add_argument("--weights", metavar="PATH", help="state dict file to load into the model")
+    p.add_argument("--batch", type=int, default=1, metavar="B", help="images per call (default: 1)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default: cpu)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch and numba threads (default: all cores)")
+    p.add_argument(
+        "--repeats", type=int, default=7, metavar="N", help="timed samples per measurement (default: 7)"
+    )
+    p.add_argument("--json", metavar="OUT", help="also write the measurement records as JSON to OUT")
+    p.set_defaults(func=run)
+
+
+def print_tables(tables: Iterable[Any]) -> None:
+    """Print :class:`sparsecnn.report.tables.Table` objects with rich."""
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    console = Console()
+    for t in tables:
+        rt = RichTable(title=t.title, caption=t.note or None, title_justify="left")
+        for i, col in enumerate(t.columns):
+            rt.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
+        for row in t.rows:
+            rt.add_row(*map(str, row))
+        console.print(rt)
+
+
+def write_json(path: str, payload: Any) -> None:
+    try:
+        Path(path).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise SparseCNNError(f"cannot write {path} ({exc.strerror}); choose a writable path") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparsecnn.bench.experiments import bench_model
+    from sparsecnn.bench.harness import capture_environment
+    from sparsecnn.models import apply_profile, resolve
+    from sparsecnn.report.tables import bytes_table, conversion_table, layer_time_table
+
+    if args.batch < 1:
+        raise SparseCNNError(f"--batch must be >= 1, got {args.batch}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SparseCNNError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    model = resolve(args.model, weights=args.weights)
+    if args.profile:
+        apply_profile(model, args.profile)
+    records = bench_model(
+        model, args.model, batch=args.batch, device=args.device, threads=args.threads, repeats=args.repeats
+    )
+    label = args.profile or "as loaded"
+    for r in records:  # name the profile in the tables and the JSON
+        r["params"]["profile"] = label
+    conv = [r for r in records if "conv" in _kind(model, r)]
+    lin = [r for r in records if "linear" in _kind(model, r)]
+    tables = []
+    for recs, what in ((conv, "conv"), (lin, "linear")):
+        if recs:
+            tables += [
+                bytes_table(recs, args.model, label),
+                layer_time_table(
+                    recs, args.model, label, f"{args.model} / {label}: {what} layers, batch {args.batch}"
+                ),
+                conversion_table(recs, args.model, label),
+            ]
+    print_tables(tables)
+    errors = [r for r in records if r["status"] == "error"]
+    for r in errors:
+        print(f"error: {r['params']['layer']} {r['params']['impl']}: {r['error']}")
+    if args.json:
+        write_json(args.json, {"environment": capture_environment(args.device), "records": records})
+    return 0
+
+
+def _kind(model: Any, rec: dict[str, Any]) -> str:
+    from torch import nn
+
+    m = model.get_submodule(rec["params"]["layer"])
+    return "linear" if isinstance(m, nn.Linear) else "conv"

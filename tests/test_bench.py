@@ -1,0 +1,250 @@
+"""The measurement harness: timing, verification, the results.jsonl schema, resume, break-even."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sparsecnn.bench.harness import (
+    SCHEMA_VERSION,
+    Harness,
+    Outcome,
+    ResultsLog,
+    Task,
+    VerificationError,
+    check_close,
+    measurement_key,
+    read_records,
+    time_call,
+    validate_record,
+)
+from sparsecnn.errors import SparseCNNError
+from sparsecnn.report.tables import break_even
+
+
+def _tasks(calls: list[str], fail_at: str | None = None) -> list[Task]:
+    def make(i: int) -> Task:
+        def run() -> Outcome:
+            calls.append(f"t{i}")
+            if f"t{i}" == fail_at:
+                raise KeyboardInterrupt  # an injected kill between two measurements
+            x = torch.randn(8, 8)
+            return Outcome({"value": i}, time_call(lambda: x @ x, repeats=3, max_total_s=0.05))
+
+        return Task("unit", {"i": i, "s": 0.5 + i / 10}, run, f"task {i}")
+
+    return [make(i) for i in range(5)]
+
+
+def test_time_call_reports_median_and_quartiles() -> None:
+    t = time_call(lambda: sum(range(1000)), repeats=9)
+    assert t.repeats == 9 and t.warmup == 1 and t.inner >= 1
+    assert 0 < t.min_s <= t.q1_s <= t.median_s <= t.q3_s <= t.max_s
+    assert t.iqr_s == pytest.approx(t.q3_s - t.q1_s)
+
+
+def test_time_call_stops_at_the_time_budget() -> None:
+    import time
+
+    t = time_call(lambda: time.sleep(0.01), repeats=100, max_total_s=0.05)
+    assert 3 <= t.repeats < 100
+
+
+def test_check_close_accepts_reassociation_and_rejects_wrong_output() -> None:
+    ref = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    assert check_close(ref * (1 + 1e-6), ref) < 1e-4
+    with pytest.raises(VerificationError, match="exceeds"):
+        check_close(ref + 0.01 * np.abs(ref).max(), ref)
+    with pytest.raises(VerificationError, match="shape"):
+        check_close(ref[:8], ref)
+    with pytest.raises(VerificationError, match="NaN"):
+        check_close(np.full_like(ref, np.nan), ref)
+
+
+def test_a_mismatch_is_recorded_as_an_error_and_not_timed(tmp_path) -> None:
+    from sparsecnn.bench.experiments import ReportConfig, _timed
+
+    cfg = ReportConfig.preset("tiny")
+    timed: list[int] = []
+
+    def wrong() -> torch.Tensor:
+        timed.append(1)
+        return torch.ones(4)
+
+    task = Task("unit", {"case": "wrong"}, lambda: _timed(wrong, torch.zeros(4) + 2.0, cfg))
+    harness = Harness(ResultsLog(tmp_path / "r.jsonl"), threads=1, progress=False)
+    rec = harness.run([task])[0]
+    assert rec["status"] == "error" and "VerificationError" in rec["error"]
+    assert rec["timing"] is None and timed == [1]  # called once to verify, never timed
+
+
+def test_results_jsonl_schema(tmp_path) -> None:
+    path = tmp_path / "results.jsonl"
+    harness = Harness(ResultsLog(path), threads=2, progress=False)
+    harness.run(_tasks([]))
+    records = read_records(path)
+    for r in records:
+        validate_record(r)
+        assert r["schema"] == SCHEMA_VERSION
+    env = [r for r in records if r["type"] == "env"]
+    meas = [r for r in records if r["type"] == "measurement"]
+    assert len(env) == 1 and len(meas) == 5
+    e = env[0]["env"]
+    for field in ("cpu_model", "cpu_flags", "cores", "torch_threads", "numba_threads", "versions", "blas"):
+        assert e[field] not in (None, "", [])
+    assert {"torch", "numba", "numpy"} <= set(e["versions"])
+    assert e["torch_threads"] == 2
+    for r in meas:
+        assert r["env_id"] == env[0]["env_id"] and r["threads"] == 2 and r["status"] == "ok"
+        assert r["key"] == measurement_key("unit", r["params"])
+        assert r["timing"]["repeats"] >= 1 and r["timing"]["median_s"] > 0
+    # every line is one complete JSON object
+    lines = path.read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(line) for line in lines)
+
+
+def test_validate_record_names_the_broken_field() -> None:
+    good = {
+        "schema": SCHEMA_VERSION, "type": "measurement", "key": measurement_key("e", {"a": 1}),
+        "experiment": "e", "params": {"a": 1}, "env_id": "x", "time": "t", "status": "ok", "error": None,
+        "metrics": {}, "timing": None, "threads": 1, "device": "cpu",
+    }
+    validate_record(good)
+    for field, value, msg in (("status", "meh", "status"), ("key", "e|{}", "key"), ("threads", "2", "threads"),
+                              ("error", "boom", "error message")):
+        with pytest.raises(SparseCNNError, match=msg):
+            validate_record({**good, field: value})
+    with pytest.raises(SparseCNNError, match="lacks field 'metrics'"):
+        validate_record({k: v for k, v in good.items() if k != "metrics"})
+
+
+def test_interrupted_run_resumes_with_every_measurement_exactly_once(tmp_path) -> None:
+    path = tmp_path / "results.jsonl"
+    calls: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        Harness(ResultsLog(path), threads=1, progress=False).run(_tasks(calls, fail_at="t3"))
+    assert calls == ["t0", "t1", "t2", "t3"]
+    before = [r for r in read_records(path) if r["type"] == "measurement"]
+    assert [r["params"]["i"] for r in before] == [0, 1, 2]
+
+    calls.clear()
+    Harness(ResultsLog(path, resume=True), threads=1, progress=False).run(_tasks(calls))
+    assert calls == ["t3", "t4"]  # nothing measured twice
+    after = [r for r in read_records(path) if r["type"] == "measurement"]
+    keys = [r["key"] for r in after]
+    assert len(keys) == len(set(keys)) == 5
+    assert after[:3] == before  # the first run's records are kept as they were
+    assert sum(r["type"] == "env" for r in read_records(path)) == 1  # same environment, one header
+
+
+def test_resume_drops_a_record_cut_off_mid_write(tmp_path) -> None:
+    path = tmp_path / "results.jsonl"
+    Harness(ResultsLog(path), threads=1, progress=False).run(_tasks([])[:2])
+    with open(path, "a") as fh:
+        fh.write('{"schema": 1, "type": "measurem')  # killed while writing
+    calls: list[str] = []
+    Harness(ResultsLog(path, resume=True), threads=1, progress=False).run(_tasks(calls))
+    assert calls == ["t2", "t3", "t4"]
+    assert all(r["type"] in ("env", "measurement") for r in read_records(path))
+    assert len(path.read_text().splitlines()) == 6
+
+
+def test_without_resume_the_file_starts_over(tmp_path) -> None:
+    path = tmp_path / "results.jsonl"
+    Harness(ResultsLog(path), threads=1, progress=False).run(_tasks([]))
+    calls: list[str] = []
+    Harness(ResultsLog(path), threads=1, progress=False).run(_tasks(calls))
+    assert len(calls) == 5 and len(read_records(path)) == 6
+
+
+def test_duplicate_task_keys_are_refused(tmp_path) -> None:
+    t = _tasks([])[0]
+    with pytest.raises(SparseCNNError, match="share the key"):
+        Harness(ResultsLog(tmp_path / "r.jsonl"), threads=1, progress=False).run([t, t])
+
+
+@pytest.mark.parametrize(
+    ("curve", "status", "expect"),
+    [
+        (lambda s: 0.1 / (1 - s), "crosses", 0.9),  # the FLOP limit at 10% efficiency: break-even 90%
+        (lambda s: 0.2 / (1 - s), "crosses", 0.8),  # reaches 1.0 exactly at a measured point
+        (lambda s: 2.0 + s, "always", 0.5),
+        (lambda s: 0.3 + 0.2 * s, "never", None),
+    ],
+)
+def test_break_even_on_synthetic_curves(curve, status, expect) -> None:
+    s = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
+    be = break_even(s, [curve(x) for x in s])
+    assert be.status == status
+    if expect is None:
+        assert be.sparsity is None
+    else:
+        assert be.sparsity == pytest.approx(expect, abs=1e-9)
+
+
+def test_break_even_interpolates_in_log_speedup_and_ignores_noise_below() -> None:
+    s = [0.5, 0.7, 0.8, 0.9]
+    r = [1.2, 0.9, 0.5, 2.0]  # faster at 50% by noise, then slower: the break-even is above 80%
+    be = break_even(s, r)
+    t = -math.log(0.5) / (math.log(2.0) - math.log(0.5))
+    assert be.status == "crosses" and be.sparsity == pytest.approx(0.8 + t * 0.1)
+    assert break_even(list(reversed(s)), list(reversed(r))) == be  # order does not matter
+    assert break_even([], []).status == "unknown"
+    assert break_even([0.5, 0.9], [None, float("nan")]).status == "unknown"
+    assert "never" in break_even([0.5], [0.5]).describe()
+
+
+def test_peers_match_the_dense_layer() -> None:
+    from sparsecnn.bench.peers import conv_peers, linear_peers, matrix_peers
+
+    g = torch.Generator().manual_seed(0)
+    for groups in (1, 2):
+        conv = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=groups)
+        with torch.no_grad():
+            conv.weight[torch.rand(conv.weight.shape, generator=g) < 0.7] = 0
+        x = torch.randn(2, 4, 9, 9, generator=g)
+        ref = conv(x)
+        peers = conv_peers(conv, x, threads=1)
+        assert {"torch-dense", "torch-csr", "scipy-csr"} <= set(peers)
+        for fn in peers.values():
+            check_close(fn(), ref)
+    lin = torch.nn.Linear(20, 7)
+    x = torch.randn(3, 20, generator=g)
+    for fn in linear_peers(lin, x, threads=1).values():
+        check_close(fn(), lin(x))
+    a = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((8, 3)).astype(np.float32)
+    for fn in matrix_peers(a, b, threads=1).values():
+        check_close(fn(), a @ b)
+
+
+def test_memory_probe_child_reports_its_peak_rss() -> None:
+    from sparsecnn.bench.experiments import _run_memprobe
+
+    spec = {"m": 512, "k": 1200, "n": 16, "sparsity": 0.0, "impl": "dense", "threads": 1, "repeats": 2}
+    out = _run_memprobe(spec)
+    m = out.metrics
+    assert m["operand_bytes"] == 512 * 1200 * 4
+    assert m["peak_rss_bytes"] >= m["baseline_rss_bytes"] > 0
+    # the 2.4 MB matrix (plus its generation chunk) shows above the baseline
+    assert m["matrix_rss_bytes"] >= 512 * 1200 * 4 * 0.9
+    assert out.timing is not None and out.timing.median_s > 0
+    with pytest.raises(SparseCNNError, match="unknown impl"):
+        _run_memprobe({**spec, "impl": "nope"})
+
+
+def test_sweep_cli_parses_sparsities_and_shapes() -> None:
+    from sparsecnn.cli.sweep import parse_shape, parse_sparsities
+
+    assert parse_sparsities("0.5:0.9:5") == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert parse_sparsities("0.5,0.99") == [0.5, 0.99]
+    assert parse_shape("384x2304x169") == (384, 2304, 169)
+    for bad in ("0.5:1.5:3", "a,b", "0.5:0.9:0", ""):
+        with pytest.raises(SparseCNNError):
+            parse_sparsities(bad)
+    with pytest.raises(SparseCNNError):
+        parse_shape("3x4")

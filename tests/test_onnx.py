@@ -1,0 +1,211 @@
+"""ONNX: export -> ONNX Runtime == torch, export -> our import == torch, hand-made graphs, bad files."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from sparsecnn.errors import SparseCNNError
+from sparsecnn.io import export_onnx, load_onnx
+from sparsecnn.io.caffe import load_caffe
+from tests.caffe_writer import write
+from tests.test_caffe import alexnet_like_layers
+
+
+class Net(nn.Module):
+    """Every operator the importer maps, as torch emits them (incl. x.view(x.size(0), -1))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.norm1 = nn.LocalResponseNorm(5, 0.05, 0.75, 2.0)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.pool2 = nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=True)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(16 * 3 * 3, 16)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(self.pool1(torch.relu(self.bn1(self.conv1(x)))))
+        x = x + self.conv2(x)
+        x = self.pool2(torch.cat([x, x * 0.5], 1))
+        g = torch.flatten(self.gap(x), 1)
+        x = self.drop(x.view(x.size(0), -1))
+        return torch.softmax(self.fc(x) + g, dim=1)
+
+
+@pytest.fixture(scope="module")
+def net() -> Net:
+    torch.manual_seed(0)
+    m = Net().eval()
+    with torch.no_grad():
+        m.bn1.running_mean.uniform_(-0.5, 0.5)
+        m.bn1.running_var.uniform_(0.5, 2.0)
+    m.input_shape = (3, 11, 11)
+    return m
+
+
+def _ort(path, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_export_runs_in_onnxruntime_and_imports_back(net, tmp_path):
+    path = export_onnx(net, tmp_path / "net.onnx")
+    graph = onnx.load(path).graph
+    assert "LRN" in [n.op_type for n in graph.node]  # one node, not torch's decomposition
+    x = torch.randn(4, 3, 11, 11)  # batch 4: the batch dimension is dynamic
+    with torch.no_grad():
+        ref = net(x)
+    np.testing.assert_allclose(_ort(path, x.numpy()), ref.numpy(), rtol=1e-5, atol=1e-6)
+    back = load_onnx(path)
+    assert back.input_shape == (3, 11, 11)
+    names = {n for n, m in back.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert names == {"conv1", "conv2", "fc"}
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_caffe_import_exports_and_round_trips(tmp_path, rng):
+    proto, weights = write(tmp_path, alexnet_like_layers(rng), (1, 3, 35, 35))
+    model = load_caffe(proto, weights)
+    path = export_onnx(model, tmp_path / "alex.onnx")
+    x = torch.from_numpy(rng.standard_normal((2, 3, 35, 35)).astype(np.float32))
+    with torch.no_grad():
+        ref = model(x)
+    np.testing.assert_allclose(_ort(path, x.numpy()), ref.numpy(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(load_onnx(path)(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sparsified_model_exports_dense_with_its_zeros(tmp_path):
+    import sparsecnn
+    from sparsecnn.models import apply_profile, build
+
+    model = build("lenet5")
+    apply_profile(model, "uniform:0.8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = sparsecnn.sparsify(
+            model, {"conv1": "direct", "conv2": "csrmm", "fc1": "spmm", "fc2": "dense"}
+        )
+    path = export_onnx(sparse, tmp_path / "sparse.onnx")
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        ref = sparse(x)
+    np.testing.assert_allclose(_ort(path, x.numpy()), ref.numpy(), rtol=1e-4, atol=1e-5)
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    assert abs((inits["fc1.weight"] == 0).mean() - 0.8) < 0.01
+
+
+def _model(nodes, inits, opset=13, in_shape=(2, 3, 4, 4)):
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *in_shape[1:]])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_handmade_graph_matches_onnxruntime(tmp_path, rng, opset):
+    f = np.float32
+    inits = {
+        "w": rng.standard_normal((4, 3, 1, 1)).astype(f),
+        "b": rng.standard_normal(4).astype(f),
+        "s": rng.standard_normal(4).astype(f),
+        "bb": rng.standard_normal(4).astype(f),
+        "m": rng.standard_normal(4).astype(f),
+        "v": (rng.random(4) + 0.5).astype(f),
+        "mm": rng.standard_normal((64, 5)).astype(f),
+        "add": rng.standard_normal(5).astype(f),
+        "gw": rng.standard_normal((4, 3)).astype(f),
+        "gc": rng.standard_normal(3).astype(f),
+        "shape": np.array([0, -1], np.int64),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["c"], kernel_shape=[1, 1]),
+        helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["n"], epsilon=1e-3),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "mm"], ["y"]),
+        helper.make_node("Add", ["y", "add"], ["z"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["gf"], axis=1),
+        helper.make_node("Gemm", ["gf", "gw", "gc"], ["gg"], alpha=0.5, beta=2.0),
+        helper.make_node("Concat", ["z", "gg"], ["cat"], axis=1),
+        helper.make_node("Softmax", ["cat"], ["output"], axis=1),
+    ]
+    path = tmp_path / "g.onnx"
+    onnx.save(_model(nodes, inits, opset), path)
+    x = rng.standard_normal((2, 3, 4, 4)).astype(f)
+    with torch.no_grad():
+        got = load_onnx(path)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, _ort(path, x), rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_operator_names_node_and_type(tmp_path):
+    nodes = [helper.make_node("Sigmoid", ["input"], ["output"], name="act7")]
+    path = tmp_path / "s.onnx"
+    onnx.save(_model(nodes, {}), path)
+    with pytest.raises(SparseCNNError, match=r"node 'act7' \(Sigmoid\): operator 'Sigmoid' is not supported"):
+        load_onnx(path)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(SparseCNNError, match="does not exist"):
+        load_onnx(tmp_path / "none.onnx")
+    (tmp_path / "t.onnx").write_bytes(b"\x08\x07\x12\x05garbage-that-is-not-onnx")
+    with pytest.raises(SparseCNNError):
+        load_onnx(tmp_path / "t.onnx")
+    with pytest.raises(SparseCNNError, match="input shape is unknown"):
+        export_onnx(nn.Linear(3, 2), tmp_path / "x.onnx")
+    with pytest.raises(SparseCNNError, match="does not exist"):
+        export_onnx(nn.Linear(3, 2), tmp_path / "nodir" / "x.onnx", input_shape=(3,))
+
+
+def test_export_cli(tmp_path, capsys):
+    from sparsecnn.cli import main
+
+    out = tmp_path / "lenet.onnx"
+    assert main(["export", "lenet5", "--profile", "uniform:0.5", "--onnx", str(out), "--check"]) == 0
+    assert "ok" in capsys.readouterr().out and out.exists()
+    assert main(["export", "nosuchmodel", "--onnx", str(out)]) == 2
+
+
+@pytest.fixture(scope="module")
+def valid_onnx(tmp_path_factory, net):
+    return open(export_onnx(net, tmp_path_factory.mktemp("o") / "v.onnx"), "rb").read()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cut=st.integers(0, 10**7),
+    flips=st.lists(st.tuples(st.integers(0, 10**7), st.integers(0, 255)), max_size=6),
+    raw=st.binary(max_size=200),
+    use_raw=st.booleans(),
+)
+def test_fuzzed_onnx_bytes(valid_onnx, tmp_path_factory, cut, flips, raw, use_raw):
+    data = bytearray(raw if use_raw else valid_onnx)
+    for pos, value in flips:
+        if data:
+            data[pos % len(data)] = value
+    data = data[: cut % (len(data) + 1)]
+    path = tmp_path_factory.mktemp("fz") / "f.onnx"
+    path.write_bytes(bytes(data))
+    try:
+        load_onnx(path)
+    except SparseCNNError:
+        pass
