@@ -54,7 +54,8 @@ def _batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    return {n: m.weight.detach().clone() for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
 def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 5) -> None:
@@ -63,6 +64,15 @@ def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 5) -
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: with 2 cores shared by pytest-xdist workers, intra-op threads only contend.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # -- masks and lifecycle ---------------------------------------------------------------------------
@@ -309,7 +319,8 @@ def test_group_lasso_matches_reference() -> None:
             wg = w[gi * cout // g:(gi + 1) * cout // g]
             expect += 1.0 * sum(float(wg[o].norm()) for o in range(wg.shape[0]))
             expect += 2.0 * sum(float(wg[:, c].norm()) for c in range(cin_g))
-            expect += 3.0 * sum(float(wg[:, c, i, j].norm()) for c in range(cin_g) for i in range(3) for j in range(3))
+            expect += 3.0 * sum(float(wg[:, c, i, j].norm())
+                                for c in range(cin_g) for i in range(3) for j in range(3))
     assert float(lasso()) == pytest.approx(expect, rel=1e-5)
     assert set(lasso.layers) == {"conv1", "conv2"}  # conv layers by default
 
@@ -339,7 +350,8 @@ def test_group_lasso_training_zeroes_groups_and_ssl_reports_them() -> None:
     # the removed filters are those with the lowest RMS
     cut = [float(rms[n][0][i]) for n, m in p.layers.items()
            for i in range(m.weight.shape[0]) if not get_mask(m)[i].any()]
-    kept = [float(rms[n][0][i]) for n, m in p.layers.items() for i in range(m.weight.shape[0]) if get_mask(m)[i].any()]
+    kept = [float(rms[n][0][i]) for n, m in p.layers.items()
+            for i in range(m.weight.shape[0]) if get_mask(m)[i].any()]
     assert max(cut) <= min(kept)
 
 
@@ -400,7 +412,6 @@ def test_sparsity_report_counts_rows_columns_channels() -> None:
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("dense")
-    torch.set_num_threads(1)
     assert main(["train", "lenet5", "--data", "digits", "--epochs", "20", "--out", str(out), "--quiet"]) == 0
     return out
 

@@ -26,6 +26,15 @@ def small_cnn(seed: int = 0) -> nn.Module:
     )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: with 2 cores shared by pytest-xdist workers, intra-op threads only contend.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits() -> data.DataSplits:
     return data.digits()
@@ -115,7 +124,8 @@ def test_adam_step_schedule_and_progress(digits, capsys) -> None:
 
 def test_bad_config_and_resume_errors(digits, tmp_path) -> None:
     for kw, msg in [({"optimizer": "rmsprop"}, "optimizer"), ({"lr_schedule": "warm"}, "LR schedule"),
-                    ({"epochs": -1}, "epochs"), ({"lr": 0.0}, "learning rate"), ({"batch_size": 0}, "batch_size")]:
+                    ({"epochs": -1}, "epochs"), ({"lr": 0.0}, "learning rate"),
+                    ({"batch_size": 0}, "batch_size")]:
         with pytest.raises(SparseCNNError, match=msg):
             _cfg(**kw)
     with pytest.raises(SparseCNNError, match="no checkpoint"):

@@ -127,7 +127,8 @@ class ImageFolder(Dataset):
         if size is None:
             if first.width != first.height:
                 raise SparseCNNError(
-                    f"{self.samples[0][0]} is {first.width}x{first.height}, not square; pass a size to resize to"
+                    f"{self.samples[0][0]} is {first.width}x{first.height}, not square; "
+                    "pass a size to resize to"
                 )
             size = first.width
         if not isinstance(size, int) or size < 1:

@@ -70,10 +70,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "step_size", "eval_batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "epochs" else 1):
+            least = 0 if name == "epochs" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise SparseCNNError(f"{name} must be a positive integer, got {value!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise SparseCNNError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+            raise SparseCNNError(
+                f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise SparseCNNError(
                 f"unknown LR schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
@@ -163,7 +166,9 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
 
 # -- evaluation ------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1024, device: str | torch.device | None = None) -> float:
+def evaluate(
+    model: nn.Module, dataset: Dataset, batch_size: int = 1024, device: str | torch.device | None = None,
+) -> float:
     """Top-1 accuracy of ``model`` on ``dataset``, in [0, 1].
 
     In a process group each rank scores a disjoint share and the counts are all-reduced.
@@ -191,7 +196,9 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1024, device:
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -256,7 +263,7 @@ def fit(
     model: nn.Module,
     train_set: Dataset,
     test_set: Dataset,
-    config: TrainConfig = TrainConfig(),  # noqa: B008 - frozen, so a shared default is safe
+    config: TrainConfig = TrainConfig(),
     *,
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = False,
@@ -299,7 +306,8 @@ def fit(
     model.to(device)
     net: nn.Module = model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
     loader = DataLoader(train_set, batch_size=max(1, config.batch_size // world), sampler=sampler)
     opt = _optimizer(model, config)
@@ -334,7 +342,9 @@ def fit(
                     pruner.step()
                 sampler.set_epoch(epoch)
                 lr = opt.param_groups[0]["lr"]
-                task = bar.add_task("train", total=len(loader), epoch=f"{epoch + 1}/{config.epochs}", loss=0.0)
+                task = bar.add_task(
+                    "train", total=len(loader), epoch=f"{epoch + 1}/{config.epochs}", loss=0.0
+                )
                 net.train()
                 loss_sum = correct = count = 0.0
                 for x, y in loader:

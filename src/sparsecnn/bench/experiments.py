@@ -87,6 +87,7 @@ class ReportConfig:
     max_task_s: float = 8.0  # stop sampling a measurement after this long (at least 3 samples)
     alexnet_input: int = 227  # AlexNet input size; tiny uses 67 to keep the layers' structure
     profiles: tuple[str, ...] = ("deep-compression", "ssl")
+    conv_layers: tuple[str, ...] | None = None  # conv layers of experiments 2 and 6 (None: all)
     sweep_sparsities: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
     scaling_sizes: tuple[tuple[int, int], ...] = ((256, 1200), (2560, 4800), (25600, 24000))
     scaling_skipped: tuple[tuple[int, int], ...] = ()  # sizes left out by this preset (the report says so)
@@ -118,6 +119,7 @@ class ReportConfig:
                 repeats=3,
                 max_task_s=0.3,
                 profiles=("deep-compression",),
+                conv_layers=("conv1", "conv3"),
                 alexnet_input=67,
                 sweep_sparsities=(0.5, 0.9, 0.99),
                 scaling_sizes=((256, 1200),),
@@ -192,7 +194,8 @@ class _Context:
         # them standardised, as a network's first layer usually does.
         trained = profile == "digits-pruned"
         return self._memo(
-            ("input", name, batch), lambda: _digits_or_random(input_shape(model), batch, self.cfg, not trained)
+            ("input", name, batch),
+            lambda: _digits_or_random(input_shape(model), batch, self.cfg, not trained),
         )
 
     def layer_io(self, name: str, profile: str, batch: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -253,8 +256,13 @@ def _trained_lenet(cfg: ReportConfig, out_dir: Path | None) -> tuple[nn.Module, 
 
     splits = data.load("digits")
     info = splits.info
-    model = models.build("lenet5", num_classes=info.num_classes, in_channels=info.in_channels,
-                         input_size=info.input_size, seed=cfg.seed)
+    model = models.build(
+        "lenet5",
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        input_size=info.input_size,
+        seed=cfg.seed,
+    )
     cache = out_dir / "lenet5-digits-pruned.pt" if out_dir else None
     meta_path = cache.with_suffix(".json") if cache else None
     if cache is not None and cache.exists() and meta_path is not None and meta_path.exists():
@@ -266,8 +274,13 @@ def _trained_lenet(cfg: ReportConfig, out_dir: Path | None) -> tuple[nn.Module, 
     with torch.enable_grad():  # the report runs under no_grad
         dense = train.fit(model, splits.train, splits.test, tc)
         model, result = prune_model(model, splits.train, splits.test, pc)
-    meta = {"dense_accuracy": dense.test_accuracy, "pruned_accuracy": result.accuracy_after_retraining,
-            "target": LENET_TARGET, "method": "magnitude, iterative, retrained", "epochs": epochs}
+    meta = {
+        "dense_accuracy": dense.test_accuracy,
+        "pruned_accuracy": result.accuracy_after_retraining,
+        "target": LENET_TARGET,
+        "method": "magnitude, iterative, retrained",
+        "epochs": epochs,
+    }
     if cache is not None and meta_path is not None:
         torch.save(model.state_dict(), cache)
         meta_path.write_text(json.dumps(meta), encoding="utf-8")
@@ -537,8 +550,16 @@ def _conv_tasks(ctx: _Context) -> list[Task]:
     return [
         t
         for name, profile in _models(ctx.cfg)
-        for t in layer_tasks(ctx, "conv_layers", name, profile, "conv", 1)
+        for t in layer_tasks(ctx, "conv_layers", name, profile, "conv", 1, _subset(ctx, name, profile))
     ]
+
+
+def _subset(ctx: _Context, name: str, profile: str) -> list[str] | None:
+    """The configured conv layers that this model has (None: all of them)."""
+    if ctx.cfg.conv_layers is None:
+        return None
+    have = _layers(ctx.model(name, profile), "conv")
+    return [n for n in ctx.cfg.conv_layers if n in have] or None
 
 
 def _fc_tasks(ctx: _Context) -> list[Task]:
@@ -680,6 +701,8 @@ def _spxsp_tasks(ctx: _Context) -> list[Task]:
     for name, profile in _models(cfg)[:1] + [m for m in _models(cfg) if m[0] == "lenet5"]:
         model = ctx.model(name, profile)
         convs = list(_layers(model, "conv"))[1:]  # conv1 sees the image, not a ReLU output
+        if cfg.conv_layers is not None:
+            convs = [c for c in convs if c in cfg.conv_layers] or convs[:1]
         for lname in convs:
             base = {"model": name, "profile": profile, "layer": lname, "batch": 1, "device": cfg.device}
             tag = f"{name}/{profile} {lname}"

@@ -30,9 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="magnitude/block: fraction of weights to prune; ssl: fraction of each group kind to "
                         "remove; nm: implied by N:M")
     p.add_argument("--schedule", choices=SCHEDULES, default="iterative",
-                   help="magnitude/block: oneshot, iterative (Han et al.) or agp (Zhu & Gupta); default iterative")
+                   help="magnitude/block: oneshot, iterative (Han et al.) or agp (Zhu & Gupta); "
+                        "default iterative")
     p.add_argument("--cycles", type=int, default=3, help="iterative: prune -> retrain cycles (default 3)")
-    p.add_argument("--policy", default="global", help="magnitude: global, layer or std; block: global or layer")
+    p.add_argument("--policy", default="global",
+                   help="magnitude: global, layer or std; block: global or layer")
     p.add_argument("--groups", default="filter,channel,shape",
                    help="ssl: comma-separated kinds from filter, channel, shape, depth")
     p.add_argument("--ssl-strength", type=float, default=2e-4, help="ssl: group-lasso lambda (default 2e-4)")
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
     layers = None if args.layers is None else tuple(x.strip() for x in args.layers.split(",") if x.strip())
     config = PruneConfig(
-        method=args.method, target=args.target, schedule=args.schedule, cycles=args.cycles, policy=args.policy,
+        method=args.method, target=args.target, schedule=args.schedule, cycles=args.cycles,
+        policy=args.policy,
         groups=tuple(g.strip() for g in args.groups.split(",") if g.strip()), ssl_strength=args.ssl_strength,
         ssl_epochs=args.ssl_epochs, threshold=args.threshold, blocksize=parse_blocksize(args.block),
         nm=parse_nm(args.nm), layers=layers, retrain=train_config(args),
@@ -90,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             acc = result.to_json()["accuracy"]
             print(
-                f"{config.method}: {result.overall_sparsity:.2%} of conv+fc weights zero, conv filters removed "
-                f"{result.conv_filters_removed:.1%}, lowered columns removed {result.conv_columns_removed:.1%}; "
+                f"{config.method}: {result.overall_sparsity:.2%} of conv+fc weights zero, "
+                f"conv filters removed {result.conv_filters_removed:.1%}, "
+                f"lowered columns removed {result.conv_columns_removed:.1%}; "
                 f"accuracy {acc['before_pruning']:.2%} -> {acc['after_pruning']:.2%} (pruned) -> "
                 f"{acc['after_retraining']:.2%} (retrained); wrote {out / 'model.pt'}"
             )

@@ -28,6 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threads", type=int, metavar="N", help="torch and numba threads (default: all cores)")
     p.add_argument(
+        "--only",
+        metavar="NAMES",
+        help="comma list of experiments to run (weight_sparsity, conv_layers, fc_layers, sparsity_sweep, "
+        "memory_scaling, sparse_x_sparse, end_to_end; default: all)",
+    )
+    p.add_argument(
         "--render-only",
         action="store_true",
         help="measure nothing: rebuild report.html and the plots from DIR/results.jsonl",
@@ -52,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
         known = [n for n, _ in EXPERIMENTS]
         bad = [n for n in only if n not in known]
         if bad:
-            raise SparseCNNError(f"--only: unknown experiment(s) {', '.join(bad)}; choose from {', '.join(known)}")
+            raise SparseCNNError(
+                f"--only: unknown experiment(s) {', '.join(bad)}; choose from {', '.join(known)}"
+            )
     size = args.size or ("quick" if args.quick else "full")
     cfg = ReportConfig.preset(size, device=args.device, threads=args.threads)
     summary = run_report(cfg, Path(args.out), resume=args.resume, only=only)

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
             }
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             print(f"test accuracy {result.test_accuracy:.2%} after {len(result.history)} epochs"
-                  f" ({result.world_size} process{'es' if result.world_size > 1 else ''}); wrote {out / 'model.pt'}")
+                  f" ({result.world_size} process{'es' if result.world_size > 1 else ''});"
+                  f" wrote {out / 'model.pt'}")
     finally:
         train.shutdown_distributed()
     return 0

@@ -28,7 +28,7 @@ from sparsecnn.prune.masks import (
     remove_mask,
     sparsity_report,
 )
-from sparsecnn.prune.schedules import Constant, Schedule
+from sparsecnn.prune.schedules import Schedule
 
 __all__ = ["Pruner"]
 
@@ -68,9 +68,10 @@ class Pruner:
         """Attach an all-ones mask to each layer to prune (before wrapping the model in DDP)."""
         if self.model is not None:
             raise SparseCNNError("this pruner is already prepared; make a new one for another model")
-        self.layers = (
-            self._default_layers(model) if self.layer_names is None else prunable_layers(model, self.layer_names)
-        )
+        if self.layer_names is None:
+            self.layers = self._default_layers(model)
+        else:
+            self.layers = prunable_layers(model, self.layer_names)
         for module in self.layers.values():
             add_mask(module, get_mask(module))
         self.model = model

@@ -99,7 +99,9 @@ class MagnitudePruner(Pruner):
         self.policy = policy
         self.quality = quality
         self.threshold = threshold
-        self.layer_targets = {n: check_target(t, f"target of layer {n!r}") for n, t in (layer_targets or {}).items()}
+        self.layer_targets = {
+            n: check_target(t, f"target of layer {n!r}") for n, t in (layer_targets or {}).items()
+        }
         self._std: dict[str, float] = {}
 
     def prepare(self, model: nn.Module) -> nn.Module:

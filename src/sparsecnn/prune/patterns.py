@@ -84,7 +84,9 @@ class BlockPruner(Pruner):
         R, C = blocksize
         if R < 1 or C < 1:
             raise SparseCNNError(f"block size must be positive, got {blocksize}")
-        super().__init__(schedule if schedule is not None else Constant(check_target(target)), importance, layers)
+        if schedule is None:
+            schedule = Constant(check_target(target))
+        super().__init__(schedule, importance, layers)
         self.blocksize = (int(R), int(C))
         self.policy = policy
 

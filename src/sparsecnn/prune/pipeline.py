@@ -54,7 +54,9 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise SparseCNNError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise SparseCNNError(
+                f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}"
+            )
         if self.schedule not in SCHEDULES:
             raise SparseCNNError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.target is not None:
@@ -65,7 +67,8 @@ class PruneConfig:
                 raise SparseCNNError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
             if self.target is not None and abs(self.target - (1 - n / m)) > 1e-9:
                 raise SparseCNNError(
-                    f"--target {self.target} contradicts {n}:{m}, whose sparsity is {1 - n / m:g}; drop --target"
+                    f"--target {self.target} contradicts {n}:{m}, whose sparsity is {1 - n / m:g}; "
+                    "drop --target"
                 )
         elif self.method == "ssl":
             if (self.target is None) == (self.threshold is None):
@@ -76,7 +79,9 @@ class PruneConfig:
         elif self.target is None:
             raise SparseCNNError(f"--method {self.method} needs --target (the fraction of weights to prune)")
         if self.method == "magnitude" and self.policy not in POLICIES:
-            raise SparseCNNError(f"unknown magnitude policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+            raise SparseCNNError(
+                f"unknown magnitude policy {self.policy!r}; choose one of {', '.join(POLICIES)}"
+            )
         if self.method == "block" and self.policy not in ("global", "layer"):
             raise SparseCNNError(f"unknown block policy {self.policy!r}; choose global or layer")
         if self.cycles < 1:
@@ -174,7 +179,7 @@ def prune_model(
     model: nn.Module,
     train_set: Dataset,
     test_set: Dataset,
-    config: PruneConfig = PruneConfig(target=0.92),  # noqa: B008 - frozen
+    config: PruneConfig = PruneConfig(target=0.92),
 ) -> tuple[nn.Module, PruneResult]:
     """Prune ``model`` (trained, dense) with ``config.method`` and retrain it.
 
@@ -194,7 +199,8 @@ def prune_model(
         lasso = GroupLasso(model, config.groups, config.ssl_strength, layers=config.layers)
         ssl_epochs = rt.epochs if config.ssl_epochs is None else config.ssl_epochs
         if ssl_epochs > 0:
-            history += fit(model, train_set, test_set, replace(rt, epochs=ssl_epochs), regularizer=lasso).history
+            lasso_cfg = replace(rt, epochs=ssl_epochs)
+            history += fit(model, train_set, test_set, lasso_cfg, regularizer=lasso).history
         pruner = _pruner(config, None)
         pruner.prepare(model)
         pruner.step()
@@ -205,7 +211,7 @@ def prune_model(
         target = config.target if config.method != "nm" else 1 - config.nm[0] / config.nm[1]
         # What pruning alone costs: the dense model pruned to the final target in one shot.
         oneshot = copy.deepcopy(model)
-        probe = _pruner(replace(config, schedule="oneshot"), Constant(target) if config.method != "nm" else None)
+        probe = _pruner(config, Constant(target) if config.method != "nm" else None)
         probe.prepare(oneshot)
         probe.step()
         acc_pruned = evaluate(oneshot, test_set, rt.eval_batch_size)
@@ -221,7 +227,8 @@ def prune_model(
             for _ in range(config.cycles):
                 pruner.step()
                 if per_cycle:
-                    history += fit(model, train_set, test_set, replace(rt, epochs=per_cycle), pruner=pruner).history
+                    cycle_cfg = replace(rt, epochs=per_cycle)
+                    history += fit(model, train_set, test_set, cycle_cfg, pruner=pruner).history
         else:
             pruner.step()
             if rt.epochs > 0:

@@ -14,7 +14,10 @@ Groups, on the lowered matrix ``(g, Cout/g, Cin/g*kh*kw)`` of a conv (Linear: ``
 
 The regulariser is
 
-.. math:: E(W) = E_D(W) + \\sum_{k \\in \\text{kinds}} \\lambda_k \\sum_{l} \\sum_{g} \\lVert W^{(l)}_g \\rVert_2
+.. math::
+
+    E(W) = E_D(W) + \\sum_{k \\in \\text{kinds}} \\lambda_k \\sum_{l} \\sum_{g}
+           \\lVert W^{(l)}_g \\rVert_2
 
 and a group is *removed* when its RMS ``||W_g||_2 / sqrt(|g|)`` is below a threshold, or when it is
 among the ``target`` fraction of its kind with the lowest RMS across the pruned layers (the RMS makes
@@ -46,8 +49,12 @@ def residual_layers(model: nn.Module) -> dict[str, nn.Module]:
     for bname, block in model.named_modules():
         if not (hasattr(block, "downsample") or hasattr(block, "shortcut")):
             continue
-        skip = {id(m) for attr in ("downsample", "shortcut") if isinstance(getattr(block, attr, None), nn.Module)
-                for m in getattr(block, attr).modules()}
+        skip = {
+            id(m)
+            for attr in ("downsample", "shortcut")
+            if isinstance(getattr(block, attr, None), nn.Module)
+            for m in getattr(block, attr).modules()
+        }
         for name, m in block.named_modules():
             if isinstance(m, nn.Conv2d) and id(m) not in skip:
                 out[f"{bname}.{name}" if bname else name] = m

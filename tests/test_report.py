@@ -1,0 +1,147 @@
+"""`sparsecnn report` end to end in a subprocess, the report's sections and plots, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sparsecnn.bench.harness import read_records, validate_record
+from sparsecnn.report.html import SECTIONS
+
+# "tiny" is the test-only size: AlexNet at a 67x67 input (same layers and weights), one profile, three
+# sweep points, the smallest scaling matrix; every experiment and the whole CLI path still run.
+CMD = [sys.executable, "-m", "sparsecnn", "report", "--size", "tiny", "--threads", "2"]
+
+
+def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(CMD + args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    proc = _run(["--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout.strip().splitlines()[-1]
+    assert Path(printed) == (out / "report.html").resolve()  # the path of report.html is printed
+    return out
+
+
+def _measurements(path: Path) -> list[dict]:
+    return [r for r in read_records(path) if r["type"] == "measurement"]
+
+
+def test_report_writes_results_for_all_seven_experiments(report_dir: Path) -> None:
+    records = read_records(report_dir / "results.jsonl")
+    for r in records:
+        validate_record(r)
+    meas = [r for r in records if r["type"] == "measurement"]
+    keys = [r["key"] for r in meas]
+    assert len(keys) == len(set(keys))
+    assert {r["experiment"] for r in meas} == {name for _, name, _, _ in SECTIONS}
+    env_ids = {r["env_id"] for r in records if r["type"] == "env"}
+    assert {r["env_id"] for r in meas} <= env_ids
+    ok = [r for r in meas if r["status"] == "ok"]
+    assert len(ok) >= 0.9 * len(meas), [r["error"] for r in meas if r["status"] == "error"][:5]
+    # timed records carry median and IQR; strategies were verified against dense first
+    timed = [r for r in ok if r["timing"]]
+    assert timed and all(r["timing"]["median_s"] > 0 and r["timing"]["iqr_s"] >= 0 for r in timed)
+    assert all(r["metrics"]["max_rel_err"] <= 1e-3 for r in timed if "max_rel_err" in r["metrics"])
+
+
+def test_report_html_has_every_section_and_embeds_its_plots(report_dir: Path) -> None:
+    page = (report_dir / "report.html").read_text(encoding="utf-8")
+    for anchor, _, heading, _ in SECTIONS:
+        assert f'id="{anchor}"' in page
+        assert heading.split(". ", 1)[1].split(":")[0] in page
+    for anchor in ("conclusions", "environment"):
+        assert f'id="{anchor}"' in page
+    assert page.count("data:image/png;base64,") >= 8
+    assert 'src="http' not in page and "<link" not in page  # self-contained
+    for claim in (
+        "No speedup on AlexNet conv layers",
+        "About 3× on FC layers",
+        "CSR memory saving",
+        "97%",
+        "Sparse × sparse",
+        "ReLU activation sparsity",
+    ):
+        assert claim in page
+    assert "left out the size(s) 2560×4800, 25600×24000" in page  # what this size skipped is said
+    assert "AMD" in page or "Intel" in page or "CPU" in page
+
+
+def test_plots_exist_and_are_non_empty_pngs(report_dir: Path) -> None:
+    names = [
+        "weight_sparsity",
+        "conv_bytes",
+        "conv_times",
+        "fc_bytes",
+        "fc_times",
+        "sweep",
+        "memory_scaling",
+        "sparse_x_sparse",
+        "end_to_end",
+    ]
+    for name in names:
+        data = (report_dir / f"{name}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+
+
+def test_render_only_rebuilds_the_page_from_results(report_dir: Path, tmp_path: Path) -> None:
+    from sparsecnn.cli import main
+
+    for name in ("results.jsonl", "config.json"):
+        (tmp_path / name).write_bytes((report_dir / name).read_bytes())
+    assert main(["report", "--out", str(tmp_path), "--render-only"]) == 0
+    assert (tmp_path / "report.html").stat().st_size > 100_000
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_killed_report_resumes_with_every_measurement_exactly_once(tmp_path: Path) -> None:
+    only = ["--only", "weight_sparsity,fc_layers", "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(CMD + only, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    results = tmp_path / "results.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if results.exists() and len(_measurements(results)) >= 6:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the report wrote no measurements within 2 minutes")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = _measurements(results)
+    assert proc.returncode == -signal.SIGKILL and len(before) >= 6
+
+    done = _run([*only, "--resume"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = _measurements(results)
+    keys = [r["key"] for r in after]
+    assert len(keys) == len(set(keys))  # exactly once
+    assert after[: len(before)] == before  # nothing measured before the kill was lost or redone
+    assert "already in results.jsonl" in done.stdout
+    skipped = int(done.stdout.split(" measured, ")[1].split(" ")[0])
+    assert skipped == len(before)
+
+    # and nothing missing: the keys are those the run plans
+    from sparsecnn.bench.experiments import ReportConfig, _Context, report_tasks
+
+    planned = report_tasks(_Context(ReportConfig.preset("tiny"), None), ["weight_sparsity", "fc_layers"])
+    assert set(keys) == {t.key for t in planned}
+
+
+def test_report_refuses_an_unknown_experiment(tmp_path: Path) -> None:
+    proc = _run(["--only", "nope", "--out", str(tmp_path)], timeout=60)
+    assert proc.returncode == 2 and "unknown experiment" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
