@@ -8,6 +8,7 @@ random configurations.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -239,6 +240,89 @@ def test_linear_leading_dims_and_attributes(strategy: str) -> None:
     assert layer.conversion_seconds > 0 and layer.weight_nbytes > 0 and layer.name == "fc"
     if layer.format is not None:
         assert layer.weight_nbytes == layer.format.nbytes
+
+
+# --------------------------------------------------------------------------------------------------
+# from_format: layers rebuilt from a stored format, validated
+
+
+def _geometry(conv: nn.Conv2d) -> dict:
+    return dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
+                stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+
+@pytest.mark.parametrize("strategy", CONV)
+@pytest.mark.parametrize("case", [CONV_CASES[4], CONV_CASES[10], CONV_CASES[19]], ids=str)
+def test_conv_from_format_equals_from_dense(strategy: str, case: ConvCase) -> None:
+    conv, x = _make_conv(case)
+    made = SparseConv2d.from_dense(conv, strategy, name="c")
+    w, b = made.dense_parameters()
+    fmt = w if strategy == "torch" else made.format
+    again = SparseConv2d.from_format(fmt, strategy, **_geometry(conv), bias=b, name="c")
+    assert again.strategy == strategy and again.weight_nbytes == made.weight_nbytes
+    assert torch.equal(again(x), made(x))
+    assert_layer_matches(again, conv, x)
+    np.testing.assert_array_equal(w, conv.weight.detach().numpy())
+
+
+@pytest.mark.parametrize("strategy", LINEAR)
+def test_linear_from_format_equals_from_dense(strategy: str) -> None:
+    lin, x = _make_linear(LINEAR_CASES[3])
+    made = SparseLinear.from_dense(lin, strategy)
+    w, b = made.dense_parameters()
+    again = SparseLinear.from_format(w if strategy == "torch" else made.format, strategy,
+                                     in_features=lin.in_features, out_features=lin.out_features, bias=b)
+    assert torch.equal(again(x), made(x))
+    assert_layer_matches(again, lin, x)
+
+
+def test_from_format_rejects_what_the_kernels_cannot_run() -> None:
+    conv, _ = _make_conv(ConvCase(4, 8, 3, padding=1, groups=2, sparsity=0.5))
+    geo = _geometry(conv)
+    csr = SparseConv2d.from_dense(conv, "csrmm").format
+    bad_idx = CSRMatrix(csr.indptr, csr.indices.copy(), csr.data, csr.shape)
+    bad_idx.indices[0] = 0
+    bad_idx.indices[1] = 0  # a repeated column: not strictly increasing
+    direct = SparseConv2d.from_dense(conv, "direct").format
+    import dataclasses
+
+    cases = [
+        (csr, "bsr", geo, "expected a BSRMatrix"),
+        (csr, "csrmm", {**geo, "kernel_size": 5}, "shape"),
+        (bad_idx, "csrmm", geo, "sorted"),
+        (direct, "direct", {**geo, "stride": 2}, "stride"),
+        (dataclasses.replace(direct, indices=direct.indices + 100), "direct", geo, r"\[0, 18\)"),
+        (np.zeros((2, 4, 18), np.float64), "dense", geo, "float32"),
+        (np.full((2, 4, 18), np.nan, np.float32), "dense", geo, "NaN"),
+        (csr, "csrmm", {**geo, "groups": 3}, "divide"),
+        (csr, "csrmm", {**geo, "bias": np.zeros(5, np.float32)}, r"bias.*\(8,\)"),
+        (csr, "fast", geo, "unknown conv strategy"),
+    ]
+    for fmt, strategy, kwargs, match in cases:
+        with pytest.raises(SparseCNNError, match=match):
+            SparseConv2d.from_format(fmt, strategy, name="conv9", **kwargs)
+    prep = SparseLinear.from_dense(nn.Linear(6, 4), "spmv").format
+    with pytest.raises(SparseCNNError, match=r"'fc'.*LinearPrep of shape \(4, 7\)"):
+        SparseLinear.from_format(prep, "spmv", in_features=7, out_features=4, name="fc")
+    with pytest.raises(SparseCNNError, match="indptr"):
+        SparseLinear.from_format(dataclasses.replace(prep, indptr=prep.indptr[:-1]), "spmm", in_features=6,
+                                 out_features=4)
+
+
+@pytest.mark.parametrize("strategy", CONV)
+def test_conv_layer_deepcopy_and_pickle(strategy: str) -> None:
+    import io
+    import pickle
+
+    conv, x = _make_conv(ConvCase(4, 8, 3, padding=1, groups=2, batch=2, sparsity=0.9))
+    layer = SparseConv2d.from_dense(conv, strategy)
+    y = layer(x)  # workspaces exist now; the copies rebuild their own
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert torch.equal(twin(x), y) and twin.weight_nbytes == layer.weight_nbytes
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), y)
 
 
 # --------------------------------------------------------------------------------------------------

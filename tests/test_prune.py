@@ -321,7 +321,7 @@ def test_group_lasso_matches_reference() -> None:
             expect += 2.0 * sum(float(wg[:, c].norm()) for c in range(cin_g))
             expect += 3.0 * sum(float(wg[:, c, i, j].norm())
                                 for c in range(cin_g) for i in range(3) for j in range(3))
-    assert float(lasso()) == pytest.approx(expect, rel=1e-5)
+    assert float(lasso().detach()) == pytest.approx(expect, rel=1e-5)
     assert set(lasso.layers) == {"conv1", "conv2"}  # conv layers by default
 
 

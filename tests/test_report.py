@@ -106,7 +106,7 @@ def test_render_only_rebuilds_the_page_from_results(report_dir: Path, tmp_path: 
 
 
 def test_killed_report_resumes_with_every_measurement_exactly_once(tmp_path: Path) -> None:
-    only = ["--only", "weight_sparsity,fc_layers", "--out", str(tmp_path)]
+    only = ["--only", "sparsity_sweep", "--out", str(tmp_path)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(CMD + only, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     results = tmp_path / "results.jsonl"
@@ -137,7 +137,7 @@ def test_killed_report_resumes_with_every_measurement_exactly_once(tmp_path: Pat
     # and nothing missing: the keys are those the run plans
     from sparsecnn.bench.experiments import ReportConfig, _Context, report_tasks
 
-    planned = report_tasks(_Context(ReportConfig.preset("tiny"), None), ["weight_sparsity", "fc_layers"])
+    planned = report_tasks(_Context(ReportConfig.preset("tiny"), None), ["sparsity_sweep"])
     assert set(keys) == {t.key for t in planned}
 
 

@@ -159,6 +159,26 @@ def test_plan_mapping_save_load(lenet, tmp_path) -> None:
         Plan.load(tmp_path / "bad.json")
 
 
+@pytest.mark.parametrize("strategy", ["csrmm", "direct", "lowered", "spmv", "torch"])
+def test_sparsified_model_deepcopies_and_pickles(lenet, strategy: str, tmp_path) -> None:
+    import copy
+
+    model, x, _ = lenet
+    sparse = sparsecnn.sparsify(model, strategy)
+    with torch.no_grad():
+        y = sparse(x)
+    twin = copy.deepcopy(sparse)
+    torch.save(sparse, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for other in (twin, loaded):
+        assert other.sparsecnn_plan == sparse.sparsecnn_plan
+        assert dict(other.sparsecnn_plan.layers) == dict(sparse.sparsecnn_plan.layers)
+        with torch.no_grad():
+            assert torch.equal(other(x), y)
+    with pytest.raises(TypeError):
+        twin.sparsecnn_plan.layers["conv1"] = LayerChoice("torch")  # type: ignore[index]
+
+
 def test_sparsify_does_not_touch_the_model(lenet) -> None:
     model, _, _ = lenet
     before = {k: v.clone() for k, v in model.state_dict().items()}

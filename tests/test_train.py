@@ -108,7 +108,6 @@ def test_resume_restores_pruner_mid_schedule(digits, tmp_path) -> None:
     assert pruner.digest() == ref_pruner.digest()
     s, r = _state(model), _state(ref_model)
     assert all(torch.equal(s[k], r[k]) for k in r)
-    assert all(rep.sparsity == pytest.approx(0.8, abs=0.01) for rep in [pruner.report()[0]]) or True
     total = sum(x.numel for x in pruner.report())
     assert sum(x.numel - x.nnz for x in pruner.report()) == round(0.8 * total)
 

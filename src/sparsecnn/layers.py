@@ -29,6 +29,7 @@ layer and the reason. NaN or Inf weights are rejected at conversion.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from collections import OrderedDict
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsecnn.errors import SparseCNNError
+from sparsecnn.formats._common import check_finite, check_indptr, check_int_array, check_sorted_rows
 
 __all__ = ["LoweredWeight", "SparseConv2d", "SparseLinear", "sparsify", "strategies"]
 
@@ -208,17 +210,42 @@ class LoweredWeight:
 
 
 class _ConvEngine:
-    """Base of the numba-backed CPU engines: validates nothing (the layer did), allocates the output,
-    hands raw arrays to :meth:`compute`."""
+    """Base of the numba-backed CPU engines.
 
-    format: Any = None
-    nbytes: int = 0
+    An engine is built from its *format* (``__init__(spec, fmt, bias)`` derives everything else), so
+    a layer converted from dense weights (:meth:`convert`), one loaded from a checkpoint and one
+    unpickled or deep-copied (``__reduce__``: spec, format, bias) are the same object. :meth:`check`
+    states what a format must satisfy for the kernels, which index without bounds checks.
+    """
 
-    def __init__(self, spec: _ConvSpec, bias: np.ndarray | None) -> None:
+    def __init__(self, spec: _ConvSpec, fmt: Any, bias: np.ndarray | None) -> None:
         self.spec = spec
+        self.format = fmt
+        self.nbytes = int(fmt.nbytes)
         self.has_bias = bias is not None
         self.bias = bias if bias is not None else np.zeros(spec.out_channels, np.float32)
         self.workspaces = _Workspaces()
+        self._derive()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.spec, _without_caches(self.format), self.bias if self.has_bias else None)
+
+    def _derive(self) -> None:
+        """Set up what the kernels need beside the format (tensor views, flags)."""
+
+    @staticmethod
+    def convert(spec: _ConvSpec, weight: np.ndarray, *, blocksize: tuple[int, int]) -> Any:
+        """The format of dense float32 filters ``weight`` (Cout, Cin/g, kh, kw)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def check(spec: _ConvSpec, fmt: Any) -> None:
+        """Raise :class:`SparseCNNError` (naming the problem) unless the kernels can run ``fmt``."""
+        raise NotImplementedError
+
+    def to_dense(self) -> np.ndarray:
+        """The lowered dense weight (Cout, K) this engine computes with."""
+        raise NotImplementedError
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().contiguous()
@@ -269,13 +296,58 @@ class _ConvEngine:
         return ws["cols"], ws["cols_t"]
 
 
-class _DenseConv(_ConvEngine):
-    """im2col + one batched dense GEMM per group through torch.matmul (Caffe's GEMM path)."""
+def _without_caches(fmt: Any) -> Any:
+    """The format without its per-shape workspaces (the kernels' prepared forms cache them in a
+    ``_workspaces`` field): what a pickle or deep copy should carry."""
+    if dataclasses.is_dataclass(fmt) and any(f.name == "_workspaces" for f in dataclasses.fields(fmt)):
+        return dataclasses.replace(fmt, _workspaces={})
+    return fmt
 
-    def __init__(self, spec: _ConvSpec, weight: np.ndarray, bias: np.ndarray | None, **_: Any) -> None:
-        super().__init__(spec, bias)
-        self.format = np.ascontiguousarray(weight.reshape(spec.groups, spec.m_group, spec.k))
-        self.nbytes = int(self.format.nbytes)
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise SparseCNNError(what)
+
+
+def _check_f32(arr: Any, what: str, shape: tuple[int, ...] | None = None) -> None:
+    _need(isinstance(arr, np.ndarray), f"{what} must be a numpy array, got {type(arr).__name__}")
+    _need(arr.dtype == np.float32, f"{what} must be float32, got {arr.dtype}")
+    if shape is not None:
+        _need(arr.shape == shape, f"{what} must have shape {shape}, got {arr.shape}")
+    _need(arr.flags.c_contiguous, f"{what} must be C-contiguous")
+    check_finite(arr, what)
+
+
+def _check_csr_arrays(what: str, indptr: Any, indices: Any, data: Any, rows: int, cols: int) -> None:
+    """CSR invariants of a kernel's prepared form (which has no ``check_format`` of its own)."""
+    _check_f32(data, f"{what}.data")
+    check_int_array(indices, "indices", what)
+    _need(data.ndim == 1 and len(indices) == len(data),
+          f"{what}: indices and data must be 1-D of one length, got {len(indices)} and {data.shape}")
+    check_indptr(indptr, rows, len(data), what, "values")
+    if len(indices):
+        lo, hi = int(indices.min()), int(indices.max())
+        _need(lo >= 0 and hi < cols, f"{what}: column indices must lie in [0, {cols}), found "
+                                     f"{lo if lo < 0 else hi}")
+        check_sorted_rows(indices, indptr, what, "column indices")
+
+
+class _DenseConv(_ConvEngine):
+    """im2col + one batched dense GEMM per group through torch.matmul (Caffe's GEMM path).
+    Format: the lowered weight, ndarray (groups, Cout/groups, K)."""
+
+    @staticmethod
+    def convert(spec, weight, *, blocksize):
+        return np.ascontiguousarray(weight.reshape(spec.groups, spec.m_group, spec.k))
+
+    @staticmethod
+    def check(spec, fmt):
+        _check_f32(fmt, "the lowered dense weight", (spec.groups, spec.m_group, spec.k))
+
+    def to_dense(self):
+        return self.format.reshape(self.spec.out_channels, self.spec.k)
+
+    def _derive(self):
         self.weight_t = torch.from_numpy(self.format)
         self.bias_t = torch.from_numpy(self.bias).view(1, -1, 1, 1)
 
@@ -291,14 +363,26 @@ class _DenseConv(_ConvEngine):
 
 
 class _CsrConv(_ConvEngine):
-    """CSR weights x dense lowered input (row-wise SpMM)."""
+    """CSR weights x dense lowered input (row-wise SpMM). Format: CSRMatrix (Cout, K)."""
 
-    def __init__(self, spec: _ConvSpec, weight: np.ndarray, bias: np.ndarray | None, **_: Any) -> None:
+    @staticmethod
+    def convert(spec, weight, *, blocksize):
         from sparsecnn.formats import CSRMatrix
 
-        super().__init__(spec, bias)
-        self.format = CSRMatrix.from_dense(weight.reshape(spec.out_channels, spec.k))
-        self.nbytes = self.format.nbytes
+        return CSRMatrix.from_dense(weight.reshape(spec.out_channels, spec.k))
+
+    @staticmethod
+    def check(spec, fmt):
+        from sparsecnn.formats import CSRMatrix
+
+        _need(isinstance(fmt, CSRMatrix), f"expected a CSRMatrix, got {type(fmt).__name__}")
+        _need(tuple(fmt.shape) == (spec.out_channels, spec.k),
+              f"expected a CSRMatrix of shape {(spec.out_channels, spec.k)}, got {tuple(fmt.shape)}")
+        fmt.check_format()
+        _need(fmt.data.dtype == np.float32, f"expected float32 CSRMatrix values, got {fmt.data.dtype}")
+
+    def to_dense(self):
+        return self.format.to_dense()
 
     def setup(self, ws, shape, hout, wout):
         self._setup_cols(ws, shape, hout, wout)
@@ -312,29 +396,52 @@ class _CsrConv(_ConvEngine):
                         out_np.reshape(out_np.shape[0], out_np.shape[1], -1))
 
 
+def _bsr_rows(spec: _ConvSpec, r: int) -> tuple[int, int]:
+    """``(rows of the BSR matrix, padded rows per group)``: with groups > 1 and Cout/groups not a
+    multiple of R every group's rows are padded to a multiple of R, so no block straddles two groups."""
+    m_pad = -(-spec.m_group // r) * r
+    rows = spec.groups * m_pad if spec.groups > 1 and spec.m_group % r else spec.out_channels
+    return rows, m_pad
+
+
 class _BsrConv(_ConvEngine):
-    """Block-sparse (R x C) weights x dense lowered input.
+    """Block-sparse (R x C) weights x dense lowered input. Format: BSRMatrix (Cout, K), or
+    (groups * m_pad, K) when groups > 1 and Cout/groups is not a multiple of R (rows padded per group;
+    the format's shape shows the padding)."""
 
-    With groups > 1 and Cout/groups not a multiple of R, every group's rows are padded with zero rows
-    to a multiple of R, so that no block straddles two groups (the format's shape shows the padding).
-    """
-
-    def __init__(self, spec: _ConvSpec, weight: np.ndarray, bias: np.ndarray | None, *,
-                 blocksize: tuple[int, int] = (4, 4), **_: Any) -> None:
+    @staticmethod
+    def convert(spec, weight, *, blocksize):
         from sparsecnn.formats import BSRMatrix
 
-        super().__init__(spec, bias)
-        r = int(blocksize[0])
+        rows, m_pad = _bsr_rows(spec, int(blocksize[0]))
         lowered = weight.reshape(spec.groups, spec.m_group, spec.k)
-        if spec.groups > 1 and spec.m_group % r:
-            self.m_pad = -(-spec.m_group // r) * r
-            padded = np.zeros((spec.groups, self.m_pad, spec.k), np.float32)
+        if rows != spec.out_channels:
+            padded = np.zeros((spec.groups, m_pad, spec.k), np.float32)
             padded[:, : spec.m_group] = lowered
             lowered = padded
-        else:
-            self.m_pad = -(-spec.m_group // r) * r
-        self.format = BSRMatrix.from_dense(lowered.reshape(-1, spec.k), blocksize=blocksize)
-        self.nbytes = self.format.nbytes
+        return BSRMatrix.from_dense(lowered.reshape(-1, spec.k), blocksize=blocksize)
+
+    @staticmethod
+    def check(spec, fmt):
+        from sparsecnn.formats import BSRMatrix
+
+        _need(isinstance(fmt, BSRMatrix), f"expected a BSRMatrix, got {type(fmt).__name__}")
+        fmt.check_format()
+        rows, _ = _bsr_rows(spec, int(fmt.blocksize[0]))
+        _need(tuple(fmt.shape) == (rows, spec.k),
+              f"expected a BSRMatrix of shape {(rows, spec.k)} for blocksize {tuple(fmt.blocksize)}, "
+              f"got {tuple(fmt.shape)}")
+        _need(fmt.data.dtype == np.float32, f"expected float32 BSRMatrix blocks, got {fmt.data.dtype}")
+
+    def to_dense(self):
+        s = self.spec
+        w = self.format.to_dense()
+        if w.shape[0] != s.out_channels:  # rows padded per group to a multiple of R
+            w = w.reshape(s.groups, -1, s.k)[:, : s.m_group].reshape(s.out_channels, s.k)
+        return w
+
+    def _derive(self):
+        self.m_pad = _bsr_rows(self.spec, int(self.format.blocksize[0]))[1]
 
     def setup(self, ws, shape, hout, wout):
         self._setup_cols(ws, shape, hout, wout)
@@ -349,12 +456,13 @@ class _BsrConv(_ConvEngine):
 
 
 class _LoweredConv(_ConvEngine):
-    """SSL lowering (Wen et al., NIPS 2016): the GEMM shrinks to the kept filters x kept columns."""
+    """SSL lowering (Wen et al., NIPS 2016): the GEMM shrinks to the kept filters x kept columns.
+    Format: LoweredWeight."""
 
-    def __init__(self, spec: _ConvSpec, weight: np.ndarray, bias: np.ndarray | None, **_: Any) -> None:
+    @staticmethod
+    def convert(spec, weight, *, blocksize):
         from sparsecnn.formats import index_dtype, lower_conv_weight
 
-        super().__init__(spec, bias)
         g, mg, k = spec.groups, spec.m_group, spec.k
         lowered = lower_conv_weight(weight, g)
         nz = lowered != 0
@@ -369,21 +477,51 @@ class _LoweredConv(_ConvEngine):
             data[i, : len(rows[i]), : len(cols[i])] = lowered[i][np.ix_(rows[i], cols[i])]
             row_map[i, : len(rows[i])] = rows[i] + i * mg
             col_index[i, : len(cols[i])] = cols[i]
-        self.format = LoweredWeight(data, row_map, col_index, (spec.out_channels, k))
-        self.nbytes = self.format.nbytes
+        return LoweredWeight(data, row_map, col_index, (spec.out_channels, k))
+
+    @staticmethod
+    def check(spec, fmt):
+        _need(isinstance(fmt, LoweredWeight), f"expected a LoweredWeight, got {type(fmt).__name__}")
+        _need(tuple(fmt.shape) == (spec.out_channels, spec.k),
+              f"expected a LoweredWeight of shape {(spec.out_channels, spec.k)}, got {tuple(fmt.shape)}")
+        _need(isinstance(fmt.data, np.ndarray) and fmt.data.ndim == 3 and fmt.data.shape[0] == spec.groups,
+              f"expected a LoweredWeight with {spec.groups} group(s), got data of shape "
+              f"{getattr(fmt.data, 'shape', None)}")
+        for arr, what in ((fmt.row_map, "row_map"), (fmt.col_index, "col_index")):
+            _need(isinstance(arr, np.ndarray) and arr.dtype.kind == "i",
+                  f"LoweredWeight.{what} must be a signed integer array")
+        _check_f32(fmt.data, "LoweredWeight.data")
+        fmt.check_format()
+        lo = (np.arange(spec.groups) * spec.m_group)[:, None]
+        inside = (fmt.row_map == -1) | ((fmt.row_map >= lo) & (fmt.row_map < lo + spec.m_group))
+        _need(bool(inside.all()), "LoweredWeight.row_map maps a row outside its group's output channels")
+
+    def to_dense(self):
+        s, fmt = self.spec, self.format
+        w = np.zeros((s.out_channels, s.k), np.float32)
+        for i in range(s.groups):
+            rows = fmt.row_map[i] >= 0
+            cols = fmt.col_index[i] >= 0
+            w[np.ix_(fmt.row_map[i][rows], fmt.col_index[i][cols])] = fmt.data[i][np.ix_(rows, cols)]
+        return w
+
+    def _derive(self):
+        s, fmt = self.spec, self.format
+        _, mr, kr = fmt.data.shape
         self.empty = mr == 0 or kr == 0
-        # Every filter kept in every group: the GEMM writes straight into the output.
-        self.all_rows = mr == mg and bool((row_map >= 0).all())
-        self.weight_t = torch.from_numpy(data)
+        # Every filter kept, in order, in every group: the GEMM writes straight into the output.
+        ident = np.arange(s.out_channels).reshape(s.groups, s.m_group)
+        self.all_rows = mr == s.m_group and bool((fmt.row_map == ident).all())
+        self.weight_t = torch.from_numpy(fmt.data)
         self.bias_t = torch.from_numpy(self.bias).view(1, -1, 1, 1)
 
     def setup(self, ws, shape, hout, wout):
         if self.empty:
             return
         s = self.spec
-        if s.is_pointwise and self.format.data.shape[2] == s.k:
-            pass  # all columns kept: the input is the lowered matrix
-        else:
+        full = self.format.data.shape[2] == s.k and bool(
+            (self.format.col_index == np.arange(s.k)).all())
+        if not (s.is_pointwise and full):  # else the input is the lowered matrix
             self._setup_cols(ws, shape, hout, wout, rows=self.format.col_index)
         if not self.all_rows:
             tmp = np.empty((shape[0], s.groups, self.format.data.shape[1], hout * wout), np.float32)
@@ -406,15 +544,9 @@ class _LoweredConv(_ConvEngine):
             scatter_rows(ws["tmp"], self.format.row_map, self.bias, out_np.reshape(b, out_np.shape[1], -1))
 
 
-class _SpgemmConv(_ConvEngine):
-    """CSR weights x CSR lowered input (compressed straight from x), dense output."""
-
-    def __init__(self, spec: _ConvSpec, weight: np.ndarray, bias: np.ndarray | None, **_: Any) -> None:
-        from sparsecnn.formats import CSRMatrix
-
-        super().__init__(spec, bias)
-        self.format = CSRMatrix.from_dense(weight.reshape(spec.out_channels, spec.k))
-        self.nbytes = self.format.nbytes
+class _SpgemmConv(_CsrConv):
+    """CSR weights x CSR lowered input (compressed straight from x), dense output.
+    Format: CSRMatrix (Cout, K)."""
 
     def setup(self, ws, shape, hout, wout):
         n_rows = shape[0] * self.spec.groups * self.spec.k
@@ -452,19 +584,45 @@ class _SpgemmConv(_ConvEngine):
 
 
 class _DirectConv(_ConvEngine):
-    """Direct sparse convolution (Park et al., ICLR 2017), kernel in :mod:`sparsecnn.kernels.conv`."""
+    """Direct sparse convolution (Park et al., ICLR 2017), kernel in :mod:`sparsecnn.kernels.conv`.
+    Format: DirectConvPrep."""
 
-    def __init__(self, spec: _ConvSpec, weight: np.ndarray, bias: np.ndarray | None, **_: Any) -> None:
+    @staticmethod
+    def convert(spec, weight, *, blocksize):
         from sparsecnn.kernels.conv import prepare_direct
 
-        super().__init__(spec, bias)
-        self.format = prepare_direct(weight, spec.groups, spec.stride, spec.padding, spec.dilation)
-        self.nbytes = int(self.format.nbytes)
+        return prepare_direct(weight, spec.groups, spec.stride, spec.padding, spec.dilation)
+
+    @staticmethod
+    def check(spec, fmt):
+        from sparsecnn.kernels.conv import DirectConvPrep
+
+        _need(isinstance(fmt, DirectConvPrep), f"expected a DirectConvPrep, got {type(fmt).__name__}")
+        wshape = (spec.out_channels, spec.in_channels // spec.groups, *spec.kernel_size)
+        _need(tuple(fmt.weight_shape) == wshape,
+              f"expected a DirectConvPrep of weight shape {wshape}, got {tuple(fmt.weight_shape)}")
+        geom = (spec.groups, spec.stride, spec.padding, spec.dilation)
+        got = (fmt.groups, tuple(fmt.stride), tuple(fmt.padding), tuple(fmt.dilation))
+        _need(got == geom,
+              f"expected a DirectConvPrep of (groups, stride, padding, dilation) {geom}, got {got}")
+        _check_csr_arrays("DirectConvPrep", fmt.indptr, fmt.indices, fmt.data, spec.out_channels, spec.k)
+
+    def to_dense(self):
+        return _csr_dense(self.format.indptr, self.format.indices, self.format.data,
+                          (self.spec.out_channels, self.spec.k))
 
     def compute(self, x, x_np, out, out_np, ws):
         from sparsecnn.kernels.conv import direct_conv2d
 
         direct_conv2d(self.format, x_np, self.bias if self.has_bias else None, out_np)
+
+
+def _csr_dense(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+               shape: tuple[int, int]) -> np.ndarray:
+    out = np.zeros(shape, np.float32)
+    rows = np.repeat(np.arange(shape[0]), np.diff(indptr.astype(np.int64)))
+    out[rows, indices.astype(np.int64)] = data
+    return out
 
 
 class _TorchConv:
@@ -515,8 +673,67 @@ def _conv_unsupported(conv: nn.Module) -> str | None:
     return None
 
 
+def _pair_arg(value: Any, what: str, label: str, minimum: int) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        pair = (int(value), int(value))
+    else:
+        try:
+            a, b = value
+            if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in (a, b)):
+                raise TypeError
+            pair = (int(a), int(b))
+        except (TypeError, ValueError):
+            raise SparseCNNError(f"{label}: {what} must be an int or a pair of ints, got {value!r}") from None
+    if min(pair) < minimum:
+        raise SparseCNNError(f"{label}: {what} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _count_arg(value: Any, what: str, label: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise SparseCNNError(f"{label}: {what} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _bias_arg(bias: Any, n: int, label: str) -> np.ndarray | None:
+    if bias is None:
+        return None
+    if isinstance(bias, torch.Tensor):
+        bias = bias.detach().cpu().numpy()
+    b = np.asarray(bias)
+    if b.shape != (n,) or b.dtype.kind != "f":
+        raise SparseCNNError(f"{label}: bias must be a float array of shape ({n},), got {b.dtype} {b.shape}")
+    b = np.ascontiguousarray(b, dtype=np.float32)
+    if not np.isfinite(b).all():
+        raise SparseCNNError(f"{label}: bias holds NaN/Inf value(s)")
+    return b
+
+
+def _dense_weight_arg(fmt: Any, shape: tuple[int, ...], label: str) -> torch.Tensor:
+    """The dense weight a ``torch`` layer is built from (its 'format'): ndarray or tensor of ``shape``."""
+    w = fmt.detach().cpu() if isinstance(fmt, torch.Tensor) else (
+        torch.from_numpy(np.asarray(fmt)) if isinstance(fmt, np.ndarray) else None)
+    if w is None or tuple(w.shape) != shape or not w.is_floating_point():
+        raise SparseCNNError(f"{label}: strategy 'torch' takes the dense float weight of shape {shape}, got "
+                             f"{type(fmt).__name__} {tuple(getattr(fmt, 'shape', ()))}")
+    if not bool(torch.isfinite(w).all()):
+        raise SparseCNNError(f"{label}: weight holds NaN/Inf value(s)")
+    return w
+
+
+def _run_check(check: Any, spec: Any, fmt: Any, strategy: str, label: str) -> None:
+    try:
+        check(spec, fmt)
+    except SparseCNNError as exc:
+        raise SparseCNNError(f"{label}: the format does not fit strategy {strategy!r}: {exc}") from None
+
+
 class SparseConv2d(nn.Module):
-    """A Conv2d executed by one strategy (inference only). Build it with :meth:`from_dense`.
+    """A Conv2d executed by one strategy (inference only).
+
+    Build it with :meth:`from_dense` (convert a dense ``nn.Conv2d``) or :meth:`from_format` (from a
+    stored format, e.g. a checkpoint). Deep-copyable and picklable (``torch.save`` of a whole model):
+    the format, geometry and bias travel, the per-shape workspaces are rebuilt on use.
 
     Attributes
     ----------
@@ -531,6 +748,8 @@ class SparseConv2d(nn.Module):
     format : object
         The format: CSRMatrix (csrmm, spgemm), BSRMatrix (bsr), LoweredWeight (lowered), the
         direct kernel's prepared weights (direct), the lowered dense ndarray (dense), None (torch).
+    in_channels, out_channels, kernel_size, stride, padding, dilation, groups
+        The convolution's geometry (padding as an explicit pair).
     """
 
     def __init__(self, engine: Any, spec: _ConvSpec, strategy: str, name: str, device: torch.device,
@@ -546,6 +765,11 @@ class SparseConv2d(nn.Module):
         self.conversion_seconds = conversion_seconds
         self.in_channels = spec.in_channels
         self.out_channels = spec.out_channels
+        self.kernel_size = spec.kernel_size
+        self.stride = spec.stride
+        self.padding = spec.padding
+        self.dilation = spec.dilation
+        self.groups = spec.groups
 
     @property
     def format(self) -> Any:
@@ -554,6 +778,33 @@ class SparseConv2d(nn.Module):
     @property
     def weight_nbytes(self) -> int:
         return int(self.engine.nbytes)
+
+    @property
+    def has_bias(self) -> bool:
+        if isinstance(self.engine, _TorchConv):
+            return self.engine.conv.bias is not None
+        return self.engine.bias is not None if isinstance(self.engine, _CudaConv) else self.engine.has_bias
+
+    def dense_bias(self) -> np.ndarray | None:
+        """The bias ``(Cout,)`` as a float32 numpy copy, or None (CPU layers)."""
+        if isinstance(self.engine, _ConvEngine):
+            return self.engine.bias.copy() if self.engine.has_bias else None
+        return self.dense_parameters()[1]
+
+    def dense_parameters(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The dense weight ``(Cout, Cin/groups, kh, kw)`` and bias ``(Cout,)`` (or None) this layer
+        computes with, as float32 numpy copies (CPU layers)."""
+        s = self.spec
+        wshape = (s.out_channels, s.in_channels // s.groups, *s.kernel_size)
+        if isinstance(self.engine, _TorchConv):
+            c = self.engine.conv
+            return (c.weight.detach().cpu().float().numpy().copy(),
+                    None if c.bias is None else c.bias.detach().cpu().float().numpy().copy())
+        if not isinstance(self.engine, _ConvEngine):
+            raise SparseCNNError(f"{_label(self.name, self)}: runs on {self.device}; only CPU sparse layers "
+                                 f"can give their dense parameters")
+        w = np.ascontiguousarray(self.engine.to_dense().reshape(wshape), dtype=np.float32)
+        return w, (self.engine.bias.copy() if self.engine.has_bias else None)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, strategy: str, *, name: str = "",
@@ -609,9 +860,71 @@ class SparseConv2d(nn.Module):
             else:
                 engine = _CudaConv(spec, weight, bias, strategy, dev, blocksize=blocksize)
         else:
-            engine = _CONV_ENGINES[strategy](spec, weight, bias, blocksize=blocksize)
+            eng_cls = _CONV_ENGINES[strategy]
+            engine = eng_cls(spec, eng_cls.convert(spec, weight, blocksize=blocksize), bias)
         seconds = time.perf_counter() - t0
         return cls(engine, spec, strategy, name, dev, seconds)
+
+    @classmethod
+    def from_format(cls, fmt: Any, strategy: str, *, in_channels: int, out_channels: int,
+                    kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,
+                    padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
+                    groups: int = 1, bias: Any = None, name: str = "",
+                    conversion_seconds: float = 0.0) -> SparseConv2d:
+        """A CPU layer from a format built earlier (what ``layer.format`` holds), without conversion.
+
+        Parameters
+        ----------
+        fmt : object
+            The strategy's format (see the class docstring): a CSRMatrix for csrmm/spgemm, a
+            BSRMatrix for bsr, a LoweredWeight for lowered, a DirectConvPrep for direct, the lowered
+            dense ndarray (groups, Cout/groups, K) for dense; for ``torch`` the dense weight
+            (Cout, Cin/groups, kh, kw), ndarray or tensor.
+        strategy : str
+            One of ``strategies("conv")``.
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups
+            The convolution's geometry, as ``nn.Conv2d`` takes it (padding explicit: no "same").
+        bias : array_like of float, shape (Cout,), optional
+        name : str
+            The layer's name, used in errors.
+        conversion_seconds : float
+            Recorded as the layer's conversion time (e.g. the original conversion's).
+
+        Raises
+        ------
+        SparseCNNError
+            Unknown strategy, bad geometry, or a format that does not fit the strategy and geometry
+            (wrong type, shape, dtype, broken invariants, NaN/Inf): checked here, so the kernels,
+            which index without bounds checks, never see a bad format.
+        """
+        label = f"layer {name!r}" if name else "SparseConv2d.from_format"
+        if strategy not in _CONV_STRATEGIES:
+            raise SparseCNNError(
+                f"{label}: unknown conv strategy {strategy!r}; choose one of {', '.join(_CONV_STRATEGIES)}")
+        cin = _count_arg(in_channels, "in_channels", label)
+        cout = _count_arg(out_channels, "out_channels", label)
+        g = _count_arg(groups, "groups", label)
+        if cin % g or cout % g:
+            raise SparseCNNError(f"{label}: groups={g} must divide in_channels={cin} and out_channels={cout}")
+        spec = _ConvSpec(cin, cout, _pair_arg(kernel_size, "kernel_size", label, 1),
+                         _pair_arg(stride, "stride", label, 1), _pair_arg(padding, "padding", label, 0),
+                         _pair_arg(dilation, "dilation", label, 1), g)
+        b = _bias_arg(bias, cout, label)
+        if strategy == "torch":
+            w = _dense_weight_arg(fmt, (cout, cin // g, *spec.kernel_size), label)
+            conv = nn.utils.skip_init(nn.Conv2d, cin, cout, spec.kernel_size, stride=spec.stride,
+                                      padding=spec.padding, dilation=spec.dilation, groups=g,
+                                      bias=b is not None, dtype=w.dtype)
+            with torch.no_grad():
+                conv.weight.copy_(w)
+                if b is not None:
+                    conv.bias.copy_(torch.from_numpy(b))
+            engine: Any = _TorchConv(conv.eval())
+        else:
+            eng_cls = _CONV_ENGINES[strategy]
+            _run_check(eng_cls.check, spec, fmt, strategy, label)
+            engine = eng_cls(spec, fmt, b)
+        return cls(engine, spec, strategy, name, torch.device("cpu"), float(conversion_seconds))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.strategy == "torch":
@@ -660,13 +973,28 @@ class _TorchLinear:
 
 
 class _DenseLinear:
-    """``x @ W.T + b`` as one GEMM through torch.addmm (BLAS)."""
+    """``x @ W.T + b`` as one GEMM through torch.addmm (BLAS). Format: the weight ndarray (M, K)."""
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, **_: Any) -> None:
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None) -> None:
         self.format = weight
         self.nbytes = int(weight.nbytes)
+        self.bias = bias
         self.weight_t = torch.from_numpy(weight).t()
         self.bias_t = None if bias is None else torch.from_numpy(bias)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.format, self.bias)
+
+    @staticmethod
+    def convert(weight: np.ndarray) -> np.ndarray:
+        return weight
+
+    @staticmethod
+    def check(shape: tuple[int, int], fmt: Any) -> None:
+        _check_f32(fmt, "the dense weight", shape)
+
+    def to_dense(self) -> np.ndarray:
+        return self.format
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias_t is None:
@@ -675,15 +1003,34 @@ class _DenseLinear:
 
 
 class _SparseLinear:
-    """CSR weights through :func:`sparsecnn.kernels.spmv.sparse_linear` (SpMV at batch 1, SpMM above)."""
+    """CSR weights through :func:`sparsecnn.kernels.spmv.sparse_linear` (SpMV at batch 1, SpMM above).
+    Format: LinearPrep."""
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, **_: Any) -> None:
+    def __init__(self, prep: Any, bias: np.ndarray | None) -> None:
+        self.format = prep
+        self.nbytes = int(prep.nbytes)
+        self.bias = bias
+        self.m = int(prep.shape[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (_without_caches(self.format), self.bias)
+
+    @staticmethod
+    def convert(weight: np.ndarray) -> Any:
         from sparsecnn.kernels.spmv import prepare_linear
 
-        self.format = prepare_linear(weight)
-        self.nbytes = int(self.format.nbytes)
-        self.bias = bias
-        self.m = weight.shape[0]
+        return prepare_linear(weight)
+
+    @staticmethod
+    def check(shape: tuple[int, int], fmt: Any) -> None:
+        from sparsecnn.kernels.spmv import LinearPrep
+
+        _need(isinstance(fmt, LinearPrep), f"expected a LinearPrep, got {type(fmt).__name__}")
+        _need(tuple(fmt.shape) == shape, f"expected a LinearPrep of shape {shape}, got {tuple(fmt.shape)}")
+        _check_csr_arrays("LinearPrep", fmt.indptr, fmt.indices, fmt.data, shape[0], shape[1])
+
+    def to_dense(self) -> np.ndarray:
+        return _csr_dense(self.format.indptr, self.format.indices, self.format.data, tuple(self.format.shape))
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         from sparsecnn.kernels.spmv import sparse_linear
@@ -699,7 +1046,8 @@ _LINEAR_ENGINES: dict[str, type] = {"dense": _DenseLinear, "spmv": _SparseLinear
 
 
 class SparseLinear(nn.Module):
-    """A Linear executed by one strategy (inference only). Build it with :meth:`from_dense`.
+    """A Linear executed by one strategy (inference only). Build it with :meth:`from_dense` or
+    :meth:`from_format`.
 
     Same attributes as :class:`SparseConv2d`; ``format`` is the sparse kernel's prepared CSR weights
     (spmv, spmm), the dense ndarray (dense) or None (torch).
@@ -726,6 +1074,33 @@ class SparseLinear(nn.Module):
     def weight_nbytes(self) -> int:
         return int(self.engine.nbytes)
 
+    @property
+    def has_bias(self) -> bool:
+        if isinstance(self.engine, _TorchLinear):
+            return self.engine.linear.bias is not None
+        return self.engine.bias is not None
+
+    def dense_bias(self) -> np.ndarray | None:
+        """The bias ``(out_features,)`` as a float32 numpy copy, or None (CPU layers)."""
+        eng = self.engine
+        if isinstance(eng, (_DenseLinear, _SparseLinear)):
+            return None if eng.bias is None else np.array(eng.bias, np.float32)
+        return self.dense_parameters()[1]
+
+    def dense_parameters(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The dense weight ``(out_features, in_features)`` and bias (or None) this layer computes
+        with, as float32 numpy copies (CPU layers)."""
+        eng = self.engine
+        if isinstance(eng, _TorchLinear):
+            lin = eng.linear
+            return (lin.weight.detach().cpu().float().numpy().copy(),
+                    None if lin.bias is None else lin.bias.detach().cpu().float().numpy().copy())
+        if not isinstance(eng, (_DenseLinear, _SparseLinear)):
+            raise SparseCNNError(f"{_label(self.name, self)}: runs on {self.device}; only CPU sparse layers "
+                                 f"can give their dense parameters")
+        return (np.array(eng.to_dense(), np.float32),
+                None if eng.bias is None else np.array(eng.bias, np.float32))
+
     @classmethod
     def from_dense(cls, linear: nn.Linear, strategy: str, *, name: str = "",
                    device: str | torch.device = "cpu") -> SparseLinear:
@@ -749,9 +1124,40 @@ class SparseLinear(nn.Module):
         elif dev.type == "cuda":
             engine = _CudaLinear(weight, bias, strategy, dev)
         else:
-            engine = _LINEAR_ENGINES[strategy](weight, bias)
+            eng_cls = _LINEAR_ENGINES[strategy]
+            engine = eng_cls(eng_cls.convert(weight), bias)
         seconds = time.perf_counter() - t0
         return cls(engine, linear.in_features, linear.out_features, strategy, name, dev, seconds)
+
+    @classmethod
+    def from_format(cls, fmt: Any, strategy: str, *, in_features: int, out_features: int, bias: Any = None,
+                    name: str = "", conversion_seconds: float = 0.0) -> SparseLinear:
+        """A CPU layer from a format built earlier (what ``layer.format`` holds), without conversion.
+
+        ``fmt``: a LinearPrep for spmv/spmm, the float32 weight ndarray (out_features, in_features) for
+        dense, the dense weight (ndarray or tensor) for torch. Other parameters and errors as in
+        :meth:`SparseConv2d.from_format`.
+        """
+        label = f"layer {name!r}" if name else "SparseLinear.from_format"
+        if strategy not in _LINEAR_STRATEGIES:
+            raise SparseCNNError(f"{label}: unknown linear strategy {strategy!r}; choose one of "
+                                 f"{', '.join(_LINEAR_STRATEGIES)}")
+        k = _count_arg(in_features, "in_features", label)
+        m = _count_arg(out_features, "out_features", label)
+        b = _bias_arg(bias, m, label)
+        if strategy == "torch":
+            w = _dense_weight_arg(fmt, (m, k), label)
+            lin = nn.utils.skip_init(nn.Linear, k, m, bias=b is not None, dtype=w.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+                if b is not None:
+                    lin.bias.copy_(torch.from_numpy(b))
+            engine: Any = _TorchLinear(lin.eval())
+        else:
+            eng_cls = _LINEAR_ENGINES[strategy]
+            _run_check(eng_cls.check, (m, k), fmt, strategy, label)
+            engine = eng_cls(fmt, b)
+        return cls(engine, k, m, strategy, name, torch.device("cpu"), float(conversion_seconds))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.strategy == "torch":
@@ -796,7 +1202,7 @@ class _CudaConv:
         if strategy == "dense":
             self.mats = [lowered.to(device)]
         elif strategy == "lowered":
-            eng = _LoweredConv(spec, weight, bias)
+            eng = _LoweredConv(spec, _LoweredConv.convert(spec, weight, blocksize=blocksize), bias)
             self.lowered = eng.format
             self.mats = [torch.from_numpy(eng.format.data).to(device)]
             # torch indexes with int64; the format stores the smallest width

@@ -72,6 +72,10 @@ class Plan(Mapping[str, str]):
             layers[str(name)] = choice
         object.__setattr__(self, "layers", types.MappingProxyType(layers))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The read-only view cannot be pickled or deep-copied; the plain dict behind it can.
+        return type(self), (dict(self.layers),)
+
     def __getitem__(self, name: str) -> str:
         return self.layers[name].strategy
 

@@ -96,6 +96,7 @@ class ReportConfig:
     scaling_impls: tuple[str, ...] = ("dense", "csr", "torch-csr")
     e2e_batches: tuple[int, ...] = (1, 32)
     plan_measure: bool = True  # sparsify(..., "auto") times candidates (True) or uses the cost model
+    plan_measure_max_batch: int = 32  # above this batch "auto" uses the cost model (timing is slow)
     onnx: bool = True  # time ONNX Runtime when installed
     lenet: bool = True  # include LeNet-5 trained and pruned on digits (when sparsecnn.prune exists)
 
@@ -112,6 +113,7 @@ class ReportConfig:
                 scaling_sizes=((256, 1200), (2560, 4800)),
                 scaling_skipped=((25600, 24000),),
                 scaling_impls=("dense", "csr"),
+                plan_measure_max_batch=1,
             )
         elif size == "tiny":
             cfg = cls(
@@ -125,7 +127,7 @@ class ReportConfig:
                 scaling_sizes=((256, 1200),),
                 scaling_skipped=((2560, 4800), (25600, 24000)),
                 scaling_impls=("dense", "csr"),
-                e2e_batches=(1, 4),
+                e2e_batches=(1, 2),
                 plan_measure=False,
                 onnx=False,
             )
@@ -205,6 +207,10 @@ class _Context:
             lambda: _capture_io(self.model(name, profile), self.input(name, profile, batch)[0]),
         )
 
+    def plan_measured(self, batch: int) -> bool:
+        """Whether ``sparsify(..., "auto")`` times the candidates at this batch (else: cost model)."""
+        return self.cfg.plan_measure and batch <= self.cfg.plan_measure_max_batch
+
     def sparse_model(self, name: str, profile: str, batch: int) -> tuple[nn.Module, float]:
         """``sparsify(model, "auto")`` planned on this batch, and the seconds it took."""
 
@@ -216,7 +222,7 @@ class _Context:
             sm = sparsify(
                 self.model(name, profile),
                 "auto",
-                measure=self.cfg.plan_measure,
+                measure=self.plan_measured(batch),
                 example_input=self.input(name, profile, batch)[0],
                 plan_path=plan_path,
                 device=self.cfg.device,
@@ -268,7 +274,7 @@ def _trained_lenet(cfg: ReportConfig, out_dir: Path | None) -> tuple[nn.Module, 
     if cache is not None and cache.exists() and meta_path is not None and meta_path.exists():
         model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
         return model.eval(), json.loads(meta_path.read_text(encoding="utf-8"))
-    epochs = {"full": 20, "quick": 8, "tiny": 2}[cfg.size]
+    epochs = {"full": 20, "quick": 6, "tiny": 2}[cfg.size]
     tc = train.TrainConfig(epochs=epochs, progress=False, device="cpu", seed=cfg.seed)
     pc = PruneConfig(target=LENET_TARGET, retrain=replace(tc, epochs=max(1, epochs // 2), lr=0.01))
     with torch.enable_grad():  # the report runs under no_grad
@@ -392,7 +398,7 @@ def _peer_task(
         m = module()
         make = linear_peers if isinstance(m, nn.Linear) else conv_peers
         t0 = time.perf_counter()
-        peers = make(m, x, device=cfg.device, threads=torch.get_num_threads(), onnx=cfg.onnx)
+        peers = make(m, x, device=cfg.device, threads=torch.get_num_threads(), onnx=cfg.onnx, only=peer)
         conversion = time.perf_counter() - t0
         if peer not in peers:
             raise SparseCNNError(f"peer {peer} is not available here (device {cfg.device})")
@@ -500,7 +506,7 @@ def _planner_task(
                 "choice": choice,
                 "source": source,
                 "plan_s": plan_s,
-                "measured": ctx.cfg.plan_measure,
+                "measured": ctx.plan_measured(batch),
             },
         )
 
@@ -863,7 +869,7 @@ def _e2e_run(ctx: _Context, name: str, profile: str, batch: int, impl: str) -> O
     else:
         sm, plan_s = ctx.sparse_model(name, profile, batch)
         metrics["plan_s"] = plan_s
-        metrics["plan_measured"] = cfg.plan_measure
+        metrics["plan_measured"] = ctx.plan_measured(batch)
         metrics["strategies"] = {n: m.strategy for n, m in sm.named_modules() if hasattr(m, "strategy")}
         fn = lambda: sm(x)  # noqa: E731
     outcome = _timed(fn, ref, cfg, rtol=1e-3, metrics=metrics)

@@ -75,19 +75,29 @@ def _ort_single_node(
     return model.SerializeToString()
 
 
-def _csr_groups(w2d: list[torch.Tensor], device: str) -> tuple[list[torch.Tensor], list[Any]]:
+def _csr_groups(
+    w2d: list[torch.Tensor], device: str, want: Any = lambda _name: True
+) -> tuple[list[torch.Tensor], list[Any]]:
     import scipy.sparse as sp
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
-        torch_csr = [w.to(device).to_sparse_csr() for w in w2d]
-    scipy_csr = [sp.csr_matrix(w.cpu().numpy()) for w in w2d] if device == "cpu" else []
+    torch_csr: list[torch.Tensor] = []
+    if want("torch-csr"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
+            torch_csr = [w.to(device).to_sparse_csr() for w in w2d]
+    scipy_csr = [sp.csr_matrix(w.cpu().numpy()) for w in w2d] if device == "cpu" and want("scipy-csr") else []
     return torch_csr, scipy_csr
 
 
 @torch.no_grad()
 def conv_peers(
-    conv: nn.Conv2d, x: torch.Tensor, *, device: str = "cpu", threads: int = 1, onnx: bool = True
+    conv: nn.Conv2d,
+    x: torch.Tensor,
+    *,
+    device: str = "cpu",
+    threads: int = 1,
+    onnx: bool = True,
+    only: str | None = None,
 ) -> dict[str, Peer]:
     """Peers for one conv layer on input ``x`` (shape (B, Cin, H, W)).
 
@@ -95,8 +105,13 @@ def conv_peers(
     -------
     dict of str to callable
         ``torch-dense``, ``torch-csr``, ``scipy-csr`` (CPU only) and ``onnxruntime`` (CPU, when
-        installed and ``onnx`` is true); each returns the (B, Cout, Hout, Wout) output.
+        installed and ``onnx`` is true); each returns the (B, Cout, Hout, Wout) output. With
+        ``only``, just that peer is built (the others' conversions are skipped).
     """
+
+    def want(name: str) -> bool:
+        return only is None or only == name
+
     conv = conv.eval().to(device)
     x = x.to(device)
     g = conv.groups
@@ -107,7 +122,7 @@ def conv_peers(
     with torch.no_grad():
         y_shape = tuple(conv(x).shape)
     b, _, hout, wout = y_shape
-    torch_csr, scipy_csr = _csr_groups(w2d, device)
+    torch_csr, scipy_csr = _csr_groups(w2d, device, want)
     kw = {
         "kernel_size": conv.kernel_size,
         "dilation": conv.dilation,
@@ -140,7 +155,7 @@ def conv_peers(
             )
 
         peers["scipy-csr"] = scipy_peer
-        if onnx and have_onnxruntime():
+        if onnx and want("onnxruntime") and have_onnxruntime():
             inits = {"w": weight.cpu().numpy()}
             if bias is not None:
                 inits["b"] = bias.cpu().numpy()
@@ -164,15 +179,27 @@ def conv_peers(
 
 @torch.no_grad()
 def linear_peers(
-    linear: nn.Linear, x: torch.Tensor, *, device: str = "cpu", threads: int = 1, onnx: bool = True
+    linear: nn.Linear,
+    x: torch.Tensor,
+    *,
+    device: str = "cpu",
+    threads: int = 1,
+    onnx: bool = True,
+    only: str | None = None,
 ) -> dict[str, Peer]:
-    """Peers for one linear layer on input ``x`` (shape (B, in)); each returns (B, out)."""
+    """Peers for one linear layer on input ``x`` (shape (B, in)); each returns (B, out).
+
+    ``only`` builds just that peer, as for :func:`conv_peers`.
+    """
+
+    def want(name: str) -> bool:
+        return only is None or only == name
+
     linear = linear.eval().to(device)
     x = x.to(device)
     w = linear.weight.detach()
     bias = linear.bias.detach() if linear.bias is not None else None
-    torch_csr, scipy_csr = _csr_groups([w], device)
-    w_csr = torch_csr[0]
+    torch_csr, scipy_csr = _csr_groups([w], device, want)
     xt = x.t().contiguous()
 
     def add_bias(y: torch.Tensor) -> torch.Tensor:
@@ -180,13 +207,12 @@ def linear_peers(
 
     peers: dict[str, Peer] = {
         "torch-dense": lambda: linear(x),
-        "torch-csr": lambda: add_bias((w_csr @ xt).t()),
+        "torch-csr": lambda: add_bias((torch_csr[0] @ xt).t()),
     }
     if device == "cpu":
         xn = xt.numpy()
-        w_sp = scipy_csr[0]
-        peers["scipy-csr"] = lambda: add_bias(torch.from_numpy(np.asarray(w_sp @ xn)).t())
-        if onnx and have_onnxruntime():
+        peers["scipy-csr"] = lambda: add_bias(torch.from_numpy(np.asarray(scipy_csr[0] @ xn)).t())
+        if onnx and want("onnxruntime") and have_onnxruntime():
             inits = {"w": w.t().cpu().numpy()}
             nodes_in = ["w"]
             if bias is not None:

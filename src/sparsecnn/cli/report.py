@@ -47,9 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(write_report(args.out).resolve())
         return 0
-    from sparsecnn.bench.experiments import ReportConfig, run_report
-
-    from sparsecnn.bench.experiments import EXPERIMENTS
+    from sparsecnn.bench.experiments import EXPERIMENTS, ReportConfig, run_report
     from sparsecnn.errors import SparseCNNError
 
     only = None

@@ -113,7 +113,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> str:
             for key, arr in parts.items():
                 arrays[f"sparse/{name}/{key}"] = np.ascontiguousarray(arr)
             if spec["bias"]:
-                bias = _bias_of(m)
+                bias = m.dense_bias()
                 arrays[f"sparse/{name}/bias"] = bias
         layers[name] = entry
     state = model.state_dict()
@@ -147,15 +147,6 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def _bias_of(layer: nn.Module) -> np.ndarray:
-    eng = layer.engine
-    if hasattr(eng, "has_bias"):
-        return np.ascontiguousarray(eng.bias, np.float32)
-    if hasattr(eng, "bias_t"):
-        return eng.bias_t.numpy().copy()
-    return np.ascontiguousarray(eng.bias, np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,24 +252,18 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.
         for name, entry in layers.items():
             spec, strategy = entry["spec"], str(entry["strategy"])
             prefix = f"sparse/{name}/"
-            dense = None
-            fmt = None
-            if strategy == "torch":
-                args = {k: v for k, v in spec.items() if k != "kind"}
-                cls = nn.Linear if spec["kind"] == "linear" else nn.Conv2d
-                if cls is nn.Conv2d:
-                    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-                dense = nn.utils.skip_init(cls, **args).eval()
+            if strategy == "torch":  # the dense module inside the layer is saved with the state dict
+                inner = f"dense/{name}.{'linear' if spec['kind'] == 'linear' else 'conv'}."
+                fmt = arrays[inner + "weight"]
+                bias = arrays[inner + "bias"] if spec["bias"] else None
             else:
                 f = entry["format"]
                 fmt = _sparse.format_from_parts(
                     str(f["class"]), dict(f["fields"]), {k: arrays[prefix + k] for k in f["arrays"]}
                 )
-            bias = (
-                arrays[prefix + "bias"].astype(np.float32) if spec["bias"] and strategy != "torch" else None
-            )
+                bias = arrays[prefix + "bias"].astype(np.float32) if spec["bias"] else None
             layer = _sparse.rebuild_layer(
-                spec, strategy, name, fmt, bias, dense, float(entry.get("conversion_seconds", 0.0))
+                spec, strategy, name, fmt, bias, float(entry.get("conversion_seconds", 0.0))
             )
             try:
                 skeleton.get_submodule(name)

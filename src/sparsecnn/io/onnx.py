@@ -21,6 +21,7 @@ the dozens of shape and pooling nodes torch decomposes it into. Sparse layers ar
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import tempfile
 import warnings
@@ -505,27 +506,16 @@ class _ExportLRN(nn.Module):
 
 @contextlib.contextmanager
 def _for_export(model: nn.Module):
-    """``model`` in eval mode with export-friendly layers swapped in (sparse -> dense, LRN -> one ONNX
-    node), restored on exit. Swapping in place instead of copying saves memory and works for models
-    holding attributes deepcopy cannot copy."""
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    training = model.training
-    try:
-        for parent in list(model.modules()):
-            for child_name, child in list(parent.named_children()):
-                replacement = None
-                if isinstance(child, nn.LocalResponseNorm) and child.size % 2 == 1:
-                    replacement = _ExportLRN(child)
-                elif _sparse.is_sparse(child):
-                    replacement = _sparse.dense_module(child)
-                if replacement is not None:
-                    swapped.append((parent, child_name, child))
-                    setattr(parent, child_name, replacement)
-        yield model.eval()
-    finally:
-        for parent, child_name, child in reversed(swapped):
-            setattr(parent, child_name, child)
-        model.train(training)
+    """A copy of ``model`` in eval mode with export-friendly layers (sparse -> dense, LRN -> one ONNX
+    node). The replacements are seeded into deepcopy's memo, so the sparse formats are never copied
+    and the caller's model is never touched."""
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        if isinstance(m, nn.LocalResponseNorm) and m.size % 2 == 1:
+            memo[id(m)] = _ExportLRN(m)
+        elif _sparse.is_sparse(m):
+            memo[id(m)] = _sparse.dense_module(m)
+    yield copy.deepcopy(model, memo).eval()
 
 
 def export_onnx(

@@ -37,13 +37,14 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import jit, pjit
+from sparsecnn.kernels._numba import pjit
+from sparsecnn.kernels._simd import VW, span_tiles
 
 __all__ = ["DirectConvPrep", "direct_conv2d", "prepare_direct"]
 
-# Output tile width in floats (whole wide rows): the tile of one output channel stays in L1 while all
-# of its nonzeros stream their input spans through it; 16 KiB leaves L1 room for the spans.
-_TILE = 4096
+# Input bytes a group of output rows may read: half of a Zen 3 core's 512 KiB L2, so the rows stay
+# there while every output channel of the thread streams its spans from them.
+_L2_BYTES = 256 * 1024
 
 
 def _index_dtype(n: int) -> np.dtype:
@@ -60,15 +61,15 @@ class _Workspace:
     """Per-input-shape state: span offsets, the phase-decomposed input and the output tiles."""
 
     offsets: np.ndarray  # (nnz,) offset of each nonzero's span inside one image's phase planes
-    xt: np.ndarray  # (B, Cin * sh * sw * Hph * Wph) phase-decomposed padded input
-    acc: np.ndarray  # (nparts, tile + 8) one output tile per thread
+    xt: np.ndarray  # (B, Cin * sh * sw * Hph * Wph + VW) phase-decomposed padded input
+    wide: np.ndarray  # (nparts, group * wph + VW) one wide output buffer per thread
     bounds: np.ndarray  # (nparts + 1,) output-channel ranges with balanced nonzero counts
     hph: int
     wph: int
     hout: int
     wout: int
     span: int  # (hout - 1) * wph + wout
-    tile: int
+    group: int  # output rows per pass over the output channels
 
 
 @dataclass(eq=False)
@@ -143,22 +144,22 @@ class DirectConvPrep:
         per_image = cin * nph * plane
         off_dtype = np.int32 if per_image <= np.iinfo(np.int32).max else np.int64
         span = (hout - 1) * wph + wout
-        # Whole wide rows per tile, so cropping a tile into the output is a row copy.
-        rows = max(1, min(hout, _TILE // wph))
-        tile = rows * wph
+        # Output rows per group: the input rows they read (all channels, all phases) fit in L2.
+        halo = ((kh - 1) * dh) // sh + 1
+        group = max(1, min(hout, _L2_BYTES // (4 * cin * nph * wph) - halo))
         counts = np.diff(self.indptr).astype(np.int64) + 1  # +1: an empty filter still costs a bias fill
         bounds = _balanced_bounds(counts, nparts)
         return _Workspace(
             offsets=np.ascontiguousarray(off, dtype=off_dtype),
-            xt=np.zeros((b, per_image), dtype=np.float32),
-            acc=np.zeros((nparts, tile + 8), dtype=np.float32),
+            xt=np.zeros((b, per_image + VW), dtype=np.float32),
+            wide=np.zeros((nparts, group * wph + VW), dtype=np.float32),
             bounds=bounds,
             hph=hph,
             wph=wph,
             hout=hout,
             wout=wout,
             span=span,
-            tile=tile,
+            group=group,
         )
 
 
@@ -227,8 +228,8 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     has_bias = bias is not None
     b = bias if has_bias else prep.data[:0]
     _direct_kernel(
-        ws.xt, ws.offsets, prep.data, prep.indptr, b, has_bias, out, ws.acc, ws.bounds, ws.wph, ws.span,
-        ws.tile,
+        ws.xt, ws.offsets, prep.data, prep.indptr, b, has_bias, out, ws.wide, ws.bounds, ws.wph, ws.span,
+        ws.group,
     )
 
 
@@ -271,85 +272,31 @@ def _phase_decompose(x, xt, sh, sw, ph, pw, hph, wph):
                         xt[b, row + j] = x[b, c, hi, wi] if 0 <= wi < w else 0.0
 
 
-@jit
-def _accumulate(acc, n, xb, offs, data, k0, k1, p0):
-    """``acc[:n] += sum_k data[k] * xb[offs[k] + p0 : offs[k] + p0 + n]`` for ``k0 <= k < k1``.
-
-    Eight nonzeros per pass over ``acc`` (then four, then one), so the output tile is loaded and
-    stored once per eight multiply-adds.
-    NOTE: every span lies inside xb (guaranteed by the layout); acc has at least n elements.
-    """
-    a = acc[:n]
-    k = k0
-    while k + 8 <= k1:
-        o0 = offs[k] + p0
-        o1 = offs[k + 1] + p0
-        o2 = offs[k + 2] + p0
-        o3 = offs[k + 3] + p0
-        o4 = offs[k + 4] + p0
-        o5 = offs[k + 5] + p0
-        o6 = offs[k + 6] + p0
-        o7 = offs[k + 7] + p0
-        v0, v1, v2, v3 = data[k], data[k + 1], data[k + 2], data[k + 3]
-        v4, v5, v6, v7 = data[k + 4], data[k + 5], data[k + 6], data[k + 7]
-        s0, s1, s2, s3 = xb[o0 : o0 + n], xb[o1 : o1 + n], xb[o2 : o2 + n], xb[o3 : o3 + n]
-        s4, s5, s6, s7 = xb[o4 : o4 + n], xb[o5 : o5 + n], xb[o6 : o6 + n], xb[o7 : o7 + n]
-        for j in range(n):
-            a[j] += ((v0 * s0[j] + v1 * s1[j]) + (v2 * s2[j] + v3 * s3[j])) + (
-                (v4 * s4[j] + v5 * s5[j]) + (v6 * s6[j] + v7 * s7[j])
-            )
-        k += 8
-    if k + 4 <= k1:
-        o0 = offs[k] + p0
-        o1 = offs[k + 1] + p0
-        o2 = offs[k + 2] + p0
-        o3 = offs[k + 3] + p0
-        v0, v1, v2, v3 = data[k], data[k + 1], data[k + 2], data[k + 3]
-        s0, s1, s2, s3 = xb[o0 : o0 + n], xb[o1 : o1 + n], xb[o2 : o2 + n], xb[o3 : o3 + n]
-        for j in range(n):
-            a[j] += (v0 * s0[j] + v1 * s1[j]) + (v2 * s2[j] + v3 * s3[j])
-        k += 4
-    if k + 2 <= k1:
-        o0 = offs[k] + p0
-        o1 = offs[k + 1] + p0
-        v0, v1 = data[k], data[k + 1]
-        s0, s1 = xb[o0 : o0 + n], xb[o1 : o1 + n]
-        for j in range(n):
-            a[j] += v0 * s0[j] + v1 * s1[j]
-        k += 2
-    if k < k1:
-        o0 = offs[k] + p0
-        v0 = data[k]
-        s0 = xb[o0 : o0 + n]
-        for j in range(n):
-            a[j] += v0 * s0[j]
-
-
 @pjit
-def _direct_kernel(xt, offs, data, indptr, bias, has_bias, out, acc, bounds, wph, span, tile):
+def _direct_kernel(xt, offs, data, indptr, bias, has_bias, out, wide, bounds, wph, span, group):
     """Direct sparse convolution over prepared spans, parallel over balanced output-channel ranges.
 
-    NOTE: offs/xt come from the same workspace; tile is a whole number of wide rows (wph each);
-    out is (B, Cout, Hout, Wout) with Wout <= wph.
+    For each image and each group of ``group`` wide output rows (sized so that the input rows they
+    read stay in L2), every output channel of the thread's range computes the group in register
+    tiles (:func:`sparsecnn.kernels._simd.span_tiles`: all of the channel's nonzeros per tile, no
+    stores in the inner loop) into its wide buffer, then copies the ``Wout`` valid columns of each row.
+    NOTE: offs/xt come from the same workspace (xt rows padded by VW floats past the last span);
+    out is (B, Cout, Hout, Wout) with Wout <= wph; wide rows hold group * wph + VW floats.
     """
     nb, _, hout, wout = out.shape
     nparts = bounds.size - 1
     for part in numba.prange(nparts):
-        a = acc[part]
-        for co in range(bounds[part], bounds[part + 1]):
-            k0 = indptr[co]
-            k1 = indptr[co + 1]
-            bv = bias[co] if has_bias else np.float32(0.0)
-            for b in range(nb):
-                xb = xt[b]
-                for p0 in range(0, span, tile):
-                    n = min(tile, span - p0)
-                    for j in range(n):
-                        a[j] = bv
-                    _accumulate(a, n, xb, offs, data, k0, k1, p0)
-                    row0 = p0 // wph
-                    nrows = min(hout - row0, tile // wph)
+        w = wide[part]
+        for b in range(nb):
+            xb = xt[b]
+            for row0 in range(0, hout, group):
+                nrows = min(group, hout - row0)
+                p0 = row0 * wph
+                n = min(nrows * wph, span - p0)
+                for co in range(bounds[part], bounds[part + 1]):
+                    bv = bias[co] if has_bias else np.float32(0.0)
+                    span_tiles(xb, offs, data, indptr[co], indptr[co + 1], p0, w, 0, n, bv)
                     for i in range(nrows):
                         src = i * wph
                         for j in range(wout):
-                            out[b, co, row0 + i, j] = a[src + j]
+                            out[b, co, row0 + i, j] = w[src + j]
