@@ -1329,6 +1329,7 @@ def sparsify(
     plan_path: Any = None,
     device: str | torch.device = "cpu",
     blocksize: tuple[int, int] = (4, 4),
+    cost_model: Any = None,
 ) -> nn.Module:
     """A copy of ``model`` whose Conv2d and Linear layers run sparse; the rest stays torch.
 
@@ -1342,8 +1343,10 @@ def sparsify(
         per layer, or a :class:`~sparsecnn.plan.Plan` / mapping layer name -> strategy (layers it does
         not name stay torch).
     measure : bool
-        ``"auto"`` only: True times every candidate on the layer's real input and keeps the fastest
-        (``torch`` is always a candidate); False picks by the cost model in :mod:`sparsecnn.plan`.
+        ``"auto"`` only: True times every candidate on the layer's real input (interleaved rounds,
+        medians) and keeps the fastest sparse one if it beats ``torch`` by at least
+        ``sparsecnn.plan.DEFAULT_MARGIN`` (4%), else ``torch``; False decides the same way from the
+        cost model in :mod:`sparsecnn.plan`.
     example_input : torch.Tensor, optional
         ``"auto"`` only: the input the layer shapes are captured with; by default a random batch of 1
         of ``sparsecnn.models.input_shape(model)``. Its batch size is the batch the plan is for.
@@ -1354,6 +1357,9 @@ def sparsify(
         ``"cpu"`` or ``"cuda"``.
     blocksize : tuple of int
         ``(R, C)`` of the ``bsr`` strategy.
+    cost_model : sparsecnn.plan.CostModel, optional
+        ``"auto"`` with ``measure=False`` only: the constants to estimate with (default: the ones
+        calibrated on the project's machine; :func:`sparsecnn.plan.calibrate` fits them to this one).
 
     Returns
     -------
@@ -1371,7 +1377,8 @@ def sparsify(
     built: dict[str, nn.Module] = {}
     if isinstance(strategy, str) and strategy == "auto":
         plan, built = auto_plan(copy_, targets, measure=measure, example_input=example_input,
-                                plan_path=plan_path, device=device, blocksize=blocksize)
+                                plan_path=plan_path, device=device, blocksize=blocksize,
+                                cost_model=cost_model)
     elif isinstance(strategy, str):
         if strategy not in _CONV_STRATEGIES and strategy not in _LINEAR_STRATEGIES:
             raise SparseCNNError(

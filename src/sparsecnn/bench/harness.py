@@ -316,12 +316,19 @@ def capture_environment(device: str = "cpu") -> dict[str, Any]:
         "blas": _blas_info(),
         "device": device,
         "gpu": gpu,
+        # 1/5/15-minute load when the run started: other processes on the machine skew timings.
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+# Recorded in the env header but not part of its identity: it changes from minute to minute.
+_VOLATILE = ("loadavg",)
 
 
 def environment_id(env: Mapping[str, Any]) -> str:
     """A short stable hash of an environment, which measurement records reference."""
-    text = json.dumps(env, sort_keys=True, separators=(",", ":"))
+    stable = {k: v for k, v in env.items() if k not in _VOLATILE}
+    text = json.dumps(stable, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

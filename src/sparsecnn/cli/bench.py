@@ -38,6 +38,8 @@ def print_tables(tables: Iterable[Any]) -> None:
     from rich.table import Table as RichTable
 
     console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the columns into 80 characters
+        console = Console(width=max(console.width, 200))
     for t in tables:
         rt = RichTable(title=t.title, caption=t.note or None, title_justify="left")
         for i, col in enumerate(t.columns):

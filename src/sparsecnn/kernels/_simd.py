@@ -17,6 +17,7 @@ reassociation, so no ``fastmath`` is needed.
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -45,7 +46,7 @@ def _splat(builder, s):
     return builder.shuffle_vector(v, ir.Constant(_VEC, ir.Undefined), mask)
 
 
-def _make_span_tile(nv: int):
+def _make_span_tile(nv: int, accumulate: bool):
     """``w[wpos + j] = init + sum_k data[k] * x[base + offs[k] + j]`` for ``j < nv * VW``, k in [k0, k1)."""
 
     @intrinsic
@@ -61,9 +62,16 @@ def _make_span_tile(nv: int):
             fma = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]), "llvm.fmuladd.v8f32")
             accs = [cgutils.alloca_once(builder, _VEC) for _ in range(nv)]
-            start = _splat(builder, init_)
-            for a in accs:
-                builder.store(start, a)
+            wp = builder.gep(wptr, [wpos_], inbounds=True)
+            wvecs = [builder.bitcast(builder.gep(wp, [ir.Constant(_I64, i * VW)], inbounds=True),
+                                     _VEC.as_pointer()) for i in range(nv)]
+            if accumulate:
+                for a, q in zip(accs, wvecs, strict=True):
+                    builder.store(builder.load(q, align=4), a)
+            else:
+                start = _splat(builder, init_)
+                for a in accs:
+                    builder.store(start, a)
             xbase = builder.gep(xptr, [base_], inbounds=True)
             with cgutils.for_range_slice(builder, k0_, k1_, ir.Constant(_I64, 1), inc=True) as (k, _):
                 off = builder.load(builder.gep(optr, [k], inbounds=True))
@@ -76,11 +84,8 @@ def _make_span_tile(nv: int):
                                         _VEC.as_pointer())
                     xv = builder.load(q, align=4)
                     builder.store(builder.call(fma, [vb, xv, builder.load(accs[i])]), accs[i])
-            wp = builder.gep(wptr, [wpos_], inbounds=True)
-            for i in range(nv):
-                q = builder.bitcast(builder.gep(wp, [ir.Constant(_I64, i * VW)], inbounds=True),
-                                    _VEC.as_pointer())
-                builder.store(builder.load(accs[i]), q, align=4)
+            for a, q in zip(accs, wvecs, strict=True):
+                builder.store(builder.load(a), q, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -88,7 +93,33 @@ def _make_span_tile(nv: int):
     return span_tile
 
 
-_t1, _t2, _t3, _t4, _t5, _t6, _t7, _t8 = (_make_span_tile(n) for n in range(1, NV_MAX + 1))
+_t1, _t2, _t3, _t4, _t5, _t6, _t7, _t8 = (_make_span_tile(n, False) for n in range(1, NV_MAX + 1))
+_a1, _a2, _a3, _a4, _a5, _a6, _a7, _a8 = (_make_span_tile(n, True) for n in range(1, NV_MAX + 1))
+
+
+@jit
+def span_tile_acc(x, offs, data, k0, k1, base, w, wpos, nvec):
+    """``w[wpos + j] += sum_{k0 <= k < k1} data[k] * x[base + offs[k] + j]`` for ``j < nvec * VW``.
+
+    One register tile of ``nvec <= NV_MAX`` vectors, loaded from ``w`` and stored back once.
+    NOTE: x holds ``base + offs[k] + nvec * VW`` elements for every k, w holds ``wpos + nvec * VW``.
+    """
+    if nvec == 8:
+        _a8(x, offs, data, k0, k1, base, w, wpos, np.float32(0.0))
+    elif nvec == 7:
+        _a7(x, offs, data, k0, k1, base, w, wpos, np.float32(0.0))
+    elif nvec == 6:
+        _a6(x, offs, data, k0, k1, base, w, wpos, np.float32(0.0))
+    elif nvec == 5:
+        _a5(x, offs, data, k0, k1, base, w, wpos, np.float32(0.0))
+    elif nvec == 4:
+        _a4(x, offs, data, k0, k1, base, w, wpos, np.float32(0.0))
+    elif nvec == 3:
+        _a3(x, offs, data, k0, k1, base, w, wpos, np.float32(0.0))
+    elif nvec == 2:
+        _a2(x, offs, data, k0, k1, base, w, wpos, np.float32(0.0))
+    elif nvec == 1:
+        _a1(x, offs, data, k0, k1, base, w, wpos, np.float32(0.0))
 
 
 @jit

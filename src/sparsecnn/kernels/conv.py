@@ -38,13 +38,16 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import pjit
-from sparsecnn.kernels._simd import VW, span_tiles
+from sparsecnn.kernels._simd import NV_MAX, VW, span_tile_acc, span_tiles
 
 __all__ = ["DirectConvPrep", "direct_conv2d", "prepare_direct"]
 
 # Input bytes a group of output rows may read: half of a Zen 3 core's 512 KiB L2, so the rows stay
 # there while every output channel of the thread streams its spans from them.
 _L2_BYTES = 256 * 1024
+_L1_BYTES = 16 * 1024
+_TILE = NV_MAX * VW
+BLOCKED = True
 
 
 def _index_dtype(n: int) -> np.dtype:
@@ -70,6 +73,8 @@ class _Workspace:
     wout: int
     span: int  # (hout - 1) * wph + wout
     group: int  # output rows per pass over the output channels
+    bptr: np.ndarray  # (Cout, nblk + 1) nonzeros of output channel co in channel block j
+    tiles: np.ndarray  # (nparts, max part size, TILE) register-tile accumulators per thread
 
 
 @dataclass(eq=False)
@@ -149,6 +154,19 @@ class DirectConvPrep:
         group = max(1, min(hout, _L2_BYTES // (4 * cin * nph * wph) - halo))
         counts = np.diff(self.indptr).astype(np.int64) + 1  # +1: an empty filter still costs a bias fill
         bounds = _balanced_bounds(counts, nparts)
+        # Channel blocks: the input one tile of TILE outputs reads from a block stays in L1.
+        taps_h = ((kh - 1) * dh) // sh + 1
+        taps_w = ((kw - 1) * dw) // sw + 1
+        phases = len({((rr * dh) % sh, (ss * dw) % sw) for rr in range(kh) for ss in range(kw)})
+        foot = phases * min(_TILE + (taps_h - 1) * wph + taps_w - 1, taps_h * (_TILE + taps_w - 1))
+        cb = max(1, min(cin_g, _L1_BYTES // (4 * foot)))
+        nblk = -(-cin_g // cb)
+        cnt = np.bincount(co * nblk + ci // cb, minlength=cout * nblk).reshape(cout, nblk)
+        bptr = np.zeros((cout, nblk + 1), dtype=np.int64)
+        bptr[:, 0] = self.indptr[:-1]
+        np.cumsum(cnt, axis=1, out=bptr[:, 1:])
+        bptr[:, 1:] += bptr[:, :1]
+        maxpart = int(np.diff(bounds).max()) if nparts else 0
         return _Workspace(
             offsets=np.ascontiguousarray(off, dtype=off_dtype),
             xt=np.zeros((b, per_image + VW), dtype=np.float32),
@@ -160,6 +178,8 @@ class DirectConvPrep:
             wout=wout,
             span=span,
             group=group,
+            bptr=bptr,
+            tiles=np.zeros((nparts, max(maxpart, 1), _TILE), dtype=np.float32),
         )
 
 
@@ -227,6 +247,10 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     _phase_decompose(x, ws.xt, sh, sw, ph, pw, ws.hph, ws.wph)
     has_bias = bias is not None
     b = bias if has_bias else prep.data[:0]
+    if BLOCKED:
+        _blocked_kernel(ws.xt, ws.offsets, prep.data, ws.bptr, b, has_bias, out, ws.tiles, ws.bounds, ws.wph,
+                        ws.span)
+        return
     _direct_kernel(
         ws.xt, ws.offsets, prep.data, prep.indptr, b, has_bias, out, ws.wide, ws.bounds, ws.wph, ws.span,
         ws.group,
@@ -300,3 +324,51 @@ def _direct_kernel(xt, offs, data, indptr, bias, has_bias, out, wide, bounds, wp
                         src = i * wph
                         for j in range(wout):
                             out[b, co, row0 + i, j] = w[src + j]
+
+
+@pjit
+def _blocked_kernel(xt, offs, data, bptr, bias, has_bias, out, tiles, bounds, wph, span):
+    """Direct sparse convolution, register tiles of TILE outputs, input channels in L1-sized blocks.
+
+    NOTE: bptr[co, j] .. bptr[co, j + 1] are the nonzeros of co in channel block j; tiles[part] has a
+    TILE-float row per output channel of the part.
+    """
+    nb, _, hout, wout = out.shape
+    nparts = bounds.size - 1
+    nblk = bptr.shape[1] - 1
+    tile = tiles.shape[2]
+    for part in numba.prange(nparts):
+        acc = tiles[part]
+        c0 = bounds[part]
+        c1 = bounds[part + 1]
+        for b in range(nb):
+            xb = xt[b]
+            for p0 in range(0, span, tile):
+                n = min(tile, span - p0)
+                nvec = (n + VW - 1) // VW
+                for co in range(c0, c1):
+                    bv = bias[co] if has_bias else np.float32(0.0)
+                    a = acc[co - c0]
+                    for j in range(tile):
+                        a[j] = bv
+                for blk in range(nblk):
+                    for co in range(c0, c1):
+                        k0 = bptr[co, blk]
+                        k1 = bptr[co, blk + 1]
+                        if k1 > k0:
+                            span_tile_acc(xb, offs, data, k0, k1, p0, acc[co - c0], 0, nvec)
+                # Crop the tile's wide rows into the output.
+                r = p0 // wph
+                c = p0 - r * wph
+                j = 0
+                while j < n:
+                    m = min(wph - c, n - j)
+                    if c < wout:
+                        q = min(wout - c, m)
+                        for co in range(c0, c1):
+                            a = acc[co - c0]
+                            for t in range(q):
+                                out[b, co, r, c + t] = a[j + t]
+                    j += m
+                    r += 1
+                    c = 0

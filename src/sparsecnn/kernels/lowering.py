@@ -88,27 +88,27 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, rows, out):
         k = rows[gi, r]
         if k < 0:
             dst[:] = 0.0
-        else:
-            c = gi * cg + k // khw
-            i = (k // kw) % kh
-            j = k % kw
-            off_w = j * dw - pw
-            lo, hi = out_span(wout, W, off_w, sw)
-            src = x[b, c]
-            for oh in range(hout):
-                ih = oh * sh - ph + i * dh
-                base = oh * wout
-                if ih < 0 or ih >= H:
-                    for ow in range(wout):
-                        dst[base + ow] = 0.0
-                else:
-                    line = src[ih]
-                    for ow in range(lo):
-                        dst[base + ow] = 0.0
-                    for ow in range(lo, hi):
-                        dst[base + ow] = line[ow * sw + off_w]
-                    for ow in range(hi, wout):
-                        dst[base + ow] = 0.0
+            continue
+        c = gi * cg + k // khw
+        i = (k // kw) % kh
+        j = k % kw
+        off_w = j * dw - pw
+        lo, hi = out_span(wout, W, off_w, sw)
+        src = x[b, c]
+        for oh in range(hout):
+            ih = oh * sh - ph + i * dh
+            d = dst[oh * wout : (oh + 1) * wout]
+            if ih < 0 or ih >= H:
+                d[:] = 0.0
+                continue
+            d[:lo] = 0.0
+            d[hi:] = 0.0
+            if sw == 1:  # a contiguous copy, which LLVM vectorises
+                d[lo:hi] = src[ih, lo + off_w : hi + off_w]
+            else:
+                line = src[ih]
+                for ow in range(lo, hi):
+                    d[ow] = line[ow * sw + off_w]
 
 
 @pjit

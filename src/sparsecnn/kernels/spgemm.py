@@ -15,7 +15,7 @@ every row, an exclusive scan turns the counts into ``indptr``, and a filling pas
 
 from __future__ import annotations
 
-from numba import prange
+from numba import prange, uintp
 
 from sparsecnn.kernels._numba import jit, pjit
 from sparsecnn.kernels.lowering import out_span
@@ -121,7 +121,8 @@ def csr_spgemm_conv(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, gr
     bias : ndarray of float32, shape (Cout,)
     out : ndarray of float32, shape (B, Cout, N), C-contiguous; written in full.
 
-    NOTE: Cout % groups == 0. A plain ``A @ X`` is batch 1, groups 1, zero bias.
+    NOTE: Cout % groups == 0; column indices of X in [0, N). A plain ``A @ X`` is batch 1, groups 1,
+    zero bias.
     Parallel over (batch, output channel); each output row is its own dense accumulator.
     """
     B, cout, n = out.shape
@@ -138,5 +139,9 @@ def csr_spgemm_conv(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, gr
         for p in range(a_indptr[o], a_indptr[o + 1]):
             v = a_data[p]
             r = base + a_indices[p]
-            for q in range(b_indptr[r], b_indptr[r + 1]):
-                row[b_indices[q]] += v * b_data[q]
+            q0 = b_indptr[r]
+            cnt = b_indptr[r + 1] - q0
+            ix = b_indices[q0 : q0 + cnt]
+            vals = b_data[q0 : q0 + cnt]
+            for q in range(cnt):  # uintp: no wraparound test on the scattered index
+                row[uintp(ix[q])] += v * vals[q]

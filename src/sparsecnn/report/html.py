@@ -355,6 +355,10 @@ def _env_rows(env: dict[str, Any]) -> list[list[str]]:
         ["threads (torch / numba)", f"{env.get('torch_threads')} / {env.get('numba_threads')}"],
         ["OS / machine", f"{env.get('os')} / {env.get('machine')}"],
         ["device / GPU", f"{env.get('device')} / {env.get('gpu') or 'none'}"],
+        [
+            "load average at start (1/5/15 min)",
+            " / ".join(f"{x:.2f}" for x in env.get("loadavg") or []) or "—",
+        ],
         ["versions", ", ".join(f"{k} {val}" for k, val in v.items() if val)],
         ["BLAS (numpy)", str(blas.get("numpy"))],
         ["BLAS (torch)", str(blas.get("torch"))],

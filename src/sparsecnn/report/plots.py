@@ -56,12 +56,16 @@ def _save(fig: Any, path: Path) -> Path:
 def _grouped_bars(
     ax: Any, groups: Sequence[str], series: dict[str, list[float | None]], log: bool = False
 ) -> None:
+    import matplotlib
+
     n = max(len(series), 1)
     width = 0.8 / n
+    # tab10 repeats after ten series; tab20 keeps eleven or more implementations apart
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
     for i, (label, vals) in enumerate(series.items()):
         xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
         ys = [v if v is not None and math.isfinite(v) else 0.0 for v in vals]
-        ax.bar(xs, ys, width=width, label=label)
+        ax.bar(xs, ys, width=width, label=label, color=cmap(i % cmap.N))
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)
     if log:
@@ -122,7 +126,7 @@ def plot_layer_times(res: Results, path: Path, experiment: str = "conv_layers") 
     if not keys:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.9), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.8), squeeze=False)
     for ax, (model, profile) in zip(axes[0], keys, strict=True):
         mine = [r for r in recs if r["params"]["model"] == model and r["params"]["profile"] == profile]
         layers = list(dict.fromkeys(r["params"]["layer"] for r in mine))
@@ -135,7 +139,8 @@ def plot_layer_times(res: Results, path: Path, experiment: str = "conv_layers") 
         ax.set_title(f"{model} / {profile}, batch 1")
         ax.set_xlabel("layer")
         ax.set_ylabel("time per call (ms, log scale)")
-        ax.legend(ncol=2)
+        # below the axes: with ten implementations a legend inside would cover the bars
+        ax.legend(ncol=4, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     kind = "FC" if experiment == "fc_layers" else "Conv"
     fig.suptitle(f"{kind} layers: time per layer by strategy (median)")
     return _save(fig, path)
@@ -240,11 +245,12 @@ def plot_spxsp(res: Results, path: Path) -> Path | None:
         for i in ("torch-dense", "dense", "csrmm", "spgemm", "torch-spgemm")
         if any(r["params"]["impl"] == i for r in mine)
     ]
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 4.6))
     times = {i: [(median(idx.get((layer, i))) or math.nan) * 1e3 for layer in layers] for i in impls}
     _grouped_bars(a1, layers, times, log=True)
     a1.set_ylabel("time per call (ms, log scale)")
     a1.set_title("Time")
+    a1.legend(ncol=3, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     mem = {
         i: [
             idx[(layer, i)]["metrics"]["operand_bytes"] / 2**20 if (layer, i) in idx else None
@@ -269,7 +275,8 @@ def plot_spxsp(res: Results, path: Path) -> Path | None:
     a3.set_title("ReLU activation sparsity")
     for ax in (a1, a2, a3):
         ax.set_xlabel("layer")
-        ax.legend(fontsize=7)
+    a2.legend(ncol=2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    a3.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     fig.suptitle(f"Sparse × sparse, {model} / {profile}, batch 1")
     return _save(fig, path)
 
