@@ -19,7 +19,7 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/sparsecnn analyze alexnet --profile deep-compression
+	$(VENV)/bin/sparsecnn report --quick --out report
 
 test: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check src tests benchmarks

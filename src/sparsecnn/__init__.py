@@ -11,7 +11,17 @@ from sparsecnn.errors import SparseCNNError
 __version__ = "0.1.0"
 
 __all__ = [
-    "SparseCNNError", "SparseConv2d", "SparseLinear", "__version__", "load", "save", "sparsify", "strategies",
+    "SparseCNNError",
+    "SparseConv2d",
+    "SparseLinear",
+    "__version__",
+    "analyze_model",
+    "load",
+    "prune_model",
+    "run_report",
+    "save",
+    "sparsify",
+    "strategies",
 ]
 
 # Public names served lazily from their modules (PEP 562), so that `import sparsecnn` stays cheap.
@@ -22,6 +32,9 @@ _LAZY: dict[str, str] = {
     "SparseLinear": "sparsecnn.layers",
     "sparsify": "sparsecnn.layers",
     "strategies": "sparsecnn.layers",
+    "analyze_model": "sparsecnn.analysis",
+    "prune_model": "sparsecnn.prune",
+    "run_report": "sparsecnn.bench.experiments",
 }
 
 
