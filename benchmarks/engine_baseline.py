@@ -1,10 +1,12 @@
 """Baseline of the sparse execution engine: AlexNet conv1..conv5 and fc6..fc8 at 90% random sparsity.
 
 For every layer and strategy: conversion time, then (after a JIT warm-up run that is also checked
-against torch) the median and the minimum time of a few runs at batch 1 with 2 threads, and the
-ratio to torch's own dense op (``F.conv2d`` / ``F.linear``; ratio < 1 is faster). Each layer sees
-its real input: the activations of the pruned dense model on a random image (so conv2..conv5 and
-fc7/fc8 get ReLU zeros). The minimum is the better estimate on a machine shared with other work.
+against torch) the median and the minimum wall time per call at batch 1 with 2 threads, and the
+ratio of medians to torch's own dense op (``F.conv2d`` / ``F.linear``; ratio < 1 is faster). The
+strategies of a layer are timed in interleaved rounds (each sample lasting at least ``--sample``
+seconds), so load from other work hits them alike; ``auto`` is what the planner's rule
+(:func:`sparsecnn.plan.pick`) picks from these medians. Each layer sees its real input: the
+activations of the pruned dense model on a random image (so conv2..conv5 and fc7/fc8 get ReLU zeros).
 
 Run it under the shared timing lock::
 
@@ -23,6 +25,7 @@ from torch import nn
 
 import sparsecnn
 from sparsecnn import SparseConv2d, SparseLinear, models
+from sparsecnn.plan import DEFAULT_MARGIN, pick
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
@@ -47,24 +50,33 @@ def _capture(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return seen
 
 
-def _time(fn, x: torch.Tensor, repeats: int, budget_s: float) -> tuple[float, float]:
-    runs = []
+def _time_interleaved(mods: dict[str, nn.Module], x: torch.Tensor, rounds: int,
+                      sample_s: float) -> dict[str, tuple[float, float]]:
+    """(median, min) seconds per call of every module, in interleaved rounds."""
+    calls = {}
     with torch.no_grad():
-        for _ in range(repeats):
+        for s, m in mods.items():
             t0 = time.perf_counter()
-            fn(x)
-            runs.append(time.perf_counter() - t0)
-            if sum(runs) > budget_s:
-                break
-    return statistics.median(runs), min(runs)
+            m(x)
+            calls[s] = max(1, round(sample_s / max(time.perf_counter() - t0, 1e-7)))
+        runs: dict[str, list[float]] = {s: [] for s in mods}
+        names = list(mods)
+        for r in range(rounds):
+            for s in names[r % len(names):] + names[: r % len(names)]:
+                m, k = mods[s], calls[s]
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    m(x)
+                runs[s].append((time.perf_counter() - t0) / k)
+    return {s: (statistics.median(v), min(v)) for s, v in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--budget", type=float, default=3.0, help="max seconds of timed runs per cell")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per layer")
+    parser.add_argument("--sample", type=float, default=0.01, help="min seconds of one timed sample")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
@@ -83,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         is_lin = isinstance(layer, nn.Linear)
         names = sparsecnn.strategies("linear" if is_lin else "conv")
         cells: dict[str, tuple[tuple[float, float], float, int]] = {}
+        mods: dict[str, nn.Module] = {}
+        convert: dict[str, tuple[float, int]] = {}
         for s in names:
             t0 = time.perf_counter()
             sl = (SparseLinear if is_lin else SparseConv2d).from_dense(layer, s, name=name)
@@ -92,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             err = float((y - ref).abs().max() / ref.abs().max())
             if err > 1e-4:
                 raise SystemExit(f"{name} {s}: wrong output (relative error {err:.2g})")
-            cells[s] = (_time(sl, xin, args.repeats, args.budget), convert_s, sl.weight_nbytes)
+            mods[s] = sl
+            convert[s] = (convert_s, sl.weight_nbytes)
+        timed = _time_interleaved(mods, xin, args.rounds, args.sample)
+        cells = {s: (timed[s], *convert[s]) for s in names}
         rows.append((name, tuple(layer.weight.shape), tuple(xin.shape), cells))
 
     print(f"AlexNet, {args.sparsity:.0%} random weight sparsity, batch 1, {args.threads} threads "
@@ -100,14 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     conv_names = sparsecnn.strategies("conv")
     lin_names = sparsecnn.strategies("linear")
     for title, names, which in (("conv", conv_names, rows[:5]), ("linear", lin_names, rows[5:])):
-        print(f"\n{title} layers: median / min ms (ratio of medians to torch dense)")
-        print(f"| layer | weight | {' | '.join(names)} |")
-        print("|---|---|" + "---|" * len(names))
+        print(f"\n{title} layers: median / min ms (ratio of medians to torch dense); auto: the planner")
+        print(f"| layer | weight | {' | '.join(names)} | auto |")
+        print("|---|---|" + "---|" * (len(names) + 1))
         for name, wshape, _, cells in which:
             base = cells["torch"][0][0]
             parts = [f"{cells[s][0][0] * 1e3:.2f} / {cells[s][0][1] * 1e3:.2f} ({cells[s][0][0] / base:.2f}x)"
                      for s in names]
-            print(f"| {name} | {'x'.join(map(str, wshape))} | {' | '.join(parts)} |")
+            auto = pick({s: cells[s][0][0] for s in names}, DEFAULT_MARGIN)
+            print(f"| {name} | {'x'.join(map(str, wshape))} | {' | '.join(parts)} | {auto} |")
         print(f"\n{title} layers: conversion seconds / stored weight bytes (MB)")
         print(f"| layer | {' | '.join(names)} |")
         print("|---|" + "---|" * len(names))

@@ -5,12 +5,16 @@ dense model, run once on ``example_input``) and then, per layer:
 
 1. looks the layer up in the decision cache, a JSON file keyed by the layer's geometry, input shape
    (batch included), weight sparsity and input density (rounded), device, thread count and CPU model;
-2. on a miss, builds every candidate strategy (``torch`` always among them, so "auto" is never slower
-   than torch's own op as measured), runs it once (JIT warm-up), verifies it against the dense layer's
-   output, times the median of a few repeats and keeps the fastest; the decision is written back.
+2. on a miss, builds every candidate strategy (``torch`` always among them), runs it once (JIT
+   warm-up), verifies it against the dense layer's output, and times the survivors in interleaved
+   rounds (median per candidate, each sample at least a minimum time). The fastest non-torch
+   strategy is chosen only if it beats torch by :data:`DEFAULT_MARGIN`, else torch: on a shared
+   machine single timings vary by several percent, and torch is the safe default. The decision is
+   written back.
 
 With ``measure=False`` nothing is timed: :class:`CostModel` estimates each strategy's time from FLOPs
-and bytes moved, with throughput constants for a 2-core AVX-512 CPU (documented on each field).
+and bytes moved, with constants fitted on the project's machine by :func:`calibrate` (which refits
+them to another machine), and the same margin rule decides.
 """
 
 from __future__ import annotations
@@ -276,7 +280,7 @@ def choose(
     name: str = "",
     candidates: tuple[str, ...] | None = None,
     rounds: int = 7,
-    min_time_s: float = 0.05,
+    min_time_s: float = 0.035,
     max_time_s: float = 1.5,
     margin: float = DEFAULT_MARGIN,
     device: str | torch.device = "cpu",
@@ -318,7 +322,7 @@ def choose(
     if not modules:  # unreachable: torch always verifies against itself
         raise SparseCNNError(f"layer {name!r}: no strategy ran")
     times = _measure(modules, x, rounds=max(1, rounds), min_time_s=min_time_s, max_time_s=max_time_s,
-                     drop_factor=3.0)
+                     drop_factor=2.5)
     best = pick(times, margin)
     return LayerChoice(best, "measured", times), modules[best]
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecnn.errors import SparseCNNError
+from sparsecnn.models._memory import check_fits
 
 __all__ = ["IMAGE_SUFFIXES", "load_input"]
 
@@ -37,6 +38,7 @@ def _digits(shape: tuple[int, int, int], batch: int) -> torch.Tensor:
     images = load_digits().images  # (1797, 8, 8), values 0..16
     if batch > len(images):
         raise SparseCNNError(f"the digits data set has {len(images)} images; use a batch of at most that")
+    _check_batch_fits(batch, shape)
     x = torch.from_numpy(images[:batch].astype(np.float32) / 16.0)[:, None]
     return _fit(x, shape)
 
@@ -62,7 +64,7 @@ def _pil_images(files: list[Path], shape: tuple[int, int, int]) -> torch.Tensor:
 
 def _npy(path: Path, shape: tuple[int, int, int], batch: int) -> torch.Tensor:
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)  # read only the images used
     except (ValueError, OSError) as exc:
         raise SparseCNNError(
             f"cannot read {path} as a .npy array ({exc}); save one with numpy.save"
@@ -73,10 +75,17 @@ def _npy(path: Path, shape: tuple[int, int, int], batch: int) -> torch.Tensor:
         )
     if arr.dtype.kind not in "iuf" or arr.shape[0] == 0:
         raise SparseCNNError(f"{path} must hold at least one image of real numbers, got dtype {arr.dtype}")
+    _check_batch_fits(min(batch, arr.shape[0]), shape)
     arr = arr[:batch].astype(np.float32)
     if not np.isfinite(arr).all():
         raise SparseCNNError(f"{path} contains NaN or infinite values; clean the array first")
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _check_batch_fits(n: int, shape: tuple[int, int, int]) -> None:
+    # The batch, and one resized or converted copy of it.
+    check_fits(2 * 4 * n * shape[0] * shape[1] * shape[2],
+               f"an input batch of {n} images of {'x'.join(map(str, shape))}", "use a smaller batch")
 
 
 def load_input(spec: str, shape: tuple[int, int, int], batch: int = 8, seed: int = 0) -> torch.Tensor:
@@ -98,6 +107,7 @@ def load_input(spec: str, shape: tuple[int, int, int], batch: int = 8, seed: int
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise SparseCNNError(f"batch must be a positive integer, got {batch!r}")
     if spec == "random":
+        _check_batch_fits(batch, shape)
         g = torch.Generator().manual_seed(seed)
         return torch.randn((batch, *shape), generator=g)
     if spec == "digits":
@@ -110,6 +120,7 @@ def load_input(spec: str, shape: tuple[int, int, int], batch: int = 8, seed: int
                 f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}); put images in it or use "
                 f"--input random|digits"
             )
+        _check_batch_fits(min(batch, len(files)), shape)
         return _pil_images(files[:batch], shape)
     if path.is_file():
         if path.suffix.lower() == ".npy":

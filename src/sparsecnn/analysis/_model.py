@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
 from sparsecnn.analysis._inputs import load_input
@@ -120,6 +121,16 @@ def analyze_model(
         Layers in module order; layers the forward pass never calls are left out.
     """
     shape = tuple(input_shape_) if input_shape_ is not None else input_shape(model)
+    for lname, module in prunable_layers(model).items():
+        for pname in ("weight", "bias"):
+            p = getattr(module, pname, None)
+            if isinstance(p, torch.Tensor) and p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                bad = int((~torch.isfinite(p)).sum())
+                raise SparseCNNError(
+                    f"layer {lname!r}: {pname} holds {bad} NaN/Inf value(s), so its sparsity and bytes "
+                    f"would be meaningless; fix or reload the weights (training diverged or the file is "
+                    f"corrupt)"
+                )
     profile_name = None
     if profile is not None:
         model = copy.deepcopy(model)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from sparsecnn.errors import SparseCNNError
+from sparsecnn.models._memory import forward_guard
 
 __all__ = ["ActivationStats", "WeightSparsity", "activation_stats", "weight_sparsity"]
 
@@ -144,10 +145,15 @@ def activation_stats(model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Mod
     was_training = model.training
     model.eval()
     try:
-        with _hooks(layers, record):
+        with _hooks(layers, record), forward_guard(model, "use a smaller batch or input size"):
             model(x)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+    except (RuntimeError, MemoryError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, MemoryError) or "allocate" in first or "out of memory" in first:
+            raise SparseCNNError(
+                f"the model ran out of memory on an input of shape {tuple(x.shape)} ({first}); "
+                f"use a smaller batch or input size"
+            ) from None
         raise SparseCNNError(
             f"the model failed on an input of shape {tuple(x.shape)} ({first}); "
             f"give an input that matches the model's input shape"

@@ -44,6 +44,7 @@ from sparsecnn.bench.harness import (
     time_call,
 )
 from sparsecnn.errors import SparseCNNError
+from sparsecnn.models._memory import forward_guard
 
 __all__ = [
     "EXPERIMENTS",
@@ -246,7 +247,14 @@ def _capture_io(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tens
         if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
     try:
-        model(x)
+        with forward_guard(model, "use a smaller batch"):
+            model(x)
+    except (RuntimeError, MemoryError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SparseCNNError(
+            f"the model failed on an input of shape {tuple(x.shape)} ({first}); check the model's input "
+            f"shape, or use a smaller batch if it ran out of memory"
+        ) from None
     finally:
         for h in handles:
             h.remove()
@@ -979,21 +987,26 @@ def bench_model(
     repeats: int = 7,
     progress: bool = True,
     results: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Time every strategy and peer on every conv/linear layer of ``model`` (its weights as they are).
 
-    Returns the measurement records (the schema of ``results.jsonl``); ``results`` keeps them in a
-    file as well.
+    Returns the measurement records (the schema of ``results.jsonl``). ``results`` keeps them in a
+    JSONL file as well, each appended as it is measured, so an interrupted run keeps what it measured;
+    with ``resume`` the records already in that file are reused instead of measured again.
     """
     import tempfile
 
     cfg = ReportConfig.preset("full", device=device, threads=threads, repeats=repeats)
     with tempfile.TemporaryDirectory() as tmp:
-        log = ResultsLog(Path(results) if results else Path(tmp) / "results.jsonl")
+        log = ResultsLog(Path(results) if results else Path(tmp) / "results.jsonl", resume=resume)
         harness = Harness(log, threads=threads, device=device, progress=progress)
         ctx = _Context(cfg, None)
         ctx._cache[("model", name, "given")] = model.eval()
         with torch.no_grad():
+            # Run the model once up front: an input too big for memory or a model that fails on its
+            # input is one error here, not one error record per layer and strategy.
+            ctx.layer_io(name, "given", batch)
             tasks = [
                 t
                 for kind in ("conv", "linear")
@@ -1013,11 +1026,13 @@ def run_sweep(
     repeats: int = 5,
     progress: bool = True,
     seed: int = 0,
+    results: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """The sparsity sweep of ``sparsecnn sweep``: a zoo layer (``"alexnet.conv3"``) or a matrix shape.
 
     Returns the measurement records; break-even points come from
-    :func:`sparsecnn.report.tables.break_even`.
+    :func:`sparsecnn.report.tables.break_even`. ``results`` and ``resume`` as in :func:`bench_model`.
     """
     import tempfile
 
@@ -1025,7 +1040,7 @@ def run_sweep(
         "full", device=device, threads=threads, repeats=repeats, seed=seed, max_task_s=4.0
     )
     with tempfile.TemporaryDirectory() as tmp:
-        log = ResultsLog(Path(tmp) / "results.jsonl")
+        log = ResultsLog(Path(results) if results else Path(tmp) / "results.jsonl", resume=resume)
         harness = Harness(log, threads=threads, device=device, progress=progress)
         ctx = _Context(cfg, None)
         with torch.no_grad():

@@ -16,8 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Print one row per conv/linear layer and a totals row: GEMM dims, sparsity at four "
         "granularities, bytes dense/CSR/BSR/relative-index, FLOPs and input activation sparsity.",
     )
-    p.add_argument("model", metavar="MODEL", help="zoo model name (sparsecnn.models.names())")
+    p.add_argument("model", metavar="MODEL",
+                   help="zoo model name (sparsecnn.models.names()) or a .prototxt/.onnx/.pt/.npz/.safetensors file")
     p.add_argument("--weights", metavar="PATH", help="state dict file to load into the model")
+    p.add_argument("--model", dest="arch", metavar="NAME",
+                   help="zoo architecture of a .pt/.pth state dict given as MODEL (e.g. runs/mag/model.pt)")
     p.add_argument("--profile", metavar="P",
                    help="prune first: deep-compression, ssl or uniform:S (S in [0, 1])")
     p.add_argument("--input", default="random", metavar="random|digits|PATH",
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from sparsecnn.analysis import analyze_model
     from sparsecnn.models import resolve
 
-    model = resolve(args.model, weights=args.weights, seed=args.seed)
+    kw = {"model": args.arch} if args.arch else {}
+    model = resolve(args.model, weights=args.weights, seed=args.seed, **kw)
     result = analyze_model(model, input=args.input, batch=args.batch, seed=args.seed, profile=args.profile,
                            name=args.model)
     if args.json:

@@ -19,9 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(torch dense, torch.sparse CSR, scipy.sparse, ONNX Runtime) on the layer's real input; each output "
         "is checked against torch's dense layer before it is timed. Prints one table per layer kind.",
     )
-    p.add_argument("model", metavar="MODEL", help="zoo model name (sparsecnn.models.names())")
+    p.add_argument("model", metavar="MODEL",
+                   help="zoo model name (sparsecnn.models.names()) or a .prototxt/.onnx/.pt/.npz/.safetensors file")
     p.add_argument("--profile", metavar="P", help="prune first: deep-compression, ssl or uniform:S")
     p.add_argument("--weights", metavar="PATH", help="state dict file to load into the model")
+    p.add_argument("--model", dest="arch", metavar="NAME",
+                   help="zoo architecture of a .pt/.pth state dict given as MODEL (e.g. runs/mag/model.pt)")
     p.add_argument("--batch", type=int, default=1, metavar="B", help="images per call (default: 1)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default: cpu)")
     p.add_argument("--threads", type=int, metavar="N", help="torch and numba threads (default: all cores)")
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         raise SparseCNNError(f"--batch must be >= 1, got {args.batch}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SparseCNNError("--device cuda: torch sees no CUDA device here; use --device cpu")
-    model = resolve(args.model, weights=args.weights)
+    kw = {"model": args.arch} if args.arch else {}
+    model = resolve(args.model, weights=args.weights, **kw)
     if args.profile:
         apply_profile(model, args.profile)
     records = bench_model(

@@ -89,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
         if train.is_main_process():
             out.mkdir(parents=True, exist_ok=True)
             torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
-            summary = {"model": name, "data": info.name, "weights": str(args.weights), **result.to_json()}
+            build = {"num_classes": info.num_classes, "in_channels": info.in_channels,
+                     "input_size": info.input_size}  # read back by models.resolve(name, weights=...)
+            summary = {"model": name, "data": info.name, "build": build, "weights": str(args.weights),
+                       **result.to_json()}
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             acc = result.to_json()["accuracy"]
             print(

@@ -184,6 +184,11 @@ def _blob_array(blob: Any, where: str) -> np.ndarray:
         arr = np.asarray(blob.data, dtype=np.float32)
     else:
         arr = np.asarray(blob.double_data, dtype=np.float64).astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise SparseCNNError(
+            f"{where}: blob holds {int((~np.isfinite(arr)).sum())} NaN/Inf value(s); the caffemodel is "
+            f"corrupt or its training diverged: use a good copy of the weights"
+        )
     return arr.reshape(dims)
 
 

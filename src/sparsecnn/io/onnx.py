@@ -86,9 +86,15 @@ class _Importer:
 
     def _array(self, tensor: Any, where: str) -> np.ndarray:
         try:
-            return np.array(self.numpy_helper.to_array(tensor))
+            arr = np.array(self.numpy_helper.to_array(tensor))
         except Exception as exc:  # onnx raises assorted types for a malformed tensor
             raise SparseCNNError(f"{where} is malformed ({type(exc).__name__}: {exc})") from None
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise SparseCNNError(
+                f"{where} holds {int((~np.isfinite(arr)).sum())} NaN/Inf value(s); the file is corrupt or "
+                f"its training diverged: export the model again from good weights"
+            )
+        return arr
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -545,6 +551,8 @@ def export_onnx(
         ``path``. The graph's input is named ``input`` and its output ``output`` (``output0``, ... for
         several).
     """
+    if not isinstance(model, nn.Module):
+        raise SparseCNNError(f"export_onnx needs a torch.nn.Module, got {type(model).__name__}")
     onnx, _ = _onnx()
     shape = tuple(input_shape) if input_shape is not None else tuple(getattr(model, "input_shape", ()) or ())
     if not shape or any(not isinstance(d, int) or d <= 0 for d in shape):
@@ -555,6 +563,9 @@ def export_onnx(
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise SparseCNNError(f"cannot write {path}: directory {directory} does not exist")
+    from sparsecnn.models.zoo import check_finite
+
+    check_finite(model.state_dict().items(), f"cannot export {type(model).__name__}")
     with _for_export(model) as export_model:
         x = torch.zeros(1, *shape)
         with torch.no_grad():

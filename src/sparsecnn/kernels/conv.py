@@ -17,17 +17,27 @@ at a precomputed offset. For stride 1 the phase plane is the padded plane itself
 the input shape and live in a per-shape workspace inside the prep object, with the phase-decomposed
 input buffer, so a call allocates nothing after the first one for a shape.
 
-The inner loop adds eight nonzeros per pass over an output tile
-(``acc[j] += v0*s0[j] + ... + v7*s7[j]``): one load and one store of the output per eight multiply-adds
-instead of per one, which is what makes the loop compute-bound rather than store-bound.
+Loop
+----
+Register tiles (XNNPACK's sparse inference kernels, SparseRT): up to 12 vectors (96 outputs) of one
+output channel's wide row stay in ymm registers across *all* of that channel's nonzeros, one
+broadcast weight and one ``vfmadd231ps ymm, ymm, [mem]`` per vector (LLVM IR from
+:mod:`sparsecnn.kernels._simd`; plain numba leaves such a tile in memory). The outputs are written
+once per tile. The wide positions are walked in groups whose input (all channels, all phases, the
+tap rows below included) fits in half of L2, and every output channel of the thread's range computes
+a group before the next one, so the input is read from L2, not L3 or memory, on large planes.
 
-Input-channel blocking (SkimCaffe's loop order: a block of input channels kept in L1 and used by every
-output channel before the next block) was measured here and lost: on a Zen 3 core, conv3 of AlexNet
-at 90% took 1.30 ms blocked (18 channels x the whole 13x13 plane per block) against 1.11 ms unblocked,
-single thread, same process, interleaved. A block holds only ~16 nonzeros per filter, so the passes
-over the output tile get short and their tails (groups of 4, 2, 1) and per-pass setup cost more than
-the L2 -> L1 traffic they save. The loop below therefore runs all nonzeros of one output channel over
-one L1-resident output tile of up to ``_TILE`` floats.
+What bounds it (Zen 3, AVX2, 1 thread): the inner loop needs one 32-byte input load per FMA. With
+the input in L1 and aligned the tile runs at ~80 GFLOP/s (torch's dense conv: ~77); unaligned
+(spans start at any float) ~58; with the input in L2, where every nonzero's span of a layer's
+input plane lives once the plane exceeds 32 KiB, ~30-37: L2 delivers about one line per cycle, half
+of what two FMAs a cycle need. Input-channel blocking for L1 (a block of channels whose tile
+footprint fits L1, used by every output channel before the next block) was measured and lost: at
+90% sparsity a block holds 15-60 nonzeros per filter, and the per-(filter, block) cost (loading and
+storing the register tile, a mispredicted loop exit) ate the L1 gain (AlexNet conv3 at 90%: 1.0-1.35
+ms blocked for 4-16 blocks against 1.1-1.2 ms unblocked, same process). Eight-nonzero passes over a
+long output tile (the previous kernel: one load and store of the output per eight FMAs) ran within
+about 10% of the register tiles on 3x3 layers.
 """
 
 from __future__ import annotations
@@ -37,17 +47,15 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import pjit
-from sparsecnn.kernels._simd import NV_MAX, VW, span_tile_acc, span_tiles
+from sparsecnn.kernels._numba import jit, pjit
+from sparsecnn.kernels._simd import NV_MAX, VW, span_tile
 
 __all__ = ["DirectConvPrep", "direct_conv2d", "prepare_direct"]
 
 # Input bytes a group of output rows may read: half of a Zen 3 core's 512 KiB L2, so the rows stay
 # there while every output channel of the thread streams its spans from them.
 _L2_BYTES = 256 * 1024
-_L1_BYTES = 16 * 1024
 _TILE = NV_MAX * VW
-BLOCKED = True
 
 
 def _index_dtype(n: int) -> np.dtype:
@@ -64,17 +72,16 @@ class _Workspace:
     """Per-input-shape state: span offsets, the phase-decomposed input and the output tiles."""
 
     offsets: np.ndarray  # (nnz,) offset of each nonzero's span inside one image's phase planes
-    xt: np.ndarray  # (B, Cin * sh * sw * Hph * Wph + VW) phase-decomposed padded input
-    wide: np.ndarray  # (nparts, group * wph + VW) one wide output buffer per thread
+    phases: np.ndarray  # (nph,) the phases (ph * sw + pw) materialised, in storage order
+    xt: np.ndarray  # (B, Cin * nph * Hph * Wph + VW) phase-decomposed padded input
+    wide: np.ndarray  # (nparts, group + VW) one wide output buffer per thread
     bounds: np.ndarray  # (nparts + 1,) output-channel ranges with balanced nonzero counts
     hph: int
     wph: int
     hout: int
     wout: int
     span: int  # (hout - 1) * wph + wout
-    group: int  # output rows per pass over the output channels
-    bptr: np.ndarray  # (Cout, nblk + 1) nonzeros of output channel co in channel block j
-    tiles: np.ndarray  # (nparts, max part size, TILE) register-tile accumulators per thread
+    group: int  # wide-row positions per pass over the output channels (a multiple of VW)
 
 
 @dataclass(eq=False)
@@ -137,7 +144,11 @@ class DirectConvPrep:
         hp, wp = h + 2 * ph, w + 2 * pw
         hph, wph = -(-hp // sh), -(-wp // sw)
         plane = hph * wph
-        nph = sh * sw
+        # Only the phases some tap reads are materialised (a 1x1 stride-2 conv reads one of four).
+        used = sorted({((rr * dh) % sh) * sw + (ss * dw) % sw for rr in range(kh) for ss in range(kw)})
+        nph = len(used)
+        compact = np.full(sh * sw, -1, dtype=np.int64)
+        compact[used] = np.arange(nph)
         # Decode the flat tap index of every nonzero and turn it into a span offset.
         idx = self.indices.astype(np.int64)
         ci, rs = np.divmod(idx, kh * kw)
@@ -145,32 +156,22 @@ class DirectConvPrep:
         co = np.repeat(np.arange(cout), np.diff(self.indptr))
         c = (co // (cout // self.groups)) * cin_g + ci
         phase = ((r * dh) % sh) * sw + (s * dw) % sw
-        off = (c * nph + phase) * plane + ((r * dh) // sh) * wph + (s * dw) // sw
+        off = (c * nph + compact[phase]) * plane + ((r * dh) // sh) * wph + (s * dw) // sw
         per_image = cin * nph * plane
         off_dtype = np.int32 if per_image <= np.iinfo(np.int32).max else np.int64
         span = (hout - 1) * wph + wout
-        # Output rows per group: the input rows they read (all channels, all phases) fit in L2.
-        halo = ((kh - 1) * dh) // sh + 1
-        group = max(1, min(hout, _L2_BYTES // (4 * cin * nph * wph) - halo))
+        # Positions per group: the input they read (all channels and phases, with the rows of the
+        # taps below) fits in L2; at least one full register tile, a whole number of vectors.
+        halo = (((kh - 1) * dh) // sh) * wph + ((kw - 1) * dw) // sw
+        group = _L2_BYTES // (4 * cin * nph) - halo
+        group = min(max(group, _TILE) // VW * VW, -(-span // VW) * VW)
         counts = np.diff(self.indptr).astype(np.int64) + 1  # +1: an empty filter still costs a bias fill
         bounds = _balanced_bounds(counts, nparts)
-        # Channel blocks: the input one tile of TILE outputs reads from a block stays in L1.
-        taps_h = ((kh - 1) * dh) // sh + 1
-        taps_w = ((kw - 1) * dw) // sw + 1
-        phases = len({((rr * dh) % sh, (ss * dw) % sw) for rr in range(kh) for ss in range(kw)})
-        foot = phases * min(_TILE + (taps_h - 1) * wph + taps_w - 1, taps_h * (_TILE + taps_w - 1))
-        cb = max(1, min(cin_g, _L1_BYTES // (4 * foot)))
-        nblk = -(-cin_g // cb)
-        cnt = np.bincount(co * nblk + ci // cb, minlength=cout * nblk).reshape(cout, nblk)
-        bptr = np.zeros((cout, nblk + 1), dtype=np.int64)
-        bptr[:, 0] = self.indptr[:-1]
-        np.cumsum(cnt, axis=1, out=bptr[:, 1:])
-        bptr[:, 1:] += bptr[:, :1]
-        maxpart = int(np.diff(bounds).max()) if nparts else 0
         return _Workspace(
             offsets=np.ascontiguousarray(off, dtype=off_dtype),
+            phases=np.asarray(used, dtype=np.int64),
             xt=np.zeros((b, per_image + VW), dtype=np.float32),
-            wide=np.zeros((nparts, group * wph + VW), dtype=np.float32),
+            wide=np.zeros((nparts, group + VW), dtype=np.float32),
             bounds=bounds,
             hph=hph,
             wph=wph,
@@ -178,8 +179,6 @@ class DirectConvPrep:
             wout=wout,
             span=span,
             group=group,
-            bptr=bptr,
-            tiles=np.zeros((nparts, max(maxpart, 1), _TILE), dtype=np.float32),
         )
 
 
@@ -244,35 +243,38 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     ws = prep.workspace(x.shape)
     sh, sw = prep.stride
     ph, pw = prep.padding
-    _phase_decompose(x, ws.xt, sh, sw, ph, pw, ws.hph, ws.wph)
+    _phase_decompose(x, ws.xt, ws.phases, sh, sw, ph, pw, ws.hph, ws.wph)
     has_bias = bias is not None
     b = bias if has_bias else prep.data[:0]
-    if BLOCKED:
-        _blocked_kernel(ws.xt, ws.offsets, prep.data, ws.bptr, b, has_bias, out, ws.tiles, ws.bounds, ws.wph,
-                        ws.span)
-        return
+    nb, cout, hout, wout = out.shape
+    if ws.wph == wout and out.flags.c_contiguous:
+        flat = out.reshape(nb, cout, hout * wout)
+    else:
+        flat = ws.xt[:0].reshape(0, 0, 0)
     _direct_kernel(
-        ws.xt, ws.offsets, prep.data, prep.indptr, b, has_bias, out, ws.wide, ws.bounds, ws.wph, ws.span,
+        ws.xt, ws.offsets, prep.data, prep.indptr, b, has_bias, out, flat, ws.wide, ws.bounds, ws.wph, ws.span,
         ws.group,
     )
 
 
 @pjit
-def _phase_decompose(x, xt, sh, sw, ph, pw, hph, wph):
+def _phase_decompose(x, xt, phases, sh, sw, ph, pw, hph, wph):
     """Zero-padded, phase-decomposed copy of ``x`` into ``xt`` (see the module docstring).
 
-    NOTE: xt has shape (B, Cin * sh * sw * hph * wph); every element is written.
+    NOTE: xt has shape (B, Cin * len(phases) * hph * wph + VW); every element but the padding is
+    written (the padding stays zero from the allocation).
     """
     nb, cin, h, w = x.shape
-    nph = sh * sw
+    nph = phases.size
     plane = hph * wph
     for bc in numba.prange(nb * cin):
         b = bc // cin
         c = bc - b * cin
-        for q in range(nph):
+        for qi in range(nph):
+            q = phases[qi]
             qh = q // sw
             qw = q - qh * sw
-            base = (c * nph + q) * plane
+            base = (c * nph + qi) * plane
             for i in range(hph):
                 row = base + i * wph
                 hi = i * sh + qh - ph
@@ -296,79 +298,61 @@ def _phase_decompose(x, xt, sh, sw, ph, pw, hph, wph):
                         xt[b, row + j] = x[b, c, hi, wi] if 0 <= wi < w else 0.0
 
 
+@jit
+def _tile_split(nvec, t, ntiles):
+    """First vector and vector count of tile ``t`` when ``nvec`` vectors split evenly into ``ntiles``."""
+    q = nvec // ntiles
+    e = nvec - q * ntiles
+    return t * q + min(t, e), q + (1 if t < e else 0)
+
+
 @pjit
-def _direct_kernel(xt, offs, data, indptr, bias, has_bias, out, wide, bounds, wph, span, group):
+def _direct_kernel(xt, offs, data, indptr, bias, has_bias, out, flat, wide, bounds, wph, span, group):
     """Direct sparse convolution over prepared spans, parallel over balanced output-channel ranges.
 
-    For each image and each group of ``group`` wide output rows (sized so that the input rows they
-    read stay in L2), every output channel of the thread's range computes the group in register
-    tiles (:func:`sparsecnn.kernels._simd.span_tiles`: all of the channel's nonzeros per tile, no
-    stores in the inner loop) into its wide buffer, then copies the ``Wout`` valid columns of each row.
+    For each image and each group of ``group`` wide-row positions, every output channel of the
+    thread's range computes the group in register tiles (:func:`sparsecnn.kernels._simd.span_tile`)
+    into its wide buffer, then copies the valid columns into ``out``; when the wide rows are the
+    output rows (``flat`` is a (B, Cout, Hout * Wout) view of ``out``, else empty) the tiles are
+    stored into ``out`` directly.
     NOTE: offs/xt come from the same workspace (xt rows padded by VW floats past the last span);
-    out is (B, Cout, Hout, Wout) with Wout <= wph; wide rows hold group * wph + VW floats.
+    out is (B, Cout, Hout, Wout) with Wout <= wph; wide rows hold group + VW floats.
     """
     nb, _, hout, wout = out.shape
     nparts = bounds.size - 1
+    direct = flat.size > 0
     for part in numba.prange(nparts):
         w = wide[part]
         for b in range(nb):
             xb = xt[b]
-            for row0 in range(0, hout, group):
-                nrows = min(group, hout - row0)
-                p0 = row0 * wph
-                n = min(nrows * wph, span - p0)
+            for p0 in range(0, span, group):
+                n = min(group, span - p0)
+                nvec = (n + VW - 1) // VW
+                ntiles = (nvec + NV_MAX - 1) // NV_MAX
+                r0 = p0 // wph
+                c0 = p0 - r0 * wph
                 for co in range(bounds[part], bounds[part + 1]):
                     bv = bias[co] if has_bias else np.float32(0.0)
-                    span_tiles(xb, offs, data, indptr[co], indptr[co + 1], p0, w, 0, n, bv)
-                    for i in range(nrows):
-                        src = i * wph
-                        for j in range(wout):
-                            out[b, co, row0 + i, j] = w[src + j]
-
-
-@pjit
-def _blocked_kernel(xt, offs, data, bptr, bias, has_bias, out, tiles, bounds, wph, span):
-    """Direct sparse convolution, register tiles of TILE outputs, input channels in L1-sized blocks.
-
-    NOTE: bptr[co, j] .. bptr[co, j + 1] are the nonzeros of co in channel block j; tiles[part] has a
-    TILE-float row per output channel of the part.
-    """
-    nb, _, hout, wout = out.shape
-    nparts = bounds.size - 1
-    nblk = bptr.shape[1] - 1
-    tile = tiles.shape[2]
-    for part in numba.prange(nparts):
-        acc = tiles[part]
-        c0 = bounds[part]
-        c1 = bounds[part + 1]
-        for b in range(nb):
-            xb = xt[b]
-            for p0 in range(0, span, tile):
-                n = min(tile, span - p0)
-                nvec = (n + VW - 1) // VW
-                for co in range(c0, c1):
-                    bv = bias[co] if has_bias else np.float32(0.0)
-                    a = acc[co - c0]
-                    for j in range(tile):
-                        a[j] = bv
-                for blk in range(nblk):
-                    for co in range(c0, c1):
-                        k0 = bptr[co, blk]
-                        k1 = bptr[co, blk + 1]
-                        if k1 > k0:
-                            span_tile_acc(xb, offs, data, k0, k1, p0, acc[co - c0], 0, nvec)
-                # Crop the tile's wide rows into the output.
-                r = p0 // wph
-                c = p0 - r * wph
-                j = 0
-                while j < n:
-                    m = min(wph - c, n - j)
-                    if c < wout:
+                    k0 = indptr[co]
+                    k1 = indptr[co + 1]
+                    if direct:
+                        dst = flat[b, co]
+                        for t in range(ntiles):
+                            v0, nv = _tile_split(nvec, t, ntiles)
+                            p = p0 + v0 * VW
+                            span_tile(xb, offs, data, k0, k1, p, dst, p, nv, span - p, bv, False)
+                        continue
+                    for t in range(ntiles):
+                        v0, nv = _tile_split(nvec, t, ntiles)
+                        span_tile(xb, offs, data, k0, k1, p0 + v0 * VW, w, v0 * VW, nv, nv * VW, bv, False)
+                    # Copy the valid columns of the wide rows the group touches.
+                    r = r0
+                    c = c0
+                    j = 0
+                    while j < n:
+                        m = min(wph - c, n - j)
                         q = min(wout - c, m)
-                        for co in range(c0, c1):
-                            a = acc[co - c0]
-                            for t in range(q):
-                                out[b, co, r, c + t] = a[j + t]
-                    j += m
-                    r += 1
-                    c = 0
+                        out[b, co, r, c : c + q] = w[j : j + q]
+                        j += m
+                        r += 1
+                        c = 0

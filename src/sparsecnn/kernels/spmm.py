@@ -128,8 +128,8 @@ def bsr_conv_matmul(indptr, indices, data, k_total, m_group, m_pad, cols, bias, 
 
     NOTE: m_pad % R == 0 and m_pad >= m_group; block columns in range. Parallel over
     (batch, block row): the R output rows of a block row are owned by one thread. A full 4 x 4 block
-    runs the register-blocked path: per output column, its four inputs are loaded once and feed the
-    block's four output rows (16 FMAs per 4 input loads and 4 output loads/stores).
+    runs the register-blocked path: per output column, four inputs feed two output rows per pass
+    (8 FMAs per 4 input loads and 2 output loads/stores, no register spills).
     """
     B = cols.shape[0]
     n = cols.shape[3]
@@ -162,10 +162,14 @@ def bsr_conv_matmul(indptr, indices, data, k_total, m_group, m_pad, cols, bias, 
                 a10, a11, a12, a13 = blk[1, 0], blk[1, 1], blk[1, 2], blk[1, 3]
                 a20, a21, a22, a23 = blk[2, 0], blk[2, 1], blk[2, 2], blk[2, 3]
                 a30, a31, a32, a33 = blk[3, 0], blk[3, 1], blk[3, 2], blk[3, 3]
+                # Two rows per pass: 8 weights + 4 inputs + 2 outputs fit AVX2's 16 vector
+                # registers (all four rows at once would spill the weights).
                 for q in range(n):
                     x0, x1, x2, x3 = s0[q], s1[q], s2[q], s3[q]
                     d0[q] += (a00 * x0 + a01 * x1) + (a02 * x2 + a03 * x3)
                     d1[q] += (a10 * x0 + a11 * x1) + (a12 * x2 + a13 * x3)
+                for q in range(n):
+                    x0, x1, x2, x3 = s0[q], s1[q], s2[q], s3[q]
                     d2[q] += (a20 * x0 + a21 * x1) + (a22 * x2 + a23 * x3)
                     d3[q] += (a30 * x0 + a31 * x1) + (a32 * x2 + a33 * x3)
             else:

@@ -18,16 +18,19 @@ He et al., "Deep residual learning for image recognition", CVPR 2016.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from sparsecnn.errors import SparseCNNError
+from sparsecnn.models._memory import check_fits
 
 __all__ = ["build", "input_shape", "load_weights", "names", "resolve"]
 
@@ -374,6 +377,13 @@ def build(
 
     with torch.device("meta"):  # no allocation and no draws from the global RNG
         model = make(num_classes, in_channels, input_size)
+    nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    check_fits(
+        nbytes,
+        f"{name} with num_classes={num_classes}, in_channels={in_channels}, input_size={input_size} "
+        f"({sum(p.numel() for p in model.parameters()):,} weights)",
+        "use a smaller input_size or num_classes",
+    )
     model = model.to_empty(device="cpu")
     _init_(model, torch.Generator().manual_seed(seed))
     model.input_shape = (in_channels, input_size, input_size)
@@ -463,20 +473,53 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
                 f"(shape {tuple(state[key].shape)}) that the model lacks; "
                 f"check that it was saved from the same model"
             )
+    check_finite(state.items(), f"weights file {path}")
     model.load_state_dict(state, strict=True)
     return model
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Raise :class:`SparseCNNError` naming the first floating-point tensor that holds NaN or Inf.
+
+    Such weights make every sparsity, byte count and output that follows meaningless, so they are
+    refused where they enter: a weights file, an imported model, an export.
+    """
+    for key, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise SparseCNNError(
+                f"{source}: {key!r} holds {bad} NaN/Inf value(s) (training diverged or the file is "
+                f"corrupt); use weights from before the divergence or a good copy of the file"
+            )
+
+
+def _recorded_build(spec: str, weights: str | os.PathLike[str]) -> dict[str, Any]:
+    # `sparsecnn train` / `prune` write summary.json beside model.pt with the build arguments
+    # (LeNet-5 on 8x8 digits is not the 28x28 default), so their weights load without repeating them.
+    try:
+        summary = json.loads((Path(weights).parent / "summary.json").read_text())
+        build_args = summary["build"] if summary.get("model") == spec else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    if not isinstance(build_args, dict):
+        return {}
+    return {k: v for k, v in build_args.items() if k in ("num_classes", "in_channels", "input_size")}
 
 
 def resolve(spec: str, weights: str | os.PathLike[str] | None = None, **build_kwargs: Any) -> nn.Module:
     """Turn a model spec from the command line into a module.
 
     A small dispatch: a zoo name builds the model (``build_kwargs`` go to :func:`build`); then
-    ``weights``, if given, is loaded with :func:`load_weights`.
+    ``weights``, if given, is loaded with :func:`load_weights`. Build arguments not given are taken
+    from a ``summary.json`` beside ``weights`` written by ``sparsecnn train`` or ``prune`` for the
+    same model (its ``build`` entry), so ``resolve("lenet5", weights="runs/dense/model.pt")`` builds
+    the 8x8 LeNet-5 that was trained on digits.
     """
-    if spec in _ZOO:
-        model = build(spec, **build_kwargs)
-    else:
+    if spec not in _ZOO:
         raise SparseCNNError(f"unknown model {spec!r}; choose one of {', '.join(names())}")
+    if weights is not None:
+        build_kwargs = {**_recorded_build(spec, weights), **build_kwargs}
+    model = build(spec, **build_kwargs)
     if weights is not None:
         load_weights(model, weights)
     return model
