@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sparsecnn.kernels._simd import NV_MAX, VW, span_tile
 from sparsecnn.kernels.conv import direct_conv2d, prepare_direct
 from sparsecnn.kernels.spmv import prepare_linear, sparse_linear
 from tests.conftest import random_sparse
@@ -177,3 +178,42 @@ def test_sparse_linear_empty_rows(rng):
         sparse_linear(prep, x[:batch], bv, out)
         assert_close(out, x[:batch] @ w.T + bv)
         assert np.array_equal(out[:, [0, 3, 9]], np.broadcast_to(bv[[0, 3, 9]], (batch, 3)))
+
+
+@numba.njit(cache=False)
+def _span_tile_call(x, offs, data, k0, k1, base, w, wpos, nvec, nvalid, init, accumulate, ostride):
+    span_tile(x, offs, data, k0, k1, base, w, wpos, nvec, nvalid, init, accumulate, ostride)
+
+
+@pytest.mark.parametrize("nvec", [1, 2, 5, 8, NV_MAX])
+@pytest.mark.parametrize("offs_dtype", [np.int16, np.int32, np.uint16])
+def test_span_tile_register_micro_kernel(nvec, offs_dtype, rng):
+    # The LLVM-IR micro-kernel both kernels run on, against numpy: every vector count, signed and
+    # unsigned offsets, a row stride, accumulate on/off and a partial last vector.
+    x = rng.standard_normal(4000).astype(np.float32)
+    nnz = 37
+    offs = rng.integers(0, 300, nnz).astype(offs_dtype)
+    data = rng.standard_normal(nnz).astype(np.float32)
+    k0, k1, base, stride = 3, 31, 5, 7
+    n = nvec * VW
+    starts = [base + stride * int(o) for o in offs[k0:k1]]
+    span = data[k0:k1, None] * np.stack([x[s : s + n] for s in starts])
+    for accumulate, nvalid in ((False, n), (True, n), (False, n - 3), (False, n + 100)):
+        w = rng.standard_normal(n + 20).astype(np.float32)
+        before = w.copy()
+        _span_tile_call(x, offs, data, k0, k1, base, w, 4, nvec, nvalid, np.float32(0.5), accumulate, stride)
+        start = before[4:4 + n] if accumulate else np.full(n, 0.5, np.float32)
+        m = min(nvalid, n)
+        np.testing.assert_allclose(w[4:4 + m], (start + span.sum(axis=0))[:m], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(w[:4], before[:4])  # nothing outside [wpos, wpos + nvalid)
+        np.testing.assert_array_equal(w[4 + m:], before[4 + m:])
+    w = np.zeros(n, np.float32)
+    _span_tile_call(x, offs, data, 5, 5, 0, w, 0, nvec, n, np.float32(2.0), False, 1)  # no nonzeros
+    assert (w == 2.0).all()
+
+
+@pytest.mark.parametrize(("hw", "k", "padding"), [((56, 56), (1, 1), (0, 0)), ((9, 20), (3, 3), (1, 1))])
+def test_direct_conv_long_planes_many_groups(hw, k, padding, rng):
+    # Planes long enough for several L2 groups and register tiles per group; the 1x1 case stores the
+    # tiles straight into the output (wide rows == output rows), the 3x3 one through the wide buffer.
+    _conv_case(rng, 2, 96, 10, hw, k, (1, 1), padding, (1, 1), 1, 0.7)

@@ -72,7 +72,8 @@ class TrainConfig:
             value = getattr(self, name)
             least = 0 if name == "epochs" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise SparseCNNError(f"{name} must be a positive integer, got {value!r}")
+                kind = "a non-negative" if least == 0 else "a positive"
+                raise SparseCNNError(f"{name} must be {kind} integer, got {value!r}")
         if self.optimizer not in OPTIMIZERS:
             raise SparseCNNError(
                 f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
@@ -83,6 +84,10 @@ class TrainConfig:
             )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise SparseCNNError(f"learning rate must be positive, got {self.lr!r}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise SparseCNNError(f"momentum must be in [0, 1), e.g. 0.9, got {self.momentum!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise SparseCNNError(f"weight decay must be a number >= 0, e.g. 1e-4, got {self.weight_decay!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise SparseCNNError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

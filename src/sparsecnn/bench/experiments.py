@@ -44,7 +44,7 @@ from sparsecnn.bench.harness import (
     time_call,
 )
 from sparsecnn.errors import SparseCNNError
-from sparsecnn.models._memory import forward_guard
+from sparsecnn.models._memory import check_fits, forward_guard
 
 __all__ = [
     "EXPERIMENTS",
@@ -998,20 +998,20 @@ def bench_model(
     import tempfile
 
     cfg = ReportConfig.preset("full", device=device, threads=threads, repeats=repeats)
-    with tempfile.TemporaryDirectory() as tmp:
-        log = ResultsLog(Path(results) if results else Path(tmp) / "results.jsonl", resume=resume)
-        harness = Harness(log, threads=threads, device=device, progress=progress)
-        ctx = _Context(cfg, None)
-        ctx._cache[("model", name, "given")] = model.eval()
-        with torch.no_grad():
-            # Run the model once up front: an input too big for memory or a model that fails on its
-            # input is one error here, not one error record per layer and strategy.
-            ctx.layer_io(name, "given", batch)
-            tasks = [
-                t
-                for kind in ("conv", "linear")
-                for t in layer_tasks(ctx, "bench", name, "given", kind, batch, planner=False)
-            ]
+    ctx = _Context(cfg, None)
+    ctx._cache[("model", name, "given")] = model.eval()
+    with torch.no_grad():
+        # Run the model once before the results file is opened: an input too big for memory or a
+        # model that fails on its input is one error, not one error record per layer and strategy.
+        ctx.layer_io(name, "given", batch)
+        tasks = [
+            t
+            for kind in ("conv", "linear")
+            for t in layer_tasks(ctx, "bench", name, "given", kind, batch, planner=False)
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            log = ResultsLog(Path(results) if results else Path(tmp) / "results.jsonl", resume=resume)
+            harness = Harness(log, threads=threads, device=device, progress=progress)
             return harness.run(tasks, title=f"bench {name}")
 
 
@@ -1039,22 +1039,28 @@ def run_sweep(
     cfg = ReportConfig.preset(
         "full", device=device, threads=threads, repeats=repeats, seed=seed, max_task_s=4.0
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        log = ResultsLog(Path(results) if results else Path(tmp) / "results.jsonl", resume=resume)
-        harness = Harness(log, threads=threads, device=device, progress=progress)
-        ctx = _Context(cfg, None)
-        with torch.no_grad():
-            if shape is not None:
-                tasks = matrix_sweep_tasks(cfg, shape, sparsities)
-            else:
-                model_name, _, lname = (layer or "alexnet.conv3").partition(".")
-                from sparsecnn.models import names
+    ctx = _Context(cfg, None)
+    with torch.no_grad():
+        # Everything that can fail on bad input happens before the results file is opened, so a typo
+        # does not replace the results of an earlier run.
+        if shape is not None:
+            m, k, n = shape
+            # A (float32 and its float64 reference copy), B, the reference and the output.
+            check_fits(12 * m * k + 4 * k * n + 12 * m * n, f"the {m}x{k}x{n} product", "use a smaller --shape")
+            tasks = matrix_sweep_tasks(cfg, shape, sparsities)
+        else:
+            model_name, _, lname = (layer or "alexnet.conv3").partition(".")
+            from sparsecnn.models import names
 
-                if model_name not in names():
-                    raise SparseCNNError(
-                        f"--layer {layer!r}: unknown model {model_name!r}; one of {', '.join(names())}"
-                    )
-                tasks = sweep_tasks(ctx, "sweep", model_name, lname or None, sparsities, batch)
+            if model_name not in names():
+                raise SparseCNNError(
+                    f"--layer {layer!r}: unknown model {model_name!r}; one of {', '.join(names())}"
+                )
+            tasks = sweep_tasks(ctx, "sweep", model_name, lname or None, sparsities, batch)
+            ctx.layer_io(model_name, "uniform:0", batch)  # fails once here, not once per task
+        with tempfile.TemporaryDirectory() as tmp:
+            log = ResultsLog(Path(results) if results else Path(tmp) / "results.jsonl", resume=resume)
+            harness = Harness(log, threads=threads, device=device, progress=progress)
             return harness.run(tasks, title="sweep")
 
 

@@ -209,8 +209,8 @@ def set_threads(threads: int | None) -> int:
     ``None`` means all cores this process may use. numba cannot go above the ``NUMBA_NUM_THREADS``
     its pool was started with, so the count is clipped to that.
     """
-    n = threads or _usable_cores()
-    if n < 1:
+    n = _usable_cores() if threads is None else threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise SparseCNNError(f"threads must be >= 1, got {threads}")
     import numba
     import torch

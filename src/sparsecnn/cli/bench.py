@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--repeats", type=int, default=7, metavar="N", help="timed samples per measurement (default: 7)"
     )
     p.add_argument("--json", metavar="OUT", help="also write the measurement records as JSON to OUT")
+    add_results_args(p, "bench.jsonl")
     p.set_defaults(func=run)
+
+
+def add_results_args(p: argparse.ArgumentParser, default: str) -> None:
+    """``--results`` (JSONL written as it goes) and ``--resume``, shared by bench and sweep."""
+    p.add_argument(
+        "--results",
+        default=default,
+        metavar="JSONL",
+        help=f"append every measurement to this file as it is made, so an interrupted run keeps them "
+        f"(default: {default}; replaced unless --resume)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the --results file and skip the measurements already in it (after an interrupted run)",
+    )
+
+
+@contextlib.contextmanager
+def keep_on_interrupt(path: str) -> Iterator[None]:
+    """Turn Ctrl-C into one line that says where the measurements so far are and how to go on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from sparsecnn.bench.harness import read_records
+
+        try:
+            n = sum(r.get("type") == "measurement" for r in read_records(path))
+        except SparseCNNError:
+            n = 0
+        raise SparseCNNError(
+            f"interrupted; {n} measurement(s) are kept in {path}: run the same command with --resume "
+            f"to continue"
+        ) from None
 
 
 def print_tables(tables: Iterable[Any]) -> None:
@@ -67,17 +103,20 @@ def run(args: argparse.Namespace) -> int:
     from sparsecnn.models import apply_profile, resolve
     from sparsecnn.report.tables import bytes_table, conversion_table, layer_time_table
 
-    if args.batch < 1:
-        raise SparseCNNError(f"--batch must be >= 1, got {args.batch}")
+    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise SparseCNNError(f"{flag} must be >= 1, got {value}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SparseCNNError("--device cuda: torch sees no CUDA device here; use --device cpu")
     kw = {"model": args.arch} if args.arch else {}
     model = resolve(args.model, weights=args.weights, **kw)
     if args.profile:
         apply_profile(model, args.profile)
-    records = bench_model(
-        model, args.model, batch=args.batch, device=args.device, threads=args.threads, repeats=args.repeats
-    )
+    with keep_on_interrupt(args.results):
+        records = bench_model(
+            model, args.model, batch=args.batch, device=args.device, threads=args.threads,
+            repeats=args.repeats, results=args.results, resume=args.resume,
+        )
     label = args.profile or "as loaded"
     for r in records:  # name the profile in the tables and the JSON
         r["params"]["profile"] = label

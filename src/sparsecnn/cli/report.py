@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
             raise SparseCNNError(
                 f"--only: unknown experiment(s) {', '.join(bad)}; choose from {', '.join(known)}"
             )
+    if args.threads is not None and args.threads < 1:
+        raise SparseCNNError(f"--threads must be >= 1, got {args.threads}")
     size = args.size or ("quick" if args.quick else "full")
     cfg = ReportConfig.preset(size, device=args.device, threads=args.threads)
     summary = run_report(cfg, Path(args.out), resume=args.resume, only=only)

@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+from sparsecnn.cli.bench import add_results_args, keep_on_interrupt
 from sparsecnn.errors import SparseCNNError
 
 
@@ -38,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed samples per point (default: 5)")
     p.add_argument("--json", metavar="OUT", help="also write the records and break-even points as JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw speedup vs sparsity to this PNG")
+    add_results_args(p, "sweep.jsonl")
     p.set_defaults(func=run)
 
 
@@ -84,19 +86,25 @@ def run(args: argparse.Namespace) -> int:
     from sparsecnn.cli.bench import print_tables, write_json
     from sparsecnn.report.tables import break_even, sweep_curves, sweep_tables
 
+    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise SparseCNNError(f"{flag} must be >= 1, got {value}")
     sparsities = parse_sparsities(args.sparsity)
     shape = parse_shape(args.shape) if args.shape else None
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SparseCNNError("--device cuda: torch sees no CUDA device here; use --device cpu")
-    records = run_sweep(
-        layer=args.layer,
-        shape=shape,
-        sparsities=sparsities,
-        batch=args.batch,
-        device=args.device,
-        threads=args.threads,
-        repeats=args.repeats,
-    )
+    with keep_on_interrupt(args.results):
+        records = run_sweep(
+            layer=args.layer,
+            shape=shape,
+            sparsities=sparsities,
+            batch=args.batch,
+            device=args.device,
+            threads=args.threads,
+            repeats=args.repeats,
+            results=args.results,
+            resume=args.resume,
+        )
     print_tables(sweep_tables(records))
     for r in records:
         if r["status"] == "error":

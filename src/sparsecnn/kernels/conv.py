@@ -48,7 +48,7 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import jit, pjit
-from sparsecnn.kernels._simd import NV_MAX, VW, span_tile
+from sparsecnn.kernels._simd import NV_MAX, NV_PAIR, VW, pair_tile, span_tile, tile_split
 
 __all__ = ["DirectConvPrep", "direct_conv2d", "prepare_direct"]
 
@@ -74,7 +74,7 @@ class _Workspace:
     offsets: np.ndarray  # (nnz,) offset of each nonzero's span inside one image's phase planes
     phases: np.ndarray  # (nph,) the phases (ph * sw + pw) materialised, in storage order
     xt: np.ndarray  # (B, Cin * nph * Hph * Wph + VW) phase-decomposed padded input
-    wide: np.ndarray  # (nparts, group + VW) one wide output buffer per thread
+    wide: np.ndarray  # (nparts, 2 * (group + VW)) wide output rows of two filters per thread
     bounds: np.ndarray  # (nparts + 1,) output-channel ranges with balanced nonzero counts
     hph: int
     wph: int
@@ -171,7 +171,7 @@ class DirectConvPrep:
             offsets=np.ascontiguousarray(off, dtype=off_dtype),
             phases=np.asarray(used, dtype=np.int64),
             xt=np.zeros((b, per_image + VW), dtype=np.float32),
-            wide=np.zeros((nparts, group + VW), dtype=np.float32),
+            wide=np.zeros((nparts, 2 * (group + VW)), dtype=np.float32),
             bounds=bounds,
             hph=hph,
             wph=wph,
@@ -248,13 +248,11 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     b = bias if has_bias else prep.data[:0]
     nb, cout, hout, wout = out.shape
     if ws.wph == wout and out.flags.c_contiguous:
-        flat = out.reshape(nb, cout, hout * wout)
+        flat = out.reshape(nb, cout * hout * wout)
     else:
-        flat = ws.xt[:0].reshape(0, 0, 0)
-    _direct_kernel(
-        ws.xt, ws.offsets, prep.data, prep.indptr, b, has_bias, out, flat, ws.wide, ws.bounds, ws.wph, ws.span,
-        ws.group,
-    )
+        flat = ws.xt[:0]
+    _direct_kernel(ws.xt, ws.offsets, prep.data, prep.indptr, b, has_bias, out, flat, ws.wide, ws.bounds,
+                   ws.wph, ws.span, ws.group)
 
 
 @pjit
@@ -299,60 +297,73 @@ def _phase_decompose(x, xt, phases, sh, sw, ph, pw, hph, wph):
 
 
 @jit
-def _tile_split(nvec, t, ntiles):
-    """First vector and vector count of tile ``t`` when ``nvec`` vectors split evenly into ``ntiles``."""
-    q = nvec // ntiles
-    e = nvec - q * ntiles
-    return t * q + min(t, e), q + (1 if t < e else 0)
+def _crop(w, n, out, b, co, r, c, wph, wout):
+    """Copy the valid columns of ``n`` wide-row positions (starting at row r, column c) into out."""
+    j = 0
+    while j < n:
+        m = min(wph - c, n - j)
+        q = min(wout - c, m)
+        out[b, co, r, c : c + q] = w[j : j + q]
+        j += m
+        r += 1
+        c = 0
 
 
 @pjit
 def _direct_kernel(xt, offs, data, indptr, bias, has_bias, out, flat, wide, bounds, wph, span, group):
     """Direct sparse convolution over prepared spans, parallel over balanced output-channel ranges.
 
-    For each image and each group of ``group`` wide-row positions, every output channel of the
-    thread's range computes the group in register tiles (:func:`sparsecnn.kernels._simd.span_tile`)
-    into its wide buffer, then copies the valid columns into ``out``; when the wide rows are the
-    output rows (``flat`` is a (B, Cout, Hout * Wout) view of ``out``, else empty) the tiles are
-    stored into ``out`` directly.
+    For each image and each group of ``group`` wide-row positions, the output channels of the
+    thread's range compute the group two at a time in register tiles
+    (:func:`sparsecnn.kernels._simd.pair_tile`; a last odd channel with ``span_tile``) into the
+    thread's wide buffer, then copy the valid columns into ``out``; when the wide rows are the output
+    rows (``flat`` is a (B, Cout * Hout * Wout) view of ``out``, else empty) the tiles are stored
+    into ``out`` directly.
     NOTE: offs/xt come from the same workspace (xt rows padded by VW floats past the last span);
-    out is (B, Cout, Hout, Wout) with Wout <= wph; wide rows hold group + VW floats.
+    out is (B, Cout, Hout, Wout) with Wout <= wph; wide rows hold 2 * (group + VW) floats.
     """
-    nb, _, hout, wout = out.shape
+    nb, _, _, wout = out.shape
     nparts = bounds.size - 1
     direct = flat.size > 0
+    ws = wide.shape[1] // 2  # second filter's offset in the wide buffer
     for part in numba.prange(nparts):
         w = wide[part]
+        c1 = bounds[part + 1]
         for b in range(nb):
             xb = xt[b]
+            dst = flat[b] if direct else w
             for p0 in range(0, span, group):
                 n = min(group, span - p0)
                 nvec = (n + VW - 1) // VW
-                ntiles = (nvec + NV_MAX - 1) // NV_MAX
                 r0 = p0 // wph
                 c0 = p0 - r0 * wph
-                for co in range(bounds[part], bounds[part + 1]):
-                    bv = bias[co] if has_bias else np.float32(0.0)
-                    k0 = indptr[co]
-                    k1 = indptr[co + 1]
-                    if direct:
-                        dst = flat[b, co]
+                for co in range(bounds[part], c1, 2):
+                    ba = bias[co] if has_bias else np.float32(0.0)
+                    if co + 1 < c1:
+                        bb = bias[co + 1] if has_bias else np.float32(0.0)
+                        ntiles = (nvec + NV_PAIR - 1) // NV_PAIR
                         for t in range(ntiles):
-                            v0, nv = _tile_split(nvec, t, ntiles)
+                            v0, nv = tile_split(nvec, t, ntiles)
                             p = p0 + v0 * VW
-                            span_tile(xb, offs, data, k0, k1, p, dst, p, nv, span - p, bv, False)
-                        continue
-                    for t in range(ntiles):
-                        v0, nv = _tile_split(nvec, t, ntiles)
-                        span_tile(xb, offs, data, k0, k1, p0 + v0 * VW, w, v0 * VW, nv, nv * VW, bv, False)
-                    # Copy the valid columns of the wide rows the group touches.
-                    r = r0
-                    c = c0
-                    j = 0
-                    while j < n:
-                        m = min(wph - c, n - j)
-                        q = min(wout - c, m)
-                        out[b, co, r, c : c + q] = w[j : j + q]
-                        j += m
-                        r += 1
-                        c = 0
+                            if direct:
+                                pair_tile(xb, offs, data, indptr[co], indptr[co + 1], indptr[co + 1],
+                                          indptr[co + 2], p, dst, co * span + p, span, nv, span - p, ba, bb)
+                            else:
+                                pair_tile(xb, offs, data, indptr[co], indptr[co + 1], indptr[co + 1],
+                                          indptr[co + 2], p, w, v0 * VW, ws, nv, nv * VW, ba, bb)
+                        if not direct:
+                            _crop(w, n, out, b, co, r0, c0, wph, wout)
+                            _crop(w[ws:], n, out, b, co + 1, r0, c0, wph, wout)
+                    else:
+                        ntiles = (nvec + NV_MAX - 1) // NV_MAX
+                        for t in range(ntiles):
+                            v0, nv = tile_split(nvec, t, ntiles)
+                            p = p0 + v0 * VW
+                            if direct:
+                                span_tile(xb, offs, data, indptr[co], indptr[co + 1], p, dst, co * span + p, nv,
+                                          span - p, ba, False, 1)
+                            else:
+                                span_tile(xb, offs, data, indptr[co], indptr[co + 1], p, w, v0 * VW, nv,
+                                          nv * VW, ba, False, 1)
+                        if not direct:
+                            _crop(w, n, out, b, co, r0, c0, wph, wout)

@@ -6,7 +6,8 @@ The column indices are therefore stored in the narrowest dtype that fits ``K`` (
 which covers AlexNet's fc6 with ``K = 9216``), halving the index bytes of a plain int32 CSR
 (the point of Deep Compression's relative indices, Han et al. ICLR 2016, without its 4-bit
 padding entries). At batch > 1 the same CSR drives a sparse x dense product (spmm) on a transposed copy
-of the input, so every nonzero multiplies one contiguous row of ``B`` inputs.
+of the input, so every nonzero multiplies one contiguous row of ``B`` inputs, held in vector
+registers across a whole output row (the register tiles of :mod:`sparsecnn.kernels._simd`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import pjit
+from sparsecnn.kernels._simd import NV_MAX, VW, span_tile, tile_split
 
 __all__ = ["LinearPrep", "prepare_linear", "sparse_linear"]
 
 
 @dataclass(eq=False)
 class _Workspace:
-    xt: np.ndarray  # (K, B) transposed input (batch > 1 only)
-    acc: np.ndarray  # (nparts, B + 8) accumulators per thread
+    xt: np.ndarray  # (K, Bp) transposed input, Bp = B rounded up to VW (batch > 1 only; pad lanes 0)
+    acc: np.ndarray  # (nparts, Bp) one output row per thread
     bounds: np.ndarray  # (nparts + 1,) row ranges with balanced nonzero counts
 
 
@@ -64,9 +66,10 @@ class LinearPrep:
             cum = np.concatenate(([0], np.cumsum(cost)))
             bounds = np.searchsorted(cum, cum[-1] * np.arange(nparts + 1) / nparts).astype(np.int64)
             bounds[0], bounds[-1] = 0, m
+            bp = -(-batch // VW) * VW
             ws = _Workspace(
-                xt=np.zeros((k, batch) if batch > 1 else (0, 1), dtype=np.float32),
-                acc=np.zeros((nparts, batch + 8), dtype=np.float32),
+                xt=np.zeros((k, bp) if batch > 1 else (0, VW), dtype=np.float32),
+                acc=np.zeros((nparts, bp), dtype=np.float32),
                 bounds=np.maximum.accumulate(bounds),
             )
             self._workspaces[key] = ws
@@ -169,35 +172,25 @@ def _transpose(x, xt):
 def _spmm(indptr, indices, data, xt, bias, has_bias, out, acc, bounds):
     """CSR x dense: ``out[:, m] = sum_k data[k] * xt[indices[k], :]`` (+ bias).
 
-    Four nonzeros per pass over the batch-wide accumulator, so it is loaded and stored once per four
-    multiply-adds.
-    NOTE: xt is (K, B) C-contiguous; acc rows have at least B elements.
+    Each output row's batch-wide values stay in vector registers across all of the row's nonzeros
+    (:func:`sparsecnn.kernels._simd.span_tile` with the row length of ``xt`` as the offset stride):
+    one broadcast weight and one FMA per 8 batch entries, no stores in the inner loop.
+    NOTE: xt is (K, Bp) C-contiguous with Bp a multiple of VW; acc rows have Bp elements.
     """
-    nb = xt.shape[1]
+    nb = out.shape[0]
+    bp = xt.shape[1]
+    x = xt.reshape(xt.size)
+    nvec = bp // VW
+    ntiles = (nvec + NV_MAX - 1) // NV_MAX
     nparts = bounds.size - 1
     for part in numba.prange(nparts):
-        a = acc[part, :nb]
+        a = acc[part]
         for m in range(bounds[part], bounds[part + 1]):
             bv = bias[m] if has_bias else np.float32(0.0)
-            for j in range(nb):
-                a[j] = 0.0
             k0 = indptr[m]
-            n = indptr[m + 1] - k0
-            d = data[k0 : k0 + n]
-            ix = indices[k0 : k0 + n]
-            for q in range(n // 4):
-                k = q * 4
-                r0 = xt[ix[k]]
-                r1 = xt[ix[k + 1]]
-                r2 = xt[ix[k + 2]]
-                r3 = xt[ix[k + 3]]
-                v0, v1, v2, v3 = d[k], d[k + 1], d[k + 2], d[k + 3]
-                for j in range(nb):
-                    a[j] += (v0 * r0[j] + v1 * r1[j]) + (v2 * r2[j] + v3 * r3[j])
-            for k in range(n - n % 4, n):
-                r0 = xt[ix[k]]
-                v0 = d[k]
-                for j in range(nb):
-                    a[j] += v0 * r0[j]
+            k1 = indptr[m + 1]
+            for t in range(ntiles):
+                v0, nv = tile_split(nvec, t, ntiles)
+                span_tile(x, indices, data, k0, k1, v0 * VW, a, v0 * VW, nv, nv * VW, bv, False, bp)
             for j in range(nb):
-                out[j, m] = a[j] + bv
+                out[j, m] = a[j]

@@ -86,6 +86,15 @@ class PruneConfig:
             raise SparseCNNError(f"unknown block policy {self.policy!r}; choose global or layer")
         if self.cycles < 1:
             raise SparseCNNError(f"cycles must be >= 1, got {self.cycles}")
+        if self.ssl_epochs is not None and (
+            isinstance(self.ssl_epochs, bool) or not isinstance(self.ssl_epochs, int) or self.ssl_epochs < 0
+        ):
+            raise SparseCNNError(f"ssl_epochs (--ssl-epochs) must be an integer >= 0, got {self.ssl_epochs!r}")
+        if not (isinstance(self.ssl_strength, (int, float)) and math.isfinite(self.ssl_strength)
+                and self.ssl_strength >= 0):
+            raise SparseCNNError(
+                f"ssl_strength (--ssl-strength) must be a number >= 0, e.g. 2e-4, got {self.ssl_strength!r}"
+            )
 
 
 @dataclass(frozen=True)

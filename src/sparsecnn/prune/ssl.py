@@ -27,6 +27,7 @@ so no layer is cut off unless depth-wise groups are asked for.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -156,8 +157,8 @@ class GroupLasso:
             self.strength = {k: float(strength[k]) for k in self.kinds}
         else:
             self.strength = dict.fromkeys(self.kinds, float(strength))
-        if any(v < 0 for v in self.strength.values()):
-            raise SparseCNNError(f"group-lasso strengths must be >= 0, got {self.strength}")
+        if not all(math.isfinite(v) and v >= 0 for v in self.strength.values()):
+            raise SparseCNNError(f"group-lasso strengths must be numbers >= 0 (e.g. 2e-4), got {self.strength}")
         self.layers, self.depth = _select(model, self.kinds, layers, depth_layers)
 
     def __call__(self) -> torch.Tensor:
