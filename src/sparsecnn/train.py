@@ -367,6 +367,11 @@ def fit(
                     bar.update(task, advance=1, loss=loss_sum / count)
                 sched.step()
                 loss_sum, correct, count = _all_sum([loss_sum, correct, count], device)
+                if not math.isfinite(loss_sum):  # every rank sees the same sum, so all stop together
+                    raise SparseCNNError(
+                        f"training diverged in epoch {epoch + 1} (the loss is {loss_sum / max(count, 1)}); "
+                        f"nothing of this epoch was saved: use a smaller learning rate than {lr:g}"
+                    )
                 test_acc = evaluate(model, test_set, config.eval_batch_size, device)
                 record = EpochRecord(
                     epoch=epoch + 1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -90,6 +91,20 @@ class AnalysisResult:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=True)
 
 
+def dense_equivalent(model: nn.Module) -> nn.Module:
+    """A sparse model (``sparsify``, a sparse checkpoint) as its dense equivalent, zeros included, so
+    its layers are analysed like any Conv2d/Linear; any other model as it is."""
+    layers_module = sys.modules.get("sparsecnn.layers")  # no sparse layer exists before it is imported
+    if layers_module is None or not any(
+        isinstance(m, (layers_module.SparseConv2d, layers_module.SparseLinear)) for m in model.modules()
+    ):
+        return model
+    from sparsecnn.io import _sparse
+
+    memo = {id(m): _sparse.dense_module(m) for m in model.modules() if _sparse.is_sparse(m)}
+    return copy.deepcopy(model, memo)
+
+
 def analyze_model(
     model: nn.Module,
     *,
@@ -121,6 +136,7 @@ def analyze_model(
         Layers in module order; layers the forward pass never calls are left out.
     """
     shape = tuple(input_shape_) if input_shape_ is not None else input_shape(model)
+    model = dense_equivalent(model)
     for lname, module in prunable_layers(model).items():
         for pname in ("weight", "bias"):
             p = getattr(module, pname, None)

@@ -1046,7 +1046,8 @@ def run_sweep(
         if shape is not None:
             m, k, n = shape
             # A (float32 and its float64 reference copy), B, the reference and the output.
-            check_fits(12 * m * k + 4 * k * n + 12 * m * n, f"the {m}x{k}x{n} product", "use a smaller --shape")
+            need = 12 * m * k + 4 * k * n + 12 * m * n
+            check_fits(need, f"the {m}x{k}x{n} product", "use a smaller --shape")
             tasks = matrix_sweep_tasks(cfg, shape, sparsities)
         else:
             model_name, _, lname = (layer or "alexnet.conv3").partition(".")

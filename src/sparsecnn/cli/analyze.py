@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "granularities, bytes dense/CSR/BSR/relative-index, FLOPs and input activation sparsity.",
     )
     p.add_argument("model", metavar="MODEL",
-                   help="zoo model name (sparsecnn.models.names()) or a .prototxt/.onnx/.pt/.npz/.safetensors file")
+                   help="zoo model name (sparsecnn.models.names()) or a .prototxt/.onnx/.pt/.npz file")
     p.add_argument("--weights", metavar="PATH", help="state dict file to load into the model")
     p.add_argument("--model", dest="arch", metavar="NAME",
                    help="zoo architecture of a .pt/.pth state dict given as MODEL (e.g. runs/mag/model.pt)")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "is checked against torch's dense layer before it is timed. Prints one table per layer kind.",
     )
     p.add_argument("model", metavar="MODEL",
-                   help="zoo model name (sparsecnn.models.names()) or a .prototxt/.onnx/.pt/.npz/.safetensors file")
+                   help="zoo model name (sparsecnn.models.names()) or a .prototxt/.onnx/.pt/.npz file")
     p.add_argument("--profile", metavar="P", help="prune first: deep-compression, ssl or uniform:S")
     p.add_argument("--weights", metavar="PATH", help="state dict file to load into the model")
     p.add_argument("--model", dest="arch", metavar="NAME",
@@ -53,22 +53,20 @@ def add_results_args(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
-@contextlib.contextmanager
-def keep_on_interrupt(path: str) -> Iterator[None]:
-    """Turn Ctrl-C into one line that says where the measurements so far are and how to go on."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        from sparsecnn.bench.harness import read_records
+def interrupted(verb: str, path: str) -> int:
+    """After Ctrl-C: one line on stderr saying where the measurements so far are kept; exit code 130."""
+    from sparsecnn.bench.harness import read_records
 
-        try:
-            n = sum(r.get("type") == "measurement" for r in read_records(path))
-        except SparseCNNError:
-            n = 0
-        raise SparseCNNError(
-            f"interrupted; {n} measurement(s) are kept in {path}: run the same command with --resume "
-            f"to continue"
-        ) from None
+    try:
+        n = sum(r.get("type") == "measurement" for r in read_records(path))
+    except SparseCNNError:
+        n = 0
+    print(
+        f"sparsecnn {verb}: interrupted; {n} measurement(s) are kept in {path}: run the same command "
+        f"with --resume to continue",
+        file=sys.stderr,
+    )
+    return 130
 
 
 def print_tables(tables: Iterable[Any]) -> None:
@@ -98,6 +96,7 @@ def write_json(path: str, payload: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from sparsecnn.analysis._model import dense_equivalent
     from sparsecnn.bench.experiments import bench_model
     from sparsecnn.bench.harness import capture_environment
     from sparsecnn.models import apply_profile, resolve
@@ -109,14 +108,17 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SparseCNNError("--device cuda: torch sees no CUDA device here; use --device cpu")
     kw = {"model": args.arch} if args.arch else {}
-    model = resolve(args.model, weights=args.weights, **kw)
+    # A sparse checkpoint is timed from its weights, zeros included: every strategy vs torch dense.
+    model = dense_equivalent(resolve(args.model, weights=args.weights, **kw))
     if args.profile:
         apply_profile(model, args.profile)
-    with keep_on_interrupt(args.results):
+    try:
         records = bench_model(
             model, args.model, batch=args.batch, device=args.device, threads=args.threads,
             repeats=args.repeats, results=args.results, resume=args.resume,
         )
+    except KeyboardInterrupt:
+        return interrupted("bench", args.results)
     label = args.profile or "as loaded"
     for r in records:  # name the profile in the tables and the JSON
         r["params"]["profile"] = label

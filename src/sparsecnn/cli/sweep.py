@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from sparsecnn.cli.bench import add_results_args, keep_on_interrupt
+from sparsecnn.cli.bench import add_results_args, interrupted
 from sparsecnn.errors import SparseCNNError
 
 
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     shape = parse_shape(args.shape) if args.shape else None
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SparseCNNError("--device cuda: torch sees no CUDA device here; use --device cpu")
-    with keep_on_interrupt(args.results):
+    try:
         records = run_sweep(
             layer=args.layer,
             shape=shape,
@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
             results=args.results,
             resume=args.resume,
         )
+    except KeyboardInterrupt:
+        return interrupted("sweep", args.results)
     print_tables(sweep_tables(records))
     for r in records:
         if r["status"] == "error":

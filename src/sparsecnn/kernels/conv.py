@@ -19,25 +19,30 @@ input buffer, so a call allocates nothing after the first one for a shape.
 
 Loop
 ----
-Register tiles (XNNPACK's sparse inference kernels, SparseRT): up to 12 vectors (96 outputs) of one
-output channel's wide row stay in ymm registers across *all* of that channel's nonzeros, one
-broadcast weight and one ``vfmadd231ps ymm, ymm, [mem]`` per vector (LLVM IR from
-:mod:`sparsecnn.kernels._simd`; plain numba leaves such a tile in memory). The outputs are written
-once per tile. The wide positions are walked in groups whose input (all channels, all phases, the
-tap rows below included) fits in half of L2, and every output channel of the thread's range computes
-a group before the next one, so the input is read from L2, not L3 or memory, on large planes.
+Register tiles (XNNPACK's sparse inference kernels, SparseRT): 12 vectors (96 wide-row outputs) stay
+in ymm registers across *all* nonzeros of the output channels they belong to, one broadcast weight
+and one ``vfmadd231ps ymm, ymm, [mem]`` per vector, no stores in the inner loop (LLVM IR from
+:mod:`sparsecnn.kernels._simd`; plain numba leaves such a tile in memory). Two output channels share
+the 12 registers (6 vectors each) and walk their nonzeros in lockstep (``pair_tile``): both lists
+are sorted by input channel, so the second channel's spans mostly hit the L1 lines the first one
+just fetched. The wide positions are walked in groups whose input (all channels and phases, the tap
+rows below included) fits in half of L2; every output channel of the thread's range computes a group
+before the next group starts. Tiles are stored straight into ``out`` when the wide rows are the
+output rows (1x1 convolutions without padding), else through a small wide buffer and a row copy.
 
-What bounds it (Zen 3, AVX2, 1 thread): the inner loop needs one 32-byte input load per FMA. With
-the input in L1 and aligned the tile runs at ~80 GFLOP/s (torch's dense conv: ~77); unaligned
-(spans start at any float) ~58; with the input in L2, where every nonzero's span of a layer's
-input plane lives once the plane exceeds 32 KiB, ~30-37: L2 delivers about one line per cycle, half
-of what two FMAs a cycle need. Input-channel blocking for L1 (a block of channels whose tile
-footprint fits L1, used by every output channel before the next block) was measured and lost: at
-90% sparsity a block holds 15-60 nonzeros per filter, and the per-(filter, block) cost (loading and
-storing the register tile, a mispredicted loop exit) ate the L1 gain (AlexNet conv3 at 90%: 1.0-1.35
-ms blocked for 4-16 blocks against 1.1-1.2 ms unblocked, same process). Eight-nonzero passes over a
-long output tile (the previous kernel: one load and store of the output per eight FMAs) ran within
-about 10% of the register tiles on 3x3 layers.
+What bounds it (Zen 3, AVX2, one core): one 32-byte input load per FMA. The micro-kernel runs at
+~80 GFLOP/s with its input in L1 and 32-byte aligned (torch's dense conv: ~77), ~58 in L1 unaligned
+(spans start at any float), ~30-37 with its input in L2, where a layer's input plane is once it
+exceeds 32 KiB: L2 delivers about 32 bytes a cycle, half of what two FMAs a cycle need. Measured
+alternatives, same process, interleaved, 1 thread (AlexNet conv3 at 90% unless said otherwise):
+one channel x 12 vectors: 15-40% fewer GFLOP/s than the lockstep pair on 3x3 and 5x5 layers at
+90-95%; 3 channels x 4 vectors: about the same as 2 x 6; 4 x 3: worse. Input-channel blocking for
+L1 (channel blocks whose tile footprint fits L1, used by every output channel before the next block)
+lost: at 90% a block holds 15-60 nonzeros per filter, and the per-(filter, block) cost of loading
+and storing the register tile and a mispredicted loop exit ate the L1 gain (1.0-1.35 ms for 4-16
+blocks against 1.1-1.2 ms unblocked). The previous kernel (eight nonzeros per pass over a long
+output tile: one load and store of the output per eight FMAs) ran 10-15% slower than the pair on
+AlexNet conv3..5 and up to 2x slower on 1x1 layers.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class _Workspace:
 
     offsets: np.ndarray  # (nnz,) offset of each nonzero's span inside one image's phase planes
     phases: np.ndarray  # (nph,) the phases (ph * sw + pw) materialised, in storage order
+    copies: tuple  # per phase: where the input pixels go in its plane (see _phase_copies)
     xt: np.ndarray  # (B, Cin * nph * Hph * Wph + VW) phase-decomposed padded input
     wide: np.ndarray  # (nparts, 2 * (group + VW)) wide output rows of two filters per thread
     bounds: np.ndarray  # (nparts + 1,) output-channel ranges with balanced nonzero counts
@@ -170,6 +176,7 @@ class DirectConvPrep:
         return _Workspace(
             offsets=np.ascontiguousarray(off, dtype=off_dtype),
             phases=np.asarray(used, dtype=np.int64),
+            copies=_phase_copies(h, w, sh, sw, ph, pw, hph, wph, used),
             xt=np.zeros((b, per_image + VW), dtype=np.float32),
             wide=np.zeros((nparts, 2 * (group + VW)), dtype=np.float32),
             bounds=bounds,
@@ -242,96 +249,90 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     """
     ws = prep.workspace(x.shape)
     sh, sw = prep.stride
-    ph, pw = prep.padding
-    _phase_decompose(x, ws.xt, ws.phases, sh, sw, ph, pw, ws.hph, ws.wph)
+    _phase_decompose(x, ws, sh, sw)
     has_bias = bias is not None
     b = bias if has_bias else prep.data[:0]
-    nb, cout, hout, wout = out.shape
-    if ws.wph == wout and out.flags.c_contiguous:
-        flat = out.reshape(nb, cout * hout * wout)
-    else:
-        flat = ws.xt[:0]
-    _direct_kernel(ws.xt, ws.offsets, prep.data, prep.indptr, b, has_bias, out, flat, ws.wide, ws.bounds,
-                   ws.wph, ws.span, ws.group)
+    nb, cout = out.shape[:2]
+    # The kernel writes planes of C-contiguous rows; any other out goes through a temporary.
+    dst = out if out.flags.c_contiguous else np.empty(out.shape, dtype=np.float32)
+    flat = dst.reshape(nb, cout * ws.hout * ws.wout)
+    _direct_kernel(ws.xt, ws.offsets, prep.data, prep.indptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
+                   ws.bounds, ws.wph, ws.span, ws.group)
+    if dst is not out:
+        out[...] = dst
 
 
-@pjit
-def _phase_decompose(x, xt, phases, sh, sw, ph, pw, hph, wph):
-    """Zero-padded, phase-decomposed copy of ``x`` into ``xt`` (see the module docstring).
+def _phase_copies(h, w, sh, sw, ph, pw, hph, wph, phases):
+    """For each materialised phase: ``(qi, (i0, i1), (j0, j1), (hi0, wi0))``, the block of its plane
+    that holds input pixels and where they start in ``x`` (the rest of the plane is padding)."""
 
-    NOTE: xt has shape (B, Cin * len(phases) * hph * wph + VW); every element but the padding is
-    written (the padding stays zero from the allocation).
+    def span(q, p, s, n, nph_):
+        lo = max(0, -((q - p) // s))  # first i with i * s + q - p >= 0
+        hi = min(nph_, -(-(n + p - q) // s))  # first i with i * s + q - p >= n
+        return lo, max(lo, hi)
+
+    copies = []
+    for qi, q in enumerate(phases):
+        qh, qw = divmod(int(q), sw)
+        (i0, i1), (j0, j1) = span(qh, ph, sh, h, hph), span(qw, pw, sw, w, wph)
+        if i1 > i0 and j1 > j0:
+            copies.append((qi, (i0, i1), (j0, j1), (i0 * sh + qh - ph, j0 * sw + qw - pw)))
+    return tuple(copies)
+
+
+def _phase_decompose(x: np.ndarray, ws: _Workspace, sh: int, sw: int) -> None:
+    """Copy ``x`` into the phase planes of ``ws.xt`` (see the module docstring).
+
+    One strided numpy copy per phase; the padding around the pixels is zero from the allocation and
+    never written, so it is not touched here. (A numba loop per row was ~5x slower on small planes:
+    per-row slicing overhead on rows of 13-58 floats.)
     """
-    nb, cin, h, w = x.shape
-    nph = phases.size
-    plane = hph * wph
-    for bc in numba.prange(nb * cin):
-        b = bc // cin
-        c = bc - b * cin
-        for qi in range(nph):
-            q = phases[qi]
-            qh = q // sw
-            qw = q - qh * sw
-            base = (c * nph + qi) * plane
-            for i in range(hph):
-                row = base + i * wph
-                hi = i * sh + qh - ph
-                if hi < 0 or hi >= h:
-                    for j in range(wph):
-                        xt[b, row + j] = 0.0
-                    continue
-                if sw == 1:
-                    # Contiguous row: left pad, copy, right pad.
-                    lo = min(max(pw, 0), wph)
-                    n = min(w, wph - lo)
-                    for j in range(lo):
-                        xt[b, row + j] = 0.0
-                    for j in range(n):
-                        xt[b, row + lo + j] = x[b, c, hi, j]
-                    for j in range(lo + n, wph):
-                        xt[b, row + j] = 0.0
-                else:
-                    for j in range(wph):
-                        wi = j * sw + qw - pw
-                        xt[b, row + j] = x[b, c, hi, wi] if 0 <= wi < w else 0.0
+    nb, cin = x.shape[:2]
+    nph = ws.phases.size
+    planes = ws.xt[:, : cin * nph * ws.hph * ws.wph].reshape(nb, cin, nph, ws.hph, ws.wph)
+    for qi, (i0, i1), (j0, j1), (hi0, wi0) in ws.copies:
+        src = x[:, :, hi0 : hi0 + (i1 - i0 - 1) * sh + 1 : sh, wi0 : wi0 + (j1 - j0 - 1) * sw + 1 : sw]
+        planes[:, :, qi, i0:i1, j0:j1] = src
 
 
 @jit
-def _crop(w, n, out, b, co, r, c, wph, wout):
-    """Copy the valid columns of ``n`` wide-row positions (starting at row r, column c) into out."""
+def _crop(w, n, dst, pos, r, c, wph, wout):
+    """Copy the valid columns of ``n`` wide-row positions (starting at row r, column c) to the
+    output plane that starts at ``dst[pos]`` (rows of ``wout``)."""
     j = 0
+    o = pos + r * wout + c
     while j < n:
         m = min(wph - c, n - j)
         q = min(wout - c, m)
-        out[b, co, r, c : c + q] = w[j : j + q]
+        dst[o : o + q] = w[j : j + q]
+        o += q
         j += m
-        r += 1
         c = 0
 
 
 @pjit
-def _direct_kernel(xt, offs, data, indptr, bias, has_bias, out, flat, wide, bounds, wph, span, group):
+def _direct_kernel(xt, offs, data, indptr, bias, has_bias, out, hout, wout, wide, bounds, wph, span, group):
     """Direct sparse convolution over prepared spans, parallel over balanced output-channel ranges.
 
     For each image and each group of ``group`` wide-row positions, the output channels of the
     thread's range compute the group two at a time in register tiles
     (:func:`sparsecnn.kernels._simd.pair_tile`; a last odd channel with ``span_tile``) into the
     thread's wide buffer, then copy the valid columns into ``out``; when the wide rows are the output
-    rows (``flat`` is a (B, Cout * Hout * Wout) view of ``out``, else empty) the tiles are stored
-    into ``out`` directly.
+    rows (``wph == wout``) the tiles are stored into ``out`` directly.
     NOTE: offs/xt come from the same workspace (xt rows padded by VW floats past the last span);
-    out is (B, Cout, Hout, Wout) with Wout <= wph; wide rows hold 2 * (group + VW) floats.
+    out is (B, Cout * hout * wout) C-contiguous, wout <= wph; wide rows hold 2 * (group + VW) floats.
     """
-    nb, _, _, wout = out.shape
+    nb = out.shape[0]
+    plane = hout * wout
     nparts = bounds.size - 1
-    direct = flat.size > 0
+    direct = wph == wout
     ws = wide.shape[1] // 2  # second filter's offset in the wide buffer
     for part in numba.prange(nparts):
         w = wide[part]
         c1 = bounds[part + 1]
         for b in range(nb):
             xb = xt[b]
-            dst = flat[b] if direct else w
+            dst = out[b]
             for p0 in range(0, span, group):
                 n = min(group, span - p0)
                 nvec = (n + VW - 1) // VW
@@ -347,23 +348,24 @@ def _direct_kernel(xt, offs, data, indptr, bias, has_bias, out, flat, wide, boun
                             p = p0 + v0 * VW
                             if direct:
                                 pair_tile(xb, offs, data, indptr[co], indptr[co + 1], indptr[co + 1],
-                                          indptr[co + 2], p, dst, co * span + p, span, nv, span - p, ba, bb)
+                                          indptr[co + 2], p, dst, co * plane + p, plane, nv, span - p, ba, bb)
                             else:
                                 pair_tile(xb, offs, data, indptr[co], indptr[co + 1], indptr[co + 1],
                                           indptr[co + 2], p, w, v0 * VW, ws, nv, nv * VW, ba, bb)
                         if not direct:
-                            _crop(w, n, out, b, co, r0, c0, wph, wout)
-                            _crop(w[ws:], n, out, b, co + 1, r0, c0, wph, wout)
+                            _crop(w, n, dst, co * plane, r0, c0, wph, wout)
+                            _crop(w[ws:], n, dst, (co + 1) * plane, r0, c0, wph, wout)
                     else:
+                        k0 = indptr[co]
+                        k1 = indptr[co + 1]
                         ntiles = (nvec + NV_MAX - 1) // NV_MAX
                         for t in range(ntiles):
                             v0, nv = tile_split(nvec, t, ntiles)
                             p = p0 + v0 * VW
                             if direct:
-                                span_tile(xb, offs, data, indptr[co], indptr[co + 1], p, dst, co * span + p, nv,
-                                          span - p, ba, False, 1)
+                                span_tile(xb, offs, data, k0, k1, p, dst, co * plane + p, nv, span - p, ba,
+                                          False, 1)
                             else:
-                                span_tile(xb, offs, data, indptr[co], indptr[co + 1], p, w, v0 * VW, nv,
-                                          nv * VW, ba, False, 1)
+                                span_tile(xb, offs, data, k0, k1, p, w, v0 * VW, nv, nv * VW, ba, False, 1)
                         if not direct:
-                            _crop(w, n, out, b, co, r0, c0, wph, wout)
+                            _crop(w, n, dst, co * plane, r0, c0, wph, wout)

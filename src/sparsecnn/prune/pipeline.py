@@ -89,7 +89,9 @@ class PruneConfig:
         if self.ssl_epochs is not None and (
             isinstance(self.ssl_epochs, bool) or not isinstance(self.ssl_epochs, int) or self.ssl_epochs < 0
         ):
-            raise SparseCNNError(f"ssl_epochs (--ssl-epochs) must be an integer >= 0, got {self.ssl_epochs!r}")
+            raise SparseCNNError(
+                f"ssl_epochs (--ssl-epochs) must be an integer >= 0, got {self.ssl_epochs!r}"
+            )
         if not (isinstance(self.ssl_strength, (int, float)) and math.isfinite(self.ssl_strength)
                 and self.ssl_strength >= 0):
             raise SparseCNNError(

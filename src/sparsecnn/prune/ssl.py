@@ -158,7 +158,9 @@ class GroupLasso:
         else:
             self.strength = dict.fromkeys(self.kinds, float(strength))
         if not all(math.isfinite(v) and v >= 0 for v in self.strength.values()):
-            raise SparseCNNError(f"group-lasso strengths must be numbers >= 0 (e.g. 2e-4), got {self.strength}")
+            raise SparseCNNError(
+                f"group-lasso strengths must be numbers >= 0 (e.g. 2e-4), got {self.strength}"
+            )
         self.layers, self.depth = _select(model, self.kinds, layers, depth_layers)
 
     def __call__(self) -> torch.Tensor:

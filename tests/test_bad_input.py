@@ -1,0 +1,316 @@
+"""Bad input on every entry point: one clear SparseCNNError (CLI: one line on stderr, exit 2), never a
+traceback from inside torch/numba or a silently wrong number; and long runs keep what they measured.
+
+Each test is a regression test for a problem found by probing the entry points.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparsecnn import data, models
+from sparsecnn.analysis import analyze_model, load_input
+from sparsecnn.cli import main
+from sparsecnn.errors import SparseCNNError
+
+
+def lenet8() -> torch.nn.Module:
+    return models.build("lenet5", num_classes=10, in_channels=1, input_size=8).eval()
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """Run the CLI in this process; return the exit code and stderr (which must be one line)."""
+    capsys.readouterr()
+    rc = main(list(argv))
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return rc, err
+
+
+@pytest.fixture
+def small_memory(monkeypatch):
+    """Pretend 4 MB is available: the memory guard must refuse before allocating."""
+    monkeypatch.setenv("SPARSECNN_MEMORY_LIMIT", "4e6")
+
+
+# --------------------------------------------------------------------------------------------------
+# a model or batch too big for memory: refused with an estimate, before allocating
+
+
+def test_zoo_build_too_big_for_memory_is_refused_before_allocating() -> None:
+    # 819G weights: torch's allocator used to fail with a DefaultCPUAllocator RuntimeError.
+    big = r"vgg16 .*input_size=20000.* needs about .*TiB.*smaller input_size"
+    with pytest.raises(SparseCNNError, match=big):
+        models.build("vgg16", input_size=20000)
+    with pytest.raises(SparseCNNError, match="num_classes"):
+        models.build("resnet18", num_classes=10**9)
+
+
+def test_analysis_batch_too_big_for_memory(small_memory) -> None:
+    # The input itself: refused before torch.randn allocates it.
+    big = r"input batch of 1000 images of 1x28x28 needs about .* smaller batch"
+    with pytest.raises(SparseCNNError, match=big):
+        load_input("random", (1, 28, 28), batch=1000)
+    # A batch that fits, whose first conv output would not: the guard names the layer.
+    with pytest.raises(SparseCNNError, match=r"layer 'conv1' on an input of shape \(64, 1, 28, 28\) needs"):
+        analyze_model(models.build("lenet5"), batch=64)
+
+
+def test_analyze_cli_batch_too_big_exits_2(capsys, small_memory) -> None:
+    rc, err = run_cli(capsys, "analyze", "lenet5", "--batch", "64")
+    assert rc == 2 and "conv1" in err and "smaller batch" in err
+
+
+def test_bench_batch_too_big_is_one_error_before_the_results_file(tmp_path, small_memory) -> None:
+    from sparsecnn.bench.experiments import bench_model
+
+    results = tmp_path / "bench.jsonl"
+    # Used to become one error record per layer and strategy; now one error, and no file clobbered.
+    with pytest.raises(SparseCNNError, match="conv1"):
+        bench_model(models.build("lenet5"), "lenet5", batch=64, progress=False, results=results)
+    assert not results.exists()
+
+
+def test_sweep_shape_too_big_for_memory(capsys, tmp_path) -> None:
+    out = str(tmp_path / "s.jsonl")
+    rc, err = run_cli(capsys, "sweep", "--shape", "100000x100000x100000", "--results", out)
+    assert rc == 2 and "100000x100000x100000 product needs about" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# NaN / Inf weights: refused where they enter, naming the tensor
+
+
+def test_analyze_model_nan_weight_names_the_layer() -> None:
+    model = lenet8()
+    model.fc1.bias.data[3] = float("inf")
+    # Used to say "dense.from_dense input contains NaN" without naming the layer.
+    with pytest.raises(SparseCNNError, match=r"layer 'fc1': bias holds 1 NaN/Inf"):
+        analyze_model(model)
+
+
+def test_load_weights_with_nan_is_refused(tmp_path) -> None:
+    state = lenet8().state_dict()
+    state["conv2.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(SparseCNNError, match=r"'conv2.weight' holds 1 NaN/Inf"):
+        models.load_weights(lenet8(), tmp_path / "nan.pt")
+
+
+def test_caffe_blob_with_nan_is_refused(tmp_path, rng) -> None:
+    from sparsecnn.io import load_caffe
+    from tests.caffe_writer import write
+    from tests.test_caffe import lenet_layers
+
+    layers = lenet_layers(rng)
+    layer = next(L for L in layers if L.blobs)
+    layer.blobs[0] = layer.blobs[0].copy()
+    layer.blobs[0].flat[5] = np.nan
+    proto, weights = write(tmp_path, layers, (1, 1, 28, 28))
+    with pytest.raises(SparseCNNError, match=rf"layer '{layer.name}'.*NaN/Inf"):
+        load_caffe(proto, weights)
+
+
+def test_onnx_nan_initializer_and_export_of_nan_model(tmp_path) -> None:
+    import onnx
+
+    from sparsecnn.io import export_onnx, load_onnx
+
+    export_onnx(lenet8(), tmp_path / "lenet.onnx")
+    proto = onnx.load(tmp_path / "lenet.onnx")
+    init = next(t for t in proto.graph.initializer if t.name.endswith("fc2.weight"))
+    arr = onnx.numpy_helper.to_array(init).copy()
+    arr[0, 0] = np.nan
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(proto, tmp_path / "nan.onnx")
+    with pytest.raises(SparseCNNError, match=r"initializer 'fc2.weight' holds 1 NaN/Inf"):
+        load_onnx(tmp_path / "nan.onnx")
+
+    model = lenet8()
+    model.conv1.weight.data[0] = float("nan")
+    with pytest.raises(SparseCNNError, match=r"'conv1.weight' holds 25 NaN/Inf"):
+        export_onnx(model, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+    with pytest.raises(SparseCNNError, match=r"needs a torch\.nn\.Module"):
+        export_onnx("lenet5", tmp_path / "out.onnx", input_shape=(1, 8, 8))  # was an AttributeError
+
+
+# --------------------------------------------------------------------------------------------------
+# training and pruning options that used to crash in torch or train silently on NaN
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("momentum", -1.0, "momentum"),  # was torch's ValueError traceback
+        ("momentum", float("nan"), "momentum"),  # was a run that silently trained to NaN
+        ("weight_decay", -1.0, "weight decay"),
+        ("weight_decay", float("nan"), "weight decay"),
+    ],
+)
+def test_train_config_rejects_bad_optimizer_settings(field, value, match) -> None:
+    from sparsecnn.train import TrainConfig
+
+    with pytest.raises(SparseCNNError, match=match):
+        TrainConfig(**{field: value})
+
+
+def test_prune_config_rejects_nan_strength_and_negative_ssl_epochs() -> None:
+    from sparsecnn.prune import PruneConfig
+
+    with pytest.raises(SparseCNNError, match="ssl_strength"):
+        PruneConfig(method="ssl", target=0.5, ssl_strength=float("nan"))
+    with pytest.raises(SparseCNNError, match="ssl_epochs"):
+        PruneConfig(method="ssl", target=0.5, ssl_epochs=-1)
+
+
+def test_diverging_training_stops_with_a_message() -> None:
+    from torch.utils.data import Subset
+
+    from sparsecnn.train import TrainConfig, fit
+
+    d = data.digits()
+    small = Subset(d.train, range(320))
+    model = lenet8()
+    # lr 1e8 turns the loss into NaN; the run used to finish "successfully" with NaN weights.
+    with pytest.raises(SparseCNNError, match=r"diverged in epoch 1.*smaller learning rate"):
+        config = TrainConfig(epochs=1, lr=1e8, batch_size=32, progress=False)
+        fit(model, small, Subset(d.test, range(32)), config)
+
+
+# --------------------------------------------------------------------------------------------------
+# trained weights load back by name; CLI options that used to be missing or ignored
+
+
+def test_trained_weights_load_with_their_recorded_build(tmp_path, capsys) -> None:
+    # `sparsecnn train`/`prune` write summary.json with the build arguments (8x8 LeNet-5 on digits);
+    # `analyze lenet5 --weights runs/x/model.pt` used to fail on the 28x28 default, and the error
+    # for `analyze runs/x/model.pt` suggested a --model option that analyze did not have.
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(lenet8().state_dict(), run / "model.pt")
+    (run / "summary.json").write_text(
+        json.dumps({"model": "lenet5", "build": {"num_classes": 10, "in_channels": 1, "input_size": 8}})
+    )
+    assert models.resolve("lenet5", weights=run / "model.pt").input_shape == (1, 8, 8)
+    capsys.readouterr()
+    argv = ["analyze", str(run / "model.pt"), "--model", "lenet5", "--json", str(tmp_path / "a.json")]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["input_shape"] == [1, 8, 8]
+    # Explicit build arguments still win over the summary.
+    with pytest.raises(SparseCNNError, match="does not fit the model"):
+        models.resolve("lenet5", weights=run / "model.pt", input_size=28)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sweep", "--threads", "0"],  # --threads 0 used to mean "all cores", silently
+        ["bench", "lenet5", "--threads", "0"],
+        ["report", "--threads", "0", "--only", "weight_sparsity"],
+        ["sweep", "--batch", "0"],  # used to fail inside every task, as error records
+        ["sweep", "--repeats", "0"],
+        ["bench", "lenet5", "--repeats", "0"],
+    ],
+)
+def test_cli_counts_must_be_positive(capsys, tmp_path, argv) -> None:
+    rc, err = run_cli(capsys, *argv, *(["--out", str(tmp_path)] if argv[0] == "report" else []))
+    assert rc == 2 and "must be >= 1" in err
+    assert not list(tmp_path.iterdir())  # nothing written, nothing replaced
+
+
+def test_set_threads_zero_is_an_error() -> None:
+    from sparsecnn.bench.harness import set_threads
+
+    with pytest.raises(SparseCNNError, match="threads must be >= 1"):
+        set_threads(0)
+
+
+def test_npy_input_with_truncated_data(tmp_path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((4, 1, 8, 8), np.float32))
+    raw = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "t.npy").write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(SparseCNNError, match=r"cannot read .*t\.npy as a \.npy array"):
+        load_input(str(tmp_path / "t.npy"), (1, 8, 8), batch=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# sweep / bench write as they go, survive an interrupt and resume
+
+
+def test_sweep_typo_does_not_replace_earlier_results(capsys, tmp_path) -> None:
+    results = tmp_path / "sweep.jsonl"
+    results.write_text('{"earlier": "results"}\n')
+    rc, err = run_cli(capsys, "sweep", "--layer", "nope.conv3", "--results", str(results))
+    assert rc == 2 and "unknown model 'nope'" in err
+    assert results.read_text() == '{"earlier": "results"}\n'
+
+
+def test_sweep_interrupted_keeps_its_measurements_and_resumes(tmp_path) -> None:
+    results = tmp_path / "sweep.jsonl"
+    argv = [sys.executable, "-m", "sparsecnn", "sweep", "--shape", "32x64x16", "--repeats", "1",
+            "--threads", "1", "--sparsity", "0.05:0.95:60", "--results", str(results)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.exists() and results.read_text().count('"measurement"') >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert "--resume" in err and str(results) in err and len(err.strip().splitlines()) == 1
+    kept = [json.loads(line) for line in results.read_text().splitlines()]
+    measured = [r for r in kept if r["type"] == "measurement"]
+    assert 3 <= len(measured) < 60 * 5  # stopped part-way
+
+    # Resume with a smaller list (same keys for the first points): nothing measured twice.
+    from sparsecnn.bench.experiments import run_sweep
+
+    first = sorted({r["params"]["sparsity"] for r in measured})[:1]
+    records = run_sweep(shape=(32, 64, 16), sparsities=first, repeats=1, threads=1, progress=False,
+                        results=results, resume=True)
+    again = [json.loads(line) for line in results.read_text().splitlines()]
+    keys = [r["key"] for r in again if r["type"] == "measurement"]
+    assert len(keys) == len(set(keys))
+    done = {r["key"]: r["time"] for r in measured}
+    assert all(r["time"] == done[r["key"]] for r in records if r["key"] in done)
+    assert os.path.getsize(results) >= sum(len(json.dumps(r)) for r in kept)  # appended, not replaced
+
+
+def test_analysis_of_the_cli_model_file_names_the_missing_option(capsys, tmp_path) -> None:
+    torch.save(lenet8().state_dict(), tmp_path / "model.pt")
+    rc, err = run_cli(capsys, "analyze", str(tmp_path / "model.pt"))
+    assert rc == 2 and "--model NAME" in err
+    rc, err = run_cli(capsys, "analyze", str(tmp_path / "model.pt"), "--model", "lenet5")
+    assert rc == 2 and "input_size" in err  # no summary.json here: the 28x28 default does not fit
+
+
+def test_recorded_build_is_ignored_for_another_model(tmp_path) -> None:
+    Path(tmp_path / "summary.json").write_text(json.dumps({"model": "alexnet", "build": {"input_size": 8}}))
+    torch.save(models.build("lenet5").state_dict(), tmp_path / "model.pt")
+    assert models.resolve("lenet5", weights=tmp_path / "model.pt").input_shape == (1, 28, 28)
+
+
+def test_analyze_a_sparse_model_or_checkpoint(tmp_path) -> None:
+    # `sparsecnn analyze ckpt.npz` (a MODEL the README lists) used to say "Sequential has no Conv2d
+    # or Linear layers to analyse": sparse layers are now analysed as their dense equivalent.
+    import sparsecnn
+
+    model = lenet8()
+    models.apply_profile(model, "uniform:0.8")
+    sparsecnn.save(sparsecnn.sparsify(model, "csrmm"), tmp_path / "ckpt.npz")
+    got = analyze_model(models.resolve(str(tmp_path / "ckpt.npz")))
+    want = analyze_model(model)
+    assert [r.nnz for r in got.layers] == [r.nnz for r in want.layers]
+    assert got.total.csr_bytes == want.total.csr_bytes
