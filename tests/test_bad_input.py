@@ -7,7 +7,6 @@ Each test is a regression test for a problem found by probing the entry points.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -258,8 +257,22 @@ def test_sweep_typo_does_not_replace_earlier_results(capsys, tmp_path) -> None:
 
 def test_sweep_interrupted_keeps_its_measurements_and_resumes(tmp_path) -> None:
     results = tmp_path / "sweep.jsonl"
-    argv = [sys.executable, "-m", "sparsecnn", "sweep", "--shape", "32x64x16", "--repeats", "1",
-            "--threads", "1", "--sparsity", "0.05:0.95:60", "--results", str(results)]
+    argv = [
+        sys.executable,
+        "-m",
+        "sparsecnn",
+        "sweep",
+        "--shape",
+        "32x64x16",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--sparsity",
+        "0.05:0.95:60",
+        "--results",
+        str(results),
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
@@ -278,14 +291,21 @@ def test_sweep_interrupted_keeps_its_measurements_and_resumes(tmp_path) -> None:
     from sparsecnn.bench.experiments import run_sweep
 
     first = sorted({r["params"]["sparsity"] for r in measured})[:1]
-    records = run_sweep(shape=(32, 64, 16), sparsities=first, repeats=1, threads=1, progress=False,
-                        results=results, resume=True)
+    records = run_sweep(
+        shape=(32, 64, 16),
+        sparsities=first,
+        repeats=1,
+        threads=1,
+        progress=False,
+        results=results,
+        resume=True,
+    )
     again = [json.loads(line) for line in results.read_text().splitlines()]
     keys = [r["key"] for r in again if r["type"] == "measurement"]
     assert len(keys) == len(set(keys))
     done = {r["key"]: r["time"] for r in measured}
     assert all(r["time"] == done[r["key"]] for r in records if r["key"] in done)
-    assert os.path.getsize(results) >= sum(len(json.dumps(r)) for r in kept)  # appended, not replaced
+    assert {r["key"] for r in measured} <= set(keys)  # kept, not replaced
 
 
 def test_analysis_of_the_cli_model_file_names_the_missing_option(capsys, tmp_path) -> None:
@@ -314,3 +334,41 @@ def test_analyze_a_sparse_model_or_checkpoint(tmp_path) -> None:
     want = analyze_model(model)
     assert [r.nnz for r in got.layers] == [r.nnz for r in want.layers]
     assert got.total.csr_bytes == want.total.csr_bytes
+
+
+def test_fit_and_prune_model_refuse_a_model_that_does_not_fit_the_data() -> None:
+    from torch.utils.data import Subset
+
+    from sparsecnn.prune import PruneConfig, prune_model
+    from sparsecnn.train import TrainConfig, fit
+
+    d = data.digits()
+    train, test = Subset(d.train, range(64)), Subset(d.test, range(32))
+    config = TrainConfig(epochs=1, progress=False)
+    # These were torch tracebacks (conv kernel larger than the input, IndexError in cross_entropy).
+    with pytest.raises(SparseCNNError, match=r"cannot run on the training set's images of shape \(1, 8, 8\)"):
+        fit(models.build("lenet5"), train, test, config)
+    with pytest.raises(SparseCNNError, match="label 9 is outside the model's 5 classes"):
+        fit(models.build("lenet5", num_classes=5, in_channels=1, input_size=8), train, test, config)
+    nan = lenet8()
+    nan.fc1.weight.data[0, 0] = float("nan")
+    prune = PruneConfig(method="magnitude", target=0.5, schedule="oneshot", retrain=replace_epochs(config, 0))
+    with pytest.raises(SparseCNNError, match=r"'fc1.weight' holds 1 NaN/Inf"):  # pruned NaN weights silently
+        prune_model(nan, train, test, prune)
+    with pytest.raises(SparseCNNError, match="block size"):  # accepted, then a ZeroDivisionError later
+        PruneConfig(method="block", target=0.5, blocksize=(0, 4))
+
+
+def replace_epochs(config, epochs: int):
+    from dataclasses import replace
+
+    return replace(config, epochs=epochs)
+
+
+def test_render_only_without_measurements_is_refused(capsys, tmp_path) -> None:
+    # A run killed before its first measurement left only (part of) a header: --render-only used to
+    # write an empty page ("None cores, device None; 0 measurements") and exit 0.
+    (tmp_path / "results.jsonl").write_text('{"schema": 1, "type": "env", "env_id": "ab')
+    rc, err = run_cli(capsys, "report", "--render-only", "--out", str(tmp_path))
+    assert rc == 2 and "holds no measurements" in err and "--resume" in err
+    assert not (tmp_path / "report.html").exists()

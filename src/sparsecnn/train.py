@@ -38,6 +38,7 @@ __all__ = [
     "EpochRecord",
     "TrainConfig",
     "TrainResult",
+    "check_model_and_data",
     "evaluate",
     "fit",
     "init_distributed",
@@ -197,6 +198,37 @@ def evaluate(
     return correct / total
 
 
+def check_model_and_data(model: nn.Module, dataset: Dataset, what: str = "training set") -> None:
+    """Refuse, with a message, a model that cannot learn from ``dataset``: not a module, NaN/Inf
+    weights, an empty set, or images it cannot run on (run once on the first image, no gradients)."""
+    from sparsecnn.models.zoo import check_finite
+
+    if not isinstance(model, nn.Module):
+        raise SparseCNNError(f"training needs a torch.nn.Module, got {type(model).__name__}")
+    check_finite(model.state_dict().items(), f"cannot train {type(model).__name__}")
+    if len(dataset) == 0:
+        raise SparseCNNError(f"the {what} is empty; give a data set with images in it")
+    x = dataset[0][0]
+    param = next(model.parameters(), None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[None].to(param.device if param is not None else "cpu"))
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SparseCNNError(
+            f"the model cannot run on the {what}'s images of shape {tuple(x.shape)} ({first}); build it "
+            f"for this data (models.build(..., in_channels=C, input_size=S))"
+        ) from None
+    finally:
+        model.train(was_training)
+    if out.dim() != 2:
+        raise SparseCNNError(
+            f"the model outputs shape {tuple(out.shape)} per batch; a classifier gives (N, classes)"
+        )
+
+
 # -- training --------------------------------------------------------------------------------------
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
@@ -308,7 +340,10 @@ def fit(
         raise SparseCNNError("resume needs the checkpoint path")
     rank, world = init_distributed()
     device = _device(config)
+    if not isinstance(model, nn.Module):
+        raise SparseCNNError(f"training needs a torch.nn.Module, got {type(model).__name__}")
     model.to(device)
+    check_model_and_data(model, train_set)
     net: nn.Module = model
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -353,9 +388,15 @@ def fit(
                 net.train()
                 loss_sum = correct = count = 0.0
                 for x, y in loader:
+                    lo, hi = int(y.min()), int(y.max())  # on the CPU: no device sync
                     x, y = x.to(device), y.to(device)
                     opt.zero_grad(set_to_none=True)
                     out = net(x)
+                    if lo < 0 or hi >= out.shape[1]:  # cross_entropy would raise an IndexError
+                        raise SparseCNNError(
+                            f"label {hi if lo >= 0 else lo} is outside the model's {out.shape[1]} "
+                            f"classes; build the model with num_classes = the number of classes in the data"
+                        )
                     loss = F.cross_entropy(out, y)
                     if regularizer is not None:
                         loss = loss + regularizer()

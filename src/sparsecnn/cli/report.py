@@ -43,8 +43,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.render_only:
+        from sparsecnn.bench.harness import read_records
+        from sparsecnn.errors import SparseCNNError
         from sparsecnn.report.html import write_report
 
+        results = Path(args.out) / "results.jsonl"
+        if not any(r.get("type") == "measurement" for r in read_records(results)):
+            raise SparseCNNError(
+                f"{results} holds no measurements (a run stopped before the first one?); run "
+                f"`sparsecnn report --out {args.out} --resume` to measure"
+            )
         print(write_report(args.out).resolve())
         return 0
     from sparsecnn.bench.experiments import EXPERIMENTS, ReportConfig, run_report

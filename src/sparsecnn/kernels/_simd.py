@@ -24,7 +24,7 @@ from numba.extending import intrinsic
 
 from sparsecnn.kernels._numba import jit
 
-__all__ = ["NV_MAX", "NV_PAIR", "VW", "pair_tile", "span_tile", "tile_split"]
+__all__ = ["NV_MAX", "NV_PAIR", "VW", "fmadd", "pair_tile", "span_tile", "tile_split"]
 
 VW = 8  # floats per vector (one ymm register)
 # Vectors per register tile: 12 accumulators + 1 broadcast of the 16 ymm registers. Measured on a
@@ -220,5 +220,19 @@ def pair_tile(typingctx, x, offs, data, k0a, k1a, k0b, k1b, base, w, wpos, wstri
             builder.branch(done)
         builder.position_at_end(done)
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def fmadd(typingctx, a, b, c):
+    """``a * b + c`` in float32 with one rounding (``llvm.fmuladd``: one ``vfmadd`` where the CPU has
+    FMA); numba without ``fastmath`` never contracts a multiply and an add."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _F32, _F32]),
+                                            "llvm.fmuladd.f32")
+        return builder.call(fn, list(args))
 
     return sig, codegen

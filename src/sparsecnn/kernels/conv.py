@@ -79,6 +79,7 @@ class _Workspace:
     offsets: np.ndarray  # (nnz,) offset of each nonzero's span inside one image's phase planes
     phases: np.ndarray  # (nph,) the phases (ph * sw + pw) materialised, in storage order
     copies: tuple  # per phase: where the input pixels go in its plane (see _phase_copies)
+    identity: bool  # the layout is x itself and span % VW == 0: the kernel may read x in place
     xt: np.ndarray  # (B, Cin * nph * Hph * Wph + VW) phase-decomposed padded input
     wide: np.ndarray  # (nparts, 2 * (group + VW)) wide output rows of two filters per thread
     bounds: np.ndarray  # (nparts + 1,) output-channel ranges with balanced nonzero counts
@@ -177,6 +178,7 @@ class DirectConvPrep:
             offsets=np.ascontiguousarray(off, dtype=off_dtype),
             phases=np.asarray(used, dtype=np.int64),
             copies=_phase_copies(h, w, sh, sw, ph, pw, hph, wph, used),
+            identity=sh == sw == 1 and ph == pw == 0 and span % VW == 0,
             xt=np.zeros((b, per_image + VW), dtype=np.float32),
             wide=np.zeros((nparts, 2 * (group + VW)), dtype=np.float32),
             bounds=bounds,
@@ -249,14 +251,19 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     """
     ws = prep.workspace(x.shape)
     sh, sw = prep.stride
-    _phase_decompose(x, ws, sh, sw)
+    if ws.identity and x.flags.c_contiguous:
+        # The layout is x itself (stride 1, no padding) and no tile reads past a span's end.
+        xt = x.reshape(x.shape[0], -1)
+    else:
+        _phase_decompose(x, ws, sh, sw)
+        xt = ws.xt
     has_bias = bias is not None
     b = bias if has_bias else prep.data[:0]
     nb, cout = out.shape[:2]
     # The kernel writes planes of C-contiguous rows; any other out goes through a temporary.
     dst = out if out.flags.c_contiguous else np.empty(out.shape, dtype=np.float32)
     flat = dst.reshape(nb, cout * ws.hout * ws.wout)
-    _direct_kernel(ws.xt, ws.offsets, prep.data, prep.indptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
+    _direct_kernel(xt, ws.offsets, prep.data, prep.indptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
                    ws.bounds, ws.wph, ws.span, ws.group)
     if dst is not out:
         out[...] = dst

@@ -97,18 +97,21 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, rows, out):
         src = x[b, c]
         for oh in range(hout):
             ih = oh * sh - ph + i * dh
-            d = dst[oh * wout : (oh + 1) * wout]
+            base = oh * wout
             if ih < 0 or ih >= H:
-                d[:] = 0.0
+                for ow in range(wout):
+                    dst[base + ow] = 0.0
                 continue
-            d[:lo] = 0.0
-            d[hi:] = 0.0
-            if sw == 1:  # a contiguous copy, which LLVM vectorises
-                d[lo:hi] = src[ih, lo + off_w : hi + off_w]
+            line = src[ih]
+            for ow in range(lo):
+                dst[base + ow] = 0.0
+            if sw == 1:  # a contiguous slice copy (memcpy-like); the index loop does not vectorise
+                dst[base + lo : base + hi] = line[lo + off_w : hi + off_w]
             else:
-                line = src[ih]
                 for ow in range(lo, hi):
-                    d[ow] = line[ow * sw + off_w]
+                    dst[base + ow] = line[ow * sw + off_w]
+            for ow in range(hi, wout):
+                dst[base + ow] = 0.0
 
 
 @pjit

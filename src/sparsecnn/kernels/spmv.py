@@ -18,7 +18,7 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import pjit
-from sparsecnn.kernels._simd import NV_MAX, VW, span_tile, tile_split
+from sparsecnn.kernels._simd import NV_MAX, VW, fmadd, span_tile, tile_split
 
 __all__ = ["LinearPrep", "prepare_linear", "sparse_linear"]
 
@@ -127,8 +127,10 @@ def _spmv(indptr, indices, data, x, bias, has_bias, y, bounds):
     """CSR spmv, rows split in nnz-balanced ranges, one per thread.
 
     Eight independent partial sums per row hide the add latency (the loop is otherwise bound by one
-    dependent add per nonzero). Each row is sliced first and walked with a non-negative range index,
-    so numba emits no negative-index wraparound (a cmov per access otherwise; ~1.8x slower).
+    dependent add per nonzero); each update is one fused multiply-add (``fmadd``), one instruction
+    fewer per nonzero than numba's multiply and add. Each row is sliced first and walked with a
+    non-negative range index, so numba emits no negative-index wraparound (a cmov per access
+    otherwise; ~1.8x slower).
     NOTE: indices are valid columns of x; y has indptr.size - 1 elements.
     """
     nparts = bounds.size - 1
@@ -141,16 +143,16 @@ def _spmv(indptr, indices, data, x, bias, has_bias, y, bounds):
             s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
             for q in range(n // 8):
                 k = q * 8
-                s0 += d[k] * x[ix[k]]
-                s1 += d[k + 1] * x[ix[k + 1]]
-                s2 += d[k + 2] * x[ix[k + 2]]
-                s3 += d[k + 3] * x[ix[k + 3]]
-                s4 += d[k + 4] * x[ix[k + 4]]
-                s5 += d[k + 5] * x[ix[k + 5]]
-                s6 += d[k + 6] * x[ix[k + 6]]
-                s7 += d[k + 7] * x[ix[k + 7]]
+                s0 = fmadd(d[k], x[ix[k]], s0)
+                s1 = fmadd(d[k + 1], x[ix[k + 1]], s1)
+                s2 = fmadd(d[k + 2], x[ix[k + 2]], s2)
+                s3 = fmadd(d[k + 3], x[ix[k + 3]], s3)
+                s4 = fmadd(d[k + 4], x[ix[k + 4]], s4)
+                s5 = fmadd(d[k + 5], x[ix[k + 5]], s5)
+                s6 = fmadd(d[k + 6], x[ix[k + 6]], s6)
+                s7 = fmadd(d[k + 7], x[ix[k + 7]], s7)
             for k in range(n - n % 8, n):
-                s0 += d[k] * x[ix[k]]
+                s0 = fmadd(d[k], x[ix[k]], s0)
             s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
             y[m] = s + bias[m] if has_bias else s
 

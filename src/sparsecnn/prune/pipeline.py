@@ -26,7 +26,7 @@ from sparsecnn.prune.masks import LayerSparsity, prunable_layers, sparsity_repor
 from sparsecnn.prune.patterns import BlockPruner, NMPruner
 from sparsecnn.prune.schedules import AGP, Constant, Iterative, Schedule, check_target
 from sparsecnn.prune.ssl import GROUP_KINDS, GroupLasso, SSLPruner
-from sparsecnn.train import EpochRecord, TrainConfig, evaluate, fit
+from sparsecnn.train import EpochRecord, TrainConfig, check_model_and_data, evaluate, fit
 
 __all__ = ["METHODS", "SCHEDULES", "PruneConfig", "PruneResult", "prune_model"]
 
@@ -84,6 +84,10 @@ class PruneConfig:
             )
         if self.method == "block" and self.policy not in ("global", "layer"):
             raise SparseCNNError(f"unknown block policy {self.policy!r}; choose global or layer")
+        if self.method == "block" and not (
+            len(self.blocksize) == 2 and all(isinstance(v, int) and v > 0 for v in self.blocksize)
+        ):
+            raise SparseCNNError(f"block size must be two positive integers (R, C), got {self.blocksize!r}")
         if self.cycles < 1:
             raise SparseCNNError(f"cycles must be >= 1, got {self.cycles}")
         if self.ssl_epochs is not None and (
@@ -200,6 +204,7 @@ def prune_model(
         The same module, squashed: plain weights with exact zeros, no mask buffers or hooks.
     result : PruneResult
     """
+    check_model_and_data(model, train_set)  # not a module, NaN weights, data it cannot run on
     if config.layers is not None:
         prunable_layers(model, config.layers)  # unknown layer -> SparseCNNError before any work
     rt = config.retrain
