@@ -372,3 +372,22 @@ def test_render_only_without_measurements_is_refused(capsys, tmp_path) -> None:
     rc, err = run_cli(capsys, "report", "--render-only", "--out", str(tmp_path))
     assert rc == 2 and "holds no measurements" in err and "--resume" in err
     assert not (tmp_path / "report.html").exists()
+
+
+def test_sparse_layer_constructors_name_bad_arguments() -> None:
+    import torch.nn as nn
+
+    from sparsecnn.layers import SparseConv2d, SparseLinear
+
+    conv = nn.Conv2d(3, 4, 3)
+    cases = [
+        (lambda: SparseConv2d.from_dense(nn.Linear(3, 4), "csrmm"), "SparseLinear.from_dense"),
+        (lambda: SparseConv2d.from_dense(nn.Conv1d(3, 4, 3), "csrmm"), "needs a torch.nn.Conv2d"),
+        (lambda: SparseConv2d.from_dense("conv", "csrmm"), "needs a torch.nn.Conv2d"),
+        (lambda: SparseConv2d.from_dense(conv, "bsr", blocksize=(0, 4)), "blocksize"),
+        (lambda: SparseConv2d.from_dense(conv, "csrmm", device="tpu"), "unknown device"),
+        (lambda: SparseLinear.from_dense(nn.Conv2d(3, 8, 3), "spmv"), "SparseConv2d.from_dense"),
+    ]
+    for call, message in cases:
+        with pytest.raises(SparseCNNError, match=message):
+            call()

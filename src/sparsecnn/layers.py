@@ -86,7 +86,10 @@ def _label(name: str, layer: nn.Module) -> str:
 
 
 def _check_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise SparseCNNError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from exc
     if dev.type not in ("cpu", "cuda"):
         raise SparseCNNError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -834,9 +837,15 @@ class SparseConv2d(nn.Module):
         UserWarning
             When the layer cannot run ``strategy`` and falls back to ``torch``.
         """
+        if not isinstance(conv, nn.Conv2d):
+            hint = " (use SparseLinear.from_dense for a Linear)" if isinstance(conv, nn.Linear) else ""
+            raise SparseCNNError(
+                f"SparseConv2d.from_dense needs a torch.nn.Conv2d, got {type(conv).__name__}{hint}")
         if strategy not in _CONV_STRATEGIES:
             raise SparseCNNError(
                 f"unknown conv strategy {strategy!r}; choose one of {', '.join(_CONV_STRATEGIES)}")
+        if (len(blocksize) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in blocksize)):
+            raise SparseCNNError(f"blocksize must be two positive integers (R, C), got {blocksize!r}")
         dev = _check_device(device)
         label = _label(name, conv)
         t0 = time.perf_counter()
@@ -1108,6 +1117,10 @@ class SparseLinear(nn.Module):
 
         Raises and warns like :meth:`SparseConv2d.from_dense`.
         """
+        if not isinstance(linear, nn.Linear):
+            hint = " (use SparseConv2d.from_dense for a Conv2d)" if isinstance(linear, nn.Conv2d) else ""
+            raise SparseCNNError(
+                f"SparseLinear.from_dense needs a torch.nn.Linear, got {type(linear).__name__}{hint}")
         if strategy not in _LINEAR_STRATEGIES:
             raise SparseCNNError(
                 f"unknown linear strategy {strategy!r}; choose one of {', '.join(_LINEAR_STRATEGIES)}")
