@@ -19,6 +19,7 @@ checkpoint. Its size is the formats' ``nbytes`` plus the biases and the dense re
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -48,6 +49,9 @@ def _suffix(path: str) -> str:
     if low.endswith(".npz"):
         return "npz"
     if low.endswith(".safetensors"):
+        if importlib.util.find_spec("safetensors") is None:
+            raise SparseCNNError(f"{path}: .safetensors files need the safetensors package; "
+                                 f"pip install 'sparsecnn[safetensors]', or use a .npz path")
         return "safetensors"
     raise SparseCNNError(f"checkpoint path {path} must end in .npz or .safetensors")
 
