@@ -203,3 +203,17 @@ def test_resolve(tmp_path) -> None:
     assert torch.equal(loaded.conv1.weight, models.build("lenet5", seed=5).conv1.weight)
     with pytest.raises(SparseCNNError, match="unknown model 'nope'; choose one of alexnet"):
         models.resolve("nope")
+
+
+@pytest.mark.parametrize("beta", [0.75, 0.5])
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 6])
+def test_fast_lrn_matches_torch(size: int, beta: float) -> None:
+    from torch import nn
+
+    from sparsecnn.models.zoo import LocalResponseNorm
+
+    x = torch.randn(2, 11, 7, 5, generator=torch.Generator().manual_seed(size)) * 4
+    ref = nn.LocalResponseNorm(size, alpha=1e-2, beta=beta, k=0.5)
+    ours = LocalResponseNorm(size, alpha=1e-2, beta=beta, k=0.5)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(x[:, :, 0]), ref(x[:, :, 0]))  # 3-D: torch's own path

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sparsecnn.errors import SparseCNNError
+from sparsecnn.models.zoo import LocalResponseNorm
 
 __all__ = ["GraphNet", "Step", "from_description", "module_from_spec", "module_spec"]
 
@@ -285,6 +286,7 @@ _SPECS: dict[type[nn.Module], Any] = {
     Softmax2D: lambda m: dict(axis=m.axis),
 }
 _SPECS[nn.BatchNorm2d] = _SPECS[nn.BatchNorm1d]
+_SPECS[LocalResponseNorm] = _SPECS[nn.LocalResponseNorm]
 _SPECS[BatchNorm] = _SPECS[nn.BatchNorm1d]
 # Modules whose tensors are buffers created from data: rebuilt empty of the recorded shape and
 # filled from the state dict.

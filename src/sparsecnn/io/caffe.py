@@ -50,6 +50,7 @@ from torch import nn
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.io import _caffe_schema as pb
 from sparsecnn.io._graph import ChannelScale, Concat, Eltwise, GraphNet, Step, safe_name
+from sparsecnn.models.zoo import LocalResponseNorm
 
 __all__ = ["SUPPORTED_LAYERS", "load_caffe", "read_caffemodel", "read_prototxt"]
 
@@ -406,7 +407,7 @@ def _lrn(L: _Layer, shapes, blobs, where):
     if len(x) != 4:
         raise SparseCNNError(f"{where}: needs a 4-D (N, C, H, W) input, got shape {x}")
     # Caffe: x / (k + alpha/n * sum of squares)^beta over n channels centred on c; torch is the same.
-    return nn.LocalResponseNorm(p.local_size, alpha=p.alpha, beta=p.beta, k=p.k), [x], -1
+    return LocalResponseNorm(p.local_size, alpha=p.alpha, beta=p.beta, k=p.k), [x], -1
 
 
 def _dropout(L: _Layer, shapes, blobs, where):

@@ -49,6 +49,7 @@ from sparsecnn.io._graph import (
     Unsqueeze,
     safe_name,
 )
+from sparsecnn.models.zoo import LocalResponseNorm
 
 __all__ = ["SUPPORTED_OPS", "export_onnx", "load_onnx"]
 
@@ -329,7 +330,7 @@ class _Importer:
         size = int(a.get("size", 0))
         if size <= 0 or size % 2 == 0:
             raise SparseCNNError(f"{where}: LRN size must be odd and positive, got {size}")
-        module = nn.LocalResponseNorm(
+        module = LocalResponseNorm(
             size, float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)), float(a.get("bias", 1.0))
         )
         self._simple(node, where, name, module)

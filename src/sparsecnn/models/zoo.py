@@ -104,9 +104,37 @@ def _lenet5(num_classes: int, in_channels: int, input_size: int) -> nn.Sequentia
 # AlexNet (Caffe models/bvlc_alexnet/deploy.prototxt)
 
 
+class LocalResponseNorm(nn.LocalResponseNorm):
+    r"""``torch.nn.LocalResponseNorm`` (and Caffe's ``ACROSS_CHANNELS`` LRN), computed with a running sum.
+
+    .. math:: b_c = a_c \left(k + \frac{\alpha}{n} \sum_{c'=c-\lfloor n/2 \rfloor}^{c+\lfloor (n-1)/2 \rfloor}
+              a_{c'}^2\right)^{-\beta}
+
+    Same parameters and outputs as torch's module, whose CPU implementation (a 3-D average pooling
+    over the squares) costs more than all of AlexNet's convolutions at batch 1 (17 ms of 42 ms on
+    2 cores). Here the window sum is ``size`` shifted adds of the padded squares and the power, for
+    Caffe's beta = 0.75, is ``rsqrt(d) * sqrt(rsqrt(d))``. Inputs that are not (B, C, H, W) use torch's path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return super().forward(x)
+        c = x.shape[1]
+        front, back = self.size // 2, (self.size - 1) // 2
+        sq = torch.nn.functional.pad(x.square(), (0, 0, 0, 0, front, back))
+        window = sq[:, :c].clone()
+        for j in range(1, self.size):
+            window += sq[:, j:j + c]
+        d = window.mul_(self.alpha / self.size).add_(self.k)
+        if self.beta == 0.75:
+            r = d.rsqrt_()
+            return x * r * r.sqrt()
+        return x * d.pow_(-self.beta)
+
+
 def _lrn_caffe() -> nn.LocalResponseNorm:
     # Caffe LRN across channels: local_size 5, alpha 1e-4, beta 0.75, k 1 (torch also divides alpha by n).
-    return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+    return LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
 
 
 def _pool3s2() -> nn.MaxPool2d:
