@@ -263,3 +263,15 @@ def test_sweep_cli_parses_sparsities_and_shapes() -> None:
             parse_sparsities(bad)
     with pytest.raises(SparseCNNError):
         parse_shape("3x4")
+
+
+def test_memory_probe_is_not_inflated_by_a_large_parent() -> None:
+    # ru_maxrss survives exec, so a child of a big process would report the parent's peak.
+    from sparsecnn.bench.experiments import _run_memprobe
+
+    ballast = np.ones(1_000_000_000 // 8)  # 1 GB resident in this (parent) process
+    spec = {"m": 256, "k": 1200, "n": 64, "sparsity": 0.9, "impl": "dense", "device": "cpu",
+            "seed": 0, "repeats": 1}
+    metrics = _run_memprobe(spec).metrics
+    assert metrics["peak_rss_bytes"] < 0.9 * ballast.nbytes
+    assert 0 < metrics["matrix_rss_bytes"] < 100e6

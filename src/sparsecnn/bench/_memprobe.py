@@ -1,8 +1,9 @@
 """Child process of the memory-scaling experiment: build one weight matrix, multiply, report.
 
-Run as ``python -m sparsecnn.bench._memprobe '<json spec>'``. The parent reads this process's peak
-resident set size from ``os.wait4`` (the kernel's own high-water mark, which no allocation can hide
-from); this process prints one JSON line with its timing and the high-water mark it had *before* the
+Run as ``python -m sparsecnn.bench._memprobe '<json spec>'``. This process reads its own peak
+resident set size from the kernel (``VmHWM``; the parent's ``os.wait4`` figure is a fallback only,
+since ``ru_maxrss`` keeps the forked parent's mark across ``exec``) and prints one JSON line with its
+timing and the high-water mark it had *before* the
 matrices were made (interpreter, torch, numba and the JIT-compiled kernel), so the parent can report
 the matrices' share.
 
@@ -29,6 +30,18 @@ _CHUNK_ELEMS = 1 << 20  # elements generated per chunk: 4 MiB of float32
 
 
 def _maxrss_bytes() -> int:
+    """This process's peak RSS: ``VmHWM`` (which ``_reset_peak`` resets), else ``ru_maxrss``.
+
+    ``ru_maxrss`` survives ``exec``: a child forked from a large parent (the report process holds
+    several models) starts with the parent's high-water mark, so it cannot be the measurement.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

@@ -708,7 +708,8 @@ def _run_memprobe(spec: dict[str, Any]) -> Outcome:
         raise SparseCNNError(f"memory probe died (exit {proc.returncode}): {' | '.join(tail)}") from None
     if "error" in result:
         raise SparseCNNError(result["error"])
-    peak = usage.ru_maxrss * 1024  # Linux: KiB
+    # The child's own VmHWM; wait4's ru_maxrss includes the forked parent's mark (kept across exec).
+    peak = int(result.get("peak_rss_self_bytes") or usage.ru_maxrss * 1024)  # ru_maxrss: KiB on Linux
     t = result.pop("timing")
     timing = Timing(**{k: v for k, v in t.items() if k != "iqr_s"})
     return Outcome(
