@@ -180,3 +180,29 @@ def kernel_view(arr: np.ndarray, for_encoding: bool = False) -> np.ndarray:
     if for_encoding:
         arr = np.where(arr == 0, np.float16(0), arr)
     return arr.view(np.uint16)
+
+
+class StoredArrays:
+    """Byte accounting shared by the formats (a mixin for their frozen dataclasses).
+
+    ``nbytes`` is exact: the sum of the stored arrays named in ``_ARRAYS`` at their real dtypes.
+    Subclasses provide ``shape``, ``data`` and ``nnz``.
+    """
+
+    _ARRAYS: tuple[str, ...] = ("data", "indices", "indptr")
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes of the stored arrays (values, indices or gaps, pointers)."""
+        return int(sum(getattr(self, name).nbytes for name in self._ARRAYS))
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes of the same matrix stored dense: ``M * N * data.itemsize`` (no block padding)."""
+        m, n = self.shape  # type: ignore[attr-defined]
+        return m * n * self.data.itemsize  # type: ignore[attr-defined]
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros in the logical matrix, ``1 - nnz / (M N)``; 0.0 when it has no elements."""
+        return sparsity_of(self.nnz, *self.shape)  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ import numpy as np
 
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.formats._common import (
+    StoredArrays,
     as_dense_matrix,
     check_finite,
     check_indptr,
@@ -25,7 +26,6 @@ from sparsecnn.formats._common import (
     index_dtype,
     invalid,
     pointer_dtype,
-    sparsity_of,
 )
 
 __all__ = ["BSRMatrix"]
@@ -50,7 +50,7 @@ def _n_blocks(size: int, block: int) -> int:
 
 
 @dataclass(frozen=True, eq=False)
-class BSRMatrix:
+class BSRMatrix(StoredArrays):
     r"""A sparse matrix in block sparse row format.
 
     The logical ``(M, N)`` matrix is padded with zeros to ``(MB R, NB C)``, with
@@ -197,21 +197,6 @@ class BSRMatrix:
         """Number of nonzero values (the zeros stored inside blocks are not counted)."""
         return int(np.count_nonzero(self.data))
 
-    @property
-    def nbytes(self) -> int:
-        """Exact bytes of the three arrays: ``data.nbytes + indices.nbytes + indptr.nbytes``."""
-        return int(self.data.nbytes + self.indices.nbytes + self.indptr.nbytes)
-
-    @property
-    def dense_nbytes(self) -> int:
-        """Bytes of the same matrix stored dense: ``M * N * data.itemsize`` (no padding)."""
-        m, n = self.shape
-        return m * n * self.data.itemsize
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of zeros in the logical matrix, ``1 - nnz / (M N)``; 0.0 when it has no elements."""
-        return sparsity_of(self.nnz, *self.shape)
 
     def __repr__(self) -> str:
         return (f"BSRMatrix(shape={self.shape}, blocksize={self.blocksize}, nblocks={self.nblocks}, "

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from sparsecnn.formats._common import (
+    StoredArrays,
     as_dense_matrix,
     check_finite,
     check_indptr,
@@ -22,7 +23,6 @@ from sparsecnn.formats._common import (
     invalid,
     kernel_view,
     pointer_dtype,
-    sparsity_of,
 )
 from sparsecnn.kernels.convert import csr_fill, csr_row_counts, csr_scatter
 
@@ -30,7 +30,7 @@ __all__ = ["CSRMatrix"]
 
 
 @dataclass(frozen=True, eq=False)
-class CSRMatrix:
+class CSRMatrix(StoredArrays):
     r"""A sparse matrix in compressed sparse row format.
 
     Row ``i`` holds ``data[indptr[i]:indptr[i+1]]`` at columns ``indices[indptr[i]:indptr[i+1]]``.
@@ -141,21 +141,6 @@ class CSRMatrix:
         """Number of stored values (scipy's meaning; equals the nonzeros when built by from_dense)."""
         return len(self.data)
 
-    @property
-    def nbytes(self) -> int:
-        """Exact bytes of the three arrays: ``data.nbytes + indices.nbytes + indptr.nbytes``."""
-        return int(self.data.nbytes + self.indices.nbytes + self.indptr.nbytes)
-
-    @property
-    def dense_nbytes(self) -> int:
-        """Bytes of the same matrix stored dense: ``M * N * data.itemsize``."""
-        m, n = self.shape
-        return m * n * self.data.itemsize
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of zeros, ``1 - nnz / (M N)``; 0.0 for a matrix with no elements."""
-        return sparsity_of(self.nnz, *self.shape)
 
     def __repr__(self) -> str:
         return (f"CSRMatrix(shape={self.shape}, nnz={self.nnz}, dtype={self.data.dtype}, "

@@ -15,6 +15,7 @@ import numpy as np
 
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.formats._common import (
+    StoredArrays,
     as_dense_matrix,
     check_finite,
     check_indptr,
@@ -22,7 +23,6 @@ from sparsecnn.formats._common import (
     invalid,
     kernel_view,
     pointer_dtype,
-    sparsity_of,
 )
 from sparsecnn.kernels.convert import relative_columns, relative_fill, relative_row_entries, relative_scatter
 
@@ -72,7 +72,7 @@ def unpack_gaps(packed: np.ndarray, n_entries: int, index_bits: int) -> np.ndarr
 
 
 @dataclass(frozen=True, eq=False)
-class RelativeIndexMatrix:
+class RelativeIndexMatrix(StoredArrays):
     r"""A sparse matrix in Deep Compression's relative-index format.
 
     Row-wise: entry ``e`` of row ``i`` (``indptr[i] <= e < indptr[i+1]``) sits at column
@@ -121,6 +121,8 @@ class RelativeIndexMatrix:
     >>> m.gap_values.tolist(), m.n_fillers  # columns 0, 16 (filler), 32 (filler), 39
     ([0, 15, 15, 6], 2)
     """
+
+    _ARRAYS = ("data", "gaps", "indptr")
 
     indptr: np.ndarray
     gaps: np.ndarray
@@ -251,21 +253,6 @@ class RelativeIndexMatrix:
         """Number of filler zeros."""
         return self.n_entries - self.nnz
 
-    @property
-    def nbytes(self) -> int:
-        """Exact bytes of the three arrays: ``data.nbytes + gaps.nbytes + indptr.nbytes``."""
-        return int(self.data.nbytes + self.gaps.nbytes + self.indptr.nbytes)
-
-    @property
-    def dense_nbytes(self) -> int:
-        """Bytes of the same matrix stored dense: ``M * N * data.itemsize``."""
-        m, n = self.shape
-        return m * n * self.data.itemsize
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of zeros, ``1 - nnz / (M N)``; 0.0 for a matrix with no elements."""
-        return sparsity_of(self.nnz, *self.shape)
 
     def __repr__(self) -> str:
         return (f"RelativeIndexMatrix(shape={self.shape}, index_bits={self.index_bits}, nnz={self.nnz}, "
