@@ -731,7 +731,23 @@ def _run_check(check: Any, spec: Any, fmt: Any, strategy: str, label: str) -> No
         raise SparseCNNError(f"{label}: the format does not fit strategy {strategy!r}: {exc}") from None
 
 
-class SparseConv2d(nn.Module):
+class _SparseLayer(nn.Module):
+    """What SparseConv2d and SparseLinear share: an engine that holds the stored format."""
+
+    engine: Any
+
+    @property
+    def format(self) -> Any:
+        """The stored weight format (CSRMatrix, BSRMatrix, a kernel prep, ...), None for ``torch``."""
+        return self.engine.format
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Exact bytes of the stored weights in that format."""
+        return int(self.engine.nbytes)
+
+
+class SparseConv2d(_SparseLayer):
     """A Conv2d executed by one strategy (inference only).
 
     Build it with :meth:`from_dense` (convert a dense ``nn.Conv2d``) or :meth:`from_format` (from a
@@ -773,14 +789,6 @@ class SparseConv2d(nn.Module):
         self.padding = spec.padding
         self.dilation = spec.dilation
         self.groups = spec.groups
-
-    @property
-    def format(self) -> Any:
-        return self.engine.format
-
-    @property
-    def weight_nbytes(self) -> int:
-        return int(self.engine.nbytes)
 
     @property
     def has_bias(self) -> bool:
@@ -1054,7 +1062,7 @@ class _SparseLinear:
 _LINEAR_ENGINES: dict[str, type] = {"dense": _DenseLinear, "spmv": _SparseLinear, "spmm": _SparseLinear}
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(_SparseLayer):
     """A Linear executed by one strategy (inference only). Build it with :meth:`from_dense` or
     :meth:`from_format`.
 
@@ -1074,14 +1082,6 @@ class SparseLinear(nn.Module):
         self.name = name
         self.device = device
         self.conversion_seconds = conversion_seconds
-
-    @property
-    def format(self) -> Any:
-        return self.engine.format
-
-    @property
-    def weight_nbytes(self) -> int:
-        return int(self.engine.nbytes)
 
     @property
     def has_bias(self) -> bool:
