@@ -24,7 +24,7 @@ from numba.extending import intrinsic
 
 from sparsecnn.kernels._numba import jit
 
-__all__ = ["NV_MAX", "NV_PAIR", "VW", "fmadd", "pair_tile", "span_tile", "tile_split"]
+__all__ = ["NV_MAX", "NV_PAIR", "VW", "copy_vec", "fmadd", "pair_tile", "span_tile", "tile_split"]
 
 VW = 8  # floats per vector (one ymm register)
 # Vectors per register tile: 12 accumulators + 1 broadcast of the 16 ymm registers. Measured on a
@@ -234,5 +234,28 @@ def fmadd(typingctx, a, b, c):
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _F32, _F32]),
                                             "llvm.fmuladd.f32")
         return builder.call(fn, list(args))
+
+    return sig, codegen
+
+
+@intrinsic
+def copy_vec(typingctx, src, spos, dst, dpos):
+    """``dst[dpos : dpos + VW] = src[spos : spos + VW]`` as one unaligned vector load and store.
+
+    Why: numba compiles a copy of a short row (a slice assignment, or a loop of 13-27 floats) into a
+    call or a scalar loop with alias checks; the crop of wide output rows is a few such copies per
+    row, and with them it cost 12-25% of the direct convolution's time.
+    NOTE: no bounds checks: both arrays hold ``pos + VW`` elements; src and dst do not overlap.
+    """
+    sig = types.void(src, types.intp, dst, types.intp)
+
+    def codegen(context, builder, signature, args):
+        src_, spos_, dst_, dpos_ = args
+        aty = signature.args
+        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [spos_], inbounds=True)
+        dp = builder.gep(_data_ptr(context, builder, aty[2], dst_), [dpos_], inbounds=True)
+        v = builder.load(builder.bitcast(sp, _VEC.as_pointer()), align=4)
+        builder.store(v, builder.bitcast(dp, _VEC.as_pointer()), align=4)
+        return context.get_dummy_value()
 
     return sig, codegen
