@@ -174,7 +174,9 @@ class DirectConvPrep:
         # Positions per group: whole wide rows whose input (all channels and phases, with the rows of
         # the taps below) fits in L2; at least one full register tile.
         halo = (((kh - 1) * dh) // sh) * wph + ((kw - 1) * dw) // sw
-        rows = max((_L2_BYTES // (4 * cin * nph) - halo) // wph, -(-_TILE // wph), 1)
+        # A thread's output channels read the input channels of about groups / nparts groups.
+        cin_read = cin_g * -(-self.groups // nparts)
+        rows = max((_L2_BYTES // (4 * cin_read * nph) - halo) // wph, -(-_TILE // wph), 1)
         group = min(rows, hout) * wph
         counts = np.diff(self.indptr).astype(np.int64) + 1  # +1: an empty filter still costs a bias fill
         bounds = _balanced_bounds(counts, nparts)
