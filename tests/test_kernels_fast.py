@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sparsecnn.kernels import conv
 from sparsecnn.kernels._simd import NV_MAX, VW, span_tile
 from sparsecnn.kernels.conv import direct_conv2d, prepare_direct
 from sparsecnn.kernels.spmv import prepare_linear, sparse_linear
@@ -64,6 +65,32 @@ def test_direct_conv_without_bias_and_empty_filters(rng):
     direct_conv2d(prep, x, None, out)
     assert_close(out, F.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1).numpy())
     assert not out[:, [0, 5, 11]].any()
+
+
+@pytest.mark.parametrize("case", [
+    # b, cin, cout, (h, w), (kh, kw), stride, padding, dilation, groups
+    (1, 256, 13, (13, 13), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # AlexNet conv3-like: blocks by L1
+    (2, 96, 10, (11, 9), (5, 5), (1, 1), (2, 2), (1, 1), 2),  # grouped, 5x5, batch 2
+    (1, 64, 9, (15, 15), (3, 3), (2, 2), (1, 1), (1, 1), 1),  # stride 2: phase planes in the window
+    (1, 512, 6, (5, 5), (1, 1), (1, 1), (0, 0), (1, 1), 1),  # 1x1: blocks, no direct store into out
+])
+@pytest.mark.parametrize("l1", [24 * 1024, 2048, 1])
+def test_direct_conv_input_channel_blocks(case, l1, rng, monkeypatch):
+    # Small L1 budgets force many channel blocks (down to one channel each), each filter pair
+    # accumulating its tile across them; the default budget gives a few on the first case.
+    monkeypatch.setattr(conv, "_L1_BYTES", l1)
+    monkeypatch.setattr(conv, "_MIN_BLOCK_NNZ", 1)
+    prep, *_ = _conv_case(rng, *case, 0.6)
+    ws = next(iter(prep._workspaces.values()))
+    if l1 < 24 * 1024 or case[1] == 256:
+        assert ws.bptr.shape[1] - 1 > 1
+    assert (ws.bptr[:, 0] == prep.indptr[:-1]).all() and (ws.bptr[:, -1] == prep.indptr[1:]).all()
+
+
+def test_direct_conv_few_nonzeros_per_block_stays_unblocked(rng):
+    # At ~6 nonzeros per filter a second block would cost more than its L1 reuse saves.
+    prep, *_ = _conv_case(rng, 1, 64, 16, (8, 8), (1, 1), (1, 1), (0, 0), (1, 1), 1, 0.9)
+    assert next(iter(prep._workspaces.values())).bptr.shape[1] == 2
 
 
 def test_direct_conv_int32_indices(rng):
