@@ -217,3 +217,32 @@ def test_fast_lrn_matches_torch(size: int, beta: float) -> None:
     ours = LocalResponseNorm(size, alpha=1e-2, beta=beta, k=0.5)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours(x[:, :, 0]), ref(x[:, :, 0]))  # 3-D: torch's own path
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation"), [
+    (3, 2, 0, 1),  # AlexNet / Caffe
+    (2, 2, 0, 1),  # VGG, LeNet
+    (3, 2, 1, 1),  # ResNet stem
+    ((3, 2), (1, 2), (1, 0), (2, 1)),  # asymmetric, dilated
+    (1, 3, 0, 1),  # a strided pick, no max
+])
+@pytest.mark.parametrize("hw", [(13, 13), (55, 55), (8, 5)])
+def test_fast_maxpool_matches_torch(kernel, stride, padding, dilation, ceil_mode, hw) -> None:
+    from torch import nn
+
+    from sparsecnn.models.zoo import MaxPool2d
+
+    x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(hw[0]))
+    x[1, 2, 3, 4] = float("nan")  # propagates as in torch
+    x[0, 0, 0, :] = float("-inf")
+    ref = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+    ours = MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+    with torch.inference_mode():
+        got = ours(x)
+    assert got.shape == ref(x).shape
+    torch.testing.assert_close(got, ref(x), rtol=0, atol=0, equal_nan=True)
+    # While autograd records, torch's own path (and its gradient) runs.
+    xg = x.clone().requires_grad_(True)
+    out = ours(xg)
+    assert out.grad_fn is not None and "MaxPool" in type(out.grad_fn).__name__

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sparsecnn.errors import SparseCNNError
-from sparsecnn.models.zoo import LocalResponseNorm
+from sparsecnn.models.zoo import LocalResponseNorm, MaxPool2d
 
 __all__ = ["GraphNet", "Step", "from_description", "module_from_spec", "module_spec"]
 
@@ -287,6 +287,7 @@ _SPECS: dict[type[nn.Module], Any] = {
 }
 _SPECS[nn.BatchNorm2d] = _SPECS[nn.BatchNorm1d]
 _SPECS[LocalResponseNorm] = _SPECS[nn.LocalResponseNorm]
+_SPECS[MaxPool2d] = _SPECS[nn.MaxPool2d]
 _SPECS[BatchNorm] = _SPECS[nn.BatchNorm1d]
 # Modules whose tensors are buffers created from data: rebuilt empty of the recorded shape and
 # filled from the state dict.

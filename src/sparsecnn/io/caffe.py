@@ -50,7 +50,7 @@ from torch import nn
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.io import _caffe_schema as pb
 from sparsecnn.io._graph import ChannelScale, Concat, Eltwise, GraphNet, Step, safe_name
-from sparsecnn.models.zoo import LocalResponseNorm
+from sparsecnn.models.zoo import LocalResponseNorm, MaxPool2d
 
 __all__ = ["SUPPORTED_LAYERS", "load_caffe", "read_caffemodel", "read_prototxt"]
 
@@ -391,7 +391,7 @@ def _pooling(L: _Layer, shapes, blobs, where):
             f"last window start outside the input; this pooling is not supported"
         )
     if method == "MAX":
-        module = nn.MaxPool2d((kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil)
+        module = MaxPool2d((kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil)
     else:  # Caffe divides by the window clipped to input + pad, which is count_include_pad in torch
         module = nn.AvgPool2d((kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil, count_include_pad=True)
     return module, [(x[0], x[1], oh, ow)], -1

@@ -49,7 +49,7 @@ from sparsecnn.io._graph import (
     Unsqueeze,
     safe_name,
 )
-from sparsecnn.models.zoo import LocalResponseNorm
+from sparsecnn.models.zoo import LocalResponseNorm, MaxPool2d
 
 __all__ = ["SUPPORTED_OPS", "export_onnx", "load_onnx"]
 
@@ -298,7 +298,7 @@ class _Importer:
         else:
             if int(a.get("storage_order", 0)):
                 raise SparseCNNError(f"{where}: storage_order 1 is not supported")
-            module = nn.MaxPool2d(k, stride, pad, dilation=tuple(a.get("dilations", (1, 1))), ceil_mode=ceil)
+            module = MaxPool2d(k, stride, pad, dilation=tuple(a.get("dilations", (1, 1))), ceil_mode=ceil)
         self._simple(node, where, name, module)
 
     def op_MaxPool(self, node, where, a, name):
