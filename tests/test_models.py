@@ -215,8 +215,11 @@ def test_fast_lrn_matches_torch(size: int, beta: float) -> None:
     x = torch.randn(2, 11, 7, 5, generator=torch.Generator().manual_seed(size)) * 4
     ref = nn.LocalResponseNorm(size, alpha=1e-2, beta=beta, k=0.5)
     ours = LocalResponseNorm(size, alpha=1e-2, beta=beta, k=0.5)
-    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)  # numba kernel (inference)
+    xg = x.clone().requires_grad_(True)
+    torch.testing.assert_close(ours(xg), ref(x), rtol=1e-5, atol=1e-6)  # autograd records: torch ops
     torch.testing.assert_close(ours(x[:, :, 0]), ref(x[:, :, 0]))  # 3-D: torch's own path
+    torch.testing.assert_close(ours(x[:, :, :, ::2]), ref(x[:, :, :, ::2]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("ceil_mode", [False, True])

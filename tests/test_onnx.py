@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from sparsecnn import models
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.io import export_onnx, load_onnx
 from sparsecnn.io.caffe import load_caffe
@@ -209,3 +210,11 @@ def test_fuzzed_onnx_bytes(valid_onnx, tmp_path_factory, cut, flips, raw, use_ra
         load_onnx(path)
     except SparseCNNError:
         pass
+
+
+def test_zoo_alexnet_exports_one_node_per_pool_and_lrn(tmp_path):
+    # The zoo's fast MaxPool2d / LocalResponseNorm stand aside while the exporter traces.
+    model = models.build("alexnet").eval()
+    graph = onnx.load(export_onnx(model, tmp_path / "alexnet.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MaxPool") == 3 and ops.count("LRN") == 2 and "Max" not in ops
