@@ -4,7 +4,8 @@
 AlexNet with the Deep Compression profile, AlexNet at uniform 90% and ResNet-18 at uniform 90%, the
 dense torch time, the sparsified time, their ratio and the plan the planner chose. Both models see the
 same input; the sparse output is checked against the dense one before anything is timed; the two are
-timed interleaved (dense, sparse, dense, ...) and the medians compared. The planner's own measurements
+timed interleaved in turns (one untimed call, then ``--block`` timed calls of one model, then the
+other's) and the medians compared. The planner's own measurements
 (and its JIT warm-up) happen in ``sparsify`` before timing starts; its decisions are cached in
 ``--plans`` so a rerun times the same plan.
 """
@@ -31,18 +32,29 @@ CASES: tuple[tuple[str, str], ...] = (
 )
 
 
-def _interleaved(fns: list, repeats: int) -> list[float]:
-    """Median seconds per call of each function, sampled round-robin so drift hits all alike."""
+def _interleaved(fns: list, repeats: int, block: int) -> list[float]:
+    """Median seconds per call of each function, sampled round-robin so drift hits all alike.
+
+    With ``block > 1`` each turn is one untimed call, then ``block`` timed calls back to back: each
+    model is timed as it runs in service, after itself. (Called one after the other, a model starts
+    while the other one's OpenMP workers are still spinning; torch and numba each bring their own
+    libgomp, so those workers hold the cores the next model's threads need. That costs the sparse
+    model, which switches between the two runtimes, about 0.5 ms of its ~11 ms on AlexNet; the
+    ``--block 1`` row shows it.)
+    """
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            samples[i].append(time.perf_counter() - t0)
+            if block > 1:
+                fn()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                samples[i].append(time.perf_counter() - t0)
     return [float(np.median(s)) for s in samples]
 
 
-def run(threads: int, batch: int, repeats: int, plans: Path) -> list[dict]:
+def run(threads: int, batch: int, repeats: int, plans: Path, block: int = 5) -> list[dict]:
     set_threads(threads)
     rows = []
     for name, profile in CASES:
@@ -60,12 +72,13 @@ def run(threads: int, batch: int, repeats: int, plans: Path) -> list[dict]:
                 return sparse(x)
 
             dense_call(), sparse_call()  # warm-up: caches, workspaces
-            t_dense, t_sparse = _interleaved([dense_call, sparse_call], repeats)
+            t_dense, t_sparse = _interleaved([dense_call, sparse_call], repeats, block)
         plan = Counter(dict(sparse.sparsecnn_plan).values())
-        rows.append({"model": name, "profile": profile, "batch": batch, "threads": threads,
+        rows.append({"model": name, "profile": profile, "batch": batch, "threads": threads, "block": block,
                      "dense_ms": t_dense * 1e3, "sparse_ms": t_sparse * 1e3,
                      "speedup": t_dense / t_sparse, "plan": dict(plan)})
-        print(f"{name:9s} {profile:17s} batch {batch} threads {threads}: dense {t_dense * 1e3:8.2f} ms  "
+        print(f"{name:9s} {profile:17s} batch {batch} threads {threads} block {block}: "
+              f"dense {t_dense * 1e3:8.2f} ms  "
               f"sparse {t_sparse * 1e3:8.2f} ms  speedup {t_dense / t_sparse:5.2f}x  plan {dict(plan)}",
               flush=True)
     return rows
@@ -76,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--block", type=int, default=5,
+                    help="timed calls per turn, after one untimed call (1: strictly alternating calls)")
     ap.add_argument("--plans", type=Path, default=Path("bench-results/plans.json"))
     ap.add_argument("--out", type=Path, default=Path("bench-results/end_to_end.json"))
     args = ap.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows = run(args.threads, args.batch, args.repeats, args.plans)
+    rows = run(args.threads, args.batch, args.repeats, args.plans, args.block)
     args.out.write_text(json.dumps(rows, indent=2))
     print(f"results: {args.out}")
     return 0

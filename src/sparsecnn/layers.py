@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 import warnings
 from collections import OrderedDict
@@ -154,6 +155,7 @@ class _ConvSpec:
     def m_group(self) -> int:
         return self.out_channels // self.groups
 
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (specs are few, frozen and live as long as layers)
     def out_hw(self, h: int, w: int) -> tuple[int, int]:
         from sparsecnn.kernels.lowering import conv_out_size
 

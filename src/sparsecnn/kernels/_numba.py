@@ -15,3 +15,13 @@ import numba
 
 jit = functools.partial(numba.njit, cache=True, nogil=True)
 pjit = functools.partial(numba.njit, cache=True, nogil=True, parallel=True)
+
+
+def num_threads() -> int:
+    """``numba.get_num_threads()`` without its per-call thread-pool launch check (5 us of a 100 us
+    layer): the kernels' workspaces are keyed by it on every call."""
+    from numba.np.ufunc import parallel
+
+    get = getattr(parallel, "_get_num_threads", None)  # bound once the pool is launched
+    n = get() if get is not None else 0
+    return n if n > 0 else numba.get_num_threads()

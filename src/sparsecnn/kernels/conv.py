@@ -13,36 +13,43 @@ so an output ``(oh, ow)`` of a stride-``(sh, sw)`` convolution reads, for tap ``
 ``P[c, ((r*dh) % sh, (s*dw) % sw)][oh + (r*dh)//sh, ow + (s*dw)//sw]``: a stride-1 access. Flattening a
 phase plane row-major, the output computed in "wide" rows of width ``Wph`` (``Wout`` valid columns, the
 rest discarded) is, for each nonzero, one contiguous span of length ``(Hout - 1) * Wph + Wout`` starting
-at a precomputed offset. For stride 1 the phase plane is the padded plane itself. The offsets depend on
-the input shape and live in a per-shape workspace inside the prep object, with the phase-decomposed
-input buffer, so a call allocates nothing after the first one for a shape.
+at a precomputed offset. For stride 1 the phase plane is the padded plane itself, except that rows
+share their padding gap: a row holds ``W + pw`` floats, the right padding of one row being the left
+padding of the next, which cuts the wide positions (wasted lanes) by 7-8% on AlexNet's 13x13 and
+27x27 layers. The offsets depend on the input shape and live in a per-shape workspace inside the prep
+object, with the phase-decomposed input buffer, so a call allocates nothing after the first one for a
+shape.
 
 Loop
 ----
-Register tiles (XNNPACK's sparse inference kernels, SparseRT): 12 vectors (96 wide-row outputs) stay
-in ymm registers across *all* nonzeros of the output channels they belong to, one broadcast weight
-and one ``vfmadd231ps ymm, ymm, [mem]`` per vector, no stores in the inner loop (LLVM IR from
+Register tiles (XNNPACK's sparse inference kernels, SparseRT): 12 vectors stay in ymm registers
+across the nonzeros of the output channels they belong to, one broadcast weight and one
+``vfmadd231ps ymm, ymm, [mem]`` per vector, no stores in the inner loop (LLVM IR from
 :mod:`sparsecnn.kernels._simd`; plain numba leaves such a tile in memory). Two output channels share
 the 12 registers (6 vectors each) and walk their nonzeros in lockstep (``pair_tile``): both lists
 are sorted by input channel, so the second channel's spans mostly hit the L1 lines the first one
-just fetched. The wide positions are walked in groups whose input (all channels and phases, the tap
-rows below included) fits in half of L2; every output channel of the thread's range computes a group
-before the next group starts. Tiles are stored straight into ``out`` when the wide rows are the
-output rows (1x1 convolutions without padding), else through a small wide buffer and a row copy.
+just fetched. The wide positions are walked in groups of whole rows whose input (the channels a
+thread reads, all phases, the tap rows below) fits in half of L2. Inside a group, the input
+channels are cut into blocks whose part of one register tile's input fits in L1 (24 KiB); for each
+tile and each block, every filter pair of the thread adds the block's nonzeros into its tile
+(loading and storing the tile in a per-thread wide buffer between blocks), so a block's input is
+fetched from L2 once and then read from L1 by all filters. Blocks are only made while a filter keeps
+about 24 nonzeros per block (else the tile's load and store cost more than L1 saves). The valid
+columns go to ``out`` by whole-vector row copies; with one block and wide rows equal to the output
+rows (1x1 without padding), tiles are stored straight into ``out``.
 
-What bounds it (Zen 3, AVX2, one core): one 32-byte input load per FMA. The micro-kernel runs at
-~80 GFLOP/s with its input in L1 and 32-byte aligned (torch's dense conv: ~77), ~58 in L1 unaligned
-(spans start at any float), ~30-37 with its input in L2, where a layer's input plane is once it
-exceeds 32 KiB: L2 delivers about 32 bytes a cycle, half of what two FMAs a cycle need. Measured
-alternatives, same process, interleaved, 1 thread (AlexNet conv3 at 90% unless said otherwise):
-one channel x 12 vectors: 15-40% fewer GFLOP/s than the lockstep pair on 3x3 and 5x5 layers at
-90-95%; 3 channels x 4 vectors: about the same as 2 x 6; 4 x 3: worse. Input-channel blocking for
-L1 (channel blocks whose tile footprint fits L1, used by every output channel before the next block)
-lost: at 90% a block holds 15-60 nonzeros per filter, and the per-(filter, block) cost of loading
-and storing the register tile and a mispredicted loop exit ate the L1 gain (1.0-1.35 ms for 4-16
-blocks against 1.1-1.2 ms unblocked). The previous kernel (eight nonzeros per pass over a long
-output tile: one load and store of the output per eight FMAs) ran 10-15% slower than the pair on
-AlexNet conv3..5 and up to 2x slower on 1x1 layers.
+What bounds it (Zen 3, AVX2, one core, measured with the micro-kernel alone): vector loads. Each FMA
+takes its input vector from memory, and this core sustains about 1.1 such FMAs a cycle (57 GFLOP/s)
+with the input hot in L1, aligned or not; the same loop with each loaded vector used by two FMAs
+reaches 100 GFLOP/s, the FMA peak. With the input streaming from L2 it drops to 33-38 GFLOP/s, hence
+the L1 channel blocks (+10% geomean over the suite's conv layers, +15-20% on AlexNet conv3..5 at 95%).
+Random sparsity gives no second use of a loaded vector (two filters rarely share a tap: 1% of taps at
+90%), so ~57 GFLOP/s per core, against torch's ~68 on these small layers, is the ceiling of this
+design. Measured and dropped (same process, interleaved): software prefetch of the span 2-8
+nonzeros ahead (10-18% slower: the prefetches take load slots); one channel x 12 vectors: 15-40%
+slower than the lockstep pair; 3 channels x 4 vectors: about the same; 4 x 3: worse; copying rows
+with numba slices or scalar loops (the crop alone cost 12-25% of the layer; whole-vector copies with
+an overrun into the next row, rewritten afterwards, cost a few percent).
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import jit, pjit
+from sparsecnn.kernels._numba import jit, num_threads, pjit
 from sparsecnn.kernels._simd import NV_MAX, NV_PAIR, VW, copy_vec, pair_tile, span_tile, tile_split
 
 __all__ = ["DirectConvPrep", "direct_conv2d", "prepare_direct"]
@@ -142,7 +149,7 @@ class DirectConvPrep:
         return b, cout, hout, wout
 
     def workspace(self, x_shape: tuple[int, int, int, int]) -> _Workspace:
-        nparts = numba.get_num_threads()
+        nparts = num_threads()
         key = (*x_shape, nparts)
         ws = self._workspaces.get(key)
         if ws is None:

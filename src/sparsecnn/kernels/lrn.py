@@ -15,7 +15,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import pjit
+from sparsecnn.kernels._numba import num_threads, pjit
 
 __all__ = ["lrn_across_channels"]
 
@@ -37,7 +37,7 @@ def lrn_across_channels(x: np.ndarray, size: int, alpha: float, beta: float, k: 
     """
     b, c, h, w = x.shape
     # Enough work items for every thread to get about four (27x27 planes are only 729 pixels).
-    items = 4 * numba.get_num_threads()
+    items = 4 * num_threads()
     run = min(_RUN, max(64, -(-(b * h * w) // items) + 15) // 16 * 16)
     _lrn_kernel(x.reshape(b, c, h * w), out.reshape(b, c, h * w), size, np.float32(alpha / size),
                 np.float32(beta), np.float32(k), beta == 0.75, run)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import pjit
+from sparsecnn.kernels._numba import num_threads, pjit
 from sparsecnn.kernels._simd import NV_MAX, VW, fmadd, span_tile, tile_split
 
 __all__ = ["LinearPrep", "prepare_linear", "sparse_linear"]
@@ -57,7 +57,7 @@ class LinearPrep:
         return int(self.indptr.nbytes + self.indices.nbytes + self.data.nbytes)
 
     def workspace(self, batch: int) -> _Workspace:
-        nparts = numba.get_num_threads()
+        nparts = num_threads()
         key = (batch, nparts)
         ws = self._workspaces.get(key)
         if ws is None:
