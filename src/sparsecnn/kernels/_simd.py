@@ -149,21 +149,13 @@ def _store_tile(builder, accs, wp, nvalid):
                                   builder.gep(lp, [ir.Constant(_I64, lane)], inbounds=True))
 
 
-def _emit_pair(builder, fma, nv, xbase, optr, signed, dptr, k0s, ns, w0, w1, inits, nvalid, accumulate):
+def _emit_pair(builder, fma, nv, xbase, optr, signed, dptr, k0s, ns, w0, w1, inits, nvalid):
     """Register tiles of ``nv`` vectors for two filters whose nonzeros run in lockstep."""
     accs = [[cgutils.alloca_once(builder, _VEC) for _ in range(nv)] for _ in range(2)]
-    with builder.if_else(accumulate) as (then, otherwise):
-        with then:
-            for f, wp in enumerate((w0, w1)):
-                for i, a in enumerate(accs[f]):
-                    q = builder.bitcast(builder.gep(wp, [ir.Constant(_I64, i * VW)], inbounds=True),
-                                        _VEC.as_pointer())
-                    builder.store(builder.load(q, align=4), a)
-        with otherwise:
-            for f in range(2):
-                start = _splat(builder, inits[f])
-                for a in accs[f]:
-                    builder.store(start, a)
+    for f in range(2):
+        start = _splat(builder, inits[f])
+        for a in accs[f]:
+            builder.store(start, a)
 
     def step(f, k):
         off = builder.load(builder.gep(optr, [k], inbounds=True))
@@ -190,12 +182,11 @@ def _emit_pair(builder, fma, nv, xbase, optr, signed, dptr, k0s, ns, w0, w1, ini
 
 @intrinsic
 def pair_tile(typingctx, x, offs, data, k0a, k1a, k0b, k1b, base, w, wpos, wstride, nvec, nvalid, inita,
-              initb, accumulate):
+              initb):
     """:func:`span_tile` for two filters at once, their nonzeros interleaved one for one.
 
-    ``w[wpos + j] = (w[wpos + j] if accumulate else inita) + sum_{k0a <= k < k1a} data[k] *
-    x[base + offs[k] + j]``, and the same at ``wpos + wstride + j`` for ``[k0b, k1b)`` and ``initb``,
-    for ``j < min(nvalid, nvec * VW)`` and
+    ``w[wpos + j] = inita + sum_{k0a <= k < k1a} data[k] * x[base + offs[k] + j]``, and the same at
+    ``wpos + wstride + j`` for ``[k0b, k1b)`` and ``initb``, for ``j < min(nvalid, nvec * VW)`` and
     ``1 <= nvec <= NV_PAIR`` (any other nvec does nothing). Why: both filters' nonzeros are sorted by
     input channel, so in lockstep they read about the same channels at about the same time and the
     second filter's spans mostly hit the L1 lines the first one just brought in; the single-filter
@@ -204,15 +195,11 @@ def pair_tile(typingctx, x, offs, data, k0a, k1a, k0b, k1b, base, w, wpos, wstri
     NOTE: no bounds checks, as for :func:`span_tile`.
     """
     sig = types.void(x, offs, data, types.intp, types.intp, types.intp, types.intp, types.intp, w,
-                     types.intp, types.intp, types.intp, types.intp, types.float32, types.float32,
-                     types.boolean)
+                     types.intp, types.intp, types.intp, types.intp, types.float32, types.float32)
 
     def codegen(context, builder, signature, args):
-        x_, offs_, data_, k0a, k1a, k0b, k1b, base_, w_, wpos_, wstride_, nvec_, nvalid_, ia, ib, acc_ = args
+        x_, offs_, data_, k0a, k1a, k0b, k1b, base_, w_, wpos_, wstride_, nvec_, nvalid_, ia, ib = args
         aty = signature.args
-        accumulate = context.cast(builder, acc_, aty[15], types.boolean)
-        if accumulate.type != _I1:
-            accumulate = builder.trunc(accumulate, _I1)
         xbase = builder.gep(_data_ptr(context, builder, aty[0], x_), [base_], inbounds=True)
         optr = _data_ptr(context, builder, aty[1], offs_)
         dptr = _data_ptr(context, builder, aty[2], data_)
@@ -229,8 +216,7 @@ def pair_tile(typingctx, x, offs, data, k0a, k1a, k0b, k1b, base, w, wpos, wstri
             block = builder.append_basic_block(f"pair_tile.nv{nv}")
             switch.add_case(ir.Constant(_I64, nv), block)
             builder.position_at_end(block)
-            _emit_pair(builder, fma, nv, xbase, optr, signed, dptr, [k0a, k0b], ns, w0, w1, [ia, ib], nvalid_,
-                       accumulate)
+            _emit_pair(builder, fma, nv, xbase, optr, signed, dptr, [k0a, k0b], ns, w0, w1, [ia, ib], nvalid_)
             builder.branch(done)
         builder.position_at_end(done)
         return context.get_dummy_value()
