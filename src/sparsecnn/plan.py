@@ -342,31 +342,32 @@ class CostModel:
     ``4 M K`` bytes dense, ``(4 + index bytes) nnz`` sparse.
 
     The defaults were fitted by :func:`calibrate` on the project's machine (2-core AMD EPYC, AVX2,
-    torch 2.13 / oneDNN, numba, 2 threads, load ~1.7): the median of three runs of
-    ``python -c "import sparsecnn.plan as p; print(p.calibrate())"``. They are effective rates
-    (what the kernels reach, not the hardware peak). On another machine run :func:`calibrate` and
-    pass the result: ``sparsify(model, measure=False, cost_model=sparsecnn.plan.calibrate())``.
+    torch 2.13 / oneDNN, numba, 2 threads; refitted with the L1-blocked direct kernel): the median
+    of three runs of ``python -c "import sparsecnn.plan as p; print(p.calibrate())"``. They are
+    effective rates (what the kernels reach, not the hardware peak). On another machine run
+    :func:`calibrate` and pass the result:
+    ``sparsify(model, measure=False, cost_model=sparsecnn.plan.calibrate())``.
     """
 
     # torch/oneDNN convolution and BLAS GEMM (dense, lowered), FLOP/s.
-    gemm_flops: float = 99e9
+    gemm_flops: float = 104e9
     # Row-wise CSR x dense im2col (csrmm), FLOP/s over stored weights.
-    csr_flops: float = 28e9
+    csr_flops: float = 36e9
     # BSR x dense im2col, FLOP/s over stored block entries (zeros inside blocks included).
-    bsr_flops: float = 67e9
+    bsr_flops: float = 65e9
     # Direct sparse convolution, FLOP/s over stored weights.
-    direct_flops: float = 33e9
+    direct_flops: float = 55e9
     # Sparse x sparse (scattered updates of the dense accumulator), FLOP/s over nonzero pairs.
-    spgemm_flops: float = 2.1e9
+    spgemm_flops: float = 2.4e9
     # im2col (write + read of the lowered input), bytes/s.
-    bandwidth: float = 11.6e9
+    bandwidth: float = 13.9e9
     # Weight streaming of a dense linear layer (torch), bytes/s.
-    linear_bandwidth: float = 14e9
+    linear_bandwidth: float = 17.9e9
     # Weight streaming of the CSR linear kernel (values + indices), bytes/s.
-    sparse_linear_bandwidth: float = 15e9
+    sparse_linear_bandwidth: float = 14.1e9
     # Fixed cost of one call: torch op, and numba dispatch + Python glue, seconds.
-    torch_overhead_s: float = 36e-6
-    kernel_overhead_s: float = 79e-6
+    torch_overhead_s: float = 21e-6
+    kernel_overhead_s: float = 54e-6
 
 
 def _conv_dims(layer: nn.Module, x_shape: tuple[int, ...]) -> tuple[int, int, int, int, int, int]:
