@@ -36,11 +36,11 @@ def _interleaved(fns: list, repeats: int, block: int) -> list[float]:
     """Median seconds per call of each function, sampled round-robin so drift hits all alike.
 
     With ``block > 1`` each turn is one untimed call, then ``block`` timed calls back to back: each
-    model is timed as it runs in service, after itself. (Called one after the other, a model starts
-    while the other one's OpenMP workers are still spinning; torch and numba each bring their own
-    libgomp, so those workers hold the cores the next model's threads need. That costs the sparse
-    model, which switches between the two runtimes, about 0.5 ms of its ~11 ms on AlexNet; the
-    ``--block 1`` row shows it.)
+    model is timed as it runs in service, after itself. Called strictly one after the other
+    (``--block 1``), the sparse model starts with its weights evicted from the 32 MB L3 by the dense
+    model's (AlexNet streams 240 MB of dense weights per call): measured on AlexNet, a 64 MB sweep
+    before each sparse call costs 0.5-0.7 ms of its ~10.5 ms, about the gap between the two modes.
+    The sparse model's weights fitting in cache is part of what pruning buys; both modes are reported.
     """
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
