@@ -256,13 +256,15 @@ class _ConvEngine:
         x = x.detach().contiguous()
         b, _, h, w = x.shape
         hout, wout = self.spec.out_hw(h, w)
-        out = torch.empty((b, self.spec.out_channels, hout, wout), dtype=torch.float32)
+        # numpy allocates and wraps faster than torch.empty + .numpy() (~3 us of a ~100 us layer).
+        out_np = np.empty((b, self.spec.out_channels, hout, wout), dtype=np.float32)
+        out = torch.from_numpy(out_np)
         if b == 0:
             return out
         ws, fresh = self.workspaces.get(tuple(x.shape))
         if fresh:
             self.setup(ws, x.shape, hout, wout)
-        self.compute(x, x.numpy(), out, out.numpy(), ws)
+        self.compute(x, x.numpy(), out, out_np, ws)
         return out
 
     def setup(self, ws: dict[str, Any], shape: torch.Size, hout: int, wout: int) -> None:
@@ -966,8 +968,11 @@ class SparseConv2d(_SparseLayer):
         hout, wout = self.spec.out_hw(h, w)
         if hout < 1 or wout < 1:
             raise SparseCNNError(f"{_label(self.name, self)}: input {h}x{w} is too small for the kernel")
-        with torch.no_grad():
-            y = self.engine.run(x)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                y = self.engine.run(x)
+        else:
+            y = self.engine.run(x)  # inference: skip the context manager (~4 us a call)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
@@ -1055,10 +1060,10 @@ class _SparseLinear:
         from sparsecnn.kernels.spmv import sparse_linear
 
         x = x.detach().contiguous()
-        out = torch.empty((x.shape[0], self.m), dtype=torch.float32)
+        out_np = np.empty((x.shape[0], self.m), dtype=np.float32)
         if x.shape[0]:
-            sparse_linear(self.format, x.numpy(), self.bias, out.numpy())
-        return out
+            sparse_linear(self.format, x.numpy(), self.bias, out_np)
+        return torch.from_numpy(out_np)
 
 
 _LINEAR_ENGINES: dict[str, type] = {"dense": _DenseLinear, "spmv": _SparseLinear, "spmm": _SparseLinear}
@@ -1188,7 +1193,10 @@ class SparseLinear(_SparseLayer):
                 f"{_label(self.name, self)}: was converted for {self.device.type}, "
                 f"got an input on {x.device}")
         lead = x.shape[:-1]
-        with torch.no_grad():
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                y = self.engine.run(x.reshape(-1, self.in_features))
+        else:
             y = self.engine.run(x.reshape(-1, self.in_features))
         return y.reshape(*lead, self.out_features)
 
