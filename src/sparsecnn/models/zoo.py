@@ -155,7 +155,8 @@ class MaxPool2d(nn.MaxPool2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or self.return_indices or _records(x):
+        if (x.dim() != 4 or self.return_indices or x.device.type != "cpu" or not x.is_floating_point()
+                or _records(x)):
             return super().forward(x)
         (kh, kw), (sh, sw) = _pair(self.kernel_size), _pair(self.stride or self.kernel_size)
         (ph, pw), (dh, dw) = _pair(self.padding), _pair(self.dilation)
