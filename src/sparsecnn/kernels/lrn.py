@@ -54,20 +54,22 @@ def _lrn_kernel(x, out, size, scale, beta, k, three_quarters, run):
         b = item // nrun
         p0 = (item - b * nrun) * run
         p1 = min(p0 + run, npix)
-        acc = np.empty(p1 - p0, dtype=np.float32)
+        n = p1 - p0
+        acc = np.empty(n, dtype=np.float32)
         for c in range(nc):
+            # Slices walked with range indices: numba then drops its negative-index check, which
+            # otherwise keeps LLVM from vectorising these loops (2x slower).
             acc[:] = 0.0
             for cc in range(max(c - front, 0), min(c - front + size, nc)):
-                src = x[b, cc]
-                for p in range(p0, p1):
-                    v = src[p]
-                    acc[p - p0] += v * v
-            src = x[b, c]
-            dst = out[b, c]
+                src = x[b, cc, p0:p1]
+                for j in range(n):
+                    acc[j] += src[j] * src[j]
+            src = x[b, c, p0:p1]
+            dst = out[b, c, p0:p1]
             if three_quarters:
-                for p in range(p0, p1):
-                    r = np.float32(1.0) / np.sqrt(acc[p - p0] * scale + k)
-                    dst[p] = src[p] * r * np.sqrt(r)
+                for j in range(n):
+                    r = np.float32(1.0) / np.sqrt(acc[j] * scale + k)
+                    dst[j] = src[j] * r * np.sqrt(r)
             else:
-                for p in range(p0, p1):
-                    dst[p] = src[p] * (acc[p - p0] * scale + k) ** -beta
+                for j in range(n):
+                    dst[j] = src[j] * (acc[j] * scale + k) ** -beta
