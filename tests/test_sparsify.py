@@ -333,3 +333,23 @@ class _nothing:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def test_auto_cache_from_an_older_version_is_replaced_silently(lenet, tmp_path) -> None:
+    import json
+    import warnings
+
+    from sparsecnn import plan as plan_mod
+
+    model, _, _ = lenet
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps({"version": plan_mod._CACHE_VERSION - 1, "entries": {"stale": {"strategy": "x"}}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an older cache is expected after an upgrade: no warning
+        fast = sparsecnn.sparsify(model, "auto", plan_path=path)
+    assert {c.source for c in fast.sparsecnn_plan.layers.values()} == {"measured"}
+    entries = json.loads(path.read_text())["entries"]
+    assert "stale" not in entries and entries
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable"):  # a corrupt cache still says so
+        sparsecnn.sparsify(model, "auto", plan_path=path)

@@ -181,6 +181,8 @@ def cache_key(layer: nn.Module, x: torch.Tensor, candidates: tuple[str, ...], de
 def _read_cache(path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text())
+        if isinstance(raw, dict) and isinstance(raw.get("version"), int) and raw["version"] < _CACHE_VERSION:
+            return {}  # written by an older sparsecnn: its decisions are stale, replaced silently
         if raw.get("version") != _CACHE_VERSION or not isinstance(raw.get("entries"), dict):
             raise ValueError("unknown version")
         return raw["entries"]
