@@ -343,7 +343,8 @@ def test_auto_cache_from_an_older_version_is_replaced_silently(lenet, tmp_path) 
 
     model, _, _ = lenet
     path = tmp_path / "plans.json"
-    path.write_text(json.dumps({"version": plan_mod._CACHE_VERSION - 1, "entries": {"stale": {"strategy": "x"}}}))
+    old = {"version": plan_mod._CACHE_VERSION - 1, "entries": {"stale": {"strategy": "x"}}}
+    path.write_text(json.dumps(old))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an older cache is expected after an upgrade: no warning
         fast = sparsecnn.sparsify(model, "auto", plan_path=path)
