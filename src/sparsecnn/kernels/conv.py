@@ -48,8 +48,9 @@ the L1 channel blocks (+10% geomean over the suite's conv layers, +15-20% on Ale
 Random sparsity gives no second use of a loaded vector (two filters rarely share a tap: 1% of taps at
 90%), so ~57 GFLOP/s per core, against torch's ~68 on these small layers, is the ceiling of this
 design. Measured and dropped (same process, interleaved): software prefetch of the span 2-8
-nonzeros ahead (10-18% slower: the prefetches take load slots); one channel x 12 vectors: 15-40%
-slower than the lockstep pair; 3 channels x 4 vectors: about the same; 4 x 3: worse; copying rows
+nonzeros ahead (10-18% slower: the prefetches take load slots); without channel blocks, one channel
+x 12 vectors is 15-40% slower than the lockstep pair (kept for layers left with one block), 3
+channels x 4 vectors about the same, 4 x 3 worse; copying rows
 with numba slices or scalar loops (the crop alone cost 12-25% of the layer; whole-vector copies with
 an overrun into the next row, rewritten afterwards, cost a few percent).
 """
@@ -330,8 +331,9 @@ def _phase_decompose(x: np.ndarray, ws: _Workspace, sh: int, sw: int) -> None:
     """Copy ``x`` into the phase planes of ``ws.xt`` (see the module docstring).
 
     The padding around the pixels is zero from the allocation and never written, so it is not
-    touched here. A numba loop over (image, channel) pairs in parallel, with plain element loops
-    (no slicing per row): 3-4x faster than one strided numpy copy per phase on 13x13-56x56 planes.
+    touched here. A numba loop over (image, channel) pairs in parallel: stride-1 rows move as whole
+    vectors, strided rows through range-indexed slices; 3-4x faster than one strided numpy copy per
+    phase on 13x13-56x56 planes.
     """
     nb, cin = x.shape[:2]
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
