@@ -50,6 +50,26 @@ def _splat(builder, s):
     return builder.shuffle_vector(v, ir.Constant(_VEC, ir.Undefined), mask)
 
 
+def _fma_vec(builder):
+    """``llvm.fmuladd.v8f32``: one ``vfmadd`` per vector on an FMA CPU."""
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]),
+                                          "llvm.fmuladd.v8f32")
+
+
+def _for_each_nvec(builder, nvec, nmax, name, emit):
+    """A switch on the runtime vector count: ``emit(nv)`` builds the tile for each ``1 <= nv <= nmax``
+    (a register tile needs its size at compile time); any other ``nvec`` does nothing."""
+    done = builder.append_basic_block(f"{name}.done")
+    switch = builder.switch(nvec, done)
+    for nv in range(1, nmax + 1):
+        block = builder.append_basic_block(f"{name}.nv{nv}")
+        switch.add_case(ir.Constant(_I64, nv), block)
+        builder.position_at_end(block)
+        emit(nv)
+        builder.branch(done)
+    builder.position_at_end(done)
+
+
 def _emit_tile(builder, fma, nv, xbase, optr, signed, dptr, k0, k1, wp, init, accumulate, nvalid, ostride):
     """One register tile of ``nv`` vectors: the loop over nonzeros ``k0 <= k < k1``."""
     accs = [cgutils.alloca_once(builder, _VEC) for _ in range(nv)]
@@ -103,20 +123,11 @@ def span_tile(typingctx, x, offs, data, k0, k1, base, w, wpos, nvec, nvalid, ini
         accumulate = context.cast(builder, acc_, aty[11], types.boolean)
         if accumulate.type != _I1:
             accumulate = builder.trunc(accumulate, _I1)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]), "llvm.fmuladd.v8f32")
+        fma = _fma_vec(builder)
         signed = getattr(aty[1].dtype, "signed", True)
         ostride = None if isinstance(ostride_, ir.Constant) and ostride_.constant == 1 else ostride_
-        done = builder.append_basic_block("span_tile.done")
-        switch = builder.switch(nvec_, done)
-        for nv in range(1, NV_MAX + 1):
-            block = builder.append_basic_block(f"span_tile.nv{nv}")
-            switch.add_case(ir.Constant(_I64, nv), block)
-            builder.position_at_end(block)
-            _emit_tile(builder, fma, nv, xbase, optr, signed, dptr, k0_, k1_, wp, init_, accumulate, nvalid_,
-                       ostride)
-            builder.branch(done)
-        builder.position_at_end(done)
+        _for_each_nvec(builder, nvec_, NV_MAX, "span_tile", lambda nv: _emit_tile(
+            builder, fma, nv, xbase, optr, signed, dptr, k0_, k1_, wp, init_, accumulate, nvalid_, ostride))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -207,18 +218,10 @@ def pair_tile(typingctx, x, offs, data, k0a, k1a, k0b, k1b, base, w, wpos, wstri
         w0 = builder.gep(wptr, [wpos_], inbounds=True)
         w1 = builder.gep(wptr, [builder.add(wpos_, wstride_)], inbounds=True)
         signed = getattr(aty[1].dtype, "signed", True)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]), "llvm.fmuladd.v8f32")
+        fma = _fma_vec(builder)
         ns = [builder.sub(k1a, k0a), builder.sub(k1b, k0b)]
-        done = builder.append_basic_block("pair_tile.done")
-        switch = builder.switch(nvec_, done)
-        for nv in range(1, NV_PAIR + 1):
-            block = builder.append_basic_block(f"pair_tile.nv{nv}")
-            switch.add_case(ir.Constant(_I64, nv), block)
-            builder.position_at_end(block)
-            _emit_pair(builder, fma, nv, xbase, optr, signed, dptr, [k0a, k0b], ns, w0, w1, [ia, ib], nvalid_)
-            builder.branch(done)
-        builder.position_at_end(done)
+        _for_each_nvec(builder, nvec_, NV_PAIR, "pair_tile", lambda nv: _emit_pair(
+            builder, fma, nv, xbase, optr, signed, dptr, [k0a, k0b], ns, w0, w1, [ia, ib], nvalid_))
         return context.get_dummy_value()
 
     return sig, codegen
