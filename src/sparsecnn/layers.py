@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -45,6 +46,7 @@ from torch import nn
 
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.formats._common import check_finite, check_indptr, check_int_array, check_sorted_rows
+from sparsecnn.kernels._numba import PerThread
 
 __all__ = ["LoweredWeight", "SparseConv2d", "SparseLinear", "sparsify", "strategies"]
 
@@ -115,20 +117,25 @@ def _weights_np(layer: nn.Module, label: str) -> tuple[np.ndarray, np.ndarray | 
 
 
 class _Workspaces:
-    """Per-input-shape buffers, least recently used dropped beyond ``_WORKSPACE_SHAPES`` shapes."""
+    """Per-input-shape buffers of the calling thread, least recently used dropped beyond
+    ``_WORKSPACE_SHAPES`` shapes. Each thread has its own (the kernels write them), so one layer can
+    run in several threads at once."""
 
     def __init__(self) -> None:
-        self._by_shape: OrderedDict[tuple[int, ...], dict[str, Any]] = OrderedDict()
+        self._local = threading.local()
 
     def get(self, shape: tuple[int, ...]) -> tuple[dict[str, Any], bool]:
-        ws = self._by_shape.get(shape)
+        by_shape = getattr(self._local, "by_shape", None)
+        if by_shape is None:
+            by_shape = self._local.by_shape = OrderedDict()
+        ws = by_shape.get(shape)
         if ws is not None:
-            self._by_shape.move_to_end(shape)
+            by_shape.move_to_end(shape)
             return ws, False
         ws = {}
-        self._by_shape[shape] = ws
-        while len(self._by_shape) > _WORKSPACE_SHAPES:
-            self._by_shape.popitem(last=False)
+        by_shape[shape] = ws
+        while len(by_shape) > _WORKSPACE_SHAPES:
+            by_shape.popitem(last=False)
         return ws, True
 
 
@@ -307,7 +314,7 @@ def _without_caches(fmt: Any) -> Any:
     """The format without its per-shape workspaces (the kernels' prepared forms cache them in a
     ``_workspaces`` field): what a pickle or deep copy should carry."""
     if dataclasses.is_dataclass(fmt) and any(f.name == "_workspaces" for f in dataclasses.fields(fmt)):
-        return dataclasses.replace(fmt, _workspaces={})
+        return dataclasses.replace(fmt, _workspaces=PerThread())
     return fmt
 
 

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import jit, num_threads, pjit
+from sparsecnn.kernels._numba import PerThread, jit, num_threads, pjit
 from sparsecnn.kernels._simd import NV_MAX, NV_PAIR, VW, copy_vec, pair_tile, span_tile, tile_split
 
 __all__ = ["DirectConvPrep", "direct_conv2d", "prepare_direct"]
@@ -131,7 +131,7 @@ class DirectConvPrep:
     indptr: np.ndarray
     indices: np.ndarray
     data: np.ndarray
-    _workspaces: dict = field(default_factory=dict, repr=False)
+    _workspaces: PerThread = field(default_factory=PerThread, repr=False)
 
     @property
     def nnz(self) -> int:

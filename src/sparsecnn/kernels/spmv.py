@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import num_threads, pjit
+from sparsecnn.kernels._numba import PerThread, num_threads, pjit
 from sparsecnn.kernels._simd import NV_MAX, VW, fmadd, span_tile, tile_split
 
 __all__ = ["LinearPrep", "prepare_linear", "sparse_linear"]
@@ -45,7 +45,7 @@ class LinearPrep:
     indptr: np.ndarray
     indices: np.ndarray
     data: np.ndarray
-    _workspaces: dict = field(default_factory=dict, repr=False)
+    _workspaces: PerThread = field(default_factory=PerThread, repr=False)
 
     @property
     def nnz(self) -> int:
