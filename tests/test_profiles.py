@@ -18,7 +18,7 @@ def test_published_values() -> None:
     assert PROFILES["ssl"] == {"conv1": 0.14, "conv2": 0.54, "conv3": 0.72, "conv4": 0.68, "conv5": 0.58}
 
 
-@pytest.mark.parametrize("spec", ["deep-compression", "ssl"])
+@pytest.mark.parametrize("spec", ["deep-compression", "ssl-unstructured"])  # ssl: tests/test_shrink.py
 def test_apply_published(spec: str) -> None:
     # Same layer names and conv shapes as AlexNet; input 67 keeps fc6 small (256*1*1 inputs).
     model = models.build("alexnet", input_size=67)
@@ -81,7 +81,8 @@ def test_deterministic() -> None:
     ("profile", "message"),
     [
         ("deep-compression", "names layer 'conv3', which the model lacks.*uniform:S"),
-        ("no-such", "unknown profile 'no-such'; choose one of deep-compression, ssl or uniform:S"),
+        ("no-such", "unknown profile 'no-such'; choose one of deep-compression, ssl, ssl-unstructured or "
+                    "uniform:S"),
         ("uniform:", r"malformed profile 'uniform:'.*\[0, 1\]"),
         ("uniform:x", "malformed profile 'uniform:x'"),
         ("uniform:1.5", "malformed profile 'uniform:1.5'"),

@@ -1360,6 +1360,7 @@ def sparsify(
     device: str | torch.device = "cpu",
     blocksize: tuple[int, int] = (4, 4),
     cost_model: Any = None,
+    shrink: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` whose Conv2d and Linear layers run sparse; the rest stays torch.
 
@@ -1390,19 +1391,33 @@ def sparsify(
     cost_model : sparsecnn.plan.CostModel, optional
         ``"auto"`` with ``measure=False`` only: the constants to estimate with (default: the ones
         calibrated on the project's machine; :func:`sparsecnn.plan.calibrate` fits them to this one).
+    shrink : bool
+        First remove the all-zero filters and unread input channels that structured pruning (SSL)
+        left, physically (:func:`sparsecnn.shrink.shrink`, checked on ``example_input``), so the
+        compact layers run fewer FLOPs. Off by default: the shrunk layers have fewer channels than
+        the original architecture (a plan or checkpoint made for it no longer fits them).
 
     Returns
     -------
     torch.nn.Module
         The copy, in eval mode, with attribute ``sparsecnn_plan`` (the :class:`~sparsecnn.plan.Plan`
-        that was applied, with per-layer sources and timings).
+        that was applied, with per-layer sources and timings) and, with ``shrink=True``, attribute
+        ``sparsecnn_shrink`` (the :class:`~sparsecnn.shrink.ShrinkResult`, without its model).
     """
     from sparsecnn.plan import LayerChoice, Plan, auto_plan
 
     if not isinstance(model, nn.Module):
         raise SparseCNNError(f"sparsify needs a torch.nn.Module, got {type(model).__name__}")
     _check_device(device)
-    copy_ = copy.deepcopy(model).eval()
+    shrunk = None
+    if shrink:
+        from sparsecnn.plan import _example_input
+        from sparsecnn.shrink import shrink as _shrink
+
+        shrunk = _shrink(model, _example_input(model) if example_input is None else example_input)
+        copy_ = shrunk.model
+    else:
+        copy_ = copy.deepcopy(model).eval()
     targets = _targets(copy_)
     built: dict[str, nn.Module] = {}
     if isinstance(strategy, str) and strategy == "auto":
@@ -1436,4 +1451,6 @@ def sparsify(
         same = layer.strategy == choice.strategy
         applied[name] = choice if same else LayerChoice(layer.strategy, "fallback")
     copy_.sparsecnn_plan = Plan(applied)
+    if shrunk is not None:
+        copy_.sparsecnn_shrink = dataclasses.replace(shrunk, model=None)
     return copy_

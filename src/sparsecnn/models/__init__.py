@@ -11,7 +11,14 @@ from typing import Any
 
 from torch import nn
 
-from sparsecnn.models.profiles import PROFILES, apply_profile, get_profile, prunable_layers
+from sparsecnn.models.profiles import (
+    PROFILES,
+    STRUCTURED_PROFILES,
+    apply_profile,
+    apply_structured,
+    get_profile,
+    prunable_layers,
+)
 from sparsecnn.models.zoo import build, input_shape, load_weights, names
 from sparsecnn.models.zoo import resolve as _zoo_resolve
 
@@ -30,7 +37,9 @@ def resolve(spec: str, weights: str | os.PathLike[str] | None = None, **kw: Any)
 
 __all__ = [
     "PROFILES",
+    "STRUCTURED_PROFILES",
     "apply_profile",
+    "apply_structured",
     "build",
     "get_profile",
     "input_shape",
