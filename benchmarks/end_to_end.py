@@ -1,13 +1,22 @@
-"""End-to-end latency: a pruned model sparsified with ``strategy="auto"`` against the dense torch model.
+"""End-to-end latency of whole models: torch dense, ONNX Runtime, ``sparsify`` and the compiled executor.
 
-``python -m benchmarks.end_to_end [--threads 2] [--batch 1] [--repeats 15]`` prints one table: for
-AlexNet with the Deep Compression profile, AlexNet at uniform 90% and ResNet-18 at uniform 90%, the
-dense torch time, the sparsified time, their ratio and the plan the planner chose. Both models see the
-same input; the sparse output is checked against the dense one before anything is timed; the two are
-timed interleaved in turns (one untimed call, then ``--block`` timed calls of one model, then the
-other's) and the medians compared. The planner's own measurements
-(and its JIT warm-up) happen in ``sparsify`` before timing starts; its decisions are cached in
-``--plans`` so a rerun times the same plan.
+``python -m benchmarks.end_to_end [--threads 2] [--batch 1,32] [--cases all] [--repeats 15]`` prints one
+table and writes JSON. For each case (a zoo model pruned to a profile) and batch size, four engines run
+the same input:
+
+- ``torch``: the dense torch model (oneDNN / MKL);
+- ``ort``: ONNX Runtime's CPU provider on the dense model exported to ONNX (intra-op thread spinning
+  off, so it does not slow whatever runs after it on a small machine);
+- ``sparsify``: :func:`sparsecnn.sparsify` with ``"auto"`` (sparse layers inside the torch model);
+- ``compiled``: :func:`sparsecnn.compile` with ``"auto"`` (the whole-model executor).
+
+Every output is checked against the dense torch model (max error / max magnitude <= 1e-4) before
+anything is timed. The engines are timed interleaved in turns (one untimed call, then ``--block`` timed
+calls of one engine, a ``--gap`` of idle time, then the next engine), and the medians are compared. The
+planner's measurements and the JIT warm-up happen before timing starts; decisions are cached in
+``--plans``, so a rerun times the same plans. Thread counts: torch, numba and ONNX Runtime all use
+``--threads``. The LeNet-5 case is the 8x8-digits geometry at uniform 92% (the sparsity README's
+``prune --target 0.92`` reaches); latency depends on the zero pattern's density, not on trained values.
 """
 
 from __future__ import annotations
@@ -24,27 +33,35 @@ import torch
 import sparsecnn
 from sparsecnn import models
 from sparsecnn.bench.harness import check_close, set_threads
+from sparsecnn.bench.peers import model_peers
 
-CASES: tuple[tuple[str, str], ...] = (
-    ("alexnet", "deep-compression"),
-    ("alexnet", "uniform:0.9"),
-    ("resnet18", "uniform:0.9"),
-)
+CASES: dict[str, tuple[str, str, dict]] = {
+    "alexnet-dc": ("alexnet", "deep-compression", {}),
+    "alexnet-ssl": ("alexnet", "ssl", {}),
+    "alexnet-90": ("alexnet", "uniform:0.9", {}),
+    "resnet18-80": ("resnet18", "uniform:0.8", {}),
+    "resnet18-90": ("resnet18", "uniform:0.9", {}),
+    "resnet50-80": ("resnet50", "uniform:0.8", {}),
+    "resnet50-90": ("resnet50", "uniform:0.9", {}),
+    "vgg16-90": ("vgg16", "uniform:0.9", {}),
+    "lenet5": ("lenet5", "uniform:0.92", {"in_channels": 1, "input_size": 8}),
+}
+# Batch-32 runs of the big dense models take seconds per call: by default only these run at batch 32.
+BATCH32 = ("alexnet-dc", "alexnet-ssl", "alexnet-90", "resnet18-90", "lenet5")
 
 
-def _interleaved(fns: list, repeats: int, block: int) -> list[float]:
+def _interleaved(fns: list, repeats: int, block: int, gap: float) -> list[float]:
     """Median seconds per call of each function, sampled round-robin so drift hits all alike.
 
     With ``block > 1`` each turn is one untimed call, then ``block`` timed calls back to back: each
-    model is timed as it runs in service, after itself. Called strictly one after the other
-    (``--block 1``), the sparse model starts with its weights evicted from the 32 MB L3 by the dense
-    model's (AlexNet streams 240 MB of dense weights per call): measured on AlexNet, a 64 MB sweep
-    before each sparse call costs 0.5-0.7 ms of its ~10.5 ms, about the gap between the two modes.
-    The sparse model's weights fitting in cache is part of what pruning buys; both modes are reported.
+    engine is timed as it runs in service, after itself (the dense AlexNet streams 240 MB of weights
+    per call and evicts the sparse weights from L3; ``--block 1`` shows that case).
     """
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            if gap:
+                time.sleep(gap)
             if block > 1:
                 fn()
             for _ in range(block):
@@ -54,49 +71,70 @@ def _interleaved(fns: list, repeats: int, block: int) -> list[float]:
     return [float(np.median(s)) for s in samples]
 
 
-def run(threads: int, batch: int, repeats: int, plans: Path, block: int = 5) -> list[dict]:
-    set_threads(threads)
-    rows = []
-    for name, profile in CASES:
-        model = models.build(name).eval()
-        models.apply_profile(model, profile)
-        x = torch.randn(batch, *models.input_shape(model), generator=torch.Generator().manual_seed(0))
-        sparse = sparsecnn.sparsify(model, "auto", example_input=x, plan_path=plans)
-        with torch.inference_mode():
-            check_close(sparse(x), model(x), rtol=1e-4, what=f"{name} {profile}")
-
-            def dense_call(model=model, x=x):
-                return model(x)
-
-            def sparse_call(sparse=sparse, x=x):
-                return sparse(x)
-
-            dense_call(), sparse_call()  # warm-up: caches, workspaces
-            t_dense, t_sparse = _interleaved([dense_call, sparse_call], repeats, block)
-        plan = Counter(dict(sparse.sparsecnn_plan).values())
-        rows.append({"model": name, "profile": profile, "batch": batch, "threads": threads, "block": block,
-                     "dense_ms": t_dense * 1e3, "sparse_ms": t_sparse * 1e3,
-                     "speedup": t_dense / t_sparse, "plan": dict(plan)})
-        print(f"{name:9s} {profile:17s} batch {batch} threads {threads} block {block}: "
-              f"dense {t_dense * 1e3:8.2f} ms  "
-              f"sparse {t_sparse * 1e3:8.2f} ms  speedup {t_dense / t_sparse:5.2f}x  plan {dict(plan)}",
-              flush=True)
-    return rows
+def run_case(case: str, batch: int, threads: int, repeats: int, block: int, gap: float, plans: Path) -> dict:
+    name, profile, kwargs = CASES[case]
+    model = models.build(name, **kwargs).eval()
+    models.apply_profile(model, profile)
+    x = torch.randn(batch, *models.input_shape(model), generator=torch.Generator().manual_seed(0))
+    sparse = sparsecnn.sparsify(model, "auto", example_input=x, plan_path=plans)
+    compiled = sparsecnn.compile(model, x, "auto", plan_path=plans)
+    engines: dict = {}
+    with torch.inference_mode():
+        ref = model(x)
+        engines["torch"] = lambda: model(x)
+        peer = model_peers(model, x, threads=threads).get("onnxruntime")
+        if peer is not None:
+            engines["ort"] = peer
+        engines["sparsify"] = lambda: sparse(x)
+        engines["compiled"] = lambda: compiled(x)
+        for label, fn in engines.items():
+            check_close(fn(), ref, rtol=1e-4, what=f"{case} batch {batch} {label}")
+        times = dict(zip(engines, _interleaved(list(engines.values()), repeats, block, gap), strict=True))
+    row = {"case": case, "model": name, "profile": profile, "batch": batch, "threads": threads,
+           "block": block, **{f"{k}_ms": v * 1e3 for k, v in times.items()},
+           "compiled_vs_torch": times["torch"] / times["compiled"],
+           "compiled_vs_ort": times["ort"] / times["compiled"] if "ort" in times else None,
+           "sparsify_vs_torch": times["torch"] / times["sparsify"],
+           "plan": dict(Counter(dict(compiled.plan).values())), "steps": compiled.steps(tuple(x.shape))}
+    ort = f"{times['ort'] * 1e3:9.3f}" if "ort" in times else "        -"
+    vs_ort = f"{row['compiled_vs_ort']:6.2f}x" if row["compiled_vs_ort"] else "      -"
+    print(f"{case:12s} b{batch:<3d} {times['torch'] * 1e3:9.3f} {ort} {times['sparsify'] * 1e3:9.3f} "
+          f"{times['compiled'] * 1e3:9.3f} {row['compiled_vs_torch']:6.2f}x {vs_ort}  {row['plan']}",
+          flush=True)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end", description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
+    ap.add_argument("--cases", default="all", help=f"comma-separated, from: {', '.join(CASES)}")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--block", type=int, default=5,
                     help="timed calls per turn, after one untimed call (1: strictly alternating calls)")
+    ap.add_argument("--gap", type=float, default=0.05, help="idle seconds before each engine's turn")
     ap.add_argument("--plans", type=Path, default=Path("bench-results/plans.json"))
     ap.add_argument("--out", type=Path, default=Path("bench-results/end_to_end.json"))
     args = ap.parse_args(argv)
+    cases = list(CASES) if args.cases == "all" else args.cases.split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    set_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows = run(args.threads, args.batch, args.repeats, args.plans, args.block)
-    args.out.write_text(json.dumps(rows, indent=2))
+    print(f"threads {args.threads} (torch, numba, ONNX Runtime); medians of {args.repeats} turns "
+          f"x {args.block}")
+    print(f"{'case':12s} {'batch':4s} {'torch ms':>9s} {'ort ms':>9s} {'sparsify':>9s} {'compiled':>9s} "
+          f"{'vs torch':>7s} {'vs ort':>7s}  plan")
+    rows = []
+    for batch in (int(b) for b in args.batch.split(",")):
+        for case in cases:
+            if batch > 8 and args.cases == "all" and case not in BATCH32:
+                continue
+            repeats = args.repeats if batch < 8 else max(3, args.repeats // 3)
+            rows.append(run_case(case, batch, args.threads, repeats, args.block if batch < 8 else 2, args.gap,
+                                 args.plans))
+            args.out.write_text(json.dumps(rows, indent=2))  # as it goes: an interrupted run keeps its rows
     print(f"results: {args.out}")
     return 0
 

@@ -11,11 +11,13 @@ from sparsecnn.errors import SparseCNNError
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompiledModel",
     "SparseCNNError",
     "SparseConv2d",
     "SparseLinear",
     "__version__",
     "analyze_model",
+    "compile",
     "load",
     "prune_model",
     "run_report",
@@ -31,6 +33,8 @@ _LAZY: dict[str, str] = {
     "SparseConv2d": "sparsecnn.layers",
     "SparseLinear": "sparsecnn.layers",
     "sparsify": "sparsecnn.layers",
+    "compile": "sparsecnn.engine",
+    "CompiledModel": "sparsecnn.engine",
     "strategies": "sparsecnn.layers",
     "analyze_model": "sparsecnn.analysis",
     "prune_model": "sparsecnn.prune",

@@ -47,6 +47,9 @@ def _ort_session(model_bytes: bytes, threads: int) -> Any:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # Without this, ONNX Runtime's intra-op threads spin after each run and slow whatever runs next
+    # on a small machine (AlexNet at 90% measured 14.8 ms right after an ORT call, 7.3 ms without).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
 
 

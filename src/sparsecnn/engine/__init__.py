@@ -1,0 +1,251 @@
+"""The whole-model executor: ``sparsecnn.compile(model, example_input)``.
+
+A pruned model (a torch module, traced with ``torch.fx``, or an imported ONNX/Caffe graph) is lowered
+once into a flat program:
+
+- every eval-mode BatchNorm2d after a Conv2d is folded into the conv (zeros stay zeros);
+- every Conv2d / Linear gets a strategy (``"auto"``: timed per layer as :func:`sparsecnn.sparsify`
+  does, with the same plan cache) and is converted once;
+- a ReLU after a conv, a linear or a residual add runs in that op's epilogue, max pooling, global
+  average pooling, LRN, flatten/view, dropout and residual adds run as numba kernels over buffers
+  planned by liveness and preallocated once per input shape; anything else runs in torch on views of
+  the buffers;
+- a forward pass is one loop over closures with their arguments bound (no module dispatch, no
+  hooks, no torch <-> numpy glue between the numba kernels).
+
+:class:`CompiledModel` is a torch module (``forward`` takes and returns tensors) and
+:meth:`CompiledModel.numpy` the plain numpy callable. Both are safe to call from several threads at
+once: each thread binds its own buffers. Inference only, float32, CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparsecnn.engine._graph import Node, capture, record
+from sparsecnn.engine._lower import Program, build_program, fold_batchnorm
+from sparsecnn.errors import SparseCNNError
+
+__all__ = ["CompiledModel", "compile"]
+
+
+class _Eager(nn.Module):
+    """The captured nodes run in torch, with the conv/linear layers as registered children: what the
+    planner times layers in (its hooks see each layer's real input)."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        super().__init__()
+        self.nodes = nodes
+        self.layers = nn.ModuleList([n.fn for n in nodes if n.op == "module" and isinstance(n.fn, nn.Module)])
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return record(self.nodes, x)[self.nodes[-1].name]
+
+
+def _layer_nodes(nodes: list[Node]) -> dict[str, Node]:
+    return {n.target or n.name: n for n in nodes
+            if n.op == "module" and type(n.fn) in (nn.Conv2d, nn.Linear)}
+
+
+def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    diff = (y - ref).abs()
+    if bool(torch.isnan(ref).any()) or bool(torch.isnan(y).any()):
+        same = bool(torch.equal(torch.isnan(y), torch.isnan(ref)))
+        diff = torch.where(torch.isnan(ref), torch.zeros_like(diff), diff)
+        if not same:
+            return float("inf")
+    return float(diff.max()) / max(scale, 1e-30) if diff.numel() else 0.0
+
+
+class CompiledModel(nn.Module):
+    """A model lowered by :func:`compile` (inference only, float32, CPU).
+
+    Attributes
+    ----------
+    plan : sparsecnn.plan.Plan
+        The strategy of every conv/linear layer (with the planner's timings when measured).
+    max_rel_error : float
+        ``max |y - y_ref| / max |y_ref|`` against the original model on the example input.
+    """
+
+    def __init__(self, nodes: list[Node], plan: Any, example: torch.Tensor) -> None:
+        super().__init__()
+        self._nodes = nodes
+        self.plan = plan
+        self.layers = nn.ModuleList([n.fn for n in nodes if n.op == "module" and isinstance(n.fn, nn.Module)])
+        self._programs: dict[tuple[int, ...], Program] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._input_shape = tuple(example.shape[1:])
+        self.max_rel_error = 0.0
+        self.eval()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_programs"], state["_lock"], state["_local"] = {}, None, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock, self._local = threading.Lock(), threading.local()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledModel:
+        new = CompiledModel.__new__(CompiledModel)
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    # ---- programs
+    def program(self, shape: tuple[int, ...]) -> Program:
+        """The lowered program for inputs of ``shape`` (built on first use, shared by threads)."""
+        prog = self._programs.get(shape)
+        if prog is None:
+            with self._lock:
+                prog = self._programs.get(shape)
+                if prog is None:
+                    try:
+                        values = record(self._nodes, torch.zeros(shape))
+                    except (RuntimeError, ValueError, IndexError) as exc:
+                        raise SparseCNNError(
+                            f"compiled model: input of shape {tuple(shape)} does not fit the model (compiled "
+                            f"for (B, {', '.join(map(str, self._input_shape))})): {str(exc).splitlines()[0]}"
+                        ) from None
+                    prog = build_program(self._nodes, values)
+                    self._programs[shape] = prog
+        return prog
+
+    def _bound(self, shape: tuple[int, ...]) -> tuple[list[Any], list[Callable[[], None]], int, Callable]:
+        cache = self._local.__dict__.setdefault("bound", {})
+        b = cache.get(shape)
+        if b is None:
+            prog = self.program(shape)
+            env, steps = prog.bind()
+            b = cache[shape] = (env, steps, prog.input_slot, prog.output)
+        return b
+
+    def steps(self, shape: tuple[int, ...] | None = None) -> list[str]:
+        """What each step of the program runs, e.g. ``['conv:direct+relu', 'maxpool', ...]``."""
+        return list(self.program(shape or (1, *self._input_shape)).kinds)
+
+    # ---- calls
+    def numpy(self, x: np.ndarray) -> np.ndarray:
+        """Run on a numpy batch ``(B, C, H, W)`` (float32; other floats are converted): a new array."""
+        if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+            raise SparseCNNError(f"compiled model: input must be a float numpy array, got "
+                                 f"{type(x).__name__} {getattr(x, 'dtype', '')}")
+        if x.ndim == len(self._input_shape):
+            x = x[None]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        env, steps, slot, output = self._bound(x.shape)
+        env[slot] = x
+        for f in steps:
+            f()
+        y = output(env)
+        env[slot] = None
+        return np.array(y, dtype=np.float32, copy=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise SparseCNNError(f"compiled model: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.device.type != "cpu" or not x.is_floating_point():
+            raise SparseCNNError(f"compiled model: input must be a CPU float tensor, got {x.dtype} on "
+                                 f"{x.device}; use .cpu().float()")
+        return torch.from_numpy(self.numpy(x.detach().contiguous().numpy()))
+
+
+def compile(
+    model: nn.Module | str,
+    example_input: torch.Tensor | None = None,
+    strategy: str | Mapping[str, str] = "auto",
+    *,
+    measure: bool = True,
+    plan_path: Any = None,
+    check: bool = True,
+) -> CompiledModel:
+    """Lower a (pruned) model into one execution plan for the CPU.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or str
+        A torch module (fx-traceable; the zoo's, an imported Caffe/ONNX graph, a sparsified model) or
+        anything :func:`sparsecnn.models.resolve` takes (a zoo name, ``model.onnx``, ``deploy.prototxt``).
+        Not modified.
+    example_input : torch.Tensor, shape (B, C, H, W), optional
+        The input the layers are planned on (default: a seeded random batch of 1 of the model's input
+        shape). Other input shapes work too; each gets its own buffers on first use.
+    strategy : str or mapping
+        ``"auto"`` (time the strategies per layer, as :func:`sparsecnn.sparsify`), one strategy name
+        for every layer, or a mapping / :class:`~sparsecnn.plan.Plan` layer name -> strategy.
+    measure : bool
+        ``"auto"`` only: False picks from the cost model instead of timing.
+    plan_path : path, optional
+        The planner's decision cache (see :func:`sparsecnn.sparsify`).
+    check : bool
+        Compare the compiled model with the original on ``example_input`` and raise if they differ by
+        more than 1e-4 of the output's largest magnitude.
+
+    Returns
+    -------
+    CompiledModel
+    """
+    from sparsecnn.layers import _CONV_STRATEGIES, _LINEAR_STRATEGIES, SparseConv2d, SparseLinear, _for_layer
+    from sparsecnn.plan import LayerChoice, Plan, _example_input, auto_plan
+
+    if isinstance(model, str):
+        from sparsecnn.models import resolve
+
+        model = resolve(model)
+    if not isinstance(model, nn.Module):
+        raise SparseCNNError(f"compile needs a torch.nn.Module or a model path, got {type(model).__name__}")
+    model = copy.deepcopy(model).eval()
+    x = _example_input(model) if example_input is None else example_input
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise SparseCNNError("example_input must be a float torch.Tensor batch, "
+                             "e.g. torch.randn(1, 3, 224, 224)")
+    x = x.detach().float().cpu().contiguous()
+    nodes = fold_batchnorm(capture(model))
+    layers = _layer_nodes(nodes)
+    targets = {name: n.fn for name, n in layers.items()}
+    built: dict[str, nn.Module] = {}
+    if isinstance(strategy, str) and strategy == "auto":
+        plan, built = auto_plan(_Eager(nodes), targets, measure=measure, example_input=x, plan_path=plan_path)
+    elif isinstance(strategy, str):
+        if strategy not in _CONV_STRATEGIES and strategy not in _LINEAR_STRATEGIES:
+            raise SparseCNNError(f"unknown strategy {strategy!r}; choose 'auto' or one of "
+                                 f"{', '.join(dict.fromkeys(_CONV_STRATEGIES + _LINEAR_STRATEGIES))}")
+        plan = Plan({n: LayerChoice(_for_layer(strategy, m), "given") for n, m in targets.items()})
+    elif isinstance(strategy, Mapping):
+        unknown = sorted(set(strategy) - set(targets))
+        if unknown:
+            raise SparseCNNError(f"the plan names layers the model lacks: {', '.join(unknown)} (its layers: "
+                                 f"{', '.join(targets)})")
+        plan = Plan({n: LayerChoice(str(strategy.get(n, "torch")), "given") for n in targets})
+    else:
+        raise SparseCNNError(f"strategy must be 'auto', a strategy name or a mapping, "
+                             f"got {type(strategy).__name__}")
+    for name, node in layers.items():
+        layer = built.get(name)
+        if layer is None:
+            cls = SparseConv2d if isinstance(node.fn, nn.Conv2d) else SparseLinear
+            layer = cls.from_dense(node.fn, plan[name], name=name)
+        node.fn = layer
+    compiled = CompiledModel(nodes, plan, x)
+    if check:
+        with torch.inference_mode():
+            ref = model(x)
+        y = compiled(x)
+        same = isinstance(ref, torch.Tensor) and ref.shape == y.shape
+        err = _rel_error(y, ref) if same else float("inf")
+        if err > 1e-4:
+            raise SparseCNNError(f"compiled model differs from the original by {err:.3g} of the output's "
+                                 f"scale "
+                                 f"on the example input; please report this (strategies: {dict(plan)})")
+        compiled.max_rel_error = err
+    return compiled

@@ -1,0 +1,624 @@
+"""Lowering: fold BatchNorm, fuse ReLU and residual adds, plan buffers, bind compiled kernels.
+
+The result of :func:`build_program` for one input shape is a :class:`Program`: a list of steps, each
+reading its inputs from a value table and writing a buffer planned at build time (views such as
+flatten, dropout or a fused ReLU cost nothing: they are the producer's buffer). :meth:`Program.bind`
+gives one thread its own buffers and a list of closures that call the numba kernels with arguments
+bound once; a forward pass is that list run in order.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsecnn.engine._graph import Node, Ref, call
+from sparsecnn.errors import SparseCNNError
+
+__all__ = ["Program", "build_program", "fold_batchnorm"]
+
+
+# --------------------------------------------------------------------------------------------------
+# node classification
+
+
+def _is_relu(node: Node) -> bool:
+    if node.op == "module":
+        return type(node.fn) is nn.ReLU
+    if node.op == "function":
+        return node.fn in (torch.relu, F.relu, torch.relu_) and len(node.args) == 1
+    return node.op == "method" and node.fn in ("relu", "relu_") and len(node.args) == 1
+
+
+def _is_add(node: Node) -> bool:
+    from sparsecnn.io._graph import Binary, Eltwise
+
+    if node.op == "function" and node.fn in (operator.add, torch.add, operator.iadd) and not node.kwargs:
+        return len(node.args) == 2 and all(isinstance(a, Ref) for a in node.args)
+    if node.op == "method" and node.fn in ("add", "add_") and not node.kwargs:
+        return len(node.args) == 2 and all(isinstance(a, Ref) for a in node.args)
+    if node.op == "module" and isinstance(node.fn, Eltwise):
+        return node.fn.op == "sum" and all(c == 1.0 for c in node.fn.coeff) and len(node.args) == 2
+    if node.op == "module" and isinstance(node.fn, Binary):
+        return node.fn.op == "add" and node.fn.const is None and len(node.args) == 2
+    return False
+
+
+def _is_alias(node: Node) -> bool:
+    """Calls whose result is their first input (eval-mode dropout, identity)."""
+    if node.op == "module":
+        return isinstance(node.fn, (nn.Dropout, nn.Identity)) and len(node.args) == 1
+    if node.op == "function":
+        return node.fn in (F.dropout,) and not node.kwargs.get("training", False)
+    return node.op == "method" and node.fn == "contiguous"
+
+
+def _is_reshape(node: Node) -> bool:
+    """Calls that only change the shape of a contiguous tensor (its buffer, viewed)."""
+    from sparsecnn.engine._graph import _flatten_from
+    from sparsecnn.io._graph import Reshape, Squeeze, Unsqueeze
+
+    if node.op == "module":
+        return isinstance(node.fn, (nn.Flatten, Reshape, Squeeze, Unsqueeze, nn.Unflatten))
+    if node.op == "function":
+        return node.fn in (torch.flatten, torch.reshape, _flatten_from, torch.squeeze, torch.unsqueeze)
+    return node.op == "method" and node.fn in ("view", "reshape", "flatten", "squeeze", "unsqueeze")
+
+
+def _conv_of(node: Node) -> nn.Module | None:
+    from sparsecnn.layers import SparseConv2d
+
+    if node.op == "module" and isinstance(node.fn, (nn.Conv2d, SparseConv2d)) and len(node.args) == 1:
+        return node.fn
+    return None
+
+
+def _linear_of(node: Node) -> nn.Module | None:
+    from sparsecnn.layers import SparseLinear
+
+    if node.op == "module" and isinstance(node.fn, (nn.Linear, SparseLinear)) and len(node.args) == 1:
+        return node.fn
+    return None
+
+
+def _users(nodes: list[Node]) -> dict[str, list[int]]:
+    users: dict[str, list[int]] = {n.name: [] for n in nodes}
+    for i, n in enumerate(nodes):
+        for r in n.refs():
+            users[r].append(i)
+    return users
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm folding (before planning: the folded conv is what gets sparsified)
+
+
+def fold_batchnorm(nodes: list[Node]) -> list[Node]:
+    """Fold every eval-mode BatchNorm2d that follows a Conv2d (its only user) into that conv.
+
+    .. math:: W' = W \\gamma / \\sqrt{\\sigma^2 + \\epsilon}, \\quad
+              b' = (b - \\mu) \\gamma / \\sqrt{\\sigma^2 + \\epsilon} + \\beta
+
+    The conv is replaced by a folded copy (the model is not modified) and the BatchNorm's users read
+    the conv's output. Zeros stay zeros, so the sparsity pattern is unchanged.
+    """
+    by_name = {n.name: n for n in nodes}
+    users = _users(nodes)
+    out: list[Node] = []
+    renamed: dict[str, str] = {}  # a folded BatchNorm's value -> its conv's
+    for node in nodes:
+        if renamed:
+            node.args, node.kwargs = _renamed(node.args, renamed), _renamed(node.kwargs, renamed)
+        bn = node.fn if node.op == "module" else None
+        if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_mean is not None \
+                and len(node.args) == 1 and isinstance(node.args[0], Ref):
+            src = by_name[node.args[0].name]
+            conv = src.fn if src.op == "module" else None
+            if type(conv) is nn.Conv2d and len(users[src.name]) == 1 and conv.padding_mode == "zeros":
+                src.fn = _folded(conv, bn)
+                renamed[node.name] = src.name
+                continue
+        out.append(node)
+    return out
+
+
+def _renamed(a: Any, names: dict[str, str]) -> Any:
+    if isinstance(a, Ref):
+        return Ref(names.get(a.name, a.name))
+    if isinstance(a, (tuple, list)):
+        return type(a)(_renamed(b, names) for b in a)
+    if isinstance(a, dict):
+        return {k: _renamed(v, names) for k, v in a.items()}
+    return a
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    with torch.no_grad():
+        scale = bn.weight.detach().double() if bn.affine else torch.ones(bn.num_features, dtype=torch.float64)
+        shift = bn.bias.detach().double() if bn.affine else torch.zeros(bn.num_features, dtype=torch.float64)
+        inv = scale / torch.sqrt(bn.running_var.double() + bn.eps)
+        new = copy.deepcopy(conv)
+        w = conv.weight.detach().double() * inv.view(-1, 1, 1, 1)
+        b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels,
+                                                                                   dtype=torch.float64)
+        new.weight = nn.Parameter(w.to(conv.weight.dtype))
+        new.bias = nn.Parameter(((b - bn.running_mean.double()) * inv + shift).to(conv.weight.dtype))
+    return new.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# steps
+
+
+@dataclass(frozen=True)
+class _Buf:
+    """A buffer of the plan: ``size`` float32 elements."""
+
+    index: int
+    size: int
+
+
+@dataclass
+class _Val:
+    """Where a node's value lives: a planned buffer viewed as ``shape`` (``buf``), a static value
+    (``static``: shapes, constants), or a slot written at run time (``dynamic``)."""
+
+    shape: tuple[int, ...] | None = None
+    buf: _Buf | None = None
+    static: Any = None
+    is_static: bool = False
+
+
+def _direct_fuses_relu() -> bool:
+    from sparsecnn.kernels.conv import direct_conv2d
+
+    return "relu" in inspect.signature(direct_conv2d).parameters
+
+
+def _linear_fuses_relu() -> bool:
+    from sparsecnn.kernels.spmv import sparse_linear
+
+    return "relu" in inspect.signature(sparse_linear).parameters
+
+
+class Program:
+    """The lowered model for one input shape: buffer sizes and step factories (shared by threads).
+
+    Attributes
+    ----------
+    kinds : list of str
+        What each step runs (``conv:direct+relu``, ``maxpool``, ``torch:Softmax``, ...), for reports.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: list[int] = []  # float32 elements of each planned buffer
+        self.factories: list[Callable[[list[Any], list[np.ndarray]], Callable[[list[Any]], None]]] = []
+        self.kinds: list[str] = []
+        self.slots = 0
+        self.input_slot = 0
+        self.output: Callable[[list[Any]], np.ndarray] | None = None
+        self.static: dict[int, Callable[[list[np.ndarray]], Any]] = {}
+
+    def bind(self) -> tuple[list[Any], list[Callable[[list[Any]], None]]]:
+        """This thread's value table (its own buffers, allocated here) and the bound steps."""
+        bufs = [np.empty(n, dtype=np.float32) for n in self.buffers]
+        env: list[Any] = [None] * self.slots
+        for slot, make in self.static.items():
+            env[slot] = make(bufs)
+        return env, [f(env, bufs) for f in self.factories]
+
+
+class _Builder:
+    """Walks the nodes once for one input shape, planning buffers by liveness."""
+
+    def __init__(self, nodes: list[Node], values: dict[str, Any]) -> None:
+        self.nodes = nodes
+        self.values = values
+        self.prog = Program()
+        self.slot: dict[str, int] = {}
+        self.val: dict[str, _Val] = {}
+        self.base: dict[str, str] = {}  # value -> the value whose buffer it views
+        self.last_use: dict[str, int] = {}
+        self.free: list[_Buf] = []
+        self.fused: set[str] = set()  # ReLU nodes folded into their producer
+        self.relu_after: set[str] = set()  # producers that apply the ReLU themselves
+
+    # ---- buffers
+    def _alloc(self, size: int) -> _Buf:
+        fits = [b for b in self.free if b.size >= size]
+        if fits:
+            best = min(fits, key=lambda b: b.size)
+            self.free.remove(best)
+            return best
+        self.prog.buffers.append(size)
+        return _Buf(len(self.prog.buffers) - 1, size)
+
+    def _release_dead(self, i: int) -> None:
+        for name, v in self.val.items():
+            if v.buf is not None and self.base.get(name, name) == name and self.last_use.get(name, -1) == i:
+                self.free.append(v.buf)
+
+    def _slot(self, name: str) -> int:
+        if name not in self.slot:
+            self.slot[name] = self.prog.slots
+            self.prog.slots += 1
+        return self.slot[name]
+
+    def _planned(self, name: str, shape: tuple[int, ...]) -> tuple[int, _Buf]:
+        """A new planned float32 buffer for value ``name`` of ``shape``; its slot holds the view."""
+        size = int(np.prod(shape, dtype=np.int64))
+        buf = self._alloc(size)
+        self.val[name] = _Val(shape, buf)
+        s = self._slot(name)
+        self.prog.static[s] = lambda bufs, b=buf.index, n=size, sh=shape: bufs[b][:n].reshape(sh)
+        return s, buf
+
+    def _view(self, name: str, src: str, shape: tuple[int, ...]) -> None:
+        """Value ``name`` is ``src``'s data seen as ``shape`` (free when src is planned)."""
+        root = self.base.get(src, src)
+        self.base[name] = root
+        v = self.val.get(src)
+        s, ss = self._slot(name), self.slot[src]
+        if v is not None and v.buf is not None:
+            self.val[name] = _Val(shape, v.buf)
+            n = int(np.prod(shape, dtype=np.int64))
+            self.prog.static[s] = lambda bufs, b=v.buf.index, n=n, sh=shape: bufs[b][:n].reshape(sh)
+        else:
+            self._step("view", lambda env, bufs, s=s, ss=ss, sh=shape: _bind_view(env, s, ss, sh))
+
+    def _step(self, kind: str, factory: Callable) -> None:
+        self.prog.kinds.append(kind)
+        self.prog.factories.append(factory)
+
+    # ---- liveness
+    def _liveness(self) -> None:
+        for i, n in enumerate(self.nodes):
+            for r in n.refs():
+                self.last_use[r] = i
+
+    def _extend_base_liveness(self) -> None:
+        for name, root in self.base.items():
+            if self.last_use.get(name, -1) > self.last_use.get(root, -1):
+                self.last_use[root] = self.last_use[name]
+
+    # ---- build
+    def build(self) -> Program:
+        self._liveness()
+        users = _users(self.nodes)
+        by_name = {n.name: n for n in self.nodes}
+        dynamic: set[str] = set()
+        for n in self.nodes:
+            if n.op == "input" or (any(r in dynamic for r in n.refs())
+                                   and not _shape_like(self.values[n.name])):
+                dynamic.add(n.name)
+        # which ReLUs fuse into their producer (conv, linear, add) as its epilogue
+        for n in self.nodes:
+            if _is_relu(n) and isinstance(n.args[0], Ref):
+                src = by_name[n.args[0].name]
+                if len(users[src.name]) == 1 and (_conv_of(src) is not None or _linear_of(src) is not None
+                                                  or _is_add(src)):
+                    self.fused.add(n.name)
+                    self.relu_after.add(src.name)
+        # a forward pass of ReLU aliases is planned in two passes: first fix bases for liveness
+        for i, n in enumerate(self.nodes):
+            self._lower(i, n, dynamic)
+            self._extend_base_liveness()
+            self._release_dead(i)
+        return self.prog
+
+    def _lower(self, i: int, n: Node, dynamic: set[str]) -> None:
+        value = self.values[n.name]
+        if n.op == "input":
+            self.prog.input_slot = self._slot(n.name)
+            return
+        if n.op == "output":
+            s = self.slot[n.args[0].name]
+            self.prog.output = lambda env, s=s: env[s]
+            return
+        if n.name not in dynamic:
+            # shapes, sizes and constants: fixed for this input shape
+            s = self._slot(n.name)
+            self.prog.static[s] = lambda bufs, v=value: v.numpy() if isinstance(v, torch.Tensor) else v
+            return
+        ins = n.refs()
+        if not isinstance(value, torch.Tensor):
+            self._torch(n)
+            return
+        shape = tuple(value.shape)
+        f32 = value.dtype == torch.float32 and all(
+            isinstance(self.values[r], torch.Tensor) and self.values[r].dtype == torch.float32 for r in ins)
+        if n.name in self.fused:
+            self._view(n.name, ins[0], shape)
+            return
+        if f32 and (_is_alias(n) or (_is_reshape(n) and self.values[ins[0]].is_contiguous())):
+            self._view(n.name, ins[0], shape)
+            return
+        relu = n.name in self.relu_after
+        x = self.slot[ins[0]] if ins else -1
+        if f32 and _conv_of(n) is not None and len(shape) == 4:
+            self._conv(n, x, shape, relu)
+        elif f32 and _linear_of(n) is not None and len(shape) == 2:
+            self._linear(n, x, shape, relu)
+        elif f32 and _is_relu(n):
+            self._relu(n, x, ins[0], i, shape)
+        elif f32 and _is_add(n) and all(tuple(self.values[r].shape) == shape for r in ins):
+            s, _ = self._planned(n.name, shape)
+            from sparsecnn.kernels.elementwise import add_relu
+
+            self._step("add+relu" if relu else "add", lambda env, bufs, a=x, b=self.slot[ins[1]], s=s, r=relu:
+                       _bind_add(add_relu, env, a, b, s, r))
+        elif f32 and self._pool(n, x, shape):
+            pass
+        else:
+            self._torch(n)
+
+    # ---- kernels
+    def _conv(self, n: Node, x: int, shape: tuple[int, ...], relu: bool) -> None:
+        from sparsecnn.layers import SparseConv2d
+
+        layer = n.fn
+        if not isinstance(layer, SparseConv2d) or layer.strategy == "torch":
+            conv = layer.engine.conv if isinstance(layer, SparseConv2d) else layer
+            if conv.padding_mode != "zeros":
+                self._torch(n)
+                return
+            s = self._slot(n.name)
+            self.prog.static.setdefault(s, lambda bufs: None)
+            w = conv.weight.detach()
+            b = None if conv.bias is None else conv.bias.detach()
+            args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+            self._step("conv:torch" + ("+relu" if relu else ""),
+                       lambda env, bufs, x=x, s=s: _bind_torch_conv(env, x, s, w, b, args, relu))
+            return
+        if layer.strategy == "direct":
+            s, _ = self._planned(n.name, shape)
+            eng = layer.engine
+            bias = eng.bias if eng.has_bias else None
+            fused = _direct_fuses_relu()
+            self._step("conv:direct" + ("+relu" if relu else ""),
+                       lambda env, bufs, x=x, s=s: _bind_direct(env, x, s, eng.format, bias, relu, fused))
+            return
+        s = self._slot(n.name)
+        self.prog.static.setdefault(s, lambda bufs: None)
+        self._step(f"conv:{layer.strategy}" + ("+relu" if relu else ""),
+                   lambda env, bufs, x=x, s=s: _bind_engine(env, x, s, layer.engine, relu))
+
+    def _linear(self, n: Node, x: int, shape: tuple[int, ...], relu: bool) -> None:
+        from sparsecnn.layers import SparseLinear, _SparseLinear
+
+        layer = n.fn
+        s, _ = self._planned(n.name, shape)
+        if isinstance(layer, SparseLinear) and isinstance(layer.engine, _SparseLinear):
+            eng = layer.engine
+            fused = _linear_fuses_relu()
+            self._step(f"linear:{layer.strategy}" + ("+relu" if relu else ""),
+                       lambda env, bufs, x=x, s=s: _bind_spmv(env, x, s, eng.format, eng.bias, relu, fused))
+            return
+        if isinstance(layer, SparseLinear):
+            lin = getattr(layer.engine, "linear", None)
+            if lin is None:  # the dense engine: its weight as (K, M) and bias
+                wt, bt = layer.engine.weight_t, layer.engine.bias_t
+            else:
+                wt, bt = lin.weight.detach().t(), None if lin.bias is None else lin.bias.detach()
+        else:
+            wt, bt = layer.weight.detach().t(), None if layer.bias is None else layer.bias.detach()
+        kind = f"linear:{getattr(layer, 'strategy', 'torch')}" + ("+relu" if relu else "")
+        self._step(kind, lambda env, bufs, x=x, s=s: _bind_gemm(env, x, s, wt, bt, relu))
+
+    def _relu(self, n: Node, x: int, src: str, i: int, shape: tuple[int, ...]) -> None:
+        from sparsecnn.kernels.elementwise import relu_
+
+        v = self.val.get(src)
+        root = self.base.get(src, src)
+        dies = self.last_use.get(root, -1) <= i and root != self.nodes[0].name
+        if v is not None and v.buf is not None and dies:
+            # the input dies here: in place
+            self._view(n.name, src, shape)
+            s = self.slot[n.name]
+            self._step("relu", lambda env, bufs, s=s: _bind_relu(relu_, env, s, s))
+            return
+        s, _ = self._planned(n.name, shape)
+        self._step("relu", lambda env, bufs, x=x, s=s: _bind_relu(relu_, env, x, s))
+
+    def _pool(self, n: Node, x: int, shape: tuple[int, ...]) -> bool:
+        from sparsecnn.kernels.elementwise import global_avg_pool, max_pool2d
+        from sparsecnn.kernels.lrn import lrn_across_channels
+
+        m = n.fn if n.op == "module" else None
+        xin = self.values[n.refs()[0]] if n.refs() else None
+        if xin is None or xin.dim() != 4 or len(n.args) != 1 or n.kwargs:
+            return False
+        if isinstance(m, nn.MaxPool2d) and not m.return_indices:
+            p = tuple(_pair(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
+            s, _ = self._planned(n.name, shape)
+            self._step("maxpool", lambda env, bufs, x=x, s=s: _bind_call(max_pool2d, env, x, s, *p))
+            return True
+        if (isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1)) or (
+                isinstance(m, nn.AvgPool2d) and shape[2:] == (1, 1) and xin.shape[2:] == _pair(m.kernel_size)
+                and _pair(m.padding) == (0, 0)):
+            s, _ = self._planned(n.name, shape)
+            self._step("avgpool", lambda env, bufs, x=x, s=s: _bind_call(global_avg_pool, env, x, s))
+            return True
+        if isinstance(m, nn.LocalResponseNorm):
+            s, _ = self._planned(n.name, shape)
+            a = (m.size, m.alpha, m.beta, m.k)
+            self._step("lrn", lambda env, bufs, x=x, s=s: _bind_lrn(lrn_across_channels, env, x, s, a))
+            return True
+        return False
+
+    def _torch(self, n: Node) -> None:
+        """Anything else runs in torch on views of the buffers (no copy in), its result taken as is."""
+        s = self._slot(n.name)
+        self.prog.static.setdefault(s, lambda bufs: None)
+        slots = {r: self.slot[r] for r in n.refs()}
+        label = type(n.fn).__name__ if n.op == "module" else getattr(n.fn, "__name__", str(n.fn))
+        self._step(f"torch:{label}", lambda env, bufs, s=s: _bind_torch(env, n, slots, s))
+
+
+def _shape_like(v: Any) -> bool:
+    """Values that depend on the input only through its shape (fixed for one input shape)."""
+    if isinstance(v, (bool, int, float, str, torch.Size)) or v is None:
+        return True
+    return isinstance(v, (tuple, list)) and all(_shape_like(a) for a in v)
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# bound steps: each returns the closure one forward pass calls (arguments bound once)
+
+
+def _bind_view(env, s, src, shape):
+    def run(env=env):
+        env[s] = env[src].reshape(shape)
+    return run
+
+
+def _bind_add(add_relu, env, a, b, s, relu):
+    out = env[s].reshape(-1)
+
+    def run(env=env):
+        add_relu(env[a].reshape(-1), env[b].reshape(-1), out, relu)
+    return run
+
+
+def _bind_relu(relu_, env, x, s):
+    out = env[s]
+    flat = out.reshape(-1)
+    if x == s:
+        def run(env=env):
+            relu_(flat)
+        return run
+
+    def run_copy(env=env):
+        np.copyto(out, env[x])
+        relu_(flat)
+    return run_copy
+
+
+def _bind_call(fn, env, x, s, *args):
+    out = env[s]
+
+    def run(env=env):
+        fn(env[x], out, *args)
+    return run
+
+
+def _bind_lrn(fn, env, x, s, a):
+    out = env[s]
+    size, alpha, beta, k = a
+
+    def run(env=env):
+        fn(env[x], size, alpha, beta, k, out)
+    return run
+
+
+def _bind_direct(env, x, s, prep, bias, relu, fused):
+    from sparsecnn.kernels.conv import direct_conv2d
+    from sparsecnn.kernels.elementwise import relu_
+
+    out = env[s]
+    if relu and fused:
+        def run_fused(env=env):
+            direct_conv2d(prep, env[x], bias, out, relu=True)
+        return run_fused
+    flat = out.reshape(-1)
+
+    def run(env=env):
+        direct_conv2d(prep, env[x], bias, out)
+        if relu:
+            relu_(flat)
+    return run
+
+
+def _bind_spmv(env, x, s, prep, bias, relu, fused):
+    from sparsecnn.kernels.elementwise import relu_
+    from sparsecnn.kernels.spmv import sparse_linear
+
+    out = env[s]
+    if relu and fused:
+        def run_fused(env=env):
+            sparse_linear(prep, env[x], bias, out, relu=True)
+        return run_fused
+    flat = out.reshape(-1)
+
+    def run(env=env):
+        sparse_linear(prep, env[x], bias, out)
+        if relu:
+            relu_(flat)
+    return run
+
+
+def _bind_gemm(env, x, s, wt, bt, relu):
+    out = torch.from_numpy(env[s])
+
+    def run(env=env):
+        xt = torch.from_numpy(env[x])
+        if bt is None:
+            torch.mm(xt, wt, out=out)
+        else:
+            torch.addmm(bt, xt, wt, out=out)
+        if relu:
+            out.relu_()
+    return run
+
+
+def _bind_torch_conv(env, x, s, w, b, args, relu):
+    stride, padding, dilation, groups = args
+
+    def run(env=env):
+        y = F.conv2d(torch.from_numpy(env[x]), w, b, stride, padding, dilation, groups)
+        if relu:
+            y.relu_()
+        env[s] = y.numpy()
+    return run
+
+
+def _bind_engine(env, x, s, engine, relu):
+    def run(env=env):
+        y = engine.run(torch.from_numpy(env[x]))
+        if relu:
+            y.relu_()
+        env[s] = y.numpy()
+    return run
+
+
+def _as_torch(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(v)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_as_torch(a) for a in v)
+    return v
+
+
+def _as_numpy(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().contiguous().numpy()
+    return v
+
+
+def _bind_torch(env, node, slots, s):
+    def run(env=env):
+        vals = {r: _as_torch(env[k]) for r, k in slots.items()}
+        env[s] = _as_numpy(call(node, vals))
+    return run
+
+
+def build_program(nodes: list[Node], values: dict[str, Any]) -> Program:
+    """Lower ``nodes`` for the input shape ``values`` was recorded with (see :func:`record`)."""
+    out = values[nodes[-1].args[0].name]
+    if not isinstance(out, torch.Tensor):
+        raise SparseCNNError(f"cannot compile: the model returns {type(out).__name__}, not a tensor")
+    return _Builder(nodes, values).build()
+

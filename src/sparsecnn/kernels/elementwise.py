@@ -1,0 +1,173 @@
+"""Elementwise and pooling kernels of the whole-model executor (:mod:`sparsecnn.engine`).
+
+What runs between the convolutions and linears of a CNN: ReLU, the residual add (with its ReLU
+fused, one pass over the activation instead of two), max pooling and global average pooling. Each is
+one numba pass over raw C-contiguous float32 arrays with the output passed in, so the executor calls
+compiled code with preallocated buffers and allocates nothing per call.
+
+NaN propagates as in torch: ``relu(NaN) = NaN`` (``v > 0`` is false for NaN, so the select keeps
+``v`` whenever ``not v <= 0``), and a NaN in a pooling window makes the window's maximum NaN.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from sparsecnn.kernels._numba import jit, pjit
+
+__all__ = ["add_relu", "global_avg_pool", "max_pool2d", "relu_"]
+
+# Below this many elements a parallel launch (~2 us) costs more than the pass itself.
+_PARALLEL_MIN = 1 << 15
+
+
+@jit
+def _relu_serial(a):
+    for i in range(a.size):
+        v = a[i]
+        if v <= 0.0:  # NaN compares false and is kept, as torch.relu does
+            a[i] = 0.0
+
+
+@pjit
+def _relu_parallel(a, chunk):
+    n = a.size
+    for c in numba.prange((n + chunk - 1) // chunk):
+        for i in range(c * chunk, min(n, (c + 1) * chunk)):
+            v = a[i]
+            if v <= 0.0:
+                a[i] = 0.0
+
+
+def relu_(a: np.ndarray) -> None:
+    """``a = max(a, 0)`` in place, NaN kept.
+
+    Parameters
+    ----------
+    a : ndarray, shape (n,), float32, C-contiguous
+    """
+    if a.size >= _PARALLEL_MIN:
+        _relu_parallel(a, 1 << 14)
+    else:
+        _relu_serial(a)
+
+
+@jit
+def _add_serial(a, b, out, relu):
+    for i in range(out.size):
+        v = a[i] + b[i]
+        if relu and v <= 0.0:
+            v = 0.0
+        out[i] = v
+
+
+@pjit
+def _add_parallel(a, b, out, relu, chunk):
+    n = out.size
+    for c in numba.prange((n + chunk - 1) // chunk):
+        for i in range(c * chunk, min(n, (c + 1) * chunk)):
+            v = a[i] + b[i]
+            if relu and v <= 0.0:
+                v = 0.0
+            out[i] = v
+
+
+def add_relu(a: np.ndarray, b: np.ndarray, out: np.ndarray, relu: bool) -> None:
+    """``out = a + b``, then ``max(out, 0)`` when ``relu`` (a residual connection and its ReLU).
+
+    Parameters
+    ----------
+    a, b, out : ndarray, shape (n,), float32, C-contiguous
+        ``out`` may be ``a`` or ``b`` (each element is read before it is written).
+    relu : bool
+    """
+    if out.size >= _PARALLEL_MIN:
+        _add_parallel(a, b, out, relu, 1 << 14)
+    else:
+        _add_serial(a, b, out, relu)
+
+
+@pjit
+def _max_pool_kernel(x, out, kh, kw, sh, sw, ph, pw, dh, dw, tmp):
+    """Separable max pooling: per output row, the max over the window's rows inside x (whole
+    contiguous rows: vectorised), then per output column the max over that row's window columns
+    inside x. Padding counts as -inf, i.e. is skipped.
+    NOTE: x (P, H, W), out (P, Hout, Wout) and tmp (P, W) C-contiguous, P = B * C; out's size from
+    torch's formula (no window lies wholly in the padding)."""
+    npl, h, w = x.shape
+    hout, wout = out.shape[1], out.shape[2]
+    for p in numba.prange(npl):
+        xp = x[p]
+        op = out[p]
+        vm = tmp[p]
+        for oh in range(hout):
+            h0 = oh * sh - ph
+            first = True
+            for r in range(kh):
+                hi = h0 + r * dh
+                if hi < 0 or hi >= h:
+                    continue
+                row = xp[hi]
+                if first:
+                    for j in range(w):
+                        vm[j] = row[j]
+                    first = False
+                else:
+                    for j in range(w):
+                        v = row[j]
+                        m = vm[j]
+                        vm[j] = v if (v > m) | (v != v) else m
+            orow = op[oh]
+            for ow in range(wout):
+                w0 = ow * sw - pw
+                m = -np.inf
+                for t in range(kw):
+                    wi = w0 + t * dw
+                    if wi >= 0 and wi < w:
+                        v = vm[wi]
+                        m = v if (v > m) | (v != v) else m
+                orow[ow] = m
+
+
+def max_pool2d(x: np.ndarray, out: np.ndarray, kernel_size: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int], dilation: tuple[int, int]) -> None:
+    """Max pooling of every plane, padding counted as -inf (torch's ``max_pool2d``, ``ceil_mode`` given
+    by ``out``'s size).
+
+    Parameters
+    ----------
+    x : ndarray, shape (B, C, H, W), float32, C-contiguous
+    out : ndarray, shape (B, C, Hout, Wout), float32, C-contiguous
+    kernel_size, stride, padding, dilation : tuple of int, (h, w)
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    b, c, h, w = x.shape
+    hout, wout = out.shape[2], out.shape[3]
+    xp = x.reshape(b * c, h, w)
+    op = out.reshape(b * c, hout, wout)
+    # a scratch row per plane: planes run in parallel in any order (numba gives no thread ids)
+    _max_pool_kernel(xp, op, kh, kw, sh, sw, ph, pw, dh, dw, np.empty((b * c, w), dtype=np.float32))
+
+
+@pjit
+def _gap_kernel(x, out):
+    npl, n = x.shape
+    for p in numba.prange(npl):
+        s = np.float32(0.0)
+        row = x[p]
+        for i in range(n):
+            s += row[i]
+        out[p] = s / np.float32(n)
+
+
+def global_avg_pool(x: np.ndarray, out: np.ndarray) -> None:
+    """The mean of every plane: ``out[b, c] = mean(x[b, c])`` (adaptive average pooling to 1 x 1).
+
+    Parameters
+    ----------
+    x : ndarray, shape (B, C, H, W), float32, C-contiguous
+    out : ndarray, shape (B, C) or (B, C, 1, 1), float32, C-contiguous
+    """
+    b, c, h, w = x.shape
+    _gap_kernel(x.reshape(b * c, h * w), out.reshape(b * c))
