@@ -42,12 +42,25 @@ _LAZY: dict[str, str] = {
 }
 
 
+# Submodules reachable as attributes (``import sparsecnn; sparsecnn.models.build(...)``, as in torch),
+# imported on first access so that the import stays cheap.
+_SUBMODULES: frozenset[str] = frozenset({
+    "analysis", "bench", "data", "engine", "errors", "formats", "io", "kernels", "layers", "models", "ops",
+    "plan", "prune", "report", "shrink", "train"})
+
+
 def __getattr__(name: str):
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"sparsecnn.{name}")  # the import binds it in globals()
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'sparsecnn' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)

@@ -19,11 +19,13 @@ them to another machine), and the same margin rule decides.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import statistics
+import threading
 import time
 import types
 import warnings
@@ -107,7 +109,7 @@ class Plan(Mapping[str, str]):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the plan as JSON (``{"version": 1, "layers": {name: {strategy, source, times_s}}}``)."""
-        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        _atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
@@ -119,7 +121,7 @@ class Plan(Mapping[str, str]):
                       for n, e in raw["layers"].items()}
         except FileNotFoundError:
             raise SparseCNNError(f"plan file {path} does not exist") from None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise SparseCNNError(
                 f"plan file {path} is not a sparsecnn plan ({exc}); write it with Plan.save") from None
         return cls(layers)
@@ -178,28 +180,75 @@ def cache_key(layer: nn.Module, x: torch.Tensor, candidates: tuple[str, ...], de
         f"t{_threads()}", _cpu_model()])
 
 
+def _valid_entry(e: Any) -> bool:
+    """A decision-cache entry as auto_plan writes it: ``{"strategy": str, "times_s": {str: float}}``."""
+    if not isinstance(e, dict) or not isinstance(e.get("strategy"), str):
+        return False
+    times = e.get("times_s", {})
+    return isinstance(times, dict) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in times.values())
+
+
 def _read_cache(path: Path) -> dict[str, Any]:
+    """The decision cache's entries; a file that is not one (torn, hand-edited, another version) is
+    dropped whole with a warning: it is a cache, so the cost is re-measuring, never a wrong plan."""
     try:
         raw = json.loads(path.read_text())
         if isinstance(raw, dict) and isinstance(raw.get("version"), int) and raw["version"] < _CACHE_VERSION:
             return {}  # written by an older sparsecnn: its decisions are stale, replaced silently
         if raw.get("version") != _CACHE_VERSION or not isinstance(raw.get("entries"), dict):
             raise ValueError("unknown version")
-        return raw["entries"]
+        entries = {k: e for k, e in raw["entries"].items() if _valid_entry(e)}
+        if len(entries) < len(raw["entries"]):
+            raise ValueError(f"{len(raw['entries']) - len(entries)} malformed entries")
+        return entries
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError, AttributeError) as exc:
+    except (OSError, ValueError, AttributeError, RecursionError) as exc:
         warnings.warn(f"plan cache {path} is unreadable ({exc}); starting a new one", stacklevel=3)
         return {}
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the sidecar ``<path>.lock`` (where the OS has one): two processes
+    planning at once read-merge-write the cache one after the other, so neither loses the other's
+    entries. Advisory, released by the OS if the holder dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the atomic replace alone (an entry may be lost, never the file)
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it and rename it over ``path``: a
+    reader (or a crash) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_cache(path: Path, new: Mapping[str, Any]) -> None:
-    entries = _read_cache(path)  # merge with what other processes wrote meanwhile
-    entries.update(new)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    with _locked(path):
+        entries = _read_cache(path)  # merge with what other processes wrote meanwhile
+        entries.update(new)
+        _atomic_write_text(path, json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1,
+                                            sort_keys=True))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 ``jit``: serial kernels, cached on disk, GIL released.
 ``pjit``: the same plus ``parallel=True``, for kernels whose outer ``prange`` loop runs over output
 channels or batch; used only where a benchmark showed the gain.
+Both cache under a key over every kernel source (:func:`kernel_source_key`), not numba's per-file stamp.
 ``fastmath`` is not used: the tests compare against torch at relative 1e-4 and reassociation across a
 long reduction is not worth the risk.
 """
@@ -10,12 +11,127 @@ long reduction is not worth the risk.
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import threading
+from pathlib import Path
+from typing import Any
 
 import numba
+from numba.core import caching
 
-jit = functools.partial(numba.njit, cache=True, nogil=True)
-pjit = functools.partial(numba.njit, cache=True, nogil=True, parallel=True)
+_KERNELS_DIR = Path(__file__).resolve().parent
+
+
+@functools.cache
+def kernel_source_key(directory: str | None = None) -> str:
+    """A version key over the sources of every kernel module: 16 hex digits of the SHA-256 of each
+    ``*.py`` file's name and bytes in ``directory`` (default: this package's ``kernels/``), sorted.
+
+    Why: numba's on-disk cache is stamped with the hash of the one source file that defines a kernel,
+    but kernels inline functions and intrinsics from other modules (``_simd.py``'s tiles into
+    ``conv.py``); an edit to the helper alone would leave the stale machine code in use. Keyed by all
+    sources, an edit to any kernel module recompiles everything that may inline it. Computed once per
+    process (the sources of a running process are the ones it imported).
+    """
+    root = Path(directory) if directory is not None else _KERNELS_DIR
+    h = hashlib.sha256()
+    for f in sorted(root.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+class _KeyedLocator(caching._CacheLocator):
+    """numba's usual cache location for a function (``$NUMBA_CACHE_DIR``, the module's
+    ``__pycache__``, or the user-wide cache, whichever numba would choose), one subfolder
+    ``k<key>`` deeper, with the :func:`kernel_source_key` added to the source stamp."""
+
+    def __init__(self, inner: caching._CacheLocator, key: str) -> None:
+        self._inner = inner
+        self._key = key
+        self._path = os.path.join(inner.get_cache_path(), f"k{key}")
+
+    def get_cache_path(self) -> str:
+        return self._path
+
+    def get_source_stamp(self) -> Any:
+        return (self._inner.get_source_stamp(), self._key)
+
+    def get_disambiguator(self) -> str:
+        return self._inner.get_disambiguator()
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        for inner_cls in caching.CacheImpl._locator_classes:
+            inner = inner_cls.from_function(py_func, py_file)
+            if inner is None:
+                continue
+            self = cls(inner, kernel_source_key())
+            try:
+                self.ensure_cache_path()
+            except OSError:
+                continue
+            _prune_stale(inner.get_cache_path(), self._path)
+            return self
+        return None
+
+
+_PRUNE_AFTER_S = 7 * 86400  # a key folder untouched this long belongs to sources nobody runs any more
+_pruned: set[str] = set()
+
+
+def _prune_stale(parent: str, keep: str) -> None:
+    """Remove the ``k<key>`` folders under ``parent`` untouched for a week (once per process):
+    each kernel edit leaves one behind. Best effort; a folder in use is never that old."""
+    if parent in _pruned:
+        return
+    _pruned.add(parent)
+    import shutil
+    import time
+
+    try:
+        old = [e.path for e in os.scandir(parent) if e.is_dir() and e.name.startswith("k") and e.path != keep
+               and len(e.name) == 17 and time.time() - e.stat().st_mtime > _PRUNE_AFTER_S]
+    except OSError:
+        return
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class _KeyedCacheImpl(caching.CompileResultCacheImpl):
+    _locator_classes = [_KeyedLocator]  # noqa: RUF012 - numba's class attribute
+
+
+class _KeyedFunctionCache(caching.FunctionCache):
+    _impl_class = _KeyedCacheImpl
+
+
+def _keyed(dispatcher):
+    dispatcher._cache = _KeyedFunctionCache(dispatcher.py_func)
+    return dispatcher
+
+
+def _decorator(**defaults: Any):
+    def deco(*args: Any, **kwargs: Any):
+        options = {**defaults, **kwargs}
+        cache = options.pop("cache", True)
+        if args and callable(args[0]):  # bare @jit (or jit(func, ...))
+            disp = numba.njit(args[0], **options)
+            return _keyed(disp) if cache else disp
+
+        def wrap(func):
+            disp = numba.njit(*args, **options)(func)
+            return _keyed(disp) if cache else disp
+
+        return wrap
+
+    return deco
+
+
+# Same call forms as ``numba.njit`` (``@jit``, ``@jit(inline="always")``, ``@jit("f8(f8)")``), cached on
+# disk under a key over all kernel sources (see :func:`kernel_source_key`).
+jit = _decorator(nogil=True)
+pjit = _decorator(nogil=True, parallel=True)
 
 
 def num_threads() -> int:
