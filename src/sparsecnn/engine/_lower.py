@@ -393,26 +393,30 @@ class _Builder:
                    lambda env, bufs, x=x, s=s: _bind_engine(env, x, s, layer.engine, relu))
 
     def _linear(self, n: Node, x: int, shape: tuple[int, ...], relu: bool) -> None:
-        from sparsecnn.layers import SparseLinear, _SparseLinear
+        from sparsecnn.layers import SparseLinear
 
         layer = n.fn
-        s, _ = self._planned(n.name, shape)
-        if isinstance(layer, SparseLinear) and isinstance(layer.engine, _SparseLinear):
+        strategy = layer.strategy if isinstance(layer, SparseLinear) else "torch"
+        suffix = "+relu" if relu else ""
+        if strategy in ("spmv", "spmm"):
+            s, _ = self._planned(n.name, shape)
             eng = layer.engine
             fused = _linear_fuses_relu()
-            self._step(f"linear:{layer.strategy}" + ("+relu" if relu else ""),
+            self._step(f"linear:{strategy}{suffix}",
                        lambda env, bufs, x=x, s=s: _bind_spmv(env, x, s, eng.format, eng.bias, relu, fused))
-            return
-        if isinstance(layer, SparseLinear):
-            lin = getattr(layer.engine, "linear", None)
-            if lin is None:  # the dense engine: its weight as (K, M) and bias
+        elif strategy in ("torch", "dense"):
+            s, _ = self._planned(n.name, shape)
+            lin = layer.engine.linear if strategy == "torch" and isinstance(layer, SparseLinear) else layer
+            if strategy == "dense":
                 wt, bt = layer.engine.weight_t, layer.engine.bias_t
             else:
                 wt, bt = lin.weight.detach().t(), None if lin.bias is None else lin.bias.detach()
-        else:
-            wt, bt = layer.weight.detach().t(), None if layer.bias is None else layer.bias.detach()
-        kind = f"linear:{getattr(layer, 'strategy', 'torch')}" + ("+relu" if relu else "")
-        self._step(kind, lambda env, bufs, x=x, s=s: _bind_gemm(env, x, s, wt, bt, relu))
+            self._step(f"linear:{strategy}{suffix}", lambda env, bufs, x=x, s=s: _bind_gemm(env, x, s, wt, bt, relu))
+        else:  # any other engine, through its own run (torch tensors in and out)
+            s = self._slot(n.name)
+            self.prog.static.setdefault(s, lambda bufs: None)
+            self._step(f"linear:{strategy}{suffix}",
+                       lambda env, bufs, x=x, s=s: _bind_engine(env, x, s, layer.engine, relu))
 
     def _relu(self, n: Node, x: int, src: str, i: int, shape: tuple[int, ...]) -> None:
         from sparsecnn.kernels.elementwise import relu_

@@ -1,0 +1,239 @@
+"""The whole-model executor (``sparsecnn.compile``) against the dense torch model, and its kernels."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsecnn
+from sparsecnn import models
+from sparsecnn.errors import SparseCNNError
+from sparsecnn.kernels.elementwise import add_relu, global_avg_pool, max_pool2d, relu_
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
+    """Running statistics and affine terms away from the identity, so folding is tested for real."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+ZOO = [
+    ("lenet5", {"in_channels": 1, "input_size": 8}, "uniform:0.9"),
+    ("alexnet", {"input_size": 99, "num_classes": 50}, "deep-compression"),
+    ("vgg16", {"input_size": 32, "num_classes": 10}, "uniform:0.9"),
+    ("resnet18", {"input_size": 64, "num_classes": 10}, "uniform:0.8"),
+    ("resnet50", {"input_size": 32, "num_classes": 10}, "uniform:0.9"),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "profile"), ZOO, ids=[z[0] for z in ZOO])
+@pytest.mark.parametrize("strategy", ["direct", "torch"])
+def test_zoo_model_equals_dense(name: str, kwargs: dict, profile: str, strategy: str) -> None:
+    model = models.build(name, **kwargs).eval()
+    models.apply_profile(model, profile)
+    _randomise_bn(model)
+    x = torch.randn(2, *models.input_shape(model), generator=torch.Generator().manual_seed(1))
+    compiled = sparsecnn.compile(model, x, strategy)
+    with torch.inference_mode():
+        ref = model(x)
+    assert _rel(compiled(x), ref) <= 1e-4
+    assert compiled.max_rel_error <= 1e-4
+    kinds = compiled.steps(tuple(x.shape))
+    assert not any(k.startswith("torch:") for k in kinds), kinds  # every zoo op runs in the engine
+    if name.startswith("resnet"):
+        assert "add+relu" in kinds  # the residual add carries its ReLU
+        assert any(k.endswith("+relu") and k.startswith("conv:") for k in kinds)  # BN folded, ReLU fused
+    # another batch size gets its own program, same answers
+    x1 = x[:1]
+    with torch.inference_mode():
+        assert _rel(compiled(x1), model(x1)) <= 1e-4
+
+
+def test_auto_plan_cost_model_and_numpy_callable(tmp_path) -> None:
+    model = models.build("alexnet", input_size=67, num_classes=10).eval()
+    models.apply_profile(model, "uniform:0.9")
+    x = torch.randn(1, 3, 67, 67, generator=torch.Generator().manual_seed(0))
+    compiled = sparsecnn.compile(model, x, measure=False, plan_path=tmp_path / "plans.json")
+    assert set(compiled.plan) == {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    with torch.inference_mode():
+        ref = model(x).numpy()
+    y = compiled.numpy(x.numpy())
+    assert isinstance(y, np.ndarray) and y.dtype == np.float32
+    assert np.abs(y - ref).max() / np.abs(ref).max() <= 1e-4
+    # outputs are fresh arrays: the next call does not overwrite them
+    y2 = compiled.numpy(x.numpy() * 2)
+    assert not np.allclose(y, y2)
+    assert np.abs(y - ref).max() / np.abs(ref).max() <= 1e-4
+
+
+class _Odd(nn.Module):
+    """Ops the engine runs natively next to ones it leaves to torch (softmax, sigmoid, cat, permute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False)
+        self.pool = nn.AvgPool2d(3, stride=2, padding=1)
+        self.fc = nn.Linear(16 * 5 * 5, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.a(x)))
+        z = torch.sigmoid(self.b(y))
+        y = torch.cat([y, z * 2.0], dim=1)  # shared input y: conv a's ReLU stays its own step
+        y = self.pool(y)
+        y = y.permute(0, 1, 3, 2).contiguous()
+        y = F.max_pool2d(y, 2, ceil_mode=True)
+        return torch.softmax(self.fc(y.view(y.size(0), -1)), dim=1) + y.mean()
+
+
+def test_user_module_with_fallback_ops() -> None:
+    torch.manual_seed(0)
+    net = _Odd().eval()
+    _randomise_bn(net)
+    x = torch.randn(3, 3, 17, 17)
+    compiled = sparsecnn.compile(net, x, "direct")
+    with torch.inference_mode():
+        assert _rel(compiled(x), net(x)) <= 1e-4
+    kinds = compiled.steps(tuple(x.shape))
+    assert any(k.startswith("torch:") for k in kinds) and "conv:direct" in kinds
+
+
+def test_onnx_file_runs_through_the_engine(tmp_path) -> None:
+    pytest.importorskip("onnx")
+    from sparsecnn.io import export_onnx
+
+    model = models.build("resnet18", input_size=32, num_classes=10).eval()
+    models.apply_profile(model, "uniform:0.8")
+    _randomise_bn(model)
+    path = tmp_path / "r18.onnx"
+    export_onnx(model, path, input_shape=(3, 32, 32))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    compiled = sparsecnn.compile(str(path), x, "direct")
+    with torch.inference_mode():
+        assert _rel(compiled(x), model(x)) <= 1e-4
+    assert "add+relu" in compiled.steps((1, 3, 32, 32))
+
+
+def test_compiled_model_from_four_threads() -> None:
+    model = models.build("resnet18", input_size=32, num_classes=10).eval()
+    models.apply_profile(model, "uniform:0.8")
+    compiled = sparsecnn.compile(model, torch.randn(1, 3, 32, 32), "direct")
+    g = torch.Generator().manual_seed(5)
+    shapes = [(1, 3, 32, 32), (2, 3, 32, 32), (1, 3, 40, 40)]
+    inputs = [torch.randn(shapes[(i // 4) % 3], generator=g) for i in range(200)]
+    with torch.inference_mode():
+        refs = [model(x) for x in inputs]
+    out: list = [None] * len(inputs)
+    barrier = threading.Barrier(4)
+    errors: list = []
+
+    def work(t: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(t, len(inputs), 4):
+                out[i] = compiled(inputs[i])
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert not errors, errors[0]
+    bad = [i for i in range(len(inputs)) if out[i] is None or _rel(out[i], refs[i]) > 1e-4]
+    assert not bad, f"{len(bad)} of {len(inputs)} outputs wrong"
+
+
+def test_pickle_and_deepcopy() -> None:
+    model = models.build("lenet5", in_channels=1, input_size=8).eval()
+    models.apply_profile(model, "uniform:0.9")
+    x = torch.randn(1, 1, 8, 8)
+    compiled = sparsecnn.compile(model, x, "direct")
+    y = compiled(x)
+    for other in (copy.deepcopy(compiled), pickle.loads(pickle.dumps(compiled))):
+        assert torch.equal(other(x), y)
+
+
+def test_bad_input() -> None:
+    model = models.build("lenet5", in_channels=1, input_size=8).eval()
+    compiled = sparsecnn.compile(model, torch.randn(1, 1, 8, 8), "direct")
+    with pytest.raises(SparseCNNError, match="does not fit the model"):
+        compiled(torch.randn(1, 3, 8, 8))
+    with pytest.raises(SparseCNNError, match="torch.Tensor"):
+        compiled(np.zeros((1, 1, 8, 8), np.float32))
+    with pytest.raises(SparseCNNError, match="float numpy array"):
+        compiled.numpy(np.zeros((1, 1, 8, 8), np.int32))
+    with pytest.raises(SparseCNNError, match="unknown strategy"):
+        sparsecnn.compile(model, torch.randn(1, 1, 8, 8), "fastest")
+    with pytest.raises(SparseCNNError, match="lacks"):
+        sparsecnn.compile(model, torch.randn(1, 1, 8, 8), {"nope": "direct"})
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(SparseCNNError, match="could not trace"):
+        sparsecnn.compile(Branchy(), torch.randn(1, 1, 4, 4))
+    with pytest.raises(SparseCNNError, match="Module or a model path"):
+        sparsecnn.compile(42)
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_max_pool_matches_torch(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    k = tuple(int(v) for v in rng.integers(1, 4, 2))
+    s = tuple(int(v) for v in rng.integers(1, 4, 2))
+    p = tuple(int(rng.integers(0, kk // 2 + 1)) for kk in k)
+    d = tuple(int(v) for v in rng.integers(1, 3, 2))
+    ceil = bool(rng.integers(0, 2))
+    h, w = (int(v) for v in rng.integers(6, 20, 2))
+    x = torch.from_numpy(rng.standard_normal((2, 3, h, w)).astype(np.float32))
+    if seed % 4 == 0:
+        x[0, 1, 2, 3] = float("nan")
+    ref = F.max_pool2d(x, k, s, p, d, ceil_mode=ceil)
+    out = np.empty(tuple(ref.shape), np.float32)
+    max_pool2d(x.numpy(), out, k, s, p, d)
+    np.testing.assert_array_equal(out, ref.numpy())  # exact, NaN where torch has NaN
+
+
+def test_elementwise_kernels_match_torch() -> None:
+    rng = np.random.default_rng(0)
+    for n in (5, 1000, 70_001):
+        a = rng.standard_normal(n).astype(np.float32)
+        b = rng.standard_normal(n).astype(np.float32)
+        a[0] = np.nan
+        out = np.empty_like(a)
+        add_relu(a, b, out, True)
+        np.testing.assert_array_equal(out, torch.relu(torch.from_numpy(a) + torch.from_numpy(b)).numpy())
+        add_relu(a, b, out, False)
+        np.testing.assert_array_equal(out, a + b)
+        c = a.copy()
+        relu_(c)
+        np.testing.assert_array_equal(c, torch.relu(torch.from_numpy(a)).numpy())
+    x = rng.standard_normal((2, 5, 7, 7)).astype(np.float32)
+    g = np.empty((2, 5), np.float32)
+    global_avg_pool(x, g)
+    np.testing.assert_allclose(g, x.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
