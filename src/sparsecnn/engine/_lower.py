@@ -411,7 +411,8 @@ class _Builder:
                 wt, bt = layer.engine.weight_t, layer.engine.bias_t
             else:
                 wt, bt = lin.weight.detach().t(), None if lin.bias is None else lin.bias.detach()
-            self._step(f"linear:{strategy}{suffix}", lambda env, bufs, x=x, s=s: _bind_gemm(env, x, s, wt, bt, relu))
+            self._step(f"linear:{strategy}{suffix}",
+                       lambda env, bufs, x=x, s=s: _bind_gemm(env, x, s, wt, bt, relu))
         else:  # any other engine, through its own run (torch tensors in and out)
             s = self._slot(n.name)
             self.prog.static.setdefault(s, lambda bufs: None)
