@@ -133,7 +133,16 @@ def test_corrupt_arrays_are_caught_by_the_format_checks(tmp_path, pruned_lenet):
     arrays["sparse/fc1/indices"] = arrays["sparse/fc1/indices"][::-1].copy()  # unsorted columns
     with open(path, "wb") as f:
         np.savez(f, **arrays)
-    with pytest.raises(SparseCNNError):
+    with pytest.raises(SparseCNNError, match="checksum does not match"):
+        sparsecnn.load(path)
+    # a version-1 file (no checksum) with the same damage: the format checks catch it
+    del arrays["__sha256__"]
+    header = json.loads(arrays["__header__"].tobytes())
+    header["version"] = 1
+    arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(SparseCNNError, match="fc1"):
         sparsecnn.load(path)
 
 

@@ -14,7 +14,11 @@ File layout: ``.npz`` (numpy, the default) or ``.safetensors``. Array names are
 ``sparse/<layer>/<field>`` and ``dense/<state key>``; the JSON header (format name, version, layers,
 architecture) is the array ``__header__`` (npz) or the metadata key ``sparsecnn`` (safetensors). The file
 is written to a temporary file beside the target and renamed over it, so a crash never leaves half a
-checkpoint. Its size is the formats' ``nbytes`` plus the biases and the dense rest, plus a small header.
+checkpoint. From version 2 a SHA-256 over the header text and every array (name, dtype, shape, bytes) is
+stored beside the header (the array ``__sha256__`` / the metadata key ``sparsecnn_sha256``) and checked on
+load: safetensors has no checksum, and a flipped bit in a weight or a header field must not load as a
+silently different model. Its size is the formats' ``nbytes`` plus the biases and the dense rest, plus a
+small header.
 """
 
 from __future__ import annotations
@@ -40,8 +44,51 @@ __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "load", "save"]
 
 CHECKPOINT_FORMAT = "sparsecnn-checkpoint"
 # Bump when the layout changes; load() refuses files with a larger version.
-CHECKPOINT_VERSION = 1
+# 2: a SHA-256 digest of the header and arrays, required from this version on.
+CHECKPOINT_VERSION = 2
 _HEADER = "__header__"
+_DIGEST = "__sha256__"  # npz array; the safetensors metadata key is "sparsecnn_sha256"
+
+
+def _digest(text: str, arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 hex digest of the header text and every array's name, dtype, shape and bytes."""
+    import hashlib
+
+    h = hashlib.sha256(text.encode())
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"\0{key}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+    return h.hexdigest()
+
+
+def _npz_arrays(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` held in ``data``, each member's declared shape checked against its size
+    first: numpy allocates the declared shape before it reads, so a corrupt header would ask for
+    terabytes."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        out = {}
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                raise ValueError(f"member {info.filename!r} is not an array")
+            if info.file_size > len(data) * 1032:  # deflate's best ratio: a bomb, not a checkpoint
+                raise ValueError(f"member {info.filename!r} declares {info.file_size} bytes")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"member {info.filename!r} has npy version {version}")
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _fortran, dtype = read_header(f)
+                if dtype.hasobject:
+                    raise ValueError(f"member {info.filename!r} holds Python objects")
+                need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if need > info.file_size:
+                    raise ValueError(f"member {info.filename!r} declares shape {shape} ({need} bytes) "
+                                     f"in {info.file_size} bytes")
+            with zf.open(info) as f:
+                out[info.filename[:-4]] = np.lib.format.read_array(f, allow_pickle=False)
+        return out
 
 
 def _suffix(path: str) -> str:
@@ -135,15 +182,17 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> str:
         "plan": plan.to_json() if hasattr(plan, "to_json") else None,
     }
     text = json.dumps(header, separators=(",", ":"))
+    digest = _digest(text, arrays)
     fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix="." + kind, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             if kind == "npz":
-                np.savez(f, **{_HEADER: np.frombuffer(text.encode(), np.uint8)}, **arrays)
+                np.savez(f, **{_HEADER: np.frombuffer(text.encode(), np.uint8),
+                               _DIGEST: np.frombuffer(digest.encode(), np.uint8)}, **arrays)
             else:
                 from safetensors.numpy import save as st_save
 
-                f.write(st_save(arrays, metadata={"sparsecnn": text}))
+                f.write(st_save(arrays, metadata={"sparsecnn": text, "sparsecnn_sha256": digest}))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -165,17 +214,16 @@ def _read(path: str) -> tuple[dict[str, Any], Mapping[str, np.ndarray]]:
         with open(path, "rb") as f:
             data = f.read()
         if kind == "npz":
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            raw = arrays.pop(_HEADER, None)
+            arrays = _npz_arrays(data)
+            raw, raw_digest = arrays.pop(_HEADER, None), arrays.pop(_DIGEST, None)
             text = None if raw is None else raw.tobytes().decode("utf-8")
+            digest = None if raw_digest is None else raw_digest.tobytes().decode("ascii")
         else:
-            from safetensors import safe_open
             from safetensors.numpy import load as st_load
 
             arrays = st_load(data)
-            with safe_open(path, "np") as f:
-                text = (f.metadata() or {}).get("sparsecnn")
+            meta = _safetensors_metadata(data)
+            text, digest = meta.get("sparsecnn"), meta.get("sparsecnn_sha256")
     except SparseCNNError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError, KeyError) as exc:
@@ -198,7 +246,24 @@ def _read(path: str) -> tuple[dict[str, Any], Mapping[str, np.ndarray]]:
             f"checkpoint {path} has format version {version}, newer than this sparsecnn reads "
             f"({CHECKPOINT_VERSION}); upgrade sparsecnn to load it"
         )
+    if digest is None and version >= 2:
+        raise SparseCNNError(f"{bad} (its checksum is missing)")
+    if digest is not None and digest != _digest(text, arrays):
+        raise SparseCNNError(f"checkpoint {path} is corrupt: its checksum does not match its contents "
+                             f"(a damaged copy? save it again from the model)")
     return header, arrays
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file in ``data`` (8-byte little-endian header length,
+    then a JSON header), read from the same bytes as the arrays (not the file a second time)."""
+    n = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or n > len(data) - 8:
+        raise ValueError("header length beyond the end of the file")
+    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("malformed metadata")
+    return meta
 
 
 def _skeleton(arch: Any, path: str) -> nn.Module:
