@@ -19,7 +19,9 @@ Convolution strategies (each supports batch >= 1, stride, padding, dilation, gro
 Linear strategies: ``torch`` (``F.linear``), ``dense`` (``torch.addmm``), ``spmv`` and ``spmm``
 (CSR weights; both run :func:`sparsecnn.kernels.spmv.sparse_linear`, which is a sparse matrix-vector
 product at batch 1 and a sparse x dense product at batch > 1; the names tell the planner which case
-a layer was chosen for).
+a layer was chosen for). ``spmv-act`` stores the weights by columns (CSC, or dense columns above 2/3
+density) and walks only the nonzero inputs (:mod:`sparsecnn.kernels.spmv_act`): for the ReLU-sparse
+input of a fully connected layer at batch 1 or a small batch.
 
 A layer a strategy cannot run (``padding_mode`` other than zeros, weights that are not float32, a
 ``padding="same"`` that needs asymmetric padding) falls back to ``torch`` with a warning naming the
@@ -51,14 +53,14 @@ from sparsecnn.kernels._numba import PerThread
 __all__ = ["LoweredWeight", "SparseConv2d", "SparseLinear", "sparsify", "strategies"]
 
 _CONV_STRATEGIES: tuple[str, ...] = ("torch", "dense", "csrmm", "direct", "lowered", "bsr", "spgemm")
-_LINEAR_STRATEGIES: tuple[str, ...] = ("torch", "dense", "spmv", "spmm")
+_LINEAR_STRATEGIES: tuple[str, ...] = ("torch", "dense", "spmv", "spmm", "spmv-act")
 
 # A strategy named for one kind of layer, applied to the other kind by sparsify(model, name): every
 # sparse convolution strategy runs the model's linears as CSR (spmm covers batch 1 too), and the
 # sparse linear strategies run convolutions as CSR x lowered input, the same format.
 _LINEAR_FOR_CONV = {"torch": "torch", "dense": "dense", "csrmm": "spmm", "direct": "spmm",
                     "lowered": "spmm", "bsr": "spmm", "spgemm": "spmm"}
-_CONV_FOR_LINEAR = {"torch": "torch", "dense": "dense", "spmv": "csrmm", "spmm": "csrmm"}
+_CONV_FOR_LINEAR = {"torch": "torch", "dense": "dense", "spmv": "csrmm", "spmm": "csrmm", "spmv-act": "csrmm"}
 
 # Workspaces (im2col buffers, sparse input storage) are kept for this many distinct input shapes.
 _WORKSPACE_SHAPES = 4
@@ -1073,7 +1075,46 @@ class _SparseLinear:
         return torch.from_numpy(out_np)
 
 
-_LINEAR_ENGINES: dict[str, type] = {"dense": _DenseLinear, "spmv": _SparseLinear, "spmm": _SparseLinear}
+class _ActSparseLinear(_SparseLinear):
+    """Column-stored weights through :func:`sparsecnn.kernels.spmv_act.act_sparse_linear`, which
+    skips the zero inputs. Format: ActLinearPrep."""
+
+    @staticmethod
+    def convert(weight: np.ndarray) -> Any:
+        from sparsecnn.kernels.spmv_act import prepare_act_linear
+
+        return prepare_act_linear(weight)
+
+    @staticmethod
+    def check(shape: tuple[int, int], fmt: Any) -> None:
+        from sparsecnn.kernels.spmv_act import ActLinearPrep
+
+        _need(isinstance(fmt, ActLinearPrep), f"expected an ActLinearPrep, got {type(fmt).__name__}")
+        _need(tuple(fmt.shape) == shape,
+              f"expected an ActLinearPrep of shape {shape}, got {tuple(fmt.shape)}")
+        if fmt.dense_columns:
+            _check_f32(fmt.dense_t, "ActLinearPrep.dense_t", (shape[1], shape[0]))
+        else:  # CSC of W is CSR of W.T
+            _check_csr_arrays("ActLinearPrep", fmt.indptr, fmt.indices, fmt.data, shape[1], shape[0])
+
+    def to_dense(self) -> np.ndarray:
+        f = self.format
+        if f.dense_columns:
+            return np.ascontiguousarray(f.dense_t.T)
+        return np.ascontiguousarray(_csr_dense(f.indptr, f.indices, f.data, (f.shape[1], f.shape[0])).T)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        from sparsecnn.kernels.spmv_act import act_sparse_linear
+
+        x = x.detach().contiguous()
+        out_np = np.empty((x.shape[0], self.m), dtype=np.float32)
+        if x.shape[0]:
+            act_sparse_linear(self.format, x.numpy(), self.bias, out_np)
+        return torch.from_numpy(out_np)
+
+
+_LINEAR_ENGINES: dict[str, type] = {"dense": _DenseLinear, "spmv": _SparseLinear, "spmm": _SparseLinear,
+                                    "spmv-act": _ActSparseLinear}
 
 
 class SparseLinear(_SparseLayer):

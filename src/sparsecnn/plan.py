@@ -264,11 +264,20 @@ def _close(y: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4) -> bool:
     return bool(torch.allclose(y, ref, rtol=rtol, atol=rtol * scale + 1e-30))
 
 
-def _candidates(layer: nn.Module, batch: int) -> tuple[str, ...]:
+# spmv-act (walk the nonzero inputs) is tried for a linear whose measured input is at least this
+# fraction zeros, at a batch of at most ACT_SPARSE_MAX_BATCH: below, reading every column wins.
+ACT_SPARSE_MIN_ZEROS = 0.3
+ACT_SPARSE_MAX_BATCH = 8
+
+
+def _candidates(layer: nn.Module, batch: int, input_density: float = 1.0) -> tuple[str, ...]:
     from sparsecnn.layers import strategies
 
     if isinstance(layer, nn.Linear):
-        return ("torch", "dense", "spmv" if batch == 1 else "spmm")
+        base = ("torch", "dense", "spmv" if batch == 1 else "spmm")
+        if batch <= ACT_SPARSE_MAX_BATCH and 1.0 - input_density >= ACT_SPARSE_MIN_ZEROS:
+            return (*base, "spmv-act")
+        return base
     return strategies("conv")
 
 
@@ -354,7 +363,7 @@ def choose(
     """
     from sparsecnn.layers import _convert
 
-    cands = tuple(dict.fromkeys(("torch", *(candidates or _candidates(layer, x.shape[0])))))
+    cands = tuple(dict.fromkeys(("torch", *(candidates or _candidates(layer, x.shape[0], _density(x))))))
     with torch.no_grad():
         ref = layer(x)
     modules: dict[str, nn.Module] = {}
@@ -462,6 +471,12 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
         if strategy in ("torch", "dense"):
             return c.torch_overhead_s + max(4 * m * k / c.linear_bandwidth, 2 * b * m * k / c.gemm_flops)
         idx = 2 if k <= 65536 else 4
+        if strategy == "spmv-act":  # reads the columns of the nonzero inputs only
+            dense_cols = nnz > 2 * m * k / 3
+            per = 4 if dense_cols else 4 + (2 if m <= 65536 else 4)
+            work = (m * k if dense_cols else nnz) * input_density
+            return c.kernel_overhead_s + max(work * per / c.sparse_linear_bandwidth,
+                                             2 * b * work / c.csr_flops)
         return c.kernel_overhead_s + max(nnz * (4 + idx) / c.sparse_linear_bandwidth,
                                          2 * b * nnz / c.csr_flops)
     b, g, cout, k, n, nnz = _conv_dims(layer, x_shape)
@@ -646,7 +661,7 @@ def auto_plan(
                           stacklevel=3)
             choices[name] = LayerChoice("torch", "fallback")
             continue
-        cands = _candidates(layer, xin.shape[0] if xin.dim() > 1 else 1)
+        cands = _candidates(layer, xin.shape[0] if xin.dim() > 1 else 1, _density(xin))
         if not measure:
             dens = _density(xin)
             est = {s: estimate_seconds(layer, tuple(xin.shape), s, input_density=dens, blocksize=blocksize,

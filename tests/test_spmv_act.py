@@ -1,0 +1,79 @@
+"""spmv-act (kernels/spmv_act.py): the linear that walks only the nonzero inputs, against dense torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from sparsecnn.kernels.spmv_act import act_sparse_linear, prepare_act_linear
+from sparsecnn.layers import SparseLinear, sparsify
+from sparsecnn.plan import _candidates
+from tests.conftest import random_sparse
+from tests.reference import assert_close, assert_layer_matches
+
+
+def _input(rng: np.random.Generator, shape: tuple[int, int], zeros: float) -> np.ndarray:
+    x = random_sparse(rng, shape, zeros)
+    return x
+
+
+@pytest.mark.parametrize("w_sparsity", [0.0, 0.5, 0.91, 1.0])  # 0 and 0.5: dense-column storage
+@pytest.mark.parametrize("x_zeros", [0.0, 0.6, 0.95, 1.0])
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_matches_dense(rng, w_sparsity: float, x_zeros: float, batch: int, bias: bool) -> None:
+    m, k = 37, 53
+    w = random_sparse(rng, (m, k), w_sparsity)
+    w[3] = 0.0  # an all-zero filter
+    w[:, 7] = 0.0  # an all-zero column
+    x = _input(rng, (batch, k), x_zeros)
+    b = rng.standard_normal(m).astype(np.float32) if bias else None
+    prep = prepare_act_linear(w)
+    prep.check_format()
+    assert prep.dense_columns == (np.count_nonzero(w) > 2 * w.size / 3)
+    out = np.full((batch, m), np.nan, np.float32)
+    act_sparse_linear(prep, x, b, out)
+    ref = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w),
+                                     None if b is None else torch.from_numpy(b))
+    assert_close(out, ref)
+    act_sparse_linear(prep, x, b, out)  # the workspace is reused
+    assert_close(out, ref)
+
+
+def test_bytes_are_the_stored_arrays(rng) -> None:
+    w = random_sparse(rng, (64, 300), 0.9)
+    prep = prepare_act_linear(w)
+    nnz = int(np.count_nonzero(w))
+    assert prep.nbytes == 301 * 4 + nnz * 2 + nnz * 4  # int32 pointers, uint16 rows, float32 values
+    dense = prepare_act_linear(random_sparse(rng, (64, 300), 0.1))
+    assert dense.nbytes == 64 * 300 * 4
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 70), k=st.integers(1, 70), batch=st.integers(1, 9),
+       ws=st.sampled_from([0.0, 0.3, 0.8, 0.97]), xs=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+       seed=st.integers(0, 2**16))
+def test_layer_random_shapes(m: int, k: int, batch: int, ws: float, xs: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    lin = nn.Linear(k, m)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(random_sparse(rng, (m, k), ws)))
+    layer = SparseLinear.from_dense(lin, "spmv-act")
+    assert_layer_matches(layer, lin, torch.from_numpy(random_sparse(rng, (batch, k), xs)))
+
+
+def test_planner_offers_spmv_act_for_sparse_inputs() -> None:
+    lin = nn.Linear(16, 8)
+    assert "spmv-act" in _candidates(lin, 1, input_density=0.4)
+    assert "spmv-act" not in _candidates(lin, 1, input_density=0.9)
+    assert "spmv-act" not in _candidates(lin, 64, input_density=0.1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    x = torch.randn(1, 32)
+    fast = sparsify(model, "auto", measure=False, example_input=x)
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
