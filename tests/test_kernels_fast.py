@@ -211,7 +211,7 @@ def test_sparse_linear_empty_rows(rng):
 
 @numba.njit(cache=False)
 def _span_tile_call(x, offs, data, k0, k1, base, w, wpos, nvec, nvalid, init, accumulate, ostride):
-    span_tile(x, offs, data, k0, k1, base, w, wpos, nvec, nvalid, init, accumulate, ostride)
+    span_tile(x, offs, data, k0, k1, base, w, wpos, nvec, nvalid, init, accumulate, ostride, False)
 
 
 @pytest.mark.parametrize("nvec", [1, 2, 5, 8, NV_MAX])

@@ -24,7 +24,8 @@ from numba.extending import intrinsic
 
 from sparsecnn.kernels._numba import jit
 
-__all__ = ["NV_MAX", "NV_PAIR", "VW", "copy_vec", "fmadd", "pair_tile", "span_tile", "tile_split"]
+__all__ = ["NV_MAX", "NV_PAIR", "VW", "copy_vec", "copy_vec_act", "fmadd", "pair_tile", "span_tile",
+           "tile_split"]
 
 VW = 8  # floats per vector (one ymm register)
 # Vectors per register tile: 12 accumulators + 1 broadcast of the 16 ymm registers. Measured on a
@@ -70,7 +71,8 @@ def _for_each_nvec(builder, nvec, nmax, name, emit):
     builder.position_at_end(done)
 
 
-def _emit_tile(builder, fma, nv, xbase, optr, signed, dptr, k0, k1, wp, init, accumulate, nvalid, ostride):
+def _emit_tile(builder, fma, nv, xbase, optr, signed, dptr, k0, k1, wp, init, accumulate, nvalid, ostride,
+               relu):
     """One register tile of ``nv`` vectors: the loop over nonzeros ``k0 <= k < k1``."""
     accs = [cgutils.alloca_once(builder, _VEC) for _ in range(nv)]
     wvecs = [builder.bitcast(builder.gep(wp, [ir.Constant(_I64, i * VW)], inbounds=True), _VEC.as_pointer())
@@ -95,12 +97,13 @@ def _emit_tile(builder, fma, nv, xbase, optr, signed, dptr, k0, k1, wp, init, ac
             q = builder.bitcast(builder.gep(p, [ir.Constant(_I64, i * VW)], inbounds=True), _VEC.as_pointer())
             xv = builder.load(q, align=4)
             builder.store(builder.call(fma, [vb, xv, builder.load(accs[i])]), accs[i])
-    _store_tile(builder, accs, wp, nvalid)
+    _store_tile(builder, accs, wp, nvalid, relu)
 
 
 @intrinsic
-def span_tile(typingctx, x, offs, data, k0, k1, base, w, wpos, nvec, nvalid, init, accumulate, ostride):
-    """``w[wpos + j] = (w[wpos + j] if accumulate else init) + sum_k data[k] * x[base + s * offs[k] + j]``.
+def span_tile(typingctx, x, offs, data, k0, k1, base, w, wpos, nvec, nvalid, init, accumulate, ostride, relu):
+    """``w[wpos + j] = (w[wpos + j] if accumulate else init) + sum_k data[k] * x[base + s * offs[k] + j]``,
+    then ``max(w[wpos + j], 0)`` (NaN kept, as torch.relu) when ``relu``.
 
     For ``k0 <= k < k1`` and ``0 <= j < min(nvalid, nvec * VW)`` (the tile computes ``nvec * VW``
     values and stores the first ``nvalid``), with ``1 <= nvec <= NV_MAX`` (any other nvec does nothing)
@@ -111,23 +114,23 @@ def span_tile(typingctx, x, offs, data, k0, k1, base, w, wpos, nvec, nvalid, ini
     holds ``wpos + min(nvalid, nvec * VW)`` (``wpos + nvec * VW`` when accumulating).
     """
     sig = types.void(x, offs, data, types.intp, types.intp, types.intp, w, types.intp, types.intp,
-                     types.intp, types.float32, types.boolean, types.intp)
+                     types.intp, types.float32, types.boolean, types.intp, types.boolean)
 
     def codegen(context, builder, signature, args):
-        x_, offs_, data_, k0_, k1_, base_, w_, wpos_, nvec_, nvalid_, init_, acc_, ostride_ = args
+        x_, offs_, data_, k0_, k1_, base_, w_, wpos_, nvec_, nvalid_, init_, acc_, ostride_, relu_ = args
         aty = signature.args
         xbase = builder.gep(_data_ptr(context, builder, aty[0], x_), [base_], inbounds=True)
         optr = _data_ptr(context, builder, aty[1], offs_)
         dptr = _data_ptr(context, builder, aty[2], data_)
         wp = builder.gep(_data_ptr(context, builder, aty[6], w_), [wpos_], inbounds=True)
-        accumulate = context.cast(builder, acc_, aty[11], types.boolean)
-        if accumulate.type != _I1:
-            accumulate = builder.trunc(accumulate, _I1)
+        accumulate = _as_i1(context, builder, acc_, aty[11])
+        relu = _as_i1(context, builder, relu_, aty[13])
         fma = _fma_vec(builder)
         signed = getattr(aty[1].dtype, "signed", True)
         ostride = None if isinstance(ostride_, ir.Constant) and ostride_.constant == 1 else ostride_
         _for_each_nvec(builder, nvec_, NV_MAX, "span_tile", lambda nv: _emit_tile(
-            builder, fma, nv, xbase, optr, signed, dptr, k0_, k1_, wp, init_, accumulate, nvalid_, ostride))
+            builder, fma, nv, xbase, optr, signed, dptr, k0_, k1_, wp, init_, accumulate, nvalid_, ostride,
+            relu))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -141,13 +144,30 @@ def tile_split(nvec, t, ntiles):
     return t * q + min(t, e), q + (1 if t < e else 0)
 
 
-def _store_tile(builder, accs, wp, nvalid):
-    """Store the register tile ``accs`` at ``wp``: whole, or only the last vector's first lanes."""
+def _relu(builder, v, relu):
+    """``v if relu else max(v, 0)`` lane by lane, NaN kept as torch.relu keeps it: ``fcmp ugt`` (greater
+    or unordered) selects ``v`` for NaN and positive lanes, 0 for the rest (-0.0 becomes 0). ``relu``
+    is an i1 value, or None for no activation."""
+    if relu is None:
+        return v
+    zero = ir.Constant(v.type, None)
+    act = builder.select(builder.fcmp_unordered(">", v, zero), v, zero)
+    return builder.select(relu, act, v)
+
+
+def _as_i1(context, builder, val, ty):
+    v = context.cast(builder, val, ty, types.boolean)
+    return builder.trunc(v, _I1) if v.type != _I1 else v
+
+
+def _store_tile(builder, accs, wp, nvalid, relu=None):
+    """Store the register tile ``accs`` at ``wp``: whole, or only the last vector's first lanes; with
+    ``relu`` (an i1 value) true, ``max(acc, 0)`` (see :func:`_relu`)."""
     nv = len(accs)
     for i, a in enumerate(accs[:-1]):
         q = builder.bitcast(builder.gep(wp, [ir.Constant(_I64, i * VW)], inbounds=True), _VEC.as_pointer())
-        builder.store(builder.load(a), q, align=4)
-    last = builder.load(accs[-1])
+        builder.store(_relu(builder, builder.load(a), relu), q, align=4)
+    last = _relu(builder, builder.load(accs[-1]), relu)
     lp = builder.gep(wp, [ir.Constant(_I64, (nv - 1) * VW)], inbounds=True)
     rem = builder.sub(nvalid, ir.Constant(_I64, (nv - 1) * VW))
     with builder.if_else(builder.icmp_signed(">=", rem, ir.Constant(_I64, VW))) as (whole, part):
@@ -160,7 +180,7 @@ def _store_tile(builder, accs, wp, nvalid):
                                   builder.gep(lp, [ir.Constant(_I64, lane)], inbounds=True))
 
 
-def _emit_pair(builder, fma, nv, xbase, optr, signed, dptr, k0s, ns, w0, w1, inits, nvalid):
+def _emit_pair(builder, fma, nv, xbase, optr, signed, dptr, k0s, ns, w0, w1, inits, nvalid, relu):
     """Register tiles of ``nv`` vectors for two filters whose nonzeros run in lockstep."""
     accs = [[cgutils.alloca_once(builder, _VEC) for _ in range(nv)] for _ in range(2)]
     for f in range(2):
@@ -187,29 +207,31 @@ def _emit_pair(builder, fma, nv, xbase, optr, signed, dptr, k0s, ns, w0, w1, ini
         with cgutils.for_range_slice(builder, builder.add(k0s[f], nmin), builder.add(k0s[f], ns[f]),
                                      ir.Constant(_I64, 1), inc=True) as (k, _):
             step(f, k)
-    _store_tile(builder, accs[0], w0, nvalid)
-    _store_tile(builder, accs[1], w1, nvalid)
+    _store_tile(builder, accs[0], w0, nvalid, relu)
+    _store_tile(builder, accs[1], w1, nvalid, relu)
 
 
 @intrinsic
 def pair_tile(typingctx, x, offs, data, k0a, k1a, k0b, k1b, base, w, wpos, wstride, nvec, nvalid, inita,
-              initb):
+              initb, relu):
     """:func:`span_tile` for two filters at once, their nonzeros interleaved one for one.
 
     ``w[wpos + j] = inita + sum_{k0a <= k < k1a} data[k] * x[base + offs[k] + j]``, and the same at
     ``wpos + wstride + j`` for ``[k0b, k1b)`` and ``initb``, for ``j < min(nvalid, nvec * VW)`` and
-    ``1 <= nvec <= NV_PAIR`` (any other nvec does nothing). Why: both filters' nonzeros are sorted by
-    input channel, so in lockstep they read about the same channels at about the same time and the
-    second filter's spans mostly hit the L1 lines the first one just brought in; the single-filter
-    tile is bound by L2 -> L1 traffic. Measured (Zen 3, 1 thread, 3x3 and 5x5 layers at 90-95%):
-    15-40% more GFLOP/s than one filter x 12 vectors; 3 x 4 about the same as 2 x 6, 4 x 3 worse.
+    ``1 <= nvec <= NV_PAIR`` (any other nvec does nothing); ``max(., 0)`` on store when ``relu``.
+    Why: both filters' nonzeros are sorted by input channel, so in lockstep they read about the same
+    channels at about the same time and the second filter's spans mostly hit the L1 lines the first one
+    just brought in; the single-filter tile is bound by L2 -> L1 traffic. Measured (Zen 3, 1 thread, 3x3
+    and 5x5 layers at 90-95%): 15-40% more GFLOP/s than one filter x 12 vectors; 3 x 4 about the same as 2
+    x 6, 4 x 3 worse.
     NOTE: no bounds checks, as for :func:`span_tile`.
     """
     sig = types.void(x, offs, data, types.intp, types.intp, types.intp, types.intp, types.intp, w,
-                     types.intp, types.intp, types.intp, types.intp, types.float32, types.float32)
+                     types.intp, types.intp, types.intp, types.intp, types.float32, types.float32,
+                     types.boolean)
 
     def codegen(context, builder, signature, args):
-        x_, offs_, data_, k0a, k1a, k0b, k1b, base_, w_, wpos_, wstride_, nvec_, nvalid_, ia, ib = args
+        x_, offs_, data_, k0a, k1a, k0b, k1b, base_, w_, wpos_, wstride_, nvec_, nvalid_, ia, ib, relu_ = args
         aty = signature.args
         xbase = builder.gep(_data_ptr(context, builder, aty[0], x_), [base_], inbounds=True)
         optr = _data_ptr(context, builder, aty[1], offs_)
@@ -220,8 +242,9 @@ def pair_tile(typingctx, x, offs, data, k0a, k1a, k0b, k1b, base, w, wpos, wstri
         signed = getattr(aty[1].dtype, "signed", True)
         fma = _fma_vec(builder)
         ns = [builder.sub(k1a, k0a), builder.sub(k1b, k0b)]
+        relu = _as_i1(context, builder, relu_, aty[15])
         _for_each_nvec(builder, nvec_, NV_PAIR, "pair_tile", lambda nv: _emit_pair(
-            builder, fma, nv, xbase, optr, signed, dptr, [k0a, k0b], ns, w0, w1, [ia, ib], nvalid_))
+            builder, fma, nv, xbase, optr, signed, dptr, [k0a, k0b], ns, w0, w1, [ia, ib], nvalid_, relu))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -237,6 +260,26 @@ def fmadd(typingctx, a, b, c):
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _F32, _F32]),
                                             "llvm.fmuladd.f32")
         return builder.call(fn, list(args))
+
+    return sig, codegen
+
+
+@intrinsic
+def copy_vec_act(typingctx, src, spos, dst, dpos, relu):
+    """:func:`copy_vec`, with ``max(v, 0)`` per lane (NaN kept, as torch.relu) when ``relu``: the
+    activation fused into the crop of wide output rows.
+    NOTE: no bounds checks, as for :func:`copy_vec`."""
+    sig = types.void(src, types.intp, dst, types.intp, types.boolean)
+
+    def codegen(context, builder, signature, args):
+        src_, spos_, dst_, dpos_, relu_ = args
+        aty = signature.args
+        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [spos_], inbounds=True)
+        dp = builder.gep(_data_ptr(context, builder, aty[2], dst_), [dpos_], inbounds=True)
+        v = builder.load(builder.bitcast(sp, _VEC.as_pointer()), align=4)
+        v = _relu(builder, v, _as_i1(context, builder, relu_, aty[4]))
+        builder.store(v, builder.bitcast(dp, _VEC.as_pointer()), align=4)
+        return context.get_dummy_value()
 
     return sig, codegen
 

@@ -63,7 +63,16 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import PerThread, jit, num_threads, pjit
-from sparsecnn.kernels._simd import NV_MAX, NV_PAIR, VW, copy_vec, pair_tile, span_tile, tile_split
+from sparsecnn.kernels._simd import (
+    NV_MAX,
+    NV_PAIR,
+    VW,
+    copy_vec,
+    copy_vec_act,
+    pair_tile,
+    span_tile,
+    tile_split,
+)
 
 __all__ = ["DirectConvPrep", "direct_conv2d", "prepare_direct"]
 
@@ -278,8 +287,11 @@ def prepare_direct(
     )
 
 
-def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, out: np.ndarray) -> None:
-    """``out = conv2d(x, W) + bias`` by direct sparse convolution.
+def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, out: np.ndarray,
+                  relu: bool = False) -> None:
+    """``out = conv2d(x, W) + bias`` by direct sparse convolution; ``relu(conv2d(x, W) + bias)`` with
+    ``relu``, applied as the tiles are stored or cropped (no second pass over ``out``; NaN stays NaN,
+    as with ``torch.relu``).
 
     Parameters
     ----------
@@ -288,6 +300,8 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     bias : ndarray, shape (Cout,), float32, or None
     out : ndarray, shape (B, Cout, Hout, Wout), float32
         Written in full.
+    relu : bool
+        Fuse a ReLU into the output.
     """
     ws = prep.workspace(x.shape)
     sh, sw = prep.stride
@@ -304,7 +318,7 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     dst = out if out.flags.c_contiguous else np.empty(out.shape, dtype=np.float32)
     flat = dst.reshape(nb, cout * ws.hout * ws.wout)
     _direct_kernel(xt, ws.offsets, prep.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
-                   ws.gstride, ws.bounds, ws.wph, ws.span, ws.group)
+                   ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, bool(relu))
     if dst is not out:
         out[...] = dst
 
@@ -378,9 +392,10 @@ def _phase_copy(x, xt, copies, h, w, chan, plane, wph, sh, sw):
 
 
 @jit
-def _crop(w, n, dst, pos, r0, wph, wout, hout):
+def _crop(w, n, dst, pos, r0, wph, wout, hout, relu):
     """Copy the valid columns of ``n`` wide-row positions, starting at the first column of row r0,
-    to the output plane that starts at ``dst[pos]`` (rows of ``wout``).
+    to the output plane that starts at ``dst[pos]`` (rows of ``wout``); ``max(v, 0)`` (NaN kept)
+    when ``relu``.
 
     Each row is copied as whole vectors: the last one runs up to VW - 1 floats past the row into the
     next rows of the same plane, which are copied afterwards (later in this loop or in a later group
@@ -396,30 +411,31 @@ def _crop(w, n, dst, pos, r0, wph, wout, hout):
         d = pos + (r0 + i) * wout
         if (hout - 1 - r0 - i) * wout < over:
             for v in range(nfull):
-                copy_vec(w, s + v * VW, dst, d + v * VW)
+                copy_vec_act(w, s + v * VW, dst, d + v * VW, relu)
             for t in range(nfull * VW, wout):
-                dst[d + t] = w[s + t]
+                a = w[s + t]
+                dst[d + t] = a if not relu or not a <= 0 else np.float32(0.0)  # NaN kept
         else:
             for v in range(nv):
-                copy_vec(w, s + v * VW, dst, d + v * VW)
+                copy_vec_act(w, s + v * VW, dst, d + v * VW, relu)
 
 
 @jit(inline="always")  # a call per tile costs more than a tile of a 1x1 layer at 90% (measured 1.6x)
-def _pair_tiles(xb, offs, data, bptr, bias, has_bias, co, c1, p, target, wpos, wstride, nv, nvalid):
+def _pair_tiles(xb, offs, data, bptr, bias, has_bias, co, c1, p, target, wpos, wstride, nv, nvalid, relu):
     """Tiles of filters ``co`` and ``co + 1`` (``co`` alone when ``co + 1 == c1``) over all their
-    nonzeros (one channel block): :func:`pair_tile` or :func:`span_tile`."""
+    nonzeros (one channel block): :func:`pair_tile` or :func:`span_tile`, ReLU on store if ``relu``."""
     ba = bias[co] if has_bias else np.float32(0.0)
     if co + 1 < c1:
         bb = bias[co + 1] if has_bias else np.float32(0.0)
         pair_tile(xb, offs, data, bptr[co, 0], bptr[co, 1], bptr[co + 1, 0], bptr[co + 1, 1], p, target, wpos,
-                  wstride, nv, nvalid, ba, bb)
+                  wstride, nv, nvalid, ba, bb, relu)
     else:
-        span_tile(xb, offs, data, bptr[co, 0], bptr[co, 1], p, target, wpos, nv, nvalid, ba, False, 1)
+        span_tile(xb, offs, data, bptr[co, 0], bptr[co, 1], p, target, wpos, nv, nvalid, ba, False, 1, relu)
 
 
 @pjit
 def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, gstride, bounds, wph, span,
-                   group):
+                   group, relu):
     """Direct sparse convolution over prepared spans, parallel over balanced output-channel ranges.
 
     For each image and each group of ``group`` wide-row positions (whole rows), the output channels
@@ -428,7 +444,8 @@ def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, 
     thread's wide buffer, and the valid columns go to ``out`` (straight into ``out`` when the wide rows
     are the output rows, ``wph == wout``). With several input-channel blocks the loops turn: for each
     register tile and each block, every filter adds the block's nonzeros into its own 12-vector tile,
-    so the block's input is read from L1 by all of them.
+    so the block's input is read from L1 by all of them. With ``relu``, ``max(., 0)`` as the final
+    values are stored (the direct tiles' store, else the crop).
     NOTE: offs/xt come from the same workspace (xt rows padded past the last span); out is
     (B, Cout * hout * wout) C-contiguous, wout <= wph; wide holds gstride >= group + 2 * VW floats per
     output channel of the largest range; group is a multiple of wph.
@@ -458,13 +475,13 @@ def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, 
                             p = p0 + v0 * VW
                             if direct:
                                 _pair_tiles(xb, offs, data, bptr, bias, has_bias, co, c1, p, dst,
-                                            co * plane + p, plane, nv, span - p)
+                                            co * plane + p, plane, nv, span - p, relu)
                             else:
                                 _pair_tiles(xb, offs, data, bptr, bias, has_bias, co, c1, p, w,
-                                            v0 * VW, gstride, nv, nv * VW)
+                                            v0 * VW, gstride, nv, nv * VW, False)
                         if not direct:
                             for f in range(co, min(co + 2, c1)):
-                                _crop(w[(f - co) * gstride:], n, dst, f * plane, r0, wph, wout, hout)
+                                _crop(w[(f - co) * gstride:], n, dst, f * plane, r0, wph, wout, hout, relu)
                 else:
                     ntiles = (nvec + NV_MAX - 1) // NV_MAX
                     for t in range(ntiles):
@@ -475,6 +492,6 @@ def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, 
                             for co in range(c0, c1):
                                 ba = bias[co] if has_bias else np.float32(0.0)
                                 span_tile(xb, offs, data, bptr[co, kb], bptr[co, kb + 1], p, w,
-                                          (co - c0) * gstride + v0 * VW, nv, nv * VW, ba, acc, 1)
+                                          (co - c0) * gstride + v0 * VW, nv, nv * VW, ba, acc, 1, False)
                     for co in range(c0, c1):
-                        _crop(w[(co - c0) * gstride:], n, dst, co * plane, r0, wph, wout, hout)
+                        _crop(w[(co - c0) * gstride:], n, dst, co * plane, r0, wph, wout, hout, relu)
