@@ -77,3 +77,21 @@ def test_planner_offers_spmv_act_for_sparse_inputs() -> None:
     fast = sparsify(model, "auto", measure=False, example_input=x)
     with torch.no_grad():
         assert_close(fast(x), model(x))
+
+
+def test_checkpoint_round_trip(tmp_path) -> None:
+    from sparsecnn.io import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)).eval()
+    with torch.no_grad():
+        model[2].weight[model[2].weight.abs() < 0.15] = 0.0  # CSC for one layer, dense columns for the other
+    fast = sparsify(model, "spmv-act")
+    path = tmp_path / "m.npz"
+    checkpoint.save(fast, path)
+    fresh = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    back = checkpoint.load(path, model=fresh)
+    assert isinstance(back[0].format, type(fast[0].format))
+    x = torch.relu(torch.randn(3, 20))
+    with torch.no_grad():
+        assert_close(back(x), model(x))
