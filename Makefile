@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test bench
+.PHONY: demo test bench fuzz
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,8 @@ test: $(VENV)/.dev-installed
 # Not one of the two commands: the performance suite (minutes; prints a table, writes JSON).
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks
+
+# The long fuzz run: the hypothesis tests (loaders, strategies, formats) with many more examples.
+fuzz: $(VENV)/.dev-installed
+	$(PY) -m pytest -q -n 2 -m fuzz --hypothesis-profile=fuzz --hypothesis-show-statistics \
+		tests/test_fuzz_loaders.py tests/test_properties.py
