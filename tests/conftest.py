@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 # hypothesis profiles: "default" keeps make test fast; "fuzz" (make fuzz) runs many more examples.
-settings.register_profile("default", max_examples=25, deadline=None,
+settings.register_profile("default", max_examples=20, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("fuzz", max_examples=2000, deadline=None,
+settings.register_profile("fuzz", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
