@@ -21,7 +21,9 @@ Linear strategies: ``torch`` (``F.linear``), ``dense`` (``torch.addmm``), ``spmv
 product at batch 1 and a sparse x dense product at batch > 1; the names tell the planner which case
 a layer was chosen for). ``spmv-act`` stores the weights by columns (CSC, or dense columns above 2/3
 density) and walks only the nonzero inputs (:mod:`sparsecnn.kernels.spmv_act`): for the ReLU-sparse
-input of a fully connected layer at batch 1 or a small batch.
+input of a fully connected layer at batch 1 or a small batch. ``qspmv`` runs CSR whose values are
+codebook indices (Deep Compression's weight sharing, :mod:`sparsecnn.kernels.qspmv`): one byte per
+nonzero instead of four, for quantized weights (:mod:`sparsecnn.compress`).
 
 A layer a strategy cannot run (``padding_mode`` other than zeros, weights that are not float32, a
 ``padding="same"`` that needs asymmetric padding) falls back to ``torch`` with a warning naming the
@@ -53,14 +55,15 @@ from sparsecnn.kernels._numba import PerThread
 __all__ = ["LoweredWeight", "SparseConv2d", "SparseLinear", "sparsify", "strategies"]
 
 _CONV_STRATEGIES: tuple[str, ...] = ("torch", "dense", "csrmm", "direct", "lowered", "bsr", "spgemm")
-_LINEAR_STRATEGIES: tuple[str, ...] = ("torch", "dense", "spmv", "spmm", "spmv-act")
+_LINEAR_STRATEGIES: tuple[str, ...] = ("torch", "dense", "spmv", "spmm", "spmv-act", "qspmv")
 
 # A strategy named for one kind of layer, applied to the other kind by sparsify(model, name): every
 # sparse convolution strategy runs the model's linears as CSR (spmm covers batch 1 too), and the
 # sparse linear strategies run convolutions as CSR x lowered input, the same format.
 _LINEAR_FOR_CONV = {"torch": "torch", "dense": "dense", "csrmm": "spmm", "direct": "spmm",
                     "lowered": "spmm", "bsr": "spmm", "spgemm": "spmm"}
-_CONV_FOR_LINEAR = {"torch": "torch", "dense": "dense", "spmv": "csrmm", "spmm": "csrmm", "spmv-act": "csrmm"}
+_CONV_FOR_LINEAR = {"torch": "torch", "dense": "dense", "spmv": "csrmm", "spmm": "csrmm", "spmv-act": "csrmm",
+                    "qspmv": "csrmm"}
 
 # Workspaces (im2col buffers, sparse input storage) are kept for this many distinct input shapes.
 _WORKSPACE_SHAPES = 4
@@ -1113,8 +1116,48 @@ class _ActSparseLinear(_SparseLinear):
         return torch.from_numpy(out_np)
 
 
+class _QuantSparseLinear(_SparseLinear):
+    """Codebook-index CSR (Deep Compression's shared weights) through
+    :func:`sparsecnn.kernels.qspmv.quant_linear`: one byte of code per nonzero instead of four of
+    float. Exact for any weight (the codebook holds its distinct values). Format: QuantLinearPrep."""
+
+    @staticmethod
+    def convert(weight: np.ndarray) -> Any:
+        from sparsecnn.kernels.qspmv import prepare_quant_linear
+
+        return prepare_quant_linear(weight)
+
+    @staticmethod
+    def check(shape: tuple[int, int], fmt: Any) -> None:
+        from sparsecnn.kernels.qspmv import QuantLinearPrep
+
+        _need(isinstance(fmt, QuantLinearPrep), f"expected a QuantLinearPrep, got {type(fmt).__name__}")
+        _need(tuple(fmt.shape) == shape,
+              f"expected a QuantLinearPrep of shape {shape}, got {tuple(fmt.shape)}")
+        _check_f32(fmt.codebook, "QuantLinearPrep.codebook")
+        _need(fmt.codebook.ndim == 1 and fmt.codebook.size >= 1, "the codebook must be 1-D and not empty")
+        codes = fmt.codes
+        _need(isinstance(codes, np.ndarray) and codes.ndim == 1 and codes.dtype.kind == "u",
+              "codes must be a 1-D unsigned integer array")
+        _need(codes.size == 0 or int(codes.max()) < fmt.codebook.size, "a code points outside the codebook")
+        _check_csr_arrays("QuantLinearPrep", fmt.indptr, fmt.indices, codes.astype(np.float32), shape[0],
+                          shape[1])
+
+    def to_dense(self) -> np.ndarray:
+        return self.format.to_dense()
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        from sparsecnn.kernels.qspmv import quant_linear
+
+        x = x.detach().contiguous()
+        out_np = np.empty((x.shape[0], self.m), dtype=np.float32)
+        if x.shape[0]:
+            quant_linear(self.format, x.numpy(), self.bias, out_np)
+        return torch.from_numpy(out_np)
+
+
 _LINEAR_ENGINES: dict[str, type] = {"dense": _DenseLinear, "spmv": _SparseLinear, "spmm": _SparseLinear,
-                                    "spmv-act": _ActSparseLinear}
+                                    "spmv-act": _ActSparseLinear, "qspmv": _QuantSparseLinear}
 
 
 class SparseLinear(_SparseLayer):

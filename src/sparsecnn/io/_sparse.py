@@ -35,12 +35,13 @@ def is_sparse(module: nn.Module) -> bool:
 def _format_classes() -> dict[str, type]:
     from sparsecnn.formats import BSRMatrix, CSRMatrix
     from sparsecnn.kernels.conv import DirectConvPrep
+    from sparsecnn.kernels.qspmv import QuantLinearPrep
     from sparsecnn.kernels.spmv import LinearPrep
     from sparsecnn.kernels.spmv_act import ActLinearPrep
 
     return {
         c.__name__: c for c in (CSRMatrix, BSRMatrix, _layers().LoweredWeight, DirectConvPrep, LinearPrep,
-                                ActLinearPrep)
+                                ActLinearPrep, QuantLinearPrep)
     }
 
 
