@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 from torch import nn
 
-from sparsecnn.engine._graph import Node, capture, record
+from sparsecnn.engine._graph import Node, Ref, capture, record
 from sparsecnn.engine._lower import Program, build_program, fold_batchnorm
 from sparsecnn.errors import SparseCNNError
+from sparsecnn.kernels._numba import num_threads
 
 __all__ = ["CompiledModel", "compile"]
 
@@ -85,6 +88,8 @@ class CompiledModel(nn.Module):
         self._lock = threading.Lock()
         self._local = threading.local()
         self._input_shape = tuple(example.shape[1:])
+        # Input shape whose forward runs numba on one thread (chosen by compile when measured faster).
+        self._serial_shape: tuple[int, ...] | None = None
         self.max_rel_error = 0.0
         self.eval()
 
@@ -144,12 +149,20 @@ class CompiledModel(nn.Module):
             x = x[None]
         x = np.ascontiguousarray(x, dtype=np.float32)
         env, steps, slot, output = self._bound(x.shape)
-        env[slot] = x
-        for f in steps:
-            f()
-        y = output(env)
-        env[slot] = None
-        return np.array(y, dtype=np.float32, copy=True)
+        serial = x.shape == self._serial_shape
+        if serial:  # a model this small runs faster without waking numba's other threads
+            threads = num_threads()
+            numba.set_num_threads(1)
+        try:
+            env[slot] = x
+            for f in steps:
+                f()
+            y = np.array(output(env), dtype=np.float32, copy=True)
+        finally:
+            env[slot] = None
+            if serial:
+                numba.set_num_threads(threads)
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -158,6 +171,62 @@ class CompiledModel(nn.Module):
             raise SparseCNNError(f"compiled model: input must be a CPU float tensor, got {x.dtype} on "
                                  f"{x.device}; use .cpu().float()")
         return torch.from_numpy(self.numpy(x.detach().contiguous().numpy()))
+
+
+def _time_steps(fns: list[Callable[[], None]], rounds: int = 5, min_time_s: float = 0.002) -> list[float]:
+    """Median seconds per call of each function, interleaved rounds (a burst of load hits all alike)."""
+    reps = []
+    for f in fns:
+        f()  # JIT warm-up, workspaces
+        t0 = time.perf_counter()
+        f()
+        reps.append(max(1, int(min_time_s / max(time.perf_counter() - t0, 1e-7))))
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for k in range(len(fns)):
+            i = (k + r) % len(fns)
+            t0 = time.perf_counter()
+            for _ in range(reps[i]):
+                fns[i]()
+            samples[i].append((time.perf_counter() - t0) / reps[i])
+    return [float(np.median(s)) for s in samples]
+
+
+def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
+    """The fastest of the planner's choice, torch and the direct/SpMV kernel *as the executor runs them*.
+
+    The planner times layers as modules (torch tensors in and out, ~30 us of glue each); inside the
+    executor the numba kernels run on bound buffers, which moves the break-even on small layers (a
+    LeNet-5 layer: 10 us direct against 16 us for the planner's csrmm). Each candidate runs as a
+    one-step program on the layer's real input; ties keep the planner's choice.
+    """
+    from sparsecnn.layers import SparseConv2d, SparseLinear
+
+    dense = node.fn
+    xin = values[node.args[0].name]
+    conv = isinstance(dense, nn.Conv2d)
+    batch = int(xin.shape[0]) if xin.dim() > 1 else 1
+    names = [layer.strategy, "torch", "direct" if conv else ("spmv" if batch == 1 else "spmm")]
+    names = list(dict.fromkeys(names))
+    if len(names) == 1:
+        return layer
+    cls = SparseConv2d if conv else SparseLinear
+    cands = [layer] + [cls.from_dense(dense, s, name=layer.name) for s in names[1:]]
+    fns = []
+    for cand in cands:
+        one = [Node("x", "input", None), Node(node.name, "module", cand, (Ref("x"),), {}, node.target),
+               Node("out", "output", None, (Ref(node.name),))]
+        prog = build_program(one, {"x": xin, node.name: values[node.name], "out": values[node.name]})
+        env, steps = prog.bind()
+        env[prog.input_slot] = np.ascontiguousarray(xin.numpy())
+
+        def run(steps=steps) -> None:
+            for f in steps:
+                f()
+        fns.append(run)
+    times = _time_steps(fns)
+    best = min(range(len(cands)), key=lambda i: (times[i] * (1.0 if i == 0 else 1.02), i))
+    return cands[best]
 
 
 def compile(
@@ -230,13 +299,28 @@ def compile(
     else:
         raise SparseCNNError(f"strategy must be 'auto', a strategy name or a mapping, "
                              f"got {type(strategy).__name__}")
+    tuned = isinstance(strategy, str) and strategy == "auto" and measure
+    values = record(nodes, x) if tuned else {}
     for name, node in layers.items():
         layer = built.get(name)
-        if layer is None:
+        if layer is None or layer.strategy != plan[name]:
             cls = SparseConv2d if isinstance(node.fn, nn.Conv2d) else SparseLinear
             layer = cls.from_dense(node.fn, plan[name], name=name)
+        if tuned:
+            layer = _tune(node, layer, values)
+            if layer.strategy != plan[name]:
+                times = plan.layers[name].times_s
+                plan = Plan({**plan.layers, name: LayerChoice(layer.strategy, "executor", times)})
         node.fn = layer
     compiled = CompiledModel(nodes, plan, x)
+    if tuned and num_threads() > 1:
+        # Tiny models (LeNet-5) lose more to parallel launches than they gain: time both ways.
+        xn = x.numpy()
+        serial_model = copy.copy(compiled)
+        serial_model._serial_shape = tuple(x.shape)
+        t_par, t_ser = _time_steps([lambda: compiled.numpy(xn), lambda: serial_model.numpy(xn)])
+        if t_ser < 0.97 * t_par:
+            compiled._serial_shape = tuple(x.shape)
     if check:
         with torch.inference_mode():
             ref = model(x)
