@@ -269,10 +269,10 @@ def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    from sparsecnn._atomic import torch_save
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interruption never leaves a half-written checkpoint
+    torch_save(state, path)  # atomic and fsynced: an interruption never leaves a half-written checkpoint
 
 
 def _progress(enabled: bool):

@@ -303,8 +303,10 @@ def _trained_lenet(cfg: ReportConfig, out_dir: Path | None) -> tuple[nn.Module, 
         "epochs": epochs,
     }
     if cache is not None and meta_path is not None:
-        torch.save(model.state_dict(), cache)
-        meta_path.write_text(json.dumps(meta), encoding="utf-8")
+        from sparsecnn._atomic import torch_save, write_text
+
+        torch_save(model.state_dict(), cache)  # the meta last: the cache is used only when both exist
+        write_text(meta_path, json.dumps(meta))
     return model.eval(), meta
 
 
@@ -975,7 +977,9 @@ def _write_config(out: Path, cfg: ReportConfig) -> None:
     """The configuration beside the results, for the report's notes (what --quick left out)."""
     from dataclasses import asdict
 
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1), encoding="utf-8")
+    from sparsecnn._atomic import write_text
+
+    write_text(out / "config.json", json.dumps(asdict(cfg), indent=1))
 
 
 def bench_model(

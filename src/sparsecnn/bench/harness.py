@@ -460,8 +460,10 @@ class ResultsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: list[dict[str, Any]] = []
         if resume and self.path.exists():
-            self.records = read_records(self.path)
+            # drop a torn last line first (a run killed mid-append): read after, so that a line that is
+            # JSON but lacks its newline is not kept in memory while cut from the file
             self._truncate_partial_tail()
+            self.records = read_records(self.path)
         else:
             self.path.write_text("", encoding="utf-8")
         self._by_key = {r["key"]: r for r in self.records if r.get("type") == MEASUREMENT}

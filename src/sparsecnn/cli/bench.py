@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from sparsecnn.errors import SparseCNNError
@@ -88,7 +87,9 @@ def print_tables(tables: Iterable[Any]) -> None:
 
 def write_json(path: str, payload: Any) -> None:
     try:
-        Path(path).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+        from sparsecnn._atomic import write_text
+
+        write_text(path, json.dumps(payload, indent=1) + "\n")
     except OSError as exc:
         raise SparseCNNError(f"cannot write {path} ({exc.strerror}); choose a writable path") from None
 

@@ -61,7 +61,6 @@ def _model_name(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from sparsecnn import data, models, train
     from sparsecnn.prune.patterns import parse_blocksize, parse_nm
@@ -88,12 +87,14 @@ def run(args: argparse.Namespace) -> int:
         model, result = prune_model(model, splits.train, splits.test, config)
         if train.is_main_process():
             out.mkdir(parents=True, exist_ok=True)
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
+            from sparsecnn._atomic import torch_save, write_text
+
+            torch_save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
             build = {"num_classes": info.num_classes, "in_channels": info.in_channels,
                      "input_size": info.input_size}  # read back by models.resolve(name, weights=...)
             summary = {"model": name, "data": info.name, "build": build, "weights": str(args.weights),
                        **result.to_json()}
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
             acc = result.to_json()["accuracy"]
             print(
                 f"{config.method}: {result.overall_sparsity:.2%} of conv+fc weights zero, "

@@ -59,7 +59,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from sparsecnn import data, models, train
 
@@ -76,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
         result = train.fit(model, splits.train, splits.test, config,
                            checkpoint=out / "checkpoint.pt", resume=args.resume)
         if train.is_main_process():
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
+            from sparsecnn._atomic import torch_save, write_text
+
+            torch_save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
             summary = {
                 "model": args.model,
                 "data": info.name,
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                 "train": asdict(config),
                 "result": result.to_json(),
             }
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
             print(f"test accuracy {result.test_accuracy:.2%} after {len(result.history)} epochs"
                   f" ({result.world_size} process{'es' if result.world_size > 1 else ''});"
                   f" wrote {out / 'model.pt'}")

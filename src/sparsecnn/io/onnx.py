@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import tempfile
 import warnings
@@ -483,7 +484,32 @@ def load_onnx(path: str | os.PathLike[str], *, input_shape: Sequence[int] | None
         net.input_shape = tuple(int(d) for d in input_shape)
     if not net.input_shape or any(d <= 0 for d in net.input_shape):
         net.input_shape = ()
-    return net.eval()
+    net.eval()
+    _dry_run(net, path)
+    return net
+
+
+_DRY_RUN_MAX_ELEMENTS = 1 << 24  # a 64 MB input: larger declared shapes are not tried
+
+
+def _dry_run(net: GraphNet, path: str) -> None:
+    """One forward on zeros of the declared input shape (batch 1): ONNX files carry no checksum and the
+    importer does not infer shapes, so a corrupt attribute or dimension (a 1-element ``strides``, a
+    flattened size that no longer matches the Gemm) must fail here, not in the user's first call."""
+    shape = net.input_shape
+    if not shape or math.prod(shape) > _DRY_RUN_MAX_ELEMENTS:
+        return
+    try:
+        with torch.no_grad():
+            net(torch.zeros((1, *shape)))
+    except SparseCNNError as exc:
+        raise SparseCNNError(f"ONNX model {path} does not run on its input shape {shape}: {exc}") from None
+    except (RuntimeError, IndexError, ValueError, TypeError, OverflowError, ZeroDivisionError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SparseCNNError(
+            f"ONNX model {path} does not run on its input shape {shape} ({type(exc).__name__}: {first}); "
+            f"the file is corrupt or its input shape is wrong: pass input_shape="
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -484,5 +484,7 @@ def write_report(out_dir: str | Path, results: str | Path | None = None) -> Path
     res = load_results(results or out / "results.jsonl")
     plots = make_plots(res, out)
     page = out / "report.html"
-    page.write_text(render_html(res, plots), encoding="utf-8")
+    from sparsecnn._atomic import write_text
+
+    write_text(page, render_html(res, plots))
     return page

@@ -46,7 +46,10 @@ def _plt() -> Any:
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    from sparsecnn._atomic import replacing
+
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
