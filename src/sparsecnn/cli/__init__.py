@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from sparsecnn.errors import SparseCNNError
 
 # Verb modules, in the order `sparsecnn --help` lists them.
-COMMANDS: tuple[str, ...] = ("analyze", "export", "bench", "sweep", "report", "train", "prune")
+COMMANDS: tuple[str, ...] = (
+    "analyze", "export", "run", "bench", "sweep", "report", "train", "prune", "compress",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

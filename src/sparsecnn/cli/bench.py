@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--repeats", type=int, default=7, metavar="N", help="timed samples per measurement (default: 7)"
     )
     p.add_argument("--json", metavar="OUT", help="also write the measurement records as JSON to OUT")
+    p.add_argument("--whole", action="store_true",
+                   help="time the whole model instead: torch dense, ONNX Runtime and the compiled executor "
+                   "(sparsecnn run MODEL does the same and prints the plan and top classes)")
     add_results_args(p, "bench.jsonl")
     p.set_defaults(func=run)
 
@@ -106,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--batch", args.batch), ("--repeats", args.repeats), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise SparseCNNError(f"{flag} must be >= 1, got {value}")
+    if args.whole:
+        from sparsecnn.cli.run import run as run_whole
+
+        whole = argparse.Namespace(model=args.model, weights=args.weights, arch=args.arch,
+                                   profile=args.profile, input="random", batch=args.batch, strategy="auto",
+                                   threads=args.threads, repeats=args.repeats, top=5, json=args.json)
+        return run_whole(whole)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SparseCNNError("--device cuda: torch sees no CUDA device here; use --device cpu")
     kw = {"model": args.arch} if args.arch else {}

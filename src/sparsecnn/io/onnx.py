@@ -272,6 +272,12 @@ class _Importer:
         self._simple(node, where, name, nn.ReLU())
 
     def op_Identity(self, node, where, a, name):
+        ins = list(node.input)
+        if ins and ins[0] in self.consts and ins[0] not in self.blobs:
+            # torch's exporter shares equal initializers through Identity nodes (AlexNet's conv4/conv5
+            # biases): the output is the same constant
+            self.consts[node.output[0]] = self.consts[ins[0]]
+            return
         self._simple(node, where, name, nn.Identity())
 
     def op_Dropout(self, node, where, a, name):
