@@ -15,6 +15,9 @@ Convolution strategies (each supports batch >= 1, stride, padding, dilation, gro
              scatter back (Wen et al., NIPS 2016).
 ``bsr``      block-sparse (R x C) weights x dense lowered input.
 ``spgemm``   CSR weights x the lowered input stored as CSR (zeros from ReLU), dense output.
+``spconv-act`` sparse x sparse: per output pixel, only the nonzero inputs over kept (not all-zero)
+             weight columns, each times its weight column vectorised over Cout
+             (:mod:`sparsecnn.kernels.spconv_input`).
 
 Linear strategies: ``torch`` (``F.linear``), ``dense`` (``torch.addmm``), ``spmv`` and ``spmm``
 (CSR weights; both run :func:`sparsecnn.kernels.spmv.sparse_linear`, which is a sparse matrix-vector
@@ -54,14 +57,15 @@ from sparsecnn.kernels._numba import PerThread
 
 __all__ = ["LoweredWeight", "SparseConv2d", "SparseLinear", "sparsify", "strategies"]
 
-_CONV_STRATEGIES: tuple[str, ...] = ("torch", "dense", "csrmm", "direct", "lowered", "bsr", "spgemm")
+_CONV_STRATEGIES: tuple[str, ...] = ("torch", "dense", "csrmm", "direct", "lowered", "bsr", "spgemm",
+                                     "spconv-act")
 _LINEAR_STRATEGIES: tuple[str, ...] = ("torch", "dense", "spmv", "spmm", "spmv-act", "qspmv")
 
 # A strategy named for one kind of layer, applied to the other kind by sparsify(model, name): every
 # sparse convolution strategy runs the model's linears as CSR (spmm covers batch 1 too), and the
 # sparse linear strategies run convolutions as CSR x lowered input, the same format.
 _LINEAR_FOR_CONV = {"torch": "torch", "dense": "dense", "csrmm": "spmm", "direct": "spmm",
-                    "lowered": "spmm", "bsr": "spmm", "spgemm": "spmm"}
+                    "lowered": "spmm", "bsr": "spmm", "spgemm": "spmm", "spconv-act": "spmm"}
 _CONV_FOR_LINEAR = {"torch": "torch", "dense": "dense", "spmv": "csrmm", "spmm": "csrmm", "spmv-act": "csrmm",
                     "qspmv": "csrmm"}
 
@@ -602,6 +606,51 @@ class _SpgemmConv(_CsrConv):
                         out_np.reshape(out_np.shape[0], out_np.shape[1], -1))
 
 
+class _SpconvActConv(_ConvEngine):
+    """Sparse x sparse: input zeros and removed weight columns skip work. Format: SpconvPrep."""
+
+    @staticmethod
+    def convert(spec, weight, *, blocksize):
+        from sparsecnn.kernels.spconv_input import prepare_spconv
+
+        return prepare_spconv(weight, spec.groups)
+
+    @staticmethod
+    def check(spec, fmt):
+        from sparsecnn.kernels._simd import VW
+        from sparsecnn.kernels.spconv_input import SpconvPrep
+
+        _need(isinstance(fmt, SpconvPrep), f"expected a SpconvPrep, got {type(fmt).__name__}")
+        wshape = (spec.out_channels, spec.in_channels // spec.groups, *spec.kernel_size)
+        _need(tuple(fmt.weight_shape) == wshape,
+              f"expected a SpconvPrep of weight shape {wshape}, got {tuple(fmt.weight_shape)}")
+        _check_f32(fmt.wt, "SpconvPrep.wt")
+        mp = -(-spec.m_group // VW) * VW
+        _need(fmt.wt.ndim == 3 and fmt.wt.shape[0] == spec.groups and fmt.wt.shape[2] == mp,
+              f"SpconvPrep.wt must be (groups, Kr, {mp}), got {fmt.wt.shape}")
+        _need(isinstance(fmt.col_map, np.ndarray) and fmt.col_map.dtype == np.int32
+              and fmt.col_map.shape == (spec.groups, spec.k),
+              f"SpconvPrep.col_map must be int32 of shape {(spec.groups, spec.k)}")
+        _need(bool(((fmt.col_map >= -1) & (fmt.col_map < fmt.wt.shape[1])).all()),
+              "SpconvPrep.col_map points outside the kept columns")
+
+    def to_dense(self):
+        s, f = self.spec, self.format
+        w = np.zeros((s.groups, s.m_group, s.k), np.float32)
+        for g in range(s.groups):
+            kept = np.flatnonzero(f.col_map[g] >= 0)
+            w[g][:, kept] = f.wt[g][f.col_map[g][kept], : s.m_group].T
+        return w.reshape(s.out_channels, s.k)
+
+    def compute(self, x, x_np, out, out_np, ws):
+        from sparsecnn.kernels.spconv_input import spconv_input
+
+        s = self.spec
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel_size, s.stride, s.padding, s.dilation
+        spconv_input(self.format, x_np, (kh, kw, sh, sw, ph, pw, dh, dw),
+                     self.bias if self.has_bias else None, out_np, ws)
+
+
 class _DirectConv(_ConvEngine):
     """Direct sparse convolution (Park et al., ICLR 2017), kernel in :mod:`sparsecnn.kernels.conv`.
     Format: DirectConvPrep."""
@@ -657,6 +706,7 @@ class _TorchConv:
 
 
 _CONV_ENGINES: dict[str, type[_ConvEngine]] = {
+    "spconv-act": _SpconvActConv,
     "dense": _DenseConv,
     "csrmm": _CsrConv,
     "direct": _DirectConv,
@@ -885,8 +935,8 @@ class SparseConv2d(_SparseLayer):
         if strategy == "torch":
             engine: Any = _TorchConv(copy.deepcopy(conv).to(dev).eval())
         elif dev.type == "cuda":
-            if strategy == "direct":
-                warnings.warn(f"{label}: strategy 'direct' has no CUDA kernel; falling back to torch",
+            if strategy in ("direct", "spconv-act"):
+                warnings.warn(f"{label}: strategy {strategy!r} has no CUDA kernel; falling back to torch",
                               stacklevel=2)
                 strategy = "torch"
                 engine = _TorchConv(copy.deepcopy(conv).to(dev).eval())
