@@ -1,0 +1,63 @@
+"""Activation-sparse FC (issue 12): ``spmv-act`` against the weight-only ``spmv`` and torch dense.
+
+``python -m benchmarks.act_fc [--threads 2] [--repeats 21]`` prints one table: AlexNet's fc6 and fc7
+(and fc8) at Deep Compression's weight sparsity (91%, 91%, 75%), batch 1, inputs with 0%, 60%, 70%
+and 90% exact zeros (ReLU output: half-normal nonzeros), plus the dense (unpruned) layers, where
+``spmv-act`` keeps dense columns. Every output is checked against torch dense first; the three are
+timed interleaved (medians). Target: fc6/fc7 at 91% weights and >= 60% zero inputs >= 1.8x spmv.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparsecnn.bench.harness import check_close, set_threads, time_call
+from sparsecnn.layers import SparseLinear
+
+CASES = (("fc6", 9216, 4096, 0.91), ("fc7", 4096, 4096, 0.91), ("fc8", 4096, 1000, 0.75),
+         ("fc6 dense", 9216, 4096, 0.0), ("fc7 dense", 4096, 4096, 0.0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.act_fc", description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--batch", type=int, default=1)
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    rng = np.random.default_rng(0)
+    print(f"batch {args.batch}, {args.threads} threads (torch and numba); times in ms (medians)")
+    print(f"{'layer':10s} {'w sp':>5s} {'x zeros':>7s} {'torch':>8s} {'spmv':>8s} {'spmv-act':>8s} "
+          f"{'act/spmv':>8s} {'act/torch':>9s}  target")
+    for name, k, m, ws in CASES:
+        lin = nn.Linear(k, m)
+        with torch.no_grad():
+            w = lin.weight.numpy()
+            w[rng.random(w.shape) < ws] = 0.0
+        spmv = SparseLinear.from_dense(lin, "spmv")
+        act = SparseLinear.from_dense(lin, "spmv-act")
+        for zeros in (0.0, 0.6, 0.7, 0.9):
+            x = np.abs(rng.standard_normal((args.batch, k))).astype(np.float32)
+            x[rng.random(x.shape) < zeros] = 0.0
+            xt = torch.from_numpy(x)
+            with torch.inference_mode():
+                ref = lin(xt)
+                check_close(spmv(xt), ref, what=f"{name} spmv")
+                check_close(act(xt), ref, what=f"{name} spmv-act")
+                t = {label: time_call(lambda f=f, v=xt: f(v), repeats=args.repeats).median_s
+                     for label, f in (("torch", lin), ("spmv", spmv), ("act", act))}
+            goal = ""
+            if ws >= 0.9 and zeros >= 0.6:
+                goal = "PASS" if t["spmv"] / t["act"] >= 1.8 else "FAIL"
+            print(f"{name:10s} {ws:5.2f} {zeros:7.2f} {t['torch'] * 1e3:8.3f} {t['spmv'] * 1e3:8.3f} "
+                  f"{t['act'] * 1e3:8.3f} {t['spmv'] / t['act']:8.2f} {t['torch'] / t['act']:9.2f}  {goal}",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
