@@ -844,7 +844,8 @@ def _torch_spgemm(conv: nn.Conv2d, x: torch.Tensor) -> Callable[[], torch.Tensor
 def _e2e_tasks(ctx: _Context) -> list[Task]:
     cfg = ctx.cfg
     out = []
-    impls = ["torch-dense", "sparsecnn"]
+    impls = ["torch-dense", "sparsecnn", "sparsecnn-compiled"] if cfg.device == "cpu" else ["torch-dense",
+                                                                                          "sparsecnn"]
     from sparsecnn.bench.peers import have_onnxruntime
 
     if cfg.device == "cpu" and cfg.onnx and have_onnxruntime():
@@ -884,6 +885,16 @@ def _e2e_run(ctx: _Context, name: str, profile: str, batch: int, impl: str) -> O
         from sparsecnn.bench.peers import model_peers
 
         fn = model_peers(model, x, threads=torch.get_num_threads())["onnxruntime"]
+    elif impl == "sparsecnn-compiled":
+        from sparsecnn.engine import compile as compile_model
+
+        plan_path = ctx.out_dir / "plans.json" if ctx.out_dir else None
+        t0 = time.perf_counter()
+        cm = ctx._memo(("compiled", name, profile, batch), lambda: compile_model(
+            model, x, "auto", measure=ctx.plan_measured(batch), plan_path=plan_path))
+        metrics["plan_s"] = time.perf_counter() - t0
+        metrics["strategies"] = dict(cm.plan)
+        fn = lambda: cm(x)  # noqa: E731
     else:
         sm, plan_s = ctx.sparse_model(name, profile, batch)
         metrics["plan_s"] = plan_s

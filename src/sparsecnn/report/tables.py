@@ -543,8 +543,10 @@ def e2e_table(recs: list[dict[str, Any]]) -> Table:
         "whole model, dense vs sparsified",
         ["model", "batch", "impl", "ms per batch", "images/s", "speedup", "strategies chosen"],
         rows,
-        "'sparsecnn' is sparsify(model, 'auto'): the planner's per-layer choice; planning time is not "
-        "included.",
+        "'sparsecnn' is sparsify(model, 'auto'): the planner's per-layer choice; 'sparsecnn-compiled' is "
+        "sparsecnn.compile(model, x, 'auto'): the whole-model executor (BatchNorm folded, ReLU and residual "
+        "adds fused, numba pools, planned buffers); 'onnxruntime' runs the dense model exported to ONNX "
+        "(intra-op spinning off). Planning time is not included.",
     )
 
 
