@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,27 @@ import torch
 from torch import nn
 
 import sparsecnn
-from benchmarks.end_to_end import _interleaved
 from sparsecnn import models
 from sparsecnn.bench.harness import check_close, set_threads, time_call
 from sparsecnn.bench.peers import model_peers
 from sparsecnn.layers import SparseConv2d
 from sparsecnn.plan import _capture
 from sparsecnn.shrink import shrink
+
+
+def _interleaved(fns: list, repeats: int, block: int) -> list[float]:
+    """Median seconds per call of each function, in round-robin turns (one untimed call, then
+    ``block`` timed ones), so drift hits all alike."""
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            fn()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                samples[i].append(time.perf_counter() - t0)
+    return [float(np.median(s)) for s in samples]
+
 
 CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 STRATEGIES = ("torch", "lowered", "dense", "direct", "csrmm")
@@ -87,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--block", type=int, default=5)
+    ap.add_argument("--skip-layers", action="store_true", help="only the end-to-end table")
     ap.add_argument("--plans", type=Path, default=Path("bench-results/plans.json"))
     ap.add_argument("--out", type=Path, default=Path("bench-results/ssl.json"))
     args = ap.parse_args(argv)
@@ -99,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     models.apply_profile(unstructured, "ssl-unstructured")
     x = torch.randn(1, *models.input_shape(model), generator=torch.Generator().manual_seed(0))
     small = shrink(model, x).model
-    rows = layer_table(model, dense, small, x, args.repeats)
+    rows = layer_table(model, dense, small, x, args.repeats) if not args.skip_layers else []
 
     runs = {
         "ssl shrunk": sparsecnn.sparsify(model, "auto", example_input=x, plan_path=args.plans, shrink=True),
