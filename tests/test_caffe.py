@@ -482,3 +482,19 @@ def test_fuzzed_prototxt(valid_lenet, tmp_path_factory, data):
         load_caffe(path)
     except SparseCNNError:
         pass
+
+
+def test_caffe_model_compiles_and_matches(tmp_path, rng):
+    """The whole-model executor runs an imported Caffe graph (grouped convs, LRN, ceil pooling,
+    InnerProduct's flatten axis) and gives the imported model's outputs."""
+    import sparsecnn
+
+    layers = alexnet_like_layers(rng)
+    proto, weights = write(tmp_path, layers, (10, 3, 35, 35))
+    model = load_caffe(proto, weights)
+    x = torch.from_numpy(rng.standard_normal((2, 3, 35, 35)).astype(np.float32))
+    compiled = sparsecnn.compile(model, x, "direct")
+    with torch.no_grad():
+        _close(compiled(x), model(x))
+    kinds = compiled.steps((2, 3, 35, 35))
+    assert "lrn" in kinds and "maxpool" in kinds
