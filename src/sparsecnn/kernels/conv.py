@@ -115,6 +115,7 @@ class _Workspace:
     wout: int
     span: int  # (hout - 1) * wph + wout
     group: int  # wide-row positions per pass over the output channels (whole rows of wph)
+    tile: int  # vectors per register tile: per filter of a pair (one block), or of one filter (blocks)
 
 
 @dataclass(eq=False)
@@ -237,6 +238,7 @@ class DirectConvPrep:
             wout=wout,
             span=span,
             group=group,
+            tile=NV_MAX if nblk > 1 else NV_PAIR,
         )
 
 
@@ -318,7 +320,7 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     dst = out if out.flags.c_contiguous else np.empty(out.shape, dtype=np.float32)
     flat = dst.reshape(nb, cout * ws.hout * ws.wout)
     _direct_kernel(xt, ws.offsets, prep.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
-                   ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, bool(relu))
+                   ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu))
     if dst is not out:
         out[...] = dst
 
@@ -435,7 +437,7 @@ def _pair_tiles(xb, offs, data, bptr, bias, has_bias, co, c1, p, target, wpos, w
 
 @pjit
 def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, gstride, bounds, wph, span,
-                   group, relu):
+                   group, tile, relu):
     """Direct sparse convolution over prepared spans, parallel over balanced output-channel ranges.
 
     For each image and each group of ``group`` wide-row positions (whole rows), the output channels
@@ -465,7 +467,7 @@ def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, 
             for p0 in range(0, span, group):
                 n = min(group, span - p0)
                 nvec = (n + VW - 1) // VW
-                ntiles = (nvec + NV_PAIR - 1) // NV_PAIR
+                ntiles = (nvec + tile - 1) // tile
                 r0 = p0 // wph  # groups are whole rows
                 if nblk == 1:
                     # One block: a filter pair's nonzeros stay in L1 across the tiles of the group.
@@ -483,7 +485,7 @@ def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, 
                             for f in range(co, min(co + 2, c1)):
                                 _crop(w[(f - co) * gstride:], n, dst, f * plane, r0, wph, wout, hout, relu)
                 else:
-                    ntiles = (nvec + NV_MAX - 1) // NV_MAX
+                    ntiles = (nvec + tile - 1) // tile
                     for t in range(ntiles):
                         v0, nv = tile_split(nvec, t, ntiles)
                         p = p0 + v0 * VW
