@@ -51,25 +51,60 @@ def kmeans_1d(values: np.ndarray, k: int, iters: int = 50) -> tuple[np.ndarray, 
     Returns
     -------
     centroids : ndarray, shape (k,), float32, sorted
-        An empty cluster keeps its previous centroid.
+        A cluster left empty (linear initialisation puts centroids into the pruned gap around 0) is
+        re-seeded by splitting the cluster of largest squared error, so all ``k`` codes are used when
+        there are at least ``k`` distinct values.
     labels : ndarray, shape (n,), int64
         The nearest centroid of each value.
     """
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     if v.size == 0:
         return np.zeros(k, np.float32), np.zeros(0, np.int64)
-    lo, hi = float(v.min()), float(v.max())
-    c = np.linspace(lo, hi, k) if k > 1 else np.array([v.mean()])
-    labels = np.full(v.size, -1, dtype=np.int64)
-    for _ in range(max(1, iters)):
-        new = np.searchsorted((c[1:] + c[:-1]) / 2, v) if k > 1 else np.zeros(v.size, np.int64)
-        if np.array_equal(new, labels):
+    # 1-D: every cluster is a contiguous run of the sorted values, so one Lloyd step is k binary
+    # searches and prefix-sum differences (O(k log n)), not a pass over all n values.
+    vs = np.sort(v)
+    cs = np.concatenate(([0.0], np.cumsum(vs)))
+    cs2 = np.concatenate(([0.0], np.cumsum(vs * vs)))
+    n_distinct = int(np.count_nonzero(np.diff(vs))) + 1
+    c = np.linspace(vs[0], vs[-1], k) if k > 1 else np.array([vs.mean()])
+
+    def runs(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        edges = np.concatenate(([0], np.searchsorted(vs, (c[1:] + c[:-1]) / 2), [vs.size]))
+        counts = np.diff(edges)
+        sums = cs[edges[1:]] - cs[edges[:-1]]
+        sse = cs2[edges[1:]] - cs2[edges[:-1]] - sums * sums / np.maximum(counts, 1)
+        return edges, counts, sums, sse
+
+    reseeds = 0
+    prev = None
+    for _ in range(max(1, iters) + k):
+        edges, counts, sums, sse = runs(c)
+        empty = np.flatnonzero(counts == 0)
+        if empty.size and reseeds < 4 * k and n_distinct > k - empty.size:
+            # Linear initialisation over a pruned (two-tailed) layer leaves the centroids that fall in
+            # the pruned gap empty: wasted codes. Each empty one is moved to split the cluster with the
+            # largest squared error (standard k-means practice), so every code carries weights.
+            sse = sse.copy()
+            for e in empty:
+                j = int(np.argmax(sse))
+                lo, hi = int(edges[j]), int(edges[j + 1])
+                mid = lo + int(np.searchsorted(vs[lo:hi], sums[j] / max(counts[j], 1), side="right"))
+                if mid <= lo or mid >= hi:
+                    sse[j] = 0.0
+                    continue
+                c[j] = (cs[mid] - cs[lo]) / (mid - lo)
+                c[e] = (cs[hi] - cs[mid]) / (hi - mid)
+                sse[j] = 0.0  # split once per round
+            c.sort()
+            reseeds += 1
+            prev = None
+            continue
+        if prev is not None and np.array_equal(edges, prev):
             break
-        labels = new
-        sums = np.bincount(labels, weights=v, minlength=k)
-        counts = np.bincount(labels, minlength=k)
+        prev = edges
         c = np.where(counts > 0, sums / np.maximum(counts, 1), c)
-        c.sort()  # means of ordered intervals stay ordered; sort guards float ties
+        c.sort()  # means of ordered runs stay ordered; sort guards float ties
+    labels = np.searchsorted((c[1:] + c[:-1]) / 2, v) if k > 1 else np.zeros(v.size, np.int64)
     return c.astype(np.float32), labels
 
 

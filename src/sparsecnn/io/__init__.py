@@ -4,7 +4,8 @@
   with readable layer names and ``input_shape``;
 - :func:`export_onnx` writes any model (sparse layers densified) for ONNX Runtime and other runtimes;
 - :func:`save` / :func:`load` write and read a sparse model in its formats (CSR/BSR/...), so it comes
-  back without pruning or conversion;
+  back without pruning or conversion; :func:`load` also reads a Deep Compression ``*.sparsecnn`` file
+  (:func:`load_compressed`, written by :func:`save_compressed` / ``sparsecnn compress``);
 - :func:`load_model_file` is the file branch of :func:`sparsecnn.models.resolve`.
 
 Nothing heavy is imported until a function is called.
@@ -29,9 +30,11 @@ __all__ = [
     "is_model_file",
     "load",
     "load_caffe",
+    "load_compressed",
     "load_model_file",
     "load_onnx",
     "save",
+    "save_compressed",
 ]
 
 # Suffixes that make a MODEL argument a file rather than a zoo name.
@@ -43,6 +46,7 @@ MODEL_FILE_SUFFIXES: tuple[str, ...] = (
     ".pth",
     ".npz",
     ".safetensors",
+    ".sparsecnn",
 )
 
 
@@ -75,9 +79,25 @@ def save(model: nn.Module, path: PathLike) -> str:
 
 
 def load(path: PathLike, *, model: nn.Module | None = None) -> nn.Module:
+    if os.fspath(path).lower().endswith(".sparsecnn"):
+        if model is not None:
+            raise SparseCNNError(f"{os.fspath(path)} records its architecture; load it without model=")
+        return load_compressed(path)
     from sparsecnn.io.checkpoint import load as _load
 
     return _load(path, model=model)
+
+
+def save_compressed(model: nn.Module, books: Any, path: PathLike, *, index_bits: Any = 4) -> str:
+    from sparsecnn.io.compressed import save_compressed as _save
+
+    return _save(model, books, path, index_bits=index_bits)
+
+
+def load_compressed(path: PathLike, *, strategy: str = "qspmv") -> nn.Module:
+    from sparsecnn.io.compressed import load_compressed as _load
+
+    return _load(path, strategy=strategy)
 
 
 for _f, _mod in (
@@ -86,6 +106,8 @@ for _f, _mod in (
     (export_onnx, "onnx"),
     (save, "checkpoint"),
     (load, "checkpoint"),
+    (save_compressed, "compressed"),
+    (load_compressed, "compressed"),
 ):
     _f.__doc__ = f"See :func:`sparsecnn.io.{_mod}.{_f.__name__}`."
 
@@ -150,7 +172,7 @@ def load_model_file(
         )
     if low.endswith(".onnx"):
         return load_onnx(path, input_shape=shape)
-    if low.endswith((".npz", ".safetensors")):
+    if low.endswith((".npz", ".safetensors", ".sparsecnn")):
         model = load(path)
     else:
         model = _load_pickled_module(path)

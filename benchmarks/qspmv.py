@@ -1,0 +1,117 @@
+"""Quantized SpMV (issue 13): codebook-index CSR against float CSR on AlexNet's FC layers at batch 1.
+
+``python -m benchmarks.qspmv [--threads 2] [--repeats 30] [--sparsity 0.91] [--bits 5]`` prints a table.
+
+Each layer (fc6 9216 -> 4096, fc7 4096 -> 4096, fc8 4096 -> 1000) gets a random weight, magnitude-pruned
+to the sparsity (Deep Compression's 91% for fc6/fc7) and quantized to ``bits``-bit shared weights by
+:func:`sparsecnn.compress.quantize_model`. Then, on the same quantized weight: torch dense
+(``F.linear``, the baseline), float CSR :func:`sparsecnn.kernels.spmv.sparse_linear` (float32 values +
+uint16 columns: 6 bytes per nonzero) and :func:`sparsecnn.kernels.qspmv.quant_linear` (uint8 codes +
+uint16 columns: 3 bytes per nonzero). Outputs are checked against dense first; times are medians of
+interleaved samples after warm-up (CSR and qspmv interleaved; torch dense
+timed in its own block). Target: qspmv >= 1.2x float CSR on fc6 and fc7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsecnn.bench.harness import check_close, set_threads
+from sparsecnn.compress import QuantizeConfig, quantize_model
+from sparsecnn.kernels.qspmv import prepare_quant_linear, quant_linear
+from sparsecnn.kernels.spmv import prepare_linear, sparse_linear
+from sparsecnn.models.profiles import apply_profile
+
+LAYERS = {"fc6": (4096, 9216), "fc7": (4096, 4096), "fc8": (1000, 4096)}
+
+
+def _interleaved(fns: list, repeats: int, inner: int) -> list[float]:
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            fn()  # one untimed call: each kernel timed after itself, its weights as warm as they get
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[i].append((time.perf_counter() - t0) / inner)
+    return [float(np.median(s)) for s in samples]
+
+
+def run_layer(name: str, sparsity: float, bits: int, repeats: int, seed: int) -> dict:
+    m, k = LAYERS[name]
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, m)
+    holder = nn.Sequential()
+    holder.add_module(name, lin)
+    apply_profile(holder, {name: sparsity})
+    quantize_model(holder, QuantizeConfig(fc_bits=bits))
+    w = lin.weight.detach().numpy().copy()
+    bias = lin.bias.detach().numpy().copy()
+    x = torch.randn(1, k)
+    xn = x.numpy()
+    ref = F.linear(x, lin.weight, lin.bias).detach().numpy()
+    csr, q = prepare_linear(w), prepare_quant_linear(w)
+    y_csr = np.empty((1, m), np.float32)
+    y_q = np.empty((1, m), np.float32)
+    sparse_linear(csr, xn, bias, y_csr)
+    quant_linear(q, xn, bias, y_q)
+    check_close(y_csr, ref, what=f"{name} float CSR")
+    check_close(y_q, ref, what=f"{name} qspmv")
+    weight_t = lin.weight.detach()
+    bias_t = lin.bias.detach()
+
+    def dense() -> None:
+        with torch.no_grad():
+            F.linear(x, weight_t, bias_t)
+
+    # torch dense is timed on its own: its OpenMP threads spin for a while after each call and would
+    # steal the two cores from the numba kernels timed right after it.
+    (t_dense,) = _interleaved([dense], repeats, inner=10)
+    time.sleep(0.5)
+    t_csr, t_q = _interleaved([lambda: sparse_linear(csr, xn, bias, y_csr),
+                               lambda: quant_linear(q, xn, bias, y_q)], repeats, inner=10)
+    return {"layer": name, "shape": [m, k], "sparsity": sparsity, "bits": bits, "nnz": q.nnz,
+            "codebook": int(q.codebook.size), "csr_bytes": csr.nbytes, "qspmv_bytes": q.nbytes,
+            "dense_ms": t_dense * 1e3, "csr_ms": t_csr * 1e3, "qspmv_ms": t_q * 1e3,
+            "qspmv_vs_csr": t_csr / t_q, "qspmv_vs_dense": t_dense / t_q, "csr_vs_dense": t_dense / t_csr}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--sparsity", type=float, default=0.91)
+    ap.add_argument("--bits", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the rows as JSON lines here")
+    args = ap.parse_args()
+    threads = set_threads(args.threads)
+    print(f"qspmv vs float CSR spmv, batch 1, {threads} threads (torch and numba), "
+          f"sparsity {args.sparsity:.0%}, {args.bits}-bit codes; medians of {args.repeats} "
+          f"interleaved samples")
+    print(f"{'layer':6s} {'M x K':>11s} {'nnz':>9s} {'CSR MB':>7s} {'Q MB':>6s} {'dense ms':>9s} "
+          f"{'CSR ms':>8s} {'qspmv ms':>9s} {'Q/CSR':>6s} {'Q/dense':>8s}")
+    rows = []
+    for name in LAYERS:
+        r = run_layer(name, args.sparsity if name != "fc8" else 0.75, args.bits, args.repeats, args.seed)
+        rows.append(r)
+        print(f"{name:6s} {r['shape'][0]:>5d}x{r['shape'][1]:<5d} {r['nnz']:>9,d} "
+              f"{r['csr_bytes'] / 1e6:7.2f} {r['qspmv_bytes'] / 1e6:6.2f} {r['dense_ms']:9.3f} "
+              f"{r['csr_ms']:8.3f} {r['qspmv_ms']:9.3f} "
+              f"{r['qspmv_vs_csr']:5.2f}x {r['qspmv_vs_dense']:7.2f}x", flush=True)
+    print("fc8 at 75% (Deep Compression's fc8 sparsity); target: Q/CSR >= 1.2x on fc6 and fc7")
+    if args.json:
+        with open(args.json, "w") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "threads": threads}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
