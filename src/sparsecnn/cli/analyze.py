@@ -29,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=8, metavar="N", help="images per batch (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and random input (default: 0)")
     p.add_argument("--json", metavar="OUT", help="also write the result as JSON to OUT")
+    p.add_argument("--compression", action="store_true",
+                   help="also the Deep Compression storage per layer: dense, pruned (CSR, relative index), "
+                        "+ quantized (8-bit conv / 5-bit FC k-means), + Huffman, beside the paper's rates")
+    p.add_argument("--index-bits", type=int, default=4, help="--compression: bits per gap (default 4)")
     p.set_defaults(func=run)
 
 
@@ -99,4 +103,24 @@ def run(args: argparse.Namespace) -> int:
     if not console.is_terminal:
         console = Console(width=240)  # piped output: keep every column readable instead of squeezing
     console.print(table)
+    if args.compression:
+        _compression(model, args)
     return 0
+
+
+def _compression(model, args: argparse.Namespace) -> None:
+    """Quantize a copy of the (profile-pruned) model and print its storage at each stage."""
+    import copy
+
+    from sparsecnn.cli.compress import paper_for, print_table
+    from sparsecnn.compress import quantize_model, storage_report
+    from sparsecnn.models import apply_profile
+
+    if not 1 <= args.index_bits <= 8:
+        raise SparseCNNError(f"--index-bits must be 1..8, got {args.index_bits}")
+    work = copy.deepcopy(model)
+    if args.profile:
+        apply_profile(work, args.profile)
+    report = storage_report(quantize_model(work), args.index_bits, paper_for(model, str(args.model)))
+    print_table(report, f"{args.model}: Deep Compression storage (profile {args.profile or 'none'}, "
+                        f"{args.index_bits}-bit gaps)")
