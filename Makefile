@@ -33,4 +33,4 @@ bench: $(VENV)/.installed
 fuzz: $(VENV)/.dev-installed
 	$(PY) -m pytest -q -n 2 -m fuzz --hypothesis-profile=fuzz --hypothesis-show-statistics \
 		tests/test_fuzz_loaders.py tests/test_properties.py
-	SPARSECNN_FUZZ=1 $(PY) -m pytest -q -n 2 tests/test_resume.py -k 'report or prune'
+	SPARSECNN_FUZZ=1 $(PY) -m pytest -q -n 2 tests/test_resume.py
