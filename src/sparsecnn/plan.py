@@ -500,6 +500,9 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
         return oh + 8 * b * g * kr * n / c.bandwidth + 2 * b * g * mr * kr * n / c.gemm_flops
     if strategy == "bsr":
         return oh + im2col_s + 2 * b * _bsr_entries(layer, blocksize) * n / c.bsr_flops
+    if strategy == "spconv-act":  # gather every lowered entry, then the nonzero inputs x kept columns
+        kept = int((w.reshape(g, cout // g, k) != 0).any(dim=1).sum())
+        return oh + im2col_s + 2 * b * (cout // g) * kept * n * input_density / c.direct_flops
     raise SparseCNNError(f"no cost estimate for strategy {strategy!r}")
 
 

@@ -72,7 +72,7 @@ LAYER_PEERS = ("torch-dense", "torch-csr", "scipy-csr", "onnxruntime")
 # LeNet-5 on digits is pruned to this fraction of its weights (Han et al. report 92% for LeNet-5).
 LENET_TARGET = 0.92
 # Experiment 6: torch dense conv, the engine's GEMM, CSRMM and sparse x sparse, torch CSR x CSR (MKL).
-SPXSP_IMPLS = ("torch-dense", "dense", "csrmm", "spgemm", "torch-spgemm")
+SPXSP_IMPLS = ("torch-dense", "dense", "csrmm", "spgemm", "spconv-act", "torch-spgemm")
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,8 @@ class ReportConfig:
     repeats: int = 7  # timed samples per measurement (median and IQR over them)
     max_task_s: float = 8.0  # stop sampling a measurement after this long (at least 3 samples)
     alexnet_input: int = 227  # AlexNet input size; tiny uses 67 to keep the layers' structure
-    profiles: tuple[str, ...] = ("deep-compression", "ssl")
+    # ssl is structured (columns, filters); ssl-unstructured has the same zero count per layer
+    profiles: tuple[str, ...] = ("deep-compression", "ssl", "ssl-unstructured")
     conv_layers: tuple[str, ...] | None = None  # conv layers of experiments 2 and 6 (None: all)
     sweep_sparsities: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
     scaling_sizes: tuple[tuple[int, int], ...] = ((256, 1200), (2560, 4800), (25600, 24000))
@@ -217,6 +218,7 @@ class _Context:
 
         def make() -> tuple[nn.Module, float]:
             from sparsecnn.layers import sparsify
+            from sparsecnn.models import STRUCTURED_PROFILES
 
             plan_path = self.out_dir / "plans.json" if self.out_dir else None
             t0 = time.perf_counter()
@@ -227,6 +229,7 @@ class _Context:
                 example_input=self.input(name, profile, batch)[0],
                 plan_path=plan_path,
                 device=self.cfg.device,
+                shrink=profile in STRUCTURED_PROFILES,  # remove SSL's zero filters physically
             )
             return sm, time.perf_counter() - t0
 
@@ -777,6 +780,12 @@ def _operand_bytes(conv: nn.Conv2d, x: torch.Tensor, impl: str) -> dict[str, int
 
     cols = im2col(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
     w = conv.weight.detach()
+    if impl == "spconv-act":  # what it holds: kept weight columns, and its per-pixel gather lists
+        from sparsecnn.kernels.spconv_input import prepare_spconv
+
+        prep = prepare_spconv(w.cpu().numpy(), conv.groups)
+        b, g, k, p = cols.shape
+        return {"weight": prep.nbytes, "input": b * g * p * k * 8 + b * g * p * 8}
     if impl in ("torch-dense", "dense"):
         return {"weight": conv_weight_nbytes(w, conv.groups, "dense"), "input": int(cols.nbytes)}
     weight = conv_weight_nbytes(w, conv.groups, "csr")

@@ -472,7 +472,7 @@ def spxsp_tables(recs: list[dict[str, Any]]) -> list[Table]:
         layers = _ordered(r["params"]["layer"] for r in mine)
         impls = [
             i
-            for i in ("torch-dense", "dense", "csrmm", "spgemm", "torch-spgemm")
+            for i in ("torch-dense", "dense", "csrmm", "spgemm", "spconv-act", "torch-spgemm")
             if any(r["params"]["impl"] == i for r in mine)
         ]
         rows = []
@@ -511,7 +511,9 @@ def spxsp_tables(recs: list[dict[str, Any]]) -> list[Table]:
                 rows,
                 f"inputs: {source} images. Operand memory = weight + lowered input as each implementation "
                 "stores "
-                "them (dense, or CSR); the dense output is the same for all and not counted.",
+                "them (dense, or CSR; spconv-act: its kept weight columns and the gather lists it "
+                "allocates, 8 bytes per lowered entry); the dense output is the same for all and not "
+                "counted.",
             )
         )
     return tables
