@@ -8,7 +8,10 @@ loop vectoriser sees no loop over them, the SLP vectoriser gives up on numba's i
 the kernel stays bound by a load and a store of the output per multiply-add group. Here the tile is
 ``nvec`` values of ``<8 x float>``: allocas that LLVM's SROA turns into registers, updated with
 ``llvm.fmuladd`` (one ``vfmadd231ps ymm, ymm, [mem]`` per vector on an AVX2/FMA CPU; LLVM splits or
-widens the 8-lane vectors on other targets). The call compiles inline into the numba kernel that
+widens the 8-lane vectors on other targets). With AVX-512VL the tiles are twice as long (``NV_MAX``
+24: ymm16-31 are addressable), chosen at import from the CPU numba compiles for, which is also part
+of numba's cache key. The stores can apply a ReLU (``relu``; compare-select, NaN kept) so a layer's
+activation costs no extra pass. The call compiles inline into the numba kernel that
 calls it, so ``cache=True`` caches it with that kernel.
 
 The sum over nonzeros runs in their stored order, one rounding per fused multiply-add: no

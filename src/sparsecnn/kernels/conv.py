@@ -22,23 +22,38 @@ shape.
 
 Loop
 ----
-Register tiles (XNNPACK's sparse inference kernels, SparseRT): 12 vectors stay in ymm registers
-across the nonzeros of the output channels they belong to, one broadcast weight and one
-``vfmadd231ps ymm, ymm, [mem]`` per vector, no stores in the inner loop (LLVM IR from
-:mod:`sparsecnn.kernels._simd`; plain numba leaves such a tile in memory). Two output channels share
-the 12 registers (6 vectors each) and walk their nonzeros in lockstep (``pair_tile``): both lists
-are sorted by input channel, so the second channel's spans mostly hit the L1 lines the first one
-just fetched. The wide positions are walked in groups of whole rows whose input (the channels a
-thread reads, all phases, the tap rows below) fits in half of L2. Inside a group, the input
-channels are cut into blocks whose part of one register tile's input fits in L1 (24 KiB); for each
-tile and each block, every filter of the thread adds the block's nonzeros into its own 12-vector
-tile (``span_tile``; loaded and stored in a per-thread wide buffer between blocks), so a block's
-input is fetched from L2 once and then read from L1 by all filters. With the input in L1 the pair's
-shared lines no longer matter, and one filter per tile loads its weight and offset once per 12
-vectors instead of 6 (+8% over pairs with blocks). Blocks are only made while a filter keeps
-about 24 nonzeros per block (else the tile's load and store cost more than L1 saves). The valid
-columns go to ``out`` by whole-vector row copies; with one block and wide rows equal to the output
-rows (1x1 without padding), tiles are stored straight into ``out``.
+Register tiles (XNNPACK's sparse inference kernels, SparseRT): ``NV_MAX`` vectors (24 where numba's
+target has AVX-512VL and so 32 ymm registers, e.g. Zen 4; 12 with AVX2's 16) stay in ymm registers
+across the nonzeros of the output channels they belong to, one broadcast weight and one ``vfmadd231ps
+ymm, ymm, [mem]`` per vector, no stores in the inner loop (LLVM IR from :mod:`sparsecnn.kernels._simd`;
+plain numba leaves such a tile in memory). Two output channels share the registers (``NV_PAIR`` = 12 or
+6 vectors each) and walk their nonzeros in lockstep (``pair_tile``): both lists are sorted by input
+channel, so the second channel's spans mostly hit the L1 lines the first one just fetched. The wide
+positions are walked in groups of whole rows whose input (the channels a thread reads, all phases, the
+tap rows below) fits in half of L2. Inside a group, the input channels are cut into blocks whose part of
+one register tile's input fits in L1 (24 KiB); for each tile and each block, every filter of the thread
+adds the block's nonzeros into its own ``NV_MAX``-vector tile (``span_tile``; loaded and stored in a
+per-thread wide buffer between blocks), so a block's input is fetched from L2 once and then read from L1
+by all filters. With the input in L1 the pair's shared lines no longer matter, and one filter per tile
+loads its weight and offset once per 12 vectors instead of 6 (+8% over pairs with blocks). Blocks are
+only made while a filter keeps about 24 nonzeros per block (else the tile's load and store cost more
+than L1 saves). The valid columns go to ``out`` by whole-vector row copies; with one block and wide rows
+equal to the output rows (1x1 without padding), tiles are stored straight into ``out``. A fused ReLU
+(``relu=True``, the whole-model executor's conv + bias + ReLU) is a compare-select on those final stores
+and copies (``fcmp ugt``: NaN kept, as ``torch.relu``), never a second pass over ``out``.
+
+Zen 4 (this project's machine: AMD EPYC family 25 model 17, AVX-512 F/BW/VL/VNNI/BF16; earlier sessions
+took it for Zen 3 with AVX2, and the Zen 3 numbers below are from then). Measured at 2 threads, each
+layer's variants interleaved in one process (medians of 21 x 5 calls, under load from other processes,
+so +-5%): 24-vector tiles (12 per filter of a pair) against 12 (6) on AlexNet conv2/3/4/5 at 65%:
+1.59/1.60/2.09/1.71x torch against 1.44/1.37/1.74/1.49x (+9-20%; conv3 at 55% +16%); ResNet at 90%:
+3x3@56 +4%, 3x3@28 +2%, 3x3@14 -9%, 3x3s2@56 +5%, 1x1 +5-14%. 16-wide ``<16 x float>`` zmm tiles (12
+vectors, LLVM legalising the same IR) measured 10-25% slower than 8-wide with 12 (ratios to torch
+1.27-1.45x against 1.38-1.48x at 65%; one run, loaded machine); likely why: Zen 4 executes a zmm FMA as
+two 256-bit halves, so wider vectors add no FMA throughput, and an unaligned 64-byte load (most span
+starts) always splits across two cache lines. Not yet tried on Zen 4: a larger L2 budget (Zen 4 has 1
+MiB per core, ``_L2_BYTES`` assumes Zen 3's 512 KiB), tiles sharing a tap's load between two filters at
+55-70% density.
 
 What bounds it (Zen 3, AVX2, one core, measured with the micro-kernel alone): vector loads. Each FMA
 takes its input vector from memory, and this core sustains about 1.1 such FMAs a cycle (57 GFLOP/s)
@@ -76,7 +91,8 @@ from sparsecnn.kernels._simd import (
 
 __all__ = ["DirectConvPrep", "direct_conv2d", "prepare_direct"]
 
-# Input bytes a group of output rows may read: half of a Zen 3 core's 512 KiB L2, so the rows stay
+# Input bytes a group of output rows may read: half of a Zen 3 core's 512 KiB L2 (a quarter of Zen 4's
+# 1 MiB: not re-measured there), so the rows stay
 # there while every output channel of the thread streams its spans from them.
 _L2_BYTES = 256 * 1024
 # Input bytes a channel block may read per register tile: most of a 32 KiB L1d.
