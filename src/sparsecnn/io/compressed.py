@@ -139,6 +139,9 @@ def save_compressed(model: nn.Module, books: Mapping[str, Any], path: str | os.P
                 h.update(chunk)
                 f.write(chunk)
             f.write(h.digest())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would make the model unreadable to others
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
