@@ -77,7 +77,9 @@ def _is_reshape(node: Node) -> bool:
 def _conv_of(node: Node) -> nn.Module | None:
     from sparsecnn.layers import SparseConv2d
 
-    if node.op == "module" and isinstance(node.fn, (nn.Conv2d, SparseConv2d)) and len(node.args) == 1:
+    # exact types: a subclass may override forward, and then runs as the user wrote it (in torch)
+    if node.op == "module" and type(node.fn) in (nn.Conv2d, SparseConv2d) and len(node.args) == 1 \
+            and not node.kwargs:
         return node.fn
     return None
 
@@ -85,7 +87,8 @@ def _conv_of(node: Node) -> nn.Module | None:
 def _linear_of(node: Node) -> nn.Module | None:
     from sparsecnn.layers import SparseLinear
 
-    if node.op == "module" and isinstance(node.fn, (nn.Linear, SparseLinear)) and len(node.args) == 1:
+    if node.op == "module" and type(node.fn) in (nn.Linear, SparseLinear) and len(node.args) == 1 \
+            and not node.kwargs:
         return node.fn
     return None
 
@@ -616,7 +619,12 @@ def _as_numpy(v: Any) -> Any:
 def _bind_torch(env, node, slots, s):
     def run(env=env):
         vals = {r: _as_torch(env[k]) for r, k in slots.items()}
-        env[s] = _as_numpy(call(node, vals))
+        y = _as_numpy(call(node, vals))
+        if isinstance(y, np.ndarray) and any(isinstance(env[k], np.ndarray) and np.may_share_memory(y, env[k])
+                                             for k in slots.values()):
+            # the op returned (a view of) its input, whose buffer may be reused once the input is dead
+            y = y.copy()
+        env[s] = y
     return run
 
 
