@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,27 +26,13 @@ import torch
 from torch import nn
 
 import sparsecnn
+from benchmarks.end_to_end import _interleaved
 from sparsecnn import models
 from sparsecnn.bench.harness import check_close, set_threads, time_call
 from sparsecnn.bench.peers import model_peers
 from sparsecnn.layers import SparseConv2d
 from sparsecnn.plan import _capture
 from sparsecnn.shrink import shrink
-
-
-def _interleaved(fns: list, repeats: int, block: int) -> list[float]:
-    """Median seconds per call of each function, in round-robin turns (one untimed call, then
-    ``block`` timed ones), so drift hits all alike."""
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            fn()
-            for _ in range(block):
-                t0 = time.perf_counter()
-                fn()
-                samples[i].append(time.perf_counter() - t0)
-    return [float(np.median(s)) for s in samples]
-
 
 CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 STRATEGIES = ("torch", "lowered", "dense", "direct", "csrmm")
@@ -133,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             fns[f"{label} (ssl, unshrunk)"] = fn
         for fn in fns.values():
             fn()
-        times = dict(zip(fns, _interleaved(list(fns.values()), args.repeats, args.block), strict=True))
+        times = dict(zip(fns, _interleaved(list(fns.values()), args.repeats, args.block, 0.0), strict=True))
     base = times["torch dense"]
     print("\nend to end (batch 1)")
     e2e = []

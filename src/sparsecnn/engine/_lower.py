@@ -386,9 +386,11 @@ class _Builder:
             s, _ = self._planned(n.name, shape)
             eng = layer.engine
             bias = eng.bias if eng.has_bias else None
+            from sparsecnn.kernels.conv import direct_conv2d
+
             fused = _direct_fuses_relu()
-            self._step("conv:direct" + ("+relu" if relu else ""),
-                       lambda env, bufs, x=x, s=s: _bind_direct(env, x, s, eng.format, bias, relu, fused))
+            self._step("conv:direct" + ("+relu" if relu else ""), lambda env, bufs, x=x, s=s: _bind_fused(
+                direct_conv2d, env, x, s, eng.format, bias, relu, fused))
             return
         s = self._slot(n.name)
         self.prog.static.setdefault(s, lambda bufs: None)
@@ -404,9 +406,11 @@ class _Builder:
         if strategy in ("spmv", "spmm"):
             s, _ = self._planned(n.name, shape)
             eng = layer.engine
+            from sparsecnn.kernels.spmv import sparse_linear
+
             fused = _linear_fuses_relu()
-            self._step(f"linear:{strategy}{suffix}",
-                       lambda env, bufs, x=x, s=s: _bind_spmv(env, x, s, eng.format, eng.bias, relu, fused))
+            self._step(f"linear:{strategy}{suffix}", lambda env, bufs, x=x, s=s: _bind_fused(
+                sparse_linear, env, x, s, eng.format, eng.bias, relu, fused))
         elif strategy in ("torch", "dense"):
             s, _ = self._planned(n.name, shape)
             lin = layer.engine.linear if strategy == "torch" and isinstance(layer, SparseLinear) else layer
@@ -532,37 +536,20 @@ def _bind_lrn(fn, env, x, s, a):
     return run
 
 
-def _bind_direct(env, x, s, prep, bias, relu, fused):
-    from sparsecnn.kernels.conv import direct_conv2d
+def _bind_fused(kernel, env, x, s, prep, bias, relu, fused):
+    """``kernel(prep, x, bias, out)`` (the direct conv or the CSR linear), its ReLU in the kernel's
+    epilogue when it has one (``fused``), else one pass over ``out`` after it."""
     from sparsecnn.kernels.elementwise import relu_
 
     out = env[s]
     if relu and fused:
         def run_fused(env=env):
-            direct_conv2d(prep, env[x], bias, out, relu=True)
+            kernel(prep, env[x], bias, out, relu=True)
         return run_fused
     flat = out.reshape(-1)
 
     def run(env=env):
-        direct_conv2d(prep, env[x], bias, out)
-        if relu:
-            relu_(flat)
-    return run
-
-
-def _bind_spmv(env, x, s, prep, bias, relu, fused):
-    from sparsecnn.kernels.elementwise import relu_
-    from sparsecnn.kernels.spmv import sparse_linear
-
-    out = env[s]
-    if relu and fused:
-        def run_fused(env=env):
-            sparse_linear(prep, env[x], bias, out, relu=True)
-        return run_fused
-    flat = out.reshape(-1)
-
-    def run(env=env):
-        sparse_linear(prep, env[x], bias, out)
+        kernel(prep, env[x], bias, out)
         if relu:
             relu_(flat)
     return run
