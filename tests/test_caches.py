@@ -154,11 +154,12 @@ def test_plan_cache_malformed_is_dropped_with_a_warning(tmp_path: Path) -> None:
     path = tmp_path / "plans.json"
     plan._write_cache(path, {"k": {"strategy": "csrmm", "times_s": {"torch": 1.0}}})
     assert plan._read_cache(path) == {"k": {"strategy": "csrmm", "times_s": {"torch": 1.0}}}
-    for bad in ('{"version": 3, "entries": {"k": {"strategy": 1}}}',
-                '{"version": 3, "entries": {"k": {"strategy": "x", "times_s": {"t": "fast"}}}}',
-                '{"version": 3, "entries": {"k": {"strategy": "x", "times_s": []}}}',
-                "[1, 2]", "[" * 100000, '{"version": 3, "entr'):
-        path.write_text(bad)
+    v = plan._CACHE_VERSION  # malformed entries in a cache of the current version
+    for bad in ('{"version": V, "entries": {"k": {"strategy": 1}}}',
+                '{"version": V, "entries": {"k": {"strategy": "x", "times_s": {"t": "fast"}}}}',
+                '{"version": V, "entries": {"k": {"strategy": "x", "times_s": []}}}',
+                "[1, 2]", "[" * 100000, '{"version": V, "entr'):
+        path.write_text(bad.replace("V", str(v)))
         with pytest.warns(UserWarning, match="unreadable"):
             assert plan._read_cache(path) == {}
 
