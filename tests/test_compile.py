@@ -260,3 +260,15 @@ def test_elementwise_kernels_match_torch() -> None:
     g = np.empty((2, 5), np.float32)
     global_avg_pool(x, g)
     np.testing.assert_allclose(g, x.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_structured_ssl_model_compiles_shrunk() -> None:
+    """compile(shrink=True): SSL's removed filters and channels are gone from the compiled layers."""
+    model = models.build("alexnet", input_size=99, num_classes=20).eval()
+    models.apply_profile(model, "ssl")
+    x = torch.randn(1, 3, 99, 99, generator=torch.Generator().manual_seed(3))
+    compiled = sparsecnn.compile(model, x, "direct", shrink=True)
+    with torch.inference_mode():
+        assert _rel(compiled(x), model(x)) <= 1e-4
+    convs = {layer.name: layer for layer in compiled.layers if hasattr(layer, "out_channels")}
+    assert convs["conv3"].out_channels < model.conv3.out_channels

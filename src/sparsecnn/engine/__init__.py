@@ -237,6 +237,7 @@ def compile(
     measure: bool = True,
     plan_path: Any = None,
     check: bool = True,
+    shrink: bool = False,
 ) -> CompiledModel:
     """Lower a (pruned) model into one execution plan for the CPU.
 
@@ -259,6 +260,9 @@ def compile(
     check : bool
         Compare the compiled model with the original on ``example_input`` and raise if they differ by
         more than 1e-4 of the output's largest magnitude.
+    shrink : bool
+        First remove the all-zero filters and unread input channels that structured pruning (SSL)
+        left (:func:`sparsecnn.shrink.shrink`), so the compact layers run fewer FLOPs.
 
     Returns
     -------
@@ -279,6 +283,10 @@ def compile(
         raise SparseCNNError("example_input must be a float torch.Tensor batch, "
                              "e.g. torch.randn(1, 3, 224, 224)")
     x = x.detach().float().cpu().contiguous()
+    if shrink:
+        from sparsecnn.shrink import shrink as _shrink
+
+        model = _shrink(model, x).model
     nodes = fold_batchnorm(capture(model))
     layers = _layer_nodes(nodes)
     targets = {name: n.fn for name, n in layers.items()}
