@@ -10,8 +10,8 @@ the same input:
 - ``sparsify``: :func:`sparsecnn.sparsify` with ``"auto"`` (sparse layers inside the torch model);
 - ``compiled``: :func:`sparsecnn.compile` with ``"auto"`` (the whole-model executor).
 
-Under the structured ``ssl`` profile both sparse engines first shrink the layers (``shrink=True``);
-ONNX Runtime and torch run the unshrunk dense model.
+With ``--shrink`` both sparse engines first shrink the layers under the structured ``ssl`` profile
+(``shrink=True``); ONNX Runtime and torch always run the unshrunk dense model.
 
 Every output is checked against the dense torch model (max error / max magnitude <= 1e-4) before
 anything is timed. The engines are timed interleaved in turns (one untimed call, then ``--block`` timed
@@ -74,13 +74,14 @@ def _interleaved(fns: list, repeats: int, block: int, gap: float) -> list[float]
     return [float(np.median(s)) for s in samples]
 
 
-def run_case(case: str, batch: int, threads: int, repeats: int, block: int, gap: float, plans: Path) -> dict:
+def run_case(case: str, batch: int, threads: int, repeats: int, block: int, gap: float, plans: Path,
+             shrink: bool = False) -> dict:
     name, profile, kwargs = CASES[case]
     model = models.build(name, **kwargs).eval()
     models.apply_profile(model, profile)
     x = torch.randn(batch, *models.input_shape(model), generator=torch.Generator().manual_seed(0))
-    # SSL's structured zeros pay once the layers are physically smaller (sparsecnn.shrink)
-    structured = profile == "ssl"
+    # --shrink: remove structured (SSL) zeros physically first (sparsecnn.shrink) in both sparse engines
+    structured = shrink and profile == "ssl"
     sparse = sparsecnn.sparsify(model, "auto", example_input=x, plan_path=plans, shrink=structured)
     compiled = sparsecnn.compile(model, x, "auto", plan_path=plans, shrink=structured)
     engines: dict = {}
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=5,
                     help="timed calls per turn, after one untimed call (1: strictly alternating calls)")
     ap.add_argument("--gap", type=float, default=0.05, help="idle seconds before each engine's turn")
+    ap.add_argument("--shrink", action="store_true", help="shrink the structured ssl case first")
     ap.add_argument("--plans", type=Path, default=Path("bench-results/plans.json"))
     ap.add_argument("--out", type=Path, default=Path("bench-results/end_to_end.json"))
     args = ap.parse_args(argv)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             repeats = args.repeats if batch < 8 else max(3, args.repeats // 3)
             rows.append(run_case(case, batch, args.threads, repeats, args.block if batch < 8 else 2, args.gap,
-                                 args.plans))
+                                 args.plans, args.shrink))
             args.out.write_text(json.dumps(rows, indent=2))  # as it goes: an interrupted run keeps its rows
     print(f"results: {args.out}")
     return 0
