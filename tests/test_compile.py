@@ -272,3 +272,16 @@ def test_structured_ssl_model_compiles_shrunk() -> None:
         assert _rel(compiled(x), model(x)) <= 1e-4
     convs = {layer.name: layer for layer in compiled.layers if hasattr(layer, "out_channels")}
     assert convs["conv3"].out_channels < model.conv3.out_channels
+
+
+def test_engine_workspaces_made_while_building_stay_writable() -> None:
+    """Layers that keep torch workspace tensors (lowered) run after the program was built (its shape
+    recording must not leave them inference tensors) and when the input is an inference tensor."""
+    model = models.build("alexnet", input_size=67, num_classes=10).eval()
+    models.apply_profile(model, "ssl")  # removed filters: lowered keeps a torch buffer for the compact rows
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 67, 67)
+    compiled = sparsecnn.compile(model, x, "lowered")
+    y = compiled(x.clone())
+    with torch.inference_mode():
+        assert _rel(y, model(x)) <= 1e-4

@@ -199,9 +199,13 @@ def call(node: Node, values: dict[str, Any]) -> Any:
 
 
 def record(nodes: list[Node], x: torch.Tensor) -> dict[str, Any]:
-    """Every node's value on input ``x`` (torch eager, no autograd)."""
+    """Every node's value on input ``x`` (torch eager, no autograd).
+
+    ``no_grad``, not ``inference_mode``: buffers the layers create and keep here (a strategy's
+    per-shape workspace tensors) must stay writable by later calls outside inference mode.
+    """
     values: dict[str, Any] = {}
-    with torch.inference_mode():
+    with torch.no_grad():
         for node in nodes:
             if node.op == "input":
                 values[node.name] = x
