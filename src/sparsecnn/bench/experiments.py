@@ -237,6 +237,31 @@ class _Context:
 
 
 @torch.no_grad()
+def _layer_input(model: nn.Module, lname: str, x: torch.Tensor) -> torch.Tensor:
+    """The input layer ``lname`` of ``model`` (any module, a sparse layer too) sees on ``x``."""
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(lname).register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].clone()) if not seen else None)
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@torch.no_grad()
+def _dense_reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The dense output of a sparse layer on ``x``, from the dense weights it computes with."""
+    import torch.nn.functional as F
+
+    w, b = layer.dense_parameters()
+    wt, bt = torch.from_numpy(w), None if b is None else torch.from_numpy(b)
+    if w.ndim == 2:
+        return F.linear(x, wt, bt)
+    return F.conv2d(x, wt, bt, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+@torch.no_grad()
 def _capture_io(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -513,6 +538,11 @@ def _planner_task(
         sm, plan_s = ctx.sparse_model(name, profile, batch)
         layer = sm.get_submodule(lname)
         x, ref = ctx.layer_io(name, profile, batch)[lname]
+        if getattr(sm, "sparsecnn_shrink", None) is not None:
+            # a shrunk layer has fewer channels than the original: its own input, and its dense weights
+            # as the reference
+            x = _layer_input(sm, lname, ctx.input(name, profile, batch)[0])
+            ref = _dense_reference(layer, x)
         xd = x.to(ctx.cfg.device)
         choice = getattr(layer, "strategy", "torch")
         plan = getattr(sm, "sparsecnn_plan", None)
@@ -899,8 +929,12 @@ def _e2e_run(ctx: _Context, name: str, profile: str, batch: int, impl: str) -> O
 
         plan_path = ctx.out_dir / "plans.json" if ctx.out_dir else None
         t0 = time.perf_counter()
+        from sparsecnn.models import STRUCTURED_PROFILES
+
+        # the cost model plans large batches; each layer is still re-timed against torch (tune)
         cm = ctx._memo(("compiled", name, profile, batch), lambda: compile_model(
-            model, x, "auto", measure=ctx.plan_measured(batch), plan_path=plan_path))
+            model, x, "auto", measure=ctx.plan_measured(batch), plan_path=plan_path, tune=True,
+            shrink=profile in STRUCTURED_PROFILES))
         metrics["plan_s"] = time.perf_counter() - t0
         metrics["strategies"] = dict(cm.plan)
         fn = lambda: cm(x)  # noqa: E731

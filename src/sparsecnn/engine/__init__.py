@@ -238,6 +238,7 @@ def compile(
     plan_path: Any = None,
     check: bool = True,
     shrink: bool = False,
+    tune: bool | None = None,
 ) -> CompiledModel:
     """Lower a (pruned) model into one execution plan for the CPU.
 
@@ -260,6 +261,10 @@ def compile(
     check : bool
         Compare the compiled model with the original on ``example_input`` and raise if they differ by
         more than 1e-4 of the output's largest magnitude.
+    tune : bool, optional
+        ``"auto"`` only: re-time each layer's planned strategy against torch and direct/SpMV as the
+        executor runs them (a few short runs per layer). Default: ``measure``. ``measure=False,
+        tune=True`` plans from the cost model and still never keeps a layer slower than torch.
     shrink : bool
         First remove the all-zero filters and unread input channels that structured pruning (SSL)
         left (:func:`sparsecnn.shrink.shrink`), so the compact layers run fewer FLOPs.
@@ -307,7 +312,7 @@ def compile(
     else:
         raise SparseCNNError(f"strategy must be 'auto', a strategy name or a mapping, "
                              f"got {type(strategy).__name__}")
-    tuned = isinstance(strategy, str) and strategy == "auto" and measure
+    tuned = isinstance(strategy, str) and strategy == "auto" and (measure if tune is None else tune)
     values = record(nodes, x) if tuned else {}
     for name, node in layers.items():
         layer = built.get(name)
