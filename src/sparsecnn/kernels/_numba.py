@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numba
+import numpy as np
 from numba.core import caching
 
 _KERNELS_DIR = Path(__file__).resolve().parent
@@ -181,3 +182,12 @@ class PerThread:
 
     def __deepcopy__(self, memo) -> PerThread:
         return PerThread()
+
+
+def balanced_bounds(cost: np.ndarray, nparts: int) -> np.ndarray:
+    """Split ``range(len(cost))`` into ``nparts`` contiguous ranges of about equal total cost."""
+    cum = np.concatenate(([0], np.cumsum(cost)))
+    targets = cum[-1] * np.arange(nparts + 1) / nparts
+    bounds = np.searchsorted(cum, targets, side="left").astype(np.int64)
+    bounds[0], bounds[-1] = 0, cost.size
+    return np.maximum.accumulate(bounds)

@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, jit, num_threads, pjit
+from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit
 from sparsecnn.kernels._simd import (
     NV_MAX,
     NV_PAIR,
@@ -222,7 +222,7 @@ class DirectConvPrep:
         rows = max((_L2_BYTES // (4 * cin_read * nph) - halo) // wph, -(-_TILE // wph), 1)
         group = min(rows, hout) * wph
         counts = np.diff(self.indptr).astype(np.int64) + 1  # +1: an empty filter still costs a bias fill
-        bounds = _balanced_bounds(counts, nparts)
+        bounds = balanced_bounds(counts, nparts)
         # Input-channel blocks whose part of a register tile's input (its span plus the taps' halo,
         # in every phase) fits in L1: every filter of the thread adds a block into its tile before
         # the next block, so the block's input is read from L1 by all of them.
@@ -256,15 +256,6 @@ class DirectConvPrep:
             group=group,
             tile=NV_MAX if nblk > 1 else NV_PAIR,
         )
-
-
-def _balanced_bounds(cost: np.ndarray, nparts: int) -> np.ndarray:
-    """Split ``range(len(cost))`` into ``nparts`` contiguous ranges of about equal total cost."""
-    cum = np.concatenate(([0], np.cumsum(cost)))
-    targets = cum[-1] * np.arange(nparts + 1) / nparts
-    bounds = np.searchsorted(cum, targets, side="left").astype(np.int64)
-    bounds[0], bounds[-1] = 0, cost.size
-    return np.maximum.accumulate(bounds)
 
 
 def prepare_direct(

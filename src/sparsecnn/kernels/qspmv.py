@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, num_threads, pjit
+from sparsecnn.kernels._numba import PerThread, balanced_bounds, num_threads, pjit
 from sparsecnn.kernels._simd import fmadd
 
 __all__ = ["QuantLinearPrep", "prepare_quant_linear", "quant_linear", "quant_prep_from_codes"]
@@ -74,13 +74,11 @@ class QuantLinearPrep:
         key = (batch, nparts)
         ws = self._workspaces.get(key)
         if ws is None:
-            m, k = self.shape
+            _, k = self.shape
             cost = np.diff(self.indptr).astype(np.int64) + 4  # a row also costs its store and setup
-            cum = np.concatenate(([0], np.cumsum(cost)))
-            bounds = np.searchsorted(cum, cum[-1] * np.arange(nparts + 1) / nparts).astype(np.int64)
-            bounds[0], bounds[-1] = 0, m
+            bounds = balanced_bounds(cost, nparts)
             ws = _Workspace(xt=np.zeros((k, batch) if batch > 1 else (0, 1), dtype=np.float32),
-                            bounds=np.maximum.accumulate(bounds))
+                            bounds=bounds)
             self._workspaces[key] = ws
         return ws
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, num_threads, pjit
+from sparsecnn.kernels._numba import PerThread, balanced_bounds, num_threads, pjit
 from sparsecnn.kernels._simd import NV_MAX, VW, fmadd, span_tile, tile_split
 
 __all__ = ["LinearPrep", "prepare_linear", "sparse_linear"]
@@ -61,16 +61,14 @@ class LinearPrep:
         key = (batch, nparts)
         ws = self._workspaces.get(key)
         if ws is None:
-            m, k = self.shape
+            _, k = self.shape
             cost = np.diff(self.indptr).astype(np.int64) + 4  # a row also costs its store and setup
-            cum = np.concatenate(([0], np.cumsum(cost)))
-            bounds = np.searchsorted(cum, cum[-1] * np.arange(nparts + 1) / nparts).astype(np.int64)
-            bounds[0], bounds[-1] = 0, m
+            bounds = balanced_bounds(cost, nparts)
             bp = -(-batch // VW) * VW
             ws = _Workspace(
                 xt=np.zeros((k, bp) if batch > 1 else (0, VW), dtype=np.float32),
                 acc=np.zeros((nparts, bp), dtype=np.float32),
-                bounds=np.maximum.accumulate(bounds),
+                bounds=bounds,
             )
             self._workspaces[key] = ws
         return ws

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, jit, num_threads, pjit
+from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit
 
 __all__ = ["DENSE_COLUMNS_ABOVE", "ActLinearPrep", "act_sparse_linear", "prepare_act_linear"]
 
@@ -106,10 +106,7 @@ class ActLinearPrep:
                 row_cost = np.full(m, 1, np.int64)
             else:
                 row_cost = np.bincount(self.indices.astype(np.int64), minlength=m) + 1
-            cum = np.concatenate(([0], np.cumsum(row_cost)))
-            bounds = np.searchsorted(cum, cum[-1] * np.arange(nparts + 1) / nparts).astype(np.int64)
-            bounds[0], bounds[-1] = 0, m
-            bounds = np.maximum.accumulate(bounds)
+            bounds = balanced_bounds(row_cost, nparts)
             split = np.zeros((nparts + 1, k if not self.dense_columns else 0), np.int64)
             if not self.dense_columns:
                 _column_splits(self.indptr, self.indices, bounds, split)
