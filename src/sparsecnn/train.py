@@ -257,7 +257,10 @@ def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise SparseCNNError(f"checkpoint {path} is not readable ({str(exc).splitlines()[0]})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SparseCNNError(
+            f"checkpoint {path} is not readable ({first}); delete it to start over, or run without --resume"
+        ) from None
     saved = state.get("config", {})
     for f in fields(config):
         if f.name not in _RESUME_FREE and f.name in saved and saved[f.name] != getattr(config, f.name):

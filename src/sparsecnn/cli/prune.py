@@ -2,8 +2,10 @@
 
 Prunes a trained model, retrains it with its masks held at zero and writes DIR/model.pt (plain
 weights with exact zeros, loadable like the input) and DIR/summary.json (per-layer sparsity, removed
-rows/columns, accuracy before pruning, after pruning and after retraining). Works under
-``torchrun --nproc_per_node=N``.
+rows/columns, accuracy before pruning, after pruning and after retraining). DIR/checkpoint.pt is
+written after every stage (and DIR/checkpoint.<stage>.pt after every epoch of a training stage);
+``--resume`` continues an interrupted run from them with the same result as an uninterrupted one.
+Works under ``torchrun --nproc_per_node=N``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default=None, help="comma-separated layers to prune (default: all)")
     _add_training_args(p, epochs=10, lr=0.01, epochs_flag="--retrain-epochs")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/checkpoint.pt (same arguments and weights)")
     p.set_defaults(func=run)
 
 
@@ -83,10 +87,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SparseCNNError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        model, result = prune_model(model, splits.train, splits.test, config)
+        model, result = prune_model(model, splits.train, splits.test, config,
+                                    checkpoint=out / "checkpoint.pt", resume=args.resume)
         if train.is_main_process():
-            out.mkdir(parents=True, exist_ok=True)
             from sparsecnn._atomic import torch_save, write_text
 
             torch_save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sparsecnn.errors import SparseCNNError
+from sparsecnn.prune._checkpoint import StageCheckpoint
 from sparsecnn.prune.base import Pruner
 from sparsecnn.prune.magnitude import POLICIES, MagnitudePruner
 from sparsecnn.prune.masks import LayerSparsity, prunable_layers, sparsity_report
@@ -195,8 +197,27 @@ def prune_model(
     train_set: Dataset,
     test_set: Dataset,
     config: PruneConfig = PruneConfig(target=0.92),
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> tuple[nn.Module, PruneResult]:
     """Prune ``model`` (trained, dense) with ``config.method`` and retrain it.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained dense model; pruned and retrained in place.
+    train_set, test_set : Dataset
+        ``(image, label)`` pairs.
+    config : PruneConfig
+    checkpoint : path, optional
+        Written atomically after every stage (model, masks, pruner state and schedule position, RNG
+        state, the results so far); during a training stage ``fit`` also keeps a per-epoch checkpoint
+        beside it (``<stem>.<stage><suffix>``, removed when the stage ends).
+    resume : bool
+        Continue from ``checkpoint`` after an interruption: pass the same dense ``model`` (same
+        starting weights) and ``config``; a checkpoint of another run is refused. The result equals
+        an uninterrupted run's (every epoch is reseeded).
 
     Returns
     -------
@@ -208,47 +229,75 @@ def prune_model(
     if config.layers is not None:
         prunable_layers(model, config.layers)  # unknown layer -> SparseCNNError before any work
     rt = config.retrain
-    acc_before = evaluate(model, test_set, rt.eval_batch_size)
+    ck = StageCheckpoint(checkpoint, config, model, resume)
     history: list[EpochRecord] = []
+
+    def train_stage(stage: str, cfg: TrainConfig, **kwargs: Any) -> None:
+        history.extend(fit(model, train_set, test_set, cfg, **ck.fit_args(stage), **kwargs).history)
+        ck.finish(stage, model, kwargs.get("pruner"), history=[asdict(r) for r in history])
+
+    def skip(stage: str, pruner: Pruner | None = None) -> bool:
+        """True if ``stage`` is in the checkpoint (and its saved state, if it is the last, loaded)."""
+        if not ck.is_done(stage):
+            return False
+        ck.restore(stage, model, pruner)
+        history[:] = [EpochRecord(**r) for r in ck.results.get("history", [])]
+        return True
+
+    if not skip("start"):
+        ck.finish("start", model, acc_before=evaluate(model, test_set, rt.eval_batch_size))
 
     if config.method == "ssl":
         lasso = GroupLasso(model, config.groups, config.ssl_strength, layers=config.layers)
         ssl_epochs = rt.epochs if config.ssl_epochs is None else config.ssl_epochs
-        if ssl_epochs > 0:
-            lasso_cfg = replace(rt, epochs=ssl_epochs)
-            history += fit(model, train_set, test_set, lasso_cfg, regularizer=lasso).history
+        if ssl_epochs > 0 and not skip("lasso"):
+            train_stage("lasso", replace(rt, epochs=ssl_epochs), regularizer=lasso)
         pruner = _pruner(config, None)
-        pruner.prepare(model)
-        pruner.step()
-        acc_pruned = evaluate(model, test_set, rt.eval_batch_size)
-        if rt.epochs > 0:
-            history += fit(model, train_set, test_set, rt, pruner=pruner).history
+        pruner.prepare(model)  # structural only: reads no weight, so a skipped stage's weights do not matter
+        if not skip("prune", pruner):
+            pruner.step()
+            ck.finish("prune", model, pruner, acc_pruned=evaluate(model, test_set, rt.eval_batch_size))
+        if rt.epochs > 0 and not skip("finetune", pruner):
+            train_stage("finetune", rt, pruner=pruner)
     else:
         target = config.target if config.method != "nm" else 1 - config.nm[0] / config.nm[1]
-        # What pruning alone costs: the dense model pruned to the final target in one shot.
-        oneshot = copy.deepcopy(model)
-        probe = _pruner(config, Constant(target) if config.method != "nm" else None)
-        probe.prepare(oneshot)
-        probe.step()
-        acc_pruned = evaluate(oneshot, test_set, rt.eval_batch_size)
-        del oneshot, probe
+        if not skip("probe"):
+            # What pruning alone costs: the dense model pruned to the final target in one shot.
+            oneshot = copy.deepcopy(model)
+            probe = _pruner(config, Constant(target) if config.method != "nm" else None)
+            probe.prepare(oneshot)
+            probe.step()
+            acc = evaluate(oneshot, test_set, rt.eval_batch_size)
+            del oneshot, probe
+            ck.finish("probe", model, acc_pruned=acc)
 
         schedule = None if config.method == "nm" else _schedule(config, target, rt.epochs)
         pruner = _pruner(config, schedule)
+        # On the dense weights, as in an uninterrupted run ("start" and "probe" leave them alone):
+        # the magnitude "std" policy reads them here.
         pruner.prepare(model)
         if config.method != "nm" and config.schedule == "agp":
-            history += fit(model, train_set, test_set, rt, pruner=pruner, step_pruner=True).history
+            if not skip("retrain", pruner):
+                train_stage("retrain", rt, pruner=pruner, step_pruner=True)
         elif config.method != "nm" and config.schedule == "iterative":
             per_cycle = max(1, rt.epochs // config.cycles) if rt.epochs > 0 else 0
-            for _ in range(config.cycles):
+            for cycle in range(1, config.cycles + 1):
+                stage = f"cycle{cycle}"
+                if skip(stage, pruner):
+                    continue
                 pruner.step()
                 if per_cycle:
-                    cycle_cfg = replace(rt, epochs=per_cycle)
-                    history += fit(model, train_set, test_set, cycle_cfg, pruner=pruner).history
-        else:
+                    train_stage(stage, replace(rt, epochs=per_cycle), pruner=pruner)
+                else:
+                    ck.finish(stage, model, pruner)
+        elif not skip("retrain", pruner):
             pruner.step()
             if rt.epochs > 0:
-                history += fit(model, train_set, test_set, rt, pruner=pruner).history
+                train_stage("retrain", rt, pruner=pruner)
+            else:
+                ck.finish("retrain", model, pruner)
+    acc_before = float(ck.results["acc_before"])
+    acc_pruned = float(ck.results["acc_pruned"])
 
     acc_final = evaluate(model, test_set, rt.eval_batch_size)
     digests = _gather_digest(pruner)
