@@ -25,19 +25,18 @@ _PARALLEL_MIN = 1 << 15
 @jit
 def _relu_serial(a):
     for i in range(a.size):
-        v = a[i]
-        if v <= 0.0:  # NaN compares false and is kept, as torch.relu does
-            a[i] = 0.0
+        if a[i] <= np.float32(0.0):  # NaN compares false and is kept
+            a[i] = np.float32(0.0)
 
 
 @pjit
 def _relu_parallel(a, chunk):
+    """NOTE: each chunk is a slice handed to the serial loop: a loop indexed by the prange body itself
+    stays scalar (numba's parallel body gives LLVM no alias facts), measured 8-15x slower."""
     n = a.size
     for c in numba.prange((n + chunk - 1) // chunk):
-        for i in range(c * chunk, min(n, (c + 1) * chunk)):
-            v = a[i]
-            if v <= 0.0:
-                a[i] = 0.0
+        lo = c * chunk
+        _relu_serial(a[lo : min(n, lo + chunk)])
 
 
 def relu_(a: np.ndarray) -> None:
@@ -55,22 +54,24 @@ def relu_(a: np.ndarray) -> None:
 
 @jit
 def _add_serial(a, b, out, relu):
-    for i in range(out.size):
-        v = a[i] + b[i]
-        if relu and v <= 0.0:
-            v = 0.0
-        out[i] = v
+    if relu:
+        for i in range(out.size):
+            v = a[i] + b[i]
+            out[i] = np.float32(0.0) if v <= np.float32(0.0) else v  # NaN kept
+    else:
+        for i in range(out.size):
+            out[i] = a[i] + b[i]
 
 
 @pjit
 def _add_parallel(a, b, out, relu, chunk):
+    """NOTE: chunks go to the serial loop as slices (see _relu_parallel: 8-15x faster than a loop
+    indexed inside the prange body)."""
     n = out.size
     for c in numba.prange((n + chunk - 1) // chunk):
-        for i in range(c * chunk, min(n, (c + 1) * chunk)):
-            v = a[i] + b[i]
-            if relu and v <= 0.0:
-                v = 0.0
-            out[i] = v
+        lo = c * chunk
+        hi = min(n, lo + chunk)
+        _add_serial(a[lo:hi], b[lo:hi], out[lo:hi], relu)
 
 
 def add_relu(a: np.ndarray, b: np.ndarray, out: np.ndarray, relu: bool) -> None:
@@ -150,15 +151,31 @@ def max_pool2d(x: np.ndarray, out: np.ndarray, kernel_size: tuple[int, int], str
     _max_pool_kernel(xp, op, kh, kw, sh, sw, ph, pw, dh, dw, np.empty((b * c, w), dtype=np.float32))
 
 
+@jit
+def _mean(row):
+    """Eight partial sums (a single running sum is one dependent add per element: 3-4x slower)."""
+    n = row.size
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+    for q in range(n // 8):
+        k = q * 8
+        s0 += row[k]
+        s1 += row[k + 1]
+        s2 += row[k + 2]
+        s3 += row[k + 3]
+        s4 += row[k + 4]
+        s5 += row[k + 5]
+        s6 += row[k + 6]
+        s7 += row[k + 7]
+    for k in range(n - n % 8, n):
+        s0 += row[k]
+    return (((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))) / np.float32(n)
+
+
 @pjit
 def _gap_kernel(x, out):
-    npl, n = x.shape
+    npl = x.shape[0]
     for p in numba.prange(npl):
-        s = np.float32(0.0)
-        row = x[p]
-        for i in range(n):
-            s += row[i]
-        out[p] = s / np.float32(n)
+        out[p] = _mean(x[p])
 
 
 def global_avg_pool(x: np.ndarray, out: np.ndarray) -> None:
