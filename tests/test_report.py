@@ -38,7 +38,7 @@ def _measurements(path: Path) -> list[dict]:
     return [r for r in read_records(path) if r["type"] == "measurement"]
 
 
-def test_report_writes_results_for_all_seven_experiments(report_dir: Path) -> None:
+def test_report_writes_results_for_all_eight_experiments(report_dir: Path) -> None:
     records = read_records(report_dir / "results.jsonl")
     for r in records:
         validate_record(r)
@@ -76,6 +76,51 @@ def test_report_html_has_every_section_and_embeds_its_plots(report_dir: Path) ->
         assert claim in page
     assert "left out the size(s) 2560×4800, 25600×24000" in page  # what this size skipped is said
     assert "AMD" in page or "Intel" in page or "CPU" in page
+
+
+def test_compression_section_numbers_are_consistent(report_dir: Path) -> None:
+    from sparsecnn.compress.storage import PAPER
+
+    meas = [r for r in _measurements(report_dir / "results.jsonl") if r["status"] == "ok"]
+    storage = {r["params"]["model"]: r["metrics"] for r in meas
+               if r["experiment"] == "compression" and r["params"]["impl"] == "storage"}
+    assert set(storage) == {"alexnet", "lenet5"}
+    numel = {
+        (r["params"]["model"], x["layer"]): x["numel"]
+        for r in meas
+        if r["experiment"] == "weight_sparsity"
+        and r["params"]["profile"] in ("deep-compression", "digits-pruned")
+        for x in r["metrics"]["layers"]
+    }
+    page = (report_dir / "report.html").read_text(encoding="utf-8")
+    for model, m in storage.items():
+        rows = {x["layer"]: x for x in m["rows"]}
+        total = rows.pop("total")
+        assert list(rows) == list(PAPER[model])[:-1]  # every conv/fc layer, in order, beside the paper
+        for name, x in rows.items():
+            assert x["dense_bytes"] == 4 * numel[model, name]  # the same model as experiment 1
+            assert x["ratio"] == pytest.approx(x["dense_bytes"] / x["huffman_bytes"])
+            assert x["paper_ratio"] == pytest.approx(1 / PAPER[model][name]["rate_h"])
+            assert x["quantized_bytes"] < x["relative_bytes"] < x["dense_bytes"] or name == "conv1"
+        for field in ("dense_bytes", "csr_bytes", "relative_bytes", "quantized_bytes", "huffman_bytes"):
+            assert total[field] == pytest.approx(sum(x[field] for x in rows.values()))
+        assert total["ratio"] == pytest.approx(total["dense_bytes"] / total["huffman_bytes"])
+        assert m["ratio"] == pytest.approx(total["ratio"]) and total["ratio"] > 10
+        assert total["paper_ratio"] == pytest.approx({"alexnet": 34.7, "lenet5": 39.2}[model], abs=0.1)
+        assert f"{model} / " in page and f"total {total['ratio']:.2f}×" in page
+    acc = storage["lenet5"]["accuracy"]
+    assert 0.5 < acc["quantized"] <= 1 and abs(acc["quantized"] - acc["pruned"]) < 0.05
+    # the codebook-index SpMV vs the float CSR spmv on the same quantized fc6/fc7
+    timed = {(r["params"]["layer"], r["params"]["impl"]): r for r in meas
+             if r["experiment"] == "compression" and r["params"]["impl"] != "storage"}
+    assert set(timed) == {(layer, impl) for layer in ("fc6", "fc7") for impl in ("qspmv", "spmv")}
+    for layer in ("fc6", "fc7"):
+        q, f = timed[layer, "qspmv"], timed[layer, "spmv"]
+        assert q["timing"]["median_s"] > 0 and q["metrics"]["max_rel_err"] <= 1e-4
+        assert q["metrics"]["weight_nbytes"] < 0.6 * f["metrics"]["weight_nbytes"]  # 3 bytes a nonzero, not 6
+        csr = {x["layer"]: x["csr_bytes"] for x in storage["alexnet"]["rows"]}
+        assert f["metrics"]["weight_nbytes"] == csr[layer]
+    assert "codebook-index SpMV vs float CSR" in page
 
 
 def test_plots_exist_and_are_non_empty_pngs(report_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""The seven experiments of the seed study, measured on this machine.
+"""The seven experiments of the seed study, and Deep Compression's storage, measured on this machine.
 
 1. ``weight_sparsity``: weight sparsity per layer of each model / profile.
 2. ``conv_layers``: per conv layer, the bytes of each format and the time of every strategy, the
@@ -11,6 +11,9 @@
 6. ``sparse_x_sparse``: activation sparsity after each ReLU on real inputs, then sparse x sparse vs
    dense GEMM vs CSRMM, time and operand memory per layer.
 7. ``end_to_end``: latency (batch 1) and throughput (batch 32) of each model, dense vs sparsified.
+8. ``compression``: Deep Compression's storage per layer and stage (dense, pruned CSR / relative
+   index, + quantized, + Huffman) of AlexNet (deep-compression profile) and the trained LeNet-5,
+   beside Han et al.'s tables; the quantized SpMV vs the float CSR spmv on AlexNet's fc6/fc7.
 
 :func:`report_tasks` lists every measurement as a :class:`~sparsecnn.bench.harness.Task` up front
 (so the progress bar knows the total and ``--resume`` can skip by key); the heavy setup (models,
@@ -65,6 +68,7 @@ EXPERIMENTS: tuple[tuple[str, str], ...] = (
     ("memory_scaling", "Memory scaling"),
     ("sparse_x_sparse", "Sparse x sparse"),
     ("end_to_end", "End to end"),
+    ("compression", "Deep Compression: storage per stage"),
 )
 
 # Peers that are timed per layer (onnxruntime is added when installed and on the CPU).
@@ -951,6 +955,84 @@ def _e2e_run(ctx: _Context, name: str, profile: str, batch: int, impl: str) -> O
     return outcome
 
 
+# Experiment 8: Deep Compression. Gap widths of the paper (4 bits for AlexNet, 5 for LeNet-5); the
+# layers whose quantized SpMV is timed against the float CSR spmv (the issue's fc6/fc7 at 91%).
+COMPRESSION_INDEX_BITS = {"alexnet": 4, "lenet5": 5}
+QSPMV_LAYERS = ("fc6", "fc7")
+
+
+def _compression_models(cfg: ReportConfig) -> list[tuple[str, str]]:
+    out = [("alexnet", "deep-compression")]
+    if lenet_available(cfg):
+        out.append(("lenet5", "digits-pruned"))
+    return out
+
+
+def _quantized(ctx: _Context, name: str, profile: str) -> tuple[Any, nn.Module]:
+    """A quantized copy (8-bit conv / 5-bit FC codebooks) of the model and its storage report."""
+
+    def make() -> tuple[Any, nn.Module]:
+        import copy
+
+        from sparsecnn.compress import compression_report
+
+        work = copy.deepcopy(ctx.model(name, profile))
+        report, _ = compression_report(work, COMPRESSION_INDEX_BITS[name], paper=name)
+        return report, work.eval()
+
+    return ctx._memo(("quantized", name, profile), make)
+
+
+def _compression_tasks(ctx: _Context) -> list[Task]:
+    """Storage per stage (the analysis of ``sparsecnn analyze --compression``) per model, and the
+    codebook-index SpMV against the float CSR spmv on AlexNet's quantized fc6/fc7 at batch 1."""
+    cfg = ctx.cfg
+    out = []
+    for name, profile in _compression_models(cfg):
+
+        def run(name: str = name, profile: str = profile) -> Outcome:
+            report, qmodel = _quantized(ctx, name, profile)
+            metrics: dict[str, Any] = {
+                "kind": "storage",
+                "paper": report.paper,
+                "index_bits": COMPRESSION_INDEX_BITS[name],
+                "rows": report.rows(),
+                "ratio": report.ratio,
+            }
+            if profile == "digits-pruned":  # a trained model: the accuracy that quantization keeps
+                from sparsecnn import data, train
+
+                meta = ctx._cache.get(("train-meta", name, profile)) or {}
+                metrics["accuracy"] = {
+                    "dense": meta.get("dense_accuracy"),
+                    "pruned": meta.get("pruned_accuracy"),
+                    "quantized": train.evaluate(qmodel, data.load("digits").test),
+                }
+            return Outcome(metrics)
+
+        out.append(Task("compression", {"model": name, "profile": profile, "impl": "storage"}, run,
+                        f"{name}/{profile} storage"))
+    name, profile = "alexnet", "deep-compression"
+    for lname in QSPMV_LAYERS:
+
+        def module(lname: str = lname) -> nn.Module:
+            return _quantized(ctx, name, profile)[1].get_submodule(lname)
+
+        def io(lname: str = lname) -> tuple[torch.Tensor, torch.Tensor]:
+            def make() -> tuple[torch.Tensor, torch.Tensor]:
+                x = ctx.layer_io(name, profile, 1)[lname][0]
+                return x, module(lname)(x)  # the quantized layer's own output is the reference
+
+            return ctx._memo(("quantized-io", lname), make)
+
+        params = {"model": name, "profile": profile, "layer": lname, "batch": 1, "device": cfg.device}
+        out += [
+            _strategy_task("compression", params, module, lname, s, io, cfg, f"{name} {lname} quantized {s}")
+            for s in ("qspmv", "spmv")
+        ]
+    return out
+
+
 _PLANNERS: dict[str, Callable[[_Context], list[Task]]] = {
     "weight_sparsity": _weight_sparsity_tasks,
     "conv_layers": _conv_tasks,
@@ -959,6 +1041,7 @@ _PLANNERS: dict[str, Callable[[_Context], list[Task]]] = {
     "memory_scaling": _scaling_tasks,
     "sparse_x_sparse": _spxsp_tasks,
     "end_to_end": _e2e_tasks,
+    "compression": _compression_tasks,
 }
 
 
@@ -999,7 +1082,7 @@ def run_report(
     resume : bool
         Keep ``results.jsonl`` and skip the measurements already in it.
     only : sequence of str, optional
-        Experiment names to run (default: all seven).
+        Experiment names to run (default: all eight).
     """
     from sparsecnn.report.html import write_report
 

@@ -113,7 +113,7 @@ def _compression(model, args: argparse.Namespace) -> None:
     import copy
 
     from sparsecnn.cli.compress import paper_for, print_table
-    from sparsecnn.compress import quantize_model, storage_report
+    from sparsecnn.compress import compression_report
     from sparsecnn.models import apply_profile
 
     if not 1 <= args.index_bits <= 8:
@@ -121,6 +121,6 @@ def _compression(model, args: argparse.Namespace) -> None:
     work = copy.deepcopy(model)
     if args.profile:
         apply_profile(work, args.profile)
-    report = storage_report(quantize_model(work), args.index_bits, paper_for(model, str(args.model)))
+    report, _ = compression_report(work, args.index_bits, paper_for(model, str(args.model)))
     print_table(report, f"{args.model}: Deep Compression storage (profile {args.profile or 'none'}, "
                         f"{args.index_bits}-bit gaps)")

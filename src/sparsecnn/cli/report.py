@@ -1,4 +1,5 @@
-"""``sparsecnn report``: run the seed study's seven experiments here and write report.html."""
+"""``sparsecnn report``: run the seed study's seven experiments and Deep Compression's storage here and
+write report.html."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "report",
-        help="run all seven experiments and write report.html, results.jsonl and plots",
+        help="run all eight experiments and write report.html, results.jsonl and plots",
         description="Run the seed study's experiments on this machine (AlexNet with the deep-compression "
-        "and ssl profiles, LeNet-5 trained and pruned on digits), appending every measurement to "
+        "and ssl profiles, LeNet-5 trained and pruned on digits) and Deep Compression's storage, "
+        "appending every measurement to "
         "OUT/results.jsonl as it is made, then write OUT/report.html (self-contained) and OUT/*.png. "
         "Prints the path of report.html.",
     )
@@ -31,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--only",
         metavar="NAMES",
         help="comma list of experiments to run (weight_sparsity, conv_layers, fc_layers, sparsity_sweep, "
-        "memory_scaling, sparse_x_sparse, end_to_end; default: all)",
+        "memory_scaling, sparse_x_sparse, end_to_end, compression; default: all)",
     )
     p.add_argument(
         "--render-only",

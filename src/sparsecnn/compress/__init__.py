@@ -6,7 +6,8 @@ and Huffman Coding", ICLR 2016. Pruning (the first stage) is :mod:`sparsecnn.pru
 - :func:`quantize_model`: per-layer k-means codebooks (linear initialisation), 8 bits conv / 5 bits FC
   by default, 1-8 bits per layer; :func:`finetune_centroids` trains the centroids on real data;
 - :func:`huffman_code` / :func:`huffman_encode` / :func:`huffman_decode`: canonical Huffman coding;
-- :func:`storage_report`: exact bytes per layer at each stage, beside the paper's published rates;
+- :func:`storage_report`: exact bytes per layer at each stage, beside the paper's published rates
+  (:func:`compression_report`: quantize a model and account it, as ``analyze --compression`` does);
 - the compressed file: :func:`sparsecnn.io.compressed.save_compressed` / ``load_compressed``.
 """
 
@@ -23,7 +24,14 @@ from sparsecnn.compress.kmeans import (
     share_weights,
     unshare_weights,
 )
-from sparsecnn.compress.storage import PAPER, LayerStorage, StorageReport, layer_storage, storage_report
+from sparsecnn.compress.storage import (
+    PAPER,
+    LayerStorage,
+    StorageReport,
+    compression_report,
+    layer_storage,
+    storage_report,
+)
 
 __all__ = [
     "PAPER",
@@ -32,6 +40,7 @@ __all__ = [
     "LayerStorage",
     "QuantizeConfig",
     "StorageReport",
+    "compression_report",
     "finetune_centroids",
     "huffman_code",
     "huffman_decode",

@@ -25,8 +25,8 @@ import numpy as np
 from sparsecnn.compress.huffman import huffman_code
 from sparsecnn.errors import SparseCNNError
 
-__all__ = ["PAPER", "LayerStorage", "StorageReport", "decode_gaps", "encode_gaps", "layer_storage",
-           "storage_report"]
+__all__ = ["PAPER", "LayerStorage", "StorageReport", "compression_report", "decode_gaps", "encode_gaps",
+           "layer_storage", "storage_report"]
 
 # Published per-layer figures (Han, Mao & Dally, "Deep Compression", ICLR 2016): fraction of weights kept
 # after pruning, weight bits and index bits after quantization (P+Q) and after Huffman (P+Q+H), and
@@ -243,3 +243,31 @@ def storage_report(books: Any, index_bits: int | dict[str, int] = 4,
         ib = index_bits.get(name, 4) if isinstance(index_bits, dict) else index_bits
         layers.append(layer_storage(name, book.codes, book.bits, ib))
     return StorageReport(tuple(layers), paper)
+
+
+def compression_report(model: Any, index_bits: int | dict[str, int] = 4, paper: str | None = None,
+                       config: Any = None) -> tuple[StorageReport, dict[str, Any]]:
+    """Quantize ``model`` **in place** and account its storage: what ``sparsecnn analyze --compression``
+    prints and the report's compression section shows (pass a copy to keep the float weights).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Pruned (or not); every Conv2d and Linear gets a codebook.
+    index_bits : int or dict of str to int
+        Gap width, as in :func:`storage_report`.
+    paper : str, optional
+        ``"alexnet"`` or ``"lenet5"``: the published table to put beside the measured rates.
+    config : sparsecnn.compress.QuantizeConfig, optional
+        Bit widths (default: 8 bits conv, 5 bits FC, the paper's).
+
+    Returns
+    -------
+    report : StorageReport
+    books : dict of str to LayerCodebook
+        The codebooks; ``model`` now holds exactly ``codebook[codes]``.
+    """
+    from sparsecnn.compress.kmeans import QuantizeConfig, quantize_model
+
+    books = quantize_model(model, config if config is not None else QuantizeConfig())
+    return storage_report(books, index_bits, paper), books

@@ -86,6 +86,16 @@ SECTIONS: tuple[tuple[str, str, str, str], ...] = (
         "The whole model: latency at batch 1 and throughput at a larger batch, torch dense vs the model "
         "sparsified by sparsecnn's planner (and ONNX Runtime's dense CPU engine when installed).",
     ),
+    (
+        "exp8",
+        "compression",
+        "8. Deep Compression: storage per stage",
+        "Han et al.'s three stages, per layer and in total: dense float32 bytes, pruned (CSR and the paper's "
+        "relative index), + quantized (k-means codebooks), + Huffman coded, and the ratio, beside the "
+        "paper's published per-layer rates (AlexNet 35×, LeNet-5 39×), for AlexNet with the "
+        "deep-compression profile and the LeNet-5 trained and pruned on digits; then the quantized FC "
+        "layers run straight from their codes (qspmv) against the float CSR spmv.",
+    ),
 )
 
 
