@@ -334,3 +334,106 @@ def test_compress_cli(tmp_path, capsys) -> None:
     assert main(["compress", "lenet5", "--finetune-epochs", "2", "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("sparsecnn compress: error:") for line in err)
+
+
+
+def _gloo() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
+
+
+def _finetune_lenet(out: str) -> None:
+    """Quantize a pruned LeNet-5, fine-tune its centroids on 1,344 digits (42 global batches of 32, so
+    no rank pads its share) and save this rank's codebooks to ``out-WORLD-RANK.npz``."""
+    from torch.utils.data import Subset
+
+    from sparsecnn.compress import finetune_centroids
+    from sparsecnn.data import digits
+    from sparsecnn.train import TrainConfig, init_distributed, shutdown_distributed
+
+    rank, world = init_distributed()
+    splits = digits()
+    model = _pruned_lenet()
+    config = TrainConfig(epochs=1, lr=0.02, progress=False, device="cpu")
+    tuned, result = finetune_centroids(model, quantize_model(model), Subset(splits.train, range(1344)),
+                                       splits.test, config)
+    arrays = {n: b.codebook for n, b in tuned.items()} | {n + ".codes": b.codes for n, b in tuned.items()}
+    np.savez(f"{out}-{world}-{rank}.npz", acc=result.test_accuracy, **arrays)
+    shutdown_distributed()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _gloo(), reason="torch.distributed with gloo is not available")
+def test_centroid_finetuning_under_torchrun_matches_one_process(tmp_path) -> None:
+    """Centroid fine-tuning under ``torchrun --nproc_per_node=2`` (gloo, CPU): DDP all-reduces each
+    rank's centroid gradients, so both ranks hold the same codebooks, and with the same global batch
+    and data order they equal the one-process run's up to float reduction order; ``sparsecnn compress
+    --finetune-epochs`` under torchrun writes one file, from rank 0."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text("import sys\nfrom tests.test_compress import _finetune_lenet\n"
+                      "_finetune_lenet(sys.argv[1])\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": root}
+
+    def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *args]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    torchrun(2, str(script), str(tmp_path / "cb"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # LeNet-5 gains nothing from two; on a busy machine two are much slower
+    try:
+        _finetune_lenet(str(tmp_path / "cb"))  # one process, here
+    finally:
+        torch.set_num_threads(threads)
+    one, r0, r1 = (np.load(tmp_path / f"cb-{w}-{r}.npz") for w, r in ((1, 0), (2, 0), (2, 1)))
+    untuned = quantize_model(_pruned_lenet())
+    moved = diff = 0.0
+    for name, book in untuned.items():
+        assert np.array_equal(r0[name], r1[name])  # the ranks stay in step
+        for res in (one, r0):
+            assert np.array_equal(res[name + ".codes"], book.codes)  # codes fixed, zeros stay zero
+            assert res[name][0] == 0.0
+        moved = max(moved, float(np.abs(one[name] - book.codebook).max()))
+        diff = max(diff, float(np.abs(one[name] - r0[name]).max()))
+    assert moved > 1e-2 and diff < 1e-3 * moved, (moved, diff)  # trained, and the same training
+    assert abs(float(one["acc"]) - float(r0["acc"])) <= 1 / 450
+
+    # the CLI: rank 0 alone writes the file and prints
+    dense = tmp_path / "dense.pt"
+    torch.save(_pruned_lenet().state_dict(), dense)
+    out = tmp_path / "two.sparsecnn"
+    proc = torchrun(2, "-m", "sparsecnn", "compress", "lenet5", "--weights", str(dense), "--data", "digits",
+                    "--finetune-epochs", "1", "--quiet", "--out", str(out))
+    assert proc.stdout.count("wrote ") == 1 and "fine-tuned" in proc.stdout
+    tuned = sparsecnn.load(str(out)).sparsecnn_codebooks
+    for name, book in untuned.items():
+        assert np.array_equal(tuned[name].codes, book.codes)
+        assert not np.array_equal(tuned[name].codebook, book.codebook)
+
+
+def _pruned_lenet() -> nn.Module:
+    model = sparsecnn.models.build("lenet5", num_classes=10, in_channels=1, input_size=8, seed=0)
+    sparsecnn.models.apply_profile(model, "uniform:0.9")
+    return model
+
+
+def test_compression_report_is_what_analyze_prints(capsys) -> None:
+    from sparsecnn.cli import main
+    from sparsecnn.compress import compression_report
+
+    model = _pruned_lenet()
+    report, books = compression_report(model, 5, paper="lenet5")
+    for name, book in books.items():  # the model now holds the quantized weights
+        assert np.array_equal(model.get_submodule(name).weight.detach().numpy(), book.weight())
+    assert report.ratio == pytest.approx(report.total("dense_bytes") / report.total("huffman_bytes"))
+    assert report.rows()[-1]["paper_ratio"] == pytest.approx(1 / 0.0255)
+    assert main(["analyze", "lenet5", "--compression", "--index-bits", "5"]) == 0
+    assert "paper P+Q+H" in capsys.readouterr().out
