@@ -251,6 +251,21 @@ def test_qspmv_against_dense(rng: np.random.Generator, shape: tuple[int, int], s
     assert_close(out, ref - torch.from_numpy(bias))
 
 
+def test_qspmv_wide_words_every_row_offset_and_length(rng: np.random.Generator) -> None:
+    """The 64-bit-word kernel at batch 1: rows of 0..40 nonzeros, so rows start and end at every
+    position within a word of eight codes (head, whole words and tail in every combination)."""
+    m, k = 41, 300
+    w = np.zeros((m, k), np.float32)
+    for i in range(m):
+        w[i, np.sort(rng.choice(k, size=i, replace=False))] = rng.integers(1, 30, size=i) / 8
+    prep = prepare_quant_linear(w[rng.permutation(m)])
+    assert prep.codes.dtype == np.uint8 and prep.indices.dtype == np.uint16
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    out = np.full((1, m), np.nan, np.float32)
+    quant_linear(prep, x, None, out)
+    assert_close(out, torch.from_numpy(x) @ torch.from_numpy(prep.to_dense()).T)
+
+
 def test_qspmv_is_exact_for_unquantized_weights(rng: np.random.Generator) -> None:
     w = random_sparse(rng, (40, 50), 0.2)  # ~1600 distinct values: uint16 codes
     prep = prepare_quant_linear(w)
