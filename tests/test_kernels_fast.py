@@ -246,3 +246,63 @@ def test_direct_conv_long_planes_many_groups(hw, k, padding, rng):
     # Planes long enough for several L2 groups and register tiles per group; the 1x1 case stores the
     # tiles straight into the output (wide rows == output rows), the 3x3 one through the wide buffer.
     _conv_case(rng, 2, 96, 10, hw, k, (1, 1), padding, (1, 1), 1, 0.7)
+
+
+@pytest.mark.parametrize("serial", [True, False], ids=["serial", "parallel"])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("case", CONV_CASES[::2], ids=lambda c: f"b{c[0]}c{c[1]}-{c[2]}k{c[4]}s{c[5]}g{c[8]}")
+def test_bound_direct_conv_equals_direct_conv(case, relu, serial, rng, monkeypatch):
+    """The executor's bound conv (serial twins below the work threshold, parallel above) computes
+    what direct_conv2d computes, call after call, with non-contiguous inputs too."""
+    monkeypatch.setattr(conv, "_SERIAL_MACS", 1 << 40 if serial else 0)
+    monkeypatch.setattr(conv, "_SERIAL_COPY", 1 << 40 if serial else 0)
+    prep, _w, x, bv, ref = _conv_case(rng, *case, 0.6)
+    out = np.full(ref.shape, np.nan, dtype=np.float32)
+    run = conv.bind_direct_conv2d(prep, x.shape, bv, out, relu)
+    want = np.maximum(ref, 0) if relu else ref
+    for trial in range(3):
+        xi = x if trial < 2 else np.asfortranarray(x)
+        out[...] = np.nan
+        run(xi)
+        assert_close(out, want, what=f"bound direct_conv2d call {trial}")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        conv.bind_direct_conv2d(prep, x.shape, bv, np.empty((1, 1, 1, 1), np.float32))
+
+
+@pytest.mark.parametrize("serial", [True, False], ids=["serial", "parallel"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_bound_sparse_linear_equals_sparse_linear(batch, serial, rng, monkeypatch):
+    from sparsecnn.kernels import spmv
+
+    monkeypatch.setattr(spmv, "_SERIAL_MACS", 1 << 40 if serial else 0)
+    w = random_sparse(rng, (37, 300), 0.8)
+    x = rng.standard_normal((batch, 300)).astype(np.float32)
+    b = rng.standard_normal(37).astype(np.float32)
+    prep = prepare_linear(w)
+    for relu in (False, True):
+        want = np.empty((batch, 37), np.float32)
+        sparse_linear(prep, x, b, want, relu=relu)
+        out = np.full((batch, 37), np.nan, dtype=np.float32)
+        run = spmv.bind_sparse_linear(prep, batch, b, out, relu)
+        for _ in range(2):
+            run(x)
+            np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 9, 11), (2, 64, 40, 40)], ids=["serial", "parallel"])
+def test_bound_pools_equal_torch(shape, rng):
+    from sparsecnn.kernels import elementwise as E
+
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.flat[7] = np.nan
+    xt = torch.from_numpy(x)
+    ref = F.max_pool2d(xt, 3, 2, 1).numpy()
+    out = np.empty_like(ref)
+    E.bind_max_pool2d(x.shape, out, (3, 3), (2, 2), (1, 1), (1, 1))(x)
+    np.testing.assert_array_equal(out, ref)
+    g = np.empty(shape[:2], np.float32)
+    x[0, 0, 0, 0] = 1.0  # keep one plane NaN-free and one with a NaN
+    E.bind_global_avg_pool(x.shape, g)(x)
+    want = torch.from_numpy(x).mean((2, 3)).numpy()
+    assert np.isnan(g).sum() == np.isnan(want).sum() == 1  # the NaN's plane, as torch
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6, equal_nan=True)

@@ -147,22 +147,30 @@ class CompiledModel(nn.Module):
                                  f"{type(x).__name__} {getattr(x, 'dtype', '')}")
         if x.ndim == len(self._input_shape):
             x = x[None]
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        env, steps, slot, output = self._bound(x.shape)
-        serial = x.shape == self._serial_shape
-        if serial:  # a model this small runs faster without waking numba's other threads
+        return self._run(np.ascontiguousarray(x, dtype=np.float32))
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """The forward pass on a C-contiguous float32 batch (the hot path: nothing is checked here)."""
+        b = self._local.__dict__.get("bound", {}).get(x.shape)
+        env, steps, slot, output = b if b is not None else self._bound(x.shape)
+        if x.shape == self._serial_shape:  # a model this small runs faster without numba's other threads
             threads = num_threads()
             numba.set_num_threads(1)
+            try:
+                env[slot] = x
+                for f in steps:
+                    f()
+                return np.array(output(env), dtype=np.float32, copy=True)
+            finally:
+                env[slot] = None
+                numba.set_num_threads(threads)
         try:
             env[slot] = x
             for f in steps:
                 f()
-            y = np.array(output(env), dtype=np.float32, copy=True)
+            return np.array(output(env), dtype=np.float32, copy=True)
         finally:
             env[slot] = None
-            if serial:
-                numba.set_num_threads(threads)
-        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -170,7 +178,11 @@ class CompiledModel(nn.Module):
         if x.device.type != "cpu" or not x.is_floating_point():
             raise SparseCNNError(f"compiled model: input must be a CPU float tensor, got {x.dtype} on "
                                  f"{x.device}; use .cpu().float()")
-        return torch.from_numpy(self.numpy(x.detach().contiguous().numpy()))
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
+            x = x.detach().to(torch.float32).contiguous()
+        if x.dim() == len(self._input_shape):
+            x = x[None]
+        return torch.from_numpy(self._run(x.numpy()))
 
 
 def _time_steps(fns: list[Callable[[], None]], rounds: int = 5, min_time_s: float = 0.002) -> list[float]:

@@ -10,7 +10,6 @@ bound once; a forward pass is that list run in order.
 from __future__ import annotations
 
 import copy
-import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -179,18 +178,6 @@ class _Val:
     buf: _Buf | None = None
     static: Any = None
     is_static: bool = False
-
-
-def _direct_fuses_relu() -> bool:
-    from sparsecnn.kernels.conv import direct_conv2d
-
-    return "relu" in inspect.signature(direct_conv2d).parameters
-
-
-def _linear_fuses_relu() -> bool:
-    from sparsecnn.kernels.spmv import sparse_linear
-
-    return "relu" in inspect.signature(sparse_linear).parameters
 
 
 class Program:
@@ -386,11 +373,11 @@ class _Builder:
             s, _ = self._planned(n.name, shape)
             eng = layer.engine
             bias = eng.bias if eng.has_bias else None
-            from sparsecnn.kernels.conv import direct_conv2d
+            from sparsecnn.kernels.conv import bind_direct_conv2d
 
-            fused = _direct_fuses_relu()
-            self._step("conv:direct" + ("+relu" if relu else ""), lambda env, bufs, x=x, s=s: _bind_fused(
-                direct_conv2d, env, x, s, eng.format, bias, relu, fused))
+            xs = tuple(self.values[n.refs()[0]].shape)
+            self._step("conv:direct" + ("+relu" if relu else ""), lambda env, bufs, x=x, s=s: _bind_kernel(
+                env, x, bind_direct_conv2d(eng.format, xs, bias, env[s], relu)))
             return
         s = self._slot(n.name)
         self.prog.static.setdefault(s, lambda bufs: None)
@@ -406,11 +393,10 @@ class _Builder:
         if strategy in ("spmv", "spmm"):
             s, _ = self._planned(n.name, shape)
             eng = layer.engine
-            from sparsecnn.kernels.spmv import sparse_linear
+            from sparsecnn.kernels.spmv import bind_sparse_linear
 
-            fused = _linear_fuses_relu()
-            self._step(f"linear:{strategy}{suffix}", lambda env, bufs, x=x, s=s: _bind_fused(
-                sparse_linear, env, x, s, eng.format, eng.bias, relu, fused))
+            self._step(f"linear:{strategy}{suffix}", lambda env, bufs, x=x, s=s: _bind_kernel(
+                env, x, bind_sparse_linear(eng.format, shape[0], eng.bias, env[s], relu)))
         elif strategy in ("torch", "dense"):
             s, _ = self._planned(n.name, shape)
             lin = layer.engine.linear if strategy == "torch" and isinstance(layer, SparseLinear) else layer
@@ -442,7 +428,7 @@ class _Builder:
         self._step("relu", lambda env, bufs, x=x, s=s: _bind_relu(relu_, env, x, s))
 
     def _pool(self, n: Node, x: int, shape: tuple[int, ...]) -> bool:
-        from sparsecnn.kernels.elementwise import global_avg_pool, max_pool2d
+        from sparsecnn.kernels.elementwise import bind_global_avg_pool, bind_max_pool2d
         from sparsecnn.kernels.lrn import lrn_across_channels
 
         m = n.fn if n.op == "module" else None
@@ -452,13 +438,17 @@ class _Builder:
         if isinstance(m, nn.MaxPool2d) and not m.return_indices:
             p = tuple(_pair(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
             s, _ = self._planned(n.name, shape)
-            self._step("maxpool", lambda env, bufs, x=x, s=s: _bind_call(max_pool2d, env, x, s, *p))
+            xs = tuple(xin.shape)
+            self._step("maxpool", lambda env, bufs, x=x, s=s: _bind_kernel(
+                env, x, bind_max_pool2d(xs, env[s], *p)))
             return True
         if (isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1)) or (
                 isinstance(m, nn.AvgPool2d) and shape[2:] == (1, 1) and xin.shape[2:] == _pair(m.kernel_size)
                 and _pair(m.padding) == (0, 0)):
             s, _ = self._planned(n.name, shape)
-            self._step("avgpool", lambda env, bufs, x=x, s=s: _bind_call(global_avg_pool, env, x, s))
+            xs = tuple(xin.shape)
+            self._step("avgpool", lambda env, bufs, x=x, s=s: _bind_kernel(
+                env, x, bind_global_avg_pool(xs, env[s])))
             return True
         if isinstance(m, nn.LocalResponseNorm):
             s, _ = self._planned(n.name, shape)
@@ -519,12 +509,11 @@ def _bind_relu(relu_, env, x, s):
     return run_copy
 
 
-def _bind_call(fn, env, x, s, *args):
-    out = env[s]
-
-    def run(env=env):
-        fn(env[x], out, *args)
-    return run
+def _bind_kernel(env, x, run):
+    """A step running a kernel bound by its ``bind_*`` function on the value in slot ``x``."""
+    def step(env=env):
+        run(env[x])
+    return step
 
 
 def _bind_lrn(fn, env, x, s, a):
@@ -533,25 +522,6 @@ def _bind_lrn(fn, env, x, s, a):
 
     def run(env=env):
         fn(env[x], size, alpha, beta, k, out)
-    return run
-
-
-def _bind_fused(kernel, env, x, s, prep, bias, relu, fused):
-    """``kernel(prep, x, bias, out)`` (the direct conv or the CSR linear), its ReLU in the kernel's
-    epilogue when it has one (``fused``), else one pass over ``out`` after it."""
-    from sparsecnn.kernels.elementwise import relu_
-
-    out = env[s]
-    if relu and fused:
-        def run_fused(env=env):
-            kernel(prep, env[x], bias, out, relu=True)
-        return run_fused
-    flat = out.reshape(-1)
-
-    def run(env=env):
-        kernel(prep, env[x], bias, out)
-        if relu:
-            relu_(flat)
     return run
 
 

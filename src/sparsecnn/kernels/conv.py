@@ -72,12 +72,13 @@ an overrun into the next row, rewritten afterwards, cost a few percent).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit
+from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit, serial_twin
 from sparsecnn.kernels._simd import (
     NV_MAX,
     NV_PAIR,
@@ -89,7 +90,7 @@ from sparsecnn.kernels._simd import (
     tile_split,
 )
 
-__all__ = ["DirectConvPrep", "direct_conv2d", "prepare_direct"]
+__all__ = ["DirectConvPrep", "bind_direct_conv2d", "direct_conv2d", "prepare_direct"]
 
 # Input bytes a group of output rows may read: half of a Zen 3 core's 512 KiB L2 (a quarter of Zen 4's
 # 1 MiB: not re-measured there), so the rows stay
@@ -101,6 +102,11 @@ _L1_BYTES = 24 * 1024
 # cost more than L1 saves: measured on ResNet-50 1x1 layers at 90%).
 _MIN_BLOCK_NNZ = 24
 _TILE = NV_MAX * VW
+# Below this many multiply-adds per call (nonzeros x span x batch) a bound layer runs the serial twins
+# of the kernels: a parallel launch (~2.5 us) costs more than a second thread saves (LeNet-5's layers).
+_SERIAL_MACS = 1 << 16
+# ... and below this many input elements, the serial phase copy.
+_SERIAL_COPY = 1 << 15
 
 
 def _index_dtype(n: int) -> np.dtype:
@@ -332,6 +338,60 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
         out[...] = dst
 
 
+def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int], bias: np.ndarray | None,
+                       out: np.ndarray, relu: bool = False) -> Callable[[np.ndarray], None]:
+    """``run(x)``: :func:`direct_conv2d` ``(prep, x, bias, out, relu)`` for inputs of ``x_shape``, with
+    every argument but ``x`` bound once (the whole-model executor's steps).
+
+    The callable owns a workspace of its own (not the prep's per-thread cache), so it must be called
+    by one thread at a time: the executor binds one per thread. Layers with fewer than
+    ``_SERIAL_MACS`` multiply-adds run the serial twins of the kernels (no parallel launch); the
+    Python work of :func:`direct_conv2d` per call (workspace lookup, argument unpacking, reshapes:
+    ~8 us) is done here once.
+
+    Parameters
+    ----------
+    prep : DirectConvPrep
+    x_shape : tuple of int, (B, Cin, H, W)
+    bias : ndarray, shape (Cout,), float32, or None
+    out : ndarray, shape (B, Cout, Hout, Wout), float32, C-contiguous
+        Written in full by every call.
+    relu : bool
+
+    Returns
+    -------
+    callable
+        ``run(x)`` with ``x`` of shape ``x_shape``, float32.
+    """
+    x_shape = tuple(int(v) for v in x_shape)
+    if not out.flags.c_contiguous or out.shape != prep.output_shape(x_shape):
+        raise ValueError(f"bind_direct_conv2d: out must be C-contiguous of shape "
+                         f"{prep.output_shape(x_shape)}")
+    ws = prep._build_workspace(x_shape, num_threads())
+    nb, cin, h, w = x_shape
+    sh, sw = prep.stride
+    small = prep.nnz * ws.span * nb < _SERIAL_MACS
+    kernel = _direct_kernel_serial if small else _direct_kernel
+    copy = _phase_copy_serial if nb * cin * h * w < _SERIAL_COPY else _phase_copy
+    has_bias = bias is not None
+    kargs = (ws.offsets, prep.data, ws.bptr, bias if has_bias else prep.data[:0], has_bias,
+             out.reshape(nb, -1), ws.hout, ws.wout, ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, ws.group,
+             ws.tile, bool(relu))
+    xt = ws.xt
+    cargs = (xt, ws.copies, h, w, ws.phases.size * ws.hph * ws.wph, ws.hph * ws.wph, ws.wph, sh, sw)
+    identity = ws.identity
+
+    def run(x: np.ndarray) -> None:
+        if identity and x.flags.c_contiguous:
+            kernel(x.reshape(nb, -1), *kargs)
+            return
+        xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+        copy(xc.reshape(nb, cin * h * w), *cargs)
+        kernel(xt, *kargs)
+
+    return run
+
+
 def _phase_copies(h, w, sh, sw, ph, pw, hph, wph, phases):
     """For each materialised phase, a row ``(qi, i0, i1, j0, j1, hi0, wi0)``: the block of its plane
     that holds input pixels and where they start in ``x`` (the rest of the plane is padding)."""
@@ -504,3 +564,7 @@ def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, 
                                           (co - c0) * gstride + v0 * VW, nv, nv * VW, ba, acc, 1, False)
                     for co in range(c0, c1):
                         _crop(w[(co - c0) * gstride:], n, dst, co * plane, r0, wph, wout, hout, relu)
+
+
+_direct_kernel_serial = serial_twin(_direct_kernel)
+_phase_copy_serial = serial_twin(_phase_copy)

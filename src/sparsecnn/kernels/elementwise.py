@@ -11,12 +11,14 @@ NaN propagates as in torch: ``relu(NaN) = NaN`` (``v > 0`` is false for NaN, so 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import jit, pjit
+from sparsecnn.kernels._numba import jit, pjit, serial_twin
 
-__all__ = ["add_relu", "global_avg_pool", "max_pool2d", "relu_"]
+__all__ = ["add_relu", "bind_global_avg_pool", "bind_max_pool2d", "global_avg_pool", "max_pool2d", "relu_"]
 
 # Below this many elements a parallel launch (~2 us) costs more than the pass itself.
 _PARALLEL_MIN = 1 << 15
@@ -188,3 +190,52 @@ def global_avg_pool(x: np.ndarray, out: np.ndarray) -> None:
     """
     b, c, h, w = x.shape
     _gap_kernel(x.reshape(b * c, h * w), out.reshape(b * c))
+
+
+_max_pool_serial = serial_twin(_max_pool_kernel)
+_gap_serial = serial_twin(_gap_kernel)
+
+
+def bind_max_pool2d(x_shape: tuple[int, int, int, int], out: np.ndarray, kernel_size: tuple[int, int],
+                    stride: tuple[int, int], padding: tuple[int, int],
+                    dilation: tuple[int, int]) -> Callable[[np.ndarray], None]:
+    """``run(x)``: :func:`max_pool2d` ``(x, out, ...)`` for inputs of ``x_shape``, with the scratch rows
+    and views made once and the serial kernel below ``_PARALLEL_MIN`` input elements (the
+    executor's steps; one thread calls it at a time).
+
+    Parameters
+    ----------
+    x_shape : tuple of int, (B, C, H, W)
+    out : ndarray, shape (B, C, Hout, Wout), float32, C-contiguous
+    kernel_size, stride, padding, dilation : tuple of int, (h, w)
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    b, c, h, w = (int(v) for v in x_shape)
+    op = out.reshape(b * c, out.shape[2], out.shape[3])
+    tmp = np.empty((b * c, w), dtype=np.float32)
+    kernel = _max_pool_serial if b * c * h * w < _PARALLEL_MIN else _max_pool_kernel
+    args = (op, kh, kw, sh, sw, ph, pw, dh, dw, tmp)
+
+    def run(x: np.ndarray) -> None:
+        kernel(x.reshape(b * c, h, w), *args)
+
+    return run
+
+
+def bind_global_avg_pool(x_shape: tuple[int, int, int, int], out: np.ndarray) -> Callable[[np.ndarray], None]:
+    """``run(x)``: :func:`global_avg_pool` ``(x, out)`` for inputs of ``x_shape`` (views made once,
+    the serial kernel below ``_PARALLEL_MIN`` elements).
+
+    Parameters
+    ----------
+    x_shape : tuple of int, (B, C, H, W)
+    out : ndarray, shape (B, C) or (B, C, 1, 1), float32, C-contiguous
+    """
+    b, c, h, w = (int(v) for v in x_shape)
+    o = out.reshape(b * c)
+    kernel = _gap_serial if b * c * h * w < _PARALLEL_MIN else _gap_kernel
+
+    def run(x: np.ndarray) -> None:
+        kernel(x.reshape(b * c, h * w), o)
+
+    return run

@@ -12,15 +12,16 @@ registers across a whole output row (the register tiles of :mod:`sparsecnn.kerne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, balanced_bounds, num_threads, pjit
+from sparsecnn.kernels._numba import PerThread, balanced_bounds, num_threads, pjit, serial_twin
 from sparsecnn.kernels._simd import NV_MAX, VW, fmadd, span_tile, tile_split
 
-__all__ = ["LinearPrep", "prepare_linear", "sparse_linear"]
+__all__ = ["LinearPrep", "bind_sparse_linear", "prepare_linear", "sparse_linear"]
 
 
 @dataclass(eq=False)
@@ -124,6 +125,63 @@ def sparse_linear(prep: LinearPrep, x: np.ndarray, bias: np.ndarray | None, out:
         _spmm(prep.indptr, prep.indices, prep.data, ws.xt, b, has_bias, out, ws.acc, ws.bounds, bool(relu))
 
 
+# Below this many nonzeros x batch a bound layer runs the serial kernels (see bind_sparse_linear).
+_SERIAL_MACS = 1 << 15
+
+
+def bind_sparse_linear(prep: LinearPrep, batch: int, bias: np.ndarray | None, out: np.ndarray,
+                       relu: bool = False) -> Callable[[np.ndarray], None]:
+    """``run(x)``: :func:`sparse_linear` ``(prep, x, bias, out, relu)`` for batches of ``batch``, every
+    argument but ``x`` bound once (the whole-model executor's steps).
+
+    The callable owns its workspace, so one thread calls it at a time (the executor binds one per
+    thread). Below ``_SERIAL_MACS`` multiply-adds the serial twins run (no parallel launch).
+
+    Parameters
+    ----------
+    prep : LinearPrep
+    batch : int
+    bias : ndarray, shape (M,), float32, or None
+    out : ndarray, shape (batch, M), float32, C-contiguous
+    relu : bool
+
+    Returns
+    -------
+    callable
+        ``run(x)`` with ``x`` of shape ``(batch, K)``, float32.
+    """
+    m, k = prep.shape
+    if not out.flags.c_contiguous or out.shape != (batch, m):
+        raise ValueError(f"bind_sparse_linear: out must be C-contiguous of shape {(batch, m)}")
+    nparts = num_threads()
+    cost = np.diff(prep.indptr).astype(np.int64) + 4
+    bounds = balanced_bounds(cost, nparts)
+    has_bias = bias is not None
+    b = bias if has_bias else prep.data[:0]
+    small = prep.nnz * batch < _SERIAL_MACS
+    if batch == 1:
+        spmv = _spmv_serial if small else _spmv
+        y = out[0]
+        args = (b, has_bias, y, bounds, bool(relu))
+
+        def run_spmv(x: np.ndarray) -> None:
+            spmv(prep.indptr, prep.indices, prep.data, x[0], *args)
+
+        return run_spmv
+    bp = -(-batch // VW) * VW
+    xt = np.zeros((k, bp), dtype=np.float32)
+    acc = np.zeros((nparts, bp), dtype=np.float32)
+    transpose = _transpose_serial if small else _transpose
+    spmm = _spmm_serial if small else _spmm
+    sargs = (b, has_bias, out, acc, bounds, bool(relu))
+
+    def run_spmm(x: np.ndarray) -> None:
+        transpose(x, xt)
+        spmm(prep.indptr, prep.indices, prep.data, xt, *sargs)
+
+    return run_spmm
+
+
 @pjit
 def _spmv(indptr, indices, data, x, bias, has_bias, y, bounds, relu):
     """CSR spmv, rows split in nnz-balanced ranges, one per thread.
@@ -200,3 +258,8 @@ def _spmm(indptr, indices, data, xt, bias, has_bias, out, acc, bounds, relu):
                 span_tile(x, indices, data, k0, k1, v0 * VW, a, v0 * VW, nv, nv * VW, bv, False, bp, relu)
             for j in range(nb):
                 out[j, m] = a[j]
+
+
+_spmv_serial = serial_twin(_spmv)
+_transpose_serial = serial_twin(_transpose)
+_spmm_serial = serial_twin(_spmm)
