@@ -28,6 +28,7 @@ from torch import nn
 import sparsecnn
 from benchmarks.end_to_end import _interleaved
 from sparsecnn import models
+from sparsecnn.analysis.costs import compact_gemm
 from sparsecnn.bench.harness import check_close, set_threads, time_call
 from sparsecnn.bench.peers import model_peers
 from sparsecnn.layers import SparseConv2d
@@ -36,17 +37,6 @@ from sparsecnn.shrink import shrink
 
 CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 STRATEGIES = ("torch", "lowered", "dense", "direct", "csrmm")
-
-
-def _remaining_flops(conv: nn.Conv2d, out_hw: int) -> int:
-    g = conv.groups
-    w = conv.weight.detach().numpy().reshape(g, conv.out_channels // g, -1) != 0
-    kept = sum(int(w[i].any(axis=1).sum()) * int(w[i].any(axis=0).sum()) for i in range(g))
-    return 2 * kept * out_hw
-
-
-def _dense_flops(conv: nn.Conv2d, out_hw: int) -> int:
-    return 2 * conv.weight.numel() * out_hw
 
 
 def layer_table(model: nn.Module, dense: nn.Module, small: nn.Module, x: torch.Tensor,
@@ -66,8 +56,9 @@ def layer_table(model: nn.Module, dense: nn.Module, small: nn.Module, x: torch.T
                 layer = SparseConv2d.from_dense(conv_small, s, name=name)
                 check_close(layer(xin), ref, rtol=1e-4, what=f"{name} {s}")
                 times[s] = time_call(lambda f=layer, v=xin: f(v), repeats=repeats).median_s
-        out_hw = ref.shape[2] * ref.shape[3]
-        ideal = _dense_flops(conv_dense, out_hw) / _remaining_flops(conv_small, out_hw)
+        # dense FLOPs of the unpruned layer over the compact GEMM left in the shrunk one
+        dense_flops = compact_gemm(conv_dense, tuple(ref.shape)).dense_flops
+        ideal = compact_gemm(conv_small, tuple(ref.shape), dense_flops).ideal
         best = min(times, key=times.get)
         speedup = t_dense / times[best]
         rows.append({"layer": name, "shape": f"{conv_small.in_channels}->{conv_small.out_channels}",

@@ -190,3 +190,64 @@ def test_report_refuses_an_unknown_experiment(tmp_path: Path) -> None:
     proc = _run(["--only", "nope", "--out", str(tmp_path)], timeout=60)
     assert proc.returncode == 2 and "unknown experiment" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_structure_spconv_and_act_fc_rows_follow_from_the_numbers(report_dir: Path) -> None:
+    """Section 4's structured-vs-unstructured table, section 6's spconv-act and spmv-act tables and
+    their claims: the rows exist, ratios are the ratios of the times, verdicts follow the numbers."""
+    from sparsecnn.report.html import conclusions
+    from sparsecnn.report.tables import (
+        act_fc_rows,
+        load_results,
+        spconv_rows,
+        structure_rows,
+    )
+
+    res = load_results(report_dir / "results.jsonl")
+    srows = structure_rows(res.of("sparsity_sweep"))
+    assert [r.layer for r in srows] == ["conv1", "conv3"]  # the tiny size's conv layers
+    for r in srows:
+        assert r.zeros_structured == pytest.approx(r.zeros_unstructured, abs=0.02)  # the same zero count
+        st, un = r.structure, r.unstructured
+        assert st["compact_flops"] < st["dense_flops"] and st["ideal"] > 1  # structure removes work
+        assert un["compact_flops"] >= 0.95 * un["dense_flops"]  # scattered zeros leave a dense GEMM
+        assert r.speedup_structured == pytest.approx(r.base_structured_s / r.best_structured_s)
+        assert r.structured_over_unstructured == pytest.approx(r.best_unstructured_s / r.best_structured_s)
+        won = r.speedup_structured >= 1.05 and r.structured_over_unstructured >= 1.05
+        assert r.verdict().startswith("structure wins") == won
+        assert f"{st['ideal']:.2f}×" in r.verdict()
+    conv3 = srows[1].structure
+    assert conv3["filters"][0] < conv3["filters"][1] and conv3["cols"][0] < conv3["cols"][1]
+
+    sx = res.of("sparse_x_sparse")
+    crows = [r for r in spconv_rows(q for q in sx if q["params"]["model"] == "alexnet")]
+    assert [r.layer for r in crows] == ["conv3"]
+    for r in crows:
+        assert r.best in ("dense", "csrmm", "direct", "lowered", "bsr")
+        assert r.vs_torch == pytest.approx(r.torch_s / r.spconv_s)
+        assert r.vs_best == pytest.approx(r.best_s / r.spconv_s)
+        assert r.work == pytest.approx((1 - r.weight_zeros) * (1 - r.input_zeros))
+        assert r.verdict().startswith("wins") == (r.vs_torch >= 1.05 and r.vs_best >= 1.05)
+        assert r.verdict().startswith("cannot") == (r.vs_torch < 1.05)
+    frows = act_fc_rows(sx)
+    assert [r.layer for r in frows] == ["fc6", "fc7", "fc8"]
+    for r in frows:
+        assert 0 <= r.input_zeros < 1 and r.weight_zeros == pytest.approx(0.91 if r.layer != "fc8" else 0.75,
+                                                                            abs=0.01)
+        assert r.act_over_spmv == pytest.approx(r.spmv_s / r.act_s)
+        assert r.ideal == pytest.approx(1 / (1 - r.input_zeros))
+        assert r.verdict().startswith("wins") == (r.act_over_spmv >= 1.05)
+
+    claims = {c.claim: c for c in conclusions(res)}
+    ssl = next(c for k, c in claims.items() if k.startswith("SSL: structured"))
+    fc = next(c for k, c in claims.items() if k.startswith("Sparse × sparse on FC"))
+    assert ssl.verdict in ("held", "did not hold") and fc.verdict in ("held", "did not hold")
+    assert f"{srows[1].speedup_structured:.2f}×" in ssl.measured
+    from sparsecnn.report.tables import geomean
+
+    g = geomean(r.act_over_spmv for r in frows if r.layer in ("fc6", "fc7"))
+    assert (fc.verdict == "held") == (g >= 1.1) and f"{g:.2f}×" in fc.measured
+    page = (report_dir / "report.html").read_text(encoding="utf-8")
+    for title in ("structured (ssl, shrunk) vs unstructured", "spconv-act (skips zero inputs",
+                  "activation-sparse spmv-act vs weight-only spmv"):
+        assert title in page

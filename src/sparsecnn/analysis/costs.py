@@ -20,7 +20,15 @@ from torch import nn
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.formats import conv_weight_nbytes
 
-__all__ = ["GemmDims", "StorageBytes", "gemm_dims", "layer_flops", "weight_nbytes"]
+__all__ = [
+    "CompactGemm",
+    "GemmDims",
+    "StorageBytes",
+    "compact_gemm",
+    "gemm_dims",
+    "layer_flops",
+    "weight_nbytes",
+]
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,60 @@ def layer_flops(dims: GemmDims, nnz: int, linear: bool) -> tuple[int, int]:
     """
     n = 1 if linear else dims.n
     return 2 * dims.groups * dims.m * dims.k * n, 2 * nnz * n
+
+
+@dataclass(frozen=True)
+class CompactGemm:
+    """The dense GEMM left of a layer once its all-zero rows and columns are dropped (SSL's lowering,
+    Wen et al., NIPS 2016): structured zeros shrink it, scattered zeros leave it as large as dense."""
+
+    rows: int  # kept weight rows (filters with a nonzero), summed over groups
+    cols: int  # kept lowered columns (Cin/g kh kw positions with a nonzero), summed over groups
+    total_rows: int  # g M
+    total_cols: int  # g K
+    dense_flops: int  # 2 g M K N
+    compact_flops: int  # 2 sum_g rows_g cols_g N
+    nonzero_flops: int  # 2 nnz N: what an index-based kernel cannot avoid
+
+    @property
+    def ideal(self) -> float:
+        """Dense FLOPs over the compact GEMM's: the speedup shrinking can reach at best."""
+        return self.dense_flops / max(self.compact_flops, 1)
+
+    @property
+    def nonzero_ideal(self) -> float:
+        """Dense FLOPs over the nonzero FLOPs: ``1 / (1 - s)`` at sparsity ``s``."""
+        return self.dense_flops / max(self.nonzero_flops, 1)
+
+
+def compact_gemm(module: nn.Conv2d | nn.Linear, output_shape: tuple[int, ...],
+                 dense_flops: int | None = None) -> CompactGemm:
+    """Kept rows, kept columns and FLOPs of ``module``'s compact GEMM for one image.
+
+    Parameters
+    ----------
+    module : Conv2d or Linear
+    output_shape : tuple of int
+        The module's output shape, as for :func:`gemm_dims`.
+    dense_flops : int, optional
+        The dense FLOPs to compare with (default: ``module``'s own). Pass the unshrunk layer's when
+        ``module`` is a layer already shrunk by :func:`sparsecnn.shrink.shrink`.
+    """
+    dims = gemm_dims(module, output_shape)
+    n = 1 if isinstance(module, nn.Linear) else dims.n
+    w = module.weight.detach().to("cpu").reshape(dims.groups, dims.m, dims.k) != 0
+    rows = w.any(dim=2).sum(dim=1)  # (g,)
+    cols = w.any(dim=1).sum(dim=1)  # (g,)
+    own, nonzero = layer_flops(dims, int(w.sum()), isinstance(module, nn.Linear))
+    return CompactGemm(
+        rows=int(rows.sum()),
+        cols=int(cols.sum()),
+        total_rows=dims.groups * dims.m,
+        total_cols=dims.groups * dims.k,
+        dense_flops=own if dense_flops is None else int(dense_flops),
+        compact_flops=2 * int((rows * cols).sum()) * n,
+        nonzero_flops=nonzero,
+    )
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,14 @@ LAYER_PEERS = ("torch-dense", "torch-csr", "scipy-csr", "onnxruntime")
 LENET_TARGET = 0.92
 # Experiment 6: torch dense conv, the engine's GEMM, CSRMM and sparse x sparse, torch CSR x CSR (MKL).
 SPXSP_IMPLS = ("torch-dense", "dense", "csrmm", "spgemm", "spconv-act", "torch-spgemm")
+# Experiment 6: the weight-only strategies spconv-act is compared with (dense and csrmm are above).
+SPXSP_WEIGHT_ONLY = ("dense", "csrmm", "direct", "lowered", "bsr")
+# Experiment 6: activation-sparse FC: torch dense, weight-only CSR SpMV, SpMV over the nonzero inputs.
+ACT_FC_IMPLS = ("torch-dense", "spmv", "spmv-act")
+# Experiment 4: structured (ssl, shrunk) vs unstructured (ssl-unstructured) at the same zero count;
+# "torch" is torch's dense conv of the layer as it is (the compact one, once shrunk).
+STRUCTURE_PROFILES = ("ssl", "ssl-unstructured")
+STRUCTURE_STRATEGIES = ("torch", "dense", "csrmm", "direct", "lowered", "bsr")
 
 
 @dataclass(frozen=True)
@@ -691,7 +699,96 @@ def _random_zeros(module: nn.Module, sparsity: float, seed: int) -> nn.Module:
 
 
 def _sweep_report_tasks(ctx: _Context) -> list[Task]:
-    return sweep_tasks(ctx, "sparsity_sweep", "alexnet", None, ctx.cfg.sweep_sparsities)
+    return [*sweep_tasks(ctx, "sparsity_sweep", "alexnet", None, ctx.cfg.sweep_sparsities),
+            *_structure_tasks(ctx)]
+
+
+def _shrunk(ctx: _Context, name: str, profile: str) -> nn.Module:
+    """``sparsecnn.shrink.shrink`` of the model on its own input: removed filters and channels gone."""
+
+    def make() -> nn.Module:
+        from sparsecnn.shrink import shrink
+
+        return shrink(ctx.model(name, profile), ctx.input(name, profile, 1)[0]).model
+
+    return ctx._memo(("shrunk", name, profile), make)
+
+
+def _structure_tasks(ctx: _Context) -> list[Task]:
+    """Per AlexNet conv layer: the structured ``ssl`` profile shrunk (compact layers on their own
+    inputs) and ``ssl-unstructured`` (the same zero fraction per layer, scattered), each with torch
+    dense on the layer as pruned (the baseline), every weight-only strategy, and its compact GEMM."""
+    cfg = ctx.cfg
+    name = "alexnet"
+    out: list[Task] = []
+    for profile in STRUCTURE_PROFILES:
+        structured = profile == "ssl"
+        for lname in _subset(ctx, name, profile) or list(_layers(ctx.model(name, profile), "conv")):
+            full = functools.partial(lambda ln, p: ctx.model(name, p).get_submodule(ln), lname, profile)
+            full_io = functools.partial(lambda ln, p: ctx.layer_io(name, p, 1)[ln], lname, profile)
+            if structured:
+                module = functools.partial(lambda ln: _shrunk(ctx, name, "ssl").get_submodule(ln), lname)
+
+                def io(lname: str = lname) -> tuple[torch.Tensor, torch.Tensor]:
+                    def make() -> tuple[torch.Tensor, torch.Tensor]:
+                        small = _shrunk(ctx, name, "ssl")
+                        x = _layer_input(small, lname, ctx.input(name, "ssl", 1)[0])
+                        return x, _dense_reference_module(small.get_submodule(lname), x)
+
+                    return ctx._memo(("shrunk-io", lname), make)
+            else:
+                module, io = full, full_io
+            params = {"model": name, "profile": profile, "layer": lname, "batch": 1, "device": cfg.device}
+            tag = f"{name}/{profile} {lname}"
+            out.append(Task("sparsity_sweep", {**params, "impl": "structure"},
+                            functools.partial(_structure_run, full, full_io, module, io, structured),
+                            f"{tag} structure"))
+            out.append(_peer_task("sparsity_sweep", params, full, "torch-dense", full_io, cfg,
+                                  f"{tag} torch-dense"))
+            out += [
+                _strategy_task("sparsity_sweep", params, module, lname, st, io, cfg,
+                               f"{tag}{' shrunk' if structured else ''} {st}")
+                for st in STRUCTURE_STRATEGIES
+            ]
+    return out
+
+
+@torch.no_grad()
+def _dense_reference_module(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return conv(x)
+
+
+def _structure_run(
+    full: Callable[[], nn.Module],
+    full_io: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    module: Callable[[], nn.Module],
+    io: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    structured: bool,
+) -> Outcome:
+    from sparsecnn.analysis.costs import compact_gemm
+
+    conv, small = full(), module()
+    ref_full, ref_small = full_io()[1], io()[1]
+    gf = compact_gemm(conv, tuple(ref_full.shape))
+    g = compact_gemm(small, tuple(ref_small.shape), gf.dense_flops)
+    nnz = int(torch.count_nonzero(conv.weight))
+    return Outcome({
+        "kind": "structure",
+        "structured": structured,
+        "shrunk": structured,
+        "zeros": 1.0 - nnz / conv.weight.numel(),
+        "nnz": nnz,
+        "filters": [int(small.out_channels), int(conv.out_channels)],
+        "in_channels": [int(small.in_channels), int(conv.in_channels)],
+        # kept rows / columns of the (shrunk) layer's lowered weight, of the unshrunk layer's
+        "rows": [g.rows, gf.total_rows],
+        "cols": [g.cols, gf.total_cols],
+        "dense_flops": g.dense_flops,
+        "compact_flops": g.compact_flops,
+        "nonzero_flops": g.nonzero_flops,
+        "ideal": g.ideal,
+        "nonzero_ideal": g.nonzero_ideal,
+    })
 
 
 def _scaling_tasks(ctx: _Context) -> list[Task]:
@@ -782,8 +879,41 @@ def _spxsp_tasks(ctx: _Context) -> list[Task]:
                     functools.partial(_spxsp_run, ctx, name, profile, lname, impl),
                     f"{tag} {impl}",
                 )
-                for impl in SPXSP_IMPLS
+                for impl in dict.fromkeys((*SPXSP_IMPLS, *SPXSP_WEIGHT_ONLY))
             )
+    out += _act_fc_tasks(ctx)
+    return out
+
+
+def _act_fc_tasks(ctx: _Context) -> list[Task]:
+    """AlexNet's FC layers (deep-compression) at batch 1 on their real, ReLU-sparse inputs: the
+    weight-only ``spmv`` against ``spmv-act`` (walks only the nonzero inputs) and torch dense."""
+    cfg = ctx.cfg
+    name, profile = "alexnet", "deep-compression"
+    out: list[Task] = []
+    for lname in _layers(ctx.model(name, profile), "linear"):
+        module = functools.partial(lambda ln: ctx.model(name, profile).get_submodule(ln), lname)
+        io = functools.partial(lambda ln: ctx.layer_io(name, profile, 1)[ln], lname)
+        base = {"model": name, "profile": profile, "layer": lname, "op": "linear", "batch": 1,
+                "device": cfg.device}
+        tag = f"{name}/{profile} {lname}"
+
+        def activation(module: Callable[[], nn.Module] = module,
+                       io: Callable[[], tuple[torch.Tensor, torch.Tensor]] = io) -> Outcome:
+            x = io()[0]
+            w = module().weight
+            return Outcome({
+                "kind": "activation",
+                "input_sparsity": float((x == 0).float().mean()),
+                "weight_sparsity": float((w == 0).float().mean()),
+                "input": ctx.input(name, profile, 1)[1],
+                "input_shape": list(x.shape),
+            })
+
+        out.append(Task("sparse_x_sparse", {**base, "impl": "activation"}, activation, f"{tag} activation"))
+        out.append(_peer_task("sparse_x_sparse", base, module, "torch-dense", io, cfg, f"{tag} torch-dense"))
+        out += [_strategy_task("sparse_x_sparse", base, module, lname, s, io, cfg, f"{tag} {s}")
+                for s in ACT_FC_IMPLS[1:]]
     return out
 
 
@@ -799,6 +929,7 @@ def _activation_run(ctx: _Context, name: str, profile: str, lname: str) -> Outco
             "kind": "activation",
             "input_sparsity": float((x == 0).float().mean()),
             "lowered_sparsity": float((cols == 0).mean()),
+            "weight_sparsity": float((conv.weight == 0).float().mean()),
             "input": source,
             "input_shape": list(x.shape),
             "lowered_shape": list(cols.shape),
@@ -822,6 +953,8 @@ def _operand_bytes(conv: nn.Conv2d, x: torch.Tensor, impl: str) -> dict[str, int
         return {"weight": prep.nbytes, "input": b * g * p * k * 8 + b * g * p * 8}
     if impl in ("torch-dense", "dense"):
         return {"weight": conv_weight_nbytes(w, conv.groups, "dense"), "input": int(cols.nbytes)}
+    if impl in ("direct", "lowered", "bsr"):  # the weights as the strategy stores them (added below)
+        return {"weight": 0, "input": int(x.nbytes if impl == "direct" else cols.nbytes)}
     weight = conv_weight_nbytes(w, conv.groups, "csr")
     if impl == "csrmm":
         return {"weight": weight, "input": int(cols.nbytes)}
@@ -857,6 +990,9 @@ def _spxsp_run(ctx: _Context, name: str, profile: str, lname: str, impl: str) ->
         return _timed(fn, ref, cfg, metrics=metrics)
     layer = _engine_layer(conv, impl, lname, cfg.device)
     metrics["conversion_s"] = layer.conversion_seconds
+    if impl in ("direct", "lowered", "bsr"):
+        metrics["weight_bytes"] = int(layer.weight_nbytes)
+        metrics["operand_bytes"] = metrics["weight_bytes"] + metrics["input_bytes"]
     return _timed(lambda: layer(x), ref, cfg, metrics=metrics)
 
 

@@ -19,11 +19,15 @@ from sparsecnn.report.tables import (
     SEED,
     Results,
     Table,
+    act_fc_rows,
     break_even,
+    conv_spxsp_records,
     experiment_tables,
     geomean,
     load_results,
     median,
+    spconv_rows,
+    structure_rows,
     sweep_curves,
 )
 
@@ -62,7 +66,10 @@ SECTIONS: tuple[tuple[str, str, str, str], ...] = (
         "4. Sparsity sweep and break-even",
         "The largest AlexNet conv layer (by weights) with uniformly random zeros from 50% to 99.5%: the "
         "speedup of every strategy over torch's dense conv, and the break-even sparsity interpolated "
-        "between measured points (slides 14-15).",
+        "between measured points (slides 14-15). Then structure at the same zero count: each AlexNet conv "
+        "layer under the structured ssl profile (whole filters, input channels and lowered columns "
+        "removed, shrunk by sparsecnn.shrink) against ssl-unstructured (the same zeros per layer, "
+        "scattered), with the FLOPs each leaves and where structure wins.",
     ),
     (
         "exp5",
@@ -77,7 +84,10 @@ SECTIONS: tuple[tuple[str, str, str, str], ...] = (
         "sparse_x_sparse",
         "6. Sparse × sparse",
         "Activation sparsity after each ReLU measured on real inputs, then sparse weights × sparse lowered "
-        "input (spgemm) against dense GEMM and CSRMM: time and operand memory per layer (slide 18).",
+        "input (spgemm, and spconv-act, which skips zero inputs per pixel) against dense GEMM and CSRMM: "
+        "time and operand memory per layer (slide 18); spconv-act against torch dense and the best "
+        "weight-only strategy, with where it wins; then the FC layers on their ReLU-sparse inputs: "
+        "spmv-act (only the nonzero inputs' weight columns) against the weight-only spmv.",
     ),
     (
         "exp7",
@@ -258,12 +268,45 @@ def conclusions(res: Results) -> list[Conclusion]:
             )
         )
 
-    # 5. Sparse x sparse 4x faster, 4.2x less memory.
-    sx = res.of("sparse_x_sparse")
+    # 4b. SSL: structured zeros give speed in conv layers (scattered zeros at the same count do not).
+    srows = [r for r in structure_rows(res.of("sparsity_sweep")) if r.speedup_structured is not None
+             and r.speedup_unstructured is not None]
+    if srows:
+        gs = geomean(r.speedup_structured for r in srows)
+        gu = geomean(r.speedup_unstructured for r in srows)
+        wins = [r.layer for r in srows if (r.structured_over_unstructured or 0) >= 1.05]
+        held = gs is not None and gu is not None and gs >= 1.2 and gs >= 1.1 * gu
+        out.append(
+            Conclusion(
+                "SSL: structured sparsity gives speed in conv layers; unstructured at the same zeros "
+                "does not",
+                "structured zeros pay in conv layers (Wen et al. 2016: ≈5× on AlexNet's conv layers, CPU)",
+                "best speedup over torch dense, ssl shrunk: "
+                + _list({r.layer: r.speedup_structured for r in srows})
+                + f" (geomean {_fmt_x(gs)}); ssl-unstructured at the same zeros: "
+                + _list({r.layer: r.speedup_unstructured for r in srows})
+                + f" (geomean {_fmt_x(gu)}); structure faster on {', '.join(wins) or 'no layer'}",
+                "held" if held else "did not hold",
+            )
+        )
+    else:
+        out.append(Conclusion("SSL: structured sparsity gives speed in conv layers", "≈5× (Wen et al.)",
+                              "not measured", "not measured"))
+
+    # 5. Sparse x sparse 4x faster, 4.2x less memory: spconv-act (skips zero inputs) where measured,
+    # else spgemm (sparse x sparse lowered product); both are listed.
+    sx = conv_spxsp_records(res.of("sparse_x_sparse"))
     idx = {(r["params"]["model"], r["params"]["layer"], r["params"]["impl"]): r for r in sx}
+    have_act = any(k[2] == "spconv-act" and k[0] == "alexnet" and median(r) for k, r in idx.items())
+    judged = "spconv-act" if have_act else "spgemm"
     t_ratio, m_ratio, t_csr = {}, {}, {}
+    old_ratio: dict[str, float] = {}
     for (model, layer, impl), r in idx.items():
-        if impl != "spgemm" or model != "alexnet":
+        if impl == "spgemm" and model == "alexnet" and judged != "spgemm":
+            dense = idx.get((model, layer, BASELINE))
+            if median(dense) and median(r):
+                old_ratio[layer] = median(dense) / median(r)
+        if impl != judged or model != "alexnet":
             continue
         dense, csrmm = idx.get((model, layer, BASELINE)), idx.get((model, layer, "csrmm"))
         gemm = idx.get((model, layer, "dense"))
@@ -280,8 +323,13 @@ def conclusions(res: Results) -> list[Conclusion]:
             Conclusion(
                 "Sparse × sparse: 4× faster and 4.2× less memory",
                 "4× faster, 4.2× less memory",
-                f"spgemm vs torch dense: {_list(t_ratio)} (geomean {gt:.2f}×); vs csrmm: {_list(t_csr)}; "
-                f"operand memory dense/spgemm: {_list(m_ratio)} (geomean {gm:.2f}×)",
+                f"{judged} vs torch dense: {_list(t_ratio)} (geomean {gt:.2f}×); vs csrmm: {_list(t_csr)}; "
+                f"operand memory dense/{judged}: {_list(m_ratio)} (geomean {gm:.2f}×)"
+                + (f"; spgemm vs torch dense: {_list(old_ratio)}" if old_ratio else "")
+                + "".join(f"; {r.layer} at {r.input_zeros:.0%} input zeros: {r.vs_torch:.2f}× torch, "
+                          f"{r.vs_best:.2f}× best weight-only ({r.best})"
+                          for r in spconv_rows(q for q in sx if q["params"]["model"] == "alexnet")
+                          if r.vs_torch and r.vs_best and r.input_zeros is not None),
                 "held" if held else "did not hold",
             )
         )
@@ -291,6 +339,25 @@ def conclusions(res: Results) -> list[Conclusion]:
                 "Sparse × sparse: 4× faster, 4.2× less memory", "4×, 4.2×", "not measured", "not measured"
             )
         )
+
+    # 5b. Sparse x sparse on FC layers: ReLU zeros in the input skip weight columns.
+    fc = [r for r in act_fc_rows(res.of("sparse_x_sparse")) if r.act_over_spmv and r.input_zeros is not None]
+    if fc:
+        gfc = geomean(r.act_over_spmv for r in fc if r.layer in ("fc6", "fc7")) or geomean(
+            r.act_over_spmv for r in fc)
+        out.append(
+            Conclusion(
+                "Sparse × sparse on FC layers: ReLU-sparse inputs beat weight-only SpMV (batch 1)",
+                "sparse weights × sparse activations pay (seed: 4× on conv)",
+                "spmv / spmv-act: " + ", ".join(
+                    f"{r.layer} {r.act_over_spmv:.2f}× at {r.input_zeros:.0%} zero inputs (ideal "
+                    f"{r.ideal:.2f}×)" for r in fc) + f"; geomean fc6/fc7 {_fmt_x(gfc)}",
+                "held" if gfc is not None and gfc >= 1.1 else "did not hold",
+            )
+        )
+    else:
+        out.append(Conclusion("Sparse × sparse on FC layers: ReLU-sparse inputs beat weight-only SpMV",
+                              "—", "not measured", "not measured"))
 
     # 6. ReLU activation sparsity.
     act = {

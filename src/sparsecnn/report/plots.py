@@ -16,10 +16,12 @@ from sparsecnn.report.tables import (
     SEED,
     Results,
     break_even,
+    conv_spxsp_records,
     impls_of,
     median,
     model_keys,
     sweep_curves,
+    sweep_records,
 )
 
 __all__ = ["EXPERIMENT_PLOTS", "make_plots"]
@@ -152,7 +154,7 @@ def plot_layer_times(res: Results, path: Path, experiment: str = "conv_layers") 
 def plot_sweep(
     res: Results, path: Path, experiment: str = "sparsity_sweep", records: list[dict[str, Any]] | None = None
 ) -> Path | None:
-    recs = records if records is not None else res.of(experiment)
+    recs = sweep_records(records if records is not None else res.of(experiment))
     curves = sweep_curves(recs)
     if not curves:
         return None
@@ -234,7 +236,7 @@ def plot_scaling(res: Results, path: Path) -> Path | None:
 
 
 def plot_spxsp(res: Results, path: Path) -> Path | None:
-    recs = res.of("sparse_x_sparse")
+    recs = conv_spxsp_records(res.of("sparse_x_sparse"))
     keys = model_keys(recs)
     if not keys:
         return None

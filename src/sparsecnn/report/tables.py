@@ -21,9 +21,12 @@ __all__ = [
     "BreakEven",
     "Results",
     "Table",
+    "act_fc_table",
     "break_even",
     "experiment_tables",
     "load_results",
+    "spconv_table",
+    "structure_table",
     "sweep_curves",
 ]
 
@@ -370,7 +373,7 @@ def bytes_table(recs: list[dict[str, Any]], model: str, profile: str) -> Table:
 
 def sweep_curves(recs: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
     """impl -> [(sparsity, speedup over torch-dense)], sorted by sparsity; failed points left out."""
-    idx = _index(recs, "sparsity", "impl")
+    idx = _index(sweep_records(recs), "sparsity", "impl")
     out: dict[str, list[tuple[float, float]]] = {}
     for (s, impl), r in sorted(idx.items(), key=lambda kv: kv[0][0]):
         base = median(idx.get((s, BASELINE)))
@@ -381,7 +384,13 @@ def sweep_curves(recs: list[dict[str, Any]]) -> dict[str, list[tuple[float, floa
     return out
 
 
+def sweep_records(recs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The random-zeros sweep points of experiment 4 (not its structured-vs-unstructured records)."""
+    return [dict(r) for r in recs if "sparsity" in r["params"]]
+
+
 def sweep_tables(recs: list[dict[str, Any]]) -> list[Table]:
+    recs = sweep_records(recs)
     if not recs:
         return []
     idx = _index(recs, "sparsity", "impl")
@@ -464,7 +473,14 @@ def scaling_table(recs: list[dict[str, Any]]) -> Table:
     )
 
 
+def conv_spxsp_records(recs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Experiment 6's conv records (its FC records carry ``op: linear``)."""
+    return [dict(r) for r in recs if r["params"].get("op", "conv") == "conv"]
+
+
 def spxsp_tables(recs: list[dict[str, Any]]) -> list[Table]:
+    fc = [r for r in recs if r["params"].get("op") == "linear"]
+    recs = conv_spxsp_records(recs)
     tables = []
     for model, profile in model_keys(recs):
         mine = [r for r in recs if r["params"]["model"] == model and r["params"]["profile"] == profile]
@@ -516,7 +532,314 @@ def spxsp_tables(recs: list[dict[str, Any]]) -> list[Table]:
                 "counted.",
             )
         )
+        tables.append(spconv_table(mine, model, profile))
+    if fc:
+        tables.append(act_fc_table(fc))
     return tables
+
+
+# Weight-only strategies that sparse x sparse (spconv-act) is compared with; the structured-vs-
+# unstructured comparison takes the best of the same ones plus torch's dense conv of the layer.
+WEIGHT_ONLY = ("dense", "csrmm", "direct", "lowered", "bsr")
+STRUCTURE_STRATEGIES = ("torch", *WEIGHT_ONLY)
+# A ratio within 5% of 1 is called a tie in the "where it wins" texts (timing noise at batch 1).
+_TIE = 1.05
+
+
+def _ok_metrics(rec: Mapping[str, Any] | None) -> dict[str, Any]:
+    return dict(rec["metrics"]) if rec is not None and rec["status"] == "ok" else {}
+
+
+def _best(idx: Mapping[tuple[Any, ...], dict[str, Any]], key: tuple[Any, ...],
+          impls: Sequence[str]) -> tuple[str | None, float | None]:
+    """The fastest of ``impls`` at ``key + (impl,)`` and its median time."""
+    times = {i: median(idx.get((*key, i))) for i in impls}
+    times = {i: t for i, t in times.items() if t}
+    if not times:
+        return None, None
+    best = min(times, key=times.__getitem__)
+    return best, times[best]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+@dataclass(frozen=True)
+class StructureRow:
+    """Experiment 4, one conv layer: structured (ssl, shrunk) vs unstructured at the same zeros."""
+
+    layer: str
+    zeros_structured: float
+    zeros_unstructured: float
+    structure: dict[str, Any]  # the ssl layer's "structure" metrics (kept rows, cols, FLOPs)
+    unstructured: dict[str, Any]
+    base_structured_s: float | None  # torch dense on the ssl layer as pruned (unshrunk)
+    base_unstructured_s: float | None
+    best_structured: str | None
+    best_structured_s: float | None
+    best_unstructured: str | None
+    best_unstructured_s: float | None
+
+    @property
+    def speedup_structured(self) -> float | None:
+        return _ratio(self.base_structured_s, self.best_structured_s)
+
+    @property
+    def speedup_unstructured(self) -> float | None:
+        return _ratio(self.base_unstructured_s, self.best_unstructured_s)
+
+    @property
+    def structured_over_unstructured(self) -> float | None:
+        """Unstructured best time over structured best time (> 1: structure is faster)."""
+        return _ratio(self.best_unstructured_s, self.best_structured_s)
+
+    def verdict(self) -> str:
+        """Where structure wins and where it cannot, and why, from the measured numbers."""
+        sp, su, r = self.speedup_structured, self.speedup_unstructured, self.structured_over_unstructured
+        st, un = self.structure, self.unstructured
+        if sp is None or su is None or r is None or not st or not un:
+            return "not measured"
+        ideal = st["ideal"]
+        cut = 1 - 1 / ideal
+        of_ideal = sp / ideal
+        u_left = un["compact_flops"] / un["dense_flops"]
+        u_of = su / un["nonzero_ideal"]
+        scattered = (f"the same {self.zeros_unstructured:.0%} zeros scattered leave a compact GEMM of "
+                     f"{u_left:.0%} of dense, so {self.best_unstructured} gets {su:.2f}× "
+                     f"({u_of:.0%} of 1/(1-s) = {un['nonzero_ideal']:.2f}×)")
+        if sp >= _TIE and r >= _TIE:
+            return (f"structure wins ({r:.2f}× unstructured): removed rows/columns take {cut:.0%} of the "
+                    f"FLOPs ({ideal:.2f}× ideal) and {self.best_structured} runs the compact GEMM at "
+                    f"{of_ideal:.0%} of that ideal; {scattered}")
+        if sp < _TIE and ideal < 1.25:
+            return (f"cannot win: removed rows/columns take only {cut:.0%} of the FLOPs (ideal "
+                    f"{ideal:.2f}×), measured {sp:.2f}×; {scattered}")
+        if sp < _TIE:
+            return (f"does not win here: {ideal:.2f}× fewer FLOPs, but the compact GEMM ran at "
+                    f"{of_ideal:.0%} of that ideal ({sp:.2f}×); {scattered}")
+        return (f"faster than dense ({sp:.2f}×, {of_ideal:.0%} of the {ideal:.2f}× ideal) but no faster "
+                f"than unstructured ({r:.2f}×): {scattered}")
+
+
+def structure_rows(recs: Iterable[Mapping[str, Any]]) -> list[StructureRow]:
+    """Experiment 4's structured-vs-unstructured records (those with a ``profile``), per layer."""
+    mine = [r for r in recs if "profile" in r["params"] and "sparsity" not in r["params"]]
+    idx = _index(mine, "profile", "layer", "impl")
+    rows = []
+    for layer in _ordered(r["params"]["layer"] for r in mine):
+        st = _ok_metrics(idx.get(("ssl", layer, "structure")))
+        un = _ok_metrics(idx.get(("ssl-unstructured", layer, "structure")))
+        bs, ts = _best(idx, ("ssl", layer), STRUCTURE_STRATEGIES)
+        bu, tu = _best(idx, ("ssl-unstructured", layer), STRUCTURE_STRATEGIES)
+        rows.append(StructureRow(
+            layer, st.get("zeros", math.nan), un.get("zeros", math.nan), st, un,
+            median(idx.get(("ssl", layer, BASELINE))), median(idx.get(("ssl-unstructured", layer, BASELINE))),
+            bs, ts, bu, tu,
+        ))
+    return rows
+
+
+def _kept(m: Mapping[str, Any], key: str) -> str:
+    v = m.get(key)
+    return f"{v[0]:,}/{v[1]:,}" if v else "—"
+
+
+def structure_table(recs: list[dict[str, Any]]) -> Table | None:
+    rows = structure_rows(recs)
+    if not rows:
+        return None
+    cells = []
+    for r in rows:
+        st, un = r.structure, r.unstructured
+        cells.append([
+            r.layer,
+            f"{_pct(st.get('zeros'))} / {_pct(un.get('zeros'))}",
+            _kept(st, "filters"),
+            _kept(st, "in_channels"),
+            _kept(st, "cols"),
+            _pct(st["compact_flops"] / st["dense_flops"]) if st else "—",
+            _pct(un["compact_flops"] / un["dense_flops"]) if un else "—",
+            _ms(r.base_structured_s),
+            f"{r.best_structured}: {_ms(r.best_structured_s)}" if r.best_structured else "—",
+            _x(r.speedup_structured),
+            _x(st.get("ideal")),
+            _ms(r.base_unstructured_s),
+            f"{r.best_unstructured}: {_ms(r.best_unstructured_s)}" if r.best_unstructured else "—",
+            _x(r.speedup_unstructured),
+            _x(un.get("nonzero_ideal")),
+            _x(r.structured_over_unstructured),
+            r.verdict(),
+        ])
+    return Table(
+        "alexnet: structured (ssl, shrunk) vs unstructured (ssl-unstructured) at the same zero count, "
+        "batch 1",
+        ["layer", "zeros ssl / unstructured", "ssl filters kept", "ssl input channels kept",
+         "ssl lowered columns kept", "ssl compact GEMM / dense FLOPs",
+         "unstructured compact GEMM / dense FLOPs", "ssl torch-dense ms", "ssl shrunk best ms",
+         "ssl speedup", "ssl ideal (dense / compact FLOPs)", "unstructured torch-dense ms",
+         "unstructured best ms", "unstructured speedup", "unstructured ideal 1/(1-s)",
+         "structured / unstructured", "where structure wins, and why"],
+        cells,
+        "ssl: sparsecnn.shrink.shrink removes the all-zero filters and the input channels nobody reads; "
+        "each compact layer runs on its own input. Best of torch (the layer's own dense conv) and the "
+        f"weight-only strategies {', '.join(WEIGHT_ONLY)}; speedups over torch-dense on the layer as "
+        "pruned. structured / unstructured = unstructured best time / ssl best time.",
+    )
+
+
+@dataclass(frozen=True)
+class SpconvRow:
+    """Experiment 6, one conv layer: spconv-act against torch dense and the best weight-only strategy."""
+
+    layer: str
+    input_zeros: float | None
+    weight_zeros: float | None
+    torch_s: float | None
+    best: str | None
+    best_s: float | None
+    spconv_s: float | None
+    spconv_bytes: int | None
+    best_bytes: int | None
+
+    @property
+    def vs_torch(self) -> float | None:
+        return _ratio(self.torch_s, self.spconv_s)
+
+    @property
+    def vs_best(self) -> float | None:
+        return _ratio(self.best_s, self.spconv_s)
+
+    @property
+    def work(self) -> float | None:
+        """Fraction of the dense multiply-adds left: nonzero weights x nonzero inputs."""
+        if self.input_zeros is None or self.weight_zeros is None:
+            return None
+        return (1 - self.weight_zeros) * (1 - self.input_zeros)
+
+    def verdict(self) -> str:
+        vt, vb, w, z = self.vs_torch, self.vs_best, self.work, self.input_zeros
+        if vt is None or vb is None or w is None or z is None:
+            return "not measured"
+        ideal = 1 / max(w, 1e-12)
+        over_w = 1 / max(1 - z, 1e-12)  # what skipping the input zeros can add to a weight-only kernel
+        if vt >= _TIE and vb >= _TIE:
+            return (f"wins: skips the {z:.0%} zero inputs on top of the {self.weight_zeros:.0%} zero "
+                    f"weights ({w:.0%} of the multiply-adds left); {vt:.2f}× torch, {vb:.2f}× {self.best} "
+                    f"({vb / over_w:.0%} of the 1/(1-x) = {over_w:.2f}× that input zeros allow)")
+        if vt >= _TIE:
+            return (f"beats torch dense ({vt:.2f}×) but not {self.best} ({vb:.2f}×): the {z:.0%} zero "
+                    f"inputs allow {over_w:.2f}× over a weight-only kernel, and gathering the nonzeros "
+                    f"reached {vb / over_w:.0%} of it")
+        return (f"cannot beat torch dense ({vt:.2f}×): {w:.0%} of the multiply-adds are left (ideal "
+                f"{ideal:.2f}×) and it reaches {vt / ideal:.0%} of that ideal; vs {self.best} {vb:.2f}×")
+
+
+def spconv_rows(recs: Iterable[Mapping[str, Any]]) -> list[SpconvRow]:
+    mine = conv_spxsp_records(recs)
+    idx = _index(mine, "layer", "impl")
+    rows = []
+    for layer in _ordered(r["params"]["layer"] for r in mine):
+        if (layer, "spconv-act") not in idx:
+            continue
+        act = _ok_metrics(idx.get((layer, "activation")))
+        best, best_s = _best(idx, (layer,), WEIGHT_ONLY)
+        rows.append(SpconvRow(
+            layer, act.get("input_sparsity"), act.get("weight_sparsity"), median(idx.get((layer, BASELINE))),
+            best, best_s, median(idx[(layer, "spconv-act")]),
+            _ok_metrics(idx[(layer, "spconv-act")]).get("operand_bytes"),
+            _ok_metrics(idx.get((layer, best))).get("operand_bytes") if best else None,
+        ))
+    return rows
+
+
+def spconv_table(recs: list[dict[str, Any]], model: str, profile: str) -> Table:
+    cells = [
+        [
+            r.layer, _pct(r.input_zeros), _pct(r.weight_zeros), _pct(r.work), _ms(r.torch_s),
+            f"{r.best}: {_ms(r.best_s)}" if r.best else "—", _ms(r.spconv_s), _x(r.vs_torch),
+            _x(r.vs_best), _mib(r.spconv_bytes), _mib(r.best_bytes), r.verdict(),
+        ]
+        for r in spconv_rows(recs)
+    ]
+    return Table(
+        f"{model} / {profile}: spconv-act (skips zero inputs and zero weights) vs torch dense and the best "
+        "weight-only strategy, batch 1",
+        ["layer", "input zeros", "weight zeros", "multiply-adds left", "torch-dense ms",
+         "best weight-only ms", "spconv-act ms", "spconv-act vs torch", "spconv-act vs best weight-only",
+         "spconv-act operands MiB", "best weight-only operands MiB", "where it wins, and why"],
+        cells,
+        f"best weight-only: the fastest of {', '.join(WEIGHT_ONLY)} on the same input; multiply-adds left "
+        "= (1 - weight zeros)(1 - input zeros) (zeros at independent positions); vs = the other's time / "
+        "spconv-act's.",
+    )
+
+
+@dataclass(frozen=True)
+class ActFcRow:
+    """Experiment 6, one FC layer at batch 1: spmv-act (nonzero inputs only) vs the weight-only spmv."""
+
+    layer: str
+    input_zeros: float | None
+    weight_zeros: float | None
+    torch_s: float | None
+    spmv_s: float | None
+    act_s: float | None
+
+    @property
+    def act_over_spmv(self) -> float | None:
+        """spmv time / spmv-act time."""
+        return _ratio(self.spmv_s, self.act_s)
+
+    @property
+    def ideal(self) -> float | None:
+        """1 / (1 - input zeros): the weight columns spmv-act may skip."""
+        return None if self.input_zeros is None else 1 / max(1 - self.input_zeros, 1e-12)
+
+    def verdict(self) -> str:
+        r, ideal, z = self.act_over_spmv, self.ideal, self.input_zeros
+        if r is None or ideal is None or z is None:
+            return "not measured"
+        if r >= _TIE:
+            return (f"wins: reads the weight columns of only the {1 - z:.0%} nonzero inputs; {r:.2f}× spmv, "
+                    f"{r / ideal:.0%} of the 1/(1-x) = {ideal:.2f}× ideal")
+        return (f"cannot win: at {z:.0%} zero inputs it may skip {z:.0%} of the weight bytes (ideal "
+                f"{ideal:.2f}×) and measured {r:.2f}× ({r / ideal:.0%} of it): finding the nonzero inputs "
+                "and walking their columns cost what the skipped bytes save")
+
+
+def act_fc_rows(recs: Iterable[Mapping[str, Any]]) -> list[ActFcRow]:
+    mine = [r for r in recs if r["params"].get("op") == "linear"]
+    idx = _index(mine, "layer", "impl")
+    rows = []
+    for layer in _ordered(r["params"]["layer"] for r in mine):
+        act = _ok_metrics(idx.get((layer, "activation")))
+        rows.append(ActFcRow(layer, act.get("input_sparsity"), act.get("weight_sparsity"),
+                             median(idx.get((layer, BASELINE))), median(idx.get((layer, "spmv"))),
+                             median(idx.get((layer, "spmv-act")))))
+    return rows
+
+
+def act_fc_table(recs: list[dict[str, Any]]) -> Table:
+    cells = [
+        [
+            r.layer, _pct(r.weight_zeros), _pct(r.input_zeros), _ms(r.torch_s),
+            f"{_ms(r.spmv_s)} ({_x(_ratio(r.torch_s, r.spmv_s))})",
+            f"{_ms(r.act_s)} ({_x(_ratio(r.torch_s, r.act_s))})",
+            _x(r.act_over_spmv), _x(r.ideal), r.verdict(),
+        ]
+        for r in act_fc_rows(recs)
+    ]
+    p = recs[0]["params"]
+    return Table(
+        f"{p['model']} / {p['profile']} FC layers, batch 1: activation-sparse spmv-act vs weight-only spmv "
+        "on the measured ReLU input",
+        ["layer", "weight zeros", "input zeros (measured)", "torch-dense ms", "spmv ms (× torch)",
+         "spmv-act ms (× torch)", "spmv / spmv-act", "ideal 1/(1-x)", "where it wins, and why"],
+        cells,
+        "spmv reads every stored weight (CSR rows); spmv-act walks only the nonzero inputs and their weight "
+        "columns. The inputs are the layers' real inputs (through the model), not synthetic zeros.",
+    )
 
 
 def e2e_table(recs: list[dict[str, Any]]) -> Table:
@@ -680,7 +1003,8 @@ def experiment_tables(res: Results, experiment: str) -> list[Table]:
             out.append(conversion_table(recs, model, profile))
         return out
     if experiment == "sparsity_sweep":
-        return sweep_tables(recs)
+        structure = structure_table(recs)
+        return sweep_tables(recs) + ([structure] if structure else [])
     if experiment == "memory_scaling":
         return [scaling_table(recs)] if recs else []
     if experiment == "sparse_x_sparse":
