@@ -153,17 +153,10 @@ class CompiledModel(nn.Module):
         """The forward pass on a C-contiguous float32 batch (the hot path: nothing is checked here)."""
         b = self._local.__dict__.get("bound", {}).get(x.shape)
         env, steps, slot, output = b if b is not None else self._bound(x.shape)
-        if x.shape == self._serial_shape:  # a model this small runs faster without numba's other threads
+        serial = x.shape == self._serial_shape
+        if serial:  # a model this small runs faster without waking numba's other threads
             threads = num_threads()
             numba.set_num_threads(1)
-            try:
-                env[slot] = x
-                for f in steps:
-                    f()
-                return np.array(output(env), dtype=np.float32, copy=True)
-            finally:
-                env[slot] = None
-                numba.set_num_threads(threads)
         try:
             env[slot] = x
             for f in steps:
@@ -171,6 +164,8 @@ class CompiledModel(nn.Module):
             return np.array(output(env), dtype=np.float32, copy=True)
         finally:
             env[slot] = None
+            if serial:
+                numba.set_num_threads(threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
