@@ -200,9 +200,14 @@ def one_thread():
 
 
 def test_measured_choice_torch_below_break_even_sparse_above(one_thread) -> None:
+    # A 4-channel 1x1 layer is call overhead on both sides (~10 us each): either may win, but only
+    # by the margin rule, and the module runs what was chosen.
     tiny = _pruned_conv(4, 4, 1, 0.5)
     choice, module = choose(tiny, torch.randn(1, 4, 4, 4), rounds=5, min_time_s=0.03)
-    assert choice.strategy == "torch" and module.strategy == "torch" and choice.source == "measured"
+    assert choice.source == "measured" and module.strategy == choice.strategy
+    if choice.strategy != "torch":
+        t = choice.times_s
+        assert t[choice.strategy] <= (1 - DEFAULT_MARGIN) * t["torch"], t
     x = torch.relu(torch.randn(1, 128, 28, 28))
     low = _pruned_conv(128, 128, 3, 0.3)  # well below break-even
     assert choose(low, x, rounds=5, min_time_s=0.03)[0].strategy == "torch"
