@@ -343,8 +343,8 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
     """``run(x)``: :func:`direct_conv2d` ``(prep, x, bias, out, relu)`` for inputs of ``x_shape``, with
     every argument but ``x`` bound once (the whole-model executor's steps).
 
-    The callable owns a workspace of its own (not the prep's per-thread cache), so it must be called
-    by one thread at a time: the executor binds one per thread. Layers with fewer than
+    The callable uses the calling thread's workspace of ``prep`` (the one :func:`direct_conv2d` uses),
+    so it must be called from the thread that bound it: the executor binds per thread. Layers with fewer than
     ``_SERIAL_MACS`` multiply-adds run the serial twins of the kernels (no parallel launch); the
     Python work of :func:`direct_conv2d` per call (workspace lookup, argument unpacking, reshapes:
     ~8 us) is done here once.
@@ -367,7 +367,7 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
     if not out.flags.c_contiguous or out.shape != prep.output_shape(x_shape):
         raise ValueError(f"bind_direct_conv2d: out must be C-contiguous of shape "
                          f"{prep.output_shape(x_shape)}")
-    ws = prep._build_workspace(x_shape, num_threads())
+    ws = prep.workspace(x_shape)  # this thread's (the executor binds per thread and calls in turn)
     nb, cin, h, w = x_shape
     sh, sw = prep.stride
     small = prep.nnz * ws.span * nb < _SERIAL_MACS

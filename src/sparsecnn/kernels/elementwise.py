@@ -144,13 +144,7 @@ def max_pool2d(x: np.ndarray, out: np.ndarray, kernel_size: tuple[int, int], str
     out : ndarray, shape (B, C, Hout, Wout), float32, C-contiguous
     kernel_size, stride, padding, dilation : tuple of int, (h, w)
     """
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    b, c, h, w = x.shape
-    hout, wout = out.shape[2], out.shape[3]
-    xp = x.reshape(b * c, h, w)
-    op = out.reshape(b * c, hout, wout)
-    # a scratch row per plane: planes run in parallel in any order (numba gives no thread ids)
-    _max_pool_kernel(xp, op, kh, kw, sh, sw, ph, pw, dh, dw, np.empty((b * c, w), dtype=np.float32))
+    bind_max_pool2d(x.shape, out, kernel_size, stride, padding, dilation)(x)
 
 
 @jit
@@ -188,8 +182,7 @@ def global_avg_pool(x: np.ndarray, out: np.ndarray) -> None:
     x : ndarray, shape (B, C, H, W), float32, C-contiguous
     out : ndarray, shape (B, C) or (B, C, 1, 1), float32, C-contiguous
     """
-    b, c, h, w = x.shape
-    _gap_kernel(x.reshape(b * c, h * w), out.reshape(b * c))
+    bind_global_avg_pool(x.shape, out)(x)
 
 
 _max_pool_serial = serial_twin(_max_pool_kernel)
@@ -212,7 +205,7 @@ def bind_max_pool2d(x_shape: tuple[int, int, int, int], out: np.ndarray, kernel_
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     b, c, h, w = (int(v) for v in x_shape)
     op = out.reshape(b * c, out.shape[2], out.shape[3])
-    tmp = np.empty((b * c, w), dtype=np.float32)
+    tmp = np.empty((b * c, w), dtype=np.float32)  # a scratch row per plane: planes run in any order
     kernel = _max_pool_serial if b * c * h * w < _PARALLEL_MIN else _max_pool_kernel
     args = (op, kh, kw, sh, sw, ph, pw, dh, dw, tmp)
 

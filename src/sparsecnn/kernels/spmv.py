@@ -134,8 +134,9 @@ def bind_sparse_linear(prep: LinearPrep, batch: int, bias: np.ndarray | None, ou
     """``run(x)``: :func:`sparse_linear` ``(prep, x, bias, out, relu)`` for batches of ``batch``, every
     argument but ``x`` bound once (the whole-model executor's steps).
 
-    The callable owns its workspace, so one thread calls it at a time (the executor binds one per
-    thread). Below ``_SERIAL_MACS`` multiply-adds the serial twins run (no parallel launch).
+    The callable uses the calling thread's workspace of ``prep`` (as :func:`sparse_linear` does), so
+    it must be called from the thread that bound it (the executor binds per thread). Below
+    ``_SERIAL_MACS`` multiply-adds the serial twins run (no parallel launch).
 
     Parameters
     ----------
@@ -150,30 +151,26 @@ def bind_sparse_linear(prep: LinearPrep, batch: int, bias: np.ndarray | None, ou
     callable
         ``run(x)`` with ``x`` of shape ``(batch, K)``, float32.
     """
-    m, k = prep.shape
+    m = prep.shape[0]
     if not out.flags.c_contiguous or out.shape != (batch, m):
         raise ValueError(f"bind_sparse_linear: out must be C-contiguous of shape {(batch, m)}")
-    nparts = num_threads()
-    cost = np.diff(prep.indptr).astype(np.int64) + 4
-    bounds = balanced_bounds(cost, nparts)
+    ws = prep.workspace(batch)  # this thread's (the executor binds per thread and calls in turn)
     has_bias = bias is not None
     b = bias if has_bias else prep.data[:0]
     small = prep.nnz * batch < _SERIAL_MACS
     if batch == 1:
         spmv = _spmv_serial if small else _spmv
         y = out[0]
-        args = (b, has_bias, y, bounds, bool(relu))
+        args = (b, has_bias, y, ws.bounds, bool(relu))
 
         def run_spmv(x: np.ndarray) -> None:
             spmv(prep.indptr, prep.indices, prep.data, x[0], *args)
 
         return run_spmv
-    bp = -(-batch // VW) * VW
-    xt = np.zeros((k, bp), dtype=np.float32)
-    acc = np.zeros((nparts, bp), dtype=np.float32)
+    xt = ws.xt
     transpose = _transpose_serial if small else _transpose
     spmm = _spmm_serial if small else _spmm
-    sargs = (b, has_bias, out, acc, bounds, bool(relu))
+    sargs = (b, has_bias, out, ws.acc, ws.bounds, bool(relu))
 
     def run_spmm(x: np.ndarray) -> None:
         transpose(x, xt)
