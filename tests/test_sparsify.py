@@ -209,8 +209,11 @@ def test_measured_choice_torch_below_break_even_sparse_above(one_thread) -> None
         t = choice.times_s
         assert t[choice.strategy] <= (1 - DEFAULT_MARGIN) * t["torch"], t
     x = torch.relu(torch.randn(1, 128, 28, 28))
-    low = _pruned_conv(128, 128, 3, 0.3)  # well below break-even
-    assert choose(low, x, rounds=5, min_time_s=0.03)[0].strategy == "torch"
+    # No zeros at all: nothing to skip, so no sparse strategy can clear the margin. (At 30% the
+    # direct kernel now sometimes does: the break-even fell below it, and the test failed in CI.)
+    low = _pruned_conv(128, 128, 3, 0.0)
+    choice = choose(low, x, rounds=5, min_time_s=0.03)[0]
+    assert choice.strategy == "torch", choice.times_s
     big = _pruned_conv(128, 128, 3, 0.95)
     choice, module = choose(big, x, rounds=5, min_time_s=0.05)
     assert choice.strategy != "torch", choice.times_s
