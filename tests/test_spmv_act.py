@@ -44,6 +44,30 @@ def test_kernel_matches_dense(rng, w_sparsity: float, x_zeros: float, batch: int
     assert_close(out, ref)
 
 
+@pytest.mark.parametrize("m", [8, 395, 1000])  # one vector; several register tiles plus a scalar tail
+@pytest.mark.parametrize("relu", [False, True])
+def test_bound_dense_columns_tiles_relu_and_nan(rng, m: int, relu: bool) -> None:
+    from sparsecnn.kernels.spmv_act import bind_act_sparse_linear
+
+    k = 300
+    w = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32)
+    prep = prepare_act_linear(w)
+    assert prep.dense_columns
+    out = np.full((1, m), np.nan, np.float32)
+    run = bind_act_sparse_linear(prep, 1, b, out, relu)
+    for zeros in (0.0, 0.5, 1.0):
+        x = _input(rng, (1, k), zeros)
+        if zeros == 0.5:
+            x[0, 11], x[0, 200] = np.nan, np.inf  # nonzero: propagate as in torch
+        run(x)
+        ref = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b))
+        ref = torch.relu(ref) if relu else ref
+        np.testing.assert_array_equal(np.isnan(out), ref.isnan().numpy())
+        fin = ~np.isnan(out)
+        assert_close(torch.from_numpy(out[fin]), ref[torch.from_numpy(fin)])
+
+
 def test_bytes_are_the_stored_arrays(rng) -> None:
     w = random_sparse(rng, (64, 300), 0.9)
     prep = prepare_act_linear(w)
@@ -68,9 +92,14 @@ def test_layer_random_shapes(m: int, k: int, batch: int, ws: float, xs: float, s
 
 def test_planner_offers_spmv_act_for_sparse_inputs() -> None:
     lin = nn.Linear(16, 8)
+    with torch.no_grad():
+        lin.weight[:, 4:] = 0.0  # 75% zeros: CSC, worth it only for sparse inputs
     assert "spmv-act" in _candidates(lin, 1, input_density=0.4)
     assert "spmv-act" not in _candidates(lin, 1, input_density=0.9)
     assert "spmv-act" not in _candidates(lin, 64, input_density=0.1)
+    dense = nn.Linear(16, 8)  # dense columns stream faster than GEMV at batch 1, zeros or not
+    assert "spmv-act" in _candidates(dense, 1, input_density=1.0)
+    assert "spmv-act" not in _candidates(dense, 2, input_density=1.0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     x = torch.randn(1, 32)

@@ -214,6 +214,8 @@ def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
     conv = isinstance(dense, nn.Conv2d)
     batch = int(xin.shape[0]) if xin.dim() > 1 else 1
     names = [layer.strategy, "torch", "direct" if conv else ("spmv" if batch == 1 else "spmm")]
+    if not conv and batch == 1:
+        names.append("spmv-act")  # walks the nonzero inputs (dense columns of a dense weight)
     names = list(dict.fromkeys(names))
     if len(names) == 1:
         return layer

@@ -397,6 +397,13 @@ class _Builder:
 
             self._step(f"linear:{strategy}{suffix}", lambda env, bufs, x=x, s=s: _bind_kernel(
                 env, x, bind_sparse_linear(eng.format, shape[0], eng.bias, env[s], relu)))
+        elif strategy == "spmv-act":
+            s, _ = self._planned(n.name, shape)
+            eng = layer.engine
+            from sparsecnn.kernels.spmv_act import bind_act_sparse_linear
+
+            self._step(f"linear:{strategy}{suffix}", lambda env, bufs, x=x, s=s: _bind_kernel(
+                env, x, bind_act_sparse_linear(eng.format, shape[0], eng.bias, env[s], relu)))
         elif strategy in ("torch", "dense"):
             s, _ = self._planned(n.name, shape)
             lin = layer.engine.linear if strategy == "torch" and isinstance(layer, SparseLinear) else layer
