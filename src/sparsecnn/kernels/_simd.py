@@ -27,8 +27,8 @@ from numba.extending import intrinsic
 
 from sparsecnn.kernels._numba import jit
 
-__all__ = ["NV_MAX", "NV_PAIR", "VW", "copy_vec", "copy_vec_act", "fmadd", "pair_tile", "span_tile",
-           "tile_split"]
+__all__ = ["NV_MAX", "NV_PAIR", "VW", "copy_vec", "copy_vec_act", "fmadd", "pair_tile", "prefetch",
+           "span_tile", "tile_split"]
 
 VW = 8  # floats per vector (one ymm register)
 
@@ -161,6 +161,25 @@ def span_tile(typingctx, x, offs, data, k0, k1, base, w, wpos, nvec, nvalid, ini
         _for_each_nvec(builder, nvec_, NV_MAX, "span_tile", lambda nv: _emit_tile(
             builder, fma, nv, xbase, optr, signed, dptr, k0_, k1_, wp, init_, accumulate, nvalid_, ostride,
             relu))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch(typingctx, a, i):
+    """Hint the cache line holding ``a[i]`` into all cache levels (``llvm.prefetch``, read; no fault on
+    any address, so ``i`` need not be in bounds). a is a 1-D array."""
+    sig = types.void(a, types.intp)
+
+    def codegen(context, builder, signature, args):
+        a_, i_ = args
+        ptr = builder.gep(_data_ptr(context, builder, signature.args[0], a_), [i_])
+        i8p = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]), "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                          ir.Constant(_I32, 1)])
         return context.get_dummy_value()
 
     return sig, codegen
