@@ -13,7 +13,8 @@ timed in its own block). Target: qspmv >= 1.2x float CSR on fc6 and fc7.
 
 Two regimes. *Warm*: each kernel is timed right after itself, so a layer whose CSR fits the last-level
 cache (fc7: 9 MB against this machine kind's 32 MB L3) is read from there, and the kernel is bound
-by its instructions, not by bytes. *Cold*: before every timed call a 96 MB buffer is read (untimed),
+by its instructions, not by bytes. *Cold* (``bench.harness.time_cold``): before every timed call a 96 MB
+buffer is read (untimed),
 which evicts the weights, as happens to a layer in a forward pass whose other layers stream more than
 the L3 holds (AlexNet's three FC layers are 35 MB of float CSR at Deep Compression's sparsity, 18 MB
 as codes). Bytes moved, the point of the codebook form, count in the cold regime.
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsecnn.bench.harness import check_close, set_threads
+from sparsecnn.bench.harness import check_close, set_threads, time_cold
 from sparsecnn.compress import QuantizeConfig, quantize_model
 from sparsecnn.kernels.qspmv import prepare_quant_linear, quant_linear
 from sparsecnn.kernels.spmv import prepare_linear, sparse_linear
@@ -48,21 +49,6 @@ def _interleaved(fns: list, repeats: int, inner: int) -> list[float]:
             for _ in range(inner):
                 fn()
             samples[i].append((time.perf_counter() - t0) / inner)
-    return [float(np.median(s)) for s in samples]
-
-
-_EVICT = np.ones(96 << 18, np.float32)  # 96 MB: three times the L3 of this machine kind
-
-
-def _cold(fns: list, repeats: int) -> list[float]:
-    """Median seconds of one call of each fn, the caches flushed of its data before each call."""
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            float(_EVICT.sum())
-            t0 = time.perf_counter()
-            fn()
-            samples[i].append(time.perf_counter() - t0)
     return [float(np.median(s)) for s in samples]
 
 
@@ -99,8 +85,8 @@ def run_layer(name: str, sparsity: float, bits: int, repeats: int, seed: int) ->
     time.sleep(0.5)
     t_csr, t_q = _interleaved([lambda: sparse_linear(csr, xn, bias, y_csr),
                                lambda: quant_linear(q, xn, bias, y_q)], repeats, inner=10)
-    c_csr, c_q = _cold([lambda: sparse_linear(csr, xn, bias, y_csr),
-                        lambda: quant_linear(q, xn, bias, y_q)], repeats)
+    c_csr, c_q = time_cold([lambda: sparse_linear(csr, xn, bias, y_csr),
+                            lambda: quant_linear(q, xn, bias, y_q)], repeats=repeats)
     return {"layer": name, "shape": [m, k], "sparsity": sparsity, "bits": bits, "nnz": q.nnz,
             "codebook": int(q.codebook.size), "csr_bytes": csr.nbytes, "qspmv_bytes": q.nbytes,
             "dense_ms": t_dense * 1e3, "csr_ms": t_csr * 1e3, "qspmv_ms": t_q * 1e3,

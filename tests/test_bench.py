@@ -20,6 +20,7 @@ from sparsecnn.bench.harness import (
     measurement_key,
     read_records,
     time_call,
+    time_cold,
     validate_record,
 )
 from sparsecnn.errors import SparseCNNError
@@ -38,6 +39,16 @@ def _tasks(calls: list[str], fail_at: str | None = None) -> list[Task]:
         return Task("unit", {"i": i, "s": 0.5 + i / 10}, run, f"task {i}")
 
     return [make(i) for i in range(5)]
+
+
+def test_time_cold_calls_each_in_turn_after_an_untimed_call() -> None:
+    calls: list[int] = []
+    fns = [lambda: calls.append(0), lambda: (calls.append(1), sum(range(20000)))]
+    t = time_cold(fns, repeats=3, evict_bytes=1 << 20)
+    assert calls == [0, 1] + [0, 1] * 3
+    assert len(t) == 2 and all(v > 0 for v in t) and t[1] > t[0]
+    with pytest.raises(SparseCNNError, match="repeats"):
+        time_cold(fns, repeats=0)
 
 
 def test_time_call_reports_median_and_quartiles() -> None:

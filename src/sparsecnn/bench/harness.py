@@ -164,6 +164,48 @@ def time_call(
     )
 
 
+# Bytes read before each call of time_cold: well above the last-level cache of the machines this
+# project measures on (32 MB L3 on the 2-core Zen 4 VM).
+EVICT_BYTES = 96 << 20
+_evict: np.ndarray | None = None
+
+
+def time_cold(fns: list[Callable[[], object]], *, repeats: int = 15,
+              evict_bytes: int = EVICT_BYTES) -> list[float]:
+    """Median seconds of one call of each fn with cold caches, timed interleaved.
+
+    Before every timed call, ``evict_bytes`` of an unrelated buffer are read (untimed), which evicts
+    the callee's data from every cache level: what a layer meets in a forward pass whose other
+    layers stream more than the last-level cache holds (AlexNet's FC weights alone). Each fn is
+    called once untimed first (numba compiles on the first call).
+
+    Parameters
+    ----------
+    fns : list of callable
+        Called with no arguments; results ignored.
+    repeats : int
+        Timed calls of each fn, taken in turns (fn 0, fn 1, ..., fn 0, ...).
+    evict_bytes : int
+        Size of the eviction read.
+    """
+    global _evict
+    if repeats < 1:
+        raise SparseCNNError(f"repeats must be >= 1, got {repeats}")
+    n = max(1, evict_bytes // 4)
+    if _evict is None or _evict.size != n:
+        _evict = np.ones(n, np.float32)
+    for fn in fns:
+        fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            float(_evict.sum())
+            t0 = time.perf_counter()
+            fn()
+            samples[i].append(time.perf_counter() - t0)
+    return [statistics.median(s) for s in samples]
+
+
 def check_close(out: Any, ref: Any, *, rtol: float = 1e-4, what: str = "output") -> float:
     """Compare ``out`` with the dense reference ``ref``; return the normalised max error.
 
