@@ -91,46 +91,87 @@ def add_relu(a: np.ndarray, b: np.ndarray, out: np.ndarray, relu: bool) -> None:
         _add_serial(a, b, out, relu)
 
 
+@jit
+def _pool_row(vm, orow, kw, sw, pw, dw, lo, hi):
+    """``orow[ow]`` = max over the window of ``vm`` (NaN wins, padding skipped) for ``ow`` outside
+    ``[lo, hi)``, the outputs whose window lies wholly inside, which the caller does."""
+    w = vm.size
+    for ow in range(orow.size):
+        if lo <= ow < hi:
+            continue
+        w0 = ow * sw - pw
+        m = np.float32(-np.inf)
+        for t in range(kw):
+            wi = w0 + t * dw
+            if wi >= 0 and wi < w:
+                v = vm[wi]
+                m = v if (v > m) | (v != v) else m
+        orow[ow] = m
+
+
+@jit
+def _pool_plane(xp, op, vm, kh, kw, sh, sw, ph, pw, dh, dw):
+    """One plane of :func:`_max_pool_kernel`. A serial function of its own, called once per plane:
+    inside a ``prange`` body numba leaves these index loops scalar; here the row pass vectorises
+    (docs/engine.md, the prange trap). The column pass runs the outputs whose window lies inside the
+    row without bounds tests, unrolled for 2- and 3-wide windows (a runtime-length tap loop with a
+    bounds test per tap cost 3.5x: 0.55 against 0.16 ms for ResNet-18's 64 x 112 x 112 pool on one
+    thread). NaN wins a comparison, as in torch."""
+    h, w = xp.shape
+    hout, wout = op.shape
+    span = (kw - 1) * dw
+    lo = min(wout, (pw + sw - 1) // sw)  # first output whose window starts inside the row
+    hi = max(lo, min(wout, (w - 1 - span + pw) // sw + 1)) if w - 1 - span + pw >= 0 else lo
+    for oh in range(hout):
+        h0 = oh * sh - ph
+        first = True
+        for r in range(kh):
+            hr = h0 + r * dh
+            if hr < 0 or hr >= h:
+                continue
+            row = xp[hr]
+            if first:
+                for j in range(w):
+                    vm[j] = row[j]
+                first = False
+            else:
+                for j in range(w):
+                    v = row[j]
+                    m = vm[j]
+                    vm[j] = v if (v > m) | (v != v) else m
+        orow = op[oh]
+        if kw == 3 and dw == 1:
+            for ow in range(lo, hi):
+                w0 = ow * sw - pw
+                a, b, c = vm[w0], vm[w0 + 1], vm[w0 + 2]
+                m = b if (b > a) | (b != b) else a
+                orow[ow] = c if (c > m) | (c != c) else m
+        elif kw == 2 and dw == 1:
+            for ow in range(lo, hi):
+                w0 = ow * sw - pw
+                a, b = vm[w0], vm[w0 + 1]
+                orow[ow] = b if (b > a) | (b != b) else a
+        else:
+            for ow in range(lo, hi):
+                w0 = ow * sw - pw
+                m = vm[w0]
+                for t in range(1, kw):
+                    v = vm[w0 + t * dw]
+                    m = v if (v > m) | (v != v) else m
+                orow[ow] = m
+        if lo > 0 or hi < wout:
+            _pool_row(vm, orow, kw, sw, pw, dw, lo, hi)
+
+
 @pjit
 def _max_pool_kernel(x, out, kh, kw, sh, sw, ph, pw, dh, dw, tmp):
     """Separable max pooling: per output row, the max over the window's rows inside x (whole
     contiguous rows: vectorised), then per output column the max over that row's window columns
-    inside x. Padding counts as -inf, i.e. is skipped.
+    inside x. Padding counts as -inf, i.e. is skipped. One plane per task (:func:`_pool_plane`).
     NOTE: x (P, H, W), out (P, Hout, Wout) and tmp (P, W) C-contiguous, P = B * C; out's size from
     torch's formula (no window lies wholly in the padding)."""
-    npl, h, w = x.shape
-    hout, wout = out.shape[1], out.shape[2]
-    for p in numba.prange(npl):
-        xp = x[p]
-        op = out[p]
-        vm = tmp[p]
-        for oh in range(hout):
-            h0 = oh * sh - ph
-            first = True
-            for r in range(kh):
-                hi = h0 + r * dh
-                if hi < 0 or hi >= h:
-                    continue
-                row = xp[hi]
-                if first:
-                    for j in range(w):
-                        vm[j] = row[j]
-                    first = False
-                else:
-                    for j in range(w):
-                        v = row[j]
-                        m = vm[j]
-                        vm[j] = v if (v > m) | (v != v) else m
-            orow = op[oh]
-            for ow in range(wout):
-                w0 = ow * sw - pw
-                m = -np.inf
-                for t in range(kw):
-                    wi = w0 + t * dw
-                    if wi >= 0 and wi < w:
-                        v = vm[wi]
-                        m = v if (v > m) | (v != v) else m
-                orow[ow] = m
+    for p in numba.prange(x.shape[0]):
+        _pool_plane(x[p], out[p], tmp[p], kh, kw, sh, sw, ph, pw, dh, dw)
 
 
 def max_pool2d(x: np.ndarray, out: np.ndarray, kernel_size: tuple[int, int], stride: tuple[int, int],
