@@ -82,15 +82,22 @@ def test_direct_conv_input_channel_blocks(case, l1, rng, monkeypatch):
     monkeypatch.setattr(conv, "_MIN_BLOCK_NNZ", 1)
     prep, *_ = _conv_case(rng, *case, 0.6)
     ws = next(iter(prep._workspaces.values()))
+    nblk = ws.bptr.shape[0]
     if l1 < 24 * 1024 or case[1] == 256:
-        assert ws.bptr.shape[1] - 1 > 1
-    assert (ws.bptr[:, 0] == prep.indptr[:-1]).all() and (ws.bptr[:, -1] == prep.indptr[1:]).all()
+        assert nblk > 1
+    # Block-major runs: every (block, filter) run holds that filter's nonzeros of that block, and
+    # the runs tile the nonzeros in order.
+    assert ws.bptr[0, 0] == 0 and ws.bptr[-1, -1] == prep.nnz
+    assert (ws.bptr[1:, 0] == ws.bptr[:-1, -1]).all()
+    counts = np.diff(ws.bptr, axis=1).sum(axis=0)
+    assert (counts == np.diff(prep.indptr)).all()
+    assert np.array_equal(np.sort(ws.data), np.sort(prep.data))
 
 
 def test_direct_conv_few_nonzeros_per_block_stays_unblocked(rng):
     # At ~6 nonzeros per filter a second block would cost more than its L1 reuse saves.
     prep, *_ = _conv_case(rng, 1, 64, 16, (8, 8), (1, 1), (1, 1), (0, 0), (1, 1), 1, 0.9)
-    assert next(iter(prep._workspaces.values())).bptr.shape[1] == 2
+    assert next(iter(prep._workspaces.values())).bptr.shape[0] == 1
 
 
 def test_direct_conv_int32_indices(rng):

@@ -31,16 +31,20 @@ plain numba leaves such a tile in memory). Two output channels share the registe
 channel, so the second channel's spans mostly hit the L1 lines the first one just fetched. The wide
 positions are walked in groups of whole rows whose input (the channels a thread reads, all phases, the
 tap rows below) fits in half of L2. Inside a group, the input channels are cut into blocks whose part of
-one register tile's input fits in L1 (24 KiB); for each tile and each block, every filter of the thread
-adds the block's nonzeros into its own ``NV_MAX``-vector tile (``span_tile``; loaded and stored in a
-per-thread wide buffer between blocks), so a block's input is fetched from L2 once and then read from L1
-by all filters. With the input in L1 the pair's shared lines no longer matter, and one filter per tile
-loads its weight and offset once per 12 vectors instead of 6 (+8% over pairs with blocks). Blocks are
-only made while a filter keeps about 24 nonzeros per block (else the tile's load and store cost more
-than L1 saves). The valid columns go to ``out`` by whole-vector row copies; with one block and wide rows
-equal to the output rows (1x1 without padding), tiles are stored straight into ``out``. A fused ReLU
-(``relu=True``, the whole-model executor's conv + bias + ReLU) is a compare-select on those final stores
-and copies (``fcmp ugt``: NaN kept, as ``torch.relu``), never a second pass over ``out``.
+one register tile's input (at most the whole wide plane) fits in L1 (24 KiB); for each tile and each
+block, every filter of the thread adds the block's nonzeros into its own ``NV_MAX``-vector tile
+(``span_tile``; loaded and stored in a per-thread wide buffer between blocks), so a block's input is
+fetched from L2 once and then read from L1 by all filters. The nonzeros are stored block-major in the
+workspace (block kb of filter co is ``bptr[kb, co]:bptr[kb, co + 1]``), so such a pass streams the
+weights in order; filter-major, it walked every filter's list a few lines at a time and, with the
+weights cold as in a forward pass, ran ResNet-18's 7x7 layers at 90% 3x slower. With the input in L1 the
+pair's shared lines no longer matter, and one filter per tile loads its weight and offset once per 12
+vectors instead of 6 (+8% over pairs with blocks). Blocks are only made while a filter keeps about 24
+nonzeros per block (else the tile's load and store cost more than L1 saves). The valid columns go to
+``out`` by whole-vector row copies; with one block and wide rows equal to the output rows (1x1 without
+padding), tiles are stored straight into ``out``. A fused ReLU (``relu=True``, the whole-model
+executor's conv + bias + ReLU) is a compare-select on those final stores and copies (``fcmp ugt``: NaN
+kept, as ``torch.relu``), never a second pass over ``out``.
 
 Zen 4 (this project's machine: AMD EPYC family 25 model 17, AVX-512 F/BW/VL/VNNI/BF16; earlier sessions
 took it for Zen 3 with AVX2, and the Zen 3 numbers below are from then). Measured at 2 threads, each
@@ -123,13 +127,14 @@ class _Workspace:
     """Per-input-shape state: span offsets, the phase-decomposed input and the output tiles."""
 
     offsets: np.ndarray  # (nnz,) offset of each nonzero's span inside one image's phase planes
+    data: np.ndarray  # (nnz,) the weights in the order of offsets (block-major, see bptr)
     phases: np.ndarray  # (nph,) the phases (ph * sw + pw) materialised, in storage order
     copies: np.ndarray  # (ncopies, 7) int64: where the input pixels go in each plane (_phase_copies)
     identity: bool  # the layout is x itself and span % VW == 0: the kernel may read x in place
     xt: np.ndarray  # (B, Cin * nph * Hph * Wph + 2 * VW + pw) phase-decomposed padded input
     wide: np.ndarray  # (nparts, nco * gstride) wide output rows of the thread's nco filters
     gstride: int  # floats per filter in wide: group + 2 * VW
-    bptr: np.ndarray  # (Cout, nblk + 1) first nonzero of each filter in each input-channel block
+    bptr: np.ndarray  # (nblk, Cout + 1): block kb of filter co is bptr[kb, co]:bptr[kb, co + 1]
     bounds: np.ndarray  # (nparts + 1,) output-channel ranges with balanced nonzero counts
     hph: int
     wph: int
@@ -232,20 +237,28 @@ class DirectConvPrep:
         # Input-channel blocks whose part of a register tile's input (its span plus the taps' halo,
         # in every phase) fits in L1: every filter of the thread adds a block into its tile before
         # the next block, so the block's input is read from L1 by all of them.
-        window = 4 * nph * (NV_MAX * VW + halo + VW)
+        # A tile spans at most the whole wide plane (7 vectors on ResNet's 7x7 layers, not NV_MAX).
+        tile_floats = min(NV_MAX, -(-span // VW)) * VW
+        window = 4 * nph * (tile_floats + halo + VW)
         nblk = -(-cin_g // max(1, _L1_BYTES // window))
         # A (filter, block) pass costs a load and a store of the tile: keep >= ~24 nonzeros in it.
         nblk = max(1, min(nblk, self.nnz // max(cout, 1) // _MIN_BLOCK_NNZ))
         cb = -(-cin_g // nblk)  # blocks of equal size
-        per_block = np.bincount(co * nblk + ci // cb, minlength=cout * nblk).reshape(cout, nblk)
-        bptr = np.empty((cout, nblk + 1), dtype=np.int64)
-        bptr[:, 0] = self.indptr[:-1]
+        # Block-major storage: the nonzeros of block kb, filter after filter, are one contiguous run,
+        # so a pass over a block streams the weights in order. Kept filter-major, each pass read a
+        # few lines of every filter's list (a strided walk the prefetchers miss): ResNet's 7x7 layer
+        # at 90% ran 2x slower with its weights cold, as in a forward pass.
+        key = (ci // cb) * cout + co
+        order = np.argsort(key, kind="stable")
+        per_block = np.bincount(key, minlength=cout * nblk).reshape(nblk, cout)
+        bptr = np.zeros((nblk, cout + 1), dtype=np.int64)
         np.cumsum(per_block, axis=1, out=bptr[:, 1:])
-        bptr[:, 1:] += bptr[:, :1]
+        bptr[1:] += np.cumsum(bptr[:-1, -1])[:, None]
         gstride = group + 2 * VW
         nco = int(np.diff(bounds).max(initial=0))
         return _Workspace(
-            offsets=np.ascontiguousarray(off, dtype=off_dtype),
+            offsets=np.ascontiguousarray(off[order], dtype=off_dtype),
+            data=np.ascontiguousarray(self.data[order]),
             phases=np.asarray(used, dtype=np.int64),
             copies=_phase_copies(h, w, sh, sw, ph, pw, hph, wph, used),
             identity=sh == sw == 1 and ph == pw == 0 and span % VW == 0,
@@ -332,7 +345,7 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     # The kernel writes planes of C-contiguous rows; any other out goes through a temporary.
     dst = out if out.flags.c_contiguous else np.empty(out.shape, dtype=np.float32)
     flat = dst.reshape(nb, cout * ws.hout * ws.wout)
-    _direct_kernel(xt, ws.offsets, prep.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
+    _direct_kernel(xt, ws.offsets, ws.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
                    ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu))
     if dst is not out:
         out[...] = dst
@@ -374,7 +387,7 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
     kernel = _direct_kernel_serial if small else _direct_kernel
     copy = _phase_copy_serial if nb * cin * h * w < _SERIAL_COPY else _phase_copy
     has_bias = bias is not None
-    kargs = (ws.offsets, prep.data, ws.bptr, bias if has_bias else prep.data[:0], has_bias,
+    kargs = (ws.offsets, ws.data, ws.bptr, bias if has_bias else prep.data[:0], has_bias,
              out.reshape(nb, -1), ws.hout, ws.wout, ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, ws.group,
              ws.tile, bool(relu))
     xt = ws.xt
@@ -496,10 +509,11 @@ def _pair_tiles(xb, offs, data, bptr, bias, has_bias, co, c1, p, target, wpos, w
     ba = bias[co] if has_bias else np.float32(0.0)
     if co + 1 < c1:
         bb = bias[co + 1] if has_bias else np.float32(0.0)
-        pair_tile(xb, offs, data, bptr[co, 0], bptr[co, 1], bptr[co + 1, 0], bptr[co + 1, 1], p, target, wpos,
-                  wstride, nv, nvalid, ba, bb, relu)
+        pair_tile(xb, offs, data, bptr[0, co], bptr[0, co + 1], bptr[0, co + 1], bptr[0, co + 2], p, target,
+                  wpos, wstride, nv, nvalid, ba, bb, relu)
     else:
-        span_tile(xb, offs, data, bptr[co, 0], bptr[co, 1], p, target, wpos, nv, nvalid, ba, False, 1, relu)
+        span_tile(xb, offs, data, bptr[0, co], bptr[0, co + 1], p, target, wpos, nv, nvalid, ba, False, 1,
+                  relu)
 
 
 @pjit
@@ -522,7 +536,7 @@ def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, 
     nb = out.shape[0]
     plane = hout * wout
     nparts = bounds.size - 1
-    nblk = bptr.shape[1] - 1
+    nblk = bptr.shape[0]
     direct = wph == wout and nblk == 1
     for part in numba.prange(nparts):
         w = wide[part]
@@ -560,7 +574,7 @@ def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, 
                             acc = kb > 0
                             for co in range(c0, c1):
                                 ba = bias[co] if has_bias else np.float32(0.0)
-                                span_tile(xb, offs, data, bptr[co, kb], bptr[co, kb + 1], p, w,
+                                span_tile(xb, offs, data, bptr[kb, co], bptr[kb, co + 1], p, w,
                                           (co - c0) * gstride + v0 * VW, nv, nv * VW, ba, acc, 1, False)
                     for co in range(c0, c1):
                         _crop(w[(co - c0) * gstride:], n, dst, co * plane, r0, wph, wout, hout, relu)
