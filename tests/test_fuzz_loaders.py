@@ -109,7 +109,7 @@ def _outcome(load: Callable[[], nn.Module], measure_memory: bool = False) -> nn.
     return model
 
 
-def _forward(model: nn.Module) -> torch.Tensor:
+def _forward(model: nn.Module) -> torch.Tensor | tuple[torch.Tensor, ...]:
     x = torch.linspace(-1, 1, int(np.prod(INPUT))).reshape(1, *INPUT)
     with torch.no_grad():
         return model(x)
@@ -126,11 +126,14 @@ def _check(kind: str, model: nn.Module | None, original: nn.Module) -> None:
     else:
         # a truncated prototxt is often a valid, shorter net: only "it runs on its declared input"
         # is a property of every model these formats can describe
+        # (a flipped bit in a top's name leaves a blob no layer reads: Caffe then makes it a second
+        # output of the net, so the forward returns a tuple, as it does for any multi-output net)
         try:
             y = _forward(model)
         except SparseCNNError:
             return
-        assert y.shape[0] == 1
+        for out in y if isinstance(y, tuple) else (y,):
+            assert out.shape[0] == 1
 
 
 def _mutate(data: bytes, which: int, kind: str, pos: int, arg: int) -> bytes:
@@ -196,3 +199,21 @@ def test_checkpoint_bit_flips_after_the_first_member(files, originals, tmp_path)
         b[pos] ^= 0x10
         m = _outcome(_loader("npz", tmp_path, (bytes(b),)))
         _check("npz", m, originals["npz"])
+
+
+def test_prototxt_flip_that_orphans_a_top_gives_a_two_output_net(files, originals, tmp_path) -> None:
+    """Found by ``make fuzz``: one flipped bit renames the ReLU's in-place top ("conv1" -> "bonv1"),
+    so no layer reads it and it becomes a second output of the net, as Caffe makes any unread top:
+    a valid different net whose forward returns a tuple, not an error and not a crash."""
+    blobs = list(files["prototxt"])
+    text = blobs[0].decode()
+    relu = text.index('type: "ReLU"')
+    top = text.index('top: "conv1"', relu) + len('top: "')
+    b = bytearray(blobs[0])
+    b[top] ^= 1  # 'c' (0x63) -> 'b' (0x62)
+    blobs[0] = bytes(b)
+    model = _outcome(_loader("prototxt", tmp_path, tuple(blobs)))
+    assert model is not None and model.outputs == ["bonv1", "ip1"]
+    _check("prototxt", model, originals["prototxt"])
+    y = _forward(model)
+    assert isinstance(y, tuple) and [t.shape[0] for t in y] == [1, 1]
