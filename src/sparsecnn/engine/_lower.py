@@ -379,6 +379,16 @@ class _Builder:
             self._step("conv:direct" + ("+relu" if relu else ""), lambda env, bufs, x=x, s=s: _bind_kernel(
                 env, x, bind_direct_conv2d(eng.format, xs, bias, env[s], relu)))
             return
+        if layer.strategy == "lowered" and layer.engine.implicit is not None:
+            s, _ = self._planned(n.name, shape)
+            eng = layer.engine
+            bias = eng.bias if eng.has_bias else None
+            from sparsecnn.kernels.implicit_gemm import bind_implicit_gemm_conv2d
+
+            xs = tuple(self.values[n.refs()[0]].shape)
+            self._step("conv:lowered" + ("+relu" if relu else ""), lambda env, bufs, x=x, s=s: _bind_kernel(
+                env, x, bind_implicit_gemm_conv2d(eng.implicit, xs, bias, env[s], relu)))
+            return
         s = self._slot(n.name)
         self.prog.static.setdefault(s, lambda bufs: None)
         self._step(f"conv:{layer.strategy}" + ("+relu" if relu else ""),

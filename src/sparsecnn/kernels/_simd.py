@@ -27,8 +27,8 @@ from numba.extending import intrinsic
 
 from sparsecnn.kernels._numba import jit
 
-__all__ = ["NV_MAX", "NV_PAIR", "VW", "copy_vec", "copy_vec_act", "fmadd", "pair_tile", "prefetch",
-           "span_tile", "tile_split"]
+__all__ = ["GEMM_MR", "GEMM_NV", "NV_MAX", "NV_PAIR", "VW", "copy_vec", "copy_vec_act", "fmadd", "gemm_tile",
+           "pair_tile", "prefetch", "span_tile", "tile_split"]
 
 VW = 8  # floats per vector (one ymm register)
 
@@ -63,6 +63,11 @@ def _vector_registers() -> int:
 # -9% to +13%, see the conv module docstring).
 NV_MAX = 24 if _vector_registers() >= 32 else 12
 NV_PAIR = NV_MAX // 2  # vectors per filter when two filters share the accumulators (pair_tile)
+# gemm_tile: GEMM_MR filters x GEMM_NV vectors of accumulators, the GEMM_NV input vectors of a column
+# loaded once for all GEMM_MR filters, plus GEMM_MR weight broadcasts: 24 + 4 + 1 registers of 32
+# with AVX-512VL, 8 + 4 + 1 of 16 with AVX2.
+GEMM_MR = 4
+GEMM_NV = 6 if NV_MAX == 24 else 2
 
 _F32 = ir.FloatType()
 _I1 = ir.IntType(1)
@@ -161,6 +166,67 @@ def span_tile(typingctx, x, offs, data, k0, k1, base, w, wpos, nvec, nvalid, ini
         _for_each_nvec(builder, nvec_, NV_MAX, "span_tile", lambda nv: _emit_tile(
             builder, fma, nv, xbase, optr, signed, dptr, k0_, k1_, wp, init_, accumulate, nvalid_, ostride,
             relu))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _emit_gemm(builder, fma, nv, xbase, optr, signed, wptr, k0, k1, outp, ostride, inits, nvalid):
+    """A ``GEMM_MR`` x ``nv`` register tile: per column, ``nv`` input vectors loaded once and
+    ``GEMM_MR`` broadcast weights, ``GEMM_MR * nv`` FMAs."""
+    accs = [[cgutils.alloca_once(builder, _VEC) for _ in range(nv)] for _ in range(GEMM_MR)]
+    for f in range(GEMM_MR):
+        start = _splat(builder, inits[f])
+        for a in accs[f]:
+            builder.store(start, a)
+    with cgutils.for_range_slice(builder, k0, k1, ir.Constant(_I64, 1), inc=True) as (k, _):
+        off = builder.load(builder.gep(optr, [k], inbounds=True))
+        if off.type.width < 64:
+            off = builder.sext(off, _I64) if signed else builder.zext(off, _I64)
+        p = builder.gep(xbase, [off], inbounds=True)
+        wk = builder.gep(wptr, [builder.mul(k, ir.Constant(_I64, GEMM_MR))], inbounds=True)
+        wbs = [_splat(builder, builder.load(builder.gep(wk, [ir.Constant(_I64, f)], inbounds=True)))
+               for f in range(GEMM_MR)]
+        for i in range(nv):
+            q = builder.bitcast(builder.gep(p, [ir.Constant(_I64, i * VW)], inbounds=True), _VEC.as_pointer())
+            xv = builder.load(q, align=4)
+            for f in range(GEMM_MR):
+                builder.store(builder.call(fma, [wbs[f], xv, builder.load(accs[f][i])]), accs[f][i])
+    for f in range(GEMM_MR):
+        _store_tile(builder, accs[f], builder.gep(outp, [builder.mul(ostride, ir.Constant(_I64, f))],
+                                                  inbounds=True), nvalid)
+
+
+@intrinsic
+def gemm_tile(typingctx, x, offs, w, k0, k1, base, out, opos, ostride, nvec, nvalid, i0, i1, i2, i3):
+    """``out[opos + f * ostride + j] = init_f + sum_k w[k * GEMM_MR + f] * x[base + offs[k] + j]`` for
+    the ``GEMM_MR`` (4) filters ``f`` of a tile of dense weights, ``k0 <= k < k1`` and
+    ``0 <= j < min(nvalid, nvec * VW)``, ``1 <= nvec <= GEMM_NV`` (any other nvec does nothing).
+
+    The micro-kernel of an implicit GEMM (:mod:`sparsecnn.kernels.implicit_gemm`): the columns are
+    input spans at offsets, as in :func:`span_tile`, but each loaded input vector serves
+    ``GEMM_MR`` filters, so a column costs ``GEMM_NV`` loads and ``GEMM_MR`` broadcasts for
+    ``GEMM_MR * GEMM_NV`` FMAs (10 loads for 24 FMAs) instead of one load per FMA: FMA-bound, not
+    load-bound, where the weights of a tile's filters share their columns (SSL's compact GEMM).
+    x, offs, w and out are 1-D arrays (float32, any integer dtype, float32, float32); the sum over
+    k runs in order, one rounding per FMA.
+    NOTE: no bounds checks: x holds ``base + offs[k] + nvec * VW`` elements for every k, w holds
+    ``k1 * GEMM_MR``, and out ``opos + 3 * ostride + min(nvalid, nvec * VW)``.
+    """
+    sig = types.void(x, offs, w, types.intp, types.intp, types.intp, out, types.intp, types.intp, types.intp,
+                     types.intp, types.float32, types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        x_, offs_, w_, k0_, k1_, base_, out_, opos_, ostride_, nvec_, nvalid_, *inits = args
+        aty = signature.args
+        xbase = builder.gep(_data_ptr(context, builder, aty[0], x_), [base_], inbounds=True)
+        optr = _data_ptr(context, builder, aty[1], offs_)
+        wptr = _data_ptr(context, builder, aty[2], w_)
+        outp = builder.gep(_data_ptr(context, builder, aty[6], out_), [opos_], inbounds=True)
+        signed = getattr(aty[1].dtype, "signed", True)
+        fma = _fma_vec(builder)
+        _for_each_nvec(builder, nvec_, GEMM_NV, "gemm_tile", lambda nv: _emit_gemm(
+            builder, fma, nv, xbase, optr, signed, wptr, k0_, k1_, outp, ostride_, inits, nvalid_))
         return context.get_dummy_value()
 
     return sig, codegen

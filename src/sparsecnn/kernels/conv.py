@@ -145,6 +145,66 @@ class _Workspace:
     tile: int  # vectors per register tile: per filter of a pair (one block), or of one filter (blocks)
 
 
+@dataclass(frozen=True, eq=False)
+class PhaseLayout:
+    """Where a convolution's input goes in the phase planes, and the wide-row output geometry, for one
+    input shape (see the module docstring); shared with :mod:`sparsecnn.kernels.implicit_gemm`."""
+
+    hph: int
+    wph: int
+    nph: int  # phases materialised (only those some tap reads)
+    plane: int  # hph * wph
+    hout: int
+    wout: int
+    span: int  # (hout - 1) * wph + wout: wide positions of one output plane
+    halo: int  # the farthest tap's offset inside one phase plane
+    phases: np.ndarray  # (nph,) the phases materialised, in storage order
+    copies: np.ndarray  # (ncopies, 7) int64, see _phase_copies
+    identity: bool  # the layout is x itself and span % VW == 0
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    compact: np.ndarray  # phase (ph * sw + pw) -> its storage index, -1 if not materialised
+
+    def offsets(self, c: np.ndarray, r: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """int64 offset, inside one image's phase planes, of the span that tap ``(r, s)`` of input
+        channel ``c`` adds into the wide output rows."""
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        phase = ((r * dh) % sh) * sw + (s * dw) % sw
+        return ((c * self.nph + self.compact[phase]) * self.plane + ((r * dh) // sh) * self.wph
+                + (s * dw) // sw)
+
+    def xt_shape(self, batch: int, cin: int, pad_w: int) -> tuple[int, int]:
+        """Shape of the phase-decomposed input buffer: every span may read VW floats past its end."""
+        return batch, cin * self.nph * self.plane + 2 * VW + pad_w
+
+
+def phase_layout(x_shape: tuple[int, int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int]) -> PhaseLayout:
+    """The :class:`PhaseLayout` of a convolution with these taps over inputs of ``x_shape``."""
+    _, _, h, w = x_shape
+    kh, kw = kernel
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    hout = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wout = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    hp, wp = h + 2 * ph, w + 2 * pw
+    hph, wph = -(-hp // sh), -(-wp // sw)
+    if sw == 1 and pw <= dw * (kw - 1):
+        # Rows share one padding gap: the right padding of a row is the left padding of the next,
+        # so a row holds w + pw floats, not w + 2 * pw (8% fewer wide positions on 13x13 3x3).
+        wph = w + pw
+    # Only the phases some tap reads are materialised (a 1x1 stride-2 conv reads one of four).
+    used = sorted({((rr * dh) % sh) * sw + (ss * dw) % sw for rr in range(kh) for ss in range(kw)})
+    compact = np.full(sh * sw, -1, dtype=np.int64)
+    compact[used] = np.arange(len(used))
+    span = (hout - 1) * wph + wout
+    halo = (((kh - 1) * dh) // sh) * wph + ((kw - 1) * dw) // sw
+    return PhaseLayout(hph=hph, wph=wph, nph=len(used), plane=hph * wph, hout=hout, wout=wout, span=span,
+                       halo=halo, phases=np.asarray(used, dtype=np.int64),
+                       copies=_phase_copies(h, w, sh, sw, ph, pw, hph, wph, used),
+                       identity=sh == sw == 1 and ph == pw == 0 and span % VW == 0,
+                       stride=(sh, sw), dilation=(dh, dw), compact=compact)
+
+
 @dataclass(eq=False)
 class DirectConvPrep:
     """Sparse filters in per-output-channel CSR form, ready for :func:`direct_conv2d`.
@@ -198,36 +258,23 @@ class DirectConvPrep:
         return ws
 
     def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int) -> _Workspace:
-        b, cin, h, w = x_shape
+        b, cin = x_shape[:2]
         cout, cin_g, kh, kw = self.weight_shape
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-        _, _, hout, wout = self.output_shape(x_shape)
-        hp, wp = h + 2 * ph, w + 2 * pw
-        hph, wph = -(-hp // sh), -(-wp // sw)
-        if sw == 1 and pw <= dw * (kw - 1):
-            # Rows share one padding gap: the right padding of a row is the left padding of the next,
-            # so a row holds w + pw floats, not w + 2 * pw (8% fewer wide positions on 13x13 3x3).
-            wph = w + pw
-        plane = hph * wph
-        # Only the phases some tap reads are materialised (a 1x1 stride-2 conv reads one of four).
-        used = sorted({((rr * dh) % sh) * sw + (ss * dw) % sw for rr in range(kh) for ss in range(kw)})
-        nph = len(used)
-        compact = np.full(sh * sw, -1, dtype=np.int64)
-        compact[used] = np.arange(nph)
+        lay = phase_layout(x_shape, (kh, kw), self.stride, self.padding, self.dilation)
+        hph, wph, nph, plane = lay.hph, lay.wph, lay.nph, lay.plane
+        hout, wout, span, halo = lay.hout, lay.wout, lay.span, lay.halo
+        pw = self.padding[1]
         # Decode the flat tap index of every nonzero and turn it into a span offset.
         idx = self.indices.astype(np.int64)
         ci, rs = np.divmod(idx, kh * kw)
         r, s = np.divmod(rs, kw)
         co = np.repeat(np.arange(cout), np.diff(self.indptr))
         c = (co // (cout // self.groups)) * cin_g + ci
-        phase = ((r * dh) % sh) * sw + (s * dw) % sw
-        off = (c * nph + compact[phase]) * plane + ((r * dh) // sh) * wph + (s * dw) // sw
+        off = lay.offsets(c, r, s)
         per_image = cin * nph * plane
         off_dtype = np.int32 if per_image <= np.iinfo(np.int32).max else np.int64
-        span = (hout - 1) * wph + wout
         # Positions per group: whole wide rows whose input (all channels and phases, with the rows of
         # the taps below) fits in L2; at least one full register tile.
-        halo = (((kh - 1) * dh) // sh) * wph + ((kw - 1) * dw) // sw
         # A thread's output channels read the input channels of about groups / nparts groups.
         cin_read = cin_g * -(-self.groups // nparts)
         rows = max((_L2_BYTES // (4 * cin_read * nph) - halo) // wph, -(-_TILE // wph), 1)
@@ -259,10 +306,10 @@ class DirectConvPrep:
         return _Workspace(
             offsets=np.ascontiguousarray(off[order], dtype=off_dtype),
             data=np.ascontiguousarray(self.data[order]),
-            phases=np.asarray(used, dtype=np.int64),
-            copies=_phase_copies(h, w, sh, sw, ph, pw, hph, wph, used),
-            identity=sh == sw == 1 and ph == pw == 0 and span % VW == 0,
-            xt=np.zeros((b, per_image + 2 * VW + pw), dtype=np.float32),
+            phases=lay.phases,
+            copies=lay.copies,
+            identity=lay.identity,
+            xt=np.zeros(lay.xt_shape(b, cin, pw), dtype=np.float32),
             wide=np.zeros((nparts, max(nco, 1) * gstride), dtype=np.float32),
             gstride=gstride,
             bptr=bptr,

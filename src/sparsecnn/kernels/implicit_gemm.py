@@ -1,0 +1,322 @@
+"""Implicit-GEMM convolution over the kept lowered columns: SSL's compact GEMM without im2col.
+
+Structured sparsity (SSL, Wen et al. 2016) leaves a lowered weight whose kept filters share their
+kept columns ``(c, i, j)``; the ``lowered`` strategy multiplies that compact matrix by an im2col
+copy of just those columns. Here the copy is not made: column ``k`` of the lowered input is a
+contiguous span of the phase-decomposed, padded input (the direct kernel's layout, see
+:mod:`sparsecnn.kernels.conv`) at offset ``offs[k]``, so the GEMM reads it in place:
+
+.. math:: \\text{wide}[f, p] = b_f + \\sum_k W[f, k]\\, x_t[\\text{offs}[k] + p]
+
+over wide output rows, cropped into the output afterwards (the direct kernel's ``_crop``).
+
+Why: at the sizes SSL leaves in AlexNet (86-210 kept filters, 535-1220 kept columns, 169-729
+pixels) im2col costs 20-30% of the layer, and the direct kernel, which needs no copy either, makes
+one vector load per FMA (it cannot know that filters share columns). The micro-kernel
+(:func:`sparsecnn.kernels._simd.gemm_tile`) holds ``GEMM_MR`` (4) filters x ``GEMM_NV`` (6)
+vectors in registers and loads each input vector once for the four filters: 10 loads per 24 FMAs,
+so it is bound by the FMA units. Filters are padded to a multiple of 4 with zero rows (cropped to
+nowhere); channels no kept filter writes are set to the bias.
+
+Threads split the (group, 4-filter tile) items; each walks, per image, its tile's wide rows in
+register tiles of up to ``GEMM_NV`` vectors over all kept columns (the tile's weights, ``4 Kr``
+floats, stay in L1; the input is read from L2). With ``relu`` the crop stores ``max(v, 0)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit, serial_twin
+from sparsecnn.kernels._simd import GEMM_MR, GEMM_NV, VW, gemm_tile, tile_split
+from sparsecnn.kernels.conv import _crop, _phase_copy, _phase_copy_serial, phase_layout
+
+__all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2d", "prepare_implicit_gemm"]
+
+# Below this many multiply-adds per call a bound layer runs the serial twin (no parallel launch).
+_SERIAL_MACS = 1 << 16
+
+
+@dataclass(eq=False)
+class _Workspace:
+    offsets: np.ndarray  # (groups, Kr) span offset of each kept column in one image's phase planes
+    xt: np.ndarray  # (B, ...) phase-decomposed padded input
+    wide: np.ndarray  # (nparts, GEMM_MR * gstride) wide output rows of the thread's current tile
+    gstride: int
+    bounds: np.ndarray  # (nparts + 1,) ranges of (group, tile) items
+    copies: np.ndarray
+    phases: np.ndarray
+    hph: int
+    wph: int
+    hout: int
+    wout: int
+    span: int
+    zero_bias: np.ndarray  # (Cout,) zeros, the bias of a layer without one
+    kernel: Callable  # _implicit_kernel, or its serial twin below _SERIAL_MACS
+    copy: Callable  # _phase_copy, or its serial twin for small inputs
+    copy_args: tuple  # (h, w, floats per channel, plane, wph, sh, sw) of the phase copy
+
+
+@dataclass(eq=False)
+class ImplicitGemmPrep:
+    """Kept filters x kept lowered columns, in 4-filter tiles, ready for :func:`implicit_gemm_conv2d`.
+
+    Attributes
+    ----------
+    data : ndarray, shape (groups, ntiles, Kr, GEMM_MR), float32
+        ``data[g, t, k, f]``: weight of kept filter ``t * GEMM_MR + f`` of group ``g`` on its kept
+        column ``k`` (zero for padding rows and columns).
+    rows : ndarray, shape (groups, ntiles * GEMM_MR), int64
+        Output channel of each tile row, -1 for padding.
+    cols : ndarray, shape (groups, Kr), int64
+        Lowered column ``(c * kh + i) * kw + j`` inside the group of each kept column (0 for padding).
+    ncols : ndarray, shape (groups,), int64
+        Kept columns of each group (the first ``ncols[g]`` of ``cols[g]``).
+    fill : ndarray, shape (n,), int64
+        Output channels no kept filter writes (their output is the bias).
+    """
+
+    weight_shape: tuple[int, int, int, int]
+    groups: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    data: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    ncols: np.ndarray
+    fill: np.ndarray
+    _workspaces: PerThread = field(default_factory=PerThread, repr=False)
+
+    def output_shape(self, x_shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """``(B, Cout, Hout, Wout)`` for an input of shape ``(B, Cin, H, W)``."""
+        b, _, h, w = x_shape
+        cout, _, kh, kw = self.weight_shape
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        return b, cout, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def workspace(self, x_shape: tuple[int, int, int, int]) -> _Workspace:
+        nparts = num_threads()
+        key = (*x_shape, nparts)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            ws = self._build_workspace(x_shape, nparts)
+            self._workspaces[key] = ws
+        return ws
+
+    def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int) -> _Workspace:
+        b, cin = x_shape[:2]
+        _, cin_g, kh, kw = self.weight_shape
+        lay = phase_layout(x_shape, (kh, kw), self.stride, self.padding, self.dilation)
+        ci, rs = np.divmod(self.cols, kh * kw)
+        r, s = np.divmod(rs, kw)
+        c = np.arange(self.groups)[:, None] * cin_g + ci
+        off = lay.offsets(c, r, s)
+        off[np.arange(self.cols.shape[1])[None, :] >= self.ncols[:, None]] = 0
+        per_image = cin * lay.nph * lay.plane
+        off_dtype = np.int32 if per_image <= np.iinfo(np.int32).max else np.int64
+        ntiles = self.data.shape[1]
+        cost = np.repeat(self.ncols + 1, ntiles)  # an item's cost: its columns (+1: the crop)
+        bounds = balanced_bounds(cost, nparts)
+        nvec = -(-lay.span // VW)
+        gstride = nvec * VW + 2 * VW
+        h, w = x_shape[2:]
+        macs = int(self.ncols.sum()) * ntiles * GEMM_MR * lay.span * b
+        return _Workspace(
+            offsets=np.ascontiguousarray(off, dtype=off_dtype),
+            xt=np.zeros(lay.xt_shape(b, cin, self.padding[1]), dtype=np.float32),
+            wide=np.zeros((nparts, GEMM_MR * gstride), dtype=np.float32),
+            gstride=gstride,
+            bounds=bounds,
+            copies=lay.copies,
+            phases=lay.phases,
+            hph=lay.hph,
+            wph=lay.wph,
+            hout=lay.hout,
+            wout=lay.wout,
+            span=lay.span,
+            zero_bias=np.zeros(self.weight_shape[0], np.float32),
+            kernel=_implicit_kernel_serial if macs < _SERIAL_MACS else _implicit_kernel,
+            copy=_phase_copy_serial if b * cin * h * w < (1 << 15) else _phase_copy,
+            copy_args=(h, w, lay.nph * lay.plane, lay.plane, lay.wph, *self.stride),
+        )
+
+
+def prepare_implicit_gemm(data: np.ndarray, row_map: np.ndarray, col_index: np.ndarray,
+                          weight_shape: tuple[int, int, int, int], groups: int, stride: tuple[int, int],
+                          padding: tuple[int, int], dilation: tuple[int, int]) -> ImplicitGemmPrep:
+    """Tile a compact lowered weight (the ``lowered`` strategy's :class:`~sparsecnn.layers.LoweredWeight`
+    arrays) for :func:`implicit_gemm_conv2d`.
+
+    Parameters
+    ----------
+    data : ndarray, shape (groups, Mr, Kr), float32
+        Kept filters x kept columns of every group, zero-padded.
+    row_map : ndarray, shape (groups, Mr), int
+        Output channel of each kept row, -1 for padding.
+    col_index : ndarray, shape (groups, Kr), int
+        Lowered column of each kept column inside its group, -1 for padding.
+    weight_shape : tuple of int
+        ``(Cout, Cin // groups, kh, kw)`` of the dense layer.
+    groups : int
+    stride, padding, dilation : tuple of int, (h, w)
+
+    Returns
+    -------
+    ImplicitGemmPrep
+    """
+    g, mr, kr = data.shape
+    cout = weight_shape[0]
+    row_map = np.asarray(row_map, dtype=np.int64)
+    col_index = np.asarray(col_index, dtype=np.int64)
+    ntiles = -(-mr // GEMM_MR)
+    rows = np.full((g, ntiles * GEMM_MR), -1, dtype=np.int64)
+    cols = np.zeros((g, kr), dtype=np.int64)
+    ncols = np.zeros(g, dtype=np.int64)
+    tiled = np.zeros((g, ntiles * GEMM_MR, kr), dtype=np.float32)
+    for i in range(g):
+        keep_r = np.flatnonzero(row_map[i] >= 0)
+        keep_c = np.flatnonzero(col_index[i] >= 0)
+        rows[i, : keep_r.size] = row_map[i, keep_r]
+        cols[i, : keep_c.size] = col_index[i, keep_c]
+        ncols[i] = keep_c.size
+        tiled[i, : keep_r.size, : keep_c.size] = data[i][np.ix_(keep_r, keep_c)]
+    # (g, ntiles, MR, Kr) -> (g, ntiles, Kr, MR): a column's four weights side by side
+    packed = np.ascontiguousarray(tiled.reshape(g, ntiles, GEMM_MR, kr).transpose(0, 1, 3, 2))
+    written = np.zeros(cout, dtype=bool)
+    written[rows[rows >= 0]] = True
+    return ImplicitGemmPrep(
+        weight_shape=tuple(int(v) for v in weight_shape),
+        groups=int(groups),
+        stride=(int(stride[0]), int(stride[1])),
+        padding=(int(padding[0]), int(padding[1])),
+        dilation=(int(dilation[0]), int(dilation[1])),
+        data=packed,
+        rows=rows,
+        cols=cols,
+        ncols=ncols,
+        fill=np.flatnonzero(~written).astype(np.int64),
+    )
+
+
+def implicit_gemm_conv2d(prep: ImplicitGemmPrep, x: np.ndarray, bias: np.ndarray | None, out: np.ndarray,
+                         relu: bool = False) -> None:
+    """``out = conv2d(x, W) + bias`` (``relu(...)`` with ``relu``) by implicit GEMM over the kept columns.
+
+    Parameters
+    ----------
+    prep : ImplicitGemmPrep
+    x : ndarray, shape (B, Cin, H, W), float32
+    bias : ndarray, shape (Cout,), float32, or None
+    out : ndarray, shape (B, Cout, Hout, Wout), float32, C-contiguous
+        Written in full.
+    relu : bool
+    """
+    _check_out(prep, x.shape, out)
+    ws = prep.workspace(x.shape)
+    _launch(prep, ws, x, ws.zero_bias if bias is None else bias, out.reshape(x.shape[0], -1), bool(relu))
+
+
+def bind_implicit_gemm_conv2d(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int],
+                              bias: np.ndarray | None, out: np.ndarray,
+                              relu: bool = False) -> Callable[[np.ndarray], None]:
+    """``run(x)``: :func:`implicit_gemm_conv2d` for inputs of ``x_shape`` with every other argument bound
+    once (the whole-model executor's steps). Uses the calling thread's workspace of ``prep``, so it must
+    be called from the thread that bound it.
+
+    Parameters
+    ----------
+    prep : ImplicitGemmPrep
+    x_shape : tuple of int, (B, Cin, H, W)
+    bias : ndarray, shape (Cout,), float32, or None
+    out : ndarray, shape (B, Cout, Hout, Wout), float32, C-contiguous
+    relu : bool
+
+    Returns
+    -------
+    callable
+        ``run(x)`` with ``x`` of shape ``x_shape``, float32.
+    """
+    x_shape = tuple(int(v) for v in x_shape)
+    _check_out(prep, x_shape, out)
+    ws = prep.workspace(x_shape)
+    b = ws.zero_bias if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    flat = out.reshape(x_shape[0], -1)
+    relu = bool(relu)
+
+    def run(x: np.ndarray) -> None:
+        _launch(prep, ws, x, b, flat, relu)
+
+    return run
+
+
+def _check_out(prep: ImplicitGemmPrep, x_shape: tuple[int, ...], out: np.ndarray) -> None:
+    want = prep.output_shape(tuple(x_shape))
+    if not out.flags.c_contiguous or out.shape != want:
+        raise ValueError(f"implicit_gemm_conv2d: out must be C-contiguous of shape {want}")
+
+
+def _launch(prep: ImplicitGemmPrep, ws: _Workspace, x: np.ndarray, bias: np.ndarray, flat: np.ndarray,
+            relu: bool) -> None:
+    """The phase copy of ``x`` into ``ws.xt``, then the kernel (serial twins below a work threshold)."""
+    xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    ws.copy(xc.reshape(xc.shape[0], -1), ws.xt, ws.copies, *ws.copy_args)
+    ws.kernel(ws.xt, ws.offsets, prep.data, prep.ncols, prep.rows, prep.fill, bias, flat, ws.hout, ws.wout,
+              ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, relu)
+
+
+@jit
+def _fill_bias(dst, fill, bias, plane, relu):
+    for q in range(fill.size):
+        v = bias[fill[q]]
+        if relu and v <= 0:  # NaN kept, as torch.relu
+            v = np.float32(0.0)
+        base = fill[q] * plane
+        for j in range(plane):
+            dst[base + j] = v
+
+
+@pjit
+def _implicit_kernel(xt, offs, data, ncols, rows, fill, bias, out, hout, wout, wide, gstride, bounds, wph,
+                     span, relu):
+    """Implicit GEMM, parallel over balanced ranges of (group, 4-filter tile) items: item after item,
+    each walks its register tiles over all kept columns (the item's weights stay in L1), then crops.
+    NOTE: offs/xt come from the same workspace (xt rows padded past the last span); out is
+    (B, Cout * hout * wout) C-contiguous; data is (groups, ntiles, Kr, 4)."""
+    nb = out.shape[0]
+    plane = hout * wout
+    nparts = bounds.size - 1
+    ntiles = data.shape[1]
+    nvec = (span + VW - 1) // VW
+    nst = (nvec + GEMM_NV - 1) // GEMM_NV
+    for part in numba.prange(nparts):
+        w = wide[part]
+        for item in range(bounds[part], bounds[part + 1]):
+            g = item // ntiles
+            t = item - g * ntiles
+            wt = data[g, t].reshape(-1)
+            rr = rows[g, t * GEMM_MR:(t + 1) * GEMM_MR]
+            i0 = bias[rr[0]] if rr[0] >= 0 else np.float32(0.0)
+            i1 = bias[rr[1]] if rr[1] >= 0 else np.float32(0.0)
+            i2 = bias[rr[2]] if rr[2] >= 0 else np.float32(0.0)
+            i3 = bias[rr[3]] if rr[3] >= 0 else np.float32(0.0)
+            for b in range(nb):
+                xb = xt[b]
+                for st in range(nst):
+                    v0, nv = tile_split(nvec, st, nst)
+                    p = v0 * VW
+                    gemm_tile(xb, offs[g], wt, 0, ncols[g], p, w, p, gstride, nv, nv * VW, i0, i1, i2, i3)
+                dst = out[b]
+                for f in range(GEMM_MR):
+                    if rr[f] >= 0:
+                        _crop(w[f * gstride:], span, dst, rr[f] * plane, 0, wph, wout, hout, relu)
+        if part == 0:
+            for b in range(nb):
+                _fill_bias(out[b], fill, bias, plane, relu)
+
+
+_implicit_kernel_serial = serial_twin(_implicit_kernel)

@@ -1,0 +1,140 @@
+"""The implicit-GEMM kernel of the ``lowered`` strategy against the dense torch convolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparsecnn.kernels._simd import GEMM_MR
+from sparsecnn.kernels.implicit_gemm import (
+    bind_implicit_gemm_conv2d,
+    implicit_gemm_conv2d,
+    prepare_implicit_gemm,
+)
+from sparsecnn.layers import SparseConv2d
+from tests.reference import assert_close
+
+
+def _structured(rng, cout, cin_g, kh, kw, groups, keep_rows, keep_cols):
+    """Filters and lowered columns removed per group (SSL's structure), the rest random nonzero."""
+    w = rng.standard_normal((cout, cin_g, kh, kw)).astype(np.float32)
+    mg, k = cout // groups, cin_g * kh * kw
+    low = w.reshape(groups, mg, k)
+    for g in range(groups):
+        low[g, rng.random(mg) >= keep_rows] = 0
+        low[g, :, rng.random(k) >= keep_cols] = 0
+    return low.reshape(w.shape)
+
+
+def _run(w, x, bias, stride, padding, dilation, groups, relu):
+    # the layer only gives the LoweredWeight (the bias, possibly NaN, goes to the kernel)
+    conv = torch.nn.Conv2d(x.shape[1], w.shape[0], w.shape[2:], stride, padding, dilation, groups, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(w))
+    layer = SparseConv2d.from_dense(conv, "lowered")
+    fmt = layer.engine.format
+    prep = prepare_implicit_gemm(fmt.data, fmt.row_map, fmt.col_index, w.shape, groups, stride, padding,
+                                 dilation)
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), None if bias is None else torch.from_numpy(bias),
+                   stride, padding, dilation, groups)
+    if relu:
+        ref = torch.relu(ref)
+    out = np.full(ref.shape, np.nan, dtype=np.float32)
+    implicit_gemm_conv2d(prep, x, bias, out, relu=relu)
+    return out, ref.numpy(), prep, layer
+
+
+CASES = [
+    # cout, cin, (h, w), (kh, kw), stride, padding, dilation, groups, batch
+    (16, 8, (13, 13), (3, 3), (1, 1), (1, 1), (1, 1), 1, 1),  # AlexNet conv3-like
+    (10, 6, (27, 27), (5, 5), (1, 1), (2, 2), (1, 1), 2, 2),  # conv2-like, grouped, batch 2
+    (7, 3, (35, 35), (11, 11), (4, 4), (0, 0), (1, 1), 1, 1),  # conv1-like: stride 4, rows not / 4
+    (12, 8, (15, 14), (3, 3), (2, 2), (1, 1), (1, 1), 1, 3),  # stride 2, odd sizes
+    (9, 5, (12, 12), (3, 3), (1, 1), (2, 2), (2, 2), 1, 1),  # dilation 2
+    (8, 8, (7, 7), (1, 1), (1, 1), (0, 0), (1, 1), 1, 1),  # pointwise with columns removed
+    (6, 4, (1, 1), (3, 3), (1, 1), (1, 1), (1, 1), 2, 1),  # 1x1 input
+]
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_implicit_gemm_matches_torch(case, relu, rng) -> None:
+    cout, cin, hw, k, stride, padding, dilation, groups, b = case
+    w = _structured(rng, cout, cin // groups, *k, groups, 0.7, 0.5)
+    x = rng.standard_normal((b, cin, *hw)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    out, ref, prep, _ = _run(w, x, bias, stride, padding, dilation, groups, relu)
+    assert_close(out, ref, what="implicit_gemm_conv2d")
+    assert prep.data.shape[-1] == GEMM_MR
+
+
+def test_implicit_gemm_removed_filters_are_the_bias_and_nan_is_kept(rng) -> None:
+    # a whole group without kept filters, another without kept columns, NaN in a bias: the output
+    # channels nothing writes are their (ReLU'd) bias, NaN stays NaN as torch.relu keeps it
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w[:4] = 0  # group 0: no filter left
+    w[4:, 1] = 0
+    x = rng.standard_normal((2, 6, 9, 9)).astype(np.float32)
+    bias = rng.standard_normal(8).astype(np.float32)
+    bias[[0, 5]] = np.nan
+    bias[1] = -1.0
+    for relu in (False, True):
+        out, ref, prep, _ = _run(w, x, bias, (1, 1), (1, 1), (1, 1), 2, relu)
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+        assert_close(np.nan_to_num(out), np.nan_to_num(ref), what="implicit_gemm_conv2d")
+        assert set(prep.fill.tolist()) == {0, 1, 2, 3}
+    # all-zero filters: no tile at all, every channel is its bias
+    out, ref, prep, _ = _run(np.zeros((4, 2, 3, 3), np.float32), x[:, :2], bias[:4], (1, 1), (1, 1), (1, 1),
+                             1, False)
+    assert prep.data.shape[1] == 0 and prep.fill.size == 4
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    assert_close(np.nan_to_num(out), np.nan_to_num(ref), what="implicit_gemm_conv2d")
+
+
+def test_implicit_gemm_bound_reuses_its_buffers_and_rejects_a_wrong_out(rng) -> None:
+    w = _structured(rng, 12, 8, 3, 3, 1, 0.8, 0.6)
+    x = rng.standard_normal((1, 8, 10, 10)).astype(np.float32)
+    _, ref, prep, _ = _run(w, x, None, (1, 1), (1, 1), (1, 1), 1, False)
+    out = np.empty(ref.shape, np.float32)
+    run = bind_implicit_gemm_conv2d(prep, x.shape, None, out)
+    for _ in range(3):
+        out[...] = np.nan
+        run(x)
+        assert_close(out, ref, what="bound implicit_gemm_conv2d")
+    with pytest.raises(ValueError, match="C-contiguous of shape"):
+        bind_implicit_gemm_conv2d(prep, x.shape, None, np.empty((1, 12, 9, 10), np.float32))
+
+
+def test_lowered_layer_uses_the_implicit_kernel_except_for_a_full_pointwise_gemm(rng) -> None:
+    w = _structured(rng, 8, 6, 3, 3, 1, 0.8, 0.5)
+    x = rng.standard_normal((1, 6, 9, 9)).astype(np.float32)
+    _, ref, _, layer = _run(w, x, None, (1, 1), (1, 1), (1, 1), 1, False)
+    assert layer.engine.implicit is not None
+    assert_close(layer(torch.from_numpy(x)).detach().numpy(), ref, what="lowered layer")
+    conv = torch.nn.Conv2d(6, 8, 1)
+    full = SparseConv2d.from_dense(conv, "lowered")
+    assert full.engine.implicit is None and full.engine.gemm_only
+    with torch.no_grad():
+        assert_close(full(torch.from_numpy(x)).numpy(), conv(torch.from_numpy(x)).numpy(), what="pointwise")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cin_g=st.integers(1, 6), cout_g=st.integers(1, 9), groups=st.integers(1, 3), kh=st.integers(1, 5),
+       kw=st.integers(1, 5), stride=st.integers(1, 3), pad=st.integers(0, 2), dil=st.integers(1, 2),
+       h=st.integers(1, 17), w_=st.integers(1, 17), batch=st.integers(1, 2),
+       keep_rows=st.sampled_from([0.0, 0.5, 1.0]), keep_cols=st.sampled_from([0.0, 0.4, 1.0]),
+       relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_implicit_gemm_generated_geometry(cin_g, cout_g, groups, kh, kw, stride, pad, dil, h, w_, batch,
+                                           keep_rows, keep_cols, relu, seed) -> None:
+    if h + 2 * pad < dil * (kh - 1) + 1 or w_ + 2 * pad < dil * (kw - 1) + 1:
+        return  # no output
+    rng = np.random.default_rng(seed)
+    w = _structured(rng, cout_g * groups, cin_g, kh, kw, groups, keep_rows, keep_cols)
+    x = rng.standard_normal((batch, cin_g * groups, h, w_)).astype(np.float32)
+    bias = rng.standard_normal(cout_g * groups).astype(np.float32)
+    out, ref, _, _ = _run(w, x, bias, (stride, stride), (pad, pad), (dil, dil), groups, relu)
+    assert_close(out, ref, what="implicit_gemm_conv2d")
