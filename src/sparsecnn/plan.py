@@ -506,7 +506,9 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
         nz = w.reshape(g, cout // g, k) != 0
         mr = int(nz.any(dim=2).sum(dim=1).max())
         kr = int(nz.any(dim=1).sum(dim=1).max())
-        return oh + 8 * b * g * kr * n / c.bandwidth + 2 * b * g * mr * kr * n / c.gemm_flops
+        # implicit GEMM on the CPU: no im2col, one phase copy of the input (read + write)
+        copy_s = 8 * int(np.prod(x_shape)) / c.bandwidth
+        return oh + copy_s + 2 * b * g * mr * kr * n / c.gemm_flops
     if strategy == "bsr":
         return oh + im2col_s + 2 * b * _bsr_entries(layer, blocksize) * n / c.bsr_flops
     if strategy == "spconv-act":  # gather every lowered entry, then the nonzero inputs x kept columns
