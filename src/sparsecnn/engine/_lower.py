@@ -370,29 +370,30 @@ class _Builder:
                        lambda env, bufs, x=x, s=s: _bind_torch_conv(env, x, s, w, b, args, relu))
             return
         if layer.strategy == "direct":
-            s, _ = self._planned(n.name, shape)
-            eng = layer.engine
-            bias = eng.bias if eng.has_bias else None
             from sparsecnn.kernels.conv import bind_direct_conv2d
 
-            xs = tuple(self.values[n.refs()[0]].shape)
-            self._step("conv:direct" + ("+relu" if relu else ""), lambda env, bufs, x=x, s=s: _bind_kernel(
-                env, x, bind_direct_conv2d(eng.format, xs, bias, env[s], relu)))
+            self._bound_conv(n, x, shape, relu, bind_direct_conv2d, layer.engine.format)
             return
         if layer.strategy == "lowered" and layer.engine.implicit is not None:
-            s, _ = self._planned(n.name, shape)
-            eng = layer.engine
-            bias = eng.bias if eng.has_bias else None
             from sparsecnn.kernels.implicit_gemm import bind_implicit_gemm_conv2d
 
-            xs = tuple(self.values[n.refs()[0]].shape)
-            self._step("conv:lowered" + ("+relu" if relu else ""), lambda env, bufs, x=x, s=s: _bind_kernel(
-                env, x, bind_implicit_gemm_conv2d(eng.implicit, xs, bias, env[s], relu)))
+            self._bound_conv(n, x, shape, relu, bind_implicit_gemm_conv2d, layer.engine.implicit)
             return
         s = self._slot(n.name)
         self.prog.static.setdefault(s, lambda bufs: None)
         self._step(f"conv:{layer.strategy}" + ("+relu" if relu else ""),
                    lambda env, bufs, x=x, s=s: _bind_engine(env, x, s, layer.engine, relu))
+
+    def _bound_conv(self, n: Node, x: int, shape: tuple[int, ...], relu: bool, binder: Any,
+                    prep: Any) -> None:
+        """A conv step running ``binder(prep, x_shape, bias, out, relu)`` (a kernel's ``bind_*``)."""
+        s, _ = self._planned(n.name, shape)
+        eng = n.fn.engine
+        bias = eng.bias if eng.has_bias else None
+        xs = tuple(self.values[n.refs()[0]].shape)
+        label = f"conv:{n.fn.strategy}" + ("+relu" if relu else "")
+        self._step(label, lambda env, bufs, x=x, s=s: _bind_kernel(
+            env, x, binder(prep, xs, bias, env[s], relu)))
 
     def _linear(self, n: Node, x: int, shape: tuple[int, ...], relu: bool) -> None:
         from sparsecnn.layers import SparseLinear

@@ -78,6 +78,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numba
 import numpy as np
@@ -205,8 +206,42 @@ def phase_layout(x_shape: tuple[int, int, int, int], kernel: tuple[int, int], st
                        stride=(sh, sw), dilation=(dh, dw), compact=compact)
 
 
+class ConvPrepBase:
+    """What a convolution's prepared weights share: the output shape, and the calling thread's
+    per-input-shape workspace (built by the subclass's ``_build_workspace``, cached in its
+    ``_workspaces``). Subclasses are dataclasses with ``weight_shape``, ``stride``, ``padding`` and
+    ``dilation`` fields."""
+
+    weight_shape: tuple[int, int, int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    _workspaces: PerThread
+
+    def output_shape(self, x_shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """``(B, Cout, Hout, Wout)`` for an input of shape ``(B, Cin, H, W)``."""
+        b, _, h, w = x_shape
+        cout, _, kh, kw = self.weight_shape
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        hout = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wout = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return b, cout, hout, wout
+
+    def workspace(self, x_shape: tuple[int, int, int, int]) -> Any:
+        nparts = num_threads()
+        key = (*x_shape, nparts)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            ws = self._build_workspace(x_shape, nparts)
+            self._workspaces[key] = ws
+        return ws
+
+    def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int) -> Any:
+        raise NotImplementedError
+
+
 @dataclass(eq=False)
-class DirectConvPrep:
+class DirectConvPrep(ConvPrepBase):
     """Sparse filters in per-output-channel CSR form, ready for :func:`direct_conv2d`.
 
     Attributes
@@ -238,24 +273,6 @@ class DirectConvPrep:
     def nbytes(self) -> int:
         """Exact bytes of the stored sparse weights: values, indices and pointers at their dtypes."""
         return int(self.indptr.nbytes + self.indices.nbytes + self.data.nbytes)
-
-    def output_shape(self, x_shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-        """``(B, Cout, Hout, Wout)`` for an input of shape ``(B, Cin, H, W)``."""
-        b, _, h, w = x_shape
-        cout, _, kh, kw = self.weight_shape
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-        hout = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wout = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        return b, cout, hout, wout
-
-    def workspace(self, x_shape: tuple[int, int, int, int]) -> _Workspace:
-        nparts = num_threads()
-        key = (*x_shape, nparts)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            ws = self._build_workspace(x_shape, nparts)
-            self._workspaces[key] = ws
-        return ws
 
     def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int) -> _Workspace:
         b, cin = x_shape[:2]

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit, serial_twin
+from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, pjit, serial_twin
 from sparsecnn.kernels._simd import GEMM_MR, GEMM_NV, VW, gemm_tile, tile_split
-from sparsecnn.kernels.conv import _crop, _phase_copy, _phase_copy_serial, phase_layout
+from sparsecnn.kernels.conv import ConvPrepBase, _crop, _phase_copy, _phase_copy_serial, phase_layout
 
 __all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2d", "prepare_implicit_gemm"]
 
@@ -62,7 +62,7 @@ class _Workspace:
 
 
 @dataclass(eq=False)
-class ImplicitGemmPrep:
+class ImplicitGemmPrep(ConvPrepBase):
     """Kept filters x kept lowered columns, in 4-filter tiles, ready for :func:`implicit_gemm_conv2d`.
 
     Attributes
@@ -91,22 +91,6 @@ class ImplicitGemmPrep:
     ncols: np.ndarray
     fill: np.ndarray
     _workspaces: PerThread = field(default_factory=PerThread, repr=False)
-
-    def output_shape(self, x_shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-        """``(B, Cout, Hout, Wout)`` for an input of shape ``(B, Cin, H, W)``."""
-        b, _, h, w = x_shape
-        cout, _, kh, kw = self.weight_shape
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-        return b, cout, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-
-    def workspace(self, x_shape: tuple[int, int, int, int]) -> _Workspace:
-        nparts = num_threads()
-        key = (*x_shape, nparts)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            ws = self._build_workspace(x_shape, nparts)
-            self._workspaces[key] = ws
-        return ws
 
     def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int) -> _Workspace:
         b, cin = x_shape[:2]
