@@ -10,6 +10,9 @@ the same input:
 - ``sparsify``: :func:`sparsecnn.sparsify` with ``"auto"`` (sparse layers inside the torch model);
 - ``compiled``: :func:`sparsecnn.compile` with ``"auto"`` (the whole-model executor).
 
+``--steps`` also prints (and writes as ``step_ms``) the median time of every step of the compiled
+model, each step timed on its own: where the time of a whole model goes.
+
 With ``--shrink`` both sparse engines first shrink the layers under the structured ``ssl`` profile
 (``shrink=True``); ONNX Runtime and torch always run the unshrunk dense model.
 
@@ -74,8 +77,27 @@ def _interleaved(fns: list, repeats: int, block: int, gap: float) -> list[float]
     return [float(np.median(s)) for s in samples]
 
 
+def step_times(compiled, x: torch.Tensor, repeats: int) -> list[tuple[str, float]]:
+    """Median ms of each step of ``compiled``'s program for ``x``, the steps run in order as a forward
+    pass runs them (after one untimed pass): where a whole-model time goes. Each step is timed on
+    its own, so the sum runs above the whole pass's time (on this project's VM by up to 1.5x: the
+    threads idle between timed steps); compare steps with each other, not with the pass."""
+    prog = compiled.program(tuple(x.shape))
+    env, steps = prog.bind()
+    env[prog.input_slot] = np.ascontiguousarray(x.numpy())
+    for step in steps:
+        step(env)
+    samples = np.zeros((repeats, len(steps)))
+    for r in range(repeats):
+        for i, step in enumerate(steps):
+            t0 = time.perf_counter()
+            step(env)
+            samples[r, i] = time.perf_counter() - t0
+    return list(zip(prog.kinds, (float(v) * 1e3 for v in np.median(samples, axis=0)), strict=True))
+
+
 def run_case(case: str, batch: int, threads: int, repeats: int, block: int, gap: float, plans: Path,
-             shrink: bool = False) -> dict:
+             shrink: bool = False, steps: bool = False) -> dict:
     name, profile, kwargs = CASES[case]
     model = models.build(name, **kwargs).eval()
     models.apply_profile(model, profile)
@@ -102,11 +124,18 @@ def run_case(case: str, batch: int, threads: int, repeats: int, block: int, gap:
            "compiled_vs_ort": times["ort"] / times["compiled"] if "ort" in times else None,
            "sparsify_vs_torch": times["torch"] / times["sparsify"],
            "plan": dict(Counter(dict(compiled.plan).values())), "steps": compiled.steps(tuple(x.shape))}
+    if steps:
+        with torch.inference_mode():
+            row["step_ms"] = step_times(compiled, x, max(repeats, 15))
     ort = f"{times['ort'] * 1e3:9.3f}" if "ort" in times else "        -"
     vs_ort = f"{row['compiled_vs_ort']:6.2f}x" if row["compiled_vs_ort"] else "      -"
     print(f"{case:12s} b{batch:<3d} {times['torch'] * 1e3:9.3f} {ort} {times['sparsify'] * 1e3:9.3f} "
           f"{times['compiled'] * 1e3:9.3f} {row['compiled_vs_torch']:6.2f}x {vs_ort}  {row['plan']}",
           flush=True)
+    for kind, ms in row.get("step_ms", []):
+        print(f"    {ms:8.3f} ms  {kind}")
+    if steps:
+        print(f"    {sum(ms for _, ms in row['step_ms']):8.3f} ms  sum of the steps (medians)")
     return row
 
 
@@ -120,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="timed calls per turn, after one untimed call (1: strictly alternating calls)")
     ap.add_argument("--gap", type=float, default=0.05, help="idle seconds before each engine's turn")
     ap.add_argument("--shrink", action="store_true", help="shrink the structured ssl case first")
+    ap.add_argument("--steps", action="store_true",
+                    help="also print the median time of every step of the compiled model (each timed "
+                         "alone: compare steps with each other)")
     ap.add_argument("--plans", type=Path, default=Path("bench-results/plans.json"))
     ap.add_argument("--out", type=Path, default=Path("bench-results/end_to_end.json"))
     args = ap.parse_args(argv)
@@ -140,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             repeats = args.repeats if batch < 8 else max(3, args.repeats // 3)
             rows.append(run_case(case, batch, args.threads, repeats, args.block if batch < 8 else 2, args.gap,
-                                 args.plans, args.shrink))
+                                 args.plans, args.shrink, args.steps))
             args.out.write_text(json.dumps(rows, indent=2))  # as it goes: an interrupted run keeps its rows
     print(f"results: {args.out}")
     return 0

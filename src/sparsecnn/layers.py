@@ -484,8 +484,9 @@ class _LoweredConv(_ConvEngine):
 
     On the CPU the compact GEMM runs as an implicit GEMM over the kept columns, read in place from
     the padded input (:mod:`sparsecnn.kernels.implicit_gemm`), not as im2col + ``torch.matmul``
-    (AlexNet's ssl conv2-5, 2 threads: 1.4-2.1x faster than that, whose im2col alone was 20-30% of
-    the layer). A pointwise layer that keeps every column multiplies the input itself by GEMM.
+    (AlexNet's shrunk ssl conv2-5, 2 threads, two runs: 1.25-2.7x faster than that, whose im2col alone
+    was 20-30% of the layer). A pointwise layer that keeps every column multiplies the input itself by
+    GEMM.
     """
 
     @staticmethod

@@ -47,7 +47,9 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # Decision cache; 2: torch is kept unless a sparse strategy beats it by the margin (interleaved medians);
 # 3: the direct kernel got 1.3-1.5x faster (L1 channel blocks), so older decisions are stale;
 # 4: 24-vector tiles on AVX-512VL CPUs, new strategies (spmv-act, spconv-act, qspmv) among the candidates;
-# 5: spmv-act's dense columns in register tiles, and tried for every dense-weight linear at batch 1.
+# 5: spmv-act's dense columns in register tiles, and tried for every dense-weight linear at batch 1;
+# 6: the direct kernel's weights block-major (ResNet's 7x7 layers 3x faster in a forward pass);
+# 7: lowered is an implicit GEMM on the CPU (no im2col, 1.3-2.7x faster).
 _CACHE_VERSION = 7
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.
