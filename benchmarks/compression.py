@@ -5,7 +5,8 @@ every field of :class:`Recipe` is an option too (``--retrain-epochs 15 --ft-lr 0
 
 LeNet-5, per seed: train dense (20 epochs, :func:`sparsecnn.train.fit`), magnitude-prune to
 ``--target`` (iterative, global threshold, 3 cycles, 30 retrain epochs), quantize (8-bit conv / 5-bit
-FC k-means codebooks, linear init), fine-tune the centroids (5 epochs), Huffman-code codes and 5-bit
+FC k-means codebooks, linear init, empty clusters kept as in the paper; ``--empty split``
+re-seeds them), fine-tune the centroids (5 epochs), Huffman-code codes and 5-bit
 relative-index gaps (the paper's LeNet widths) and write the ``.sparsecnn`` file. Reported: held-out
 accuracy (450 test images) dense / pruned / quantized / fine-tuned, the storage ratio of the conv+fc
 weights (the paper's measure: dense float32 bytes / P+Q+H bytes) and the ratio of the whole file
@@ -49,6 +50,7 @@ class Recipe:
     ft_epochs: int = 5  # centroid fine-tuning (Sec. 3.3)
     ft_lr: float = 0.005
     ft_weight_decay: float = 1e-4  # L2 on the centroids (TrainConfig's default)
+    empty: str = "keep"  # k-means clusters left empty: "keep" (the paper's) or "split" (re-seeded)
 
 
 def run_seed(seed: int, recipe: Recipe, index_bits: int, workdir: str) -> dict:
@@ -63,7 +65,8 @@ def run_seed(seed: int, recipe: Recipe, index_bits: int, workdir: str) -> dict:
                                                            seed=seed, progress=False))
     model, _ = prune_model(model, splits.train, splits.test, cfg)
     pruned_acc = evaluate(model, splits.test)
-    books = quantize_model(model, QuantizeConfig(conv_bits=recipe.conv_bits, fc_bits=recipe.fc_bits))
+    books = quantize_model(model, QuantizeConfig(conv_bits=recipe.conv_bits, fc_bits=recipe.fc_bits,
+                                                 empty=recipe.empty))
     quant_acc = evaluate(model, splits.test)
     ft = TrainConfig(epochs=recipe.ft_epochs, lr=recipe.ft_lr, weight_decay=recipe.ft_weight_decay, seed=seed,
                      progress=False)
@@ -111,14 +114,15 @@ def lenet(seeds: list[int], recipe: Recipe, index_bits: int) -> list[dict]:
     return rows
 
 
-def alexnet() -> dict:
+def alexnet(empty: str = "keep") -> dict:
     from sparsecnn.cli.compress import print_table
 
     model = sparsecnn.models.build("alexnet").eval()
     sparsecnn.models.apply_profile(model, "deep-compression")
-    books = quantize_model(model)
+    books = quantize_model(model, QuantizeConfig(empty=empty))
     report = storage_report(books, 4, paper="alexnet")
-    print_table(report, "AlexNet (zoo, random init), deep-compression profile, 8/5-bit codes, 4-bit gaps")
+    print_table(report, f"AlexNet (zoo, random init), deep-compression profile, 8/5-bit codes, 4-bit gaps, "
+                f"empty clusters: {empty}")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "alexnet.sparsecnn")
         save_compressed(model, books, path, index_bits=4)
@@ -144,7 +148,7 @@ def main() -> None:
     rows = lenet(args.seeds, recipe, args.index_bits)
     out = {"recipe": asdict(recipe), "lenet5": [{k: v for k, v in r.items() if k != "report"} for r in rows]}
     if args.alexnet:
-        out["alexnet"] = alexnet()
+        out["alexnet"] = alexnet(recipe.empty)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import heapq
 import os
 
@@ -33,16 +34,61 @@ from tests.reference import assert_close
 # k-means
 
 
-def test_kmeans_is_a_lloyd_fixpoint_with_every_code_used(rng: np.random.Generator) -> None:
+def test_kmeans_split_empty_is_a_lloyd_fixpoint_with_every_code_used(rng: np.random.Generator) -> None:
     v = rng.uniform(-1, 1, 20000)
     v = v[np.abs(v) > 0.8]  # pruned: two tails, the linear init's middle centroids start empty
-    c, labels = kmeans_1d(v, 31)
+    c, labels = kmeans_1d(v, 31, split_empty=True)
     assert np.all(np.diff(c) > 0)
     assert np.bincount(labels, minlength=31).min() > 0
     nearest = np.abs(v[:, None] - c[None, :].astype(np.float64)).argmin(axis=1)
     assert np.array_equal(labels, nearest)
     for j in range(31):  # each centroid is the mean of its members (float32 rounding)
         assert abs(c[j] - v[labels == j].mean()) <= 1e-6
+
+
+def test_kmeans_keeps_empty_clusters_by_default_as_the_paper(rng: np.random.Generator) -> None:
+    v = rng.standard_normal(50000)
+    v = v[np.abs(v) > np.quantile(np.abs(v), 0.91)]  # Deep Compression's fc6: 9% kept, two tails
+    c, labels = kmeans_1d(v, 31)
+    counts = np.bincount(labels, minlength=31)
+    empty = np.flatnonzero(counts == 0)
+    # the linear grid over [min, max] leaves the centroids inside the pruned gap (|w| < threshold)
+    # empty (and now and then one between the sparse extreme values)
+    assert 4 <= empty.size <= 14
+    assert np.count_nonzero(np.abs(c[empty]) < np.abs(v).min()) >= empty.size - 2
+    assert np.all(np.diff(c) > 0)
+    nearest = np.abs(v[:, None] - c[None, :].astype(np.float64)).argmin(axis=1)
+    assert np.array_equal(labels, nearest)
+    live = np.flatnonzero(counts)
+    for j in live:  # each live centroid is the mean of its members
+        assert abs(c[j] - v[labels == j].mean()) <= 1e-6
+    # fewer codes in use and a bell-shaped use of them: lower entropy than the split codebook's
+    c2, labels2 = kmeans_1d(v, 31, split_empty=True)
+
+    def entropy(lab: np.ndarray) -> float:
+        p = np.bincount(lab) / lab.size
+        p = p[p > 0]
+        return float(-(p * np.log2(p)).sum())
+
+    assert entropy(labels) < entropy(labels2) - 0.1
+    err = float(((c[labels] - v) ** 2).mean())
+    err2 = float(((c2[labels2] - v) ** 2).mean())
+    assert err2 < err
+
+
+def test_quantize_config_empty_mode() -> None:
+    with pytest.raises(SparseCNNError, match="empty must be 'keep'"):
+        QuantizeConfig(empty="drop")
+    model = sparsecnn.models.build("lenet5", input_size=8, in_channels=1, num_classes=10)
+    sparsecnn.models.apply_profile(model, "uniform:0.9")
+    keep = quantize_model(copy.deepcopy(model), QuantizeConfig(fc_bits=5))
+    split = quantize_model(copy.deepcopy(model), QuantizeConfig(fc_bits=5, empty="split"))
+    for name in keep:
+        nk = np.unique(keep[name].codes[keep[name].codes > 0]).size
+        ns = np.unique(split[name].codes[split[name].codes > 0]).size
+        assert nk <= ns
+        assert ns == min(keep[name].codebook.size - 1, keep[name].nnz)
+        assert np.array_equal(keep[name].codes > 0, split[name].codes > 0)  # the zeros are the same
 
 
 def test_kmeans_finds_separated_clusters_and_few_values() -> None:
@@ -65,7 +111,8 @@ def test_quantize_model_bits_and_zeros(rng: np.random.Generator) -> None:
         assert b.codebook.shape == (1 << b.bits,) and b.codebook[0] == 0
         assert torch.equal(m.weight == 0, zero[name] | torch.from_numpy(b.codebook[b.codes] == 0))
         assert np.array_equal(m.weight.detach().numpy(), b.weight())
-        assert len(np.unique(b.codes[b.codes > 0])) == min((1 << b.bits) - 1, int((~zero[name]).sum()))
+        # the paper's k-means: codes of centroids left in the pruned gap are unused
+        assert 1 <= len(np.unique(b.codes[b.codes > 0])) <= min((1 << b.bits) - 1, int((~zero[name]).sum()))
     with pytest.raises(SparseCNNError, match=r"1\.\.8"):
         QuantizeConfig(fc_bits=9)
     with pytest.raises(SparseCNNError, match="unknown layer"):
@@ -344,6 +391,13 @@ def test_compress_cli(tmp_path, capsys) -> None:
     assert "paper P+Q+H" in text and "wrote" in text and os.path.getsize(out) > 0
     model = sparsecnn.load(out)
     assert model.sparsecnn_codebooks["fc2"].bits == 4
+    used = {n: np.unique(b.codes[b.codes > 0]).size for n, b in model.sparsecnn_codebooks.items()}
+    split = str(tmp_path / "b.sparsecnn")
+    assert main(["compress", "lenet5", "--profile", "uniform:0.9", "--split-empty", "--out", split]) == 0
+    capsys.readouterr()
+    books = sparsecnn.load(split).sparsecnn_codebooks
+    for n, b in books.items():  # every code carries weights, where the paper's k-means leaves some unused
+        assert np.unique(b.codes[b.codes > 0]).size == min(b.codebook.size - 1, b.nnz) >= used[n]
     assert main(["compress", "lenet5", "--bits", "fc2=x", "--out", out]) == 2
     assert main(["compress", "lenet5", "--out", str(tmp_path / "a.npz")]) == 2
     assert main(["compress", "lenet5", "--finetune-epochs", "2", "--out", out]) == 2

@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fc-bits", type=int, default=5, help="code bits of FC layers (default 5, the paper's)")
     p.add_argument("--bits", default=None, metavar="L=B,...",
                    help="per-layer code bits 1..8, e.g. conv1=6,fc6=4")
+    p.add_argument("--split-empty", action="store_true",
+                   help="re-seed k-means clusters left empty in the pruned gap, so every code is used: "
+                        "lower quantization error, more bits after Huffman (default: the paper's k-means, "
+                        "empty codes unused)")
     p.add_argument("--index-bits", type=int, default=4,
                    help="bits per relative-index gap, 1..8 (default 4, the paper's AlexNet width)")
     p.add_argument("--data", default=None,
@@ -119,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         raise SparseCNNError(f"--out {out} must end in .sparsecnn")
     if isinstance(args.index_bits, bool) or not 1 <= args.index_bits <= 8:
         raise SparseCNNError(f"--index-bits must be 1..8, got {args.index_bits}")
-    config = QuantizeConfig(conv_bits=args.conv_bits, fc_bits=args.fc_bits, bits=parse_bits(args.bits))
+    config = QuantizeConfig(conv_bits=args.conv_bits, fc_bits=args.fc_bits, bits=parse_bits(args.bits),
+                            empty="split" if args.split_empty else "keep")
     kw: dict[str, Any] = {"model": args.arch} if args.arch else {}
     splits = None
     if args.data is not None:

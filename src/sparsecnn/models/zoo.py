@@ -415,7 +415,10 @@ def _init_(model: nn.Module, generator: torch.Generator) -> None:
     """Initialise every parameter and buffer of a freshly materialised model from ``generator``.
 
     Convolutions: He normal (fan_out, ReLU), zero bias, as torchvision does for these models.
-    Linear layers: PyTorch's default (He uniform with a = sqrt(5), bias uniform +-1/sqrt(fan_in)).
+    Linear layers: Gaussian with the variance of PyTorch's default (std 1/sqrt(3 fan_in)), as Caffe's
+    Gaussian fillers of the BVLC models are bell-shaped; bias uniform +-1/sqrt(fan_in) (PyTorch's
+    default). Not PyTorch's uniform weight: pruned by magnitude, a uniform weight leaves two flat bands
+    that no trained layer has, and quantization and Huffman coding would be measured on those.
     BatchNorm: weight 1, bias 0, running statistics of the identity.
     """
     for name, module in model.named_modules():
@@ -424,8 +427,8 @@ def _init_(model: nn.Module, generator: torch.Generator) -> None:
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
-            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
             bound = 1.0 / math.sqrt(module.in_features)
+            nn.init.normal_(module.weight, 0.0, bound / math.sqrt(3.0), generator=generator)
             nn.init.uniform_(module.bias, -bound, bound, generator=generator)
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
