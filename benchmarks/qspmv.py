@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.qspmv [--threads 2] [--repeats 30] [--sparsity 0.91] [--bits 5]`` prints a table.
 
-Each layer (fc6 9216 -> 4096, fc7 4096 -> 4096, fc8 4096 -> 1000) gets a random weight, magnitude-pruned
+Each layer (fc6 9216 -> 4096, fc7 4096 -> 4096, fc8 4096 -> 1000) gets a random Gaussian weight, magnitude-pruned
 to the sparsity (Deep Compression's 91% for fc6/fc7) and quantized to ``bits``-bit shared weights by
 :func:`sparsecnn.compress.quantize_model`. Then, on the same quantized weight: torch dense
 (``F.linear``, the baseline), float CSR :func:`sparsecnn.kernels.spmv.sparse_linear` (float32 values +
@@ -56,6 +56,8 @@ def run_layer(name: str, sparsity: float, bits: int, repeats: int, seed: int) ->
     m, k = LAYERS[name]
     torch.manual_seed(seed)
     lin = nn.Linear(k, m)
+    with torch.no_grad():  # bell-shaped, as trained layers (and the zoo's init) are
+        lin.weight.normal_(0.0, 1.0 / np.sqrt(3.0 * k))
     holder = nn.Sequential()
     holder.add_module(name, lin)
     apply_profile(holder, {name: sparsity})
