@@ -96,9 +96,9 @@ def _pool_row(vm, orow, kw, sw, pw, dw, lo, hi):
     """``orow[ow]`` = max over the window of ``vm`` (NaN wins, padding skipped) for ``ow`` outside
     ``[lo, hi)``, the outputs whose window lies wholly inside, which the caller does."""
     w = vm.size
-    for ow in range(orow.size):
-        if lo <= ow < hi:
-            continue
+    nout = orow.size
+    for q in range(lo + nout - hi):
+        ow = q if q < lo else hi + q - lo
         w0 = ow * sw - pw
         m = np.float32(-np.inf)
         for t in range(kw):
@@ -115,8 +115,10 @@ def _pool_plane(xp, op, vm, kh, kw, sh, sw, ph, pw, dh, dw):
     inside a ``prange`` body numba leaves these index loops scalar; here the row pass vectorises
     (docs/engine.md, the prange trap). The column pass runs the outputs whose window lies inside the
     row without bounds tests, unrolled for 2- and 3-wide windows (a runtime-length tap loop with a
-    bounds test per tap cost 3.5x: 0.55 against 0.16 ms for ResNet-18's 64 x 112 x 112 pool on one
-    thread). NaN wins a comparison, as in torch."""
+    bounds test per tap cost 3.5x), and for strides 1 and 2 with the stride a constant and
+    non-negative range indices, which LLVM vectorises: ResNet-18's 3x3/2 pool of 64 x 112 x 112 on
+    one thread went from 0.85 to 0.29 ms, of which 0.46 ms was :func:`_pool_row` walking every output
+    of each row to find the few edge ones. NaN wins a comparison, as in torch."""
     h, w = xp.shape
     hout, wout = op.shape
     span = (kw - 1) * dw
@@ -140,7 +142,26 @@ def _pool_plane(xp, op, vm, kh, kw, sh, sw, ph, pw, dh, dw):
                     m = vm[j]
                     vm[j] = v if (v > m) | (v != v) else m
         orow = op[oh]
-        if kw == 3 and dw == 1:
+        n = hi - lo
+        seg = vm[max(lo * sw - pw, 0):]  # the first inside window starts here (lo * sw >= pw)
+        dst = orow[lo:hi]
+        if kw == 3 and dw == 1 and sw == 2:
+            # Constant stride and non-negative range indices: LLVM vectorises the strided loads
+            # (ResNet's 3x3/2 pool: 6x faster than with a runtime stride).
+            for t in range(n):
+                a, b, c = seg[2 * t], seg[2 * t + 1], seg[2 * t + 2]
+                m = b if (b > a) | (b != b) else a
+                dst[t] = c if (c > m) | (c != c) else m
+        elif kw == 3 and dw == 1 and sw == 1:
+            for t in range(n):
+                a, b, c = seg[t], seg[t + 1], seg[t + 2]
+                m = b if (b > a) | (b != b) else a
+                dst[t] = c if (c > m) | (c != c) else m
+        elif kw == 2 and dw == 1 and sw == 2:
+            for t in range(n):
+                a, b = seg[2 * t], seg[2 * t + 1]
+                dst[t] = b if (b > a) | (b != b) else a
+        elif kw == 3 and dw == 1:
             for ow in range(lo, hi):
                 w0 = ow * sw - pw
                 a, b, c = vm[w0], vm[w0 + 1], vm[w0 + 2]
