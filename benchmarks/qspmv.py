@@ -2,9 +2,9 @@
 
 ``python -m benchmarks.qspmv [--threads 2] [--repeats 30] [--sparsity 0.91] [--bits 5]`` prints a table.
 
-Each layer (fc6 9216 -> 4096, fc7 4096 -> 4096, fc8 4096 -> 1000) gets a random Gaussian weight, magnitude-pruned
-to the sparsity (Deep Compression's 91% for fc6/fc7) and quantized to ``bits``-bit shared weights by
-:func:`sparsecnn.compress.quantize_model`. Then, on the same quantized weight: torch dense
+Each layer (fc6 9216 -> 4096, fc7 4096 -> 4096, fc8 4096 -> 1000) gets a random Gaussian weight,
+magnitude-pruned to the sparsity (Deep Compression's 91% for fc6/fc7) and quantized to ``bits``-bit
+shared weights by :func:`sparsecnn.compress.quantize_model`. Then, on the same quantized weight: torch dense
 (``F.linear``, the baseline), float CSR :func:`sparsecnn.kernels.spmv.sparse_linear` (float32 values +
 uint16 columns: 6 bytes per nonzero) and :func:`sparsecnn.kernels.qspmv.quant_linear` (uint8 codes +
 uint16 columns: 3 bytes per nonzero). Outputs are checked against dense first; times are medians of

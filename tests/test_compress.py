@@ -298,19 +298,30 @@ def test_qspmv_against_dense(rng: np.random.Generator, shape: tuple[int, int], s
     assert_close(out, ref - torch.from_numpy(bias))
 
 
-def test_qspmv_wide_words_every_row_offset_and_length(rng: np.random.Generator) -> None:
-    """The 64-bit-word kernel at batch 1: rows of 0..40 nonzeros, so rows start and end at every
-    position within a word of eight codes (head, whole words and tail in every combination)."""
+@pytest.mark.parametrize("values", [29, 200, 3000], ids=["table32", "uint8-loads", "uint16-codes"])
+def test_qspmv_rows_of_every_length_equal_float_spmv(values: int, rng: np.random.Generator) -> None:
+    """Batch 1, rows of 0..40 nonzeros (whole blocks of eight and every tail length), with a codebook
+    the register lookup holds (<= 32 entries), a larger uint8 one and uint16 codes: the same sums in
+    the same order as the float CSR spmv, so equal to it bit for bit."""
+    from sparsecnn.kernels.spmv import prepare_linear, sparse_linear
+
     m, k = 41, 300
     w = np.zeros((m, k), np.float32)
+    pool = rng.permutation(np.arange(1, values + 1)).astype(np.float32) / 8
     for i in range(m):
-        w[i, np.sort(rng.choice(k, size=i, replace=False))] = rng.integers(1, 30, size=i) / 8
-    prep = prepare_quant_linear(w[rng.permutation(m)])
-    assert prep.codes.dtype == np.uint8 and prep.indices.dtype == np.uint16
+        w[i, np.sort(rng.choice(k, size=i, replace=False))] = rng.choice(pool, size=i)
+    w = w[rng.permutation(m)]
+    w.flat[rng.choice(w.size, 820, replace=False)] = pool[: min(values, 820)]  # every value used
+    prep = prepare_quant_linear(w)
+    assert prep.codes.dtype == (np.uint8 if values <= 255 else np.uint16)
     x = rng.standard_normal((1, k)).astype(np.float32)
     out = np.full((1, m), np.nan, np.float32)
-    quant_linear(prep, x, None, out)
-    assert_close(out, torch.from_numpy(x) @ torch.from_numpy(prep.to_dense()).T)
+    bias = rng.standard_normal(m).astype(np.float32)
+    quant_linear(prep, x, bias, out)
+    assert_close(out, torch.from_numpy(x) @ torch.from_numpy(prep.to_dense()).T + torch.from_numpy(bias))
+    want = np.empty_like(out)
+    sparse_linear(prepare_linear(w), x, bias, want)
+    np.testing.assert_array_equal(out, want)
 
 
 def test_qspmv_is_exact_for_unquantized_weights(rng: np.random.Generator) -> None:

@@ -20,7 +20,7 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import PerThread, balanced_bounds, num_threads, pjit
-from sparsecnn.kernels._simd import fmadd
+from sparsecnn.kernels._simd import TABLE, code_row_dot, code_row_dot32, fmadd
 
 __all__ = ["QuantLinearPrep", "prepare_quant_linear", "quant_linear", "quant_prep_from_codes"]
 
@@ -51,6 +51,7 @@ class QuantLinearPrep:
     codes: np.ndarray
     codebook: np.ndarray
     _workspaces: PerThread = field(default_factory=PerThread, repr=False)
+    _table: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def nnz(self) -> int:
@@ -58,8 +59,21 @@ class QuantLinearPrep:
 
     @property
     def nbytes(self) -> int:
-        """Exact bytes of the stored weights: codes, columns, pointers and the codebook at their dtypes."""
-        return int(self.indptr.nbytes + self.indices.nbytes + self.codes.nbytes + self.codebook.nbytes)
+        """Exact bytes of the stored weights: codes, columns, pointers and the codebook at their dtypes
+        (the codebook as the 32-float table the batch-1 kernel reads, where it uses one)."""
+        table = self.codes.dtype == np.uint8 and self.codebook.size <= TABLE
+        book = TABLE * 4 if table else self.codebook.nbytes
+        return int(self.indptr.nbytes + self.indices.nbytes + self.codes.nbytes + book)
+
+    def table(self) -> np.ndarray:
+        """The codebook zero-padded to ``TABLE`` (32) floats, for the register lookup of
+        :func:`_qspmv_table` (codebooks of at most 32 entries); built once."""
+        t = self._table
+        if t is None:
+            t = np.zeros(TABLE, dtype=np.float32)
+            t[: self.codebook.size] = self.codebook[:TABLE]
+            self._table = t
+        return t
 
     def to_dense(self) -> np.ndarray:
         """The dense weight, shape (M, K), float32."""
@@ -146,13 +160,9 @@ def quant_linear(prep: QuantLinearPrep, x: np.ndarray, bias: np.ndarray | None, 
     ws = prep.workspace(batch)
     has_bias = bias is not None
     b = bias if has_bias else prep.codebook[:0]
-    if batch == 1 and prep.codes.dtype == np.uint8 and prep.indices.dtype == np.uint16:
-        nnz = prep.codes.size
-        # Whole 64-bit words over the arrays' first entries: eight codes, four columns a load.
-        c64 = prep.codes[: nnz // 8 * 8].view(np.uint64)
-        i64 = prep.indices[: nnz // 4 * 4].view(np.uint64)
-        _qspmv_wide(prep.indptr, prep.indices, prep.codes, c64, i64, prep.codebook, x[0], b, has_bias, out[0],
-                    ws.bounds)
+    if batch == 1 and prep.codes.dtype == np.uint8 and prep.codebook.size <= TABLE:
+        _qspmv_table(prep.indptr, prep.indices, prep.codes, prep.table(), x[0], b, has_bias, out[0],
+                     ws.bounds)
     elif batch == 1:
         _qspmv(prep.indptr, prep.indices, prep.codes, prep.codebook, x[0], b, has_bias, out[0], ws.bounds)
     else:
@@ -164,79 +174,32 @@ def quant_linear(prep: QuantLinearPrep, x: np.ndarray, bias: np.ndarray | None, 
 def _qspmv(indptr, indices, codes, codebook, x, bias, has_bias, y, bounds):
     """Quantized CSR spmv (Deep Compression's weight sharing, Han et al. ICLR 2016, run in place):
     ``y[m] = sum_e codebook[codes[e]] * x[indices[e]]``, rows split in nnz-balanced ranges, one per
-    thread. As :func:`sparsecnn.kernels.spmv._spmv`: eight independent FMA chains per row, each row
-    sliced and walked with a non-negative index. The codebook (<= 1 KiB for uint8 codes) stays in L1.
+    thread, each row one :func:`sparsecnn.kernels._simd.code_row_dot` (eight chains in the lanes of
+    one vector; per block of eight nonzeros, eight codebook and eight x loads into two vectors and
+    one vector FMA). The codebook (<= 1 KiB for uint8 codes) stays in L1. Any code dtype.
     NOTE: indices are valid columns of x; codes are valid entries of codebook; y has M elements.
     """
     nparts = bounds.size - 1
-    cb = codebook
     for part in numba.prange(nparts):
         for m in range(bounds[part], bounds[part + 1]):
             k0 = indptr[m]
-            n = indptr[m + 1] - k0
-            c = codes[k0 : k0 + n]
-            ix = indices[k0 : k0 + n]
-            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
-            for q in range(n // 8):
-                k = q * 8
-                s0 = fmadd(cb[c[k]], x[ix[k]], s0)
-                s1 = fmadd(cb[c[k + 1]], x[ix[k + 1]], s1)
-                s2 = fmadd(cb[c[k + 2]], x[ix[k + 2]], s2)
-                s3 = fmadd(cb[c[k + 3]], x[ix[k + 3]], s3)
-                s4 = fmadd(cb[c[k + 4]], x[ix[k + 4]], s4)
-                s5 = fmadd(cb[c[k + 5]], x[ix[k + 5]], s5)
-                s6 = fmadd(cb[c[k + 6]], x[ix[k + 6]], s6)
-                s7 = fmadd(cb[c[k + 7]], x[ix[k + 7]], s7)
-            for k in range(n - n % 8, n):
-                s0 = fmadd(cb[c[k]], x[ix[k]], s0)
-            s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+            s = code_row_dot(x, indices, codes, codebook, k0, indptr[m + 1] - k0)
             y[m] = s + bias[m] if has_bias else s
 
 
 @pjit
-def _qspmv_wide(indptr, indices, codes, codes64, indices64, codebook, x, bias, has_bias, y, bounds):
-    """:func:`_qspmv` for uint8 codes and uint16 columns with fewer loads per nonzero: the 8-aligned
-    blocks of a row are read as one 64-bit word of eight codes and two words of four columns each, the
-    fields taken out by shift and mask (ALU work, which the loop has to spare), so a nonzero costs two
-    loads (its codebook entry and its x) instead of four. The few entries before a row's first
-    aligned block and after its last are walked one by one, in two chains. Measured on AlexNet's
-    fc6/fc7 at 91% (5-bit codes, 2 threads): 1.18x and 1.25x the one-entry-at-a-time loop; sixteen
-    entries a step was slower.
-    NOTE: codes64 / indices64 are uint64 views of the first nnz // 8 * 8 codes / nnz // 4 * 4 columns;
-    indices are valid columns of x; codes are valid entries of codebook; y has M elements.
+def _qspmv_table(indptr, indices, codes, table, x, bias, has_bias, y, bounds):
+    """:func:`_qspmv` for uint8 codes of a codebook of at most 32 entries (5-bit, Deep Compression's
+    FC width), ``table`` the codebook zero-padded to 32 floats: with AVX-512 the eight weights of a
+    block are one register lookup (``vpermi2ps``), so a nonzero costs two loads (its column and its
+    x) against float CSR's three, and one byte of code against four of float.
+    NOTE: as :func:`_qspmv`; table has 32 floats and every code is < 32.
     """
     nparts = bounds.size - 1
-    cb = codebook
     for part in numba.prange(nparts):
         for m in range(bounds[part], bounds[part + 1]):
             k0 = indptr[m]
-            k1 = indptr[m + 1]
-            head = min(k1, (k0 + 7) // 8 * 8)
-            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
-            for e in range(k0, head - 1, 2):  # the head (< 8 entries) in two chains
-                s0 = fmadd(cb[codes[e]], x[indices[e]], s0)
-                s1 = fmadd(cb[codes[e + 1]], x[indices[e + 1]], s1)
-            if (head - k0) % 2:
-                s2 = fmadd(cb[codes[head - 1]], x[indices[head - 1]], s2)
-            for blk in range(head // 8, k1 // 8):
-                c = codes64[blk]
-                i0 = indices64[2 * blk]
-                i1 = indices64[2 * blk + 1]
-                s0 = fmadd(cb[c & 0xFF], x[i0 & 0xFFFF], s0)
-                s1 = fmadd(cb[(c >> 8) & 0xFF], x[(i0 >> 16) & 0xFFFF], s1)
-                s2 = fmadd(cb[(c >> 16) & 0xFF], x[(i0 >> 32) & 0xFFFF], s2)
-                s3 = fmadd(cb[(c >> 24) & 0xFF], x[i0 >> 48], s3)
-                s4 = fmadd(cb[(c >> 32) & 0xFF], x[i1 & 0xFFFF], s4)
-                s5 = fmadd(cb[(c >> 40) & 0xFF], x[(i1 >> 16) & 0xFFFF], s5)
-                s6 = fmadd(cb[(c >> 48) & 0xFF], x[(i1 >> 32) & 0xFFFF], s6)
-                s7 = fmadd(cb[c >> 56], x[i1 >> 48], s7)
-            t = max(head, k1 // 8 * 8)
-            for e in range(t, k1 - 1, 2):  # and the tail
-                s4 = fmadd(cb[codes[e]], x[indices[e]], s4)
-                s5 = fmadd(cb[codes[e + 1]], x[indices[e + 1]], s5)
-            if (k1 - t) % 2:
-                s6 = fmadd(cb[codes[k1 - 1]], x[indices[k1 - 1]], s6)
-            s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+            s = code_row_dot32(x, indices, codes, table, k0, indptr[m + 1] - k0)
             y[m] = s + bias[m] if has_bias else s
 
 
