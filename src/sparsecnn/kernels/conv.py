@@ -55,9 +55,9 @@ so +-5%): 24-vector tiles (12 per filter of a pair) against 12 (6) on AlexNet co
 vectors, LLVM legalising the same IR) measured 10-25% slower than 8-wide with 12 (ratios to torch
 1.27-1.45x against 1.38-1.48x at 65%; one run, loaded machine); likely why: Zen 4 executes a zmm FMA as
 two 256-bit halves, so wider vectors add no FMA throughput, and an unaligned 64-byte load (most span
-starts) always splits across two cache lines. Not yet tried on Zen 4: a larger L2 budget (Zen 4 has 1
-MiB per core, ``_L2_BYTES`` assumes Zen 3's 512 KiB), tiles sharing a tap's load between two filters at
-55-70% density.
+starts) always splits across two cache lines. An L2 budget of half of Zen 4's 1 MiB L2 instead of
+a quarter was 0-5% faster (``_L2_BYTES`` follows the L2 size the OS reports). Not yet tried on Zen 4:
+tiles sharing a tap's load between two filters at 55-70% density.
 
 What bounds it (Zen 3, AVX2, one core, measured with the micro-kernel alone): vector loads. Each FMA
 takes its input vector from memory, and this core sustains about 1.1 such FMAs a cycle (57 GFLOP/s)
@@ -97,10 +97,25 @@ from sparsecnn.kernels._simd import (
 
 __all__ = ["DirectConvPrep", "bind_direct_conv2d", "direct_conv2d", "prepare_direct"]
 
-# Input bytes a group of output rows may read: half of a Zen 3 core's 512 KiB L2 (a quarter of Zen 4's
-# 1 MiB: not re-measured there), so the rows stay
-# there while every output channel of the thread streams its spans from them.
-_L2_BYTES = 256 * 1024
+
+
+def _l2_bytes_per_core(default: int = 512 * 1024) -> int:
+    """The L2 size of CPU 0 from sysfs (Linux), else ``default``."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            text = f.read().strip().upper()
+        scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
+        value = int(text.rstrip("KM")) * scale
+        return value if 64 * 1024 <= value <= 64 * 1024 * 1024 else default
+    except (OSError, ValueError):
+        return default
+
+
+# Input bytes a group of output rows may read: half of the core's L2 (read from sysfs; 256 KiB on Zen
+# 3, 512 KiB on Zen 4), so the rows stay there while every output channel of the thread streams its
+# spans from them. Measured on Zen 4 (2 threads, interleaved, two runs): half of its 1 MiB against
+# the quarter used before, 0-5% faster on ResNet-18's 56x56 and 28x28 layers and VGG's 112x112 at 90%.
+_L2_BYTES = _l2_bytes_per_core() // 2
 # Input bytes a channel block may read per register tile: most of a 32 KiB L1d.
 _L1_BYTES = 24 * 1024
 # Fewest nonzeros per filter and channel block on average (below, the tile's load and store per block
