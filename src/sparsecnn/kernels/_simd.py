@@ -29,7 +29,7 @@ from sparsecnn.kernels._numba import jit
 
 __all__ = ["GEMM_MR", "GEMM_NV", "HAS_TABLE32", "NV_MAX", "NV_PAIR", "TABLE", "VW", "code_row_dot",
            "code_row_dot32", "copy_vec", "copy_vec_act", "fmadd", "gemm_tile", "pair_tile", "prefetch",
-           "row_dot", "span_tile", "tile_split"]
+           "row_dot", "scatter_axpy", "span_tile", "tile_split"]
 
 VW = 8  # floats per vector (one ymm register)
 
@@ -565,3 +565,57 @@ code_row_dot32.__doc__ = """:func:`code_row_dot` for uint8 codes below 32 and a 
 from one register lookup (``vpermi2ps`` over the codebook held in two 16-float halves, loaded once
 per row), without it from codebook loads as :func:`code_row_dot`.
 NOTE: no bounds checks: indices valid for x, codes < 32, codebook holds 32 floats."""
+
+
+@intrinsic
+def scatter_axpy(typingctx, y, ix, data, p0, n, v):
+    """``y[ix[p]] += v * data[p]`` (one fused multiply-add each) for ``p0 <= p < p0 + n``: one
+    column of CSC weights times one input, into the outputs.
+
+    Per block of eight entries: one vector load of values, the eight outputs loaded into one vector
+    (scalar loads inserted into lanes), one vector FMA, and eight scalar stores back. The scalar
+    loop it replaced (load, multiply, add and store per entry) moved 7 loads and 7 FMAs per block
+    more; measured in :func:`sparsecnn.kernels.spmv_act._csc_vec` on AlexNet's fc6/fc7 at 91% with
+    60-70% zero inputs (2 threads, batch 1, interleaved, two runs): 1-13% faster, warm and cold (the
+    loop is bound by the stores and by the short column parts, not by the loads it saves).
+    NOTE: no bounds checks; the rows ``ix[p0 : p0 + n]`` are distinct (one CSC column), valid for y.
+    """
+    sig = types.void(y, ix, data, types.intp, types.intp, types.float32)
+
+    def codegen(context, builder, signature, args):
+        y_, ix_, d_, p0_, n_, v_ = args
+        aty = signature.args
+        yp = _data_ptr(context, builder, aty[0], y_)
+        ip = _data_ptr(context, builder, aty[1], ix_)
+        dp = _data_ptr(context, builder, aty[2], d_)
+        fma = _fma_vec(builder)
+        fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _F32, _F32]),
+                                              "llvm.fmuladd.f32")
+        vv = _splat(builder, v_)
+        nblk = builder.udiv(n_, ir.Constant(_I64, VW))
+
+        def out_at(k):
+            row = builder.load(builder.gep(ip, [k], inbounds=True))
+            if row.type.width < 64:
+                row = builder.zext(row, _I64)
+            return builder.gep(yp, [row], inbounds=True)
+
+        with cgutils.for_range(builder, nblk) as loop:
+            k = builder.add(p0_, builder.mul(loop.index, ir.Constant(_I64, VW)))
+            ptrs = [out_at(builder.add(k, ir.Constant(_I64, j))) for j in range(VW)]
+            yv = ir.Constant(_VEC, ir.Undefined)
+            for j in range(VW):
+                yv = builder.insert_element(yv, builder.load(ptrs[j]), ir.Constant(_I32, j))
+            q = builder.bitcast(builder.gep(dp, [k], inbounds=True), _VEC.as_pointer())
+            r = builder.call(fma, [vv, builder.load(q, align=4), yv])
+            for j in range(VW):
+                builder.store(builder.extract_element(r, ir.Constant(_I32, j)), ptrs[j])
+        tail = builder.mul(nblk, ir.Constant(_I64, VW))
+        with cgutils.for_range_slice(builder, tail, n_, ir.Constant(_I64, 1), inc=True) as (t, _):
+            k = builder.add(p0_, t)
+            p = out_at(k)
+            w = builder.load(builder.gep(dp, [k], inbounds=True))
+            builder.store(builder.call(fma1, [v_, w, builder.load(p)]), p)
+        return context.get_dummy_value()
+
+    return sig, codegen
