@@ -93,6 +93,17 @@ def _fma_vec(builder):
                                           f"llvm.fmuladd.v{VW}f32")
 
 
+def _fma_scalar(builder):
+    """``llvm.fmuladd.f32``: one scalar ``vfmadd`` on an FMA CPU."""
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _F32, _F32]),
+                                          "llvm.fmuladd.f32")
+
+
+def _array_ptrs(context, builder, signature, args, count):
+    """The data pointers of the first ``count`` arguments (arrays) of an intrinsic call."""
+    return [_data_ptr(context, builder, signature.args[i], args[i]) for i in range(count)]
+
+
 def _for_each_nvec(builder, nvec, nmax, name, emit):
     """A switch on the runtime vector count: ``emit(nv)`` builds the tile for each ``1 <= nv <= nmax``
     (a register tile needs its size at compile time); any other ``nvec`` does nothing."""
@@ -373,9 +384,7 @@ def fmadd(typingctx, a, b, c):
     sig = types.float32(types.float32, types.float32, types.float32)
 
     def codegen(context, builder, signature, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _F32, _F32]),
-                                            "llvm.fmuladd.f32")
-        return builder.call(fn, list(args))
+        return builder.call(_fma_scalar(builder), list(args))
 
     return sig, codegen
 
@@ -439,8 +448,7 @@ def _emit_row_dot(builder, xp, ip, k0, n, weights_at, weight_at):
     (s6 + s7))``. ``weights_at(k)`` gives the vector of the eight weights from entry ``k``,
     ``weight_at(k)`` one weight."""
     fma = _fma_vec(builder)
-    fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _F32, _F32]),
-                                          "llvm.fmuladd.f32")
+    fma1 = _fma_scalar(builder)
     acc = cgutils.alloca_once(builder, _VEC)
     builder.store(ir.Constant(_VEC, [0.0] * VW), acc)
     nblk = builder.udiv(n, ir.Constant(_I64, VW))
@@ -486,11 +494,8 @@ def row_dot(typingctx, x, ix, data, k0, n):
     sig = types.float32(x, ix, data, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        x_, ix_, d_, k0_, n_ = args
-        aty = signature.args
-        xp = _data_ptr(context, builder, aty[0], x_)
-        ip = _data_ptr(context, builder, aty[1], ix_)
-        dp = _data_ptr(context, builder, aty[2], d_)
+        xp, ip, dp = _array_ptrs(context, builder, signature, args, 3)
+        k0_, n_ = args[3], args[4]
 
         def weights_at(k):
             q = builder.bitcast(builder.gep(dp, [k], inbounds=True), _VEC.as_pointer())
@@ -508,12 +513,8 @@ def _code_row_dot(table32: bool):
         table = table32 and HAS_TABLE32 and getattr(codes.dtype, "bitwidth", 0) == 8
 
         def codegen(context, builder, signature, args):
-            x_, ix_, c_, cb_, k0_, n_ = args
-            aty = signature.args
-            xp = _data_ptr(context, builder, aty[0], x_)
-            ip = _data_ptr(context, builder, aty[1], ix_)
-            cp = _data_ptr(context, builder, aty[2], c_)
-            cbp = _data_ptr(context, builder, aty[3], cb_)
+            xp, ip, cp, cbp = _array_ptrs(context, builder, signature, args, 4)
+            k0_, n_ = args[4], args[5]
 
             def weight_at(k):
                 code = builder.load(builder.gep(cp, [k], inbounds=True))
@@ -583,14 +584,10 @@ def scatter_axpy(typingctx, y, ix, data, p0, n, v):
     sig = types.void(y, ix, data, types.intp, types.intp, types.float32)
 
     def codegen(context, builder, signature, args):
-        y_, ix_, d_, p0_, n_, v_ = args
-        aty = signature.args
-        yp = _data_ptr(context, builder, aty[0], y_)
-        ip = _data_ptr(context, builder, aty[1], ix_)
-        dp = _data_ptr(context, builder, aty[2], d_)
+        yp, ip, dp = _array_ptrs(context, builder, signature, args, 3)
+        p0_, n_, v_ = args[3], args[4], args[5]
         fma = _fma_vec(builder)
-        fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _F32, _F32]),
-                                              "llvm.fmuladd.f32")
+        fma1 = _fma_scalar(builder)
         vv = _splat(builder, v_)
         nblk = builder.udiv(n_, ir.Constant(_I64, VW))
 
