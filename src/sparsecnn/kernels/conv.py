@@ -221,17 +221,18 @@ def phase_layout(x_shape: tuple[int, int, int, int], kernel: tuple[int, int], st
                        stride=(sh, sw), dilation=(dh, dw), compact=compact)
 
 
+@dataclass(eq=False)
 class ConvPrepBase:
-    """What a convolution's prepared weights share: the output shape, and the calling thread's
-    per-input-shape workspace (built by the subclass's ``_build_workspace``, cached in its
-    ``_workspaces``). Subclasses are dataclasses with ``weight_shape``, ``stride``, ``padding`` and
-    ``dilation`` fields."""
+    """What a convolution's prepared weights share: the layer's geometry, the output shape, and the
+    calling thread's per-input-shape workspace (built by the subclass's ``_build_workspace``, cached
+    in ``_workspaces``). Subclasses are dataclasses that add their weight arrays."""
 
     weight_shape: tuple[int, int, int, int]
+    groups: int
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
-    _workspaces: PerThread
+    _workspaces: PerThread = field(default_factory=PerThread, repr=False, kw_only=True)
 
     def output_shape(self, x_shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
         """``(B, Cout, Hout, Wout)`` for an input of shape ``(B, Cin, H, W)``."""
@@ -270,15 +271,9 @@ class DirectConvPrep(ConvPrepBase):
         The nonzero weights.
     """
 
-    weight_shape: tuple[int, int, int, int]
-    groups: int
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
     indptr: np.ndarray
     indices: np.ndarray
     data: np.ndarray
-    _workspaces: PerThread = field(default_factory=PerThread, repr=False)
 
     @property
     def nnz(self) -> int:

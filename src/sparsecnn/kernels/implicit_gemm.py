@@ -26,12 +26,12 @@ floats, stay in L1; the input is read from L2). With ``relu`` the crop stores ``
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, pjit, serial_twin
+from sparsecnn.kernels._numba import balanced_bounds, jit, pjit, serial_twin
 from sparsecnn.kernels._simd import GEMM_MR, GEMM_NV, VW, gemm_tile, tile_split
 from sparsecnn.kernels.conv import ConvPrepBase, _crop, _phase_copy, _phase_copy_serial, phase_layout
 
@@ -80,17 +80,11 @@ class ImplicitGemmPrep(ConvPrepBase):
         Output channels no kept filter writes (their output is the bias).
     """
 
-    weight_shape: tuple[int, int, int, int]
-    groups: int
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
     data: np.ndarray
     rows: np.ndarray
     cols: np.ndarray
     ncols: np.ndarray
     fill: np.ndarray
-    _workspaces: PerThread = field(default_factory=PerThread, repr=False)
 
     def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int) -> _Workspace:
         b, cin = x_shape[:2]

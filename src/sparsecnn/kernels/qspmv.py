@@ -61,9 +61,13 @@ class QuantLinearPrep:
     def nbytes(self) -> int:
         """Exact bytes of the stored weights: codes, columns, pointers and the codebook at their dtypes
         (the codebook as the 32-float table the batch-1 kernel reads, where it uses one)."""
-        table = self.codes.dtype == np.uint8 and self.codebook.size <= TABLE
-        book = TABLE * 4 if table else self.codebook.nbytes
+        book = TABLE * 4 if self.uses_table else self.codebook.nbytes
         return int(self.indptr.nbytes + self.indices.nbytes + self.codes.nbytes + book)
+
+    @property
+    def uses_table(self) -> bool:
+        """Whether batch 1 runs :func:`_qspmv_table` (uint8 codes of at most ``TABLE`` entries)."""
+        return self.codes.dtype == np.uint8 and self.codebook.size <= TABLE
 
     def table(self) -> np.ndarray:
         """The codebook zero-padded to ``TABLE`` (32) floats, for the register lookup of
@@ -160,7 +164,7 @@ def quant_linear(prep: QuantLinearPrep, x: np.ndarray, bias: np.ndarray | None, 
     ws = prep.workspace(batch)
     has_bias = bias is not None
     b = bias if has_bias else prep.codebook[:0]
-    if batch == 1 and prep.codes.dtype == np.uint8 and prep.codebook.size <= TABLE:
+    if batch == 1 and prep.uses_table:
         _qspmv_table(prep.indptr, prep.indices, prep.codes, prep.table(), x[0], b, has_bias, out[0],
                      ws.bounds)
     elif batch == 1:
