@@ -200,7 +200,69 @@ def test_sparse_linear_index_dtypes_and_nbytes(batch, rng):
     big = _linear_case(rng, batch, 3, 65537, 0.99)
     assert big.indices.dtype == np.uint32
     nnz = big.nnz
-    assert big.nbytes == 4 * 4 + nnz * 4 + nnz * 4
+    assert big.nslabs == 17 and big.slab == 3856  # 65537 columns in 17 equal slabs of at most SLAB
+    assert big.nbytes == 4 * (17 * 3 + 1) + nnz * 4 + nnz * 4
+
+
+@pytest.mark.parametrize("batch", [1, 3, 9])
+@pytest.mark.parametrize("slab", [1, 7, 64])
+def test_sparse_linear_column_slabs_match_torch(batch, slab, rng):
+    """Column slabs (the stacked slab-major CSR): spmv and spmm, with an empty row, an all-zero slab,
+    ReLU fused and the bound callable, against torch; the dense weight round-trips."""
+    from sparsecnn.kernels.spmv import bind_sparse_linear
+
+    m, k = 37, 200
+    w = random_sparse(rng, (m, k), 0.7)
+    w[5] = 0.0
+    w[:, 64:140] = 0.0  # whole slabs without a nonzero
+    prep = prepare_linear(w, slab=slab)
+    assert 0 < prep.slab <= slab and prep.nslabs == -(-k // prep.slab)
+    assert prep.indptr.size == prep.nslabs * m + 1
+    assert np.array_equal(prep.indices.astype(np.int64) // prep.slab,
+                          np.repeat(np.arange(prep.nslabs * m) // m, np.diff(prep.indptr)))
+    dense = np.zeros_like(w)
+    dense[prep.row_ids(), prep.indices.astype(np.int64)] = prep.data
+    assert np.array_equal(dense, w)
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    bv = rng.standard_normal(m).astype(np.float32)
+    ref = torch.relu(F.linear(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bv))).numpy()
+    out = np.full((batch, m), np.nan, dtype=np.float32)
+    sparse_linear(prep, x, bv, out, relu=True)
+    assert_close(out, ref, what="slabbed sparse_linear")
+    bound = np.full((batch, m), np.nan, dtype=np.float32)
+    bind_sparse_linear(prep, batch, bv, bound, relu=True)(x)
+    np.testing.assert_array_equal(bound, out)
+
+
+def test_sparse_linear_slabs_by_default_above_slab_columns(rng):
+    from sparsecnn.kernels.spmv import SLAB
+
+    w = random_sparse(rng, (6, 2 * SLAB + 1), 0.95)
+    prep = prepare_linear(w)
+    assert prep.nslabs == 3 and prep.slab == -(-(2 * SLAB + 1) // 3)
+    assert prepare_linear(w, slab=0).nslabs == 1 and prepare_linear(w[:, :SLAB]).slab == 0
+    x = rng.standard_normal((1, w.shape[1])).astype(np.float32)
+    out = np.empty((1, 6), np.float32)
+    sparse_linear(prep, x, None, out)
+    assert_close(out, x @ w.T)
+
+
+def test_linear_prep_with_a_wrong_slab_is_one_clear_error(rng):
+    from sparsecnn import SparseLinear
+    from sparsecnn.errors import SparseCNNError
+
+    w = random_sparse(rng, (8, 40), 0.5)
+    good = prepare_linear(w, slab=16)
+    layer = SparseLinear.from_format(good, "spmv", in_features=40, out_features=8)
+    assert np.array_equal(layer.dense_parameters()[0], w)
+    bad = prepare_linear(w, slab=16)
+    assert good.slab == 14 and good.nslabs == 3
+    bad.slab = 15  # still 3 slabs, but the stored columns no longer lie in their slabs
+    with pytest.raises(SparseCNNError, match="outside their slab"):
+        SparseLinear.from_format(bad, "spmv", in_features=40, out_features=8)
+    bad.slab = -1
+    with pytest.raises(SparseCNNError, match="slab must be"):
+        SparseLinear.from_format(bad, "spmv", in_features=40, out_features=8)
 
 
 def test_sparse_linear_empty_rows(rng):

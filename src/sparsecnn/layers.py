@@ -355,6 +355,22 @@ def _check_csr_arrays(what: str, indptr: Any, indices: Any, data: Any, rows: int
         check_sorted_rows(indices, indptr, what, "column indices")
 
 
+def _check_slab(what: str, slab: Any, shape: tuple[int, int]) -> None:
+    """``slab`` of a linear kernel's stacked slab-major CSR: columns per slab, 0 for none."""
+    _need(isinstance(slab, (int, np.integer)) and not isinstance(slab, bool) and 0 <= slab < max(shape[1], 1),
+          f"{what}.slab must be an int in [0, {shape[1]}) (columns per slab, 0 for none), got {slab!r}")
+
+
+def _check_slab_columns(what: str, fmt: Any, shape: tuple[int, int]) -> None:
+    """Every stored column lies in the slab of its stacked row (after :func:`_check_csr_arrays`)."""
+    if not fmt.slab or not len(fmt.indices):
+        return
+    stacked_row = np.repeat(np.arange(fmt.nslabs * shape[0]), np.diff(fmt.indptr.astype(np.int64)))
+    wrong = fmt.indices.astype(np.int64) // fmt.slab != stacked_row // max(shape[0], 1)
+    _need(not wrong.any(), f"{what}: {int(wrong.sum())} column indices lie outside their slab "
+                           f"(slab s holds columns [s * {fmt.slab}, (s + 1) * {fmt.slab}))")
+
+
 class _DenseConv(_ConvEngine):
     """im2col + one batched dense GEMM per group through torch.matmul (Caffe's GEMM path).
     Format: the lowered weight, ndarray (groups, Cout/groups, K)."""
@@ -1130,10 +1146,15 @@ class _SparseLinear:
 
         _need(isinstance(fmt, LinearPrep), f"expected a LinearPrep, got {type(fmt).__name__}")
         _need(tuple(fmt.shape) == shape, f"expected a LinearPrep of shape {shape}, got {tuple(fmt.shape)}")
-        _check_csr_arrays("LinearPrep", fmt.indptr, fmt.indices, fmt.data, shape[0], shape[1])
+        _check_slab("LinearPrep", fmt.slab, shape)
+        _check_csr_arrays("LinearPrep", fmt.indptr, fmt.indices, fmt.data, fmt.nslabs * shape[0], shape[1])
+        _check_slab_columns("LinearPrep", fmt, shape)
 
     def to_dense(self) -> np.ndarray:
-        return _csr_dense(self.format.indptr, self.format.indices, self.format.data, tuple(self.format.shape))
+        fmt = self.format
+        out = np.zeros(tuple(fmt.shape), np.float32)
+        out[fmt.row_ids(), fmt.indices.astype(np.int64)] = fmt.data
+        return out
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         from sparsecnn.kernels.spmv import sparse_linear
@@ -1207,8 +1228,10 @@ class _QuantSparseLinear(_SparseLinear):
         _need(isinstance(codes, np.ndarray) and codes.ndim == 1 and codes.dtype.kind == "u",
               "codes must be a 1-D unsigned integer array")
         _need(codes.size == 0 or int(codes.max()) < fmt.codebook.size, "a code points outside the codebook")
-        _check_csr_arrays("QuantLinearPrep", fmt.indptr, fmt.indices, codes.astype(np.float32), shape[0],
-                          shape[1])
+        _check_slab("QuantLinearPrep", fmt.slab, shape)
+        _check_csr_arrays("QuantLinearPrep", fmt.indptr, fmt.indices, codes.astype(np.float32),
+                          fmt.nslabs * shape[0], shape[1])
+        _check_slab_columns("QuantLinearPrep", fmt, shape)
 
     def to_dense(self) -> np.ndarray:
         return self.format.to_dense()

@@ -10,6 +10,10 @@ from memory, moves half as many (3 bytes against 6 per nonzero). The codebook it
 The format is exact for any float32 weight: its codebook holds the distinct nonzero values (uint16 codes
 above 256 of them, uint32 above 65536), so it runs every linear layer, but it only moves fewer bytes than
 float CSR when the weights are quantized.
+
+Above ``SLAB`` inputs the nonzeros are stored in column slabs, slab-major, as the float CSR of
+:mod:`sparsecnn.kernels.spmv` (so ``x``'s gathered part stays in L1; the sums are the same as float
+CSR's, bit for bit).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 
 from sparsecnn.kernels._numba import PerThread, balanced_bounds, num_threads, pjit
 from sparsecnn.kernels._simd import TABLE, code_row_dot, code_row_dot32, fmadd
+from sparsecnn.kernels.spmv import slab_order, slab_row_ids, slab_width
 
 __all__ = ["QuantLinearPrep", "prepare_quant_linear", "quant_linear", "quant_prep_from_codes"]
 
@@ -39,10 +44,13 @@ class QuantLinearPrep:
     ----------
     shape : tuple of int
         ``(M, K)``.
-    indptr : ndarray, shape (M + 1,), int32 (int64 when nnz does not fit int32)
-    indices : ndarray, shape (nnz,), uint16 when K <= 65536 else uint32; columns, sorted per row
+    indptr : ndarray, shape (S * M + 1,), int32 (int64 when nnz does not fit int32)
+        Row ``m`` of slab ``s`` is ``indptr[s * M + m]:indptr[s * M + m + 1]`` (``S = 1`` without slabs).
+    indices : ndarray, shape (nnz,), uint16 when K <= 65536 else uint32; columns, sorted per row of a slab
     codes : ndarray, shape (nnz,), uint8 for codebooks of <= 256 entries, else uint16 / uint32
     codebook : ndarray, shape (n_codes,), float32
+    slab : int
+        Columns per slab, 0 for none (as :class:`sparsecnn.kernels.spmv.LinearPrep`).
     """
 
     shape: tuple[int, int]
@@ -50,6 +58,7 @@ class QuantLinearPrep:
     indices: np.ndarray
     codes: np.ndarray
     codebook: np.ndarray
+    slab: int = 0
     _workspaces: PerThread = field(default_factory=PerThread, repr=False)
     _table: np.ndarray | None = field(default=None, repr=False)
 
@@ -63,6 +72,11 @@ class QuantLinearPrep:
         (the codebook as the 32-float table the batch-1 kernel reads, where it uses one)."""
         book = TABLE * 4 if self.uses_table else self.codebook.nbytes
         return int(self.indptr.nbytes + self.indices.nbytes + self.codes.nbytes + book)
+
+    @property
+    def nslabs(self) -> int:
+        """``S``: column slabs the nonzeros are stored in (1 without slabs)."""
+        return -(-self.shape[1] // self.slab) if self.slab else 1
 
     @property
     def uses_table(self) -> bool:
@@ -83,7 +97,7 @@ class QuantLinearPrep:
         """The dense weight, shape (M, K), float32."""
         m, k = self.shape
         out = np.zeros((m, k), dtype=np.float32)
-        rows = np.repeat(np.arange(m), np.diff(self.indptr.astype(np.int64)))
+        rows = slab_row_ids(self.indptr, m)
         out[rows, self.indices.astype(np.int64)] = self.codebook[self.codes.astype(np.int64)]
         return out
 
@@ -92,8 +106,9 @@ class QuantLinearPrep:
         key = (batch, nparts)
         ws = self._workspaces.get(key)
         if ws is None:
-            _, k = self.shape
-            cost = np.diff(self.indptr).astype(np.int64) + 4  # a row also costs its store and setup
+            m, k = self.shape
+            per_row = np.diff(self.indptr).astype(np.int64).reshape(self.nslabs, m).sum(axis=0)
+            cost = per_row + 4 * self.nslabs  # a row also costs its store and setup, per slab
             bounds = balanced_bounds(cost, nparts)
             ws = _Workspace(xt=np.zeros((k, batch) if batch > 1 else (0, 1), dtype=np.float32),
                             bounds=bounds)
@@ -113,22 +128,26 @@ def _index_dtype(k: int) -> type:
 
 
 def quant_prep_from_codes(shape: tuple[int, int], indptr: np.ndarray, indices: np.ndarray,
-                          codes: np.ndarray, codebook: np.ndarray) -> QuantLinearPrep:
-    """A :class:`QuantLinearPrep` from CSR arrays whose values are codebook indices (cast to the
-    narrowest dtypes; the caller has checked them)."""
+                          codes: np.ndarray, codebook: np.ndarray,
+                          slab: int | None = None) -> QuantLinearPrep:
+    """A :class:`QuantLinearPrep` from a plain CSR (``indptr`` of ``M + 1``) whose values are codebook
+    indices, cast to the narrowest dtypes and stored in column slabs of at most ``slab`` (default
+    ``SLAB``; 0 for none); the caller has checked the arrays."""
     m, k = int(shape[0]), int(shape[1])
-    nnz = int(indices.size)
-    ptr_dtype = np.int32 if nnz <= np.iinfo(np.int32).max else np.int64
+    rows = np.repeat(np.arange(m, dtype=np.int64), np.diff(np.asarray(indptr, dtype=np.int64)))
+    width = slab_width(k, slab)
+    ptr, order = slab_order(rows, indices, m, k, width)
     return QuantLinearPrep(
         shape=(m, k),
-        indptr=np.ascontiguousarray(indptr, dtype=ptr_dtype),
-        indices=np.ascontiguousarray(indices, dtype=_index_dtype(k)),
-        codes=np.ascontiguousarray(codes, dtype=_code_dtype(int(codebook.size))),
+        indptr=ptr,
+        indices=np.ascontiguousarray(np.asarray(indices)[order], dtype=_index_dtype(k)),
+        codes=np.ascontiguousarray(np.asarray(codes)[order], dtype=_code_dtype(int(codebook.size))),
         codebook=np.ascontiguousarray(codebook, dtype=np.float32),
+        slab=width,
     )
 
 
-def prepare_quant_linear(weight: np.ndarray) -> QuantLinearPrep:
+def prepare_quant_linear(weight: np.ndarray, slab: int | None = None) -> QuantLinearPrep:
     """Convert a dense ``(M, K)`` weight to codebook-index CSR, exactly.
 
     Parameters
@@ -136,6 +155,8 @@ def prepare_quant_linear(weight: np.ndarray) -> QuantLinearPrep:
     weight : ndarray, shape (M, K), float32
         Exact zeros are dropped; the codebook is the sorted distinct nonzero values (``2**b - 1`` of
         them or fewer for a ``b``-bit quantized layer, so uint8 codes).
+    slab : int, optional
+        Most columns per slab (default ``SLAB``; 0 for a plain CSR).
     """
     weight = np.ascontiguousarray(weight, dtype=np.float32)
     m, k = weight.shape
@@ -146,7 +167,7 @@ def prepare_quant_linear(weight: np.ndarray) -> QuantLinearPrep:
     np.cumsum(np.bincount(rows, minlength=m), out=indptr[1:])
     if codebook.size == 0:
         codebook = np.zeros(1, dtype=np.float32)
-    return quant_prep_from_codes((m, k), indptr, cols, codes.reshape(-1), codebook)
+    return quant_prep_from_codes((m, k), indptr, cols, codes.reshape(-1), codebook, slab)
 
 
 def quant_linear(prep: QuantLinearPrep, x: np.ndarray, bias: np.ndarray | None, out: np.ndarray) -> None:
@@ -184,11 +205,18 @@ def _qspmv(indptr, indices, codes, codebook, x, bias, has_bias, y, bounds):
     NOTE: indices are valid columns of x; codes are valid entries of codebook; y has M elements.
     """
     nparts = bounds.size - 1
+    nrow = y.size
+    nslabs = (indptr.size - 1) // max(nrow, 1)
     for part in numba.prange(nparts):
-        for m in range(bounds[part], bounds[part + 1]):
-            k0 = indptr[m]
-            s = code_row_dot(x, indices, codes, codebook, k0, indptr[m + 1] - k0)
-            y[m] = s + bias[m] if has_bias else s
+        for sl in range(nslabs):
+            for m in range(bounds[part], bounds[part + 1]):
+                r = sl * nrow + m
+                k0 = indptr[r]
+                s = code_row_dot(x, indices, codes, codebook, k0, indptr[r + 1] - k0)
+                if sl == 0:
+                    y[m] = s + bias[m] if has_bias else s
+                else:
+                    y[m] += s
 
 
 @pjit
@@ -200,20 +228,29 @@ def _qspmv_table(indptr, indices, codes, table, x, bias, has_bias, y, bounds):
     NOTE: as :func:`_qspmv`; table has 32 floats and every code is < 32.
     """
     nparts = bounds.size - 1
+    nrow = y.size
+    nslabs = (indptr.size - 1) // max(nrow, 1)
     for part in numba.prange(nparts):
-        for m in range(bounds[part], bounds[part + 1]):
-            k0 = indptr[m]
-            s = code_row_dot32(x, indices, codes, table, k0, indptr[m + 1] - k0)
-            y[m] = s + bias[m] if has_bias else s
+        for sl in range(nslabs):
+            for m in range(bounds[part], bounds[part + 1]):
+                r = sl * nrow + m
+                k0 = indptr[r]
+                s = code_row_dot32(x, indices, codes, table, k0, indptr[r + 1] - k0)
+                if sl == 0:
+                    y[m] = s + bias[m] if has_bias else s
+                else:
+                    y[m] += s
 
 
 @pjit
 def _qspmm(indptr, indices, codes, codebook, xt, bias, has_bias, out, bounds):
     """Quantized CSR x dense: ``out[:, m] = sum_e codebook[codes[e]] * xt[indices[e], :]`` (+ bias),
     accumulated into the output's column per row (a strided store per batch entry at the row's end).
-    NOTE: xt is (K, B) C-contiguous; out is (B, M).
+    NOTE: xt is (K, B) C-contiguous; out is (B, M); indptr.size - 1 is a multiple of M.
     """
     nb = xt.shape[1]
+    nrow = out.shape[1]
+    nslabs = (indptr.size - 1) // max(nrow, 1)
     nparts = bounds.size - 1
     for part in numba.prange(nparts):
         acc = np.empty(nb, dtype=np.float32)
@@ -221,10 +258,12 @@ def _qspmm(indptr, indices, codes, codebook, xt, bias, has_bias, out, bounds):
             bv = bias[m] if has_bias else np.float32(0.0)
             for j in range(nb):
                 acc[j] = 0.0
-            for e in range(indptr[m], indptr[m + 1]):
-                w = codebook[codes[e]]
-                row = xt[indices[e]]
-                for j in range(nb):
-                    acc[j] = fmadd(w, row[j], acc[j])
+            for sl in range(nslabs):
+                r = sl * nrow + m
+                for e in range(indptr[r], indptr[r + 1]):
+                    w = codebook[codes[e]]
+                    row = xt[indices[e]]
+                    for j in range(nb):
+                        acc[j] = fmadd(w, row[j], acc[j])
             for j in range(nb):
                 out[j, m] = acc[j] + bv
