@@ -479,8 +479,9 @@ def test_centroid_finetuning_under_torchrun_matches_one_process(tmp_path) -> Non
     import sys
 
     script = tmp_path / "worker.py"
-    script.write_text("import sys\nfrom tests.test_compress import _finetune_lenet\n"
-                      "_finetune_lenet(sys.argv[1])\n")
+    # faulthandler: a rank killed by a C++ abort prints where Python was (the clues below keep it)
+    script.write_text("import faulthandler, sys\nfaulthandler.enable()\n"
+                      "from tests.test_compress import _finetune_lenet\n_finetune_lenet(sys.argv[1])\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": root}
 
@@ -488,7 +489,11 @@ def test_centroid_finetuning_under_torchrun_matches_one_process(tmp_path) -> Non
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                *args]
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        # On failure, every line a dying rank printed (a C++ abort leaves no Python traceback and
+        # comes long before torchrun's summary), then the summary.
+        words = ("terminate", "what()", "Abort", "Error", "error", "Signal", "signal", "Fatal", "File ")
+        clues = [ln for ln in proc.stderr.splitlines() if any(w in ln for w in words)]
+        assert proc.returncode == 0, "\n".join(clues[-60:]) + "\n---\n" + proc.stderr[-3000:]
         return proc
 
     torchrun(2, str(script), str(tmp_path / "cb"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numba
 import numpy as np
 import pytest
@@ -16,6 +18,21 @@ from sparsecnn.kernels.conv import direct_conv2d, prepare_direct
 from sparsecnn.kernels.spmv import prepare_linear, sparse_linear
 from tests.conftest import random_sparse
 from tests.reference import assert_close
+
+
+@contextlib.contextmanager
+def direct_mode(mode: str):
+    """Force the direct kernel's form: ``"grouped"`` (filter-group tiles for every layer, however
+    small), ``"flat"`` (per-filter tiles only) or ``"auto"`` (the library's choice)."""
+    saved = conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS
+    if mode == "grouped":
+        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS = 1e9, 0
+    elif mode == "flat":
+        conv._GROUPED_BELOW = 0.0
+    try:
+        yield
+    finally:
+        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS = saved
 
 
 def _conv_case(rng, b, cin, cout, hw, k, stride, padding, dilation, groups, sparsity, bias=True):
@@ -50,10 +67,70 @@ CONV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["auto", "grouped"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"b{c[0]}c{c[1]}-{c[2]}k{c[4]}s{c[5]}g{c[8]}")
-def test_direct_conv_matches_torch(case, sparsity, rng):
-    _conv_case(rng, *case, sparsity)
+def test_direct_conv_matches_torch(case, sparsity, mode, rng):
+    with direct_mode(mode):
+        prep, *_ = _conv_case(rng, *case, sparsity)
+    if mode == "grouped":
+        assert (next(iter(prep._workspaces.values())).grouped is not None) == (prep.nnz > 0)
+
+
+@pytest.mark.parametrize("case", [
+    # b, cin, cout, (h, w), (kh, kw), stride, padding, dilation, groups
+    (2, 12, 6, (9, 9), (3, 3), (1, 1), (1, 1), (1, 1), 2),  # 3 filters per conv group: an empty slot
+    (1, 40, 9, (13, 13), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # 9 filters: a group of one
+    (1, 8, 8, (27, 27), (5, 5), (1, 1), (2, 2), (1, 1), 2),  # AlexNet conv2-like, several row groups
+    (3, 16, 20, (11, 10), (3, 3), (2, 2), (1, 1), (1, 1), 4),  # strided, grouped, batch 3
+])
+@pytest.mark.parametrize("l1", [24 * 1024, 1])
+def test_direct_conv_filter_groups(case, l1, rng, monkeypatch):
+    """The filter-group form (group_tile): empty filters and slots, every pattern of four filters,
+    channel blocks (one channel each with l1=1) and several row groups, against torch, with and
+    without bias and ReLU, bound or not."""
+    from sparsecnn.kernels.conv import bind_direct_conv2d
+
+    monkeypatch.setattr(conv, "_L1_BYTES", l1)
+    monkeypatch.setattr(conv, "_L2_BYTES", 4096)  # several row groups on the larger planes
+    b, cin, cout, hw, k, stride, padding, dilation, groups = case
+    w = random_sparse(rng, (cout, cin // groups, *k), 0.5)
+    w[1] = 0.0  # an all-zero filter inside a group
+    x = rng.standard_normal((b, cin, *hw)).astype(np.float32)
+    bv = rng.standard_normal(cout).astype(np.float32)
+    with direct_mode("grouped"):
+        prep = prepare_direct(w, groups, stride, padding, dilation)
+        ws = prep.workspace(x.shape)
+    g = ws.grouped
+    assert g is not None and g.nblk == (cin // groups if l1 == 1 else 1)
+    pats = np.diff(g.cptr.reshape(-1, 16), axis=1)
+    assert pats.sum() == g.offsets.size and g.weights.size == prep.nnz
+    assert np.array_equal(np.sort(g.weights), np.sort(prep.data))
+    assert sorted(g.filters[g.filters >= 0].tolist()) == list(range(cout))
+    for bias, relu in ((bv, False), (None, True), (bv, True)):
+        bt = None if bias is None else torch.from_numpy(bias)
+        ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), bt, stride, padding, dilation, groups)
+        ref = (torch.relu(ref) if relu else ref).numpy()
+        out = np.full(ref.shape, np.nan, dtype=np.float32)
+        direct_conv2d(prep, x, bias, out, relu=relu)
+        assert_close(out, ref, what="grouped direct_conv2d")
+        bound = np.full(ref.shape, np.nan, dtype=np.float32)
+        bind_direct_conv2d(prep, x.shape, bias, bound, relu)(x)
+        np.testing.assert_array_equal(bound, out)
+
+
+def test_direct_conv_picks_filter_groups_at_moderate_sparsity_only(rng):
+    """The library's choice: filter-group tiles at Deep Compression's conv density (an AlexNet conv4
+    shape), per-filter tiles at 90% sparsity and on a 1x1 layer (one tap per channel: too few
+    columns per pass)."""
+    def form(shape, k, sparsity):
+        w = random_sparse(rng, (shape[1], shape[0], k, k), sparsity)
+        prep = prepare_direct(w, 1, (1, 1), ((k - 1) // 2, (k - 1) // 2), (1, 1))
+        return prep.workspace((1, shape[0], shape[2], shape[2])).grouped is not None
+
+    assert form((192, 64, 13), 3, 0.63)
+    assert not form((192, 64, 13), 3, 0.9)
+    assert not form((512, 64, 28), 1, 0.63)
 
 
 def test_direct_conv_without_bias_and_empty_filters(rng):
@@ -80,6 +157,7 @@ def test_direct_conv_input_channel_blocks(case, l1, rng, monkeypatch):
     # accumulating its tile across them; the default budget gives a few on the first case.
     monkeypatch.setattr(conv, "_L1_BYTES", l1)
     monkeypatch.setattr(conv, "_MIN_BLOCK_NNZ", 1)
+    monkeypatch.setattr(conv, "_GROUPED_BELOW", 0.0)  # the per-filter form's blocks
     prep, *_ = _conv_case(rng, *case, 0.6)
     ws = next(iter(prep._workspaces.values()))
     nblk = ws.bptr.shape[0]
@@ -164,14 +242,16 @@ def test_direct_conv_thread_counts_and_strided_out(rng):
     sparsity=st.sampled_from([0.0, 0.3, 0.8, 0.95, 1.0]),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
+    mode=st.sampled_from(["auto", "grouped"]),
 )
 def test_direct_conv_random_configs(b, cin_g, cout_g, groups, h, w, kh, kw, sh, sw, ph, pw, dh, dw,
-                                    sparsity, bias, seed):
+                                    sparsity, bias, seed, mode):
     if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1:
         return  # torch rejects an empty output; the layer never builds one
     rng = np.random.default_rng(seed)
-    _conv_case(rng, b, cin_g * groups, cout_g * groups, (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw),
-               groups, sparsity, bias)
+    with direct_mode(mode):
+        _conv_case(rng, b, cin_g * groups, cout_g * groups, (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw),
+                   groups, sparsity, bias)
 
 
 def _linear_case(rng, batch, m, k, sparsity, bias=True):

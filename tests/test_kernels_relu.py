@@ -37,10 +37,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("blocks", [False, True])
+@pytest.mark.parametrize("blocks", [False, True, "grouped"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}c{c[1]}-{c[2]}k{c[4]}s{c[5]}g{c[7]}")
 def test_direct_conv_fused_relu(case, blocks, rng, monkeypatch):
-    if blocks:  # many input-channel blocks: the tiles accumulate, the crop applies the ReLU
+    monkeypatch.setattr(conv, "_GROUPED_BELOW", 0.0)  # per-filter tiles, unless grouped is asked for
+    if blocks == "grouped":  # filter-group tiles: the crop applies the ReLU
+        monkeypatch.setattr(conv, "_GROUPED_BELOW", 1e9)
+        monkeypatch.setattr(conv, "_GROUPED_MIN_COLUMNS", 0)
+    elif blocks:  # many input-channel blocks: the tiles accumulate, the crop applies the ReLU
         monkeypatch.setattr(conv, "_L1_BYTES", 1)
         monkeypatch.setattr(conv, "_MIN_BLOCK_NNZ", 1)
     b, cin, cout, hw, k, stride, padding, groups = case
@@ -51,9 +55,11 @@ def test_direct_conv_fused_relu(case, blocks, rng, monkeypatch):
     ref = torch.relu(F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bv), stride,
                               padding, 1, groups)).numpy()
     prep = prepare_direct(w, groups, stride, padding, (1, 1))
-    if blocks:
+    if blocks is True:
         prep.workspace(x.shape)
         assert next(iter(prep._workspaces.values())).bptr.shape[0] > 1
+    elif blocks == "grouped":
+        assert prep.workspace(x.shape).grouped is not None
     plain = np.full(ref.shape, np.nan, dtype=np.float32)
     direct_conv2d(prep, x, bv, plain)
     out = np.full(ref.shape, -7.0, dtype=np.float32)

@@ -51,8 +51,9 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # 6: the direct kernel's weights block-major (ResNet's 7x7 layers 3x faster in a forward pass);
 # 7: lowered is an implicit GEMM on the CPU (no im2col, 1.3-2.7x faster);
 # 8: spmv (and qspmv) one vector FMA per eight nonzeros, 1.1-1.4x faster: spmv vs spmv-act re-decided;
-# 9: spmv/spmm weights in column slabs above 4096 inputs (x stays in L1): fc6-sized layers 2x faster.
-_CACHE_VERSION = 9
+# 9: spmv/spmm weights in column slabs above 4096 inputs (x stays in L1): fc6-sized layers 2x faster;
+# 10: the direct kernel's filter-group tiles at moderate sparsity (AlexNet conv2-5 at 62-65%: faster).
+_CACHE_VERSION = 10
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.
 DEFAULT_MARGIN = 0.04

@@ -18,6 +18,7 @@ run sees the same batches and dropout draws as an uninterrupted one.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -139,9 +140,23 @@ def init_distributed() -> tuple[int, int]:
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group (no-op outside one)."""
+    """Leave the process group (no-op outside one), after a barrier.
+
+    Why the barrier: a rank that destroys its group while a peer still has gloo work in flight (its
+    last all-reduce, or a peer still evaluating and about to sync) closes the TCP pairs under that
+    work, and gloo's worker threads then throw from a thread no one joins: the peer is killed with
+    SIGABRT ("terminate called after throwing an instance of 'gloo::IoException'"). With the barrier
+    no rank tears down before every rank is done communicating. The garbage collection first frees
+    DistributedDataParallel wrappers caught in reference cycles, whose reducers hold the group: a
+    group released only at interpreter exit destroys its worker threads unjoined ("terminate called
+    without an active exception", seen once in the test suite's torchrun run).
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        gc.collect()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def is_main_process() -> bool:

@@ -56,8 +56,29 @@ vectors, LLVM legalising the same IR) measured 10-25% slower than 8-wide with 12
 1.27-1.45x against 1.38-1.48x at 65%; one run, loaded machine); likely why: Zen 4 executes a zmm FMA as
 two 256-bit halves, so wider vectors add no FMA throughput, and an unaligned 64-byte load (most span
 starts) always splits across two cache lines. An L2 budget of half of Zen 4's 1 MiB L2 instead of
-a quarter was 0-5% faster (``_L2_BYTES`` follows the L2 size the OS reports). Not yet tried on Zen 4:
-tiles sharing a tap's load between two filters at 55-70% density.
+a quarter was 0-5% faster (``_L2_BYTES`` follows the L2 size the OS reports). Tiles sharing a
+loaded vector: see "Filter groups" below.
+
+Filter groups (moderate sparsity)
+---------------------------------
+One load per FMA caps the per-filter tiles at ~1.2 FMA a cycle on Zen 4 (micro-kernel alone, input in
+L1: 70 GFLOP/s on one core, where :func:`sparsecnn.kernels._simd.gemm_tile`, which reuses each loaded
+vector for four filters, reaches 116). At the 55-70% sparsity that Deep Compression and SSL leave in
+conv layers, a column (input channel, tap) is nonzero in 1.5 of every 4 filters, so a tile of four
+filters x 6 vectors (:func:`sparsecnn.kernels._simd.group_tile`) loads each column's input once for
+every filter that has it: the columns of a group of four filters are sorted by their 4-bit pattern of
+member filters (15 loops with the register mapping fixed per pattern; disjoint patterns walk in
+lockstep so single-filter columns do not serialise on one filter's FMA chains). ``_grouped_plan``
+estimates the vector loads per output vector of both forms from the actual nonzeros and keeps the
+filter groups where they load less than ``_GROUPED_BELOW`` (0.85) of the per-filter tiles and a pass
+has enough columns (``_GROUPED_MIN_COLUMNS``); at 90% sparsity a column rarely has two filters and
+the per-filter tiles stay. Channel blocks are sized so one tile's input window of a block fits L1, and
+the loop runs block, tile, filter group, so the window is read from L1 by every filter group and the
+block's columns stay in L2 across the tiles. Tried and dropped on the way: vertical runs (taps
+``(c, r, s)`` and ``(c, r + 1, s)`` of one filter share a loaded vector when wide rows are a whole
+number of vectors): at ~37% density only 12% fewer loads, eaten by the 10-14% more lanes of rows
+rounded up to 16 or 32 floats (1.0-1.05x in the micro-kernel); blocks of ~26 channels per pass and the
+tile loop outermost (the 15 pattern loops' exits then cost more than the loads saved: 0.94-1.09x).
 
 What bounds it (Zen 3, AVX2, one core, measured with the micro-kernel alone): vector loads. Each FMA
 takes its input vector from memory, and this core sustains about 1.1 such FMAs a cycle (57 GFLOP/s)
@@ -85,11 +106,14 @@ import numpy as np
 
 from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit, serial_twin
 from sparsecnn.kernels._simd import (
+    GROUP_F,
+    GROUP_NV,
     NV_MAX,
     NV_PAIR,
     VW,
     copy_vec,
     copy_vec_act,
+    group_tile,
     pair_tile,
     span_tile,
     tile_split,
@@ -122,6 +146,12 @@ _L1_BYTES = 24 * 1024
 # cost more than L1 saves: measured on ResNet-50 1x1 layers at 90%).
 _MIN_BLOCK_NNZ = 24
 _TILE = NV_MAX * VW
+# Filter-group tiles (``group_tile``) replace the per-filter ones when their estimated vector loads per
+# output vector are below this fraction of the per-filter tiles' (~0.8 at Deep Compression's ~37%
+# density, ~1.1 at 90% sparsity: see _grouped_plan).
+_GROUPED_BELOW = 0.85
+# Fewest columns per filter-group pass on average (its 15 pattern loops per tile need columns to run).
+_GROUPED_MIN_COLUMNS = 256
 # Below this many multiply-adds per call (nonzeros x span x batch) a bound layer runs the serial twins
 # of the kernels: a parallel launch (~2.5 us) costs more than a second thread saves (LeNet-5's layers).
 _SERIAL_MACS = 1 << 16
@@ -136,6 +166,25 @@ def _index_dtype(n: int) -> np.dtype:
     if n <= np.iinfo(np.int32).max + 1:
         return np.dtype(np.int32)
     return np.dtype(np.int64)
+
+
+@dataclass(eq=False)
+class _Grouped:
+    """The filter-group form of one input shape (see :func:`sparsecnn.kernels._simd.group_tile`):
+    filters in groups of ``GROUP_F`` (within a conv group), and per pass (channel block ``kb``, filter
+    group ``g``: pass ``kb * ngroups + g``) the sparse columns sorted by the pattern of filters that
+    have them."""
+
+    offsets: np.ndarray  # (ncols,) span offset of each column inside one image's phase planes
+    weights: np.ndarray  # (nnz,) the member filters' weights, column after column, in filter order
+    cptr: np.ndarray  # (npass * 16,) int64: pattern q of pass P is cptr[16 P + q - 1]:cptr[16 P + q]
+    wptr: np.ndarray  # (npass * 16,) int64: weight index of the first column of pattern q of pass P
+    filters: np.ndarray  # (ngroups, GROUP_F) int64: the filter in each slot, -1 for an empty slot
+    bounds: np.ndarray  # (nparts + 1,) filter-group ranges with balanced nonzero counts
+    nblk: int  # channel blocks
+    group: int  # wide-row positions per pass (whole rows)
+    wide: np.ndarray  # (nparts, slots * gstride) wide output rows of the thread's filter slots
+    gstride: int
 
 
 @dataclass(eq=False)
@@ -159,6 +208,7 @@ class _Workspace:
     span: int  # (hout - 1) * wph + wout
     group: int  # wide-row positions per pass over the output channels (whole rows of wph)
     tile: int  # vectors per register tile: per filter of a pair (one block), or of one filter (blocks)
+    grouped: _Grouped | None = None  # the filter-group form, when it is the one that runs
 
 
 @dataclass(frozen=True, eq=False)
@@ -330,6 +380,9 @@ class DirectConvPrep(ConvPrepBase):
         bptr[1:] += np.cumsum(bptr[:-1, -1])[:, None]
         gstride = group + 2 * VW
         nco = int(np.diff(bounds).max(initial=0))
+        grouped = _grouped_plan(self, lay, c, ci, r, s, co, off_dtype, cin_g, nparts)
+        if grouped is not None:  # the per-filter form is not kept beside it (the weights once per thread)
+            order, bptr, nco = order[:0], np.zeros((1, cout + 1), dtype=np.int64), 0
         return _Workspace(
             offsets=np.ascontiguousarray(off[order], dtype=off_dtype),
             data=np.ascontiguousarray(self.data[order]),
@@ -337,7 +390,7 @@ class DirectConvPrep(ConvPrepBase):
             copies=lay.copies,
             identity=lay.identity,
             xt=np.zeros(lay.xt_shape(b, cin, pw), dtype=np.float32),
-            wide=np.zeros((nparts, max(nco, 1) * gstride), dtype=np.float32),
+            wide=np.zeros((nparts, max(nco, 1) * gstride if grouped is None else 0), dtype=np.float32),
             gstride=gstride,
             bptr=bptr,
             bounds=bounds,
@@ -348,7 +401,91 @@ class DirectConvPrep(ConvPrepBase):
             span=span,
             group=group,
             tile=NV_MAX if nblk > 1 else NV_PAIR,
+            grouped=grouped,
         )
+
+
+def _grouped_plan(prep: DirectConvPrep, lay: PhaseLayout, c: np.ndarray, ci: np.ndarray, r: np.ndarray,
+                  s: np.ndarray, co: np.ndarray, off_dtype: type, cin_g: int, nparts: int) -> _Grouped | None:
+    """The filter-group form of ``prep`` for one input shape, or None where the per-filter tiles are
+    estimated to load less (high sparsity: a column then rarely has two filters) or a pass would
+    cover too few channels (planes too wide for L1).
+
+    The estimate counts vector loads per output vector: per-filter tiles make one per nonzero (plus
+    a weight and an offset per ``NV_MAX`` vectors); group tiles one per column and vector, plus a
+    weight broadcast and an offset per column every ``GROUP_NV`` vectors.
+    """
+    cout, _, kh, kw = prep.weight_shape
+    nnz = prep.nnz
+    if nnz == 0 or _GROUPED_BELOW <= 0:
+        return None
+    nph, wph, halo = lay.nph, lay.wph, lay.halo
+    # Rows per group: the input of every channel of the thread for them fits in half of L2 (as the
+    # per-filter kernel's); channel blocks: one tile's input window of a block fits L1, so it is read
+    # from L1 by every filter group of the thread.
+    cin_read = cin_g * -(-prep.groups // nparts)
+    rows = max((_L2_BYTES // (4 * cin_read * nph) - halo) // wph, -(-GROUP_NV * VW // wph), 1)
+    group = min(rows, lay.hout) * wph
+    cb = max(1, _L1_BYTES // (4 * nph * (GROUP_NV * VW + halo + VW)))
+    nblk = -(-cin_g // cb)
+    cb = -(-cin_g // nblk)
+    mg = cout // prep.groups
+    per_conv = -(-mg // GROUP_F)  # filter groups per conv group
+    ngroups = prep.groups * per_conv
+    cg, j = np.divmod(co, mg)
+    fgroup = cg * per_conv + j // GROUP_F
+    slot = j % GROUP_F
+    kb = ci // cb
+    tap = (ci * kh + r) * kw + s
+    ntap = cin_g * kh * kw
+    npass = nblk * ngroups
+    col_key = (kb * ngroups + fgroup) * ntap + tap
+    cols, inverse = np.unique(col_key, return_inverse=True)
+    pattern = np.zeros(cols.size, dtype=np.int64)
+    np.bitwise_or.at(pattern, inverse, 1 << slot)
+    ncols = cols.size
+    est_grouped = ncols * (1 + 1 / GROUP_NV) + nnz / GROUP_NV
+    est_flat = nnz * (1 + 2 / NV_MAX)
+    # A pass runs 15 pattern loops per tile: with few columns each, their exits cost more than the
+    # loads saved (1x1 layers: one tap per channel).
+    if est_grouped >= _GROUPED_BELOW * est_flat or ncols < _GROUPED_MIN_COLUMNS * npass:
+        return None
+    passes = cols // ntap
+    order = np.lexsort((cols % ntap, pattern, passes))  # by pass, then pattern, then tap
+    rank = np.empty(ncols, dtype=np.int64)
+    rank[order] = np.arange(ncols)
+    members = np.array([bin(q).count("1") for q in range(1 << GROUP_F)], dtype=np.int64)
+    wstart = np.zeros(ncols + 1, dtype=np.int64)
+    np.cumsum(members[pattern[order]], out=wstart[1:])
+    below = np.array([[bin(q & ((1 << f) - 1)).count("1") for f in range(GROUP_F)]
+                      for q in range(1 << GROUP_F)], dtype=np.int64)
+    weights = np.empty(nnz, dtype=np.float32)
+    weights[wstart[rank[inverse]] + below[pattern[inverse], slot]] = prep.data
+    counts = np.zeros((npass, 16), dtype=np.int64)
+    np.add.at(counts, (passes, pattern), 1)
+    cptr = np.zeros((npass, 16), dtype=np.int64)
+    cptr[:, 0] = np.concatenate(([0], np.cumsum(counts.sum(axis=1))[:-1]))
+    cptr[:, 1:] = cptr[:, :1] + np.cumsum(counts[:, 1:], axis=1)
+    wptr = np.zeros((npass, 16), dtype=np.int64)
+    wptr[:, :15] = wstart[cptr[:, :15]]
+    # The column's tap (of the conv group's channels) and that group's first channel give its span.
+    first = order  # sorted columns -> their index in cols
+    ctap = cols[first] % ntap
+    cci, crs = np.divmod(ctap, kh * kw)
+    cr, cs = np.divmod(crs, kw)
+    cgroup = (passes[first] % ngroups) // per_conv
+    offsets = lay.offsets(cgroup * cin_g + cci, cr, cs)
+    filters = np.full((ngroups, GROUP_F), -1, dtype=np.int64)
+    every = np.arange(cout)  # all-zero filters too: their outputs are the bias
+    every_cg, every_j = np.divmod(every, mg)
+    filters[every_cg * per_conv + every_j // GROUP_F, every_j % GROUP_F] = every
+    cost = np.bincount(fgroup, minlength=ngroups).astype(np.int64) + 1
+    bounds = balanced_bounds(cost, nparts)
+    gstride = group + 2 * VW
+    slots = GROUP_F * max(int(np.diff(bounds).max(initial=0)), 1)
+    return _Grouped(offsets=np.ascontiguousarray(offsets, dtype=off_dtype), weights=weights,
+                    cptr=cptr.reshape(-1), wptr=wptr.reshape(-1), filters=filters, bounds=bounds, nblk=nblk,
+                    group=group, wide=np.zeros((nparts, slots * gstride), dtype=np.float32), gstride=gstride)
 
 
 def prepare_direct(
@@ -419,10 +556,20 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     # The kernel writes planes of C-contiguous rows; any other out goes through a temporary.
     dst = out if out.flags.c_contiguous else np.empty(out.shape, dtype=np.float32)
     flat = dst.reshape(nb, cout * ws.hout * ws.wout)
-    _direct_kernel(xt, ws.offsets, ws.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
-                   ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu))
+    if ws.grouped is not None:
+        g = ws.grouped
+        _grouped_kernel(xt, *_grouped_args(ws), b, has_bias, flat, ws.hout, ws.wout, g.wide, g.gstride,
+                        g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu))
+    else:
+        _direct_kernel(xt, ws.offsets, ws.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
+                       ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu))
     if dst is not out:
         out[...] = dst
+
+
+def _grouped_args(ws: _Workspace) -> tuple[np.ndarray, ...]:
+    g = ws.grouped
+    return g.offsets, g.weights, g.cptr, g.wptr, g.filters
 
 
 def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int], bias: np.ndarray | None,
@@ -458,12 +605,18 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
     nb, cin, h, w = x_shape
     sh, sw = prep.stride
     small = prep.nnz * ws.span * nb < _SERIAL_MACS
-    kernel = _direct_kernel_serial if small else _direct_kernel
     copy = _phase_copy_serial if nb * cin * h * w < _SERIAL_COPY else _phase_copy
     has_bias = bias is not None
-    kargs = (ws.offsets, ws.data, ws.bptr, bias if has_bias else prep.data[:0], has_bias,
-             out.reshape(nb, -1), ws.hout, ws.wout, ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, ws.group,
-             ws.tile, bool(relu))
+    b = bias if has_bias else prep.data[:0]
+    g = ws.grouped
+    if g is not None:
+        kernel = _grouped_kernel_serial if small else _grouped_kernel
+        kargs = (*_grouped_args(ws), b, has_bias, out.reshape(nb, -1), ws.hout, ws.wout, g.wide, g.gstride,
+                 g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu))
+    else:
+        kernel = _direct_kernel_serial if small else _direct_kernel
+        kargs = (ws.offsets, ws.data, ws.bptr, b, has_bias, out.reshape(nb, -1), ws.hout, ws.wout, ws.wide,
+                 ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu))
     xt = ws.xt
     cargs = (xt, ws.copies, h, w, ws.phases.size * ws.hph * ws.wph, ws.hph * ws.wph, ws.wph, sh, sw)
     identity = ws.identity
@@ -654,5 +807,57 @@ def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, 
                         _crop(w[(co - c0) * gstride:], n, dst, co * plane, r0, wph, wout, hout, relu)
 
 
+@pjit
+def _grouped_kernel(xt, offs, wts, cptr, wptr, filters, bias, has_bias, out, hout, wout, wide, gstride,
+                    bounds, wph, span, group, nblk, relu):
+    """Direct sparse convolution in filter-group tiles (:func:`sparsecnn.kernels._simd.group_tile`),
+    parallel over balanced ranges of filter groups.
+
+    For each image and each group of ``group`` wide-row positions (whole rows whose input is in L2):
+    tile after tile along the rows, for each channel block (its window for the tile sized for L1),
+    every filter group of the thread adds the block's columns into its ``GROUP_F`` x
+    ``GROUP_NV``-vector tile, so the window is read from L1 by all of them; then the valid columns of
+    every filter go to ``out`` (ReLU on the copy with ``relu``). Blocks are as large as L1 allows:
+    each pass runs 15 pattern loops per tile, whose exits cost where a pattern has few columns.
+    NOTE: offs/xt from the same workspace; out (B, Cout * hout * wout) C-contiguous; wide holds
+    GROUP_F * gstride floats per filter group of the largest range; group is a multiple of wph.
+    """
+    nb = out.shape[0]
+    plane = hout * wout
+    nparts = bounds.size - 1
+    ngroups = filters.shape[0]
+    zero = np.float32(0.0)
+    for part in numba.prange(nparts):
+        w = wide[part]
+        g0 = bounds[part]
+        g1 = bounds[part + 1]
+        for b in range(nb):
+            xb = xt[b]
+            dst = out[b]
+            for p0 in range(0, span, group):
+                n = min(group, span - p0)
+                nvec = (n + VW - 1) // VW
+                ntiles = (nvec + GROUP_NV - 1) // GROUP_NV
+                r0 = p0 // wph
+                for kb in range(nblk):
+                    for t in range(ntiles):
+                        v0, nv = tile_split(nvec, t, ntiles)
+                        for g in range(g0, g1):
+                            i0 = bias[filters[g, 0]] if has_bias and filters[g, 0] >= 0 else zero
+                            i1 = bias[filters[g, 1]] if has_bias and filters[g, 1] >= 0 else zero
+                            i2 = bias[filters[g, 2]] if has_bias and filters[g, 2] >= 0 else zero
+                            i3 = bias[filters[g, 3]] if has_bias and filters[g, 3] >= 0 else zero
+                            wpos = (g - g0) * GROUP_F * gstride + v0 * VW
+                            group_tile(xb, offs, wts, cptr, wptr, (kb * ngroups + g) * 16, p0 + v0 * VW, w,
+                                       wpos, gstride, nv, nv * VW, kb > 0, i0, i1, i2, i3)
+                for g in range(g0, g1):
+                    for f in range(GROUP_F):
+                        co = filters[g, f]
+                        if co >= 0:
+                            slot = (g - g0) * GROUP_F + f
+                            _crop(w[slot * gstride:], n, dst, co * plane, r0, wph, wout, hout, relu)
+
+
 _direct_kernel_serial = serial_twin(_direct_kernel)
+_grouped_kernel_serial = serial_twin(_grouped_kernel)
 _phase_copy_serial = serial_twin(_phase_copy)
