@@ -24,15 +24,15 @@ from tests.reference import assert_close
 def direct_mode(mode: str):
     """Force the direct kernel's form: ``"grouped"`` (filter-group tiles for every layer, however
     small), ``"flat"`` (per-filter tiles only) or ``"auto"`` (the library's choice)."""
-    saved = conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS
+    saved = conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS, conv._GROUPED_WHEN_ONE_TILE
     if mode == "grouped":
-        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS = 1e9, 0
+        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS, conv._GROUPED_WHEN_ONE_TILE = 1e9, 0, True
     elif mode == "flat":
         conv._GROUPED_BELOW = 0.0
     try:
         yield
     finally:
-        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS = saved
+        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS, conv._GROUPED_WHEN_ONE_TILE = saved
 
 
 def _conv_case(rng, b, cin, cout, hw, k, stride, padding, dilation, groups, sparsity, bias=True):
@@ -80,7 +80,7 @@ def test_direct_conv_matches_torch(case, sparsity, mode, rng):
 @pytest.mark.parametrize("case", [
     # b, cin, cout, (h, w), (kh, kw), stride, padding, dilation, groups
     (2, 12, 6, (9, 9), (3, 3), (1, 1), (1, 1), (1, 1), 2),  # 3 filters per conv group: an empty slot
-    (1, 40, 9, (13, 13), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # 9 filters: a group of one
+    (1, 40, 9, (23, 23), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # 9 filters: a group of one
     (1, 8, 8, (27, 27), (5, 5), (1, 1), (2, 2), (1, 1), 2),  # AlexNet conv2-like, several row groups
     (3, 16, 20, (11, 10), (3, 3), (2, 2), (1, 1), (1, 1), 4),  # strided, grouped, batch 3
 ])
@@ -120,16 +120,17 @@ def test_direct_conv_filter_groups(case, l1, rng, monkeypatch):
 
 
 def test_direct_conv_picks_filter_groups_at_moderate_sparsity_only(rng):
-    """The library's choice: filter-group tiles at Deep Compression's conv density (an AlexNet conv4
-    shape), per-filter tiles at 90% sparsity and on a 1x1 layer (one tap per channel: too few
-    columns per pass)."""
+    """The library's choice: filter-group tiles at Deep Compression's conv density on a plane that
+    needs several per-filter tiles (AlexNet conv2-like), per-filter tiles at 90% sparsity, on a
+    plane one per-filter tile covers, and on a 1x1 layer (one tap per channel: too few columns)."""
     def form(shape, k, sparsity):
         w = random_sparse(rng, (shape[1], shape[0], k, k), sparsity)
         prep = prepare_direct(w, 1, (1, 1), ((k - 1) // 2, (k - 1) // 2), (1, 1))
         return prep.workspace((1, shape[0], shape[2], shape[2])).grouped is not None
 
-    assert form((192, 64, 13), 3, 0.63)
-    assert not form((192, 64, 13), 3, 0.9)
+    assert form((48, 64, 27), 5, 0.62)  # AlexNet conv2-like (27x27: several per-filter tiles)
+    assert not form((48, 64, 27), 5, 0.9)
+    assert not form((192, 64, 13), 3, 0.63)  # 13x13: one per-filter tile reads each weight once
     assert not form((512, 64, 28), 1, 0.63)
 
 

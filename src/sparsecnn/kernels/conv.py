@@ -150,6 +150,8 @@ _TILE = NV_MAX * VW
 # output vector are below this fraction of the per-filter tiles' (~0.8 at Deep Compression's ~37%
 # density, ~1.1 at 90% sparsity: see _grouped_plan).
 _GROUPED_BELOW = 0.85
+# Filter groups are not tried where one per-filter tile covers a row group (True: tried anyway).
+_GROUPED_WHEN_ONE_TILE = False
 # Fewest columns per filter-group pass on average (its 15 pattern loops per tile need columns to run).
 _GROUPED_MIN_COLUMNS = 256
 # Below this many multiply-adds per call (nonzeros x span x batch) a bound layer runs the serial twins
@@ -380,7 +382,11 @@ class DirectConvPrep(ConvPrepBase):
         bptr[1:] += np.cumsum(bptr[:-1, -1])[:, None]
         gstride = group + 2 * VW
         nco = int(np.diff(bounds).max(initial=0))
-        grouped = _grouped_plan(self, lay, c, ci, r, s, co, off_dtype, cin_g, nparts)
+        # A row group that one per-filter tile covers reads each weight once per call; filter-group
+        # tiles (GROUP_NV vectors) would cover it in several passes, each re-reading the block's
+        # columns: measured slower with the weights cold (AlexNet conv3-5 in a forward pass).
+        one_tile = -(-min(group, span) // VW) <= NV_MAX and not _GROUPED_WHEN_ONE_TILE
+        grouped = None if one_tile else _grouped_plan(self, lay, c, ci, r, s, co, off_dtype, cin_g, nparts)
         if grouped is not None:  # the per-filter form is not kept beside it (the weights once per thread)
             order, bptr, nco = order[:0], np.zeros((1, cout + 1), dtype=np.int64), 0
         return _Workspace(
@@ -409,7 +415,8 @@ def _grouped_plan(prep: DirectConvPrep, lay: PhaseLayout, c: np.ndarray, ci: np.
                   s: np.ndarray, co: np.ndarray, off_dtype: type, cin_g: int, nparts: int) -> _Grouped | None:
     """The filter-group form of ``prep`` for one input shape, or None where the per-filter tiles are
     estimated to load less (high sparsity: a column then rarely has two filters) or a pass would
-    cover too few channels (planes too wide for L1).
+    have too few columns (1x1 layers). Not tried where one per-filter tile covers a row group (the
+    caller: see ``_build_workspace``).
 
     The estimate counts vector loads per output vector: per-filter tiles make one per nonzero (plus
     a weight and an offset per ``NV_MAX`` vectors); group tiles one per column and vector, plus a
