@@ -121,16 +121,18 @@ def test_direct_conv_filter_groups(case, l1, rng, monkeypatch):
 
 def test_direct_conv_picks_filter_groups_at_moderate_sparsity_only(rng):
     """The library's choice: filter-group tiles at Deep Compression's conv density on a plane that
-    needs several per-filter tiles (AlexNet conv2-like), per-filter tiles at 90% sparsity, on a
-    plane one per-filter tile covers, and on a 1x1 layer (one tap per channel: too few columns)."""
-    def form(shape, k, sparsity):
+    needs several per-filter tiles (AlexNet conv2-like) or at batch >= 4, per-filter tiles at 90%
+    sparsity, on a plane one per-filter tile covers at batch 1, and on a 1x1 layer (one tap per
+    channel: too few columns)."""
+    def form(shape, k, sparsity, batch=1):
         w = random_sparse(rng, (shape[1], shape[0], k, k), sparsity)
         prep = prepare_direct(w, 1, (1, 1), ((k - 1) // 2, (k - 1) // 2), (1, 1))
-        return prep.workspace((1, shape[0], shape[2], shape[2])).grouped is not None
+        return prep.workspace((batch, shape[0], shape[2], shape[2])).grouped is not None
 
     assert form((48, 64, 27), 5, 0.62)  # AlexNet conv2-like (27x27: several per-filter tiles)
     assert not form((48, 64, 27), 5, 0.9)
     assert not form((192, 64, 13), 3, 0.63)  # 13x13: one per-filter tile reads each weight once
+    assert form((192, 64, 13), 3, 0.63, batch=8)  # ... per image: cached for the later images
     assert not form((512, 64, 28), 1, 0.63)
 
 

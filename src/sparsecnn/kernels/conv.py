@@ -150,8 +150,12 @@ _TILE = NV_MAX * VW
 # output vector are below this fraction of the per-filter tiles' (~0.8 at Deep Compression's ~37%
 # density, ~1.1 at 90% sparsity: see _grouped_plan).
 _GROUPED_BELOW = 0.85
-# Filter groups are not tried where one per-filter tile covers a row group (True: tried anyway).
+# Filter groups are not tried where one per-filter tile covers a row group (True: tried anyway), below
+# this batch. Measured on AlexNet conv3-5 at 62-65% (13x13, one tile), run in sequence: 0.99-1.04x the
+# per-filter tiles at batch 1 (0.82-0.86x with the caches flushed), 1.01-1.10x at batch 4, 1.16-1.25x
+# at batch 32.
 _GROUPED_WHEN_ONE_TILE = False
+_GROUPED_ONE_TILE_BATCH = 4
 # Fewest columns per filter-group pass on average (its 15 pattern loops per tile need columns to run).
 _GROUPED_MIN_COLUMNS = 256
 # Below this many multiply-adds per call (nonzeros x span x batch) a bound layer runs the serial twins
@@ -382,10 +386,12 @@ class DirectConvPrep(ConvPrepBase):
         bptr[1:] += np.cumsum(bptr[:-1, -1])[:, None]
         gstride = group + 2 * VW
         nco = int(np.diff(bounds).max(initial=0))
-        # A row group that one per-filter tile covers reads each weight once per call; filter-group
+        # A row group that one per-filter tile covers reads each weight once per image; filter-group
         # tiles (GROUP_NV vectors) would cover it in several passes, each re-reading the block's
-        # columns: measured slower with the weights cold (AlexNet conv3-5 in a forward pass).
-        one_tile = -(-min(group, span) // VW) <= NV_MAX and not _GROUPED_WHEN_ONE_TILE
+        # columns: measured slower with the weights cold at batch 1 (AlexNet conv3-5 in a forward
+        # pass). From a few images on, every image but the first finds the weights cached.
+        one_tile = (-(-min(group, span) // VW) <= NV_MAX and b < _GROUPED_ONE_TILE_BATCH
+                    and not _GROUPED_WHEN_ONE_TILE)
         grouped = None if one_tile else _grouped_plan(self, lay, c, ci, r, s, co, off_dtype, cin_g, nparts)
         if grouped is not None:  # the per-filter form is not kept beside it (the weights once per thread)
             order, bptr, nco = order[:0], np.zeros((1, cout + 1), dtype=np.int64), 0
