@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, balanced_bounds, num_threads, pjit
+from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit
 from sparsecnn.kernels._simd import TABLE, code_row_dot, code_row_dot32, fmadd
 from sparsecnn.kernels.spmv import slab_order, slab_row_ids, slab_width
 
@@ -195,6 +195,15 @@ def quant_linear(prep: QuantLinearPrep, x: np.ndarray, bias: np.ndarray | None, 
         _qspmm(prep.indptr, prep.indices, prep.codes, prep.codebook, ws.xt, b, has_bias, out, ws.bounds)
 
 
+@jit(inline="always")
+def _add_slab(y, m, sl, s, bias, has_bias):
+    """``y[m] = s + bias[m]`` for the first slab, ``y[m] += s`` for the others."""
+    if sl == 0:
+        y[m] = s + bias[m] if has_bias else s
+    else:
+        y[m] += s
+
+
 @pjit
 def _qspmv(indptr, indices, codes, codebook, x, bias, has_bias, y, bounds):
     """Quantized CSR spmv (Deep Compression's weight sharing, Han et al. ICLR 2016, run in place):
@@ -213,10 +222,7 @@ def _qspmv(indptr, indices, codes, codebook, x, bias, has_bias, y, bounds):
                 r = sl * nrow + m
                 k0 = indptr[r]
                 s = code_row_dot(x, indices, codes, codebook, k0, indptr[r + 1] - k0)
-                if sl == 0:
-                    y[m] = s + bias[m] if has_bias else s
-                else:
-                    y[m] += s
+                _add_slab(y, m, sl, s, bias, has_bias)
 
 
 @pjit
@@ -236,10 +242,7 @@ def _qspmv_table(indptr, indices, codes, table, x, bias, has_bias, y, bounds):
                 r = sl * nrow + m
                 k0 = indptr[r]
                 s = code_row_dot32(x, indices, codes, table, k0, indptr[r + 1] - k0)
-                if sl == 0:
-                    y[m] = s + bias[m] if has_bias else s
-                else:
-                    y[m] += s
+                _add_slab(y, m, sl, s, bias, has_bias)
 
 
 @pjit
