@@ -64,6 +64,8 @@ CONV_CASES = [
     (1, 4, 4, (3, 3), (3, 3), (1, 1), (0, 0), (1, 1), 1),  # 1x1 output
     (2, 8, 6, (11, 10), (3, 3), (1, 1), (0, 0), (1, 1), 1),  # no padding, span % 8 == 0: x read in place
     (2, 16, 6, (8, 8), (1, 1), (1, 1), (0, 0), (1, 1), 2),  # 1x1 read in place, grouped
+    (2, 4, 6, (21, 38), (3, 3), (2, 2), (1, 1), (1, 1), 1),  # stride-2 rows of >= 8: vector even lanes
+    (1, 3, 5, (17, 33), (1, 1), (2, 2), (0, 0), (1, 1), 1),  # ... whose last row ends x (scalar there)
 ]
 
 
