@@ -506,6 +506,13 @@ def fmadd(typingctx, a, b, c):
     return sig, codegen
 
 
+def _copy_ptrs(context, builder, aty, src, spos, dst, dpos):
+    """``&src[spos]`` and ``&dst[dpos]`` as float pointers (the copy intrinsics' first four args)."""
+    sp = builder.gep(_data_ptr(context, builder, aty[0], src), [spos], inbounds=True)
+    dp = builder.gep(_data_ptr(context, builder, aty[2], dst), [dpos], inbounds=True)
+    return sp, dp
+
+
 @intrinsic
 def copy_vec_act(typingctx, src, spos, dst, dpos, relu):
     """:func:`copy_vec`, with ``max(v, 0)`` per lane (NaN kept, as torch.relu) when ``relu``: the
@@ -516,8 +523,7 @@ def copy_vec_act(typingctx, src, spos, dst, dpos, relu):
     def codegen(context, builder, signature, args):
         src_, spos_, dst_, dpos_, relu_ = args
         aty = signature.args
-        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [spos_], inbounds=True)
-        dp = builder.gep(_data_ptr(context, builder, aty[2], dst_), [dpos_], inbounds=True)
+        sp, dp = _copy_ptrs(context, builder, aty, src_, spos_, dst_, dpos_)
         v = builder.load(builder.bitcast(sp, _VEC.as_pointer()), align=4)
         v = _relu(builder, v, _as_i1(context, builder, relu_, aty[4]))
         builder.store(v, builder.bitcast(dp, _VEC.as_pointer()), align=4)
@@ -540,8 +546,7 @@ def copy_vec(typingctx, src, spos, dst, dpos):
     def codegen(context, builder, signature, args):
         src_, spos_, dst_, dpos_ = args
         aty = signature.args
-        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [spos_], inbounds=True)
-        dp = builder.gep(_data_ptr(context, builder, aty[2], dst_), [dpos_], inbounds=True)
+        sp, dp = _copy_ptrs(context, builder, aty, src_, spos_, dst_, dpos_)
         v = builder.load(builder.bitcast(sp, _VEC.as_pointer()), align=4)
         builder.store(v, builder.bitcast(dp, _VEC.as_pointer()), align=4)
         return context.get_dummy_value()
@@ -560,8 +565,7 @@ def copy_even(typingctx, src, spos, dst, dpos):
     def codegen(context, builder, signature, args):
         src_, spos_, dst_, dpos_ = args
         aty = signature.args
-        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [spos_], inbounds=True)
-        dp = builder.gep(_data_ptr(context, builder, aty[2], dst_), [dpos_], inbounds=True)
+        sp, dp = _copy_ptrs(context, builder, aty, src_, spos_, dst_, dpos_)
         lo = builder.load(builder.bitcast(sp, _VEC.as_pointer()), align=4)
         hi = builder.load(builder.bitcast(builder.gep(sp, [ir.Constant(_I64, VW)], inbounds=True),
                                           _VEC.as_pointer()), align=4)
