@@ -365,8 +365,8 @@ def _check_slab_columns(what: str, fmt: Any, shape: tuple[int, int]) -> None:
     """Every stored column lies in the slab of its stacked row (after :func:`_check_csr_arrays`)."""
     if not fmt.slab or not len(fmt.indices):
         return
-    stacked_row = np.repeat(np.arange(fmt.nslabs * shape[0]), np.diff(fmt.indptr.astype(np.int64)))
-    wrong = fmt.indices.astype(np.int64) // fmt.slab != stacked_row // max(shape[0], 1)
+    slab_of = np.repeat(np.arange(fmt.nslabs), np.diff(fmt.indptr[:: max(shape[0], 1)].astype(np.int64)))
+    wrong = fmt.indices.astype(np.int64) // fmt.slab != slab_of
     _need(not wrong.any(), f"{what}: {int(wrong.sum())} column indices lie outside their slab "
                            f"(slab s holds columns [s * {fmt.slab}, (s + 1) * {fmt.slab}))")
 

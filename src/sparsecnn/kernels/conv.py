@@ -483,11 +483,9 @@ def _grouped_plan(prep: DirectConvPrep, lay: PhaseLayout, c: np.ndarray, ci: np.
     wptr = np.zeros((npass, 16), dtype=np.int64)
     wptr[:, :15] = wstart[cptr[:, :15]]
     # The column's tap (of the conv group's channels) and that group's first channel give its span.
-    first = order  # sorted columns -> their index in cols
-    ctap = cols[first] % ntap
-    cci, crs = np.divmod(ctap, kh * kw)
+    cci, crs = np.divmod(cols[order] % ntap, kh * kw)
     cr, cs = np.divmod(crs, kw)
-    cgroup = (passes[first] % ngroups) // per_conv
+    cgroup = (passes[order] % ngroups) // per_conv
     offsets = lay.offsets(cgroup * cin_g + cci, cr, cs)
     filters = np.full((ngroups, GROUP_F), -1, dtype=np.int64)
     every = np.arange(cout)  # all-zero filters too: their outputs are the bias
@@ -837,11 +835,12 @@ def _grouped_kernel(xt, offs, wts, cptr, wptr, filters, bias, has_bias, out, hou
     parallel over balanced ranges of filter groups.
 
     For each image and each group of ``group`` wide-row positions (whole rows whose input is in L2):
-    tile after tile along the rows, for each channel block (its window for the tile sized for L1),
-    every filter group of the thread adds the block's columns into its ``GROUP_F`` x
-    ``GROUP_NV``-vector tile, so the window is read from L1 by all of them; then the valid columns of
-    every filter go to ``out`` (ReLU on the copy with ``relu``). Blocks are as large as L1 allows:
-    each pass runs 15 pattern loops per tile, whose exits cost where a pattern has few columns.
+    channel block after block, tile after tile along the rows, every filter group of the thread adds
+    the block's columns into its ``GROUP_F`` x ``GROUP_NV``-vector tile (accumulated across blocks in
+    ``wide``), so a tile's input window of the block (sized for L1) is read from L1 by all of them and
+    the block's columns stay in L2 across the tiles; then the valid columns of every filter go to
+    ``out`` (ReLU on the copy with ``relu``). Blocks are as large as L1 allows: each pass runs 15
+    pattern loops per tile, whose exits cost where a pattern has few columns.
     NOTE: offs/xt from the same workspace; out (B, Cout * hout * wout) C-contiguous; wide holds
     GROUP_F * gstride floats per filter group of the largest range; group is a multiple of wph.
     """
