@@ -153,8 +153,8 @@ _TILE = NV_MAX * VW
 _GROUPED_BELOW = 0.85
 # Filter groups are not tried where one per-filter tile covers a row group (True: tried anyway), below
 # this batch. Measured on AlexNet conv3-5 at 62-65% (13x13, one tile), run in sequence: 0.99-1.04x the
-# per-filter tiles at batch 1 (0.82-0.86x with the caches flushed), 1.01-1.10x at batch 4, 1.16-1.25x
-# at batch 32.
+# per-filter tiles at batch 1 (0.82-0.86x with the caches flushed), 1.01-1.10x at batch 4, 1.00-1.25x
+# at batch 32 (two runs; python -m benchmarks.forms).
 _GROUPED_WHEN_ONE_TILE = False
 _GROUPED_ONE_TILE_BATCH = 4
 # Fewest columns per filter-group pass on average (its 15 pattern loops per tile need columns to run).
