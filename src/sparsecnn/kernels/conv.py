@@ -157,8 +157,12 @@ _GROUPED_BELOW = 0.85
 # at batch 32 (two runs; python -m benchmarks.forms).
 _GROUPED_WHEN_ONE_TILE = False
 _GROUPED_ONE_TILE_BATCH = 4
-# Fewest columns per filter-group pass on average (its 15 pattern loops per tile need columns to run).
+# Fewest columns per filter-group pass on average (its 15 pattern loops per tile need columns to run),
+# unless a pass saves at least _GROUPED_MIN_SAVED vector loads per output vector (est_flat -
+# est_grouped in _grouped_plan): AlexNet's conv1 (3 channels of 11x11 taps, 16% sparse) has 121
+# columns a pass but saves ~230 loads, 1x1 layers at 65% save ~40.
 _GROUPED_MIN_COLUMNS = 256
+_GROUPED_MIN_SAVED = 128
 # Below this many multiply-adds per call (nonzeros x span x batch) a bound layer runs the serial twins
 # of the kernels: a parallel launch (~2.5 us) costs more than a second thread saves (LeNet-5's layers).
 _SERIAL_MACS = 1 << 16
@@ -461,8 +465,9 @@ def _grouped_plan(prep: DirectConvPrep, lay: PhaseLayout, c: np.ndarray, ci: np.
     est_grouped = ncols * (1 + 1 / GROUP_NV) + nnz / GROUP_NV
     est_flat = nnz * (1 + 2 / NV_MAX)
     # A pass runs 15 pattern loops per tile: with few columns each, their exits cost more than the
-    # loads saved (1x1 layers: one tap per channel).
-    if est_grouped >= _GROUPED_BELOW * est_flat or ncols < _GROUPED_MIN_COLUMNS * npass:
+    # loads saved (1x1 layers: one tap per channel), unless the pass saves many loads (dense conv1).
+    few = ncols < _GROUPED_MIN_COLUMNS * npass and est_flat - est_grouped < _GROUPED_MIN_SAVED * npass
+    if est_grouped >= _GROUPED_BELOW * est_flat or few:
         return None
     passes = cols // ntap
     order = np.lexsort((cols % ntap, pattern, passes))  # by pass, then pattern, then tap
