@@ -586,14 +586,17 @@ HAS_TABLE32 = _vector_registers() >= 32
 TABLE = 32  # entries of the padded codebook the register lookup reads
 
 
-def _block_columns(builder, ip, k):
-    """The eight columns ``ix[k : k + 8]`` of one block as i64 values. uint16 / uint32 columns are read
-    as two / four 64-bit words split by shifts (little-endian), not as eight loads: measured in
-    :func:`sparsecnn.kernels.spmv._spmv` on a 4096 x 4096 CSR at 91% (one thread, weights cached),
-    0.35-0.36 against 0.40 ms, and in the two-thread spmv 0.165 against 0.188 ms (the loop issues
-    17 loads per eight nonzeros with eight column loads, 11 without, on Zen 4's three load ports)."""
+def _block_columns(builder, ip, k, words):
+    """The eight columns ``ix[k : k + 8]`` of one block as i64 values. With ``words``, uint16 / uint32
+    columns are read as two / four 64-bit words split by shifts (little-endian), not as eight loads:
+    the float spmv then issues 11 loads per eight nonzeros instead of 17 on Zen 4's three load ports.
+    Measured (2 threads, batch 1, AlexNet-sized 91% CSR with 32 distinct values, old and new kernels
+    interleaved in one process, two runs): float spmv fc6 / fc7 with the weights cached 1.06-1.09x /
+    1.10-1.11x, cold 1.01-1.07x / 0.95-0.96x (DRAM-bound); the codebook kernel 0.96-0.99x (its
+    register lookup already keeps the shuffle ports busy, and the shifts add ALU work), so it keeps
+    the eight loads."""
     width = ip.type.pointee.width
-    if width not in (16, 32):
+    if not words or width not in (16, 32):
         cols = [builder.load(builder.gep(ip, [builder.add(k, ir.Constant(_I64, j))], inbounds=True))
                 for j in range(VW)]
         return [c if c.type.width == 64 else builder.zext(c, _I64) for c in cols]
@@ -609,12 +612,13 @@ def _block_columns(builder, ip, k):
     return cols
 
 
-def _emit_row_dot(builder, xp, ip, k0, n, weights_at, weight_at):
+def _emit_row_dot(builder, xp, ip, k0, n, weights_at, weight_at, words=False):
     """``sum_e w[e] * x[ix[e]]`` over ``k0 <= e < k0 + n`` in the order of eight chains: chain ``j``
     (one lane of one ``<8 x float>`` accumulator) sums the entries ``j mod 8`` of the whole blocks of
     eight, the rest go into chain 0, and the result is ``((s0 + s1) + (s2 + s3)) + ((s4 + s5) +
     (s6 + s7))``. ``weights_at(k)`` gives the vector of the eight weights from entry ``k``,
-    ``weight_at(k)`` one weight."""
+    ``weight_at(k)`` one weight; ``words``: read a block's columns as 64-bit words
+    (:func:`_block_columns`)."""
     fma = _fma_vec(builder)
     fma1 = _fma_scalar(builder)
     acc = cgutils.alloca_once(builder, _VEC)
@@ -630,8 +634,9 @@ def _emit_row_dot(builder, xp, ip, k0, n, weights_at, weight_at):
     with cgutils.for_range(builder, nblk) as loop:
         k = builder.add(k0, builder.mul(loop.index, ir.Constant(_I64, VW)))
         xv = ir.Constant(_VEC, ir.Undefined)
-        for j, col in enumerate(_block_columns(builder, ip, k)):  # eight scalar loads into one vector:
-            x = builder.load(builder.gep(xp, [col], inbounds=True))  # no gather (slow on Zen 4)
+        # Eight scalar loads inserted into one vector: no gather (slow on Zen 4).
+        for j, col in enumerate(_block_columns(builder, ip, k, words)):
+            x = builder.load(builder.gep(xp, [col], inbounds=True))
             xv = builder.insert_element(xv, x, ir.Constant(_I32, j))
         builder.store(builder.call(fma, [weights_at(k), xv, builder.load(acc)]), acc)
     a = builder.load(acc)
@@ -671,7 +676,7 @@ def row_dot(typingctx, x, ix, data, k0, n):
             return builder.load(q, align=4)
 
         return _emit_row_dot(builder, xp, ip, k0_, n_, weights_at,
-                             lambda k: builder.load(builder.gep(dp, [k], inbounds=True)))
+                             lambda k: builder.load(builder.gep(dp, [k], inbounds=True)), words=True)
 
     return sig, codegen
 
