@@ -40,7 +40,7 @@ __all__ = ["SLAB", "LinearPrep", "bind_sparse_linear", "prepare_linear", "slab_o
 @dataclass(eq=False)
 class _Workspace:
     xt: np.ndarray  # (K, Bp) transposed input, Bp = B rounded up to VW (batch > 1 only; pad lanes 0)
-    acc: np.ndarray  # (M, Bp) every output row's batch-wide sums (batch > 1 only)
+    acc: np.ndarray  # (M, Bp) every output row's sums with slabs, else (nparts, Bp) (batch > 1 only)
     bounds: np.ndarray  # (nparts + 1,) row ranges with balanced nonzero counts
 
 
@@ -99,7 +99,7 @@ class LinearPrep:
             bp = -(-batch // VW) * VW
             ws = _Workspace(
                 xt=np.zeros((k, bp) if batch > 1 else (0, VW), dtype=np.float32),
-                acc=np.zeros((m, bp) if batch > 1 else (0, VW), dtype=np.float32),
+                acc=np.zeros(((m if self.slab else nparts) if batch > 1 else 0, bp), dtype=np.float32),
                 bounds=bounds,
             )
             self._workspaces[key] = ws
@@ -320,10 +320,12 @@ def _spmm(indptr, indices, data, xt, bias, has_bias, out, acc, bounds, relu):
     reads (3072 x 128 bytes for fc6 at batch 32) stay in L2 while the thread's rows pass over them.
     Row by row, with every slab inside (the order before), each row read from all of ``xt``, which
     for fc6 at batch 32 (1.2 MB) and VGG-16's fc6 (3.2 MB) is more than L2 holds. Measured at 2
-    threads, 91% sparse, old and new interleaved: fc6 at batch 8 / 32 1.18x / 1.25x, VGG-16's fc6
-    1.51x / 1.33x, fc7 (one slab) 1.05-1.07x.
-    NOTE: xt is (K, Bp) C-contiguous with Bp a multiple of VW; acc is (M, Bp); indptr.size - 1 is a
-    multiple of out.shape[1].
+    threads, 91% sparse, old and new interleaved: fc6 at batch 8 1.18x, at batch 32 1.01-1.43x over
+    four runs (the machine's noise is +-15% there), VGG-16's fc6 (7 slabs) 1.51x / 1.33x at batch 8
+    / 32. Without slabs (fc7) one row of ``acc`` per thread serves every row, as before: kept in
+    ``acc[m]``, fc7 at batch 32 ran 0.85x with the weights cold (512 KB more written).
+    NOTE: xt is (K, Bp) C-contiguous with Bp a multiple of VW; acc is (M, Bp) with slabs, else at least
+    (nparts, Bp); indptr.size - 1 is a multiple of out.shape[1].
     """
     nb, nrow = out.shape
     bp = xt.shape[1]
@@ -336,16 +338,20 @@ def _spmm(indptr, indices, data, xt, bias, has_bias, out, acc, bounds, relu):
         for sl in range(nslabs):
             last = relu and sl == nslabs - 1
             for m in range(bounds[part], bounds[part + 1]):
-                a = acc[m]
+                a = acc[m] if nslabs > 1 else acc[part]
                 bv = bias[m] if has_bias else np.float32(0.0)
                 r = sl * nrow + m
                 for t in range(ntiles):
                     v0, nv = tile_split(nvec, t, ntiles)
                     span_tile(x, indices, data, indptr[r], indptr[r + 1], v0 * VW, a, v0 * VW, nv, nv * VW,
                               bv, sl > 0, bp, last)
-        for m in range(bounds[part], bounds[part + 1]):
-            for j in range(nb):
-                out[j, m] = acc[m, j]
+                if nslabs == 1:
+                    for j in range(nb):
+                        out[j, m] = a[j]
+        if nslabs > 1:
+            for m in range(bounds[part], bounds[part + 1]):
+                for j in range(nb):
+                    out[j, m] = acc[m, j]
 
 
 _spmv_serial = serial_twin(_spmv)
