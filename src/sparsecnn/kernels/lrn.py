@@ -7,7 +7,9 @@ in one pass over (B, C, H, W) float32, exactly torch's ``local_response_norm`` u
 Why a kernel: composed of torch ops (pad, ``n`` shifted adds, scale, power, product) the layer makes
 about ten passes over the tensor, 0.9 ms for AlexNet's norm1 at batch 1 on 2 cores; here each output
 channel sums its window of squares for a run of pixels in registers and writes once. The window sum
-is recomputed per channel (no running sum, which would drift), in the order torch adds.
+is recomputed per channel (no running sum, which would drift), in the order torch adds: with the
+window of five inside the tensor straight from the five input rows (one pass, no buffer: the buffer's
+load and store per window row bounded the kernel before), elsewhere through a per-run buffer.
 """
 
 from __future__ import annotations
@@ -15,11 +17,18 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import num_threads, pjit
+from sparsecnn.kernels._numba import jit, num_threads, pjit
 
 __all__ = ["lrn_across_channels"]
 
 _RUN = 512  # most pixels per work item: the item's window sums stay in L1
+# Fast-math flags of the kernel: approximate functions, reciprocals and FMA contraction (LLVM then
+# computes 1 / sqrt by the rsqrt estimate and a Newton step, off the divider). Not ``nnan``/``ninf``:
+# a NaN or infinite input still gives NaN, as torch's. Measured with the window in registers (2
+# threads, interleaved): AlexNet's norm1 / norm2 at batch 1 0.126 / 0.092 ms before, 0.077 / 0.057
+# with the window in registers, 0.058 / 0.045 with these flags; at batch 32 4.96 / 3.38 -> 3.44 /
+# 2.34 -> 3.16 / 2.18 ms. Largest difference to torch over those inputs: 2.4e-7 relative.
+_FAST = {"afn", "arcp", "contract"}
 
 
 def lrn_across_channels(x: np.ndarray, size: int, alpha: float, beta: float, k: float,
@@ -43,9 +52,11 @@ def lrn_across_channels(x: np.ndarray, size: int, alpha: float, beta: float, k: 
                 np.float32(beta), np.float32(k), beta == 0.75, run)
 
 
-@pjit
+@pjit(fastmath=_FAST)
 def _lrn_kernel(x, out, size, scale, beta, k, three_quarters, run):
-    """Parallel over runs of ``run`` pixels of one image.
+    """Parallel over runs of ``run`` pixels of one image. A channel whose window of five lies inside
+    the tensor (AlexNet's and GoogLeNet's size) sums its five squares in registers, one pass; other
+    sizes, and the channels at the edges, sum the window into a per-run buffer first.
     NOTE: x and out (B, C, P) C-contiguous float32, not overlapping."""
     nb, nc, npix = x.shape
     front = size // 2
@@ -57,15 +68,41 @@ def _lrn_kernel(x, out, size, scale, beta, k, three_quarters, run):
         n = p1 - p0
         acc = np.empty(n, dtype=np.float32)
         for c in range(nc):
-            # Slices walked with range indices: numba then drops its negative-index check, which
-            # otherwise keeps LLVM from vectorising these loops (2x slower).
-            acc[:] = 0.0
-            for cc in range(max(c - front, 0), min(c - front + size, nc)):
-                src = x[b, cc, p0:p1]
-                for j in range(n):
-                    acc[j] += src[j] * src[j]
+            lo = c - front
             src = x[b, c, p0:p1]
             dst = out[b, c, p0:p1]
+            # Slices walked with range indices: numba then drops its negative-index check, which
+            # otherwise keeps LLVM from vectorising these loops (2x slower).
+            if size == 5 and lo >= 0 and lo + 5 <= nc:
+                a0 = x[b, lo, p0:p1]
+                a1 = x[b, lo + 1, p0:p1]
+                a2 = x[b, lo + 2, p0:p1]
+                a3 = x[b, lo + 3, p0:p1]
+                a4 = x[b, lo + 4, p0:p1]
+                # The branch outside the loops: a loop holding the power call does not vectorise.
+                if three_quarters:
+                    for j in range(n):
+                        s = a0[j] * a0[j]
+                        s += a1[j] * a1[j]
+                        s += a2[j] * a2[j]
+                        s += a3[j] * a3[j]
+                        s += a4[j] * a4[j]
+                        r = np.float32(1.0) / np.sqrt(s * scale + k)
+                        dst[j] = src[j] * r * np.sqrt(r)
+                else:
+                    for j in range(n):
+                        s = a0[j] * a0[j]
+                        s += a1[j] * a1[j]
+                        s += a2[j] * a2[j]
+                        s += a3[j] * a3[j]
+                        s += a4[j] * a4[j]
+                        dst[j] = src[j] * (s * scale + k) ** -beta
+                continue
+            acc[:] = 0.0
+            for cc in range(max(lo, 0), min(lo + size, nc)):
+                sq = x[b, cc, p0:p1]
+                for j in range(n):
+                    acc[j] += sq[j] * sq[j]
             if three_quarters:
                 for j in range(n):
                     r = np.float32(1.0) / np.sqrt(acc[j] * scale + k)
