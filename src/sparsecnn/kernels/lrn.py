@@ -17,7 +17,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import jit, num_threads, pjit
+from sparsecnn.kernels._numba import num_threads, pjit
 
 __all__ = ["lrn_across_channels"]
 
