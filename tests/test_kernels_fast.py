@@ -460,3 +460,23 @@ def test_bound_pools_equal_torch(shape, rng):
     want = torch.from_numpy(x).mean((2, 3)).numpy()
     assert np.isnan(g).sum() == np.isnan(want).sum() == 1  # the NaN's plane, as torch
     np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("channels", [1, 4, 5, 6, 17])
+@pytest.mark.parametrize(("size", "beta", "k"), [(5, 0.75, 1.0), (5, 0.5, 2.0), (3, 0.75, 1.0), (6, 0.75, 1.0),
+                                                 (1, 0.6, 1.0)])
+def test_lrn_matches_torch(channels, size, beta, k, rng):
+    """The LRN kernel against torch: the in-register window of five, the edge channels' buffered
+    window, other sizes and powers, a batch, pixel runs of odd length; a NaN stays in its channel's
+    window only."""
+    from sparsecnn.kernels.lrn import lrn_across_channels
+
+    x = (np.abs(rng.standard_normal((3, channels, 7, 9))) * 8).astype(np.float32)
+    ref = F.local_response_norm(torch.from_numpy(x), size, 1e-3, beta, k).numpy()
+    out = np.full_like(x, np.nan)
+    lrn_across_channels(x, size, 1e-3, beta, k, out)
+    assert_close(out, ref, what="lrn")
+    x[1, channels // 2, 3, 4] = np.nan
+    lrn_across_channels(x, size, 1e-3, beta, k, out)
+    ref = F.local_response_norm(torch.from_numpy(x), size, 1e-3, beta, k).numpy()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
