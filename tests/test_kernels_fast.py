@@ -463,8 +463,8 @@ def test_bound_pools_equal_torch(shape, rng):
 
 
 @pytest.mark.parametrize("channels", [1, 4, 5, 6, 17])
-@pytest.mark.parametrize(("size", "beta", "k"), [(5, 0.75, 1.0), (5, 0.5, 2.0), (3, 0.75, 1.0), (6, 0.75, 1.0),
-                                                 (1, 0.6, 1.0)])
+@pytest.mark.parametrize(("size", "beta", "k"),
+                         [(5, 0.75, 1.0), (5, 0.5, 2.0), (3, 0.75, 1.0), (6, 0.75, 1.0), (1, 0.6, 1.0)])
 def test_lrn_matches_torch(channels, size, beta, k, rng):
     """The LRN kernel against torch: the in-register window of five, the edge channels' buffered
     window, other sizes and powers, a batch, pixel runs of odd length; a NaN stays in its channel's
