@@ -447,7 +447,7 @@ class _Builder:
 
     def _pool(self, n: Node, x: int, shape: tuple[int, ...]) -> bool:
         from sparsecnn.kernels.elementwise import bind_global_avg_pool, bind_max_pool2d
-        from sparsecnn.kernels.lrn import lrn_across_channels
+        from sparsecnn.kernels.lrn import bind_lrn
 
         m = n.fn if n.op == "module" else None
         xin = self.values[n.refs()[0]] if n.refs() else None
@@ -471,7 +471,8 @@ class _Builder:
         if isinstance(m, nn.LocalResponseNorm):
             s, _ = self._planned(n.name, shape)
             a = (m.size, m.alpha, m.beta, m.k)
-            self._step("lrn", lambda env, bufs, x=x, s=s: _bind_lrn(lrn_across_channels, env, x, s, a))
+            xs = tuple(xin.shape)
+            self._step("lrn", lambda env, bufs, x=x, s=s: _bind_kernel(env, x, bind_lrn(xs, *a, env[s])))
             return True
         return False
 
@@ -532,15 +533,6 @@ def _bind_kernel(env, x, run):
     def step(env=env):
         run(env[x])
     return step
-
-
-def _bind_lrn(fn, env, x, s, a):
-    out = env[s]
-    size, alpha, beta, k = a
-
-    def run(env=env):
-        fn(env[x], size, alpha, beta, k, out)
-    return run
 
 
 def _bind_gemm(env, x, s, wt, bt, relu):
