@@ -480,3 +480,34 @@ def test_lrn_matches_torch(channels, size, beta, k, rng):
     lrn_across_channels(x, size, 1e-3, beta, k, out)
     ref = F.local_response_norm(torch.from_numpy(x), size, 1e-3, beta, k).numpy()
     np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+
+
+@pytest.mark.parametrize("hw", [(14, 14), (7, 7), (5, 3)])
+def test_direct_reads_unpadded_input_in_place_only_when_the_tail_is_readable(hw, rng):
+    """A stride-1 layer without padding whose planes are not a whole number of vectors reads its input
+    in place when the floats after it are readable (the executor's slack, or the same memory page),
+    and copies it when the input ends at a page boundary; both match torch."""
+    from sparsecnn.kernels.conv import SLACK, _reads_in_place, bind_direct_conv2d
+
+    cin, cout = 24, 16
+    w = random_sparse(rng, (cout, cin, 1, 1), 0.6)
+    n = cin * hw[0] * hw[1]
+    page = 4096 // 4
+    store = np.zeros(n + 4 * page, dtype=np.float32)
+    start = page + -(store.ctypes.data // 4 + n) % page  # x ends exactly at a page boundary
+    at_page_end = store[start: start + n].reshape(1, cin, *hw)
+    mid_page = store[start - 64: start - 64 + n].reshape(1, cin, *hw)  # 256 bytes before the boundary
+    ref_fn = lambda x: F.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()  # noqa: E731
+    prep = prepare_direct(w, 1, (1, 1), (0, 0), (1, 1))
+    ws = prep.workspace((1, cin, *hw))
+    assert ws.in_place and not ws.identity  # 196, 49 and 15 positions: not whole vectors
+    for x, tail_readable in ((mid_page, True), (at_page_end, False)):
+        x[...] = rng.standard_normal(x.shape)
+        assert _reads_in_place(ws, x, 0) is tail_readable
+        assert _reads_in_place(ws, x, SLACK)
+        out = np.full((1, cout, *hw), np.nan, dtype=np.float32)
+        direct_conv2d(prep, x, None, out)
+        assert_close(out, ref_fn(x), what="direct_conv2d")
+        out[...] = np.nan
+        bind_direct_conv2d(prep, x.shape, None, out, False, slack=0)(x)
+        assert_close(out, ref_fn(x), what="bind_direct_conv2d")

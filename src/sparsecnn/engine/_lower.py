@@ -10,6 +10,7 @@ bound once; a forward pass is that list run in order.
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,7 +201,11 @@ class Program:
 
     def bind(self) -> tuple[list[Any], list[Callable[[list[Any]], None]]]:
         """This thread's value table (its own buffers, allocated here) and the bound steps."""
-        bufs = [np.empty(n, dtype=np.float32) for n in self.buffers]
+        from sparsecnn.kernels.conv import SLACK
+
+        # SLACK floats after every buffer: a kernel may read a few lanes past the end of its input
+        # (kernels.conv.bind_direct_conv2d's in-place reads)
+        bufs = [np.empty(n + SLACK, dtype=np.float32) for n in self.buffers]
         env: list[Any] = [None] * self.slots
         for slot, make in self.static.items():
             env[slot] = make(bufs)
@@ -370,9 +375,12 @@ class _Builder:
                        lambda env, bufs, x=x, s=s: _bind_torch_conv(env, x, s, w, b, args, relu))
             return
         if layer.strategy == "direct":
-            from sparsecnn.kernels.conv import bind_direct_conv2d
+            from sparsecnn.kernels.conv import SLACK, bind_direct_conv2d
 
-            self._bound_conv(n, x, shape, relu, bind_direct_conv2d, layer.engine.format)
+            v = self.val.get(n.refs()[0])  # a planned buffer (not the caller's input) has the slack
+            slack = SLACK if v is not None and v.buf is not None else 0
+            self._bound_conv(n, x, shape, relu, functools.partial(bind_direct_conv2d, slack=slack),
+                             layer.engine.format)
             return
         if layer.strategy == "lowered" and layer.engine.implicit is not None:
             from sparsecnn.kernels.implicit_gemm import bind_implicit_gemm_conv2d
