@@ -206,7 +206,6 @@ class _Workspace:
     data: np.ndarray  # (nnz,) the weights in the order of offsets (block-major, see bptr)
     phases: np.ndarray  # (nph,) the phases (ph * sw + pw) materialised, in storage order
     copies: np.ndarray  # (ncopies, 7) int64: where the input pixels go in each plane (_phase_copies)
-    identity: bool  # the layout is x itself and span % VW == 0: the kernel may read x in place
     in_place: bool  # the layout is x itself (stride 1, no padding): in place given SLACK floats after x
     xt: np.ndarray  # (B, Cin * nph * Hph * Wph + 2 * VW + pw) phase-decomposed padded input
     wide: np.ndarray  # (nparts, nco * gstride) wide output rows of the thread's nco filters
@@ -221,6 +220,11 @@ class _Workspace:
     group: int  # wide-row positions per pass over the output channels (whole rows of wph)
     tile: int  # vectors per register tile: per filter of a pair (one block), or of one filter (blocks)
     grouped: _Grouped | None = None  # the filter-group form, when it is the one that runs
+
+    @property
+    def identity(self) -> bool:
+        """The layout is x itself and its planes are whole vectors: x is read in place, always."""
+        return self.in_place and self.span % VW == 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -238,7 +242,6 @@ class PhaseLayout:
     halo: int  # the farthest tap's offset inside one phase plane
     phases: np.ndarray  # (nph,) the phases materialised, in storage order
     copies: np.ndarray  # (ncopies, 7) int64, see _phase_copies
-    identity: bool  # the layout is x itself and span % VW == 0
     in_place: bool  # the layout is x itself: readable in place when SLACK floats follow x
     stride: tuple[int, int]
     dilation: tuple[int, int]
@@ -280,7 +283,6 @@ def phase_layout(x_shape: tuple[int, int, int, int], kernel: tuple[int, int], st
     return PhaseLayout(hph=hph, wph=wph, nph=len(used), plane=hph * wph, hout=hout, wout=wout, span=span,
                        halo=halo, phases=np.asarray(used, dtype=np.int64),
                        copies=_phase_copies(h, w, sh, sw, ph, pw, hph, wph, used),
-                       identity=sh == sw == 1 and ph == pw == 0 and span % VW == 0,
                        in_place=sh == sw == 1 and ph == pw == 0,
                        stride=(sh, sw), dilation=(dh, dw), compact=compact)
 
@@ -408,7 +410,6 @@ class DirectConvPrep(ConvPrepBase):
             data=np.ascontiguousarray(self.data[order]),
             phases=lay.phases,
             copies=lay.copies,
-            identity=lay.identity,
             in_place=lay.in_place,
             xt=np.zeros(lay.xt_shape(b, cin, pw), dtype=np.float32),
             wide=np.zeros((nparts, max(nco, 1) * gstride if grouped is None else 0), dtype=np.float32),
@@ -606,7 +607,7 @@ def _reads_in_place(ws: _Workspace, x: np.ndarray, slack: int) -> bool:
     read (``ws.identity``), ``slack`` floats are known to follow ``x``, or the ``SLACK`` floats after
     ``x`` lie in the memory page of its last byte (a mapped page is readable in full; the values
     read there fall in lanes that are discarded)."""
-    if not x.flags.c_contiguous or not (ws.identity or ws.in_place):
+    if not x.flags.c_contiguous or not ws.in_place:
         return False
     if ws.identity or slack >= SLACK:
         return True

@@ -80,12 +80,13 @@ class QuantLinearPrep:
 
     @property
     def uses_table(self) -> bool:
-        """Whether batch 1 runs :func:`_qspmv_table` (uint8 codes of at most ``TABLE`` entries)."""
+        """Whether batch 1 looks codes up in registers (:func:`_qspmv` with ``table``: uint8 codes of
+        at most ``TABLE`` entries)."""
         return self.codes.dtype == np.uint8 and self.codebook.size <= TABLE
 
     def table(self) -> np.ndarray:
         """The codebook zero-padded to ``TABLE`` (32) floats, for the register lookup of
-        :func:`_qspmv_table` (codebooks of at most 32 entries); built once."""
+        :func:`_qspmv` with ``table`` (codebooks of at most 32 entries); built once."""
         t = self._table
         if t is None:
             t = np.zeros(TABLE, dtype=np.float32)
@@ -185,11 +186,10 @@ def quant_linear(prep: QuantLinearPrep, x: np.ndarray, bias: np.ndarray | None, 
     ws = prep.workspace(batch)
     has_bias = bias is not None
     b = bias if has_bias else prep.codebook[:0]
-    if batch == 1 and prep.uses_table:
-        _qspmv_table(prep.indptr, prep.indices, prep.codes, prep.table(), x[0], b, has_bias, out[0],
-                     ws.bounds)
-    elif batch == 1:
-        _qspmv(prep.indptr, prep.indices, prep.codes, prep.codebook, x[0], b, has_bias, out[0], ws.bounds)
+    if batch == 1:
+        table = prep.uses_table
+        book = prep.table() if table else prep.codebook
+        _qspmv(prep.indptr, prep.indices, prep.codes, book, x[0], b, has_bias, out[0], ws.bounds, table)
     else:
         ws.xt[:] = x.T
         _qspmm(prep.indptr, prep.indices, prep.codes, prep.codebook, ws.xt, b, has_bias, out, ws.bounds)
@@ -205,33 +205,18 @@ def _add_slab(y, m, sl, s, bias, has_bias):
 
 
 @pjit
-def _qspmv(indptr, indices, codes, codebook, x, bias, has_bias, y, bounds):
+def _qspmv(indptr, indices, codes, codebook, x, bias, has_bias, y, bounds, table):
     """Quantized CSR spmv (Deep Compression's weight sharing, Han et al. ICLR 2016, run in place):
     ``y[m] = sum_e codebook[codes[e]] * x[indices[e]]``, rows split in nnz-balanced ranges, one per
-    thread, each row one :func:`sparsecnn.kernels._simd.code_row_dot` (eight chains in the lanes of
-    one vector; per block of eight nonzeros, eight codebook and eight x loads into two vectors and
-    one vector FMA). The codebook (<= 1 KiB for uint8 codes) stays in L1. Any code dtype.
-    NOTE: indices are valid columns of x; codes are valid entries of codebook; y has M elements.
-    """
-    nparts = bounds.size - 1
-    nrow = y.size
-    nslabs = (indptr.size - 1) // max(nrow, 1)
-    for part in numba.prange(nparts):
-        for sl in range(nslabs):
-            for m in range(bounds[part], bounds[part + 1]):
-                r = sl * nrow + m
-                k0 = indptr[r]
-                s = code_row_dot(x, indices, codes, codebook, k0, indptr[r + 1] - k0)
-                _add_slab(y, m, sl, s, bias, has_bias)
-
-
-@pjit
-def _qspmv_table(indptr, indices, codes, table, x, bias, has_bias, y, bounds):
-    """:func:`_qspmv` for uint8 codes of a codebook of at most 32 entries (5-bit, Deep Compression's
-    FC width), ``table`` the codebook zero-padded to 32 floats: with AVX-512 the eight weights of a
+    thread, slab after slab. Each row is one :func:`sparsecnn.kernels._simd.code_row_dot` (eight
+    chains in the lanes of one vector; per block of eight nonzeros, eight codebook and eight x loads
+    into two vectors and one vector FMA; any code dtype), or with ``table`` (uint8 codes of a
+    codebook of at most 32 entries, Deep Compression's 5-bit FC width, ``codebook`` zero-padded to
+    32 floats) :func:`sparsecnn.kernels._simd.code_row_dot32`: with AVX-512 the eight weights of a
     block are one register lookup (``vpermi2ps``), so a nonzero costs two loads (its column and its
     x) against float CSR's three, and one byte of code against four of float.
-    NOTE: as :func:`_qspmv`; table has 32 floats and every code is < 32.
+    NOTE: indices are valid columns of x; codes are valid entries of codebook (< 32 and 32 floats
+    with ``table``); y has M elements.
     """
     nparts = bounds.size - 1
     nrow = y.size
@@ -241,7 +226,10 @@ def _qspmv_table(indptr, indices, codes, table, x, bias, has_bias, y, bounds):
             for m in range(bounds[part], bounds[part + 1]):
                 r = sl * nrow + m
                 k0 = indptr[r]
-                s = code_row_dot32(x, indices, codes, table, k0, indptr[r + 1] - k0)
+                if table:
+                    s = code_row_dot32(x, indices, codes, codebook, k0, indptr[r + 1] - k0)
+                else:
+                    s = code_row_dot(x, indices, codes, codebook, k0, indptr[r + 1] - k0)
                 _add_slab(y, m, sl, s, bias, has_bias)
 
 
