@@ -34,9 +34,53 @@ def test_matches_dense(rng, w_sparsity, x_zeros, groups, stride, padding, dilati
 
 def test_bytes_are_what_it_holds() -> None:
     w = np.zeros((16, 4, 3, 3), np.float32)
-    w[:, 0] = 1.0  # 9 of 36 columns kept
+    w[:, 0] = 1.0  # 1 of 4 input channels kept
     prep = prepare_spconv(w, 1)
     prep.check_format()
-    assert prep.wt.shape == (1, 9, 16)
-    assert prep.nbytes == 9 * 16 * 4 + 36 * 4 == SparseConv2d.from_format(
+    groups, ntiles, nchunks, taps, cc, tw = prep.wt.shape
+    assert (groups, ntiles * tw, nchunks * cc, taps) == (1, 16, 1, 9)
+    assert prep.nbytes == 9 * 16 * 4 + 4 * 4 + 4 == SparseConv2d.from_format(
         prep, "spconv-act", in_channels=4, out_channels=16, kernel_size=3).weight_nbytes
+    np.testing.assert_array_equal(prep.to_dense(), w)
+
+
+@pytest.mark.parametrize(("tile_vectors", "chunk_bytes"),
+                         [(1, 1), (1, 4096), (2, 40 * 1024), (8, 20 * 1024)])
+@pytest.mark.parametrize(("cin", "cout", "k", "stride", "padding", "groups"),
+                         [(40, 70, 3, 1, 1, 1), (24, 36, 1, 1, 0, 2), (3, 20, 5, 2, 2, 1),
+                          (32, 48, 3, 2, 1, 4), (3, 16, 11, 4, 2, 1)])
+def test_tiles_and_chunks(rng, monkeypatch, tile_vectors, chunk_bytes, cin, cout, k, stride, padding,
+                          groups) -> None:
+    """Several output-channel tiles (the last one partial) and input-channel chunks (below and at
+    whole vectors, the scalar and vector list merges), against torch."""
+    import sparsecnn.kernels.spconv_input as mod
+
+    monkeypatch.setattr(mod, "_TILE_VECTORS", tile_vectors)
+    monkeypatch.setattr(mod, "_CHUNK_BYTES", chunk_bytes)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, groups=groups)
+    with torch.no_grad():
+        w = random_sparse(rng, tuple(conv.weight.shape), 0.6)
+        w[:, 1] = 0.0  # a removed input channel in every group
+        conv.weight.copy_(torch.from_numpy(w))
+    layer = SparseConv2d.from_dense(conv, "spconv-act")
+    layer.engine.format.check_format()
+    np.testing.assert_array_equal(layer.engine.format.to_dense(), w)
+    for zeros in (0.0, 0.7, 1.0):
+        x = torch.from_numpy(random_sparse(rng, (2, cin, 11, 9), zeros))
+        assert_layer_matches(layer, conv, x)
+
+
+def test_nan_and_inf_inputs_propagate(rng) -> None:
+    """A NaN or inf input is nonzero: it reaches every output it touches, as in torch."""
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(random_sparse(rng, (16, 8, 3, 3), 0.0)))
+    x = torch.from_numpy(random_sparse(rng, (1, 8, 7, 7), 0.5))
+    x[0, 2, 3, 3] = float("nan")
+    x[0, 5, 0, 0] = float("inf")
+    layer = SparseConv2d.from_dense(conv, "spconv-act")
+    with torch.no_grad():
+        got, ref = layer(x), conv(x)
+    np.testing.assert_array_equal(torch.isnan(got).numpy(), torch.isnan(ref).numpy())
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(got[finite], ref[finite], rtol=1e-4, atol=1e-5)

@@ -640,7 +640,7 @@ class _SpgemmConv(_CsrConv):
 
 
 class _SpconvActConv(_ConvEngine):
-    """Sparse x sparse: input zeros and removed weight columns skip work. Format: SpconvPrep."""
+    """Sparse x sparse: input zeros and removed input channels skip work. Format: SpconvPrep."""
 
     @staticmethod
     def convert(spec, weight, *, blocksize):
@@ -658,22 +658,24 @@ class _SpconvActConv(_ConvEngine):
         _need(tuple(fmt.weight_shape) == wshape,
               f"expected a SpconvPrep of weight shape {wshape}, got {tuple(fmt.weight_shape)}")
         _check_f32(fmt.wt, "SpconvPrep.wt")
-        mp = -(-spec.m_group // VW) * VW
-        _need(fmt.wt.ndim == 3 and fmt.wt.shape[0] == spec.groups and fmt.wt.shape[2] == mp,
-              f"SpconvPrep.wt must be (groups, Kr, {mp}), got {fmt.wt.shape}")
-        _need(isinstance(fmt.col_map, np.ndarray) and fmt.col_map.dtype == np.int32
-              and fmt.col_map.shape == (spec.groups, spec.k),
-              f"SpconvPrep.col_map must be int32 of shape {(spec.groups, spec.k)}")
-        _need(bool(((fmt.col_map >= -1) & (fmt.col_map < fmt.wt.shape[1])).all()),
-              "SpconvPrep.col_map points outside the kept columns")
+        taps = spec.kernel_size[0] * spec.kernel_size[1]
+        _need(fmt.wt.ndim == 6 and fmt.wt.shape[0] == spec.groups and fmt.wt.shape[3] == taps
+              and fmt.wt.shape[5] % VW == 0 and fmt.wt.shape[1] * fmt.wt.shape[5] >= spec.m_group,
+              f"SpconvPrep.wt must be (groups, ntiles, nchunks, {taps}, cc, tile_width) covering "
+              f"{spec.m_group} channels per group, got {fmt.wt.shape}")
+        _need(isinstance(fmt.chan_map, np.ndarray) and fmt.chan_map.dtype == np.int32
+              and fmt.chan_map.shape == (spec.groups, spec.in_channels // spec.groups),
+              f"SpconvPrep.chan_map must be int32 of shape {(spec.groups, spec.in_channels // spec.groups)}")
+        kept = fmt.wt.shape[2] * fmt.wt.shape[4]
+        _need(bool(((fmt.chan_map >= -1) & (fmt.chan_map < kept)).all()),
+              "SpconvPrep.chan_map points outside the kept channels")
+        for g in range(spec.groups):
+            idx = fmt.chan_map[g][fmt.chan_map[g] >= 0]
+            _need(bool((idx == np.arange(idx.size)).all()),
+                  "SpconvPrep.chan_map must number the kept channels 0, 1, 2, ... in order")
 
     def to_dense(self):
-        s, f = self.spec, self.format
-        w = np.zeros((s.groups, s.m_group, s.k), np.float32)
-        for g in range(s.groups):
-            kept = np.flatnonzero(f.col_map[g] >= 0)
-            w[g][:, kept] = f.wt[g][f.col_map[g][kept], : s.m_group].T
-        return w.reshape(s.out_channels, s.k)
+        return self.format.to_dense().reshape(self.spec.out_channels, self.spec.k)
 
     def compute(self, x, x_np, out, out_np, ws):
         from sparsecnn.kernels.spconv_input import spconv_input

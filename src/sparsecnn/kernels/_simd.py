@@ -29,8 +29,8 @@ from sparsecnn.kernels._numba import jit
 
 __all__ = ["GEMM_MR", "GEMM_NV", "GROUP_F", "GROUP_NV", "GROUP_PATTERNS", "HAS_TABLE32", "NV_MAX",
            "NV_PAIR", "SPLIT_MAX", "TABLE", "VW", "code_row_dot", "code_row_dot32", "copy_even", "copy_vec",
-           "copy_vec_act", "fmadd", "gemm_tile", "group_tile", "pair_tile", "prefetch", "row_dot",
-           "scatter_axpy", "span_tile", "tile_split"]
+           "copy_vec_act", "copy_vec_add", "fmadd", "gemm_tile", "group_tile", "pair_tile", "prefetch",
+           "row_dot", "scatter_axpy", "span_tile", "tile_split"]
 
 VW = 8  # floats per vector (one ymm register)
 
@@ -576,6 +576,27 @@ def copy_vec(typingctx, src, spos, dst, dpos):
         sp, dp = _copy_ptrs(context, builder, aty, src_, spos_, dst_, dpos_)
         v = builder.load(builder.bitcast(sp, _VEC.as_pointer()), align=4)
         builder.store(v, builder.bitcast(dp, _VEC.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def copy_vec_add(typingctx, src, spos, dst, dpos, add):
+    """``dst[dpos : dpos + VW] = src[spos : spos + VW] + add`` for int32 arrays: one vector load, add and
+    store (the merge of short index lists, each shifted to its own block of rows, in
+    :mod:`sparsecnn.kernels.spconv_input`; as a numba loop it ran scalar with alias checks).
+    NOTE: no bounds checks: both arrays hold ``pos + VW`` elements; src and dst do not overlap."""
+    sig = types.void(src, types.intp, dst, types.intp, types.int32)
+
+    def codegen(context, builder, signature, args):
+        src_, spos_, dst_, dpos_, add_ = args
+        sp, dp = _copy_ptrs(context, builder, signature.args, src_, spos_, dst_, dpos_)
+        ivec = ir.VectorType(_I32, VW)
+        v = builder.load(builder.bitcast(sp, ivec.as_pointer()), align=4)
+        a = builder.insert_element(ir.Constant(ivec, ir.Undefined), add_, ir.Constant(_I32, 0))
+        a = builder.shuffle_vector(a, ir.Constant(ivec, ir.Undefined), ir.Constant(ivec, [0] * VW))
+        builder.store(builder.add(v, a), builder.bitcast(dp, ivec.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -1,188 +1,296 @@
 """Sparse x sparse convolution where the zeros of the input skip work (strategy ``spconv-act``).
 
-For every output pixel the kernel first gathers the nonzero inputs under its receptive field (the
-nonzeros of one column of Caffe's lowered input), keeping only the lowered rows ``k = (c, i, j)``
-whose weight column is not all zero, then accumulates
+Output-stationary over the output channels, input-sparse over the receptive field:
 
 .. math::
 
-    y[p, :] = \\sum_{k : X[k, p] \\neq 0,\\; W_{:, k} \\neq 0} X[k, p] \\, W^T[k, :]
+    y[p, :] = \\sum_{(i, j)} \\sum_{c : x[c, q_{ij}(p)] \\neq 0} x[c, q_{ij}(p)] \\, W[:, c, i, j]
 
-with the output channels of the pixel held in vector registers (the register tiles of
-:mod:`sparsecnn.kernels._simd`): one broadcast input and one FMA per 8 output channels. The work
-is (input density) x (kept columns) x Cout per pixel: ReLU zeros in the input and SSL's removed
-columns are skipped; zero weights inside a kept column are not (a column is dense over Cout, which
-is what keeps the inner loop a vector FMA). This is the output-stationary form of the
-input-stationary scheme the seed study's sparse x sparse claim rests on; cf. Park et al., ICLR 2017
-(direct sparse convolution) for the weight side.
+with ``q_ij(p)`` the input position under tap ``(i, j)`` of output pixel ``p``. Two passes:
 
-Storage (``SpconvPrep``): the kept columns of the lowered weight, transposed and padded,
-``wt (groups, Kr, Mp)`` float32 with ``Mp`` = Cout/groups rounded up to 8, and the map from
-lowered row to kept column ``col_map (groups, K)`` int32 (-1: removed column).
+1. **Lists per input position** (:func:`_position_lists`): for every input position ``q`` (and
+   image, group), the kept channels ``c`` with ``x[c, q] != 0`` and their values, channel-ordered.
+   This is ``Cin * H * W`` reads: each input is looked at once, not once per tap as a lowered
+   (im2col) gather would (``kh * kw`` times more; 9x on a 3x3 layer).
+2. **Register tiles over output channels** (:func:`_compute`): per output pixel and tap, the list
+   of the input position under the tap runs through one register tile of ``tile_width`` output
+   channels (:func:`sparsecnn.kernels._simd.span_tile`): per nonzero input, one broadcast and one
+   vector FMA per 8 channels, the weights ``W[tile, c, i, j]`` one contiguous row. The tile stays in
+   registers across all the pixel's taps.
+
+The work is (input density) x (kept channels) x taps x Cout per pixel: ReLU zeros and SSL's removed
+input channels skip work; zero weights inside a kept row do not (a row is dense over the tile's
+channels, which is what keeps the inner loop a vector FMA). So it beats a weight-sparse kernel
+(:mod:`sparsecnn.kernels.conv`, work x weight density) only where the input has more zeros than
+the weights, and the report says so.
+
+What bounds it: the weight rows stream from L2. One tile's rows (``taps * Ck * tile_width`` floats)
+are read by every pixel, so the tile width is chosen to keep them within ``_TILE_BYTES`` (half of a
+1 MB L2): AlexNet conv3 (2304 rows) gets 7 vectors (56 channels), conv4/conv5 12 and 16 vectors.
+Each tile's rows are stored contiguously: a strided slice of full-width rows (the previous layout)
+touches as many pages as the whole weight.
+
+Storage (``SpconvPrep``): ``wt (groups, ntiles, taps * Ck, tile_width)`` float32 (row
+``tap * Ck + kept channel``, lanes past the group's channels zero) and ``chan_map (groups, Cg)``
+int32 (input channel -> kept index, -1 where the channel's weights are all zero).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import pjit
-from sparsecnn.kernels._simd import VW, span_tile, tile_split
+from sparsecnn.kernels._numba import num_threads, pjit
+from sparsecnn.kernels._simd import NV_MAX, VW, copy_vec, copy_vec_add, span_tile
 
 __all__ = ["SpconvPrep", "prepare_spconv", "spconv_input"]
+
+# Output channels per register tile (vectors), and bytes of one chunk's weight rows (cc channels x
+# taps x tile width): the rows every pixel of the image reuses, so they should stay in a 32 KB L1
+# beside the chunk's lists.
+_TILE_VECTORS = 8
+_CHUNK_BYTES = 20 * 1024
+
+
+def _layout(taps: int, ck: int, mg: int) -> tuple[int, int, int]:
+    """``(tile_width, ntiles, cc)`` for ``taps`` taps, ``ck`` kept channels, ``mg`` channels per group:
+    tiles of whole vectors, about equal, at most ``_TILE_VECTORS``; chunks of ``cc`` channels whose
+    rows fit ``_CHUNK_BYTES``."""
+    mp = -(-max(mg, 1) // VW) * VW
+    ntiles = -(-mp // (min(_TILE_VECTORS, NV_MAX) * VW))
+    tw = -(-mp // (ntiles * VW)) * VW
+    cc = max(1, min(max(ck, 1), _CHUNK_BYTES // (4 * taps * tw)))
+    if cc >= VW:  # whole vectors: the list merge copies a chunk's slots as vectors
+        cc = cc // VW * VW
+    return tw, ntiles, cc
 
 
 @dataclass(frozen=True, eq=False)
 class SpconvPrep:
-    """Kept weight columns, transposed: what :func:`spconv_input` reads.
+    """Weight rows per output-channel tile and input-channel chunk: what :func:`spconv_input` reads.
 
     Attributes
     ----------
-    wt : ndarray, shape (groups, Kr, Mp), float32
-        ``wt[g, r, m]`` is the weight of output channel ``g * Cout/g + m`` on the lowered row kept
-        as column ``r``; lanes ``m >= Cout/g`` are zero.
-    col_map : ndarray, shape (groups, K), int32
-        Lowered row ``k = (c, i, j)`` of group ``g`` -> its kept column, or -1 when the column is all zero.
+    wt : ndarray, shape (groups, ntiles, nchunks, taps, cc, tile_width), float32
+        ``wt[g, t, h, tap, r, m]`` is the weight of output channel ``g * Mg + t * tile_width + m`` on
+        kept input channel ``h * cc + r`` of group g at tap ``i * kw + j``; zero past ``Mg`` and past
+        the kept channels.
+    chan_map : ndarray, shape (groups, Cg), int32
+        Input channel of group g -> its kept index, or -1 when all its weights are zero.
     weight_shape : tuple of int
         ``(Cout, Cin/groups, kh, kw)``.
     """
 
     wt: np.ndarray
-    col_map: np.ndarray
+    chan_map: np.ndarray
     weight_shape: tuple[int, int, int, int]
+
+    @functools.cached_property
+    def chan_of(self) -> np.ndarray:
+        """``(groups, kept)`` int32: the input channel of each kept index (the inverse of chan_map)."""
+        out = np.zeros((self.chan_map.shape[0], max(self.wt.shape[2] * self.wt.shape[4], 1)), np.int32)
+        for g, row in enumerate(self.chan_map):
+            chans = np.flatnonzero(row >= 0)
+            out[g, row[chans]] = chans
+        return out
+
+    @functools.cached_property
+    def nkept(self) -> np.ndarray:
+        """``(groups,)`` int64: kept input channels per group."""
+        return (self.chan_map >= 0).sum(axis=1).astype(np.int64)
 
     @property
     def nbytes(self) -> int:
-        """Exact bytes held: the padded kept columns and the column map."""
-        return int(self.wt.nbytes + self.col_map.nbytes)
+        """Exact bytes held: the padded weight rows, the channel map and its inverse (``chan_of``)."""
+        groups, _, nchunks, _, cc, _ = self.wt.shape
+        return int(self.wt.nbytes + self.chan_map.nbytes + 4 * groups * max(nchunks * cc, 1))
+
+    def to_dense(self) -> np.ndarray:
+        """The dense weight ``(Cout, Cin/groups, kh, kw)``."""
+        cout, cg, kh, kw = self.weight_shape
+        groups, ntiles, nchunks, taps, cc, tw = self.wt.shape
+        mg = cout // groups
+        rows = self.wt.transpose(0, 1, 5, 2, 4, 3).reshape(groups, ntiles * tw, nchunks * cc, taps)[:, :mg]
+        w = np.zeros((groups, mg, cg, taps), np.float32)
+        for g in range(groups):
+            chans = np.flatnonzero(self.chan_map[g] >= 0)
+            w[g][:, chans] = rows[g][:, self.chan_map[g][chans]]
+        return w.reshape(cout, cg, kh, kw)
 
     def check_format(self) -> None:
-        cout, cin_g, kh, kw = self.weight_shape
-        g, kr, mp = self.wt.shape
-        assert self.col_map.shape == (g, cin_g * kh * kw) and mp % VW == 0 and mp >= cout // g
-        for gi in range(g):
-            kept = self.col_map[gi][self.col_map[gi] >= 0]
-            assert (np.sort(kept) == np.arange(kept.size)).all() and kept.size <= kr
+        cout, cg, kh, kw = self.weight_shape
+        groups, ntiles, nchunks, taps, cc, tw = self.wt.shape
+        assert self.wt.dtype == np.float32 and self.chan_map.dtype == np.int32
+        assert self.chan_map.shape == (groups, cg) and taps == kh * kw
+        assert tw % VW == 0 and ntiles * tw >= cout // groups
+        for g in range(groups):
+            kept = self.chan_map[g][self.chan_map[g] >= 0]
+            assert (kept == np.arange(kept.size)).all() and kept.size <= nchunks * cc
 
 
 def prepare_spconv(weight: np.ndarray, groups: int) -> SpconvPrep:
-    """Build the kept, transposed columns of a dense float32 weight ``(Cout, Cin/g, kh, kw)``."""
+    """Build the tiled, chunked weight rows of a dense float32 weight ``(Cout, Cin/g, kh, kw)``."""
     weight = np.ascontiguousarray(weight, dtype=np.float32)
-    cout = weight.shape[0]
+    cout, cg, kh, kw = weight.shape
     mg = cout // groups
-    low = weight.reshape(groups, mg, -1)  # (g, Mg, K)
-    k = low.shape[2]
-    keep = (low != 0).any(axis=1)  # (g, K)
-    kr = int(keep.sum(axis=1).max()) if keep.size else 0
-    mp = -(-mg // VW) * VW
-    wt = np.zeros((groups, kr, mp), np.float32)
-    col_map = np.full((groups, k), -1, np.int32)
-    for gi in range(groups):
-        cols = np.flatnonzero(keep[gi])
-        col_map[gi, cols] = np.arange(cols.size, dtype=np.int32)
-        wt[gi, : cols.size, :mg] = low[gi][:, cols].T
-    return SpconvPrep(wt, col_map, tuple(int(v) for v in weight.shape))
-
-
-# Output channels per register tile: 6 vectors (48 floats) keep one tile's slice of the weights
-# (K x 48 floats, 442 KB for AlexNet conv3) in a 1 MB L2 while every pixel of the image reuses it;
-# a full-width row per nonzero streamed the whole 3.5 MB weight from L3 for each pixel (2.5x slower).
-_TILE_VECTORS = 6
+    taps = kh * kw
+    w = weight.reshape(groups, mg, cg, taps)
+    keep = (w != 0).any(axis=(1, 3))  # (g, Cg): input channels with a nonzero weight
+    ck = int(keep.sum(axis=1).max()) if keep.size else 0
+    tw, ntiles, cc = _layout(taps, ck, mg)
+    nchunks = -(-ck // cc)
+    wt = np.zeros((groups, ntiles, nchunks, taps, cc, tw), np.float32)
+    chan_map = np.full((groups, cg), -1, np.int32)
+    for g in range(groups):
+        chans = np.flatnonzero(keep[g])
+        chan_map[g, chans] = np.arange(chans.size, dtype=np.int32)
+        rows = np.zeros((ntiles * tw, nchunks * cc, taps), np.float32)
+        rows[:mg, : chans.size] = w[g][:, chans]
+        wt[g] = rows.reshape(ntiles, tw, nchunks, cc, taps).transpose(0, 2, 4, 3, 1)
+    return SpconvPrep(wt, chan_map, (cout, cg, kh, kw))
 
 
 @pjit
-def _gather(x, col_map, kh, kw, sh, sw, ph, pw, dh, dw, hout, wout, offs, vals, counts):
-    """Row ``t = (b, g, p)`` of ``offs/vals``: the kept columns and values of the nonzero inputs
-    under output pixel p of group g (lowered-row order); ``counts[t]`` of them.
-    NOTE: offs, vals are (B * groups * P, K)."""
-    nb, cin, h, w = x.shape
-    groups, k_all = col_map.shape
+def _position_lists(x, chan_of, nkept, offs, vals, counts):
+    """``offs/vals[bg, h, q, :counts[bg, h, q]]``: the nonzero inputs of image b, group g (``bg = b *
+    groups + g``) at input position q among kept channels ``h * cc <= r < (h + 1) * cc``, as
+    ``r - h * cc`` and value, channel-ordered. One task per (image, group, block of 16 positions):
+    the block's inputs of every channel (one cache line each) stay in L1 while each position walks
+    its channels with the count in a register; every slot is written and the count advances past
+    the nonzeros only (ReLU inputs are about half zeros: a branch on the value mispredicts).
+    NOTE: offs, vals are (B * groups, nchunks, H * W, cc); counts (B * groups, nchunks, H * W);
+    chan_of[g, r] is the channel of kept index r < nkept[g]."""
+    nb, cin = x.shape[:2]
+    groups = chan_of.shape[0]
     cg = cin // groups
-    npix = hout * wout
-    for t in numba.prange(nb * groups * npix):
-        b = t // (groups * npix)
-        rem = t - b * groups * npix
-        g = rem // npix
-        p = rem - g * npix
-        oh = p // wout
-        ow = p - oh * wout
-        o = offs[t]
-        v = vals[t]
-        n = 0
-        cm = col_map[g]
-        for c in range(cg):
-            src = x[b, g * cg + c]
+    nchunks, npos, cc = offs.shape[1:]
+    nblk = -(-npos // 16)
+    xf = x.reshape(nb, cin, npos)
+    for task in numba.prange(nb * groups * nblk):
+        bg = task // nblk
+        q0 = (task - bg * nblk) * 16
+        b = bg // groups
+        g = bg - b * groups
+        src = xf[b, g * cg:(g + 1) * cg]
+        kept = nkept[g]
+        for q in range(q0, min(q0 + 16, npos)):
+            for hc in range(nchunks):
+                o = offs[bg, hc, q]
+                v_ = vals[bg, hc, q]
+                r0 = hc * cc
+                n = 0
+                for r in range(min(cc, kept - r0)):
+                    v = src[chan_of[g, r0 + r], q]
+                    o[n] = r
+                    v_[n] = v
+                    n += v != 0.0
+                counts[bg, hc, q] = n
+
+
+@pjit
+def _pixel_lists(offs, vals, counts, geom, h, w, wout, loffs, lvals, lcounts):
+    """``loffs/lvals[bg, hc, p, :lcounts[bg, hc, p]]``: the merged list of output pixel p in chunk hc,
+    the position lists under its taps, each entry's offset ``tap * cc + r`` (its weight row in the
+    chunk). Every tap copies all ``cc`` slots (whole vectors when cc is a multiple of 8) and advances
+    by its count: no branch on the data.
+    NOTE: loffs, lvals are (B * groups, nchunks, P, taps * cc + cc); lcounts (B * groups, nchunks, P)."""
+    nbg, nchunks, _, cc = offs.shape
+    kh, kw, sh, sw, ph, pw, dh, dw = geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6], geom[7]
+    npix = lcounts.shape[2]
+    vec = cc % VW == 0
+    for task in numba.prange(nbg * nchunks):
+        bg = task // nchunks
+        hc = task - bg * nchunks
+        o = offs[bg, hc]
+        v = vals[bg, hc]
+        of = o.reshape(o.size)
+        vf = v.reshape(v.size)
+        cnt = counts[bg, hc]
+        for p in range(npix):
+            lo = loffs[bg, hc, p]
+            lv = lvals[bg, hc, p]
+            n = 0
+            oh = p // wout
+            ow = p - oh * wout
             for i in range(kh):
                 ih = oh * sh - ph + i * dh
                 if ih < 0 or ih >= h:
                     continue
-                line = src[ih]
                 for j in range(kw):
                     iw = ow * sw - pw + j * dw
                     if iw < 0 or iw >= w:
                         continue
-                    # Branch-free compaction (ReLU inputs are about half zeros: a branch on the
-                    # value mispredicts): write every entry, advance past the kept ones only.
-                    val = line[iw]
-                    col = cm[(c * kh + i) * kw + j]
-                    if n < k_all:
-                        o[n] = col
-                        v[n] = val
-                    n += (val != 0.0) & (col >= 0)
-        counts[t] = n
+                    q = ih * w + iw
+                    add = np.int32((i * kw + j) * cc)
+                    if vec:
+                        for r in range(0, cc, VW):
+                            copy_vec_add(of, q * cc + r, lo, n + r, add)
+                            copy_vec(vf, q * cc + r, lv, n + r)
+                    else:
+                        for r in range(cc):
+                            lo[n + r] = o[q, r] + add
+                            lv[n + r] = v[q, r]
+                    n += cnt[q]
+            lcounts[bg, hc, p] = n
 
 
 @pjit
-def _compute(wt, offs, vals, counts, npix, acc):
-    """``acc[b, p, g*Mg + m] = sum_n vals[t, n] * wt[g, offs[t, n], m]`` for ``t = (b, g, p)``; one
-    task per (image, group, channel tile), looping over the pixels.
-    NOTE: acc is (B, P, Cout), Cout = groups * Mg, Mg <= Mp; counts from :func:`_gather`."""
-    groups, kr, mp = wt.shape
-    k_all = offs.shape[1]
-    nb = acc.shape[0]
-    cout = acc.shape[2]
+def _compute(wt, loffs, lvals, lcounts, nblk, acc):
+    """``acc[b, p, g*Mg + m] = sum_chunks sum_n lvals[..., n] * wt[g, tile, chunk, loffs[..., n], m]``
+    over the merged pixel lists (:func:`_pixel_lists`); one task per (image, group, tile, pixel
+    block), chunk by chunk, each chunk's weight rows reused by the block's pixels from L1.
+    NOTE: acc is (B, P, Cout) with Cout = groups * Mg."""
+    groups, ntiles, nchunks, taps, cc, tw = wt.shape
+    nb, npix, cout = acc.shape
     mg = cout // groups
-    nvec = mp // VW
-    ntiles = (nvec + _TILE_VECTORS - 1) // _TILE_VECTORS
+    blk = -(-npix // nblk)
+    rows = taps * cc * tw  # floats of one chunk's rows
+    cap = loffs.shape[3]
     wflat = wt.reshape(wt.size)
     aflat = acc.reshape(acc.size)
-    oflat = offs.reshape(offs.size)
-    vflat = vals.reshape(vals.size)
-    for task in numba.prange(nb * groups * ntiles):
-        b = task // (groups * ntiles)
-        rem = task - b * groups * ntiles
-        g = rem // ntiles
-        tile = rem - g * ntiles
-        v0, nv = tile_split(nvec, tile, ntiles)
-        nvalid = min(mg - v0 * VW, nv * VW)
-        if nvalid <= 0:
-            continue
-        base = g * kr * mp + v0 * VW
-        for p in range(npix):
-            t = (b * groups + g) * npix + p
-            k0 = t * k_all
-            pos = (b * npix + p) * cout + g * mg + v0 * VW
-            span_tile(wflat, oflat, vflat, k0, k0 + counts[t], base, aflat, pos, nv, nvalid,
-                      np.float32(0.0), False, mp, False)
+    oflat = loffs.reshape(loffs.size)
+    vflat = lvals.reshape(lvals.size)
+    for task in numba.prange(nb * groups * ntiles * nblk):
+        pb = task % nblk
+        rest = task // nblk
+        tile = rest % ntiles
+        bg = rest // ntiles
+        b = bg // groups
+        g = bg - b * groups
+        nvalid = min(mg - tile * tw, tw)
+        nvt = -(-nvalid // VW)  # the last tile may need fewer vectors (its others hold no channel)
+        for hc in range(nchunks):
+            wbase = ((g * ntiles + tile) * nchunks + hc) * rows
+            row0 = (bg * nchunks + hc) * npix
+            for p in range(pb * blk, min(npix, (pb + 1) * blk)):
+                k0 = (row0 + p) * cap
+                pos = (b * npix + p) * cout + g * mg + tile * tw
+                span_tile(wflat, oflat, vflat, k0, k0 + lcounts[bg, hc, p], wbase, aflat, pos, nvt, nvalid,
+                          np.float32(0.0), hc > 0, tw, False)
 
 
 @pjit
-def _to_nchw(acc, bias, has_bias, out):
-    """``out[b, m, p] = acc[b, p, m] (+ bias[m])``. NOTE: out is (B, Cout, P)."""
+def _to_nchw(acc, bias, has_bias, relu, out):
+    """``out[b, m, p] = acc[b, p, m] (+ bias[m])``, then ReLU (NaN kept) when ``relu``.
+    NOTE: out is (B, Cout, P)."""
     nb, npix, cout = acc.shape
     for t in numba.prange(nb * cout):
         b = t // cout
         m = t - b * cout
         bv = bias[m] if has_bias else np.float32(0.0)
         for p in range(npix):
-            out[b, m, p] = acc[b, p, m] + bv
+            v = acc[b, p, m] + bv
+            if relu and not v > 0.0 and v == v:
+                v = np.float32(0.0)
+            out[b, m, p] = v
 
 
 def spconv_input(prep: SpconvPrep, x: np.ndarray, geometry: tuple[int, ...], bias: np.ndarray | None,
-                 out: np.ndarray, ws: dict) -> None:
-    """The convolution of ``x`` skipping its zeros (and the removed weight columns).
+                 out: np.ndarray, ws: dict, relu: bool = False) -> None:
+    """The convolution of ``x`` skipping its zeros (and the removed input channels).
 
     Parameters
     ----------
@@ -194,26 +302,39 @@ def spconv_input(prep: SpconvPrep, x: np.ndarray, geometry: tuple[int, ...], bia
     out : ndarray, shape (B, Cout, Hout, Wout), float32
         Written in full.
     ws : dict
-        Workspace for this input shape (filled on first use): the gathered lists and the
+        Workspace for this input shape (filled on first use): the position lists and the
         channels-last accumulator.
+    relu : bool
+        ``max(out, 0)`` (NaN kept, as torch.relu) on the result.
     """
-    kh, kw, sh, sw, ph, pw, dh, dw = geometry
     nb, cout, hout, wout = out.shape
-    groups = prep.wt.shape[0]
-    k_all = prep.col_map.shape[1]
+    _, _, h, w = x.shape
+    groups, ntiles, nchunks, _, cc, _ = prep.wt.shape
     npix = hout * wout
     if "offs" not in ws:
-        rows = nb * groups * npix
-        ws["offs"] = np.empty((rows, max(k_all, 1)), np.int32)
-        ws["vals"] = np.empty((rows, max(k_all, 1)), np.float32)
-        ws["counts"] = np.empty(rows, np.int64)
-        ws["acc"] = np.empty((nb, npix, cout), np.float32)
+        lists = (nb * groups, nchunks, h * w, cc)
+        ws["offs"] = np.empty(lists, np.int32)
+        ws["vals"] = np.empty(lists, np.float32)
+        ws["counts"] = np.empty(lists[:3], np.int64)
+        taps = prep.wt.shape[3]
+        ws["loffs"] = np.empty((nb * groups, nchunks, npix, taps * cc + cc), np.int32)
+        ws["lvals"] = np.empty((nb * groups, nchunks, npix, taps * cc + cc), np.float32)
+        ws["lcounts"] = np.empty((nb * groups, nchunks, npix), np.int64)
+        # a tile past the group's last channel loads (and stores back) lanes past the end
+        ws["acc"] = np.empty(nb * npix * cout + prep.wt.shape[5], np.float32)[: nb * npix * cout].reshape(
+            nb, npix, cout)
+        ws["geom"] = np.asarray(geometry, np.int64)
+        # pixel blocks: at least two tasks per thread, so a slow tile does not leave a thread idle
+        ws["nblk"] = max(1, min(npix, -(-2 * num_threads() // max(nb * groups * ntiles, 1))))
     has_bias = bias is not None
     b = bias if has_bias else np.zeros(0, np.float32)
-    if prep.wt.shape[1] == 0:  # every weight column removed: the output is the bias
-        out[...] = b.reshape(1, -1, 1, 1) if has_bias else np.float32(0.0)
-        return
-    _gather(x, prep.col_map, kh, kw, sh, sw, ph, pw, dh, dw, hout, wout, ws["offs"], ws["vals"],
-            ws["counts"])
-    _compute(prep.wt, ws["offs"], ws["vals"], ws["counts"], npix, ws["acc"])
-    _to_nchw(ws["acc"], b, has_bias, out.reshape(nb, cout, npix))
+    acc = ws["acc"]
+    if nchunks == 0 or ntiles == 0:  # every weight zero: the output is the bias
+        acc.fill(0.0)
+    else:
+        geom = ws["geom"]
+        _position_lists(x, prep.chan_of, prep.nkept, ws["offs"], ws["vals"], ws["counts"])
+        _pixel_lists(ws["offs"], ws["vals"], ws["counts"], geom, h, w, wout, ws["loffs"], ws["lvals"],
+                     ws["lcounts"])
+        _compute(prep.wt, ws["loffs"], ws["lvals"], ws["lcounts"], ws["nblk"], acc)
+    _to_nchw(acc, b, has_bias, bool(relu), out.reshape(nb, cout, npix))
