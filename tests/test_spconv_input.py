@@ -84,3 +84,27 @@ def test_nan_and_inf_inputs_propagate(rng) -> None:
     np.testing.assert_array_equal(torch.isnan(got).numpy(), torch.isnan(ref).numpy())
     finite = torch.isfinite(ref)
     torch.testing.assert_close(got[finite], ref[finite], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("k", "stride", "padding"), [(3, 2, 1), (1, 1, 0), (1, 2, 1)])
+def test_input_list_bytes_are_the_workspace(rng, k, stride, padding) -> None:
+    """The input-side bytes the report quotes are the arrays the kernel allocates (a 1x1 stride-1
+    layer reads its position lists as pixel lists)."""
+    from sparsecnn.kernels.spconv_input import input_list_nbytes, spconv_input
+
+    w = random_sparse(rng, (24, 5, k, k), 0.5)
+    prep = prepare_spconv(w, 1)
+    conv = nn.Conv2d(5, 24, k, stride=stride, padding=padding, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(w))
+    x = random_sparse(rng, (2, 5, 3, 3), 0.6)
+    ref = conv(torch.from_numpy(x)).detach().numpy()
+    out = np.empty(ref.shape, np.float32)
+    ws: dict = {}
+    geometry = (k, k, stride, stride, padding, padding, 1, 1)
+    spconv_input(prep, x, geometry, None, out, ws)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    names = ("offs", "vals", "counts", "loffs", "lvals", "lstart", "lcounts")
+    arrays = {id(ws[n].base if ws[n].base is not None else ws[n]): ws[n] for n in names}
+    held = sum(a.nbytes for a in arrays.values())
+    assert input_list_nbytes(prep, 2, (3, 3), ref.shape[2:], geometry) == held

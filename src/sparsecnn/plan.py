@@ -520,8 +520,9 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
         return oh + copy_s + 2 * b * g * mr * kr * n / c.gemm_flops
     if strategy == "bsr":
         return oh + im2col_s + 2 * b * _bsr_entries(layer, blocksize) * n / c.bsr_flops
-    if strategy == "spconv-act":  # gather every lowered entry, then the nonzero inputs x kept columns
-        kept = int((w.reshape(g, cout // g, k) != 0).any(dim=1).sum())
+    if strategy == "spconv-act":  # lists merged per output pixel (an im2col's bytes), then nonzero inputs
+        taps = int(np.prod(layer.kernel_size))  # x kept input channels x taps x the group's outputs
+        kept = int((w.reshape(g, cout // g, k // taps, taps) != 0).any(dim=3).any(dim=1).sum()) * taps
         return oh + im2col_s + 2 * b * (cout // g) * kept * n * input_density / c.direct_flops
     raise SparseCNNError(f"no cost estimate for strategy {strategy!r}")
 

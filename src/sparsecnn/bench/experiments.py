@@ -945,12 +945,13 @@ def _operand_bytes(conv: nn.Conv2d, x: torch.Tensor, impl: str) -> dict[str, int
 
     cols = im2col(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
     w = conv.weight.detach()
-    if impl == "spconv-act":  # what it holds: kept weight columns, and its per-pixel gather lists
-        from sparsecnn.kernels.spconv_input import prepare_spconv
+    if impl == "spconv-act":  # what it holds: the tiled weight rows, and its position and pixel lists
+        from sparsecnn.kernels.spconv_input import input_list_nbytes, prepare_spconv
 
         prep = prepare_spconv(w.cpu().numpy(), conv.groups)
-        b, g, k, p = cols.shape
-        return {"weight": prep.nbytes, "input": b * g * p * k * 8 + b * g * p * 8}
+        return {"weight": prep.nbytes,  # cols is (B, groups, K, output pixels)
+                "input": input_list_nbytes(prep, x.shape[0], tuple(x.shape[2:]), (cols.shape[3], 1),
+                                           (*conv.kernel_size, *conv.stride, *conv.padding, *conv.dilation))}
     if impl in ("torch-dense", "dense"):
         return {"weight": conv_weight_nbytes(w, conv.groups, "dense"), "input": int(cols.nbytes)}
     if impl in ("direct", "lowered", "bsr"):  # the weights as the strategy stores them (added below)

@@ -46,7 +46,7 @@ import numpy as np
 from sparsecnn.kernels._numba import num_threads, pjit
 from sparsecnn.kernels._simd import NV_MAX, VW, copy_vec, copy_vec_add, span_tile
 
-__all__ = ["SpconvPrep", "prepare_spconv", "spconv_input"]
+__all__ = ["SpconvPrep", "input_list_nbytes", "prepare_spconv", "spconv_input"]
 
 # Output channels per register tile (vectors), and bytes of one chunk's weight rows (cc channels x
 # taps x tile width): the rows every pixel of the image reuses, so they should stay in a 32 KB L1
@@ -153,6 +153,26 @@ def prepare_spconv(weight: np.ndarray, groups: int) -> SpconvPrep:
     return SpconvPrep(wt, chan_map, (cout, cg, kh, kw))
 
 
+def _pixels_are_positions(geometry: tuple[int, ...], in_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
+    """Whether output pixel p reads input position p alone (a 1x1 kernel, stride 1, no padding): then
+    the position lists are the pixel lists."""
+    kh, kw, sh, sw, ph, pw = geometry[:6]
+    return (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0) and tuple(in_hw) == tuple(out_hw)
+
+
+def input_list_nbytes(prep: SpconvPrep, batch: int, in_hw: tuple[int, int], out_hw: tuple[int, int],
+                      geometry: tuple[int, ...]) -> int:
+    """Bytes of the input side as :func:`spconv_input` holds it for one input shape: the position lists
+    (channel index and value per slot, a count per list) and the merged lists per output pixel."""
+    groups, _, nchunks, taps, cc, _ = prep.wt.shape
+    lists = batch * groups * nchunks
+    positions = lists * in_hw[0] * in_hw[1] * (8 * cc + 8)
+    if _pixels_are_positions(geometry, in_hw, out_hw):  # no merged lists: a start per position list
+        return int(positions + lists * in_hw[0] * in_hw[1] * 8)
+    npix = out_hw[0] * out_hw[1]
+    return int(positions + lists * (8 * (npix * taps * cc + cc) + 16 * npix))
+
+
 @pjit
 def _position_lists(x, chan_of, nkept, offs, vals, counts):
     """``offs/vals[bg, h, q, :counts[bg, h, q]]``: the nonzero inputs of image b, group g (``bg = b *
@@ -191,15 +211,18 @@ def _position_lists(x, chan_of, nkept, offs, vals, counts):
 
 
 @pjit
-def _pixel_lists(offs, vals, counts, geom, h, w, wout, loffs, lvals, lcounts):
-    """``loffs/lvals[bg, hc, p, :lcounts[bg, hc, p]]``: the merged list of output pixel p in chunk hc,
-    the position lists under its taps, each entry's offset ``tap * cc + r`` (its weight row in the
-    chunk). Every tap copies all ``cc`` slots (whole vectors when cc is a multiple of 8) and advances
-    by its count: no branch on the data.
-    NOTE: loffs, lvals are (B * groups, nchunks, P, taps * cc + cc); lcounts (B * groups, nchunks, P)."""
+def _pixel_lists(offs, vals, counts, geom, h, w, wout, loffs, lvals, lstart, lcounts):
+    """The merged list of output pixel p in chunk hc: the position lists under its taps, each entry's
+    offset ``tap * cc + r`` (its weight row in the chunk), at ``loffs/lvals[lstart[bg, hc, p]:]``,
+    ``lcounts[bg, hc, p]`` long. The lists of one (image, group, chunk) are packed back to back in
+    its region of ``P * taps * cc + cc`` slots (a sparse input touches few cache lines). Every tap
+    copies all ``cc`` slots (whole vectors when cc is a multiple of 8) and advances by its count: no
+    branch on the data; the region's last ``cc`` slots take what the last copy writes past its list.
+    NOTE: loffs, lvals are flat, (B * groups * nchunks) regions; lstart, lcounts (B * groups, nchunks, P)."""
     nbg, nchunks, _, cc = offs.shape
     kh, kw, sh, sw, ph, pw, dh, dw = geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6], geom[7]
     npix = lcounts.shape[2]
+    region = npix * kh * kw * cc + cc
     vec = cc % VW == 0
     for task in numba.prange(nbg * nchunks):
         bg = task // nchunks
@@ -209,10 +232,9 @@ def _pixel_lists(offs, vals, counts, geom, h, w, wout, loffs, lvals, lcounts):
         of = o.reshape(o.size)
         vf = v.reshape(v.size)
         cnt = counts[bg, hc]
+        n = task * region
         for p in range(npix):
-            lo = loffs[bg, hc, p]
-            lv = lvals[bg, hc, p]
-            n = 0
+            n0 = n
             oh = p // wout
             ow = p - oh * wout
             for i in range(kh):
@@ -227,32 +249,30 @@ def _pixel_lists(offs, vals, counts, geom, h, w, wout, loffs, lvals, lcounts):
                     add = np.int32((i * kw + j) * cc)
                     if vec:
                         for r in range(0, cc, VW):
-                            copy_vec_add(of, q * cc + r, lo, n + r, add)
-                            copy_vec(vf, q * cc + r, lv, n + r)
+                            copy_vec_add(of, q * cc + r, loffs, n + r, add)
+                            copy_vec(vf, q * cc + r, lvals, n + r)
                     else:
                         for r in range(cc):
-                            lo[n + r] = o[q, r] + add
-                            lv[n + r] = v[q, r]
+                            loffs[n + r] = o[q, r] + add
+                            lvals[n + r] = v[q, r]
                     n += cnt[q]
-            lcounts[bg, hc, p] = n
+            lstart[bg, hc, p] = n0
+            lcounts[bg, hc, p] = n - n0
 
 
 @pjit
-def _compute(wt, loffs, lvals, lcounts, nblk, acc):
-    """``acc[b, p, g*Mg + m] = sum_chunks sum_n lvals[..., n] * wt[g, tile, chunk, loffs[..., n], m]``
-    over the merged pixel lists (:func:`_pixel_lists`); one task per (image, group, tile, pixel
-    block), chunk by chunk, each chunk's weight rows reused by the block's pixels from L1.
+def _compute(wt, loffs, lvals, lstart, lcounts, nblk, acc):
+    """``acc[b, p, g*Mg + m] = sum_chunks sum_n lvals[n] * wt[g, tile, chunk, loffs[n], m]`` over the
+    list of each output pixel and chunk (``lstart``, ``lcounts``); one task per (image, group, tile,
+    pixel block), chunk by chunk, each chunk's weight rows reused by the block's pixels from L1.
     NOTE: acc is (B, P, Cout) with Cout = groups * Mg."""
     groups, ntiles, nchunks, taps, cc, tw = wt.shape
     nb, npix, cout = acc.shape
     mg = cout // groups
     blk = -(-npix // nblk)
     rows = taps * cc * tw  # floats of one chunk's rows
-    cap = loffs.shape[3]
     wflat = wt.reshape(wt.size)
     aflat = acc.reshape(acc.size)
-    oflat = loffs.reshape(loffs.size)
-    vflat = lvals.reshape(lvals.size)
     for task in numba.prange(nb * groups * ntiles * nblk):
         pb = task % nblk
         rest = task // nblk
@@ -264,11 +284,10 @@ def _compute(wt, loffs, lvals, lcounts, nblk, acc):
         nvt = -(-nvalid // VW)  # the last tile may need fewer vectors (its others hold no channel)
         for hc in range(nchunks):
             wbase = ((g * ntiles + tile) * nchunks + hc) * rows
-            row0 = (bg * nchunks + hc) * npix
             for p in range(pb * blk, min(npix, (pb + 1) * blk)):
-                k0 = (row0 + p) * cap
+                k0 = lstart[bg, hc, p]
                 pos = (b * npix + p) * cout + g * mg + tile * tw
-                span_tile(wflat, oflat, vflat, k0, k0 + lcounts[bg, hc, p], wbase, aflat, pos, nvt, nvalid,
+                span_tile(wflat, loffs, lvals, k0, k0 + lcounts[bg, hc, p], wbase, aflat, pos, nvt, nvalid,
                           np.float32(0.0), hc > 0, tw, False)
 
 
@@ -316,10 +335,17 @@ def spconv_input(prep: SpconvPrep, x: np.ndarray, geometry: tuple[int, ...], bia
         ws["offs"] = np.empty(lists, np.int32)
         ws["vals"] = np.empty(lists, np.float32)
         ws["counts"] = np.empty(lists[:3], np.int64)
-        taps = prep.wt.shape[3]
-        ws["loffs"] = np.empty((nb * groups, nchunks, npix, taps * cc + cc), np.int32)
-        ws["lvals"] = np.empty((nb * groups, nchunks, npix, taps * cc + cc), np.float32)
-        ws["lcounts"] = np.empty((nb * groups, nchunks, npix), np.int64)
+        nlists = nb * groups * nchunks
+        if _pixels_are_positions(geometry, (h, w), (hout, wout)):  # 1x1, stride 1: no merge needed
+            ws["loffs"], ws["lvals"] = ws["offs"].reshape(-1), ws["vals"].reshape(-1)
+            ws["lcounts"] = ws["counts"]
+            ws["lstart"] = (np.arange(nlists * h * w, dtype=np.int64) * cc).reshape(lists[:3])
+        else:
+            taps = prep.wt.shape[3]
+            ws["loffs"] = np.empty(nlists * (npix * taps * cc + cc), np.int32)
+            ws["lvals"] = np.empty(nlists * (npix * taps * cc + cc), np.float32)
+            ws["lstart"] = np.empty((nb * groups, nchunks, npix), np.int64)
+            ws["lcounts"] = np.empty((nb * groups, nchunks, npix), np.int64)
         # a tile past the group's last channel loads (and stores back) lanes past the end
         ws["acc"] = np.empty(nb * npix * cout + prep.wt.shape[5], np.float32)[: nb * npix * cout].reshape(
             nb, npix, cout)
@@ -334,7 +360,8 @@ def spconv_input(prep: SpconvPrep, x: np.ndarray, geometry: tuple[int, ...], bia
     else:
         geom = ws["geom"]
         _position_lists(x, prep.chan_of, prep.nkept, ws["offs"], ws["vals"], ws["counts"])
-        _pixel_lists(ws["offs"], ws["vals"], ws["counts"], geom, h, w, wout, ws["loffs"], ws["lvals"],
-                     ws["lcounts"])
-        _compute(prep.wt, ws["loffs"], ws["lvals"], ws["lcounts"], ws["nblk"], acc)
+        if ws["lcounts"] is not ws["counts"]:
+            _pixel_lists(ws["offs"], ws["vals"], ws["counts"], geom, h, w, wout, ws["loffs"], ws["lvals"],
+                         ws["lstart"], ws["lcounts"])
+        _compute(prep.wt, ws["loffs"], ws["lvals"], ws["lstart"], ws["lcounts"], ws["nblk"], acc)
     _to_nchw(acc, b, has_bias, bool(relu), out.reshape(nb, cout, npix))
