@@ -56,8 +56,10 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # 11: filter groups also where a pass has few columns but saves many loads (AlexNet conv1 at batch 32
 # 1.5x faster than the per-filter tiles, now faster than torch), spmv's column words;
 # 12: unpadded stride-1 inputs read in place (ResNet-50's 1x1 layers at 14x14 and 7x7 2x faster, where
-# csrmm had won).
-_CACHE_VERSION = 12
+# csrmm had won);
+# 13: spconv-act redesigned (position lists, L1-resident weight chunks): 2-3x faster, now ahead of the
+# weight-only kernels where the input has more zeros than the weights.
+_CACHE_VERSION = 13
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.
 DEFAULT_MARGIN = 0.04

@@ -6,33 +6,40 @@ Output-stationary over the output channels, input-sparse over the receptive fiel
 
     y[p, :] = \\sum_{(i, j)} \\sum_{c : x[c, q_{ij}(p)] \\neq 0} x[c, q_{ij}(p)] \\, W[:, c, i, j]
 
-with ``q_ij(p)`` the input position under tap ``(i, j)`` of output pixel ``p``. Two passes:
+with ``q_ij(p)`` the input position under tap ``(i, j)`` of output pixel ``p``. The kept input
+channels are cut into chunks of ``cc``; three passes:
 
-1. **Lists per input position** (:func:`_position_lists`): for every input position ``q`` (and
-   image, group), the kept channels ``c`` with ``x[c, q] != 0`` and their values, channel-ordered.
-   This is ``Cin * H * W`` reads: each input is looked at once, not once per tap as a lowered
-   (im2col) gather would (``kh * kw`` times more; 9x on a 3x3 layer).
-2. **Register tiles over output channels** (:func:`_compute`): per output pixel and tap, the list
-   of the input position under the tap runs through one register tile of ``tile_width`` output
-   channels (:func:`sparsecnn.kernels._simd.span_tile`): per nonzero input, one broadcast and one
-   vector FMA per 8 channels, the weights ``W[tile, c, i, j]`` one contiguous row. The tile stays in
-   registers across all the pixel's taps.
+1. **Lists per input position** (:func:`_position_lists`): for every input position ``q``, image,
+   group and chunk, the channels with ``x[c, q] != 0`` and their values. Each input is read once,
+   not once per tap as a lowered (im2col) gather reads it (9x on a 3x3 layer: the previous kernel's
+   gather alone took 0.55 ms on AlexNet conv3).
+2. **Lists per output pixel** (:func:`_pixel_lists`): per pixel and chunk, the position lists
+   under its taps concatenated, each entry's row ``tap * cc + c`` (vector copies, no branch on the
+   data). A 1x1 stride-1 layer skips this pass (its pixels are its positions).
+3. **Register tiles over output channels** (:func:`_compute`): per tile of ``tile_width`` output
+   channels, chunk by chunk, every pixel's list runs through one register tile
+   (:func:`sparsecnn.kernels._simd.span_tile`): per nonzero input, one broadcast and one vector FMA
+   per 8 channels against a contiguous weight row.
 
 The work is (input density) x (kept channels) x taps x Cout per pixel: ReLU zeros and SSL's removed
 input channels skip work; zero weights inside a kept row do not (a row is dense over the tile's
 channels, which is what keeps the inner loop a vector FMA). So it beats a weight-sparse kernel
 (:mod:`sparsecnn.kernels.conv`, work x weight density) only where the input has more zeros than
-the weights, and the report says so.
+the weights have, and the report says so.
 
-What bounds it: the weight rows stream from L2. One tile's rows (``taps * Ck * tile_width`` floats)
-are read by every pixel, so the tile width is chosen to keep them within ``_TILE_BYTES`` (half of a
-1 MB L2): AlexNet conv3 (2304 rows) gets 7 vectors (56 channels), conv4/conv5 12 and 16 vectors.
-Each tile's rows are stored contiguously: a strided slice of full-width rows (the previous layout)
-touches as many pages as the whole weight.
+What bounds it: each nonzero input reads a weight row of ``tile_width`` floats once, so the rows must
+come from L1: a chunk's rows (``taps * cc * tile_width`` floats, ~28 KB) are reused by every pixel
+of the image before the next chunk. Streamed from L2 (one tile's rows for all channels, the first
+version of this layout) the same loop ran at 0.7 FMA a cycle, and the per-pixel lists of the
+previous kernel, built by an im2col-like gather, cost as much as the arithmetic. Measured (Zen 4,
+2 threads, batch 1, AlexNet conv3-5 at Deep Compression's 63-65% weight sparsity, 70% input zeros):
+0.85 / 0.70 / 0.56 ms against the weight-only direct kernel's 0.90 / 0.72 / 0.51 ms and torch's
+1.34 / 1.05 / 0.72 ms (the previous kernel: 2.39 / 1.55 / 1.47 ms). Passes 1-2 and the channels-last
+to NCHW copy take 0.15-0.24 ms of that; the FMA loop runs at about the direct kernel's rate.
 
-Storage (``SpconvPrep``): ``wt (groups, ntiles, taps * Ck, tile_width)`` float32 (row
-``tap * Ck + kept channel``, lanes past the group's channels zero) and ``chan_map (groups, Cg)``
-int32 (input channel -> kept index, -1 where the channel's weights are all zero).
+Storage (``SpconvPrep``): ``wt (groups, ntiles, nchunks, taps, cc, tile_width)`` float32 and
+``chan_map (groups, Cg)`` int32 (input channel -> kept index, -1 where the channel's weights are
+all zero).
 """
 
 from __future__ import annotations
@@ -49,10 +56,13 @@ from sparsecnn.kernels._simd import NV_MAX, VW, copy_vec, copy_vec_add, span_til
 __all__ = ["SpconvPrep", "input_list_nbytes", "prepare_spconv", "spconv_input"]
 
 # Output channels per register tile (vectors), and bytes of one chunk's weight rows (cc channels x
-# taps x tile width): the rows every pixel of the image reuses, so they should stay in a 32 KB L1
-# beside the chunk's lists.
-_TILE_VECTORS = 8
-_CHUNK_BYTES = 20 * 1024
+# taps x tile width): the rows every pixel of the image reuses, so they should stay in a 32 KB L1.
+# Measured (Zen 4, 2 threads, AlexNet conv3-5 at 70% input zeros, interleaved, two runs): 6 vectors
+# and 28 KB (cc = 16 on a 3x3 layer) 0.79 / 0.61 / 0.48 ms; 8 vectors and 20 KB (cc = 8) 0.84 /
+# 0.82 / 0.64 ms (half the chunk: twice the list merges, shorter lists per tile); 4-5 vectors and
+# 7 vectors at 32 KB were no better than 6. Six vectors also keep two accumulator sets (SPLIT_MAX).
+_TILE_VECTORS = 6
+_CHUNK_BYTES = 28 * 1024
 
 
 def _layout(taps: int, ck: int, mg: int) -> tuple[int, int, int]:
