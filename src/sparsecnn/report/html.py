@@ -83,9 +83,9 @@ SECTIONS: tuple[tuple[str, str, str, str], ...] = (
         "exp6",
         "sparse_x_sparse",
         "6. Sparse × sparse",
-        "Activation sparsity after each ReLU measured on real inputs, then sparse weights × sparse lowered "
-        "input (spgemm, and spconv-act, which skips zero inputs per pixel) against dense GEMM and CSRMM: "
-        "time and operand memory per layer (slide 18); spconv-act against torch dense and the best "
+        "Activation sparsity after each ReLU measured on real inputs, then sparse weights × sparse input "
+        "(spgemm on the lowered input, and spconv-act, which skips the zero inputs) against dense GEMM and "
+        "CSRMM: time and operand memory per layer (slide 18); spconv-act against torch dense and the best "
         "weight-only strategy, with where it wins; then the FC layers on their ReLU-sparse inputs: "
         "spmv-act (only the nonzero inputs' weight columns) against the weight-only spmv.",
     ),

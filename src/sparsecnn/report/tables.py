@@ -527,9 +527,8 @@ def spxsp_tables(recs: list[dict[str, Any]]) -> list[Table]:
                 rows,
                 f"inputs: {source} images. Operand memory = weight + lowered input as each implementation "
                 "stores "
-                "them (dense, or CSR; spconv-act: its kept weight columns and the gather lists it "
-                "allocates, 8 bytes per lowered entry); the dense output is the same for all and not "
-                "counted.",
+                "them (dense, or CSR; spconv-act: its tiled weight rows and the position and pixel lists "
+                "it allocates, 8 bytes per slot); the dense output is the same for all and not counted.",
             )
         )
         tables.append(spconv_table(mine, model, profile))
@@ -718,21 +717,25 @@ class SpconvRow:
         return (1 - self.weight_zeros) * (1 - self.input_zeros)
 
     def verdict(self) -> str:
-        vt, vb, w, z = self.vs_torch, self.vs_best, self.work, self.input_zeros
-        if vt is None or vb is None or w is None or z is None:
+        """spconv-act's work is the nonzero inputs times every weight of a kept channel (a row of output
+        channels is one vector FMA); a weight-only kernel's is the nonzero weights times every input.
+        So the verdict compares the two densities, and the time against them."""
+        vt, vb, z, wz = self.vs_torch, self.vs_best, self.input_zeros, self.weight_zeros
+        if vt is None or vb is None or z is None or wz is None:
             return "not measured"
-        ideal = 1 / max(w, 1e-12)
-        over_w = 1 / max(1 - z, 1e-12)  # what skipping the input zeros can add to a weight-only kernel
+        dens_in, dens_w = 1 - z, 1 - wz
+        by_work = dens_w / max(dens_in, 1e-12)  # what spconv-act's work allows over a weight-only kernel
         if vt >= _TIE and vb >= _TIE:
-            return (f"wins: skips the {z:.0%} zero inputs on top of the {self.weight_zeros:.0%} zero "
-                    f"weights ({w:.0%} of the multiply-adds left); {vt:.2f}× torch, {vb:.2f}× {self.best} "
-                    f"({vb / over_w:.0%} of the 1/(1-x) = {over_w:.2f}× that input zeros allow)")
+            return (f"wins: it multiplies the {dens_in:.0%} nonzero inputs by whole weight rows where "
+                    f"{self.best} multiplies the {dens_w:.0%} nonzero weights by every input ({by_work:.2f}× "
+                    f"less work allows {by_work:.2f}×); {vt:.2f}× torch, {vb:.2f}× {self.best}")
         if vt >= _TIE:
-            return (f"beats torch dense ({vt:.2f}×) but not {self.best} ({vb:.2f}×): the {z:.0%} zero "
-                    f"inputs allow {over_w:.2f}× over a weight-only kernel, and gathering the nonzeros "
-                    f"reached {vb / over_w:.0%} of it")
-        return (f"cannot beat torch dense ({vt:.2f}×): {w:.0%} of the multiply-adds are left (ideal "
-                f"{ideal:.2f}×) and it reaches {vt / ideal:.0%} of that ideal; vs {self.best} {vb:.2f}×")
+            why = ("the input has fewer zeros than the weights, so it does more multiply-adds"
+                   if by_work < 1 else f"its work allows {by_work:.2f}× and the list building ate the rest")
+            return f"beats torch dense ({vt:.2f}×) but not {self.best} ({vb:.2f}×): {why}"
+        return (f"cannot beat torch dense ({vt:.2f}×): it does {dens_in:.0%} of the dense multiply-adds "
+                f"(ideal {1 / max(dens_in, 1e-12):.2f}×) and reaches {vt * dens_in:.0%} of that; vs "
+                f"{self.best} {vb:.2f}×")
 
 
 def spconv_rows(recs: Iterable[Mapping[str, Any]]) -> list[SpconvRow]:
@@ -763,15 +766,16 @@ def spconv_table(recs: list[dict[str, Any]], model: str, profile: str) -> Table:
         for r in spconv_rows(recs)
     ]
     return Table(
-        f"{model} / {profile}: spconv-act (skips zero inputs and zero weights) vs torch dense and the best "
+        f"{model} / {profile}: spconv-act (skips zero inputs) vs torch dense and the best "
         "weight-only strategy, batch 1",
         ["layer", "input zeros", "weight zeros", "multiply-adds left", "torch-dense ms",
          "best weight-only ms", "spconv-act ms", "spconv-act vs torch", "spconv-act vs best weight-only",
          "spconv-act operands MiB", "best weight-only operands MiB", "where it wins, and why"],
         cells,
         f"best weight-only: the fastest of {', '.join(WEIGHT_ONLY)} on the same input; multiply-adds left "
-        "= (1 - weight zeros)(1 - input zeros) (zeros at independent positions); vs = the other's time / "
-        "spconv-act's.",
+        "= (1 - weight zeros)(1 - input zeros) (zeros at independent positions), the bound neither kernel "
+        "reaches: spconv-act skips the input zeros only, the weight-only kernels the weight zeros only; "
+        "vs = the other's time / spconv-act's.",
     )
 
 
