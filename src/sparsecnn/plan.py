@@ -29,7 +29,7 @@ import threading
 import time
 import types
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,8 @@ from torch import nn
 
 from sparsecnn.errors import SparseCNNError
 
-__all__ = ["DEFAULT_MARGIN", "CostModel", "LayerChoice", "Plan", "auto_plan", "cache_key", "calibrate",
-           "choose", "default_plan_path", "estimate_seconds", "pick"]
+__all__ = ["COLD_LINEAR_BYTES", "DEFAULT_MARGIN", "CostModel", "LayerChoice", "Plan", "auto_plan",
+           "cache_key", "calibrate", "choose", "default_plan_path", "estimate_seconds", "pick"]
 
 _PLAN_VERSION = 1  # of Plan.save's JSON
 # Decision cache; 2: torch is kept unless a sparse strategy beats it by the margin (interleaved medians);
@@ -58,7 +58,7 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # 12: unpadded stride-1 inputs read in place (ResNet-50's 1x1 layers at 14x14 and 7x7 2x faster, where
 # csrmm had won);
 # 13: spconv-act redesigned (position lists, L1-resident weight chunks): 2-3x faster, now ahead of the
-# weight-only kernels where the input has more zeros than the weights.
+# weight-only kernels where the input has more zeros than the weights; large linear layers timed cold.
 _CACHE_VERSION = 13
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.
@@ -354,6 +354,14 @@ def pick(times: Mapping[str, float], margin: float) -> str:
     return best if others[best] <= (1.0 - margin) * times["torch"] else "torch"
 
 
+# A linear layer whose weights exceed this in every candidate's form is timed with cold caches (by
+# ``choose`` and the executor's tuning): in a forward pass the other layers evict it (AlexNet's fc6 as
+# CSR is 20 MB). Timed warm, spmv-act won fc6 and fc7 at 32-50% zero inputs, and the compiled model
+# ran 0.6 ms slower than with spmv (0.91 / 0.39 ms against 0.53 / 0.28 ms in the forward pass; Zen 4,
+# 2 threads).
+COLD_LINEAR_BYTES = 4 << 20
+
+
 def choose(
     layer: nn.Module,
     x: torch.Tensor,
@@ -372,7 +380,9 @@ def choose(
     Each candidate is converted, run once (JIT warm-up) and checked against the dense layer's output
     (a wrong one is excluded with a warning). The survivors are timed in ``rounds`` interleaved
     rounds, each sample lasting at least ``min_time_s / rounds`` (see :func:`_measure`); the median
-    per call is kept. The winner is the fastest non-torch candidate if it beats ``torch`` by at least
+    per call is kept. A linear layer larger than ``COLD_LINEAR_BYTES`` in every form is timed one
+    call at a time with the caches flushed before each (as a forward pass leaves them). The winner
+    is the fastest non-torch candidate if it beats ``torch`` by at least
     ``margin``, else ``torch`` (:func:`pick`), so "auto" never trades torch for a kernel that is only
     within the noise of it. ``torch`` is always a candidate.
 
@@ -402,8 +412,19 @@ def choose(
         modules[cand] = module
     if not modules:  # unreachable: torch always verifies against itself
         raise SparseCNNError(f"layer {name!r}: no strategy ran")
-    times = _measure(modules, x, rounds=max(1, rounds), min_time_s=min_time_s, max_time_s=max_time_s,
-                     drop_factor=2.5)
+    if isinstance(layer, nn.Linear) and min(getattr(m, "weight_nbytes", 0) for m in modules.values()) \
+            > COLD_LINEAR_BYTES:
+        from sparsecnn.bench.harness import time_cold
+
+        def call(m: nn.Module) -> Callable[[], object]:
+            return lambda: m(x)
+
+        with torch.no_grad():
+            cold = time_cold([call(m) for m in modules.values()], repeats=max(3, rounds))
+        times = dict(zip(modules, cold, strict=True))
+    else:
+        times = _measure(modules, x, rounds=max(1, rounds), min_time_s=min_time_s, max_time_s=max_time_s,
+                         drop_factor=2.5)
     best = pick(times, margin)
     return LayerChoice(best, "measured", times), modules[best]
 

@@ -205,7 +205,8 @@ def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
     The planner times layers as modules (torch tensors in and out, ~30 us of glue each); inside the
     executor the numba kernels run on bound buffers, which moves the break-even on small layers (a
     LeNet-5 layer: 10 us direct against 16 us for the planner's csrmm). Each candidate runs as a
-    one-step program on the layer's real input; ties keep the planner's choice.
+    one-step program on the layer's real input, a large linear layer with its caches flushed first
+    (:data:`sparsecnn.plan.COLD_LINEAR_BYTES`); ties keep the planner's choice.
     """
     from sparsecnn.layers import SparseConv2d, SparseLinear
 
@@ -233,7 +234,14 @@ def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
             for f in steps:
                 f()
         fns.append(run)
-    times = _time_steps(fns)
+    from sparsecnn.plan import COLD_LINEAR_BYTES
+
+    if not conv and min(getattr(c, "weight_nbytes", 0) for c in cands) > COLD_LINEAR_BYTES:
+        from sparsecnn.bench.harness import time_cold
+
+        times = time_cold(fns, repeats=7)
+    else:
+        times = _time_steps(fns)
     best = min(range(len(cands)), key=lambda i: (times[i] * (1.0 if i == 0 else 1.02), i))
     return cands[best]
 
