@@ -70,9 +70,10 @@ def test_bound_dense_columns_tiles_relu_and_nan(rng, m: int, relu: bool) -> None
 
 def test_bytes_are_the_stored_arrays(rng) -> None:
     w = random_sparse(rng, (64, 300), 0.9)
-    prep = prepare_act_linear(w)
+    prep = prepare_act_linear(w, nblocks=2)
     nnz = int(np.count_nonzero(w))
-    assert prep.nbytes == 301 * 4 + nnz * 2 + nnz * 4  # int32 pointers, uint16 rows, float32 values
+    # int32 pointers of two row blocks, uint16 rows, float32 values, int64 block bounds
+    assert prep.nbytes == (2 * 300 + 1) * 4 + nnz * 2 + nnz * 4 + 3 * 8
     dense = prepare_act_linear(random_sparse(rng, (64, 300), 0.1))
     assert dense.nbytes == 64 * 300 * 4
 
@@ -124,3 +125,53 @@ def test_checkpoint_round_trip(tmp_path) -> None:
     x = torch.relu(torch.randn(3, 20))
     with torch.no_grad():
         assert_close(back(x), model(x))
+
+
+@pytest.mark.parametrize("nblocks", [1, 2, 3, 7])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_row_blocks_any_count_any_threads(rng, nblocks: int, batch: int) -> None:
+    """Row-block-major CSC with any block count, run on 1 or 2 threads (blocks need not match the
+    threads), and a plain CSC (``row_blocks`` None, as older files hold) gives the same."""
+    import dataclasses
+
+    import numba
+
+    w = random_sparse(rng, (45, 60), 0.85)
+    x = _input(rng, (batch, 60), 0.5)
+    ref = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w))
+    prep = prepare_act_linear(w, nblocks=nblocks)
+    prep.check_format()
+    assert prep.blocks.size - 1 == nblocks
+    threads = numba.get_num_threads()
+    try:
+        for t in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(t)
+            out = np.full((batch, 45), np.nan, np.float32)
+            act_sparse_linear(prep, x, None, out)
+            assert_close(out, ref)
+    finally:
+        numba.set_num_threads(threads)
+    plain = prepare_act_linear(w, nblocks=1)
+    legacy = dataclasses.replace(plain, row_blocks=None)
+    legacy.check_format()
+    out = np.full((batch, 45), np.nan, np.float32)
+    act_sparse_linear(legacy, x, None, out)
+    assert_close(out, ref)
+    layer = SparseLinear.from_format(legacy, "spmv-act", in_features=60, out_features=45)
+    np.testing.assert_array_equal(layer.engine.to_dense(), w)
+
+
+def test_row_outside_its_block_is_rejected(rng) -> None:
+    from sparsecnn.errors import SparseCNNError
+
+    w = random_sparse(rng, (20, 10), 0.5)
+    prep = prepare_act_linear(w, nblocks=2)
+    bad = prep.indices.copy()
+    end = int(prep.indptr[1])  # column 0's part in block 0: its last row moved into block 1 (sorted)
+    assert end > 0
+    bad[end - 1] = int(prep.blocks[1])
+    import dataclasses
+
+    with pytest.raises(SparseCNNError, match="row block"):
+        SparseLinear.from_format(dataclasses.replace(prep, indices=bad), "spmv-act", in_features=10,
+                                 out_features=20)

@@ -1187,14 +1187,31 @@ class _ActSparseLinear(_SparseLinear):
               f"expected an ActLinearPrep of shape {shape}, got {tuple(fmt.shape)}")
         if fmt.dense_columns:
             _check_f32(fmt.dense_t, "ActLinearPrep.dense_t", (shape[1], shape[0]))
-        else:  # CSC of W is CSR of W.T
-            _check_csr_arrays("ActLinearPrep", fmt.indptr, fmt.indices, fmt.data, shape[1], shape[0])
+            return
+        rb = fmt.row_blocks
+        if rb is not None:
+            check_int_array(rb, "row_blocks", "ActLinearPrep")
+            _need(rb.ndim == 1 and rb.size >= 2 and int(rb[0]) == 0 and int(rb[-1]) == shape[0]
+                  and bool((np.diff(rb.astype(np.int64)) >= 0).all()),
+                  f"ActLinearPrep.row_blocks must rise from 0 to {shape[0]}, got {rb!r}")
+        nb = fmt.blocks.size - 1
+        # the row-block-major CSC of W is the CSR of the nblocks stacked copies of W.T
+        _check_csr_arrays("ActLinearPrep", fmt.indptr, fmt.indices, fmt.data, nb * shape[1], shape[0])
+        if nb > 1 and len(fmt.indices):
+            block_of = np.repeat(np.arange(nb), np.diff(fmt.indptr[:: max(shape[1], 1)].astype(np.int64)))
+            rows = fmt.indices.astype(np.int64)
+            blocks = fmt.blocks.astype(np.int64)
+            wrong = (rows < blocks[block_of]) | (rows >= blocks[block_of + 1])
+            _need(not wrong.any(),
+                  f"ActLinearPrep: {int(wrong.sum())} row indices lie outside their row block")
 
     def to_dense(self) -> np.ndarray:
         f = self.format
         if f.dense_columns:
             return np.ascontiguousarray(f.dense_t.T)
-        return np.ascontiguousarray(_csr_dense(f.indptr, f.indices, f.data, (f.shape[1], f.shape[0])).T)
+        nb = f.blocks.size - 1
+        stacked = _csr_dense(f.indptr, f.indices, f.data, (nb * f.shape[1], f.shape[0]))
+        return np.ascontiguousarray(stacked.reshape(nb, f.shape[1], f.shape[0]).sum(axis=0).T)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         from sparsecnn.kernels.spmv_act import act_sparse_linear
