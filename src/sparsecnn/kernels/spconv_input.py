@@ -14,7 +14,7 @@ channels are cut into chunks of ``cc``; three passes:
    not once per tap as a lowered (im2col) gather reads it (9x on a 3x3 layer: the previous kernel's
    gather alone took 0.55 ms on AlexNet conv3).
 2. **Lists per output pixel** (:func:`_pixel_lists`): per pixel and chunk, the position lists
-   under its taps concatenated, each entry's row ``tap * cc + c`` (vector copies, no branch on the
+   under its taps concatenated, each entry's weight row ``tap * cc + c`` (vector copies, no branch on the
    data). A 1x1 stride-1 layer skips this pass (its pixels are its positions).
 3. **Register tiles over output channels** (:func:`_compute`): per tile of ``tile_width`` output
    channels, chunk by chunk, every pixel's list runs through one register tile
@@ -184,10 +184,11 @@ def input_list_nbytes(prep: SpconvPrep, batch: int, in_hw: tuple[int, int], out_
 
 
 @pjit
-def _position_lists(x, chan_of, nkept, offs, vals, counts):
+def _position_lists(x, chan_of, nkept, stride, offs, vals, counts):
     """``offs/vals[bg, h, q, :counts[bg, h, q]]``: the nonzero inputs of image b, group g (``bg = b *
     groups + g``) at input position q among kept channels ``h * cc <= r < (h + 1) * cc``, as
-    ``r - h * cc`` and value, channel-ordered. One task per (image, group, block of 16 positions):
+    ``(r - h * cc) * stride`` (``stride``: the tile width, so the entry is where the channel's weight
+    row starts) and value, channel-ordered. One task per (image, group, block of 16 positions):
     the block's inputs of every channel (one cache line each) stay in L1 while each position walks
     its channels with the count in a register; every slot is written and the count advances past
     the nonzeros only (ReLU inputs are about half zeros: a branch on the value mispredicts).
@@ -214,20 +215,21 @@ def _position_lists(x, chan_of, nkept, offs, vals, counts):
                 n = 0
                 for r in range(min(cc, kept - r0)):
                     v = src[chan_of[g, r0 + r], q]
-                    o[n] = r
+                    o[n] = r * stride
                     v_[n] = v
                     n += v != 0.0
                 counts[bg, hc, q] = n
 
 
 @pjit
-def _pixel_lists(offs, vals, counts, geom, h, w, wout, loffs, lvals, lstart, lcounts):
+def _pixel_lists(offs, vals, counts, geom, h, w, wout, tw, loffs, lvals, lstart, lcounts):
     """The merged list of output pixel p in chunk hc: the position lists under its taps, each entry's
-    offset ``tap * cc + r`` (its weight row in the chunk), at ``loffs/lvals[lstart[bg, hc, p]:]``,
-    ``lcounts[bg, hc, p]`` long. The lists of one (image, group, chunk) are packed back to back in
-    its region of ``P * taps * cc + cc`` slots (a sparse input touches few cache lines). Every tap
-    copies all ``cc`` slots (whole vectors when cc is a multiple of 8) and advances by its count: no
-    branch on the data; the region's last ``cc`` slots take what the last copy writes past its list.
+    offset ``(tap * cc + r) * tw`` (where its weight row starts in the chunk), at
+    ``loffs/lvals[lstart[bg, hc, p]:]``, ``lcounts[bg, hc, p]`` long. The lists of one (image, group,
+    chunk) are packed back to back in its region of ``P * taps * cc + cc`` slots (a sparse input
+    touches few cache lines). Every tap copies all ``cc`` slots (whole vectors when cc is a multiple
+    of 8) and advances by its count: no branch on the data; the region's last ``cc`` slots take what
+    the last copy writes past its list.
     NOTE: loffs, lvals are flat, (B * groups * nchunks) regions; lstart, lcounts (B * groups, nchunks, P)."""
     nbg, nchunks, _, cc = offs.shape
     kh, kw, sh, sw, ph, pw, dh, dw = geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6], geom[7]
@@ -256,7 +258,7 @@ def _pixel_lists(offs, vals, counts, geom, h, w, wout, loffs, lvals, lstart, lco
                     if iw < 0 or iw >= w:
                         continue
                     q = ih * w + iw
-                    add = np.int32((i * kw + j) * cc)
+                    add = np.int32((i * kw + j) * cc * tw)
                     if vec:
                         for r in range(0, cc, VW):
                             copy_vec_add(of, q * cc + r, loffs, n + r, add)
@@ -298,7 +300,7 @@ def _compute(wt, loffs, lvals, lstart, lcounts, nblk, acc):
                 k0 = lstart[bg, hc, p]
                 pos = (b * npix + p) * cout + g * mg + tile * tw
                 span_tile(wflat, loffs, lvals, k0, k0 + lcounts[bg, hc, p], wbase, aflat, pos, nvt, nvalid,
-                          np.float32(0.0), hc > 0, tw, False)
+                          np.float32(0.0), hc > 0, 1, False)
 
 
 @pjit
@@ -369,9 +371,10 @@ def spconv_input(prep: SpconvPrep, x: np.ndarray, geometry: tuple[int, ...], bia
         acc.fill(0.0)
     else:
         geom = ws["geom"]
-        _position_lists(x, prep.chan_of, prep.nkept, ws["offs"], ws["vals"], ws["counts"])
+        tw = prep.wt.shape[5]
+        _position_lists(x, prep.chan_of, prep.nkept, tw, ws["offs"], ws["vals"], ws["counts"])
         if ws["lcounts"] is not ws["counts"]:
-            _pixel_lists(ws["offs"], ws["vals"], ws["counts"], geom, h, w, wout, ws["loffs"], ws["lvals"],
+            _pixel_lists(ws["offs"], ws["vals"], ws["counts"], geom, h, w, wout, tw, ws["loffs"], ws["lvals"],
                          ws["lstart"], ws["lcounts"])
         _compute(prep.wt, ws["loffs"], ws["lvals"], ws["lstart"], ws["lcounts"], ws["nblk"], acc)
     _to_nchw(acc, b, has_bias, bool(relu), out.reshape(nb, cout, npix))
