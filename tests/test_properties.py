@@ -62,9 +62,10 @@ def conv_geometry(draw):
     batch = draw(st.integers(1, 3))
     bias = draw(st.booleans())
     density = draw(st.sampled_from(["zero", "sparse", "sparse", "full"]))
+    input_zeros = draw(st.sampled_from([0.0, 0.0, 0.5, 0.9, 1.0]))  # ReLU zeros (spconv-act skips them)
     return dict(cin=cin, cout=cout, k=(kh, kw), stride=stride, padding=padding, dilation=dilation,
                 groups=groups, h=h, w=w, batch=batch, bias=bias, density=density,
-                seed=draw(st.integers(0, 99)))
+                input_zeros=input_zeros, seed=draw(st.integers(0, 99)))
 
 
 def _conv(g: dict) -> tuple[nn.Module, torch.Tensor]:
@@ -74,9 +75,10 @@ def _conv(g: dict) -> tuple[nn.Module, torch.Tensor]:
         conv.weight.copy_(_weights(tuple(conv.weight.shape), g["density"], g["seed"]))
         if g["bias"]:
             conv.bias.copy_(torch.linspace(-1, 1, g["cout"]))
-    x = torch.from_numpy(np.random.default_rng(g["seed"] + 1).standard_normal(
-        (g["batch"], g["cin"], g["h"], g["w"])).astype(np.float32))
-    return nn.Sequential(conv).eval(), x
+    rng = np.random.default_rng(g["seed"] + 1)
+    x = rng.standard_normal((g["batch"], g["cin"], g["h"], g["w"])).astype(np.float32)
+    x[rng.random(x.shape) < g.get("input_zeros", 0.0)] = 0.0
+    return nn.Sequential(conv).eval(), torch.from_numpy(x)
 
 
 @pytest.mark.parametrize("strategy", CONV)
