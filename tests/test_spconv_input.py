@@ -108,3 +108,39 @@ def test_input_list_bytes_are_the_workspace(rng, k, stride, padding) -> None:
     arrays = {id(ws[n].base if ws[n].base is not None else ws[n]): ws[n] for n in names}
     held = sum(a.nbytes for a in arrays.values())
     assert input_list_nbytes(prep, 2, (3, 3), ref.shape[2:], geometry) == held
+
+
+def test_compiled_model_runs_spconv_act_bound_and_from_threads(rng) -> None:
+    """The executor binds spconv-act steps (ReLU fused into the NCHW copy) and every Python thread
+    gets its own lists: four threads calling one compiled model each get their own right output."""
+    import threading
+
+    import sparsecnn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 24, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(24, 24, 1), nn.ReLU()).eval()
+    with torch.no_grad():
+        for mod in model:
+            if isinstance(mod, nn.Conv2d):
+                mod.weight.copy_(torch.from_numpy(random_sparse(rng, tuple(mod.weight.shape), 0.6)))
+    x = torch.relu(torch.randn(2, 16, 15, 13))
+    fast = sparsecnn.compile(model, x, "spconv-act")
+    assert fast.steps(tuple(x.shape)) == ["conv:spconv-act+relu"] * 3
+    xs = [torch.from_numpy(random_sparse(rng, (2, 16, 15, 13), 0.7)) for _ in range(4)]
+    outs: list = [None] * 4
+
+    def work(i: int) -> None:
+        for _ in range(10):
+            outs[i] = fast(xs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with torch.no_grad():
+        for i in range(4):
+            ref = model(xs[i])
+            assert float((outs[i] - ref).abs().max()) <= 1e-4 * float(ref.abs().max())

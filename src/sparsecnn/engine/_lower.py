@@ -382,6 +382,14 @@ class _Builder:
             self._bound_conv(n, x, shape, relu, functools.partial(bind_direct_conv2d, slack=slack),
                              layer.engine.format)
             return
+        if layer.strategy == "spconv-act":
+            from sparsecnn.kernels.spconv_input import bind_spconv_input
+
+            sp = layer.engine.spec
+            geometry = (*sp.kernel_size, *sp.stride, *sp.padding, *sp.dilation)
+            self._bound_conv(n, x, shape, relu, functools.partial(bind_spconv_input, geometry=geometry),
+                             layer.engine.format)
+            return
         if layer.strategy == "lowered" and layer.engine.implicit is not None:
             from sparsecnn.kernels.implicit_gemm import bind_implicit_gemm_conv2d
 

@@ -45,6 +45,7 @@ all zero).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numba
@@ -53,7 +54,7 @@ import numpy as np
 from sparsecnn.kernels._numba import num_threads, pjit
 from sparsecnn.kernels._simd import NV_MAX, VW, copy_vec, copy_vec_add, span_tile
 
-__all__ = ["SpconvPrep", "input_list_nbytes", "prepare_spconv", "spconv_input"]
+__all__ = ["SpconvPrep", "bind_spconv_input", "input_list_nbytes", "prepare_spconv", "spconv_input"]
 
 # Output channels per register tile (vectors), and bytes of one chunk's weight rows (cc channels x
 # taps x tile width): the rows every pixel of the image reuses, so they should stay in a 32 KB L1.
@@ -378,3 +379,32 @@ def spconv_input(prep: SpconvPrep, x: np.ndarray, geometry: tuple[int, ...], bia
                          ws["lstart"], ws["lcounts"])
         _compute(prep.wt, ws["loffs"], ws["lvals"], ws["lstart"], ws["lcounts"], ws["nblk"], acc)
     _to_nchw(acc, b, has_bias, bool(relu), out.reshape(nb, cout, npix))
+
+
+def bind_spconv_input(prep: SpconvPrep, x_shape: tuple[int, ...], bias: np.ndarray | None, out: np.ndarray,
+                      relu: bool = False, *, geometry: tuple[int, ...]) -> Callable[[np.ndarray], None]:
+    """``run(x)``: :func:`spconv_input` ``(prep, x, geometry, bias, out, ws, relu)`` for inputs of
+    ``x_shape``, every argument but ``x`` bound once (the whole-model executor's steps), with its own
+    workspace: call it from the thread that bound it (the executor binds per thread).
+
+    Parameters
+    ----------
+    prep : SpconvPrep
+    x_shape : tuple of int
+        ``(B, Cin, H, W)``.
+    bias : ndarray, shape (Cout,), float32, or None
+    out : ndarray, shape (B, Cout, Hout, Wout), float32, C-contiguous
+    relu : bool
+    geometry : tuple of int
+        ``(kh, kw, sh, sw, ph, pw, dh, dw)``.
+    """
+    if not out.flags.c_contiguous or out.ndim != 4 or out.shape[:2] != (x_shape[0], prep.weight_shape[0]):
+        raise ValueError(f"bind_spconv_input: out must be C-contiguous (B, Cout, Hout, Wout) for {x_shape}, "
+                         f"got {out.shape}")
+    ws: dict = {}
+    relu = bool(relu)
+
+    def run(x: np.ndarray) -> None:
+        spconv_input(prep, x, geometry, bias, out, ws, relu)
+
+    return run
