@@ -144,3 +144,24 @@ def test_compiled_model_runs_spconv_act_bound_and_from_threads(rng) -> None:
         for i in range(4):
             ref = model(xs[i])
             assert float((outs[i] - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize(("k", "stride", "padding"), [(3, 1, 1), (1, 1, 0)])
+def test_batch_runs_in_slices_within_the_budget(rng, monkeypatch, k, stride, padding) -> None:
+    """A batch whose lists exceed the workspace budget runs a few images at a time (the last slice
+    short), with the same result, and the reported bytes are one slice's."""
+    import sparsecnn.kernels.spconv_input as mod
+
+    conv = nn.Conv2d(12, 20, k, stride=stride, padding=padding)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(random_sparse(rng, tuple(conv.weight.shape), 0.5)))
+    prep = prepare_spconv(conv.weight.detach().numpy(), 1)
+    geometry = (k, k, stride, stride, padding, padding, 1, 1)
+    per = sum(mod._per_image_nbytes(prep, (9, 7), (9, 7), geometry))
+    monkeypatch.setattr(mod, "_WORKSPACE_BUDGET", 2 * per + 1)  # two images a pass: slices 2, 2, 1
+    assert mod.images_per_pass(prep, 5, (9, 7), (9, 7), geometry) == 2
+    layer = SparseConv2d.from_dense(conv, "spconv-act")
+    x = torch.from_numpy(random_sparse(rng, (5, 12, 9, 7), 0.6))
+    assert_layer_matches(layer, conv, x)
+    assert mod.input_list_nbytes(prep, 5, (9, 7), (9, 7), geometry) == 2 * mod._per_image_nbytes(
+        prep, (9, 7), (9, 7), geometry)[0]

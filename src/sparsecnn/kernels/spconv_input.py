@@ -37,6 +37,9 @@ previous kernel, built by an im2col-like gather, cost as much as the arithmetic.
 1.34 / 1.05 / 0.72 ms (the previous kernel: 2.39 / 1.55 / 1.47 ms). Passes 1-2 and the channels-last
 to NCHW copy take 0.15-0.24 ms of that; the FMA loop runs at about the direct kernel's rate.
 
+The lists are sized for a dense input (taps x kept channels per output pixel and chunk): a batch
+whose lists would pass ``_WORKSPACE_BUDGET`` (256 MB) runs a slice of images at a time.
+
 Storage (``SpconvPrep``): ``wt (groups, ntiles, nchunks, taps, cc, tile_width)`` float32 and
 ``chan_map (groups, Cg)`` int32 (input channel -> kept index, -1 where the channel's weights are
 all zero).
@@ -54,7 +57,8 @@ import numpy as np
 from sparsecnn.kernels._numba import num_threads, pjit
 from sparsecnn.kernels._simd import NV_MAX, VW, copy_vec, copy_vec_add, span_tile
 
-__all__ = ["SpconvPrep", "bind_spconv_input", "input_list_nbytes", "prepare_spconv", "spconv_input"]
+__all__ = ["SpconvPrep", "bind_spconv_input", "images_per_pass", "input_list_nbytes", "prepare_spconv",
+           "spconv_input"]
 
 # Output channels per register tile (vectors), and bytes of one chunk's weight rows (cc channels x
 # taps x tile width): the rows every pixel of the image reuses, so they should stay in a 32 KB L1.
@@ -171,17 +175,42 @@ def _pixels_are_positions(geometry: tuple[int, ...], in_hw: tuple[int, int], out
     return (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0) and tuple(in_hw) == tuple(out_hw)
 
 
+# Most bytes the lists and the accumulator of one pass may hold: a batch that needs more runs in slices
+# of images (the lists are sized for a dense input, taps x channels per output pixel: VGG-16's 224x224
+# layers at batch 32 would hold 8 GB at once).
+_WORKSPACE_BUDGET = 256 << 20
+
+
+def _per_image_nbytes(prep: SpconvPrep, in_hw: tuple[int, int], out_hw: tuple[int, int],
+                      geometry: tuple[int, ...]) -> tuple[int, int]:
+    """``(list bytes, accumulator bytes)`` of one image."""
+    groups, _, nchunks, taps, cc, _ = prep.wt.shape
+    lists = groups * nchunks
+    npos = in_hw[0] * in_hw[1]
+    npix = out_hw[0] * out_hw[1]
+    positions = lists * npos * (8 * cc + 8)
+    if _pixels_are_positions(geometry, in_hw, out_hw):  # no merged lists: a start per position list
+        merged = lists * npos * 8
+    else:
+        merged = lists * (8 * (npix * taps * cc + cc) + 16 * npix)
+    return positions + merged, 4 * npix * prep.weight_shape[0]
+
+
+def images_per_pass(prep: SpconvPrep, batch: int, in_hw: tuple[int, int], out_hw: tuple[int, int],
+                    geometry: tuple[int, ...]) -> int:
+    """Images :func:`spconv_input` runs at once: the whole batch, or as many as fit
+    ``_WORKSPACE_BUDGET`` (at least one)."""
+    per = sum(_per_image_nbytes(prep, in_hw, out_hw, geometry))
+    return max(1, min(batch, _WORKSPACE_BUDGET // max(per, 1)))
+
+
 def input_list_nbytes(prep: SpconvPrep, batch: int, in_hw: tuple[int, int], out_hw: tuple[int, int],
                       geometry: tuple[int, ...]) -> int:
     """Bytes of the input side as :func:`spconv_input` holds it for one input shape: the position lists
-    (channel index and value per slot, a count per list) and the merged lists per output pixel."""
-    groups, _, nchunks, taps, cc, _ = prep.wt.shape
-    lists = batch * groups * nchunks
-    positions = lists * in_hw[0] * in_hw[1] * (8 * cc + 8)
-    if _pixels_are_positions(geometry, in_hw, out_hw):  # no merged lists: a start per position list
-        return int(positions + lists * in_hw[0] * in_hw[1] * 8)
-    npix = out_hw[0] * out_hw[1]
-    return int(positions + lists * (8 * (npix * taps * cc + cc) + 16 * npix))
+    (channel index and value per slot, a count per list) and the merged lists per output pixel, for
+    the images of one pass (:func:`images_per_pass`)."""
+    return int(images_per_pass(prep, batch, in_hw, out_hw, geometry)
+               * _per_image_nbytes(prep, in_hw, out_hw, geometry)[0])
 
 
 @pjit
@@ -344,11 +373,13 @@ def spconv_input(prep: SpconvPrep, x: np.ndarray, geometry: tuple[int, ...], bia
     groups, ntiles, nchunks, _, cc, _ = prep.wt.shape
     npix = hout * wout
     if "offs" not in ws:
-        lists = (nb * groups, nchunks, h * w, cc)
+        sub = images_per_pass(prep, nb, (h, w), (hout, wout), geometry)
+        ws["sub"] = sub
+        lists = (sub * groups, nchunks, h * w, cc)
         ws["offs"] = np.empty(lists, np.int32)
         ws["vals"] = np.empty(lists, np.float32)
         ws["counts"] = np.empty(lists[:3], np.int64)
-        nlists = nb * groups * nchunks
+        nlists = sub * groups * nchunks
         if _pixels_are_positions(geometry, (h, w), (hout, wout)):  # 1x1, stride 1: no merge needed
             ws["loffs"], ws["lvals"] = ws["offs"].reshape(-1), ws["vals"].reshape(-1)
             ws["lcounts"] = ws["counts"]
@@ -357,28 +388,34 @@ def spconv_input(prep: SpconvPrep, x: np.ndarray, geometry: tuple[int, ...], bia
             taps = prep.wt.shape[3]
             ws["loffs"] = np.empty(nlists * (npix * taps * cc + cc), np.int32)
             ws["lvals"] = np.empty(nlists * (npix * taps * cc + cc), np.float32)
-            ws["lstart"] = np.empty((nb * groups, nchunks, npix), np.int64)
-            ws["lcounts"] = np.empty((nb * groups, nchunks, npix), np.int64)
+            ws["lstart"] = np.empty((sub * groups, nchunks, npix), np.int64)
+            ws["lcounts"] = np.empty((sub * groups, nchunks, npix), np.int64)
         # a tile past the group's last channel loads (and stores back) lanes past the end
-        ws["acc"] = np.empty(nb * npix * cout + prep.wt.shape[5], np.float32)[: nb * npix * cout].reshape(
-            nb, npix, cout)
+        ws["acc"] = np.empty(sub * npix * cout + prep.wt.shape[5], np.float32)[: sub * npix * cout].reshape(
+            sub, npix, cout)
         ws["geom"] = np.asarray(geometry, np.int64)
         # pixel blocks: at least two tasks per thread, so a slow tile does not leave a thread idle
-        ws["nblk"] = max(1, min(npix, -(-2 * num_threads() // max(nb * groups * ntiles, 1))))
+        ws["nblk"] = max(1, min(npix, -(-2 * num_threads() // max(sub * groups * ntiles, 1))))
     has_bias = bias is not None
     b = bias if has_bias else np.zeros(0, np.float32)
-    acc = ws["acc"]
-    if nchunks == 0 or ntiles == 0:  # every weight zero: the output is the bias
-        acc.fill(0.0)
-    else:
-        geom = ws["geom"]
-        tw = prep.wt.shape[5]
-        _position_lists(x, prep.chan_of, prep.nkept, tw, ws["offs"], ws["vals"], ws["counts"])
-        if ws["lcounts"] is not ws["counts"]:
-            _pixel_lists(ws["offs"], ws["vals"], ws["counts"], geom, h, w, wout, tw, ws["loffs"], ws["lvals"],
-                         ws["lstart"], ws["lcounts"])
-        _compute(prep.wt, ws["loffs"], ws["lvals"], ws["lstart"], ws["lcounts"], ws["nblk"], acc)
-    _to_nchw(acc, b, has_bias, bool(relu), out.reshape(nb, cout, npix))
+    sub = ws["sub"]
+    tw = prep.wt.shape[5]
+    out3 = out.reshape(nb, cout, npix)
+    for b0 in range(0, nb, sub):
+        b1 = min(nb, b0 + sub)
+        acc = ws["acc"][: b1 - b0]
+        if nchunks == 0 or ntiles == 0:  # every weight zero: the output is the bias
+            acc.fill(0.0)
+        else:
+            xs = x[b0:b1]
+            n = (b1 - b0) * groups  # lists of a short last slice: the first rows of the workspace
+            _position_lists(xs, prep.chan_of, prep.nkept, tw, ws["offs"][:n], ws["vals"][:n],
+                            ws["counts"][:n])
+            if ws["lcounts"] is not ws["counts"]:
+                _pixel_lists(ws["offs"][:n], ws["vals"][:n], ws["counts"][:n], ws["geom"], h, w, wout, tw,
+                             ws["loffs"], ws["lvals"], ws["lstart"][:n], ws["lcounts"][:n])
+            _compute(prep.wt, ws["loffs"], ws["lvals"], ws["lstart"][:n], ws["lcounts"][:n], ws["nblk"], acc)
+        _to_nchw(acc, b, has_bias, bool(relu), out3[b0:b1])
 
 
 def bind_spconv_input(prep: SpconvPrep, x_shape: tuple[int, ...], bias: np.ndarray | None, out: np.ndarray,
