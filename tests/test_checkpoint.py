@@ -36,7 +36,8 @@ def pruned_lenet():
 
 
 @pytest.mark.parametrize(
-    "strategy", ["torch", "dense", "csrmm", "direct", "lowered", "bsr", "spgemm", "spmv"]
+    "strategy", ["torch", "dense", "csrmm", "direct", "lowered", "bsr", "spgemm", "spconv-act", "spmv",
+                 "spmv-act", "qspmv"]
 )
 @pytest.mark.parametrize("ext", ["npz", "safetensors"])
 def test_round_trip_every_strategy(tmp_path, pruned_lenet, strategy, ext):

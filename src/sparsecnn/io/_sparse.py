@@ -36,12 +36,13 @@ def _format_classes() -> dict[str, type]:
     from sparsecnn.formats import BSRMatrix, CSRMatrix
     from sparsecnn.kernels.conv import DirectConvPrep
     from sparsecnn.kernels.qspmv import QuantLinearPrep
+    from sparsecnn.kernels.spconv_input import SpconvPrep
     from sparsecnn.kernels.spmv import LinearPrep
     from sparsecnn.kernels.spmv_act import ActLinearPrep
 
     return {
         c.__name__: c for c in (CSRMatrix, BSRMatrix, _layers().LoweredWeight, DirectConvPrep, LinearPrep,
-                                ActLinearPrep, QuantLinearPrep)
+                                ActLinearPrep, QuantLinearPrep, SpconvPrep)
     }
 
 
