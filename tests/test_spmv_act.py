@@ -175,3 +175,17 @@ def test_row_outside_its_block_is_rejected(rng) -> None:
     with pytest.raises(SparseCNNError, match="row block"):
         SparseLinear.from_format(dataclasses.replace(prep, indices=bad), "spmv-act", in_features=10,
                                  out_features=20)
+
+
+def test_large_linear_layers_are_timed_cold() -> None:
+    """The planner and the executor time a linear layer cold when every candidate form of it is
+    larger than COLD_LINEAR_BYTES (a forward pass evicts it), warm otherwise and for convolutions."""
+    from types import SimpleNamespace
+
+    from sparsecnn.plan import COLD_LINEAR_BYTES, times_cold
+
+    big, small = SimpleNamespace(weight_nbytes=COLD_LINEAR_BYTES + 1), SimpleNamespace(weight_nbytes=1024)
+    assert times_cold(nn.Linear(4, 4), [big, big])
+    assert not times_cold(nn.Linear(4, 4), [big, small])
+    assert not times_cold(nn.Conv2d(4, 4, 3), [big, big])
+    assert not times_cold(nn.Linear(4, 4), [])

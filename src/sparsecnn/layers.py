@@ -1209,9 +1209,12 @@ class _ActSparseLinear(_SparseLinear):
         f = self.format
         if f.dense_columns:
             return np.ascontiguousarray(f.dense_t.T)
-        nb = f.blocks.size - 1
-        stacked = _csr_dense(f.indptr, f.indices, f.data, (nb * f.shape[1], f.shape[0]))
-        return np.ascontiguousarray(stacked.reshape(nb, f.shape[1], f.shape[0]).sum(axis=0).T)
+        k = f.shape[1]
+        # stacked column b * K + j is column j of W (its part in row block b): fold the blocks
+        cols = np.repeat(np.arange(f.indptr.size - 1), np.diff(f.indptr.astype(np.int64))) % max(k, 1)
+        w = np.zeros(f.shape, np.float32)
+        w[f.indices.astype(np.int64), cols] = f.data
+        return w
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         from sparsecnn.kernels.spmv_act import act_sparse_linear

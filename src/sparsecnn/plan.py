@@ -29,7 +29,7 @@ import threading
 import time
 import types
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from torch import nn
 from sparsecnn.errors import SparseCNNError
 
 __all__ = ["COLD_LINEAR_BYTES", "DEFAULT_MARGIN", "CostModel", "LayerChoice", "Plan", "auto_plan",
-           "cache_key", "calibrate", "choose", "default_plan_path", "estimate_seconds", "pick"]
+           "cache_key", "calibrate", "choose", "default_plan_path", "estimate_seconds", "pick", "times_cold"]
 
 _PLAN_VERSION = 1  # of Plan.save's JSON
 # Decision cache; 2: torch is kept unless a sparse strategy beats it by the margin (interleaved medians);
@@ -362,6 +362,13 @@ def pick(times: Mapping[str, float], margin: float) -> str:
 COLD_LINEAR_BYTES = 4 << 20
 
 
+def times_cold(layer: nn.Module, candidates: Iterable[nn.Module]) -> bool:
+    """Whether ``layer``'s candidates are to be timed with cold caches: a linear layer larger than
+    ``COLD_LINEAR_BYTES`` in every candidate's form (``weight_nbytes``)."""
+    return isinstance(layer, nn.Linear) and min(
+        (getattr(c, "weight_nbytes", 0) for c in candidates), default=0) > COLD_LINEAR_BYTES
+
+
 def choose(
     layer: nn.Module,
     x: torch.Tensor,
@@ -412,8 +419,7 @@ def choose(
         modules[cand] = module
     if not modules:  # unreachable: torch always verifies against itself
         raise SparseCNNError(f"layer {name!r}: no strategy ran")
-    if isinstance(layer, nn.Linear) and min(getattr(m, "weight_nbytes", 0) for m in modules.values()) \
-            > COLD_LINEAR_BYTES:
+    if times_cold(layer, modules.values()):
         from sparsecnn.bench.harness import time_cold
 
         def call(m: nn.Module) -> Callable[[], object]:

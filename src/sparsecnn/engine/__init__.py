@@ -206,7 +206,7 @@ def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
     executor the numba kernels run on bound buffers, which moves the break-even on small layers (a
     LeNet-5 layer: 10 us direct against 16 us for the planner's csrmm). Each candidate runs as a
     one-step program on the layer's real input, a large linear layer with its caches flushed first
-    (:data:`sparsecnn.plan.COLD_LINEAR_BYTES`); ties keep the planner's choice.
+    (:func:`sparsecnn.plan.times_cold`); ties keep the planner's choice.
     """
     from sparsecnn.layers import SparseConv2d, SparseLinear
 
@@ -234,9 +234,9 @@ def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
             for f in steps:
                 f()
         fns.append(run)
-    from sparsecnn.plan import COLD_LINEAR_BYTES
+    from sparsecnn.plan import times_cold
 
-    if not conv and min(getattr(c, "weight_nbytes", 0) for c in cands) > COLD_LINEAR_BYTES:
+    if times_cold(dense, cands):
         from sparsecnn.bench.harness import time_cold
 
         times = time_cold(fns, repeats=7)
