@@ -56,17 +56,17 @@ def _interleaved(fns: list, repeats: int, inner: int) -> list[float]:
 def _direct(w: np.ndarray, groups: int, padding: int, x: np.ndarray, bias: np.ndarray, out: np.ndarray,
             form: str):
     """A bound direct conv in one form (``flat``, ``grouped`` or the library's ``auto`` choice)."""
-    saved = conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS, conv._GROUPED_WHEN_ONE_TILE
+    saved = conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS
     if form == "flat":
         conv._GROUPED_BELOW = 0.0
     elif form == "grouped":
-        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS, conv._GROUPED_WHEN_ONE_TILE = 1e9, 0, True
+        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS = 1e9, 0
     try:
         prep = prepare_direct(w, groups, (1, 1), (padding, padding), (1, 1))
         run = bind_direct_conv2d(prep, x.shape, bias, out, False)  # builds the workspace in this form
         grouped = prep.workspace(x.shape).grouped is not None
     finally:
-        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS, conv._GROUPED_WHEN_ONE_TILE = saved
+        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS = saved
     return run, grouped
 
 

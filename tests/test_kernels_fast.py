@@ -24,15 +24,15 @@ from tests.reference import assert_close
 def direct_mode(mode: str):
     """Force the direct kernel's form: ``"grouped"`` (filter-group tiles for every layer, however
     small), ``"flat"`` (per-filter tiles only) or ``"auto"`` (the library's choice)."""
-    saved = conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS, conv._GROUPED_WHEN_ONE_TILE
+    saved = conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS
     if mode == "grouped":
-        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS, conv._GROUPED_WHEN_ONE_TILE = 1e9, 0, True
+        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS = 1e9, 0
     elif mode == "flat":
         conv._GROUPED_BELOW = 0.0
     try:
         yield
     finally:
-        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS, conv._GROUPED_WHEN_ONE_TILE = saved
+        conv._GROUPED_BELOW, conv._GROUPED_MIN_COLUMNS = saved
 
 
 def _conv_case(rng, b, cin, cout, hw, k, stride, padding, dilation, groups, sparsity, bias=True):
@@ -122,9 +122,9 @@ def test_direct_conv_filter_groups(case, l1, rng, monkeypatch):
 
 
 def test_direct_conv_picks_filter_groups_at_moderate_sparsity_only(rng):
-    """The library's choice: filter-group tiles at Deep Compression's conv density on a plane that
-    needs several per-filter tiles (AlexNet conv2-like) or at batch >= 4, per-filter tiles at 90%
-    sparsity, on a plane one per-filter tile covers at batch 1, and on a 1x1 layer (one tap per
+    """The library's choice: filter-group tiles at Deep Compression's conv density, on a plane that
+    needs several per-filter tiles (AlexNet conv2-like) as on one that a single tile covers (13x13,
+    AlexNet conv3-5), at any batch; per-filter tiles at 90% sparsity and on a 1x1 layer (one tap per
     channel: too few columns)."""
     def form(shape, k, sparsity, batch=1):
         w = random_sparse(rng, (shape[1], shape[0], k, k), sparsity)
@@ -133,8 +133,9 @@ def test_direct_conv_picks_filter_groups_at_moderate_sparsity_only(rng):
 
     assert form((48, 64, 27), 5, 0.62)  # AlexNet conv2-like (27x27: several per-filter tiles)
     assert not form((48, 64, 27), 5, 0.9)
-    assert not form((192, 64, 13), 3, 0.63)  # 13x13: one per-filter tile reads each weight once
-    assert form((192, 64, 13), 3, 0.63, batch=8)  # ... per image: cached for the later images
+    assert form((192, 64, 13), 3, 0.63)  # 13x13: one per-filter tile would cover a row group
+    assert form((192, 64, 13), 3, 0.63, batch=8)
+    assert not form((192, 64, 13), 3, 0.9)
     assert not form((512, 64, 28), 1, 0.63)
 
 

@@ -44,7 +44,6 @@ def test_direct_conv_fused_relu(case, blocks, rng, monkeypatch):
     if blocks == "grouped":  # filter-group tiles: the crop applies the ReLU
         monkeypatch.setattr(conv, "_GROUPED_BELOW", 1e9)
         monkeypatch.setattr(conv, "_GROUPED_MIN_COLUMNS", 0)
-        monkeypatch.setattr(conv, "_GROUPED_WHEN_ONE_TILE", True)
     elif blocks:  # many input-channel blocks: the tiles accumulate, the crop applies the ReLU
         monkeypatch.setattr(conv, "_L1_BYTES", 1)
         monkeypatch.setattr(conv, "_MIN_BLOCK_NNZ", 1)

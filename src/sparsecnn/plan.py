@@ -58,8 +58,9 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # 12: unpadded stride-1 inputs read in place (ResNet-50's 1x1 layers at 14x14 and 7x7 2x faster, where
 # csrmm had won);
 # 13: spconv-act redesigned (position lists, L1-resident weight chunks): 2-3x faster, now ahead of the
-# weight-only kernels where the input has more zeros than the weights; large linear layers timed cold.
-_CACHE_VERSION = 13
+# weight-only kernels where the input has more zeros than the weights; large linear layers timed cold;
+# 14: filter groups also on planes one per-filter tile covers (AlexNet conv3-5 at batch 1: 1.15-1.2x).
+_CACHE_VERSION = 14
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.
 DEFAULT_MARGIN = 0.04

@@ -151,12 +151,12 @@ _TILE = NV_MAX * VW
 # output vector are below this fraction of the per-filter tiles' (~0.8 at Deep Compression's ~37%
 # density, ~1.1 at 90% sparsity: see _grouped_plan).
 _GROUPED_BELOW = 0.85
-# Filter groups are not tried where one per-filter tile covers a row group (True: tried anyway), below
-# this batch. Measured on AlexNet conv3-5 at 62-65% (13x13, one tile), run in sequence: 0.99-1.04x the
-# per-filter tiles at batch 1 (0.82-0.86x with the caches flushed), 1.01-1.10x at batch 4, 1.00-1.25x
-# at batch 32 (two runs; python -m benchmarks.forms).
-_GROUPED_WHEN_ONE_TILE = False
-_GROUPED_ONE_TILE_BATCH = 4
+# Filter groups are tried whatever the number of register tiles per row group. Until 2026-12-05 they
+# were not where one per-filter tile covers a row group at batch < 4 (AlexNet's 13x13 layers): measured
+# then at 0.99-1.04x, 0.82-0.86x cold. Re-measured after the later kernel changes (2 threads, batch 1,
+# AlexNet conv3 / conv4 / conv5 at 65 / 63 / 63%, interleaved in one process, two runs each): alone
+# 1.15-1.23x the per-filter tiles (1.72-1.84x torch against 1.43-1.52x), with every cache flushed
+# 1.00x, and as steps of the compiled AlexNet DC forward pass 1.02-1.09x.
 # Fewest columns per filter-group pass on average (its 15 pattern loops per tile need columns to run),
 # unless a pass saves at least _GROUPED_MIN_SAVED vector loads per output vector (est_flat -
 # est_grouped in _grouped_plan): AlexNet's conv1 (3 channels of 11x11 taps, 16% sparse) has 121
@@ -396,13 +396,7 @@ class DirectConvPrep(ConvPrepBase):
         bptr[1:] += np.cumsum(bptr[:-1, -1])[:, None]
         gstride = group + 2 * VW
         nco = int(np.diff(bounds).max(initial=0))
-        # A row group that one per-filter tile covers reads each weight once per image; filter-group
-        # tiles (GROUP_NV vectors) would cover it in several passes, each re-reading the block's
-        # columns: measured slower with the weights cold at batch 1 (AlexNet conv3-5 in a forward
-        # pass). From a few images on, every image but the first finds the weights cached.
-        one_tile = (-(-min(group, span) // VW) <= NV_MAX and b < _GROUPED_ONE_TILE_BATCH
-                    and not _GROUPED_WHEN_ONE_TILE)
-        grouped = None if one_tile else _grouped_plan(self, lay, c, ci, r, s, co, off_dtype, cin_g, nparts)
+        grouped = _grouped_plan(self, lay, c, ci, r, s, co, off_dtype, cin_g, nparts)
         if grouped is not None:  # the per-filter form is not kept beside it (the weights once per thread)
             order, bptr, nco = order[:0], np.zeros((1, cout + 1), dtype=np.int64), 0
         return _Workspace(
@@ -431,8 +425,7 @@ def _grouped_plan(prep: DirectConvPrep, lay: PhaseLayout, c: np.ndarray, ci: np.
                   s: np.ndarray, co: np.ndarray, off_dtype: type, cin_g: int, nparts: int) -> _Grouped | None:
     """The filter-group form of ``prep`` for one input shape, or None where the per-filter tiles are
     estimated to load less (high sparsity: a column then rarely has two filters) or a pass would
-    have too few columns (1x1 layers). Not tried where one per-filter tile covers a row group (the
-    caller: see ``_build_workspace``).
+    have too few columns (1x1 layers).
 
     The estimate counts vector loads per output vector: per-filter tiles make one per nonzero (plus
     a weight and an offset per ``NV_MAX`` vectors); group tiles one per column and vector, plus a
