@@ -17,8 +17,9 @@ at a precomputed offset. For stride 1 the phase plane is the padded plane itself
 share their padding gap: a row holds ``W + pw`` floats, the right padding of one row being the left
 padding of the next, which cuts the wide positions (wasted lanes) by 7-8% on AlexNet's 13x13 and
 27x27 layers. The offsets depend on the input shape and live in a per-shape workspace inside the prep
-object, with the phase-decomposed input buffer, so a call allocates nothing after the first one for a
-shape.
+object, with the phase-decomposed input buffers (one image per thread: each thread copies every image
+it reads into its own buffer, inside the kernel, see :func:`image_input`), so a call allocates nothing
+after the first one for a shape.
 
 Loop
 ----
@@ -166,8 +167,6 @@ _GROUPED_MIN_SAVED = 128
 # Below this many multiply-adds per call (nonzeros x span x batch) a bound layer runs the serial twins
 # of the kernels: a parallel launch (~2.5 us) costs more than a second thread saves (LeNet-5's layers).
 _SERIAL_MACS = 1 << 16
-# ... and below this many input elements, the serial phase copy.
-_SERIAL_COPY = 1 << 15
 
 
 def _index_dtype(n: int) -> np.dtype:
@@ -207,7 +206,8 @@ class _Workspace:
     phases: np.ndarray  # (nph,) the phases (ph * sw + pw) materialised, in storage order
     copies: np.ndarray  # (ncopies, 7) int64: where the input pixels go in each plane (_phase_copies)
     in_place: bool  # the layout is x itself (stride 1, no padding): in place given SLACK floats after x
-    xt: np.ndarray  # (B, Cin * nph * Hph * Wph + 2 * VW + pw) phase-decomposed padded input
+    xt: np.ndarray  # (nparts, Cin * nph * Hph * Wph + 2 * VW + pw): each thread's copy of one image
+    geo: np.ndarray  # PhaseLayout.geometry of the input shape
     wide: np.ndarray  # (nparts, nco * gstride) wide output rows of the thread's nco filters
     gstride: int  # floats per filter in wide: group + 2 * VW
     bptr: np.ndarray  # (nblk, Cout + 1): block kb of filter co is bptr[kb, co]:bptr[kb, co + 1]
@@ -255,9 +255,17 @@ class PhaseLayout:
         return ((c * self.nph + self.compact[phase]) * self.plane + ((r * dh) // sh) * self.wph
                 + (s * dw) // sw)
 
-    def xt_shape(self, batch: int, cin: int, pad_w: int) -> tuple[int, int]:
-        """Shape of the phase-decomposed input buffer: every span may read VW floats past its end."""
-        return batch, cin * self.nph * self.plane + 2 * VW + pad_w
+    def xt_shape(self, nbuf: int, cin: int, pad_w: int) -> tuple[int, int]:
+        """Shape of ``nbuf`` phase-decomposed input buffers of one image each (one per thread): every
+        span may read VW floats past its end."""
+        return nbuf, cin * self.nph * self.plane + 2 * VW + pad_w
+
+    def geometry(self, x_shape: tuple[int, int, int, int]) -> np.ndarray:
+        """int64 ``(Cin, H, W, floats per channel, plane, Wph, sh, sw)``: what :func:`image_input` needs
+        besides ``copies`` to phase-copy one image."""
+        _, cin, h, w = x_shape
+        return np.array([cin, h, w, self.nph * self.plane, self.plane, self.wph, *self.stride],
+                        dtype=np.int64)
 
 
 def phase_layout(x_shape: tuple[int, int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
@@ -351,7 +359,7 @@ class DirectConvPrep(ConvPrepBase):
         return int(self.indptr.nbytes + self.indices.nbytes + self.data.nbytes)
 
     def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int) -> _Workspace:
-        b, cin = x_shape[:2]
+        cin = x_shape[1]
         cout, cin_g, kh, kw = self.weight_shape
         lay = phase_layout(x_shape, (kh, kw), self.stride, self.padding, self.dilation)
         hph, wph, nph, plane = lay.hph, lay.wph, lay.nph, lay.plane
@@ -405,7 +413,8 @@ class DirectConvPrep(ConvPrepBase):
             phases=lay.phases,
             copies=lay.copies,
             in_place=lay.in_place,
-            xt=np.zeros(lay.xt_shape(b, cin, pw), dtype=np.float32),
+            xt=np.zeros(lay.xt_shape(nparts, cin, pw), dtype=np.float32),
+            geo=lay.geometry(x_shape),
             wide=np.zeros((nparts, max(nco, 1) * gstride if grouped is None else 0), dtype=np.float32),
             gstride=gstride,
             bptr=bptr,
@@ -558,25 +567,21 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
         Fuse a ReLU into the output.
     """
     ws = prep.workspace(x.shape)
-    sh, sw = prep.stride
-    if _reads_in_place(ws, x, 0):
-        # The layout is x itself (stride 1, no padding); lanes read past a plane are discarded.
-        xt = x.reshape(x.shape[0], -1)
-    else:
-        _phase_decompose(x, ws, sh, sw)
-        xt = ws.xt
+    copy = not _reads_in_place(ws, x, 0)  # else the layout is x itself (stride 1, no padding)
+    xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     has_bias = bias is not None
     b = bias if has_bias else prep.data[:0]
     nb, cout = out.shape[:2]
     # The kernel writes planes of C-contiguous rows; any other out goes through a temporary.
     dst = out if out.flags.c_contiguous else np.empty(out.shape, dtype=np.float32)
     flat = dst.reshape(nb, cout * ws.hout * ws.wout)
+    inp = (xc.reshape(nb, -1), ws.xt, ws.copies, ws.geo, copy)
     if ws.grouped is not None:
         g = ws.grouped
-        _grouped_kernel(xt, *_grouped_args(ws), b, has_bias, flat, ws.hout, ws.wout, g.wide, g.gstride,
+        _grouped_kernel(*inp, *_grouped_args(ws), b, has_bias, flat, ws.hout, ws.wout, g.wide, g.gstride,
                         g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu))
     else:
-        _direct_kernel(xt, ws.offsets, ws.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
+        _direct_kernel(*inp, ws.offsets, ws.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
                        ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu))
     if dst is not out:
         out[...] = dst
@@ -646,10 +651,8 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
         raise ValueError(f"bind_direct_conv2d: out must be C-contiguous of shape "
                          f"{prep.output_shape(x_shape)}")
     ws = prep.workspace(x_shape)  # this thread's (the executor binds per thread and calls in turn)
-    nb, cin, h, w = x_shape
-    sh, sw = prep.stride
+    nb = x_shape[0]
     small = prep.nnz * ws.span * nb < _SERIAL_MACS
-    copy = _phase_copy_serial if nb * cin * h * w < _SERIAL_COPY else _phase_copy
     has_bias = bias is not None
     b = bias if has_bias else prep.data[:0]
     g = ws.grouped
@@ -661,15 +664,12 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
         kernel = _direct_kernel_serial if small else _direct_kernel
         kargs = (ws.offsets, ws.data, ws.bptr, b, has_bias, out.reshape(nb, -1), ws.hout, ws.wout, ws.wide,
                  ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu))
-    xt = ws.xt
-    cargs = (xt, ws.copies, h, w, ws.phases.size * ws.hph * ws.wph, ws.hph * ws.wph, ws.wph, sh, sw)
+    xt, copies, geo = ws.xt, ws.copies, ws.geo
+
     def run(x: np.ndarray) -> None:
-        if _reads_in_place(ws, x, slack):
-            kernel(x.reshape(nb, -1), *kargs)
-            return
+        copy = not _reads_in_place(ws, x, slack)
         xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
-        copy(xc.reshape(nb, cin * h * w), *cargs)
-        kernel(xt, *kargs)
+        kernel(xc.reshape(nb, -1), xt, copies, geo, copy, *kargs)
 
     return run
 
@@ -692,39 +692,36 @@ def _phase_copies(h, w, sh, sw, ph, pw, hph, wph, phases):
     return np.array(copies, dtype=np.int64).reshape(-1, 7)
 
 
-def _phase_decompose(x: np.ndarray, ws: _Workspace, sh: int, sw: int) -> None:
-    """Copy ``x`` into the phase planes of ``ws.xt`` (see the module docstring).
+@jit
+def image_input(x, b, xt, part, copies, geo, copy):
+    """The phase planes that thread ``part`` reads for image ``b``: ``x[b]`` itself when not ``copy``
+    (the layout is the input: stride 1, no padding), else its own buffer ``xt[part % len(xt)]``, into
+    which image ``b`` is copied here:
+    ``xt[., c * chan + qi * plane + i * wph + j] = x[b, c, hi0 + (i - i0) * sh, wi0 + (j - j0) * sw]``
+    (x as (B, Cin * h * w), ``geo = (Cin, h, w, chan, plane, wph, sh, sw)``) for each row
+    ``(qi, i0, i1, j0, j1, hi0, wi0)`` of ``copies``, ``i0 <= i < i1`` and ``j0 <= j < j1``. The
+    padding around the pixels is zero from the allocation and never written.
 
-    The padding around the pixels is zero from the allocation and never written, so it is not
-    touched here. A numba loop over (image, channel) pairs in parallel: stride-1 rows move as whole
-    vectors, strided rows through range-indexed slices; 3-4x faster than one strided numpy copy per
-    phase on 13x13-56x56 planes.
-    """
-    nb, cin = x.shape[:2]
-    xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
-    h, w = x.shape[2:]
-    _phase_copy(xc.reshape(nb, cin * h * w), ws.xt, ws.copies, h, w, ws.phases.size * ws.hph * ws.wph,
-                ws.hph * ws.wph, ws.wph, sh, sw)
-
-
-@pjit
-def _phase_copy(x, xt, copies, h, w, chan, plane, wph, sh, sw):
-    """``xt[b, c * chan + qi * plane + i * wph + j] = x[b, c, hi0 + (i - i0) * sh, wi0 + (j - j0) * sw]``
-    (x as (B, Cin * h * w)) for each row ``(qi, i0, i1, j0, j1, hi0, wi0)`` of ``copies``,
-    ``i0 <= i < i1`` and ``j0 <= j < j1``; stride-1 rows of VW or more move as whole vectors, stride-2
-    rows as the even lanes of two (:func:`sparsecnn.kernels._simd.copy_even`: measured on ResNet's
-    3x3 stride-2 layer at 56x56, the scalar strided copy took 31% of the layer at 90% sparsity).
-    NOTE: copies come from _phase_copies for this x shape and xt layout."""
-    nb = x.shape[0]
-    end = x.shape[1]
-    cin = x.shape[1] // (h * w)
-    ncp = copies.shape[0]
-    for bc in numba.prange(nb * cin):
-        b = bc // cin
-        c = bc - b * cin
-        dst = xt[b]
-        src = x[b]
-        for q in range(ncp):
+    Why each thread copies the whole image for itself: the threads split the output channels, so
+    each reads every input channel. With one shared buffer filled by both threads, half the lines a
+    thread reads were just written by the other core and come across from its cache, scattered over
+    the spans, about one in four loads: measured (Zen 4, 2 threads, batch 1, input rewritten before
+    each call by two threads as a previous layer would, interleaved) on ResNet-18's 3x3 layers at
+    90%, 1.17-1.32x faster with a private copy, the copy itself included (the stride-2 layer
+    0.324 -> 0.253 ms); the kernel on an input that both cores already hold ran 1.2-1.6x faster than
+    on a freshly copied one. Stride-1 rows of VW or more move as whole vectors, stride-2 rows as the
+    even lanes of two (:func:`sparsecnn.kernels._simd.copy_even`; the scalar strided copy took 31% of
+    ResNet's 3x3 stride-2 layer at 90%), other rows through range-indexed slices (no negative-index
+    check per element: 3x).
+    NOTE: copies and geo come from the PhaseLayout of this x shape; xt rows hold its phase planes."""
+    src = x[b]
+    if not copy:
+        return src
+    dst = xt[part % xt.shape[0]]
+    cin, h, w, chan, plane, wph, sh, sw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
+    end = src.size
+    for c in range(cin):
+        for q in range(copies.shape[0]):
             base = c * chan + copies[q, 0] * plane
             i0, i1, j0, j1 = copies[q, 1], copies[q, 2], copies[q, 3], copies[q, 4]
             hi0, wi0 = copies[q, 5], copies[q, 6]
@@ -744,11 +741,11 @@ def _phase_copy(x, xt, copies, h, w, chan, plane, wph, sh, sw):
                         copy_even(src, si + 2 * v, dst, o + v)
                     copy_even(src, si + 2 * (n - VW), dst, o + n - VW)
                 else:
-                    # Slices walked with a range index: no negative-index check per element (3x).
                     srow = src[si : si + (n - 1) * sw + 1 : sw]
                     drow = dst[o : o + n]
                     for t in range(n):
                         drow[t] = srow[t]
+    return dst
 
 
 @jit
@@ -795,8 +792,8 @@ def _pair_tiles(xb, offs, data, bptr, bias, has_bias, co, c1, p, target, wpos, w
 
 
 @pjit
-def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, gstride, bounds, wph, span,
-                   group, tile, relu):
+def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, out, hout, wout, wide, gstride,
+                   bounds, wph, span, group, tile, relu):
     """Direct sparse convolution over prepared spans, parallel over balanced output-channel ranges.
 
     For each image and each group of ``group`` wide-row positions (whole rows), the output channels
@@ -807,7 +804,9 @@ def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, 
     register tile and each block, every filter adds the block's nonzeros into its own 12-vector tile,
     so the block's input is read from L1 by all of them. With ``relu``, ``max(., 0)`` as the final
     values are stored (the direct tiles' store, else the crop).
-    NOTE: offs/xt come from the same workspace (xt rows padded past the last span); out is
+    Each thread reads image ``b`` from its own phase-decomposed copy (:func:`image_input`), or from
+    ``x`` itself when not ``copy``.
+    NOTE: offs/xt/copies/geo come from the same workspace (xt rows padded past the last span); out is
     (B, Cout * hout * wout) C-contiguous, wout <= wph; wide holds gstride >= group + 2 * VW floats per
     output channel of the largest range; group is a multiple of wph.
     """
@@ -821,7 +820,7 @@ def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, 
         c0 = bounds[part]
         c1 = bounds[part + 1]
         for b in range(nb):
-            xb = xt[b]
+            xb = image_input(x, b, xt, part, copies, geo, copy)
             dst = out[b]
             for p0 in range(0, span, group):
                 n = min(group, span - p0)
@@ -859,8 +858,8 @@ def _direct_kernel(xt, offs, data, bptr, bias, has_bias, out, hout, wout, wide, 
 
 
 @pjit
-def _grouped_kernel(xt, offs, wts, cptr, wptr, filters, bias, has_bias, out, hout, wout, wide, gstride,
-                    bounds, wph, span, group, nblk, relu):
+def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bias, has_bias, out, hout, wout,
+                    wide, gstride, bounds, wph, span, group, nblk, relu):
     """Direct sparse convolution in filter-group tiles (:func:`sparsecnn.kernels._simd.group_tile`),
     parallel over balanced ranges of filter groups.
 
@@ -871,7 +870,8 @@ def _grouped_kernel(xt, offs, wts, cptr, wptr, filters, bias, has_bias, out, hou
     the block's columns stay in L2 across the tiles; then the valid columns of every filter go to
     ``out`` (ReLU on the copy with ``relu``). Blocks are as large as L1 allows: each pass runs 15
     pattern loops per tile, whose exits cost where a pattern has few columns.
-    NOTE: offs/xt from the same workspace; out (B, Cout * hout * wout) C-contiguous; wide holds
+    Each thread reads image ``b`` from its own copy (:func:`image_input`), or from ``x`` without ``copy``.
+    NOTE: offs/xt/copies/geo from the same workspace; out (B, Cout * hout * wout) C-contiguous; wide holds
     GROUP_F * gstride floats per filter group of the largest range; group is a multiple of wph.
     """
     nb = out.shape[0]
@@ -884,7 +884,7 @@ def _grouped_kernel(xt, offs, wts, cptr, wptr, filters, bias, has_bias, out, hou
         g0 = bounds[part]
         g1 = bounds[part + 1]
         for b in range(nb):
-            xb = xt[b]
+            xb = image_input(x, b, xt, part, copies, geo, copy)
             dst = out[b]
             for p0 in range(0, span, group):
                 n = min(group, span - p0)
@@ -912,4 +912,3 @@ def _grouped_kernel(xt, offs, wts, cptr, wptr, filters, bias, has_bias, out, hou
 
 _direct_kernel_serial = serial_twin(_direct_kernel)
 _grouped_kernel_serial = serial_twin(_grouped_kernel)
-_phase_copy_serial = serial_twin(_phase_copy)

@@ -33,7 +33,7 @@ import numpy as np
 
 from sparsecnn.kernels._numba import balanced_bounds, jit, pjit, serial_twin
 from sparsecnn.kernels._simd import GEMM_MR, GEMM_NV, VW, gemm_tile, tile_split
-from sparsecnn.kernels.conv import ConvPrepBase, _crop, _phase_copy, _phase_copy_serial, phase_layout
+from sparsecnn.kernels.conv import ConvPrepBase, _crop, image_input, phase_layout
 
 __all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2d", "prepare_implicit_gemm"]
 
@@ -44,7 +44,8 @@ _SERIAL_MACS = 1 << 16
 @dataclass(eq=False)
 class _Workspace:
     offsets: np.ndarray  # (groups, Kr) span offset of each kept column in one image's phase planes
-    xt: np.ndarray  # (B, ...) phase-decomposed padded input
+    xt: np.ndarray  # (nparts, ...) each thread's phase-decomposed copy of one image
+    geo: np.ndarray  # PhaseLayout.geometry of the input shape
     wide: np.ndarray  # (nparts, GEMM_MR * gstride) wide output rows of the thread's current tile
     gstride: int
     bounds: np.ndarray  # (nparts + 1,) ranges of (group, tile) items
@@ -57,8 +58,6 @@ class _Workspace:
     span: int
     zero_bias: np.ndarray  # (Cout,) zeros, the bias of a layer without one
     kernel: Callable  # _implicit_kernel, or its serial twin below _SERIAL_MACS
-    copy: Callable  # _phase_copy, or its serial twin for small inputs
-    copy_args: tuple  # (h, w, floats per channel, plane, wph, sh, sw) of the phase copy
 
 
 @dataclass(eq=False)
@@ -102,11 +101,11 @@ class ImplicitGemmPrep(ConvPrepBase):
         bounds = balanced_bounds(cost, nparts)
         nvec = -(-lay.span // VW)
         gstride = nvec * VW + 2 * VW
-        h, w = x_shape[2:]
         macs = int(self.ncols.sum()) * ntiles * GEMM_MR * lay.span * b
         return _Workspace(
             offsets=np.ascontiguousarray(off, dtype=off_dtype),
-            xt=np.zeros(lay.xt_shape(b, cin, self.padding[1]), dtype=np.float32),
+            xt=np.zeros(lay.xt_shape(nparts, cin, self.padding[1]), dtype=np.float32),
+            geo=lay.geometry(x_shape),
             wide=np.zeros((nparts, GEMM_MR * gstride), dtype=np.float32),
             gstride=gstride,
             bounds=bounds,
@@ -119,8 +118,6 @@ class ImplicitGemmPrep(ConvPrepBase):
             span=lay.span,
             zero_bias=np.zeros(self.weight_shape[0], np.float32),
             kernel=_implicit_kernel_serial if macs < _SERIAL_MACS else _implicit_kernel,
-            copy=_phase_copy_serial if b * cin * h * w < (1 << 15) else _phase_copy,
-            copy_args=(h, w, lay.nph * lay.plane, lay.plane, lay.wph, *self.stride),
         )
 
 
@@ -240,10 +237,10 @@ def _check_out(prep: ImplicitGemmPrep, x_shape: tuple[int, ...], out: np.ndarray
 
 def _launch(prep: ImplicitGemmPrep, ws: _Workspace, x: np.ndarray, bias: np.ndarray, flat: np.ndarray,
             relu: bool) -> None:
-    """The phase copy of ``x`` into ``ws.xt``, then the kernel (serial twins below a work threshold)."""
+    """The kernel (serial twin below a work threshold); each thread phase-copies the images it reads."""
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
-    ws.copy(xc.reshape(xc.shape[0], -1), ws.xt, ws.copies, *ws.copy_args)
-    ws.kernel(ws.xt, ws.offsets, prep.data, prep.ncols, prep.rows, prep.fill, bias, flat, ws.hout, ws.wout,
+    ws.kernel(xc.reshape(xc.shape[0], -1), ws.xt, ws.copies, ws.geo, ws.offsets, prep.data, prep.ncols,
+              prep.rows, prep.fill, bias, flat, ws.hout, ws.wout,
               ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, relu)
 
 
@@ -259,11 +256,13 @@ def _fill_bias(dst, fill, bias, plane, relu):
 
 
 @pjit
-def _implicit_kernel(xt, offs, data, ncols, rows, fill, bias, out, hout, wout, wide, gstride, bounds, wph,
-                     span, relu):
-    """Implicit GEMM, parallel over balanced ranges of (group, 4-filter tile) items: item after item,
-    each walks its register tiles over all kept columns (the item's weights stay in L1), then crops.
-    NOTE: offs/xt come from the same workspace (xt rows padded past the last span); out is
+def _implicit_kernel(x, xt, copies, geo, offs, data, ncols, rows, fill, bias, out, hout, wout, wide, gstride,
+                     bounds, wph, span, relu):
+    """Implicit GEMM, parallel over balanced ranges of (group, 4-filter tile) items: image after image,
+    each thread copies the image into its own phase planes (:func:`sparsecnn.kernels.conv.image_input`:
+    the lines it then reads are its own, not the other core's), then item after item walks its
+    register tiles over all kept columns (the item's weights stay in L1) and crops.
+    NOTE: offs/xt/copies/geo come from the same workspace (xt rows padded past the last span); out is
     (B, Cout * hout * wout) C-contiguous; data is (groups, ntiles, Kr, 4)."""
     nb = out.shape[0]
     plane = hout * wout
@@ -273,28 +272,27 @@ def _implicit_kernel(xt, offs, data, ncols, rows, fill, bias, out, hout, wout, w
     nst = (nvec + GEMM_NV - 1) // GEMM_NV
     for part in numba.prange(nparts):
         w = wide[part]
-        for item in range(bounds[part], bounds[part + 1]):
-            g = item // ntiles
-            t = item - g * ntiles
-            wt = data[g, t].reshape(-1)
-            rr = rows[g, t * GEMM_MR:(t + 1) * GEMM_MR]
-            i0 = bias[rr[0]] if rr[0] >= 0 else np.float32(0.0)
-            i1 = bias[rr[1]] if rr[1] >= 0 else np.float32(0.0)
-            i2 = bias[rr[2]] if rr[2] >= 0 else np.float32(0.0)
-            i3 = bias[rr[3]] if rr[3] >= 0 else np.float32(0.0)
-            for b in range(nb):
-                xb = xt[b]
+        for b in range(nb):
+            xb = image_input(x, b, xt, part, copies, geo, True)
+            dst = out[b]
+            for item in range(bounds[part], bounds[part + 1]):
+                g = item // ntiles
+                t = item - g * ntiles
+                wt = data[g, t].reshape(-1)
+                rr = rows[g, t * GEMM_MR:(t + 1) * GEMM_MR]
+                i0 = bias[rr[0]] if rr[0] >= 0 else np.float32(0.0)
+                i1 = bias[rr[1]] if rr[1] >= 0 else np.float32(0.0)
+                i2 = bias[rr[2]] if rr[2] >= 0 else np.float32(0.0)
+                i3 = bias[rr[3]] if rr[3] >= 0 else np.float32(0.0)
                 for st in range(nst):
                     v0, nv = tile_split(nvec, st, nst)
                     p = v0 * VW
                     gemm_tile(xb, offs[g], wt, 0, ncols[g], p, w, p, gstride, nv, nv * VW, i0, i1, i2, i3)
-                dst = out[b]
                 for f in range(GEMM_MR):
                     if rr[f] >= 0:
                         _crop(w[f * gstride:], span, dst, rr[f] * plane, 0, wph, wout, hout, relu)
-        if part == 0:
-            for b in range(nb):
-                _fill_bias(out[b], fill, bias, plane, relu)
+            if part == 0:
+                _fill_bias(dst, fill, bias, plane, relu)
 
 
 _implicit_kernel_serial = serial_twin(_implicit_kernel)
