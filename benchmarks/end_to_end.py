@@ -11,7 +11,11 @@ the same input:
 - ``compiled``: :func:`sparsecnn.compile` with ``"auto"`` (the whole-model executor).
 
 ``--steps`` also prints (and writes as ``step_ms``) the median time of every step of the compiled
-model, each step timed on its own: where the time of a whole model goes.
+model, each step timed on its own: where the time of a whole model goes. Next to each conv and linear
+step it prints the same layer's median time inside torch's own forward pass (forward hooks on the
+``Conv2d`` / ``Linear`` modules, written as ``torch_layer_ms``) and the ratio: the per-layer speedup as
+the two engines meet the layer in a forward pass (weights as cold or warm as the model leaves them).
+torch's time is the convolution alone; the step's includes its fused bias, BatchNorm and ReLU.
 
 With ``--shrink`` both sparse engines first shrink the layers under the structured ``ssl`` profile
 (``shrink=True``); ONNX Runtime and torch always run the unshrunk dense model.
@@ -96,6 +100,45 @@ def step_times(compiled, x: torch.Tensor, repeats: int) -> list[tuple[str, float
     return list(zip(prog.kinds, (float(v) * 1e3 for v in np.median(samples, axis=0)), strict=True))
 
 
+def torch_layer_times(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> list[tuple[str, float]]:
+    """Median ms of each ``Conv2d`` / ``Linear`` module inside ``model``'s own forward pass, in the order
+    the forward pass runs them (forward hooks; after two untimed passes)."""
+    order: list[str] = []
+    samples: dict[str, list[float]] = {}
+    start: dict[str, float] = {}
+
+    def pre(name: str):
+        def hook(_module, _args) -> None:
+            start[name] = time.perf_counter()
+        return hook
+
+    def post(name: str):
+        def hook(_module, _args, _out) -> None:
+            t = time.perf_counter() - start[name]
+            if name not in samples:
+                order.append(name)
+                samples[name] = []
+            samples[name].append(t)
+        return hook
+
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post(name))]
+    try:
+        with torch.inference_mode():
+            for _ in range(2):
+                model(x)
+            samples.clear()
+            order.clear()
+            for _ in range(repeats):
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(name, float(np.median(samples[name])) * 1e3) for name in order]
+
+
 def run_case(case: str, batch: int, threads: int, repeats: int, block: int, gap: float, plans: Path,
              shrink: bool = False, steps: bool = False) -> dict:
     name, profile, kwargs = CASES[case]
@@ -127,13 +170,25 @@ def run_case(case: str, batch: int, threads: int, repeats: int, block: int, gap:
     if steps:
         with torch.inference_mode():
             row["step_ms"] = step_times(compiled, x, max(repeats, 15))
+        row["torch_layer_ms"] = torch_layer_times(model, x, max(repeats, 15))
     ort = f"{times['ort'] * 1e3:9.3f}" if "ort" in times else "        -"
     vs_ort = f"{row['compiled_vs_ort']:6.2f}x" if row["compiled_vs_ort"] else "      -"
     print(f"{case:12s} b{batch:<3d} {times['torch'] * 1e3:9.3f} {ort} {times['sparsify'] * 1e3:9.3f} "
           f"{times['compiled'] * 1e3:9.3f} {row['compiled_vs_torch']:6.2f}x {vs_ort}  {row['plan']}",
           flush=True)
-    for kind, ms in row.get("step_ms", []):
-        print(f"    {ms:8.3f} ms  {kind}")
+    # The conv / linear steps run in the forward pass's order; pair them with torch's layers in order
+    # (only when the counts agree: a model whose layers the executor merged or split is not paired).
+    step_ms = row.get("step_ms", [])
+    layer_steps = [i for i, (kind, _) in enumerate(step_ms) if kind.startswith(("conv", "linear"))]
+    torch_layers = row.get("torch_layer_ms", [])
+    same = len(layer_steps) == len(torch_layers)
+    paired = dict(zip(layer_steps, torch_layers, strict=True)) if same else {}
+    for i, (kind, ms) in enumerate(row.get("step_ms", [])):
+        if i in paired:
+            name, tms = paired[i]
+            print(f"    {ms:8.3f} ms  {kind:24s} torch {tms:8.3f} ms  {tms / ms:5.2f}x  {name}")
+        else:
+            print(f"    {ms:8.3f} ms  {kind}")
     if steps:
         print(f"    {sum(ms for _, ms in row['step_ms']):8.3f} ms  sum of the steps (medians)")
     return row
