@@ -513,19 +513,24 @@ def test_direct_reads_unpadded_input_in_place_only_when_the_tail_is_readable(hw,
         assert_close(out, ref_fn(x), what="bind_direct_conv2d")
 
 
+@pytest.mark.parametrize("batch", [5, 4, 9])
 @pytest.mark.parametrize("form", ["flat", "grouped"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_direct_conv_input_copies_one_image_per_thread(form, threads, rng):
+def test_direct_conv_input_copies_one_image_per_thread(form, threads, batch, rng):
     """Each thread phase-copies the images it reads into its own buffer (one image each, whatever the
     batch): the workspace holds ``threads`` images, and every image of a batch comes out right, for
-    both kernel forms, after a call with another batch of the same shape (no stale copy is read)."""
+    both kernel forms, after a call with another batch of the same shape (no stale copy is read),
+    whether the threads split the filters (batch 5 on 2 threads) or the images (4: even; 9: enough
+    images that the uneven last round costs little)."""
     old = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
         with direct_mode(form):
-            prep, w, x, bv, ref = _conv_case(rng, 5, 16, 24, (15, 14), (3, 3), (2, 2), (1, 1), (1, 1), 1, 0.5)
+            prep, w, x, bv, ref = _conv_case(rng, batch, 16, 24, (15, 14), (3, 3), (2, 2), (1, 1), (1, 1), 1,
+                                             0.5)
             ws = prep.workspace(x.shape)
             assert ws.xt.shape[0] == threads
+            assert ws.by_image == (threads == 2 and batch != 5)
             assert (ws.grouped is not None) == (form == "grouped")
             x2 = rng.standard_normal(x.shape).astype(np.float32)
             ref2 = F.conv2d(torch.from_numpy(x2), torch.from_numpy(w), torch.from_numpy(bv), (2, 2),

@@ -164,6 +164,18 @@ _GROUPED_BELOW = 0.85
 # columns a pass but saves ~230 loads, 1x1 layers at 65% save ~40.
 _GROUPED_MIN_COLUMNS = 256
 _GROUPED_MIN_SAVED = 128
+def split_by_image(batch: int, nparts: int) -> bool:
+    """Whether the threads split a batch's images (each thread every filter of its images) rather than
+    the filters (each thread its filters for every image): when the images divide evenly, or there are
+    enough of them that the last uneven round costs little.
+
+    Why: split by filters, every thread reads every input channel of every image, half of them
+    written by the other core, and copies each image for itself; split by images, a thread copies and
+    reads only its own images and writes only their outputs. Measured on AlexNet DC at batch 32 (2
+    threads): see docs/engine.md (Session of 2026-12-05, second)."""
+    return nparts > 1 and batch >= nparts and (batch % nparts == 0 or batch >= 4 * nparts)
+
+
 # Below this many multiply-adds per call (nonzeros x span x batch) a bound layer runs the serial twins
 # of the kernels: a parallel launch (~2.5 us) costs more than a second thread saves (LeNet-5's layers).
 _SERIAL_MACS = 1 << 16
@@ -219,6 +231,7 @@ class _Workspace:
     span: int  # (hout - 1) * wph + wout
     group: int  # wide-row positions per pass over the output channels (whole rows of wph)
     tile: int  # vectors per register tile: per filter of a pair (one block), or of one filter (blocks)
+    by_image: bool = False  # threads split the batch's images (split_by_image), not the filters
     grouped: _Grouped | None = None  # the filter-group form, when it is the one that runs
 
     @property
@@ -403,8 +416,9 @@ class DirectConvPrep(ConvPrepBase):
         np.cumsum(per_block, axis=1, out=bptr[:, 1:])
         bptr[1:] += np.cumsum(bptr[:-1, -1])[:, None]
         gstride = group + 2 * VW
-        nco = int(np.diff(bounds).max(initial=0))
-        grouped = _grouped_plan(self, lay, c, ci, r, s, co, off_dtype, cin_g, nparts)
+        by_image = split_by_image(x_shape[0], nparts)
+        nco = cout if by_image else int(np.diff(bounds).max(initial=0))
+        grouped = _grouped_plan(self, lay, c, ci, r, s, co, off_dtype, cin_g, nparts, by_image)
         if grouped is not None:  # the per-filter form is not kept beside it (the weights once per thread)
             order, bptr, nco = order[:0], np.zeros((1, cout + 1), dtype=np.int64), 0
         return _Workspace(
@@ -426,12 +440,14 @@ class DirectConvPrep(ConvPrepBase):
             span=span,
             group=group,
             tile=NV_MAX if nblk > 1 else NV_PAIR,
+            by_image=by_image,
             grouped=grouped,
         )
 
 
 def _grouped_plan(prep: DirectConvPrep, lay: PhaseLayout, c: np.ndarray, ci: np.ndarray, r: np.ndarray,
-                  s: np.ndarray, co: np.ndarray, off_dtype: type, cin_g: int, nparts: int) -> _Grouped | None:
+                  s: np.ndarray, co: np.ndarray, off_dtype: type, cin_g: int, nparts: int,
+                  by_image: bool = False) -> _Grouped | None:
     """The filter-group form of ``prep`` for one input shape, or None where the per-filter tiles are
     estimated to load less (high sparsity: a column then rarely has two filters) or a pass would
     have too few columns (1x1 layers).
@@ -506,7 +522,7 @@ def _grouped_plan(prep: DirectConvPrep, lay: PhaseLayout, c: np.ndarray, ci: np.
     cost = np.bincount(fgroup, minlength=ngroups).astype(np.int64) + 1
     bounds = balanced_bounds(cost, nparts)
     gstride = group + 2 * VW
-    slots = GROUP_F * max(int(np.diff(bounds).max(initial=0)), 1)
+    slots = GROUP_F * max(ngroups if by_image else int(np.diff(bounds).max(initial=0)), 1)
     return _Grouped(offsets=np.ascontiguousarray(offsets, dtype=off_dtype), weights=weights,
                     cptr=cptr.reshape(-1), wptr=wptr.reshape(-1), filters=filters, bounds=bounds, nblk=nblk,
                     group=group, wide=np.zeros((nparts, slots * gstride), dtype=np.float32), gstride=gstride)
@@ -579,10 +595,10 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     if ws.grouped is not None:
         g = ws.grouped
         _grouped_kernel(*inp, *_grouped_args(ws), b, has_bias, flat, ws.hout, ws.wout, g.wide, g.gstride,
-                        g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu))
+                        g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu), ws.by_image)
     else:
         _direct_kernel(*inp, ws.offsets, ws.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
-                       ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu))
+                       ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu), ws.by_image)
     if dst is not out:
         out[...] = dst
 
@@ -659,11 +675,11 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
     if g is not None:
         kernel = _grouped_kernel_serial if small else _grouped_kernel
         kargs = (*_grouped_args(ws), b, has_bias, out.reshape(nb, -1), ws.hout, ws.wout, g.wide, g.gstride,
-                 g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu))
+                 g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu), ws.by_image)
     else:
         kernel = _direct_kernel_serial if small else _direct_kernel
         kargs = (ws.offsets, ws.data, ws.bptr, b, has_bias, out.reshape(nb, -1), ws.hout, ws.wout, ws.wide,
-                 ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu))
+                 ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu), ws.by_image)
     xt, copies, geo = ws.xt, ws.copies, ws.geo
 
     def run(x: np.ndarray) -> None:
@@ -793,7 +809,7 @@ def _pair_tiles(xb, offs, data, bptr, bias, has_bias, co, c1, p, target, wpos, w
 
 @pjit
 def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, out, hout, wout, wide, gstride,
-                   bounds, wph, span, group, tile, relu):
+                   bounds, wph, span, group, tile, relu, by_image):
     """Direct sparse convolution over prepared spans, parallel over balanced output-channel ranges.
 
     For each image and each group of ``group`` wide-row positions (whole rows), the output channels
@@ -805,7 +821,8 @@ def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, o
     so the block's input is read from L1 by all of them. With ``relu``, ``max(., 0)`` as the final
     values are stored (the direct tiles' store, else the crop).
     Each thread reads image ``b`` from its own phase-decomposed copy (:func:`image_input`), or from
-    ``x`` itself when not ``copy``.
+    ``x`` itself when not ``copy``. With ``by_image`` the threads split the images instead (thread
+    ``part`` runs every filter on images ``part, part + nparts, ...``; wide holds every filter).
     NOTE: offs/xt/copies/geo come from the same workspace (xt rows padded past the last span); out is
     (B, Cout * hout * wout) C-contiguous, wout <= wph; wide holds gstride >= group + 2 * VW floats per
     output channel of the largest range; group is a multiple of wph.
@@ -817,9 +834,9 @@ def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, o
     direct = wph == wout and nblk == 1
     for part in numba.prange(nparts):
         w = wide[part]
-        c0 = bounds[part]
-        c1 = bounds[part + 1]
-        for b in range(nb):
+        c0 = bounds[0] if by_image else bounds[part]
+        c1 = bounds[nparts] if by_image else bounds[part + 1]
+        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
             xb = image_input(x, b, xt, part, copies, geo, copy)
             dst = out[b]
             for p0 in range(0, span, group):
@@ -859,7 +876,7 @@ def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, o
 
 @pjit
 def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bias, has_bias, out, hout, wout,
-                    wide, gstride, bounds, wph, span, group, nblk, relu):
+                    wide, gstride, bounds, wph, span, group, nblk, relu, by_image):
     """Direct sparse convolution in filter-group tiles (:func:`sparsecnn.kernels._simd.group_tile`),
     parallel over balanced ranges of filter groups.
 
@@ -870,7 +887,8 @@ def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bi
     the block's columns stay in L2 across the tiles; then the valid columns of every filter go to
     ``out`` (ReLU on the copy with ``relu``). Blocks are as large as L1 allows: each pass runs 15
     pattern loops per tile, whose exits cost where a pattern has few columns.
-    Each thread reads image ``b`` from its own copy (:func:`image_input`), or from ``x`` without ``copy``.
+    Each thread reads image ``b`` from its own copy (:func:`image_input`), or from ``x`` without ``copy``;
+    with ``by_image`` the threads split the images, each running every filter group on its own.
     NOTE: offs/xt/copies/geo from the same workspace; out (B, Cout * hout * wout) C-contiguous; wide holds
     GROUP_F * gstride floats per filter group of the largest range; group is a multiple of wph.
     """
@@ -881,9 +899,9 @@ def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bi
     zero = np.float32(0.0)
     for part in numba.prange(nparts):
         w = wide[part]
-        g0 = bounds[part]
-        g1 = bounds[part + 1]
-        for b in range(nb):
+        g0 = bounds[0] if by_image else bounds[part]
+        g1 = bounds[nparts] if by_image else bounds[part + 1]
+        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
             xb = image_input(x, b, xt, part, copies, geo, copy)
             dst = out[b]
             for p0 in range(0, span, group):

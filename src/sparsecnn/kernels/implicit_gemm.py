@@ -33,7 +33,7 @@ import numpy as np
 
 from sparsecnn.kernels._numba import balanced_bounds, jit, pjit, serial_twin
 from sparsecnn.kernels._simd import GEMM_MR, GEMM_NV, VW, gemm_tile, tile_split
-from sparsecnn.kernels.conv import ConvPrepBase, _crop, image_input, phase_layout
+from sparsecnn.kernels.conv import ConvPrepBase, _crop, image_input, phase_layout, split_by_image
 
 __all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2d", "prepare_implicit_gemm"]
 
@@ -49,6 +49,7 @@ class _Workspace:
     wide: np.ndarray  # (nparts, GEMM_MR * gstride) wide output rows of the thread's current tile
     gstride: int
     bounds: np.ndarray  # (nparts + 1,) ranges of (group, tile) items
+    by_image: bool  # threads split the batch's images (conv.split_by_image), each running every item
     copies: np.ndarray
     phases: np.ndarray
     hph: int
@@ -109,6 +110,7 @@ class ImplicitGemmPrep(ConvPrepBase):
             wide=np.zeros((nparts, GEMM_MR * gstride), dtype=np.float32),
             gstride=gstride,
             bounds=bounds,
+            by_image=split_by_image(b, nparts),
             copies=lay.copies,
             phases=lay.phases,
             hph=lay.hph,
@@ -241,7 +243,7 @@ def _launch(prep: ImplicitGemmPrep, ws: _Workspace, x: np.ndarray, bias: np.ndar
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     ws.kernel(xc.reshape(xc.shape[0], -1), ws.xt, ws.copies, ws.geo, ws.offsets, prep.data, prep.ncols,
               prep.rows, prep.fill, bias, flat, ws.hout, ws.wout,
-              ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, relu)
+              ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, relu, ws.by_image)
 
 
 @jit
@@ -257,11 +259,12 @@ def _fill_bias(dst, fill, bias, plane, relu):
 
 @pjit
 def _implicit_kernel(x, xt, copies, geo, offs, data, ncols, rows, fill, bias, out, hout, wout, wide, gstride,
-                     bounds, wph, span, relu):
+                     bounds, wph, span, relu, by_image):
     """Implicit GEMM, parallel over balanced ranges of (group, 4-filter tile) items: image after image,
     each thread copies the image into its own phase planes (:func:`sparsecnn.kernels.conv.image_input`:
     the lines it then reads are its own, not the other core's), then item after item walks its
-    register tiles over all kept columns (the item's weights stay in L1) and crops.
+    register tiles over all kept columns (the item's weights stay in L1) and crops. With ``by_image``
+    the threads split the images instead, each running every item on its own images.
     NOTE: offs/xt/copies/geo come from the same workspace (xt rows padded past the last span); out is
     (B, Cout * hout * wout) C-contiguous; data is (groups, ntiles, Kr, 4)."""
     nb = out.shape[0]
@@ -272,10 +275,12 @@ def _implicit_kernel(x, xt, copies, geo, offs, data, ncols, rows, fill, bias, ou
     nst = (nvec + GEMM_NV - 1) // GEMM_NV
     for part in numba.prange(nparts):
         w = wide[part]
-        for b in range(nb):
+        first = bounds[0] if by_image else bounds[part]
+        last = bounds[nparts] if by_image else bounds[part + 1]
+        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
             xb = image_input(x, b, xt, part, copies, geo, True)
             dst = out[b]
-            for item in range(bounds[part], bounds[part + 1]):
+            for item in range(first, last):
                 g = item // ntiles
                 t = item - g * ntiles
                 wt = data[g, t].reshape(-1)
@@ -291,7 +296,7 @@ def _implicit_kernel(x, xt, copies, geo, offs, data, ncols, rows, fill, bias, ou
                 for f in range(GEMM_MR):
                     if rr[f] >= 0:
                         _crop(w[f * gstride:], span, dst, rr[f] * plane, 0, wph, wout, hout, relu)
-            if part == 0:
+            if part == 0 or by_image:
                 _fill_bias(dst, fill, bias, plane, relu)
 
 
