@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sparsecnn.kernels import conv as conv_mod
 from sparsecnn.kernels._simd import GEMM_MR
 from sparsecnn.kernels.implicit_gemm import (
     bind_implicit_gemm_conv2d,
@@ -60,9 +61,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_implicit_gemm_matches_torch(case, relu, rng) -> None:
+def test_implicit_gemm_matches_torch(case, relu, shared, rng, monkeypatch) -> None:
+    """Against torch, with each thread copying the images it reads, and with one shared copy first
+    (``shared``: every image counts as too large for a copy per thread)."""
+    if shared:
+        monkeypatch.setattr(conv_mod, "PRIVATE_COPY_BYTES", 0)
     cout, cin, hw, k, stride, padding, dilation, groups, b = case
     w = _structured(rng, cout, cin // groups, *k, groups, 0.7, 0.5)
     x = rng.standard_normal((b, cin, *hw)).astype(np.float32)
@@ -70,6 +76,8 @@ def test_implicit_gemm_matches_torch(case, relu, rng) -> None:
     out, ref, prep, _ = _run(w, x, bias, stride, padding, dilation, groups, relu)
     assert_close(out, ref, what="implicit_gemm_conv2d")
     assert prep.data.shape[-1] == GEMM_MR
+    ws = prep.workspace(x.shape)
+    assert ws.shared == (shared and not ws.by_image)
 
 
 def test_implicit_gemm_removed_filters_are_the_bias_and_nan_is_kept(rng) -> None:

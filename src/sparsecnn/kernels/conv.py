@@ -176,6 +176,19 @@ def split_by_image(batch: int, nparts: int) -> bool:
     return nparts > 1 and batch >= nparts and (batch % nparts == 0 or batch >= 4 * nparts)
 
 
+# Largest phase-decomposed image (bytes) that each thread copies for itself when the threads split the
+# filters (batch 1): up to about the L2 size the copy stays in the thread's L2 for its reads (ResNet-18's
+# 56x56x64 input, 0.85 MB: 1.08-1.3x). VGG-16's 224x224x64 input (13 MB) does not: copied twice it ran
+# 0.81x, so larger images get one copy shared by the threads, made in parallel before the kernel.
+PRIVATE_COPY_BYTES = 2 * _L2_BYTES
+
+
+def shared_copy(per_image_bytes: int, by_image: bool) -> bool:
+    """Whether the phase-decomposed input is one buffer per image, copied by all threads before the
+    kernel (large images split by filters), rather than one image per thread copied inside it."""
+    return not by_image and per_image_bytes > PRIVATE_COPY_BYTES
+
+
 # Below this many multiply-adds per call (nonzeros x span x batch) a bound layer runs the serial twins
 # of the kernels: a parallel launch (~2.5 us) costs more than a second thread saves (LeNet-5's layers).
 _SERIAL_MACS = 1 << 16
@@ -219,6 +232,7 @@ class _Workspace:
     copies: np.ndarray  # (ncopies, 7) int64: where the input pixels go in each plane (_phase_copies)
     in_place: bool  # the layout is x itself (stride 1, no padding): in place given SLACK floats after x
     xt: np.ndarray  # (nparts, Cin * nph * Hph * Wph + 2 * VW + pw): each thread's copy of one image
+    shared: bool  # xt is (B, ...) instead: one copy per image, made by phase_copy before the kernel
     geo: np.ndarray  # PhaseLayout.geometry of the input shape
     wide: np.ndarray  # (nparts, nco * gstride) wide output rows of the thread's nco filters
     gstride: int  # floats per filter in wide: group + 2 * VW
@@ -417,6 +431,7 @@ class DirectConvPrep(ConvPrepBase):
         bptr[1:] += np.cumsum(bptr[:-1, -1])[:, None]
         gstride = group + 2 * VW
         by_image = split_by_image(x_shape[0], nparts)
+        shared = shared_copy(4 * per_image, by_image)
         nco = cout if by_image else int(np.diff(bounds).max(initial=0))
         grouped = _grouped_plan(self, lay, c, ci, r, s, co, off_dtype, cin_g, nparts, by_image)
         if grouped is not None:  # the per-filter form is not kept beside it (the weights once per thread)
@@ -427,7 +442,8 @@ class DirectConvPrep(ConvPrepBase):
             phases=lay.phases,
             copies=lay.copies,
             in_place=lay.in_place,
-            xt=np.zeros(lay.xt_shape(nparts, cin, pw), dtype=np.float32),
+            xt=np.zeros(lay.xt_shape(x_shape[0] if shared else nparts, cin, pw), dtype=np.float32),
+            shared=shared,
             geo=lay.geometry(x_shape),
             wide=np.zeros((nparts, max(nco, 1) * gstride if grouped is None else 0), dtype=np.float32),
             gstride=gstride,
@@ -585,6 +601,9 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     ws = prep.workspace(x.shape)
     copy = not _reads_in_place(ws, x, 0)  # else the layout is x itself (stride 1, no padding)
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    if copy and ws.shared:
+        phase_copy(xc.reshape(x.shape[0], -1), ws.xt, ws.copies, ws.geo)
+        xc, copy = ws.xt, False
     has_bias = bias is not None
     b = bias if has_bias else prep.data[:0]
     nb, cout = out.shape[:2]
@@ -681,11 +700,16 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
         kargs = (ws.offsets, ws.data, ws.bptr, b, has_bias, out.reshape(nb, -1), ws.hout, ws.wout, ws.wide,
                  ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu), ws.by_image)
     xt, copies, geo = ws.xt, ws.copies, ws.geo
+    pcopy = phase_copy_serial if small else phase_copy
 
     def run(x: np.ndarray) -> None:
         copy = not _reads_in_place(ws, x, slack)
         xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
-        kernel(xc.reshape(nb, -1), xt, copies, geo, copy, *kargs)
+        if copy and ws.shared:
+            pcopy(xc.reshape(nb, -1), xt, copies, geo)
+            kernel(xt, xt, copies, geo, False, *kargs)
+        else:
+            kernel(xc.reshape(nb, -1), xt, copies, geo, copy, *kargs)
 
     return run
 
@@ -734,9 +758,17 @@ def image_input(x, b, xt, part, copies, geo, copy):
     if not copy:
         return src
     dst = xt[part % xt.shape[0]]
-    cin, h, w, chan, plane, wph, sh, sw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
+    _copy_channels(src, dst, copies, geo, 0, geo[0])
+    return dst
+
+
+@jit
+def _copy_channels(src, dst, copies, geo, c0, c1):
+    """Channels ``c0 <= c < c1`` of one image ``src`` (Cin * h * w floats) into its phase planes
+    ``dst`` (see :func:`image_input`)."""
+    h, w, chan, plane, wph, sh, sw = geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
     end = src.size
-    for c in range(cin):
+    for c in range(c0, c1):
         for q in range(copies.shape[0]):
             base = c * chan + copies[q, 0] * plane
             i0, i1, j0, j1 = copies[q, 1], copies[q, 2], copies[q, 3], copies[q, 4]
@@ -761,7 +793,21 @@ def image_input(x, b, xt, part, copies, geo, copy):
                     drow = dst[o : o + n]
                     for t in range(n):
                         drow[t] = srow[t]
-    return dst
+
+
+@pjit
+def phase_copy(x, xt, copies, geo):
+    """Every image of ``x`` (B, Cin * h * w) into its phase planes ``xt[b]``, (image, channel) pairs in
+    parallel: the shared copy of images too large for a private one per thread (see
+    :data:`PRIVATE_COPY_BYTES`), made before the kernel reads it with ``copy=False``."""
+    cin = geo[0]
+    for bc in numba.prange(x.shape[0] * cin):
+        b = bc // cin
+        c = bc - b * cin
+        _copy_channels(x[b], xt[b], copies, geo, c, c + 1)
+
+
+phase_copy_serial = serial_twin(phase_copy)
 
 
 @jit

@@ -33,7 +33,16 @@ import numpy as np
 
 from sparsecnn.kernels._numba import balanced_bounds, jit, pjit, serial_twin
 from sparsecnn.kernels._simd import GEMM_MR, GEMM_NV, VW, gemm_tile, tile_split
-from sparsecnn.kernels.conv import ConvPrepBase, _crop, image_input, phase_layout, split_by_image
+from sparsecnn.kernels.conv import (
+    ConvPrepBase,
+    _crop,
+    image_input,
+    phase_copy,
+    phase_copy_serial,
+    phase_layout,
+    shared_copy,
+    split_by_image,
+)
 
 __all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2d", "prepare_implicit_gemm"]
 
@@ -44,7 +53,8 @@ _SERIAL_MACS = 1 << 16
 @dataclass(eq=False)
 class _Workspace:
     offsets: np.ndarray  # (groups, Kr) span offset of each kept column in one image's phase planes
-    xt: np.ndarray  # (nparts, ...) each thread's phase-decomposed copy of one image
+    xt: np.ndarray  # (nparts, ...) each thread's phase-decomposed copy of one image; (B, ...) if shared
+    shared: bool  # one copy per image, made by conv.phase_copy before the kernel (conv.shared_copy)
     geo: np.ndarray  # PhaseLayout.geometry of the input shape
     wide: np.ndarray  # (nparts, GEMM_MR * gstride) wide output rows of the thread's current tile
     gstride: int
@@ -103,14 +113,17 @@ class ImplicitGemmPrep(ConvPrepBase):
         nvec = -(-lay.span // VW)
         gstride = nvec * VW + 2 * VW
         macs = int(self.ncols.sum()) * ntiles * GEMM_MR * lay.span * b
+        by_image = split_by_image(b, nparts)
+        shared = shared_copy(4 * per_image, by_image)
         return _Workspace(
             offsets=np.ascontiguousarray(off, dtype=off_dtype),
-            xt=np.zeros(lay.xt_shape(nparts, cin, self.padding[1]), dtype=np.float32),
+            xt=np.zeros(lay.xt_shape(b if shared else nparts, cin, self.padding[1]), dtype=np.float32),
+            shared=shared,
             geo=lay.geometry(x_shape),
             wide=np.zeros((nparts, GEMM_MR * gstride), dtype=np.float32),
             gstride=gstride,
             bounds=bounds,
-            by_image=split_by_image(b, nparts),
+            by_image=by_image,
             copies=lay.copies,
             phases=lay.phases,
             hph=lay.hph,
@@ -239,9 +252,15 @@ def _check_out(prep: ImplicitGemmPrep, x_shape: tuple[int, ...], out: np.ndarray
 
 def _launch(prep: ImplicitGemmPrep, ws: _Workspace, x: np.ndarray, bias: np.ndarray, flat: np.ndarray,
             relu: bool) -> None:
-    """The kernel (serial twin below a work threshold); each thread phase-copies the images it reads."""
+    """The kernel (serial twin below a work threshold); each thread phase-copies the images it reads,
+    or, for images too large for that, one parallel copy comes first."""
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
-    ws.kernel(xc.reshape(xc.shape[0], -1), ws.xt, ws.copies, ws.geo, ws.offsets, prep.data, prep.ncols,
+    xc = xc.reshape(xc.shape[0], -1)
+    if ws.shared:
+        copy = phase_copy_serial if ws.kernel is _implicit_kernel_serial else phase_copy
+        copy(xc, ws.xt, ws.copies, ws.geo)
+        xc = ws.xt
+    ws.kernel(xc, ws.xt, ws.copies, ws.geo, not ws.shared, ws.offsets, prep.data, prep.ncols,
               prep.rows, prep.fill, bias, flat, ws.hout, ws.wout,
               ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, relu, ws.by_image)
 
@@ -258,13 +277,14 @@ def _fill_bias(dst, fill, bias, plane, relu):
 
 
 @pjit
-def _implicit_kernel(x, xt, copies, geo, offs, data, ncols, rows, fill, bias, out, hout, wout, wide, gstride,
-                     bounds, wph, span, relu, by_image):
+def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bias, out, hout, wout, wide,
+                     gstride, bounds, wph, span, relu, by_image):
     """Implicit GEMM, parallel over balanced ranges of (group, 4-filter tile) items: image after image,
     each thread copies the image into its own phase planes (:func:`sparsecnn.kernels.conv.image_input`:
     the lines it then reads are its own, not the other core's), then item after item walks its
     register tiles over all kept columns (the item's weights stay in L1) and crops. With ``by_image``
-    the threads split the images instead, each running every item on its own images.
+    the threads split the images instead, each running every item on its own images. Without
+    ``copy``, ``x`` holds the phase planes already (the shared copy).
     NOTE: offs/xt/copies/geo come from the same workspace (xt rows padded past the last span); out is
     (B, Cout * hout * wout) C-contiguous; data is (groups, ntiles, Kr, 4)."""
     nb = out.shape[0]
@@ -278,7 +298,7 @@ def _implicit_kernel(x, xt, copies, geo, offs, data, ncols, rows, fill, bias, ou
         first = bounds[0] if by_image else bounds[part]
         last = bounds[nparts] if by_image else bounds[part + 1]
         for b in range(part if by_image else 0, nb, nparts if by_image else 1):
-            xb = image_input(x, b, xt, part, copies, geo, True)
+            xb = image_input(x, b, xt, part, copies, geo, copy)
             dst = out[b]
             for item in range(first, last):
                 g = item // ntiles
