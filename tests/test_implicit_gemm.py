@@ -61,14 +61,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_implicit_gemm_matches_torch(case, relu, shared, rng, monkeypatch) -> None:
-    """Against torch, with each thread copying the images it reads, and with one shared copy first
-    (``shared``: every image counts as too large for a copy per thread)."""
-    if shared:
-        monkeypatch.setattr(conv_mod, "PRIVATE_COPY_BYTES", 0)
+def test_implicit_gemm_matches_torch(case, relu, rng) -> None:
+    """Against torch; batch 2 splits the images among 2 threads (each copying its own), the others
+    the items (one shared copy first)."""
     cout, cin, hw, k, stride, padding, dilation, groups, b = case
     w = _structured(rng, cout, cin // groups, *k, groups, 0.7, 0.5)
     x = rng.standard_normal((b, cin, *hw)).astype(np.float32)
@@ -77,7 +74,8 @@ def test_implicit_gemm_matches_torch(case, relu, shared, rng, monkeypatch) -> No
     assert_close(out, ref, what="implicit_gemm_conv2d")
     assert prep.data.shape[-1] == GEMM_MR
     ws = prep.workspace(x.shape)
-    assert ws.shared == (shared and not ws.by_image)
+    assert ws.shared == (not ws.by_image)
+    assert ws.by_image == conv_mod.split_by_image(b, ws.bounds.size - 1)
 
 
 def test_implicit_gemm_removed_filters_are_the_bias_and_nan_is_kept(rng) -> None:

@@ -513,20 +513,15 @@ def test_direct_reads_unpadded_input_in_place_only_when_the_tail_is_readable(hw,
         assert_close(out, ref_fn(x), what="bind_direct_conv2d")
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
-@pytest.mark.parametrize("batch", [5, 4, 9])
+@pytest.mark.parametrize("batch", [1, 5, 4, 9])
 @pytest.mark.parametrize("form", ["flat", "grouped"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_direct_conv_input_copies_one_image_per_thread(form, threads, batch, shared, rng, monkeypatch):
-    """Each thread phase-copies the images it reads into its own buffer (one image each, whatever the
-    batch): the workspace holds ``threads`` images, and every image of a batch comes out right, for
-    both kernel forms, after a call with another batch of the same shape (no stale copy is read),
-    whether the threads split the filters (batch 5 on 2 threads) or the images (4: even; 9: enough
-    images that the uneven last round costs little). With ``shared`` every image counts as too large
-    for a copy per thread: where the threads split the filters, one parallel copy of the batch comes
-    first."""
-    if shared:
-        monkeypatch.setattr(conv, "PRIVATE_COPY_BYTES", 0)
+def test_direct_conv_batch_split_and_input_copies(form, threads, batch, rng):
+    """Where the threads split the filters (batch 1 or 5 on 2 threads, any batch on 1) the input is
+    phase-copied once per image before the kernel; where they split the images (4: even; 9: enough
+    images that the uneven last round costs little) each thread copies its own images into its own
+    one-image buffer. Every image comes out right in both forms, after a call with another batch of
+    the same shape (no stale copy is read)."""
     old = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
@@ -534,8 +529,8 @@ def test_direct_conv_input_copies_one_image_per_thread(form, threads, batch, sha
             prep, w, x, bv, ref = _conv_case(rng, batch, 16, 24, (15, 14), (3, 3), (2, 2), (1, 1), (1, 1), 1,
                                              0.5)
             ws = prep.workspace(x.shape)
-            assert ws.by_image == (threads == 2 and batch != 5)
-            assert ws.shared == (shared and not ws.by_image)
+            assert ws.by_image == (threads == 2 and batch in (4, 9))
+            assert ws.shared == (not ws.by_image)
             assert ws.xt.shape[0] == (batch if ws.shared else threads)
             assert (ws.grouped is not None) == (form == "grouped")
             x2 = rng.standard_normal(x.shape).astype(np.float32)

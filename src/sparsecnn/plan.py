@@ -60,8 +60,8 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # 13: spconv-act redesigned (position lists, L1-resident weight chunks): 2-3x faster, now ahead of the
 # weight-only kernels where the input has more zeros than the weights; large linear layers timed cold;
 # 14: filter groups also on planes one per-filter tile covers (AlexNet conv3-5 at batch 1: 1.15-1.2x);
-# 15: direct / lowered convs phase-copy each image per thread, inside the kernel (1.03-1.2x per layer),
-# and split a batch's images among the threads (1.01-1.16x at batch 8).
+# 15: direct / lowered convs split a batch's images among the threads, each copying its own images
+# (whole models 1.02-1.06x at batch 8-32).
 _CACHE_VERSION = 15
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.

@@ -17,9 +17,9 @@ at a precomputed offset. For stride 1 the phase plane is the padded plane itself
 share their padding gap: a row holds ``W + pw`` floats, the right padding of one row being the left
 padding of the next, which cuts the wide positions (wasted lanes) by 7-8% on AlexNet's 13x13 and
 27x27 layers. The offsets depend on the input shape and live in a per-shape workspace inside the prep
-object, with the phase-decomposed input buffers (one image per thread: each thread copies every image
-it reads into its own buffer, inside the kernel, see :func:`image_input`), so a call allocates nothing
-after the first one for a shape.
+object, with the phase-decomposed input buffers (one per image, copied in parallel before the kernel;
+or, where the threads split a batch's images, one image per thread, each copying its own images inside
+the kernel: :func:`image_input`), so a call allocates nothing after the first one for a shape.
 
 Loop
 ----
@@ -176,17 +176,17 @@ def split_by_image(batch: int, nparts: int) -> bool:
     return nparts > 1 and batch >= nparts and (batch % nparts == 0 or batch >= 4 * nparts)
 
 
-# Largest phase-decomposed image (bytes) that each thread copies for itself when the threads split the
-# filters (batch 1): up to about the L2 size the copy stays in the thread's L2 for its reads (ResNet-18's
-# 56x56x64 input, 0.85 MB: 1.08-1.3x). VGG-16's 224x224x64 input (13 MB) does not: copied twice it ran
-# 0.81x, so larger images get one copy shared by the threads, made in parallel before the kernel.
-PRIVATE_COPY_BYTES = 2 * _L2_BYTES
+def shared_copy(by_image: bool) -> bool:
+    """Whether the phase-decomposed input is one buffer per image, copied by all threads in parallel
+    before the kernel (the threads split the filters: batch 1), rather than one image per thread,
+    copied by that thread inside the kernel (the threads split the images).
 
-
-def shared_copy(per_image_bytes: int, by_image: bool) -> bool:
-    """Whether the phase-decomposed input is one buffer per image, copied by all threads before the
-    kernel (large images split by filters), rather than one image per thread copied inside it."""
-    return not by_image and per_image_bytes > PRIVATE_COPY_BYTES
+    A copy per thread at batch 1 (each thread copying the whole image for itself, so that it reads
+    only lines it wrote) ran single layers 1.05-1.35x faster with an input freshly written by two
+    threads, but whole compiled models 0.95-0.99x (ResNet-18 / ResNet-50 at 90%, AlexNet DC; same
+    process, interleaved), and VGG-16's 224x224 layers 0.81x (the image leaves the L2 before it is
+    read): measured 2026-12-05, see docs/engine.md."""
+    return not by_image
 
 
 # Below this many multiply-adds per call (nonzeros x span x batch) a bound layer runs the serial twins
@@ -231,8 +231,8 @@ class _Workspace:
     phases: np.ndarray  # (nph,) the phases (ph * sw + pw) materialised, in storage order
     copies: np.ndarray  # (ncopies, 7) int64: where the input pixels go in each plane (_phase_copies)
     in_place: bool  # the layout is x itself (stride 1, no padding): in place given SLACK floats after x
-    xt: np.ndarray  # (nparts, Cin * nph * Hph * Wph + 2 * VW + pw): each thread's copy of one image
-    shared: bool  # xt is (B, ...) instead: one copy per image, made by phase_copy before the kernel
+    xt: np.ndarray  # (B, Cin * nph * Hph * Wph + 2 * VW + pw): phase planes of each image (shared)
+    shared: bool  # False: xt is (nparts, ...), each thread's copy of one of its images (by_image)
     geo: np.ndarray  # PhaseLayout.geometry of the input shape
     wide: np.ndarray  # (nparts, nco * gstride) wide output rows of the thread's nco filters
     gstride: int  # floats per filter in wide: group + 2 * VW
@@ -431,7 +431,7 @@ class DirectConvPrep(ConvPrepBase):
         bptr[1:] += np.cumsum(bptr[:-1, -1])[:, None]
         gstride = group + 2 * VW
         by_image = split_by_image(x_shape[0], nparts)
-        shared = shared_copy(4 * per_image, by_image)
+        shared = shared_copy(by_image)
         nco = cout if by_image else int(np.diff(bounds).max(initial=0))
         grouped = _grouped_plan(self, lay, c, ci, r, s, co, off_dtype, cin_g, nparts, by_image)
         if grouped is not None:  # the per-filter form is not kept beside it (the weights once per thread)
@@ -742,17 +742,13 @@ def image_input(x, b, xt, part, copies, geo, copy):
     ``(qi, i0, i1, j0, j1, hi0, wi0)`` of ``copies``, ``i0 <= i < i1`` and ``j0 <= j < j1``. The
     padding around the pixels is zero from the allocation and never written.
 
-    Why each thread copies the whole image for itself: the threads split the output channels, so
-    each reads every input channel. With one shared buffer filled by both threads, half the lines a
-    thread reads were just written by the other core and come across from its cache, scattered over
-    the spans, about one in four loads: measured (Zen 4, 2 threads, batch 1, input rewritten before
-    each call by two threads as a previous layer would, interleaved) on ResNet-18's 3x3 layers at
-    90%, 1.17-1.32x faster with a private copy, the copy itself included (the stride-2 layer
-    0.324 -> 0.253 ms); the kernel on an input that both cores already hold ran 1.2-1.6x faster than
-    on a freshly copied one. Stride-1 rows of VW or more move as whole vectors, stride-2 rows as the
-    even lanes of two (:func:`sparsecnn.kernels._simd.copy_even`; the scalar strided copy took 31% of
-    ResNet's 3x3 stride-2 layer at 90%), other rows through range-indexed slices (no negative-index
-    check per element: 3x).
+    Used where the threads split a batch's images (:func:`split_by_image`): each thread copies its own
+    images, inside the kernel, and reads only lines it wrote. Where they split the filters (batch 1),
+    the kernel gets the shared copy that :func:`phase_copy` made with ``copy=False`` (see
+    :func:`shared_copy` for the per-thread copy measured there). Stride-1 rows of VW or more move as
+    whole vectors, stride-2 rows as the even lanes of two (:func:`sparsecnn.kernels._simd.copy_even`;
+    the scalar strided copy took 31% of ResNet's 3x3 stride-2 layer at 90%), other rows through
+    range-indexed slices (no negative-index check per element: 3x).
     NOTE: copies and geo come from the PhaseLayout of this x shape; xt rows hold its phase planes."""
     src = x[b]
     if not copy:
@@ -798,8 +794,8 @@ def _copy_channels(src, dst, copies, geo, c0, c1):
 @pjit
 def phase_copy(x, xt, copies, geo):
     """Every image of ``x`` (B, Cin * h * w) into its phase planes ``xt[b]``, (image, channel) pairs in
-    parallel: the shared copy of images too large for a private one per thread (see
-    :data:`PRIVATE_COPY_BYTES`), made before the kernel reads it with ``copy=False``."""
+    parallel: the shared copy (:func:`shared_copy`), made before the kernel reads it with
+    ``copy=False``."""
     cin = geo[0]
     for bc in numba.prange(x.shape[0] * cin):
         b = bc // cin

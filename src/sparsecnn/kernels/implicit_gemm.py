@@ -114,7 +114,7 @@ class ImplicitGemmPrep(ConvPrepBase):
         gstride = nvec * VW + 2 * VW
         macs = int(self.ncols.sum()) * ntiles * GEMM_MR * lay.span * b
         by_image = split_by_image(b, nparts)
-        shared = shared_copy(4 * per_image, by_image)
+        shared = shared_copy(by_image)
         return _Workspace(
             offsets=np.ascontiguousarray(off, dtype=off_dtype),
             xt=np.zeros(lay.xt_shape(b if shared else nparts, cin, self.padding[1]), dtype=np.float32),
