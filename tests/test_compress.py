@@ -349,6 +349,62 @@ def test_qspmv_column_slabs_equal_float_spmv(batch: int, rng: np.random.Generato
         np.testing.assert_array_equal(out, want)
 
 
+@pytest.mark.parametrize("serial", [True, False], ids=["serial", "parallel"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bound_qspmv_fuses_relu_and_equals_quant_linear(batch: int, serial: bool, rng: np.random.Generator,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The executor's bound qspmv (serial twins below the work threshold): the same outputs as
+    quant_linear, with the ReLU fused (NaN kept), call after call; a wrong ``out`` is refused."""
+    from sparsecnn.kernels import qspmv
+
+    monkeypatch.setattr(qspmv, "_SERIAL_MACS", 1 << 40 if serial else 0)
+    m, k = 37, 9000  # slabs above 4096 inputs
+    w = random_sparse(rng, (m, k), 0.9)
+    w[w != 0] = np.round(w[w != 0] * 4) / 4 + 0.125
+    prep = prepare_quant_linear(w)
+    bias = rng.standard_normal(m).astype(np.float32)
+    bias[5] = np.nan
+    for relu in (False, True):
+        want = np.empty((batch, m), np.float32)
+        out = np.full((batch, m), np.inf, np.float32)
+        run = qspmv.bind_quant_linear(prep, batch, bias, out, relu)
+        for _ in range(2):
+            x = rng.standard_normal((batch, k)).astype(np.float32)
+            quant_linear(prep, x, bias, want)
+            if relu:
+                want = np.where(want <= 0, np.float32(0), want)  # NaN kept, as torch.relu
+            out[...] = np.inf
+            run(x)
+            np.testing.assert_array_equal(out, want)
+            assert np.isnan(out[:, 5]).all()
+    with pytest.raises(ValueError, match="C-contiguous"):
+        qspmv.bind_quant_linear(prep, batch, bias, np.empty((batch, m + 1), np.float32))
+
+
+def test_compiled_compressed_model_runs_qspmv_steps(lenet_file, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compressed model compiled: its FC layers are bound qspmv steps (ReLU fused; not the layer's
+    torch-tensor path), and the outputs equal the loaded model's."""
+    from sparsecnn.kernels import qspmv
+
+    bound: list[bool] = []
+    real = qspmv.bind_quant_linear
+
+    def spy(*args, **kwargs):
+        bound.append(bool(args[4] if len(args) > 4 else kwargs.get("relu", False)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qspmv, "bind_quant_linear", spy)
+    _, _, path = lenet_file
+    loaded = sparsecnn.load(path)
+    x = torch.randn(2, 1, 8, 8)
+    fast = sparsecnn.compile(loaded, x, "auto", measure=False, tune=False)
+    steps = fast.steps(tuple(x.shape))
+    assert "linear:qspmv+relu" in steps and "linear:qspmv" in steps
+    with torch.no_grad():
+        assert_close(fast(x), loaded(x))
+    assert True in bound and False in bound  # fc1 with its ReLU fused, fc2 without
+
+
 def test_qspmv_is_exact_for_unquantized_weights(rng: np.random.Generator) -> None:
     w = random_sparse(rng, (40, 50), 0.2)  # ~1600 distinct values: uint16 codes
     prep = prepare_quant_linear(w)

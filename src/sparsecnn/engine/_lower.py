@@ -424,6 +424,13 @@ class _Builder:
 
             self._step(f"linear:{strategy}{suffix}", lambda env, bufs, x=x, s=s: _bind_kernel(
                 env, x, bind_sparse_linear(eng.format, shape[0], eng.bias, env[s], relu)))
+        elif strategy == "qspmv":
+            s, _ = self._planned(n.name, shape)
+            eng = layer.engine
+            from sparsecnn.kernels.qspmv import bind_quant_linear
+
+            self._step(f"linear:{strategy}{suffix}", lambda env, bufs, x=x, s=s: _bind_kernel(
+                env, x, bind_quant_linear(eng.format, shape[0], eng.bias, env[s], relu)))
         elif strategy == "spmv-act":
             s, _ = self._planned(n.name, shape)
             eng = layer.engine

@@ -18,16 +18,18 @@ CSR's, bit for bit).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit
+from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit, serial_twin
 from sparsecnn.kernels._simd import TABLE, code_row_dot, code_row_dot32, fmadd
 from sparsecnn.kernels.spmv import slab_order, slab_row_ids, slab_width
 
-__all__ = ["QuantLinearPrep", "prepare_quant_linear", "quant_linear", "quant_prep_from_codes"]
+__all__ = ["QuantLinearPrep", "bind_quant_linear", "prepare_quant_linear", "quant_linear",
+           "quant_prep_from_codes"]
 
 
 @dataclass(eq=False)
@@ -171,8 +173,10 @@ def prepare_quant_linear(weight: np.ndarray, slab: int | None = None) -> QuantLi
     return quant_prep_from_codes((m, k), indptr, cols, codes.reshape(-1), codebook, slab)
 
 
-def quant_linear(prep: QuantLinearPrep, x: np.ndarray, bias: np.ndarray | None, out: np.ndarray) -> None:
-    """``out = x @ W.T + bias`` with ``W`` in codebook-index CSR.
+def quant_linear(prep: QuantLinearPrep, x: np.ndarray, bias: np.ndarray | None, out: np.ndarray,
+                 relu: bool = False) -> None:
+    """``out = x @ W.T + bias`` with ``W`` in codebook-index CSR; ``relu(x @ W.T + bias)`` with ``relu``,
+    applied as each output is written (NaN stays NaN, as with ``torch.relu``).
 
     Parameters
     ----------
@@ -181,31 +185,84 @@ def quant_linear(prep: QuantLinearPrep, x: np.ndarray, bias: np.ndarray | None, 
     bias : ndarray, shape (M,), float32, or None
     out : ndarray, shape (B, M), float32
         Written in full.
+    relu : bool
+        Fuse a ReLU into the output.
     """
-    batch = x.shape[0]
+    bind_quant_linear(prep, x.shape[0], bias, out, relu, check=False)(x)
+
+
+# Below this many nonzeros x batch a bound layer runs the serial kernels (no parallel launch).
+_SERIAL_MACS = 1 << 15
+
+
+def bind_quant_linear(prep: QuantLinearPrep, batch: int, bias: np.ndarray | None, out: np.ndarray,
+                      relu: bool = False, *, check: bool = True) -> Callable[[np.ndarray], None]:
+    """``run(x)``: :func:`quant_linear` ``(prep, x, bias, out, relu)`` for batches of ``batch``, every
+    argument but ``x`` bound once (the whole-model executor's steps; before, a quantized layer in a
+    compiled model ran through torch tensors and a separate ReLU pass).
+
+    The callable uses the calling thread's workspace of ``prep``, so it must be called from the thread
+    that bound it (the executor binds per thread). Below ``_SERIAL_MACS`` multiply-adds the serial
+    twins run.
+
+    Parameters
+    ----------
+    prep : QuantLinearPrep
+    batch : int
+    bias : ndarray, shape (M,), float32, or None
+    out : ndarray, shape (batch, M), float32, C-contiguous
+    relu : bool
+    check : bool
+        Check ``out``'s shape and layout (:func:`quant_linear` writes any (B, M) array).
+
+    Returns
+    -------
+    callable
+        ``run(x)`` with ``x`` of shape ``(batch, K)``, float32, C-contiguous.
+    """
+    m = prep.shape[0]
+    if check and (not out.flags.c_contiguous or out.shape != (batch, m)):
+        raise ValueError(f"bind_quant_linear: out must be C-contiguous of shape {(batch, m)}")
     ws = prep.workspace(batch)
     has_bias = bias is not None
     b = bias if has_bias else prep.codebook[:0]
+    small = prep.nnz * batch < _SERIAL_MACS
+    arrays = (prep.indptr, prep.indices, prep.codes)
     if batch == 1:
         table = prep.uses_table
         book = prep.table() if table else prep.codebook
-        _qspmv(prep.indptr, prep.indices, prep.codes, book, x[0], b, has_bias, out[0], ws.bounds, table)
-    else:
-        ws.xt[:] = x.T
-        _qspmm(prep.indptr, prep.indices, prep.codes, prep.codebook, ws.xt, b, has_bias, out, ws.bounds)
+        qspmv = _qspmv_serial if small else _qspmv
+        y = out[0]
+        args = (b, has_bias, y, ws.bounds, table, bool(relu))
+
+        def run_qspmv(x: np.ndarray) -> None:
+            qspmv(*arrays, book, x[0], *args)
+
+        return run_qspmv
+    qspmm = _qspmm_serial if small else _qspmm
+    xt = ws.xt
+    margs = (b, has_bias, out, ws.bounds, bool(relu))
+
+    def run_qspmm(x: np.ndarray) -> None:
+        xt[:] = x.T
+        qspmm(*arrays, prep.codebook, xt, *margs)
+
+    return run_qspmm
 
 
 @jit(inline="always")
-def _add_slab(y, m, sl, s, bias, has_bias):
-    """``y[m] = s + bias[m]`` for the first slab, ``y[m] += s`` for the others."""
+def _add_slab(y, m, sl, s, bias, has_bias, relu, last):
+    """``y[m] = s + bias[m]`` for the first slab, ``y[m] += s`` for the others; ``max(., 0)`` (NaN
+    kept) on the last slab's store with ``relu``."""
     if sl == 0:
-        y[m] = s + bias[m] if has_bias else s
+        v = s + bias[m] if has_bias else s
     else:
-        y[m] += s
+        v = y[m] + s
+    y[m] = v if not last or not relu or not v <= 0 else np.float32(0.0)
 
 
 @pjit
-def _qspmv(indptr, indices, codes, codebook, x, bias, has_bias, y, bounds, table):
+def _qspmv(indptr, indices, codes, codebook, x, bias, has_bias, y, bounds, table, relu):
     """Quantized CSR spmv (Deep Compression's weight sharing, Han et al. ICLR 2016, run in place):
     ``y[m] = sum_e codebook[codes[e]] * x[indices[e]]``, rows split in nnz-balanced ranges, one per
     thread, slab after slab. Each row is one :func:`sparsecnn.kernels._simd.code_row_dot` (eight
@@ -230,13 +287,14 @@ def _qspmv(indptr, indices, codes, codebook, x, bias, has_bias, y, bounds, table
                     s = code_row_dot32(x, indices, codes, codebook, k0, indptr[r + 1] - k0)
                 else:
                     s = code_row_dot(x, indices, codes, codebook, k0, indptr[r + 1] - k0)
-                _add_slab(y, m, sl, s, bias, has_bias)
+                _add_slab(y, m, sl, s, bias, has_bias, relu, sl == nslabs - 1)
 
 
 @pjit
-def _qspmm(indptr, indices, codes, codebook, xt, bias, has_bias, out, bounds):
+def _qspmm(indptr, indices, codes, codebook, xt, bias, has_bias, out, bounds, relu):
     """Quantized CSR x dense: ``out[:, m] = sum_e codebook[codes[e]] * xt[indices[e], :]`` (+ bias),
-    accumulated into the output's column per row (a strided store per batch entry at the row's end).
+    accumulated into the output's column per row (a strided store per batch entry at the row's end);
+    ``max(., 0)`` (NaN kept) on that store with ``relu``.
     NOTE: xt is (K, B) C-contiguous; out is (B, M); indptr.size - 1 is a multiple of M.
     """
     nb = xt.shape[1]
@@ -257,4 +315,9 @@ def _qspmm(indptr, indices, codes, codebook, xt, bias, has_bias, out, bounds):
                     for j in range(nb):
                         acc[j] = fmadd(w, row[j], acc[j])
             for j in range(nb):
-                out[j, m] = acc[j] + bv
+                v = acc[j] + bv
+                out[j, m] = v if not relu or not v <= 0 else np.float32(0.0)
+
+
+_qspmv_serial = serial_twin(_qspmv)
+_qspmm_serial = serial_twin(_qspmm)
