@@ -164,15 +164,18 @@ _GROUPED_BELOW = 0.85
 # columns a pass but saves ~230 loads, 1x1 layers at 65% save ~40.
 _GROUPED_MIN_COLUMNS = 256
 _GROUPED_MIN_SAVED = 128
+
+
 def split_by_image(batch: int, nparts: int) -> bool:
     """Whether the threads split a batch's images (each thread every filter of its images) rather than
     the filters (each thread its filters for every image): when the images divide evenly, or there are
     enough of them that the last uneven round costs little.
 
     Why: split by filters, every thread reads every input channel of every image, half of them
-    written by the other core, and copies each image for itself; split by images, a thread copies and
-    reads only its own images and writes only their outputs. Measured on AlexNet DC at batch 32 (2
-    threads): see docs/engine.md (Session of 2026-12-05, second)."""
+    copied (and, in a forward pass, written) by the other core; split by images, a thread copies and
+    reads only its own images and writes only their outputs. Whole compiled models, the two interleaved
+    in one process (2 threads): AlexNet DC at batch 32 1.02x, ResNet-18 at 90% at batch 8 1.06x
+    (docs/engine.md, "Session of 2026-12-05 (second)")."""
     return nparts > 1 and batch >= nparts and (batch % nparts == 0 or batch >= 4 * nparts)
 
 
@@ -785,6 +788,7 @@ def _copy_channels(src, dst, copies, geo, c0, c1):
                         copy_even(src, si + 2 * v, dst, o + v)
                     copy_even(src, si + 2 * (n - VW), dst, o + n - VW)
                 else:
+                    # Slices walked with a range index: no negative-index check per element (3x).
                     srow = src[si : si + (n - 1) * sw + 1 : sw]
                     drow = dst[o : o + n]
                     for t in range(n):
@@ -862,9 +866,10 @@ def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, o
     register tile and each block, every filter adds the block's nonzeros into its own 12-vector tile,
     so the block's input is read from L1 by all of them. With ``relu``, ``max(., 0)`` as the final
     values are stored (the direct tiles' store, else the crop).
-    Each thread reads image ``b`` from its own phase-decomposed copy (:func:`image_input`), or from
-    ``x`` itself when not ``copy``. With ``by_image`` the threads split the images instead (thread
-    ``part`` runs every filter on images ``part, part + nparts, ...``; wide holds every filter).
+    With ``copy`` each thread phase-copies image ``b`` into its own buffer (:func:`image_input`);
+    without, ``x`` holds the phase planes (the input read in place, or the shared copy). With
+    ``by_image`` the threads split the images instead (thread ``part`` runs every filter on images
+    ``part, part + nparts, ...``; wide holds every filter).
     NOTE: offs/xt/copies/geo come from the same workspace (xt rows padded past the last span); out is
     (B, Cout * hout * wout) C-contiguous, wout <= wph; wide holds gstride >= group + 2 * VW floats per
     output channel of the largest range; group is a multiple of wph.
@@ -929,8 +934,9 @@ def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bi
     the block's columns stay in L2 across the tiles; then the valid columns of every filter go to
     ``out`` (ReLU on the copy with ``relu``). Blocks are as large as L1 allows: each pass runs 15
     pattern loops per tile, whose exits cost where a pattern has few columns.
-    Each thread reads image ``b`` from its own copy (:func:`image_input`), or from ``x`` without ``copy``;
-    with ``by_image`` the threads split the images, each running every filter group on its own.
+    With ``copy`` each thread phase-copies image ``b`` itself (:func:`image_input`), without it ``x``
+    holds the phase planes; with ``by_image`` the threads split the images, each running every filter
+    group on its own.
     NOTE: offs/xt/copies/geo from the same workspace; out (B, Cout * hout * wout) C-contiguous; wide holds
     GROUP_F * gstride floats per filter group of the largest range; group is a multiple of wph.
     """
