@@ -74,7 +74,7 @@ def test_implicit_gemm_matches_torch(case, relu, rng) -> None:
     assert_close(out, ref, what="implicit_gemm_conv2d")
     assert prep.data.shape[-1] == GEMM_MR
     ws = prep.workspace(x.shape)
-    assert ws.shared == (not ws.by_image)
+    assert ws.xt.shape[0] == (ws.bounds.size - 1 if ws.by_image else b)
     assert ws.by_image == conv_mod.split_by_image(b, ws.bounds.size - 1)
 
 

@@ -530,8 +530,7 @@ def test_direct_conv_batch_split_and_input_copies(form, threads, batch, rng):
                                              0.5)
             ws = prep.workspace(x.shape)
             assert ws.by_image == (threads == 2 and batch in (4, 9))
-            assert ws.shared == (not ws.by_image)
-            assert ws.xt.shape[0] == (batch if ws.shared else threads)
+            assert ws.xt.shape[0] == (threads if ws.by_image else batch)
             assert (ws.grouped is not None) == (form == "grouped")
             x2 = rng.standard_normal(x.shape).astype(np.float32)
             ref2 = F.conv2d(torch.from_numpy(x2), torch.from_numpy(w), torch.from_numpy(bv), (2, 2),

@@ -175,21 +175,14 @@ def split_by_image(batch: int, nparts: int) -> bool:
     copied (and, in a forward pass, written) by the other core; split by images, a thread copies and
     reads only its own images and writes only their outputs. Whole compiled models, the two interleaved
     in one process (2 threads): AlexNet DC at batch 32 1.02x, ResNet-18 at 90% at batch 8 1.06x
-    (docs/engine.md, "Session of 2026-12-05 (second)")."""
+    (docs/engine.md, "Session of 2026-12-05 (second)").
+
+    Split by filters (batch 1), the input gets one copy per image made by all threads in parallel
+    before the kernel (:func:`phase_copy`). A copy per thread there (each thread copying the whole
+    image for itself) ran single layers 1.05-1.35x faster with an input freshly written by two threads,
+    but whole compiled models 0.95-0.99x (ResNet-18 / ResNet-50 at 90%, AlexNet DC) and VGG-16's
+    224x224 layers 0.81x (the image leaves the L2 before it is read)."""
     return nparts > 1 and batch >= nparts and (batch % nparts == 0 or batch >= 4 * nparts)
-
-
-def shared_copy(by_image: bool) -> bool:
-    """Whether the phase-decomposed input is one buffer per image, copied by all threads in parallel
-    before the kernel (the threads split the filters: batch 1), rather than one image per thread,
-    copied by that thread inside the kernel (the threads split the images).
-
-    A copy per thread at batch 1 (each thread copying the whole image for itself, so that it reads
-    only lines it wrote) ran single layers 1.05-1.35x faster with an input freshly written by two
-    threads, but whole compiled models 0.95-0.99x (ResNet-18 / ResNet-50 at 90%, AlexNet DC; same
-    process, interleaved), and VGG-16's 224x224 layers 0.81x (the image leaves the L2 before it is
-    read): measured 2026-12-05, see docs/engine.md."""
-    return not by_image
 
 
 # Below this many multiply-adds per call (nonzeros x span x batch) a bound layer runs the serial twins
@@ -234,8 +227,8 @@ class _Workspace:
     phases: np.ndarray  # (nph,) the phases (ph * sw + pw) materialised, in storage order
     copies: np.ndarray  # (ncopies, 7) int64: where the input pixels go in each plane (_phase_copies)
     in_place: bool  # the layout is x itself (stride 1, no padding): in place given SLACK floats after x
-    xt: np.ndarray  # (B, Cin * nph * Hph * Wph + 2 * VW + pw): phase planes of each image (shared)
-    shared: bool  # False: xt is (nparts, ...), each thread's copy of one of its images (by_image)
+    xt: np.ndarray  # (B, Cin * nph * Hph * Wph + 2 * VW + pw): each image's phase planes; (nparts, ...)
+    # with by_image: each thread's copy of the image it is on
     geo: np.ndarray  # PhaseLayout.geometry of the input shape
     wide: np.ndarray  # (nparts, nco * gstride) wide output rows of the thread's nco filters
     gstride: int  # floats per filter in wide: group + 2 * VW
@@ -248,7 +241,7 @@ class _Workspace:
     span: int  # (hout - 1) * wph + wout
     group: int  # wide-row positions per pass over the output channels (whole rows of wph)
     tile: int  # vectors per register tile: per filter of a pair (one block), or of one filter (blocks)
-    by_image: bool = False  # threads split the batch's images (split_by_image), not the filters
+    by_image: bool  # threads split the batch's images (split_by_image), not the filters
     grouped: _Grouped | None = None  # the filter-group form, when it is the one that runs
 
     @property
@@ -434,7 +427,6 @@ class DirectConvPrep(ConvPrepBase):
         bptr[1:] += np.cumsum(bptr[:-1, -1])[:, None]
         gstride = group + 2 * VW
         by_image = split_by_image(x_shape[0], nparts)
-        shared = shared_copy(by_image)
         nco = cout if by_image else int(np.diff(bounds).max(initial=0))
         grouped = _grouped_plan(self, lay, c, ci, r, s, co, off_dtype, cin_g, nparts, by_image)
         if grouped is not None:  # the per-filter form is not kept beside it (the weights once per thread)
@@ -445,8 +437,7 @@ class DirectConvPrep(ConvPrepBase):
             phases=lay.phases,
             copies=lay.copies,
             in_place=lay.in_place,
-            xt=np.zeros(lay.xt_shape(x_shape[0] if shared else nparts, cin, pw), dtype=np.float32),
-            shared=shared,
+            xt=np.zeros(lay.xt_shape(nparts if by_image else x_shape[0], cin, pw), dtype=np.float32),
             geo=lay.geometry(x_shape),
             wide=np.zeros((nparts, max(nco, 1) * gstride if grouped is None else 0), dtype=np.float32),
             gstride=gstride,
@@ -604,7 +595,7 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     ws = prep.workspace(x.shape)
     copy = not _reads_in_place(ws, x, 0)  # else the layout is x itself (stride 1, no padding)
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
-    if copy and ws.shared:
+    if copy and not ws.by_image:
         phase_copy(xc.reshape(x.shape[0], -1), ws.xt, ws.copies, ws.geo)
         xc, copy = ws.xt, False
     has_bias = bias is not None
@@ -708,7 +699,7 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
     def run(x: np.ndarray) -> None:
         copy = not _reads_in_place(ws, x, slack)
         xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
-        if copy and ws.shared:
+        if copy and not ws.by_image:
             pcopy(xc.reshape(nb, -1), xt, copies, geo)
             kernel(xt, xt, copies, geo, False, *kargs)
         else:
@@ -748,7 +739,7 @@ def image_input(x, b, xt, part, copies, geo, copy):
     Used where the threads split a batch's images (:func:`split_by_image`): each thread copies its own
     images, inside the kernel, and reads only lines it wrote. Where they split the filters (batch 1),
     the kernel gets the shared copy that :func:`phase_copy` made with ``copy=False`` (see
-    :func:`shared_copy` for the per-thread copy measured there). Stride-1 rows of VW or more move as
+    :func:`split_by_image` for the per-thread copy measured there). Stride-1 rows of VW or more move as
     whole vectors, stride-2 rows as the even lanes of two (:func:`sparsecnn.kernels._simd.copy_even`;
     the scalar strided copy took 31% of ResNet's 3x3 stride-2 layer at 90%), other rows through
     range-indexed slices (no negative-index check per element: 3x).
@@ -798,7 +789,8 @@ def _copy_channels(src, dst, copies, geo, c0, c1):
 @pjit
 def phase_copy(x, xt, copies, geo):
     """Every image of ``x`` (B, Cin * h * w) into its phase planes ``xt[b]``, (image, channel) pairs in
-    parallel: the shared copy (:func:`shared_copy`), made before the kernel reads it with
+    parallel: the shared copy where the threads split the filters (:func:`split_by_image`), made
+    before the kernel reads it with
     ``copy=False``."""
     cin = geo[0]
     for bc in numba.prange(x.shape[0] * cin):

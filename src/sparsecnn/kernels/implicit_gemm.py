@@ -40,7 +40,6 @@ from sparsecnn.kernels.conv import (
     phase_copy,
     phase_copy_serial,
     phase_layout,
-    shared_copy,
     split_by_image,
 )
 
@@ -53,8 +52,7 @@ _SERIAL_MACS = 1 << 16
 @dataclass(eq=False)
 class _Workspace:
     offsets: np.ndarray  # (groups, Kr) span offset of each kept column in one image's phase planes
-    xt: np.ndarray  # (nparts, ...) each thread's phase-decomposed copy of one image; (B, ...) if shared
-    shared: bool  # one copy per image, made by conv.phase_copy before the kernel (conv.shared_copy)
+    xt: np.ndarray  # (B, ...) each image's phase planes; (nparts, ...) with by_image: each thread's copy
     geo: np.ndarray  # PhaseLayout.geometry of the input shape
     wide: np.ndarray  # (nparts, GEMM_MR * gstride) wide output rows of the thread's current tile
     gstride: int
@@ -114,11 +112,9 @@ class ImplicitGemmPrep(ConvPrepBase):
         gstride = nvec * VW + 2 * VW
         macs = int(self.ncols.sum()) * ntiles * GEMM_MR * lay.span * b
         by_image = split_by_image(b, nparts)
-        shared = shared_copy(by_image)
         return _Workspace(
             offsets=np.ascontiguousarray(off, dtype=off_dtype),
-            xt=np.zeros(lay.xt_shape(b if shared else nparts, cin, self.padding[1]), dtype=np.float32),
-            shared=shared,
+            xt=np.zeros(lay.xt_shape(nparts if by_image else b, cin, self.padding[1]), dtype=np.float32),
             geo=lay.geometry(x_shape),
             wide=np.zeros((nparts, GEMM_MR * gstride), dtype=np.float32),
             gstride=gstride,
@@ -252,15 +248,16 @@ def _check_out(prep: ImplicitGemmPrep, x_shape: tuple[int, ...], out: np.ndarray
 
 def _launch(prep: ImplicitGemmPrep, ws: _Workspace, x: np.ndarray, bias: np.ndarray, flat: np.ndarray,
             relu: bool) -> None:
-    """The kernel (serial twin below a work threshold); each thread phase-copies the images it reads,
-    or, for images too large for that, one parallel copy comes first."""
+    """The kernel (serial twin below a work threshold). Where the threads split the items, one
+    parallel phase copy of the batch comes first; where they split the images, each thread
+    phase-copies its own inside the kernel."""
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     xc = xc.reshape(xc.shape[0], -1)
-    if ws.shared:
+    if not ws.by_image:
         copy = phase_copy_serial if ws.kernel is _implicit_kernel_serial else phase_copy
         copy(xc, ws.xt, ws.copies, ws.geo)
         xc = ws.xt
-    ws.kernel(xc, ws.xt, ws.copies, ws.geo, not ws.shared, ws.offsets, prep.data, prep.ncols,
+    ws.kernel(xc, ws.xt, ws.copies, ws.geo, ws.by_image, ws.offsets, prep.data, prep.ncols,
               prep.rows, prep.fill, bias, flat, ws.hout, ws.wout,
               ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, relu, ws.by_image)
 
@@ -280,11 +277,11 @@ def _fill_bias(dst, fill, bias, plane, relu):
 def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bias, out, hout, wout, wide,
                      gstride, bounds, wph, span, relu, by_image):
     """Implicit GEMM, parallel over balanced ranges of (group, 4-filter tile) items: image after image,
-    each thread copies the image into its own phase planes (:func:`sparsecnn.kernels.conv.image_input`:
-    the lines it then reads are its own, not the other core's), then item after item walks its
-    register tiles over all kept columns (the item's weights stay in L1) and crops. With ``by_image``
-    the threads split the images instead, each running every item on its own images. Without
-    ``copy``, ``x`` holds the phase planes already (the shared copy).
+    item after item walks its register tiles over all kept columns (the item's weights stay in L1)
+    and crops. With ``by_image`` the threads split the images instead, each running every item on its
+    own images. With ``copy`` each thread phase-copies its image into its own planes
+    (:func:`sparsecnn.kernels.conv.image_input`); without, ``x`` holds the phase planes (the shared
+    copy).
     NOTE: offs/xt/copies/geo come from the same workspace (xt rows padded past the last span); out is
     (B, Cout * hout * wout) C-contiguous; data is (groups, ntiles, Kr, 4)."""
     nb = out.shape[0]
