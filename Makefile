@@ -29,8 +29,9 @@ test: $(VENV)/.dev-installed
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks
 
-# The long fuzz run: the hypothesis tests (loaders, strategies, formats) with many more examples.
+# The long fuzz run: the hypothesis tests (loaders, strategies, formats, generated whole models
+# through the executor) with many more examples.
 fuzz: $(VENV)/.dev-installed
 	$(PY) -m pytest -q -n 2 -m fuzz --hypothesis-profile=fuzz --hypothesis-show-statistics \
-		tests/test_fuzz_loaders.py tests/test_properties.py
+		tests/test_fuzz_loaders.py tests/test_properties.py tests/test_fuzz_models.py
 	SPARSECNN_FUZZ=1 $(PY) -m pytest -q -n 2 tests/test_resume.py

@@ -1,0 +1,252 @@
+"""Whole generated models through the executor (hypothesis): random CNNs of convs (any kernel, stride,
+padding, dilation, groups), BatchNorm, ReLU, residual adds with and without a downsampling branch,
+channel concatenation, max pooling, LRN, global average pooling and linear heads, pruned at random
+densities (all-zero layers included), compiled with one strategy, a random strategy per layer, or the
+cost-model plan, at 1 or 2 numba threads and several batch sizes. Every output must equal the model's
+(BatchNorm folded, in float64: rel 1e-4, see :func:`_close`), on a second call (buffers reused) and at
+a second batch size.
+
+``make test`` runs 15 models; ``make fuzz`` 300 (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numba
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sparsecnn
+from sparsecnn.engine import _Eager
+from sparsecnn.engine._graph import capture
+from sparsecnn.engine._lower import _conv_of, fold_batchnorm
+
+pytestmark = pytest.mark.fuzz
+
+CONV = sparsecnn.strategies("conv")
+LINEAR = sparsecnn.strategies("linear")
+# The loaded profile decides how hard this runs: a few models by default, many under ``make fuzz``.
+EXAMPLES = 15 if settings().max_examples <= 20 else 300
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+class _Net(nn.Module):
+    """A CNN given as a list of ops over the modules in ``mods`` (a static Python list: fx traces it)."""
+
+    def __init__(self, ops: list[tuple], mods: list[nn.Module]) -> None:
+        super().__init__()
+        self.ops = ops
+        self.mods = nn.ModuleList(mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for op in self.ops:
+            kind = op[0]
+            if kind == "layer":  # conv / bn / pool / lrn / linear, one module
+                x = self.mods[op[1]](x)
+            elif kind == "relu":
+                x = torch.relu(x)
+            elif kind == "res":  # conv -> relu -> conv, plus the identity or a downsampling conv
+                _, a, b, down, relu = op
+                y = self.mods[b](torch.relu(self.mods[a](x)))
+                x = y + (x if down < 0 else self.mods[down](x))
+                if relu:
+                    x = torch.relu(x)
+            elif kind == "cat":
+                x = torch.cat([self.mods[op[1]](x), self.mods[op[2]](x)], 1)
+            elif kind == "gap":
+                x = torch.flatten(self.mods[op[1]](x), 1)
+            elif kind == "flatten":
+                x = torch.flatten(x, 1)
+        return x
+
+
+def _conv_out(n: int, k: int, s: int, p: int, d: int) -> int:
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@st.composite
+def models_and_inputs(draw):
+    """(model, input, second batch): a valid random CNN for an input of random shape."""
+    # Mostly tiny models; some wide enough for the parallel kernels, channel blocks and filter groups.
+    scale = draw(st.sampled_from([1, 8]))
+    c = draw(st.integers(1, 4))
+    h, w = draw(st.integers(5, 20 + 12 * (scale > 1))), draw(st.integers(5, 20 + 12 * (scale > 1)))
+    c0, h0, w0 = c, h, w
+    ops: list[tuple] = []
+    mods: list[nn.Module] = []
+
+    def add(m: nn.Module) -> int:
+        mods.append(m)
+        return len(mods) - 1
+
+    def conv(cin: int, cout: int, hh: int, ww: int, same: bool = False):
+        """A conv of random geometry valid for (hh, ww); ``same`` keeps the shape (stride 1)."""
+        groups = draw(st.sampled_from([g for g in (1, 2, 3) if cin % g == 0 and cout % g == 0]))
+        k = draw(st.sampled_from([1, 3])) if same else draw(st.integers(1, 5))
+        kw = k if same else draw(st.integers(1, 5))
+        d = 1 if same else draw(st.integers(1, 2))
+        s = 1 if same else draw(st.integers(1, 3))
+        p = (k - 1) // 2 if same else draw(st.integers(0, 2))
+        pw = (kw - 1) // 2 if same else draw(st.integers(0, 2))
+        ho, wo = _conv_out(hh, k, s, p, d), _conv_out(ww, kw, s, pw, d)
+        if ho < 1 or wo < 1:
+            k, kw, d, s, p, pw, ho, wo = 1, 1, 1, 1, 0, 0, hh, ww
+        m = nn.Conv2d(cin, cout, (k, kw), stride=s, padding=(p, pw), dilation=d, groups=groups,
+                      bias=draw(st.booleans()))
+        return m, ho, wo
+
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["conv", "conv", "res", "cat", "pool", "lrn"]))
+        if kind == "conv":
+            cout = scale * draw(st.integers(1, 8))
+            m, h, w = conv(c, cout, h, w)
+            ops.append(("layer", add(m)))
+            c = cout
+            if draw(st.booleans()):
+                ops.append(("layer", add(nn.BatchNorm2d(c))))
+            if draw(st.booleans()):
+                ops.append(("relu",))
+        elif kind == "res":
+            mid = scale * draw(st.integers(1, 8))
+            a, _, _ = conv(c, mid, h, w, same=True)
+            cout = draw(st.sampled_from([c, scale * draw(st.integers(1, 8))]))
+            b, _, _ = conv(mid, cout, h, w, same=True)
+            down = -1 if cout == c and draw(st.booleans()) else add(nn.Conv2d(c, cout, 1, bias=False))
+            ops.append(("res", add(a), add(b), down, draw(st.booleans())))
+            c = cout
+        elif kind == "cat":
+            c1, c2 = scale * draw(st.integers(1, 5)), scale * draw(st.integers(1, 5))
+            a, _, _ = conv(c, c1, h, w, same=True)
+            b, _, _ = conv(c, c2, h, w, same=True)
+            ops.append(("cat", add(a), add(b)))
+            c = c1 + c2
+        elif kind == "pool" and min(h, w) >= 2:
+            k = draw(st.integers(2, 3))
+            s = draw(st.integers(1, 2))
+            p = draw(st.integers(0, k // 2))
+            ceil = draw(st.booleans())
+            ho, wo = _pool_out(h, k, s, p, ceil), _pool_out(w, k, s, p, ceil)
+            if min(h, w) + 2 * p >= k and min(ho, wo) >= 1:
+                ops.append(("layer", add(nn.MaxPool2d(k, s, p, ceil_mode=ceil))))
+                h, w = ho, wo
+        elif kind == "lrn":
+            ops.append(("layer", add(nn.LocalResponseNorm(draw(st.sampled_from([3, 5])), alpha=1e-3,
+                                                          beta=0.75, k=2.0))))
+    if draw(st.booleans()):
+        ops.append(("gap", add(nn.AdaptiveAvgPool2d(1))))
+        features = c
+    else:
+        ops.append(("flatten",))
+        features = c * h * w
+    hidden = draw(st.integers(1, 12))
+    ops.append(("layer", add(nn.Linear(features, hidden))))
+    if draw(st.booleans()):
+        ops.append(("relu",))
+        ops.append(("layer", add(nn.Linear(hidden, draw(st.integers(1, 6))))))
+    model = _Net(ops, mods).eval()
+    seed = draw(st.integers(0, 2**16))
+    _prune(model, draw(st.sampled_from([0.0, 0.3, 0.65, 0.9, 1.0])), seed)
+    batch = draw(st.sampled_from([1, 2, 3, 5]))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, c0, h0, w0, generator=gen)
+    if draw(st.booleans()):
+        x = torch.relu(x)  # ReLU-like zeros for the activation-sparse strategies
+    other = torch.randn(draw(st.sampled_from([1, 4])), c0, h0, w0, generator=gen)
+    return model, x, other
+
+
+def _pool_out(n: int, k: int, s: int, p: int, ceil: bool) -> int:
+    span = n + 2 * p - k
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= n + p:  # torch: the last window must start inside the input or left pad
+        out -= 1
+    return out
+
+
+def _prune(model: nn.Module, sparsity: float, seed: int) -> None:
+    """Weights from ``seed`` (not torch's global generator: a failing example must replay), a
+    fraction of every conv / linear weight zeroed (some layers entirely), and BatchNorm statistics
+    away from the identity so folding is exercised."""
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                w = rng.standard_normal(tuple(m.weight.shape)) / np.sqrt(max(fan_in, 1))
+                layer_sparsity = 1.0 if rng.random() < 0.1 else sparsity
+                w[rng.random(w.shape) < layer_sparsity] = 0.0
+                m.weight.copy_(torch.from_numpy(w))
+                if m.bias is not None:
+                    m.bias.copy_(torch.from_numpy(rng.standard_normal(m.bias.shape) * 0.1))
+            elif isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.from_numpy(rng.standard_normal(m.num_features) * 0.1))
+                m.running_var.copy_(torch.from_numpy(rng.random(m.num_features) + 0.5))
+                m.weight.copy_(torch.from_numpy(rng.random(m.num_features) + 0.5))
+                m.bias.copy_(torch.from_numpy(rng.standard_normal(m.num_features) * 0.1))
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+
+
+def _folded(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The model with its BatchNorm folded into the convs, as the executor runs it, in float32 and
+    in float64 (the float32 folded weights, evaluated exactly)."""
+    nodes = fold_batchnorm(capture(copy.deepcopy(model)))
+    f32 = _Eager(nodes).eval()
+    return f32, copy.deepcopy(f32).double()
+
+
+def _close(y: torch.Tensor, folded: tuple[nn.Module, nn.Module], model: nn.Module,
+           x: torch.Tensor) -> tuple[bool, str]:
+    """``y`` within rel 1e-4 of the folded model evaluated in float64, or no further from it than 10x
+    torch's float32 result on the same folded model is (a generated model can cancel its output down
+    to its rounding); and within 1e-2 of the original model (folding itself: the zoo tests hold it
+    to 1e-4 on real architectures)."""
+    f32, f64 = folded
+    ref = f64(x.double())
+    err, base = _rel(y, ref), _rel(f32(x), ref)
+    loose = _rel(y, model(x).double())
+    ok = err <= max(1e-4, 10 * base) and loose <= 1e-2
+    return ok, f"rel error {err:.3g} (torch float32 {base:.3g}); against the unfolded model {loose:.3g}"
+
+
+@SETTINGS
+@given(case=models_and_inputs(), how=st.sampled_from(["direct", "torch", "per-layer", "cost-model"]),
+       threads=st.sampled_from([1, 2]), pick=st.randoms(use_true_random=False))
+def test_generated_model_compiles_to_the_dense_outputs(case, how, threads, pick) -> None:
+    model, x, other = case
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # strategies that cannot run a geometry fall back, with a warning
+            if how == "per-layer":
+                probe = sparsecnn.compile(model, x, "torch", check=False)
+                nodes = {key: n for n in probe._nodes for key in (n.name, n.target) if key}
+                strategy = {name: pick.choice(CONV if _conv_of(nodes[name]) is not None else LINEAR)
+                            for name in probe.plan.layers}
+                compiled = sparsecnn.compile(model, x, strategy, check=False)
+            elif how == "cost-model":
+                compiled = sparsecnn.compile(model, x, "auto", measure=False, tune=False, check=False)
+            else:
+                compiled = sparsecnn.compile(model, x, how, check=False)
+        widest = max((m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)), default=0)
+        event("widest conv: " + ("> 16 channels" if widest > 16 else "<= 16 channels"))
+        for kind in set(compiled.steps(tuple(x.shape))):
+            event(kind.split("+")[0])  # what ran (make fuzz --hypothesis-show-statistics lists them)
+        folded = _folded(model)
+        with torch.inference_mode():
+            for what, inp in (("first call", x), ("second call (buffers reused)", x),
+                              (f"batch {other.shape[0]}", other)):
+                ok, msg = _close(compiled(inp), folded, model, inp)
+                steps = compiled.steps(tuple(inp.shape))
+                assert ok, f"{what}: {msg}; plan {dict(compiled.plan)}; steps {steps}"
+    finally:
+        numba.set_num_threads(before)
