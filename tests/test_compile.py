@@ -220,6 +220,44 @@ def test_bad_input() -> None:
         sparsecnn.compile(42)
 
 
+def _cancelling_model() -> tuple[nn.Module, torch.Tensor]:
+    """conv + BatchNorm + a linear whose one output cancels to ~1e-5 of its terms' sum: folding the
+    BatchNorm alone moves it by more than 1e-4 of itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Flatten(),
+                          nn.Linear(8 * 16 * 16, 1)).eval()
+    _randomise_bn(model)
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m64 = copy.deepcopy(model).double()
+        terms = m64[3].weight[0] * m64[:3](x.double())[0]
+        model[3].bias.fill_(float(-terms.sum() + 1e-5 * terms.abs().sum()))
+    return model, x
+
+
+@pytest.mark.parametrize("strategy", ["torch", "direct"])
+def test_check_tells_rounding_from_a_wrong_result(strategy: str, monkeypatch) -> None:
+    model, x = _cancelling_model()
+    compiled = sparsecnn.compile(model, x, strategy)  # the check's second opinion: folding, not a bug
+    assert 1e-4 < compiled.max_rel_error <= 1e-2
+    # a kernel that is wrong by a little more than the rounding is still caught
+    from sparsecnn.engine import _lower
+
+    real = _lower._bind_gemm
+
+    def off(env, x, s, wt, bt, relu):
+        run = real(env, x, s, wt, bt, relu)
+
+        def step(env=env):
+            run()
+            env[s] += 5e-3 * np.abs(env[s]).max()
+        return step
+
+    monkeypatch.setattr(_lower, "_bind_gemm", off)
+    with pytest.raises(SparseCNNError, match="differs from the original"):
+        sparsecnn.compile(model, x, "torch")
+
+
 # --------------------------------------------------------------------------------------------------
 # kernels
 
