@@ -1,16 +1,19 @@
 """Whole generated models through the executor (hypothesis): random CNNs of convs (any kernel, stride,
 padding, dilation, groups), BatchNorm, ReLU, residual adds with and without a downsampling branch,
 channel concatenation, max pooling, LRN, global average pooling and linear heads, pruned at random
-densities (all-zero layers included), compiled with one strategy, a random strategy per layer, or the
-cost-model plan, at 1 or 2 numba threads and several batch sizes. Every output must equal the model's
-(BatchNorm folded, in float64: rel 1e-4, see :func:`_close`), on a second call (buffers reused) and at
-a second batch size.
+densities (all-zero layers included), as torch modules or exported to ONNX and imported back,
+compiled with one strategy, a random strategy per layer, or the cost-model plan, at 1 or 2 numba
+threads and several batch sizes. Every output must equal the model's (BatchNorm folded, in float64:
+rel 1e-4, see :func:`_close`), on a second call (buffers reused) and at a second batch size, and
+``compile``'s own check must pass.
 
 ``make test`` runs 15 models; ``make fuzz`` 300 (docs/reliability.md)."""
 
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 import warnings
 
 import numba
@@ -217,14 +220,32 @@ def _close(y: torch.Tensor, folded: tuple[nn.Module, nn.Module], model: nn.Modul
     return ok, f"rel error {err:.3g} (torch float32 {base:.3g}); against the unfolded model {loose:.3g}"
 
 
+def _through_onnx(model: nn.Module, x: torch.Tensor, directory: str) -> nn.Module:
+    """The model exported to ONNX and imported back (``sparsecnn.io``), checked against the original."""
+    from sparsecnn.io import export_onnx, load_onnx
+
+    path = export_onnx(model, os.path.join(directory, "model.onnx"), input_shape=tuple(x.shape[1:]))
+    net = load_onnx(path)
+    with torch.inference_mode():
+        ref = copy.deepcopy(model).double()(x.double())
+        err, base = _rel(net(x), ref), _rel(model(x), ref)
+    assert err <= max(1e-4, 10 * base), f"ONNX import: rel error {err:.3g} (torch {base:.3g})"
+    return net
+
+
 @SETTINGS
 @given(case=models_and_inputs(), how=st.sampled_from(["direct", "torch", "per-layer", "cost-model"]),
-       threads=st.sampled_from([1, 2]), pick=st.randoms(use_true_random=False))
-def test_generated_model_compiles_to_the_dense_outputs(case, how, threads, pick) -> None:
+       threads=st.sampled_from([1, 2]), pick=st.randoms(use_true_random=False),
+       via_onnx=st.sampled_from([False, False, False, True]))
+def test_generated_model_compiles_to_the_dense_outputs(case, how, threads, pick, via_onnx) -> None:
     model, x, other = case
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
+        if via_onnx:  # the same model as an ONNX file, as a user of ONNX Runtime would bring it
+            with tempfile.TemporaryDirectory() as d:
+                model = _through_onnx(model, x, d)
+            event("via ONNX")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # strategies that cannot run a geometry fall back, with a warning
             if how == "per-layer":
@@ -232,11 +253,11 @@ def test_generated_model_compiles_to_the_dense_outputs(case, how, threads, pick)
                 nodes = {key: n for n in probe._nodes for key in (n.name, n.target) if key}
                 strategy = {name: pick.choice(CONV if _conv_of(nodes[name]) is not None else LINEAR)
                             for name in probe.plan.layers}
-                compiled = sparsecnn.compile(model, x, strategy, check=False)
+                compiled = sparsecnn.compile(model, x, strategy)  # check=True: no false alarm either
             elif how == "cost-model":
-                compiled = sparsecnn.compile(model, x, "auto", measure=False, tune=False, check=False)
+                compiled = sparsecnn.compile(model, x, "auto", measure=False, tune=False)
             else:
-                compiled = sparsecnn.compile(model, x, how, check=False)
+                compiled = sparsecnn.compile(model, x, how)
         widest = max((m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)), default=0)
         event("widest conv: " + ("> 16 channels" if widest > 16 else "<= 16 channels"))
         for kind in set(compiled.steps(tuple(x.shape))):
