@@ -4,8 +4,8 @@ channel concatenation, max pooling, LRN, global average pooling and linear heads
 densities (all-zero layers included), as torch modules or exported to ONNX and imported back,
 compiled with one strategy, a random strategy per layer, or the cost-model plan, at 1 or 2 numba
 threads and several batch sizes. Every output must equal the model's (BatchNorm folded, in float64:
-rel 1e-4, see :func:`_close`), on a second call (buffers reused) and at a second batch size, and
-``compile``'s own check must pass.
+rel 1e-4, see :func:`_close`), on a second call (buffers reused), at a second batch size and from
+three Python threads at once, and ``compile``'s own check must pass.
 
 ``make test`` runs 15 models; ``make fuzz`` 300 (docs/reliability.md)."""
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import threading
 import warnings
 
 import numba
@@ -236,8 +237,9 @@ def _through_onnx(model: nn.Module, x: torch.Tensor, directory: str) -> nn.Modul
 @SETTINGS
 @given(case=models_and_inputs(), how=st.sampled_from(["direct", "torch", "per-layer", "cost-model"]),
        threads=st.sampled_from([1, 2]), pick=st.randoms(use_true_random=False),
-       via_onnx=st.sampled_from([False, False, False, True]))
-def test_generated_model_compiles_to_the_dense_outputs(case, how, threads, pick, via_onnx) -> None:
+       via_onnx=st.sampled_from([False, False, False, True]), concurrent=st.booleans())
+def test_generated_model_compiles_to_the_dense_outputs(case, how, threads, pick, via_onnx,
+                                                       concurrent) -> None:
     model, x, other = case
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -269,5 +271,37 @@ def test_generated_model_compiles_to_the_dense_outputs(case, how, threads, pick,
                 ok, msg = _close(compiled(inp), folded, model, inp)
                 steps = compiled.steps(tuple(inp.shape))
                 assert ok, f"{what}: {msg}; plan {dict(compiled.plan)}; steps {steps}"
+            if concurrent:
+                # three Python threads calling the same compiled model at once, both input shapes
+                inputs = [x, other, x * 0.5, other * 2.0, x, other]
+                outs = _from_threads(compiled, inputs, 3)
+                for i, (inp, y) in enumerate(zip(inputs, outs, strict=True)):
+                    ok, msg = _close(y, folded, model, inp)
+                    assert ok, f"call {i} from 3 threads: {msg}"
     finally:
         numba.set_num_threads(before)
+
+
+def _from_threads(compiled: nn.Module, inputs: list[torch.Tensor], nthreads: int) -> list[torch.Tensor]:
+    """``compiled(inputs[i])`` for every i, thread ``t`` taking ``i = t, t + nthreads, ...``, all
+    started together."""
+    out: list = [None] * len(inputs)
+    errors: list = []
+    barrier = threading.Barrier(nthreads)
+
+    def work(t: int) -> None:
+        try:
+            barrier.wait()
+            with torch.inference_mode():
+                for i in range(t, len(inputs), nthreads):
+                    out[i] = compiled(inputs[i])
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(nthreads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors, errors[0]
+    return out
