@@ -5,7 +5,8 @@ densities (all-zero layers included), as torch modules or exported to ONNX and i
 compiled with one strategy, a random strategy per layer, or the cost-model plan, at 1 or 2 numba
 threads and several batch sizes. Every output must equal the model's (BatchNorm folded, in float64:
 rel 1e-4, see :func:`_close`), on a second call (buffers reused), at a second batch size and from
-three Python threads at once, and ``compile``'s own check must pass.
+three Python threads at once, and ``compile``'s own check must pass; ``sparsify`` with the same
+strategies must equal the model too.
 
 ``make test`` runs 15 models; ``make fuzz`` 300 (docs/reliability.md)."""
 
@@ -256,16 +257,23 @@ def test_generated_model_compiles_to_the_dense_outputs(case, how, threads, pick,
                 strategy = {name: pick.choice(CONV if _conv_of(nodes[name]) is not None else LINEAR)
                             for name in probe.plan.layers}
                 compiled = sparsecnn.compile(model, x, strategy)  # check=True: no false alarm either
+                sparse = sparsecnn.sparsify(model, strategy)
             elif how == "cost-model":
                 compiled = sparsecnn.compile(model, x, "auto", measure=False, tune=False)
+                sparse = sparsecnn.sparsify(model, "auto", measure=False, example_input=x)
             else:
                 compiled = sparsecnn.compile(model, x, how)
+                sparse = sparsecnn.sparsify(model, how)
         widest = max((m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)), default=0)
         event("widest conv: " + ("> 16 channels" if widest > 16 else "<= 16 channels"))
         for kind in set(compiled.steps(tuple(x.shape))):
             event(kind.split("+")[0])  # what ran (make fuzz --hypothesis-show-statistics lists them)
         folded = _folded(model)
         with torch.inference_mode():
+            # sparsify's layers run eagerly, BatchNorm unfolded: against the model itself in float64
+            ref = copy.deepcopy(model).double()(x.double())
+            err, base = _rel(sparse(x), ref), _rel(model(x), ref)
+            assert err <= max(1e-4, 10 * base), f"sparsify: rel error {err:.3g} (torch {base:.3g})"
             for what, inp in (("first call", x), ("second call (buffers reused)", x),
                               (f"batch {other.shape[0]}", other)):
                 ok, msg = _close(compiled(inp), folded, model, inp)
