@@ -324,3 +324,63 @@ def test_engine_workspaces_made_while_building_stay_writable() -> None:
     y = compiled(x.clone())
     with torch.inference_mode():
         assert _rel(y, model(x)) <= 1e-4
+
+
+def test_programs_are_built_from_shapes_not_a_forward_pass(monkeypatch) -> None:
+    from sparsecnn import engine
+
+    model = models.build("vgg16", input_size=32, num_classes=10).eval()
+    models.apply_profile(model, "uniform:0.9")
+    compiled = sparsecnn.compile(model, torch.randn(1, 3, 32, 32), "direct")
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a program was built by running the model")
+
+    monkeypatch.setattr(engine._graph, "record", no_forward)
+    monkeypatch.setattr(engine, "record", no_forward)
+    prog = compiled.program((512, 3, 32, 32))  # shapes only: no 512-image activations held
+    assert prog.kinds == compiled.program((1, 3, 32, 32)).kinds
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert _rel(compiled(x), model(x)) <= 1e-4
+    monkeypatch.undo()
+    with pytest.raises(SparseCNNError, match="does not fit the model"):
+        compiled.program((1, 3, 8, 8))  # too small for the pools
+
+
+def _through_numpy(y: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.tanh(y.detach().numpy()))  # reads the values: no meta kernel
+
+
+torch.fx.wrap("_through_numpy")
+
+
+class _NeedsData(nn.Module):
+    """An op that reads its input's values: shapes are recorded on zeros instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(_through_numpy(self.conv(x)), 1))
+
+
+def test_a_model_that_needs_data_falls_back_to_recording_a_forward_pass() -> None:
+    model = _NeedsData().eval()
+    models.apply_profile(model, "uniform:0.5")
+    compiled = sparsecnn.compile(model, torch.randn(1, 2, 6, 6), "direct")
+    x = torch.randn(5, 2, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert _rel(compiled(x), model(x)) <= 1e-4
+
+
+def test_a_batch_too_big_for_memory_is_refused_before_allocating(monkeypatch) -> None:
+    model = models.build("lenet5", in_channels=1, input_size=8).eval()
+    compiled = sparsecnn.compile(model, torch.randn(1, 1, 8, 8), "direct")
+    monkeypatch.setenv("SPARSECNN_MEMORY_LIMIT", "1e6")
+    # 1e6 bytes: enough for batch 1's buffers, not for batch 4096's (a few MB)
+    with pytest.raises(SparseCNNError, match=r"activation buffers.*smaller batch"):
+        compiled.numpy(np.zeros((4096, 1, 8, 8), np.float32))
+    assert compiled.numpy(np.zeros((1, 1, 8, 8), np.float32)).shape == (1, 10)

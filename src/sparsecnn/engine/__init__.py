@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsecnn.engine._graph import Node, Ref, capture, record
+from sparsecnn.engine._graph import Node, Ref, capture, record, record_shapes
 from sparsecnn.engine._lower import Program, build_program, fold_batchnorm
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.kernels._numba import num_threads
+from sparsecnn.models._memory import check_fits
 
 __all__ = ["CompiledModel", "compile"]
 
@@ -116,7 +117,7 @@ class CompiledModel(nn.Module):
                 prog = self._programs.get(shape)
                 if prog is None:
                     try:
-                        values = record(self._nodes, torch.zeros(shape))
+                        values = record_shapes(self._nodes, shape)
                     except (RuntimeError, ValueError, IndexError) as exc:
                         raise SparseCNNError(
                             f"compiled model: input of shape {tuple(shape)} does not fit the model (compiled "
@@ -131,6 +132,8 @@ class CompiledModel(nn.Module):
         b = cache.get(shape)
         if b is None:
             prog = self.program(shape)
+            check_fits(4 * sum(prog.buffers), f"the compiled model at input shape {tuple(shape)} (its "
+                       f"activation buffers)", "call it with a smaller batch")
             env, steps = prog.bind()
             b = cache[shape] = (env, steps, prog.input_slot, prog.output)
         return b
