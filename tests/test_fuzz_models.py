@@ -1,7 +1,8 @@
 """Whole generated models through the executor (hypothesis): random CNNs of convs (any kernel, stride,
 padding, dilation, groups), BatchNorm, ReLU, residual adds with and without a downsampling branch,
 channel concatenation, max pooling, LRN, global average pooling and linear heads, pruned at random
-densities (all-zero layers included), as torch modules or exported to ONNX and imported back,
+densities (all-zero layers included), as torch modules, exported to ONNX and imported back, or
+written as Caffe prototxt + caffemodel and imported,
 compiled with one strategy, a random strategy per layer, or the cost-model plan, at 1 or 2 numba
 threads and several batch sizes. Every output must equal the model's (BatchNorm folded, in float64:
 rel 1e-4, see :func:`_close`), on a second call (buffers reused), at a second batch size and from
@@ -17,6 +18,7 @@ import os
 import tempfile
 import threading
 import warnings
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -235,20 +237,119 @@ def _through_onnx(model: nn.Module, x: torch.Tensor, directory: str) -> nn.Modul
     return net
 
 
+def _caffe_layers(model: _Net) -> list | None:
+    """The generated model as Caffe layers (``tests/caffe_writer``), or None where Caffe cannot say
+    it: a max pool in floor mode whose size differs from ceil mode (Caffe's pooling always rounds up)."""
+    from tests.caffe_writer import Layer
+
+    layers: list[Layer] = []
+    count = iter(range(10**6))
+
+    def conv(m: nn.Conv2d, bottom: str) -> str:
+        top = f"conv{next(count)}"
+        (kh, kw), (sh, sw), (ph, pw), (dh, _) = m.kernel_size, m.stride, m.padding, m.dilation
+        params = (f"convolution_param {{ num_output: {m.out_channels} kernel_h: {kh} kernel_w: {kw} "
+                  f"stride_h: {sh} stride_w: {sw} pad_h: {ph} pad_w: {pw} dilation: {dh} "
+                  f"group: {m.groups} bias_term: {'true' if m.bias is not None else 'false'} }}")
+        blobs = [m.weight.detach().numpy()] + ([m.bias.detach().numpy()] if m.bias is not None else [])
+        layers.append(Layer(top, "Convolution", [bottom], [top], params, blobs))
+        return top
+
+    def relu(x: str) -> str:
+        layers.append(Layer(f"relu{next(count)}", "ReLU", [x], [x]))
+        return x
+
+    x = "data"
+    for op in model.ops:
+        kind = op[0]
+        m = model.mods[op[1]] if kind in ("layer", "gap") else None
+        if isinstance(m, nn.Conv2d):
+            x = conv(m, x)
+        elif isinstance(m, nn.BatchNorm2d):
+            n = next(count)
+            stats = [m.running_mean.numpy(), m.running_var.numpy(), np.ones(1, np.float32)]
+            layers.append(Layer(f"bn{n}", "BatchNorm", [x], [x], f"batch_norm_param {{ eps: {m.eps} }}",
+                                stats))
+            layers.append(Layer(f"scale{n}", "Scale", [x], [x], "scale_param { bias_term: true }",
+                                [m.weight.detach().numpy(), m.bias.detach().numpy()]))
+        elif isinstance(m, nn.MaxPool2d):
+            if not m.ceil_mode:
+                return None  # floor mode: only when it agrees with ceil mode, which is rare enough
+            layers.append(Layer(f"pool{next(count)}", "Pooling", [x], [f"pool{next(count)}"],
+                                f"pooling_param {{ pool: MAX kernel_size: {m.kernel_size} stride: {m.stride} "
+                                f"pad: {m.padding} }}"))
+            x = layers[-1].top[0]
+        elif isinstance(m, nn.LocalResponseNorm):
+            top = f"lrn{next(count)}"
+            layers.append(Layer(top, "LRN", [x], [top], f"lrn_param {{ local_size: {m.size} alpha: {m.alpha} "
+                                                       f"beta: {m.beta} k: {m.k} }}"))
+            x = top
+        elif isinstance(m, nn.Linear):
+            top = f"fc{next(count)}"
+            layers.append(Layer(top, "InnerProduct", [x], [top],
+                                f"inner_product_param {{ num_output: {m.out_features} }}",
+                                [m.weight.detach().numpy(), m.bias.detach().numpy()]))
+            x = top
+        elif kind == "gap":
+            top = f"gap{next(count)}"
+            layers.append(Layer(top, "Pooling", [x], [top],
+                                "pooling_param { pool: AVE global_pooling: true }"))
+            x = top
+        elif kind == "relu":
+            x = relu(x)
+        elif kind == "res":
+            _, a, b, down, post = op
+            y = conv(model.mods[b], relu(conv(model.mods[a], x)))
+            idn = x if down < 0 else conv(model.mods[down], x)
+            top = f"add{next(count)}"
+            layers.append(Layer(top, "Eltwise", [y, idn], [top], "eltwise_param { operation: SUM }"))
+            x = relu(top) if post else top
+        elif kind == "cat":
+            a, b = conv(model.mods[op[1]], x), conv(model.mods[op[2]], x)
+            top = f"cat{next(count)}"
+            layers.append(Layer(top, "Concat", [a, b], [top], "concat_param { axis: 1 }"))
+            x = top
+    return layers
+
+
+def _through_caffe(model: _Net, x: torch.Tensor, directory: str) -> nn.Module | None:
+    """The model written as a Caffe prototxt + caffemodel and imported (``sparsecnn.io.load_caffe``),
+    checked against the original; None where Caffe cannot express it."""
+    from sparsecnn.io import load_caffe
+    from tests.caffe_writer import write
+
+    layers = _caffe_layers(model)
+    if layers is None:
+        return None
+    proto, weights = write(Path(directory), layers, tuple(x.shape))
+    net = load_caffe(proto, weights)
+    with torch.inference_mode():
+        ref = copy.deepcopy(model).double()(x.double())
+        err, base = _rel(net(x), ref), _rel(model(x), ref)
+    assert err <= max(1e-4, 10 * base), f"Caffe import: rel error {err:.3g} (torch {base:.3g})"
+    return net
+
+
 @SETTINGS
 @given(case=models_and_inputs(), how=st.sampled_from(["direct", "torch", "per-layer", "cost-model"]),
        threads=st.sampled_from([1, 2]), pick=st.randoms(use_true_random=False),
-       via_onnx=st.sampled_from([False, False, False, True]), concurrent=st.booleans())
-def test_generated_model_compiles_to_the_dense_outputs(case, how, threads, pick, via_onnx,
+       via=st.sampled_from(["torch", "torch", "onnx", "caffe"]), concurrent=st.booleans())
+def test_generated_model_compiles_to_the_dense_outputs(case, how, threads, pick, via,
                                                        concurrent) -> None:
     model, x, other = case
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        if via_onnx:  # the same model as an ONNX file, as a user of ONNX Runtime would bring it
+        if via == "onnx":  # the same model as an ONNX file, as a user of ONNX Runtime would bring it
             with tempfile.TemporaryDirectory() as d:
                 model = _through_onnx(model, x, d)
             event("via ONNX")
+        elif via == "caffe":  # or as a Caffe deploy prototxt + caffemodel
+            with tempfile.TemporaryDirectory() as d:
+                net = _through_caffe(model, x, d)
+            if net is not None:
+                model = net
+                event("via Caffe")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # strategies that cannot run a geometry fall back, with a warning
             if how == "per-layer":
