@@ -2,9 +2,8 @@
 padding, dilation, groups), BatchNorm, ReLU, residual adds with and without a downsampling branch,
 channel concatenation, max pooling, LRN, global average pooling and linear heads, pruned at random
 densities (all-zero layers included), as torch modules, exported to ONNX and imported back, or
-written as Caffe prototxt + caffemodel and imported,
-compiled with one strategy, a random strategy per layer, or the cost-model plan, at 1 or 2 numba
-threads and several batch sizes. Every output must equal the model's (BatchNorm folded, in float64:
+written as Caffe prototxt + caffemodel and imported, compiled with one strategy, a random strategy
+per layer, or the cost-model plan, at 1 or 2 numba threads and several batch sizes. Every output must equal the model's (BatchNorm folded, in float64:
 rel 1e-4, see :func:`_close`), on a second call (buffers reused), at a second batch size and from
 three Python threads at once, and ``compile``'s own check must pass; ``sparsify`` with the same
 strategies must equal the model too.
