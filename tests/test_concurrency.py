@@ -8,8 +8,6 @@ one model and compares every output with the dense model.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -17,6 +15,7 @@ from torch import nn
 
 import sparsecnn
 from tests.conftest import random_sparse
+from tests.threads import call_from_threads
 
 THREADS = 4
 CALLS = 50
@@ -60,28 +59,7 @@ def _inputs() -> list[torch.Tensor]:
 
 def _hammer(model, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """Run ``model`` on every input, ``THREADS`` threads taking interleaved inputs, all released at once."""
-    results: list[torch.Tensor | None] = [None] * len(inputs)
-    errors: list[BaseException] = []
-    start = threading.Barrier(THREADS)
-
-    def work(t: int) -> None:
-        try:
-            start.wait()
-            with torch.inference_mode():
-                for i in range(t, len(inputs), THREADS):
-                    results[i] = model(inputs[i]).clone()
-        except BaseException as exc:  # reported below, with the thread's traceback
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(THREADS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=120)
-    assert not any(th.is_alive() for th in threads), "a thread hung"
-    if errors:
-        raise errors[0]
-    return results
+    return call_from_threads(model, inputs, THREADS)
 
 
 def _check(outputs, refs) -> None:

@@ -3,10 +3,10 @@ padding, dilation, groups), BatchNorm, ReLU, residual adds with and without a do
 channel concatenation, max pooling, LRN, global average pooling and linear heads, pruned at random
 densities (all-zero layers included), as torch modules, exported to ONNX and imported back, or
 written as Caffe prototxt + caffemodel and imported, compiled with one strategy, a random strategy
-per layer, or the cost-model plan, at 1 or 2 numba threads and several batch sizes. Every output must equal the model's (BatchNorm folded, in float64:
-rel 1e-4, see :func:`_close`), on a second call (buffers reused), at a second batch size and from
-three Python threads at once, and ``compile``'s own check must pass; ``sparsify`` with the same
-strategies must equal the model too.
+per layer, or the cost-model plan, at 1 or 2 numba threads and several batch sizes. Every output
+must equal the model's (BatchNorm folded, in float64: rel 1e-4, see :func:`_close`), on a second
+call (buffers reused), at a second batch size and from three Python threads at once, and
+``compile``'s own check must pass; ``sparsify`` with the same strategies must equal the model too.
 
 ``make test`` runs 15 models; ``make fuzz`` 300 (docs/reliability.md)."""
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-import threading
 import warnings
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import sparsecnn
 from sparsecnn.engine import _Eager
 from sparsecnn.engine._graph import capture
 from sparsecnn.engine._lower import _conv_of, fold_batchnorm
+from tests.threads import call_from_threads
 
 pytestmark = pytest.mark.fuzz
 
@@ -382,34 +382,9 @@ def test_generated_model_compiles_to_the_dense_outputs(case, how, threads, pick,
             if concurrent:
                 # three Python threads calling the same compiled model at once, both input shapes
                 inputs = [x, other, x * 0.5, other * 2.0, x, other]
-                outs = _from_threads(compiled, inputs, 3)
+                outs = call_from_threads(compiled, inputs, 3)
                 for i, (inp, y) in enumerate(zip(inputs, outs, strict=True)):
                     ok, msg = _close(y, folded, model, inp)
                     assert ok, f"call {i} from 3 threads: {msg}"
     finally:
         numba.set_num_threads(before)
-
-
-def _from_threads(compiled: nn.Module, inputs: list[torch.Tensor], nthreads: int) -> list[torch.Tensor]:
-    """``compiled(inputs[i])`` for every i, thread ``t`` taking ``i = t, t + nthreads, ...``, all
-    started together."""
-    out: list = [None] * len(inputs)
-    errors: list = []
-    barrier = threading.Barrier(nthreads)
-
-    def work(t: int) -> None:
-        try:
-            barrier.wait()
-            with torch.inference_mode():
-                for i in range(t, len(inputs), nthreads):
-                    out[i] = compiled(inputs[i])
-        except BaseException as exc:  # re-raised in the caller
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(nthreads)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=120)
-    assert not errors, errors[0]
-    return out
