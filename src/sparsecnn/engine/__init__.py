@@ -204,7 +204,7 @@ def _rounding_only(nodes: list[Node], folded_dense: dict[str, nn.Module], x: tor
             ref = f64(x.double())
             base = _rel_error(f32(x).double(), ref)
             err = _rel_error(y.double(), ref)
-    except (RuntimeError, TypeError, ValueError):  # a layer that does not run in float64
+    except Exception:  # a layer that does not run in float64: no second opinion, the check stands
         return False
     return err <= max(1e-4, 10 * base)
 
