@@ -216,10 +216,14 @@ def record(nodes: list[Node], x: torch.Tensor) -> dict[str, Any]:
     return values
 
 
+class _WrongInput(ValueError):
+    """A sparse layer given an input it cannot take, found on meta tensors."""
+
+
 def _meta_layer(fn: nn.Module, x: Any) -> torch.Tensor | None:
     """The output of a sparse layer on a meta tensor (its shape only), or None for other modules. The
     sparse layers' engines need data; their output shapes follow from their geometry. A wrong input
-    raises ValueError, as a real run would raise."""
+    raises :class:`_WrongInput` (a ValueError), as a real run would raise."""
     from sparsecnn.layers import SparseConv2d, SparseLinear
 
     if not isinstance(x, torch.Tensor) or not x.is_meta:
@@ -227,14 +231,14 @@ def _meta_layer(fn: nn.Module, x: Any) -> torch.Tensor | None:
     if isinstance(fn, SparseConv2d):
         spec = fn.spec
         if x.dim() not in (3, 4) or x.shape[-3] != spec.in_channels:
-            raise ValueError(f"expected input (B, {spec.in_channels}, H, W), got {tuple(x.shape)}")
+            raise _WrongInput(f"expected input (B, {spec.in_channels}, H, W), got {tuple(x.shape)}")
         hout, wout = spec.out_hw(int(x.shape[-2]), int(x.shape[-1]))
         if hout < 1 or wout < 1:
-            raise ValueError(f"input {tuple(x.shape[-2:])} is too small for the kernel")
+            raise _WrongInput(f"input {tuple(x.shape[-2:])} is too small for the kernel")
         return torch.empty((*x.shape[:-3], spec.out_channels, hout, wout), device="meta")
     if isinstance(fn, SparseLinear):
         if x.dim() == 0 or x.shape[-1] != fn.in_features:
-            raise ValueError(f"expected input (..., {fn.in_features}), got {tuple(x.shape)}")
+            raise _WrongInput(f"expected input (..., {fn.in_features}), got {tuple(x.shape)}")
         return torch.empty((*x.shape[:-1], fn.out_features), device="meta")
     return None
 
@@ -262,7 +266,7 @@ def record_shapes(nodes: list[Node], shape: tuple[int, ...]) -> dict[str, Any]:
                     if node.op == "module" and node.args:
                         meta = _meta_layer(node.fn, resolve(node.args[0], values))
                     values[node.name] = meta if meta is not None else call(node, values)
-    except ValueError:
+    except _WrongInput:
         raise
     except Exception:  # an op without a meta kernel (or a custom module that needs data)
         return record(nodes, torch.zeros(shape))
