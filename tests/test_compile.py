@@ -386,3 +386,29 @@ def test_a_batch_too_big_for_memory_is_refused_before_allocating(monkeypatch) ->
     with pytest.raises(SparseCNNError, match=r"activation buffers.*smaller batch"):
         compiled.numpy(np.zeros((4096, 1, 8, 8), np.float32))
     assert compiled.numpy(np.zeros((1, 1, 8, 8), np.float32)).shape == (1, 10)
+
+
+
+@pytest.mark.parametrize(("threads", "batch", "shared"), [(2, 1, 2), (2, 2, 0), (1, 1, 0)])
+def test_buffers_read_in_place_by_every_thread_are_not_reused(monkeypatch, threads, batch, shared) -> None:
+    """The inputs of 1x1 convs (read in place) while two threads split the filters keep their buffers:
+    a later value would rewrite lines the other core still holds. Split by images, or on one thread,
+    every dead buffer is reused. The outputs are the same either way."""
+    from sparsecnn.kernels import _numba
+
+    monkeypatch.setattr(_numba, "num_threads", lambda: threads)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1)).eval()
+    models.apply_profile(model, "uniform:0.5")
+    x = torch.randn(batch, 8, 12, 12)
+    compiled = sparsecnn.compile(model, x, "direct")
+    with torch.inference_mode():
+        assert _rel(compiled(x), model(x)) <= 1e-4
+    prog = compiled.program(tuple(x.shape))
+    # Planned values: the five conv outputs (ReLUs fused). The 1x1 convs 2 and 4 read conv 1's and
+    # conv 3's outputs in place (conv 1 reads the caller's input, not a planned buffer). Reused:
+    # A, B, A, B, A. Kept: A (shared), B, C (shared), B, D.
+    assert len(prog.shared) == shared
+    assert len(prog.buffers) == (4 if shared else 2)

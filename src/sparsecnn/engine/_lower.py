@@ -192,6 +192,7 @@ class Program:
 
     def __init__(self) -> None:
         self.buffers: list[int] = []  # float32 elements of each planned buffer
+        self.shared: set[int] = set()  # buffers read whole by every thread: never reused (see _Builder)
         self.factories: list[Callable[[list[Any], list[np.ndarray]], Callable[[list[Any]], None]]] = []
         self.kinds: list[str] = []
         self.slots = 0
@@ -213,7 +214,20 @@ class Program:
 
 
 class _Builder:
-    """Walks the nodes once for one input shape, planning buffers by liveness."""
+    """Walks the nodes once for one input shape, planning buffers by liveness.
+
+    A dead value's buffer is reused by a later value, except a buffer that every thread reads whole
+    (``Program.shared``): the input of a direct conv read in place (stride 1, no padding) while the
+    threads split its filters. Rewriting it later makes a core wait for the other core's copies of
+    the lines to be invalidated: on this project's VM (two vCPUs that the host places near or far
+    apart, changing within minutes), rewriting 800 KB took 10 us where only the writer held the
+    lines, 84 us where both cores had just read them, 350-390 us in the far spells. ResNet-50 at 90%
+    (batch 1, 2 threads, its 1x1 layers read in place), the two plans interleaved in one process: far
+    spells 16.5 against 20.1-21.1 ms, near spells 13.2-13.5 against 12.7-12.9 ms. Every value in a
+    buffer of its own was faster still in the far spells (15.7 ms) and slower in the near ones
+    (14.0-14.3; ResNet-18 5.4-5.6 against 5.2, AlexNet at 90% 2.9 against 2.85 ms): docs/engine.md,
+    "Session of 2026-12-05 (fourth)".
+    """
 
     def __init__(self, nodes: list[Node], values: dict[str, Any]) -> None:
         self.nodes = nodes
@@ -239,8 +253,15 @@ class _Builder:
 
     def _release_dead(self, i: int) -> None:
         for name, v in self.val.items():
-            if v.buf is not None and self.base.get(name, name) == name and self.last_use.get(name, -1) == i:
+            if v.buf is not None and self.base.get(name, name) == name and self.last_use.get(name, -1) == i \
+                    and v.buf.index not in self.prog.shared:
                 self.free.append(v.buf)
+
+    def _read_by_every_thread(self, name: str) -> None:
+        """Value ``name`` (its planned buffer, if any) is read whole by every thread: never reused."""
+        v = self.val.get(self.base.get(name, name))
+        if v is not None and v.buf is not None:
+            self.prog.shared.add(v.buf.index)
 
     def _slot(self, name: str) -> int:
         if name not in self.slot:
@@ -375,10 +396,16 @@ class _Builder:
                        lambda env, bufs, x=x, s=s: _bind_torch_conv(env, x, s, w, b, args, relu))
             return
         if layer.strategy == "direct":
-            from sparsecnn.kernels.conv import SLACK, bind_direct_conv2d
+            from sparsecnn.kernels._numba import num_threads
+            from sparsecnn.kernels.conv import SLACK, bind_direct_conv2d, split_by_image
 
             v = self.val.get(n.refs()[0])  # a planned buffer (not the caller's input) has the slack
             slack = SLACK if v is not None and v.buf is not None else 0
+            prep = layer.engine.format
+            nparts = num_threads()
+            if prep.stride == (1, 1) and prep.padding == (0, 0) and nparts > 1 \
+                    and not split_by_image(int(self.values[n.refs()[0]].shape[0]), nparts):
+                self._read_by_every_thread(n.refs()[0])  # read in place by threads splitting the filters
             self._bound_conv(n, x, shape, relu, functools.partial(bind_direct_conv2d, slack=slack),
                              layer.engine.format)
             return
