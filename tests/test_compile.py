@@ -389,11 +389,14 @@ def test_a_batch_too_big_for_memory_is_refused_before_allocating(monkeypatch) ->
 
 
 
-@pytest.mark.parametrize(("threads", "batch", "shared"), [(2, 1, 2), (2, 2, 0), (1, 1, 0)])
-def test_buffers_read_in_place_by_every_thread_are_not_reused(monkeypatch, threads, batch, shared) -> None:
+@pytest.mark.parametrize(("threads", "batch", "shared", "nbuf"), [(2, 1, 2, 4), (2, 2, 0, 5), (1, 1, 0, 2),
+                                                          (1, 2, 0, 2)])
+def test_buffers_read_in_place_by_every_thread_are_not_reused(monkeypatch, threads, batch, shared,
+                                                              nbuf) -> None:
     """The inputs of 1x1 convs (read in place) while two threads split the filters keep their buffers:
-    a later value would rewrite lines the other core still holds. Split by images, or on one thread,
-    every dead buffer is reused. The outputs are the same either way."""
+    a later value would rewrite lines the other core still holds. Split by images, every value has
+    its own buffer (each image stays with one core); on one thread every dead buffer is reused. The
+    outputs are the same either way."""
     from sparsecnn.kernels import _numba
 
     monkeypatch.setattr(_numba, "num_threads", lambda: threads)
@@ -409,6 +412,36 @@ def test_buffers_read_in_place_by_every_thread_are_not_reused(monkeypatch, threa
     prog = compiled.program(tuple(x.shape))
     # Planned values: the five conv outputs (ReLUs fused). The 1x1 convs 2 and 4 read conv 1's and
     # conv 3's outputs in place (conv 1 reads the caller's input, not a planned buffer). Reused:
-    # A, B, A, B, A. Kept: A (shared), B, C (shared), B, D.
+    # A, B, A, B, A. Kept: A (shared), B, C (shared), B, D. Own: A, B, C, D, E.
     assert len(prog.shared) == shared
-    assert len(prog.buffers) == (4 if shared else 2)
+    assert len(prog.buffers) == nbuf
+
+
+def test_own_buffers_past_the_cap_or_memory_are_reused(monkeypatch) -> None:
+    """Split by images, each value's own buffer only while they fit the cap and a quarter of the
+    available memory; past either, dead buffers are reused, with the same outputs."""
+    from sparsecnn.engine import _lower
+    from sparsecnn.kernels import _numba
+
+    monkeypatch.setattr(_numba, "num_threads", lambda: 2)
+    model = models.build("resnet18", input_size=32, num_classes=10).eval()
+    models.apply_profile(model, "uniform:0.8")
+    _randomise_bn(model)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model(x)
+
+    def compiled_bytes():
+        c = sparsecnn.compile(model, x, "direct")
+        with torch.inference_mode():
+            assert _rel(c(x), ref) <= 1e-4
+        return 4 * sum(c.program(tuple(x.shape)).buffers)
+
+    own = compiled_bytes()
+    monkeypatch.setattr(_lower, "OWN_BUFFERS_MAX_BYTES", own - 1)
+    reused = compiled_bytes()
+    assert reused < own / 2  # ResNet-18: 2-3 live activations at a time out of ~30 values
+    monkeypatch.setattr(_lower, "OWN_BUFFERS_MAX_BYTES", own)
+    assert compiled_bytes() == own
+    monkeypatch.setenv("SPARSECNN_MEMORY_LIMIT", str(4 * own - 1))
+    assert compiled_bytes() == reused
