@@ -25,8 +25,12 @@ anything is timed. The engines are timed interleaved in turns (one untimed call,
 calls of one engine, a ``--gap`` of idle time, then the next engine), and the medians are compared. The
 planner's measurements and the JIT warm-up happen before timing starts; decisions are cached in
 ``--plans``, so a rerun times the same plans. Thread counts: torch, numba and ONNX Runtime all use
-``--threads``. The LeNet-5 case is the 8x8-digits geometry at uniform 92% (the sparsity README's
-``prune --target 0.92`` reaches); latency depends on the zero pattern's density, not on trained values.
+``--threads``. The ``cores`` column is :func:`sparsecnn.bench.placement.probe_cores` run before and
+after each case's timing (``near``, ``far``, or ``near->far`` when it changed in between; the figures
+go to the JSON): on a machine whose two cores the host may place near or far apart, the same build
+runs ResNet-50 at 90% in 13 or 21 ms, so compare rows taken in the same placement. The LeNet-5 case
+is the 8x8-digits geometry at uniform 92% (the sparsity README's ``prune --target 0.92`` reaches);
+latency depends on the zero pattern's density, not on trained values.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import argparse
 import json
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +49,7 @@ import sparsecnn
 from sparsecnn import models
 from sparsecnn.bench.harness import check_close, set_threads
 from sparsecnn.bench.peers import model_peers
+from sparsecnn.bench.placement import probe_cores
 
 CASES: dict[str, tuple[str, str, dict]] = {
     "alexnet-dc": ("alexnet", "deep-compression", {}),
@@ -160,13 +166,17 @@ def run_case(case: str, batch: int, threads: int, repeats: int, block: int, gap:
         engines["compiled"] = lambda: compiled(x)
         for label, fn in engines.items():
             check_close(fn(), ref, rtol=1e-4, what=f"{case} batch {batch} {label}")
+        before = probe_cores()
         times = dict(zip(engines, _interleaved(list(engines.values()), repeats, block, gap), strict=True))
+        after = probe_cores()
     row = {"case": case, "model": name, "profile": profile, "batch": batch, "threads": threads,
            "block": block, **{f"{k}_ms": v * 1e3 for k, v in times.items()},
            "compiled_vs_torch": times["torch"] / times["compiled"],
            "compiled_vs_ort": times["ort"] / times["compiled"] if "ort" in times else None,
            "sparsify_vs_torch": times["torch"] / times["sparsify"],
-           "plan": dict(Counter(dict(compiled.plan).values())), "steps": compiled.steps(tuple(x.shape))}
+           "plan": dict(Counter(dict(compiled.plan).values())), "steps": compiled.steps(tuple(x.shape)),
+           "cores_before": asdict(before), "cores_after": asdict(after)}
+    cores = before.label if before.label == after.label else f"{before.label}->{after.label}"
     if steps:
         with torch.inference_mode():
             row["step_ms"] = step_times(compiled, x, max(repeats, 15))
@@ -174,8 +184,8 @@ def run_case(case: str, batch: int, threads: int, repeats: int, block: int, gap:
     ort = f"{times['ort'] * 1e3:9.3f}" if "ort" in times else "        -"
     vs_ort = f"{row['compiled_vs_ort']:6.2f}x" if row["compiled_vs_ort"] else "      -"
     print(f"{case:12s} b{batch:<3d} {times['torch'] * 1e3:9.3f} {ort} {times['sparsify'] * 1e3:9.3f} "
-          f"{times['compiled'] * 1e3:9.3f} {row['compiled_vs_torch']:6.2f}x {vs_ort}  {row['plan']}",
-          flush=True)
+          f"{times['compiled'] * 1e3:9.3f} {row['compiled_vs_torch']:6.2f}x {vs_ort}  {cores:9s}  "
+          f"{row['plan']}", flush=True)
     # The conv / linear steps run in the forward pass's order; pair them with torch's layers in order
     # (only when the counts agree: a model whose layers the executor merged or split is not paired).
     step_ms = row.get("step_ms", [])
@@ -219,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"threads {args.threads} (torch, numba, ONNX Runtime); medians of {args.repeats} turns "
           f"x {args.block}")
     print(f"{'case':12s} {'batch':4s} {'torch ms':>9s} {'ort ms':>9s} {'sparsify':>9s} {'compiled':>9s} "
-          f"{'vs torch':>7s} {'vs ort':>7s}  plan")
+          f"{'vs torch':>7s} {'vs ort':>7s}  {'cores':9s}  plan")
     rows = []
     for batch in (int(b) for b in args.batch.split(",")):
         for case in cases:

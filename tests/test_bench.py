@@ -286,3 +286,25 @@ def test_memory_probe_is_not_inflated_by_a_large_parent() -> None:
     metrics = _run_memprobe(spec).metrics
     assert metrics["peak_rss_bytes"] < 0.9 * ballast.nbytes
     assert 0 < metrics["matrix_rss_bytes"] < 100e6
+
+
+def test_probe_cores_measures_two_threads_or_says_one() -> None:
+    import numba
+
+    from sparsecnn.bench.placement import probe_cores
+
+    saved = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = probe_cores(repeats=3)
+        assert one.label == "one thread" and "one thread" in one.summary()
+        if numba.config.NUMBA_NUM_THREADS < 2:
+            pytest.skip("numba has one thread here")
+        numba.set_num_threads(2)
+        p = probe_cores(repeats=5)
+        assert numba.get_num_threads() == 2
+        assert p.label in ("near", "far") and p.summary().startswith(p.label)
+        times = (p.local_read_us, p.remote_read_us, p.own_rewrite_us, p.shared_rewrite_us)
+        assert all(np.isfinite(t) and 0 < t < 1e6 for t in times)
+    finally:
+        numba.set_num_threads(saved)

@@ -853,7 +853,7 @@ def e2e_table(recs: list[dict[str, Any]]) -> Table:
         base = median(idx.get((model, profile, batch, BASELINE)))
         t = median(r)
         if r["status"] != "ok":
-            rows.append([f"{model} / {profile}", str(batch), impl, "error", "", "", r["error"][:80]])
+            rows.append([f"{model} / {profile}", str(batch), impl, "error", "", "", "", r["error"][:80]])
             continue
         chosen = r["metrics"].get("strategies") or {}
         counts = ", ".join(f"{k}×{v}" for k, v in sorted(_counts(chosen.values()).items()))
@@ -865,17 +865,21 @@ def e2e_table(recs: list[dict[str, Any]]) -> Table:
                 _ms(t),
                 f"{batch / t:,.1f}" if t else "—",
                 _x(base / t) if base and t else "—",
+                r["metrics"].get("cores", "—"),
                 counts,
             ]
         )
     return Table(
         "whole model, dense vs sparsified",
-        ["model", "batch", "impl", "ms per batch", "images/s", "speedup", "strategies chosen"],
+        ["model", "batch", "impl", "ms per batch", "images/s", "speedup", "cores", "strategies chosen"],
         rows,
         "'sparsecnn' is sparsify(model, 'auto'): the planner's per-layer choice; 'sparsecnn-compiled' is "
         "sparsecnn.compile(model, x, 'auto'): the whole-model executor (BatchNorm folded, ReLU and residual "
         "adds fused, numba pools, planned buffers); 'onnxruntime' runs the dense model exported to ONNX "
-        "(intra-op spinning off). Planning time is not included.",
+        "(intra-op spinning off). Planning time is not included. 'cores': where the two worker threads' "
+        "cores sat around the timing (sparsecnn.bench.placement): 'far' (no shared cache, as a VM's host "
+        "may place them for minutes at a time) slows every multi-threaded engine, the compiled one most; "
+        "compare speedups taken in the same placement.",
     )
 
 
