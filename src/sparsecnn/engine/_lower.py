@@ -224,7 +224,7 @@ class _Builder:
     apart, changing within minutes), rewriting 800 KB took 10 us where only the writer held the
     lines, 84 us where both cores had just read them, 350-390 us in the far spells. ResNet-50 at 90%
     (batch 1, 2 threads, its 1x1 layers read in place), the two plans interleaved in one process: far
-    spells 16.5 against 20.1-21.1 ms, near spells 13.2-13.5 against 12.7-12.9 ms. Every value in a
+    spells 16.5-17.0 against 20.1-21.6 ms, near spells 13.2-14.7 against 12.7-14.9 ms. Every value in a
     buffer of its own was faster still in the far spells (15.7 ms) and slower in the near ones
     (14.0-14.3; ResNet-18 5.4-5.6 against 5.2, AlexNet at 90% 2.9 against 2.85 ms): docs/engine.md,
     "Session of 2026-12-05 (fourth)".
