@@ -49,7 +49,7 @@ import sparsecnn
 from sparsecnn import models
 from sparsecnn.bench.harness import check_close, set_threads
 from sparsecnn.bench.peers import model_peers
-from sparsecnn.bench.placement import probe_cores
+from sparsecnn.bench.placement import probe_cores, span_label
 
 CASES: dict[str, tuple[str, str, dict]] = {
     "alexnet-dc": ("alexnet", "deep-compression", {}),
@@ -176,7 +176,7 @@ def run_case(case: str, batch: int, threads: int, repeats: int, block: int, gap:
            "sparsify_vs_torch": times["torch"] / times["sparsify"],
            "plan": dict(Counter(dict(compiled.plan).values())), "steps": compiled.steps(tuple(x.shape)),
            "cores_before": asdict(before), "cores_after": asdict(after)}
-    cores = before.label if before.label == after.label else f"{before.label}->{after.label}"
+    cores = span_label(before, after)
     if steps:
         with torch.inference_mode():
             row["step_ms"] = step_times(compiled, x, max(repeats, 15))

@@ -291,7 +291,7 @@ def test_memory_probe_is_not_inflated_by_a_large_parent() -> None:
 def test_probe_cores_measures_two_threads_or_says_one() -> None:
     import numba
 
-    from sparsecnn.bench.placement import probe_cores
+    from sparsecnn.bench.placement import probe_cores, span_label
 
     saved = numba.get_num_threads()
     try:
@@ -304,6 +304,7 @@ def test_probe_cores_measures_two_threads_or_says_one() -> None:
         p = probe_cores(repeats=5)
         assert numba.get_num_threads() == 2
         assert p.label in ("near", "far") and p.summary().startswith(p.label)
+        assert span_label(p, p) == p.label and span_label(one, p) == f"one thread->{p.label}"
         times = (p.local_read_us, p.remote_read_us, p.own_rewrite_us, p.shared_rewrite_us)
         assert all(np.isfinite(t) and 0 < t < 1e6 for t in times)
     finally:

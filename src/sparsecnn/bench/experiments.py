@@ -46,7 +46,7 @@ from sparsecnn.bench.harness import (
     check_close,
     time_call,
 )
-from sparsecnn.bench.placement import probe_cores
+from sparsecnn.bench.placement import probe_cores, span_label
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.models._memory import check_fits, forward_guard
 
@@ -1089,9 +1089,7 @@ def _e2e_run(ctx: _Context, name: str, profile: str, batch: int, impl: str) -> O
     before = probe_cores() if cfg.device == "cpu" else None
     outcome = _timed(fn, ref, cfg, rtol=1e-3, metrics=metrics)
     if before is not None:  # the two cores' placement around the timing (near / far; see bench.placement)
-        after = probe_cores()
-        same = before.label == after.label
-        outcome.metrics["cores"] = before.label if same else f"{before.label}->{after.label}"
+        outcome.metrics["cores"] = span_label(before, probe_cores())
     med = outcome.timing.median_s if outcome.timing else float("nan")
     outcome.metrics["images_per_s"] = batch / med
     outcome.metrics["latency_s"] = med

@@ -23,7 +23,7 @@ import numpy as np
 
 from sparsecnn.kernels._numba import num_threads
 
-__all__ = ["CorePlacement", "probe_cores"]
+__all__ = ["CorePlacement", "probe_cores", "span_label"]
 
 _FAR_READ_RATIO = 2.0  # remote / local read time above which the two cores are "far"
 
@@ -109,3 +109,8 @@ def probe_cores(repeats: int = 40) -> CorePlacement:
     us = {k: float(np.median(v)) * 1e6 for k, v in samples.items()}
     label = "far" if us["remote"] > _FAR_READ_RATIO * us["local"] else "near"
     return CorePlacement(label, us["local"], us["remote"], us["own"], us["shared"])
+
+
+def span_label(before: CorePlacement, after: CorePlacement) -> str:
+    """The placement around a timing: ``"near"``, ``"far"``, or ``"near->far"`` when it changed."""
+    return before.label if before.label == after.label else f"{before.label}->{after.label}"

@@ -260,9 +260,10 @@ class _Builder:
                 self.free.append(v.buf)
 
     def _read_by_every_thread(self, name: str) -> None:
-        """Value ``name`` (its planned buffer, if any) is read whole by every thread: never reused."""
+        """Value ``name`` (its planned buffer, if any) is read whole by every thread: never reused
+        (unless :data:`KEEP_SHARED` is off)."""
         v = self.val.get(self.base.get(name, name))
-        if v is not None and v.buf is not None:
+        if KEEP_SHARED and v is not None and v.buf is not None:
             self.prog.shared.add(v.buf.index)
 
     def _slot(self, name: str) -> int:
@@ -646,6 +647,10 @@ def _bind_torch(env, node, slots, s):
         env[s] = y
     return run
 
+
+# Off: buffers that every thread reads whole are reused like any other (benchmarks/buffers.py's
+# baseline, the plan before 2026-12-05).
+KEEP_SHARED = True
 
 # Where the threads split a batch's images, every value gets a buffer of its own while they total at
 # most this many bytes (per calling thread) and a quarter of the memory available.
