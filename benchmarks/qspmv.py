@@ -6,8 +6,10 @@ Each layer (fc6 9216 -> 4096, fc7 4096 -> 4096, fc8 4096 -> 1000) gets a random 
 magnitude-pruned to the sparsity (Deep Compression's 91% for fc6/fc7) and quantized to ``bits``-bit
 shared weights by :func:`sparsecnn.compress.quantize_model`. Then, on the same quantized weight: torch dense
 (``F.linear``, the baseline), float CSR :func:`sparsecnn.kernels.spmv.sparse_linear` (float32 values +
-uint16 columns: 6 bytes per nonzero) and :func:`sparsecnn.kernels.qspmv.quant_linear` (uint8 codes +
-uint16 columns: 3 bytes per nonzero), both timed as the compiled executor calls them (their ``bind_*``
+uint16 columns: 6 bytes per nonzero) and :func:`sparsecnn.kernels.qspmv.quant_linear` (at batch 1 its
+sliced-ELL form, 16-bit entries with a column and a code each, about 4.2 bytes per nonzero with the
+padding; also the row-wise kernel over the stored uint8 codes + uint16 columns, 3 bytes per nonzero),
+all timed as the compiled executor calls them (their ``bind_*``
 callables: the arguments bound once, so a cold call times the kernel more than Python's argument
 handling). Outputs are checked against dense first; times are medians of
 interleaved samples after warm-up (CSR and qspmv interleaved; torch dense
@@ -89,10 +91,17 @@ def run_layer(name: str, sparsity: float, bits: int, repeats: int, seed: int) ->
     time.sleep(0.5)
     run_csr = bind_sparse_linear(csr, 1, bias, y_csr)
     run_q = bind_quant_linear(q, 1, bias, y_q)
-    t_csr, t_q = _interleaved([lambda: run_csr(xn), lambda: run_q(xn)], repeats, inner=10)
+    y_rows = np.empty((1, m), np.float32)
+    run_rows = bind_quant_linear(q, 1, bias, y_rows, ell=False)  # the row-wise codes kernel
+    run_rows(xn)
+    check_close(y_rows, ref, what=f"{name} qspmv, row-wise")
+    t_csr, t_q, t_rows = _interleaved([lambda: run_csr(xn), lambda: run_q(xn), lambda: run_rows(xn)], repeats,
+                                      inner=10)
     c_csr, c_q = time_cold([lambda: run_csr(xn), lambda: run_q(xn)], repeats=repeats)
+    ell = q.ell()
     return {"layer": name, "shape": [m, k], "sparsity": sparsity, "bits": bits, "nnz": q.nnz,
             "codebook": int(q.codebook.size), "csr_bytes": csr.nbytes, "qspmv_bytes": q.nbytes,
+            "ell_bytes": None if ell is None else ell.nbytes, "rows_ms": t_rows * 1e3,
             "dense_ms": t_dense * 1e3, "csr_ms": t_csr * 1e3, "qspmv_ms": t_q * 1e3,
             "qspmv_vs_csr": t_csr / t_q, "qspmv_vs_dense": t_dense / t_q, "csr_vs_dense": t_dense / t_csr,
             "cold_csr_ms": c_csr * 1e3, "cold_qspmv_ms": c_q * 1e3, "cold_qspmv_vs_csr": c_csr / c_q}
@@ -134,20 +143,23 @@ def main() -> None:
     print(f"qspmv vs float CSR spmv, batch 1, {threads} threads (torch and numba), "
           f"sparsity {args.sparsity:.0%}, {args.bits}-bit codes; medians of {args.repeats} "
           f"interleaved samples")
-    print(f"{'layer':6s} {'M x K':>11s} {'nnz':>9s} {'CSR MB':>7s} {'Q MB':>6s} {'dense ms':>9s} "
-          f"{'CSR ms':>8s} {'qspmv ms':>9s} {'Q/CSR':>6s} {'Q/dense':>8s} | {'cold CSR':>8s} {'cold Q':>7s} "
-          f"{'Q/CSR':>6s}")
+    print(f"{'layer':6s} {'M x K':>11s} {'nnz':>9s} {'CSR MB':>7s} {'Q MB':>6s} {'ELL MB':>6s} "
+          f"{'dense ms':>9s} {'CSR ms':>8s} {'rows ms':>8s} {'qspmv ms':>9s} {'Q/CSR':>6s} {'Q/dense':>8s} | "
+          f"{'cold CSR':>8s} {'cold Q':>7s} {'Q/CSR':>6s}")
     rows = []
     for name in LAYERS:
         r = run_layer(name, args.sparsity if name != "fc8" else 0.75, args.bits, args.repeats, args.seed)
         rows.append(r)
         print(f"{name:6s} {r['shape'][0]:>5d}x{r['shape'][1]:<5d} {r['nnz']:>9,d} "
-              f"{r['csr_bytes'] / 1e6:7.2f} {r['qspmv_bytes'] / 1e6:6.2f} {r['dense_ms']:9.3f} "
-              f"{r['csr_ms']:8.3f} {r['qspmv_ms']:9.3f} "
+              f"{r['csr_bytes'] / 1e6:7.2f} {r['qspmv_bytes'] / 1e6:6.2f} "
+              f"{(r['ell_bytes'] or 0) / 1e6:6.2f} {r['dense_ms']:9.3f} "
+              f"{r['csr_ms']:8.3f} {r['rows_ms']:8.3f} {r['qspmv_ms']:9.3f} "
               f"{r['qspmv_vs_csr']:5.2f}x {r['qspmv_vs_dense']:7.2f}x | {r['cold_csr_ms']:8.3f} "
               f"{r['cold_qspmv_ms']:7.3f} {r['cold_qspmv_vs_csr']:5.2f}x", flush=True)
     print("fc8 at 75% (Deep Compression's fc8 sparsity); target: Q/CSR >= 1.2x on fc6 and fc7. Left: warm "
-          "(weights as cached as they get); right of |: cold (caches flushed before each call)")
+          "(weights as cached as they get); right of |: cold (caches flushed before each call). Q MB: the "
+          "codebook-index CSR (stored); ELL MB: the sliced-ELL form batch 1 runs (built from it, held "
+          "beside it); rows ms: the row-wise codes kernel (bind_quant_linear(ell=False))")
     w = whole_model(max(5, args.repeats // 3))
     rows.append(w)
     print(f"whole AlexNet (deep-compression, quantized), compiled, batch 1: FC as float CSR "

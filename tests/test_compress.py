@@ -299,12 +299,16 @@ def test_qspmv_against_dense(rng: np.random.Generator, shape: tuple[int, int], s
 
 
 @pytest.mark.parametrize("values", [29, 200, 3000], ids=["table32", "uint8-loads", "uint16-codes"])
-def test_qspmv_rows_of_every_length_equal_float_spmv(values: int, rng: np.random.Generator) -> None:
-    """Batch 1, rows of 0..40 nonzeros (whole blocks of eight and every tail length), with a codebook
-    the register lookup holds (<= 32 entries), a larger uint8 one and uint16 codes: the same sums in
-    the same order as the float CSR spmv, so equal to it bit for bit."""
+def test_qspmv_rows_of_every_length_equal_float_spmv(values: int, rng: np.random.Generator,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch 1 through the row-wise kernel (the sliced-ELL form off), rows of 0..40 nonzeros (whole
+    blocks of eight and every tail length), with a codebook the register lookup holds (<= 32
+    entries), a larger uint8 one and uint16 codes: the same sums in the same order as the float CSR
+    spmv, so equal to it bit for bit."""
+    from sparsecnn.kernels import qspmv
     from sparsecnn.kernels.spmv import prepare_linear, sparse_linear
 
+    monkeypatch.setattr(qspmv, "USE_ELL", False)
     m, k = 41, 300
     w = np.zeros((m, k), np.float32)
     pool = rng.permutation(np.arange(1, values + 1)).astype(np.float32) / 8
@@ -325,12 +329,15 @@ def test_qspmv_rows_of_every_length_equal_float_spmv(values: int, rng: np.random
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_qspmv_column_slabs_equal_float_spmv(batch: int, rng: np.random.Generator) -> None:
+def test_qspmv_column_slabs_equal_float_spmv(batch: int, rng: np.random.Generator,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Column slabs (stacked slab-major CSR) in the codebook form: the same slabs and sums as the
-    float CSR, bit for bit at batch 1; the dense weight round-trips; a compressed-file style plain CSR
-    input is re-stored in slabs."""
+    float CSR, bit for bit at batch 1 through the row-wise kernel; the dense weight round-trips; a
+    compressed-file style plain CSR input is re-stored in slabs."""
+    from sparsecnn.kernels import qspmv
     from sparsecnn.kernels.spmv import prepare_linear, sparse_linear
 
+    monkeypatch.setattr(qspmv, "USE_ELL", False)
     m, k = 23, 150
     w = random_sparse(rng, (m, k), 0.8)
     w[w != 0] = np.round(w[w != 0] * 4) / 4 + 0.125  # few distinct values: a 32-entry table
@@ -379,6 +386,135 @@ def test_bound_qspmv_fuses_relu_and_equals_quant_linear(batch: int, serial: bool
             assert np.isnan(out[:, 5]).all()
     with pytest.raises(ValueError, match="C-contiguous"):
         qspmv.bind_quant_linear(prep, batch, bias, np.empty((batch, m + 1), np.float32))
+
+
+def _decode_ell(ell, shape: tuple[int, int], book: np.ndarray) -> np.ndarray:
+    """The dense weight an :class:`EllForm` holds, walked as the kernel walks it."""
+    from sparsecnn.kernels._simd import ELL_ROWS, ELL_SLAB, ELL_VALID
+
+    m, k = shape
+    w = np.zeros((m, k), np.float32)
+    nblk = ell.eptr.size - 1
+    for blk in range(nblk):
+        e = int(ell.eptr[blk])
+        for s in range(ell.nslab):
+            for _ in range(int(ell.cnt[blk * ell.nslab + s])):
+                for lane in range(ELL_ROWS):
+                    v = int(ell.entries[e + lane])
+                    if v & ELL_VALID:
+                        r, c = blk * ELL_ROWS + lane, s * ELL_SLAB + (v & 31)
+                        assert r < m and c < k and w[r, c] == 0
+                        w[r, c] = book[(v >> 5) & 31]
+                    else:
+                        assert v == 0
+                e += ELL_ROWS
+        assert e == ell.eptr[blk + 1]
+    return w
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (15, 31), (16, 32), (17, 33), (70, 100)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.91])
+def test_qspmv_ell_layout_holds_the_weight(rng: np.random.Generator, shape: tuple[int, int],
+                                          sparsity: float) -> None:
+    """The sliced-ELL form (built without AVX-512 too): every stored weight once, in its row's lane and
+    its column's slab, padding entries zero, each slab's rounds the block's longest row list."""
+    from sparsecnn.kernels.qspmv import _build_ell
+
+    book = rng.standard_normal(32).astype(np.float32)
+    w = np.where(rng.random(shape) < sparsity, 0, book[rng.integers(0, 32, shape)]).astype(np.float32)
+    prep = prepare_quant_linear(w)
+    ell = _build_ell(prep)
+    np.testing.assert_array_equal(_decode_ell(ell, shape, prep.table()), w)
+    m, k = shape
+    counts = np.zeros((-(-m // 16) * 16, -(-k // 32) * 32), np.int64)
+    counts[:m, :k] = w != 0
+    rows_in_slab = counts.reshape(-1, -(-k // 32), 32).sum(axis=2)  # (rows, slabs)
+    longest = rows_in_slab.reshape(-1, 16, rows_in_slab.shape[1]).max(axis=1)
+    np.testing.assert_array_equal(ell.cnt.reshape(longest.shape), longest)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (15, 31), (17, 33), (64, 300), (9, 70000)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.91, 1.0])
+@pytest.mark.parametrize("ncodes", [1, 32])
+def test_qspmv_ell_against_dense(rng: np.random.Generator, shape: tuple[int, int], sparsity: float,
+                                 ncodes: int) -> None:
+    """Batch 1 in the sliced-ELL form (AVX-512, <= 32 codes): outputs equal dense to rounding, with bias,
+    ReLU (NaN kept), NaN and inf in the input, all-zero rows and ragged blocks and slabs; serial and
+    parallel kernels give the same bits; the row-wise kernel (``ell=False``) agrees to rounding."""
+    from sparsecnn.kernels import qspmv
+    from sparsecnn.kernels._simd import HAS_TABLE32
+
+    m, k = shape
+    book = rng.standard_normal(ncodes).astype(np.float32)
+    w = np.where(rng.random(shape) < sparsity, 0, book[rng.integers(0, ncodes, shape)]).astype(np.float32)
+    w[rng.integers(0, m)] = 0.0
+    prep = prepare_quant_linear(w)
+    nnz = int(np.count_nonzero(w))
+    padded = nnz > 0 and qspmv._build_ell(prep).entries.size > qspmv.ELL_MAX_PADDING * nnz
+    assert (prep.ell() is not None) == (HAS_TABLE32 and bool(np.count_nonzero(w)) and not padded)
+    bias = rng.standard_normal(m).astype(np.float32)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64) + bias
+    # rounding allowance: a few float32 epsilons of the magnitude of the terms summed
+    tol = 1e-5 * (np.abs(x[0]).astype(np.float64) @ np.abs(w.T).astype(np.float64) + np.abs(bias)).max()
+    for relu in (False, True):
+        want = np.maximum(ref, 0) if relu else ref
+        outs = []
+        for serial in (True, False):
+            saved = qspmv._SERIAL_MACS
+            qspmv._SERIAL_MACS = 1 << 40 if serial else 0
+            try:
+                out = np.full((1, m), np.nan, np.float32)
+                qspmv.bind_quant_linear(prep, 1, bias, out, relu)(x)
+            finally:
+                qspmv._SERIAL_MACS = saved
+            outs.append(out)
+            np.testing.assert_allclose(out, want, rtol=1e-5, atol=tol)
+        np.testing.assert_array_equal(outs[0], outs[1])
+        rows = np.empty((1, m), np.float32)
+        qspmv.bind_quant_linear(prep, 1, bias, rows, relu, ell=False)(x)
+        np.testing.assert_allclose(outs[1], rows, rtol=1e-5, atol=tol)
+    if np.count_nonzero(w):
+        col = int(np.nonzero(w)[1][0])
+        row = int(np.nonzero(w)[0][0])
+        xn = x.copy()
+        xn[0, col] = np.nan
+        out = np.zeros((1, m), np.float32)
+        qspmv.bind_quant_linear(prep, 1, bias, out, True)(xn)
+        assert np.isnan(out[0, row])  # NaN reaches the rows that weigh it, through the ReLU
+        assert np.isfinite(out[0, np.count_nonzero(w, axis=1) == 0]).all()
+
+
+def test_qspmv_ell_skips_layers_it_would_pad_too_much(rng: np.random.Generator) -> None:
+    """One full row per block of 16 otherwise near-empty rows pads each slab to 32 rounds: above
+    ``ELL_MAX_PADDING`` entries per nonzero the layer keeps the row-wise kernel (and stays exact)."""
+    from sparsecnn.kernels.qspmv import ELL_MAX_PADDING, _build_ell
+
+    w = np.zeros((64, 256), np.float32)
+    w[::16] = 0.5
+    prep = prepare_quant_linear(w)
+    assert _build_ell(prep).entries.size > ELL_MAX_PADDING * prep.nnz
+    assert prep.ell() is None
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    out = np.empty((1, 64), np.float32)
+    quant_linear(prep, x, None, out)
+    assert_close(out, x @ w.T)
+
+
+def test_qspmv_ell_is_not_carried_by_pickles(rng: np.random.Generator) -> None:
+    """The sliced-ELL form is a cache: a pickled SparseLinear carries the codebook CSR only and
+    rebuilds the ELL form on use, with the same outputs."""
+    import pickle
+
+    w = random_sparse(rng, (40, 64), 0.9)
+    w[w != 0] = np.round(w[w != 0] * 4) / 4 + 0.125
+    prep = prepare_quant_linear(w)
+    layer = sparsecnn.SparseLinear.from_format(prep, "qspmv", in_features=64, out_features=40)
+    x = torch.from_numpy(rng.standard_normal((1, 64)).astype(np.float32))
+    y = layer(x)
+    copy = pickle.loads(pickle.dumps(layer))
+    assert copy.engine.format._ell is None and not copy.engine.format._ell_checked
+    assert_close(copy(x), y)
 
 
 def test_compiled_compressed_model_runs_qspmv_steps(lenet_file, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,7 +53,6 @@ from torch import nn
 
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.formats._common import check_finite, check_indptr, check_int_array, check_sorted_rows
-from sparsecnn.kernels._numba import PerThread
 
 __all__ = ["LoweredWeight", "SparseConv2d", "SparseLinear", "sparsify", "strategies"]
 
@@ -320,11 +319,18 @@ class _ConvEngine:
 
 
 def _without_caches(fmt: Any) -> Any:
-    """The format without its per-shape workspaces (the kernels' prepared forms cache them in a
-    ``_workspaces`` field): what a pickle or deep copy should carry."""
-    if dataclasses.is_dataclass(fmt) and any(f.name == "_workspaces" for f in dataclasses.fields(fmt)):
-        return dataclasses.replace(fmt, _workspaces=PerThread())
-    return fmt
+    """The format without its caches (the kernels' prepared forms keep per-shape workspaces and derived
+    layouts in fields named ``_...``): what a pickle or deep copy should carry."""
+    if not dataclasses.is_dataclass(fmt):
+        return fmt
+    fresh: dict[str, Any] = {}
+    for f in dataclasses.fields(fmt):
+        if f.name.startswith("_") and f.init:
+            if f.default_factory is not dataclasses.MISSING:
+                fresh[f.name] = f.default_factory()
+            elif f.default is not dataclasses.MISSING:
+                fresh[f.name] = f.default
+    return dataclasses.replace(fmt, **fresh) if fresh else fmt
 
 
 def _need(ok: bool, what: str) -> None:

@@ -12,8 +12,21 @@ above 256 of them, uint32 above 65536), so it runs every linear layer, but it on
 float CSR when the weights are quantized.
 
 Above ``SLAB`` inputs the nonzeros are stored in column slabs, slab-major, as the float CSR of
-:mod:`sparsecnn.kernels.spmv` (so ``x``'s gathered part stays in L1; the sums are the same as float
-CSR's, bit for bit).
+:mod:`sparsecnn.kernels.spmv` (so ``x``'s gathered part stays in L1; the row-wise kernel's sums are
+the same as float CSR's, bit for bit).
+
+Batch 1 with a codebook of at most 32 entries (Deep Compression's 5-bit FC layers) on a CPU with
+AVX-512 runs a second layout built from the CSR, :class:`EllForm` (sliced ELL: blocks of 16 rows,
+slabs of 32 columns; :func:`sparsecnn.kernels._simd.code_ell_block`). The row-wise kernel is bound by
+gathering ``x``: eight scalar loads and inserts per eight nonzeros, the same work as float CSR's, so
+its half-size codes bought nothing once the weights were cached (0.88-0.89x float CSR warm, 1.04x
+cold on fc6). In the ELL form both the inputs (32 per slab) and the codebook (32) sit in registers,
+and 16 nonzeros cost one ``vpermi2ps`` each for inputs and weights and one FMA. It pads each slab's
+row lists to the block's longest (2.1 entries per nonzero at 91% random sparsity, 4.2 bytes) and is
+used where that stays under ``ELL_MAX_PADDING`` entries per nonzero. Measured (Zen 4, 2 threads,
+batch 1, 91%, 5-bit, ``python -m benchmarks.qspmv``): fc6 / fc7 1.46-1.52x / 1.33-1.36x float CSR
+warm, 1.25x / 1.21x cold (one run; cold runs vary +-10%). Its sums run in another order than float
+CSR's (lanes of 16 rows, four accumulators): equal to rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -25,7 +38,18 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit, serial_twin
-from sparsecnn.kernels._simd import TABLE, code_row_dot, code_row_dot32, fmadd
+from sparsecnn.kernels._simd import (
+    ELL_COL_BITS,
+    ELL_ROWS,
+    ELL_SLAB,
+    ELL_VALID,
+    HAS_TABLE32,
+    TABLE,
+    code_ell_block,
+    code_row_dot,
+    code_row_dot32,
+    fmadd,
+)
 from sparsecnn.kernels.spmv import slab_order, slab_row_ids, slab_width
 
 __all__ = ["QuantLinearPrep", "bind_quant_linear", "prepare_quant_linear", "quant_linear",
@@ -36,6 +60,45 @@ __all__ = ["QuantLinearPrep", "bind_quant_linear", "prepare_quant_linear", "quan
 class _Workspace:
     xt: np.ndarray  # (K, B) transposed input (batch > 1 only)
     bounds: np.ndarray  # (nparts + 1,) row ranges with balanced nonzero counts
+    # batch 1 in the sliced-ELL form (else empty): each thread's zero-padded copy of x, (nparts, 32 S);
+    # its range of row blocks (balanced entry counts); the blocks' sums before bias, (nblk * 16,)
+    xpad: np.ndarray | None = None
+    blocks: np.ndarray | None = None
+    sums: np.ndarray | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class EllForm:
+    """The sliced-ELL layout of a quantized layer for batch 1 (:func:`sparsecnn.kernels._simd.
+    code_ell_block`): rows in blocks of ``ELL_ROWS`` (16), columns in slabs of ``ELL_SLAB`` (32); per
+    block and slab, ``cnt`` rounds of 16 uint16 entries, lane r holding row r's next nonzero of the
+    slab as ``column - 32 s | code << 5 | ELL_VALID`` (0: none).
+
+    Attributes
+    ----------
+    entries : ndarray, shape (16 * rounds,), uint16
+    cnt : ndarray, shape (nblk * nslab,), uint8
+        Rounds per (block, slab): the longest row list of the block in the slab (<= 32).
+    eptr : ndarray, shape (nblk + 1,), int64
+        Block b's entries start at ``eptr[b]``.
+    nslab : int
+    """
+
+    entries: np.ndarray
+    cnt: np.ndarray
+    eptr: np.ndarray
+    nslab: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.entries.nbytes + self.cnt.nbytes + self.eptr.nbytes)
+
+
+# The sliced-ELL form runs batch 1 where it holds at most this many entries per nonzero (padding:
+# 2.1 on random 91% sparsity; a block whose rows differ much in length pads more).
+ELL_MAX_PADDING = 3.0
+# Off: batch 1 always runs the row-wise kernel (benchmarks/qspmv.py's comparison).
+USE_ELL = True
 
 
 @dataclass(eq=False)
@@ -63,6 +126,8 @@ class QuantLinearPrep:
     slab: int = 0
     _workspaces: PerThread = field(default_factory=PerThread, repr=False)
     _table: np.ndarray | None = field(default=None, repr=False)
+    _ell: EllForm | None = field(default=None, repr=False)
+    _ell_checked: bool = field(default=False, repr=False)
 
     @property
     def nnz(self) -> int:
@@ -96,6 +161,19 @@ class QuantLinearPrep:
             self._table = t
         return t
 
+    def ell(self) -> EllForm | None:
+        """The sliced-ELL form that batch 1 runs (:class:`EllForm`), built on first use and kept beside
+        the CSR; None where it does not apply: no AVX-512 (``HAS_TABLE32``), a codebook of more than
+        32 entries, or more than ``ELL_MAX_PADDING`` entries per nonzero."""
+        if not self._ell_checked:
+            ell = None
+            if USE_ELL and HAS_TABLE32 and self.uses_table and self.nnz:
+                ell = _build_ell(self)
+                if ell.entries.size > ELL_MAX_PADDING * self.nnz:
+                    ell = None
+            self._ell, self._ell_checked = ell, True
+        return self._ell
+
     def to_dense(self) -> np.ndarray:
         """The dense weight, shape (M, K), float32."""
         m, k = self.shape
@@ -115,8 +193,40 @@ class QuantLinearPrep:
             bounds = balanced_bounds(cost, nparts)
             ws = _Workspace(xt=np.zeros((k, batch) if batch > 1 else (0, 1), dtype=np.float32),
                             bounds=bounds)
+            ell = self.ell() if batch == 1 else None
+            if ell is not None:
+                ws.xpad = np.zeros((nparts, ell.nslab * ELL_SLAB), dtype=np.float32)
+                # a block costs its rounds and, per slab, its count and input loads
+                ws.blocks = balanced_bounds(np.diff(ell.eptr) // ELL_ROWS + 2 * ell.nslab, nparts)
+                ws.sums = np.zeros((ell.eptr.size - 1) * ELL_ROWS, dtype=np.float32)
             self._workspaces[key] = ws
         return ws
+
+
+def _build_ell(prep: QuantLinearPrep) -> EllForm:
+    """The :class:`EllForm` of ``prep`` (vectorised over the nonzeros)."""
+    m, k = prep.shape
+    nslab = -(-k // ELL_SLAB)
+    nblk = -(-m // ELL_ROWS)
+    rows = slab_row_ids(prep.indptr, m)
+    cols = prep.indices.astype(np.int64)
+    # (row, slab) groups in order, then the nonzero's rank inside its group
+    order = np.lexsort((cols, rows))
+    rows, cols, codes = rows[order], cols[order], prep.codes[order].astype(np.int64)
+    slab = cols // ELL_SLAB
+    group = rows * nslab + slab
+    first = np.searchsorted(group, group, side="left")
+    rank = np.arange(group.size) - first
+    block, lane = np.divmod(rows, ELL_ROWS)
+    cnt = np.zeros(nblk * nslab, dtype=np.int64)
+    np.maximum.at(cnt, block * nslab + slab, rank + 1)
+    rounds_before = np.concatenate(([0], np.cumsum(cnt)))  # per (block, slab), in block-major order
+    eptr = rounds_before[:: nslab] * ELL_ROWS  # blocks start at slab 0
+    entries = np.zeros(int(rounds_before[-1]) * ELL_ROWS, dtype=np.uint16)
+    at = (rounds_before[block * nslab + slab] + rank) * ELL_ROWS + lane
+    entries[at] = (cols - slab * ELL_SLAB) | (codes << ELL_COL_BITS) | ELL_VALID
+    return EllForm(entries=entries, cnt=cnt.astype(np.uint8), eptr=np.ascontiguousarray(eptr, dtype=np.int64),
+                   nslab=nslab)
 
 
 def _code_dtype(n_codes: int) -> type:
@@ -196,7 +306,8 @@ _SERIAL_MACS = 1 << 15
 
 
 def bind_quant_linear(prep: QuantLinearPrep, batch: int, bias: np.ndarray | None, out: np.ndarray,
-                      relu: bool = False, *, check: bool = True) -> Callable[[np.ndarray], None]:
+                      relu: bool = False, *, check: bool = True,
+                      ell: bool = True) -> Callable[[np.ndarray], None]:
     """``run(x)``: :func:`quant_linear` ``(prep, x, bias, out, relu)`` for batches of ``batch``, every
     argument but ``x`` bound once (the whole-model executor's steps; before, a quantized layer in a
     compiled model ran through torch tensors and a separate ReLU pass).
@@ -214,6 +325,9 @@ def bind_quant_linear(prep: QuantLinearPrep, batch: int, bias: np.ndarray | None
     relu : bool
     check : bool
         Check ``out``'s shape and layout (:func:`quant_linear` writes any (B, M) array).
+    ell : bool
+        Batch 1 runs the sliced-ELL form where it applies (:meth:`QuantLinearPrep.ell`); False: the
+        row-wise kernel always.
 
     Returns
     -------
@@ -228,6 +342,17 @@ def bind_quant_linear(prep: QuantLinearPrep, batch: int, bias: np.ndarray | None
     b = bias if has_bias else prep.codebook[:0]
     small = prep.nnz * batch < _SERIAL_MACS
     arrays = (prep.indptr, prep.indices, prep.codes)
+    form = prep.ell() if batch == 1 and ell else None
+    if form is not None:
+        kernel = _qspmv_ell_serial if small else _qspmv_ell
+        y = out[0]
+        eargs = (form.entries, form.cnt, form.eptr, prep.table(), form.nslab, ws.blocks, ws.xpad, ws.sums, b,
+                 has_bias, y, bool(relu))
+
+        def run_ell(x: np.ndarray) -> None:
+            kernel(x[0], *eargs)
+
+        return run_ell
     if batch == 1:
         table = prep.uses_table
         book = prep.table() if table else prep.codebook
@@ -319,5 +444,26 @@ def _qspmm(indptr, indices, codes, codebook, xt, bias, has_bias, out, bounds, re
                 out[j, m] = v if not relu or not v <= 0 else np.float32(0.0)
 
 
+@pjit
+def _qspmv_ell(x, entries, cnt, eptr, table, nslab, blocks, xpad, sums, bias, has_bias, y, relu):
+    """Batch 1 in the sliced-ELL form: thread ``t`` copies x into its own zero-padded row of ``xpad``
+    and runs row blocks ``blocks[t]:blocks[t + 1]``, each one :func:`sparsecnn.kernels._simd.
+    code_ell_block` (16 rows; inputs and weights looked up from registers per 32-column slab), then
+    adds the bias (ReLU with ``relu``, NaN kept) as it stores the block's rows.
+    NOTE: xpad is (nparts, 32 * nslab) with zeros past K; table holds 32 floats; sums 16 per block."""
+    m = y.size
+    k = x.size
+    for t in numba.prange(blocks.size - 1):
+        xp = xpad[t]
+        for j in range(k):
+            xp[j] = x[j]
+        for blk in range(blocks[t], blocks[t + 1]):
+            code_ell_block(xp, entries, cnt, table, nslab, blk * nslab, eptr[blk], sums, blk * ELL_ROWS)
+            for r in range(blk * ELL_ROWS, min(m, (blk + 1) * ELL_ROWS)):
+                v = sums[r] + bias[r] if has_bias else sums[r]
+                y[r] = v if not relu or not v <= 0 else np.float32(0.0)
+
+
 _qspmv_serial = serial_twin(_qspmv)
+_qspmv_ell_serial = serial_twin(_qspmv_ell)
 _qspmm_serial = serial_twin(_qspmm)
