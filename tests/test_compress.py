@@ -517,6 +517,27 @@ def test_qspmv_ell_is_not_carried_by_pickles(rng: np.random.Generator) -> None:
     assert_close(copy(x), y)
 
 
+def test_planner_tries_qspmv_for_shared_weights(rng: np.random.Generator) -> None:
+    """A quantized (weight-shared) linear layer has qspmv among its batch-1 candidates, a float one
+    and batch > 1 do not; the cost-model plan of a quantized model picks it (half of float CSR's
+    bytes) and the sparsified model equals the quantized one."""
+    from sparsecnn.plan import _candidates
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+                                torch.nn.Linear(1024, 10)).eval()
+    sparsecnn.models.apply_profile(model, "uniform:0.9")
+    floats = torch.nn.Linear(512, 256)
+    assert "qspmv" not in _candidates(floats, 1)
+    quantize_model(model, QuantizeConfig(fc_bits=5))
+    assert "qspmv" in _candidates(model[0], 1) and "qspmv" not in _candidates(model[0], 4)
+    x = torch.randn(1, 1024).abs() + 0.1  # no zero inputs: spmv-act is not a candidate
+    fast = sparsecnn.sparsify(model, "auto", measure=False, example_input=x)
+    assert fast[0].strategy == "qspmv"
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
+
+
 def test_compiled_compressed_model_runs_qspmv_steps(lenet_file, monkeypatch: pytest.MonkeyPatch) -> None:
     """A compressed model compiled: its FC layers are bound qspmv steps (ReLU fused; not the layer's
     torch-tensor path), and the outputs equal the loaded model's."""

@@ -61,8 +61,9 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # weight-only kernels where the input has more zeros than the weights; large linear layers timed cold;
 # 14: filter groups also on planes one per-filter tile covers (AlexNet conv3-5 at batch 1: 1.15-1.2x);
 # 15: direct / lowered convs split a batch's images among the threads, each copying its own images
-# (whole models 1.02-1.06x at batch 8-32).
-_CACHE_VERSION = 15
+# (whole models 1.02-1.06x at batch 8-32);
+# 16: qspmv (sliced-ELL at batch 1) among the candidates of linear layers with shared weights.
+_CACHE_VERSION = 16
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.
 DEFAULT_MARGIN = 0.04
@@ -289,13 +290,31 @@ ACT_SPARSE_MIN_ZEROS = 0.3
 ACT_SPARSE_MAX_BATCH = 8
 
 
+# A linear layer whose nonzero weights take at most this many distinct values (a weight-shared layer:
+# Deep Compression's quantization, sparsecnn.compress.quantize_model) also tries qspmv at batch 1:
+# uint8 codes, and with <= 32 values on AVX-512 its sliced-ELL form (fc6/fc7 at 91%, 5-bit: 1.3-1.5x
+# float CSR spmv warm, 1.2x cold).
+SHARED_WEIGHTS_MAX_VALUES = 256
+
+
+def _shared_weights(w: torch.Tensor) -> bool:
+    """Whether the nonzeros of ``w`` take at most ``SHARED_WEIGHTS_MAX_VALUES`` distinct values (a
+    sample of them first, so a float layer costs one small ``unique``)."""
+    nz = w[w != 0]
+    if nz.numel() == 0:
+        return False
+    limit = SHARED_WEIGHTS_MAX_VALUES
+    return torch.unique(nz[:4096]).numel() <= limit and torch.unique(nz).numel() <= limit
+
+
 def _candidates(layer: nn.Module, batch: int, input_density: float = 1.0) -> tuple[str, ...]:
     from sparsecnn.kernels.spmv_act import DENSE_COLUMNS_ABOVE
     from sparsecnn.layers import strategies
 
     if isinstance(layer, nn.Linear):
-        base = ("torch", "dense", "spmv" if batch == 1 else "spmm")
         w = layer.weight.detach()
+        shared = ("qspmv",) if batch == 1 and _shared_weights(w) else ()
+        base = ("torch", "dense", "spmv" if batch == 1 else "spmm", *shared)
         dense_columns = w.numel() > 0 and int(torch.count_nonzero(w)) > DENSE_COLUMNS_ABOVE * w.numel()
         if batch <= ACT_SPARSE_MAX_BATCH and (1.0 - input_density >= ACT_SPARSE_MIN_ZEROS
                                               or (batch == 1 and dense_columns)):
@@ -527,8 +546,8 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
             work = (m * k if dense_cols else nnz) * input_density
             return c.kernel_overhead_s + max(work * per / c.sparse_linear_bandwidth,
                                              2 * b * work / c.csr_flops)
-        return c.kernel_overhead_s + max(nnz * (4 + idx) / c.sparse_linear_bandwidth,
-                                         2 * b * nnz / c.csr_flops)
+        per = 1 + idx if strategy == "qspmv" else 4 + idx  # a uint8 code, or a float32 value, per nonzero
+        return c.kernel_overhead_s + max(nnz * per / c.sparse_linear_bandwidth, 2 * b * nnz / c.csr_flops)
     b, g, cout, k, n, nnz = _conv_dims(layer, x_shape)
     dense_flops = 2 * b * cout * k * n
     im2col_s = 8 * b * g * k * n / c.bandwidth
