@@ -100,7 +100,7 @@ def run_layer(name: str, sparsity: float, bits: int, repeats: int, seed: int) ->
     c_csr, c_q = time_cold([lambda: run_csr(xn), lambda: run_q(xn)], repeats=repeats)
     ell = q.ell()
     return {"layer": name, "shape": [m, k], "sparsity": sparsity, "bits": bits, "nnz": q.nnz,
-            "codebook": int(q.codebook.size), "csr_bytes": csr.nbytes, "qspmv_bytes": q.nbytes,
+            "codebook": int(q.codebook.size), "csr_bytes": csr.nbytes, "qspmv_bytes": q.stored_nbytes,
             "ell_bytes": None if ell is None else ell.nbytes, "rows_ms": t_rows * 1e3,
             "dense_ms": t_dense * 1e3, "csr_ms": t_csr * 1e3, "qspmv_ms": t_q * 1e3,
             "qspmv_vs_csr": t_csr / t_q, "qspmv_vs_dense": t_dense / t_q, "csr_vs_dense": t_dense / t_csr,

@@ -1135,9 +1135,13 @@ class _SparseLinear:
 
     def __init__(self, prep: Any, bias: np.ndarray | None) -> None:
         self.format = prep
-        self.nbytes = int(prep.nbytes)
         self.bias = bias
         self.m = int(prep.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """The format's bytes, read when asked (qspmv's counts its sliced-ELL form once built)."""
+        return int(self.format.nbytes)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), (_without_caches(self.format), self.bias)

@@ -135,10 +135,17 @@ class QuantLinearPrep:
 
     @property
     def nbytes(self) -> int:
-        """Exact bytes of the stored weights: codes, columns, pointers and the codebook at their dtypes
-        (the codebook as the 32-float table the batch-1 kernel reads, where it uses one)."""
+        """Exact bytes of the weights held: codes, columns, pointers and the codebook at their dtypes
+        (the codebook as the 32-float table the batch-1 kernel reads, where it uses one), plus the
+        sliced-ELL form once batch 1 has built it (:meth:`ell`)."""
         book = TABLE * 4 if self.uses_table else self.codebook.nbytes
-        return int(self.indptr.nbytes + self.indices.nbytes + self.codes.nbytes + book)
+        ell = self._ell.nbytes if self._ell is not None else 0
+        return int(self.indptr.nbytes + self.indices.nbytes + self.codes.nbytes + book + ell)
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes of the codebook-index CSR alone (what a file stores), without the sliced-ELL form."""
+        return self.nbytes - (self._ell.nbytes if self._ell is not None else 0)
 
     @property
     def nslabs(self) -> int:
