@@ -425,6 +425,10 @@ def test_qspmv_ell_layout_holds_the_weight(rng: np.random.Generator, shape: tupl
     prep = prepare_quant_linear(w)
     ell = _build_ell(prep)
     np.testing.assert_array_equal(_decode_ell(ell, shape, prep.table()), w)
+    # built a few row blocks at a time, and from a CSR stored in column slabs: the same layout
+    for other in (_build_ell(prep, chunk_nnz=7), _build_ell(prepare_quant_linear(w, slab=40), chunk_nnz=50)):
+        for f in ("entries", "cnt", "eptr"):
+            np.testing.assert_array_equal(getattr(other, f), getattr(ell, f))
     m, k = shape
     counts = np.zeros((-(-m // 16) * 16, -(-k // 32) * 32), np.int64)
     counts[:m, :k] = w != 0

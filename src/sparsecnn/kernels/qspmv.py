@@ -210,30 +210,52 @@ class QuantLinearPrep:
         return ws
 
 
-def _build_ell(prep: QuantLinearPrep) -> EllForm:
-    """The :class:`EllForm` of ``prep`` (vectorised over the nonzeros)."""
+def _build_ell(prep: QuantLinearPrep, chunk_nnz: int = 1 << 20) -> EllForm:
+    """The :class:`EllForm` of ``prep``, vectorised over the nonzeros of about ``chunk_nnz`` at a time
+    (whole row blocks), so building it holds a few arrays of one chunk, not of the whole layer."""
     m, k = prep.shape
     nslab = -(-k // ELL_SLAB)
     nblk = -(-m // ELL_ROWS)
-    rows = slab_row_ids(prep.indptr, m)
-    cols = prep.indices.astype(np.int64)
-    # (row, slab) groups in order, then the nonzero's rank inside its group
-    order = np.lexsort((cols, rows))
-    rows, cols, codes = rows[order], cols[order], prep.codes[order].astype(np.int64)
-    slab = cols // ELL_SLAB
-    group = rows * nslab + slab
-    first = np.searchsorted(group, group, side="left")
-    rank = np.arange(group.size) - first
-    block, lane = np.divmod(rows, ELL_ROWS)
-    cnt = np.zeros(nblk * nslab, dtype=np.int64)
-    np.maximum.at(cnt, block * nslab + slab, rank + 1)
-    rounds_before = np.concatenate(([0], np.cumsum(cnt)))  # per (block, slab), in block-major order
-    eptr = rounds_before[:: nslab] * ELL_ROWS  # blocks start at slab 0
-    entries = np.zeros(int(rounds_before[-1]) * ELL_ROWS, dtype=np.uint16)
-    at = (rounds_before[block * nslab + slab] + rank) * ELL_ROWS + lane
-    entries[at] = (cols - slab * ELL_SLAB) | (codes << ELL_COL_BITS) | ELL_VALID
-    return EllForm(entries=entries, cnt=cnt.astype(np.uint8), eptr=np.ascontiguousarray(eptr, dtype=np.int64),
-                   nslab=nslab)
+    ptr = prep.indptr.astype(np.int64)
+    nslabs = prep.nslabs  # the stacked CSR's column slabs (not the ELL's)
+    per_row = (ptr[1:] - ptr[:-1]).reshape(nslabs, m).sum(axis=0)
+    per_block = np.bincount(np.arange(m) // ELL_ROWS, weights=per_row, minlength=nblk).astype(np.int64)
+    done = np.concatenate(([0], np.cumsum(per_block)))
+    cnt = np.zeros(nblk * nslab, dtype=np.uint8)
+    eptr = np.zeros(nblk + 1, dtype=np.int64)
+    parts: list[np.ndarray] = []
+    b0 = 0
+    while b0 < nblk:
+        b1 = max(b0 + 1, int(np.searchsorted(done, done[b0] + chunk_nnz, side="right")) - 1)
+        b1 = min(b1, nblk)
+        lo, hi = b0 * ELL_ROWS, min(m, b1 * ELL_ROWS)
+        # this chunk's nonzeros: one contiguous run per stacked slab, rows lo..hi
+        runs = [(ptr[sl * m + lo], ptr[sl * m + hi]) for sl in range(nslabs)]
+        sel = np.concatenate([np.arange(a, z, dtype=np.int64) for a, z in runs])
+        rows = np.concatenate([np.repeat(np.arange(lo, hi, dtype=np.int64) - lo,
+                                         ptr[sl * m + lo + 1:sl * m + hi + 1] - ptr[sl * m + lo:sl * m + hi])
+                               for sl in range(nslabs)])
+        cols = prep.indices[sel].astype(np.int64)
+        codes = prep.codes[sel].astype(np.int64)
+        order = np.lexsort((cols, rows))  # (row, slab) groups in order; rank inside the group
+        rows, cols, codes = rows[order], cols[order], codes[order]
+        slab = cols // ELL_SLAB
+        group = rows * nslab + slab
+        rank = np.arange(group.size) - np.searchsorted(group, group, side="left")
+        block, lane = np.divmod(rows, ELL_ROWS)
+        nb = b1 - b0
+        c = np.zeros(nb * nslab, dtype=np.int64)
+        np.maximum.at(c, block * nslab + slab, rank + 1)
+        before = np.concatenate(([0], np.cumsum(c)))  # rounds before each (block, slab)
+        entries = np.zeros(int(before[-1]) * ELL_ROWS, dtype=np.uint16)
+        at = (before[block * nslab + slab] + rank) * ELL_ROWS + lane
+        entries[at] = (cols - slab * ELL_SLAB) | (codes << ELL_COL_BITS) | ELL_VALID
+        cnt[b0 * nslab:b1 * nslab] = c
+        eptr[b0 + 1:b1 + 1] = eptr[b0] + before[nslab::nslab] * ELL_ROWS
+        parts.append(entries)
+        b0 = b1
+    entries = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+    return EllForm(entries=entries, cnt=cnt, eptr=eptr, nslab=nslab)
 
 
 def _code_dtype(n_codes: int) -> type:
