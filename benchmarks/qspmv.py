@@ -107,6 +107,41 @@ def run_layer(name: str, sparsity: float, bits: int, repeats: int, seed: int) ->
             "cold_csr_ms": c_csr * 1e3, "cold_qspmv_ms": c_q * 1e3, "cold_qspmv_vs_csr": c_csr / c_q}
 
 
+def run_batches(name: str, sparsity: float, bits: int, repeats: int, seed: int,
+                batches: tuple[int, ...] = (2, 8, 32)) -> list[dict]:
+    """Batches above 1 on the same quantized layer: qspmv as it runs there (float spmm on the
+    dequantized values), the codes kernel it replaced (``spmm=False``) and float CSR spmm, checked
+    against each other, then timed with the caches flushed before each call."""
+    m, k = LAYERS[name]
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, m)
+    with torch.no_grad():
+        lin.weight.normal_(0.0, 1.0 / np.sqrt(3.0 * k))
+    holder = nn.Sequential()
+    holder.add_module(name, lin)
+    apply_profile(holder, {name: sparsity})
+    quantize_model(holder, QuantizeConfig(fc_bits=bits))
+    w = lin.weight.detach().numpy().copy()
+    bias = lin.bias.detach().numpy().copy()
+    csr, q = prepare_linear(w), prepare_quant_linear(w)
+    rows = []
+    for b in batches:
+        x = torch.relu(torch.randn(b, k)).numpy()
+        ref = x @ w.T + bias
+        outs = [np.empty((b, m), np.float32) for _ in range(3)]
+        runs = [bind_quant_linear(q, b, bias, outs[0]), bind_quant_linear(q, b, bias, outs[1], spmm=False),
+                bind_sparse_linear(csr, b, bias, outs[2])]
+        for run, out, what in zip(runs, outs, ("qspmv", "qspmv codes kernel", "float CSR spmm"), strict=True):
+            run(x)
+            check_close(out, ref, what=f"{name} batch {b} {what}")
+        # caches flushed before each call: three 10-20 MB working sets interleaved warm evict each other
+        # in an order-dependent way (fc6 warm measured 0.73x one way and 1.45x for fc7 the other)
+        t_q, t_codes, t_csr = time_cold([lambda r=r, x=x: r(x) for r in runs], repeats=repeats)
+        rows.append({"layer": name, "batch": b, "qspmv_ms": t_q * 1e3, "codes_ms": t_codes * 1e3,
+                     "csr_ms": t_csr * 1e3, "qspmv_vs_csr": t_csr / t_q})
+    return rows
+
+
 def whole_model(repeats: int) -> dict:
     """AlexNet at the deep-compression profile, quantized (8-bit conv, 5-bit FC codebooks), compiled
     twice: the FC layers through float CSR spmv and through qspmv (conv layers as planned, the same
@@ -160,6 +195,15 @@ def main() -> None:
           "(weights as cached as they get); right of |: cold (caches flushed before each call). Q MB: the "
           "codebook-index CSR (stored); ELL MB: the sliced-ELL form batch 1 runs (built from it, held "
           "beside it); rows ms: the row-wise codes kernel (bind_quant_linear(ell=False))")
+    print(f"\n{'layer':6s} {'batch':>5s} {'CSR spmm ms':>11s} {'qspmv ms':>9s} {'codes kernel ms':>15s} "
+          f"{'Q/CSR':>6s}")
+    for name in ("fc6", "fc7"):
+        for r in run_batches(name, args.sparsity, args.bits, max(5, args.repeats // 3), args.seed):
+            rows.append(r)
+            print(f"{name:6s} {r['batch']:5d} {r['csr_ms']:11.3f} {r['qspmv_ms']:9.3f} {r['codes_ms']:15.3f} "
+                  f"{r['qspmv_vs_csr']:5.2f}x", flush=True)
+    print("batches above 1, caches flushed before each call: qspmv runs the float spmm on codebook[codes] "
+          "(QuantLinearPrep.float_values); codes kernel: the scalar loop over the codes it replaced")
     w = whole_model(max(5, args.repeats // 3))
     rows.append(w)
     print(f"whole AlexNet (deep-compression, quantized), compiled, batch 1: FC as float CSR "

@@ -489,6 +489,43 @@ def test_qspmv_ell_against_dense(rng: np.random.Generator, shape: tuple[int, int
         assert np.isfinite(out[0, np.count_nonzero(w, axis=1) == 0]).all()
 
 
+@pytest.mark.parametrize("batch", [2, 8])
+def test_qspmv_batches_run_the_float_spmm_on_dequantized_values(rng: np.random.Generator, batch: int) -> None:
+    """Above batch 1 a quantized layer runs float spmm on ``codebook[codes]`` (pointers and columns
+    shared): bit for bit the float CSR's result on the same weights, close to the codes kernel
+    (``spmm=False``), into a non-contiguous ``out`` too; its bytes then count the float values, and
+    a pickle carries neither run-time form."""
+    import pickle
+
+    from sparsecnn.kernels import qspmv
+    from sparsecnn.kernels.spmv import prepare_linear, sparse_linear
+
+    m, k = 45, 5000  # column slabs
+    w = random_sparse(rng, (m, k), 0.9)
+    w[w != 0] = np.round(w[w != 0] * 4) / 4 + 0.125
+    prep = prepare_quant_linear(w)
+    stored = prep.nbytes
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    for relu in (False, True):
+        out = np.empty((batch, m), np.float32)
+        qspmv.bind_quant_linear(prep, batch, bias, out, relu)(x)
+        want = np.empty_like(out)
+        sparse_linear(prepare_linear(w), x, bias, want, relu)
+        np.testing.assert_array_equal(out, want)
+        codes = np.empty_like(out)
+        qspmv.bind_quant_linear(prep, batch, bias, codes, relu, spmm=False)(x)
+        np.testing.assert_allclose(out, codes, rtol=1e-5, atol=1e-5)
+    strided = np.empty((m, batch), np.float32).T
+    quant_linear(prep, x, bias, strided)
+    sparse_linear(prepare_linear(w), x, bias, want)
+    np.testing.assert_array_equal(strided, want)
+    assert prep.nbytes == stored + 4 * prep.nnz and prep.stored_nbytes == stored
+    layer = sparsecnn.SparseLinear.from_format(prep, "qspmv", in_features=k, out_features=m)
+    copy = pickle.loads(pickle.dumps(layer))
+    assert copy.engine.format._float is None and copy.weight_nbytes == stored
+
+
 def test_qspmv_ell_skips_layers_it_would_pad_too_much(rng: np.random.Generator) -> None:
     """One full row per block of 16 otherwise near-empty rows pads each slab to 32 rounds: above
     ``ELL_MAX_PADDING`` entries per nonzero the layer keeps the row-wise kernel (and stays exact)."""
