@@ -56,16 +56,24 @@ def _interleaved(fns: list, repeats: int, inner: int) -> list[float]:
     return [float(np.median(s)) for s in samples]
 
 
-def run_layer(name: str, sparsity: float, bits: int, repeats: int, seed: int) -> dict:
+def quantized_layer(name: str, sparsity: float, bits: int, seed: int) -> nn.Linear:
+    """Layer ``name`` of :data:`LAYERS` with a bell-shaped random weight (as trained layers and the
+    zoo's init are), magnitude-pruned to ``sparsity`` and quantized to ``bits``-bit shared weights."""
     m, k = LAYERS[name]
     torch.manual_seed(seed)
     lin = nn.Linear(k, m)
-    with torch.no_grad():  # bell-shaped, as trained layers (and the zoo's init) are
+    with torch.no_grad():
         lin.weight.normal_(0.0, 1.0 / np.sqrt(3.0 * k))
     holder = nn.Sequential()
     holder.add_module(name, lin)
     apply_profile(holder, {name: sparsity})
     quantize_model(holder, QuantizeConfig(fc_bits=bits))
+    return lin
+
+
+def run_layer(name: str, sparsity: float, bits: int, repeats: int, seed: int) -> dict:
+    m, k = LAYERS[name]
+    lin = quantized_layer(name, sparsity, bits, seed)
     w = lin.weight.detach().numpy().copy()
     bias = lin.bias.detach().numpy().copy()
     x = torch.randn(1, k)
@@ -113,14 +121,7 @@ def run_batches(name: str, sparsity: float, bits: int, repeats: int, seed: int,
     dequantized values), the codes kernel it replaced (``spmm=False``) and float CSR spmm, checked
     against each other, then timed with the caches flushed before each call."""
     m, k = LAYERS[name]
-    torch.manual_seed(seed)
-    lin = nn.Linear(k, m)
-    with torch.no_grad():
-        lin.weight.normal_(0.0, 1.0 / np.sqrt(3.0 * k))
-    holder = nn.Sequential()
-    holder.add_module(name, lin)
-    apply_profile(holder, {name: sparsity})
-    quantize_model(holder, QuantizeConfig(fc_bits=bits))
+    lin = quantized_layer(name, sparsity, bits, seed)
     w = lin.weight.detach().numpy().copy()
     bias = lin.bias.detach().numpy().copy()
     csr, q = prepare_linear(w), prepare_quant_linear(w)
