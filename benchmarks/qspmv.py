@@ -117,9 +117,10 @@ def run_layer(name: str, sparsity: float, bits: int, repeats: int, seed: int) ->
 
 def run_batches(name: str, sparsity: float, bits: int, repeats: int, seed: int,
                 batches: tuple[int, ...] = (2, 8, 32)) -> list[dict]:
-    """Batches above 1 on the same quantized layer: qspmv as it runs there (float spmm on the
-    dequantized values), the codes kernel it replaced (``spmm=False``) and float CSR spmm, checked
-    against each other, then timed with the caches flushed before each call."""
+    """Batches above 1 on the same quantized layer: qspmv as it runs there (the sliced-ELL form in
+    passes of four images up to batch 8, above it the float spmm on the dequantized values), the codes
+    kernel of before (``ell=False, spmm=False``) and float CSR spmm, checked against each other, then
+    timed with the caches flushed before each call."""
     m, k = LAYERS[name]
     lin = quantized_layer(name, sparsity, bits, seed)
     w = lin.weight.detach().numpy().copy()
@@ -130,7 +131,8 @@ def run_batches(name: str, sparsity: float, bits: int, repeats: int, seed: int,
         x = torch.relu(torch.randn(b, k)).numpy()
         ref = x @ w.T + bias
         outs = [np.empty((b, m), np.float32) for _ in range(3)]
-        runs = [bind_quant_linear(q, b, bias, outs[0]), bind_quant_linear(q, b, bias, outs[1], spmm=False),
+        runs = [bind_quant_linear(q, b, bias, outs[0]),
+                bind_quant_linear(q, b, bias, outs[1], ell=False, spmm=False),
                 bind_sparse_linear(csr, b, bias, outs[2])]
         for run, out, what in zip(runs, outs, ("qspmv", "qspmv codes kernel", "float CSR spmm"), strict=True):
             run(x)
@@ -203,8 +205,9 @@ def main() -> None:
             rows.append(r)
             print(f"{name:6s} {r['batch']:5d} {r['csr_ms']:11.3f} {r['qspmv_ms']:9.3f} {r['codes_ms']:15.3f} "
                   f"{r['qspmv_vs_csr']:5.2f}x", flush=True)
-    print("batches above 1, caches flushed before each call: qspmv runs the float spmm on codebook[codes] "
-          "(QuantLinearPrep.float_values); codes kernel: the scalar loop over the codes it replaced")
+    print("batches above 1, caches flushed before each call: qspmv runs the sliced-ELL form in passes of 4 "
+          "images up to batch 8, the float spmm on codebook[codes] above (QuantLinearPrep.float_values); "
+          "codes kernel: the scalar loop over the codes that ran before")
     w = whole_model(max(5, args.repeats // 3))
     rows.append(w)
     print(f"whole AlexNet (deep-compression, quantized), compiled, batch 1: FC as float CSR "

@@ -437,14 +437,17 @@ def test_qspmv_ell_layout_holds_the_weight(rng: np.random.Generator, shape: tupl
     np.testing.assert_array_equal(ell.cnt.reshape(longest.shape), longest)
 
 
+@pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("shape", [(1, 1), (15, 31), (17, 33), (64, 300), (9, 70000)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.91, 1.0])
 @pytest.mark.parametrize("ncodes", [1, 32])
 def test_qspmv_ell_against_dense(rng: np.random.Generator, shape: tuple[int, int], sparsity: float,
-                                 ncodes: int) -> None:
-    """Batch 1 in the sliced-ELL form (AVX-512, <= 32 codes): outputs equal dense to rounding, with bias,
-    ReLU (NaN kept), NaN and inf in the input, all-zero rows and ragged blocks and slabs; serial and
-    parallel kernels give the same bits; the row-wise kernel (``ell=False``) agrees to rounding."""
+                                 ncodes: int, batch: int) -> None:
+    """Batches 1 to 8 in the sliced-ELL form (AVX-512, <= 32 codes; above batch 1 in passes of 4 and
+    2 images): outputs equal dense to rounding, with bias, ReLU (NaN kept), all-zero rows and ragged
+    blocks and slabs; serial and parallel kernels give the same bits; the row-wise kernel / float
+    spmm (``ell=False``) agrees to rounding. An inf or NaN input (the masked kernels) reaches exactly
+    the rows that weigh it, in its own image."""
     from sparsecnn.kernels import qspmv
     from sparsecnn.kernels._simd import HAS_TABLE32
 
@@ -457,10 +460,10 @@ def test_qspmv_ell_against_dense(rng: np.random.Generator, shape: tuple[int, int
     padded = nnz > 0 and qspmv._build_ell(prep).entries.size > qspmv.ELL_MAX_PADDING * nnz
     assert (prep.ell() is not None) == (HAS_TABLE32 and bool(np.count_nonzero(w)) and not padded)
     bias = rng.standard_normal(m).astype(np.float32)
-    x = rng.standard_normal((1, k)).astype(np.float32)
+    x = rng.standard_normal((batch, k)).astype(np.float32)
     ref = x.astype(np.float64) @ w.T.astype(np.float64) + bias
     # rounding allowance: a few float32 epsilons of the magnitude of the terms summed
-    tol = 1e-5 * (np.abs(x[0]).astype(np.float64) @ np.abs(w.T).astype(np.float64) + np.abs(bias)).max()
+    tol = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w.T).astype(np.float64) + np.abs(bias)).max()
     for relu in (False, True):
         want = np.maximum(ref, 0) if relu else ref
         outs = []
@@ -468,31 +471,33 @@ def test_qspmv_ell_against_dense(rng: np.random.Generator, shape: tuple[int, int
             saved = qspmv._SERIAL_MACS
             qspmv._SERIAL_MACS = 1 << 40 if serial else 0
             try:
-                out = np.full((1, m), np.nan, np.float32)
-                qspmv.bind_quant_linear(prep, 1, bias, out, relu)(x)
+                out = np.full((batch, m), np.nan, np.float32)
+                qspmv.bind_quant_linear(prep, batch, bias, out, relu)(x)
             finally:
                 qspmv._SERIAL_MACS = saved
             outs.append(out)
             np.testing.assert_allclose(out, want, rtol=1e-5, atol=tol)
         np.testing.assert_array_equal(outs[0], outs[1])
-        rows = np.empty((1, m), np.float32)
-        qspmv.bind_quant_linear(prep, 1, bias, rows, relu, ell=False)(x)
-        np.testing.assert_allclose(outs[1], rows, rtol=1e-5, atol=tol)
+        other = np.empty((batch, m), np.float32)
+        qspmv.bind_quant_linear(prep, batch, bias, other, relu, ell=False)(x)
+        np.testing.assert_allclose(outs[1], other, rtol=1e-5, atol=tol)
     if np.count_nonzero(w):
         col = int(np.nonzero(w)[1][0])
-        row = int(np.nonzero(w)[0][0])
-        xn = x.copy()
-        xn[0, col] = np.nan
-        out = np.zeros((1, m), np.float32)
-        qspmv.bind_quant_linear(prep, 1, bias, out, True)(xn)
-        assert np.isnan(out[0, row])  # NaN reaches the rows that weigh it, through the ReLU
-        assert np.isfinite(out[0, np.count_nonzero(w, axis=1) == 0]).all()
+        weighs = w[:, col] != 0
+        for bad in (np.nan, np.inf):
+            xn = x.copy()
+            xn[-1, col] = bad
+            out = np.zeros((batch, m), np.float32)
+            qspmv.bind_quant_linear(prep, batch, bias, out, False)(xn)
+            assert not np.isfinite(out[-1, weighs]).any()  # it reaches the rows that weigh it
+            assert np.isfinite(out[-1, ~weighs]).all()  # and no other row of its image
+            assert np.isfinite(out[:-1]).all()  # nor the other images of its pass
 
 
-@pytest.mark.parametrize("batch", [2, 8])
+@pytest.mark.parametrize("batch", [9, 16])
 def test_qspmv_batches_run_the_float_spmm_on_dequantized_values(rng: np.random.Generator, batch: int) -> None:
-    """Above batch 1 a quantized layer runs float spmm on ``codebook[codes]`` (pointers and columns
-    shared): bit for bit the float CSR's result on the same weights, close to the codes kernel
+    """Above ``ELL_MAX_BATCH`` (8) a quantized layer runs float spmm on ``codebook[codes]`` (pointers and
+    columns shared): bit for bit the float CSR's result on the same weights, close to the codes kernel
     (``spmm=False``), into a non-contiguous ``out`` too; its bytes then count the float values, and
     a pickle carries neither run-time form."""
     import pickle
@@ -559,8 +564,8 @@ def test_qspmv_ell_is_not_carried_by_pickles(rng: np.random.Generator) -> None:
 
 
 def test_planner_tries_qspmv_for_shared_weights(rng: np.random.Generator) -> None:
-    """A quantized (weight-shared) linear layer has qspmv among its batch-1 candidates, a float one
-    and batch > 1 do not; the cost-model plan of a quantized model picks it (half of float CSR's
+    """A quantized (weight-shared) linear layer has qspmv among its candidates up to batch 8, a float
+    one and larger batches do not; the cost-model plan of a quantized model picks it (half of float CSR's
     bytes) and the sparsified model equals the quantized one."""
     from sparsecnn.plan import _candidates
 
@@ -571,7 +576,8 @@ def test_planner_tries_qspmv_for_shared_weights(rng: np.random.Generator) -> Non
     floats = torch.nn.Linear(512, 256)
     assert "qspmv" not in _candidates(floats, 1)
     quantize_model(model, QuantizeConfig(fc_bits=5))
-    assert "qspmv" in _candidates(model[0], 1) and "qspmv" not in _candidates(model[0], 4)
+    assert "qspmv" in _candidates(model[0], 1) and "qspmv" in _candidates(model[0], 8)
+    assert "qspmv" not in _candidates(model[0], 9)
     x = torch.randn(1, 1024).abs() + 0.1  # no zero inputs: spmv-act is not a candidate
     fast = sparsecnn.sparsify(model, "auto", measure=False, example_input=x)
     assert fast[0].strategy == "qspmv"

@@ -62,7 +62,7 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # 14: filter groups also on planes one per-filter tile covers (AlexNet conv3-5 at batch 1: 1.15-1.2x);
 # 15: direct / lowered convs split a batch's images among the threads, each copying its own images
 # (whole models 1.02-1.06x at batch 8-32);
-# 16: qspmv (sliced-ELL at batch 1) among the candidates of linear layers with shared weights.
+# 16: qspmv (sliced ELL at batch <= 8) among the candidates of linear layers with shared weights.
 _CACHE_VERSION = 16
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.
@@ -291,9 +291,9 @@ ACT_SPARSE_MAX_BATCH = 8
 
 
 # A linear layer whose nonzero weights take at most this many distinct values (a weight-shared layer:
-# Deep Compression's quantization, sparsecnn.compress.quantize_model) also tries qspmv at batch 1:
-# uint8 codes, and with <= 32 values on AVX-512 its sliced-ELL form (fc6/fc7 at 91%, 5-bit: 1.3-1.5x
-# float CSR spmv warm, 1.2x cold).
+# Deep Compression's quantization, sparsecnn.compress.quantize_model) also tries qspmv at batch <= 8:
+# uint8 codes, and with <= 32 values on AVX-512 its sliced-ELL form (fc6/fc7 at 91%, 5-bit, batch 1:
+# 1.3-1.5x float CSR spmv warm, 1.2x cold; batch 2 / 4: 4x / 2.7x the float spmm).
 SHARED_WEIGHTS_MAX_VALUES = 256
 
 
@@ -313,7 +313,7 @@ def _candidates(layer: nn.Module, batch: int, input_density: float = 1.0) -> tup
 
     if isinstance(layer, nn.Linear):
         w = layer.weight.detach()
-        shared = ("qspmv",) if batch == 1 and _shared_weights(w) else ()
+        shared = ("qspmv",) if batch <= ACT_SPARSE_MAX_BATCH and _shared_weights(w) else ()
         base = ("torch", "dense", "spmv" if batch == 1 else "spmm", *shared)
         dense_columns = w.numel() > 0 and int(torch.count_nonzero(w)) > DENSE_COLUMNS_ABOVE * w.numel()
         if batch <= ACT_SPARSE_MAX_BATCH and (1.0 - input_density >= ACT_SPARSE_MIN_ZEROS

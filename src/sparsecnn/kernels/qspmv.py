@@ -27,6 +27,13 @@ used where that stays under ``ELL_MAX_PADDING`` entries per nonzero. Measured (Z
 batch 1, 91%, 5-bit, ``python -m benchmarks.qspmv``): fc6 / fc7 1.46-1.52x / 1.33-1.36x float CSR
 warm, 1.25x / 1.21x cold (one run; cold runs vary +-10%). Its sums run in another order than float
 CSR's (lanes of 16 rows, four accumulators): equal to rounding, not bit for bit.
+
+Batches of 2 to ``ELL_MAX_BATCH`` (8) run the same form in passes of up to ``ELL_PASS`` (4) images,
+one entry load and codebook lookup per round serving all of them (:func:`_qspmm_ell`): fc6 at batch
+2 / 8 0.56 / 1.36 ms against the float spmm's 1.72 / 1.43 ms (caches flushed). Larger batches, and
+layers without the ELL form, run the float spmm on the dequantized values
+(:meth:`QuantLinearPrep.float_values`); the scalar loop over the codes that ran every batch above 1
+before (6.2-8.3 ms on fc6) is left for ``spmm=False``.
 """
 
 from __future__ import annotations
@@ -46,6 +53,10 @@ from sparsecnn.kernels._simd import (
     HAS_TABLE32,
     TABLE,
     code_ell_block,
+    code_ell_block2,
+    code_ell_block2_finite,
+    code_ell_block4,
+    code_ell_block4_finite,
     code_row_dot,
     code_row_dot32,
     fmadd,
@@ -219,12 +230,16 @@ class QuantLinearPrep:
             bounds = balanced_bounds(cost, nparts)
             ws = _Workspace(xt=np.zeros((k, batch) if batch > 1 else (0, 1), dtype=np.float32),
                             bounds=bounds)
-            ell = self.ell() if batch == 1 else None
+            ell = self.ell() if batch <= ELL_MAX_BATCH else None
             if ell is not None:
-                ws.xpad = np.zeros((nparts, ell.nslab * ELL_SLAB), dtype=np.float32)
                 # a block costs its rounds and, per slab, its count and input loads
                 ws.blocks = balanced_bounds(np.diff(ell.eptr) // ELL_ROWS + 2 * ell.nslab, nparts)
-                ws.sums = np.zeros((ell.eptr.size - 1) * ELL_ROWS, dtype=np.float32)
+                if batch == 1:
+                    ws.xpad = np.zeros((nparts, ell.nslab * ELL_SLAB), dtype=np.float32)
+                    ws.sums = np.zeros((ell.eptr.size - 1) * ELL_ROWS, dtype=np.float32)
+                else:
+                    ws.xpad = np.zeros((nparts, ELL_PASS, ell.nslab * ELL_SLAB), dtype=np.float32)
+                    ws.sums = np.zeros((nparts, ELL_PASS * ELL_ROWS), dtype=np.float32)
             self._workspaces[key] = ws
         return ws
 
@@ -374,11 +389,12 @@ def bind_quant_linear(prep: QuantLinearPrep, batch: int, bias: np.ndarray | None
     check : bool
         Check ``out``'s shape and layout (:func:`quant_linear` writes any (B, M) array).
     ell : bool
-        Batch 1 runs the sliced-ELL form where it applies (:meth:`QuantLinearPrep.ell`); False: the
-        row-wise kernel always.
+        Batches up to ``ELL_MAX_BATCH`` (8) run the sliced-ELL form where it applies
+        (:meth:`QuantLinearPrep.ell`); False: the row-wise kernel at batch 1, the float spmm above.
     spmm : bool
-        Batches above 1 run the float spmm on the dequantized values (:meth:`QuantLinearPrep.
-        float_values`); False: the codes kernel (a scalar loop, 4-5x slower on fc6).
+        Larger batches (or any above 1 without the ELL form) run the float spmm on the dequantized
+        values (:meth:`QuantLinearPrep.float_values`); False: the codes kernel (a scalar loop, 4-5x
+        slower on fc6).
 
     Returns
     -------
@@ -388,6 +404,23 @@ def bind_quant_linear(prep: QuantLinearPrep, batch: int, bias: np.ndarray | None
     m = prep.shape[0]
     if check and (not out.flags.c_contiguous or out.shape != (batch, m)):
         raise ValueError(f"bind_quant_linear: out must be C-contiguous of shape {(batch, m)}")
+    form = prep.ell() if 1 < batch <= ELL_MAX_BATCH and ell else None
+    if form is not None:
+        ws = prep.workspace(batch)
+        small = prep.nnz * batch < _SERIAL_MACS
+        kernel = _qspmm_ell_serial if small else _qspmm_ell
+        has_bias = bias is not None
+        b = bias if has_bias else prep.codebook[:0]
+        dst = out if out.flags.c_contiguous else np.empty((batch, m), dtype=np.float32)
+        eargs = (form.entries, form.cnt, form.eptr, prep.table(), form.nslab, ws.blocks, ws.xpad, ws.sums, b,
+                 has_bias, dst, bool(relu))
+
+        def run_ell_batch(x: np.ndarray) -> None:
+            kernel(x, *eargs)
+            if dst is not out:
+                out[...] = dst
+
+        return run_ell_batch
     if batch > 1 and spmm:
         if out.flags.c_contiguous:
             return bind_sparse_linear(prep.float_values(), batch, bias, out, relu)
@@ -520,12 +553,76 @@ def _qspmv_ell(x, entries, cnt, eptr, table, nslab, blocks, xpad, sums, bias, ha
         for j in range(k):
             xp[j] = x[j]
         for blk in range(blocks[t], blocks[t + 1]):
-            code_ell_block(xp, entries, cnt, table, nslab, blk * nslab, eptr[blk], sums, blk * ELL_ROWS)
+            code_ell_block(xp, entries, cnt, table, nslab, blk * nslab, eptr[blk], sums, blk * ELL_ROWS, 0)
             for r in range(blk * ELL_ROWS, min(m, (blk + 1) * ELL_ROWS)):
                 v = sums[r] + bias[r] if has_bias else sums[r]
                 y[r] = v if not relu or not v <= 0 else np.float32(0.0)
 
 
+# Images per pass of the batched sliced-ELL kernel, and the largest batch it runs (above, the float
+# spmm on the dequantized values: at batch 32, eight passes each reading the entries again lost to it).
+ELL_PASS = 4
+ELL_MAX_BATCH = 8
+
+
+@jit
+def _ell_batch_part(x, entries, cnt, eptr, table, nslab, b0, b1, xp, acc, bias, has_bias, out, relu):
+    """One thread's part of :func:`_qspmm_ell`: row blocks ``b0:b1`` for every pass of images. A serial
+    function of its own, so that its copy and store loops vectorise (inside a ``prange`` body numba
+    leaves them scalar: the batch kernel ran 20-35% slower with them there)."""
+    nb, m = out.shape
+    k = x.shape[1]
+    width = xp.shape[1]
+    flat = xp.reshape(xp.size)
+    for p0 in range(0, nb, ELL_PASS):
+        n = min(ELL_PASS, nb - p0)
+        probe = np.float32(0.0)  # stays 0 when every input of the pass is finite, else NaN
+        for i in range(n):
+            row = xp[i]
+            src = x[p0 + i]
+            for j in range(k):
+                v = src[j]
+                row[j] = v
+                probe += v * np.float32(0.0)
+        finite = probe == 0.0
+        for blk in range(b0, b1):
+            c0, e0 = blk * nslab, eptr[blk]
+            if n <= 2:
+                if finite:
+                    code_ell_block2_finite(flat, entries, cnt, table, nslab, c0, e0, acc, 0, width)
+                else:
+                    code_ell_block2(flat, entries, cnt, table, nslab, c0, e0, acc, 0, width)
+            elif finite:
+                code_ell_block4_finite(flat, entries, cnt, table, nslab, c0, e0, acc, 0, width)
+            else:
+                code_ell_block4(flat, entries, cnt, table, nslab, c0, e0, acc, 0, width)
+            r0 = blk * ELL_ROWS
+            nr = min(m, r0 + ELL_ROWS) - r0
+            for i in range(n):
+                src = acc[i * ELL_ROWS:i * ELL_ROWS + nr]
+                dst = out[p0 + i, r0:r0 + nr]
+                for r in range(nr):
+                    v = src[r] + bias[r0 + r] if has_bias else src[r]
+                    dst[r] = v if not relu or not v <= 0 else np.float32(0.0)
+
+
+@pjit
+def _qspmm_ell(x, entries, cnt, eptr, table, nslab, blocks, xpad, sums, bias, has_bias, out, relu):
+    """Batches of 2 to ``ELL_MAX_BATCH`` in the sliced-ELL form: the images in passes of up to
+    ``ELL_PASS`` (:func:`sparsecnn.kernels._simd.code_ell_block4`, or ``code_ell_block2`` for a pass
+    of two or fewer), thread ``t`` copying the pass's images into its own zero-padded rows of ``xpad``
+    and running row blocks ``blocks[t]:blocks[t + 1]`` (:func:`_ell_batch_part`); bias and ReLU (NaN
+    kept) on the stores. Rows of ``xpad`` past the pass's images hold stale inputs whose sums are
+    discarded. A pass whose inputs are all finite runs the unmasked variants (``*_finite``: 20-35%
+    faster); one with an inf or NaN input the masked ones, so a padding lane never turns it into NaN
+    in a row that does not weigh it.
+    NOTE: xpad is (nparts, ELL_PASS, 32 * nslab) with zeros past K; sums (nparts, 16 * ELL_PASS)."""
+    for t in numba.prange(blocks.size - 1):
+        _ell_batch_part(x, entries, cnt, eptr, table, nslab, blocks[t], blocks[t + 1], xpad[t], sums[t], bias,
+                        has_bias, out, relu)
+
+
 _qspmv_serial = serial_twin(_qspmv)
 _qspmv_ell_serial = serial_twin(_qspmv_ell)
+_qspmm_ell_serial = serial_twin(_qspmm_ell)
 _qspmm_serial = serial_twin(_qspmm)
