@@ -86,7 +86,7 @@ def test_direct_conv_matches_torch(case, sparsity, mode, rng):
     (1, 8, 8, (27, 27), (5, 5), (1, 1), (2, 2), (1, 1), 2),  # AlexNet conv2-like, several row groups
     (3, 16, 20, (11, 10), (3, 3), (2, 2), (1, 1), (1, 1), 4),  # strided, grouped, batch 3
 ])
-@pytest.mark.parametrize("l1", [24 * 1024, 1])
+@pytest.mark.parametrize("l1", [1 << 20, 1])
 def test_direct_conv_filter_groups(case, l1, rng, monkeypatch):
     """The filter-group form (group_tile): empty filters and slots, every pattern of four filters,
     channel blocks (one channel each with l1=1) and several row groups, against torch, with and
@@ -543,3 +543,17 @@ def test_direct_conv_batch_split_and_input_copies(form, threads, batch, rng):
             assert_close(out, ref, what="bound, first batch again")
     finally:
         numba.set_num_threads(old)
+
+
+def test_vector_width_follows_the_target_cpu(monkeypatch):
+    """16-wide tiles only where the CPU runs 512-bit FMAs at full rate; 8-wide on Zen 4 (half rate)
+    and without AVX-512; the row kernels stay at 8 lanes."""
+    from sparsecnn.kernels import _simd
+
+    avx512 = ["+avx2", "+fma", "+avx512f", "+avx512vl"]
+    for name, feats, width, regs in (("emeraldrapids", avx512, 16, 32), ("sapphirerapids", avx512, 16, 32),
+                                     ("znver4", avx512, 8, 32), ("znver3", ["+avx2", "+fma"], 8, 16),
+                                     ("", [], 8, 16)):
+        monkeypatch.setattr(_simd, "_target", lambda name=name, feats=feats: (name, feats))
+        assert (_simd._vector_width(), _simd._vector_registers()) == (width, regs), name
+    assert _simd.RW == 8 and _simd.NV_MAX * _simd.VW in (96, 192)

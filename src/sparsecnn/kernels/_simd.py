@@ -1,18 +1,31 @@
 """Register-tiled sparse micro-kernel written as LLVM vector IR (``numba.extending.intrinsic``).
 
 Why IR: the inner loop of a sparse kernel wants a tile of outputs held in vector registers across
-all nonzeros of one output row (one load and one FMA per 8 multiply-adds, no stores), as in XNNPACK's
+all nonzeros of one output row (one load and one FMA per vector of multiply-adds, no stores), as in XNNPACK's
 sparse inference kernels and SparseRT. Written in plain numba, LLVM neither keeps such a tile in
 registers (an accumulator array lives in memory) nor vectorises 32 or 64 scalar accumulators (the
 loop vectoriser sees no loop over them, the SLP vectoriser gives up on numba's index arithmetic), so
 the kernel stays bound by a load and a store of the output per multiply-add group. Here the tile is
-``nvec`` values of ``<8 x float>``: allocas that LLVM's SROA turns into registers, updated with
-``llvm.fmuladd`` (one ``vfmadd231ps ymm, ymm, [mem]`` per vector on an AVX2/FMA CPU; LLVM splits or
-widens the 8-lane vectors on other targets). With AVX-512VL the tiles are twice as long (``NV_MAX``
-24: ymm16-31 are addressable), chosen at import from the CPU numba compiles for, which is also part
-of numba's cache key. The stores can apply a ReLU (``relu``; compare-select, NaN kept) so a layer's
-activation costs no extra pass. The call compiles inline into the numba kernel that
-calls it, so ``cache=True`` caches it with that kernel.
+``nvec`` values of ``<VW x float>``: allocas that LLVM's SROA turns into registers, updated with
+``llvm.fmuladd`` (one ``vfmadd231ps reg, reg, [mem]`` per vector). The vector width ``VW`` and the
+tile size ``NV_MAX`` are chosen at import from the CPU numba compiles for (its name and features are
+also numba's cache key, so a cached kernel always matches them):
+
+- AVX-512F at full rate (Intel's server cores, e.g. Emerald Rapids: two 512-bit FMA ports): 16-wide
+  zmm vectors, 12 per tile. Measured on an Emerald Rapids VM (2 threads, batch 1, each step timed
+  alone, two runs per width): AlexNet conv2-5 at Deep Compression's 62-65% 1.33-1.45 / 0.89-1.12 /
+  0.69-0.92 / 0.52-0.67 ms against 1.84-2.13 / 1.35-1.55 / 1.08-1.21 / 0.78-0.89 ms with 8-wide
+  tiles (oneDNN itself uses zmm there, and ran 1.8 / 1.6 / 1.3 / 0.9 ms); ResNet-18 at 90% all conv
+  layers 7.2-7.3 against 8.4-8.8 ms. 24 zmm per tile was no better than 12 (mixed, within noise).
+- AVX-512VL at half rate (Zen 4 executes a zmm FMA as two 256-bit halves): 8-wide ymm vectors, 24
+  per tile (ymm16-31 through EVEX encodings; 16-wide measured 10-25% slower there).
+- AVX2: 8-wide ymm vectors, 12 per tile (16 registers).
+
+The stores can apply a ReLU (``relu``; compare-select, NaN kept) so a layer's activation costs no
+extra pass. The call compiles inline into the numba kernel that calls it, so ``cache=True`` caches
+it with that kernel. The gathering row kernels (:func:`row_dot`, :func:`code_row_dot`,
+:func:`scatter_axpy`) keep ``RW`` (8) lanes whatever the CPU: their sums run in eight chains, an
+order the tests hold them to bit for bit (not re-measured at 16 lanes).
 
 The sum over nonzeros runs in their stored order, one rounding per fused multiply-add: no
 reassociation, so no ``fastmath`` is needed.
@@ -34,28 +47,48 @@ __all__ = ["ELL_ROWS", "ELL_SLAB", "GEMM_MR", "GEMM_NV", "GROUP_F", "GROUP_NV", 
            "gemm_tile", "group_tile", "pair_tile", "prefetch", "row_dot", "scatter_axpy", "span_tile",
            "tile_split"]
 
-VW = 8  # floats per vector (one ymm register)
+RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot, scatter_axpy): sums in 8 chains
+
+
+def _target() -> tuple[str, list[str]]:
+    """The CPU name and features numba compiles for (``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` when
+    set, else the host's): what numba keys its disk cache by, so a cached kernel's vector width and
+    tile size always match the machine it was compiled for. A named target without features, or a
+    platform with no feature query, gives no features (the baseline: AVX2-class tiles)."""
+    from numba.core import config
+
+    name, feats = config.CPU_NAME, config.CPU_FEATURES
+    try:
+        import llvmlite.binding as llvm
+
+        if name is None:
+            name = llvm.get_host_cpu_name()
+        if feats is None and config.CPU_NAME is None:
+            feats = llvm.get_host_cpu_features().flatten()
+    except Exception:  # no host query on this platform: the safe default
+        pass
+    return str(name or ""), [f for f in (feats or "").split(",") if f]
 
 
 def _vector_registers() -> int:
-    """Vector registers of the CPU numba compiles for: 32 with AVX-512VL (ymm0-31), else 16.
+    """Vector registers of the CPU numba compiles for: 32 with AVX-512VL, else 16."""
+    return 32 if "+avx512vl" in _target()[1] else 16
 
-    Read from numba's target (``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` when set, else the host),
-    the same CPU name and features numba keys its disk cache by, so a cached kernel's tile size
-    always matches the machine it was compiled for."""
-    from numba.core import config
 
-    feats = config.CPU_FEATURES
-    if feats is None:
-        if config.CPU_NAME is not None:  # a named target without features: assume the baseline
-            return 16
-        try:
-            import llvmlite.binding as llvm
+# CPUs that execute a 512-bit FMA as two 256-bit halves: there a zmm tile adds no FMA throughput and
+# most of its unaligned 64-byte loads split across two cache lines, so the tiles stay 8 lanes wide
+# (Zen 4: 16-wide tiles measured 10-25% slower, see the conv module docstring).
+_HALF_RATE_512 = ("znver4",)
 
-            feats = llvm.get_host_cpu_features().flatten()
-        except Exception:  # no feature query on this platform: the safe default
-            return 16
-    return 32 if "+avx512vl" in feats.split(",") else 16
+
+def _vector_width() -> int:
+    """Floats per vector of the register tiles: 16 (zmm) where the CPU has AVX-512F at full rate
+    (Intel's server cores: two 512-bit FMA ports, against two 256-bit ones for ymm), else 8 (ymm)."""
+    name, feats = _target()
+    return 16 if "+avx512f" in feats and name not in _HALF_RATE_512 else 8
+
+
+VW = _vector_width()  # floats per vector of the register tiles
 
 
 # Vectors per register tile: accumulators + 1 broadcast of the vector registers, a few left for the
@@ -64,36 +97,40 @@ def _vector_registers() -> int:
 # 32 (AVX-512VL, e.g. Zen 4; ymm16-31 through EVEX encodings): 24, which halves the weight
 # broadcast, offset load and loop step per vector and holds a whole 13x13 plane in one tile
 # (measured on Zen 4, 2 threads, interleaved: AlexNet conv2-5 at 65% +9-20%, ResNet 3x3/1x1 at 90%
-# -9% to +13%, see the conv module docstring).
-NV_MAX = 24 if _vector_registers() >= 32 else 12
+# -9% to +13%, see the conv module docstring). With 16-wide vectors: 12 zmm, the same 192 floats
+# per tile (24 zmm measured no better, see the conv module docstring).
+NV_MAX = 12 if VW == 16 else 24 if _vector_registers() >= 32 else 12
 NV_PAIR = NV_MAX // 2  # vectors per filter when two filters share the accumulators (pair_tile)
 # gemm_tile: GEMM_MR filters x GEMM_NV vectors of accumulators, the GEMM_NV input vectors of a column
 # loaded once for all GEMM_MR filters, plus GEMM_MR weight broadcasts: 24 + 4 + 1 registers of 32
 # with AVX-512VL, 8 + 4 + 1 of 16 with AVX2.
 GEMM_MR = 4
-GEMM_NV = 6 if NV_MAX == 24 else 2
+GEMM_NV = 6 if _vector_registers() >= 32 else 2
 
 _F32 = ir.FloatType()
 _I1 = ir.IntType(1)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _VEC = ir.VectorType(_F32, VW)
+_RVEC = ir.VectorType(_F32, RW)
 
 
 def _data_ptr(context, builder, aryty, val):
     return context.make_array(aryty)(context, builder, val).data
 
 
-def _splat(builder, s):
-    v = builder.insert_element(ir.Constant(_VEC, ir.Undefined), s, ir.Constant(_I32, 0))
-    mask = ir.Constant(ir.VectorType(_I32, VW), [0] * VW)
-    return builder.shuffle_vector(v, ir.Constant(_VEC, ir.Undefined), mask)
+def _splat(builder, s, width=None):
+    vec = ir.VectorType(_F32, width or VW)
+    v = builder.insert_element(ir.Constant(vec, ir.Undefined), s, ir.Constant(_I32, 0))
+    mask = ir.Constant(ir.VectorType(_I32, vec.count), [0] * vec.count)
+    return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), mask)
 
 
-def _fma_vec(builder):
-    """``llvm.fmuladd.v8f32``: one ``vfmadd`` per vector on an FMA CPU."""
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]),
-                                          f"llvm.fmuladd.v{VW}f32")
+def _fma_vec(builder, width=None):
+    """``llvm.fmuladd.v{width}f32`` (``VW`` lanes by default): one ``vfmadd`` per vector on an FMA CPU."""
+    vec = ir.VectorType(_F32, width or VW)
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                          f"llvm.fmuladd.v{vec.count}f32")
 
 
 def _fma_scalar(builder):
@@ -124,7 +161,7 @@ def _for_each_nvec(builder, nvec, nmax, name, emit):
 # Tiles of at most this many vectors keep two accumulators per vector (even and odd nonzeros, added at
 # the end): with fewer than 8 vectors the FMA chains (4 cycles latency, 2 FMAs a cycle on Zen 3/4)
 # bound the loop, not the loads. AVX2's 16 registers leave room for 2 x 4 accumulators.
-SPLIT_MAX = 7 if NV_MAX == 24 else 4
+SPLIT_MAX = 7 if _vector_registers() >= 32 else 4
 
 
 def _emit_tile(builder, fma, nv, xbase, optr, signed, dptr, k0, k1, wp, init, accumulate, nvalid, ostride,
@@ -648,12 +685,12 @@ def _block_columns(builder, ip, k, words):
     width = ip.type.pointee.width
     if not words or width not in (16, 32):
         cols = [builder.load(builder.gep(ip, [builder.add(k, ir.Constant(_I64, j))], inbounds=True))
-                for j in range(VW)]
+                for j in range(RW)]
         return [c if c.type.width == 64 else builder.zext(c, _I64) for c in cols]
     per_word = 64 // width
     mask = ir.Constant(_I64, (1 << width) - 1)
     cols = []
-    for w in range(VW // per_word):
+    for w in range(RW // per_word):
         at = builder.gep(ip, [builder.add(k, ir.Constant(_I64, w * per_word))], inbounds=True)
         word = builder.load(builder.bitcast(at, _I64.as_pointer()), align=width // 8)
         for j in range(per_word):
@@ -669,11 +706,11 @@ def _emit_row_dot(builder, xp, ip, k0, n, weights_at, weight_at, words=False):
     (s6 + s7))``. ``weights_at(k)`` gives the vector of the eight weights from entry ``k``,
     ``weight_at(k)`` one weight; ``words``: read a block's columns as 64-bit words
     (:func:`_block_columns`)."""
-    fma = _fma_vec(builder)
+    fma = _fma_vec(builder, RW)
     fma1 = _fma_scalar(builder)
-    acc = cgutils.alloca_once(builder, _VEC)
-    builder.store(ir.Constant(_VEC, [0.0] * VW), acc)
-    nblk = builder.udiv(n, ir.Constant(_I64, VW))
+    acc = cgutils.alloca_once(builder, _RVEC)
+    builder.store(ir.Constant(_RVEC, [0.0] * RW), acc)
+    nblk = builder.udiv(n, ir.Constant(_I64, RW))
 
     def x_at(k):
         col = builder.load(builder.gep(ip, [k], inbounds=True))
@@ -682,18 +719,18 @@ def _emit_row_dot(builder, xp, ip, k0, n, weights_at, weight_at, words=False):
         return builder.load(builder.gep(xp, [col], inbounds=True))
 
     with cgutils.for_range(builder, nblk) as loop:
-        k = builder.add(k0, builder.mul(loop.index, ir.Constant(_I64, VW)))
-        xv = ir.Constant(_VEC, ir.Undefined)
+        k = builder.add(k0, builder.mul(loop.index, ir.Constant(_I64, RW)))
+        xv = ir.Constant(_RVEC, ir.Undefined)
         # Eight scalar loads inserted into one vector: no gather (slow on Zen 4).
         for j, col in enumerate(_block_columns(builder, ip, k, words)):
             x = builder.load(builder.gep(xp, [col], inbounds=True))
             xv = builder.insert_element(xv, x, ir.Constant(_I32, j))
         builder.store(builder.call(fma, [weights_at(k), xv, builder.load(acc)]), acc)
     a = builder.load(acc)
-    s = [builder.extract_element(a, ir.Constant(_I32, j)) for j in range(VW)]
+    s = [builder.extract_element(a, ir.Constant(_I32, j)) for j in range(RW)]
     s0 = cgutils.alloca_once(builder, _F32)
     builder.store(s[0], s0)
-    with cgutils.for_range_slice(builder, builder.mul(nblk, ir.Constant(_I64, VW)), n, ir.Constant(_I64, 1),
+    with cgutils.for_range_slice(builder, builder.mul(nblk, ir.Constant(_I64, RW)), n, ir.Constant(_I64, 1),
                                  inc=True) as (t, _):
         k = builder.add(k0, t)
         builder.store(builder.call(fma1, [weight_at(k), x_at(k), builder.load(s0)]), s0)
@@ -722,7 +759,7 @@ def row_dot(typingctx, x, ix, data, k0, n):
         k0_, n_ = args[3], args[4]
 
         def weights_at(k):
-            q = builder.bitcast(builder.gep(dp, [k], inbounds=True), _VEC.as_pointer())
+            q = builder.bitcast(builder.gep(dp, [k], inbounds=True), _RVEC.as_pointer())
             return builder.load(q, align=4)
 
         return _emit_row_dot(builder, xp, ip, k0_, n_, weights_at,
@@ -754,20 +791,20 @@ def _code_row_dot(table32: bool):
                 lo = builder.load(builder.bitcast(cbp, v16.as_pointer()), align=4)
                 hp = builder.gep(cbp, [ir.Constant(_I64, 16)])
                 hi = builder.load(builder.bitcast(hp, v16.as_pointer()), align=4)
-                v8i8 = ir.VectorType(ir.IntType(8), VW)
+                v8i8 = ir.VectorType(ir.IntType(8), RW)
 
                 def weights_at(k):
                     cv = builder.load(builder.bitcast(builder.gep(cp, [k], inbounds=True), v8i8.as_pointer()),
                                       align=1)
-                    wide = ir.Constant(ir.VectorType(_I32, 16), [*range(VW), *[0] * VW])
+                    wide = ir.Constant(ir.VectorType(_I32, 16), [*range(RW), *[0] * RW])
                     c16 = builder.shuffle_vector(cv, ir.Constant(v8i8, ir.Undefined), wide)
                     w16 = builder.call(perm, [lo, builder.zext(c16, i16), hi])
                     return builder.shuffle_vector(w16, ir.Constant(v16, ir.Undefined),
-                                                  ir.Constant(ir.VectorType(_I32, VW), list(range(VW))))
+                                                  ir.Constant(ir.VectorType(_I32, RW), list(range(RW))))
             else:
                 def weights_at(k):
-                    v = ir.Constant(_VEC, ir.Undefined)
-                    for j in range(VW):
+                    v = ir.Constant(_RVEC, ir.Undefined)
+                    for j in range(RW):
                         v = builder.insert_element(v, weight_at(builder.add(k, ir.Constant(_I64, j))),
                                                    ir.Constant(_I32, j))
                     return v
@@ -810,10 +847,10 @@ def scatter_axpy(typingctx, y, ix, data, p0, n, v):
     def codegen(context, builder, signature, args):
         yp, ip, dp = _array_ptrs(context, builder, signature, args, 3)
         p0_, n_, v_ = args[3], args[4], args[5]
-        fma = _fma_vec(builder)
+        fma = _fma_vec(builder, RW)
         fma1 = _fma_scalar(builder)
-        vv = _splat(builder, v_)
-        nblk = builder.udiv(n_, ir.Constant(_I64, VW))
+        vv = _splat(builder, v_, RW)
+        nblk = builder.udiv(n_, ir.Constant(_I64, RW))
 
         def out_at(k):
             row = builder.load(builder.gep(ip, [k], inbounds=True))
@@ -822,16 +859,16 @@ def scatter_axpy(typingctx, y, ix, data, p0, n, v):
             return builder.gep(yp, [row], inbounds=True)
 
         with cgutils.for_range(builder, nblk) as loop:
-            k = builder.add(p0_, builder.mul(loop.index, ir.Constant(_I64, VW)))
-            ptrs = [out_at(builder.add(k, ir.Constant(_I64, j))) for j in range(VW)]
-            yv = ir.Constant(_VEC, ir.Undefined)
-            for j in range(VW):
+            k = builder.add(p0_, builder.mul(loop.index, ir.Constant(_I64, RW)))
+            ptrs = [out_at(builder.add(k, ir.Constant(_I64, j))) for j in range(RW)]
+            yv = ir.Constant(_RVEC, ir.Undefined)
+            for j in range(RW):
                 yv = builder.insert_element(yv, builder.load(ptrs[j]), ir.Constant(_I32, j))
-            q = builder.bitcast(builder.gep(dp, [k], inbounds=True), _VEC.as_pointer())
+            q = builder.bitcast(builder.gep(dp, [k], inbounds=True), _RVEC.as_pointer())
             r = builder.call(fma, [vv, builder.load(q, align=4), yv])
-            for j in range(VW):
+            for j in range(RW):
                 builder.store(builder.extract_element(r, ir.Constant(_I32, j)), ptrs[j])
-        tail = builder.mul(nblk, ir.Constant(_I64, VW))
+        tail = builder.mul(nblk, ir.Constant(_I64, RW))
         with cgutils.for_range_slice(builder, tail, n_, ir.Constant(_I64, 1), inc=True) as (t, _):
             k = builder.add(p0_, t)
             p = out_at(k)
