@@ -443,7 +443,8 @@ def test_bound_sparse_linear_equals_sparse_linear(batch, serial, rng, monkeypatc
             np.testing.assert_array_equal(out, want)
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 9, 11), (2, 64, 40, 40)], ids=["serial", "parallel"])
+@pytest.mark.parametrize("shape", [(1, 3, 9, 11), (2, 64, 40, 40), (3, 5, 8, 8), (16, 64, 8, 7)],
+                         ids=["serial", "parallel", "tiny-serial", "tiny-parallel"])
 def test_bound_pools_equal_torch(shape, rng):
     from sparsecnn.kernels import elementwise as E
 

@@ -62,8 +62,9 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # 14: filter groups also on planes one per-filter tile covers (AlexNet conv3-5 at batch 1: 1.15-1.2x);
 # 15: direct / lowered convs split a batch's images among the threads, each copying its own images
 # (whole models 1.02-1.06x at batch 8-32);
-# 16: qspmv (sliced ELL at batch <= 8) among the candidates of linear layers with shared weights.
-_CACHE_VERSION = 16
+# 16: qspmv (sliced ELL at batch <= 8) among the candidates of linear layers with shared weights;
+# 17: 16-wide register tiles where the CPU runs AVX-512 FMAs at full rate (Intel server cores).
+_CACHE_VERSION = 17
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.
 DEFAULT_MARGIN = 0.04
