@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from sparsecnn.kernels._simd import VW
 from sparsecnn.kernels.spconv_input import prepare_spconv
 from sparsecnn.layers import SparseConv2d
 from tests.conftest import random_sparse
@@ -55,7 +56,7 @@ def test_tiles_and_chunks(rng, monkeypatch, tile_vectors, chunk_bytes, cin, cout
     whole vectors, the scalar and vector list merges), against torch."""
     import sparsecnn.kernels.spconv_input as mod
 
-    monkeypatch.setattr(mod, "_TILE_VECTORS", tile_vectors)
+    monkeypatch.setattr(mod, "_TILE_FLOATS", tile_vectors * VW)
     monkeypatch.setattr(mod, "_CHUNK_BYTES", chunk_bytes)
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, groups=groups)
     with torch.no_grad():

@@ -66,16 +66,18 @@ __all__ = ["SpconvPrep", "bind_spconv_input", "images_per_pass", "input_list_nby
 # and 28 KB (cc = 16 on a 3x3 layer) 0.79 / 0.61 / 0.48 ms; 8 vectors and 20 KB (cc = 8) 0.84 /
 # 0.82 / 0.64 ms (half the chunk: twice the list merges, shorter lists per tile); 4-5 vectors and
 # 7 vectors at 32 KB were no better than 6. Six vectors also keep two accumulator sets (SPLIT_MAX).
-_TILE_VECTORS = 6
+# Kept at 48 floats with 16-wide vectors (three zmm): 96-float tiles (cc = 8) ran AlexNet conv3-5
+# 1.2-1.7x slower on Emerald Rapids (2 threads, 70% input zeros, interleaved).
+_TILE_FLOATS = 48
 _CHUNK_BYTES = 28 * 1024
 
 
 def _layout(taps: int, ck: int, mg: int) -> tuple[int, int, int]:
     """``(tile_width, ntiles, cc)`` for ``taps`` taps, ``ck`` kept channels, ``mg`` channels per group:
-    tiles of whole vectors, about equal, at most ``_TILE_VECTORS``; chunks of ``cc`` channels whose
+    tiles of whole vectors, about equal, at most ``_TILE_FLOATS`` wide; chunks of ``cc`` channels whose
     rows fit ``_CHUNK_BYTES``."""
     mp = -(-max(mg, 1) // VW) * VW
-    ntiles = -(-mp // (min(_TILE_VECTORS, NV_MAX) * VW))
+    ntiles = -(-mp // (min(max(_TILE_FLOATS // VW, 1), NV_MAX) * VW))
     tw = -(-mp // (ntiles * VW)) * VW
     cc = max(1, min(max(ck, 1), _CHUNK_BYTES // (4 * taps * tw)))
     if cc >= VW:  # whole vectors: the list merge copies a chunk's slots as vectors
