@@ -23,10 +23,12 @@ the kernel: :func:`image_input`), so a call allocates nothing after the first on
 
 Loop
 ----
-Register tiles (XNNPACK's sparse inference kernels, SparseRT): ``NV_MAX`` vectors (24 where numba's
-target has AVX-512VL and so 32 ymm registers, e.g. Zen 4; 12 with AVX2's 16) stay in ymm registers
-across the nonzeros of the output channels they belong to, one broadcast weight and one ``vfmadd231ps
-ymm, ymm, [mem]`` per vector, no stores in the inner loop (LLVM IR from :mod:`sparsecnn.kernels._simd`;
+Register tiles (XNNPACK's sparse inference kernels, SparseRT): ``NV_MAX`` vectors of ``VW`` floats
+(16-wide zmm x 12 where the CPU runs AVX-512 FMAs at full rate, e.g. Intel's Emerald Rapids; 8-wide
+ymm x 24 where numba's target has AVX-512VL at half rate, Zen 4; ymm x 12 with AVX2's 16 registers;
+see :mod:`sparsecnn.kernels._simd`) stay in registers across the nonzeros of the output channels
+they belong to, one broadcast weight and one ``vfmadd231ps reg, reg, [mem]`` per vector, no stores
+in the inner loop (LLVM IR from :mod:`sparsecnn.kernels._simd`;
 plain numba leaves such a tile in memory). Two output channels share the registers (``NV_PAIR`` = 12 or
 6 vectors each) and walk their nonzeros in lockstep (``pair_tile``): both lists are sorted by input
 channel, so the second channel's spans mostly hit the L1 lines the first one just fetched. The wide
@@ -47,8 +49,10 @@ padding), tiles are stored straight into ``out``. A fused ReLU (``relu=True``, t
 executor's conv + bias + ReLU) is a compare-select on those final stores and copies (``fcmp ugt``: NaN
 kept, as ``torch.relu``), never a second pass over ``out``.
 
-Zen 4 (this project's machine: AMD EPYC family 25 model 17, AVX-512 F/BW/VL/VNNI/BF16; earlier sessions
-took it for Zen 3 with AVX2, and the Zen 3 numbers below are from then). Measured at 2 threads, each
+Zen 4 (this project's machine until 2026-12-05: AMD EPYC family 25 model 17, AVX-512 F/BW/VL/VNNI/BF16;
+earlier sessions took it for Zen 3 with AVX2, and the Zen 3 numbers below are from then; the
+Emerald Rapids measurements behind the 16-wide tiles are in docs/engine.md, "Session of 2026-12-05
+(sixth)"). Measured at 2 threads, each
 layer's variants interleaved in one process (medians of 21 x 5 calls, under load from other processes,
 so +-5%): 24-vector tiles (12 per filter of a pair) against 12 (6) on AlexNet conv2/3/4/5 at 65%:
 1.59/1.60/2.09/1.71x torch against 1.44/1.37/1.74/1.49x (+9-20%; conv3 at 55% +16%); ResNet at 90%:
