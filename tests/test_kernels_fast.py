@@ -558,3 +558,11 @@ def test_vector_width_follows_the_target_cpu(monkeypatch):
         monkeypatch.setattr(_simd, "_target", lambda name=name, feats=feats: (name, feats))
         assert (_simd._vector_width(), _simd._vector_registers()) == (width, regs), name
     assert _simd.RW == 8 and _simd.NV_MAX * _simd.VW in (96, 192)
+
+
+def test_cache_sizes_from_sysfs_or_default():
+    """The channel blocks follow the L1d the OS reports (3/4 of it), with a default where sysfs has
+    no such cache."""
+    assert conv.cache_bytes_per_core(99, 12345) == 12345
+    l1 = conv.cache_bytes_per_core(0, 32 * 1024)
+    assert 16 * 1024 <= l1 <= 64 * 1024 * 1024 and conv._L1_BYTES == l1 * 3 // 4
