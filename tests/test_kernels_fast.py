@@ -273,7 +273,7 @@ def _linear_case(rng, batch, m, k, sparsity, bias=True):
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
-@pytest.mark.parametrize("batch", [1, 3, 8, 33])
+@pytest.mark.parametrize("batch", [1, 3, 8, 16, 33])  # 8-lane rows up to 8, VW-lane above
 @pytest.mark.parametrize(("m", "k"), [(1, 1), (7, 5), (130, 257), (64, 1000)])
 def test_sparse_linear_matches_torch(batch, m, k, sparsity, rng):
     _linear_case(rng, batch, m, k, sparsity, bias=(m + batch) % 2 == 0)

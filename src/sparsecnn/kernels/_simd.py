@@ -41,11 +41,11 @@ from numba.extending import intrinsic
 from sparsecnn.kernels._numba import jit
 
 __all__ = ["ELL_ROWS", "ELL_SLAB", "GEMM_MR", "GEMM_NV", "GROUP_F", "GROUP_NV", "GROUP_PATTERNS",
-           "HAS_TABLE32", "NV_MAX", "NV_PAIR", "SPLIT_MAX", "TABLE", "VW", "code_ell_block",
+           "HAS_TABLE32", "NV_MAX", "NV_MAX8", "NV_PAIR", "RW", "SPLIT_MAX", "TABLE", "VW", "code_ell_block",
            "code_ell_block2", "code_ell_block2_finite", "code_ell_block4", "code_ell_block4_finite",
            "code_row_dot", "code_row_dot32", "copy_even", "copy_vec", "copy_vec_act", "copy_vec_add", "fmadd",
            "gemm_tile", "group_tile", "pair_tile", "prefetch", "row_dot", "scatter_axpy", "span_tile",
-           "tile_split"]
+           "span_tile8", "tile_split"]
 
 RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot, scatter_axpy): sums in 8 chains
 
@@ -165,13 +165,16 @@ SPLIT_MAX = 7 if _vector_registers() >= 32 else 4
 
 
 def _emit_tile(builder, fma, nv, xbase, optr, signed, dptr, k0, k1, wp, init, accumulate, nvalid, ostride,
-               relu):
-    """One register tile of ``nv`` vectors: the loop over nonzeros ``k0 <= k < k1``. With ``nv <=
-    SPLIT_MAX`` the nonzeros alternate between two sets of accumulators, summed as the tile ends."""
-    accs = [cgutils.alloca_once(builder, _VEC) for _ in range(nv)]
-    wvecs = [builder.bitcast(builder.gep(wp, [ir.Constant(_I64, i * VW)], inbounds=True), _VEC.as_pointer())
+               relu, width=None):
+    """One register tile of ``nv`` vectors of ``width`` (default ``VW``) floats: the loop over nonzeros
+    ``k0 <= k < k1``. With ``nv <= SPLIT_MAX`` the nonzeros alternate between two sets of
+    accumulators, summed as the tile ends."""
+    width = width or VW
+    vec = ir.VectorType(_F32, width)
+    accs = [cgutils.alloca_once(builder, vec) for _ in range(nv)]
+    wvecs = [builder.bitcast(builder.gep(wp, [ir.Constant(_I64, i * width)], inbounds=True), vec.as_pointer())
              for i in range(nv)]
-    start = _splat(builder, init)
+    start = _splat(builder, init, width)
     with builder.if_else(accumulate) as (then, otherwise):
         with then:
             for a, q in zip(accs, wvecs, strict=True):
@@ -186,10 +189,11 @@ def _emit_tile(builder, fma, nv, xbase, optr, signed, dptr, k0, k1, wp, init, ac
             off = builder.sext(off, _I64) if signed else builder.zext(off, _I64)
         if ostride is not None:
             off = builder.mul(off, ostride)
-        vb = _splat(builder, builder.load(builder.gep(dptr, [k], inbounds=True)))
+        vb = _splat(builder, builder.load(builder.gep(dptr, [k], inbounds=True)), width)
         p = builder.gep(xbase, [off], inbounds=True)
         for i in range(nv):
-            q = builder.bitcast(builder.gep(p, [ir.Constant(_I64, i * VW)], inbounds=True), _VEC.as_pointer())
+            q = builder.bitcast(builder.gep(p, [ir.Constant(_I64, i * width)], inbounds=True),
+                                vec.as_pointer())
             xv = builder.load(q, align=4)
             builder.store(builder.call(fma, [vb, xv, builder.load(into[i])]), into[i])
 
@@ -197,8 +201,8 @@ def _emit_tile(builder, fma, nv, xbase, optr, signed, dptr, k0, k1, wp, init, ac
         with cgutils.for_range_slice(builder, k0, k1, ir.Constant(_I64, 1), inc=True) as (k, _):
             add_nonzero(k, accs)
     else:
-        odd = [cgutils.alloca_once(builder, _VEC) for _ in range(nv)]
-        zero = ir.Constant(_VEC, [0.0] * VW)
+        odd = [cgutils.alloca_once(builder, vec) for _ in range(nv)]
+        zero = ir.Constant(vec, [0.0] * width)
         for a in odd:
             builder.store(zero, a)
         npair = builder.sdiv(builder.sub(k1, k0), ir.Constant(_I64, 2))
@@ -211,43 +215,53 @@ def _emit_tile(builder, fma, nv, xbase, optr, signed, dptr, k0, k1, wp, init, ac
             add_nonzero(kl, accs)
         for a, b in zip(accs, odd, strict=True):
             builder.store(builder.fadd(builder.load(a), builder.load(b)), a)
-    _store_tile(builder, accs, wp, nvalid, relu)
+    _store_tile(builder, accs, wp, nvalid, relu, width)
 
 
-@intrinsic
-def span_tile(typingctx, x, offs, data, k0, k1, base, w, wpos, nvec, nvalid, init, accumulate, ostride, relu):
-    """``w[wpos + j] = (w[wpos + j] if accumulate else init) + sum_k data[k] * x[base + s * offs[k] + j]``,
-    then ``max(w[wpos + j], 0)`` (NaN kept, as torch.relu) when ``relu``.
+def _span_tile(width: int, nmax: int):
+    def typer(typingctx, x, offs, data, k0, k1, base, w, wpos, nvec, nvalid, init, accumulate, ostride, relu):
+        sig = types.void(x, offs, data, types.intp, types.intp, types.intp, w, types.intp, types.intp,
+                         types.intp, types.float32, types.boolean, types.intp, types.boolean)
 
-    For ``k0 <= k < k1`` and ``0 <= j < min(nvalid, nvec * VW)`` (the tile computes ``nvec * VW``
-    values and stores the first ``nvalid``), with ``1 <= nvec <= NV_MAX`` (any other nvec does nothing)
-    and ``nvalid > (nvec - 1) * VW``. x, offs, data and w are 1-D arrays (float32, any integer dtype,
-    float32, float32). ``s = ostride``: 1 when offs are element offsets, the row length when they
-    are row indices of a row-major matrix (CSR times dense).
-    NOTE: no bounds checks: x holds ``base + s * offs[k] + nvec * VW`` elements for every k, and w
-    holds ``wpos + min(nvalid, nvec * VW)`` (``wpos + nvec * VW`` when accumulating).
-    """
-    sig = types.void(x, offs, data, types.intp, types.intp, types.intp, w, types.intp, types.intp,
-                     types.intp, types.float32, types.boolean, types.intp, types.boolean)
+        def codegen(context, builder, signature, args):
+            x_, offs_, data_, k0_, k1_, base_, w_, wpos_, nvec_, nvalid_, init_, acc_, ostride_, relu_ = args
+            aty = signature.args
+            xbase = builder.gep(_data_ptr(context, builder, aty[0], x_), [base_], inbounds=True)
+            optr = _data_ptr(context, builder, aty[1], offs_)
+            dptr = _data_ptr(context, builder, aty[2], data_)
+            wp = builder.gep(_data_ptr(context, builder, aty[6], w_), [wpos_], inbounds=True)
+            accumulate = _as_i1(context, builder, acc_, aty[11])
+            relu = _as_i1(context, builder, relu_, aty[13])
+            fma = _fma_vec(builder, width)
+            signed = getattr(aty[1].dtype, "signed", True)
+            ostride = None if isinstance(ostride_, ir.Constant) and ostride_.constant == 1 else ostride_
+            _for_each_nvec(builder, nvec_, nmax, "span_tile", lambda nv: _emit_tile(
+                builder, fma, nv, xbase, optr, signed, dptr, k0_, k1_, wp, init_, accumulate, nvalid_,
+                ostride, relu, width))
+            return context.get_dummy_value()
 
-    def codegen(context, builder, signature, args):
-        x_, offs_, data_, k0_, k1_, base_, w_, wpos_, nvec_, nvalid_, init_, acc_, ostride_, relu_ = args
-        aty = signature.args
-        xbase = builder.gep(_data_ptr(context, builder, aty[0], x_), [base_], inbounds=True)
-        optr = _data_ptr(context, builder, aty[1], offs_)
-        dptr = _data_ptr(context, builder, aty[2], data_)
-        wp = builder.gep(_data_ptr(context, builder, aty[6], w_), [wpos_], inbounds=True)
-        accumulate = _as_i1(context, builder, acc_, aty[11])
-        relu = _as_i1(context, builder, relu_, aty[13])
-        fma = _fma_vec(builder)
-        signed = getattr(aty[1].dtype, "signed", True)
-        ostride = None if isinstance(ostride_, ir.Constant) and ostride_.constant == 1 else ostride_
-        _for_each_nvec(builder, nvec_, NV_MAX, "span_tile", lambda nv: _emit_tile(
-            builder, fma, nv, xbase, optr, signed, dptr, k0_, k1_, wp, init_, accumulate, nvalid_, ostride,
-            relu))
-        return context.get_dummy_value()
+        return sig, codegen
 
-    return sig, codegen
+    return typer
+
+
+span_tile = intrinsic(_span_tile(VW, NV_MAX))
+span_tile.__doc__ = """``w[wpos + j] = (w[wpos + j] if accumulate else init) + sum_k data[k] *
+x[base + s * offs[k] + j]``, then ``max(w[wpos + j], 0)`` (NaN kept, as torch.relu) when ``relu``.
+
+For ``k0 <= k < k1`` and ``0 <= j < min(nvalid, nvec * VW)`` (the tile computes ``nvec * VW``
+values and stores the first ``nvalid``), with ``1 <= nvec <= NV_MAX`` (any other nvec does nothing)
+and ``nvalid > (nvec - 1) * VW``. x, offs, data and w are 1-D arrays (float32, any integer dtype,
+float32, float32). ``s = ostride``: 1 when offs are element offsets, the row length when they
+are row indices of a row-major matrix (CSR times dense).
+NOTE: no bounds checks: x holds ``base + s * offs[k] + nvec * VW`` elements for every k, and w
+holds ``wpos + min(nvalid, nvec * VW)`` (``wpos + nvec * VW`` when accumulating).
+"""
+# 8-lane tiles where VW is 16: for rows of 8 floats (a batch of at most 8 in the CSR spmm), which a
+# 16-wide tile would compute twice over. Up to 24 ymm with AVX-512VL's 32 registers, else 12.
+NV_MAX8 = 24 if _vector_registers() >= 32 else 12
+span_tile8 = intrinsic(_span_tile(RW, NV_MAX8))
+span_tile8.__doc__ = """:func:`span_tile` with ``RW`` (8) floats per vector, ``1 <= nvec <= NV_MAX8``."""
 
 
 def _emit_gemm(builder, fma, nv, xbase, optr, signed, wptr, k0, k1, outp, ostride, inits, nvalid):
@@ -470,21 +484,23 @@ def _as_i1(context, builder, val, ty):
     return builder.trunc(v, _I1) if v.type != _I1 else v
 
 
-def _store_tile(builder, accs, wp, nvalid, relu=None):
+def _store_tile(builder, accs, wp, nvalid, relu=None, width=None):
     """Store the register tile ``accs`` at ``wp``: whole, or only the last vector's first lanes; with
     ``relu`` (an i1 value) true, ``max(acc, 0)`` (see :func:`_relu`)."""
+    width = width or VW
+    vec = ir.VectorType(_F32, width)
     nv = len(accs)
     for i, a in enumerate(accs[:-1]):
-        q = builder.bitcast(builder.gep(wp, [ir.Constant(_I64, i * VW)], inbounds=True), _VEC.as_pointer())
+        q = builder.bitcast(builder.gep(wp, [ir.Constant(_I64, i * width)], inbounds=True), vec.as_pointer())
         builder.store(_relu(builder, builder.load(a), relu), q, align=4)
     last = _relu(builder, builder.load(accs[-1]), relu)
-    lp = builder.gep(wp, [ir.Constant(_I64, (nv - 1) * VW)], inbounds=True)
-    rem = builder.sub(nvalid, ir.Constant(_I64, (nv - 1) * VW))
-    with builder.if_else(builder.icmp_signed(">=", rem, ir.Constant(_I64, VW))) as (whole, part):
+    lp = builder.gep(wp, [ir.Constant(_I64, (nv - 1) * width)], inbounds=True)
+    rem = builder.sub(nvalid, ir.Constant(_I64, (nv - 1) * width))
+    with builder.if_else(builder.icmp_signed(">=", rem, ir.Constant(_I64, width))) as (whole, part):
         with whole:
-            builder.store(last, builder.bitcast(lp, _VEC.as_pointer()), align=4)
+            builder.store(last, builder.bitcast(lp, vec.as_pointer()), align=4)
         with part:
-            for lane in range(VW - 1):
+            for lane in range(width - 1):
                 with builder.if_then(builder.icmp_signed(">", rem, ir.Constant(_I64, lane))):
                     builder.store(builder.extract_element(last, ir.Constant(_I32, lane)),
                                   builder.gep(lp, [ir.Constant(_I64, lane)], inbounds=True))

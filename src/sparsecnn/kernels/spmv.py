@@ -31,10 +31,22 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import PerThread, balanced_bounds, num_threads, pjit, serial_twin
-from sparsecnn.kernels._simd import NV_MAX, VW, row_dot, span_tile, tile_split
+from sparsecnn.kernels._simd import NV_MAX, NV_MAX8, RW, VW, row_dot, span_tile, span_tile8, tile_split
 
 __all__ = ["SLAB", "LinearPrep", "bind_sparse_linear", "prepare_linear", "slab_order", "slab_row_ids",
            "slab_width", "sparse_linear"]
+
+
+def _padded_batch(batch: int) -> int:
+    """Columns of the transposed input of the spmm: the batch rounded up to whole vectors, of ``RW``
+    (8) floats up to a batch of 8, of ``VW`` above. Where ``VW`` is 16, a zmm row at batch 2-8
+    computes 8 or more lanes for nothing and doubles the transposed input's bytes. On Emerald Rapids,
+    at 2 threads and 91% sparsity, the two were interleaved in one process over two runs. fc6 at batch
+    2 / 4 / 8 took 2.3-3.6 / 2.1-2.8 / 2.2-2.9 ms with 8-lane rows, against 3.9-5.8 / 3.5-4.5 /
+    1.5-4.7 ms with 16-lane rows. fc7 took 0.85-1.01 / 0.74-0.84 / 1.18-1.32 ms, against
+    2.2 / 0.92-1.72 / 0.95-1.74 ms. One sample of twelve (batch 8, first run) favoured the
+    16-lane rows."""
+    return RW if batch <= RW else -(-batch // VW) * VW
 
 
 @dataclass(eq=False)
@@ -96,7 +108,7 @@ class LinearPrep:
             per_row = np.diff(self.indptr).astype(np.int64).reshape(self.nslabs, m).sum(axis=0)
             cost = per_row + 4 * self.nslabs  # a row also costs its store and setup, per slab
             bounds = balanced_bounds(cost, nparts)
-            bp = -(-batch // VW) * VW
+            bp = _padded_batch(batch)
             ws = _Workspace(
                 xt=np.zeros((k, bp) if batch > 1 else (0, VW), dtype=np.float32),
                 acc=np.zeros(((m if self.slab else nparts) if batch > 1 else 0, bp), dtype=np.float32),
@@ -324,14 +336,16 @@ def _spmm(indptr, indices, data, xt, bias, has_bias, out, acc, bounds, relu):
     four runs (the machine's noise is +-15% there), VGG-16's fc6 (7 slabs) 1.51x / 1.33x at batch 8
     / 32. Without slabs (fc7) one row of ``acc`` per thread serves every row, as before: kept in
     ``acc[m]``, fc7 at batch 32 ran 0.85x with the weights cold (512 KB more written).
-    NOTE: xt is (K, Bp) C-contiguous with Bp a multiple of VW; acc is (M, Bp) with slabs, else at least
-    (nparts, Bp); indptr.size - 1 is a multiple of out.shape[1].
+    NOTE: xt is (K, Bp) C-contiguous with Bp a multiple of VW, or RW (:func:`_padded_batch`); acc is
+    (M, Bp) with slabs, else at least (nparts, Bp); indptr.size - 1 is a multiple of out.shape[1].
     """
     nb, nrow = out.shape
     bp = xt.shape[1]
     x = xt.reshape(xt.size)
-    nvec = bp // VW
-    ntiles = (nvec + NV_MAX - 1) // NV_MAX
+    narrow = bp % VW != 0  # rows of RW floats (a batch of at most 8 where VW is 16): span_tile8
+    lw = RW if narrow else VW
+    nvec = bp // lw
+    ntiles = (nvec + (NV_MAX8 if narrow else NV_MAX) - 1) // (NV_MAX8 if narrow else NV_MAX)
     nparts = bounds.size - 1
     nslabs = (indptr.size - 1) // max(nrow, 1)
     for part in numba.prange(nparts):
@@ -343,8 +357,11 @@ def _spmm(indptr, indices, data, xt, bias, has_bias, out, acc, bounds, relu):
                 r = sl * nrow + m
                 for t in range(ntiles):
                     v0, nv = tile_split(nvec, t, ntiles)
-                    span_tile(x, indices, data, indptr[r], indptr[r + 1], v0 * VW, a, v0 * VW, nv, nv * VW,
-                              bv, sl > 0, bp, last)
+                    k0, k1, p = indptr[r], indptr[r + 1], v0 * lw
+                    if narrow:
+                        span_tile8(x, indices, data, k0, k1, p, a, p, nv, nv * lw, bv, sl > 0, bp, last)
+                    else:
+                        span_tile(x, indices, data, k0, k1, p, a, p, nv, nv * lw, bv, sl > 0, bp, last)
                 if nslabs == 1:
                     for j in range(nb):
                         out[j, m] = a[j]
