@@ -99,7 +99,8 @@ VW = _vector_width()  # floats per vector of the register tiles
 # (measured on Zen 4, 2 threads, interleaved: AlexNet conv2-5 at 65% +9-20%, ResNet 3x3/1x1 at 90%
 # -9% to +13%, see the conv module docstring). With 16-wide vectors: 12 zmm, the same 192 floats
 # per tile (24 zmm measured no better, see the conv module docstring).
-NV_MAX = 12 if VW == 16 else 24 if _vector_registers() >= 32 else 12
+NV_MAX8 = 24 if _vector_registers() >= 32 else 12  # ymm tiles: also span_tile8's bound where VW is 16
+NV_MAX = 12 if VW == 16 else NV_MAX8
 NV_PAIR = NV_MAX // 2  # vectors per filter when two filters share the accumulators (pair_tile)
 # gemm_tile: GEMM_MR filters x GEMM_NV vectors of accumulators, the GEMM_NV input vectors of a column
 # loaded once for all GEMM_MR filters, plus GEMM_MR weight broadcasts: 24 + 4 + 1 registers of 32
@@ -258,8 +259,7 @@ NOTE: no bounds checks: x holds ``base + s * offs[k] + nvec * VW`` elements for 
 holds ``wpos + min(nvalid, nvec * VW)`` (``wpos + nvec * VW`` when accumulating).
 """
 # 8-lane tiles where VW is 16: for rows of 8 floats (a batch of at most 8 in the CSR spmm), which a
-# 16-wide tile would compute twice over. Up to 24 ymm with AVX-512VL's 32 registers, else 12.
-NV_MAX8 = 24 if _vector_registers() >= 32 else 12
+# 16-wide tile would compute twice over. Up to NV_MAX8 ymm.
 span_tile8 = intrinsic(_span_tile(RW, NV_MAX8))
 span_tile8.__doc__ = """:func:`span_tile` with ``RW`` (8) floats per vector, ``1 <= nvec <= NV_MAX8``."""
 

@@ -343,9 +343,9 @@ def _spmm(indptr, indices, data, xt, bias, has_bias, out, acc, bounds, relu):
     bp = xt.shape[1]
     x = xt.reshape(xt.size)
     narrow = bp % VW != 0  # rows of RW floats (a batch of at most 8 where VW is 16): span_tile8
-    lw = RW if narrow else VW
+    lw, nmax = (RW, NV_MAX8) if narrow else (VW, NV_MAX)
     nvec = bp // lw
-    ntiles = (nvec + (NV_MAX8 if narrow else NV_MAX) - 1) // (NV_MAX8 if narrow else NV_MAX)
+    ntiles = (nvec + nmax - 1) // nmax
     nparts = bounds.size - 1
     nslabs = (indptr.size - 1) // max(nrow, 1)
     for part in numba.prange(nparts):
