@@ -25,16 +25,19 @@ def _input(rng: np.random.Generator, shape: tuple[int, int], zeros: float) -> np
 @pytest.mark.parametrize("x_zeros", [0.0, 0.6, 0.95, 1.0])
 @pytest.mark.parametrize("batch", [1, 2, 5])
 @pytest.mark.parametrize("bias", [True, False])
-def test_kernel_matches_dense(rng, w_sparsity: float, x_zeros: float, batch: int, bias: bool) -> None:
+@pytest.mark.parametrize("masked", [False, True])
+def test_kernel_matches_dense(rng, w_sparsity: float, x_zeros: float, batch: int, bias: bool,
+                              masked: bool) -> None:
     m, k = 37, 53
     w = random_sparse(rng, (m, k), w_sparsity)
     w[3] = 0.0  # an all-zero filter
     w[:, 7] = 0.0  # an all-zero column
     x = _input(rng, (batch, k), x_zeros)
     b = rng.standard_normal(m).astype(np.float32) if bias else None
-    prep = prepare_act_linear(w)
+    prep = prepare_act_linear(w, masked=masked)
     prep.check_format()
     assert prep.dense_columns == (np.count_nonzero(w) > 2 * w.size / 3)
+    assert prep.masked == (masked and not prep.dense_columns)
     out = np.full((batch, m), np.nan, np.float32)
     act_sparse_linear(prep, x, b, out)
     ref = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w),
@@ -70,10 +73,13 @@ def test_bound_dense_columns_tiles_relu_and_nan(rng, m: int, relu: bool) -> None
 
 def test_bytes_are_the_stored_arrays(rng) -> None:
     w = random_sparse(rng, (64, 300), 0.9)
-    prep = prepare_act_linear(w, nblocks=2)
+    prep = prepare_act_linear(w, nblocks=2, masked=False)
     nnz = int(np.count_nonzero(w))
     # int32 pointers of two row blocks, uint16 rows, float32 values, int64 block bounds
     assert prep.nbytes == (2 * 300 + 1) * 4 + nnz * 2 + nnz * 4 + 3 * 8
+    masked = prepare_act_linear(w, masked=True)
+    # one tile of 128 rows: a uint16 mask per 16-row group and column, int32 pointers, float32 values
+    assert masked.nbytes == 300 * 8 * 2 + (300 + 1) * 4 + nnz * 4
     dense = prepare_act_linear(random_sparse(rng, (64, 300), 0.1))
     assert dense.nbytes == 64 * 300 * 4
 
@@ -139,7 +145,7 @@ def test_row_blocks_any_count_any_threads(rng, nblocks: int, batch: int) -> None
     w = random_sparse(rng, (45, 60), 0.85)
     x = _input(rng, (batch, 60), 0.5)
     ref = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w))
-    prep = prepare_act_linear(w, nblocks=nblocks)
+    prep = prepare_act_linear(w, nblocks=nblocks, masked=False)
     prep.check_format()
     assert prep.blocks.size - 1 == nblocks
     threads = numba.get_num_threads()
@@ -151,7 +157,7 @@ def test_row_blocks_any_count_any_threads(rng, nblocks: int, batch: int) -> None
             assert_close(out, ref)
     finally:
         numba.set_num_threads(threads)
-    plain = prepare_act_linear(w, nblocks=1)
+    plain = prepare_act_linear(w, nblocks=1, masked=False)
     legacy = dataclasses.replace(plain, row_blocks=None)
     legacy.check_format()
     out = np.full((batch, 45), np.nan, np.float32)
@@ -165,7 +171,7 @@ def test_row_outside_its_block_is_rejected(rng) -> None:
     from sparsecnn.errors import SparseCNNError
 
     w = random_sparse(rng, (20, 10), 0.5)
-    prep = prepare_act_linear(w, nblocks=2)
+    prep = prepare_act_linear(w, nblocks=2, masked=False)
     bad = prep.indices.copy()
     end = int(prep.indptr[1])  # column 0's part in block 0: its last row moved into block 1 (sorted)
     assert end > 0
@@ -189,3 +195,71 @@ def test_large_linear_layers_are_timed_cold() -> None:
     assert not times_cold(nn.Linear(4, 4), [big, small])
     assert not times_cold(nn.Conv2d(4, 4, 3), [big, big])
     assert not times_cold(nn.Linear(4, 4), [])
+
+
+@pytest.mark.parametrize("m", [1, 127, 128, 129, 300])  # tiles of 128 rows, the last one partial or not
+@pytest.mark.parametrize("relu", [False, True])
+def test_masked_layout_tiles_relu_nan_and_threads(rng, m: int, relu: bool) -> None:
+    """The masked layout against dense torch: partial last tiles, ReLU, 1 and 2 threads, batch 1 and
+    3; a NaN or inf input spreads to every row as in the dense product (0 * inf is NaN)."""
+    import numba
+
+    from sparsecnn.kernels.spmv_act import MASK_ROWS, bind_act_sparse_linear, masked_to_dense
+
+    assert MASK_ROWS == 128
+    k = 90
+    w = random_sparse(rng, (m, k), 0.9)
+    w[:, 5] = 0.0
+    b = rng.standard_normal(m).astype(np.float32)
+    prep = prepare_act_linear(w, masked=True)
+    assert prep.masked and prep.ntiles == -(-m // 128)
+    np.testing.assert_array_equal(masked_to_dense(prep), w)
+    threads = numba.get_num_threads()
+    try:
+        for t in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(t)
+            for batch in (1, 3):
+                out = np.full((batch, m), np.nan, np.float32)
+                run = bind_act_sparse_linear(prep, batch, b, out, relu)
+                for zeros in (0.0, 0.6, 1.0):
+                    x = _input(rng, (batch, k), zeros)
+                    if zeros == 0.6:
+                        x[0, 11], x[-1, 40] = np.nan, np.inf
+                    run(x)
+                    ref = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w),
+                                                     torch.from_numpy(b))
+                    ref = (torch.relu(ref) if relu else ref).numpy()
+                    fin = np.isfinite(out)
+                    np.testing.assert_array_equal(fin, np.isfinite(ref))
+                    np.testing.assert_array_equal(out[~fin], ref[~fin])  # the same NaN and +-inf
+                    if fin.any():
+                        assert_close(out[fin], ref[fin])
+    finally:
+        numba.set_num_threads(threads)
+
+
+def test_masked_layout_corruption_is_rejected(rng) -> None:
+    import dataclasses
+
+    from sparsecnn.errors import SparseCNNError
+
+    w = random_sparse(rng, (200, 30), 0.8)
+    prep = prepare_act_linear(w, masked=True)
+    layer = SparseLinear.from_format(prep, "spmv-act", in_features=30, out_features=200)
+    np.testing.assert_array_equal(layer.engine.to_dense(), w)
+    masks = prep.masks.copy()
+    masks[np.flatnonzero(masks)[0]] ^= 1 << 15  # a bit more or fewer than the pointers say
+    ptr = prep.tile_ptr.copy()
+    ptr[-1] += 1
+    pad = prep.masks.copy().reshape(2, 30, 8)
+    pad[1, 0, 7] |= 1 << 15  # row 255: past the 200 rows
+    bad_data = prep.data.copy()
+    bad_data[0] = np.nan
+    for bad, match in ((dataclasses.replace(prep, masks=masks), "mask bits"),
+                       (dataclasses.replace(prep, tile_ptr=ptr), "rise from 0"),
+                       (dataclasses.replace(prep, masks=prep.masks[:-1]), "masks must be"),
+                       (dataclasses.replace(prep, masks=prep.masks.astype(np.int32)), "masks must be"),
+                       (dataclasses.replace(prep, data=bad_data), "NaN"),
+                       (dataclasses.replace(prep, masks=pad.reshape(-1)), "past the last|mask bits")):
+        with pytest.raises(SparseCNNError, match=match):
+            SparseLinear.from_format(bad, "spmv-act", in_features=30, out_features=200)

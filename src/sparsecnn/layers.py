@@ -1198,6 +1198,13 @@ class _ActSparseLinear(_SparseLinear):
         if fmt.dense_columns:
             _check_f32(fmt.dense_t, "ActLinearPrep.dense_t", (shape[1], shape[0]))
             return
+        if fmt.masked:
+            from sparsecnn.kernels.spmv_act import masked_layout_problem
+
+            problem = masked_layout_problem(fmt)
+            _need(problem is None, f"ActLinearPrep (masked layout): {problem}")
+            _check_f32(fmt.data, "ActLinearPrep.data")
+            return
         rb = fmt.row_blocks
         if rb is not None:
             check_int_array(rb, "row_blocks", "ActLinearPrep")
@@ -1219,6 +1226,10 @@ class _ActSparseLinear(_SparseLinear):
         f = self.format
         if f.dense_columns:
             return np.ascontiguousarray(f.dense_t.T)
+        if f.masked:
+            from sparsecnn.kernels.spmv_act import masked_to_dense
+
+            return masked_to_dense(f)
         k = f.shape[1]
         # stacked column b * K + j is column j of W (its part in row block b): fold the blocks
         cols = np.repeat(np.arange(f.indptr.size - 1), np.diff(f.indptr.astype(np.int64))) % max(k, 1)

@@ -897,6 +897,104 @@ def scatter_axpy(typingctx, y, ix, data, p0, n, v):
     return sig, codegen
 
 
+# masked_tile: 16-row groups per register tile of the masked column layout (kernels.spmv_act).
+MASK_GROUPS = 8
+_V16 = ir.VectorType(_F32, 16)
+_M16 = ir.VectorType(_I1, 16)
+
+
+def _masked_tile_codegen(groups: int, ahead: int):
+    def codegen(context, builder, signature, args):
+        x_, nz_, n_, m_, tp_, v_, col0_, init_, r0_, dst_, dpos_, relu_ = args
+        at = signature.args
+        xp = _data_ptr(context, builder, at[0], x_)
+        nzp = _data_ptr(context, builder, at[1], nz_)
+        mp0 = _data_ptr(context, builder, at[3], m_)
+        tpp = _data_ptr(context, builder, at[4], tp_)
+        vp0 = _data_ptr(context, builder, at[5], v_)
+        ip = builder.gep(_data_ptr(context, builder, at[7], init_), [r0_], inbounds=True)
+        dp = builder.gep(_data_ptr(context, builder, at[9], dst_), [dpos_], inbounds=True)
+        relu = _as_i1(context, builder, relu_, at[11])
+        fma = _fma_vec(builder, 16)
+        expand = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            _V16, [_F32.as_pointer(), _M16, _V16]), "llvm.masked.expandload.v16f32")
+        i16 = ir.IntType(16)
+        pop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
+        i8p = ir.IntType(8).as_pointer()
+        pf = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]), "llvm.prefetch.p0")
+        zero = ir.Constant(_V16, None)
+
+        def at64(ptr, i):
+            v = builder.load(builder.gep(ptr, [i], inbounds=True))
+            return builder.sext(v, _I64) if v.type.width < 64 else v
+
+        accs = []
+        for g in range(groups):
+            a = cgutils.alloca_once(builder, _V16)
+            q = builder.gep(ip, [ir.Constant(_I64, 16 * g)], inbounds=True)
+            builder.store(builder.load(builder.bitcast(q, _V16.as_pointer()), align=4), a)
+            accs.append(a)
+        last = builder.sub(n_, ir.Constant(_I64, 1))
+        with cgutils.for_range(builder, n_) as loop:
+            if ahead:
+                # the masks and values of the nonzero input `ahead` on (their lines into cache): the
+                # column parts are short runs with gaps, which the hardware prefetchers do not follow
+                qa = builder.add(loop.index, ir.Constant(_I64, ahead))
+                qa = builder.select(builder.icmp_signed("<", qa, n_), qa, last)
+                ca = builder.add(col0_, at64(nzp, qa))
+                for ptr in (builder.gep(vp0, [at64(tpp, ca)]),
+                            builder.gep(mp0, [builder.mul(ca, ir.Constant(_I64, groups))])):
+                    builder.call(pf, [builder.bitcast(ptr, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                                      ir.Constant(_I32, 1)])
+            j = at64(nzp, loop.index)
+            xv = builder.load(builder.gep(xp, [j], inbounds=True))
+            xs = _splat(builder, xv, 16)
+            col = builder.add(col0_, j)
+            vp = builder.gep(vp0, [at64(tpp, col)], inbounds=True)
+            mp = builder.gep(mp0, [builder.mul(col, ir.Constant(_I64, groups))], inbounds=True)
+            for g in range(groups):
+                m = builder.load(builder.gep(mp, [ir.Constant(_I64, g)], inbounds=True))
+                w = builder.call(expand, [vp, builder.bitcast(m, _M16), zero])
+                builder.store(builder.call(fma, [w, xs, builder.load(accs[g])]), accs[g])
+                if g + 1 < groups:
+                    vp = builder.gep(vp, [builder.zext(builder.call(pop, [m]), _I64)], inbounds=True)
+        for g in range(groups):
+            q = builder.gep(dp, [ir.Constant(_I64, 16 * g)], inbounds=True)
+            builder.store(_relu(builder, builder.load(accs[g]), relu), builder.bitcast(q, _V16.as_pointer()),
+                          align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _masked_tile(groups: int, ahead: int):
+    @intrinsic
+    def masked_tile(typingctx, x, nz, n, masks, tile_ptr, vals, col0, init, r0, dst, dpos, relu):
+        """One tile of ``T = 16 * MASK_GROUPS`` output rows of the masked column layout
+        (:mod:`sparsecnn.kernels.spmv_act`) over the nonzero inputs ``nz[:n]``: the tile's rows stay in
+        ``MASK_GROUPS`` zmm accumulators while, per input ``j``, each 16-row group adds ``x[j]`` times
+        its column's values there, expanded from the packed ``vals`` by the group's 16-bit mask (one
+        ``vexpandps`` and one FMA; the rows a mask leaves out get weight 0, so a NaN or inf input
+        spreads to every row, as in a dense product).
+
+        Column ``c = col0 + j``: masks ``masks[c * MASK_GROUPS + g]`` (bit ``i`` of group ``g`` is row
+        ``16 g + i`` of the tile); values from ``vals[tile_ptr[c]]`` on, group after group, each
+        group's count its mask's popcount. The tile starts from ``init[r0 : r0 + T]`` and is stored to
+        ``dst[dpos : dpos + T]``, ``max(., 0)`` with NaN kept when ``relu``. The masks and values of
+        the input four on are prefetched.
+        NOTE: no bounds checks: ``nz[:n]`` are valid columns; init and dst hold ``T`` floats from
+        their positions."""
+        sig = types.void(x, nz, types.intp, masks, tile_ptr, vals, types.intp, init, types.intp, dst,
+                         types.intp, types.boolean)
+        return sig, _masked_tile_codegen(groups, ahead)
+
+    return masked_tile
+
+
+masked_tile = _masked_tile(MASK_GROUPS, 4)
+
+
 # code_ell_block: rows per block (the lanes of one zmm accumulator), columns per slab (the entries one
 # vpermi2ps looks up from two zmm registers), independent accumulators (FMA latency 4 cycles).
 ELL_ROWS = 16

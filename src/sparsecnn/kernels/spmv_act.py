@@ -49,13 +49,20 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit, serial_twin
-from sparsecnn.kernels._simd import NV_MAX, VW, prefetch, scatter_axpy, span_tile
+from sparsecnn.kernels._simd import MASK_GROUPS, NV_MAX, VW, masked_tile, prefetch, scatter_axpy, span_tile
 from sparsecnn.kernels.elementwise import relu_
 
-__all__ = ["DENSE_COLUMNS_ABOVE", "ActLinearPrep", "act_sparse_linear", "bind_act_sparse_linear",
-           "prepare_act_linear"]
+__all__ = ["DENSE_COLUMNS_ABOVE", "MASKED_DEFAULT", "MASK_ROWS", "ActLinearPrep", "act_sparse_linear",
+           "bind_act_sparse_linear", "masked_layout_problem", "masked_to_dense", "prepare_act_linear"]
 
 DENSE_COLUMNS_ABOVE = 2.0 / 3.0  # weight density above which dense columns (4 B) beat CSC (6 B)
+
+# Rows per tile of the masked layout (16-row groups, one zmm accumulator each).
+MASK_ROWS = 16 * MASK_GROUPS
+# The masked layout is the default where AVX-512 FMAs run at full rate (VW 16): there an expand load
+# and an FMA per 16-row group beat the CSC's scatter. Elsewhere (Zen 4, AVX2) the CSC is kept: on
+# Zen 4 the expand form ran at 0.4-0.6x the scatter (docs/engine.md).
+MASKED_DEFAULT = VW == 16
 
 
 @dataclass(eq=False)
@@ -65,6 +72,10 @@ class _Workspace:
     xv: np.ndarray  # (K,) their values (batch 1, dense columns)
     xt: np.ndarray  # (K, B) transposed input (batch > 1)
     acc: np.ndarray  # (M, B) transposed outputs (batch > 1, CSC), else (0, 1)
+    tiles: np.ndarray  # (nparts + 1,) tile ranges of the masked layout (nnz-balanced), else (0,)
+    nzb: np.ndarray  # (B, K) each image's nonzero inputs (masked layout), else (0, 0)
+    counts: np.ndarray  # (B,) how many (masked layout)
+    scratch: np.ndarray  # (nparts, MASK_ROWS) a last partial tile's rows (masked layout)
 
 
 @dataclass(eq=False)
@@ -86,6 +97,14 @@ class ActLinearPrep:
     row_blocks : ndarray, shape (nblocks + 1,), int64, or None
         Row block bounds (``0 = rb[0] <= ... <= rb[-1] = M``); None: one block (a plain CSC, as files
         written before the blocks were added hold).
+    masks : ndarray, shape (ntiles * K * MASK_GROUPS,), uint16
+        Masked layout (``tile_ptr`` not empty; ``indptr`` and ``indices`` empty): the rows in tiles of
+        ``MASK_ROWS`` (the last padded), and per tile ``t`` and column ``j`` one 16-bit mask per
+        16-row group, ``masks[(t * K + j) * MASK_GROUPS + g]``, bit ``i`` set where row
+        ``t * MASK_ROWS + 16 g + i`` has a nonzero. Shape (0,) in the other layouts.
+    tile_ptr : ndarray, shape (ntiles * K + 1,), int32 or int64
+        Masked layout: the values of tile ``t``, column ``j`` are ``data[tile_ptr[t * K + j] :
+        tile_ptr[t * K + j + 1]]``, group after group and row after row. Shape (0,) otherwise.
     """
 
     shape: tuple[int, int]
@@ -94,6 +113,8 @@ class ActLinearPrep:
     data: np.ndarray
     dense_t: np.ndarray
     row_blocks: np.ndarray | None = None
+    masks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint16))
+    tile_ptr: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     _workspaces: PerThread = field(default_factory=PerThread, repr=False)
 
     @property
@@ -108,19 +129,34 @@ class ActLinearPrep:
         return self.dense_t.shape[0] > 0 or self.shape[1] == 0
 
     @property
+    def masked(self) -> bool:
+        """The masked layout (see ``masks``)."""
+        return self.tile_ptr.size > 0 and not self.dense_columns
+
+    @property
+    def ntiles(self) -> int:
+        return -(-self.shape[0] // MASK_ROWS)
+
+    @property
     def nnz(self) -> int:
         return int(np.count_nonzero(self.dense_t)) if self.dense_columns else int(self.data.size)
 
     @property
     def nbytes(self) -> int:
-        """Exact bytes of the stored weights (pointers, indices, values or dense columns, row blocks)."""
+        """Exact bytes of the stored weights (pointers, indices, masks, values or dense columns, row
+        blocks)."""
         blocks = 0 if self.row_blocks is None else self.row_blocks.nbytes
-        return int(self.indptr.nbytes + self.indices.nbytes + self.data.nbytes + self.dense_t.nbytes + blocks)
+        return int(self.indptr.nbytes + self.indices.nbytes + self.data.nbytes + self.dense_t.nbytes + blocks
+                   + self.masks.nbytes + self.tile_ptr.nbytes)
 
     def check_format(self) -> None:
         m, k = self.shape
         if self.dense_columns:
             assert self.dense_t.shape == (k, m) and self.dense_t.dtype == np.float32
+            return
+        if self.masked:
+            problem = masked_layout_problem(self)
+            assert problem is None, problem
             return
         rb = self.blocks
         nb = rb.size - 1
@@ -142,33 +178,49 @@ class ActLinearPrep:
             m, k = self.shape
             # dense columns: whole vectors per thread (its tiles stay inside its range)
             bounds = np.minimum(np.arange(nparts + 1, dtype=np.int64) * (-(-m // (VW * nparts)) * VW), m)
-            acc = np.empty((m, batch) if batch > 1 else (0, 1), np.float32)
+            masked = self.masked
+            csc_mat = batch > 1 and not masked
+            acc = np.empty((m, batch) if csc_mat else (0, 1), np.float32)
+            tiles = np.zeros(0, np.int64)
+            if masked:
+                # nnz-balanced tile ranges, each column part counted as a few nonzeros of overhead
+                ptr = self.tile_ptr.astype(np.int64)[:: max(k, 1)]
+                tiles = balanced_bounds(np.diff(ptr) + 4 * k, nparts)
             ws = _Workspace(bounds=bounds, nz=np.empty(k, np.int64), xv=np.empty(k, np.float32),
-                            xt=np.empty((k, batch) if batch > 1 else (0, 1), np.float32), acc=acc)
+                            xt=np.empty((k, batch) if csc_mat else (0, 1), np.float32), acc=acc, tiles=tiles,
+                            nzb=np.empty((batch, k) if masked else (0, 0), np.int64),
+                            counts=np.zeros(batch if masked else 0, np.int64),
+                            scratch=np.empty((nparts, MASK_ROWS) if masked else (0, 0), np.float32))
             self._workspaces[key] = ws
         return ws
 
 
 def prepare_act_linear(weight: np.ndarray, *, dense_above: float = DENSE_COLUMNS_ABOVE,
-                       nblocks: int | None = None) -> ActLinearPrep:
-    """Store a dense ``(M, K)`` weight by columns: CSC, or dense columns above ``dense_above`` density.
+                       nblocks: int | None = None, masked: bool | None = None) -> ActLinearPrep:
+    """Store a dense ``(M, K)`` weight by columns: the masked layout or a CSC, or dense columns above
+    ``dense_above`` density.
 
     Parameters
     ----------
     weight : ndarray, shape (M, K), float32
-        Exact zeros are dropped (CSC mode).
+        Exact zeros are dropped (masked layout and CSC).
     dense_above : float
         Weight density above which the columns are stored dense.
     nblocks : int, optional
         Row blocks of the CSC (one per thread walks it fastest); default numba's thread count.
+    masked : bool, optional
+        The masked layout (tiles of 16-row groups with a bit mask per column) instead of the CSC;
+        default ``MASKED_DEFAULT`` (where AVX-512 runs at full rate).
     """
     weight = np.ascontiguousarray(weight, dtype=np.float32)
     m, k = weight.shape
-    wt = np.ascontiguousarray(weight.T)
-    nnz = int(np.count_nonzero(wt))
+    nnz = int(np.count_nonzero(weight))
     if weight.size and nnz > dense_above * weight.size:
         empty = (np.zeros(0, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.float32))
-        return ActLinearPrep((m, k), *empty, wt)
+        return ActLinearPrep((m, k), *empty, np.ascontiguousarray(weight.T))
+    if (MASKED_DEFAULT if masked is None else masked) and m and k:
+        return _prepare_masked(weight, nnz)
+    wt = np.ascontiguousarray(weight.T)
     cols, rows = np.nonzero(wt)  # row-major over W.T: by column j, then row i (sorted)
     nb = max(1, min(int(nblocks or num_threads()), max(m, 1)))
     rb = balanced_bounds(np.bincount(rows, minlength=m) + 1, nb)
@@ -180,6 +232,65 @@ def prepare_act_linear(weight: np.ndarray, *, dense_above: float = DENSE_COLUMNS
     index_dtype = np.uint16 if m <= np.iinfo(np.uint16).max + 1 else np.uint32
     return ActLinearPrep((m, k), indptr, rows.astype(index_dtype), np.ascontiguousarray(wt[cols, rows]),
                          np.zeros((0, m), np.float32), rb)
+
+
+def _prepare_masked(weight: np.ndarray, nnz: int) -> ActLinearPrep:
+    """The masked layout of ``weight`` (M, K), one tile of ``MASK_ROWS`` rows at a time."""
+    m, k = weight.shape
+    nt = -(-m // MASK_ROWS)
+    masks = np.empty((nt, k, MASK_GROUPS), np.uint16)
+    counts = np.empty((nt, k), np.int64)
+    vals = []
+    for t in range(nt):
+        rows = np.zeros((MASK_ROWS, k), np.float32)
+        part = weight[t * MASK_ROWS:(t + 1) * MASK_ROWS]
+        rows[:part.shape[0]] = part
+        cols = np.ascontiguousarray(rows.T)  # (K, T): column j's rows of the tile, in order
+        nonzero = cols != 0
+        bits = np.packbits(nonzero.reshape(k, MASK_GROUPS, 16), axis=-1, bitorder="little")
+        masks[t] = bits.view("<u2").reshape(k, MASK_GROUPS)
+        counts[t] = nonzero.sum(axis=1)
+        vals.append(cols[nonzero])
+    tile_ptr = np.zeros(nt * k + 1, np.int32 if nnz <= np.iinfo(np.int32).max else np.int64)
+    np.cumsum(counts.reshape(-1), out=tile_ptr[1:])
+    data = np.concatenate(vals).astype(np.float32) if vals else np.zeros(0, np.float32)
+    return ActLinearPrep((m, k), np.zeros(0, np.int32), np.zeros(0, np.uint16), data,
+                         np.zeros((0, m), np.float32), None, masks.reshape(-1), tile_ptr)
+
+
+def masked_layout_problem(prep: ActLinearPrep) -> str | None:
+    """What is wrong with ``prep``'s masked layout arrays (dtypes, sizes, pointers against the masks'
+    popcounts, bits set in the padding rows), or None."""
+    m, k = prep.shape
+    nt = prep.ntiles
+    masks, ptr = prep.masks, prep.tile_ptr
+    if masks.dtype != np.uint16 or masks.shape != (nt * k * MASK_GROUPS,):
+        return f"masks must be uint16 of shape {(nt * k * MASK_GROUPS,)}, got {masks.dtype} {masks.shape}"
+    if ptr.dtype not in (np.int32, np.int64) or ptr.shape != (nt * k + 1,):
+        return f"tile_ptr must be int32/int64 of shape {(nt * k + 1,)}, got {ptr.dtype} {ptr.shape}"
+    if prep.data.dtype != np.float32 or prep.data.ndim != 1:
+        return f"data must be a float32 vector, got {prep.data.dtype} {prep.data.shape}"
+    ptr64 = ptr.astype(np.int64)
+    if ptr64[0] != 0 or ptr64[-1] != prep.data.size or (np.diff(ptr64) < 0).any():
+        return f"tile_ptr must rise from 0 to {prep.data.size} (the values)"
+    bits = np.unpackbits(masks.view(np.uint8).reshape(nt, k, MASK_GROUPS * 2), axis=-1, bitorder="little")
+    if not np.array_equal(bits.reshape(nt * k, -1).sum(axis=1), np.diff(ptr64)):
+        return "tile_ptr does not match the number of mask bits of each tile and column"
+    pad = nt * MASK_ROWS - m
+    if pad and bits[-1, :, MASK_ROWS - pad:].any():
+        return f"mask bits are set for rows past the last ({m})"
+    return None
+
+
+def masked_to_dense(prep: ActLinearPrep) -> np.ndarray:
+    """The dense (M, K) weight of a masked-layout ``prep``."""
+    m, k = prep.shape
+    nt = prep.ntiles
+    bits = np.unpackbits(prep.masks.view(np.uint8).reshape(nt, k, MASK_GROUPS * 2), axis=-1,
+                         bitorder="little").astype(bool)
+    cols = np.zeros((nt, k, MASK_ROWS), np.float32)
+    cols[bits] = prep.data  # in (tile, column, row) order, as stored
+    return np.ascontiguousarray(cols.transpose(0, 2, 1).reshape(nt * MASK_ROWS, k)[:m])
 
 
 @jit
@@ -229,6 +340,50 @@ def _csc_vec(indices, data, indptr, blocks, x, nz, n_nz, bias, has_bias, y):
             j = base + nz[q]
             p0 = indptr[j]
             scatter_axpy(y, indices, data, p0, indptr[j + 1] - p0, x[nz[q]])
+
+
+@jit
+def _nonzeros_by_image(x, nz, counts):
+    """For each image b, the columns j with x[b, j] != 0 into nz[b] (NaN and inf are nonzero), their
+    number into counts[b]."""
+    nb, k = x.shape
+    for b in range(nb):
+        n = 0
+        row = x[b]
+        zb = nz[b]
+        for j in range(k):
+            if row[j] != 0.0:
+                zb[n] = j
+                n += 1
+        counts[b] = n
+
+
+@pjit
+def _masked(masks, tile_ptr, vals, x, nz, counts, init, tiles, out, scratch, relu):
+    """The masked layout, any batch: thread ``part`` runs its range of tiles, each tile over every
+    image in turn (the tile's masks and values of the columns the images use stay in cache), one
+    :func:`sparsecnn.kernels._simd.masked_tile` per tile and image; a last partial tile goes through
+    the thread's scratch rows.
+    NOTE: x (B, K); nz (B, K) and counts (B,) from _nonzeros_by_image; init holds ntiles * MASK_ROWS
+    floats (the bias, zero-padded); out (B, M) C-contiguous; scratch (nparts, MASK_ROWS)."""
+    nb, k = x.shape
+    m = out.shape[1]
+    nparts = tiles.size - 1
+    for part in numba.prange(nparts):
+        s = scratch[part]
+        for t in range(tiles[part], tiles[part + 1]):
+            r0 = t * MASK_ROWS
+            for b in range(nb):
+                ob = out[b]
+                if r0 + MASK_ROWS <= m:
+                    masked_tile(x[b], nz[b], counts[b], masks, tile_ptr, vals, t * k, init, r0, ob, r0, relu)
+                else:
+                    masked_tile(x[b], nz[b], counts[b], masks, tile_ptr, vals, t * k, init, r0, s, 0, relu)
+                    for i in range(m - r0):
+                        ob[r0 + i] = s[i]
+
+
+_masked_serial = serial_twin(_masked)
 
 
 @jit
@@ -392,6 +547,18 @@ def bind_act_sparse_linear(prep: ActLinearPrep, batch: int, bias: np.ndarray | N
     has_bias = bias is not None
     b = bias if has_bias else np.zeros(0, np.float32)
     relu = bool(relu)
+    if prep.masked:
+        init = np.zeros(prep.ntiles * MASK_ROWS, np.float32)
+        if has_bias:
+            init[:m] = bias
+        kernel = _masked_serial if prep.nnz * batch < _SERIAL_MACS else _masked
+        margs = (init, ws.tiles, out, ws.scratch, relu)
+
+        def run_masked(x: np.ndarray) -> None:
+            _nonzeros_by_image(x, ws.nzb, ws.counts)
+            kernel(prep.masks, prep.tile_ptr, prep.data, x, ws.nzb, ws.counts, *margs)
+
+        return run_masked
     if batch == 1 and prep.dense_columns:
         vec = _dense_vec_serial if prep.dense_t.size < _SERIAL_MACS else _dense_vec
         y = out[0]
