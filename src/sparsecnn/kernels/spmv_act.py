@@ -38,6 +38,26 @@ four at a time through an accumulator in L1) 3.2, 2.9 and 1.6 ms.
 
 At batch ``B > 1`` a column is skipped when its input is zero in the whole batch, and each of its
 nonzeros updates the ``B`` outputs of its row from a transposed copy of the input.
+
+**The masked layout** (the default where AVX-512 FMAs run at full rate, ``MASKED_DEFAULT``). The CSC
+walk scatters: per nonzero a load of the output, a lane insert and extract, and a store, about 1.7
+cycles per nonzero against spmv's one, so at 60% zero inputs it barely beat the weight-only spmv.
+The masked layout keeps the outputs in registers instead: the rows are cut into tiles of
+``MASK_ROWS`` (128), and per tile and column each 16-row group holds a 16-bit mask of its nonzero
+rows, the values packed behind it. A thread holds a tile's rows in eight zmm accumulators and
+walks the nonzero inputs: per input and group one ``vexpandps`` (the packed values into the lanes
+the mask names, zeros elsewhere) and one FMA (:func:`sparsecnn.kernels._simd.masked_tile`). At 91%
+a group holds 1.4 nonzeros, so the FMAs do a seventh of the work of a dense column, but no output
+moves through memory. A stored mask costs 2 bytes per group and column: 4 + 1.4 bytes per nonzero
+at 91% (the CSC's 6), 4.6 at 75%. Interleaved with the CSC and spmv (this project's Emerald Rapids
+VM, 2 threads, batch 1, warm, medians): fc6 (4096 x 9216, 91%) at 0 / 60 / 70 / 90% zero inputs
+1.34 / 0.59 / 0.48 / 0.22 ms against the CSC's 1.77 / 0.79 / 0.59 / 0.18 and spmv's 0.63-0.66; fc7
+(4096 x 4096) 0.63 / 0.28 / 0.26 / 0.13 against 0.82 / 0.34 / 0.28 / 0.11; fc8 (1000 x 4096, 75%)
+0.21 / 0.11 / 0.10 / 0.035 against 0.87 / 0.33 / 0.26 / 0.09 (there a group holds 4 nonzeros).
+Only at 90% zero inputs does the CSC stay ahead (0.8x), where few columns are walked and each
+costs the masked layout eight groups whatever they hold. The expand is what bounds it: with plain
+vector loads in its place (wrong sums, for timing) fc6 ran 1.5x faster. On Zen 4 the same form ran
+0.4-0.6x the scatter (docs/engine.md), so the CSC stays the default there and on AVX2 CPUs.
 """
 
 from __future__ import annotations
