@@ -433,7 +433,9 @@ class DirectConvPrep(ConvPrepBase):
         np.cumsum(per_block, axis=1, out=bptr[:, 1:])
         bptr[1:] += np.cumsum(bptr[:-1, -1])[:, None]
         gstride = group + 2 * VW
-        by_image = split_by_image(x_shape[0], nparts)
+        # A serial layer (see bind_direct_conv2d) copies its input inside the kernel, as the threads do
+        # when they split the images: one numba call instead of two.
+        by_image = split_by_image(x_shape[0], nparts) or self.nnz * span * x_shape[0] < _SERIAL_MACS
         nco = cout if by_image else int(np.diff(bounds).max(initial=0))
         grouped = _grouped_plan(self, lay, c, ci, r, s, co, off_dtype, cin_g, nparts, by_image)
         if grouped is not None:  # the per-filter form is not kept beside it (the weights once per thread)
@@ -656,7 +658,8 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
 
     The callable uses the calling thread's workspace of ``prep`` (the one :func:`direct_conv2d` uses),
     so it must be called from the thread that bound it: the executor binds per thread. Layers with fewer than
-    ``_SERIAL_MACS`` multiply-adds run the serial twins of the kernels (no parallel launch); the
+    ``_SERIAL_MACS`` multiply-adds run the serial twins of the kernels (no parallel launch), which copy
+    the input inside the kernel (one call); the
     Python work of :func:`direct_conv2d` per call (workspace lookup, argument unpacking, reshapes:
     ~8 us) is done here once.
 
@@ -744,12 +747,14 @@ def image_input(x, b, xt, part, copies, geo, copy):
     padding around the pixels is zero from the allocation and never written.
 
     Used where the threads split a batch's images (:func:`split_by_image`): each thread copies its own
-    images, inside the kernel, and reads only lines it wrote. Where they split the filters (batch 1),
-    the kernel gets the shared copy that :func:`phase_copy` made with ``copy=False`` (see
-    :func:`split_by_image` for the per-thread copy measured there). Stride-1 rows of VW or more move as
-    whole vectors, stride-2 rows as the even lanes of two (:func:`sparsecnn.kernels._simd.copy_even`;
-    the scalar strided copy took 31% of ResNet's 3x3 stride-2 layer at 90%), other rows through
-    range-indexed slices (no negative-index check per element: 3x).
+    images, inside the kernel, and reads only lines it wrote; and in layers small enough to run on one
+    thread (one numba call instead of two: LeNet-5's conv2 12.7 -> 10.2 us a call). Where they split
+    the filters (batch 1), the kernel gets the shared copy that :func:`phase_copy` made with
+    ``copy=False`` (see :func:`split_by_image` for the per-thread copy measured there). Stride-1 rows
+    of VW or more move as whole vectors, stride-2 rows as the even lanes of two
+    (:func:`sparsecnn.kernels._simd.copy_even`; the scalar strided copy took 31% of ResNet's 3x3
+    stride-2 layer at 90%), other rows through range-indexed slices (no negative-index check per
+    element: 3x).
     NOTE: copies and geo come from the PhaseLayout of this x shape; xt rows hold its phase planes."""
     src = x[b]
     if not copy:
