@@ -287,6 +287,34 @@ def test_max_pool_matches_torch(seed: int, monkeypatch) -> None:
     np.testing.assert_array_equal(out, ref.numpy())  # exact, NaN where torch has NaN
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("window", [(2, 2), (3, 3), (2, 3), (1, 4)])
+def test_tiling_max_pools_match_torch(batch: int, window: tuple[int, int]) -> None:
+    """Windows that tile small planes (stride = window, no padding) run as one tall image
+    (``_max_pool_tiled``): serial at batch 1, split among the threads above, NaN kept as torch."""
+    import numba
+
+    from sparsecnn.kernels.elementwise import bind_max_pool2d
+
+    rng = np.random.default_rng(sum(window) + batch)
+    h, w = 8 // window[0] * window[0], 8 // window[1] * window[1]  # whole windows, at most 64 pixels
+    x = torch.from_numpy(rng.standard_normal((batch, 5, h, w)).astype(np.float32))
+    x[0, 1, 0, 0] = float("nan")
+    x[-1, 4, h - 1, w - 1] = float("nan")
+    ref = F.max_pool2d(x, window, window).numpy()
+    threads = numba.get_num_threads()
+    try:
+        for t in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(t)
+            out = np.full(ref.shape, 7.0, np.float32)
+            run = bind_max_pool2d(tuple(x.shape), out, window, window, (0, 0), (1, 1))
+            assert run.__name__ == "run_tiled"
+            run(x.numpy())
+            np.testing.assert_array_equal(out, ref)
+    finally:
+        numba.set_num_threads(threads)
+
+
 def test_elementwise_kernels_match_torch() -> None:
     rng = np.random.default_rng(0)
     for n in (5, 1000, 70_001):

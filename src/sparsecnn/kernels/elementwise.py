@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import jit, pjit, serial_twin
+from sparsecnn.kernels._numba import jit, num_threads, pjit, serial_twin
 
 __all__ = ["add_relu", "bind_global_avg_pool", "bind_max_pool2d", "global_avg_pool", "max_pool2d", "relu_"]
 
@@ -246,6 +246,67 @@ def _max_pool_small(x, out, kh, kw, sh, sw, ph, pw, dh, dw, tmp):
                 out[p, oh, ow] = m
 
 
+@jit
+def _pool_tiles(xf, of, vf, w, kh, kw, i0, i1):
+    """Rows ``i0 <= i < i1`` of :func:`_max_pool_tiled` (flat arrays, no views: a view per row costs
+    two reference-count updates). First each output row's max over its ``kh`` input rows into ``vf``
+    (rows of ``w``), then the max over every ``kw`` consecutive floats of those rows, one long loop
+    with a constant stride, which LLVM vectorises."""
+    for i in range(i0, i1):
+        s0 = i * kh * w
+        d0 = i * w
+        if kh == 2:  # one pass, no read-back of vf (2x faster on LeNet-5's 8-float rows)
+            for j in range(w):
+                a = xf[s0 + j]
+                b = xf[s0 + w + j]
+                vf[d0 + j] = b if (b > a) | (b != b) else a
+            continue
+        for j in range(w):
+            vf[d0 + j] = xf[s0 + j]
+        for r in range(1, kh):
+            sr = s0 + r * w
+            for j in range(w):
+                a = vf[d0 + j]
+                b = xf[sr + j]
+                vf[d0 + j] = b if (b > a) | (b != b) else a
+    wout = w // kw
+    seg = vf[i0 * w:i1 * w]
+    dst = of[i0 * wout:i1 * wout]
+    if kw == 2:
+        for t in range(dst.size):
+            a, b = seg[2 * t], seg[2 * t + 1]
+            dst[t] = b if (b > a) | (b != b) else a
+    elif kw == 3:
+        for t in range(dst.size):
+            a, b, c = seg[3 * t], seg[3 * t + 1], seg[3 * t + 2]
+            m = b if (b > a) | (b != b) else a
+            dst[t] = c if (c > m) | (c != c) else m
+    else:
+        for t in range(dst.size):
+            m = seg[t * kw]
+            for q in range(1, kw):
+                v = seg[t * kw + q]
+                m = v if (v > m) | (v != v) else m
+            dst[t] = m
+
+
+@pjit
+def _max_pool_tiled(x, out, kh, kw, v, bounds):
+    """Max pooling whose windows tile the planes: stride = window, no padding, dilation 1, and the
+    planes' height and width multiples of the window (LeNet-5's and VGG's 2 x 2 / 2). A window then
+    never crosses a plane, so the batch is one tall image of ``P * H`` rows, pooled in long loops
+    (:func:`_pool_tiles`) rather than plane by plane; threads take ranges of output rows
+    (``bounds``). Plane by plane (:func:`_max_pool_small`) each output cost about 20 cycles (a compare
+    and select chain per window in scalar code): LeNet-5's pools took 0.068 / 0.061 ms of its 0.39 ms
+    at batch 32. NaN wins a comparison, as in torch.
+    NOTE: x (P * H * W,), out (P * Hout * Wout,) and v (P * Hout * W,) C-contiguous; bounds rise from
+    0 to P * Hout."""
+    w = v.size // max(bounds[bounds.size - 1], 1)
+    for part in numba.prange(bounds.size - 1):
+        _pool_tiles(x, out, v, w, kh, kw, bounds[part], bounds[part + 1])
+
+
+_max_pool_tiled_serial = serial_twin(_max_pool_tiled)
 _max_pool_small_serial = serial_twin(_max_pool_small)
 
 
@@ -323,6 +384,21 @@ def bind_max_pool2d(x_shape: tuple[int, int, int, int], out: np.ndarray, kernel_
     op = out.reshape(b * c, out.shape[2], out.shape[3])
     tmp = np.empty((b * c, w), dtype=np.float32)  # a scratch row per plane: planes run in any order
     serial = b * c * h * w < _PARALLEL_MIN
+    if (h * w <= _SMALL_PLANE and (kh, kw) == (sh, sw) and (ph, pw, dh, dw) == (0, 0, 1, 1) and h % kh == 0
+            and w % kw == 0):
+        rows = b * c * (h // kh)
+        v = np.empty(rows * w, dtype=np.float32)
+        # parallel from two images, as below: a thread's rows are the images it wrote
+        parallel = not (serial and b < 2)
+        tiled = _max_pool_tiled if parallel else _max_pool_tiled_serial
+        nparts = num_threads() if parallel else 1
+        bounds = np.minimum(np.arange(nparts + 1) * -(-rows // nparts), rows)
+        flat = out.reshape(-1)
+
+        def run_tiled(x: np.ndarray) -> None:
+            tiled(x.reshape(-1), flat, kh, kw, v, bounds)
+
+        return run_tiled
     if h * w <= _SMALL_PLANE:
         # Parallel from two images: the layer before split the batch's images between the threads,
         # and each thread then reads the planes it wrote (a serial pass read the other core's half:
