@@ -109,6 +109,32 @@ def _pool_row(vm, orow, kw, sw, pw, dw, lo, hi):
         orow[ow] = m
 
 
+@jit(inline="always")  # a call per output row doubled the tiny-plane pool's time (4x4 planes)
+def _rows_max(xp, vm, h0, kh, dh):
+    """``vm[:]`` = the max, NaN winning, over the rows ``h0 + r * dh`` (``0 <= r < kh``) of the plane
+    ``xp`` that lie inside it, column by column (whole rows: vectorised); -inf where none does (a
+    window in the padding: torch gives -inf)."""
+    h, w = xp.shape
+    first = True
+    for r in range(kh):
+        hr = h0 + r * dh
+        if hr < 0 or hr >= h:
+            continue
+        row = xp[hr]
+        if first:
+            for j in range(w):
+                vm[j] = row[j]
+            first = False
+        else:
+            for j in range(w):
+                v = row[j]
+                m = vm[j]
+                vm[j] = v if (v > m) | (v != v) else m
+    if first:
+        for j in range(w):
+            vm[j] = -np.inf
+
+
 @jit
 def _pool_plane(xp, op, vm, kh, kw, sh, sw, ph, pw, dh, dw):
     """One plane of :func:`_max_pool_kernel`. A serial function of its own, called once per plane:
@@ -119,28 +145,13 @@ def _pool_plane(xp, op, vm, kh, kw, sh, sw, ph, pw, dh, dw):
     non-negative range indices, which LLVM vectorises: ResNet-18's 3x3/2 pool of 64 x 112 x 112 on
     one thread went from 0.85 to 0.29 ms, of which 0.46 ms was :func:`_pool_row` walking every output
     of each row to find the few edge ones. NaN wins a comparison, as in torch."""
-    h, w = xp.shape
+    w = xp.shape[1]
     hout, wout = op.shape
     span = (kw - 1) * dw
     lo = min(wout, (pw + sw - 1) // sw)  # first output whose window starts inside the row
     hi = max(lo, min(wout, (w - 1 - span + pw) // sw + 1)) if w - 1 - span + pw >= 0 else lo
     for oh in range(hout):
-        h0 = oh * sh - ph
-        first = True
-        for r in range(kh):
-            hr = h0 + r * dh
-            if hr < 0 or hr >= h:
-                continue
-            row = xp[hr]
-            if first:
-                for j in range(w):
-                    vm[j] = row[j]
-                first = False
-            else:
-                for j in range(w):
-                    v = row[j]
-                    m = vm[j]
-                    vm[j] = v if (v > m) | (v != v) else m
+        _rows_max(xp, vm, oh * sh - ph, kh, dh)
         orow = op[oh]
         n = hi - lo
         seg = vm[max(lo * sw - pw, 0):]  # the first inside window starts here (lo * sw >= pw)
@@ -210,30 +221,12 @@ def _max_pool_small(x, out, kh, kw, sh, sw, ph, pw, dh, dw, tmp):
     of 8x8 (2 x 2, stride 2) 2.9 -> 1.8 us, 64 planes of 8x8 (3 x 3) 9.0 -> 5.6 us; on 4x4 planes
     only 8% (50 planes 2.0 -> 1.8 us). NaN wins a comparison, as in torch. NOTE: as
     :func:`_max_pool_kernel`."""
-    h, w = x.shape[1], x.shape[2]
+    w = x.shape[2]
     hout, wout = out.shape[1], out.shape[2]
     for p in numba.prange(x.shape[0]):
         row = tmp[p]
         for oh in range(hout):
-            h0 = oh * sh - ph
-            first = True
-            for r in range(kh):
-                hr = h0 + r * dh
-                if hr < 0 or hr >= h:
-                    continue
-                xr = x[p, hr]
-                if first:
-                    for j in range(w):
-                        row[j] = xr[j]
-                    first = False
-                else:
-                    for j in range(w):
-                        a = row[j]
-                        v = xr[j]
-                        row[j] = v if (v > a) | (v != v) else a
-            if first:  # the window lies in the padding (torch gives -inf)
-                for j in range(w):
-                    row[j] = -np.inf
+            _rows_max(x[p], row, oh * sh - ph, kh, dh)
             for ow in range(wout):
                 w0 = ow * sw - pw
                 m = np.float32(-np.inf)
