@@ -212,7 +212,8 @@ _SMALL_PLANE = 64
 
 @pjit
 def _max_pool_small(x, out, kh, kw, sh, sw, ph, pw, dh, dw, tmp):
-    """:func:`_max_pool_kernel` for tiny planes (LeNet-5's 8x8 and 4x4), with no row views or helper
+    """:func:`_max_pool_kernel` for tiny planes whose windows do not tile them (padding, overlapping
+    windows; :func:`_max_pool_tiled` takes the rest), with no row views or helper
     calls per plane (those cost about 0.5 us a plane: LeNet-5's second pool, 32 x 16 planes of 4x4
     at batch 32, took 0.25 ms, more than both conv layers). Per output row, the max over the
     window's rows inside the plane goes to the plane's scratch row ``tmp[p]`` (independent lanes),
@@ -286,7 +287,8 @@ def _pool_tiles(xf, of, vf, w, kh, kw, i0, i1):
 @pjit
 def _max_pool_tiled(x, out, kh, kw, v, bounds):
     """Max pooling whose windows tile the planes: stride = window, no padding, dilation 1, and the
-    planes' height and width multiples of the window (LeNet-5's and VGG's 2 x 2 / 2). A window then
+    planes' height and width multiples of the window (LeNet-5's 2 x 2 / 2), on planes of at most
+    ``_SMALL_PLANE`` pixels (on larger ones the separable kernel is faster). A window then
     never crosses a plane, so the batch is one tall image of ``P * H`` rows, pooled in long loops
     (:func:`_pool_tiles`) rather than plane by plane; threads take ranges of output rows
     (``bounds``). Plane by plane (:func:`_max_pool_small`) each output cost about 20 cycles (a compare
@@ -374,15 +376,12 @@ def bind_max_pool2d(x_shape: tuple[int, int, int, int], out: np.ndarray, kernel_
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     b, c, h, w = (int(v) for v in x_shape)
-    op = out.reshape(b * c, out.shape[2], out.shape[3])
-    tmp = np.empty((b * c, w), dtype=np.float32)  # a scratch row per plane: planes run in any order
     serial = b * c * h * w < _PARALLEL_MIN
     if (h * w <= _SMALL_PLANE and (kh, kw) == (sh, sw) and (ph, pw, dh, dw) == (0, 0, 1, 1) and h % kh == 0
             and w % kw == 0):
         rows = b * c * (h // kh)
         v = np.empty(rows * w, dtype=np.float32)
-        # parallel from two images, as below: a thread's rows are the images it wrote
-        parallel = not (serial and b < 2)
+        parallel = not (serial and b < 2)  # parallel from two images, as the plane-by-plane kernel
         tiled = _max_pool_tiled if parallel else _max_pool_tiled_serial
         nparts = num_threads() if parallel else 1
         bounds = np.minimum(np.arange(nparts + 1) * -(-rows // nparts), rows)
@@ -392,6 +391,8 @@ def bind_max_pool2d(x_shape: tuple[int, int, int, int], out: np.ndarray, kernel_
             tiled(x.reshape(-1), flat, kh, kw, v, bounds)
 
         return run_tiled
+    op = out.reshape(b * c, out.shape[2], out.shape[3])
+    tmp = np.empty((b * c, w), dtype=np.float32)  # a scratch row per plane: planes run in any order
     if h * w <= _SMALL_PLANE:
         # Parallel from two images: the layer before split the batch's images between the threads,
         # and each thread then reads the planes it wrote (a serial pass read the other core's half:

@@ -363,19 +363,11 @@ def _csc_vec(indices, data, indptr, blocks, x, nz, n_nz, bias, has_bias, y):
 
 
 @jit
-def _nonzeros_by_image(x, nz, counts):
-    """For each image b, the columns j with x[b, j] != 0 into nz[b] (NaN and inf are nonzero), their
-    number into counts[b]."""
-    nb, k = x.shape
-    for b in range(nb):
-        n = 0
-        row = x[b]
-        zb = nz[b]
-        for j in range(k):
-            if row[j] != 0.0:
-                zb[n] = j
-                n += 1
-        counts[b] = n
+def _nonzeros_by_image(x, nz, xv, counts):
+    """For each image b, its nonzero inputs' columns into nz[b] (:func:`_gather_nonzeros`, the values
+    into the scratch xv), their number into counts[b]."""
+    for b in range(x.shape[0]):
+        counts[b] = _gather_nonzeros(x[b], nz[b], xv)
 
 
 @pjit
@@ -575,7 +567,7 @@ def bind_act_sparse_linear(prep: ActLinearPrep, batch: int, bias: np.ndarray | N
         margs = (init, ws.tiles, out, ws.scratch, relu)
 
         def run_masked(x: np.ndarray) -> None:
-            _nonzeros_by_image(x, ws.nzb, ws.counts)
+            _nonzeros_by_image(x, ws.nzb, ws.xv, ws.counts)
             kernel(prep.masks, prep.tile_ptr, prep.data, x, ws.nzb, ws.counts, *margs)
 
         return run_masked
