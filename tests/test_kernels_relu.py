@@ -74,6 +74,57 @@ def test_direct_conv_fused_relu(case, blocks, rng, monkeypatch):
     _check_relu(big[:, ::2], plain, ref0, "direct_conv2d relu, no bias")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("blocks", [False, True, "grouped"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}c{c[1]}-{c[2]}k{c[4]}s{c[5]}g{c[7]}")
+def test_direct_conv_fused_residual(case, blocks, threads, rng, monkeypatch):
+    """``relu(conv(x) + bias + residual)`` from the kernel's epilogue (the executor's conv + residual add
+    + ReLU in one step), in every store path, direct and bound, against torch."""
+    import numba
+
+    monkeypatch.setattr(conv, "_GROUPED_BELOW", 0.0)
+    if blocks == "grouped":
+        monkeypatch.setattr(conv, "_GROUPED_BELOW", 1e9)
+        monkeypatch.setattr(conv, "_GROUPED_MIN_COLUMNS", 0)
+    elif blocks:
+        monkeypatch.setattr(conv, "_L1_BYTES", 1)
+        monkeypatch.setattr(conv, "_MIN_BLOCK_NNZ", 1)
+    b, cin, cout, hw, k, stride, padding, groups = case
+    w = random_sparse(rng, (cout, cin // groups, *k), 0.6)
+    x = rng.standard_normal((b, cin, *hw)).astype(np.float32)
+    bv = rng.standard_normal(cout).astype(np.float32)
+    dense = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bv), stride, padding, 1,
+                     groups)
+    res = rng.standard_normal(tuple(dense.shape)).astype(np.float32)
+    res[0, 0, 0, 0] = np.nan  # a NaN in the residual reaches its output
+    saved = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        prep = prepare_direct(w, groups, stride, padding, (1, 1))
+        for relu in (False, True):
+            ref = dense + torch.from_numpy(res)
+            ref = (torch.relu(ref) if relu else ref).numpy()
+            out = np.full(ref.shape, -7.0, dtype=np.float32)
+            direct_conv2d(prep, x, bv, out, relu=relu, residual=res)
+            bound = np.full(ref.shape, -7.0, dtype=np.float32)
+            conv.bind_direct_conv2d(prep, x.shape, bv, bound, relu)(x, res)
+            for y, what in ((out, "direct_conv2d"), (bound, "bound")):
+                np.testing.assert_array_equal(np.isnan(y), np.isnan(ref), err_msg=f"{what}: NaN positions")
+                fin = ~np.isnan(ref)
+                err = np.abs(y[fin].astype(np.float64) - ref[fin]).max() / np.abs(ref[fin]).max()
+                assert err <= 1e-5, (what, relu, err)
+                if relu:
+                    assert (y[fin] >= 0).all()
+        if blocks == "grouped":
+            assert prep.workspace(x.shape).grouped is not None
+    finally:
+        numba.set_num_threads(saved)
+    with pytest.raises(ValueError, match="residual must be a float32 array"):
+        direct_conv2d(prep, x, bv, out, residual=res[:, :1])
+    with pytest.raises(ValueError, match="share memory"):
+        direct_conv2d(prep, x, bv, out, residual=out)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 33])
 def test_sparse_linear_fused_relu(batch, rng):
     m, k = 70, 129

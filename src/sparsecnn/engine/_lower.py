@@ -94,6 +94,10 @@ def _linear_of(node: Node) -> nn.Module | None:
     return None
 
 
+def _f32_of_shape(v: Any, shape: tuple[int, ...] | None) -> bool:
+    return isinstance(v, torch.Tensor) and v.dtype == torch.float32 and tuple(v.shape) == shape
+
+
 def _users(nodes: list[Node]) -> dict[str, list[int]]:
     users: dict[str, list[int]] = {n.name: [] for n in nodes}
     for i, n in enumerate(nodes):
@@ -107,7 +111,8 @@ def _users(nodes: list[Node]) -> dict[str, list[int]]:
 
 
 def fold_batchnorm(nodes: list[Node]) -> list[Node]:
-    """Fold every eval-mode BatchNorm2d that follows a Conv2d (its only user) into that conv.
+    """Fold every eval-mode BatchNorm2d (or the ONNX importer's BatchNorm) that follows a Conv2d (its
+    only user) into that conv.
 
     .. math:: W' = W \\gamma / \\sqrt{\\sigma^2 + \\epsilon}, \\quad
               b' = (b - \\mu) \\gamma / \\sqrt{\\sigma^2 + \\epsilon} + \\beta
@@ -115,6 +120,8 @@ def fold_batchnorm(nodes: list[Node]) -> list[Node]:
     The conv is replaced by a folded copy (the model is not modified) and the BatchNorm's users read
     the conv's output. Zeros stay zeros, so the sparsity pattern is unchanged.
     """
+    from sparsecnn.io._graph import BatchNorm
+
     by_name = {n.name: n for n in nodes}
     users = _users(nodes)
     out: list[Node] = []
@@ -123,7 +130,8 @@ def fold_batchnorm(nodes: list[Node]) -> list[Node]:
         if renamed:
             node.args, node.kwargs = _renamed(node.args, renamed), _renamed(node.kwargs, renamed)
         bn = node.fn if node.op == "module" else None
-        if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_mean is not None \
+        if isinstance(bn, (nn.BatchNorm2d, BatchNorm)) and bn.track_running_stats \
+                and bn.running_mean is not None \
                 and len(node.args) == 1 and isinstance(node.args[0], Ref):
             src = by_name[node.args[0].name]
             conv = src.fn if src.op == "module" else None
@@ -242,6 +250,9 @@ class _Builder:
         self.free: list[_Buf] = []
         self.fused: set[str] = set()  # ReLU nodes folded into their producer
         self.relu_after: set[str] = set()  # producers that apply the ReLU themselves
+        # conv -> (the other input, the add): residual adds a direct conv may take into its epilogue
+        self.residual_of: dict[str, tuple[str, str]] = {}
+        self.add_into: dict[str, str] = {}  # add -> the conv that computed it (the add is its view)
 
     # ---- buffers
     def _alloc(self, size: int) -> _Buf:
@@ -327,12 +338,38 @@ class _Builder:
                                                   or _is_add(src)):
                     self.fused.add(n.name)
                     self.relu_after.add(src.name)
+        self._residual_candidates(by_name, users)
         # a forward pass of ReLU aliases is planned in two passes: first fix bases for liveness
         for i, n in enumerate(self.nodes):
             self._lower(i, n, dynamic)
             self._extend_base_liveness()
             self._release_dead(i)
         return self.prog
+
+    def _residual_candidates(self, by_name: dict[str, Node], users: dict[str, list[int]]) -> None:
+        """Residual adds ``conv(x) + r`` (ResNet's) whose conv runs the direct kernel, is read by the add
+        alone and runs after ``r`` is computed: the conv can add ``r`` (and the add's ReLU) as it
+        writes its output (:func:`sparsecnn.kernels.conv.bind_direct_conv2d`), one pass instead of
+        two. Where both inputs are such convs (a downsampling block), the later one takes the add."""
+        from sparsecnn.layers import SparseConv2d
+
+        if not FUSE_RESIDUAL:
+            return
+        index = {n.name: i for i, n in enumerate(self.nodes)}
+        for n in self.nodes:
+            if not _is_add(n):
+                continue
+            a, b = (r.name for r in n.args)
+            value = self.values[n.name]
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+            for conv, other in sorted(((a, b), (b, a)), key=lambda p: -index[p[0]]):
+                node = by_name[conv]
+                layer = node.fn
+                if (a != b and isinstance(layer, SparseConv2d) and layer.strategy == "direct"
+                        and node.op == "module" and len(users[conv]) == 1 and index[other] < index[conv]
+                        and all(_f32_of_shape(self.values[v], shape) for v in (conv, other))):
+                    self.residual_of[conv] = (other, n.name)
+                    break
 
     def _lower(self, i: int, n: Node, dynamic: set[str]) -> None:
         value = self.values[n.name]
@@ -357,6 +394,9 @@ class _Builder:
             isinstance(self.values[r], torch.Tensor) and self.values[r].dtype == torch.float32 for r in ins)
         if n.name in self.fused:
             self._view(n.name, ins[0], shape)
+            return
+        if n.name in self.add_into:  # computed by the conv's epilogue
+            self._view(n.name, self.add_into[n.name], shape)
             return
         if f32 and (_is_alias(n) or (_is_reshape(n) and self.values[ins[0]].is_contiguous())):
             self._view(n.name, ins[0], shape)
@@ -409,8 +449,15 @@ class _Builder:
             if prep.stride == (1, 1) and prep.padding == (0, 0) and nparts > 1 \
                     and not split_by_image(int(self.values[n.refs()[0]].shape[0]), nparts):
                 self._read_by_every_thread(n.refs()[0])  # read in place by threads splitting the filters
+            res = None
+            other, add = self.residual_of.get(n.name, (None, None))
+            ov = self.val.get(self.base.get(other, other)) if other is not None else None
+            if ov is not None and ov.buf is not None:  # a planned buffer: C-contiguous, not the output's
+                res = self.slot[other]
+                self.add_into[add] = n.name
+                relu = add in self.relu_after
             self._bound_conv(n, x, shape, relu, functools.partial(bind_direct_conv2d, slack=slack),
-                             layer.engine.format)
+                             layer.engine.format, res)
             return
         if layer.strategy == "spconv-act":
             from sparsecnn.kernels.spconv_input import bind_spconv_input
@@ -431,13 +478,18 @@ class _Builder:
                    lambda env, bufs, x=x, s=s: _bind_engine(env, x, s, layer.engine, relu))
 
     def _bound_conv(self, n: Node, x: int, shape: tuple[int, ...], relu: bool, binder: Any,
-                    prep: Any) -> None:
-        """A conv step running ``binder(prep, x_shape, bias, out, relu)`` (a kernel's ``bind_*``)."""
+                    prep: Any, res: int | None = None) -> None:
+        """A conv step running ``binder(prep, x_shape, bias, out, relu)`` (a kernel's ``bind_*``); with
+        ``res`` (a slot) the bound kernel also adds that value (a residual connection)."""
         s, _ = self._planned(n.name, shape)
         eng = n.fn.engine
         bias = eng.bias if eng.has_bias else None
         xs = tuple(self.values[n.refs()[0]].shape)
-        label = f"conv:{n.fn.strategy}" + ("+relu" if relu else "")
+        label = f"conv:{n.fn.strategy}" + ("+add" if res is not None else "") + ("+relu" if relu else "")
+        if res is not None:
+            self._step(label, lambda env, bufs, x=x, s=s, r=res: _bind_kernel_res(
+                env, x, r, binder(prep, xs, bias, env[s], relu)))
+            return
         self._step(label, lambda env, bufs, x=x, s=s: _bind_kernel(
             env, x, binder(prep, xs, bias, env[s], relu)))
 
@@ -588,6 +640,13 @@ def _bind_kernel(env, x, run):
     return step
 
 
+def _bind_kernel_res(env, x, r, run):
+    """:func:`_bind_kernel` for a kernel that also adds the value in slot ``r`` (a residual)."""
+    def step(env=env):
+        run(env[x], env[r])
+    return step
+
+
 def _bind_gemm(env, x, s, wt, bt, relu):
     out = torch.from_numpy(env[s])
 
@@ -651,6 +710,9 @@ def _bind_torch(env, node, slots, s):
 # Off: buffers that every thread reads whole are reused like any other (benchmarks/buffers.py's
 # baseline, the plan before 2026-12-05).
 KEEP_SHARED = True
+
+# Off: residual adds run as steps of their own after the conv (the A/B baseline of the fusion).
+FUSE_RESIDUAL = True
 
 # Where the threads split a batch's images, every value gets a buffer of its own while they total at
 # most this many bytes (per calling thread) and a quarter of the memory available.

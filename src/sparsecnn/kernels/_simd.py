@@ -41,9 +41,11 @@ from numba.extending import intrinsic
 from sparsecnn.kernels._numba import jit
 
 __all__ = ["ELL_ROWS", "ELL_SLAB", "GEMM_MR", "GEMM_NV", "GROUP_F", "GROUP_NV", "GROUP_PATTERNS",
-           "HAS_TABLE32", "NV_MAX", "NV_MAX8", "NV_PAIR", "RW", "SPLIT_MAX", "TABLE", "VW", "code_ell_block",
-           "code_ell_block2", "code_ell_block2_finite", "code_ell_block4", "code_ell_block4_finite",
-           "code_row_dot", "code_row_dot32", "copy_even", "copy_vec", "copy_vec_act", "copy_vec_add", "fmadd",
+           "HAS_TABLE32", "NV_MAX", "NV_MAX8", "NV_PAIR", "RW", "SPLIT_MAX", "TABLE", "VW", "add_vec_act",
+           "code_ell_block", "code_ell_block2", "code_ell_block2_finite", "code_ell_block4",
+           "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even", "copy_vec",
+           "copy_vec_act",
+           "copy_vec_add", "fmadd",
            "gemm_tile", "group_tile", "pair_tile", "prefetch", "row_dot", "scatter_axpy", "span_tile",
            "span_tile8", "tile_split"]
 
@@ -608,6 +610,31 @@ def copy_vec_act(typingctx, src, spos, dst, dpos, relu):
         sp, dp = _copy_ptrs(context, builder, aty, src_, spos_, dst_, dpos_)
         v = builder.load(builder.bitcast(sp, _VEC.as_pointer()), align=4)
         v = _relu(builder, v, _as_i1(context, builder, relu_, aty[4]))
+        builder.store(v, builder.bitcast(dp, _VEC.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def add_vec_act(typingctx, src, spos, res, rpos, dst, dpos, relu):
+    """``dst[dpos : dpos + VW] = act(src[spos : spos + VW] + res[rpos : rpos + VW])`` with ``act`` the
+    ReLU of :func:`copy_vec_act` when ``relu``, else the identity: a residual connection (and its
+    ReLU) fused into the crop of a convolution's wide output rows, one pass instead of the crop and
+    a separate add over the whole output.
+    NOTE: no bounds checks: every array holds ``pos + VW`` elements; dst is src itself (``spos == dpos``)
+    or overlaps neither src nor res."""
+    sig = types.void(src, types.intp, res, types.intp, dst, types.intp, types.boolean)
+
+    def codegen(context, builder, signature, args):
+        src_, spos_, res_, rpos_, dst_, dpos_, relu_ = args
+        aty = signature.args
+        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [spos_], inbounds=True)
+        rp = builder.gep(_data_ptr(context, builder, aty[2], res_), [rpos_], inbounds=True)
+        dp = builder.gep(_data_ptr(context, builder, aty[4], dst_), [dpos_], inbounds=True)
+        v = builder.fadd(builder.load(builder.bitcast(sp, _VEC.as_pointer()), align=4),
+                         builder.load(builder.bitcast(rp, _VEC.as_pointer()), align=4))
+        v = _relu(builder, v, _as_i1(context, builder, relu_, aty[6]))
         builder.store(v, builder.bitcast(dp, _VEC.as_pointer()), align=4)
         return context.get_dummy_value()
 

@@ -116,6 +116,7 @@ from sparsecnn.kernels._simd import (
     NV_MAX,
     NV_PAIR,
     VW,
+    add_vec_act,
     copy_even,
     copy_vec,
     copy_vec_act,
@@ -586,10 +587,11 @@ def prepare_direct(
 
 
 def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, out: np.ndarray,
-                  relu: bool = False) -> None:
+                  relu: bool = False, residual: np.ndarray | None = None) -> None:
     """``out = conv2d(x, W) + bias`` by direct sparse convolution; ``relu(conv2d(x, W) + bias)`` with
     ``relu``, applied as the tiles are stored or cropped (no second pass over ``out``; NaN stays NaN,
-    as with ``torch.relu``).
+    as with ``torch.relu``). With ``residual``, ``relu(conv2d(x, W) + bias + residual)``: a residual
+    connection added as the output is written.
 
     Parameters
     ----------
@@ -600,6 +602,8 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
         Written in full.
     relu : bool
         Fuse a ReLU into the output.
+    residual : ndarray, shape (B, Cout, Hout, Wout), float32, optional
+        Added to the convolution before the ReLU; must not share memory with ``out``.
     """
     ws = prep.workspace(x.shape)
     copy = not _reads_in_place(ws, x, 0)  # else the layout is x itself (stride 1, no padding)
@@ -613,16 +617,29 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     # The kernel writes planes of C-contiguous rows; any other out goes through a temporary.
     dst = out if out.flags.c_contiguous else np.empty(out.shape, dtype=np.float32)
     flat = dst.reshape(nb, cout * ws.hout * ws.wout)
+    res = flat if residual is None else _residual(residual, out, "direct_conv2d")
     inp = (xc.reshape(nb, -1), ws.xt, ws.copies, ws.geo, copy)
     if ws.grouped is not None:
         g = ws.grouped
         _grouped_kernel(*inp, *_grouped_args(ws), b, has_bias, flat, ws.hout, ws.wout, g.wide, g.gstride,
-                        g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu), ws.by_image)
+                        g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu), ws.by_image, res,
+                        residual is not None)
     else:
         _direct_kernel(*inp, ws.offsets, ws.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
-                       ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu), ws.by_image)
+                       ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu), ws.by_image,
+                       res, residual is not None)
     if dst is not out:
         out[...] = dst
+
+
+def _residual(residual: np.ndarray, out: np.ndarray, what: str) -> np.ndarray:
+    """``residual`` as the kernels read it: C-contiguous float32 ``(B, Cout * Hout * Wout)``, checked
+    against ``out`` (same shape, no shared memory: the crop's whole-vector rows overrun)."""
+    if not isinstance(residual, np.ndarray) or residual.shape != out.shape or residual.dtype != np.float32:
+        raise ValueError(f"{what}: residual must be a float32 array of the output's shape {out.shape}")
+    if np.shares_memory(residual, out):
+        raise ValueError(f"{what}: residual must not share memory with out")
+    return np.ascontiguousarray(residual).reshape(out.shape[0], -1)
 
 
 def _grouped_args(ws: _Workspace) -> tuple[np.ndarray, ...]:
@@ -652,9 +669,11 @@ def _reads_in_place(ws: _Workspace, x: np.ndarray, slack: int) -> bool:
 
 
 def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int], bias: np.ndarray | None,
-                       out: np.ndarray, relu: bool = False, slack: int = 0) -> Callable[[np.ndarray], None]:
+                       out: np.ndarray, relu: bool = False, slack: int = 0) -> Callable[..., None]:
     """``run(x)``: :func:`direct_conv2d` ``(prep, x, bias, out, relu)`` for inputs of ``x_shape``, with
-    every argument but ``x`` bound once (the whole-model executor's steps).
+    every argument but ``x`` bound once (the whole-model executor's steps). ``run(x, res)`` adds the
+    residual connection ``res`` as :func:`direct_conv2d`'s ``residual`` does (C-contiguous float32 of
+    the output's shape, not sharing memory with ``out``: not checked per call).
 
     The callable uses the calling thread's workspace of ``prep`` (the one :func:`direct_conv2d` uses),
     so it must be called from the thread that bound it: the executor binds per thread. Layers with fewer than
@@ -694,26 +713,28 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
     small = prep.nnz * ws.span * nb < _SERIAL_MACS
     has_bias = bias is not None
     b = bias if has_bias else prep.data[:0]
+    flat = out.reshape(nb, -1)
     g = ws.grouped
     if g is not None:
         kernel = _grouped_kernel_serial if small else _grouped_kernel
-        kargs = (*_grouped_args(ws), b, has_bias, out.reshape(nb, -1), ws.hout, ws.wout, g.wide, g.gstride,
+        kargs = (*_grouped_args(ws), b, has_bias, flat, ws.hout, ws.wout, g.wide, g.gstride,
                  g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu), ws.by_image)
     else:
         kernel = _direct_kernel_serial if small else _direct_kernel
-        kargs = (ws.offsets, ws.data, ws.bptr, b, has_bias, out.reshape(nb, -1), ws.hout, ws.wout, ws.wide,
+        kargs = (ws.offsets, ws.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
                  ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu), ws.by_image)
     xt, copies, geo = ws.xt, ws.copies, ws.geo
     pcopy = phase_copy_serial if small else phase_copy
 
-    def run(x: np.ndarray) -> None:
+    def run(x: np.ndarray, res: np.ndarray | None = None) -> None:
         copy = not _reads_in_place(ws, x, slack)
         xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+        tail = (flat, False) if res is None else (res.reshape(nb, -1), True)
         if copy and not ws.by_image:
             pcopy(xc.reshape(nb, -1), xt, copies, geo)
-            kernel(xt, xt, copies, geo, False, *kargs)
+            kernel(xt, xt, copies, geo, False, *kargs, *tail)
         else:
-            kernel(xc.reshape(nb, -1), xt, copies, geo, copy, *kargs)
+            kernel(xc.reshape(nb, -1), xt, copies, geo, copy, *kargs, *tail)
 
     return run
 
@@ -815,10 +836,11 @@ phase_copy_serial = serial_twin(phase_copy)
 
 
 @jit
-def _crop(w, n, dst, pos, r0, wph, wout, hout, relu):
+def _crop(w, n, dst, pos, r0, wph, wout, hout, relu, res, has_res):
     """Copy the valid columns of ``n`` wide-row positions, starting at the first column of row r0,
-    to the output plane that starts at ``dst[pos]`` (rows of ``wout``); ``max(v, 0)`` (NaN kept)
-    when ``relu``.
+    to the output plane that starts at ``dst[pos]`` (rows of ``wout``); with ``has_res`` the
+    residual at the same place in ``res`` (an array shaped as ``dst``) is added; then ``max(v, 0)``
+    (NaN kept) when ``relu``.
 
     Each row is copied as whole vectors: the last one runs up to VW - 1 floats past the row into the
     next rows of the same plane, which are copied afterwards (later in this loop or in a later group
@@ -832,15 +854,28 @@ def _crop(w, n, dst, pos, r0, wph, wout, hout, relu):
     for i in range(nrows):
         s = i * wph
         d = pos + (r0 + i) * wout
-        if (hout - 1 - r0 - i) * wout < over:
-            for v in range(nfull):
+        exact = (hout - 1 - r0 - i) * wout < over
+        for v in range(nfull if exact else nv):
+            if has_res:
+                add_vec_act(w, s + v * VW, res, d + v * VW, dst, d + v * VW, relu)
+            else:
                 copy_vec_act(w, s + v * VW, dst, d + v * VW, relu)
+        if exact:
             for t in range(nfull * VW, wout):
-                a = w[s + t]
+                a = w[s + t] + res[d + t] if has_res else w[s + t]
                 dst[d + t] = a if not relu or not a <= 0 else np.float32(0.0)  # NaN kept
-        else:
-            for v in range(nv):
-                copy_vec_act(w, s + v * VW, dst, d + v * VW, relu)
+
+
+@jit(inline="always")
+def _add_residual(dst, res, pos, n, relu):
+    """``dst[pos:pos + n] += res[pos:pos + n]``, then ``max(v, 0)`` (NaN kept) when ``relu``: whole
+    vectors, the last partial one lane by lane (the floats after it are another plane's)."""
+    nfull = n // VW
+    for v in range(nfull):
+        add_vec_act(dst, pos + v * VW, res, pos + v * VW, dst, pos + v * VW, relu)
+    for t in range(pos + nfull * VW, pos + n):
+        a = dst[t] + res[t]
+        dst[t] = a if not relu or not a <= 0 else np.float32(0.0)  # NaN kept
 
 
 @jit(inline="always")  # a call per tile costs more than a tile of a 1x1 layer at 90% (measured 1.6x)
@@ -859,7 +894,7 @@ def _pair_tiles(xb, offs, data, bptr, bias, has_bias, co, c1, p, target, wpos, w
 
 @pjit
 def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, out, hout, wout, wide, gstride,
-                   bounds, wph, span, group, tile, relu, by_image):
+                   bounds, wph, span, group, tile, relu, by_image, res, has_res):
     """Direct sparse convolution over prepared spans, parallel over balanced output-channel ranges.
 
     For each image and each group of ``group`` wide-row positions (whole rows), the output channels
@@ -890,6 +925,7 @@ def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, o
         for b in range(part if by_image else 0, nb, nparts if by_image else 1):
             xb = image_input(x, b, xt, part, copies, geo, copy)
             dst = out[b]
+            rb = res[b]
             for p0 in range(0, span, group):
                 n = min(group, span - p0)
                 nvec = (n + VW - 1) // VW
@@ -903,13 +939,17 @@ def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, o
                             p = p0 + v0 * VW
                             if direct:
                                 _pair_tiles(xb, offs, data, bptr, bias, has_bias, co, c1, p, dst,
-                                            co * plane + p, plane, nv, span - p, relu)
+                                            co * plane + p, plane, nv, span - p, relu and not has_res)
+                                if has_res:  # the tiles just stored, still in L1
+                                    for f in range(co, min(co + 2, c1)):
+                                        _add_residual(dst, rb, f * plane + p, min(nv * VW, span - p), relu)
                             else:
                                 _pair_tiles(xb, offs, data, bptr, bias, has_bias, co, c1, p, w,
                                             v0 * VW, gstride, nv, nv * VW, False)
                         if not direct:
                             for f in range(co, min(co + 2, c1)):
-                                _crop(w[(f - co) * gstride:], n, dst, f * plane, r0, wph, wout, hout, relu)
+                                _crop(w[(f - co) * gstride:], n, dst, f * plane, r0, wph, wout, hout, relu,
+                                      rb, has_res)
                 else:
                     ntiles = (nvec + tile - 1) // tile
                     for t in range(ntiles):
@@ -922,12 +962,13 @@ def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, o
                                 span_tile(xb, offs, data, bptr[kb, co], bptr[kb, co + 1], p, w,
                                           (co - c0) * gstride + v0 * VW, nv, nv * VW, ba, acc, 1, False)
                     for co in range(c0, c1):
-                        _crop(w[(co - c0) * gstride:], n, dst, co * plane, r0, wph, wout, hout, relu)
+                        _crop(w[(co - c0) * gstride:], n, dst, co * plane, r0, wph, wout, hout, relu, rb,
+                              has_res)
 
 
 @pjit
 def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bias, has_bias, out, hout, wout,
-                    wide, gstride, bounds, wph, span, group, nblk, relu, by_image):
+                    wide, gstride, bounds, wph, span, group, nblk, relu, by_image, res, has_res):
     """Direct sparse convolution in filter-group tiles (:func:`sparsecnn.kernels._simd.group_tile`),
     parallel over balanced ranges of filter groups.
 
@@ -956,6 +997,7 @@ def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bi
         for b in range(part if by_image else 0, nb, nparts if by_image else 1):
             xb = image_input(x, b, xt, part, copies, geo, copy)
             dst = out[b]
+            rb = res[b]
             for p0 in range(0, span, group):
                 n = min(group, span - p0)
                 nvec = (n + VW - 1) // VW
@@ -977,7 +1019,8 @@ def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bi
                         co = filters[g, f]
                         if co >= 0:
                             slot = (g - g0) * GROUP_F + f
-                            _crop(w[slot * gstride:], n, dst, co * plane, r0, wph, wout, hout, relu)
+                            _crop(w[slot * gstride:], n, dst, co * plane, r0, wph, wout, hout, relu, rb,
+                                  has_res)
 
 
 _direct_kernel_serial = serial_twin(_direct_kernel)

@@ -314,7 +314,7 @@ def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bi
                     gemm_tile(xb, offs[g], wt, 0, ncols[g], p, w, p, gstride, nv, nv * VW, i0, i1, i2, i3)
                 for f in range(GEMM_MR):
                     if rr[f] >= 0:
-                        _crop(w[f * gstride:], span, dst, rr[f] * plane, 0, wph, wout, hout, relu)
+                        _crop(w[f * gstride:], span, dst, rr[f] * plane, 0, wph, wout, hout, relu, dst, False)
             if part == 0 or by_image:
                 _fill_bias(dst, fill, bias, plane, relu)
 
