@@ -3,10 +3,12 @@
 A pruned model (a torch module, traced with ``torch.fx``, or an imported ONNX/Caffe graph) is lowered
 once into a flat program:
 
-- every eval-mode BatchNorm2d after a Conv2d is folded into the conv (zeros stay zeros);
+- every eval-mode BatchNorm2d (or an ONNX BatchNormalization) after a Conv2d is folded into the conv
+  (zeros stay zeros);
 - every Conv2d / Linear gets a strategy (``"auto"``: timed per layer as :func:`sparsecnn.sparsify`
   does, with the same plan cache) and is converted once;
-- a ReLU after a conv, a linear or a residual add runs in that op's epilogue, max pooling, global
+- a ReLU after a conv, a linear or a residual add runs in that op's epilogue; a residual add whose
+  conv runs the direct kernel is that conv's epilogue too (``conv:direct+add+relu``); max pooling, global
   average pooling, LRN, flatten/view, dropout and residual adds run as numba kernels over buffers
   planned by liveness and preallocated once per input shape; anything else runs in torch on views of
   the buffers;

@@ -47,7 +47,9 @@ nonzeros per block (else the tile's load and store cost more than L1 saves). The
 ``out`` by whole-vector row copies; with one block and wide rows equal to the output rows (1x1 without
 padding), tiles are stored straight into ``out``. A fused ReLU (``relu=True``, the whole-model
 executor's conv + bias + ReLU) is a compare-select on those final stores and copies (``fcmp ugt``: NaN
-kept, as ``torch.relu``), never a second pass over ``out``.
+kept, as ``torch.relu``), never a second pass over ``out``; a residual connection (``residual=``, the
+executor's ``conv:direct+add+relu``) is added in the same copies, or, where tiles go straight into
+``out``, to each tile just stored (still in L1).
 
 Zen 4 (this project's machine until 2026-12-05: AMD EPYC family 25 model 17, AVX-512 F/BW/VL/VNNI/BF16;
 earlier sessions took it for Zen 3 with AVX2, and the Zen 3 numbers below are from then; the
