@@ -10,8 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparsecnn.kernels import conv as conv_mod
-from sparsecnn.kernels._simd import GEMM_MR
+from sparsecnn.kernels import implicit_gemm as ig_mod
+from sparsecnn.kernels._simd import GEMM_MR, GEMM_NV, VW
 from sparsecnn.kernels.implicit_gemm import (
+    _blocked_kernel,
+    _blocked_kernel_serial,
     _implicit_kernel_serial,
     bind_implicit_gemm_conv2d,
     implicit_gemm_conv2d,
@@ -77,8 +80,33 @@ def test_implicit_gemm_matches_torch(case, relu, rng) -> None:
     ws = prep.workspace(x.shape)
     assert ws.xt.shape[0] == (ws.bounds.size - 1 if ws.by_image else b)
     # threads split the images, or one thread runs the layer (serial twin) and copies inside the kernel
-    serial = ws.kernel is _implicit_kernel_serial
+    serial = ws.kernel is _implicit_kernel_serial or ws.kernel is _blocked_kernel_serial
     assert ws.by_image == (conv_mod.split_by_image(b, ws.bounds.size - 1) or serial)
+
+
+@pytest.mark.parametrize("l2", [1 << 30, 1])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("case", CASES[:5])
+def test_implicit_gemm_channel_blocks(case, relu, l2, rng, monkeypatch) -> None:
+    """The blocked kernel (one channel per block here; with ``l2`` 1, row groups of one row): partial
+    sums across blocks, blocks without columns (SSL-removed channels), every item's crop."""
+    monkeypatch.setattr(ig_mod, "_L1_BYTES", 1)
+    monkeypatch.setattr(ig_mod, "_L2_BYTES", l2)
+    monkeypatch.setattr(ig_mod, "_BLOCK_MIN_TILES", 0)
+    cout, cin, hw, k, stride, padding, dilation, groups, b = case
+    w = _structured(rng, cout, cin // groups, *k, groups, 0.7, 0.5)
+    w[:, 1] = 0  # a channel no kept column reads: an empty block
+    x = rng.standard_normal((b, cin, *hw)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    out, ref, prep, _ = _run(w, x, bias, stride, padding, dilation, groups, relu)
+    assert_close(out, ref, what="blocked implicit_gemm_conv2d")
+    ws = prep.workspace(x.shape)
+    assert ws.kernel in (_blocked_kernel, _blocked_kernel_serial) and ws.kblk.shape[1] - 1 == cin // groups
+    fewest = -(-GEMM_NV * VW // ws.wph) * ws.wph  # a register tile's rows: the smallest row group
+    assert ws.group % ws.wph == 0 and (l2 > 1 or ws.group == fewest or ws.group >= ws.span)
+    bound = np.full(ref.shape, np.nan, np.float32)
+    bind_implicit_gemm_conv2d(prep, x.shape, bias, bound, relu)(x)
+    assert_close(bound, ref, what="bound blocked implicit_gemm_conv2d")
 
 
 def test_implicit_gemm_removed_filters_are_the_bias_and_nan_is_kept(rng) -> None:

@@ -266,14 +266,23 @@ span_tile8 = intrinsic(_span_tile(RW, NV_MAX8))
 span_tile8.__doc__ = """:func:`span_tile` with ``RW`` (8) floats per vector, ``1 <= nvec <= NV_MAX8``."""
 
 
-def _emit_gemm(builder, fma, nv, xbase, optr, signed, wptr, k0, k1, outp, ostride, inits, nvalid):
+def _emit_gemm(builder, fma, nv, xbase, optr, signed, wptr, k0, k1, outp, ostride, inits, nvalid, accumulate):
     """A ``GEMM_MR`` x ``nv`` register tile: per column, ``nv`` input vectors loaded once and
-    ``GEMM_MR`` broadcast weights, ``GEMM_MR * nv`` FMAs."""
+    ``GEMM_MR`` broadcast weights, ``GEMM_MR * nv`` FMAs. With ``accumulate`` (an i1) the tile starts
+    from ``outp``'s values instead of the inits."""
     accs = [[cgutils.alloca_once(builder, _VEC) for _ in range(nv)] for _ in range(GEMM_MR)]
-    for f in range(GEMM_MR):
-        start = _splat(builder, inits[f])
-        for a in accs[f]:
-            builder.store(start, a)
+    with builder.if_else(accumulate) as (then, otherwise):
+        with then:
+            for f in range(GEMM_MR):
+                row = builder.gep(outp, [builder.mul(ostride, ir.Constant(_I64, f))], inbounds=True)
+                for i, a in enumerate(accs[f]):
+                    q = builder.gep(row, [ir.Constant(_I64, i * VW)], inbounds=True)
+                    builder.store(builder.load(builder.bitcast(q, _VEC.as_pointer()), align=4), a)
+        with otherwise:
+            for f in range(GEMM_MR):
+                start = _splat(builder, inits[f])
+                for a in accs[f]:
+                    builder.store(start, a)
     with cgutils.for_range_slice(builder, k0, k1, ir.Constant(_I64, 1), inc=True) as (k, _):
         off = builder.load(builder.gep(optr, [k], inbounds=True))
         if off.type.width < 64:
@@ -293,10 +302,13 @@ def _emit_gemm(builder, fma, nv, xbase, optr, signed, wptr, k0, k1, outp, ostrid
 
 
 @intrinsic
-def gemm_tile(typingctx, x, offs, w, k0, k1, base, out, opos, ostride, nvec, nvalid, i0, i1, i2, i3):
+def gemm_tile(typingctx, x, offs, w, k0, k1, base, out, opos, ostride, nvec, nvalid, accumulate, i0, i1, i2,
+              i3):
     """``out[opos + f * ostride + j] = init_f + sum_k w[k * GEMM_MR + f] * x[base + offs[k] + j]`` for
     the ``GEMM_MR`` (4) filters ``f`` of a tile of dense weights, ``k0 <= k < k1`` and
-    ``0 <= j < min(nvalid, nvec * VW)``, ``1 <= nvec <= GEMM_NV`` (any other nvec does nothing).
+    ``0 <= j < min(nvalid, nvec * VW)``, ``1 <= nvec <= GEMM_NV`` (any other nvec does nothing); with
+    ``accumulate``, ``out[...]``'s own value in place of ``init_f`` (partial sums over channel blocks;
+    ``nvec * VW`` floats are read per filter).
 
     The micro-kernel of an implicit GEMM (:mod:`sparsecnn.kernels.implicit_gemm`): the columns are
     input spans at offsets, as in :func:`span_tile`, but each loaded input vector serves
@@ -309,10 +321,10 @@ def gemm_tile(typingctx, x, offs, w, k0, k1, base, out, opos, ostride, nvec, nva
     ``k1 * GEMM_MR``, and out ``opos + 3 * ostride + min(nvalid, nvec * VW)``.
     """
     sig = types.void(x, offs, w, types.intp, types.intp, types.intp, out, types.intp, types.intp, types.intp,
-                     types.intp, types.float32, types.float32, types.float32, types.float32)
+                     types.intp, types.boolean, types.float32, types.float32, types.float32, types.float32)
 
     def codegen(context, builder, signature, args):
-        x_, offs_, w_, k0_, k1_, base_, out_, opos_, ostride_, nvec_, nvalid_, *inits = args
+        x_, offs_, w_, k0_, k1_, base_, out_, opos_, ostride_, nvec_, nvalid_, acc_, *inits = args
         aty = signature.args
         xbase = builder.gep(_data_ptr(context, builder, aty[0], x_), [base_], inbounds=True)
         optr = _data_ptr(context, builder, aty[1], offs_)
@@ -320,8 +332,10 @@ def gemm_tile(typingctx, x, offs, w, k0, k1, base, out, opos, ostride, nvec, nva
         outp = builder.gep(_data_ptr(context, builder, aty[6], out_), [opos_], inbounds=True)
         signed = getattr(aty[1].dtype, "signed", True)
         fma = _fma_vec(builder)
+        accumulate = _as_i1(context, builder, acc_, aty[11])
         _for_each_nvec(builder, nvec_, GEMM_NV, "gemm_tile", lambda nv: _emit_gemm(
-            builder, fma, nv, xbase, optr, signed, wptr, k0_, k1_, outp, ostride_, inits, nvalid_))
+            builder, fma, nv, xbase, optr, signed, wptr, k0_, k1_, outp, ostride_, inits, nvalid_,
+            accumulate))
         return context.get_dummy_value()
 
     return sig, codegen

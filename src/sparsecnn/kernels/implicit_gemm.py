@@ -21,6 +21,14 @@ nowhere); channels no kept filter writes are set to the bias.
 Threads split the (group, 4-filter tile) items; each walks, per image, its tile's wide rows in
 register tiles of up to ``GEMM_NV`` vectors over all kept columns (the tile's weights, ``4 Kr``
 floats, stay in L1; the input is read from L2). With ``relu`` the crop stores ``max(v, 0)``.
+Where the input has phase planes (stride > 1) or a plane has many register tiles, and one tile's
+input window of all channels does not fit L1, the loop turns as the direct kernel's does
+(:func:`_blocked_kernel`): channel blocks whose window fits L1, and for each block and tile every item
+of the thread adds the block's columns into its tile (``gemm_tile``'s ``accumulate``). Measured on
+dense ResNet-50 shapes (2 threads, interleaved): 3x3 stride 2 from 56x56 1.13-1.75x, 3x3 on 56x56
+1.08-1.12x; on 14x14, 7x7 and AlexNet's planes the blocked loop was 0.91-1.02x, so they keep this
+one. The micro-kernel itself runs 5.3-5.5 G 16-wide FMAs a second on one thread (Emerald Rapids,
+input in L1); a whole layer 70-77% of that on one thread.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ import numpy as np
 from sparsecnn.kernels._numba import balanced_bounds, jit, pjit, serial_twin
 from sparsecnn.kernels._simd import GEMM_MR, GEMM_NV, VW, gemm_tile, tile_split
 from sparsecnn.kernels.conv import (
+    _L1_BYTES,
+    _L2_BYTES,
     ConvPrepBase,
     _crop,
     image_input,
@@ -47,6 +57,10 @@ __all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2
 
 # Below this many multiply-adds per call a bound layer runs the serial twin (no parallel launch).
 _SERIAL_MACS = 1 << 16
+# Off: every layer walks all its columns per register tile (the A/B baseline of the channel blocks).
+BLOCKS = True
+# Register tiles per plane from which a stride-1 layer runs in channel blocks (see _build_workspace).
+_BLOCK_MIN_TILES = 16
 
 
 @dataclass(eq=False)
@@ -66,7 +80,9 @@ class _Workspace:
     wout: int
     span: int
     zero_bias: np.ndarray  # (Cout,) zeros, the bias of a layer without one
-    kernel: Callable  # _implicit_kernel, or its serial twin below _SERIAL_MACS
+    kernel: Callable  # _implicit_kernel or _blocked_kernel, or a serial twin below _SERIAL_MACS
+    kblk: np.ndarray  # (groups, nblk + 1) int64: channel block kb of group g is columns kblk[g, kb:kb + 2]
+    group: int  # wide-row positions per pass of the blocked kernel (whole rows; span without blocks)
 
 
 @dataclass(eq=False)
@@ -109,16 +125,44 @@ class ImplicitGemmPrep(ConvPrepBase):
         cost = np.repeat(self.ncols + 1, ntiles)  # an item's cost: its columns (+1: the crop)
         bounds = balanced_bounds(cost, nparts)
         nvec = -(-lay.span // VW)
-        gstride = nvec * VW + 2 * VW
         macs = int(self.ncols.sum()) * ntiles * GEMM_MR * lay.span * b
         # A serial layer copies its input inside the kernel, as the threads do when they split the
         # images: one numba call instead of two (each ~2 us of dispatch on LeNet-5's layers).
         by_image = split_by_image(b, nparts) or macs < _SERIAL_MACS
+        # Channel blocks whose part of one register tile's input window fits L1 (as the direct
+        # kernel's): where the whole window does not, each block's window is read from L1 by every
+        # 4-filter item of the thread, in row groups whose input fits half of L2.
+        # Measured (dense ResNet-50 shapes, 2 threads, interleaved against the unblocked loop): stride
+        # 2 from 56x56 1.75x (four phase planes per channel: the window is 8x L1), 3x3 on 56x56 1.08x
+        # (33 register tiles per plane); but 3x3 on 14x14 0.91x, 7x7 and AlexNet's 13x13 / 27x27 layers
+        # 0.98-1.01x (few tiles: the unblocked loop keeps an item's weights in L1 across them). So
+        # blocks where the input has phases or a plane has many tiles.
+        cb = max(1, _L1_BYTES // (4 * lay.nph * (GEMM_NV * VW + lay.halo + VW)))
+        many_tiles = -(-nvec // GEMM_NV) >= _BLOCK_MIN_TILES
+        nblk = -(-cin_g // cb) if BLOCKS and (lay.nph > 1 or many_tiles) else 1
+        cb = -(-cin_g // nblk)
+        kchan = self.cols // (kh * kw)
+        kblk = np.zeros((self.groups, nblk + 1), dtype=np.int64)
+        for gi in range(self.groups):
+            kblk[gi] = np.searchsorted(kchan[gi, : self.ncols[gi]], np.arange(nblk + 1) * cb)
+        if nblk > 1:
+            rows = max((_L2_BYTES // (4 * cin * lay.nph) - lay.halo) // lay.wph,
+                       -(-GEMM_NV * VW // lay.wph), 1)
+            group = min(rows, lay.hout) * lay.wph
+            gstride = group + 2 * VW
+            items = ntiles * self.groups if by_image else int(np.diff(bounds).max(initial=0))
+            wide = np.zeros((nparts, GEMM_MR * max(items, 1) * gstride), dtype=np.float32)
+            kernel = _blocked_kernel_serial if macs < _SERIAL_MACS else _blocked_kernel
+        else:
+            group = lay.span
+            gstride = nvec * VW + 2 * VW
+            wide = np.zeros((nparts, GEMM_MR * gstride), dtype=np.float32)
+            kernel = _implicit_kernel_serial if macs < _SERIAL_MACS else _implicit_kernel
         return _Workspace(
             offsets=np.ascontiguousarray(off, dtype=off_dtype),
             xt=np.zeros(lay.xt_shape(nparts if by_image else b, cin, self.padding[1]), dtype=np.float32),
             geo=lay.geometry(x_shape),
-            wide=np.zeros((nparts, GEMM_MR * gstride), dtype=np.float32),
+            wide=wide,
             gstride=gstride,
             bounds=bounds,
             by_image=by_image,
@@ -130,7 +174,9 @@ class ImplicitGemmPrep(ConvPrepBase):
             wout=lay.wout,
             span=lay.span,
             zero_bias=np.zeros(self.weight_shape[0], np.float32),
-            kernel=_implicit_kernel_serial if macs < _SERIAL_MACS else _implicit_kernel,
+            kernel=kernel,
+            kblk=kblk,
+            group=group,
         )
 
 
@@ -256,9 +302,15 @@ def _launch(prep: ImplicitGemmPrep, ws: _Workspace, x: np.ndarray, bias: np.ndar
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     xc = xc.reshape(xc.shape[0], -1)
     if not ws.by_image:
-        copy = phase_copy_serial if ws.kernel is _implicit_kernel_serial else phase_copy
+        serial = ws.kernel is _implicit_kernel_serial or ws.kernel is _blocked_kernel_serial
+        copy = phase_copy_serial if serial else phase_copy
         copy(xc, ws.xt, ws.copies, ws.geo)
         xc = ws.xt
+    if ws.kernel is _blocked_kernel or ws.kernel is _blocked_kernel_serial:
+        ws.kernel(xc, ws.xt, ws.copies, ws.geo, ws.by_image, ws.offsets, prep.data, ws.kblk,
+                  prep.rows, prep.fill, bias, flat, ws.hout, ws.wout,
+                  ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, relu, ws.by_image)
+        return
     ws.kernel(xc, ws.xt, ws.copies, ws.geo, ws.by_image, ws.offsets, prep.data, prep.ncols,
               prep.rows, prep.fill, bias, flat, ws.hout, ws.wout,
               ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, relu, ws.by_image)
@@ -311,7 +363,8 @@ def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bi
                 for st in range(nst):
                     v0, nv = tile_split(nvec, st, nst)
                     p = v0 * VW
-                    gemm_tile(xb, offs[g], wt, 0, ncols[g], p, w, p, gstride, nv, nv * VW, i0, i1, i2, i3)
+                    gemm_tile(xb, offs[g], wt, 0, ncols[g], p, w, p, gstride, nv, nv * VW, False, i0, i1, i2,
+                              i3)
                 for f in range(GEMM_MR):
                     if rr[f] >= 0:
                         _crop(w[f * gstride:], span, dst, rr[f] * plane, 0, wph, wout, hout, relu, dst, False)
@@ -320,3 +373,64 @@ def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bi
 
 
 _implicit_kernel_serial = serial_twin(_implicit_kernel)
+
+
+@pjit
+def _blocked_kernel(x, xt, copies, geo, copy, offs, data, kblk, rows, fill, bias, out, hout, wout, wide,
+                    gstride, bounds, wph, span, group, relu, by_image):
+    """:func:`_implicit_kernel` in channel blocks, for layers whose register tile's input window of all
+    channels does not fit L1 (the direct kernel's loop, :func:`sparsecnn.kernels.conv._grouped_kernel`):
+    per image and group of ``group`` wide-row positions, block after block, register tile after tile,
+    every 4-filter item of the thread adds the block's columns into its tile of ``wide`` (from the
+    bias at the first block), so the block's window is read from L1 by all the items; then the valid
+    columns of every item's filters go to ``out``.
+    NOTE: as _implicit_kernel; kblk (groups, nblk + 1) column bounds of the channel blocks; wide holds
+    GEMM_MR * gstride floats per item of the largest range; group is a multiple of wph."""
+    nb = out.shape[0]
+    plane = hout * wout
+    nparts = bounds.size - 1
+    ntiles = data.shape[1]
+    nblk = kblk.shape[1] - 1
+    zero = np.float32(0.0)
+    for part in numba.prange(nparts):
+        w = wide[part]
+        first = bounds[0] if by_image else bounds[part]
+        last = bounds[nparts] if by_image else bounds[part + 1]
+        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
+            xb = image_input(x, b, xt, part, copies, geo, copy)
+            dst = out[b]
+            for p0 in range(0, span, group):
+                n = min(group, span - p0)
+                nvec = (n + VW - 1) // VW
+                nst = (nvec + GEMM_NV - 1) // GEMM_NV
+                for kb in range(nblk):
+                    for st in range(nst):
+                        v0, nv = tile_split(nvec, st, nst)
+                        for item in range(first, last):
+                            g = item // ntiles
+                            k0, k1 = kblk[g, kb], kblk[g, kb + 1]
+                            if kb > 0 and k1 == k0:
+                                continue
+                            t = item - g * ntiles
+                            rr = rows[g, t * GEMM_MR:(t + 1) * GEMM_MR]
+                            i0 = bias[rr[0]] if rr[0] >= 0 else zero
+                            i1 = bias[rr[1]] if rr[1] >= 0 else zero
+                            i2 = bias[rr[2]] if rr[2] >= 0 else zero
+                            i3 = bias[rr[3]] if rr[3] >= 0 else zero
+                            gemm_tile(xb, offs[g], data[g, t].reshape(-1), k0, k1, p0 + v0 * VW, w,
+                                      (item - first) * GEMM_MR * gstride + v0 * VW, gstride, nv, nv * VW,
+                                      kb > 0, i0, i1, i2, i3)
+                r0 = p0 // wph
+                for item in range(first, last):
+                    g = item // ntiles
+                    t = item - g * ntiles
+                    for f in range(GEMM_MR):
+                        co = rows[g, t * GEMM_MR + f]
+                        if co >= 0:
+                            _crop(w[((item - first) * GEMM_MR + f) * gstride:], n, dst, co * plane, r0, wph,
+                                  wout, hout, relu, dst, False)
+            if part == 0 or by_image:
+                _fill_bias(dst, fill, bias, plane, relu)
+
+
+_blocked_kernel_serial = serial_twin(_blocked_kernel)
