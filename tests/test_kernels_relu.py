@@ -37,16 +37,22 @@ CASES = [
 ]
 
 
+def _force_form(monkeypatch, blocks) -> None:
+    """The direct kernel's form: per-filter tiles in one block (False), in many input-channel blocks
+    (True: the tiles accumulate, the crop applies the epilogue) or filter-group tiles ("grouped")."""
+    monkeypatch.setattr(conv, "_GROUPED_BELOW", 0.0)
+    if blocks == "grouped":
+        monkeypatch.setattr(conv, "_GROUPED_BELOW", 1e9)
+        monkeypatch.setattr(conv, "_GROUPED_MIN_COLUMNS", 0)
+    elif blocks:
+        monkeypatch.setattr(conv, "_L1_BYTES", 1)
+        monkeypatch.setattr(conv, "_MIN_BLOCK_NNZ", 1)
+
+
 @pytest.mark.parametrize("blocks", [False, True, "grouped"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}c{c[1]}-{c[2]}k{c[4]}s{c[5]}g{c[7]}")
 def test_direct_conv_fused_relu(case, blocks, rng, monkeypatch):
-    monkeypatch.setattr(conv, "_GROUPED_BELOW", 0.0)  # per-filter tiles, unless grouped is asked for
-    if blocks == "grouped":  # filter-group tiles: the crop applies the ReLU
-        monkeypatch.setattr(conv, "_GROUPED_BELOW", 1e9)
-        monkeypatch.setattr(conv, "_GROUPED_MIN_COLUMNS", 0)
-    elif blocks:  # many input-channel blocks: the tiles accumulate, the crop applies the ReLU
-        monkeypatch.setattr(conv, "_L1_BYTES", 1)
-        monkeypatch.setattr(conv, "_MIN_BLOCK_NNZ", 1)
+    _force_form(monkeypatch, blocks)
     b, cin, cout, hw, k, stride, padding, groups = case
     w = random_sparse(rng, (cout, cin // groups, *k), 0.6)
     x = rng.standard_normal((b, cin, *hw)).astype(np.float32)
@@ -82,13 +88,7 @@ def test_direct_conv_fused_residual(case, blocks, threads, rng, monkeypatch):
     + ReLU in one step), in every store path, direct and bound, against torch."""
     import numba
 
-    monkeypatch.setattr(conv, "_GROUPED_BELOW", 0.0)
-    if blocks == "grouped":
-        monkeypatch.setattr(conv, "_GROUPED_BELOW", 1e9)
-        monkeypatch.setattr(conv, "_GROUPED_MIN_COLUMNS", 0)
-    elif blocks:
-        monkeypatch.setattr(conv, "_L1_BYTES", 1)
-        monkeypatch.setattr(conv, "_MIN_BLOCK_NNZ", 1)
+    _force_form(monkeypatch, blocks)
     b, cin, cout, hw, k, stride, padding, groups = case
     w = random_sparse(rng, (cout, cin // groups, *k), 0.6)
     x = rng.standard_normal((b, cin, *hw)).astype(np.float32)

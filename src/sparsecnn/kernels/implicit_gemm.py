@@ -327,6 +327,14 @@ def _fill_bias(dst, fill, bias, plane, relu):
             dst[base + j] = v
 
 
+@jit(inline="always")
+def _tile_bias(bias, rr):
+    """The bias of each of a tile's ``GEMM_MR`` (4) output channels ``rr`` (0 for a padding row, -1)."""
+    zero = np.float32(0.0)
+    return (bias[rr[0]] if rr[0] >= 0 else zero, bias[rr[1]] if rr[1] >= 0 else zero,
+            bias[rr[2]] if rr[2] >= 0 else zero, bias[rr[3]] if rr[3] >= 0 else zero)
+
+
 @pjit
 def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bias, out, hout, wout, wide,
                      gstride, bounds, wph, span, relu, by_image):
@@ -356,10 +364,7 @@ def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bi
                 t = item - g * ntiles
                 wt = data[g, t].reshape(-1)
                 rr = rows[g, t * GEMM_MR:(t + 1) * GEMM_MR]
-                i0 = bias[rr[0]] if rr[0] >= 0 else np.float32(0.0)
-                i1 = bias[rr[1]] if rr[1] >= 0 else np.float32(0.0)
-                i2 = bias[rr[2]] if rr[2] >= 0 else np.float32(0.0)
-                i3 = bias[rr[3]] if rr[3] >= 0 else np.float32(0.0)
+                i0, i1, i2, i3 = _tile_bias(bias, rr)
                 for st in range(nst):
                     v0, nv = tile_split(nvec, st, nst)
                     p = v0 * VW
@@ -391,7 +396,6 @@ def _blocked_kernel(x, xt, copies, geo, copy, offs, data, kblk, rows, fill, bias
     nparts = bounds.size - 1
     ntiles = data.shape[1]
     nblk = kblk.shape[1] - 1
-    zero = np.float32(0.0)
     for part in numba.prange(nparts):
         w = wide[part]
         first = bounds[0] if by_image else bounds[part]
@@ -412,11 +416,7 @@ def _blocked_kernel(x, xt, copies, geo, copy, offs, data, kblk, rows, fill, bias
                             if kb > 0 and k1 == k0:
                                 continue
                             t = item - g * ntiles
-                            rr = rows[g, t * GEMM_MR:(t + 1) * GEMM_MR]
-                            i0 = bias[rr[0]] if rr[0] >= 0 else zero
-                            i1 = bias[rr[1]] if rr[1] >= 0 else zero
-                            i2 = bias[rr[2]] if rr[2] >= 0 else zero
-                            i3 = bias[rr[3]] if rr[3] >= 0 else zero
+                            i0, i1, i2, i3 = _tile_bias(bias, rows[g, t * GEMM_MR:(t + 1) * GEMM_MR])
                             gemm_tile(xb, offs[g], data[g, t].reshape(-1), k0, k1, p0 + v0 * VW, w,
                                       (item - first) * GEMM_MR * gstride + v0 * VW, gstride, nv, nv * VW,
                                       kb > 0, i0, i1, i2, i3)
