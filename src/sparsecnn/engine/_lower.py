@@ -347,9 +347,10 @@ class _Builder:
         return self.prog
 
     def _residual_candidates(self, by_name: dict[str, Node], users: dict[str, list[int]]) -> None:
-        """Residual adds ``conv(x) + r`` (ResNet's) whose conv runs the direct kernel, is read by the add
-        alone and runs after ``r`` is computed: the conv can add ``r`` (and the add's ReLU) as it
-        writes its output (:func:`sparsecnn.kernels.conv.bind_direct_conv2d`), one pass instead of
+        """Residual adds ``conv(x) + r`` (ResNet's) whose conv runs the direct kernel or the implicit
+        GEMM, is read by the add alone and runs after ``r`` is computed: the conv can add ``r`` (and
+        the add's ReLU) as it writes its output (:func:`sparsecnn.kernels.conv.bind_direct_conv2d`,
+        :func:`sparsecnn.kernels.implicit_gemm.bind_implicit_gemm_conv2d`), one pass instead of
         two. Where both inputs are such convs (a downsampling block), the later one takes the add."""
         from sparsecnn.layers import SparseConv2d
 
@@ -365,7 +366,7 @@ class _Builder:
             for conv, other in sorted(((a, b), (b, a)), key=lambda p: -index[p[0]]):
                 node = by_name[conv]
                 layer = node.fn
-                if (a != b and isinstance(layer, SparseConv2d) and layer.strategy == "direct"
+                if (a != b and isinstance(layer, SparseConv2d) and _epilogue_adds(layer)
                         and node.op == "module" and len(users[conv]) == 1 and index[other] < index[conv]
                         and all(_f32_of_shape(self.values[v], shape) for v in (conv, other))):
                     self.residual_of[conv] = (other, n.name)
@@ -438,13 +439,16 @@ class _Builder:
             self._step("conv:torch" + ("+relu" if relu else ""),
                        lambda env, bufs, x=x, s=s: _bind_torch_conv(env, x, s, w, b, args, relu))
             return
-        if layer.strategy == "direct":
+        if _epilogue_adds(layer):
             from sparsecnn.kernels._numba import num_threads
             from sparsecnn.kernels.conv import SLACK, bind_direct_conv2d, split_by_image
+            from sparsecnn.kernels.implicit_gemm import bind_implicit_gemm_conv2d
 
             v = self.val.get(n.refs()[0])  # a planned buffer (not the caller's input) has the slack
             slack = SLACK if v is not None and v.buf is not None else 0
-            prep = layer.engine.format
+            direct = layer.strategy == "direct"
+            prep = layer.engine.format if direct else layer.engine.implicit
+            binder = bind_direct_conv2d if direct else bind_implicit_gemm_conv2d
             nparts = num_threads()
             if prep.stride == (1, 1) and prep.padding == (0, 0) and nparts > 1 \
                     and not split_by_image(int(self.values[n.refs()[0]].shape[0]), nparts):
@@ -456,8 +460,7 @@ class _Builder:
                 res = self.slot[other]
                 self.add_into[add] = n.name
                 relu = add in self.relu_after
-            self._bound_conv(n, x, shape, relu, functools.partial(bind_direct_conv2d, slack=slack),
-                             layer.engine.format, res)
+            self._bound_conv(n, x, shape, relu, functools.partial(binder, slack=slack), prep, res)
             return
         if layer.strategy == "spconv-act":
             from sparsecnn.kernels.spconv_input import bind_spconv_input
@@ -466,11 +469,6 @@ class _Builder:
             geometry = (*sp.kernel_size, *sp.stride, *sp.padding, *sp.dilation)
             self._bound_conv(n, x, shape, relu, functools.partial(bind_spconv_input, geometry=geometry),
                              layer.engine.format)
-            return
-        if layer.strategy == "lowered" and layer.engine.implicit is not None:
-            from sparsecnn.kernels.implicit_gemm import bind_implicit_gemm_conv2d
-
-            self._bound_conv(n, x, shape, relu, bind_implicit_gemm_conv2d, layer.engine.implicit)
             return
         s = self._slot(n.name)
         self.prog.static.setdefault(s, lambda bufs: None)
@@ -638,6 +636,12 @@ def _bind_kernel(env, x, run):
     def step(env=env):
         run(env[x])
     return step
+
+
+def _epilogue_adds(layer: Any) -> bool:
+    """Whether a sparse conv layer's bound kernel can add a residual in its epilogue and read its input
+    in place: the direct kernel and the implicit GEMM (``lowered`` with its compact weights tiled)."""
+    return layer.strategy == "direct" or (layer.strategy == "lowered" and layer.engine.implicit is not None)
 
 
 def _bind_kernel_res(env, x, r, run):

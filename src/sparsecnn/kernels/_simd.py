@@ -40,8 +40,8 @@ from numba.extending import intrinsic
 
 from sparsecnn.kernels._numba import jit
 
-__all__ = ["ELL_ROWS", "ELL_SLAB", "GEMM_MR", "GEMM_NV", "GROUP_F", "GROUP_NV", "GROUP_PATTERNS",
-           "HAS_TABLE32", "NV_MAX", "NV_MAX8", "NV_PAIR", "RW", "SPLIT_MAX", "TABLE", "VW", "add_vec_act",
+__all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "ELL_ROWS", "ELL_SLAB", "GEMM_MR", "GEMM_NV", "GROUP_F", "GROUP_NV", "GROUP_PATTERNS",
+           "HAS_TABLE32", "NV_MAX", "NV_MAX8", "NV_PAIR", "RW", "SPLIT_MAX", "TABLE", "VW", "add_vec_act", "chan_tile",
            "code_ell_block", "code_ell_block2", "code_ell_block2_finite", "code_ell_block4",
            "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even", "copy_vec",
            "copy_vec_act",
@@ -336,6 +336,91 @@ def gemm_tile(typingctx, x, offs, w, k0, k1, base, out, opos, ostride, nvec, nva
         _for_each_nvec(builder, nvec_, GEMM_NV, "gemm_tile", lambda nv: _emit_gemm(
             builder, fma, nv, xbase, optr, signed, wptr, k0_, k1_, outp, ostride_, inits, nvalid_,
             accumulate))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# chan_tile: CHAN_OB vectors of output channels (a block of CHAN_OB * VW filters) x CHAN_NP output
+# positions of accumulators, plus CHAN_OB weight vectors and one broadcast input: 24 + 4 + 1 registers
+# of 32 with AVX-512VL, 8 + 2 + 1 of 16 with AVX2.
+CHAN_OB = 4 if _vector_registers() >= 32 else 2
+CHAN_NP = 6 if _vector_registers() >= 32 else 4
+CHAN_BLOCK = CHAN_OB * VW
+
+
+def _emit_chan(builder, fma, npx, xbase, optr, signed, wptr, k0, k1, bufp, initp, accumulate, pstride):
+    """A ``CHAN_OB`` x ``npx`` register tile of :func:`chan_tile`: per column, ``CHAN_OB`` weight
+    vectors loaded once and ``npx`` broadcast inputs, ``CHAN_OB * npx`` FMAs."""
+    vp = _VEC.as_pointer()
+    accs = [[cgutils.alloca_once(builder, _VEC) for _ in range(CHAN_OB)] for _ in range(npx)]
+    with builder.if_else(accumulate) as (then, otherwise):
+        with then:
+            for j in range(npx):
+                for o, a in enumerate(accs[j]):
+                    q = builder.gep(bufp, [ir.Constant(_I64, j * CHAN_BLOCK + o * VW)], inbounds=True)
+                    builder.store(builder.load(builder.bitcast(q, vp), align=4), a)
+        with otherwise:
+            starts = [builder.load(builder.bitcast(builder.gep(initp, [ir.Constant(_I64, o * VW)], inbounds=True),
+                                                   vp), align=4) for o in range(CHAN_OB)]
+            for j in range(npx):
+                for o, a in enumerate(accs[j]):
+                    builder.store(starts[o], a)
+    with cgutils.for_range_slice(builder, k0, k1, ir.Constant(_I64, 1), inc=True) as (k, _):
+        off = builder.load(builder.gep(optr, [k], inbounds=True))
+        if off.type.width < 64:
+            off = builder.sext(off, _I64) if signed else builder.zext(off, _I64)
+        p = builder.gep(xbase, [off], inbounds=True)
+        wk = builder.gep(wptr, [builder.mul(k, ir.Constant(_I64, CHAN_BLOCK))], inbounds=True)
+        wv = [builder.load(builder.bitcast(builder.gep(wk, [ir.Constant(_I64, o * VW)], inbounds=True), vp),
+                           align=4) for o in range(CHAN_OB)]
+        for j in range(npx):
+            q = p if j == 0 else builder.gep(p, [builder.mul(pstride, ir.Constant(_I64, j))], inbounds=True)
+            xs = _splat(builder, builder.load(q))
+            for o in range(CHAN_OB):
+                builder.store(builder.call(fma, [wv[o], xs, builder.load(accs[j][o])]), accs[j][o])
+    for j in range(npx):
+        for o in range(CHAN_OB):
+            q = builder.gep(bufp, [ir.Constant(_I64, j * CHAN_BLOCK + o * VW)], inbounds=True)
+            builder.store(builder.load(accs[j][o]), builder.bitcast(q, vp), align=4)
+
+
+@intrinsic
+def chan_tile(typingctx, x, offs, w, k0, k1, base, pstride, buf, bpos, npx, accumulate, init, ipos):
+    """``buf[bpos + j * CHAN_BLOCK + f] = init[ipos + f] + sum_k w[k * CHAN_BLOCK + f] * x[base + offs[k]
+    + j * pstride]`` for the ``CHAN_BLOCK`` filters ``f`` of a block, ``k0 <= k < k1`` and ``0 <= j < npx``,
+    ``1 <= npx <= CHAN_NP`` (any other npx does nothing); with ``accumulate``, ``buf``'s own value in
+    place of ``init`` (partial sums over channel blocks).
+
+    The micro-kernel of the channel-vector implicit GEMM (:mod:`sparsecnn.kernels.implicit_gemm`):
+    :func:`gemm_tile` with the roles turned, output channels in the vector lanes and output positions
+    in broadcasts, as oneDNN's and MLAS's NCHWc direct convolutions hold them. A column costs
+    ``CHAN_OB`` aligned weight loads and ``npx`` broadcasts for ``CHAN_OB * npx`` FMAs, and no input
+    vector load crosses a cache line, whatever the plane's width; the tile lands position-major in
+    ``buf`` (``CHAN_BLOCK`` floats per position), to be transposed into the output planes.
+    x, offs, w, buf and init are 1-D arrays (float32, any integer dtype, float32, float32, float32);
+    the sum over k runs in order, one rounding per FMA.
+    ``pstride`` is 1 for planes of floats, ``VW`` for channel-blocked planes (``VW`` channels side by
+    side per position).
+    NOTE: no bounds checks: x holds ``base + offs[k] + (npx - 1) * pstride + 1`` elements for every k, w holds
+    ``k1 * CHAN_BLOCK``, buf ``bpos + npx * CHAN_BLOCK`` and init ``ipos + CHAN_BLOCK``.
+    """
+    sig = types.void(x, offs, w, types.intp, types.intp, types.intp, types.intp, buf, types.intp, types.intp,
+                     types.boolean, init, types.intp)
+
+    def codegen(context, builder, signature, args):
+        x_, offs_, w_, k0_, k1_, base_, pstride_, buf_, bpos_, npx_, acc_, init_, ipos_ = args
+        aty = signature.args
+        xbase = builder.gep(_data_ptr(context, builder, aty[0], x_), [base_], inbounds=True)
+        optr = _data_ptr(context, builder, aty[1], offs_)
+        wptr = _data_ptr(context, builder, aty[2], w_)
+        bufp = builder.gep(_data_ptr(context, builder, aty[7], buf_), [bpos_], inbounds=True)
+        initp = builder.gep(_data_ptr(context, builder, aty[11], init_), [ipos_], inbounds=True)
+        signed = getattr(aty[1].dtype, "signed", True)
+        fma = _fma_vec(builder)
+        accumulate = _as_i1(context, builder, acc_, aty[10])
+        _for_each_nvec(builder, npx_, CHAN_NP, "chan_tile", lambda n: _emit_chan(
+            builder, fma, n, xbase, optr, signed, wptr, k0_, k1_, bufp, initp, accumulate, pstride_))
         return context.get_dummy_value()
 
     return sig, codegen

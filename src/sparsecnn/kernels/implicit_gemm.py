@@ -34,18 +34,32 @@ input in L1); a whole layer 70-77% of that on one thread.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import balanced_bounds, jit, pjit, serial_twin
-from sparsecnn.kernels._simd import GEMM_MR, GEMM_NV, VW, gemm_tile, tile_split
+from sparsecnn.kernels._numba import balanced_bounds, jit, num_threads, pjit, serial_twin
+from sparsecnn.kernels._simd import (
+    CHAN_BLOCK,
+    CHAN_NP,
+    GEMM_MR,
+    GEMM_NV,
+    VW,
+    chan_tile,
+    copy_vec_act,
+    gemm_tile,
+    tile_split,
+)
+from sparsecnn.kernels.blocked import BLOCK, blocked_phase_copy, blocked_phase_copy_serial, image_input_blocked
 from sparsecnn.kernels.conv import (
     _L1_BYTES,
     _L2_BYTES,
     ConvPrepBase,
     _crop,
+    _add_residual,
+    _reads_in_place,
+    _residual,
     image_input,
     phase_copy,
     phase_copy_serial,
@@ -61,6 +75,15 @@ _SERIAL_MACS = 1 << 16
 BLOCKS = True
 # Register tiles per plane from which a stride-1 layer runs in channel blocks (see _build_workspace).
 _BLOCK_MIN_TILES = 16
+# The channel-vector form (_chan_kernel): None picks it by the rule in _use_channel_form, True / False
+# force it on / off (the A/B switch).
+CHANNEL_FORM: bool | None = None
+# Channel-vector form: bytes of one channel block's weights (read from L1 by every register tile of a
+# row group) and output positions per row group (its tiles, CHAN_BLOCK floats each, stay in L1).
+_CHAN_WBYTES = 16 << 10
+_CHAN_POSITIONS = 96
+# Off: stride-1 layers without padding crop wide rows into the output as the others (the A/B baseline).
+STRAIGHT = True
 
 
 @dataclass(eq=False)
@@ -83,6 +106,12 @@ class _Workspace:
     kernel: Callable  # _implicit_kernel or _blocked_kernel, or a serial twin below _SERIAL_MACS
     kblk: np.ndarray  # (groups, nblk + 1) int64: channel block kb of group g is columns kblk[g, kb:kb + 2]
     group: int  # wide-row positions per pass of the blocked kernel (whole rows; span without blocks)
+    in_place: bool = False  # the layout is x itself (stride 1, no padding): see conv._reads_in_place
+    straight: bool = False  # _blocked_kernel writes the tiles straight into the output (see there)
+    identity: bool = False  # in place, no lane read past the last plane
+    init: np.ndarray | None = None  # (nparts, CHAN_BLOCK) the channel form's bias of the current block
+    pstride: int = 1  # channel form: floats between positions of the input (BLOCK: blocked layout)
+    out_blocked: bool = False  # channel form: writes the channel-blocked layout
 
 
 @dataclass(eq=False)
@@ -109,26 +138,23 @@ class ImplicitGemmPrep(ConvPrepBase):
     cols: np.ndarray
     ncols: np.ndarray
     fill: np.ndarray
+    _chan: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int) -> _Workspace:
         b, cin = x_shape[:2]
         _, cin_g, kh, kw = self.weight_shape
         lay = phase_layout(x_shape, (kh, kw), self.stride, self.padding, self.dilation)
-        ci, rs = np.divmod(self.cols, kh * kw)
-        r, s = np.divmod(rs, kw)
-        c = np.arange(self.groups)[:, None] * cin_g + ci
-        off = lay.offsets(c, r, s)
-        off[np.arange(self.cols.shape[1])[None, :] >= self.ncols[:, None]] = 0
-        per_image = cin * lay.nph * lay.plane
-        off_dtype = np.int32 if per_image <= np.iinfo(np.int32).max else np.int64
+        off, macs = self._column_offsets(lay, cin)
+        macs *= b
         ntiles = self.data.shape[1]
         cost = np.repeat(self.ncols + 1, ntiles)  # an item's cost: its columns (+1: the crop)
         bounds = balanced_bounds(cost, nparts)
         nvec = -(-lay.span // VW)
-        macs = int(self.ncols.sum()) * ntiles * GEMM_MR * lay.span * b
         # A serial layer copies its input inside the kernel, as the threads do when they split the
         # images: one numba call instead of two (each ~2 us of dispatch on LeNet-5's layers).
         by_image = split_by_image(b, nparts) or macs < _SERIAL_MACS
+        if _use_channel_form(self, lay.span):
+            return self._chan_workspace(x_shape, nparts, lay, off, by_image, macs)
         # Channel blocks whose part of one register tile's input window fits L1 (as the direct
         # kernel's): where the whole window does not, each block's window is read from L1 by every
         # 4-filter item of the thread, in row groups whose input fits half of L2.
@@ -139,13 +165,21 @@ class ImplicitGemmPrep(ConvPrepBase):
         # blocks where the input has phases or a plane has many tiles.
         cb = max(1, _L1_BYTES // (4 * lay.nph * (GEMM_NV * VW + lay.halo + VW)))
         many_tiles = -(-nvec // GEMM_NV) >= _BLOCK_MIN_TILES
-        nblk = -(-cin_g // cb) if BLOCKS and (lay.nph > 1 or many_tiles) else 1
+        straight = STRAIGHT and lay.in_place and lay.span % VW == 0 and _consecutive_tiles(self.rows)
+        nblk = -(-cin_g // cb) if BLOCKS and (lay.nph > 1 or many_tiles or straight) else 1
         cb = -(-cin_g // nblk)
         kchan = self.cols // (kh * kw)
         kblk = np.zeros((self.groups, nblk + 1), dtype=np.int64)
         for gi in range(self.groups):
             kblk[gi] = np.searchsorted(kchan[gi, : self.ncols[gi]], np.arange(nblk + 1) * cb)
-        if nblk > 1:
+        if straight:
+            # whole register tiles of positions whose input (all channels) fits half of L2
+            tile = GEMM_NV * VW
+            group = max(tile, _L2_BYTES // (4 * cin) // tile * tile)
+            gstride = 0
+            wide = np.zeros((nparts, 1), dtype=np.float32)
+            kernel = _blocked_kernel_serial if macs < _SERIAL_MACS else _blocked_kernel
+        elif nblk > 1:
             rows = max((_L2_BYTES // (4 * cin * lay.nph) - lay.halo) // lay.wph,
                        -(-GEMM_NV * VW // lay.wph), 1)
             group = min(rows, lay.hout) * lay.wph
@@ -159,7 +193,7 @@ class ImplicitGemmPrep(ConvPrepBase):
             wide = np.zeros((nparts, GEMM_MR * gstride), dtype=np.float32)
             kernel = _implicit_kernel_serial if macs < _SERIAL_MACS else _implicit_kernel
         return _Workspace(
-            offsets=np.ascontiguousarray(off, dtype=off_dtype),
+            offsets=off,
             xt=np.zeros(lay.xt_shape(nparts if by_image else b, cin, self.padding[1]), dtype=np.float32),
             geo=lay.geometry(x_shape),
             wide=wide,
@@ -177,7 +211,145 @@ class ImplicitGemmPrep(ConvPrepBase):
             kernel=kernel,
             kblk=kblk,
             group=group,
+            in_place=lay.in_place,
+            identity=lay.in_place and lay.span % VW == 0,
+            straight=straight,
         )
+
+
+    def _chan_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """The channel form's weights ``(groups, nblocks, Kr, CHAN_BLOCK)`` (``[g, ob, k, f]``: filter
+        ``ob * CHAN_BLOCK + f`` of group ``g`` on kept column ``k``, zero for padding) and their output
+        channels ``(groups, nblocks * CHAN_BLOCK)`` (-1 for padding); built once, on first use."""
+        if self._chan is None:
+            g, ntiles, kr, _ = self.data.shape
+            nf = ntiles * GEMM_MR
+            nob = -(-nf // CHAN_BLOCK)
+            by_filter = np.zeros((g, nob * CHAN_BLOCK, kr), dtype=np.float32)
+            by_filter[:, :nf] = self.data.transpose(0, 1, 3, 2).reshape(g, nf, kr)
+            rows = np.full((g, nob * CHAN_BLOCK), -1, dtype=np.int64)
+            rows[:, :nf] = self.rows
+            packed = by_filter.reshape(g, nob, CHAN_BLOCK, kr).transpose(0, 1, 3, 2)
+            self._chan = (np.ascontiguousarray(packed), rows)
+        return self._chan
+
+    def blocked_workspace(self, x_shape: tuple[int, int, int, int], in_blocked: bool,
+                          out_blocked: bool) -> _Workspace:
+        """The calling thread's channel-form workspace for inputs of (plain) shape ``x_shape`` read in
+        the channel-blocked layout when ``in_blocked`` (:mod:`sparsecnn.kernels.blocked`), writing it
+        when ``out_blocked``."""
+        nparts = num_threads()
+        key = (*x_shape, nparts, in_blocked, out_blocked)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            b, cin = x_shape[:2]
+            _, _, kh, kw = self.weight_shape
+            lay = phase_layout(x_shape, (kh, kw), self.stride, self.padding, self.dilation)
+            off, macs = self._column_offsets(lay, cin)
+            by_image = split_by_image(b, nparts) or macs * b < _SERIAL_MACS
+            ws = self._chan_workspace(x_shape, nparts, lay, off, by_image, macs * b, in_blocked, out_blocked)
+            self._workspaces[key] = ws
+        return ws
+
+    def blockable(self, out: bool) -> bool:
+        """Whether this layer can read (``out`` False) or write (``out`` True) the channel-blocked
+        layout: one group; channel counts a multiple of ``BLOCK``; to write it, every filter kept
+        in order (no output channel left to its bias)."""
+        cout, cin_g, _, _ = self.weight_shape
+        if self.groups != 1:
+            return False
+        if not out:
+            return cin_g % BLOCK == 0
+        return cout % BLOCK == 0 and self.fill.size == 0 and _consecutive_tiles(self.rows)
+
+    def _column_offsets(self, lay, cin: int) -> tuple[np.ndarray, int]:
+        """The span offset of every kept column in one image's phase planes (int32 where it fits,
+        also blocked) and the multiply-adds per image."""
+        _, cin_g, kh, kw = self.weight_shape
+        ci, rs = np.divmod(self.cols, kh * kw)
+        r, s = np.divmod(rs, kw)
+        c = np.arange(self.groups)[:, None] * cin_g + ci
+        off = lay.offsets(c, r, s)
+        off[np.arange(self.cols.shape[1])[None, :] >= self.ncols[:, None]] = 0
+        per_image = cin * lay.nph * lay.plane * BLOCK
+        off_dtype = np.int32 if per_image <= np.iinfo(np.int32).max else np.int64
+        macs = int(self.ncols.sum()) * self.data.shape[1] * GEMM_MR * lay.span
+        return np.ascontiguousarray(off, dtype=off_dtype), macs
+
+    def _chan_workspace(self, x_shape: tuple[int, int, int, int], nparts: int, lay, offsets: np.ndarray,
+                        by_image: bool, macs: int, in_blocked: bool = False,
+                        out_blocked: bool = False) -> _Workspace:
+        """The workspace of :func:`_chan_kernel`: items are (group, filter block, row group); channel
+        blocks of ``_CHAN_WBYTES`` of weights, position groups of ``_CHAN_POSITIONS``. With
+        ``in_blocked`` the offsets address blocked phase planes (:mod:`sparsecnn.kernels.blocked`)."""
+        b, cin = x_shape[:2]
+        _, cin_g, kh, kw = self.weight_shape
+        if in_blocked:
+            # plain c * nph * plane + rest  ->  ((c // BLOCK) * nph * plane + rest) * BLOCK + c % BLOCK
+            chan = lay.nph * lay.plane
+            c = self.cols // (kh * kw)
+            rest = offsets.astype(np.int64) - c * chan
+            blk = (c // BLOCK * chan + rest) * BLOCK + c % BLOCK
+            blk[np.arange(self.cols.shape[1])[None, :] >= self.ncols[:, None]] = 0
+            offsets = np.ascontiguousarray(blk, dtype=offsets.dtype)
+        wch, _ = self._chan_weights()
+        nob = wch.shape[1]
+        group = _CHAN_POSITIONS
+        ngrp = -(-lay.span // group)
+        cb = max(1, _CHAN_WBYTES // (4 * CHAN_BLOCK * kh * kw))
+        nblk = -(-cin_g // cb)
+        kchan = self.cols // (kh * kw)
+        kblk = np.zeros((self.groups, nblk + 1), dtype=np.int64)
+        for gi in range(self.groups):
+            kblk[gi] = np.searchsorted(kchan[gi, : self.ncols[gi]], np.arange(nblk + 1) * cb)
+        cost = np.repeat(self.ncols + 1, nob * ngrp)
+        bounds = balanced_bounds(cost, nparts)
+        nbuf, size = lay.xt_shape(nparts if by_image else b, cin, self.padding[1])
+        return _Workspace(
+            offsets=offsets,
+            xt=np.zeros((nbuf, size * BLOCK if in_blocked else size), dtype=np.float32),
+            geo=lay.geometry(x_shape),
+            wide=np.zeros((nparts, (group + CHAN_NP) * CHAN_BLOCK), dtype=np.float32),
+            gstride=0,
+            bounds=bounds,
+            by_image=by_image,
+            copies=lay.copies,
+            phases=lay.phases,
+            hph=lay.hph,
+            wph=lay.wph,
+            hout=lay.hout,
+            wout=lay.wout,
+            span=lay.span,
+            zero_bias=np.zeros(self.weight_shape[0], np.float32),
+            kernel=_chan_kernel_serial if macs < _SERIAL_MACS else _chan_kernel,
+            kblk=kblk,
+            group=group,
+            in_place=lay.in_place,
+            identity=lay.in_place,  # chan_tile reads no position past the span
+            init=np.zeros((nparts, CHAN_BLOCK), dtype=np.float32),
+            pstride=BLOCK if in_blocked else 1,
+            out_blocked=out_blocked,
+        )
+
+
+def _consecutive_tiles(rows: np.ndarray) -> bool:
+    """Whether every 4-filter tile of ``rows`` (groups, ntiles * GEMM_MR) writes four consecutive output
+    channels (a dense layer's tiles, not SSL's kept subsets or padding rows)."""
+    r = rows.reshape(rows.shape[0], -1, GEMM_MR)
+    return bool((r[..., 0] >= 0).all() and (r == r[..., :1] + np.arange(GEMM_MR)).all())
+
+
+def _use_channel_form(prep: ImplicitGemmPrep, span: int) -> bool:
+    """Whether a layer runs in the channel-vector form (:func:`_chan_kernel`): forced by
+    ``CHANNEL_FORM``, else for stride-1 layers with more than one tap where every group keeps at
+    least one whole block of ``CHAN_BLOCK`` filters (fewer would leave lanes empty). The 1x1 layers
+    keep the spatial form (their short columns do not pay for the transpose into the output planes),
+    as do stride-2 layers (the phase planes' broadcasts; measured mixed, see the module docstring)."""
+    if CHANNEL_FORM is not None:
+        return CHANNEL_FORM
+    _, _, kh, kw = prep.weight_shape
+    kept = (prep.rows >= 0).sum(axis=1)
+    return kh * kw > 1 and prep.stride == (1, 1) and bool(kept.min() >= CHAN_BLOCK)
 
 
 def prepare_implicit_gemm(data: np.ndarray, row_map: np.ndarray, col_index: np.ndarray,
@@ -238,8 +410,9 @@ def prepare_implicit_gemm(data: np.ndarray, row_map: np.ndarray, col_index: np.n
 
 
 def implicit_gemm_conv2d(prep: ImplicitGemmPrep, x: np.ndarray, bias: np.ndarray | None, out: np.ndarray,
-                         relu: bool = False) -> None:
-    """``out = conv2d(x, W) + bias`` (``relu(...)`` with ``relu``) by implicit GEMM over the kept columns.
+                         relu: bool = False, residual: np.ndarray | None = None) -> None:
+    """``out = conv2d(x, W) + bias (+ residual)`` (``relu(...)`` with ``relu``) by implicit GEMM over the
+    kept columns.
 
     Parameters
     ----------
@@ -249,18 +422,26 @@ def implicit_gemm_conv2d(prep: ImplicitGemmPrep, x: np.ndarray, bias: np.ndarray
     out : ndarray, shape (B, Cout, Hout, Wout), float32, C-contiguous
         Written in full.
     relu : bool
+    residual : ndarray, shape (B, Cout, Hout, Wout), float32, optional
+        Added to the convolution before the ReLU (a residual connection); must not share memory with
+        ``out``.
     """
     _check_out(prep, x.shape, out)
     ws = prep.workspace(x.shape)
-    _launch(prep, ws, x, ws.zero_bias if bias is None else bias, out.reshape(x.shape[0], -1), bool(relu))
+    res = None if residual is None else _residual(residual, out, "implicit_gemm_conv2d")
+    _launch(prep, ws, x, ws.zero_bias if bias is None else bias, out.reshape(x.shape[0], -1), bool(relu),
+            res=res)
 
 
 def bind_implicit_gemm_conv2d(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int],
-                              bias: np.ndarray | None, out: np.ndarray,
-                              relu: bool = False) -> Callable[[np.ndarray], None]:
+                              bias: np.ndarray | None, out: np.ndarray, relu: bool = False,
+                              slack: int = 0, in_blocked: bool = False,
+                              out_blocked: bool = False) -> Callable[..., None]:
     """``run(x)``: :func:`implicit_gemm_conv2d` for inputs of ``x_shape`` with every other argument bound
-    once (the whole-model executor's steps). Uses the calling thread's workspace of ``prep``, so it must
-    be called from the thread that bound it.
+    once (the whole-model executor's steps); ``run(x, res)`` adds the residual ``res`` as its
+    ``residual`` does (C-contiguous float32 of the output's shape, not sharing memory with ``out``: not
+    checked per call). Uses the calling thread's workspace of ``prep``, so it must be called from the
+    thread that bound it.
 
     Parameters
     ----------
@@ -269,6 +450,14 @@ def bind_implicit_gemm_conv2d(prep: ImplicitGemmPrep, x_shape: tuple[int, int, i
     bias : ndarray, shape (Cout,), float32, or None
     out : ndarray, shape (B, Cout, Hout, Wout), float32, C-contiguous
     relu : bool
+    slack : int
+        Float32 elements that every ``x`` is followed by in memory (the executor's buffers have
+        ``SLACK``): a stride-1 layer without padding then reads ``x`` in place, as
+        :func:`sparsecnn.kernels.conv.bind_direct_conv2d` does.
+    in_blocked, out_blocked : bool
+        ``x`` (and ``res``), ``out`` hold the channel-blocked layout of their shapes
+        (:mod:`sparsecnn.kernels.blocked`; the layer must be :meth:`ImplicitGemmPrep.blockable`).
+        Either runs the channel-vector form.
 
     Returns
     -------
@@ -277,13 +466,21 @@ def bind_implicit_gemm_conv2d(prep: ImplicitGemmPrep, x_shape: tuple[int, int, i
     """
     x_shape = tuple(int(v) for v in x_shape)
     _check_out(prep, x_shape, out)
-    ws = prep.workspace(x_shape)
+    if (in_blocked and not prep.blockable(False)) or (out_blocked and not prep.blockable(True)):
+        raise ValueError("bind_implicit_gemm_conv2d: this layer cannot read or write the channel-blocked "
+                         "layout (see ImplicitGemmPrep.blockable)")
+    if in_blocked or out_blocked:
+        ws = prep.blocked_workspace(x_shape, in_blocked, out_blocked)
+    else:
+        ws = prep.workspace(x_shape)
     b = ws.zero_bias if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     flat = out.reshape(x_shape[0], -1)
     relu = bool(relu)
 
-    def run(x: np.ndarray) -> None:
-        _launch(prep, ws, x, b, flat, relu)
+    nb = x_shape[0]
+
+    def run(x: np.ndarray, res: np.ndarray | None = None) -> None:
+        _launch(prep, ws, x, b, flat, relu, slack, None if res is None else res.reshape(nb, -1))
 
     return run
 
@@ -295,25 +492,38 @@ def _check_out(prep: ImplicitGemmPrep, x_shape: tuple[int, ...], out: np.ndarray
 
 
 def _launch(prep: ImplicitGemmPrep, ws: _Workspace, x: np.ndarray, bias: np.ndarray, flat: np.ndarray,
-            relu: bool) -> None:
-    """The kernel (serial twin below a work threshold). Where the threads split the items, one
-    parallel phase copy of the batch comes first; where they split the images, each thread
-    phase-copies its own inside the kernel."""
+            relu: bool, slack: int = 0, res: np.ndarray | None = None) -> None:
+    """The kernel (serial twin below a work threshold). A stride-1 layer without padding reads ``x``
+    in place where it may (:func:`sparsecnn.kernels.conv._reads_in_place`, ``slack`` floats known to
+    follow it). Else, where the threads split the items, one parallel phase copy of the batch comes
+    first; where they split the images, each thread phase-copies its own inside the kernel. ``res``
+    (B, Cout * Hout * Wout), when given, is added before the ReLU."""
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     xc = xc.reshape(xc.shape[0], -1)
-    if not ws.by_image:
-        serial = ws.kernel is _implicit_kernel_serial or ws.kernel is _blocked_kernel_serial
-        copy = phase_copy_serial if serial else phase_copy
-        copy(xc, ws.xt, ws.copies, ws.geo)
+    copy = ws.by_image
+    if _reads_in_place(ws, xc, slack):
+        copy = False
+    elif not ws.by_image:
+        serial = ws.kernel in (_implicit_kernel_serial, _blocked_kernel_serial, _chan_kernel_serial)
+        if ws.pstride > 1:
+            (blocked_phase_copy_serial if serial else blocked_phase_copy)(xc, ws.xt, ws.copies, ws.geo)
+        else:
+            (phase_copy_serial if serial else phase_copy)(xc, ws.xt, ws.copies, ws.geo)
         xc = ws.xt
-    if ws.kernel is _blocked_kernel or ws.kernel is _blocked_kernel_serial:
-        ws.kernel(xc, ws.xt, ws.copies, ws.geo, ws.by_image, ws.offsets, prep.data, ws.kblk,
-                  prep.rows, prep.fill, bias, flat, ws.hout, ws.wout,
-                  ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, relu, ws.by_image)
-        return
-    ws.kernel(xc, ws.xt, ws.copies, ws.geo, ws.by_image, ws.offsets, prep.data, prep.ncols,
-              prep.rows, prep.fill, bias, flat, ws.hout, ws.wout,
-              ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, relu, ws.by_image)
+    tail = (relu, ws.by_image, flat, False) if res is None else (relu, ws.by_image, res, True)
+    if ws.init is not None:
+        wch, rows = prep._chan_weights()
+        ws.kernel(xc, ws.xt, ws.copies, ws.geo, copy, ws.offsets, wch, ws.kblk, rows, prep.fill, bias,
+                  flat, ws.hout, ws.wout, ws.wide, ws.init, ws.bounds, ws.wph, ws.span, ws.group, *tail,
+                  ws.pstride, ws.out_blocked)
+    elif ws.kernel is _blocked_kernel or ws.kernel is _blocked_kernel_serial:
+        ws.kernel(xc, ws.xt, ws.copies, ws.geo, copy, ws.offsets, prep.data, ws.kblk, prep.rows, prep.fill,
+                  bias, flat, ws.hout, ws.wout, ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, ws.group,
+                  *tail, ws.straight)
+    else:
+        ws.kernel(xc, ws.xt, ws.copies, ws.geo, copy, ws.offsets, prep.data, prep.ncols, prep.rows,
+                  prep.fill, bias, flat, ws.hout, ws.wout, ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span,
+                  *tail)
 
 
 @jit
@@ -337,7 +547,7 @@ def _tile_bias(bias, rr):
 
 @pjit
 def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bias, out, hout, wout, wide,
-                     gstride, bounds, wph, span, relu, by_image):
+                     gstride, bounds, wph, span, relu, by_image, res, has_res):
     """Implicit GEMM, parallel over balanced ranges of (group, 4-filter tile) items: image after image,
     item after item walks its register tiles over all kept columns (the item's weights stay in L1)
     and crops. With ``by_image`` the threads split the images instead, each running every item on its
@@ -372,7 +582,7 @@ def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bi
                               i3)
                 for f in range(GEMM_MR):
                     if rr[f] >= 0:
-                        _crop(w[f * gstride:], span, dst, rr[f] * plane, 0, wph, wout, hout, relu, dst, False)
+                        _crop(w[f * gstride:], span, dst, rr[f] * plane, 0, wph, wout, hout, relu, res[b], has_res)
             if part == 0 or by_image:
                 _fill_bias(dst, fill, bias, plane, relu)
 
@@ -382,15 +592,20 @@ _implicit_kernel_serial = serial_twin(_implicit_kernel)
 
 @pjit
 def _blocked_kernel(x, xt, copies, geo, copy, offs, data, kblk, rows, fill, bias, out, hout, wout, wide,
-                    gstride, bounds, wph, span, group, relu, by_image):
+                    gstride, bounds, wph, span, group, relu, by_image, res, has_res, straight):
     """:func:`_implicit_kernel` in channel blocks, for layers whose register tile's input window of all
     channels does not fit L1 (the direct kernel's loop, :func:`sparsecnn.kernels.conv._grouped_kernel`):
     per image and group of ``group`` wide-row positions, block after block, register tile after tile,
     every 4-filter item of the thread adds the block's columns into its tile of ``wide`` (from the
     bias at the first block), so the block's window is read from L1 by all the items; then the valid
     columns of every item's filters go to ``out``.
+    With ``straight`` (a layout that is the output's: stride 1, no padding, planes of whole vectors,
+    every tile four consecutive output channels) the tiles go straight into ``out``, the blocks
+    adding into them there, and the last block applies the residual and ReLU to the L1-hot tile:
+    no ``wide`` rows and no crop.
     NOTE: as _implicit_kernel; kblk (groups, nblk + 1) column bounds of the channel blocks; wide holds
-    GEMM_MR * gstride floats per item of the largest range; group is a multiple of wph."""
+    GEMM_MR * gstride floats per item of the largest range; group is a multiple of wph (of VW when
+    straight)."""
     nb = out.shape[0]
     plane = hout * wout
     nparts = bounds.size - 1
@@ -417,9 +632,19 @@ def _blocked_kernel(x, xt, copies, geo, copy, offs, data, kblk, rows, fill, bias
                                 continue
                             t = item - g * ntiles
                             i0, i1, i2, i3 = _tile_bias(bias, rows[g, t * GEMM_MR:(t + 1) * GEMM_MR])
-                            gemm_tile(xb, offs[g], data[g, t].reshape(-1), k0, k1, p0 + v0 * VW, w,
-                                      (item - first) * GEMM_MR * gstride + v0 * VW, gstride, nv, nv * VW,
-                                      kb > 0, i0, i1, i2, i3)
+                            if straight:
+                                pos = rows[g, t * GEMM_MR] * plane + p0 + v0 * VW
+                                gemm_tile(xb, offs[g], data[g, t].reshape(-1), k0, k1, p0 + v0 * VW, dst, pos,
+                                          plane, nv, nv * VW, kb > 0, i0, i1, i2, i3)
+                                if kb == nblk - 1 and (relu or has_res):
+                                    for f in range(GEMM_MR):
+                                        _act_in_place(dst, res[b], has_res, pos + f * plane, nv * VW, relu)
+                            else:
+                                gemm_tile(xb, offs[g], data[g, t].reshape(-1), k0, k1, p0 + v0 * VW, w,
+                                          (item - first) * GEMM_MR * gstride + v0 * VW, gstride, nv, nv * VW,
+                                          kb > 0, i0, i1, i2, i3)
+                if straight:
+                    continue
                 r0 = p0 // wph
                 for item in range(first, last):
                     g = item // ntiles
@@ -428,9 +653,126 @@ def _blocked_kernel(x, xt, copies, geo, copy, offs, data, kblk, rows, fill, bias
                         co = rows[g, t * GEMM_MR + f]
                         if co >= 0:
                             _crop(w[((item - first) * GEMM_MR + f) * gstride:], n, dst, co * plane, r0, wph,
-                                  wout, hout, relu, dst, False)
+                                  wout, hout, relu, res[b], has_res)
             if part == 0 or by_image:
                 _fill_bias(dst, fill, bias, plane, relu)
 
 
 _blocked_kernel_serial = serial_twin(_blocked_kernel)
+
+
+@jit(inline="always")
+def _act_in_place(dst, res, has_res, pos, n, relu):
+    """``dst[pos:pos + n] (+= res[pos:pos + n] with has_res)``, then ``max(v, 0)`` (NaN kept) when
+    ``relu``; ``n`` is a whole number of vectors."""
+    if has_res:
+        _add_residual(dst, res, pos, n, relu)
+    elif relu:
+        for v in range(n // VW):
+            copy_vec_act(dst, pos + v * VW, dst, pos + v * VW, True)
+
+
+@pjit
+def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, out, hout, wout, buf, init,
+                 bounds, wph, span, group, relu, by_image, res, has_res, pstride, out_blocked):
+    """Implicit GEMM with output channels in the vector lanes (:func:`sparsecnn.kernels._simd.chan_tile`),
+    parallel over balanced ranges of (group, block of ``CHAN_BLOCK`` filters, row group) items. Per
+    item, channel block after channel block, every ``CHAN_NP``-position register tile of the row group
+    adds the block's columns into its part of ``buf`` (from the bias at the first block); then the
+    valid positions are transposed into the filters' output planes (with ReLU when ``relu``), or with
+    ``out_blocked`` stored as they are into the channel-blocked output (:mod:`sparsecnn.kernels.blocked`).
+    ``pstride`` is ``BLOCK`` where the input is channel-blocked (``x``, ``xt`` and ``offs`` in that
+    layout), else 1.
+    NOTE: as _implicit_kernel; wch (groups, nob, Kr, CHAN_BLOCK), rows (groups, nob * CHAN_BLOCK);
+    buf holds (group + CHAN_NP) * CHAN_BLOCK floats per thread, init CHAN_BLOCK."""
+    nb = out.shape[0]
+    plane = hout * wout
+    nparts = bounds.size - 1
+    nob = wch.shape[1]
+    nblk = kblk.shape[1] - 1
+    ngrp = (span + group - 1) // group
+    for part in numba.prange(nparts):
+        bf = buf[part]
+        ini = init[part]
+        first = bounds[0] if by_image else bounds[part]
+        last = bounds[nparts] if by_image else bounds[part + 1]
+        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
+            if pstride > 1:
+                xb = image_input_blocked(x, b, xt, part, copies, geo, copy)
+            else:
+                xb = image_input(x, b, xt, part, copies, geo, copy)
+            dst = out[b]
+            for item in range(first, last):
+                g = item // (nob * ngrp)
+                rem = item - g * nob * ngrp
+                ob = rem // ngrp
+                p0 = (rem - ob * ngrp) * group
+                n = min(group, span - p0)
+                rr = rows[g, ob * CHAN_BLOCK:(ob + 1) * CHAN_BLOCK]
+                for f in range(CHAN_BLOCK):
+                    ini[f] = bias[rr[f]] if rr[f] >= 0 else np.float32(0.0)
+                wt = wch[g, ob].reshape(-1)
+                for kb in range(nblk):
+                    k0, k1 = kblk[g, kb], kblk[g, kb + 1]
+                    if kb > 0 and k1 == k0:
+                        continue
+                    for t0 in range(0, n, CHAN_NP):
+                        chan_tile(xb, offs[g], wt, k0, k1, (p0 + t0) * pstride, pstride, bf, t0 * CHAN_BLOCK,
+                                  min(CHAN_NP, n - t0), kb > 0, ini, 0)
+                if out_blocked:
+                    _store_chan_blocked(bf, p0, n, dst, rr, plane, wph, wout, relu, res[b], has_res)
+                else:
+                    _crop_chan(bf, p0, n, dst, rr, plane, wph, wout, relu, res[b], has_res)
+            if (part == 0 or by_image) and not out_blocked:
+                _fill_bias(dst, fill, bias, plane, relu)
+
+
+_chan_kernel_serial = serial_twin(_chan_kernel)
+
+
+@jit(inline="always")
+def _store_chan_blocked(bf, p0, n, dst, rr, plane, wph, wout, relu, res, has_res):
+    """:func:`_crop_chan` into the channel-blocked output: position ``q`` (column ``q % wph`` of row
+    ``q // wph``, valid below ``wout``) of the ``BLOCK`` filters from ``rr[o * BLOCK]`` on is one
+    vector at ``((rr[o * BLOCK] // BLOCK) * plane + row * wout + col) * BLOCK``."""
+    r0 = p0 // wph
+    r1 = (p0 + n - 1) // wph
+    for r in range(r0, r1 + 1):
+        c0 = max(0, p0 - r * wph)
+        c1 = min(wout, p0 + n - r * wph)
+        for c in range(c0, c1):
+            s = (r * wph + c - p0) * CHAN_BLOCK
+            for o in range(CHAN_BLOCK // BLOCK):
+                co = rr[o * BLOCK]
+                if co < 0:
+                    continue
+                d = ((co // BLOCK) * plane + r * wout + c) * BLOCK
+                for lane in range(BLOCK):
+                    v = bf[s + o * BLOCK + lane]
+                    if has_res:
+                        v += res[d + lane]
+                    dst[d + lane] = v if not relu or not v <= 0 else np.float32(0.0)  # NaN kept
+
+
+@jit(inline="always")
+def _crop_chan(bf, p0, n, dst, rr, plane, wph, wout, relu, res, has_res):
+    """The valid ones of wide-row positions ``p0 <= q < p0 + n`` (in ``bf`` position-major from ``p0``,
+    ``CHAN_BLOCK`` floats each) into the planes of output channels ``rr`` (-1: none): position ``q``
+    is column ``q % wph`` of row ``q // wph``, valid below ``wout``. With ``has_res`` plus ``res`` at
+    the same place (shaped as ``dst``), then ``max(v, 0)`` (NaN kept) when ``relu``."""
+    r0 = p0 // wph
+    r1 = (p0 + n - 1) // wph
+    for f in range(CHAN_BLOCK):
+        co = rr[f]
+        if co < 0:
+            continue
+        for r in range(r0, r1 + 1):
+            c0 = max(0, p0 - r * wph)
+            c1 = min(wout, p0 + n - r * wph)
+            d = co * plane + r * wout
+            s = r * wph - p0
+            for c in range(c0, c1):
+                v = bf[(s + c) * CHAN_BLOCK + f]
+                if has_res:
+                    v += res[d + c]
+                dst[d + c] = v if not relu or not v <= 0 else np.float32(0.0)  # NaN kept
