@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsecnn.engine._graph import Node, Ref, capture, record, record_shapes
+from sparsecnn.engine._layout import has_candidates
 from sparsecnn.engine._lower import Program, build_program, fold_batchnorm
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.kernels._numba import num_threads
@@ -94,12 +95,16 @@ class CompiledModel(nn.Module):
         self._input_shape = tuple(example.shape[1:])
         # Input shape whose forward runs numba on one thread (chosen by compile when measured faster).
         self._serial_shape: tuple[int, ...] | None = None
+        # Chains of dense conv layers in the channel-blocked layout (chosen by compile when measured
+        # faster; engine._layout), and those layers' prepared weights for every input shape.
+        self._blocked = False
+        self._chan_cache: dict[Any, Any] = {}
         self.max_rel_error = 0.0
         self.eval()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_programs"], state["_lock"], state["_local"] = {}, None, None
+        state["_programs"], state["_lock"], state["_local"], state["_chan_cache"] = {}, None, None, {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -126,7 +131,7 @@ class CompiledModel(nn.Module):
                             f"compiled model: input of shape {tuple(shape)} does not fit the model (compiled "
                             f"for (B, {', '.join(map(str, self._input_shape))})): {str(exc).splitlines()[0]}"
                         ) from None
-                    prog = build_program(self._nodes, values)
+                    prog = build_program(self._nodes, values, self._blocked, self._chan_cache)
                     self._programs[shape] = prog
         return prog
 
@@ -316,6 +321,20 @@ def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
     return cands[best]
 
 
+def _faster_layout(compiled: CompiledModel, x: torch.Tensor) -> CompiledModel:
+    """``compiled`` with or without channel-blocked activations (:mod:`sparsecnn.engine._layout`),
+    whichever ran the example input faster (the blocked one only when more than 3% faster)."""
+    xn = x.numpy()
+    blocked = copy.copy(compiled)
+    blocked.__setstate__({**compiled.__getstate__(), "_chan_cache": compiled._chan_cache})
+    blocked._blocked = True
+    t_plain, t_blocked = _time_steps([lambda: compiled.numpy(xn), lambda: blocked.numpy(xn)])
+    if t_blocked < 0.97 * t_plain:
+        return blocked
+    compiled._chan_cache.clear()
+    return compiled
+
+
 def compile(
     model: nn.Module | str,
     example_input: torch.Tensor | None = None,
@@ -422,6 +441,9 @@ def compile(
         t_par, t_ser = _time_steps([lambda: compiled.numpy(xn), lambda: serial_model.numpy(xn)])
         if t_ser < 0.97 * t_par:
             compiled._serial_shape = tuple(x.shape)
+    if tuned and has_candidates(nodes, compiled._chan_cache):
+        # Dense conv chains in the channel-blocked layout (engine._layout): time the program both ways.
+        compiled = _faster_layout(compiled, x)
     if check:
         with torch.inference_mode():
             ref = model(x)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsecnn.engine._graph import Node, Ref, call
+from sparsecnn.engine._layout import plan_layouts, to_plain
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.models._memory import available_bytes
 
@@ -238,10 +239,14 @@ class _Builder:
     "Session of 2026-12-05 (fourth)".
     """
 
-    def __init__(self, nodes: list[Node], values: dict[str, Any], reuse: bool = True) -> None:
-        self.nodes = nodes
-        self.values = values
+    def __init__(self, nodes: list[Node], values: dict[str, Any], reuse: bool = True,
+                 layouts: Any = None) -> None:
+        self.nodes = nodes if layouts is None else layouts.nodes
+        self.values = values if layouts is None else layouts.values
         self.reuse = reuse  # False: every value gets a buffer of its own
+        # channel-blocked values and the convs running the channel-vector GEMM (engine._layout)
+        self.blocked: set[str] = set() if layouts is None else layouts.blocked
+        self.chan: dict[str, tuple[Any, Any]] = {} if layouts is None else layouts.chan
         self.prog = Program()
         self.slot: dict[str, int] = {}
         self.val: dict[str, _Val] = {}
@@ -366,7 +371,7 @@ class _Builder:
             for conv, other in sorted(((a, b), (b, a)), key=lambda p: -index[p[0]]):
                 node = by_name[conv]
                 layer = node.fn
-                if (a != b and isinstance(layer, SparseConv2d) and _epilogue_adds(layer)
+                if (a != b and (conv in self.chan or (isinstance(layer, SparseConv2d) and _epilogue_adds(layer)))
                         and node.op == "module" and len(users[conv]) == 1 and index[other] < index[conv]
                         and all(_f32_of_shape(self.values[v], shape) for v in (conv, other))):
                     self.residual_of[conv] = (other, n.name)
@@ -404,7 +409,16 @@ class _Builder:
             return
         relu = n.name in self.relu_after
         x = self.slot[ins[0]] if ins else -1
-        if f32 and _conv_of(n) is not None and len(shape) == 4:
+        if n.op == "function" and n.fn is to_plain:
+            from sparsecnn.kernels.blocked import BLOCK, from_blocked
+
+            s, _ = self._planned(n.name, shape)
+            b, c, h, w = shape
+            self._step("to-plain", lambda env, bufs, x=x, s=s: _bind_kernel(env, x, lambda v, out=env[s]: from_blocked(
+                v.reshape(b, c // BLOCK, h * w, BLOCK), out.reshape(b, c, h * w))))
+        elif n.name in self.chan and len(shape) == 4:
+            self._chan_conv(n, x, shape, relu)
+        elif f32 and _conv_of(n) is not None and len(shape) == 4:
             self._conv(n, x, shape, relu)
         elif f32 and _linear_of(n) is not None and len(shape) == 2:
             self._linear(n, x, shape, relu)
@@ -453,21 +467,15 @@ class _Builder:
             if prep.stride == (1, 1) and prep.padding == (0, 0) and nparts > 1 \
                     and not split_by_image(int(self.values[n.refs()[0]].shape[0]), nparts):
                 self._read_by_every_thread(n.refs()[0])  # read in place by threads splitting the filters
-            res = None
-            other, add = self.residual_of.get(n.name, (None, None))
-            ov = self.val.get(self.base.get(other, other)) if other is not None else None
-            if ov is not None and ov.buf is not None:  # a planned buffer: C-contiguous, not the output's
-                res = self.slot[other]
-                self.add_into[add] = n.name
-                relu = add in self.relu_after
-            self._bound_conv(n, x, shape, relu, functools.partial(binder, slack=slack), prep, res)
+            self._bound_conv(n, x, shape, *self._fused_residual(n, relu), functools.partial(binder, slack=slack),
+                             prep)
             return
         if layer.strategy == "spconv-act":
             from sparsecnn.kernels.spconv_input import bind_spconv_input
 
             sp = layer.engine.spec
             geometry = (*sp.kernel_size, *sp.stride, *sp.padding, *sp.dilation)
-            self._bound_conv(n, x, shape, relu, functools.partial(bind_spconv_input, geometry=geometry),
+            self._bound_conv(n, x, shape, relu, None, functools.partial(bind_spconv_input, geometry=geometry),
                              layer.engine.format)
             return
         s = self._slot(n.name)
@@ -475,15 +483,42 @@ class _Builder:
         self._step(f"conv:{layer.strategy}" + ("+relu" if relu else ""),
                    lambda env, bufs, x=x, s=s: _bind_engine(env, x, s, layer.engine, relu))
 
-    def _bound_conv(self, n: Node, x: int, shape: tuple[int, ...], relu: bool, binder: Any,
-                    prep: Any, res: int | None = None) -> None:
+    def _chan_conv(self, n: Node, x: int, shape: tuple[int, ...], relu: bool) -> None:
+        """A conv running the channel-vector implicit GEMM, reading and writing the layouts that
+        engine._layout chose (``conv:blocked`` steps), with a fused residual add as the others."""
+        from sparsecnn.kernels.conv import SLACK
+        from sparsecnn.kernels.implicit_gemm import bind_implicit_gemm_conv2d
+
+        src = n.refs()[0]
+        v = self.val.get(src)
+        slack = SLACK if v is not None and v.buf is not None else 0
+        prep, bias = self.chan[n.name]
+        if prep.stride == (1, 1) and prep.padding == (0, 0):
+            self._read_by_every_thread(src)
+        binder = functools.partial(bind_implicit_gemm_conv2d, slack=slack, in_blocked=src in self.blocked,
+                                   out_blocked=n.name in self.blocked)
+        self._bound_conv(n, x, shape, *self._fused_residual(n, relu), binder, prep, bias=(bias,), kind="blocked")
+
+    def _fused_residual(self, n: Node, relu: bool) -> tuple[bool, int | None]:
+        """The ReLU and the residual slot of conv ``n`` when a residual add is fused into it."""
+        other, add = self.residual_of.get(n.name, (None, None))
+        ov = self.val.get(self.base.get(other, other)) if other is not None else None
+        if ov is not None and ov.buf is not None:  # a planned buffer: C-contiguous, not the output's
+            self.add_into[add] = n.name
+            return add in self.relu_after, self.slot[other]
+        return relu, None
+
+    def _bound_conv(self, n: Node, x: int, shape: tuple[int, ...], relu: bool, res: int | None, binder: Any,
+                    prep: Any, bias: tuple[Any] | None = None, kind: str | None = None) -> None:
         """A conv step running ``binder(prep, x_shape, bias, out, relu)`` (a kernel's ``bind_*``); with
         ``res`` (a slot) the bound kernel also adds that value (a residual connection)."""
         s, _ = self._planned(n.name, shape)
-        eng = n.fn.engine
-        bias = eng.bias if eng.has_bias else None
+        if bias is None:
+            eng = n.fn.engine
+            bias = (eng.bias if eng.has_bias else None,)
+        bias = bias[0]
         xs = tuple(self.values[n.refs()[0]].shape)
-        label = f"conv:{n.fn.strategy}" + ("+add" if res is not None else "") + ("+relu" if relu else "")
+        label = f"conv:{kind or n.fn.strategy}" + ("+add" if res is not None else "") + ("+relu" if relu else "")
         if res is not None:
             self._step(label, lambda env, bufs, x=x, s=s, r=res: _bind_kernel_res(
                 env, x, r, binder(prep, xs, bias, env[s], relu)))
@@ -723,7 +758,8 @@ FUSE_RESIDUAL = True
 OWN_BUFFERS_MAX_BYTES = 512 << 20
 
 
-def build_program(nodes: list[Node], values: dict[str, Any]) -> Program:
+def build_program(nodes: list[Node], values: dict[str, Any], blocked: bool = False,
+                  cache: dict[Any, Any] | None = None) -> Program:
     """Lower ``nodes`` for the input shape ``values`` was recorded with (see :func:`record`).
 
     Where the kernels split the batch's images among the threads (:func:`sparsecnn.kernels.conv.
@@ -734,6 +770,10 @@ def build_program(nodes: list[Node], values: dict[str, Any]) -> Program:
     batch 32, 2 threads, interleaved in one process: ResNet-18 at 90% 151-157 against 163-170 ms
     (420 against 147 MB of buffers), AlexNet DC 141-152 against 146-160 ms (154 against 71 MB).
     Otherwise (batch 1, or buffers too large) dead values' buffers are reused (:class:`_Builder`).
+
+    With ``blocked``, chains of dense conv layers keep their activations channel-blocked and run the
+    channel-vector implicit GEMM (:mod:`sparsecnn.engine._layout`); ``cache`` keeps those layers'
+    prepared weights across input shapes.
     """
     out = values[nodes[-1].args[0].name]
     if not isinstance(out, torch.Tensor):
@@ -743,11 +783,12 @@ def build_program(nodes: list[Node], values: dict[str, Any]) -> Program:
 
     x = next((values[n.name] for n in nodes if n.op == "input"), None)
     nparts = num_threads()
+    layouts = plan_layouts(nodes, values, {} if cache is None else cache) if blocked else None
     if isinstance(x, torch.Tensor) and x.dim() > 0 and nparts > 1 and split_by_image(int(x.shape[0]), nparts):
-        prog = _Builder(nodes, values, reuse=False).build()
+        prog = _Builder(nodes, values, reuse=False, layouts=layouts).build()
         own = 4 * sum(prog.buffers)
         avail = available_bytes()
         if own <= OWN_BUFFERS_MAX_BYTES and (avail is None or own <= avail // 4):
             return prog
-    return _Builder(nodes, values).build()
+    return _Builder(nodes, values, layouts=layouts).build()
 

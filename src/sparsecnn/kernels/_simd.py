@@ -349,17 +349,26 @@ CHAN_NP = 6 if _vector_registers() >= 32 else 4
 CHAN_BLOCK = CHAN_OB * VW
 
 
-def _emit_chan(builder, fma, npx, xbase, optr, signed, wptr, k0, k1, bufp, initp, accumulate, pstride):
+def _emit_chan(builder, fma, npx, xbase, optr, signed, wptr, k0, k1, bufp, initp, accumulate, pstride,
+               jstride, ostride, nout):
     """A ``CHAN_OB`` x ``npx`` register tile of :func:`chan_tile`: per column, ``CHAN_OB`` weight
     vectors loaded once and ``npx`` broadcast inputs, ``CHAN_OB * npx`` FMAs."""
     vp = _VEC.as_pointer()
     accs = [[cgutils.alloca_once(builder, _VEC) for _ in range(CHAN_OB)] for _ in range(npx)]
+
+    def at(j, o):  # the tile's vector (j, o) in buf
+        idx = builder.add(builder.mul(jstride, ir.Constant(_I64, j)), builder.mul(ostride, ir.Constant(_I64, o)))
+        return builder.bitcast(builder.gep(bufp, [idx], inbounds=True), vp)
+
+    def kept(o):  # vectors o >= nout lie outside buf: neither read nor written
+        return builder.icmp_signed(">", nout, ir.Constant(_I64, o))
+
     with builder.if_else(accumulate) as (then, otherwise):
         with then:
-            for j in range(npx):
-                for o, a in enumerate(accs[j]):
-                    q = builder.gep(bufp, [ir.Constant(_I64, j * CHAN_BLOCK + o * VW)], inbounds=True)
-                    builder.store(builder.load(builder.bitcast(q, vp), align=4), a)
+            for o in range(CHAN_OB):
+                with builder.if_then(kept(o)):
+                    for j in range(npx):
+                        builder.store(builder.load(at(j, o), align=4), accs[j][o])
         with otherwise:
             starts = [builder.load(builder.bitcast(builder.gep(initp, [ir.Constant(_I64, o * VW)], inbounds=True),
                                                    vp), align=4) for o in range(CHAN_OB)]
@@ -379,25 +388,29 @@ def _emit_chan(builder, fma, npx, xbase, optr, signed, wptr, k0, k1, bufp, initp
             xs = _splat(builder, builder.load(q))
             for o in range(CHAN_OB):
                 builder.store(builder.call(fma, [wv[o], xs, builder.load(accs[j][o])]), accs[j][o])
-    for j in range(npx):
-        for o in range(CHAN_OB):
-            q = builder.gep(bufp, [ir.Constant(_I64, j * CHAN_BLOCK + o * VW)], inbounds=True)
-            builder.store(builder.load(accs[j][o]), builder.bitcast(q, vp), align=4)
+    for o in range(CHAN_OB):
+        with builder.if_then(kept(o)):
+            for j in range(npx):
+                builder.store(builder.load(accs[j][o]), at(j, o), align=4)
 
 
 @intrinsic
-def chan_tile(typingctx, x, offs, w, k0, k1, base, pstride, buf, bpos, npx, accumulate, init, ipos):
-    """``buf[bpos + j * CHAN_BLOCK + f] = init[ipos + f] + sum_k w[k * CHAN_BLOCK + f] * x[base + offs[k]
-    + j * pstride]`` for the ``CHAN_BLOCK`` filters ``f`` of a block, ``k0 <= k < k1`` and ``0 <= j < npx``,
-    ``1 <= npx <= CHAN_NP`` (any other npx does nothing); with ``accumulate``, ``buf``'s own value in
-    place of ``init`` (partial sums over channel blocks).
+def chan_tile(typingctx, x, offs, w, k0, k1, base, pstride, buf, bpos, jstride, ostride, nout, npx, accumulate,
+              init, ipos):
+    """``buf[bpos + j * jstride + o * ostride + l] = init[ipos + f] + sum_k w[k * CHAN_BLOCK + f] *
+    x[base + offs[k] + j * pstride]`` for the ``CHAN_BLOCK`` filters ``f = o * VW + l`` of a block
+    (``o < nout``; ``1 <= nout <= CHAN_OB``), ``k0 <= k < k1`` and ``0 <= j < npx``, ``1 <= npx <=
+    CHAN_NP`` (any other npx does nothing); with ``accumulate``, ``buf``'s own value in place of
+    ``init`` (partial sums over channel blocks). ``jstride = CHAN_BLOCK, ostride = VW`` lays the
+    tile out position-major; ``jstride = VW, ostride = plane * VW`` stores it straight into a
+    channel-blocked output (:mod:`sparsecnn.kernels.blocked`).
 
     The micro-kernel of the channel-vector implicit GEMM (:mod:`sparsecnn.kernels.implicit_gemm`):
     :func:`gemm_tile` with the roles turned, output channels in the vector lanes and output positions
     in broadcasts, as oneDNN's and MLAS's NCHWc direct convolutions hold them. A column costs
     ``CHAN_OB`` aligned weight loads and ``npx`` broadcasts for ``CHAN_OB * npx`` FMAs, and no input
     vector load crosses a cache line, whatever the plane's width; the tile lands position-major in
-    ``buf`` (``CHAN_BLOCK`` floats per position), to be transposed into the output planes.
+    ``buf``.
     x, offs, w, buf and init are 1-D arrays (float32, any integer dtype, float32, float32, float32);
     the sum over k runs in order, one rounding per FMA.
     ``pstride`` is 1 for planes of floats, ``VW`` for channel-blocked planes (``VW`` channels side by
@@ -405,22 +418,23 @@ def chan_tile(typingctx, x, offs, w, k0, k1, base, pstride, buf, bpos, npx, accu
     NOTE: no bounds checks: x holds ``base + offs[k] + (npx - 1) * pstride + 1`` elements for every k, w holds
     ``k1 * CHAN_BLOCK``, buf ``bpos + npx * CHAN_BLOCK`` and init ``ipos + CHAN_BLOCK``.
     """
-    sig = types.void(x, offs, w, types.intp, types.intp, types.intp, types.intp, buf, types.intp, types.intp,
-                     types.boolean, init, types.intp)
+    i = types.intp
+    sig = types.void(x, offs, w, i, i, i, i, buf, i, i, i, i, i, types.boolean, init, i)
 
     def codegen(context, builder, signature, args):
-        x_, offs_, w_, k0_, k1_, base_, pstride_, buf_, bpos_, npx_, acc_, init_, ipos_ = args
+        x_, offs_, w_, k0_, k1_, base_, pstride_, buf_, bpos_, jst_, ost_, nout_, npx_, acc_, init_, ipos_ = args
         aty = signature.args
         xbase = builder.gep(_data_ptr(context, builder, aty[0], x_), [base_], inbounds=True)
         optr = _data_ptr(context, builder, aty[1], offs_)
         wptr = _data_ptr(context, builder, aty[2], w_)
         bufp = builder.gep(_data_ptr(context, builder, aty[7], buf_), [bpos_], inbounds=True)
-        initp = builder.gep(_data_ptr(context, builder, aty[11], init_), [ipos_], inbounds=True)
+        initp = builder.gep(_data_ptr(context, builder, aty[14], init_), [ipos_], inbounds=True)
         signed = getattr(aty[1].dtype, "signed", True)
         fma = _fma_vec(builder)
-        accumulate = _as_i1(context, builder, acc_, aty[10])
+        accumulate = _as_i1(context, builder, acc_, aty[13])
         _for_each_nvec(builder, npx_, CHAN_NP, "chan_tile", lambda n: _emit_chan(
-            builder, fma, n, xbase, optr, signed, wptr, k0_, k1_, bufp, initp, accumulate, pstride_))
+            builder, fma, n, xbase, optr, signed, wptr, k0_, k1_, bufp, initp, accumulate, pstride_, jst_, ost_,
+            nout_))
         return context.get_dummy_value()
 
     return sig, codegen

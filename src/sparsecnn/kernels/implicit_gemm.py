@@ -46,6 +46,7 @@ from sparsecnn.kernels._simd import (
     GEMM_MR,
     GEMM_NV,
     VW,
+    add_vec_act,
     chan_tile,
     copy_vec_act,
     gemm_tile,
@@ -80,7 +81,7 @@ _BLOCK_MIN_TILES = 16
 CHANNEL_FORM: bool | None = None
 # Channel-vector form: bytes of one channel block's weights (read from L1 by every register tile of a
 # row group) and output positions per row group (its tiles, CHAN_BLOCK floats each, stay in L1).
-_CHAN_WBYTES = 16 << 10
+_CHAN_WBYTES = 36 << 10
 _CHAN_POSITIONS = 96
 # Off: stride-1 layers without padding crop wide rows into the output as the others (the A/B baseline).
 STRAIGHT = True
@@ -297,6 +298,8 @@ class ImplicitGemmPrep(ConvPrepBase):
         group = _CHAN_POSITIONS
         ngrp = -(-lay.span // group)
         cb = max(1, _CHAN_WBYTES // (4 * CHAN_BLOCK * kh * kw))
+        if cb >= BLOCK:  # whole blocks of channels: a blocked input's block is one line per position
+            cb -= cb % BLOCK
         nblk = -(-cin_g // cb)
         kchan = self.cols // (kh * kw)
         kblk = np.zeros((self.groups, nblk + 1), dtype=np.int64)
@@ -682,7 +685,9 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
     valid positions are transposed into the filters' output planes (with ReLU when ``relu``), or with
     ``out_blocked`` stored as they are into the channel-blocked output (:mod:`sparsecnn.kernels.blocked`).
     ``pstride`` is ``BLOCK`` where the input is channel-blocked (``x``, ``xt`` and ``offs`` in that
-    layout), else 1.
+    layout), else 1. A blocked output whose wide rows are its rows (no padding columns: 1x1 stride-1
+    layers) takes the tiles straight from the registers, the blocks adding into them there and the
+    last one applying the residual and ReLU to the L1-hot tile.
     NOTE: as _implicit_kernel; wch (groups, nob, Kr, CHAN_BLOCK), rows (groups, nob * CHAN_BLOCK);
     buf holds (group + CHAN_NP) * CHAN_BLOCK floats per thread, init CHAN_BLOCK."""
     nb = out.shape[0]
@@ -691,6 +696,7 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
     nob = wch.shape[1]
     nblk = kblk.shape[1] - 1
     ngrp = (span + group - 1) // group
+    straight = out_blocked and wph == wout  # no padding columns: the tiles go straight into out
     for part in numba.prange(nparts):
         bf = buf[part]
         ini = init[part]
@@ -712,13 +718,28 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
                 for f in range(CHAN_BLOCK):
                     ini[f] = bias[rr[f]] if rr[f] >= 0 else np.float32(0.0)
                 wt = wch[g, ob].reshape(-1)
+                nout = 0
+                while nout < CHAN_BLOCK // BLOCK and rr[nout * BLOCK] >= 0:
+                    nout += 1
+                cbo = rr[0] // BLOCK
                 for kb in range(nblk):
                     k0, k1 = kblk[g, kb], kblk[g, kb + 1]
                     if kb > 0 and k1 == k0:
                         continue
                     for t0 in range(0, n, CHAN_NP):
-                        chan_tile(xb, offs[g], wt, k0, k1, (p0 + t0) * pstride, pstride, bf, t0 * CHAN_BLOCK,
-                                  min(CHAN_NP, n - t0), kb > 0, ini, 0)
+                        npx = min(CHAN_NP, n - t0)
+                        if straight:
+                            pos = (cbo * plane + p0 + t0) * BLOCK
+                            chan_tile(xb, offs[g], wt, k0, k1, (p0 + t0) * pstride, pstride, dst, pos, BLOCK,
+                                      plane * BLOCK, nout, npx, kb > 0, ini, 0)
+                            if kb == nblk - 1 and (relu or has_res):
+                                for o in range(nout):
+                                    _act_in_place(dst, res[b], has_res, pos + o * plane * BLOCK, npx * BLOCK, relu)
+                        else:
+                            chan_tile(xb, offs[g], wt, k0, k1, (p0 + t0) * pstride, pstride, bf, t0 * CHAN_BLOCK,
+                                      CHAN_BLOCK, BLOCK, CHAN_BLOCK // BLOCK, npx, kb > 0, ini, 0)
+                if straight:
+                    continue
                 if out_blocked:
                     _store_chan_blocked(bf, p0, n, dst, rr, plane, wph, wout, relu, res[b], has_res)
                 else:
@@ -747,11 +768,10 @@ def _store_chan_blocked(bf, p0, n, dst, rr, plane, wph, wout, relu, res, has_res
                 if co < 0:
                     continue
                 d = ((co // BLOCK) * plane + r * wout + c) * BLOCK
-                for lane in range(BLOCK):
-                    v = bf[s + o * BLOCK + lane]
-                    if has_res:
-                        v += res[d + lane]
-                    dst[d + lane] = v if not relu or not v <= 0 else np.float32(0.0)  # NaN kept
+                if has_res:
+                    add_vec_act(bf, s + o * BLOCK, res, d, dst, d, relu)
+                else:
+                    copy_vec_act(bf, s + o * BLOCK, dst, d, relu)
 
 
 @jit(inline="always")

@@ -1,0 +1,200 @@
+"""Which activations the compiled executor keeps channel-blocked, and which convs write and read them.
+
+The channel-blocked layout (:mod:`sparsecnn.kernels.blocked`) pays where chains of dense (or SSL's
+compact) conv layers run the channel-vector implicit GEMM: each layer then stores its results with
+whole-vector stores and reads its input channels in cache lines, as ONNX Runtime's NCHWc kernels do.
+Sparse kernels, pools and torch fallbacks read the plain layout. :func:`plan_layouts` decides it per
+value for one input shape:
+
+1. *Candidates*: conv layers on the CPU with one group, a multiple of ``BLOCK`` output channels and a
+   weight density of at least :data:`MIN_DENSITY` (or SSL's compact ``lowered`` weights), which the
+   channel-vector implicit GEMM can run; each gets an :class:`~sparsecnn.kernels.implicit_gemm.
+   ImplicitGemmPrep` of its weights.
+2. *Classes*: values that must share a layout, because an elementwise step reads and writes them
+   together (a ReLU and its input, a residual add and both its inputs, eval-mode dropout).
+3. A class is blocked when every member is made by a candidate conv or an elementwise step, every
+   member's channel count is a multiple of ``BLOCK``, and some member is read by a candidate conv.
+   Other readers of a blocked value (pools, linear layers, reshapes, the model's output, other
+   convs) read a plain copy, converted once right after the value is made.
+
+Candidate convs that read or write a blocked value run the channel-vector GEMM (``conv:blocked`` steps);
+the others keep their planned strategy. The compiled model times the program with and without blocked
+values on the example input and keeps the faster (:func:`sparsecnn.compile`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparsecnn.engine._graph import Node, Ref
+
+__all__ = ["Layouts", "has_candidates", "plan_layouts", "to_plain"]
+
+# Convs with at least this fraction of nonzero weights run dense in the channel-vector GEMM when
+# their neighbours are blocked (sparser ones keep their sparse kernel and the plain layout).
+MIN_DENSITY = 0.35
+
+
+def to_plain(x: torch.Tensor) -> torch.Tensor:
+    """The conversion node's function (in torch, for :func:`sparsecnn.engine._graph.record`: the value
+    is the plain tensor itself; the lowered step converts the blocked buffer)."""
+    return x
+
+
+@dataclass
+class Layouts:
+    """The plan: ``nodes`` with conversion nodes inserted, ``values`` with theirs, ``blocked`` value
+    names, and ``chan``: conv node -> (its ImplicitGemmPrep, bias or None)."""
+
+    nodes: list[Node]
+    values: dict[str, Any]
+    blocked: set[str]
+    chan: dict[str, tuple[Any, np.ndarray | None]]
+
+
+def _conv_prep(n: Node, cache: dict[Any, Any]) -> tuple[Any, np.ndarray | None] | None:
+    """The channel-vector GEMM's weights of conv node ``n``, or None if it is not a candidate."""
+    from sparsecnn.kernels.blocked import BLOCK
+    from sparsecnn.kernels.implicit_gemm import prepare_implicit_gemm
+    from sparsecnn.layers import SparseConv2d, _ConvEngine, _TorchConv
+
+    layer = n.fn
+    if n.op != "module" or type(layer) not in (nn.Conv2d, SparseConv2d) or len(n.args) != 1 or n.kwargs:
+        return None
+    key = id(layer)
+    if key in cache:
+        return cache[key][1]
+    out = None
+    if isinstance(layer, SparseConv2d):
+        eng = layer.engine
+        implicit = getattr(eng, "implicit", None)
+        if layer.strategy == "lowered" and implicit is not None:
+            out = (implicit, eng.bias if eng.has_bias else None) if implicit.blockable(True) else None
+        elif isinstance(eng, (_ConvEngine, _TorchConv)):
+            s = layer.spec
+            if s.groups == 1 and s.out_channels % BLOCK == 0 and \
+                    (not isinstance(eng, _TorchConv) or eng.conv.padding_mode == "zeros"):
+                w, b = layer.dense_parameters()
+                if np.count_nonzero(w) >= MIN_DENSITY * w.size:
+                    out = (_dense_prep(w, s.stride, s.padding, s.dilation, prepare_implicit_gemm), b)
+    elif layer.groups == 1 and layer.out_channels % BLOCK == 0 and layer.padding_mode == "zeros" and \
+            isinstance(layer.padding, tuple) and layer.weight.device.type == "cpu":
+        w = layer.weight.detach().float().numpy()
+        if np.count_nonzero(w) >= MIN_DENSITY * w.size:
+            b = None if layer.bias is None else layer.bias.detach().float().numpy().copy()
+            out = (_dense_prep(w, layer.stride, layer.padding, layer.dilation, prepare_implicit_gemm), b)
+    cache[key] = (layer, out)  # the layer kept alive with its id
+    return out
+
+
+def _dense_prep(w: np.ndarray, stride: Any, padding: Any, dilation: Any, prepare: Any) -> Any:
+    cout = w.shape[0]
+    k = int(np.prod(w.shape[1:]))
+    data = np.ascontiguousarray(w.reshape(1, cout, k), dtype=np.float32)
+    return prepare(data, np.arange(cout)[None], np.arange(k)[None], tuple(w.shape), 1, tuple(stride),
+                   tuple(padding), tuple(dilation))
+
+
+def has_candidates(nodes: list[Node], cache: dict[Any, Any]) -> bool:
+    """Whether any conv of ``nodes`` could run the channel-vector GEMM in the blocked layout."""
+    return any(_conv_prep(n, cache) is not None for n in nodes)
+
+
+class _Classes:
+    """Union-find over value names."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, a: str) -> str:
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def plan_layouts(nodes: list[Node], values: dict[str, Any], cache: dict[Any, Any]) -> Layouts:
+    """Decide the blocked values of ``nodes`` for the input shape ``values`` was recorded with (see
+    the module docstring); ``cache`` keeps each conv's prepared weights across input shapes."""
+    from sparsecnn.engine._lower import _is_add, _is_alias, _is_relu
+    from sparsecnn.kernels.blocked import blockable
+
+    def tensor4(name: str) -> bool:
+        v = values.get(name)
+        return isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 4
+
+    chan = {n.name: p for n in nodes if (p := _conv_prep(n, cache)) is not None and tensor4(n.name)}
+    classes = _Classes()
+    elementwise: set[str] = set()
+    for n in nodes:
+        ins = n.refs()
+        if not tensor4(n.name) or not all(tensor4(r) for r in ins):
+            continue
+        if (_is_relu(n) or _is_alias(n)) and len(ins) == 1:
+            classes.union(n.name, ins[0])
+            elementwise.add(n.name)
+        elif _is_add(n) and all(tuple(values[r].shape) == tuple(values[n.name].shape) for r in ins):
+            for r in ins:
+                classes.union(n.name, r)
+            elementwise.add(n.name)
+    members: dict[str, list[str]] = {}
+    for n in nodes:
+        if tensor4(n.name):
+            members.setdefault(classes.find(n.name), []).append(n.name)
+    readers: dict[str, list[Node]] = {}
+    for n in nodes:
+        for r in n.refs():
+            readers.setdefault(r, []).append(n)
+    blocked: set[str] = set()
+    for names in members.values():
+        made_ok = all((m in chan or m in elementwise) and blockable(tuple(values[m].shape)) for m in names)
+        read_by_conv = any(r.name in chan for m in names for r in readers.get(m, []))
+        if made_ok and read_by_conv:
+            blocked.update(names)
+    # candidate convs that touch no blocked value keep their own strategy
+    chan = {k: v for k, v in chan.items()
+            if k in blocked or any(r in blocked for r in next(n for n in nodes if n.name == k).refs())}
+    # readers that cannot read the blocked layout get a plain copy made right after the value
+    same_class = {n.name for n in nodes if n.name in elementwise}
+    out_nodes: list[Node] = []
+    values = dict(values)
+    plain_of: dict[str, str] = {}
+    for n in nodes:
+        ins = n.refs()
+        reads_blocked = n.name in chan or (n.name in same_class and n.name in blocked)
+        if not reads_blocked and any(r in blocked for r in ins):
+            n = _with_refs(n, {r: plain_of[r] for r in ins if r in blocked})
+        out_nodes.append(n)
+        if n.name in blocked and any(not (r.name in chan or (r.name in same_class and r.name in blocked))
+                                     for r in readers.get(n.name, [])):
+            name = f"{n.name}.plain"
+            plain_of[n.name] = name
+            values[name] = values[n.name]
+            out_nodes.append(Node(name, "function", to_plain, (Ref(n.name),)))
+    return Layouts(out_nodes, values, blocked, chan)
+
+
+def _with_refs(n: Node, rename: dict[str, str]) -> Node:
+    """A copy of ``n`` reading ``rename[r]`` in place of each renamed reference ``r``."""
+
+    def walk(a: Any) -> Any:
+        if isinstance(a, Ref):
+            return Ref(rename.get(a.name, a.name))
+        if isinstance(a, tuple):
+            return tuple(walk(b) for b in a)
+        if isinstance(a, list):
+            return [walk(b) for b in a]
+        if isinstance(a, dict):
+            return {k: walk(b) for k, b in a.items()}
+        return a
+
+    return Node(n.name, n.op, n.fn, walk(n.args), walk(n.kwargs), n.target)
