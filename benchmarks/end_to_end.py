@@ -178,7 +178,8 @@ def run_case(case: str, batch: int, threads: int, repeats: int, block: int, gap:
            "compiled_vs_torch": times["torch"] / times["compiled"],
            "compiled_vs_ort": times["ort"] / times["compiled"] if "ort" in times else None,
            "sparsify_vs_torch": times["torch"] / times["sparsify"],
-           "plan": dict(Counter(dict(compiled.plan).values())), "steps": compiled.steps(tuple(x.shape)),
+           "plan": dict(Counter(dict(compiled.plan).values())), "layout": compiled.layout,
+           "steps": compiled.steps(tuple(x.shape)),
            "cores_before": asdict(before), "cores_after": asdict(after)}
     cores = span_label(before, after)
     if steps:
@@ -189,7 +190,7 @@ def run_case(case: str, batch: int, threads: int, repeats: int, block: int, gap:
     vs_ort = f"{row['compiled_vs_ort']:6.2f}x" if row["compiled_vs_ort"] else "      -"
     print(f"{case:12s} b{batch:<3d} {times['torch'] * 1e3:9.3f} {ort} {times['sparsify'] * 1e3:9.3f} "
           f"{times['compiled'] * 1e3:9.3f} {row['compiled_vs_torch']:6.2f}x {vs_ort}  {cores:9s}  "
-          f"{row['plan']}", flush=True)
+          f"{compiled.layout:7s}  {row['plan']}", flush=True)
     # The conv / linear steps run in the forward pass's order; pair them with torch's layers in order
     # (only when the counts agree: a model whose layers the executor merged or split is not paired).
     step_ms = row.get("step_ms", [])
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"threads {args.threads} (torch, numba, ONNX Runtime); medians of {args.repeats} turns "
           f"x {args.block}")
     print(f"{'case':12s} {'batch':4s} {'torch ms':>9s} {'ort ms':>9s} {'sparsify':>9s} {'compiled':>9s} "
-          f"{'vs torch':>7s} {'vs ort':>7s}  {'cores':9s}  plan")
+          f"{'vs torch':>7s} {'vs ort':>7s}  {'cores':9s}  layout   plan")
     rows = []
     for batch in (int(b) for b in args.batch.split(",")):
         for case in cases:

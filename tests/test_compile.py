@@ -184,28 +184,33 @@ class _TinyResNet(nn.Module):
     """A stem, one residual block with BatchNorm and a projection, pools and a linear: every kind of
     step the zoo's ResNets lower to, small enough for 200 calls from 4 threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 24) -> None:
         super().__init__()
         from sparsecnn.models.zoo import BasicBlock
 
         self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(16)
         self.pool = nn.MaxPool2d(3, 2, 1)
-        self.block = BasicBlock(16, 24, stride=2)
+        self.block = BasicBlock(16, width, stride=2)
         self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(24, 10)
+        self.fc = nn.Linear(width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(torch.relu(self.bn(self.stem(x))))
         return self.fc(torch.flatten(self.gap(self.block(x)), 1))
 
 
-def test_compiled_model_from_four_threads() -> None:
+@pytest.mark.parametrize("layout", ["plain", "blocked"])
+def test_compiled_model_from_four_threads(layout: str) -> None:
+    """Every thread its own buffers and workspaces, also for channel-blocked activations (the block's
+    convs at 50%: dense enough to run the channel-vector GEMM)."""
     torch.manual_seed(0)
-    model = _TinyResNet().eval()
+    model = _TinyResNet(32 if layout == "blocked" else 24).eval()
     _randomise_bn(model)
-    models.apply_profile(model, "uniform:0.7")
-    compiled = sparsecnn.compile(model, torch.randn(1, 3, 16, 16), "direct")
+    models.apply_profile(model, "uniform:0.5" if layout == "blocked" else "uniform:0.7")
+    compiled = sparsecnn.compile(model, torch.randn(1, 3, 16, 16), "direct", layout=layout)
+    assert compiled.layout == layout
+    assert any(k.startswith("conv:blocked") for k in compiled.steps((1, 3, 16, 16))) == (layout == "blocked")
     g = torch.Generator().manual_seed(5)
     shapes = [(1, 3, 16, 16), (2, 3, 16, 16), (1, 3, 20, 20)]
     inputs = [torch.randn(shapes[(i // 4) % 3], generator=g) for i in range(200)]
@@ -231,6 +236,82 @@ def test_compiled_model_from_four_threads() -> None:
     assert not errors, errors[0]
     bad = [i for i in range(len(inputs)) if out[i] is None or _rel(out[i], refs[i]) > 1e-4]
     assert not bad, f"{len(bad)} of {len(inputs)} outputs wrong"
+
+
+BLOCKED_ZOO = [
+    ("resnet18", {"input_size": 64, "num_classes": 10}),
+    ("resnet50", {"input_size": 32, "num_classes": 10}),
+    ("vgg16", {"input_size": 32, "num_classes": 10}),
+    ("alexnet", {"input_size": 99, "num_classes": 50}),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), BLOCKED_ZOO, ids=[z[0] for z in BLOCKED_ZOO])
+def test_zoo_model_with_blocked_activations_equals_dense(name: str, kwargs: dict) -> None:
+    """Dense zoo models with channel-blocked activations (layout="blocked"): the same outputs; the
+    ResNets' residual adds fused into blocked convs, a plain copy made for the pools and the head;
+    AlexNet's grouped layers and LRN leave nothing to block."""
+    model = models.build(name, **kwargs).eval()
+    _randomise_bn(model)
+    x = torch.randn(2, *models.input_shape(model), generator=torch.Generator().manual_seed(1))
+    compiled = sparsecnn.compile(model, x, "direct", layout="blocked")
+    kinds = compiled.steps(tuple(x.shape))
+    with torch.inference_mode():
+        ref = model(x)
+        assert _rel(compiled(x), ref) <= 1e-4
+        assert _rel(compiled(x[:1]), model(x[:1])) <= 1e-4
+    if name == "alexnet":
+        assert not any(k.startswith("conv:blocked") for k in kinds), kinds
+        return
+    assert any(k.startswith("conv:blocked") for k in kinds), kinds
+    if name.startswith("resnet"):  # VGG's second conv of a pair writes plain for its max pool
+        assert "to-plain" in kinds and "conv:blocked+add+relu" in kinds and "add+relu" not in kinds, kinds
+
+
+class _Mixed(nn.Module):
+    """Blocked chains broken by a grouped conv, a conv with 24 filters, a sparse conv and a flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.c = nn.Conv2d(32, 32, 3, padding=1, groups=2)
+        self.d = nn.Conv2d(32, 32, 1)
+        self.e = nn.Conv2d(32, 32, 3, padding=1)
+        self.f = nn.Conv2d(32, 24, 1)
+        self.fc = nn.Linear(24 * 25, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = torch.relu(self.b(torch.relu(self.a(x))))
+        u = torch.relu(self.c(b) + self.d(b))
+        v = self.e(u) + u
+        return self.fc(torch.flatten(self.f(torch.relu(v)), 1))
+
+
+def test_blocked_chains_around_what_cannot_read_them() -> None:
+    torch.manual_seed(0)
+    net = _Mixed().eval()
+    with torch.no_grad():
+        net.e.weight.mul_((torch.rand_like(net.e.weight) > 0.9).float())  # 10% dense: stays sparse
+    x = torch.randn(2, 3, 10, 10)
+    compiled = sparsecnn.compile(net, x, "direct", layout="blocked")
+    kinds = compiled.steps(tuple(x.shape))
+    # a writes blocked, b reads and writes it, d reads it (adding c's output, plain); c (grouped) reads a
+    # plain copy of b's output; e (10% dense) adds u into its own output; f has 24 filters
+    assert sum(k.startswith("conv:blocked") for k in kinds) == 3, kinds
+    assert kinds.count("to-plain") == 1, kinds
+    assert "conv:blocked+add+relu" in kinds and "conv:direct+add+relu" in kinds, kinds
+    with torch.inference_mode():
+        for xb in (x, x[:1], torch.randn(3, 3, 10, 10)):
+            assert _rel(compiled(xb), net(xb)) <= 1e-5
+    plain = sparsecnn.compile(net, x, "direct", layout="plain")
+    assert plain.layout == "plain" and not any("blocked" in k for k in plain.steps(tuple(x.shape)))
+    auto = sparsecnn.compile(net, x, "auto", layout="auto")
+    assert auto.layout in ("plain", "blocked")
+    with torch.inference_mode():
+        assert _rel(auto(x), net(x)) <= 1e-5
+    with pytest.raises(SparseCNNError, match="layout must be"):
+        sparsecnn.compile(net, x, "direct", layout="nchw16c")
 
 
 def test_pickle_and_deepcopy() -> None:

@@ -164,14 +164,137 @@ def test_lowered_layer_uses_the_implicit_kernel_except_for_a_full_pointwise_gemm
        kw=st.integers(1, 5), stride=st.integers(1, 3), pad=st.integers(0, 2), dil=st.integers(1, 2),
        h=st.integers(1, 17), w_=st.integers(1, 17), batch=st.sampled_from([1, 2, 3, 4, 9]),
        keep_rows=st.sampled_from([0.0, 0.5, 1.0]), keep_cols=st.sampled_from([0.0, 0.4, 1.0]),
-       relu=st.booleans(), seed=st.integers(0, 2**16))
+       relu=st.booleans(), seed=st.integers(0, 2**16), chan=st.sampled_from([None, True]))
 def test_implicit_gemm_generated_geometry(cin_g, cout_g, groups, kh, kw, stride, pad, dil, h, w_, batch,
-                                           keep_rows, keep_cols, relu, seed) -> None:
+                                           keep_rows, keep_cols, relu, seed, chan) -> None:
     if h + 2 * pad < dil * (kh - 1) + 1 or w_ + 2 * pad < dil * (kw - 1) + 1:
         return  # no output
     rng = np.random.default_rng(seed)
     w = _structured(rng, cout_g * groups, cin_g, kh, kw, groups, keep_rows, keep_cols)
     x = rng.standard_normal((batch, cin_g * groups, h, w_)).astype(np.float32)
     bias = rng.standard_normal(cout_g * groups).astype(np.float32)
-    out, ref, _, _ = _run(w, x, bias, (stride, stride), (pad, pad), (dil, dil), groups, relu)
-    assert_close(out, ref, what="implicit_gemm_conv2d")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ig_mod, "CHANNEL_FORM", chan)  # None: the rule; True: the channel-vector form
+        out, ref, _, _ = _run(w, x, bias, (stride, stride), (pad, pad), (dil, dil), groups, relu)
+    assert_close(out, ref, what=f"implicit_gemm_conv2d (channel form {chan})")
+
+
+BLOCKED_CASES = [
+    # cout, cin, (h, w), (kh, kw), stride, padding, dilation, batch
+    (32, 16, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (80, 32, (8, 8), (1, 1), (1, 1), (0, 0), (1, 1), 2),  # straight into the blocked output, 64 + 16
+    (16, 48, (13, 12), (3, 3), (2, 2), (1, 1), (1, 1), 3),  # stride 2, threads split the images
+    (48, 16, (7, 7), (5, 5), (1, 1), (4, 4), (2, 2), 1),  # dilation
+    (64, 16, (5, 6), (1, 1), (2, 2), (0, 0), (1, 1), 1),  # pointwise stride 2
+]
+
+
+def _blocked(a: np.ndarray) -> np.ndarray:
+    from sparsecnn.kernels.blocked import to_blocked_array
+
+    return to_blocked_array(a).reshape(a.shape)
+
+
+@pytest.mark.parametrize("small", [False, True])
+@pytest.mark.parametrize("case", BLOCKED_CASES)
+def test_channel_form_reads_and_writes_both_layouts(case, small, rng, monkeypatch) -> None:
+    """The channel-vector form against torch, plain or channel-blocked in and out, with a residual
+    and ReLU; ``small``: one channel per block and position groups of 7, so partial sums, groups
+    across rows and partial register tiles all occur."""
+    from sparsecnn.kernels.blocked import from_blocked_array
+
+    if small:
+        monkeypatch.setattr(ig_mod, "_CHAN_WBYTES", 1)
+        monkeypatch.setattr(ig_mod, "_CHAN_POSITIONS", 7)
+    cout, cin, hw, k, stride, padding, dilation, b = case
+    w = rng.standard_normal((cout, cin, *k)).astype(np.float32)
+    x = rng.standard_normal((b, cin, *hw)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    _, ref, prep, _ = _run(w, x, bias, stride, padding, dilation, 1, False)
+    res = rng.standard_normal(ref.shape).astype(np.float32)
+    want = np.maximum(ref + res, 0)
+    assert prep.blockable(False) and prep.blockable(True)
+    for in_b in (False, True):
+        for out_b in (False, True):
+            out = np.full(ref.shape, np.nan, np.float32)
+            run = bind_implicit_gemm_conv2d(prep, x.shape, bias, out, True, 0, in_b, out_b)
+            run(_blocked(x) if in_b else x, _blocked(res) if out_b else res)
+            got = from_blocked_array(out.reshape(b, cout // 16, *ref.shape[2:], 16)) if out_b else out
+            assert_close(got, want, what=f"channel form in_blocked={in_b} out_blocked={out_b}")
+
+
+def test_channel_form_unbound_and_its_limits(rng, monkeypatch) -> None:
+    """Forced on for every layer (SSL's kept subsets, grouped, ReLU and NaN bias) it matches torch;
+    layers with kept subsets or groups can read but not write the blocked layout (clear error)."""
+    monkeypatch.setattr(ig_mod, "CHANNEL_FORM", True)
+    for case in CASES:
+        cout, cin, hw, k, stride, padding, dilation, groups, b = case
+        w = _structured(rng, cout, cin // groups, *k, groups, 0.7, 0.5)
+        x = rng.standard_normal((b, cin, *hw)).astype(np.float32)
+        bias = rng.standard_normal(cout).astype(np.float32)
+        out, ref, prep, _ = _run(w, x, bias, stride, padding, dilation, groups, True)
+        assert_close(out, ref, what="channel form")
+        assert prep.workspace(x.shape).init is not None
+    w = _structured(rng, 32, 16, 3, 3, 1, 0.5, 0.5)
+    x = rng.standard_normal((1, 16, 6, 6)).astype(np.float32)
+    _, ref, prep, _ = _run(w, x, None, (1, 1), (1, 1), (1, 1), 1, False)
+    assert prep.blockable(False) and not prep.blockable(True)
+    with pytest.raises(ValueError, match="channel-blocked"):
+        bind_implicit_gemm_conv2d(prep, x.shape, None, np.empty(ref.shape, np.float32), out_blocked=True)
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (6, 6)])
+@pytest.mark.parametrize("l1", [1, 1 << 20])
+def test_pointwise_tiles_go_straight_into_the_output(hw, l1, rng, monkeypatch) -> None:
+    """A 1x1 stride-1 layer keeping every filter whose planes are whole vectors (8x8, not 6x6) writes
+    its tiles straight into the output, in channel blocks (``l1`` 1) adding there, the residual and
+    ReLU on the last block; read in place from a buffer with slack."""
+    monkeypatch.setattr(ig_mod, "_L1_BYTES", l1)
+    monkeypatch.setattr(ig_mod, "CHANNEL_FORM", False)
+    w = rng.standard_normal((12, 20, 1, 1)).astype(np.float32)
+    x = rng.standard_normal((2, 20, *hw)).astype(np.float32)
+    bias = rng.standard_normal(12).astype(np.float32)
+    _, ref, prep, _ = _run(w, x, bias, (1, 1), (0, 0), (1, 1), 1, False)
+    ws = prep.workspace(x.shape)
+    assert ws.straight == (hw[0] * hw[1] % VW == 0)
+    res = rng.standard_normal(ref.shape).astype(np.float32)
+    padded = np.concatenate([x.reshape(-1), np.zeros(conv_mod.SLACK, np.float32)])
+    xin = padded[: x.size].reshape(x.shape)
+    for relu in (False, True):
+        out = np.full(ref.shape, np.nan, np.float32)
+        run = bind_implicit_gemm_conv2d(prep, x.shape, bias, out, relu, slack=conv_mod.SLACK)
+        run(xin, res)
+        want = ref + res
+        assert_close(out, np.maximum(want, 0) if relu else want, what="straight pointwise")
+        out[...] = np.nan
+        implicit_gemm_conv2d(prep, x, bias, out, relu, residual=res)
+        assert_close(out, np.maximum(want, 0) if relu else want, what="straight pointwise, unbound")
+    with pytest.raises(ValueError, match="residual"):
+        implicit_gemm_conv2d(prep, x, bias, out, residual=out)
+
+
+def test_blocked_layout_conversions_and_phase_copy(rng) -> None:
+    """to_blocked / from_blocked invert each other; the blocked phase copy is the plain one with each
+    float widened to BLOCK channels (stride 2 and padding: the phase planes and zero borders)."""
+    from sparsecnn.kernels.blocked import (
+        BLOCK,
+        blockable,
+        blocked_phase_copy,
+        from_blocked_array,
+        to_blocked_array,
+    )
+
+    x = rng.standard_normal((2, 2 * BLOCK, 7, 9)).astype(np.float32)
+    xb = to_blocked_array(x)
+    assert xb.shape == (2, 2, 7, 9, BLOCK)
+    np.testing.assert_array_equal(xb[1, 1, 3, 4], x[1, BLOCK:, 3, 4])
+    np.testing.assert_array_equal(from_blocked_array(xb), x)
+    assert blockable(x.shape) and not blockable((2, BLOCK + 1, 7, 9)) and not blockable((2, BLOCK))
+    lay = conv_mod.phase_layout(x.shape, (3, 3), (2, 2), (1, 1), (1, 1))
+    plain = np.zeros(lay.xt_shape(2, x.shape[1], 1), np.float32)
+    conv_mod.phase_copy(x.reshape(2, -1), plain, lay.copies, lay.geometry(x.shape))
+    blocked = np.zeros((2, plain.shape[1] * BLOCK), np.float32)
+    blocked_phase_copy(xb.reshape(2, -1), blocked, lay.copies, lay.geometry(x.shape))
+    chan = lay.nph * lay.plane
+    want = plain[:, : x.shape[1] * chan].reshape(2, 2, BLOCK, chan).transpose(0, 1, 3, 2)
+    np.testing.assert_array_equal(blocked[:, : x.shape[1] * chan].reshape(2, 2, chan, BLOCK), want)

@@ -116,6 +116,12 @@ class CompiledModel(nn.Module):
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return new
 
+    @property
+    def layout(self) -> str:
+        """``"blocked"`` where chains of dense conv layers keep channel-blocked activations (see
+        :func:`compile`'s ``layout``), else ``"plain"``."""
+        return "blocked" if self._blocked else "plain"
+
     # ---- programs
     def program(self, shape: tuple[int, ...]) -> Program:
         """The lowered program for inputs of ``shape`` (built on first use, shared by threads)."""
@@ -321,13 +327,16 @@ def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
     return cands[best]
 
 
-def _faster_layout(compiled: CompiledModel, x: torch.Tensor) -> CompiledModel:
+def _faster_layout(compiled: CompiledModel, x: torch.Tensor, force: bool = False) -> CompiledModel:
     """``compiled`` with or without channel-blocked activations (:mod:`sparsecnn.engine._layout`),
-    whichever ran the example input faster (the blocked one only when more than 3% faster)."""
+    whichever ran the example input faster (the blocked one only when more than 3% faster); with
+    ``force`` the blocked one."""
     xn = x.numpy()
     blocked = copy.copy(compiled)
     blocked.__setstate__({**compiled.__getstate__(), "_chan_cache": compiled._chan_cache})
     blocked._blocked = True
+    if force:
+        return blocked
     t_plain, t_blocked = _time_steps([lambda: compiled.numpy(xn), lambda: blocked.numpy(xn)])
     if t_blocked < 0.97 * t_plain:
         return blocked
@@ -345,6 +354,7 @@ def compile(
     check: bool = True,
     shrink: bool = False,
     tune: bool | None = None,
+    layout: str = "auto",
 ) -> CompiledModel:
     """Lower a (pruned) model into one execution plan for the CPU.
 
@@ -374,6 +384,12 @@ def compile(
     shrink : bool
         First remove the all-zero filters and unread input channels that structured pruning (SSL)
         left (:func:`sparsecnn.shrink.shrink`), so the compact layers run fewer FLOPs.
+    layout : {"auto", "blocked", "plain"}
+        ``"blocked"``: chains of dense (at least 35% nonzero) conv layers keep their activations
+        channel-blocked (NCHW16c) and run the channel-vector implicit GEMM
+        (:mod:`sparsecnn.engine._layout`); ``"plain"``: every activation NCHW, every layer its
+        planned strategy; ``"auto"``: whichever runs the example input faster (timed when the plan
+        is; plain otherwise).
 
     Returns
     -------
@@ -389,6 +405,8 @@ def compile(
     if not isinstance(model, nn.Module):
         raise SparseCNNError(f"compile needs a torch.nn.Module or a model path, got {type(model).__name__}")
     model = copy.deepcopy(model).eval()
+    if layout not in ("auto", "blocked", "plain"):
+        raise SparseCNNError(f"layout must be 'auto', 'blocked' or 'plain', got {layout!r}")
     x = _example_input(model) if example_input is None else example_input
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
         raise SparseCNNError("example_input must be a float torch.Tensor batch, "
@@ -441,9 +459,9 @@ def compile(
         t_par, t_ser = _time_steps([lambda: compiled.numpy(xn), lambda: serial_model.numpy(xn)])
         if t_ser < 0.97 * t_par:
             compiled._serial_shape = tuple(x.shape)
-    if tuned and has_candidates(nodes, compiled._chan_cache):
+    if layout == "blocked" or (layout == "auto" and tuned and has_candidates(nodes, compiled._chan_cache)):
         # Dense conv chains in the channel-blocked layout (engine._layout): time the program both ways.
-        compiled = _faster_layout(compiled, x)
+        compiled = _faster_layout(compiled, x, force=layout == "blocked")
     if check:
         with torch.inference_mode():
             ref = model(x)

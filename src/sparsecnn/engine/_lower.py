@@ -371,7 +371,8 @@ class _Builder:
             for conv, other in sorted(((a, b), (b, a)), key=lambda p: -index[p[0]]):
                 node = by_name[conv]
                 layer = node.fn
-                if (a != b and (conv in self.chan or (isinstance(layer, SparseConv2d) and _epilogue_adds(layer)))
+                fusable = conv in self.chan or (isinstance(layer, SparseConv2d) and _epilogue_adds(layer))
+                if (a != b and fusable
                         and node.op == "module" and len(users[conv]) == 1 and index[other] < index[conv]
                         and all(_f32_of_shape(self.values[v], shape) for v in (conv, other))):
                     self.residual_of[conv] = (other, n.name)
@@ -414,8 +415,13 @@ class _Builder:
 
             s, _ = self._planned(n.name, shape)
             b, c, h, w = shape
-            self._step("to-plain", lambda env, bufs, x=x, s=s: _bind_kernel(env, x, lambda v, out=env[s]: from_blocked(
-                v.reshape(b, c // BLOCK, h * w, BLOCK), out.reshape(b, c, h * w))))
+
+            def convert(env, bufs, x=x, s=s):
+                out = env[s].reshape(b, c, h * w)
+                return _bind_kernel(env, x, lambda v: from_blocked(v.reshape(b, c // BLOCK, h * w, BLOCK),
+                                                                   out))
+
+            self._step("to-plain", convert)
         elif n.name in self.chan and len(shape) == 4:
             self._chan_conv(n, x, shape, relu)
         elif f32 and _conv_of(n) is not None and len(shape) == 4:
@@ -467,8 +473,8 @@ class _Builder:
             if prep.stride == (1, 1) and prep.padding == (0, 0) and nparts > 1 \
                     and not split_by_image(int(self.values[n.refs()[0]].shape[0]), nparts):
                 self._read_by_every_thread(n.refs()[0])  # read in place by threads splitting the filters
-            self._bound_conv(n, x, shape, *self._fused_residual(n, relu), functools.partial(binder, slack=slack),
-                             prep)
+            relu, res = self._fused_residual(n, relu)
+            self._bound_conv(n, x, shape, relu, res, functools.partial(binder, slack=slack), prep)
             return
         if layer.strategy == "spconv-act":
             from sparsecnn.kernels.spconv_input import bind_spconv_input
@@ -497,7 +503,8 @@ class _Builder:
             self._read_by_every_thread(src)
         binder = functools.partial(bind_implicit_gemm_conv2d, slack=slack, in_blocked=src in self.blocked,
                                    out_blocked=n.name in self.blocked)
-        self._bound_conv(n, x, shape, *self._fused_residual(n, relu), binder, prep, bias=(bias,), kind="blocked")
+        relu, res = self._fused_residual(n, relu)
+        self._bound_conv(n, x, shape, relu, res, binder, prep, bias=(bias,), kind="blocked")
 
     def _fused_residual(self, n: Node, relu: bool) -> tuple[bool, int | None]:
         """The ReLU and the residual slot of conv ``n`` when a residual add is fused into it."""
@@ -518,7 +525,8 @@ class _Builder:
             bias = (eng.bias if eng.has_bias else None,)
         bias = bias[0]
         xs = tuple(self.values[n.refs()[0]].shape)
-        label = f"conv:{kind or n.fn.strategy}" + ("+add" if res is not None else "") + ("+relu" if relu else "")
+        label = f"conv:{kind or n.fn.strategy}" + ("+add" if res is not None else "")
+        label += "+relu" if relu else ""
         if res is not None:
             self._step(label, lambda env, bufs, x=x, s=s, r=res: _bind_kernel_res(
                 env, x, r, binder(prep, xs, bias, env[s], relu)))

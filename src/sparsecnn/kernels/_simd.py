@@ -40,8 +40,9 @@ from numba.extending import intrinsic
 
 from sparsecnn.kernels._numba import jit
 
-__all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "ELL_ROWS", "ELL_SLAB", "GEMM_MR", "GEMM_NV", "GROUP_F", "GROUP_NV", "GROUP_PATTERNS",
-           "HAS_TABLE32", "NV_MAX", "NV_MAX8", "NV_PAIR", "RW", "SPLIT_MAX", "TABLE", "VW", "add_vec_act", "chan_tile",
+__all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "ELL_ROWS", "ELL_SLAB", "GEMM_MR", "GEMM_NV", "GROUP_F",
+           "GROUP_NV", "GROUP_PATTERNS", "HAS_TABLE32", "NV_MAX", "NV_MAX8", "NV_PAIR", "RW", "SPLIT_MAX",
+           "TABLE", "VW", "add_vec_act", "chan_tile",
            "code_ell_block", "code_ell_block2", "code_ell_block2_finite", "code_ell_block4",
            "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even", "copy_vec",
            "copy_vec_act",
@@ -357,7 +358,8 @@ def _emit_chan(builder, fma, npx, xbase, optr, signed, wptr, k0, k1, bufp, initp
     accs = [[cgutils.alloca_once(builder, _VEC) for _ in range(CHAN_OB)] for _ in range(npx)]
 
     def at(j, o):  # the tile's vector (j, o) in buf
-        idx = builder.add(builder.mul(jstride, ir.Constant(_I64, j)), builder.mul(ostride, ir.Constant(_I64, o)))
+        idx = builder.add(builder.mul(jstride, ir.Constant(_I64, j)),
+                          builder.mul(ostride, ir.Constant(_I64, o)))
         return builder.bitcast(builder.gep(bufp, [idx], inbounds=True), vp)
 
     def kept(o):  # vectors o >= nout lie outside buf: neither read nor written
@@ -370,8 +372,9 @@ def _emit_chan(builder, fma, npx, xbase, optr, signed, wptr, k0, k1, bufp, initp
                     for j in range(npx):
                         builder.store(builder.load(at(j, o), align=4), accs[j][o])
         with otherwise:
-            starts = [builder.load(builder.bitcast(builder.gep(initp, [ir.Constant(_I64, o * VW)], inbounds=True),
-                                                   vp), align=4) for o in range(CHAN_OB)]
+            starts = [builder.load(builder.bitcast(builder.gep(initp, [ir.Constant(_I64, o * VW)],
+                                                               inbounds=True), vp), align=4)
+                      for o in range(CHAN_OB)]
             for j in range(npx):
                 for o, a in enumerate(accs[j]):
                     builder.store(starts[o], a)
@@ -395,8 +398,8 @@ def _emit_chan(builder, fma, npx, xbase, optr, signed, wptr, k0, k1, bufp, initp
 
 
 @intrinsic
-def chan_tile(typingctx, x, offs, w, k0, k1, base, pstride, buf, bpos, jstride, ostride, nout, npx, accumulate,
-              init, ipos):
+def chan_tile(typingctx, x, offs, w, k0, k1, base, pstride, buf, bpos, jstride, ostride, nout, npx,
+              accumulate, init, ipos):
     """``buf[bpos + j * jstride + o * ostride + l] = init[ipos + f] + sum_k w[k * CHAN_BLOCK + f] *
     x[base + offs[k] + j * pstride]`` for the ``CHAN_BLOCK`` filters ``f = o * VW + l`` of a block
     (``o < nout``; ``1 <= nout <= CHAN_OB``), ``k0 <= k < k1`` and ``0 <= j < npx``, ``1 <= npx <=
@@ -422,7 +425,8 @@ def chan_tile(typingctx, x, offs, w, k0, k1, base, pstride, buf, bpos, jstride, 
     sig = types.void(x, offs, w, i, i, i, i, buf, i, i, i, i, i, types.boolean, init, i)
 
     def codegen(context, builder, signature, args):
-        x_, offs_, w_, k0_, k1_, base_, pstride_, buf_, bpos_, jst_, ost_, nout_, npx_, acc_, init_, ipos_ = args
+        x_, offs_, w_, k0_, k1_, base_, pstride_, buf_, bpos_, jst_, ost_, nout_, npx_, acc_, init_, ipos_ = \
+            args
         aty = signature.args
         xbase = builder.gep(_data_ptr(context, builder, aty[0], x_), [base_], inbounds=True)
         optr = _data_ptr(context, builder, aty[1], offs_)
@@ -433,8 +437,8 @@ def chan_tile(typingctx, x, offs, w, k0, k1, base, pstride, buf, bpos, jstride, 
         fma = _fma_vec(builder)
         accumulate = _as_i1(context, builder, acc_, aty[13])
         _for_each_nvec(builder, npx_, CHAN_NP, "chan_tile", lambda n: _emit_chan(
-            builder, fma, n, xbase, optr, signed, wptr, k0_, k1_, bufp, initp, accumulate, pstride_, jst_, ost_,
-            nout_))
+            builder, fma, n, xbase, optr, signed, wptr, k0_, k1_, bufp, initp, accumulate, pstride_, jst_,
+            ost_, nout_))
         return context.get_dummy_value()
 
     return sig, codegen

@@ -24,7 +24,8 @@ import numpy as np
 from sparsecnn.kernels._numba import jit, pjit, serial_twin
 from sparsecnn.kernels._simd import VW
 
-__all__ = ["BLOCK", "blocked_phase_copy", "from_blocked", "image_input_blocked", "to_blocked"]
+__all__ = ["BLOCK", "blockable", "blocked_phase_copy", "blocked_shape", "from_blocked", "from_blocked_array",
+           "image_input_blocked", "to_blocked", "to_blocked_array"]
 
 BLOCK = VW  # channels per pixel of a block
 
@@ -123,7 +124,8 @@ def to_blocked_array(x: np.ndarray) -> np.ndarray:
     """A blocked copy of the plain float32 array ``x`` (B, C, H, W)."""
     b, c, h, w = x.shape
     out = np.empty(blocked_shape(x.shape), dtype=np.float32)
-    to_blocked(np.ascontiguousarray(x, dtype=np.float32).reshape(b, c, h * w), out.reshape(b, c // BLOCK, h * w, BLOCK))
+    src = np.ascontiguousarray(x, dtype=np.float32).reshape(b, c, h * w)
+    to_blocked(src, out.reshape(b, c // BLOCK, h * w, BLOCK))
     return out
 
 

@@ -52,13 +52,18 @@ from sparsecnn.kernels._simd import (
     gemm_tile,
     tile_split,
 )
-from sparsecnn.kernels.blocked import BLOCK, blocked_phase_copy, blocked_phase_copy_serial, image_input_blocked
+from sparsecnn.kernels.blocked import (
+    BLOCK,
+    blocked_phase_copy,
+    blocked_phase_copy_serial,
+    image_input_blocked,
+)
 from sparsecnn.kernels.conv import (
     _L1_BYTES,
     _L2_BYTES,
     ConvPrepBase,
-    _crop,
     _add_residual,
+    _crop,
     _reads_in_place,
     _residual,
     image_input,
@@ -585,7 +590,8 @@ def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bi
                               i3)
                 for f in range(GEMM_MR):
                     if rr[f] >= 0:
-                        _crop(w[f * gstride:], span, dst, rr[f] * plane, 0, wph, wout, hout, relu, res[b], has_res)
+                        _crop(w[f * gstride:], span, dst, rr[f] * plane, 0, wph, wout, hout, relu, res[b],
+                              has_res)
             if part == 0 or by_image:
                 _fill_bias(dst, fill, bias, plane, relu)
 
@@ -734,10 +740,12 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
                                       plane * BLOCK, nout, npx, kb > 0, ini, 0)
                             if kb == nblk - 1 and (relu or has_res):
                                 for o in range(nout):
-                                    _act_in_place(dst, res[b], has_res, pos + o * plane * BLOCK, npx * BLOCK, relu)
+                                    _act_in_place(dst, res[b], has_res, pos + o * plane * BLOCK, npx * BLOCK,
+                                                  relu)
                         else:
-                            chan_tile(xb, offs[g], wt, k0, k1, (p0 + t0) * pstride, pstride, bf, t0 * CHAN_BLOCK,
-                                      CHAN_BLOCK, BLOCK, CHAN_BLOCK // BLOCK, npx, kb > 0, ini, 0)
+                            chan_tile(xb, offs[g], wt, k0, k1, (p0 + t0) * pstride, pstride, bf,
+                                      t0 * CHAN_BLOCK, CHAN_BLOCK, BLOCK, CHAN_BLOCK // BLOCK, npx, kb > 0,
+                                      ini, 0)
                 if straight:
                     continue
                 if out_blocked:
