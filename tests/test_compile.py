@@ -249,8 +249,8 @@ BLOCKED_ZOO = [
 @pytest.mark.parametrize(("name", "kwargs"), BLOCKED_ZOO, ids=[z[0] for z in BLOCKED_ZOO])
 def test_zoo_model_with_blocked_activations_equals_dense(name: str, kwargs: dict) -> None:
     """Dense zoo models with channel-blocked activations (layout="blocked"): the same outputs; the
-    ResNets' residual adds fused into blocked convs, a plain copy made for the pools and the head;
-    AlexNet's grouped layers and LRN leave nothing to block."""
+    ResNets' residual adds fused into blocked convs, the pools blocked, a plain copy made for VGG's
+    flatten; AlexNet's grouped layers and LRN leave nothing to block."""
     model = models.build(name, **kwargs).eval()
     _randomise_bn(model)
     x = torch.randn(2, *models.input_shape(model), generator=torch.Generator().manual_seed(1))
@@ -263,9 +263,13 @@ def test_zoo_model_with_blocked_activations_equals_dense(name: str, kwargs: dict
     if name == "alexnet":
         assert not any(k.startswith("conv:blocked") for k in kinds), kinds
         return
-    assert any(k.startswith("conv:blocked") for k in kinds), kinds
-    if name.startswith("resnet"):  # VGG's second conv of a pair writes plain for its max pool
-        assert "to-plain" in kinds and "conv:blocked+add+relu" in kinds and "add+relu" not in kinds, kinds
+    # the max pools read and write the blocked layout, ResNet's average pool reads it
+    assert kinds[0].startswith("conv:blocked") and "maxpool:blocked" in kinds, kinds
+    if name.startswith("resnet"):
+        assert "avgpool:blocked" in kinds and "to-plain" not in kinds and "maxpool" not in kinds, kinds
+        assert "conv:blocked+add+relu" in kinds and "add+relu" not in kinds, kinds
+    else:  # VGG's last pool feeds the flatten: the conv before it writes plain for it
+        assert "to-plain" not in kinds and kinds.count("maxpool") == 1, kinds
 
 
 class _Mixed(nn.Module):

@@ -298,3 +298,29 @@ def test_blocked_layout_conversions_and_phase_copy(rng) -> None:
     chan = lay.nph * lay.plane
     want = plain[:, : x.shape[1] * chan].reshape(2, 2, BLOCK, chan).transpose(0, 1, 3, 2)
     np.testing.assert_array_equal(blocked[:, : x.shape[1] * chan].reshape(2, 2, chan, BLOCK), want)
+
+
+@pytest.mark.parametrize("pool", [(3, 2, 1, 1, False), (2, 2, 0, 1, False), (3, 2, 0, 2, True),
+                                  (5, 1, 2, 1, False)])
+def test_blocked_pools_match_torch(pool, rng) -> None:
+    """Max pooling (padding, dilation, ceil mode, NaN) and the global average pool in the blocked layout."""
+    from sparsecnn.kernels.blocked import (
+        BLOCK,
+        from_blocked_array,
+        global_avg_pool_blocked,
+        max_pool_blocked,
+        to_blocked_array,
+    )
+
+    k, s, p, d, ceil = pool
+    x = rng.standard_normal((2, 2 * BLOCK, 11, 10)).astype(np.float32)
+    x[0, 3, 4, 4] = np.nan
+    ref = F.max_pool2d(torch.from_numpy(x), k, s, p, d, ceil_mode=ceil).numpy()
+    out = np.empty((2, 2, *ref.shape[2:], BLOCK), np.float32)
+    max_pool_blocked(to_blocked_array(x), out, k, k, s, s, p, p, d, d)
+    got = from_blocked_array(out)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_array_equal(np.nan_to_num(got), np.nan_to_num(ref))
+    mean = np.empty((2, 2 * BLOCK), np.float32)
+    global_avg_pool_blocked(to_blocked_array(x[1:].repeat(2, 0)).reshape(2, 2, -1, BLOCK), mean)
+    assert_close(mean, x[1:].repeat(2, 0).mean(axis=(2, 3)), what="blocked global average pool")

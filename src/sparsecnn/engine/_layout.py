@@ -12,10 +12,13 @@ value for one input shape:
    ImplicitGemmPrep` of its weights.
 2. *Classes*: values that must share a layout, because an elementwise step reads and writes them
    together (a ReLU and its input, a residual add and both its inputs, eval-mode dropout).
-3. A class is blocked when every member is made by a candidate conv or an elementwise step, every
-   member's channel count is a multiple of ``BLOCK``, and some member is read by a candidate conv.
-   Other readers of a blocked value (pools, linear layers, reshapes, the model's output, other
-   convs) read a plain copy, converted once right after the value is made.
+3. A class is blocked when every member is made by a candidate conv, an elementwise step or a max
+   pool of a blocked value, every member's channel count is a multiple of ``BLOCK``, and some member
+   is read by a candidate conv or by a max pool whose output is blocked (decided together: all
+   classes blocked to start with, those that fail dropped until none does). Max pools of blocked
+   values write blocked values, average pools to 1 x 1 read them directly (their output is the same
+   in both layouts); other readers (linear layers, reshapes, LRN, the model's output, other convs)
+   read a plain copy, converted once right after the value is made.
 
 Candidate convs that read or write a blocked value run the channel-vector GEMM (``conv:blocked`` steps);
 the others keep their planned strategy. The compiled model times the program with and without blocked
@@ -125,7 +128,7 @@ class _Classes:
 def plan_layouts(nodes: list[Node], values: dict[str, Any], cache: dict[Any, Any]) -> Layouts:
     """Decide the blocked values of ``nodes`` for the input shape ``values`` was recorded with (see
     the module docstring); ``cache`` keeps each conv's prepared weights across input shapes."""
-    from sparsecnn.engine._lower import _is_add, _is_alias, _is_relu
+    from sparsecnn.engine._lower import _is_add, _is_alias, _is_relu, pool_kind
     from sparsecnn.kernels.blocked import blockable
 
     def tensor4(name: str) -> bool:
@@ -154,28 +157,51 @@ def plan_layouts(nodes: list[Node], values: dict[str, Any], cache: dict[Any, Any
     for n in nodes:
         for r in n.refs():
             readers.setdefault(r, []).append(n)
-    blocked: set[str] = set()
-    for names in members.values():
-        made_ok = all((m in chan or m in elementwise) and blockable(tuple(values[m].shape)) for m in names)
-        read_by_conv = any(r.name in chan for m in names for r in readers.get(m, []))
-        if made_ok and read_by_conv:
-            blocked.update(names)
+    pools = {n.name: kind for n in nodes
+             if tensor4(n.name) and (kind := pool_kind(n, values)) in ("max", "avg")}
+    first_in = {n.name: n.refs()[0] for n in nodes if n.name in pools}
+    cls = {m: c for c, names in members.items() for m in names}
+    # Optimistic start, every class blocked; drop those that fail until none does (a max pool's
+    # output can be blocked only if its input is, and then it is a reader that keeps the input blocked).
+    live = set(members)
+
+    def made_ok(m: str) -> bool:
+        if m in chan or m in elementwise:
+            return True
+        return pools.get(m) == "max" and cls.get(first_in[m]) in live
+
+    def keeps_blocked(r: Node) -> bool:  # a reader that reads the blocked layout and writes one
+        return r.name in chan or (pools.get(r.name) == "max" and cls.get(r.name) in live)
+
+    changed = True
+    while changed:
+        changed = False
+        for c in list(live):
+            names = members[c]
+            ok = all(made_ok(m) and blockable(tuple(values[m].shape)) for m in names) and \
+                any(keeps_blocked(r) for m in names for r in readers.get(m, []))
+            if not ok:
+                live.discard(c)
+                changed = True
+    blocked = {m for c in live for m in members[c]}
     # candidate convs that touch no blocked value keep their own strategy
     chan = {k: v for k, v in chan.items()
             if k in blocked or any(r in blocked for r in next(n for n in nodes if n.name == k).refs())}
+
+    def reads_blocked(r: Node) -> bool:
+        return r.name in chan or pools.get(r.name) == "avg" or (
+            r.name in blocked and (r.name in elementwise or pools.get(r.name) == "max"))
+
     # readers that cannot read the blocked layout get a plain copy made right after the value
-    same_class = {n.name for n in nodes if n.name in elementwise}
     out_nodes: list[Node] = []
     values = dict(values)
     plain_of: dict[str, str] = {}
     for n in nodes:
         ins = n.refs()
-        reads_blocked = n.name in chan or (n.name in same_class and n.name in blocked)
-        if not reads_blocked and any(r in blocked for r in ins):
+        if not reads_blocked(n) and any(r in blocked for r in ins):
             n = _with_refs(n, {r: plain_of[r] for r in ins if r in blocked})
         out_nodes.append(n)
-        if n.name in blocked and any(not (r.name in chan or (r.name in same_class and r.name in blocked))
-                                     for r in readers.get(n.name, [])):
+        if n.name in blocked and any(not reads_blocked(r) for r in readers.get(n.name, [])):
             name = f"{n.name}.plain"
             plain_of[n.name] = name
             values[name] = values[n.name]

@@ -595,29 +595,28 @@ class _Builder:
         from sparsecnn.kernels.elementwise import bind_global_avg_pool, bind_max_pool2d
         from sparsecnn.kernels.lrn import bind_lrn
 
-        m = n.fn if n.op == "module" else None
-        xin = self.values[n.refs()[0]] if n.refs() else None
-        if xin is None or xin.dim() != 4 or len(n.args) != 1 or n.kwargs:
+        kind = pool_kind(n, self.values)
+        if kind is None:
             return False
-        if isinstance(m, nn.MaxPool2d) and not m.return_indices:
+        m = n.fn
+        xs = tuple(self.values[n.refs()[0]].shape)
+        blocked = n.refs()[0] in self.blocked
+        if kind == "max":
             p = tuple(_pair(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
             s, _ = self._planned(n.name, shape)
-            xs = tuple(xin.shape)
-            self._step("maxpool", lambda env, bufs, x=x, s=s: _bind_kernel(
-                env, x, bind_max_pool2d(xs, env[s], *p)))
+            bind = _bind_max_pool_blocked if blocked else bind_max_pool2d
+            self._step("maxpool" + (":blocked" if blocked else ""), lambda env, bufs, x=x, s=s: _bind_kernel(
+                env, x, bind(xs, env[s], *p)))
             return True
-        if (isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1)) or (
-                isinstance(m, nn.AvgPool2d) and shape[2:] == (1, 1) and xin.shape[2:] == _pair(m.kernel_size)
-                and _pair(m.padding) == (0, 0)):
+        if kind == "avg":
             s, _ = self._planned(n.name, shape)
-            xs = tuple(xin.shape)
-            self._step("avgpool", lambda env, bufs, x=x, s=s: _bind_kernel(
-                env, x, bind_global_avg_pool(xs, env[s])))
+            bind = _bind_global_avg_pool_blocked if blocked else bind_global_avg_pool
+            self._step("avgpool" + (":blocked" if blocked else ""), lambda env, bufs, x=x, s=s: _bind_kernel(
+                env, x, bind(xs, env[s])))
             return True
-        if isinstance(m, nn.LocalResponseNorm):
+        if kind == "lrn":
             s, _ = self._planned(n.name, shape)
             a = (m.size, m.alpha, m.beta, m.k)
-            xs = tuple(xin.shape)
             self._step("lrn", lambda env, bufs, x=x, s=s: _bind_kernel(env, x, bind_lrn(xs, *a, env[s])))
             return True
         return False
@@ -629,6 +628,53 @@ class _Builder:
         slots = {r: self.slot[r] for r in n.refs()}
         label = type(n.fn).__name__ if n.op == "module" else getattr(n.fn, "__name__", str(n.fn))
         self._step(f"torch:{label}", lambda env, bufs, s=s: _bind_torch(env, n, slots, s))
+
+
+def pool_kind(n: Node, values: dict[str, Any]) -> str | None:
+    """``"max"`` (nn.MaxPool2d), ``"avg"`` (average pooling to 1 x 1) or ``"lrn"`` for the pooling
+    and normalisation modules the engine runs itself on a 4-D input, else None."""
+    m = n.fn if n.op == "module" else None
+    xin = values.get(n.refs()[0]) if len(n.refs()) == 1 else None
+    if not isinstance(xin, torch.Tensor) or xin.dim() != 4 or len(n.args) != 1 or n.kwargs:
+        return None
+    if isinstance(m, nn.MaxPool2d) and not m.return_indices:
+        return "max"
+    shape = tuple(values[n.name].shape)
+    if (isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1)) or (
+            isinstance(m, nn.AvgPool2d) and shape[2:] == (1, 1) and xin.shape[2:] == _pair(m.kernel_size)
+            and _pair(m.padding) == (0, 0)):
+        return "avg"
+    if isinstance(m, nn.LocalResponseNorm):
+        return "lrn"
+    return None
+
+
+def _bind_max_pool_blocked(x_shape, out, kernel_size, stride, padding, dilation):
+    """``run(x)``: max pooling of a channel-blocked ``x`` of (plain) shape ``x_shape`` into ``out``,
+    blocked too (:func:`sparsecnn.kernels.blocked.max_pool_blocked`)."""
+    from sparsecnn.kernels.blocked import BLOCK, max_pool_blocked
+
+    b, c, h, w = x_shape
+    o = out.reshape(b, c // BLOCK, out.shape[2], out.shape[3], BLOCK)
+    args = (*kernel_size, *stride, *padding, *dilation)
+
+    def run(x):
+        max_pool_blocked(x.reshape(b, c // BLOCK, h, w, BLOCK), o, *args)
+    return run
+
+
+def _bind_global_avg_pool_blocked(x_shape, out):
+    """``run(x)``: the mean of each channel of a channel-blocked ``x`` into ``out`` (B, C) or (B, C,
+    1, 1): the plain and the blocked layout alike
+    (:func:`sparsecnn.kernels.blocked.global_avg_pool_blocked`)."""
+    from sparsecnn.kernels.blocked import BLOCK, global_avg_pool_blocked
+
+    b, c, h, w = x_shape
+    o = out.reshape(b, c)
+
+    def run(x):
+        global_avg_pool_blocked(x.reshape(b, c // BLOCK, h * w, BLOCK), o)
+    return run
 
 
 def _shape_like(v: Any) -> bool:

@@ -25,7 +25,8 @@ from sparsecnn.kernels._numba import jit, pjit, serial_twin
 from sparsecnn.kernels._simd import VW
 
 __all__ = ["BLOCK", "blockable", "blocked_phase_copy", "blocked_shape", "from_blocked", "from_blocked_array",
-           "image_input_blocked", "to_blocked", "to_blocked_array"]
+           "global_avg_pool_blocked", "image_input_blocked", "max_pool_blocked", "to_blocked",
+           "to_blocked_array"]
 
 BLOCK = VW  # channels per pixel of a block
 
@@ -106,6 +107,57 @@ def image_input_blocked(x, b, xt, part, copies, geo, copy):
     dst = xt[part % xt.shape[0]]
     _copy_blocks(src, dst, copies, geo, 0, geo[0] // BLOCK)
     return dst
+
+
+@pjit
+def max_pool_blocked(x, out, kh, kw, sh, sw, ph, pw, dh, dw):
+    """Max pooling in the blocked layout: x (B, CB, H, W, BLOCK), out (B, CB, Hout, Wout, BLOCK);
+    padding counts as -inf (skipped), NaN wins a comparison as in torch, out's size from torch's
+    formula. Each output is the lane-wise max of its window's vectors (``BLOCK`` channels at once);
+    (image, channel block, output row) items in parallel."""
+    nb, ncb, h, w, _ = x.shape
+    hout, wout = out.shape[2], out.shape[3]
+    for item in numba.prange(nb * ncb * hout):
+        bc = item // hout
+        oh = item - bc * hout
+        b = bc // ncb
+        src = x[b, bc - b * ncb]
+        dst = out[b, bc - b * ncb, oh]
+        h0 = oh * sh - ph
+        for ow in range(wout):
+            d = dst[ow]
+            for lane in range(BLOCK):
+                d[lane] = -np.inf
+            w0 = ow * sw - pw
+            for i in range(kh):
+                hi = h0 + i * dh
+                if hi < 0 or hi >= h:
+                    continue
+                for j in range(kw):
+                    wi = w0 + j * dw
+                    if wi < 0 or wi >= w:
+                        continue
+                    v = src[hi, wi]
+                    for lane in range(BLOCK):
+                        a = v[lane]
+                        d[lane] = a if (a > d[lane]) | (a != a) else d[lane]
+
+
+@pjit
+def global_avg_pool_blocked(x, out):
+    """``out[b, cb * BLOCK + l] = mean_p x[b, cb, p, l]``: x (B, CB, P, BLOCK), out (B, CB * BLOCK)
+    (which is also the blocked layout of a 1 x 1 output); (image, channel block) pairs in parallel."""
+    nb, ncb, p, _ = x.shape
+    for bc in numba.prange(nb * ncb):
+        b = bc // ncb
+        cb = bc - b * ncb
+        src = x[b, cb]
+        acc = np.zeros(BLOCK, dtype=np.float32)
+        for q in range(p):
+            for lane in range(BLOCK):
+                acc[lane] += src[q, lane]
+        for lane in range(BLOCK):
+            out[b, cb * BLOCK + lane] = acc[lane] / np.float32(p)
 
 
 def blocked_shape(shape: tuple[int, ...]) -> tuple[int, ...]:

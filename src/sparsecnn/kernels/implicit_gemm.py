@@ -28,7 +28,26 @@ of the thread adds the block's columns into its tile (``gemm_tile``'s ``accumula
 dense ResNet-50 shapes (2 threads, interleaved): 3x3 stride 2 from 56x56 1.13-1.75x, 3x3 on 56x56
 1.08-1.12x; on 14x14, 7x7 and AlexNet's planes the blocked loop was 0.91-1.02x, so they keep this
 one. The micro-kernel itself runs 5.3-5.5 G 16-wide FMAs a second on one thread (Emerald Rapids,
-input in L1); a whole layer 70-77% of that on one thread.
+input in L1); a whole layer 70-77% of that on one thread. A 1x1 stride-1 layer keeping every
+filter, whose planes are whole vectors, stores its tiles straight into the output (``straight``: no
+wide rows, no crop; the residual and ReLU applied to the tile just finished).
+
+**The channel-vector form** (:func:`_chan_kernel`, :func:`sparsecnn.kernels._simd.chan_tile`) turns
+the roles: ``CHAN_BLOCK`` (64) output channels in ``CHAN_OB`` (4) vectors, ``CHAN_NP`` (6) output
+positions broadcast, as oneDNN's and ONNX Runtime's (MLAS) NCHWc convolutions hold them. Each column
+costs four aligned weight loads and six broadcasts for 24 FMAs, and no load crosses a cache line
+whatever the plane's width; channel blocks of ``_CHAN_WBYTES`` of weights (16 channels of a 3x3
+layer) stay in L1 for a group of ``_CHAN_POSITIONS`` positions. Its results are position-major:
+into the plain layout they are transposed (a scalar store per output), into the channel-blocked
+layout (:mod:`sparsecnn.kernels.blocked`) they are whole-vector stores, straight from the registers
+where the wide rows have no padding columns. It reads either layout too (the blocked input's 16
+channels of a position in one cache line). Plain in and out it is used for stride-1 layers with
+taps around the pixel and at least 64 kept filters per group (3x3 layers 1.03-1.33x the spatial
+form; 1x1 layers 0.6-0.8x: their short columns do not pay for the transpose); the executor runs
+it blocked for chains of dense layers (:mod:`sparsecnn.engine._layout`). Measured (dense ResNet-50
+shapes, 2 threads, interleaved, plain in and out / blocked in and out, ms): 1x1 256 -> 64 at 56x56
+0.473 / 0.391, 1024 -> 256 at 14x14 0.479 / 0.358, 3x3 stride 2 from 56x56 1.55 / 1.22, 1x1 stride 2
+1.43 / 1.13, 3x3 layers 3-7% apart. Channel blocks of 36 KB against 16 KB: 1.04-1.09x on one thread.
 """
 
 from __future__ import annotations
@@ -85,7 +104,8 @@ _BLOCK_MIN_TILES = 16
 # force it on / off (the A/B switch).
 CHANNEL_FORM: bool | None = None
 # Channel-vector form: bytes of one channel block's weights (read from L1 by every register tile of a
-# row group) and output positions per row group (its tiles, CHAN_BLOCK floats each, stay in L1).
+# position group; 36 KB: 16 channels of a 3x3 layer, measured 1.04-1.09x 16 KB) and output positions
+# per group.
 _CHAN_WBYTES = 36 << 10
 _CHAN_POSITIONS = 96
 # Off: stride-1 layers without padding crop wide rows into the output as the others (the A/B baseline).
