@@ -41,6 +41,8 @@ __all__ = ["Layouts", "has_candidates", "plan_layouts", "to_plain"]
 # Convs with at least this fraction of nonzero weights run dense in the channel-vector GEMM when
 # their neighbours are blocked (sparser ones keep their sparse kernel and the plain layout).
 MIN_DENSITY = 0.35
+# Off: max / average pools read and write only the plain layout (the A/B baseline of the blocked pools).
+POOLS = True
 
 
 def to_plain(x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +160,7 @@ def plan_layouts(nodes: list[Node], values: dict[str, Any], cache: dict[Any, Any
         for r in n.refs():
             readers.setdefault(r, []).append(n)
     pools = {n.name: kind for n in nodes
-             if tensor4(n.name) and (kind := pool_kind(n, values)) in ("max", "avg")}
+             if POOLS and tensor4(n.name) and (kind := pool_kind(n, values)) in ("max", "avg")}
     first_in = {n.name: n.refs()[0] for n in nodes if n.name in pools}
     cls = {m: c for c, names in members.items() for m in names}
     # Optimistic start, every class blocked; drop those that fail until none does (a max pool's

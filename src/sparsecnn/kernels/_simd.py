@@ -47,7 +47,7 @@ __all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "ELL_ROWS", "ELL_SLAB", "GEMM_MR"
            "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even", "copy_vec",
            "copy_vec_act",
            "copy_vec_add", "fmadd",
-           "gemm_tile", "group_tile", "pair_tile", "prefetch", "row_dot", "scatter_axpy", "span_tile",
+           "gemm_tile", "group_tile", "max_taps", "pair_tile", "prefetch", "row_dot", "scatter_axpy", "span_tile",
            "span_tile8", "tile_split"]
 
 RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot, scatter_axpy): sums in 8 chains
@@ -753,6 +753,37 @@ def add_vec_act(typingctx, src, spos, res, rpos, dst, dpos, relu):
                          builder.load(builder.bitcast(rp, _VEC.as_pointer()), align=4))
         v = _relu(builder, v, _as_i1(context, builder, relu_, aty[6]))
         builder.store(v, builder.bitcast(dp, _VEC.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def max_taps(typingctx, src, base, taps, ntaps, dst, dpos):
+    """``dst[dpos : dpos + VW] = max_t src[base + taps[t] : ... + VW]`` over ``0 <= t < ntaps`` lane by
+    lane (-inf for no taps), NaN winning as in torch's max pooling: one pooling window of vectors of
+    channels side by side (:func:`sparsecnn.kernels.blocked.max_pool_blocked`), the running max in a
+    register (a max through memory waits on the store before it: 3x slower).
+    NOTE: no bounds checks: src holds ``base + taps[t] + VW`` elements, dst ``dpos + VW``."""
+    sig = types.void(src, types.intp, taps, types.intp, dst, types.intp)
+
+    def codegen(context, builder, signature, args):
+        src_, base_, taps_, ntaps_, dst_, dpos_ = args
+        aty = signature.args
+        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [base_], inbounds=True)
+        tp = _data_ptr(context, builder, aty[2], taps_)
+        dp = builder.gep(_data_ptr(context, builder, aty[4], dst_), [dpos_], inbounds=True)
+        acc = cgutils.alloca_once(builder, _VEC)
+        builder.store(ir.Constant(_VEC, [float("-inf")] * VW), acc)
+        with cgutils.for_range(builder, ntaps_) as loop:
+            off = builder.load(builder.gep(tp, [loop.index], inbounds=True))
+            if off.type.width < 64:
+                off = builder.sext(off, _I64)
+            a = builder.load(builder.bitcast(builder.gep(sp, [off], inbounds=True), _VEC.as_pointer()), align=4)
+            d = builder.load(acc)
+            take = builder.or_(builder.fcmp_ordered(">", a, d), builder.fcmp_unordered("uno", a, a))
+            builder.store(builder.select(take, a, d), acc)
+        builder.store(builder.load(acc), builder.bitcast(dp, _VEC.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import jit, pjit, serial_twin
-from sparsecnn.kernels._simd import VW
+from sparsecnn.kernels._simd import VW, max_taps
 
 __all__ = ["BLOCK", "blockable", "blocked_phase_copy", "blocked_shape", "from_blocked", "from_blocked_array",
            "global_avg_pool_blocked", "image_input_blocked", "max_pool_blocked", "to_blocked",
@@ -113,34 +113,30 @@ def image_input_blocked(x, b, xt, part, copies, geo, copy):
 def max_pool_blocked(x, out, kh, kw, sh, sw, ph, pw, dh, dw):
     """Max pooling in the blocked layout: x (B, CB, H, W, BLOCK), out (B, CB, Hout, Wout, BLOCK);
     padding counts as -inf (skipped), NaN wins a comparison as in torch, out's size from torch's
-    formula. Each output is the lane-wise max of its window's vectors (``BLOCK`` channels at once);
-    (image, channel block, output row) items in parallel."""
+    formula. Each output is the lane-wise max of its window's vectors (``BLOCK`` channels at once,
+    :func:`sparsecnn.kernels._simd.max_taps`); (image, channel block, output row) items in parallel."""
     nb, ncb, h, w, _ = x.shape
     hout, wout = out.shape[2], out.shape[3]
     for item in numba.prange(nb * ncb * hout):
         bc = item // hout
         oh = item - bc * hout
         b = bc // ncb
-        src = x[b, bc - b * ncb]
-        dst = out[b, bc - b * ncb, oh]
+        flat = x[b, bc - b * ncb].reshape(-1)
+        row = out[b, bc - b * ncb, oh].reshape(-1)
+        taps = np.empty(kh * kw, dtype=np.int64)
         h0 = oh * sh - ph
         for ow in range(wout):
-            d = dst[ow]
-            for lane in range(BLOCK):
-                d[lane] = -np.inf
             w0 = ow * sw - pw
+            n = 0
             for i in range(kh):
                 hi = h0 + i * dh
-                if hi < 0 or hi >= h:
-                    continue
-                for j in range(kw):
-                    wi = w0 + j * dw
-                    if wi < 0 or wi >= w:
-                        continue
-                    v = src[hi, wi]
-                    for lane in range(BLOCK):
-                        a = v[lane]
-                        d[lane] = a if (a > d[lane]) | (a != a) else d[lane]
+                if 0 <= hi < h:
+                    for j in range(kw):
+                        wi = w0 + j * dw
+                        if 0 <= wi < w:
+                            taps[n] = (hi * w + wi) * BLOCK
+                            n += 1
+            max_taps(flat, 0, taps, n, row, ow * BLOCK)
 
 
 @pjit
