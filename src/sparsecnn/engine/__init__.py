@@ -335,6 +335,9 @@ def _faster_layout(compiled: CompiledModel, x: torch.Tensor, force: bool = False
     blocked = copy.copy(compiled)
     blocked.__setstate__({**compiled.__getstate__(), "_chan_cache": compiled._chan_cache})
     blocked._blocked = True
+    if not force and not any(k.startswith("conv:blocked") for k in blocked.steps(tuple(x.shape))):
+        compiled._chan_cache.clear()
+        return compiled  # nothing to block at this shape: the same program
     if force:
         return blocked
     t_plain, t_blocked = _time_steps([lambda: compiled.numpy(xn), lambda: blocked.numpy(xn)])

@@ -47,7 +47,8 @@ __all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "ELL_ROWS", "ELL_SLAB", "GEMM_MR"
            "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even", "copy_vec",
            "copy_vec_act",
            "copy_vec_add", "fmadd",
-           "gemm_tile", "group_tile", "max_taps", "pair_tile", "prefetch", "row_dot", "scatter_axpy", "span_tile",
+           "gemm_tile", "group_tile", "max_taps", "pair_tile", "prefetch", "row_dot", "scatter_axpy",
+           "span_tile",
            "span_tile8", "tile_split"]
 
 RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot, scatter_axpy): sums in 8 chains
@@ -779,7 +780,8 @@ def max_taps(typingctx, src, base, taps, ntaps, dst, dpos):
             off = builder.load(builder.gep(tp, [loop.index], inbounds=True))
             if off.type.width < 64:
                 off = builder.sext(off, _I64)
-            a = builder.load(builder.bitcast(builder.gep(sp, [off], inbounds=True), _VEC.as_pointer()), align=4)
+            q = builder.gep(sp, [off], inbounds=True)
+            a = builder.load(builder.bitcast(q, _VEC.as_pointer()), align=4)
             d = builder.load(acc)
             take = builder.or_(builder.fcmp_ordered(">", a, d), builder.fcmp_unordered("uno", a, a))
             builder.store(builder.select(take, a, d), acc)
