@@ -460,8 +460,7 @@ class _Builder:
                        lambda env, bufs, x=x, s=s: _bind_torch_conv(env, x, s, w, b, args, relu))
             return
         if _epilogue_adds(layer):
-            from sparsecnn.kernels._numba import num_threads
-            from sparsecnn.kernels.conv import SLACK, bind_direct_conv2d, split_by_image
+            from sparsecnn.kernels.conv import SLACK, bind_direct_conv2d
             from sparsecnn.kernels.implicit_gemm import bind_implicit_gemm_conv2d
 
             v = self.val.get(n.refs()[0])  # a planned buffer (not the caller's input) has the slack
@@ -469,10 +468,7 @@ class _Builder:
             direct = layer.strategy == "direct"
             prep = layer.engine.format if direct else layer.engine.implicit
             binder = bind_direct_conv2d if direct else bind_implicit_gemm_conv2d
-            nparts = num_threads()
-            if prep.stride == (1, 1) and prep.padding == (0, 0) and nparts > 1 \
-                    and not split_by_image(int(self.values[n.refs()[0]].shape[0]), nparts):
-                self._read_by_every_thread(n.refs()[0])  # read in place by threads splitting the filters
+            self._shared_if_in_place(n, prep)
             relu, res = self._fused_residual(n, relu)
             self._bound_conv(n, x, shape, relu, res, functools.partial(binder, slack=slack), prep)
             return
@@ -499,12 +495,22 @@ class _Builder:
         v = self.val.get(src)
         slack = SLACK if v is not None and v.buf is not None else 0
         prep, bias = self.chan[n.name]
-        if prep.stride == (1, 1) and prep.padding == (0, 0):
-            self._read_by_every_thread(src)
+        self._shared_if_in_place(n, prep)
         binder = functools.partial(bind_implicit_gemm_conv2d, slack=slack, in_blocked=src in self.blocked,
                                    out_blocked=n.name in self.blocked)
         relu, res = self._fused_residual(n, relu)
         self._bound_conv(n, x, shape, relu, res, binder, prep, bias=(bias,), kind="blocked")
+
+    def _shared_if_in_place(self, n: Node, prep: Any) -> None:
+        """A stride-1 unpadded conv reads its input in place; where the threads split its filters,
+        each reads all of it (see :class:`_Builder` on reusing such buffers)."""
+        from sparsecnn.kernels._numba import num_threads
+        from sparsecnn.kernels.conv import split_by_image
+
+        nparts = num_threads()
+        if prep.stride == (1, 1) and prep.padding == (0, 0) and nparts > 1 \
+                and not split_by_image(int(self.values[n.refs()[0]].shape[0]), nparts):
+            self._read_by_every_thread(n.refs()[0])
 
     def _fused_residual(self, n: Node, relu: bool) -> tuple[bool, int | None]:
         """The ReLU and the residual slot of conv ``n`` when a residual add is fused into it."""

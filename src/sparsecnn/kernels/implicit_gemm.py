@@ -221,23 +221,14 @@ class ImplicitGemmPrep(ConvPrepBase):
         return _Workspace(
             offsets=off,
             xt=np.zeros(lay.xt_shape(nparts if by_image else b, cin, self.padding[1]), dtype=np.float32),
-            geo=lay.geometry(x_shape),
             wide=wide,
             gstride=gstride,
             bounds=bounds,
             by_image=by_image,
-            copies=lay.copies,
-            phases=lay.phases,
-            hph=lay.hph,
-            wph=lay.wph,
-            hout=lay.hout,
-            wout=lay.wout,
-            span=lay.span,
-            zero_bias=np.zeros(self.weight_shape[0], np.float32),
+            **self._layout_fields(lay, x_shape),
             kernel=kernel,
             kblk=kblk,
             group=group,
-            in_place=lay.in_place,
             identity=lay.in_place and lay.span % VW == 0,
             straight=straight,
         )
@@ -288,6 +279,12 @@ class ImplicitGemmPrep(ConvPrepBase):
             return cin_g % BLOCK == 0
         return cout % BLOCK == 0 and self.fill.size == 0 and _consecutive_tiles(self.rows)
 
+    def _layout_fields(self, lay, x_shape: tuple[int, int, int, int]) -> dict:
+        """The workspace fields that come from the input's phase layout."""
+        return dict(geo=lay.geometry(x_shape), copies=lay.copies, phases=lay.phases, hph=lay.hph, wph=lay.wph,
+                    hout=lay.hout, wout=lay.wout, span=lay.span,
+                    zero_bias=np.zeros(self.weight_shape[0], np.float32), in_place=lay.in_place)
+
     def _column_offsets(self, lay, cin: int) -> tuple[np.ndarray, int]:
         """The span offset of every kept column in one image's phase planes (int32 where it fits,
         also blocked) and the multiply-adds per image."""
@@ -336,23 +333,14 @@ class ImplicitGemmPrep(ConvPrepBase):
         return _Workspace(
             offsets=offsets,
             xt=np.zeros((nbuf, size * BLOCK if in_blocked else size), dtype=np.float32),
-            geo=lay.geometry(x_shape),
             wide=np.zeros((nparts, (group + CHAN_NP) * CHAN_BLOCK), dtype=np.float32),
             gstride=0,
             bounds=bounds,
             by_image=by_image,
-            copies=lay.copies,
-            phases=lay.phases,
-            hph=lay.hph,
-            wph=lay.wph,
-            hout=lay.hout,
-            wout=lay.wout,
-            span=lay.span,
-            zero_bias=np.zeros(self.weight_shape[0], np.float32),
+            **self._layout_fields(lay, x_shape),
             kernel=_chan_kernel_serial if macs < _SERIAL_MACS else _chan_kernel,
             kblk=kblk,
             group=group,
-            in_place=lay.in_place,
             identity=lay.in_place,  # chan_tile reads no position past the span
             init=np.zeros((nparts, CHAN_BLOCK), dtype=np.float32),
             pstride=BLOCK if in_blocked else 1,
