@@ -8,7 +8,9 @@ once into a flat program:
 - every Conv2d / Linear gets a strategy (``"auto"``: timed per layer as :func:`sparsecnn.sparsify`
   does, with the same plan cache) and is converted once;
 - a ReLU after a conv, a linear or a residual add runs in that op's epilogue; a residual add whose
-  conv runs the direct kernel is that conv's epilogue too (``conv:direct+add+relu``); max pooling, global
+  conv runs the direct kernel or the implicit GEMM is that conv's epilogue too
+  (``conv:direct+add+relu``); chains of dense conv layers may keep their activations channel-blocked
+  (NCHW16c, ``layout=``, :mod:`sparsecnn.engine._layout`); max pooling, global
   average pooling, LRN, flatten/view, dropout and residual adds run as numba kernels over buffers
   planned by liveness and preallocated once per input shape; anything else runs in torch on views of
   the buffers;
@@ -330,12 +332,12 @@ def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
 def _faster_layout(compiled: CompiledModel, x: torch.Tensor, force: bool = False) -> CompiledModel:
     """``compiled`` with or without channel-blocked activations (:mod:`sparsecnn.engine._layout`),
     whichever ran the example input faster (the blocked one only when more than 3% faster); with
-    ``force`` the blocked one."""
+    ``force`` the blocked one wherever it blocks anything."""
     xn = x.numpy()
     blocked = copy.copy(compiled)
     blocked.__setstate__({**compiled.__getstate__(), "_chan_cache": compiled._chan_cache})
     blocked._blocked = True
-    if not force and not any(k.startswith("conv:blocked") for k in blocked.steps(tuple(x.shape))):
+    if not any(k.startswith("conv:blocked") for k in blocked.steps(tuple(x.shape))):
         compiled._chan_cache.clear()
         return compiled  # nothing to block at this shape: the same program
     if force:
