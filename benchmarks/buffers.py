@@ -18,16 +18,14 @@ invalidated); near, the reused plan keeps more in cache. See docs/engine.md, "Se
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import sparsecnn
-from benchmarks.end_to_end import CASES, _interleaved
+from benchmarks.end_to_end import CASES, _interleaved, ab_setup
 from sparsecnn import models
-from sparsecnn.bench.harness import set_threads
 from sparsecnn.bench.placement import probe_cores, span_label
 from sparsecnn.engine import _lower
 
@@ -67,21 +65,8 @@ def run_case(case: str, batch: int, turns: int, plans: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.buffers", description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="resnet50-90,resnet18-90", help=f"from: {', '.join(CASES)}")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--turns", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--plans", type=Path, default=Path("bench-results/plans.json"))
-    args = ap.parse_args(argv)
-    cases = args.cases.split(",")
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        ap.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-    threads = set_threads(args.threads)
-    args.plans.parent.mkdir(parents=True, exist_ok=True)
-    print(f"{threads} threads (numba, torch); ms, medians of 5 x 5 interleaved calls per turn")
-    print(f"{'case':12s} {'B':4s} {'cores':9s} {'reused':>9s} {'planned':>9s} {'gain':>7s}")
+    args, cases = ab_setup(argv, "python -m benchmarks.buffers", __doc__.split("\n")[0],
+                           "resnet50-90,resnet18-90", 10, ("reused", "planned"))
     rows = [r for case in cases for r in run_case(case, args.batch, args.turns, args.plans)]
     print("medians per placement:")
     for case in cases:

@@ -91,6 +91,29 @@ def _interleaved(fns: list, repeats: int, block: int, gap: float) -> list[float]
     return [float(np.median(s)) for s in samples]
 
 
+def ab_setup(argv: list[str] | None, prog: str, description: str, cases: str, turns: int,
+             columns: tuple[str, str]) -> tuple[argparse.Namespace, list[str]]:
+    """The command line of an A/B over :data:`CASES` (``--cases --batch --turns --threads --plans``):
+    parsed and checked, the threads set and the table's header printed. Returns the arguments and the
+    cases."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--cases", default=cases, help=f"from: {', '.join(CASES)}")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--turns", type=int, default=turns)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plans", type=Path, default=Path("bench-results/plans.json"))
+    args = ap.parse_args(argv)
+    chosen = args.cases.split(",")
+    unknown = [c for c in chosen if c not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    threads = set_threads(args.threads)
+    args.plans.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{threads} threads (numba, torch); ms, medians of 5 x 5 interleaved calls per turn")
+    print(f"{'case':12s} {'B':4s} {'cores':9s} {columns[0]:>9s} {columns[1]:>9s} {'gain':>7s}")
+    return args, chosen
+
+
 def step_times(compiled, x: torch.Tensor, repeats: int) -> list[tuple[str, float]]:
     """Median ms of each step of ``compiled``'s program for ``x``, the steps run in order as a forward
     pass runs them (after one untimed pass): where a whole-model time goes. Each step is timed on

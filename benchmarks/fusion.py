@@ -10,16 +10,12 @@ See docs/engine.md, "Session of 2026-12-06 (eighth)".
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 import torch
 
 import sparsecnn
-from benchmarks.end_to_end import CASES, _interleaved
+from benchmarks.end_to_end import CASES, _interleaved, ab_setup
 from sparsecnn import models
-from sparsecnn.bench.harness import set_threads
 from sparsecnn.bench.placement import probe_cores, span_label
 from sparsecnn.engine import _lower
 
@@ -36,21 +32,8 @@ def _compile(model, x, plan: dict, fuse: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.fusion", description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="resnet18-90,resnet50-90", help=f"from: {', '.join(CASES)}")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--turns", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--plans", type=Path, default=Path("bench-results/plans.json"))
-    args = ap.parse_args(argv)
-    cases = args.cases.split(",")
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        ap.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-    threads = set_threads(args.threads)
-    args.plans.parent.mkdir(parents=True, exist_ok=True)
-    print(f"{threads} threads (numba, torch); ms, medians of 5 x 5 interleaved calls per turn")
-    print(f"{'case':12s} {'B':4s} {'cores':9s} {'separate':>9s} {'fused':>9s} {'gain':>7s}")
+    args, cases = ab_setup(argv, "python -m benchmarks.fusion", __doc__.split("\n")[0],
+                           "resnet18-90,resnet50-90", 5, ("separate", "fused"))
     for case in cases:
         name, profile, kwargs = CASES[case]
         model = models.build(name, **kwargs).eval()

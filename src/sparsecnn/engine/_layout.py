@@ -187,8 +187,8 @@ def plan_layouts(nodes: list[Node], values: dict[str, Any], cache: dict[Any, Any
                 changed = True
     blocked = {m for c in live for m in members[c]}
     # candidate convs that touch no blocked value keep their own strategy
-    chan = {k: v for k, v in chan.items()
-            if k in blocked or any(r in blocked for r in next(n for n in nodes if n.name == k).refs())}
+    refs = {n.name: n.refs() for n in nodes}
+    chan = {k: v for k, v in chan.items() if k in blocked or any(r in blocked for r in refs[k])}
 
     def reads_blocked(r: Node) -> bool:
         return r.name in chan or pools.get(r.name) == "avg" or (

@@ -350,16 +350,18 @@ class ConvPrepBase:
         wout = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         return b, cout, hout, wout
 
-    def workspace(self, x_shape: tuple[int, int, int, int]) -> Any:
+    def workspace(self, x_shape: tuple[int, int, int, int], *variant: Any) -> Any:
+        """The calling thread's workspace for inputs of ``x_shape`` (and the subclass's ``variant``,
+        e.g. the implicit GEMM's layouts), built on first use."""
         nparts = num_threads()
-        key = (*x_shape, nparts)
+        key = (*x_shape, nparts, *variant)
         ws = self._workspaces.get(key)
         if ws is None:
-            ws = self._build_workspace(x_shape, nparts)
+            ws = self._build_workspace(x_shape, nparts, *variant)
             self._workspaces[key] = ws
         return ws
 
-    def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int) -> Any:
+    def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int, *variant: Any) -> Any:
         raise NotImplementedError
 
 

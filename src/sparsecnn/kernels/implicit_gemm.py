@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import balanced_bounds, jit, num_threads, pjit, serial_twin
+from sparsecnn.kernels._numba import balanced_bounds, jit, pjit, serial_twin
 from sparsecnn.kernels._simd import (
     CHAN_BLOCK,
     CHAN_NP,
@@ -166,7 +166,11 @@ class ImplicitGemmPrep(ConvPrepBase):
     fill: np.ndarray
     _chan: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
 
-    def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int) -> _Workspace:
+    def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int, in_blocked: bool = False,
+                         out_blocked: bool = False) -> _Workspace:
+        """The workspace for inputs of (plain) shape ``x_shape``; with ``in_blocked`` / ``out_blocked``
+        (``workspace(x_shape, in_blocked, out_blocked)``) the channel form's, reading / writing the
+        channel-blocked layout (:mod:`sparsecnn.kernels.blocked`)."""
         b, cin = x_shape[:2]
         _, cin_g, kh, kw = self.weight_shape
         lay = phase_layout(x_shape, (kh, kw), self.stride, self.padding, self.dilation)
@@ -179,8 +183,8 @@ class ImplicitGemmPrep(ConvPrepBase):
         # A serial layer copies its input inside the kernel, as the threads do when they split the
         # images: one numba call instead of two (each ~2 us of dispatch on LeNet-5's layers).
         by_image = split_by_image(b, nparts) or macs < _SERIAL_MACS
-        if _use_channel_form(self, lay.span):
-            return self._chan_workspace(x_shape, nparts, lay, off, by_image, macs)
+        if in_blocked or out_blocked or _use_channel_form(self, lay.span):
+            return self._chan_workspace(x_shape, nparts, lay, off, by_image, macs, in_blocked, out_blocked)
         # Channel blocks whose part of one register tile's input window fits L1 (as the direct
         # kernel's): where the whole window does not, each block's window is read from L1 by every
         # 4-filter item of the thread, in row groups whose input fits half of L2.
@@ -249,24 +253,6 @@ class ImplicitGemmPrep(ConvPrepBase):
             packed = by_filter.reshape(g, nob, CHAN_BLOCK, kr).transpose(0, 1, 3, 2)
             self._chan = (np.ascontiguousarray(packed), rows)
         return self._chan
-
-    def blocked_workspace(self, x_shape: tuple[int, int, int, int], in_blocked: bool,
-                          out_blocked: bool) -> _Workspace:
-        """The calling thread's channel-form workspace for inputs of (plain) shape ``x_shape`` read in
-        the channel-blocked layout when ``in_blocked`` (:mod:`sparsecnn.kernels.blocked`), writing it
-        when ``out_blocked``."""
-        nparts = num_threads()
-        key = (*x_shape, nparts, in_blocked, out_blocked)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            b, cin = x_shape[:2]
-            _, _, kh, kw = self.weight_shape
-            lay = phase_layout(x_shape, (kh, kw), self.stride, self.padding, self.dilation)
-            off, macs = self._column_offsets(lay, cin)
-            by_image = split_by_image(b, nparts) or macs * b < _SERIAL_MACS
-            ws = self._chan_workspace(x_shape, nparts, lay, off, by_image, macs * b, in_blocked, out_blocked)
-            self._workspaces[key] = ws
-        return ws
 
     def blockable(self, out: bool) -> bool:
         """Whether this layer can read (``out`` False) or write (``out`` True) the channel-blocked
@@ -485,10 +471,8 @@ def bind_implicit_gemm_conv2d(prep: ImplicitGemmPrep, x_shape: tuple[int, int, i
     if (in_blocked and not prep.blockable(False)) or (out_blocked and not prep.blockable(True)):
         raise ValueError("bind_implicit_gemm_conv2d: this layer cannot read or write the channel-blocked "
                          "layout (see ImplicitGemmPrep.blockable)")
-    if in_blocked or out_blocked:
-        ws = prep.blocked_workspace(x_shape, in_blocked, out_blocked)
-    else:
-        ws = prep.workspace(x_shape)
+    variant = (in_blocked, out_blocked) if in_blocked or out_blocked else ()  # plain: the unbound call's
+    ws = prep.workspace(x_shape, *variant)
     b = ws.zero_bias if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     flat = out.reshape(x_shape[0], -1)
     relu = bool(relu)
