@@ -130,6 +130,13 @@ def test_auto_cache_key_changes_with_batch(lenet, tmp_path) -> None:
         assert_close(again(x3), model(x3), rtol=MODEL_RTOL)
 
 
+def test_auto_plan_path_that_is_a_directory_is_one_clear_error(lenet, tmp_path) -> None:
+    model, _, _ = lenet
+    with pytest.raises(SparseCNNError, match="is a directory.*plans.json"):
+        sparsecnn.sparsify(model, "auto", plan_path=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written beside it
+
+
 def test_auto_default_cache_dir_from_env(lenet, tmp_path, monkeypatch) -> None:
     model, _, _ = lenet
     monkeypatch.setenv("SPARSECNN_CACHE_DIR", str(tmp_path / "cache"))

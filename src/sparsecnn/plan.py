@@ -723,6 +723,9 @@ def auto_plan(
     x = x.to(dev)
     inputs = _capture(model, targets, x)
     path = Path(plan_path) if plan_path is not None else default_plan_path()
+    if path.is_dir():
+        raise SparseCNNError(f"plan_path {path} is a directory; the plan cache is one JSON file: pass a file "
+                             f"path such as {path / 'plans.json'}")
     cache = _read_cache(path) if measure else {}
     new_entries: dict[str, Any] = {}
     choices: dict[str, LayerChoice] = {}
