@@ -212,11 +212,12 @@ class Program:
 
     def bind(self) -> tuple[list[Any], list[Callable[[list[Any]], None]]]:
         """This thread's value table (its own buffers, allocated here) and the bound steps."""
+        from sparsecnn.kernels._numba import aligned_empty
         from sparsecnn.kernels.conv import SLACK
 
         # SLACK floats after every buffer: a kernel may read a few lanes past the end of its input
         # (kernels.conv.bind_direct_conv2d's in-place reads)
-        bufs = [np.empty(n + SLACK, dtype=np.float32) for n in self.buffers]
+        bufs = [aligned_empty(n + SLACK) for n in self.buffers]
         env: list[Any] = [None] * self.slots
         for slot, make in self.static.items():
             env[slot] = make(bufs)

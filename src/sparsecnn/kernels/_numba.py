@@ -210,3 +210,32 @@ def balanced_bounds(cost: np.ndarray, nparts: int) -> np.ndarray:
     bounds = np.searchsorted(cum, targets, side="left").astype(np.int64)
     bounds[0], bounds[-1] = 0, cost.size
     return np.maximum.accumulate(bounds)
+
+
+# Bytes a vector kernel's buffers start on: one cache line (a 64-byte zmm load from an address that
+# is not a multiple of it always reads two lines). numpy aligns its allocations to 16 bytes only.
+ALIGN_BYTES = 64
+
+
+def aligned_zeros(shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+    """``np.zeros(shape, dtype)`` whose first element lies on an ``ALIGN_BYTES`` boundary.
+
+    Why: the direct and implicit-GEMM convolutions load their input spans as whole vectors; a 16-wide
+    float32 load that does not start on a cache line reads two. Measured (Emerald Rapids, a 1x1 conv
+    read in place, 256 -> 256 channels at 16x16, 63% sparse): 0.150 ms from an aligned input against
+    0.288 ms from one shifted by a float (1 thread; 2 threads 0.082 against 0.156).
+    """
+    return _aligned(shape, dtype, np.zeros)
+
+
+def aligned_empty(shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+    """:func:`aligned_zeros` without the zeroing (``np.empty``)."""
+    return _aligned(shape, dtype, np.empty)
+
+
+def _aligned(shape: int | tuple[int, ...], dtype: Any, alloc: Any) -> np.ndarray:
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    raw = alloc(nbytes + ALIGN_BYTES, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN_BYTES
+    return raw[start:start + nbytes].view(dt).reshape(shape)

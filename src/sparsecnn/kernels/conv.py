@@ -111,7 +111,15 @@ from typing import Any
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit, serial_twin
+from sparsecnn.kernels._numba import (
+    PerThread,
+    aligned_zeros,
+    balanced_bounds,
+    jit,
+    num_threads,
+    pjit,
+    serial_twin,
+)
 from sparsecnn.kernels._simd import (
     GROUP_F,
     GROUP_NV,
@@ -451,9 +459,9 @@ class DirectConvPrep(ConvPrepBase):
             phases=lay.phases,
             copies=lay.copies,
             in_place=lay.in_place,
-            xt=np.zeros(lay.xt_shape(nparts if by_image else x_shape[0], cin, pw), dtype=np.float32),
+            xt=aligned_zeros(lay.xt_shape(nparts if by_image else x_shape[0], cin, pw)),
             geo=lay.geometry(x_shape),
-            wide=np.zeros((nparts, max(nco, 1) * gstride if grouped is None else 0), dtype=np.float32),
+            wide=aligned_zeros((nparts, max(nco, 1) * gstride if grouped is None else 0)),
             gstride=gstride,
             bptr=bptr,
             bounds=bounds,
@@ -549,7 +557,7 @@ def _grouped_plan(prep: DirectConvPrep, lay: PhaseLayout, c: np.ndarray, ci: np.
     slots = GROUP_F * max(ngroups if by_image else int(np.diff(bounds).max(initial=0)), 1)
     return _Grouped(offsets=np.ascontiguousarray(offsets, dtype=off_dtype), weights=weights,
                     cptr=cptr.reshape(-1), wptr=wptr.reshape(-1), filters=filters, bounds=bounds, nblk=nblk,
-                    group=group, wide=np.zeros((nparts, slots * gstride), dtype=np.float32), gstride=gstride)
+                    group=group, wide=aligned_zeros((nparts, slots * gstride)), gstride=gstride)
 
 
 def prepare_direct(

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import balanced_bounds, jit, pjit, serial_twin
+from sparsecnn.kernels._numba import aligned_empty, aligned_zeros, balanced_bounds, jit, pjit, serial_twin
 from sparsecnn.kernels._simd import (
     CHAN_BLOCK,
     CHAN_NP,
@@ -215,16 +215,16 @@ class ImplicitGemmPrep(ConvPrepBase):
             group = min(rows, lay.hout) * lay.wph
             gstride = group + 2 * VW
             items = ntiles * self.groups if by_image else int(np.diff(bounds).max(initial=0))
-            wide = np.zeros((nparts, GEMM_MR * max(items, 1) * gstride), dtype=np.float32)
+            wide = aligned_zeros((nparts, GEMM_MR * max(items, 1) * gstride))
             kernel = _blocked_kernel_serial if macs < _SERIAL_MACS else _blocked_kernel
         else:
             group = lay.span
             gstride = nvec * VW + 2 * VW
-            wide = np.zeros((nparts, GEMM_MR * gstride), dtype=np.float32)
+            wide = aligned_zeros((nparts, GEMM_MR * gstride))
             kernel = _implicit_kernel_serial if macs < _SERIAL_MACS else _implicit_kernel
         return _Workspace(
             offsets=off,
-            xt=np.zeros(lay.xt_shape(nparts if by_image else b, cin, self.padding[1]), dtype=np.float32),
+            xt=aligned_zeros(lay.xt_shape(nparts if by_image else b, cin, self.padding[1])),
             wide=wide,
             gstride=gstride,
             bounds=bounds,
@@ -251,7 +251,9 @@ class ImplicitGemmPrep(ConvPrepBase):
             rows = np.full((g, nob * CHAN_BLOCK), -1, dtype=np.int64)
             rows[:, :nf] = self.rows
             packed = by_filter.reshape(g, nob, CHAN_BLOCK, kr).transpose(0, 1, 3, 2)
-            self._chan = (np.ascontiguousarray(packed), rows)
+            wch = aligned_empty(packed.shape)  # whole-line weight loads (see the module docstring)
+            wch[...] = packed
+            self._chan = (wch, rows)
         return self._chan
 
     def blockable(self, out: bool) -> bool:
@@ -318,8 +320,8 @@ class ImplicitGemmPrep(ConvPrepBase):
         nbuf, size = lay.xt_shape(nparts if by_image else b, cin, self.padding[1])
         return _Workspace(
             offsets=offsets,
-            xt=np.zeros((nbuf, size * BLOCK if in_blocked else size), dtype=np.float32),
-            wide=np.zeros((nparts, (group + CHAN_NP) * CHAN_BLOCK), dtype=np.float32),
+            xt=aligned_zeros((nbuf, size * BLOCK if in_blocked else size)),
+            wide=aligned_zeros((nparts, (group + CHAN_NP) * CHAN_BLOCK)),
             gstride=0,
             bounds=bounds,
             by_image=by_image,
