@@ -239,3 +239,13 @@ def _aligned(shape: int | tuple[int, ...], dtype: Any, alloc: Any) -> np.ndarray
     raw = alloc(nbytes + ALIGN_BYTES, dtype=np.uint8)
     start = (-raw.ctypes.data) % ALIGN_BYTES
     return raw[start:start + nbytes].view(dt).reshape(shape)
+
+
+def as_aligned(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when it is C-contiguous and starts on an ``ALIGN_BYTES`` boundary, else such a copy
+    (arrays read from files, or made by numpy, which aligns to 16 bytes)."""
+    if a.flags.c_contiguous and a.ctypes.data % ALIGN_BYTES == 0:
+        return a
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out

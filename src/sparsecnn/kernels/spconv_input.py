@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import num_threads, pjit
+from sparsecnn.kernels._numba import as_aligned, num_threads, pjit
 from sparsecnn.kernels._simd import NV_MAX, VW, copy_vec, copy_vec_add, span_tile
 
 __all__ = ["SpconvPrep", "bind_spconv_input", "images_per_pass", "input_list_nbytes", "prepare_spconv",
@@ -104,6 +104,10 @@ class SpconvPrep:
     wt: np.ndarray
     chan_map: np.ndarray
     weight_shape: tuple[int, int, int, int]
+
+    def __post_init__(self) -> None:
+        # the kernel loads whole weight rows (tile_width floats, whole vectors): on cache lines
+        object.__setattr__(self, "wt", as_aligned(self.wt))
 
     @functools.cached_property
     def chan_of(self) -> np.ndarray:

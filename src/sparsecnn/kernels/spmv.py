@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, balanced_bounds, num_threads, pjit, serial_twin
+from sparsecnn.kernels._numba import PerThread, aligned_zeros, balanced_bounds, num_threads, pjit, serial_twin
 from sparsecnn.kernels._simd import NV_MAX, NV_MAX8, RW, VW, row_dot, span_tile, span_tile8, tile_split
 
 __all__ = ["SLAB", "LinearPrep", "bind_sparse_linear", "prepare_linear", "slab_order", "slab_row_ids",
@@ -110,8 +110,8 @@ class LinearPrep:
             bounds = balanced_bounds(cost, nparts)
             bp = _padded_batch(batch)
             ws = _Workspace(
-                xt=np.zeros((k, bp) if batch > 1 else (0, VW), dtype=np.float32),
-                acc=np.zeros(((m if self.slab else nparts) if batch > 1 else 0, bp), dtype=np.float32),
+                xt=aligned_zeros((k, bp) if batch > 1 else (0, VW)),
+                acc=aligned_zeros(((m if self.slab else nparts) if batch > 1 else 0, bp)),
                 bounds=bounds,
             )
             self._workspaces[key] = ws

@@ -68,7 +68,15 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit, serial_twin
+from sparsecnn.kernels._numba import (
+    PerThread,
+    as_aligned,
+    balanced_bounds,
+    jit,
+    num_threads,
+    pjit,
+    serial_twin,
+)
 from sparsecnn.kernels._simd import MASK_GROUPS, NV_MAX, VW, masked_tile, prefetch, scatter_axpy, span_tile
 from sparsecnn.kernels.elementwise import relu_
 
@@ -136,6 +144,10 @@ class ActLinearPrep:
     masks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint16))
     tile_ptr: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     _workspaces: PerThread = field(default_factory=PerThread, repr=False)
+
+    def __post_init__(self) -> None:
+        # dense columns are loaded as whole vectors of W.T's rows: on cache lines
+        self.dense_t = as_aligned(self.dense_t)
 
     @property
     def blocks(self) -> np.ndarray:
