@@ -392,3 +392,24 @@ def test_sparse_layer_constructors_name_bad_arguments() -> None:
     for call, message in cases:
         with pytest.raises(SparseCNNError, match=message):
             call()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (1, 8, 8)])
+def test_compile_and_auto_plan_name_an_example_input_the_model_cannot_take(shape) -> None:
+    import sparsecnn
+
+    model = models.build("lenet5", in_channels=1, input_size=8).eval()
+    x = torch.randn(*shape)
+    for call in (lambda: sparsecnn.compile(model, x, measure=False),
+                 lambda: sparsecnn.sparsify(model, "auto", example_input=x, measure=False)):
+        with pytest.raises(SparseCNNError, match=r"does not run on the example input of shape .*example_input="):
+            call()
+
+
+def test_a_directory_is_not_a_model(capsys, tmp_path) -> None:
+    import sparsecnn
+
+    with pytest.raises(SparseCNNError, match="is a directory: pass a .onnx"):
+        sparsecnn.compile(str(tmp_path), torch.randn(1, 1, 8, 8))
+    assert main(["run", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err

@@ -692,6 +692,12 @@ def _capture(model: nn.Module, targets: Mapping[str, nn.Module], x: torch.Tensor
     try:
         with torch.no_grad():
             model(x)
+    except SparseCNNError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # torch's shape and dtype errors
+        raise SparseCNNError(f"the model does not run on the example input of shape {tuple(x.shape)} "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); pass "
+                             f"example_input= with the shape the model takes, batch first") from exc
     finally:
         for h in handles:
             h.remove()

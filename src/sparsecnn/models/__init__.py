@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from sparsecnn.errors import SparseCNNError
 from sparsecnn.models.profiles import (
     PROFILES,
     STRUCTURED_PROFILES,
@@ -31,6 +33,10 @@ def resolve(spec: str, weights: str | os.PathLike[str] | None = None, **kw: Any)
 
     if is_model_file(spec):
         return load_model_file(spec, weights, **kw)
+    if Path(spec).exists():  # a path, but not to a model file this package reads
+        kind = "a directory" if Path(spec).is_dir() else "not a model file"
+        raise SparseCNNError(f"{spec} is {kind}: pass a .onnx, .prototxt (+ .caffemodel), .pt/.pth, .npz or "
+                             f".safetensors model file, or one of the zoo models {', '.join(names())}")
     kw.pop("model", None)
     return _zoo_resolve(spec, weights, **kw)
 
