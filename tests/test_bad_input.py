@@ -402,14 +402,14 @@ def test_compile_and_auto_plan_name_an_example_input_the_model_cannot_take(shape
     x = torch.randn(*shape)
     for call in (lambda: sparsecnn.compile(model, x, measure=False),
                  lambda: sparsecnn.sparsify(model, "auto", example_input=x, measure=False)):
-        with pytest.raises(SparseCNNError, match=r"does not run on the example input of shape .*example_input="):
+        with pytest.raises(SparseCNNError, match=r"does not run on the example input of shape .*example_input"):
             call()
 
 
 def test_a_directory_is_not_a_model(capsys, tmp_path) -> None:
     import sparsecnn
 
-    with pytest.raises(SparseCNNError, match="is a directory: pass a .onnx"):
+    with pytest.raises(SparseCNNError, match=r"is a directory: pass a \.onnx"):
         sparsecnn.compile(str(tmp_path), torch.randn(1, 1, 8, 8))
     assert main(["run", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err

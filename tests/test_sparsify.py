@@ -132,7 +132,7 @@ def test_auto_cache_key_changes_with_batch(lenet, tmp_path) -> None:
 
 def test_auto_plan_path_that_is_a_directory_is_one_clear_error(lenet, tmp_path) -> None:
     model, _, _ = lenet
-    with pytest.raises(SparseCNNError, match="is a directory.*plans.json"):
+    with pytest.raises(SparseCNNError, match=r"is a directory.*plans\.json"):
         sparsecnn.sparsify(model, "auto", plan_path=tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing half-written beside it
 
