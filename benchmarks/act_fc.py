@@ -9,7 +9,8 @@ timed interleaved (medians). Target: fc6/fc7 at 91% weights and >= 60% zero inpu
 Two regimes, as in :mod:`benchmarks.qspmv`: *warm* (each layer timed back to back, so a weight that
 fits the L3, such as fc7's 9 MB of CSR, is read from there) and *cold* (``bench.harness.time_cold``:
 caches flushed before each call, as for a layer in a forward pass whose weights were evicted by the
-others). The cold columns time the bound kernels (no torch glue), the warm ones the torch modules.
+others). The cold columns time the bound kernels (no torch glue), the warm ones the torch modules,
+in interleaved turns (``--repeats`` turns of five calls each).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsecnn.bench.harness import check_close, set_threads, time_call, time_cold
+from benchmarks.end_to_end import _interleaved
+from sparsecnn.bench.harness import check_close, set_threads, time_cold
 from sparsecnn.kernels.spmv import bind_sparse_linear
 from sparsecnn.kernels.spmv_act import bind_act_sparse_linear
 from sparsecnn.layers import SparseLinear
@@ -56,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
                 ref = lin(xt)
                 check_close(spmv(xt), ref, what=f"{name} spmv")
                 check_close(act(xt), ref, what=f"{name} spmv-act")
-                t = {label: time_call(lambda f=f, v=xt: f(v), repeats=args.repeats).median_s
-                     for label, f in (("torch", lin), ("spmv", spmv), ("act", act))}
+                # interleaved turns of five calls each: a slow spell of the machine hits all alike
+                labels = ("torch", "spmv", "act")
+                fns = [lambda f=f, v=xt: f(v) for f in (lin, spmv, act)]
+                t = dict(zip(labels, _interleaved(fns, args.repeats, 5, 0.0), strict=True))
             out = np.empty((args.batch, m), np.float32)
             cold = time_cold([lambda f=f, v=x: f(v) for f in (
                 bind_sparse_linear(spmv.engine.format, args.batch, spmv.engine.bias, out),
