@@ -413,3 +413,9 @@ def test_a_directory_is_not_a_model(capsys, tmp_path) -> None:
         sparsecnn.compile(str(tmp_path), torch.randn(1, 1, 8, 8))
     assert main(["run", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_zoo_name_wins_over_a_directory_of_that_name(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lenet5").mkdir()  # e.g. a run's output directory named after its model
+    assert isinstance(models.resolve("lenet5"), torch.nn.Module)

@@ -33,7 +33,7 @@ def resolve(spec: str, weights: str | os.PathLike[str] | None = None, **kw: Any)
 
     if is_model_file(spec):
         return load_model_file(spec, weights, **kw)
-    if Path(spec).exists():  # a path, but not to a model file this package reads
+    if spec not in names() and Path(spec).exists():  # a path, but not to a model file this package reads
         kind = "a directory" if Path(spec).is_dir() else "not a model file"
         raise SparseCNNError(f"{spec} is {kind}: pass a .onnx, .prototxt (+ .caffemodel), .pt/.pth, .npz or "
                              f".safetensors model file, or one of the zoo models {', '.join(names())}")
