@@ -186,10 +186,10 @@ _GROUPED_MIN_SAVED = 128
 # (many register tiles per pass, so the 15 pattern loops' exits cost little) take filter groups
 # whatever their column count, when they load less than _GROUPED_WIDE_FACTOR x _GROUPED_BELOW (0.95)
 # of the per-filter tiles (~0.88 at 80% sparsity, ~1.0 at 90%; _GROUPED_BELOW 0 still forces the
-# per-filter tiles everywhere, as the tests and benchmarks.forms do). Measured (Emerald Rapids, 2 threads, interleaved): 3x3 at
-# 56x56 and 28x28 and 3x3 stride 2 at 70% 1.20-1.26x, at 80% 1.08-1.14x; whole models ResNet-18 at
-# 70% / 80% 1.10x / 1.02-1.04x, ResNet-50 at 70% / 80% 1.00x / 1.01-1.03x, at 90% unchanged. 1x1
-# layers are left out: alone 0.89-1.89x, in ResNet-50 at 70-80% 0.86-0.91x.
+# per-filter tiles everywhere, as the tests and benchmarks.forms do). Measured (Emerald Rapids, 2
+# threads, interleaved): 3x3 at 56x56 and 28x28 and 3x3 stride 2 at 70% 1.20-1.26x, at 80% 1.08-1.17x;
+# whole models ResNet-18 at 70% / 80% 1.10x / 1.02-1.04x, ResNet-50 at 70% / 80% 1.00x / 1.01-1.03x,
+# at 90% unchanged. 1x1 layers are left out: alone 0.89-1.89x, in ResNet-50 at 70-80% 0.86-0.91x.
 _GROUPED_WIDE_SPAN = 512
 _GROUPED_WIDE_FACTOR = 0.95 / 0.85
 
