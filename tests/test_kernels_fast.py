@@ -566,3 +566,20 @@ def test_cache_sizes_from_sysfs_or_default():
     assert conv.cache_bytes_per_core(99, 12345) == 12345
     l1 = conv.cache_bytes_per_core(0, 32 * 1024)
     assert 16 * 1024 <= l1 <= 64 * 1024 * 1024 and conv._L1_BYTES == l1 * 3 // 4
+
+
+@pytest.mark.parametrize(("cin", "k", "hw", "sparsity", "grouped"), [
+    (32, 3, 32, 0.7, True),    # taps around the pixel, 32 x 34 wide positions: filter groups
+    (32, 3, 32, 0.95, False),  # a column rarely has two filters: per-filter tiles
+    (32, 1, 32, 0.7, False),   # 1x1: left to the few-columns rule
+    (32, 3, 12, 0.7, False),   # a small plane (12 x 14 wide positions): too few columns a pass
+])
+def test_direct_conv_takes_filter_groups_on_wide_planes(cin, k, hw, sparsity, grouped, rng):
+    w = random_sparse(rng, (32, cin, k, k), sparsity)
+    x = rng.standard_normal((1, cin, hw, hw)).astype(np.float32)
+    prep = prepare_direct(w, 1, (1, 1), (k // 2, k // 2), (1, 1))
+    out = np.empty(prep.output_shape(x.shape), np.float32)
+    direct_conv2d(prep, x, None, out)
+    assert (prep.workspace(x.shape).grouped is not None) == grouped
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=k // 2).numpy()
+    assert_close(out, ref)
