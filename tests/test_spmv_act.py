@@ -263,3 +263,21 @@ def test_masked_layout_corruption_is_rejected(rng) -> None:
                        (dataclasses.replace(prep, masks=pad.reshape(-1)), "past the last|mask bits")):
         with pytest.raises(SparseCNNError, match=match):
             SparseLinear.from_format(bad, "spmv-act", in_features=30, out_features=200)
+
+
+def test_dense_columns_stay_on_cache_lines_through_copies_and_pickles() -> None:
+    import copy
+    import pickle
+
+    from sparsecnn.kernels._numba import ALIGN_BYTES
+    from sparsecnn.kernels.spconv_input import prepare_spconv
+    from sparsecnn.kernels.spmv_act import prepare_act_linear
+
+    rng = np.random.default_rng(0)
+    act = prepare_act_linear(rng.standard_normal((40, 24)).astype(np.float32))  # dense: dense columns
+    spc = prepare_spconv(rng.standard_normal((16, 8, 3, 3)).astype(np.float32), 1)
+    for prep, name in ((act, "dense_t"), (spc, "wt")):
+        for again in (copy.deepcopy(prep), pickle.loads(pickle.dumps(prep))):
+            a = getattr(again, name)
+            assert a.ctypes.data % ALIGN_BYTES == 0
+            np.testing.assert_array_equal(a, getattr(prep, name))

@@ -109,6 +109,10 @@ class SpconvPrep:
         # the kernel loads whole weight rows (tile_width floats, whole vectors): on cache lines
         object.__setattr__(self, "wt", as_aligned(self.wt))
 
+    def __setstate__(self, state: dict) -> None:  # copies and unpickled preps too (no __post_init__)
+        self.__dict__.update(state)
+        self.__post_init__()
+
     @functools.cached_property
     def chan_of(self) -> np.ndarray:
         """``(groups, kept)`` int32: the input channel of each kept index (the inverse of chan_map)."""

@@ -149,6 +149,10 @@ class ActLinearPrep:
         # dense columns are loaded as whole vectors of W.T's rows: on cache lines
         self.dense_t = as_aligned(self.dense_t)
 
+    def __setstate__(self, state: dict) -> None:  # copies and unpickled preps too (no __post_init__)
+        self.__dict__.update(state)
+        self.__post_init__()
+
     @property
     def blocks(self) -> np.ndarray:
         """Row block bounds, ``(nblocks + 1,)`` int64 (one block when ``row_blocks`` is None)."""
