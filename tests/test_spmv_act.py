@@ -281,3 +281,16 @@ def test_dense_columns_stay_on_cache_lines_through_copies_and_pickles() -> None:
             a = getattr(again, name)
             assert a.ctypes.data % ALIGN_BYTES == 0
             np.testing.assert_array_equal(a, getattr(prep, name))
+    # the channel form's weights (implicit GEMM) are rebuilt on cache lines after a copy
+    from sparsecnn.kernels.implicit_gemm import prepare_implicit_gemm
+    from sparsecnn.layers import SparseConv2d
+
+    conv = torch.nn.Conv2d(16, 64, 3, padding=1, bias=False)
+    fmt = SparseConv2d.from_dense(conv, "lowered").engine.format
+    ig = prepare_implicit_gemm(fmt.data, fmt.row_map, fmt.col_index, (64, 16, 3, 3), 1, (1, 1), (1, 1),
+                               (1, 1))
+    wch = ig._chan_weights()[0]
+    for again in (copy.deepcopy(ig), pickle.loads(pickle.dumps(ig))):
+        w2 = again._chan_weights()[0]
+        assert w2.ctypes.data % ALIGN_BYTES == 0
+        np.testing.assert_array_equal(w2, wch)

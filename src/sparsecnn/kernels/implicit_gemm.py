@@ -166,6 +166,11 @@ class ImplicitGemmPrep(ConvPrepBase):
     fill: np.ndarray
     _chan: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
 
+    def __setstate__(self, state: dict) -> None:
+        # copies and unpickled preps rebuild the channel form's weights on first use, on cache lines
+        self.__dict__.update(state)
+        self._chan = None
+
     def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int, in_blocked: bool = False,
                          out_blocked: bool = False) -> _Workspace:
         """The workspace for inputs of (plain) shape ``x_shape``; with ``in_blocked`` / ``out_blocked``
