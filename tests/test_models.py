@@ -244,7 +244,11 @@ def test_fast_maxpool_matches_torch(kernel, stride, padding, dilation, ceil_mode
     with torch.inference_mode():
         got = ours(x)
     assert got.shape == ref(x).shape
-    torch.testing.assert_close(got, ref(x), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got, ref(x), rtol=0, atol=0, equal_nan=True)  # float32: the numba pass
+    with torch.inference_mode():  # other floats: strided views
+        torch.testing.assert_close(ours(x.double()), ref(x.double()), rtol=0, atol=0, equal_nan=True)
+        strided = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, not C-contiguous
+        torch.testing.assert_close(ours(strided), got, rtol=0, atol=0, equal_nan=True)
     # While autograd records, torch's own path (and its gradient) runs.
     xg = x.clone().requires_grad_(True)
     out = ours(xg)

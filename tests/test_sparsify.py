@@ -375,3 +375,25 @@ def test_auto_cache_from_an_older_version_is_replaced_silently(lenet, tmp_path) 
     path.write_text("{not json")
     with pytest.warns(UserWarning, match="unreadable"):  # a corrupt cache still says so
         sparsecnn.sparsify(model, "auto", plan_path=path)
+
+
+def test_sparsify_runs_torch_pools_and_lrn_with_the_numba_passes() -> None:
+    from sparsecnn.models.zoo import LocalResponseNorm, MaxPool2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(3, 16, 3, padding=1), relu=nn.ReLU(), norm=nn.LocalResponseNorm(5, 1e-3, 0.75, 2.0),
+        pool=nn.MaxPool2d(3, 2, ceil_mode=True), flat=nn.Flatten(), fc=nn.Linear(16 * 6 * 6, 4))).eval()
+    seen = []
+    model.pool.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        ref = model(x)
+    fast = sparsecnn.sparsify(model, "direct")
+    assert type(fast.pool) is MaxPool2d and type(fast.norm) is LocalResponseNorm
+    assert type(model.pool) is nn.MaxPool2d and type(model.norm) is nn.LocalResponseNorm  # not modified
+    assert fast.pool.kernel_size == 3 and fast.pool.ceil_mode and fast.norm.k == 2.0
+    seen.clear()
+    with torch.no_grad():
+        assert_close(fast(x), ref, rtol=MODEL_RTOL)
+    assert seen == [(2, 16, 6, 6)]  # the module's hooks came along
