@@ -39,8 +39,10 @@ import argparse
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,6 +114,32 @@ def ab_setup(argv: list[str] | None, prog: str, description: str, cases: str, tu
     print(f"{threads} threads (numba, torch); ms, medians of 5 x 5 interleaved calls per turn")
     print(f"{'case':12s} {'B':4s} {'cores':9s} {columns[0]:>9s} {columns[1]:>9s} {'gain':>7s}")
     return args, chosen
+
+
+def ab_run(args: argparse.Namespace, cases: list[str], build: Callable[..., Any]) -> None:
+    """Each case compiled twice with the same plan (``"auto"``, cached in ``args.plans``), by
+    ``build(model, x, plan, before)`` with ``before`` True then False; both outputs checked against
+    the torch model, then ``args.turns`` turns timing both interleaved, a row per turn and the median
+    gain (before / now)."""
+    for case in cases:
+        name, profile, kwargs = CASES[case]
+        model = models.build(name, **kwargs).eval()
+        models.apply_profile(model, profile)
+        x = torch.randn(args.batch, *models.input_shape(model), generator=torch.Generator().manual_seed(0))
+        plan = dict(sparsecnn.compile(model, x, "auto", plan_path=args.plans).plan)
+        before, now = build(model, x, plan, True), build(model, x, plan, False)
+        gains = []
+        with torch.inference_mode():
+            ref = model(x)
+            check_close(before(x), ref, what=f"{case} before")
+            check_close(now(x), ref, what=f"{case} now")
+            for _ in range(args.turns):
+                fns = [lambda b=before, v=x: b(v), lambda n=now, v=x: n(v)]
+                t_before, t_now = _interleaved(fns, 5, 5, 0.0)
+                gains.append(t_before / t_now)
+                print(f"{case:12s} b{args.batch:<3d} {'':9s} {t_before * 1e3:9.3f} {t_now * 1e3:9.3f} "
+                      f"{t_before / t_now:6.3f}x", flush=True)
+        print(f"  {case}: median gain {float(np.median(gains)):.3f}x over {len(gains)} turns")
 
 
 def step_times(compiled, x: torch.Tensor, repeats: int) -> list[tuple[str, float]]:

@@ -514,6 +514,37 @@ def test_direct_reads_unpadded_input_in_place_only_when_the_tail_is_readable(hw,
         assert_close(out, ref_fn(x), what="bind_direct_conv2d")
 
 
+@pytest.mark.parametrize("hw", [(14, 14), (7, 7), (5, 3)])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_direct_conv_copies_onto_whole_vector_planes_where_channels_are_read_often(hw, batch, rng,
+                                                                                    monkeypatch):
+    """A 1x1 layer whose planes are not whole vectors, with many nonzeros per input channel, copies its
+    input onto planes of whole vectors (every span load on a line) instead of reading it in place;
+    with few it reads in place. Both match torch, bound or not, with a fused residual and ReLU."""
+    from sparsecnn.kernels.conv import SLACK, bind_direct_conv2d
+
+    cin, cout = 8, 128
+    w = random_sparse(rng, (cout, cin, 1, 1), 0.2)  # ~102 nonzeros per input channel
+    bv = rng.standard_normal(cout).astype(np.float32)
+    x = rng.standard_normal((batch, cin, *hw)).astype(np.float32)
+    res = rng.standard_normal((batch, cout, *hw)).astype(np.float32)
+    conv_ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bv)).numpy()
+    for reads, aligned in ((conv._ALIGN_MIN_READS, True), (1 << 30, False)):
+        monkeypatch.setattr(conv, "_ALIGN_MIN_READS", reads)
+        prep = prepare_direct(w, 1, (1, 1), (0, 0), (1, 1))
+        assert prep.nnz >= 96 * cin
+        ws = prep.workspace(x.shape)
+        plane = int(ws.geo[4])
+        assert ws.in_place is not aligned
+        assert plane == (-(-hw[0] * hw[1] // VW) * VW if aligned else hw[0] * hw[1])
+        out = np.full(conv_ref.shape, np.nan, dtype=np.float32)
+        direct_conv2d(prep, x, bv, out)
+        assert_close(out, conv_ref, what=f"direct_conv2d, aligned={aligned}")
+        out[...] = np.nan
+        bind_direct_conv2d(prep, x.shape, bv, out, True, slack=SLACK)(x, res)
+        assert_close(out, np.maximum(conv_ref + res, 0), what=f"bound with residual, aligned={aligned}")
+
+
 @pytest.mark.parametrize("batch", [1, 5, 4, 9])
 @pytest.mark.parametrize("form", ["flat", "grouped"])
 @pytest.mark.parametrize("threads", [1, 2])
