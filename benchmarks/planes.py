@@ -1,30 +1,32 @@
-"""1x1 layers copied onto planes of whole vectors (``conv._ALIGN_MIN_READS``) against reading in place.
+"""Planes of whole vectors for 1x1 layers on 14x14 and 7x7 planes, against reading the plain planes in place.
 
 ``python -m benchmarks.planes [--cases resnet50-90,resnet50-80,resnet50-50] [--batch 1] [--turns 5]``
-compiles each case twice with the same plan (``"auto"``, cached in ``--plans``): ``before``, with
-every stride-1 unpadded layer reading its input in place (``conv._ALIGN_MIN_READS`` out of reach, the
-rule of the sessions before), and ``now``, the library's rule (layers whose planes are not whole
-vectors, 14x14 and 7x7, and that read each input channel often copy it onto aligned planes first).
-Both outputs are checked equal to the torch model first; each turn times both interleaved (medians
-of 5 x 5 calls).
+compiles each case twice with the same plan (``"auto"``, cached in ``--plans``): ``before``, every
+value with planes of H * W floats and every stride-1 unpadded layer reading its input in place (the
+executor's ``PAD_PLANES`` off and ``conv._ALIGN_MIN_READS`` out of reach: the sessions before), and
+``now``, the library's rules (direct convs writing planes padded to whole vectors for readers that
+take them, and layers that read each input channel often copying a plain input onto aligned planes
+first). Both outputs are checked equal to the torch model first; each turn times both interleaved
+(medians of 5 x 5 calls).
 """
 
 from __future__ import annotations
 
 import sparsecnn
 from benchmarks.end_to_end import ab_run, ab_setup
+from sparsecnn.engine import _lower
 from sparsecnn.kernels import conv
 
 
 def _compile(model, x, plan: dict, in_place: bool):
-    saved = conv._ALIGN_MIN_READS
+    saved = conv._ALIGN_MIN_READS, _lower.PAD_PLANES
     if in_place:
-        conv._ALIGN_MIN_READS = 1 << 62
+        conv._ALIGN_MIN_READS, _lower.PAD_PLANES = 1 << 62, False
     try:
-        compiled = sparsecnn.compile(model, x, plan, tune=False)
+        compiled = sparsecnn.compile(model, x, plan, tune=False, layout="plain")
         compiled(x)  # builds the program and the layers' workspaces under the setting
     finally:
-        conv._ALIGN_MIN_READS = saved
+        conv._ALIGN_MIN_READS, _lower.PAD_PLANES = saved
     return compiled
 
 

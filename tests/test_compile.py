@@ -610,3 +610,52 @@ def test_own_buffers_past_the_cap_or_memory_are_reused(monkeypatch) -> None:
     assert compiled_bytes() == own
     monkeypatch.setenv("SPARSECNN_MEMORY_LIMIT", str(4 * own - 1))
     assert compiled_bytes() == reused
+
+
+class _SevenBySeven(nn.Module):
+    """Direct convs on 7x7 planes (49 floats: not whole vectors), read by what can and cannot take
+    planes padded to whole vectors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 1)
+        self.c = nn.Conv2d(16, 16, 1)
+        self.d = nn.Conv2d(16, 16, 3, padding=1)
+        self.e = nn.Conv2d(16, 16, 1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))  # padded: read by b (1x1) and as c's residual
+        z = torch.relu(self.b(y))  # padded: read by c
+        u = torch.relu(self.c(z) + y)  # padded: read by d, e and the global average pool
+        v = self.d(u)  # plain: torch reads it (v * 0.5)
+        w = self.e(u) + v  # plain: its residual v is plain
+        return self.fc(torch.flatten(self.gap(u), 1)) + w.mean((2, 3))[:, :5] * 0.5 + (v * 0.5).sum()
+
+
+def test_direct_chains_write_planes_padded_to_whole_vectors() -> None:
+    from sparsecnn.engine import _lower
+
+    torch.manual_seed(0)
+    net = _SevenBySeven().eval()
+    models.apply_profile(net, "uniform:0.5")
+    x = torch.randn(2, 4, 7, 7)
+    compiled = sparsecnn.compile(net, x, "direct", layout="plain")
+    padded = compiled.program(tuple(x.shape)).padded
+    assert {"a", "b", "c"} <= set(padded) and not {"d", "e"} & set(padded), padded
+    assert set(padded.values()) == {64}
+    assert not compiled.program((1, 4, 8, 8)).padded  # 64-float planes: whole vectors already
+    saved = _lower.PAD_PLANES
+    try:
+        _lower.PAD_PLANES = False
+        plain = sparsecnn.compile(net, x, "direct", layout="plain")
+        assert not plain.program(tuple(x.shape)).padded
+        with torch.inference_mode():
+            for xb in (x, x[:1], torch.randn(3, 4, 7, 7), torch.randn(1, 4, 5, 3), torch.randn(1, 4, 8, 8)):
+                y = compiled(xb)
+                assert torch.equal(y, plain(xb))  # the same sums in the same order
+                assert _rel(y, net(xb)) <= 1e-5
+    finally:
+        _lower.PAD_PLANES = saved

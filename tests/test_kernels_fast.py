@@ -545,6 +545,58 @@ def test_direct_conv_copies_onto_whole_vector_planes_where_channels_are_read_oft
         assert_close(out, np.maximum(conv_ref + res, 0), what=f"bound with residual, aligned={aligned}")
 
 
+@pytest.mark.parametrize(("batch", "cin", "cout", "hw", "k", "stride", "pad"), [
+    (1, 16, 32, (14, 14), 1, 1, 0),  # read in place from padded planes
+    (2, 16, 32, (7, 7), 3, 1, 1),  # phase-copied from padded planes
+    (1, 8, 16, (14, 14), 3, 2, 1),  # stride 2: even lanes from padded planes
+    (4, 8, 24, (7, 7), 1, 2, 0),  # 1x1 stride 2, the threads split the images
+    (1, 32, 40, (5, 3), 1, 1, 0),
+])
+@pytest.mark.parametrize("form", ["flat", "grouped"])
+def test_direct_conv_reads_and_writes_planes_padded_to_whole_vectors(batch, cin, cout, hw, k, stride, pad,
+                                                                     form, rng):
+    """Inputs and outputs (and the residual) whose planes are padded to whole vectors, as the executor
+    gives a chain of direct convs: every combination matches torch, whatever the padding lanes hold
+    (NaN here), and they are never written; the global average pool reads such planes too."""
+    from sparsecnn.kernels._numba import aligned_zeros
+    from sparsecnn.kernels.conv import SLACK, bind_direct_conv2d, padded_plane
+    from sparsecnn.kernels.elementwise import bind_global_avg_pool
+
+    def padded(a):
+        b, c, h, w = a.shape
+        p = padded_plane(h, w)
+        out = aligned_zeros(b * c * p + SLACK)[: b * c * p].reshape(b, c, p)
+        out[...] = np.nan
+        out[:, :, : h * w] = a.reshape(b, c, h * w)
+        return out
+
+    w = random_sparse(rng, (cout, cin, k, k), 0.5)
+    bv = rng.standard_normal(cout).astype(np.float32)
+    x = rng.standard_normal((batch, cin, *hw)).astype(np.float32)
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bv), stride, pad).numpy()
+    res = rng.standard_normal(ref.shape).astype(np.float32)
+    ho, wo = ref.shape[2:]
+    with direct_mode(form):
+        for pin in (False, True):
+            for pout in (False, True):
+                prep = prepare_direct(w, 1, (stride, stride), (pad, pad), (1, 1))
+                out = padded(np.zeros_like(ref)) if pout else np.zeros_like(ref)
+                run = bind_direct_conv2d(prep, x.shape, bv, out, True, slack=SLACK,
+                                         in_stride=padded_plane(*hw) if pin else 0,
+                                         out_stride=padded_plane(ho, wo) if pout else 0)
+                run(padded(x) if pin else x, padded(res) if pout else res)
+                got = out[:, :, : ho * wo].reshape(ref.shape) if pout else out
+                assert_close(got, np.maximum(ref + res, 0), what=f"in padded {pin}, out padded {pout}")
+                if pout:
+                    assert np.isnan(out[:, :, ho * wo:]).all()  # the padding lanes: never written
+                    mean = np.zeros((batch, cout), np.float32)
+                    bind_global_avg_pool(ref.shape, mean, padded_plane(ho, wo))(out)
+                    assert_close(mean, got.mean(axis=(2, 3)), what="global average pool")
+    with pytest.raises(ValueError, match="padded plane"):
+        wrong = padded_plane(ho, wo) + VW
+        bind_direct_conv2d(prep, x.shape, bv, np.zeros((batch, cout, wrong), np.float32), out_stride=wrong)
+
+
 @pytest.mark.parametrize("batch", [1, 5, 4, 9])
 @pytest.mark.parametrize("form", ["flat", "grouped"])
 @pytest.mark.parametrize("threads", [1, 2])

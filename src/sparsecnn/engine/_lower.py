@@ -209,15 +209,19 @@ class Program:
         self.input_slot = 0
         self.output: Callable[[list[Any]], np.ndarray] | None = None
         self.static: dict[int, Callable[[list[np.ndarray]], Any]] = {}
+        self.padded: dict[str, int] = {}  # values whose planes are padded to whole vectors: floats a channel
 
     def bind(self) -> tuple[list[Any], list[Callable[[list[Any]], None]]]:
         """This thread's value table (its own buffers, allocated here) and the bound steps."""
-        from sparsecnn.kernels._numba import aligned_empty
+        from sparsecnn.kernels._numba import aligned_zeros
         from sparsecnn.kernels.conv import SLACK
 
         # SLACK floats after every buffer: a kernel may read a few lanes past the end of its input
-        # (kernels.conv.bind_direct_conv2d's in-place reads)
-        bufs = [aligned_empty(n + SLACK) for n in self.buffers]
+        # (kernels.conv.bind_direct_conv2d's in-place reads). Zeroed: the lanes a kernel reads and
+        # discards (padded planes, the slack) must not hold denormal bit patterns from the memory's
+        # last use (a small integer read as a float is one), which cost a microcode assist per FMA:
+        # ResNet-50's 7x7 layers ran up to 11x slower on an np.empty arena.
+        bufs = [aligned_zeros(n + SLACK) for n in self.buffers]
         env: list[Any] = [None] * self.slots
         for slot, make in self.static.items():
             env[slot] = make(bufs)
@@ -259,6 +263,7 @@ class _Builder:
         # conv -> (the other input, the add): residual adds a direct conv may take into its epilogue
         self.residual_of: dict[str, tuple[str, str]] = {}
         self.add_into: dict[str, str] = {}  # add -> the conv that computed it (the add is its view)
+        self.padded: dict[str, int] = {}  # value -> floats per channel, its planes padded to whole vectors
 
     # ---- buffers
     def _alloc(self, size: int) -> _Buf:
@@ -290,7 +295,9 @@ class _Builder:
         return self.slot[name]
 
     def _planned(self, name: str, shape: tuple[int, ...]) -> tuple[int, _Buf]:
-        """A new planned float32 buffer for value ``name`` of ``shape``; its slot holds the view."""
+        """A new planned float32 buffer for value ``name`` of ``shape``; its slot holds the view
+        (of the padded shape where its planes are padded)."""
+        shape = self._padded_shape(name, shape)
         size = int(np.prod(shape, dtype=np.int64))
         buf = self._alloc(size)
         self.val[name] = _Val(shape, buf)
@@ -304,6 +311,8 @@ class _Builder:
         self.base[name] = root
         v = self.val.get(src)
         s, ss = self._slot(name), self.slot[src]
+        if name in self.padded:  # the padded producer's value, seen the same way
+            shape = self._padded_shape(name, shape)
         if v is not None and v.buf is not None:
             self.val[name] = _Val(shape, v.buf)
             n = int(np.prod(shape, dtype=np.int64))
@@ -345,6 +354,8 @@ class _Builder:
                     self.fused.add(n.name)
                     self.relu_after.add(src.name)
         self._residual_candidates(by_name, users)
+        self._padded_planes(users)
+        self.prog.padded = dict(self.padded)
         # a forward pass of ReLU aliases is planned in two passes: first fix bases for liveness
         for i, n in enumerate(self.nodes):
             self._lower(i, n, dynamic)
@@ -378,6 +389,84 @@ class _Builder:
                         and all(_f32_of_shape(self.values[v], shape) for v in (conv, other))):
                     self.residual_of[conv] = (other, n.name)
                     break
+
+    def _padded_planes(self, users: dict[str, list[int]]) -> None:
+        """The values whose planes are padded to whole vectors (:func:`sparsecnn.kernels.conv.
+        padded_plane`): outputs of direct convs on planes that are not whole vectors (ResNet's 14x14
+        and 7x7) whose every reader takes that layout: direct convs (a 1x1 layer then reads every
+        channel from the start of a line; the others' phase copies read the padded planes), the
+        residual add fused into a direct conv whose own output is padded too (its epilogue reads the
+        residual where it writes), and global average pooling. A value read by anything else (torch,
+        the model's output, another kernel), or tied by a residual to one that is, keeps plain planes.
+        Measured, single 1x1 layers read in place at 80-90% (2 threads): 1024 -> 256 at 14x14 1.65x,
+        2048 -> 512 at 7x7 1.40-1.48x, the expanding ones 1.09-1.33x (against their aligned copy)."""
+        from sparsecnn.kernels.conv import padded_plane
+        from sparsecnn.layers import SparseConv2d
+
+        if not PAD_PLANES:
+            return
+        index = {n.name: i for i, n in enumerate(self.nodes)}
+
+        def direct(n: Node) -> bool:
+            return (n.op == "module" and isinstance(n.fn, SparseConv2d) and n.fn.strategy == "direct"
+                    and n.name not in self.chan and n.name not in self.blocked and len(n.refs()) == 1
+                    and _f32_of_shape(self.values[n.refs()[0]], tuple(self.values[n.refs()[0]].shape)))
+
+        aliases: dict[str, list[str]] = {}
+        for n in self.nodes:
+            v = self.values[n.name]
+            if direct(n) and isinstance(v, torch.Tensor) and v.dim() == 4 and v.dtype == torch.float32 \
+                    and padded_plane(int(v.shape[2]), int(v.shape[3])) != v.shape[2] * v.shape[3]:
+                names = [n.name]
+                other, add = self.residual_of.get(n.name, (None, None))
+                if add is not None:
+                    names.append(add)
+                names += [r for r in self.fused if self.nodes[index[r]].args[0].name in names]
+                aliases[n.name] = names
+        owner = {a: c for c, names in aliases.items() for a in names}
+        ties: list[tuple[str, str]] = []
+        kept = set(aliases)
+        for c, names in aliases.items():
+            for a in names:
+                for u in users[a]:
+                    un = self.nodes[u]
+                    if un.name in names:
+                        continue
+                    if direct(un):
+                        continue  # reads it as its input (in_stride)
+                    conv = next((d for d, (o, add) in self.residual_of.items() if o == a and add == un.name),
+                                None)
+                    if conv is not None and conv in aliases:
+                        ties.append((c, conv))  # the residual of conv's epilogue
+                        continue
+                    if un.op == "module" and pool_kind(un, self.values) == "avg" and a not in self.blocked:
+                        continue
+                    kept.discard(c)
+            other, _ = self.residual_of.get(c, (None, None))
+            if other is not None:
+                if other in owner:
+                    ties.append((owner[other], c))
+                else:
+                    kept.discard(c)  # the residual is not a padded conv's output
+        changed = True
+        while changed:
+            changed = False
+            for a, b in ties:
+                if (a in kept) != (b in kept):
+                    kept.discard(a)
+                    kept.discard(b)
+                    changed = True
+        for c in kept:
+            v = self.values[c]
+            plane = padded_plane(int(v.shape[2]), int(v.shape[3]))
+            for a in aliases[c]:
+                self.padded[a] = plane
+
+    def _padded_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """How value ``name`` of ``shape`` is stored: (B, C, padded plane) where its planes are
+        padded, else ``shape``."""
+        plane = self.padded.get(name)
+        return shape if plane is None else (shape[0], shape[1], plane)
 
     def _lower(self, i: int, n: Node, dynamic: set[str]) -> None:
         value = self.values[n.name]
@@ -532,6 +621,10 @@ class _Builder:
             bias = (eng.bias if eng.has_bias else None,)
         bias = bias[0]
         xs = tuple(self.values[n.refs()[0]].shape)
+        strides = {k: v for k, v in (("in_stride", self.padded.get(n.refs()[0], 0)),
+                                     ("out_stride", self.padded.get(n.name, 0))) if v}
+        if strides:
+            binder = functools.partial(binder, **strides)
         label = f"conv:{kind or n.fn.strategy}" + ("+add" if res is not None else "")
         label += "+relu" if relu else ""
         if res is not None:
@@ -618,6 +711,8 @@ class _Builder:
         if kind == "avg":
             s, _ = self._planned(n.name, shape)
             bind = _bind_global_avg_pool_blocked if blocked else bind_global_avg_pool
+            if n.refs()[0] in self.padded:
+                bind = functools.partial(bind_global_avg_pool, in_stride=self.padded[n.refs()[0]])
             self._step("avgpool" + (":blocked" if blocked else ""), lambda env, bufs, x=x, s=s: _bind_kernel(
                 env, x, bind(xs, env[s])))
             return True
@@ -813,6 +908,9 @@ KEEP_SHARED = True
 
 # Off: residual adds run as steps of their own after the conv (the A/B baseline of the fusion).
 FUSE_RESIDUAL = True
+
+# Off: every value keeps planes of H * W floats (benchmarks/planes.py's baseline, before 2026-12-06).
+PAD_PLANES = True
 
 # Where the threads split a batch's images, every value gets a buffer of its own while they total at
 # most this many bytes (per calling thread) and a quarter of the memory available.

@@ -321,18 +321,23 @@ class PhaseLayout:
         span may read VW floats past its end."""
         return nbuf, cin * self.nph * self.plane + 2 * VW + pad_w
 
-    def geometry(self, x_shape: tuple[int, int, int, int]) -> np.ndarray:
-        """int64 ``(Cin, H, W, floats per channel, plane, Wph, sh, sw)``: what :func:`image_input` needs
-        besides ``copies`` to phase-copy one image."""
+    def geometry(self, x_shape: tuple[int, int, int, int], in_stride: int = 0) -> np.ndarray:
+        """int64 ``(Cin, H, W, floats per channel, plane, Wph, sh, sw, input channel stride)``: what
+        :func:`image_input` needs besides ``copies`` to phase-copy one image whose channels lie
+        ``in_stride`` floats apart (default ``H * W``; more for planes padded to whole vectors)."""
         _, cin, h, w = x_shape
-        return np.array([cin, h, w, self.nph * self.plane, self.plane, self.wph, *self.stride],
-                        dtype=np.int64)
+        return np.array([cin, h, w, self.nph * self.plane, self.plane, self.wph, *self.stride,
+                         in_stride or h * w], dtype=np.int64)
 
 
 def phase_layout(x_shape: tuple[int, int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: tuple[int, int], align: bool = False) -> PhaseLayout:
+                 padding: tuple[int, int], dilation: tuple[int, int], align: bool = False,
+                 in_stride: int = 0) -> PhaseLayout:
     """The :class:`PhaseLayout` of a convolution with these taps over inputs of ``x_shape``; with
-    ``align``, planes of whole vectors (``plane`` rounded up to ``VW``: the layout is then a copy)."""
+    ``align``, planes of whole vectors (``plane`` rounded up to ``VW``: the layout is then a copy).
+    ``in_stride``: the input's channels lie that many floats apart (planes padded to whole vectors
+    by their producer, :func:`padded_plane`); a layout that is the input itself then takes it as its
+    plane."""
     _, _, h, w = x_shape
     kh, kw = kernel
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -351,12 +356,15 @@ def phase_layout(x_shape: tuple[int, int, int, int], kernel: tuple[int, int], st
     span = (hout - 1) * wph + wout
     halo = (((kh - 1) * dh) // sh) * wph + ((kw - 1) * dw) // sw
     plane = hph * wph
-    if align:  # planes of whole vectors: every channel's span starts on a cache line
+    in_place = sh == sw == 1 and ph == pw == 0
+    if in_place and in_stride:
+        plane = in_stride  # the input itself, its planes padded by the producer
+    elif align:  # planes of whole vectors: every channel's span starts on a cache line
         plane = -(-plane // VW) * VW
     return PhaseLayout(hph=hph, wph=wph, nph=len(used), plane=plane, hout=hout, wout=wout, span=span,
                        halo=halo, phases=np.asarray(used, dtype=np.int64),
                        copies=_phase_copies(h, w, sh, sw, ph, pw, hph, wph, used),
-                       in_place=sh == sw == 1 and ph == pw == 0 and plane == hph * wph,
+                       in_place=in_place and plane == (in_stride or hph * wph),
                        stride=(sh, sw), dilation=(dh, dw), compact=compact)
 
 
@@ -425,10 +433,13 @@ class DirectConvPrep(ConvPrepBase):
         """Exact bytes of the stored sparse weights: values, indices and pointers at their dtypes."""
         return int(self.indptr.nbytes + self.indices.nbytes + self.data.nbytes)
 
-    def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int) -> _Workspace:
+    def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int,
+                         in_stride: int = 0) -> _Workspace:
+        """The workspace for inputs of ``x_shape``; ``workspace(x_shape, in_stride)`` for inputs whose
+        channels lie ``in_stride`` floats apart (planes padded to whole vectors, :func:`padded_plane`)."""
         cin = x_shape[1]
         cout, cin_g, kh, kw = self.weight_shape
-        lay = phase_layout(x_shape, (kh, kw), self.stride, self.padding, self.dilation)
+        lay = phase_layout(x_shape, (kh, kw), self.stride, self.padding, self.dilation, in_stride=in_stride)
         if lay.in_place and lay.plane % VW and self.nnz >= _ALIGN_MIN_READS * cin:
             # Planes that are not whole vectors (14x14, 7x7) start their channels inside a line, and
             # every span load then reads two. Where each channel is read by many nonzeros, copy the
@@ -489,7 +500,7 @@ class DirectConvPrep(ConvPrepBase):
             copies=lay.copies,
             in_place=lay.in_place,
             xt=aligned_zeros(lay.xt_shape(nparts if by_image else x_shape[0], cin, pw)),
-            geo=lay.geometry(x_shape),
+            geo=lay.geometry(x_shape, in_stride),
             wide=aligned_zeros((nparts, max(nco, 1) * gstride if grouped is None else 0)),
             gstride=gstride,
             bptr=bptr,
@@ -667,11 +678,11 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
         g = ws.grouped
         _grouped_kernel(*inp, *_grouped_args(ws), b, has_bias, flat, ws.hout, ws.wout, g.wide, g.gstride,
                         g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu), ws.by_image, res,
-                        residual is not None)
+                        residual is not None, ws.hout * ws.wout)
     else:
         _direct_kernel(*inp, ws.offsets, ws.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
                        ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu), ws.by_image,
-                       res, residual is not None)
+                       res, residual is not None, ws.hout * ws.wout)
     if dst is not out:
         out[...] = dst
 
@@ -712,8 +723,17 @@ def _reads_in_place(ws: _Workspace, x: np.ndarray, slack: int) -> bool:
     return (end - 1) // _PAGE == (end + 4 * SLACK - 1) // _PAGE
 
 
+def padded_plane(h: int, w: int) -> int:
+    """Floats per channel of an activation whose ``h x w`` planes are padded to whole vectors: where a
+    1x1 layer reads such a plane in place, every span starts on a cache line (ResNet-50's 14x14 and
+    7x7 planes hold 196 and 49 floats, so their channels start inside a vector). The padding's lanes
+    are read and discarded, never used."""
+    return -(-(h * w) // VW) * VW
+
+
 def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int], bias: np.ndarray | None,
-                       out: np.ndarray, relu: bool = False, slack: int = 0) -> Callable[..., None]:
+                       out: np.ndarray, relu: bool = False, slack: int = 0, in_stride: int = 0,
+                       out_stride: int = 0) -> Callable[..., None]:
     """``run(x)``: :func:`direct_conv2d` ``(prep, x, bias, out, relu)`` for inputs of ``x_shape``, with
     every argument but ``x`` bound once (the whole-model executor's steps). ``run(x, res)`` adds the
     residual connection ``res`` as :func:`direct_conv2d`'s ``residual`` does (C-contiguous float32 of
@@ -732,8 +752,13 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
     x_shape : tuple of int, (B, Cin, H, W)
     bias : ndarray, shape (Cout,), float32, or None
     out : ndarray, shape (B, Cout, Hout, Wout), float32, C-contiguous
-        Written in full by every call.
+        Written in full by every call (with ``out_stride``: shape (B, Cout, out_stride), each plane's
+        first Hout * Wout floats written, the rest of each channel left as it was).
     relu : bool
+    in_stride, out_stride : int
+        Where given, ``x`` (shape (B, Cin, in_stride)) and ``out`` (and ``res``) hold planes padded to
+        whole vectors (:func:`padded_plane`): channel ``c`` at ``c * stride``. The executor gives them
+        to chains of direct layers on 14x14 and 7x7 planes.
     slack : int
         Float32 elements that every ``x`` given to the callable is followed by in memory (the
         executor's buffers have ``SLACK``). A stride-1 layer without padding reads ``x`` in place, even
@@ -749,10 +774,18 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
         ``run(x)`` with ``x`` of shape ``x_shape``, float32.
     """
     x_shape = tuple(int(v) for v in x_shape)
-    if not out.flags.c_contiguous or out.shape != prep.output_shape(x_shape):
-        raise ValueError(f"bind_direct_conv2d: out must be C-contiguous of shape "
-                         f"{prep.output_shape(x_shape)}")
-    ws = prep.workspace(x_shape)  # this thread's (the executor binds per thread and calls in turn)
+    want = prep.output_shape(x_shape)
+    if out_stride:
+        want = (*want[:2], out_stride)
+        if out_stride != padded_plane(*prep.output_shape(x_shape)[2:]):
+            raise ValueError(f"bind_direct_conv2d: out_stride {out_stride} is not the padded plane of "
+                             f"{prep.output_shape(x_shape)}")
+    if not out.flags.c_contiguous or out.shape != want:
+        raise ValueError(f"bind_direct_conv2d: out must be C-contiguous of shape {want}")
+    if in_stride and in_stride != padded_plane(*x_shape[2:]):
+        raise ValueError(f"bind_direct_conv2d: in_stride {in_stride} is not the padded plane of {x_shape}")
+    # this thread's (the executor binds per thread and calls in turn)
+    ws = prep.workspace(x_shape, in_stride) if in_stride else prep.workspace(x_shape)
     nb = x_shape[0]
     small = prep.nnz * ws.span * nb < _SERIAL_MACS
     has_bias = bias is not None
@@ -767,6 +800,7 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
         kernel = _direct_kernel_serial if small else _direct_kernel
         kargs = (ws.offsets, ws.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
                  ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu), ws.by_image)
+    ostride = out_stride or ws.hout * ws.wout
     xt, copies, geo = ws.xt, ws.copies, ws.geo
     pcopy = phase_copy_serial if small else phase_copy
 
@@ -776,9 +810,9 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
         tail = (flat, False) if res is None else (res.reshape(nb, -1), True)
         if copy and not ws.by_image:
             pcopy(xc.reshape(nb, -1), xt, copies, geo)
-            kernel(xt, xt, copies, geo, False, *kargs, *tail)
+            kernel(xt, xt, copies, geo, False, *kargs, *tail, ostride)
         else:
-            kernel(xc.reshape(nb, -1), xt, copies, geo, copy, *kargs, *tail)
+            kernel(xc.reshape(nb, -1), xt, copies, geo, copy, *kargs, *tail, ostride)
 
     return run
 
@@ -807,7 +841,8 @@ def image_input(x, b, xt, part, copies, geo, copy):
     (the layout is the input: stride 1, no padding), else its own buffer ``xt[part % len(xt)]``, into
     which image ``b`` is copied here:
     ``xt[., c * chan + qi * plane + i * wph + j] = x[b, c, hi0 + (i - i0) * sh, wi0 + (j - j0) * sw]``
-    (x as (B, Cin * h * w), ``geo = (Cin, h, w, chan, plane, wph, sh, sw)``) for each row
+    (x as (B, Cin * cstride), pixel ``(c, y, x)`` at ``c * cstride + y * w + x``, ``geo = (Cin, h, w,
+    chan, plane, wph, sh, sw, cstride)``) for each row
     ``(qi, i0, i1, j0, j1, hi0, wi0)`` of ``copies``, ``i0 <= i < i1`` and ``j0 <= j < j1``. The
     padding around the pixels is zero from the allocation and never written.
 
@@ -831,9 +866,9 @@ def image_input(x, b, xt, part, copies, geo, copy):
 
 @jit
 def _copy_channels(src, dst, copies, geo, c0, c1):
-    """Channels ``c0 <= c < c1`` of one image ``src`` (Cin * h * w floats) into its phase planes
+    """Channels ``c0 <= c < c1`` of one image ``src`` (Cin * cstride floats) into its phase planes
     ``dst`` (see :func:`image_input`)."""
-    h, w, chan, plane, wph, sh, sw = geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
+    w, chan, plane, wph, sh, sw, cstride = geo[2], geo[3], geo[4], geo[5], geo[6], geo[7], geo[8]
     end = src.size
     for c in range(c0, c1):
         for q in range(copies.shape[0]):
@@ -844,7 +879,7 @@ def _copy_channels(src, dst, copies, geo, c0, c1):
             if sh == 1 and sw == 1 and n == w and n == wph and (i1 - i0) * n >= VW:
                 # Whole rows on both sides: one run of (i1 - i0) * w floats (an in-place layout copied
                 # onto planes of whole vectors, see phase_layout's align).
-                si = (c * h + hi0) * w
+                si = c * cstride + hi0 * w
                 o = base + i0 * wph
                 m = (i1 - i0) * n
                 for v in range(0, m - VW, VW):
@@ -852,7 +887,7 @@ def _copy_channels(src, dst, copies, geo, c0, c1):
                 copy_vec(src, si + m - VW, dst, o + m - VW)
                 continue
             for i in range(i0, i1):
-                si = (c * h + hi0 + (i - i0) * sh) * w + wi0
+                si = c * cstride + (hi0 + (i - i0) * sh) * w + wi0
                 o = base + i * wph + j0
                 if sw == 1 and n >= VW:
                     # Whole vectors; the last one ends at the row's end (overlapping the one before).
@@ -948,7 +983,7 @@ def _pair_tiles(xb, offs, data, bptr, bias, has_bias, co, c1, p, target, wpos, w
 
 @pjit
 def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, out, hout, wout, wide, gstride,
-                   bounds, wph, span, group, tile, relu, by_image, res, has_res):
+                   bounds, wph, span, group, tile, relu, by_image, res, has_res, ostride):
     """Direct sparse convolution over prepared spans, parallel over balanced output-channel ranges.
 
     For each image and each group of ``group`` wide-row positions (whole rows), the output channels
@@ -964,11 +999,13 @@ def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, o
     ``by_image`` the threads split the images instead (thread ``part`` runs every filter on images
     ``part, part + nparts, ...``; wide holds every filter).
     NOTE: offs/xt/copies/geo come from the same workspace (xt rows padded past the last span); out is
-    (B, Cout * hout * wout) C-contiguous, wout <= wph; wide holds gstride >= group + 2 * VW floats per
-    output channel of the largest range; group is a multiple of wph.
+    (B, Cout * ostride) C-contiguous, output channel ``co``'s plane (hout * wout floats) at ``co *
+    ostride`` (``ostride = hout * wout``, or that rounded up to whole vectors: a padded plane), res
+    the same; wout <= wph; wide holds gstride >= group + 2 * VW floats per output channel of the
+    largest range; group is a multiple of wph.
     """
     nb = out.shape[0]
-    plane = hout * wout
+    plane = ostride
     nparts = bounds.size - 1
     nblk = bptr.shape[0]
     direct = wph == wout and nblk == 1
@@ -1022,7 +1059,7 @@ def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, o
 
 @pjit
 def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bias, has_bias, out, hout, wout,
-                    wide, gstride, bounds, wph, span, group, nblk, relu, by_image, res, has_res):
+                    wide, gstride, bounds, wph, span, group, nblk, relu, by_image, res, has_res, ostride):
     """Direct sparse convolution in filter-group tiles (:func:`sparsecnn.kernels._simd.group_tile`),
     parallel over balanced ranges of filter groups.
 
@@ -1036,11 +1073,12 @@ def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bi
     With ``copy`` each thread phase-copies image ``b`` itself (:func:`image_input`), without it ``x``
     holds the phase planes; with ``by_image`` the threads split the images, each running every filter
     group on its own.
-    NOTE: offs/xt/copies/geo from the same workspace; out (B, Cout * hout * wout) C-contiguous; wide holds
-    GROUP_F * gstride floats per filter group of the largest range; group is a multiple of wph.
+    NOTE: offs/xt/copies/geo from the same workspace; out (B, Cout * ostride) C-contiguous (as
+    :func:`_direct_kernel`'s); wide holds GROUP_F * gstride floats per filter group of the largest
+    range; group is a multiple of wph.
     """
     nb = out.shape[0]
-    plane = hout * wout
+    plane = ostride
     nparts = bounds.size - 1
     ngroups = filters.shape[0]
     zero = np.float32(0.0)

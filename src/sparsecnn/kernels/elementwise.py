@@ -408,7 +408,8 @@ def bind_max_pool2d(x_shape: tuple[int, int, int, int], out: np.ndarray, kernel_
     return run
 
 
-def bind_global_avg_pool(x_shape: tuple[int, int, int, int], out: np.ndarray) -> Callable[[np.ndarray], None]:
+def bind_global_avg_pool(x_shape: tuple[int, int, int, int], out: np.ndarray,
+                         in_stride: int = 0) -> Callable[[np.ndarray], None]:
     """``run(x)``: :func:`global_avg_pool` ``(x, out)`` for inputs of ``x_shape`` (views made once,
     the serial kernel below ``_PARALLEL_MIN`` elements).
 
@@ -416,12 +417,16 @@ def bind_global_avg_pool(x_shape: tuple[int, int, int, int], out: np.ndarray) ->
     ----------
     x_shape : tuple of int, (B, C, H, W)
     out : ndarray, shape (B, C) or (B, C, 1, 1), float32, C-contiguous
+    in_stride : int
+        Where given, ``x`` is (B, C, in_stride) with each plane's H * W floats first (planes padded to
+        whole vectors, :func:`sparsecnn.kernels.conv.padded_plane`).
     """
     b, c, h, w = (int(v) for v in x_shape)
     o = out.reshape(b * c)
     kernel = _gap_serial if b * c * h * w < _PARALLEL_MIN else _gap_kernel
+    stride = in_stride or h * w
 
     def run(x: np.ndarray) -> None:
-        kernel(x.reshape(b * c, h * w), o)
+        kernel(x.reshape(b * c, stride)[:, :h * w], o)
 
     return run
