@@ -4,7 +4,8 @@ The result of :func:`build_program` for one input shape is a :class:`Program`: a
 reading its inputs from a value table and writing a buffer planned at build time (views such as
 flatten, dropout or a fused ReLU cost nothing: they are the producer's buffer). :meth:`Program.bind`
 gives one thread its own buffers and a list of closures that call the numba kernels with arguments
-bound once; a forward pass is that list run in order.
+bound once; a forward pass is that list run in order. Values that only direct convs (and the global
+average pool) read keep planes padded to whole vectors where H * W is not one (``Program.padded``).
 """
 
 from __future__ import annotations
