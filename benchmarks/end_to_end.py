@@ -116,30 +116,54 @@ def ab_setup(argv: list[str] | None, prog: str, description: str, cases: str, tu
     return args, chosen
 
 
-def ab_run(args: argparse.Namespace, cases: list[str], build: Callable[..., Any]) -> None:
-    """Each case compiled twice with the same plan (``"auto"``, cached in ``args.plans``), by
-    ``build(model, x, plan, before)`` with ``before`` True then False; both outputs checked against
-    the torch model, then ``args.turns`` turns timing both interleaved, a row per turn and the median
-    gain (before / now)."""
+def compile_under(model, x: torch.Tensor, plan: dict, settings: list[tuple[Any, str, Any]], **kw: Any):
+    """``sparsecnn.compile(model, x, plan, tune=False, **kw)`` with the module attributes in ``settings``
+    (``(module, name, value)``) set while it compiles and builds the program for ``x`` (the layers'
+    workspaces included), then restored: one side of an A/B."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in settings]
+    for obj, name, value in settings:
+        setattr(obj, name, value)
+    try:
+        compiled = sparsecnn.compile(model, x, plan, tune=False, **kw)
+        compiled(x)
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+    return compiled
+
+
+def ab_run(args: argparse.Namespace, cases: list[str], before: list[tuple[Any, str, Any]], *,
+           exact: bool = False, summary: Callable[[Any, torch.Tensor], str] | None = None,
+           **kw: Any) -> None:
+    """Each case compiled twice with the same plan (``"auto"``, cached in ``args.plans``):
+    :func:`compile_under` the ``before`` settings, and as the library stands (``kw`` to both); both
+    outputs checked against the torch model (``exact``: equal to each other, bit for bit), then
+    ``args.turns`` turns timing both interleaved: a row per turn (with the cores' placement) and the
+    median gain (before / now), followed by ``summary(now, x)`` when given."""
     for case in cases:
         name, profile, kwargs = CASES[case]
         model = models.build(name, **kwargs).eval()
         models.apply_profile(model, profile)
         x = torch.randn(args.batch, *models.input_shape(model), generator=torch.Generator().manual_seed(0))
         plan = dict(sparsecnn.compile(model, x, "auto", plan_path=args.plans).plan)
-        before, now = build(model, x, plan, True), build(model, x, plan, False)
+        old, now = compile_under(model, x, plan, before, **kw), compile_under(model, x, plan, [], **kw)
         gains = []
         with torch.inference_mode():
-            ref = model(x)
-            check_close(before(x), ref, what=f"{case} before")
-            check_close(now(x), ref, what=f"{case} now")
+            if exact:
+                torch.testing.assert_close(now(x), old(x), rtol=0, atol=0)
+            else:
+                ref = model(x)
+                check_close(old(x), ref, what=f"{case} before")
+                check_close(now(x), ref, what=f"{case} now")
             for _ in range(args.turns):
-                fns = [lambda b=before, v=x: b(v), lambda n=now, v=x: n(v)]
+                cores = probe_cores()
+                fns = [lambda b=old, v=x: b(v), lambda n=now, v=x: n(v)]
                 t_before, t_now = _interleaved(fns, 5, 5, 0.0)
                 gains.append(t_before / t_now)
-                print(f"{case:12s} b{args.batch:<3d} {'':9s} {t_before * 1e3:9.3f} {t_now * 1e3:9.3f} "
-                      f"{t_before / t_now:6.3f}x", flush=True)
-        print(f"  {case}: median gain {float(np.median(gains)):.3f}x over {len(gains)} turns")
+                print(f"{case:12s} b{args.batch:<3d} {span_label(cores, probe_cores()):9s} "
+                      f"{t_before * 1e3:9.3f} {t_now * 1e3:9.3f} {t_before / t_now:6.3f}x", flush=True)
+        extra = f"; {summary(now, x)}" if summary is not None else ""
+        print(f"  {case}: median gain {float(np.median(gains)):.3f}x over {len(gains)} turns{extra}")
 
 
 def step_times(compiled, x: torch.Tensor, repeats: int) -> list[tuple[str, float]]:

@@ -9,27 +9,14 @@ each turn times both interleaved (medians of 5 x 5 calls).
 
 from __future__ import annotations
 
-import sparsecnn
 from benchmarks.end_to_end import ab_run, ab_setup
 from sparsecnn.kernels import conv
-
-
-def _compile(model, x, plan: dict, old_rule: bool):
-    saved = conv._GROUPED_WIDE_SPAN
-    if old_rule:
-        conv._GROUPED_WIDE_SPAN = 1 << 62
-    try:
-        compiled = sparsecnn.compile(model, x, plan, tune=False)
-        compiled(x)  # builds the program and the layers' workspaces under the setting
-    finally:
-        conv._GROUPED_WIDE_SPAN = saved
-    return compiled
 
 
 def main(argv: list[str] | None = None) -> int:
     args, cases = ab_setup(argv, "python -m benchmarks.grouped", __doc__.split("\n")[0],
                            "resnet18-80,resnet50-80", 5, ("before", "now"))
-    ab_run(args, cases, _compile)
+    ab_run(args, cases, [(conv, "_GROUPED_WIDE_SPAN", 1 << 62)])
     return 0
 
 

@@ -12,28 +12,16 @@ first). Both outputs are checked equal to the torch model first; each turn times
 
 from __future__ import annotations
 
-import sparsecnn
 from benchmarks.end_to_end import ab_run, ab_setup
 from sparsecnn.engine import _lower
 from sparsecnn.kernels import conv
 
 
-def _compile(model, x, plan: dict, in_place: bool):
-    saved = conv._ALIGN_MIN_READS, _lower.PAD_PLANES
-    if in_place:
-        conv._ALIGN_MIN_READS, _lower.PAD_PLANES = 1 << 62, False
-    try:
-        compiled = sparsecnn.compile(model, x, plan, tune=False, layout="plain")
-        compiled(x)  # builds the program and the layers' workspaces under the setting
-    finally:
-        conv._ALIGN_MIN_READS, _lower.PAD_PLANES = saved
-    return compiled
-
-
 def main(argv: list[str] | None = None) -> int:
     args, cases = ab_setup(argv, "python -m benchmarks.planes", __doc__.split("\n")[0],
                            "resnet50-90,resnet50-80,resnet50-50", 5, ("in place", "aligned"))
-    ab_run(args, cases, _compile)
+    ab_run(args, cases, [(conv, "_ALIGN_MIN_READS", 1 << 62), (_lower, "PAD_PLANES", False)], layout="plain",
+           summary=lambda m, x: f"{len(m.program(tuple(x.shape)).padded)} values with padded planes")
     return 0
 
 
