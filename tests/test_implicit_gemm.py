@@ -132,6 +132,46 @@ def test_implicit_gemm_removed_filters_are_the_bias_and_nan_is_kept(rng) -> None
     assert_close(np.nan_to_num(out), np.nan_to_num(ref), what="implicit_gemm_conv2d")
 
 
+@pytest.mark.parametrize("form", ["spatial", "channel blocks", "channel form"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_removed_filters_pass_the_residual_through(form, relu, rng, monkeypatch) -> None:
+    """A filter pruned whole writes its bias plus the fused residual (then the ReLU), in every form of
+    the kernel. Before, such channels got the bias alone: a compiled model whose residual add was fused
+    into a ``lowered`` conv with an all-zero filter (found by the generated-model fuzz) was wrong."""
+    if form == "channel blocks":
+        monkeypatch.setattr(ig_mod, "_L1_BYTES", 1)  # one channel per block: the blocked loop
+        monkeypatch.setattr(ig_mod, "_BLOCK_MIN_TILES", 0)
+    monkeypatch.setattr(ig_mod, "CHANNEL_FORM", form == "channel form")
+    cout = 2 * 4 * VW if form == "channel form" else 8
+    k = 3 if form == "channel form" else 1
+    w = rng.standard_normal((cout, 4, k, k)).astype(np.float32)
+    w[[1, 5]] = 0  # two filters removed whole
+    x = rng.standard_normal((2, 4, 5, 5)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    res = rng.standard_normal((2, cout, 5, 5)).astype(np.float32)
+    conv = torch.nn.Conv2d(4, cout, k, padding=k // 2, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(w))
+    fmt = SparseConv2d.from_dense(conv, "lowered").engine.format
+    prep = prepare_implicit_gemm(fmt.data, fmt.row_map, fmt.col_index, w.shape, 1, (1, 1), (k // 2,) * 2,
+                                 (1, 1))
+    assert {1, 5} <= set(prep.fill.tolist())
+    ws = prep.workspace(x.shape)
+    if form == "channel form":
+        assert ws.init is not None
+    else:
+        blocked = ws.kernel in (_blocked_kernel, _blocked_kernel_serial)
+        assert ws.init is None and blocked == (form == "channel blocks")
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bias), padding=k // 2).numpy()
+    ref = np.maximum(ref + res, 0) if relu else ref + res
+    out = np.full(ref.shape, np.nan, dtype=np.float32)
+    implicit_gemm_conv2d(prep, x, bias, out, relu=relu, residual=res)
+    assert_close(out, ref, what=f"implicit_gemm_conv2d ({form})")
+    out[...] = np.nan
+    bind_implicit_gemm_conv2d(prep, x.shape, bias, out, relu)(x, res)
+    assert_close(out, ref, what=f"bound ({form})")
+
+
 def test_implicit_gemm_bound_reuses_its_buffers_and_rejects_a_wrong_out(rng) -> None:
     w = _structured(rng, 12, 8, 3, 3, 1, 0.8, 0.6)
     x = rng.standard_normal((1, 8, 10, 10)).astype(np.float32)

@@ -534,14 +534,16 @@ def _launch(prep: ImplicitGemmPrep, ws: _Workspace, x: np.ndarray, bias: np.ndar
 
 
 @jit
-def _fill_bias(dst, fill, bias, plane, relu):
+def _fill_bias(dst, fill, bias, plane, relu, res, has_res):
+    """The planes of the output channels ``fill`` that no kept filter writes: their bias, plus the
+    residual at the same place with ``has_res`` (a filter pruned whole still passes the residual
+    connection through), then ``max(v, 0)`` (NaN kept, as torch.relu) with ``relu``."""
     for q in range(fill.size):
-        v = bias[fill[q]]
-        if relu and v <= 0:  # NaN kept, as torch.relu
-            v = np.float32(0.0)
+        b = bias[fill[q]]
         base = fill[q] * plane
         for j in range(plane):
-            dst[base + j] = v
+            v = b + res[base + j] if has_res else b
+            dst[base + j] = v if not relu or not v <= 0 else np.float32(0.0)
 
 
 @jit(inline="always")
@@ -592,7 +594,7 @@ def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bi
                         _crop(w[f * gstride:], span, dst, rr[f] * plane, 0, wph, wout, hout, relu, res[b],
                               has_res)
             if part == 0 or by_image:
-                _fill_bias(dst, fill, bias, plane, relu)
+                _fill_bias(dst, fill, bias, plane, relu, res[b], has_res)
 
 
 _implicit_kernel_serial = serial_twin(_implicit_kernel)
@@ -663,7 +665,7 @@ def _blocked_kernel(x, xt, copies, geo, copy, offs, data, kblk, rows, fill, bias
                             _crop(w[((item - first) * GEMM_MR + f) * gstride:], n, dst, co * plane, r0, wph,
                                   wout, hout, relu, res[b], has_res)
             if part == 0 or by_image:
-                _fill_bias(dst, fill, bias, plane, relu)
+                _fill_bias(dst, fill, bias, plane, relu, res[b], has_res)
 
 
 _blocked_kernel_serial = serial_twin(_blocked_kernel)
@@ -752,7 +754,7 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
                 else:
                     _crop_chan(bf, p0, n, dst, rr, plane, wph, wout, relu, res[b], has_res)
             if (part == 0 or by_image) and not out_blocked:
-                _fill_bias(dst, fill, bias, plane, relu)
+                _fill_bias(dst, fill, bias, plane, relu, res[b], has_res)
 
 
 _chan_kernel_serial = serial_twin(_chan_kernel)
