@@ -776,10 +776,9 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
     x_shape = tuple(int(v) for v in x_shape)
     want = prep.output_shape(x_shape)
     if out_stride:
+        if out_stride != padded_plane(*want[2:]):
+            raise ValueError(f"bind_direct_conv2d: out_stride {out_stride} is not the padded plane of {want}")
         want = (*want[:2], out_stride)
-        if out_stride != padded_plane(*prep.output_shape(x_shape)[2:]):
-            raise ValueError(f"bind_direct_conv2d: out_stride {out_stride} is not the padded plane of "
-                             f"{prep.output_shape(x_shape)}")
     if not out.flags.c_contiguous or out.shape != want:
         raise ValueError(f"bind_direct_conv2d: out must be C-contiguous of shape {want}")
     if in_stride and in_stride != padded_plane(*x_shape[2:]):

@@ -424,9 +424,13 @@ def bind_global_avg_pool(x_shape: tuple[int, int, int, int], out: np.ndarray,
     b, c, h, w = (int(v) for v in x_shape)
     o = out.reshape(b * c)
     kernel = _gap_serial if b * c * h * w < _PARALLEL_MIN else _gap_kernel
-    stride = in_stride or h * w
+    if in_stride:
+        def run_padded(x: np.ndarray) -> None:
+            kernel(x.reshape(b * c, in_stride)[:, :h * w], o)
+
+        return run_padded
 
     def run(x: np.ndarray) -> None:
-        kernel(x.reshape(b * c, stride)[:, :h * w], o)
+        kernel(x.reshape(b * c, h * w), o)
 
     return run
