@@ -95,15 +95,17 @@ def _interleaved(fns: list, repeats: int, block: int, gap: float) -> list[float]
 
 def ab_setup(argv: list[str] | None, prog: str, description: str, cases: str, turns: int,
              columns: tuple[str, str]) -> tuple[argparse.Namespace, list[str]]:
-    """The command line of an A/B over :data:`CASES` (``--cases --batch --turns --threads --plans``):
+    """The command line of an A/B over :data:`CASES` (``--cases --batch --turns --threads --plans
+    --layout``; ``args.layout`` is None unless given):
     parsed and checked, the threads set and the table's header printed. Returns the arguments and the
-    cases."""
+    cases. A given ``--layout`` overrides the one the benchmark passes to :func:`ab_run`."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--cases", default=cases, help=f"from: {', '.join(CASES)}")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--turns", type=int, default=turns)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plans", type=Path, default=Path("bench-results/plans.json"))
+    ap.add_argument("--layout", choices=["auto", "blocked", "plain"], default=None)
     args = ap.parse_args(argv)
     chosen = args.cases.split(",")
     unknown = [c for c in chosen if c not in CASES]
@@ -140,6 +142,8 @@ def ab_run(args: argparse.Namespace, cases: list[str], before: list[tuple[Any, s
     outputs checked against the torch model (``exact``: equal to each other, bit for bit), then
     ``args.turns`` turns timing both interleaved: a row per turn (with the cores' placement) and the
     median gain (before / now), followed by ``summary(now, x)`` when given."""
+    if args.layout is not None:  # --layout overrides the benchmark's own
+        kw["layout"] = args.layout
     for case in cases:
         name, profile, kwargs = CASES[case]
         model = models.build(name, **kwargs).eval()

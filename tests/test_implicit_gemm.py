@@ -235,14 +235,17 @@ def _blocked(a: np.ndarray) -> np.ndarray:
     return to_blocked_array(a).reshape(a.shape)
 
 
+@pytest.mark.parametrize("valid", [True, False])
 @pytest.mark.parametrize("small", [False, True])
 @pytest.mark.parametrize("case", BLOCKED_CASES)
-def test_channel_form_reads_and_writes_both_layouts(case, small, rng, monkeypatch) -> None:
+def test_channel_form_reads_and_writes_both_layouts(case, small, valid, rng, monkeypatch) -> None:
     """The channel-vector form against torch, plain or channel-blocked in and out, with a residual
     and ReLU; ``small``: one channel per block and position groups of 7, so partial sums, groups
-    across rows and partial register tiles all occur."""
+    across rows and partial register tiles all occur. ``valid``: the tiles cover the output
+    positions alone (each reading its input at its own offset), else whole wide rows, cropped."""
     from sparsecnn.kernels.blocked import from_blocked_array
 
+    monkeypatch.setattr(ig_mod, "VALID_POSITIONS", valid)
     if small:
         monkeypatch.setattr(ig_mod, "_CHAN_WBYTES", 1)
         monkeypatch.setattr(ig_mod, "_CHAN_POSITIONS", 7)
@@ -258,6 +261,10 @@ def test_channel_form_reads_and_writes_both_layouts(case, small, rng, monkeypatc
         for out_b in (False, True):
             out = np.full(ref.shape, np.nan, np.float32)
             run = bind_implicit_gemm_conv2d(prep, x.shape, bias, out, True, 0, in_b, out_b)
+            if in_b or out_b:  # the channel form (plain in and out: the rule picks the form)
+                ws = prep.workspace(x.shape, in_b, out_b)
+                plane = ref.shape[2] * ref.shape[3]
+                assert (ws.qpos.size == plane) if valid else (ws.qpos.size == ws.span >= plane)
             run(_blocked(x) if in_b else x, _blocked(res) if out_b else res)
             got = from_blocked_array(out.reshape(b, cout // 16, *ref.shape[2:], 16)) if out_b else out
             assert_close(got, want, what=f"channel form in_blocked={in_b} out_blocked={out_b}")

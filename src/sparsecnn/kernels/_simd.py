@@ -47,8 +47,8 @@ __all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "ELL_ROWS", "ELL_SLAB", "GEMM_MR"
            "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even", "copy_vec",
            "copy_vec_act",
            "copy_vec_add", "fmadd",
-           "gemm_tile", "group_tile", "max_taps", "pair_tile", "prefetch", "row_dot", "scatter_axpy",
-           "span_tile",
+           "gemm_tile", "group_tile", "max_taps", "pair_tile", "prefetch", "prefetch_l2", "row_dot",
+           "scatter_axpy", "span_tile",
            "span_tile8", "tile_split"]
 
 RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot, scatter_axpy): sums in 8 chains
@@ -351,11 +351,19 @@ CHAN_NP = 6 if _vector_registers() >= 32 else 4
 CHAN_BLOCK = CHAN_OB * VW
 
 
-def _emit_chan(builder, fma, npx, xbase, optr, signed, wptr, k0, k1, bufp, initp, accumulate, pstride,
+def _emit_chan(builder, fma, npx, xbase, optr, signed, wptr, k0, k1, bufp, initp, accumulate, pptr,
                jstride, ostride, nout):
     """A ``CHAN_OB`` x ``npx`` register tile of :func:`chan_tile`: per column, ``CHAN_OB`` weight
-    vectors loaded once and ``npx`` broadcast inputs, ``CHAN_OB * npx`` FMAs."""
+    vectors loaded once and ``npx`` broadcast inputs, ``CHAN_OB * npx`` FMAs. The positions' input
+    bases (``xbase + pos[j]``) are computed once, before the column loop: each broadcast is then one
+    base + index address, as with evenly spaced positions."""
     vp = _VEC.as_pointer()
+    bases = []
+    for j in range(npx):
+        pj = builder.load(builder.gep(pptr, [ir.Constant(_I64, j)], inbounds=True))
+        if pj.type.width < 64:
+            pj = builder.sext(pj, _I64)
+        bases.append(builder.gep(xbase, [pj], inbounds=True))
     accs = [[cgutils.alloca_once(builder, _VEC) for _ in range(CHAN_OB)] for _ in range(npx)]
 
     def at(j, o):  # the tile's vector (j, o) in buf
@@ -383,13 +391,11 @@ def _emit_chan(builder, fma, npx, xbase, optr, signed, wptr, k0, k1, bufp, initp
         off = builder.load(builder.gep(optr, [k], inbounds=True))
         if off.type.width < 64:
             off = builder.sext(off, _I64) if signed else builder.zext(off, _I64)
-        p = builder.gep(xbase, [off], inbounds=True)
         wk = builder.gep(wptr, [builder.mul(k, ir.Constant(_I64, CHAN_BLOCK))], inbounds=True)
         wv = [builder.load(builder.bitcast(builder.gep(wk, [ir.Constant(_I64, o * VW)], inbounds=True), vp),
                            align=4) for o in range(CHAN_OB)]
         for j in range(npx):
-            q = p if j == 0 else builder.gep(p, [builder.mul(pstride, ir.Constant(_I64, j))], inbounds=True)
-            xs = _splat(builder, builder.load(q))
+            xs = _splat(builder, builder.load(builder.gep(bases[j], [off], inbounds=True)))
             for o in range(CHAN_OB):
                 builder.store(builder.call(fma, [wv[o], xs, builder.load(accs[j][o])]), accs[j][o])
     for o in range(CHAN_OB):
@@ -399,10 +405,10 @@ def _emit_chan(builder, fma, npx, xbase, optr, signed, wptr, k0, k1, bufp, initp
 
 
 @intrinsic
-def chan_tile(typingctx, x, offs, w, k0, k1, base, pstride, buf, bpos, jstride, ostride, nout, npx,
+def chan_tile(typingctx, x, offs, w, k0, k1, base, pos, ppos, buf, bpos, jstride, ostride, nout, npx,
               accumulate, init, ipos):
     """``buf[bpos + j * jstride + o * ostride + l] = init[ipos + f] + sum_k w[k * CHAN_BLOCK + f] *
-    x[base + offs[k] + j * pstride]`` for the ``CHAN_BLOCK`` filters ``f = o * VW + l`` of a block
+    x[base + offs[k] + pos[ppos + j]]`` for the ``CHAN_BLOCK`` filters ``f = o * VW + l`` of a block
     (``o < nout``; ``1 <= nout <= CHAN_OB``), ``k0 <= k < k1`` and ``0 <= j < npx``, ``1 <= npx <=
     CHAN_NP`` (any other npx does nothing); with ``accumulate``, ``buf``'s own value in place of
     ``init`` (partial sums over channel blocks). ``jstride = CHAN_BLOCK, ostride = VW`` lays the
@@ -415,30 +421,33 @@ def chan_tile(typingctx, x, offs, w, k0, k1, base, pstride, buf, bpos, jstride, 
     ``CHAN_OB`` aligned weight loads and ``npx`` broadcasts for ``CHAN_OB * npx`` FMAs, and no input
     vector load crosses a cache line, whatever the plane's width; the tile lands position-major in
     ``buf``.
-    x, offs, w, buf and init are 1-D arrays (float32, any integer dtype, float32, float32, float32);
-    the sum over k runs in order, one rounding per FMA.
-    ``pstride`` is 1 for planes of floats, ``VW`` for channel-blocked planes (``VW`` channels side by
-    side per position).
-    NOTE: no bounds checks: x holds ``base + offs[k] + (npx - 1) * pstride + 1`` elements for every k, w holds
-    ``k1 * CHAN_BLOCK``, buf ``bpos + npx * CHAN_BLOCK`` and init ``ipos + CHAN_BLOCK``.
+    x, offs, w, pos, buf and init are 1-D arrays (float32, any integer dtype, float32, signed integers,
+    float32, float32); the sum over k runs in order, one rounding per FMA.
+    ``pos[ppos + j]`` is the input offset of the tile's position ``j``: the executor gives the valid
+    output positions of a wide-row layout (row ``r``, column ``c`` at ``(r * wph + c) * pstride``), so no
+    register tile computes a padding column; ``pstride`` is 1 for planes of floats, ``VW`` for
+    channel-blocked planes (``VW`` channels side by side per position).
+    NOTE: no bounds checks: x holds ``base + offs[k] + pos[ppos + j] + 1`` elements for every k and j < npx,
+    pos ``ppos + npx``, w ``k1 * CHAN_BLOCK``, buf ``bpos + npx * CHAN_BLOCK`` and init ``ipos + CHAN_BLOCK``.
     """
     i = types.intp
-    sig = types.void(x, offs, w, i, i, i, i, buf, i, i, i, i, i, types.boolean, init, i)
+    sig = types.void(x, offs, w, i, i, i, pos, i, buf, i, i, i, i, i, types.boolean, init, i)
 
     def codegen(context, builder, signature, args):
-        x_, offs_, w_, k0_, k1_, base_, pstride_, buf_, bpos_, jst_, ost_, nout_, npx_, acc_, init_, ipos_ = \
-            args
+        (x_, offs_, w_, k0_, k1_, base_, pos_, ppos_, buf_, bpos_, jst_, ost_, nout_, npx_, acc_, init_,
+         ipos_) = args
         aty = signature.args
         xbase = builder.gep(_data_ptr(context, builder, aty[0], x_), [base_], inbounds=True)
         optr = _data_ptr(context, builder, aty[1], offs_)
         wptr = _data_ptr(context, builder, aty[2], w_)
-        bufp = builder.gep(_data_ptr(context, builder, aty[7], buf_), [bpos_], inbounds=True)
-        initp = builder.gep(_data_ptr(context, builder, aty[14], init_), [ipos_], inbounds=True)
+        pptr = builder.gep(_data_ptr(context, builder, aty[6], pos_), [ppos_], inbounds=True)
+        bufp = builder.gep(_data_ptr(context, builder, aty[8], buf_), [bpos_], inbounds=True)
+        initp = builder.gep(_data_ptr(context, builder, aty[15], init_), [ipos_], inbounds=True)
         signed = getattr(aty[1].dtype, "signed", True)
         fma = _fma_vec(builder)
-        accumulate = _as_i1(context, builder, acc_, aty[13])
+        accumulate = _as_i1(context, builder, acc_, aty[14])
         _for_each_nvec(builder, npx_, CHAN_NP, "chan_tile", lambda n: _emit_chan(
-            builder, fma, n, xbase, optr, signed, wptr, k0_, k1_, bufp, initp, accumulate, pstride_, jst_,
+            builder, fma, n, xbase, optr, signed, wptr, k0_, k1_, bufp, initp, accumulate, pptr, jst_,
             ost_, nout_))
         return context.get_dummy_value()
 
@@ -561,23 +570,34 @@ def group_tile(typingctx, x, offs, wts, cptr, wptr, pbase, base, w, wpos, wstrid
     return sig, codegen
 
 
-@intrinsic
-def prefetch(typingctx, a, i):
-    """Hint the cache line holding ``a[i]`` into all cache levels (``llvm.prefetch``, read; no fault on
-    any address, so ``i`` need not be in bounds). a is a 1-D array."""
-    sig = types.void(a, types.intp)
+def _prefetch_intrinsic(name: str, locality: int, doc: str):
+    """An intrinsic ``name(a, i)`` prefetching the line of ``a[i]`` with ``llvm.prefetch``'s
+    ``locality`` (3: all levels, 2: L2 and below)."""
 
-    def codegen(context, builder, signature, args):
-        a_, i_ = args
-        ptr = builder.gep(_data_ptr(context, builder, signature.args[0], a_), [i_])
-        i8p = ir.IntType(8).as_pointer()
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]), "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
-                          ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
+    def impl(typingctx, a, i):
+        sig = types.void(a, types.intp)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            a_, i_ = args
+            ptr = builder.gep(_data_ptr(context, builder, signature.args[0], a_), [i_])
+            i8p = ir.IntType(8).as_pointer()
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]), "llvm.prefetch.p0")
+            builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, locality),
+                              ir.Constant(_I32, 1)])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    impl.__name__ = impl.__qualname__ = name
+    impl.__doc__ = doc
+    return intrinsic(impl)
+
+
+prefetch = _prefetch_intrinsic("prefetch", 3, """Hint the cache line holding ``a[i]`` into all cache levels
+    (``llvm.prefetch``, read; no fault on any address, so ``i`` need not be in bounds). a is a 1-D array.""")
+prefetch_l2 = _prefetch_intrinsic("prefetch_l2", 2, """:func:`prefetch` into L2 and below (``prefetcht1``),
+    leaving L1 to the data in use.""")
 
 
 @jit

@@ -69,6 +69,7 @@ from sparsecnn.kernels._simd import (
     chan_tile,
     copy_vec_act,
     gemm_tile,
+    prefetch_l2,
     tile_split,
 )
 from sparsecnn.kernels.blocked import (
@@ -110,6 +111,11 @@ _CHAN_WBYTES = 36 << 10
 _CHAN_POSITIONS = 96
 # Off: stride-1 layers without padding crop wide rows into the output as the others (the A/B baseline).
 STRAIGHT = True
+# Channel form: tiles of output positions only (on) or of every wide-row position, padding columns
+# included (off: the A/B baseline).
+VALID_POSITIONS = True
+# Channel form: each channel block's tiles prefetch the next block's weights into L2 (off: the A/B baseline).
+CHAN_PREFETCH = True
 
 
 @dataclass(eq=False)
@@ -137,6 +143,9 @@ class _Workspace:
     identity: bool = False  # in place, no lane read past the last plane
     init: np.ndarray | None = None  # (nparts, CHAN_BLOCK) the channel form's bias of the current block
     pstride: int = 1  # channel form: floats between positions of the input (BLOCK: blocked layout)
+    qpos: np.ndarray | None = None  # channel form: input offset of each tile position (_tile_positions)
+    wrow: int = 0  # channel form: positions per row of qpos (wout: output positions; wph: wide rows)
+    prefetch: bool = False  # channel form: tiles prefetch the next channel block's weights (CHAN_PREFETCH)
     out_blocked: bool = False  # channel form: writes the channel-blocked layout
 
 
@@ -295,7 +304,7 @@ class ImplicitGemmPrep(ConvPrepBase):
     def _chan_workspace(self, x_shape: tuple[int, int, int, int], nparts: int, lay, offsets: np.ndarray,
                         by_image: bool, macs: int, in_blocked: bool = False,
                         out_blocked: bool = False) -> _Workspace:
-        """The workspace of :func:`_chan_kernel`: items are (group, filter block, row group); channel
+        """The workspace of :func:`_chan_kernel`: items are (group, filter block, position group); channel
         blocks of ``_CHAN_WBYTES`` of weights, position groups of ``_CHAN_POSITIONS``. With
         ``in_blocked`` the offsets address blocked phase planes (:mod:`sparsecnn.kernels.blocked`)."""
         b, cin = x_shape[:2]
@@ -311,7 +320,8 @@ class ImplicitGemmPrep(ConvPrepBase):
         wch, _ = self._chan_weights()
         nob = wch.shape[1]
         group = _CHAN_POSITIONS
-        ngrp = -(-lay.span // group)
+        qpos = _tile_positions(lay, BLOCK if in_blocked else 1)
+        ngrp = -(-qpos.size // group)
         cb = max(1, _CHAN_WBYTES // (4 * CHAN_BLOCK * kh * kw))
         if cb >= BLOCK:  # whole blocks of channels: a blocked input's block is one line per position
             cb -= cb % BLOCK
@@ -337,7 +347,11 @@ class ImplicitGemmPrep(ConvPrepBase):
             identity=lay.in_place,  # chan_tile reads no position past the span
             init=np.zeros((nparts, CHAN_BLOCK), dtype=np.float32),
             pstride=BLOCK if in_blocked else 1,
+            qpos=qpos,
+            wrow=lay.wout if VALID_POSITIONS else lay.wph,
             out_blocked=out_blocked,
+            straight=out_blocked and lay.wph == lay.wout,
+            prefetch=CHAN_PREFETCH,
         )
 
 
@@ -521,8 +535,8 @@ def _launch(prep: ImplicitGemmPrep, ws: _Workspace, x: np.ndarray, bias: np.ndar
     if ws.init is not None:
         wch, rows = prep._chan_weights()
         ws.kernel(xc, ws.xt, ws.copies, ws.geo, copy, ws.offsets, wch, ws.kblk, rows, prep.fill, bias,
-                  flat, ws.hout, ws.wout, ws.wide, ws.init, ws.bounds, ws.wph, ws.span, ws.group, *tail,
-                  ws.pstride, ws.out_blocked)
+                  flat, ws.hout, ws.wout, ws.wide, ws.init, ws.bounds, ws.qpos, ws.wrow, ws.group, *tail,
+                  ws.pstride, ws.out_blocked, ws.straight, ws.prefetch)
     elif ws.kernel is _blocked_kernel or ws.kernel is _blocked_kernel_serial:
         ws.kernel(xc, ws.xt, ws.copies, ws.geo, copy, ws.offsets, prep.data, ws.kblk, prep.rows, prep.fill,
                   bias, flat, ws.hout, ws.wout, ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, ws.group,
@@ -684,17 +698,20 @@ def _act_in_place(dst, res, has_res, pos, n, relu):
 
 @pjit
 def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, out, hout, wout, buf, init,
-                 bounds, wph, span, group, relu, by_image, res, has_res, pstride, out_blocked):
+                 bounds, qpos, wrow, group, relu, by_image, res, has_res, pstride, out_blocked, straight,
+                 prefetch_weights):
     """Implicit GEMM with output channels in the vector lanes (:func:`sparsecnn.kernels._simd.chan_tile`),
-    parallel over balanced ranges of (group, block of ``CHAN_BLOCK`` filters, row group) items. Per
-    item, channel block after channel block, every ``CHAN_NP``-position register tile of the row group
-    adds the block's columns into its part of ``buf`` (from the bias at the first block); then the
-    valid positions are transposed into the filters' output planes (with ReLU when ``relu``), or with
-    ``out_blocked`` stored as they are into the channel-blocked output (:mod:`sparsecnn.kernels.blocked`).
-    ``pstride`` is ``BLOCK`` where the input is channel-blocked (``x``, ``xt`` and ``offs`` in that
-    layout), else 1. A blocked output whose wide rows are its rows (no padding columns: 1x1 stride-1
-    layers) takes the tiles straight from the registers, the blocks adding into them there and the
-    last one applying the residual and ReLU to the L1-hot tile.
+    parallel over balanced ranges of (group, block of ``CHAN_BLOCK`` filters, position group) items.
+    Positions are the output's own (``hout * wout``, in row order), read from the wide-row input at
+    ``qpos[q]`` (:func:`_tile_positions`), so no tile computes a padding column. Per item, channel
+    block after channel block, every ``CHAN_NP``-position register tile of the position group adds the
+    block's columns into its tile (from the bias at the first block). A channel-blocked output
+    (:mod:`sparsecnn.kernels.blocked`), whose positions of ``BLOCK`` filters are consecutive vectors,
+    takes the tiles straight from the registers: the blocks add into them there, and the last one
+    applies the residual and ReLU to the L1-hot tile. A plain output gets them through ``buf``
+    (position-major), transposed into the filters' planes (with ReLU when ``relu``). ``pstride`` is
+    ``BLOCK`` where the input is channel-blocked (``x``, ``xt``, ``offs`` and ``qpos`` in that layout),
+    else 1.
     NOTE: as _implicit_kernel; wch (groups, nob, Kr, CHAN_BLOCK), rows (groups, nob * CHAN_BLOCK);
     buf holds (group + CHAN_NP) * CHAN_BLOCK floats per thread, init CHAN_BLOCK."""
     nb = out.shape[0]
@@ -702,8 +719,9 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
     nparts = bounds.size - 1
     nob = wch.shape[1]
     nblk = kblk.shape[1] - 1
-    ngrp = (span + group - 1) // group
-    straight = out_blocked and wph == wout  # no padding columns: the tiles go straight into out
+    npos = qpos.size
+    ngrp = (npos + group - 1) // group
+    wflat = wch.reshape(-1)
     for part in numba.prange(nparts):
         bf = buf[part]
         ini = init[part]
@@ -720,7 +738,7 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
                 rem = item - g * nob * ngrp
                 ob = rem // ngrp
                 p0 = (rem - ob * ngrp) * group
-                n = min(group, span - p0)
+                n = min(group, npos - p0)
                 rr = rows[g, ob * CHAN_BLOCK:(ob + 1) * CHAN_BLOCK]
                 for f in range(CHAN_BLOCK):
                     ini[f] = bias[rr[f]] if rr[f] >= 0 else np.float32(0.0)
@@ -729,35 +747,58 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
                 while nout < CHAN_BLOCK // BLOCK and rr[nout * BLOCK] >= 0:
                     nout += 1
                 cbo = rr[0] // BLOCK
+                wbase = (g * nob + ob) * wch.shape[2] * CHAN_BLOCK
+                ntl = (n + CHAN_NP - 1) // CHAN_NP
                 for kb in range(nblk):
                     k0, k1 = kblk[g, kb], kblk[g, kb + 1]
                     if kb > 0 and k1 == k0:
                         continue
+                    # the next block's weights (as long as this one, on in memory: the next filter
+                    # block's first after the last) into L2, a share with each tile
+                    pf0 = wbase + k1 * CHAN_BLOCK
+                    pfn = min((k1 - k0) * CHAN_BLOCK, wflat.size - pf0) if prefetch_weights else 0
+                    pstep = ((pfn + ntl - 1) // ntl + 15) // 16 * 16
                     for t0 in range(0, n, CHAN_NP):
                         npx = min(CHAN_NP, n - t0)
+                        e1 = min(pstep * (t0 // CHAN_NP + 1), pfn)
+                        for e in range(pstep * (t0 // CHAN_NP), e1, 16):
+                            prefetch_l2(wflat, pf0 + e)
                         if straight:
                             pos = (cbo * plane + p0 + t0) * BLOCK
-                            chan_tile(xb, offs[g], wt, k0, k1, (p0 + t0) * pstride, pstride, dst, pos, BLOCK,
+                            chan_tile(xb, offs[g], wt, k0, k1, 0, qpos, p0 + t0, dst, pos, BLOCK,
                                       plane * BLOCK, nout, npx, kb > 0, ini, 0)
                             if kb == nblk - 1 and (relu or has_res):
                                 for o in range(nout):
                                     _act_in_place(dst, res[b], has_res, pos + o * plane * BLOCK, npx * BLOCK,
                                                   relu)
                         else:
-                            chan_tile(xb, offs[g], wt, k0, k1, (p0 + t0) * pstride, pstride, bf,
-                                      t0 * CHAN_BLOCK, CHAN_BLOCK, BLOCK, CHAN_BLOCK // BLOCK, npx, kb > 0,
-                                      ini, 0)
+                            chan_tile(xb, offs[g], wt, k0, k1, 0, qpos, p0 + t0, bf, t0 * CHAN_BLOCK,
+                                      CHAN_BLOCK, BLOCK, CHAN_BLOCK // BLOCK, npx, kb > 0, ini, 0)
                 if straight:
                     continue
                 if out_blocked:
-                    _store_chan_blocked(bf, p0, n, dst, rr, plane, wph, wout, relu, res[b], has_res)
+                    _store_chan_blocked(bf, p0, n, dst, rr, plane, wrow, wout, relu, res[b], has_res)
                 else:
-                    _crop_chan(bf, p0, n, dst, rr, plane, wph, wout, relu, res[b], has_res)
+                    _crop_chan(bf, p0, n, dst, rr, plane, wrow, wout, relu, res[b], has_res)
             if (part == 0 or by_image) and not out_blocked:
                 _fill_bias(dst, fill, bias, plane, relu, res[b], has_res)
 
 
 _chan_kernel_serial = serial_twin(_chan_kernel)
+
+
+def _tile_positions(lay, pstride: int) -> np.ndarray:
+    """The input offset of every position the channel form's tiles compute (:func:`_chan_kernel`): each
+    output position ``q = r * wout + c`` of the wide-row layout ``lay`` (rows ``wph >= wout``
+    positions wide) at ``(r * wph + c) * pstride``; with ``VALID_POSITIONS`` off, the ``span`` wide-row
+    positions, padding columns included. int32 where it fits."""
+    if VALID_POSITIONS:
+        r, c = np.divmod(np.arange(lay.hout * lay.wout, dtype=np.int64), lay.wout)
+        q = (r * lay.wph + c) * pstride
+    else:
+        q = np.arange(lay.span, dtype=np.int64) * pstride
+    small = q.size == 0 or q[-1] <= np.iinfo(np.int32).max
+    return np.ascontiguousarray(q, dtype=np.int32 if small else np.int64)
 
 
 @jit(inline="always")
