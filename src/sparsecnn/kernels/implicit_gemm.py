@@ -319,8 +319,13 @@ class ImplicitGemmPrep(ConvPrepBase):
             offsets = np.ascontiguousarray(blk, dtype=offsets.dtype)
         wch, _ = self._chan_weights()
         nob = wch.shape[1]
-        group = _CHAN_POSITIONS
         qpos = _tile_positions(lay, BLOCK if in_blocked else 1)
+        ngrp = -(-qpos.size // _CHAN_POSITIONS)
+        if not by_image and (self.groups * nob) % nparts and ngrp % nparts:
+            # the threads split the items: as many position groups per thread (else one does a whole
+            # group more: 17 of 96 positions against 16 and a part at 56x56 on 2 threads)
+            ngrp += nparts - ngrp % nparts
+        group = -(-qpos.size // ngrp)
         ngrp = -(-qpos.size // group)
         cb = max(1, _CHAN_WBYTES // (4 * CHAN_BLOCK * kh * kw))
         if cb >= BLOCK:  # whole blocks of channels: a blocked input's block is one line per position
@@ -330,7 +335,8 @@ class ImplicitGemmPrep(ConvPrepBase):
         kblk = np.zeros((self.groups, nblk + 1), dtype=np.int64)
         for gi in range(self.groups):
             kblk[gi] = np.searchsorted(kchan[gi, : self.ncols[gi]], np.arange(nblk + 1) * cb)
-        cost = np.repeat(self.ncols + 1, nob * ngrp)
+        npos = np.minimum(group, qpos.size - np.arange(ngrp) * group)  # positions of each group
+        cost = ((self.ncols + 1)[:, None, None] * npos[None, None, :]).repeat(nob, axis=1).reshape(-1)
         bounds = balanced_bounds(cost, nparts)
         nbuf, size = lay.xt_shape(nparts if by_image else b, cin, self.padding[1])
         return _Workspace(
