@@ -37,10 +37,22 @@ the roles: ``CHAN_BLOCK`` (64) output channels in ``CHAN_OB`` (4) vectors, ``CHA
 positions broadcast, as oneDNN's and ONNX Runtime's (MLAS) NCHWc convolutions hold them. Each column
 costs four aligned weight loads and six broadcasts for 24 FMAs, and no load crosses a cache line
 whatever the plane's width; channel blocks of ``_CHAN_WBYTES`` of weights (16 channels of a 3x3
-layer) stay in L1 for a group of ``_CHAN_POSITIONS`` positions. Its results are position-major:
+layer) stay in L1 for a group of up to ``_CHAN_POSITIONS`` positions. The tiles hold output positions
+only: each broadcast reads its position's own input offset (``_tile_positions``; a base register per
+position, set before the column loop, so the loop is unchanged), where tiles of consecutive wide-row
+positions computed the padding columns too (7x7 planes of ResNet-50's 3x3 layers: 11 tiles of 63
+wide positions against 9 of 49; 14x14: 12.5% fewer). While a channel block's tiles run, each
+prefetches its share of the next block's weights into L2 (``prefetch_l2``): a layer whose weights
+come from memory (ResNet-50's layer4: 9.4 MB per 3x3 layer) otherwise stalls on the first tile of
+every block. Measured (single dense layers, blocked in and out, 2 threads, interleaved): 512 at 7x7
+1.15-1.20x, 256 at 14x14 1.07-1.09x, 128 at 28x28 1.03-1.07x, 56x56 and 1x1 layers within noise;
+whole models in ``benchmarks.positions``. Where the threads split the items and the filter blocks
+do not divide evenly between them, each gets as many position groups (56x56 on 2 threads: 34 groups
+of 93 positions, not 16 and 17 of 96). Its results are position-major:
 into the plain layout they are transposed (a scalar store per output), into the channel-blocked
 layout (:mod:`sparsecnn.kernels.blocked`) they are whole-vector stores, straight from the registers
-where the wide rows have no padding columns. It reads either layout too (the blocked input's 16
+where the wide rows have no padding columns (1x1 stride 1; the others go through the buffer: straight
+for every layer measured 0.987x on dense ResNet-50). It reads either layout too (the blocked input's 16
 channels of a position in one cache line). Plain in and out it is used for stride-1 layers with
 taps around the pixel and at least 64 kept filters per group (3x3 layers 1.03-1.33x the spatial
 form; 1x1 layers 0.6-0.8x: their short columns do not pay for the transpose); the executor runs
@@ -105,7 +117,7 @@ _BLOCK_MIN_TILES = 16
 # force it on / off (the A/B switch).
 CHANNEL_FORM: bool | None = None
 # Channel-vector form: bytes of one channel block's weights (read from L1 by every register tile of a
-# position group; 36 KB: 16 channels of a 3x3 layer, measured 1.04-1.09x 16 KB) and output positions
+# position group; 36 KB: 16 channels of a 3x3 layer, measured 1.04-1.09x 16 KB) and the most output positions
 # per group.
 _CHAN_WBYTES = 36 << 10
 _CHAN_POSITIONS = 96
