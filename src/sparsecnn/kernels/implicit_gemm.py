@@ -317,7 +317,7 @@ class ImplicitGemmPrep(ConvPrepBase):
                         by_image: bool, macs: int, in_blocked: bool = False,
                         out_blocked: bool = False) -> _Workspace:
         """The workspace of :func:`_chan_kernel`: items are (group, filter block, position group); channel
-        blocks of ``_CHAN_WBYTES`` of weights, position groups of ``_CHAN_POSITIONS``. With
+        blocks of ``_CHAN_WBYTES`` of weights, position groups of at most ``_CHAN_POSITIONS``. With
         ``in_blocked`` the offsets address blocked phase planes (:mod:`sparsecnn.kernels.blocked`)."""
         b, cin = x_shape[:2]
         _, cin_g, kh, kw = self.weight_shape
@@ -723,11 +723,13 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
     Positions are the output's own (``hout * wout``, in row order), read from the wide-row input at
     ``qpos[q]`` (:func:`_tile_positions`), so no tile computes a padding column. Per item, channel
     block after channel block, every ``CHAN_NP``-position register tile of the position group adds the
-    block's columns into its tile (from the bias at the first block). A channel-blocked output
-    (:mod:`sparsecnn.kernels.blocked`), whose positions of ``BLOCK`` filters are consecutive vectors,
-    takes the tiles straight from the registers: the blocks add into them there, and the last one
-    applies the residual and ReLU to the L1-hot tile. A plain output gets them through ``buf``
-    (position-major), transposed into the filters' planes (with ReLU when ``relu``). ``pstride`` is
+    block's columns into its tile (from the bias at the first block). With ``straight`` (a
+    channel-blocked output whose wide rows are its rows: 1x1 stride-1 layers) the tiles go straight
+    from the registers into the output, the blocks adding into them there and the last one applying
+    the residual and ReLU to the L1-hot tile. Otherwise they land position-major in ``buf`` and are
+    then stored into the channel-blocked output (:mod:`sparsecnn.kernels.blocked`) or transposed into
+    the filters' planes (with ReLU when ``relu``); ``wrow`` is the positions per row of ``qpos``'s
+    walk (``wout``; the wide rows' ``wph`` with ``VALID_POSITIONS`` off). ``pstride`` is
     ``BLOCK`` where the input is channel-blocked (``x``, ``xt``, ``offs`` and ``qpos`` in that layout),
     else 1.
     NOTE: as _implicit_kernel; wch (groups, nob, Kr, CHAN_BLOCK), rows (groups, nob * CHAN_BLOCK);
