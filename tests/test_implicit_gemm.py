@@ -290,6 +290,21 @@ def test_channel_form_unbound_and_its_limits(rng, monkeypatch) -> None:
         bind_implicit_gemm_conv2d(prep, x.shape, None, np.empty(ref.shape, np.float32), out_blocked=True)
 
 
+def test_unpadded_wide_kernels_crop_their_wide_rows(rng) -> None:
+    """An unpadded stride-1 layer wider than 1x1 reads its input in place with rows of W floats, wider
+    than the output's; its span (2 * 12 + 8 = 32) is whole vectors, but its tiles must still be
+    cropped, not stored straight into the output (they overran it: the generated-geometry test's
+    heap corruption)."""
+    w = rng.standard_normal((4, 2, 4, 3)).astype(np.float32)
+    x = rng.standard_normal((1, 2, 9, 12)).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    out, ref, prep, _ = _run(w, x, bias, (1, 1), (0, 0), (2, 2), 1, False)
+    ws = prep.workspace(x.shape)
+    assert ws.in_place and ws.span % VW == 0 and ws.wph != ws.wout
+    assert not ws.straight
+    assert_close(out, ref, what="unpadded 4x3 layer, dilation 2")
+
+
 @pytest.mark.parametrize("hw", [(8, 8), (6, 6)])
 @pytest.mark.parametrize("l1", [1, 1 << 20])
 def test_pointwise_tiles_go_straight_into_the_output(hw, l1, rng, monkeypatch) -> None:

@@ -221,7 +221,10 @@ class ImplicitGemmPrep(ConvPrepBase):
         # blocks where the input has phases or a plane has many tiles.
         cb = max(1, _L1_BYTES // (4 * lay.nph * (GEMM_NV * VW + lay.halo + VW)))
         many_tiles = -(-nvec // GEMM_NV) >= _BLOCK_MIN_TILES
-        straight = STRAIGHT and lay.in_place and lay.span % VW == 0 and _consecutive_tiles(self.rows)
+        # straight: wide rows that are the output rows (1x1: an unpadded kxk layer read in place has
+        # rows of W > Wout floats, and its tiles would overrun the output), spans of whole vectors
+        straight = (STRAIGHT and lay.in_place and lay.wph == lay.wout and lay.span % VW == 0
+                    and _consecutive_tiles(self.rows))
         nblk = -(-cin_g // cb) if BLOCKS and (lay.nph > 1 or many_tiles or straight) else 1
         cb = -(-cin_g // nblk)
         kchan = self.cols // (kh * kw)
