@@ -235,14 +235,17 @@ def _blocked(a: np.ndarray) -> np.ndarray:
     return to_blocked_array(a).reshape(a.shape)
 
 
+@pytest.mark.parametrize("epilogue", ["residual+relu", "residual", "relu", "none"])
 @pytest.mark.parametrize("valid", [True, False])
 @pytest.mark.parametrize("small", [False, True])
 @pytest.mark.parametrize("case", BLOCKED_CASES)
-def test_channel_form_reads_and_writes_both_layouts(case, small, valid, rng, monkeypatch) -> None:
-    """The channel-vector form against torch, plain or channel-blocked in and out, with a residual
-    and ReLU; ``small``: one channel per block and position groups of 7, so partial sums, groups
-    across rows and partial register tiles all occur. ``valid``: the tiles cover the output
-    positions alone (each reading its input at its own offset), else whole wide rows, cropped."""
+def test_channel_form_reads_and_writes_both_layouts(case, small, valid, epilogue, rng, monkeypatch) -> None:
+    """The channel-vector form against torch, plain or channel-blocked in and out, with or without a
+    residual and ReLU (a NaN in the residual kept through the ReLU: the straight 1x1 tiles apply
+    both on their registers); ``small``: one channel per block and position groups of 7, so partial
+    sums, groups across rows and partial register tiles all occur. ``valid``: the tiles cover the
+    output positions alone (each reading its input at its own offset), else whole wide rows,
+    cropped."""
     from sparsecnn.kernels.blocked import from_blocked_array
 
     monkeypatch.setattr(ig_mod, "VALID_POSITIONS", valid)
@@ -254,20 +257,30 @@ def test_channel_form_reads_and_writes_both_layouts(case, small, valid, rng, mon
     x = rng.standard_normal((b, cin, *hw)).astype(np.float32)
     bias = rng.standard_normal(cout).astype(np.float32)
     _, ref, prep, _ = _run(w, x, bias, stride, padding, dilation, 1, False)
-    res = rng.standard_normal(ref.shape).astype(np.float32)
-    want = np.maximum(ref + res, 0)
+    relu = "relu" in epilogue
+    res = rng.standard_normal(ref.shape).astype(np.float32) if "residual" in epilogue else None
+    if res is not None:
+        res.reshape(-1)[[0, res.size // 2, -1]] = np.nan
+    want = ref if res is None else ref + res
+    want = np.where(np.isnan(want), want, np.maximum(want, 0)) if relu else want
     assert prep.blockable(False) and prep.blockable(True)
     for in_b in (False, True):
         for out_b in (False, True):
             out = np.full(ref.shape, np.nan, np.float32)
-            run = bind_implicit_gemm_conv2d(prep, x.shape, bias, out, True, 0, in_b, out_b)
+            run = bind_implicit_gemm_conv2d(prep, x.shape, bias, out, relu, 0, in_b, out_b)
             if in_b or out_b:  # the channel form (plain in and out: the rule picks the form)
                 ws = prep.workspace(x.shape, in_b, out_b)
                 plane = ref.shape[2] * ref.shape[3]
                 assert (ws.qpos.size == plane) if valid else (ws.qpos.size == ws.span >= plane)
-            run(_blocked(x) if in_b else x, _blocked(res) if out_b else res)
+            xin = _blocked(x) if in_b else x
+            if res is None:
+                run(xin)
+            else:
+                run(xin, _blocked(res) if out_b else res)
             got = from_blocked_array(out.reshape(b, cout // 16, *ref.shape[2:], 16)) if out_b else out
-            assert_close(got, want, what=f"channel form in_blocked={in_b} out_blocked={out_b}")
+            assert np.array_equal(np.isnan(got), np.isnan(want))
+            ok = ~np.isnan(want)
+            assert_close(got[ok], want[ok], what=f"{epilogue} in_blocked={in_b} out_blocked={out_b}")
 
 
 def test_channel_form_unbound_and_its_limits(rng, monkeypatch) -> None:

@@ -352,7 +352,7 @@ CHAN_BLOCK = CHAN_OB * VW
 
 
 def _emit_chan(builder, fma, npx, xbase, optr, signed, wptr, k0, k1, bufp, initp, accumulate, pptr,
-               jstride, ostride, nout):
+               jstride, ostride, nout, resp, has_res, relu):
     """A ``CHAN_OB`` x ``npx`` register tile of :func:`chan_tile`: per column, ``CHAN_OB`` weight
     vectors loaded once and ``npx`` broadcast inputs, ``CHAN_OB * npx`` FMAs. The positions' input
     bases (``xbase + pos[j]``) are computed once, before the column loop: each broadcast is then one
@@ -398,22 +398,39 @@ def _emit_chan(builder, fma, npx, xbase, optr, signed, wptr, k0, k1, bufp, initp
             xs = _splat(builder, builder.load(builder.gep(bases[j], [off], inbounds=True)))
             for o in range(CHAN_OB):
                 builder.store(builder.call(fma, [wv[o], xs, builder.load(accs[j][o])]), accs[j][o])
-    for o in range(CHAN_OB):
-        with builder.if_then(kept(o)):
-            for j in range(npx):
-                builder.store(builder.load(accs[j][o]), at(j, o), align=4)
+    def store(with_res):  # the residual read only where there is one (else the store would wait on it)
+        for o in range(CHAN_OB):
+            with builder.if_then(kept(o)):
+                for j in range(npx):
+                    v = builder.load(accs[j][o])
+                    if with_res:
+                        idx = builder.add(builder.mul(jstride, ir.Constant(_I64, j)),
+                                          builder.mul(ostride, ir.Constant(_I64, o)))
+                        r = builder.gep(resp, [idx], inbounds=True)
+                        v = builder.fadd(v, builder.load(builder.bitcast(r, vp), align=4))
+                    builder.store(_relu(builder, v, relu), at(j, o), align=4)
+
+    with builder.if_else(has_res) as (then, otherwise):
+        with then:
+            store(True)
+        with otherwise:
+            store(False)
 
 
 @intrinsic
 def chan_tile(typingctx, x, offs, w, k0, k1, base, pos, ppos, buf, bpos, jstride, ostride, nout, npx,
-              accumulate, init, ipos):
+              accumulate, init, ipos, res, has_res, relu):
     """``buf[bpos + j * jstride + o * ostride + l] = init[ipos + f] + sum_k w[k * CHAN_BLOCK + f] *
     x[base + offs[k] + pos[ppos + j]]`` for the ``CHAN_BLOCK`` filters ``f = o * VW + l`` of a block
     (``o < nout``; ``1 <= nout <= CHAN_OB``), ``k0 <= k < k1`` and ``0 <= j < npx``, ``1 <= npx <=
     CHAN_NP`` (any other npx does nothing); with ``accumulate``, ``buf``'s own value in place of
     ``init`` (partial sums over channel blocks). ``jstride = CHAN_BLOCK, ostride = VW`` lays the
     tile out position-major; ``jstride = VW, ostride = plane * VW`` stores it straight into a
-    channel-blocked output (:mod:`sparsecnn.kernels.blocked`).
+    channel-blocked output (:mod:`sparsecnn.kernels.blocked`). Each stored vector has
+    ``res[bpos + j * jstride + o * ostride : ... + VW]`` added with ``has_res`` (a residual laid out
+    as ``buf``; pass ``buf`` itself for none) and then ``max(v, 0)`` (NaN kept) with ``relu``: the
+    epilogue of a last channel block, on the registers, not a second pass over the stored tile
+    (1x1 64 -> 256 on 56x56, one thread: 7-8% of the layer).
 
     The micro-kernel of the channel-vector implicit GEMM (:mod:`sparsecnn.kernels.implicit_gemm`):
     :func:`gemm_tile` with the roles turned, output channels in the vector lanes and output positions
@@ -428,14 +445,16 @@ def chan_tile(typingctx, x, offs, w, k0, k1, base, pos, ppos, buf, bpos, jstride
     register tile computes a padding column; ``pstride`` is 1 for planes of floats, ``VW`` for
     channel-blocked planes (``VW`` channels side by side per position).
     NOTE: no bounds checks: x holds ``base + offs[k] + pos[ppos + j] + 1`` elements for every k and j < npx,
-    pos ``ppos + npx``, w ``k1 * CHAN_BLOCK``, buf ``bpos + npx * CHAN_BLOCK`` and init ``ipos + CHAN_BLOCK``.
+    pos ``ppos + npx``, w ``k1 * CHAN_BLOCK``, buf and res ``bpos + npx * CHAN_BLOCK`` and init
+    ``ipos + CHAN_BLOCK``.
     """
     i = types.intp
-    sig = types.void(x, offs, w, i, i, i, pos, i, buf, i, i, i, i, i, types.boolean, init, i)
+    sig = types.void(x, offs, w, i, i, i, pos, i, buf, i, i, i, i, i, types.boolean, init, i, res,
+                     types.boolean, types.boolean)
 
     def codegen(context, builder, signature, args):
         (x_, offs_, w_, k0_, k1_, base_, pos_, ppos_, buf_, bpos_, jst_, ost_, nout_, npx_, acc_, init_,
-         ipos_) = args
+         ipos_, res_, hres_, relu_) = args
         aty = signature.args
         xbase = builder.gep(_data_ptr(context, builder, aty[0], x_), [base_], inbounds=True)
         optr = _data_ptr(context, builder, aty[1], offs_)
@@ -446,9 +465,12 @@ def chan_tile(typingctx, x, offs, w, k0, k1, base, pos, ppos, buf, bpos, jstride
         signed = getattr(aty[1].dtype, "signed", True)
         fma = _fma_vec(builder)
         accumulate = _as_i1(context, builder, acc_, aty[14])
+        resp = builder.gep(_data_ptr(context, builder, aty[17], res_), [bpos_], inbounds=True)
+        has_res = _as_i1(context, builder, hres_, aty[18])
+        relu = _as_i1(context, builder, relu_, aty[19])
         _for_each_nvec(builder, npx_, CHAN_NP, "chan_tile", lambda n: _emit_chan(
             builder, fma, n, xbase, optr, signed, wptr, k0_, k1_, bufp, initp, accumulate, pptr, jst_,
-            ost_, nout_))
+            ost_, nout_, resp, has_res, relu))
         return context.get_dummy_value()
 
     return sig, codegen

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import jit, pjit, serial_twin
-from sparsecnn.kernels._simd import VW, max_taps
+from sparsecnn.kernels._simd import VW, copy_vec, max_taps
 
 __all__ = ["BLOCK", "blockable", "blocked_phase_copy", "blocked_shape", "from_blocked", "from_blocked_array",
            "global_avg_pool_blocked", "image_input_blocked", "max_pool_blocked", "to_blocked",
@@ -65,7 +65,8 @@ def from_blocked(x, out):
 def _copy_blocks(src, dst, copies, geo, cb0, cb1):
     """Channel blocks ``cb0 <= cb < cb1`` of one blocked image ``src`` (Cin * h * w floats) into its
     blocked phase planes ``dst`` (the plain copy's rows, see
-    :func:`sparsecnn.kernels.conv.image_input`, each float a vector of ``BLOCK`` channels)."""
+    :func:`sparsecnn.kernels.conv.image_input`, each float a vector of ``BLOCK`` channels), one
+    vector load and store per position (:func:`sparsecnn.kernels._simd.copy_vec`)."""
     h, w, chan, plane, wph, sh, sw = geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
     for cb in range(cb0, cb1):
         for q in range(copies.shape[0]):
@@ -76,10 +77,7 @@ def _copy_blocks(src, dst, copies, geo, cb0, cb1):
                 si = (cb * h + hi0 + (i - i0) * sh) * w + wi0
                 o = base + i * wph + j0
                 for j in range(j1 - j0):
-                    s = (si + j * sw) * BLOCK
-                    d = (o + j) * BLOCK
-                    for l in range(BLOCK):
-                        dst[d + l] = src[s + l]
+                    copy_vec(src, (si + j * sw) * BLOCK, dst, (o + j) * BLOCK)
 
 
 @pjit

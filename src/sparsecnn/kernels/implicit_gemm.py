@@ -729,9 +729,10 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
     block's columns into its tile (from the bias at the first block). With ``straight`` (a
     channel-blocked output whose wide rows are its rows: 1x1 stride-1 layers) the tiles go straight
     from the registers into the output, the blocks adding into them there and the last one applying
-    the residual and ReLU to the L1-hot tile. Otherwise they land position-major in ``buf`` and are
-    then stored into the channel-blocked output (:mod:`sparsecnn.kernels.blocked`) or transposed into
-    the filters' planes (with ReLU when ``relu``); ``wrow`` is the positions per row of ``qpos``'s
+    the residual and ReLU on its registers before the store (``chan_tile``'s epilogue). Otherwise
+    they land position-major in ``buf`` and are then stored into the channel-blocked output
+    (:mod:`sparsecnn.kernels.blocked`) or transposed into the filters' planes (with ReLU when
+    ``relu``); ``wrow`` is the positions per row of ``qpos``'s
     walk (``wout``; the wide rows' ``wph`` with ``VALID_POSITIONS`` off). ``pstride`` is
     ``BLOCK`` where the input is channel-blocked (``x``, ``xt``, ``offs`` and ``qpos`` in that layout),
     else 1.
@@ -787,16 +788,16 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
                         for e in range(pstep * (t0 // CHAN_NP), e1, 16):
                             prefetch_l2(wflat, pf0 + e)
                         if straight:
+                            # the residual and ReLU on the last block's registers
                             pos = (cbo * plane + p0 + t0) * BLOCK
+                            fin = kb == nblk - 1
                             chan_tile(xb, offs[g], wt, k0, k1, 0, qpos, p0 + t0, dst, pos, BLOCK,
-                                      plane * BLOCK, nout, npx, kb > 0, ini, 0)
-                            if kb == nblk - 1 and (relu or has_res):
-                                for o in range(nout):
-                                    _act_in_place(dst, res[b], has_res, pos + o * plane * BLOCK, npx * BLOCK,
-                                                  relu)
+                                      plane * BLOCK, nout, npx, kb > 0, ini, 0, res[b],
+                                      fin and has_res, fin and relu)
                         else:
                             chan_tile(xb, offs[g], wt, k0, k1, 0, qpos, p0 + t0, bf, t0 * CHAN_BLOCK,
-                                      CHAN_BLOCK, BLOCK, CHAN_BLOCK // BLOCK, npx, kb > 0, ini, 0)
+                                      CHAN_BLOCK, BLOCK, CHAN_BLOCK // BLOCK, npx, kb > 0, ini, 0, bf, False,
+                                      False)
                 if straight:
                     continue
                 if out_blocked:
