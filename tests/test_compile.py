@@ -86,6 +86,45 @@ def test_auto_plan_cost_model_and_numpy_callable(tmp_path) -> None:
     assert np.abs(y - ref).max() / np.abs(ref).max() <= 1e-4
 
 
+def test_executor_tuning_is_cached_with_the_plan(tmp_path, monkeypatch) -> None:
+    """``compile(..., "auto")`` stores each layer's executor timing decision in the plan cache: a second
+    build with the same cache re-times nothing (``_tune`` is not called) and builds the same plan; a
+    cached decision is what the build follows (an entry edited to ``torch`` runs that layer through
+    torch)."""
+    import json
+
+    from sparsecnn import engine
+
+    model = models.build("lenet5").eval()
+    models.apply_profile(model, "uniform:0.9")
+    x = torch.randn(1, *models.input_shape(model), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "plans.json"
+    first = sparsecnn.compile(model, x, "auto", plan_path=path, layout="plain")
+    entries = json.loads(path.read_text())["entries"]
+    tuned = {k: e for k, e in entries.items() if k.startswith("executor|")}
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert len(tuned) == len(layers)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("re-timed a layer whose decision is cached")
+
+    monkeypatch.setattr(engine, "_tune", refuse)
+    second = sparsecnn.compile(model, x, "auto", plan_path=path, layout="plain")
+    assert dict(second.plan) == dict(first.plan)
+    # follow an edited decision: the first conv through torch
+    key = next(k for k in tuned if k.split("|")[1].startswith("conv20x1"))
+    entries[key]["strategy"] = "torch"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "entries": entries}))
+    third = sparsecnn.compile(model, x, "auto", plan_path=path, layout="plain")
+    conv1 = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    assert third.plan[conv1] == "torch" and third.plan.layers[conv1].source in ("executor", "cache")
+    assert any(k.startswith("conv:torch") for k in third.steps(tuple(x.shape)))
+    with torch.inference_mode():
+        ref = model(x)
+        for c in (second, third):
+            assert _rel(c(x), ref) <= 1e-4
+
+
 class _Odd(nn.Module):
     """Ops the engine runs natively next to ones it leaves to torch (softmax, sigmoid, cat, permute)."""
 

@@ -28,6 +28,7 @@ import copy
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numba
@@ -282,6 +283,42 @@ def _time_steps(fns: list[Callable[[], None]], rounds: int = 5, min_time_s: floa
     return [float(np.median(s)) for s in samples]
 
 
+def _tune_candidates(node: Node, layer: nn.Module, values: dict[str, Any]) -> list[str]:
+    """The strategies :func:`_tune` times for ``layer`` (the planner's choice first)."""
+    xin = values[node.args[0].name]
+    conv = isinstance(node.fn, nn.Conv2d)
+    batch = int(xin.shape[0]) if xin.dim() > 1 else 1
+    names = [layer.strategy, "torch", "direct" if conv else ("spmv" if batch == 1 else "spmm")]
+    if not conv and batch == 1:
+        names.append("spmv-act")  # walks the nonzero inputs (dense columns of a dense weight)
+    return list(dict.fromkeys(names))
+
+
+def _tune_cached(node: Node, layer: nn.Module, values: dict[str, Any], cache: dict[str, Any],
+                 new: dict[str, Any]) -> nn.Module:
+    """:func:`_tune`, its decision looked up in / added to the plan cache's entries (``cache`` read
+    from the file, ``new`` to write), keyed as the planner's (:func:`sparsecnn.plan.cache_key`) with
+    the executor's candidates and an ``executor|`` prefix: compiling the same model again with the
+    same cache builds the same plan, without re-timing (before, each build re-timed every layer and,
+    in a noisy spell, plans differed between builds)."""
+    from sparsecnn.layers import SparseConv2d, SparseLinear
+    from sparsecnn.plan import cache_key
+
+    names = _tune_candidates(node, layer, values)
+    if len(names) == 1:
+        return layer
+    key = "executor|" + cache_key(node.fn, values[node.args[0].name], tuple(names))
+    hit = new.get(key) or cache.get(key)
+    if isinstance(hit, dict) and hit.get("strategy") in names:
+        if hit["strategy"] == layer.strategy:
+            return layer
+        cls = SparseConv2d if isinstance(node.fn, nn.Conv2d) else SparseLinear
+        return cls.from_dense(node.fn, hit["strategy"], name=layer.name)
+    best = _tune(node, layer, values)
+    new[key] = {"strategy": best.strategy, "times_s": {}}
+    return best
+
+
 def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
     """The fastest of the planner's choice, torch and the direct/SpMV kernel *as the executor runs them*.
 
@@ -296,11 +333,7 @@ def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
     dense = node.fn
     xin = values[node.args[0].name]
     conv = isinstance(dense, nn.Conv2d)
-    batch = int(xin.shape[0]) if xin.dim() > 1 else 1
-    names = [layer.strategy, "torch", "direct" if conv else ("spmv" if batch == 1 else "spmm")]
-    if not conv and batch == 1:
-        names.append("spmv-act")  # walks the nonzero inputs (dense columns of a dense weight)
-    names = list(dict.fromkeys(names))
+    names = _tune_candidates(node, layer, values)
     if len(names) == 1:
         return layer
     cls = SparseConv2d if conv else SparseLinear
@@ -378,14 +411,17 @@ def compile(
     measure : bool
         ``"auto"`` only: False picks from the cost model instead of timing.
     plan_path : path, optional
-        The planner's decision cache (see :func:`sparsecnn.sparsify`).
+        The planner's decision cache (see :func:`sparsecnn.sparsify`); with ``measure`` it also keeps
+        the executor's tuning decisions (``tune``), so building the same model again re-times nothing
+        and gives the same plan.
     check : bool
         Compare the compiled model with the original on ``example_input`` and raise if they differ by
         more than 1e-4 of the output's largest magnitude.
     tune : bool, optional
         ``"auto"`` only: re-time each layer's planned strategy against torch and direct/SpMV as the
-        executor runs them (a few short runs per layer). Default: ``measure``. ``measure=False,
-        tune=True`` plans from the cost model and still never keeps a layer slower than torch.
+        executor runs them (a few short runs per layer; with ``measure``, once per layer and input,
+        then from the plan cache). Default: ``measure``. ``measure=False, tune=True`` plans from the
+        cost model and still never keeps a layer slower than torch.
     shrink : bool
         First remove the all-zero filters and unread input channels that structured pruning (SSL)
         left (:func:`sparsecnn.shrink.shrink`), so the compact layers run fewer FLOPs.
@@ -443,6 +479,15 @@ def compile(
                              f"got {type(strategy).__name__}")
     tuned = isinstance(strategy, str) and strategy == "auto" and (measure if tune is None else tune)
     values = record(nodes, x) if tuned else {}
+    # the executor's decisions share the planner's cache file (where the planner measures)
+    tune_path = None
+    tune_cache: dict[str, Any] = {}
+    tune_new: dict[str, Any] = {}
+    if tuned and measure:
+        from sparsecnn.plan import _read_cache, default_plan_path
+
+        tune_path = Path(plan_path) if plan_path is not None else default_plan_path()
+        tune_cache = _read_cache(tune_path)
     folded_dense = {name: node.fn for name, node in layers.items()}  # for the check's second opinion
     for name, node in layers.items():
         layer = built.get(name)
@@ -450,11 +495,16 @@ def compile(
             cls = SparseConv2d if isinstance(node.fn, nn.Conv2d) else SparseLinear
             layer = cls.from_dense(node.fn, plan[name], name=name)
         if tuned:
-            layer = _tune(node, layer, values)
+            layer = (_tune_cached(node, layer, values, tune_cache, tune_new) if tune_path is not None
+                     else _tune(node, layer, values))
             if layer.strategy != plan[name]:
                 times = plan.layers[name].times_s
                 plan = Plan({**plan.layers, name: LayerChoice(layer.strategy, "executor", times)})
         node.fn = layer
+    if tune_new and tune_path is not None:
+        from sparsecnn.plan import _write_cache
+
+        _write_cache(tune_path, tune_new)
     compiled = CompiledModel(nodes, plan, x)
     if tuned and num_threads() > 1:
         # Tiny models (LeNet-5) lose more to parallel launches than they gain: time both ways.
