@@ -186,6 +186,19 @@ def test_a_fresh_run_replaces_the_checkpoint_and_its_epoch_files(splits, started
     assert keep.read_bytes() == b"not ours"  # only the stage names are ours to remove
 
 
+def test_resume_removes_the_epoch_file_of_a_finished_stage(splits, tmp_path: Path) -> None:
+    """Killed after a stage's checkpoint was written but before its epoch checkpoint was removed (as
+    the CLI's SIGKILL test once hit): the resumed run skips the stage and removes the spent file."""
+    config = CONFIGS["magnitude-iterative"]
+    ck = tmp_path / "checkpoint.pt"
+    first = _run(splits, config, ck)
+    spent = ck.with_name("checkpoint.cycle2.pt")
+    torch.save({"epoch": 2}, spent)  # what the kill left between the two steps of finish()
+    again = _run(splits, config, ck, resume=True)
+    _assert_same(again, first)
+    assert sorted(p.name for p in ck.parent.iterdir()) == ["checkpoint.pt"]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "train-checkpoint"])
 def test_damaged_checkpoint_is_one_clear_error(splits, started: Path, damage: str) -> None:
     blob = started.read_bytes()

@@ -126,6 +126,14 @@ class StageCheckpoint:
             self._state = self._load()
             self.done = list(self._state["done"])
             self.results = dict(self._state["results"])
+            if _main():
+                # A kill between a stage's checkpoint and the removal of its epoch checkpoint leaves
+                # the spent epoch file behind; the resumed run skips that stage, so remove it here.
+                for stage in self.done:
+                    f = self.stage_file(stage)
+                    if f is not None:
+                        with contextlib.suppress(FileNotFoundError):
+                            f.unlink()
         elif _main():
             self._remove_stage_files()
         _barrier()
