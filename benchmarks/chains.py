@@ -18,17 +18,15 @@ between ``perf_counter`` marks, ONNX Runtime's Conv nodes from its profiler (as 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import sparsecnn
+from benchmarks.ort_layers import _ort_node_ms, _ort_session
 from sparsecnn.bench.harness import check_close, set_threads
 
 # name: (input channels, spatial size, kernel, repeats, expansion channels or None)
@@ -60,23 +58,6 @@ def chain_model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.randn(1, cin, hw, hw, generator=gen)
 
 
-def _ort(model: torch.nn.Module, x: torch.Tensor, threads: int, profile: str | None = None):
-    import onnxruntime as ort
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buf, dynamo=False, input_names=["x"], output_names=["y"])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile
-    return ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
-
-
 def paired(fa, fb, pairs: int, block: int = 3) -> tuple[float, float, np.ndarray]:
     """Medians of ``fa`` and ``fb`` (seconds a call) and the per-pair ratios ``a / b``: the two
     alternate blocks of ``block`` timed calls (after one untimed call), the first of each pair
@@ -99,13 +80,11 @@ def paired(fa, fb, pairs: int, block: int = 3) -> tuple[float, float, np.ndarray
 
 
 def _layers(name: str, model, x, compiled, threads: int, turns: int) -> None:
-    from benchmarks.ort_layers import _ort_node_ms
-
     prog = compiled.program(tuple(x.shape))
     env, steps = prog.bind()
     xn = x.numpy()
     with tempfile.TemporaryDirectory() as tmp:
-        sess = _ort(model, x, threads, str(Path(tmp) / "ort"))
+        sess = _ort_session(model, x, threads, str(Path(tmp) / "ort"))
         marks_all = []
         for _ in range(turns + 3):
             env[prog.input_slot] = xn
@@ -152,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             model, x = chain_model(name)
             compiled = sparsecnn.compile(model, x, layout="blocked")
-            sess = _ort(model, x, threads)
+            sess = _ort_session(model, x, threads)
             xn = x.numpy()
             with torch.inference_mode():
                 ref = model(x)

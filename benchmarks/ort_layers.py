@@ -32,7 +32,9 @@ from sparsecnn import models
 from sparsecnn.bench.harness import check_close, set_threads
 
 
-def _ort_session(model: torch.nn.Module, x: torch.Tensor, threads: int, prefix: str):
+def _ort_session(model: torch.nn.Module, x: torch.Tensor, threads: int, prefix: str | None = None):
+    """An ONNX Runtime session on ``model``'s ONNX export (``threads`` intra-op, spinning off), with
+    its profiler writing to ``prefix`` when given."""
     import onnxruntime as ort
 
     buf = io.BytesIO()
@@ -43,8 +45,9 @@ def _ort_session(model: torch.nn.Module, x: torch.Tensor, threads: int, prefix: 
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.enable_profiling = True
-    so.profile_file_prefix = prefix
+    if prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = prefix
     return ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
 
 
