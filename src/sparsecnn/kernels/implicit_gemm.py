@@ -732,8 +732,8 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
     the residual and ReLU on its registers before the store (``chan_tile``'s epilogue). Otherwise
     they land position-major in ``buf`` and are then stored into the channel-blocked output
     (:mod:`sparsecnn.kernels.blocked`) or transposed into the filters' planes (with ReLU when
-    ``relu``); ``wrow`` is the positions per row of ``qpos``'s
-    walk (``wout``; the wide rows' ``wph`` with ``VALID_POSITIONS`` off). ``pstride`` is
+    ``relu``); ``wrow`` is the positions per row of ``qpos``'s walk (``wout``; the wide rows'
+    ``wph`` with ``VALID_POSITIONS`` off). ``pstride`` is
     ``BLOCK`` where the input is channel-blocked (``x``, ``xt``, ``offs`` and ``qpos`` in that layout),
     else 1.
     NOTE: as _implicit_kernel; wch (groups, nob, Kr, CHAN_BLOCK), rows (groups, nob * CHAN_BLOCK);
