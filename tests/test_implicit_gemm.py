@@ -24,6 +24,13 @@ from sparsecnn.layers import SparseConv2d
 from tests.reference import assert_close
 
 
+@pytest.fixture(autouse=True)
+def _implicit_forms_only(monkeypatch):
+    """These tests pin the implicit GEMM's own forms (spatial, blocked, channel-vector); its Winograd
+    form has tests/test_winograd.py."""
+    monkeypatch.setattr(ig_mod, "WINOGRAD", False)
+
+
 def _structured(rng, cout, cin_g, kh, kw, groups, keep_rows, keep_cols):
     """Filters and lowered columns removed per group (SSL's structure), the rest random nonzero."""
     w = rng.standard_normal((cout, cin_g, kh, kw)).astype(np.float32)

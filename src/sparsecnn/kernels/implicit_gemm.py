@@ -104,6 +104,13 @@ from sparsecnn.kernels.conv import (
     phase_layout,
     split_by_image,
 )
+from sparsecnn.kernels.winograd import (
+    WinoWorkspace,
+    padded_bias,
+    winograd_conv2d,
+    winograd_weights,
+    winograd_workspace,
+)
 
 __all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2d", "prepare_implicit_gemm"]
 
@@ -116,6 +123,17 @@ _BLOCK_MIN_TILES = 16
 # The channel-vector form (_chan_kernel): None picks it by the rule in _use_channel_form, True / False
 # force it on / off (the A/B switch).
 CHANNEL_FORM: bool | None = None
+# Winograd F(2x2, 3x3) (:mod:`sparsecnn.kernels.winograd`) for 3x3 stride-1 layers: None picks it by the
+# rule in _use_winograd, True / False force it on (where the layer is 3x3 stride 1) / off (the A/B switch).
+WINOGRAD: bool | None = None
+# The rule: Winograd where the implicit GEMM would do at least this fraction of the dense layer's
+# multiply-adds (its kept columns x kept filters): Winograd does 16 / 36 of them, in GEMMs about as
+# fast per multiply-add as the channel form's.
+_WINO_MIN_WORK = 0.55
+# ... and where a plane has at least this many 2x2 output tiles: each transformed weight (16/9 of the
+# layer's weights, from L3 in a forward pass) serves every tile of a plane, and on 7x7 planes (16 tiles)
+# Winograd ran 0.8x the channel form in ResNet-18 (1.0-1.2x alone, its weights warm).
+_WINO_MIN_TILES = 32
 # Channel-vector form: bytes of one channel block's weights (read from L1 by every register tile of a
 # position group; 36 KB: 16 channels of a 3x3 layer, measured 1.04-1.09x 16 KB) and the most output positions
 # per group.
@@ -186,11 +204,14 @@ class ImplicitGemmPrep(ConvPrepBase):
     ncols: np.ndarray
     fill: np.ndarray
     _chan: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
+    _wino: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __setstate__(self, state: dict) -> None:
-        # copies and unpickled preps rebuild the channel form's weights on first use, on cache lines
+        # copies and unpickled preps rebuild the channel form's and Winograd's weights on first use, on
+        # cache lines
         self.__dict__.update(state)
         self._chan = None
+        self._wino = None
 
     def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int, in_blocked: bool = False,
                          out_blocked: bool = False) -> _Workspace:
@@ -202,6 +223,10 @@ class ImplicitGemmPrep(ConvPrepBase):
         lay = phase_layout(x_shape, (kh, kw), self.stride, self.padding, self.dilation)
         off, macs = self._column_offsets(lay, cin)
         macs *= b
+        if _use_winograd(self, x_shape):
+            return winograd_workspace(x_shape, self.weight_shape, self.groups, self.padding, nparts,
+                                      split_by_image(b, nparts), in_blocked, out_blocked,
+                                      serial=macs < _SERIAL_MACS)
         ntiles = self.data.shape[1]
         cost = np.repeat(self.ncols + 1, ntiles)  # an item's cost: its columns (+1: the crop)
         bounds = balanced_bounds(cost, nparts)
@@ -284,6 +309,29 @@ class ImplicitGemmPrep(ConvPrepBase):
             wch[...] = packed
             self._chan = (wch, rows)
         return self._chan
+
+    def _wino_weights(self) -> np.ndarray:
+        """The layer's filters transformed for Winograd F(2x2, 3x3)
+        (:func:`sparsecnn.kernels.winograd.winograd_weights`), from the dense weight these tiles hold
+        (zero where a filter or column was dropped); built once, on first use."""
+        if self._wino is None:
+            self._wino = winograd_weights(self.to_dense(), self.groups)
+        return self._wino
+
+    def to_dense(self) -> np.ndarray:
+        """The dense weight ``(Cout, Cin / groups, kh, kw)`` these tiles hold (zeros where a filter or a
+        column was dropped)."""
+        cout, cin_g, kh, kw = self.weight_shape
+        g, ntiles, kr, _ = self.data.shape
+        mg = cout // g
+        dense = np.zeros((g, mg, cin_g * kh * kw), np.float32)
+        rows = self.data.transpose(0, 1, 3, 2).reshape(g, ntiles * GEMM_MR, kr)
+        for gi in range(g):
+            keep = np.flatnonzero(self.rows[gi] >= 0)
+            k = self.ncols[gi]
+            filters = self.rows[gi, keep] - gi * mg
+            dense[gi][np.ix_(filters, self.cols[gi, :k])] = rows[gi][np.ix_(keep, np.arange(k))]
+        return dense.reshape(cout, cin_g, kh, kw)
 
     def blockable(self, out: bool) -> bool:
         """Whether this layer can read (``out`` False) or write (``out`` True) the channel-blocked
@@ -383,6 +431,24 @@ def _consecutive_tiles(rows: np.ndarray) -> bool:
     return bool((r[..., 0] >= 0).all() and (r == r[..., :1] + np.arange(GEMM_MR)).all())
 
 
+def _use_winograd(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int]) -> bool:
+    """Whether a layer runs Winograd F(2x2, 3x3) (:mod:`sparsecnn.kernels.winograd`) on inputs of
+    ``x_shape``: 3x3, stride 1, no dilation; forced by ``WINOGRAD``, else where each group has at least
+    a vector of input channels, an output plane at least ``_WINO_MIN_TILES`` tiles, and the kept
+    columns x kept filters are at least ``_WINO_MIN_WORK`` of the dense layer's (SSL's compact layers
+    with fewer run the implicit GEMM on what they kept)."""
+    _, cin_g, kh, kw = prep.weight_shape
+    if (kh, kw) != (3, 3) or prep.stride != (1, 1) or prep.dilation != (1, 1) or WINOGRAD is False:
+        return False
+    if WINOGRAD:
+        return True
+    cout = prep.weight_shape[0]
+    _, _, ho, wo = prep.output_shape(x_shape)
+    kept = int(((prep.rows >= 0).sum(axis=1) * prep.ncols).sum())
+    return (cin_g >= VW and -(-ho // 2) * -(-wo // 2) >= _WINO_MIN_TILES
+            and kept >= _WINO_MIN_WORK * cout * cin_g * kh * kw)
+
+
 def _use_channel_form(prep: ImplicitGemmPrep, span: int) -> bool:
     """Whether a layer runs in the channel-vector form (:func:`_chan_kernel`): forced by
     ``CHANNEL_FORM``, else for stride-1 layers with more than one tap where every group keeps at
@@ -473,8 +539,7 @@ def implicit_gemm_conv2d(prep: ImplicitGemmPrep, x: np.ndarray, bias: np.ndarray
     _check_out(prep, x.shape, out)
     ws = prep.workspace(x.shape)
     res = None if residual is None else _residual(residual, out, "implicit_gemm_conv2d")
-    _launch(prep, ws, x, ws.zero_bias if bias is None else bias, out.reshape(x.shape[0], -1), bool(relu),
-            res=res)
+    _launch(prep, ws, x, _bias_for(prep, ws, bias), out.reshape(x.shape[0], -1), bool(relu), res=res)
 
 
 def bind_implicit_gemm_conv2d(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int],
@@ -515,7 +580,7 @@ def bind_implicit_gemm_conv2d(prep: ImplicitGemmPrep, x_shape: tuple[int, int, i
                          "layout (see ImplicitGemmPrep.blockable)")
     variant = (in_blocked, out_blocked) if in_blocked or out_blocked else ()  # plain: the unbound call's
     ws = prep.workspace(x_shape, *variant)
-    b = ws.zero_bias if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    b = _bias_for(prep, ws, bias)
     flat = out.reshape(x_shape[0], -1)
     relu = bool(relu)
 
@@ -525,6 +590,16 @@ def bind_implicit_gemm_conv2d(prep: ImplicitGemmPrep, x_shape: tuple[int, int, i
         _launch(prep, ws, x, b, flat, relu, slack, None if res is None else res.reshape(nb, -1))
 
     return run
+
+
+def _bias_for(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace, bias: np.ndarray | None) -> np.ndarray:
+    """The bias as the workspace's kernel reads it: float32 (Cout,), padded to whole filter blocks per
+    group for Winograd; zeros for none."""
+    if bias is None:
+        return ws.zero_bias
+    if isinstance(ws, WinoWorkspace):
+        return padded_bias(bias, prep.weight_shape[0], prep.groups)
+    return np.ascontiguousarray(bias, dtype=np.float32)
 
 
 def _check_out(prep: ImplicitGemmPrep, x_shape: tuple[int, ...], out: np.ndarray) -> None:
@@ -542,6 +617,9 @@ def _launch(prep: ImplicitGemmPrep, ws: _Workspace, x: np.ndarray, bias: np.ndar
     (B, Cout * Hout * Wout), when given, is added before the ReLU."""
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     xc = xc.reshape(xc.shape[0], -1)
+    if isinstance(ws, WinoWorkspace):  # bias padded to whole filter blocks (padded_bias)
+        winograd_conv2d(prep._wino_weights(), ws, xc, bias, flat, relu, res)
+        return
     copy = ws.by_image
     if _reads_in_place(ws, xc, slack):
         copy = False

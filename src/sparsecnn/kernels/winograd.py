@@ -1,0 +1,390 @@
+r"""Winograd F(2x2, 3x3): dense 3x3 stride-1 convolutions as 16 small GEMMs (Lavin & Gray, CVPR 2016).
+
+A 2 x 2 block of outputs of a 3 x 3 filter reads a 4 x 4 block of inputs ``d``; in the transformed
+domain the block is one elementwise product per (input channel, filter),
+
+.. math:: Y = A^T \Big[ \sum_c (G g_c G^T) \odot (B^T d_c B) \Big] A
+
+so the 36 multiply-adds of the direct form per channel pair become 16, and the sum over input
+channels is a GEMM for each of the 16 points ``xi`` of the transformed tile:
+``M[xi][t][f] = sum_c V[xi][c][t] U[xi][c][f]`` with ``U = G g G^T`` (the weights, transformed once)
+and ``V = B^T d B`` (the input, transformed per call). ``G`` holds halves and ``A``, ``B`` only 0 and
++-1, so the rounding is that of a sum of a few more terms (relative differences to torch's direct
+convolution about 1e-7 to 1e-6 on the layers measured here); a NaN or infinite input spreads to the
+whole 2 x 2 output block of every tile that reads it (the direct form: to the outputs whose window
+holds it), and an infinite one may come out NaN.
+
+Layouts (the channel-blocked ones of :mod:`sparsecnn.kernels.blocked`, ``VW`` channels in the lanes):
+
+- the input is read as ``VW``-channel blocks; a plain input is first copied into that layout per
+  channel block (channels past the group's zero);
+- per channel block and row of tiles, the four input rows of the tile row go into a scratch with
+  their zero padding, and :func:`sparsecnn.kernels._simd.wino_in_tile` writes each tile's 16
+  transformed vectors: ``V`` is ``(groups, 16, Cg / VW, T, VW)`` for ``T`` tiles;
+- the GEMMs run on :func:`sparsecnn.kernels._simd.chan_tile`, the channel form's micro-kernel
+  (:mod:`sparsecnn.kernels.implicit_gemm`): ``CHAN_BLOCK`` filters in the lanes, up to ``CHAN_NP``
+  tiles broadcast, the input channels as its columns (``U`` is ``(groups, nfb, 16, Cg, CHAN_BLOCK)``),
+  in channel blocks of ``_CBLK`` whose weights stay in L1 while the tiles pass, each block's tiles
+  prefetching the next block's weights into L2 (a forward pass finds them in L3 at best: 4.2 MB for
+  a 256 -> 256 layer, 16/9 of the layer's own weights);
+- each work item (group, block of ``CHAN_BLOCK`` filters, chunk of up to ``WINO_TILES`` tiles)
+  gathers its 16 GEMMs' results in a thread buffer (``M``, in L2) and then
+  :func:`sparsecnn.kernels._simd.wino_out_tile` turns each tile back into its 2 x 2 outputs with the
+  bias, the residual and the ReLU: whole-vector stores into a channel-blocked output, one scalar
+  store per output into a plain one.
+
+Threads split the work items at small batches (the transform of each image first, split by channel
+blocks, then the items); with a batch of at least as many images as threads, each thread runs its
+own images through both (:func:`sparsecnn.kernels.conv.split_by_image`).
+
+Measured (Emerald Rapids, 2 threads, batch 1, dense layers, blocked in and out, interleaved with the
+channel form in one process): 64 at 56x56 1.5x, 128 at 28x28 1.76x, 256 at 14x14 1.9x, 512 at 7x7
+1.15-1.34x (16 tiles, each transformed weight used 16 times), AlexNet's 256 -> 384 at 13x13 1.4x; the
+transforms are 5-10% of the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from sparsecnn.kernels._numba import aligned_empty, aligned_zeros, balanced_bounds, jit, pjit, serial_twin
+from sparsecnn.kernels._simd import (
+    CHAN_BLOCK,
+    CHAN_NP,
+    VW,
+    chan_tile,
+    copy_vec,
+    prefetch_l2,
+    tile_split,
+    wino_in_tile,
+    wino_out_tile,
+)
+
+__all__ = ["WINO_TILES", "WinoWorkspace", "padded_bias", "winograd_conv2d", "winograd_weights",
+           "winograd_workspace"]
+
+# Tiles per work item: the item's 16 GEMM results (16 x WINO_TILES x CHAN_BLOCK floats, 256 KB) stay in L2
+# until its output transform.
+WINO_TILES = 64
+# Input channels per GEMM block: a 64-filter block's transformed weights (_CBLK x CHAN_BLOCK floats,
+# 32 KB) stay in L1 while the item's tiles pass.
+_CBLK = 128
+
+# G of F(2x2, 3x3): U = G g G^T (4 x 4 per filter and channel).
+_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+def winograd_weights(weight: np.ndarray, groups: int) -> np.ndarray:
+    """The transformed filters ``U = G g G^T`` in the GEMMs' layout.
+
+    Parameters
+    ----------
+    weight : ndarray, shape (Cout, Cin / groups, 3, 3), float32
+    groups : int
+
+    Returns
+    -------
+    ndarray, shape (groups, nfb, 16, cgp, CHAN_BLOCK), float32
+        ``U[g, fb, xi, c, f]``: point ``xi`` of filter ``g * Cout / groups + fb * CHAN_BLOCK + f`` on
+        input channel ``c`` of its group; zero past the filters and channels (``cgp``: ``Cin /
+        groups`` rounded up to whole vectors, ``nfb`` blocks of ``CHAN_BLOCK`` filters per group).
+        On cache lines (the GEMMs load whole-line weight vectors); a work item's weights (one filter
+        block) are contiguous, in the order it reads them.
+    """
+    cout, cg = weight.shape[:2]
+    fg = cout // groups
+    nfb = -(-fg // CHAN_BLOCK)
+    cgp = -(-cg // VW) * VW
+    u = np.einsum("ai,fcij,bj->abfc", _G, weight.astype(np.float64), _G).reshape(16, groups, fg, cg)
+    full = np.zeros((groups, 16, nfb * CHAN_BLOCK, cgp), np.float32)
+    full[:, :, :fg, :cg] = u.transpose(1, 0, 2, 3)
+    out = aligned_empty((groups, nfb, 16, cgp, CHAN_BLOCK))
+    out[...] = full.reshape(groups, 16, nfb, CHAN_BLOCK, cgp).transpose(0, 2, 1, 4, 3)
+    return out
+
+
+def padded_bias(bias: np.ndarray | None, cout: int, groups: int) -> np.ndarray:
+    """``(groups * nfb * CHAN_BLOCK,)`` float32: each group's bias padded to whole filter blocks (the
+    output transform adds one vector of it per ``VW`` filters); zeros without a bias."""
+    fg = cout // groups
+    nfb = -(-fg // CHAN_BLOCK)
+    out = np.zeros((groups, nfb * CHAN_BLOCK), np.float32)
+    if bias is not None:
+        out[:, :fg] = np.asarray(bias, np.float32).reshape(groups, fg)
+    return out.reshape(-1)
+
+
+@dataclass(eq=False)
+class WinoWorkspace:
+    """Per input shape (and layouts): buffers and geometry of :func:`winograd_conv2d`."""
+
+    geo: np.ndarray  # int64, indexed by the _H ... _CBLKF constants
+    offs: np.ndarray  # (cgp,) int32: V offset of input channel c inside one point's GEMM input
+    tpos: np.ndarray  # (tg + CHAN_NP,) int32: V offset of a chunk's tile j (j * VW)
+    V: np.ndarray  # (nparts, 16 * cgp * tg + VW): each thread's transformed chunk of tiles
+    xb: np.ndarray  # (nbuf, groups * ncbk * H * W * VW + VW): a plain input in blocks (else (nbuf, 0))
+    scratch: np.ndarray  # (nparts, 4 * L * VW + VW): a tile row's padded input rows
+    mbuf: np.ndarray  # (nparts, 16 * S + VW): an item's 16 GEMM results
+    tmp: np.ndarray  # (nparts, 4 * VW): one tile's outputs on their way into a plain output
+    zeros: np.ndarray  # (VW,)
+    init: np.ndarray  # (CHAN_BLOCK,) zeros: the GEMMs start from zero (the bias comes at the end)
+    bounds: np.ndarray  # (nparts + 1,) item ranges of the threads
+    by_image: bool
+    in_blocked: bool
+    out_blocked: bool
+    serial: bool  # one thread (a layer too small for a parallel launch)
+    zero_bias: np.ndarray  # (groups * nfb * CHAN_BLOCK,) zeros: the padded bias of a layer without one
+
+
+# geo fields
+(_H, _W, _PH, _PW, _HO, _WO, _TH, _TW, _T, _L, _GROUPS, _CG, _NCBK, _CGP, _FG, _NFB, _TG, _NCHUNK, _S,
+ _CBLKF) = range(20)
+
+# Most bytes of one thread's transformed chunk (16 x cgp x tiles floats): it stays in L2 while the
+# chunk's filter blocks run (1 MB: a 14x14 plane of 256 channels in one chunk).
+_CHUNK_BYTES = 1 << 20
+
+
+def winograd_workspace(x_shape: tuple[int, int, int, int], weight_shape: tuple[int, int, int, int],
+                       groups: int, padding: tuple[int, int], nparts: int, by_image: bool,
+                       in_blocked: bool = False, out_blocked: bool = False,
+                       serial: bool = False) -> WinoWorkspace:
+    """The workspace of :func:`winograd_conv2d` for inputs of (plain) shape ``x_shape``: threads split
+    the images with ``by_image`` (else the work items of each image), one thread with ``serial``;
+    ``in_blocked`` / ``out_blocked``: the input / output is channel-blocked."""
+    if serial:  # one thread running every image (and copying each plain one into its blocks)
+        by_image, nparts = True, 1
+    _, _, h, w = x_shape
+    cout, cg = weight_shape[:2]
+    ph, pw = padding
+    ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
+    th, tw = -(-ho // 2), -(-wo // 2)
+    t = th * tw
+    fg = cout // groups
+    nfb = -(-fg // CHAN_BLOCK)
+    ncbk = -(-cg // VW)
+    cgp = ncbk * VW
+    tg = max(1, min(t, WINO_TILES, _CHUNK_BYTES // (64 * cgp)))
+    nchunk = -(-t // tg)
+    if not by_image and (groups * nfb * nchunk) % nparts:
+        # as many chunks per thread (else one thread runs a whole item more)
+        nchunk += nparts - nchunk % nparts
+        tg = -(-t // nchunk)
+        nchunk = -(-t // tg)
+    s = tg * CHAN_BLOCK + VW  # one point's results, a vector apart from the next (no cache-set conflicts)
+    el = 2 * tw + 2
+    geo = np.array([h, w, ph, pw, ho, wo, th, tw, t, el, groups, cg, ncbk, cgp, fg, nfb, tg, nchunk, s,
+                    min(_CBLK, cgp)], dtype=np.int64)
+    nbuf = nparts if by_image else 1
+    c = np.arange(cgp)
+    return WinoWorkspace(
+        geo=geo,
+        offs=((c // VW) * tg * VW + c % VW).astype(np.int32),
+        tpos=(np.arange(tg + CHAN_NP) * VW).astype(np.int32),
+        V=aligned_zeros((nparts, 16 * cgp * tg + VW)),
+        xb=aligned_zeros((nbuf, 0 if in_blocked else groups * ncbk * h * w * VW + VW)),
+        scratch=aligned_zeros((nparts, 4 * el * VW + VW)),
+        mbuf=aligned_zeros((nparts, 16 * s + VW)),
+        tmp=aligned_zeros((nparts, 4 * VW)),
+        zeros=np.zeros(VW, np.float32),
+        init=np.zeros(CHAN_BLOCK, np.float32),
+        bounds=balanced_bounds(np.ones(groups * nfb * nchunk, dtype=np.int64), nparts),
+        by_image=by_image,
+        in_blocked=in_blocked,
+        out_blocked=out_blocked,
+        serial=serial,
+        zero_bias=np.zeros(groups * nfb * CHAN_BLOCK, np.float32),
+    )
+
+
+@jit
+def _to_blocks(x, xb, geo, gc):
+    """Channel block ``gc`` (group ``gc // ncbk``) of one plain image ``x`` into ``xb``, blocked
+    (channels past the group's zero)."""
+    hw = geo[_H] * geo[_W]
+    cg, ncbk = geo[_CG], geo[_NCBK]
+    g = gc // ncbk
+    cbk = gc - g * ncbk
+    xoff = gc * hw * VW
+    first = g * cg + cbk * VW
+    nl = min(VW, cg - cbk * VW)
+    zero = np.float32(0.0)
+    for lane in range(VW):
+        if lane < nl:
+            plane = x[(first + lane) * hw:(first + lane + 1) * hw]
+            for q in range(hw):
+                xb[xoff + q * VW + lane] = plane[q]
+        else:
+            for q in range(hw):
+                xb[xoff + q * VW + lane] = zero
+
+
+@jit
+def _transform_chunk(src, vb, sc, zeros, geo, g, c0, n):
+    """Tiles ``c0 <= t < c0 + n`` of group ``g`` of one blocked image ``src``: per channel block and row
+    of tiles, the four padded input rows into ``sc``, then each tile's ``B^T d B`` into ``vb``
+    (``(16, ncbk, tg, VW)``: point, channel block, tile of the chunk, lane)."""
+    h, w, ph, pw, tw, el = geo[_H], geo[_W], geo[_PH], geo[_PW], geo[_TW], geo[_L]
+    ncbk, tg = geo[_NCBK], geo[_TG]
+    row = el * VW
+    vstride = ncbk * tg * VW
+    for cbk in range(ncbk):
+        xoff = (g * ncbk + cbk) * h * w * VW
+        for ty in range(c0 // tw, (c0 + n - 1) // tw + 1):
+            for i in range(4):
+                r = 2 * ty + i - ph
+                so = i * row
+                for c in range(el):
+                    col = c - pw
+                    if 0 <= r < h and 0 <= col < w:
+                        copy_vec(src, xoff + (r * w + col) * VW, sc, so + c * VW)
+                    else:
+                        copy_vec(zeros, 0, sc, so + c * VW)
+            for tx in range(max(0, c0 - ty * tw), min(tw, c0 + n - ty * tw)):
+                wino_in_tile(sc, 2 * tx * VW, row, vb, (cbk * tg + ty * tw + tx - c0) * VW, vstride)
+
+
+@jit
+def _run_items(src, vb, u, offs, tpos, bias, ob, rb, has_res, relu, sc, zeros, bf, tmp, ini, geo, i0, i1,
+               out_blocked):
+    """Work items ``i0 <= item < i1`` (group, chunk of tiles, filter block; in that order) of one blocked
+    image ``src``: a chunk's transform into ``vb`` when the items reach it, then per item its 16 GEMMs
+    into ``bf`` and each tile's output transform into ``ob`` (+ ``rb`` with ``has_res``; ReLU with
+    ``relu``)."""
+    ho, wo, tw, t = geo[_HO], geo[_WO], geo[_TW], geo[_T]
+    fg, nfb, tg, nchunk, s, cblk, cgp = geo[_FG], geo[_NFB], geo[_TG], geo[_NCHUNK], geo[_S], geo[_CBLKF], \
+        geo[_CGP]
+    plane = ho * wo
+    last = -1
+    for item in range(i0, i1):
+        gch = item // nfb
+        fb = item - gch * nfb
+        g = gch // nchunk
+        c0 = (gch - g * nchunk) * tg
+        n = min(tg, t - c0)
+        if gch != last:
+            _transform_chunk(src, vb, sc, zeros, geo, g, c0, n)
+            last = gch
+        nst = (n + CHAN_NP - 1) // CHAN_NP
+        nf = min(CHAN_BLOCK, fg - fb * CHAN_BLOCK)
+        nout = (nf + VW - 1) // VW
+        wf = u[g, fb].reshape(-1)  # the item's weights, (16, cgp, CHAN_BLOCK), in the order read
+        for xi in range(16):
+            wx = wf[xi * cgp * CHAN_BLOCK:(xi + 1) * cgp * CHAN_BLOCK]
+            base = xi * cgp * tg
+            for k0 in range(0, cgp, cblk):
+                k1 = min(cgp, k0 + cblk)
+                # the next block's weights (the next ones in memory) into L2, a share before each tile
+                pf0 = (xi * cgp + k1) * CHAN_BLOCK
+                pfn = min((k1 - k0) * CHAN_BLOCK, wf.size - pf0)
+                pstep = ((pfn + nst - 1) // nst + 15) // 16 * 16
+                for st in range(nst):
+                    for e in range(st * pstep, min((st + 1) * pstep, pfn), 16):
+                        prefetch_l2(wf, pf0 + e)
+                    j0, npx = tile_split(n, st, nst)
+                    chan_tile(vb, offs, wx, k0, k1, base, tpos, j0, bf, xi * s + j0 * CHAN_BLOCK, CHAN_BLOCK,
+                              VW, nout, npx, k0 > 0, ini, 0, bf, False, False)
+        for j in range(n):
+            tt = c0 + j
+            ty = tt // tw
+            oy = 2 * ty
+            ox = 2 * (tt - ty * tw)
+            nx = min(2, wo - ox)
+            ny = min(2, ho - oy)
+            for o in range(nout):
+                bpos = (g * nfb + fb) * CHAN_BLOCK + o * VW
+                first = g * fg + fb * CHAN_BLOCK + o * VW  # the vector's first output channel
+                if out_blocked:
+                    wino_out_tile(bf, j * CHAN_BLOCK + o * VW, s, bias, bpos, rb, has_res, relu, ob,
+                                  ((first // VW * ho + oy) * wo + ox) * VW, wo * VW, nx, ny)
+                else:
+                    wino_out_tile(bf, j * CHAN_BLOCK + o * VW, s, bias, bpos, tmp, False, False, tmp, 0,
+                                  2 * VW, 2, 2)
+                    nl = min(VW, nf - o * VW)
+                    for dy in range(ny):
+                        for dx in range(nx):
+                            d = first * plane + (oy + dy) * wo + ox + dx
+                            src_ = (2 * dy + dx) * VW
+                            for lane in range(nl):
+                                v = tmp[src_ + lane]
+                                if has_res:
+                                    v += rb[d + lane * plane]
+                                # NaN kept, as torch.relu keeps it
+                                ob[d + lane * plane] = v if not relu or not v <= 0 else np.float32(0.0)
+
+
+@pjit
+def _to_blocks_image(x, xb, geo, nparts):
+    """Every channel block of one plain image ``x`` into ``xb``, thread ``part`` taking blocks ``part,
+    part + nparts, ...``."""
+    nblk = geo[_GROUPS] * geo[_NCBK]
+    for part in numba.prange(nparts):
+        for gc in range(part, nblk, nparts):
+            _to_blocks(x, xb, geo, gc)
+
+
+@pjit
+def _wino_kernel(x, xb, v, u, offs, tpos, bias, out, res, has_res, relu, scratch, zeros, mbuf, tmp, ini, geo,
+                 bounds, by_image, in_blocked, out_blocked):
+    """The work items of every image, parallel over balanced ranges of them (``bounds``); with
+    ``by_image`` thread ``part`` runs every item of images ``part, part + nparts, ...`` instead, a
+    plain image first copied into its own blocks. Without it, a plain ``x`` is already in ``xb``
+    (:func:`_to_blocks_image`, one image: ``x`` holds one)."""
+    nb = out.shape[0]
+    nparts = bounds.size - 1
+    nblk = geo[_GROUPS] * geo[_NCBK]
+    for part in numba.prange(nparts):
+        i0 = bounds[0] if by_image else bounds[part]
+        i1 = bounds[nparts] if by_image else bounds[part + 1]
+        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
+            if in_blocked:
+                src = x[b]
+            elif by_image:
+                src = xb[part]
+                for gc in range(nblk):
+                    _to_blocks(x[b], src, geo, gc)
+            else:
+                src = xb[0]
+            _run_items(src, v[part], u, offs, tpos, bias, out[b], res[b], has_res, relu, scratch[part], zeros,
+                       mbuf[part], tmp[part], ini, geo, i0, i1, out_blocked)
+
+
+_wino_kernel_serial = serial_twin(_wino_kernel)
+
+
+def winograd_conv2d(u: np.ndarray, ws: WinoWorkspace, x: np.ndarray, bias: np.ndarray, out: np.ndarray,
+                    relu: bool, res: np.ndarray | None = None) -> None:
+    """``out = conv2d(x, W) + bias (+ res)`` (``relu(...)`` with ``relu``) for a 3x3 stride-1 layer.
+
+    Parameters
+    ----------
+    u : ndarray
+        :func:`winograd_weights` of the layer.
+    ws : WinoWorkspace
+        :func:`winograd_workspace` of ``x``'s shape and layouts.
+    x : ndarray, shape (B, Cin * H * W), float32, C-contiguous
+        Plain, or channel-blocked with ``ws.in_blocked``.
+    bias : ndarray
+        :func:`padded_bias` of the layer's bias.
+    out : ndarray, shape (B, Cout * Hout * Wout), float32, C-contiguous
+        Plain, or channel-blocked with ``ws.out_blocked``; written in full.
+    relu : bool
+    res : ndarray, shape of ``out``, optional
+        Added before the ReLU (a residual connection), in ``out``'s layout; must not share memory with
+        ``out``.
+    """
+    has_res = res is not None
+    r = out if res is None else res
+    kernel = _wino_kernel_serial if ws.serial else _wino_kernel
+    args = (ws.V, u, ws.offs, ws.tpos, bias)
+    tail = (has_res, relu, ws.scratch, ws.zeros, ws.mbuf, ws.tmp, ws.init, ws.geo, ws.bounds, ws.by_image,
+            ws.in_blocked, ws.out_blocked)
+    if ws.in_blocked or ws.by_image:
+        kernel(x, ws.xb, *args, out, r, *tail)
+        return
+    for b in range(out.shape[0]):  # a plain image into blocks, then its items
+        _to_blocks_image(x[b], ws.xb[0], ws.geo, ws.bounds.size - 1)
+        kernel(x[b:b + 1], ws.xb, *args, out[b:b + 1], r[b:b + 1], *tail)

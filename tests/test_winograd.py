@@ -1,0 +1,204 @@
+"""Winograd F(2x2, 3x3) (``kernels/winograd.py``, the implicit GEMM's form for 3x3 stride-1 layers) against
+the dense torch convolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparsecnn.kernels import implicit_gemm as ig_mod
+from sparsecnn.kernels.blocked import from_blocked_array, to_blocked_array
+from sparsecnn.kernels.implicit_gemm import (
+    bind_implicit_gemm_conv2d,
+    implicit_gemm_conv2d,
+    prepare_implicit_gemm,
+)
+from sparsecnn.kernels.winograd import (
+    WinoWorkspace,
+    padded_bias,
+    winograd_conv2d,
+    winograd_weights,
+    winograd_workspace,
+)
+from tests.reference import assert_close
+
+
+def _prep(w: np.ndarray, groups: int, padding: tuple[int, int]):
+    """The implicit GEMM's tiles of a dense weight (every filter and column kept)."""
+    cout, cin_g, kh, kw = w.shape
+    mg, k = cout // groups, cin_g * kh * kw
+    data = np.ascontiguousarray(w.reshape(groups, mg, k))
+    rows = (np.arange(groups)[:, None] * mg + np.arange(mg)[None]).astype(np.int64)
+    cols = np.tile(np.arange(k), (groups, 1))
+    return prepare_implicit_gemm(data, rows, cols, w.shape, groups, (1, 1), padding, (1, 1))
+
+
+def _reference(x, w, bias, padding, groups, relu, res):
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), None if bias is None else torch.from_numpy(bias),
+                   padding=padding, groups=groups).numpy()
+    if res is not None:
+        ref = ref + res
+    return np.maximum(ref, 0) if relu else ref
+
+
+CASES = [
+    # batch, cin, cout, (h, w), padding, groups, in_blocked, out_blocked
+    (1, 32, 64, (14, 14), (1, 1), 1, True, True),  # ResNet's chains: blocked in and out
+    (1, 32, 64, (14, 14), (1, 1), 1, False, False),  # plain in and out (AlexNet's layout)
+    (1, 32, 80, (15, 9), (1, 1), 1, True, False),  # odd sizes: last tile row and column half outside
+    (1, 48, 32, (10, 12), (1, 1), 1, False, True),
+    (3, 48, 40, (9, 7), (1, 0), 1, False, False),  # threads split the images, uneven; one-sided padding
+    (4, 64, 96, (13, 13), (1, 1), 2, False, False),  # grouped (AlexNet conv4/5), 48 filters a group
+    (2, 20, 24, (6, 11), (2, 1), 1, False, False),  # channels and filters not whole vectors, padding 2
+    (1, 256, 64, (14, 14), (1, 1), 1, True, True),  # two channel blocks of the GEMM
+    (1, 64, 64, (40, 40), (1, 1), 1, True, True),  # several chunks of tiles
+    (1, 3, 20, (10, 10), (1, 1), 1, False, False),  # three input channels (forced: the rule says no)
+    (2, 16, 16, (5, 6), (0, 0), 1, False, False),  # unpadded
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("epilogue", ["none", "relu", "residual+relu"])
+def test_winograd_matches_torch(case, epilogue, rng, monkeypatch) -> None:
+    batch, cin, cout, (h, w_), padding, groups, in_b, out_b = case
+    monkeypatch.setattr(ig_mod, "WINOGRAD", True)
+    w = rng.standard_normal((cout, cin // groups, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    x = rng.standard_normal((batch, cin, h, w_)).astype(np.float32)
+    relu = epilogue != "none"
+    ref_shape = (batch, cout, h + 2 * padding[0] - 2, w_ + 2 * padding[1] - 2)
+    res = rng.standard_normal(ref_shape).astype(np.float32) if "residual" in epilogue else None
+    ref = _reference(x, w, bias, padding, groups, relu, res)
+    prep = _prep(w, groups, padding)
+    out = np.full(ref.shape, np.nan, np.float32)
+    run = bind_implicit_gemm_conv2d(prep, x.shape, bias, out, relu, 0, in_b, out_b)
+    assert isinstance(prep.workspace(x.shape, *((in_b, out_b) if in_b or out_b else ())), WinoWorkspace)
+    xin = to_blocked_array(x) if in_b else x
+    rin = None if res is None else (to_blocked_array(res) if out_b else res)
+    run(xin, rin)
+    got = from_blocked_array(out.reshape(batch, cout // 16, *ref.shape[2:], 16)) if out_b else out
+    assert_close(got, ref, rtol=1e-5, what=f"winograd {case} {epilogue}")
+    if not in_b and not out_b:  # the unbound call takes the same path
+        out2 = np.full(ref.shape, np.nan, np.float32)
+        implicit_gemm_conv2d(prep, x, bias, out2, relu, residual=res)
+        np.testing.assert_array_equal(out2, out)
+
+
+@pytest.mark.parametrize("in_b", [False, True])
+def test_one_thread_and_no_bias(in_b, rng) -> None:
+    """A layer too small for a parallel launch runs on one thread; without a bias, zeros."""
+    w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((3, 16, 5, 6)).astype(np.float32)
+    ref = _reference(x, w, None, (1, 1), 1, True, None)
+    ws = winograd_workspace(x.shape, w.shape, 1, (1, 1), 2, False, in_b, False, serial=True)
+    assert ws.serial and ws.by_image and ws.bounds.size == 2
+    out = np.full(ref.shape, np.nan, np.float32)
+    xin = to_blocked_array(x) if in_b else x
+    winograd_conv2d(winograd_weights(w, 1), ws, xin.reshape(3, -1), ws.zero_bias, out.reshape(3, -1), True)
+    assert_close(out, ref, rtol=1e-5)
+
+
+def test_weights_and_bias_layout(rng) -> None:
+    """U = G g G^T per filter and channel, in (group, filter block, point, channel, filter) order, zero
+    past the filters and channels; the bias padded per group."""
+    w = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)  # 2 groups of 3 filters, 5 channels each
+    u = winograd_weights(w, 2)
+    assert u.shape == (2, 1, 16, 16, 64) and u.ctypes.data % 64 == 0
+    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    want = g @ w[4, 2].astype(np.float64) @ g.T  # filter 4 = group 1, filter 1 of it; channel 2
+    np.testing.assert_allclose(u[1, 0, :, 2, 1], want.reshape(16), rtol=1e-6)
+    assert not u[:, :, :, 5:].any() and not u[:, :, :, :, 3:].any()
+    b = padded_bias(np.arange(6, dtype=np.float32), 6, 2)
+    assert b.shape == (128,) and (b[:3] == [0, 1, 2]).all() and (b[64:67] == [3, 4, 5]).all()
+    assert not b[3:64].any() and not padded_bias(None, 6, 2).any()
+
+
+def test_nan_input_spreads_to_its_outputs(rng) -> None:
+    """A NaN input makes NaN every output the dense convolution would (the whole 2x2 output block of
+    each tile reading it, at most: never outside the tiles that read it)."""
+    w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((1, 16, 12, 12)).astype(np.float32)
+    x[0, 3, 6, 5] = np.nan
+    prep = _prep(w, 1, (1, 1))
+    out = np.zeros((1, 16, 12, 12), np.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ig_mod, "WINOGRAD", True)
+        implicit_gemm_conv2d(prep, x, None, out, relu=True)
+    ref = _reference(x, w, None, (1, 1), 1, True, None)
+    assert np.isnan(out[np.isnan(ref)]).all()
+    # tiles reading input row 6 / column 5 (padded 7 / 6): output rows 4-7, columns 4-7
+    outside = np.ones((12, 12), bool)
+    outside[4:8, 4:8] = False
+    assert np.isfinite(out[0][:, outside]).all()
+
+
+def test_the_rule(rng, monkeypatch) -> None:
+    """Winograd where a dense-enough 3x3 stride-1 layer has planes of at least _WINO_MIN_TILES tiles;
+    not on 7x7 planes, strided, dilated or 1x1 layers, or SSL-compact layers that kept little."""
+    monkeypatch.setattr(ig_mod, "WINOGRAD", None)
+    dense = _prep(rng.standard_normal((64, 32, 3, 3)).astype(np.float32), 1, (1, 1))
+    assert ig_mod._use_winograd(dense, (1, 32, 14, 14))
+    assert not ig_mod._use_winograd(dense, (1, 32, 7, 7))  # 16 tiles
+    assert not ig_mod._use_winograd(_prep(rng.standard_normal((64, 8, 3, 3)).astype(np.float32), 1, (1, 1)),
+                                    (1, 8, 14, 14))  # fewer channels than a vector
+    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    k = 32 * 9
+    kept = np.arange(0, k, 3)  # a third of the columns: the implicit GEMM does less than Winograd would
+    compact = prepare_implicit_gemm(np.ascontiguousarray(w.reshape(1, 64, k)[:, :, kept]),
+                                    np.arange(64)[None], kept[None], w.shape, 1, (1, 1), (1, 1), (1, 1))
+    assert not ig_mod._use_winograd(compact, (1, 32, 14, 14))
+    strided = prepare_implicit_gemm(w.reshape(1, 64, k), np.arange(64)[None], np.arange(k)[None], w.shape, 1,
+                                    (2, 2), (1, 1), (1, 1))
+    assert not ig_mod._use_winograd(strided, (1, 32, 28, 28))
+    monkeypatch.setattr(ig_mod, "WINOGRAD", False)
+    assert not ig_mod._use_winograd(dense, (1, 32, 14, 14))
+    monkeypatch.setattr(ig_mod, "WINOGRAD", True)
+    assert ig_mod._use_winograd(compact, (1, 32, 7, 7)) and not ig_mod._use_winograd(strided, (1, 32, 28, 28))
+
+
+def test_compact_weights_run_as_their_dense_weight(rng, monkeypatch) -> None:
+    """An SSL-compact layer (filters and columns dropped) forced through Winograd computes its dense
+    weight with zeros where they were dropped: a dropped filter's output is its bias."""
+    monkeypatch.setattr(ig_mod, "WINOGRAD", True)
+    w = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
+    w[5] = 0
+    w[:, 3] = 0
+    k = 16 * 9
+    low = w.reshape(1, 24, k)
+    rows = np.flatnonzero(np.abs(low[0]).sum(axis=1) > 0)
+    cols = np.flatnonzero(np.abs(low[0]).sum(axis=0) > 0)
+    prep = prepare_implicit_gemm(np.ascontiguousarray(low[:, rows][:, :, cols]), rows[None], cols[None],
+                                 w.shape, 1, (1, 1), (1, 1), (1, 1))
+    np.testing.assert_array_equal(prep.to_dense(), w)
+    x = rng.standard_normal((1, 16, 9, 9)).astype(np.float32)
+    bias = rng.standard_normal(24).astype(np.float32)
+    out = np.full((1, 24, 9, 9), np.nan, np.float32)
+    implicit_gemm_conv2d(prep, x, bias, out, relu=False)
+    assert_close(out, _reference(x, w, bias, (1, 1), 1, False, None), rtol=1e-5)
+    assert (out[0, 5] == bias[5]).all()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cin_g=st.integers(1, 40), cout_g=st.integers(1, 80), groups=st.integers(1, 2), h=st.integers(1, 19),
+       w_=st.integers(1, 19), ph=st.integers(0, 2), pw=st.integers(0, 2), batch=st.sampled_from([1, 2, 3, 5]),
+       relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_winograd_generated_geometry(cin_g, cout_g, groups, h, w_, ph, pw, batch, relu, seed) -> None:
+    if h + 2 * ph < 3 or w_ + 2 * pw < 3:
+        return  # no output
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((cout_g * groups, cin_g, 3, 3)).astype(np.float32)
+    w[rng.random(w.shape) < 0.3] = 0
+    x = rng.standard_normal((batch, cin_g * groups, h, w_)).astype(np.float32)
+    bias = rng.standard_normal(cout_g * groups).astype(np.float32)
+    ref = _reference(x, w, bias, (ph, pw), groups, relu, None)
+    prep = _prep(w, groups, (ph, pw))
+    out = np.full(ref.shape, np.nan, np.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ig_mod, "WINOGRAD", True)
+        implicit_gemm_conv2d(prep, x, bias, out, relu=relu)
+        assert isinstance(prep.workspace(x.shape), WinoWorkspace)
+    assert_close(out, ref, rtol=1e-5, what="winograd generated")
