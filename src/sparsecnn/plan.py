@@ -505,17 +505,23 @@ class CostModel:
     kernel_overhead_s: float = 54e-6
 
 
-def _conv_dims(layer: nn.Module, x_shape: tuple[int, ...]) -> tuple[int, int, int, int, int, int]:
-    """``(B, groups, Cout, K, N, nnz)`` of a conv layer on an input shape."""
+def _conv_out_hw(layer: nn.Module, x_shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(Hout, Wout)`` of a conv layer on an input shape."""
     from sparsecnn.kernels.lowering import conv_out_size
 
-    b, _, h, wd = x_shape
     kh, kw = layer.kernel_size
     pad = layer.padding if isinstance(layer.padding, tuple) else (0, 0)
-    hout = conv_out_size(h, kh, layer.stride[0], pad[0], layer.dilation[0])
-    wout = conv_out_size(wd, kw, layer.stride[1], pad[1], layer.dilation[1])
+    return (conv_out_size(x_shape[2], kh, layer.stride[0], pad[0], layer.dilation[0]),
+            conv_out_size(x_shape[3], kw, layer.stride[1], pad[1], layer.dilation[1]))
+
+
+def _conv_dims(layer: nn.Module, x_shape: tuple[int, ...]) -> tuple[int, int, int, int, int, int]:
+    """``(B, groups, Cout, K, N, nnz)`` of a conv layer on an input shape."""
+    hout, wout = _conv_out_hw(layer, x_shape)
+    kh, kw = layer.kernel_size
     nnz = int(torch.count_nonzero(layer.weight.detach()))
-    return b, layer.groups, layer.out_channels, layer.in_channels // layer.groups * kh * kw, hout * wout, nnz
+    return (x_shape[0], layer.groups, layer.out_channels, layer.in_channels // layer.groups * kh * kw,
+            hout * wout, nnz)
 
 
 def _bsr_entries(layer: nn.Module, blocksize: tuple[int, int]) -> int:
@@ -568,11 +574,18 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
     if strategy == "spgemm":
         return oh + 4 * b * g * k * n / c.bandwidth + 2 * b * nnz * n * input_density / c.spgemm_flops
     if strategy == "lowered":
+        from sparsecnn.kernels.implicit_gemm import winograd_applies
+
         nz = w.reshape(g, cout // g, k) != 0
         mr = int(nz.any(dim=2).sum(dim=1).max())
         kr = int(nz.any(dim=1).sum(dim=1).max())
         # implicit GEMM on the CPU: no im2col, one phase copy of the input (read + write)
         copy_s = 8 * int(np.prod(x_shape)) / c.bandwidth
+        ho, wo = _conv_out_hw(layer, x_shape)
+        if winograd_applies(layer.kernel_size, layer.stride, layer.dilation, k // 9, (ho, wo),
+                            mr * kr / (cout // g * k)):
+            # F(2x2, 3x3): 16 multiply-adds per 2x2 outputs and channel pair, all filters and columns
+            return oh + copy_s + 2 * b * cout * (k // 9) * 16 * -(-ho // 2) * -(-wo // 2) / c.gemm_flops
         return oh + copy_s + 2 * b * g * mr * kr * n / c.gemm_flops
     if strategy == "bsr":
         return oh + im2col_s + 2 * b * _bsr_entries(layer, blocksize) * n / c.bsr_flops

@@ -112,7 +112,8 @@ from sparsecnn.kernels.winograd import (
     winograd_workspace,
 )
 
-__all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2d", "prepare_implicit_gemm"]
+__all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2d", "prepare_implicit_gemm",
+           "winograd_applies"]
 
 # Below this many multiply-adds per call a bound layer runs the serial twin (no parallel launch).
 _SERIAL_MACS = 1 << 16
@@ -431,22 +432,27 @@ def _consecutive_tiles(rows: np.ndarray) -> bool:
     return bool((r[..., 0] >= 0).all() and (r == r[..., :1] + np.arange(GEMM_MR)).all())
 
 
-def _use_winograd(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int]) -> bool:
-    """Whether a layer runs Winograd F(2x2, 3x3) (:mod:`sparsecnn.kernels.winograd`) on inputs of
-    ``x_shape``: 3x3, stride 1, no dilation; forced by ``WINOGRAD``, else where each group has at least
-    a vector of input channels, an output plane at least ``_WINO_MIN_TILES`` tiles, and the kept
-    columns x kept filters are at least ``_WINO_MIN_WORK`` of the dense layer's (SSL's compact layers
-    with fewer run the implicit GEMM on what they kept)."""
-    _, cin_g, kh, kw = prep.weight_shape
-    if (kh, kw) != (3, 3) or prep.stride != (1, 1) or prep.dilation != (1, 1) or WINOGRAD is False:
+def winograd_applies(kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], cin_g: int,
+                     out_hw: tuple[int, int], kept_fraction: float) -> bool:
+    """Whether a ``lowered`` layer runs Winograd F(2x2, 3x3) (:mod:`sparsecnn.kernels.winograd`): 3x3,
+    stride 1, no dilation; forced by ``WINOGRAD``, else where each group has at least a vector of input
+    channels, an output plane at least ``_WINO_MIN_TILES`` tiles, and the kept columns x kept filters
+    are at least ``_WINO_MIN_WORK`` of the dense layer's (``kept_fraction``: SSL's compact layers with
+    fewer run the implicit GEMM on what they kept). The planner's cost model asks it too."""
+    if tuple(kernel) != (3, 3) or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or WINOGRAD is False:
         return False
     if WINOGRAD:
         return True
-    cout = prep.weight_shape[0]
-    _, _, ho, wo = prep.output_shape(x_shape)
+    ho, wo = out_hw
+    return cin_g >= VW and -(-ho // 2) * -(-wo // 2) >= _WINO_MIN_TILES and kept_fraction >= _WINO_MIN_WORK
+
+
+def _use_winograd(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int]) -> bool:
+    """:func:`winograd_applies` to ``prep`` on inputs of ``x_shape``."""
+    cout, cin_g, kh, kw = prep.weight_shape
     kept = int(((prep.rows >= 0).sum(axis=1) * prep.ncols).sum())
-    return (cin_g >= VW and -(-ho // 2) * -(-wo // 2) >= _WINO_MIN_TILES
-            and kept >= _WINO_MIN_WORK * cout * cin_g * kh * kw)
+    return winograd_applies((kh, kw), prep.stride, prep.dilation, cin_g, prep.output_shape(x_shape)[2:],
+                            kept / (cout * cin_g * kh * kw))
 
 
 def _use_channel_form(prep: ImplicitGemmPrep, span: int) -> bool:
