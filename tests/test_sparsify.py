@@ -179,13 +179,13 @@ def test_cost_model_picks_a_dense_engine_below_break_even(shape, sparsity: float
     """Below break-even (and for tiny layers) the pick is a dense engine: torch, or ``lowered`` where
     it runs the dense Winograd form (3x3 stride 1 with every filter and column, planes of 32+ tiles:
     faster than torch's own convolution, ``kernels/winograd.py``); above it a sparse kernel."""
-    from sparsecnn.kernels.implicit_gemm import winograd_applies
+    from sparsecnn.kernels.implicit_gemm import winograd_tile
 
     cin, cout, k, hw = shape
     conv = _pruned_conv(cin, cout, k, sparsity)
     est = {s: estimate_seconds(conv, (1, cin, hw, hw), s, input_density=0.5)
            for s in sparsecnn.strategies("conv")}
-    winograd = winograd_applies((k, k), (1, 1), (1, 1), cin, (hw, hw), 1.0)
+    winograd = winograd_tile((k, k), (1, 1), (1, 1), cin, (hw, hw), 1.0)
     dense_engines = ("torch", "dense", "lowered") if winograd else ("torch", "dense")
     assert (pick(est, DEFAULT_MARGIN) in dense_engines) == want_dense, est
     if sparsity == 0.0:

@@ -88,6 +88,30 @@ def test_winograd_matches_torch(case, epilogue, rng, monkeypatch) -> None:
         np.testing.assert_array_equal(out2, out)
 
 
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("case", CASES)
+def test_both_tile_sizes_match_torch(case, m, rng) -> None:
+    """F(2x2, 3x3) and F(4x4, 3x3) straight through the kernel's API, whichever the rule would pick:
+    4x4 output tiles half or three quarters outside small or odd planes."""
+    batch, cin, cout, (h, w_), padding, groups, in_b, out_b = case
+    w = rng.standard_normal((cout, cin // groups, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    x = rng.standard_normal((batch, cin, h, w_)).astype(np.float32)
+    out_shape = (batch, cout, h + 2 * padding[0] - 2, w_ + 2 * padding[1] - 2)
+    res = rng.standard_normal(out_shape).astype(np.float32)
+    ref = _reference(x, w, bias, padding, groups, True, res)
+    ws = winograd_workspace(x.shape, w.shape, groups, padding, 2, batch >= 2, in_b, out_b, m=m)
+    assert ws.m == m
+    out = np.full(ref.shape, np.nan, np.float32)
+    outv = np.empty((batch, cout // 16, *ref.shape[2:], 16), np.float32) if out_b else out
+    rin = to_blocked_array(res) if out_b else res
+    xin = to_blocked_array(x) if in_b else x
+    winograd_conv2d(winograd_weights(w, groups, m), ws, xin.reshape(batch, -1),
+                    padded_bias(bias, cout, groups), outv.reshape(batch, -1), True, rin.reshape(batch, -1))
+    got = from_blocked_array(outv) if out_b else out
+    assert_close(got, ref, rtol=1e-5 if m == 2 else 4e-5, what=f"F({m}x{m}, 3x3) {case}")
+
+
 @pytest.mark.parametrize("in_b", [False, True])
 def test_one_thread_and_no_bias(in_b, rng) -> None:
     """A layer too small for a parallel launch runs on one thread; without a bias, zeros."""
@@ -115,6 +139,12 @@ def test_weights_and_bias_layout(rng) -> None:
     b = padded_bias(np.arange(6, dtype=np.float32), 6, 2)
     assert b.shape == (128,) and (b[:3] == [0, 1, 2]).all() and (b[64:67] == [3, 4, 5]).all()
     assert not b[3:64].any() and not padded_bias(None, 6, 2).any()
+    u4 = winograd_weights(w, 2, 4)  # F(4x4, 3x3): 36 points
+    g4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                   [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+    assert u4.shape == (2, 1, 36, 16, 64)
+    want4 = g4 @ w[4, 2].astype(np.float64) @ g4.T
+    np.testing.assert_allclose(u4[1, 0, :, 2, 1], want4.reshape(36), rtol=1e-6)
 
 
 def test_nan_input_spreads_to_its_outputs(rng) -> None:
@@ -141,8 +171,9 @@ def test_the_rule(rng, monkeypatch) -> None:
     not on 7x7 planes, strided, dilated or 1x1 layers, or SSL-compact layers that kept little."""
     monkeypatch.setattr(ig_mod, "WINOGRAD", None)
     dense = _prep(rng.standard_normal((64, 32, 3, 3)).astype(np.float32), 1, (1, 1))
-    assert ig_mod._use_winograd(dense, (1, 32, 14, 14))
-    assert not ig_mod._use_winograd(dense, (1, 32, 7, 7))  # 16 tiles
+    assert ig_mod._use_winograd(dense, (1, 32, 14, 14)) == 2  # 49 2x2 tiles, 16 4x4 ones
+    assert ig_mod._use_winograd(dense, (1, 32, 28, 28)) == 4  # 49 4x4 tiles
+    assert ig_mod._use_winograd(dense, (1, 32, 7, 7)) == 0  # 16 tiles
     assert not ig_mod._use_winograd(_prep(rng.standard_normal((64, 8, 3, 3)).astype(np.float32), 1, (1, 1)),
                                     (1, 8, 14, 14))  # fewer channels than a vector
     w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)

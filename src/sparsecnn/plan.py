@@ -574,7 +574,7 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
     if strategy == "spgemm":
         return oh + 4 * b * g * k * n / c.bandwidth + 2 * b * nnz * n * input_density / c.spgemm_flops
     if strategy == "lowered":
-        from sparsecnn.kernels.implicit_gemm import winograd_applies
+        from sparsecnn.kernels.implicit_gemm import winograd_tile
 
         nz = w.reshape(g, cout // g, k) != 0
         mr = int(nz.any(dim=2).sum(dim=1).max())
@@ -582,10 +582,13 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
         # implicit GEMM on the CPU: no im2col, one phase copy of the input (read + write)
         copy_s = 8 * int(np.prod(x_shape)) / c.bandwidth
         ho, wo = _conv_out_hw(layer, x_shape)
-        if winograd_applies(layer.kernel_size, layer.stride, layer.dilation, k // 9, (ho, wo),
-                            mr * kr / (cout // g * k)):
-            # F(2x2, 3x3): 16 multiply-adds per 2x2 outputs and channel pair, all filters and columns
-            return oh + copy_s + 2 * b * cout * (k // 9) * 16 * -(-ho // 2) * -(-wo // 2) / c.gemm_flops
+        m = winograd_tile(layer.kernel_size, layer.stride, layer.dilation, k // 9, (ho, wo),
+                          mr * kr / (cout // g * k))
+        if m:
+            # F(m x m, 3x3): (m + 2)^2 multiply-adds per m x m outputs and channel pair, every filter
+            # and column
+            tiles = -(-ho // m) * -(-wo // m)
+            return oh + copy_s + 2 * b * cout * (k // 9) * (m + 2) ** 2 * tiles / c.gemm_flops
         return oh + copy_s + 2 * b * g * mr * kr * n / c.gemm_flops
     if strategy == "bsr":
         return oh + im2col_s + 2 * b * _bsr_entries(layer, blocksize) * n / c.bsr_flops

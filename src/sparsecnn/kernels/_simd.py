@@ -912,94 +912,141 @@ def copy_vec_add(typingctx, src, spos, dst, dpos, add):
 
     return sig, codegen
 
+# Winograd F(m x m, 3 x 3) (Lavin & Gray, CVPR 2016): the input transform B^T (rows of a (m + 2)-point
+# tile) and the output transform A^T (m outputs from m + 2 points), points 0, +-1 (m = 2) and 0, +-1,
+# +-2 (m = 4), as in their paper. The filters' G is in sparsecnn.kernels.winograd.
+WINO_BT = {
+    2: ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    4: ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+        (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+}
+WINO_AT = {
+    2: ((1, 1, 1, 0), (0, 1, -1, -1)),
+    4: ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+}
+
+
 def _vec_at(builder, base, off):
     """The ``VW``-float vector pointer ``base + off`` (``off`` an i64 value)."""
     return builder.bitcast(builder.gep(base, [off], inbounds=True), _VEC.as_pointer())
 
 
-@intrinsic
-def wino_in_tile(typingctx, src, spos, rstride, dst, dpos, dstride):
-    """The input transform of Winograd F(2x2, 3x3) for one 4 x 4 tile of ``VW``-channel vectors:
-    ``V = B^T d B`` with ``d[i][j] = src[spos + i * rstride + j * VW : ... + VW]`` and ``V[k]`` (``k = 4 r
-    + c``) stored at ``dst[dpos + k * dstride]``, where
-
-    ``B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]``
-
-    (:mod:`sparsecnn.kernels.winograd`): 16 vector loads, 32 adds and 16 stores, the channels in
-    the lanes. numba's loops over the lanes do not vectorise here (16 loads and 16 stores through
-    arrays that may alias: too many pairs for LLVM's runtime checks) and ran 5x slower.
-    NOTE: no bounds checks: src holds ``spos + 3 * rstride + 4 * VW`` floats, dst ``dpos + 15 * dstride +
-    VW``."""
-    sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        src_, spos_, rs_, dst_, dpos_, ds_ = args
-        aty = signature.args
-        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [spos_], inbounds=True)
-        dp = builder.gep(_data_ptr(context, builder, aty[3], dst_), [dpos_], inbounds=True)
-        d = [[builder.load(_vec_at(builder, sp, builder.add(builder.mul(rs_, ir.Constant(_I64, i)),
-                                                           ir.Constant(_I64, j * VW))), align=4)
-              for j in range(4)] for i in range(4)]
-        add, sub = builder.fadd, builder.fsub
-        t = [[sub(d[0][j], d[2][j]) for j in range(4)], [add(d[1][j], d[2][j]) for j in range(4)],
-             [sub(d[2][j], d[1][j]) for j in range(4)], [sub(d[1][j], d[3][j]) for j in range(4)]]
-        for i, r in enumerate(t):
-            for j, v in enumerate((sub(r[0], r[2]), add(r[1], r[2]), sub(r[2], r[1]), sub(r[1], r[3]))):
-                at = _vec_at(builder, dp, builder.mul(ds_, ir.Constant(_I64, 4 * i + j)))
-                builder.store(v, at, align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
+def _lincomb(builder, coefs, vecs):
+    """``sum_j coefs[j] * vecs[j]`` in order: +-1 as an add or subtract, other integers as an FMA with
+    the constant (exact small integers: one rounding per term, as the adds)."""
+    acc = None
+    for c, v in zip(coefs, vecs, strict=True):
+        if c == 0:
+            continue
+        if acc is None:
+            if c in (1, -1):
+                acc = v if c == 1 else builder.fneg(v)
+            else:
+                acc = builder.fmul(v, _splat(builder, ir.Constant(_F32, c)))
+        elif c in (1, -1):
+            acc = builder.fadd(acc, v) if c == 1 else builder.fsub(acc, v)
+        else:
+            acc = builder.call(_fma_vec(builder), [v, _splat(builder, ir.Constant(_F32, c)), acc])
+    return acc if acc is not None else ir.Constant(_VEC, [0.0] * VW)
 
 
-@intrinsic
-def wino_out_tile(typingctx, m, mpos, mstride, bias, bpos, res, has_res, relu, dst, dpos, rowstride, nx, ny):
-    """The output transform of Winograd F(2x2, 3x3) for one tile of ``VW`` filters: ``Y = A^T M A +
-    bias`` with ``M[k] = m[mpos + k * mstride : ... + VW]`` (``k = 4 r + c``), ``bias[bpos : bpos +
-    VW]`` and ``A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]``; then ``res`` at the same place added with
-    ``has_res`` and ``max(v, 0)`` (NaN kept) with ``relu``; ``Y[dy][dx]`` stored at ``dst[dpos + dy *
-    rowstride + dx * VW]`` for ``dx < nx`` and ``dy < ny`` (a tile at the last odd row or column).
-    NOTE: no bounds checks: m holds ``mpos + 15 * mstride + VW`` floats; dst (and res) every position
-    written."""
-    sig = types.void(m, types.intp, types.intp, bias, types.intp, res, types.boolean, types.boolean, dst,
-                     types.intp, types.intp, types.intp, types.intp)
+def _wino_in(m: int):
+    bt = WINO_BT[m]
+    p = m + 2
 
-    def codegen(context, builder, signature, args):
-        m_, mpos_, ms_, b_, bpos_, r_, hres_, relu_, d_, dpos_, rows_, nx_, ny_ = args
-        aty = signature.args
-        mp = builder.gep(_data_ptr(context, builder, aty[0], m_), [mpos_], inbounds=True)
-        bp = builder.gep(_data_ptr(context, builder, aty[3], b_), [bpos_], inbounds=True)
-        rp = builder.gep(_data_ptr(context, builder, aty[5], r_), [dpos_], inbounds=True)
-        dp = builder.gep(_data_ptr(context, builder, aty[8], d_), [dpos_], inbounds=True)
-        has_res = _as_i1(context, builder, hres_, aty[6])
-        relu = _as_i1(context, builder, relu_, aty[7])
-        mm = [[builder.load(_vec_at(builder, mp, builder.mul(ms_, ir.Constant(_I64, 4 * i + j))), align=4)
-               for j in range(4)] for i in range(4)]
-        add, sub = builder.fadd, builder.fsub
-        s0 = [add(add(mm[0][j], mm[1][j]), mm[2][j]) for j in range(4)]
-        s1 = [sub(sub(mm[1][j], mm[2][j]), mm[3][j]) for j in range(4)]
-        bv = builder.load(_vec_at(builder, bp, ir.Constant(_I64, 0)), align=4)
-        y = [[add(add(add(r[0], r[1]), r[2]), bv), add(sub(sub(r[1], r[2]), r[3]), bv)] for r in (s0, s1)]
-        for dy in range(2):
-            for dx in range(2):
-                off = builder.add(builder.mul(rows_, ir.Constant(_I64, dy)), ir.Constant(_I64, dx * VW))
-                inside = builder.and_(builder.icmp_signed(">", nx_, ir.Constant(_I64, dx)),
-                                      builder.icmp_signed(">", ny_, ir.Constant(_I64, dy)))
-                with builder.if_then(inside):
-                    v = y[dy][dx]
-                    with builder.if_else(has_res) as (then, otherwise):
-                        with then:
-                            with_res = add(v, builder.load(_vec_at(builder, rp, off), align=4))
-                            from_then = builder.block
-                        with otherwise:
-                            from_else = builder.block
-                    phi = builder.phi(v.type)
-                    phi.add_incoming(with_res, from_then)
-                    phi.add_incoming(v, from_else)
-                    builder.store(_relu(builder, phi, relu), _vec_at(builder, dp, off), align=4)
-        return context.get_dummy_value()
+    def typer(typingctx, src, spos, rstride, dst, dpos, dstride):
+        sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            src_, spos_, rs_, dst_, dpos_, ds_ = args
+            aty = signature.args
+            sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [spos_], inbounds=True)
+            dp = builder.gep(_data_ptr(context, builder, aty[3], dst_), [dpos_], inbounds=True)
+            d = [[builder.load(_vec_at(builder, sp, builder.add(builder.mul(rs_, ir.Constant(_I64, i)),
+                                                               ir.Constant(_I64, j * VW))), align=4)
+                  for j in range(p)] for i in range(p)]
+            t = [[_lincomb(builder, row, [d[k][j] for k in range(p)]) for j in range(p)] for row in bt]
+            for i in range(p):
+                for j, row in enumerate(bt):
+                    at = _vec_at(builder, dp, builder.mul(ds_, ir.Constant(_I64, p * i + j)))
+                    builder.store(_lincomb(builder, row, t[i]), at, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__name__ = typer.__qualname__ = "wino_in_tile" if m == 2 else f"wino{m}_in_tile"
+    return intrinsic(typer)
+
+
+def _wino_out(m: int):
+    at_ = WINO_AT[m]
+    p = m + 2
+
+    def typer(typingctx, mm, mpos, mstride, bias, bpos, res, has_res, relu, dst, dpos, rowstride, nx, ny):
+        sig = types.void(mm, types.intp, types.intp, bias, types.intp, res, types.boolean, types.boolean, dst,
+                         types.intp, types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            m_, mpos_, ms_, b_, bpos_, r_, hres_, relu_, d_, dpos_, rows_, nx_, ny_ = args
+            aty = signature.args
+            mp = builder.gep(_data_ptr(context, builder, aty[0], m_), [mpos_], inbounds=True)
+            bp = builder.gep(_data_ptr(context, builder, aty[3], b_), [bpos_], inbounds=True)
+            rp = builder.gep(_data_ptr(context, builder, aty[5], r_), [dpos_], inbounds=True)
+            dp = builder.gep(_data_ptr(context, builder, aty[8], d_), [dpos_], inbounds=True)
+            has_res = _as_i1(context, builder, hres_, aty[6])
+            relu = _as_i1(context, builder, relu_, aty[7])
+            pts = [[builder.load(_vec_at(builder, mp, builder.mul(ms_, ir.Constant(_I64, p * i + j))),
+                                 align=4) for j in range(p)] for i in range(p)]
+            s = [[_lincomb(builder, row, [pts[k][j] for k in range(p)]) for j in range(p)] for row in at_]
+            bv = builder.load(_vec_at(builder, bp, ir.Constant(_I64, 0)), align=4)
+            for dy in range(m):
+                for dx, row in enumerate(at_):
+                    off = builder.add(builder.mul(rows_, ir.Constant(_I64, dy)), ir.Constant(_I64, dx * VW))
+                    inside = builder.and_(builder.icmp_signed(">", nx_, ir.Constant(_I64, dx)),
+                                          builder.icmp_signed(">", ny_, ir.Constant(_I64, dy)))
+                    with builder.if_then(inside):
+                        v = builder.fadd(_lincomb(builder, row, s[dy]), bv)
+                        with builder.if_else(has_res) as (then, otherwise):
+                            with then:
+                                with_res = builder.fadd(v, builder.load(_vec_at(builder, rp, off), align=4))
+                                from_then = builder.block
+                            with otherwise:
+                                from_else = builder.block
+                        phi = builder.phi(v.type)
+                        phi.add_incoming(with_res, from_then)
+                        phi.add_incoming(v, from_else)
+                        builder.store(_relu(builder, phi, relu), _vec_at(builder, dp, off), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__name__ = typer.__qualname__ = "wino_out_tile" if m == 2 else f"wino{m}_out_tile"
+    return intrinsic(typer)
+
+
+wino_in_tile = _wino_in(2)
+wino_in_tile.__doc__ = """The input transform of Winograd F(2x2, 3x3) for one 4 x 4 tile of ``VW``-channel
+vectors: ``V = B^T d B`` (``WINO_BT[2]``) with ``d[i][j] = src[spos + i * rstride + j * VW : ... + VW]`` and
+``V[k]`` (``k = 4 r + c``) stored at ``dst[dpos + k * dstride]`` (:mod:`sparsecnn.kernels.winograd`):
+16 vector loads, 32 adds and 16 stores, the channels in the lanes. numba's loops over the lanes do
+not vectorise here (16 loads and 16 stores through arrays that may alias: too many pairs for LLVM's
+runtime checks) and ran 5x slower.
+NOTE: no bounds checks: src holds ``spos + 3 * rstride + 4 * VW`` floats, dst ``dpos + 15 * dstride +
+VW``."""
+wino_out_tile = _wino_out(2)
+wino_out_tile.__doc__ = """The output transform of Winograd F(2x2, 3x3) for one tile of ``VW`` filters: ``Y =
+A^T M A + bias`` (``WINO_AT[2]``) with ``M[k] = m[mpos + k * mstride : ... + VW]`` (``k = 4 r + c``) and
+``bias[bpos : bpos + VW]``; then ``res`` at the same place added with ``has_res`` and ``max(v, 0)``
+(NaN kept) with ``relu``; ``Y[dy][dx]`` stored at ``dst[dpos + dy * rowstride + dx * VW]`` for ``dx <
+nx`` and ``dy < ny`` (a tile at the last odd row or column).
+NOTE: no bounds checks: m holds ``mpos + 15 * mstride + VW`` floats; dst (and res) every position
+written."""
+wino4_in_tile = _wino_in(4)
+wino4_in_tile.__doc__ = """:func:`wino_in_tile` for F(4x4, 3x3): 6 x 6 tiles (``WINO_BT[4]``), 36 points
+(``k = 6 r + c``)."""
+wino4_out_tile = _wino_out(4)
+wino4_out_tile.__doc__ = """:func:`wino_out_tile` for F(4x4, 3x3): 36 points into 4 x 4 outputs
+(``WINO_AT[4]``), ``nx, ny <= 4``."""
 
 
 

@@ -113,7 +113,7 @@ from sparsecnn.kernels.winograd import (
 )
 
 __all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2d", "prepare_implicit_gemm",
-           "winograd_applies"]
+           "winograd_tile"]
 
 # Below this many multiply-adds per call a bound layer runs the serial twin (no parallel launch).
 _SERIAL_MACS = 1 << 16
@@ -205,7 +205,7 @@ class ImplicitGemmPrep(ConvPrepBase):
     ncols: np.ndarray
     fill: np.ndarray
     _chan: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
-    _wino: np.ndarray | None = field(default=None, init=False, repr=False)
+    _wino: dict[int, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     def __setstate__(self, state: dict) -> None:
         # copies and unpickled preps rebuild the channel form's and Winograd's weights on first use, on
@@ -224,10 +224,11 @@ class ImplicitGemmPrep(ConvPrepBase):
         lay = phase_layout(x_shape, (kh, kw), self.stride, self.padding, self.dilation)
         off, macs = self._column_offsets(lay, cin)
         macs *= b
-        if _use_winograd(self, x_shape):
+        m = _use_winograd(self, x_shape)
+        if m:
             return winograd_workspace(x_shape, self.weight_shape, self.groups, self.padding, nparts,
                                       split_by_image(b, nparts), in_blocked, out_blocked,
-                                      serial=macs < _SERIAL_MACS)
+                                      serial=macs < _SERIAL_MACS, m=m)
         ntiles = self.data.shape[1]
         cost = np.repeat(self.ncols + 1, ntiles)  # an item's cost: its columns (+1: the crop)
         bounds = balanced_bounds(cost, nparts)
@@ -311,13 +312,15 @@ class ImplicitGemmPrep(ConvPrepBase):
             self._chan = (wch, rows)
         return self._chan
 
-    def _wino_weights(self) -> np.ndarray:
-        """The layer's filters transformed for Winograd F(2x2, 3x3)
+    def _wino_weights(self, m: int) -> np.ndarray:
+        """The layer's filters transformed for Winograd F(m x m, 3x3)
         (:func:`sparsecnn.kernels.winograd.winograd_weights`), from the dense weight these tiles hold
-        (zero where a filter or column was dropped); built once, on first use."""
-        if self._wino is None:
-            self._wino = winograd_weights(self.to_dense(), self.groups)
-        return self._wino
+        (zero where a filter or column was dropped); built once per ``m``, on first use."""
+        cache = self._wino if self._wino is not None else {}
+        if m not in cache:
+            cache = {**cache, m: winograd_weights(self.to_dense(), self.groups, m)}  # other threads: whole
+            self._wino = cache
+        return cache[m]
 
     def to_dense(self) -> np.ndarray:
         """The dense weight ``(Cout, Cin / groups, kh, kw)`` these tiles hold (zeros where a filter or a
@@ -432,27 +435,34 @@ def _consecutive_tiles(rows: np.ndarray) -> bool:
     return bool((r[..., 0] >= 0).all() and (r == r[..., :1] + np.arange(GEMM_MR)).all())
 
 
-def winograd_applies(kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], cin_g: int,
-                     out_hw: tuple[int, int], kept_fraction: float) -> bool:
-    """Whether a ``lowered`` layer runs Winograd F(2x2, 3x3) (:mod:`sparsecnn.kernels.winograd`): 3x3,
-    stride 1, no dilation; forced by ``WINOGRAD``, else where each group has at least a vector of input
-    channels, an output plane at least ``_WINO_MIN_TILES`` tiles, and the kept columns x kept filters
+def winograd_tile(kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], cin_g: int,
+                  out_hw: tuple[int, int], kept_fraction: float) -> int:
+    """The output tile side ``m`` of the Winograd F(m x m, 3x3) form a ``lowered`` layer runs
+    (:mod:`sparsecnn.kernels.winograd`), or 0 for none. Only 3x3, stride 1, no dilation; forced by
+    ``WINOGRAD`` (True: 4 where an output plane has at least ``_WINO_MIN_TILES`` 4x4 tiles, else 2),
+    else where each group has at least a vector of input channels, the kept columns x kept filters
     are at least ``_WINO_MIN_WORK`` of the dense layer's (``kept_fraction``: SSL's compact layers with
-    fewer run the implicit GEMM on what they kept). The planner's cost model asks it too."""
+    fewer run the implicit GEMM on what they kept), and an output plane has at least
+    ``_WINO_MIN_TILES`` tiles: 4 where it has as many 4x4 tiles (56x56 and 28x28 planes), else 2. The
+    planner's cost model asks it too."""
     if tuple(kernel) != (3, 3) or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or WINOGRAD is False:
-        return False
-    if WINOGRAD:
-        return True
+        return 0
     ho, wo = out_hw
-    return cin_g >= VW and -(-ho // 2) * -(-wo // 2) >= _WINO_MIN_TILES and kept_fraction >= _WINO_MIN_WORK
+    if -(-ho // 4) * -(-wo // 4) >= _WINO_MIN_TILES:
+        m = 4
+    elif WINOGRAD or -(-ho // 2) * -(-wo // 2) >= _WINO_MIN_TILES:
+        m = 2
+    else:
+        return 0
+    return m if WINOGRAD or (cin_g >= VW and kept_fraction >= _WINO_MIN_WORK) else 0
 
 
-def _use_winograd(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int]) -> bool:
-    """:func:`winograd_applies` to ``prep`` on inputs of ``x_shape``."""
+def _use_winograd(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int]) -> int:
+    """:func:`winograd_tile` of ``prep`` on inputs of ``x_shape``."""
     cout, cin_g, kh, kw = prep.weight_shape
     kept = int(((prep.rows >= 0).sum(axis=1) * prep.ncols).sum())
-    return winograd_applies((kh, kw), prep.stride, prep.dilation, cin_g, prep.output_shape(x_shape)[2:],
-                            kept / (cout * cin_g * kh * kw))
+    return winograd_tile((kh, kw), prep.stride, prep.dilation, cin_g, prep.output_shape(x_shape)[2:],
+                         kept / (cout * cin_g * kh * kw))
 
 
 def _use_channel_form(prep: ImplicitGemmPrep, span: int) -> bool:
@@ -624,7 +634,7 @@ def _launch(prep: ImplicitGemmPrep, ws: _Workspace, x: np.ndarray, bias: np.ndar
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     xc = xc.reshape(xc.shape[0], -1)
     if isinstance(ws, WinoWorkspace):  # bias padded to whole filter blocks (padded_bias)
-        winograd_conv2d(prep._wino_weights(), ws, xc, bias, flat, relu, res)
+        winograd_conv2d(prep._wino_weights(ws.m), ws, xc, bias, flat, relu, res)
         return
     copy = ws.by_image
     if _reads_in_place(ws, xc, slack):

@@ -59,6 +59,8 @@ from sparsecnn.kernels._simd import (
     copy_vec,
     prefetch_l2,
     tile_split,
+    wino4_in_tile,
+    wino4_out_tile,
     wino_in_tile,
     wino_out_tile,
 )
@@ -73,21 +75,28 @@ WINO_TILES = 64
 # 32 KB) stay in L1 while the item's tiles pass.
 _CBLK = 128
 
-# G of F(2x2, 3x3): U = G g G^T (4 x 4 per filter and channel).
-_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+# G of F(m x m, 3x3): U = G g G^T ((m + 2) x (m + 2) per filter and channel), the points of
+# sparsecnn.kernels._simd.WINO_BT / WINO_AT.
+_G = {
+    2: np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]]),
+    4: np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                 [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+}
 
 
-def winograd_weights(weight: np.ndarray, groups: int) -> np.ndarray:
-    """The transformed filters ``U = G g G^T`` in the GEMMs' layout.
+def winograd_weights(weight: np.ndarray, groups: int, m: int = 2) -> np.ndarray:
+    """The transformed filters ``U = G g G^T`` of F(m x m, 3x3) in the GEMMs' layout.
 
     Parameters
     ----------
     weight : ndarray, shape (Cout, Cin / groups, 3, 3), float32
     groups : int
+    m : int
+        Outputs per tile side: 2 (16 points) or 4 (36 points).
 
     Returns
     -------
-    ndarray, shape (groups, nfb, 16, cgp, CHAN_BLOCK), float32
+    ndarray, shape (groups, nfb, (m + 2) ** 2, cgp, CHAN_BLOCK), float32
         ``U[g, fb, xi, c, f]``: point ``xi`` of filter ``g * Cout / groups + fb * CHAN_BLOCK + f`` on
         input channel ``c`` of its group; zero past the filters and channels (``cgp``: ``Cin /
         groups`` rounded up to whole vectors, ``nfb`` blocks of ``CHAN_BLOCK`` filters per group).
@@ -98,11 +107,13 @@ def winograd_weights(weight: np.ndarray, groups: int) -> np.ndarray:
     fg = cout // groups
     nfb = -(-fg // CHAN_BLOCK)
     cgp = -(-cg // VW) * VW
-    u = np.einsum("ai,fcij,bj->abfc", _G, weight.astype(np.float64), _G).reshape(16, groups, fg, cg)
-    full = np.zeros((groups, 16, nfb * CHAN_BLOCK, cgp), np.float32)
+    g_ = _G[m]
+    npt = (m + 2) ** 2
+    u = np.einsum("ai,fcij,bj->abfc", g_, weight.astype(np.float64), g_).reshape(npt, groups, fg, cg)
+    full = np.zeros((groups, npt, nfb * CHAN_BLOCK, cgp), np.float32)
     full[:, :, :fg, :cg] = u.transpose(1, 0, 2, 3)
-    out = aligned_empty((groups, nfb, 16, cgp, CHAN_BLOCK))
-    out[...] = full.reshape(groups, 16, nfb, CHAN_BLOCK, cgp).transpose(0, 2, 1, 4, 3)
+    out = aligned_empty((groups, nfb, npt, cgp, CHAN_BLOCK))
+    out[...] = full.reshape(groups, npt, nfb, CHAN_BLOCK, cgp).transpose(0, 2, 1, 4, 3)
     return out
 
 
@@ -124,11 +135,11 @@ class WinoWorkspace:
     geo: np.ndarray  # int64, indexed by the _H ... _CBLKF constants
     offs: np.ndarray  # (cgp,) int32: V offset of input channel c inside one point's GEMM input
     tpos: np.ndarray  # (tg + CHAN_NP,) int32: V offset of a chunk's tile j (j * VW)
-    V: np.ndarray  # (nparts, 16 * cgp * tg + VW): each thread's transformed chunk of tiles
+    V: np.ndarray  # (nparts, npt * cgp * tg + VW): each thread's transformed chunk of tiles
     xb: np.ndarray  # (nbuf, groups * ncbk * H * W * VW + VW): a plain input in blocks (else (nbuf, 0))
-    scratch: np.ndarray  # (nparts, 4 * L * VW + VW): a tile row's padded input rows
-    mbuf: np.ndarray  # (nparts, 16 * S + VW): an item's 16 GEMM results
-    tmp: np.ndarray  # (nparts, 4 * VW): one tile's outputs on their way into a plain output
+    scratch: np.ndarray  # (nparts, (m + 2) * L * VW + VW): a tile row's padded input rows
+    mbuf: np.ndarray  # (nparts, npt * S + VW): an item's GEMM results, one per point
+    tmp: np.ndarray  # (nparts, m * m * VW): one tile's outputs on their way into a plain output
     zeros: np.ndarray  # (VW,)
     init: np.ndarray  # (CHAN_BLOCK,) zeros: the GEMMs start from zero (the bias comes at the end)
     bounds: np.ndarray  # (nparts + 1,) item ranges of the threads
@@ -136,12 +147,13 @@ class WinoWorkspace:
     in_blocked: bool
     out_blocked: bool
     serial: bool  # one thread (a layer too small for a parallel launch)
+    m: int  # outputs per tile side: F(m x m, 3x3)
     zero_bias: np.ndarray  # (groups * nfb * CHAN_BLOCK,) zeros: the padded bias of a layer without one
 
 
 # geo fields
 (_H, _W, _PH, _PW, _HO, _WO, _TH, _TW, _T, _L, _GROUPS, _CG, _NCBK, _CGP, _FG, _NFB, _TG, _NCHUNK, _S,
- _CBLKF) = range(20)
+ _CBLKF, _M) = range(21)
 
 # Most bytes of one thread's transformed chunk (16 x cgp x tiles floats): it stays in L2 while the
 # chunk's filter blocks run (1 MB: a 14x14 plane of 256 channels in one chunk).
@@ -151,23 +163,24 @@ _CHUNK_BYTES = 1 << 20
 def winograd_workspace(x_shape: tuple[int, int, int, int], weight_shape: tuple[int, int, int, int],
                        groups: int, padding: tuple[int, int], nparts: int, by_image: bool,
                        in_blocked: bool = False, out_blocked: bool = False,
-                       serial: bool = False) -> WinoWorkspace:
-    """The workspace of :func:`winograd_conv2d` for inputs of (plain) shape ``x_shape``: threads split
-    the images with ``by_image`` (else the work items of each image), one thread with ``serial``;
-    ``in_blocked`` / ``out_blocked``: the input / output is channel-blocked."""
+                       serial: bool = False, m: int = 2) -> WinoWorkspace:
+    """The workspace of :func:`winograd_conv2d` for inputs of (plain) shape ``x_shape`` and F(m x m,
+    3x3): threads split the images with ``by_image`` (else the work items of each image), one thread
+    with ``serial``; ``in_blocked`` / ``out_blocked``: the input / output is channel-blocked."""
     if serial:  # one thread running every image (and copying each plain one into its blocks)
         by_image, nparts = True, 1
     _, _, h, w = x_shape
     cout, cg = weight_shape[:2]
     ph, pw = padding
     ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
-    th, tw = -(-ho // 2), -(-wo // 2)
+    th, tw = -(-ho // m), -(-wo // m)
+    npt = (m + 2) ** 2
     t = th * tw
     fg = cout // groups
     nfb = -(-fg // CHAN_BLOCK)
     ncbk = -(-cg // VW)
     cgp = ncbk * VW
-    tg = max(1, min(t, WINO_TILES, _CHUNK_BYTES // (64 * cgp)))
+    tg = max(1, min(t, WINO_TILES, _CHUNK_BYTES // (4 * npt * cgp)))
     nchunk = -(-t // tg)
     if not by_image and (groups * nfb * nchunk) % nparts:
         # as many chunks per thread (else one thread runs a whole item more)
@@ -175,20 +188,20 @@ def winograd_workspace(x_shape: tuple[int, int, int, int], weight_shape: tuple[i
         tg = -(-t // nchunk)
         nchunk = -(-t // tg)
     s = tg * CHAN_BLOCK + VW  # one point's results, a vector apart from the next (no cache-set conflicts)
-    el = 2 * tw + 2
+    el = m * tw + 2
     geo = np.array([h, w, ph, pw, ho, wo, th, tw, t, el, groups, cg, ncbk, cgp, fg, nfb, tg, nchunk, s,
-                    min(_CBLK, cgp)], dtype=np.int64)
+                    min(_CBLK, cgp), m], dtype=np.int64)
     nbuf = nparts if by_image else 1
     c = np.arange(cgp)
     return WinoWorkspace(
         geo=geo,
         offs=((c // VW) * tg * VW + c % VW).astype(np.int32),
         tpos=(np.arange(tg + CHAN_NP) * VW).astype(np.int32),
-        V=aligned_zeros((nparts, 16 * cgp * tg + VW)),
+        V=aligned_zeros((nparts, npt * cgp * tg + VW)),
         xb=aligned_zeros((nbuf, 0 if in_blocked else groups * ncbk * h * w * VW + VW)),
-        scratch=aligned_zeros((nparts, 4 * el * VW + VW)),
-        mbuf=aligned_zeros((nparts, 16 * s + VW)),
-        tmp=aligned_zeros((nparts, 4 * VW)),
+        scratch=aligned_zeros((nparts, (m + 2) * el * VW + VW)),
+        mbuf=aligned_zeros((nparts, npt * s + VW)),
+        tmp=aligned_zeros((nparts, m * m * VW)),
         zeros=np.zeros(VW, np.float32),
         init=np.zeros(CHAN_BLOCK, np.float32),
         bounds=balanced_bounds(np.ones(groups * nfb * nchunk, dtype=np.int64), nparts),
@@ -196,6 +209,7 @@ def winograd_workspace(x_shape: tuple[int, int, int, int], weight_shape: tuple[i
         in_blocked=in_blocked,
         out_blocked=out_blocked,
         serial=serial,
+        m=m,
         zero_bias=np.zeros(groups * nfb * CHAN_BLOCK, np.float32),
     )
 
@@ -227,15 +241,15 @@ def _transform_chunk(src, vb, sc, zeros, geo, g, c0, n):
     """Tiles ``c0 <= t < c0 + n`` of group ``g`` of one blocked image ``src``: per channel block and row
     of tiles, the four padded input rows into ``sc``, then each tile's ``B^T d B`` into ``vb``
     (``(16, ncbk, tg, VW)``: point, channel block, tile of the chunk, lane)."""
-    h, w, ph, pw, tw, el = geo[_H], geo[_W], geo[_PH], geo[_PW], geo[_TW], geo[_L]
+    h, w, ph, pw, tw, el, m = geo[_H], geo[_W], geo[_PH], geo[_PW], geo[_TW], geo[_L], geo[_M]
     ncbk, tg = geo[_NCBK], geo[_TG]
     row = el * VW
     vstride = ncbk * tg * VW
     for cbk in range(ncbk):
         xoff = (g * ncbk + cbk) * h * w * VW
         for ty in range(c0 // tw, (c0 + n - 1) // tw + 1):
-            for i in range(4):
-                r = 2 * ty + i - ph
+            for i in range(m + 2):
+                r = m * ty + i - ph
                 so = i * row
                 for c in range(el):
                     col = c - pw
@@ -244,7 +258,10 @@ def _transform_chunk(src, vb, sc, zeros, geo, g, c0, n):
                     else:
                         copy_vec(zeros, 0, sc, so + c * VW)
             for tx in range(max(0, c0 - ty * tw), min(tw, c0 + n - ty * tw)):
-                wino_in_tile(sc, 2 * tx * VW, row, vb, (cbk * tg + ty * tw + tx - c0) * VW, vstride)
+                if m == 4:
+                    wino4_in_tile(sc, 4 * tx * VW, row, vb, (cbk * tg + ty * tw + tx - c0) * VW, vstride)
+                else:
+                    wino_in_tile(sc, 2 * tx * VW, row, vb, (cbk * tg + ty * tw + tx - c0) * VW, vstride)
 
 
 @jit
@@ -254,7 +271,8 @@ def _run_items(src, vb, u, offs, tpos, bias, ob, rb, has_res, relu, sc, zeros, b
     image ``src``: a chunk's transform into ``vb`` when the items reach it, then per item its 16 GEMMs
     into ``bf`` and each tile's output transform into ``ob`` (+ ``rb`` with ``has_res``; ReLU with
     ``relu``)."""
-    ho, wo, tw, t = geo[_HO], geo[_WO], geo[_TW], geo[_T]
+    ho, wo, tw, t, m = geo[_HO], geo[_WO], geo[_TW], geo[_T], geo[_M]
+    npt = (m + 2) * (m + 2)
     fg, nfb, tg, nchunk, s, cblk, cgp = geo[_FG], geo[_NFB], geo[_TG], geo[_NCHUNK], geo[_S], geo[_CBLKF], \
         geo[_CGP]
     plane = ho * wo
@@ -271,8 +289,8 @@ def _run_items(src, vb, u, offs, tpos, bias, ob, rb, has_res, relu, sc, zeros, b
         nst = (n + CHAN_NP - 1) // CHAN_NP
         nf = min(CHAN_BLOCK, fg - fb * CHAN_BLOCK)
         nout = (nf + VW - 1) // VW
-        wf = u[g, fb].reshape(-1)  # the item's weights, (16, cgp, CHAN_BLOCK), in the order read
-        for xi in range(16):
+        wf = u[g, fb].reshape(-1)  # the item's weights, (npt, cgp, CHAN_BLOCK), in the order read
+        for xi in range(npt):
             wx = wf[xi * cgp * CHAN_BLOCK:(xi + 1) * cgp * CHAN_BLOCK]
             base = xi * cgp * tg
             for k0 in range(0, cgp, cblk):
@@ -290,24 +308,30 @@ def _run_items(src, vb, u, offs, tpos, bias, ob, rb, has_res, relu, sc, zeros, b
         for j in range(n):
             tt = c0 + j
             ty = tt // tw
-            oy = 2 * ty
-            ox = 2 * (tt - ty * tw)
-            nx = min(2, wo - ox)
-            ny = min(2, ho - oy)
+            oy = m * ty
+            ox = m * (tt - ty * tw)
+            nx = min(m, wo - ox)
+            ny = min(m, ho - oy)
             for o in range(nout):
                 bpos = (g * nfb + fb) * CHAN_BLOCK + o * VW
                 first = g * fg + fb * CHAN_BLOCK + o * VW  # the vector's first output channel
+                mpos = j * CHAN_BLOCK + o * VW
                 if out_blocked:
-                    wino_out_tile(bf, j * CHAN_BLOCK + o * VW, s, bias, bpos, rb, has_res, relu, ob,
-                                  ((first // VW * ho + oy) * wo + ox) * VW, wo * VW, nx, ny)
+                    dpos = ((first // VW * ho + oy) * wo + ox) * VW
+                    if m == 4:
+                        wino4_out_tile(bf, mpos, s, bias, bpos, rb, has_res, relu, ob, dpos, wo * VW, nx, ny)
+                    else:
+                        wino_out_tile(bf, mpos, s, bias, bpos, rb, has_res, relu, ob, dpos, wo * VW, nx, ny)
                 else:
-                    wino_out_tile(bf, j * CHAN_BLOCK + o * VW, s, bias, bpos, tmp, False, False, tmp, 0,
-                                  2 * VW, 2, 2)
+                    if m == 4:
+                        wino4_out_tile(bf, mpos, s, bias, bpos, tmp, False, False, tmp, 0, 4 * VW, 4, 4)
+                    else:
+                        wino_out_tile(bf, mpos, s, bias, bpos, tmp, False, False, tmp, 0, 2 * VW, 2, 2)
                     nl = min(VW, nf - o * VW)
                     for dy in range(ny):
                         for dx in range(nx):
                             d = first * plane + (oy + dy) * wo + ox + dx
-                            src_ = (2 * dy + dx) * VW
+                            src_ = (m * dy + dx) * VW
                             for lane in range(nl):
                                 v = tmp[src_ + lane]
                                 if has_res:
