@@ -355,6 +355,31 @@ def test_pointwise_tiles_go_straight_into_the_output(hw, l1, rng, monkeypatch) -
         implicit_gemm_conv2d(prep, x, bias, out, residual=out)
 
 
+@pytest.mark.parametrize("positions_first", [False, True])
+def test_straight_channel_tiles_in_either_item_order(positions_first, rng, monkeypatch) -> None:
+    """The channel form's straight 1x1 tiles (blocked in and out, batch 1: the threads split the
+    items) give the same outputs with the items ordered position group first or filter block first;
+    three filter blocks (64 + 64 + 16 filters) and several position groups."""
+    from sparsecnn.kernels.blocked import from_blocked_array, to_blocked_array
+
+    monkeypatch.setattr(ig_mod, "STRAIGHT_POSITIONS_FIRST", positions_first)
+    monkeypatch.setattr(ig_mod, "_CHAN_POSITIONS", 48)
+    w = rng.standard_normal((144, 32, 1, 1)).astype(np.float32)
+    x = rng.standard_normal((1, 32, 16, 16)).astype(np.float32)
+    bias = rng.standard_normal(144).astype(np.float32)
+    prep = prepare_implicit_gemm(w.reshape(1, 144, 32), np.arange(144)[None], np.arange(32)[None], w.shape, 1,
+                                 (1, 1), (0, 0), (1, 1))
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bias)).numpy()
+    res = rng.standard_normal(ref.shape).astype(np.float32)
+    out = np.full(ref.shape, np.nan, np.float32)
+    run = bind_implicit_gemm_conv2d(prep, x.shape, bias, out, True, 0, True, True)
+    ws = prep.workspace(x.shape, True, True)
+    assert ws.straight and ws.posfirst == positions_first and ws.bounds.size == 3
+    run(to_blocked_array(x), to_blocked_array(res))
+    got = from_blocked_array(out.reshape(1, 9, 16, 16, 16))
+    assert_close(got, np.maximum(ref + res, 0), what=f"straight, positions first {positions_first}")
+
+
 def test_blocked_layout_conversions_and_phase_copy(rng) -> None:
     """to_blocked / from_blocked invert each other; the blocked phase copy is the plain one with each
     float widened to BLOCK channels (stride 2 and padding: the phase planes and zero borders)."""

@@ -60,6 +60,12 @@ it blocked for chains of dense layers (:mod:`sparsecnn.engine._layout`). Measure
 shapes, 2 threads, interleaved, plain in and out / blocked in and out, ms): 1x1 256 -> 64 at 56x56
 0.473 / 0.391, 1024 -> 256 at 14x14 0.479 / 0.358, 3x3 stride 2 from 56x56 1.55 / 1.22, 1x1 stride 2
 1.43 / 1.13, 3x3 layers 3-7% apart. Channel blocks of 36 KB against 16 KB: 1.04-1.09x on one thread.
+
+**Winograd** (:mod:`sparsecnn.kernels.winograd`): a 3x3 stride-1 layer that kept at least
+``_WINO_MIN_WORK`` of its filters x columns and has planes of at least ``_WINO_MIN_TILES`` output
+tiles runs F(m x m, 3x3) on its dense weight instead (:func:`winograd_tile`: m = 4 on 56x56 and
+28x28 planes, 2 on 14x14 and 13x13, none on 7x7), in either layout: 1.4-1.8x the channel form on
+dense ResNet layers (the measurements are in that module and docs/engine.md, "fourteenth").
 """
 
 from __future__ import annotations
@@ -145,6 +151,12 @@ STRAIGHT = True
 # Channel form: tiles of output positions only (on) or of every wide-row position, padding columns
 # included (off: the A/B baseline).
 VALID_POSITIONS = True
+# Channel form, straight 1x1 layers: items ordered (position group, filter block), so the threads split
+# the positions and each reads only its share of the input (split by filters, each read all of it, half
+# written by the other core: 1.17x slower inside a pass than alone, docs/engine.md "thirteenth").
+# Dense ResNet-50, blocked, paired (python -m benchmarks.positions_first): 1.033x, after Winograd made
+# layer1's 3x3 layers split their positions too. Off: the A/B baseline (filter block first).
+STRAIGHT_POSITIONS_FIRST = True
 # Channel form: each channel block's tiles prefetch the next block's weights into L2 (off: the A/B baseline).
 CHAN_PREFETCH = True
 
@@ -178,6 +190,7 @@ class _Workspace:
     wrow: int = 0  # channel form: positions per row of qpos (wout: output positions; wph: wide rows)
     prefetch: bool = False  # channel form: tiles prefetch the next channel block's weights (CHAN_PREFETCH)
     out_blocked: bool = False  # channel form: writes the channel-blocked layout
+    posfirst: bool = False  # channel form: items ordered position group first (STRAIGHT_POSITIONS_FIRST)
 
 
 @dataclass(eq=False)
@@ -403,7 +416,12 @@ class ImplicitGemmPrep(ConvPrepBase):
         for gi in range(self.groups):
             kblk[gi] = np.searchsorted(kchan[gi, : self.ncols[gi]], np.arange(nblk + 1) * cb)
         npos = np.minimum(group, qpos.size - np.arange(ngrp) * group)  # positions of each group
-        cost = ((self.ncols + 1)[:, None, None] * npos[None, None, :]).repeat(nob, axis=1).reshape(-1)
+        straight = out_blocked and lay.wph == lay.wout
+        posfirst = straight and STRAIGHT_POSITIONS_FIRST
+        if posfirst:  # items (group, position group, filter block)
+            cost = ((self.ncols + 1)[:, None, None] * npos[None, :, None]).repeat(nob, axis=2).reshape(-1)
+        else:  # items (group, filter block, position group)
+            cost = ((self.ncols + 1)[:, None, None] * npos[None, None, :]).repeat(nob, axis=1).reshape(-1)
         bounds = balanced_bounds(cost, nparts)
         nbuf, size = lay.xt_shape(nparts if by_image else b, cin, self.padding[1])
         return _Workspace(
@@ -423,8 +441,9 @@ class ImplicitGemmPrep(ConvPrepBase):
             qpos=qpos,
             wrow=lay.wout if VALID_POSITIONS else lay.wph,
             out_blocked=out_blocked,
-            straight=out_blocked and lay.wph == lay.wout,
+            straight=straight,
             prefetch=CHAN_PREFETCH,
+            posfirst=posfirst,
         )
 
 
@@ -651,7 +670,7 @@ def _launch(prep: ImplicitGemmPrep, ws: _Workspace, x: np.ndarray, bias: np.ndar
         wch, rows = prep._chan_weights()
         ws.kernel(xc, ws.xt, ws.copies, ws.geo, copy, ws.offsets, wch, ws.kblk, rows, prep.fill, bias,
                   flat, ws.hout, ws.wout, ws.wide, ws.init, ws.bounds, ws.qpos, ws.wrow, ws.group, *tail,
-                  ws.pstride, ws.out_blocked, ws.straight, ws.prefetch)
+                  ws.pstride, ws.out_blocked, ws.straight, ws.prefetch, ws.posfirst)
     elif ws.kernel is _blocked_kernel or ws.kernel is _blocked_kernel_serial:
         ws.kernel(xc, ws.xt, ws.copies, ws.geo, copy, ws.offsets, prep.data, ws.kblk, prep.rows, prep.fill,
                   bias, flat, ws.hout, ws.wout, ws.wide, ws.gstride, ws.bounds, ws.wph, ws.span, ws.group,
@@ -814,7 +833,7 @@ def _act_in_place(dst, res, has_res, pos, n, relu):
 @pjit
 def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, out, hout, wout, buf, init,
                  bounds, qpos, wrow, group, relu, by_image, res, has_res, pstride, out_blocked, straight,
-                 prefetch_weights):
+                 prefetch_weights, posfirst):
     """Implicit GEMM with output channels in the vector lanes (:func:`sparsecnn.kernels._simd.chan_tile`),
     parallel over balanced ranges of (group, block of ``CHAN_BLOCK`` filters, position group) items.
     Positions are the output's own (``hout * wout``, in row order), read from the wide-row input at
@@ -854,8 +873,13 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
             for item in range(first, last):
                 g = item // (nob * ngrp)
                 rem = item - g * nob * ngrp
-                ob = rem // ngrp
-                p0 = (rem - ob * ngrp) * group
+                if posfirst:
+                    pg = rem // nob
+                    ob = rem - pg * nob
+                else:
+                    ob = rem // ngrp
+                    pg = rem - ob * ngrp
+                p0 = pg * group
                 n = min(group, npos - p0)
                 rr = rows[g, ob * CHAN_BLOCK:(ob + 1) * CHAN_BLOCK]
                 for f in range(CHAN_BLOCK):

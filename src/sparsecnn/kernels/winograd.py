@@ -1,46 +1,54 @@
-r"""Winograd F(2x2, 3x3): dense 3x3 stride-1 convolutions as 16 small GEMMs (Lavin & Gray, CVPR 2016).
+r"""Winograd F(m x m, 3x3): dense 3x3 stride-1 convolutions as small GEMMs (Lavin & Gray, CVPR 2016).
 
-A 2 x 2 block of outputs of a 3 x 3 filter reads a 4 x 4 block of inputs ``d``; in the transformed
-domain the block is one elementwise product per (input channel, filter),
+An m x m block of outputs of a 3 x 3 filter reads an (m + 2) x (m + 2) block of inputs ``d``; in the
+transformed domain the block is one elementwise product per (input channel, filter),
 
 .. math:: Y = A^T \Big[ \sum_c (G g_c G^T) \odot (B^T d_c B) \Big] A
 
-so the 36 multiply-adds of the direct form per channel pair become 16, and the sum over input
-channels is a GEMM for each of the 16 points ``xi`` of the transformed tile:
-``M[xi][t][f] = sum_c V[xi][c][t] U[xi][c][f]`` with ``U = G g G^T`` (the weights, transformed once)
-and ``V = B^T d B`` (the input, transformed per call). ``G`` holds halves and ``A``, ``B`` only 0 and
-+-1, so the rounding is that of a sum of a few more terms (relative differences to torch's direct
-convolution about 1e-7 to 1e-6 on the layers measured here); a NaN or infinite input spreads to the
-whole 2 x 2 output block of every tile that reads it (the direct form: to the outputs whose window
-holds it), and an infinite one may come out NaN.
+so the 9 m^2 multiply-adds of the direct form per channel pair become (m + 2)^2 (16 for 4 outputs
+with m = 2, 36 for 16 with m = 4), and the sum over input channels is one GEMM per point ``xi`` of
+the transformed tile: ``M[xi][t][f] = sum_c V[xi][c][t] U[xi][c][f]`` with ``U = G g G^T`` (the
+weights, transformed once) and ``V = B^T d B`` (the input, transformed per call). The matrices are
+Lavin and Gray's (points 0, +-1 for m = 2; 0, +-1, +-2 for m = 4: ``_simd.WINO_BT`` / ``WINO_AT`` and
+``_G`` here). Rounding: relative differences to torch's direct convolution of 2e-7 to 1e-6 with m = 2
+and 3e-6 to 1.1e-5 with m = 4 on the tests' layers (the project's tolerance is 1e-4). A NaN or
+infinite input spreads to the whole output tile of every tile that reads it (the direct form: to
+the outputs whose window holds it), and an infinite one may come out NaN.
 
-Layouts (the channel-blocked ones of :mod:`sparsecnn.kernels.blocked`, ``VW`` channels in the lanes):
+Layouts and loops (``VW`` channels in the vector lanes, as in :mod:`sparsecnn.kernels.blocked`):
 
-- the input is read as ``VW``-channel blocks; a plain input is first copied into that layout per
-  channel block (channels past the group's zero);
-- per channel block and row of tiles, the four input rows of the tile row go into a scratch with
-  their zero padding, and :func:`sparsecnn.kernels._simd.wino_in_tile` writes each tile's 16
-  transformed vectors: ``V`` is ``(groups, 16, Cg / VW, T, VW)`` for ``T`` tiles;
+- a plain input is first copied into the channel-blocked layout (channels past a group's zero); a
+  blocked one is read as it is;
+- work items are (group, chunk of up to ``WINO_TILES`` tiles, block of ``CHAN_BLOCK`` filters), in
+  that order; a thread transforms a chunk when its first item needs it, into its own buffer
+  (``(npt, Cg / VW, tg, VW)``, at most ``_CHUNK_BYTES``: it stays in the thread's L2): per channel
+  block and row of tiles, the tile row's m + 2 input rows with their zero padding into a scratch,
+  then :func:`sparsecnn.kernels._simd.wino_in_tile` (``wino4_in_tile``) per tile. A first version
+  transformed the whole input up front, shared by the threads: the transformed input (4x the
+  input's bytes with m = 2) went to L3 and back, and inside a ResNet pass the layers gained
+  1.15-1.3x instead of the 1.35-1.45x they gained alone;
 - the GEMMs run on :func:`sparsecnn.kernels._simd.chan_tile`, the channel form's micro-kernel
   (:mod:`sparsecnn.kernels.implicit_gemm`): ``CHAN_BLOCK`` filters in the lanes, up to ``CHAN_NP``
-  tiles broadcast, the input channels as its columns (``U`` is ``(groups, nfb, 16, Cg, CHAN_BLOCK)``),
-  in channel blocks of ``_CBLK`` whose weights stay in L1 while the tiles pass, each block's tiles
-  prefetching the next block's weights into L2 (a forward pass finds them in L3 at best: 4.2 MB for
-  a 256 -> 256 layer, 16/9 of the layer's own weights);
-- each work item (group, block of ``CHAN_BLOCK`` filters, chunk of up to ``WINO_TILES`` tiles)
-  gathers its 16 GEMMs' results in a thread buffer (``M``, in L2) and then
-  :func:`sparsecnn.kernels._simd.wino_out_tile` turns each tile back into its 2 x 2 outputs with the
-  bias, the residual and the ReLU: whole-vector stores into a channel-blocked output, one scalar
-  store per output into a plain one.
+  tiles broadcast, the input channels as its columns (``U`` is ``(groups, nfb, npt, Cg,
+  CHAN_BLOCK)``: an item's weights contiguous), in channel blocks of ``_CBLK`` whose weights stay in
+  L1 while the chunk's tiles pass, each block's tiles prefetching the next block's weights into L2
+  (in a forward pass they come from L3: 16/9 of the layer's weights with m = 2, 4x with m = 4);
+- the item's results gather in a thread buffer (``M``, in L2), then
+  :func:`sparsecnn.kernels._simd.wino_out_tile` (``wino4_out_tile``) turns each tile back into its
+  outputs with the bias, the residual and the ReLU: whole-vector stores into a channel-blocked
+  output, one scalar store per output into a plain one.
 
-Threads split the work items at small batches (the transform of each image first, split by channel
-blocks, then the items); with a batch of at least as many images as threads, each thread runs its
-own images through both (:func:`sparsecnn.kernels.conv.split_by_image`).
+Threads split the work items at small batches; with at least as many images as threads, each
+thread runs its own images (:func:`sparsecnn.kernels.conv.split_by_image`). At batch 32 each thread
+then reads a layer's transformed weights from L3 once per image (AlexNet's 256 -> 384 at 13x13:
+6.3 MB per image): a GEMM blocked for L2 across images is not built.
 
-Measured (Emerald Rapids, 2 threads, batch 1, dense layers, blocked in and out, interleaved with the
-channel form in one process): 64 at 56x56 1.5x, 128 at 28x28 1.76x, 256 at 14x14 1.9x, 512 at 7x7
-1.15-1.34x (16 tiles, each transformed weight used 16 times), AlexNet's 256 -> 384 at 13x13 1.4x; the
-transforms are 5-10% of the layer.
+Measured (Emerald Rapids, 2 threads, batch 1, dense layers, blocked in and out, L2 flushed before
+each call, interleaved): against the channel form, m = 2: 64 at 56x56 1.38-1.43x, 128 at 28x28
+1.70-1.82x, 256 at 14x14 1.62-1.72x; m = 4 against m = 2: 56x56 1.13-1.15x, 28x28 1.25x, 14x14 and
+13x13 0.94-1.01x, 7x7 0.76-0.99x (16 tiles: too few to pay for 4x the weights). Which m a layer
+gets: :func:`sparsecnn.kernels.implicit_gemm.winograd_tile`. Whole models: docs/engine.md,
+"fourteenth".
 """
 
 from __future__ import annotations
