@@ -233,3 +233,53 @@ def test_winograd_generated_geometry(cin_g, cout_g, groups, h, w_, ph, pw, batch
         implicit_gemm_conv2d(prep, x, bias, out, relu=relu)
         assert isinstance(prep.workspace(x.shape), WinoWorkspace)
     assert_close(out, ref, rtol=1e-5, what="winograd generated")
+
+
+class _WinoNet(torch.nn.Module):
+    """3x3 stride-1 layers on planes of F(4x4) (24x24) and F(2x2) (12x12) size, a residual add, a pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.c3 = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c1(x))
+        y = torch.relu(self.c2(y) + y)
+        y = torch.relu(self.c3(F.max_pool2d(y, 2)))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("layout", ["plain", "blocked"])
+def test_winograd_model_from_four_threads(layout, monkeypatch) -> None:
+    """A compiled model whose 3x3 layers run Winograd (both tile sizes) called from 4 threads on mixed
+    input shapes: every thread its own transform buffers, every output the dense model's."""
+    import sparsecnn
+    from sparsecnn.kernels import winograd as wino_mod
+    from tests.threads import call_from_threads
+
+    calls: list[int] = []
+    real = ig_mod.winograd_conv2d
+
+    def counted(u, ws, *args, **kw):
+        calls.append(ws.m)
+        return real(u, ws, *args, **kw)
+
+    monkeypatch.setattr(ig_mod, "winograd_conv2d", counted)
+    assert wino_mod.winograd_conv2d is real
+    torch.manual_seed(0)
+    model = _WinoNet().eval()
+    compiled = sparsecnn.compile(model, torch.randn(1, 16, 24, 24), "lowered", layout=layout)
+    g = torch.Generator().manual_seed(3)
+    shapes = [(1, 16, 24, 24), (2, 16, 24, 24), (1, 16, 28, 26)]
+    inputs = [torch.randn(shapes[(i // 4) % 3], generator=g) for i in range(120)]
+    with torch.inference_mode():
+        refs = [model(x) for x in inputs]
+    calls.clear()
+    out = call_from_threads(compiled, inputs, 4)
+    assert {2, 4} <= set(calls), "both tile sizes ran"
+    bad = [i for i, (y, r) in enumerate(zip(out, refs, strict=True))
+           if y is None or float((y - r).abs().max()) > 1e-4 * float(r.abs().max())]
+    assert not bad, f"{len(bad)} of {len(refs)} outputs wrong"
