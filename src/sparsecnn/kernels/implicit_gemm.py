@@ -154,8 +154,9 @@ VALID_POSITIONS = True
 # Channel form, straight 1x1 layers: items ordered (position group, filter block), so the threads split
 # the positions and each reads only its share of the input (split by filters, each read all of it, half
 # written by the other core: 1.17x slower inside a pass than alone, docs/engine.md "thirteenth").
-# Dense ResNet-50, blocked, paired (python -m benchmarks.positions_first): 1.033x, after Winograd made
-# layer1's 3x3 layers split their positions too. Off: the A/B baseline (filter block first).
+# Dense ResNet-50, blocked, paired (python -m benchmarks.winograd --switch positions-first): 1.033x,
+# after Winograd made layer1's 3x3 layers split their positions too. Off: the A/B baseline (filter
+# block first).
 STRAIGHT_POSITIONS_FIRST = True
 # Channel form: each channel block's tiles prefetch the next block's weights into L2 (off: the A/B baseline).
 CHAN_PREFETCH = True
