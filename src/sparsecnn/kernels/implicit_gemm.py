@@ -130,16 +130,18 @@ _BLOCK_MIN_TILES = 16
 # The channel-vector form (_chan_kernel): None picks it by the rule in _use_channel_form, True / False
 # force it on / off (the A/B switch).
 CHANNEL_FORM: bool | None = None
-# Winograd F(2x2, 3x3) (:mod:`sparsecnn.kernels.winograd`) for 3x3 stride-1 layers: None picks it by the
-# rule in _use_winograd, True / False force it on (where the layer is 3x3 stride 1) / off (the A/B switch).
+# Winograd F(m x m, 3x3) (:mod:`sparsecnn.kernels.winograd`) for 3x3 stride-1 layers: None picks it by the
+# rule in winograd_tile, True / False force it on (where the layer is 3x3 stride 1) / off (the A/B switch).
 WINOGRAD: bool | None = None
 # The rule: Winograd where the implicit GEMM would do at least this fraction of the dense layer's
-# multiply-adds (its kept columns x kept filters): Winograd does 16 / 36 of them, in GEMMs about as
-# fast per multiply-add as the channel form's.
+# multiply-adds (its kept columns x kept filters): Winograd does 16 / 36 (m = 2) or 36 / 144 (m = 4) of
+# them, in GEMMs about as fast per multiply-add as the channel form's, plus the transforms.
 _WINO_MIN_WORK = 0.55
-# ... and where a plane has at least this many 2x2 output tiles: each transformed weight (16/9 of the
-# layer's weights, from L3 in a forward pass) serves every tile of a plane, and on 7x7 planes (16 tiles)
-# Winograd ran 0.8x the channel form in ResNet-18 (1.0-1.2x alone, its weights warm).
+# ... and where a plane has at least this many output tiles (m = 4 where it has as many 4x4 tiles, else
+# 2x2): each transformed weight (16/9 of the layer's weights with m = 2, 4x with m = 4, from L3 in a
+# forward pass) serves every tile of a plane. On 7x7 planes (16 2x2 tiles) F(2x2) ran 0.8x the channel
+# form inside ResNet-18 (1.0-1.2x alone, its weights warm); on 14x14 (16 4x4 tiles) F(4x4) ran 0.94-0.97x
+# F(2x2).
 _WINO_MIN_TILES = 32
 # Channel-vector form: bytes of one channel block's weights (read from L1 by every register tile of a
 # position group; 36 KB: 16 channels of a 3x3 layer, measured 1.04-1.09x 16 KB) and the most output positions
@@ -229,7 +231,7 @@ class ImplicitGemmPrep(ConvPrepBase):
         self._wino = None
 
     def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int, in_blocked: bool = False,
-                         out_blocked: bool = False) -> _Workspace:
+                         out_blocked: bool = False) -> _Workspace | WinoWorkspace:
         """The workspace for inputs of (plain) shape ``x_shape``; with ``in_blocked`` / ``out_blocked``
         (``workspace(x_shape, in_blocked, out_blocked)``) the channel form's, reading / writing the
         channel-blocked layout (:mod:`sparsecnn.kernels.blocked`)."""
@@ -644,8 +646,8 @@ def _check_out(prep: ImplicitGemmPrep, x_shape: tuple[int, ...], out: np.ndarray
         raise ValueError(f"implicit_gemm_conv2d: out must be C-contiguous of shape {want}")
 
 
-def _launch(prep: ImplicitGemmPrep, ws: _Workspace, x: np.ndarray, bias: np.ndarray, flat: np.ndarray,
-            relu: bool, slack: int = 0, res: np.ndarray | None = None) -> None:
+def _launch(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace, x: np.ndarray, bias: np.ndarray,
+            flat: np.ndarray, relu: bool, slack: int = 0, res: np.ndarray | None = None) -> None:
     """The kernel (serial twin below a work threshold). A stride-1 layer without padding reads ``x``
     in place where it may (:func:`sparsecnn.kernels.conv._reads_in_place`, ``slack`` floats known to
     follow it). Else, where the threads split the items, one parallel phase copy of the batch comes

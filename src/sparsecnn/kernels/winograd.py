@@ -76,8 +76,8 @@ from sparsecnn.kernels._simd import (
 __all__ = ["WINO_TILES", "WinoWorkspace", "padded_bias", "winograd_conv2d", "winograd_weights",
            "winograd_workspace"]
 
-# Tiles per work item: the item's 16 GEMM results (16 x WINO_TILES x CHAN_BLOCK floats, 256 KB) stay in L2
-# until its output transform.
+# Tiles per work item: the item's results, one per point (16 or 36 x WINO_TILES x CHAN_BLOCK floats: 256
+# or 576 KB), stay in L2 until its output transform.
 WINO_TILES = 64
 # Input channels per GEMM block: a 64-filter block's transformed weights (_CBLK x CHAN_BLOCK floats,
 # 32 KB) stay in L1 while the item's tiles pass.
@@ -163,8 +163,8 @@ class WinoWorkspace:
 (_H, _W, _PH, _PW, _HO, _WO, _TH, _TW, _T, _L, _GROUPS, _CG, _NCBK, _CGP, _FG, _NFB, _TG, _NCHUNK, _S,
  _CBLKF, _M) = range(21)
 
-# Most bytes of one thread's transformed chunk (16 x cgp x tiles floats): it stays in L2 while the
-# chunk's filter blocks run (1 MB: a 14x14 plane of 256 channels in one chunk).
+# Most bytes of one thread's transformed chunk (npt x cgp x tiles floats): it stays in L2 while the
+# chunk's filter blocks run (1 MB: a 14x14 plane of 256 channels in one chunk with m = 2).
 _CHUNK_BYTES = 1 << 20
 
 
