@@ -43,11 +43,12 @@ thread runs its own images (:func:`sparsecnn.kernels.conv.split_by_image`). At b
 then reads a layer's transformed weights from L3 once per image (AlexNet's 256 -> 384 at 13x13:
 6.3 MB per image): a GEMM blocked for L2 across images is not built.
 
-Measured (Emerald Rapids, 2 threads, batch 1, dense layers, blocked in and out, L2 flushed before
-each call, interleaved): against the channel form, m = 2: 64 at 56x56 1.38-1.43x, 128 at 28x28
-1.70-1.82x, 256 at 14x14 1.62-1.72x; m = 4 against m = 2: 56x56 1.13-1.15x, 28x28 1.25x, 14x14 and
-13x13 0.94-1.01x, 7x7 0.76-0.99x (16 tiles: too few to pay for 4x the weights). Which m a layer
-gets: :func:`sparsecnn.kernels.implicit_gemm.winograd_tile`. Whole models: docs/engine.md,
+Measured (``python -m benchmarks.winograd --layers``: Emerald Rapids, 2 threads, batch 1, dense layers,
+blocked in and out, L2 flushed before each call, interleaved; two runs), against the channel form:
+m = 2 at 56x56 / 28x28 / 14x14 1.35-1.87x, AlexNet's 13x13 1.41-1.47x, 7x7 1.11-1.16x; m = 4 at
+56x56 / 28x28 1.76-2.38x, at 14x14 and 13x13 no better than m = 2 (1.27-1.67x), at 7x7 0.97-1.02x (16
+tiles: too few to pay for 4x the weights). Which m a layer gets:
+:func:`sparsecnn.kernels.implicit_gemm.winograd_tile`. Whole models: docs/engine.md,
 "fourteenth".
 """
 
