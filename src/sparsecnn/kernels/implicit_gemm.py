@@ -334,7 +334,8 @@ class ImplicitGemmPrep(ConvPrepBase):
         (zero where a filter or column was dropped); built once per ``m``, on first use."""
         cache = self._wino if self._wino is not None else {}
         if m not in cache:
-            cache = {**cache, m: winograd_weights(self.to_dense(), self.groups, m)}  # other threads: whole
+            # a new dict, assigned whole: a thread reading self._wino meanwhile sees the old one, complete
+            cache = {**cache, m: winograd_weights(self.to_dense(), self.groups, m)}
             self._wino = cache
         return cache[m]
 
