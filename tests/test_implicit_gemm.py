@@ -253,7 +253,7 @@ def test_channel_form_reads_and_writes_both_layouts(case, small, valid, epilogue
     sums, groups across rows and partial register tiles all occur. ``valid``: the tiles cover the
     output positions alone (each reading its input at its own offset), else whole wide rows,
     cropped."""
-    from sparsecnn.kernels.blocked import from_blocked_array
+    from sparsecnn.kernels.blocked import BLOCK, from_blocked_array
 
     monkeypatch.setattr(ig_mod, "VALID_POSITIONS", valid)
     if small:
@@ -284,7 +284,7 @@ def test_channel_form_reads_and_writes_both_layouts(case, small, valid, epilogue
                 run(xin)
             else:
                 run(xin, _blocked(res) if out_b else res)
-            got = from_blocked_array(out.reshape(b, cout // 16, *ref.shape[2:], 16)) if out_b else out
+            got = from_blocked_array(out.reshape(b, cout // BLOCK, *ref.shape[2:], BLOCK)) if out_b else out
             assert np.array_equal(np.isnan(got), np.isnan(want))
             ok = ~np.isnan(want)
             assert_close(got[ok], want[ok], what=f"{epilogue} in_blocked={in_b} out_blocked={out_b}")
@@ -359,8 +359,9 @@ def test_pointwise_tiles_go_straight_into_the_output(hw, l1, rng, monkeypatch) -
 def test_straight_channel_tiles_in_either_item_order(positions_first, rng, monkeypatch) -> None:
     """The channel form's straight 1x1 tiles (blocked in and out, batch 1: the threads split the
     items) give the same outputs with the items ordered position group first or filter block first;
-    three filter blocks (64 + 64 + 16 filters) and several position groups."""
-    from sparsecnn.kernels.blocked import from_blocked_array, to_blocked_array
+    several filter blocks (64 + 64 + 16 filters with 16-wide vectors, 5 x 32 with 8-wide) and several
+    position groups."""
+    from sparsecnn.kernels.blocked import BLOCK, from_blocked_array, to_blocked_array
 
     monkeypatch.setattr(ig_mod, "STRAIGHT_POSITIONS_FIRST", positions_first)
     monkeypatch.setattr(ig_mod, "_CHAN_POSITIONS", 48)
@@ -376,7 +377,7 @@ def test_straight_channel_tiles_in_either_item_order(positions_first, rng, monke
     ws = prep.workspace(x.shape, True, True)
     assert ws.straight and ws.posfirst == positions_first and ws.bounds.size == 3
     run(to_blocked_array(x), to_blocked_array(res))
-    got = from_blocked_array(out.reshape(1, 9, 16, 16, 16))
+    got = from_blocked_array(out.reshape(1, 144 // BLOCK, 16, 16, BLOCK))
     assert_close(got, np.maximum(ref + res, 0), what=f"straight, positions first {positions_first}")
 
 

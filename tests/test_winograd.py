@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparsecnn.kernels import implicit_gemm as ig_mod
-from sparsecnn.kernels.blocked import from_blocked_array, to_blocked_array
+from sparsecnn.kernels._simd import CHAN_BLOCK, VW
+from sparsecnn.kernels.blocked import BLOCK, from_blocked_array, to_blocked_array
 from sparsecnn.kernels.implicit_gemm import (
     bind_implicit_gemm_conv2d,
     implicit_gemm_conv2d,
@@ -80,7 +81,7 @@ def test_winograd_matches_torch(case, epilogue, rng, monkeypatch) -> None:
     xin = to_blocked_array(x) if in_b else x
     rin = None if res is None else (to_blocked_array(res) if out_b else res)
     run(xin, rin)
-    got = from_blocked_array(out.reshape(batch, cout // 16, *ref.shape[2:], 16)) if out_b else out
+    got = from_blocked_array(out.reshape(batch, cout // BLOCK, *ref.shape[2:], BLOCK)) if out_b else out
     assert_close(got, ref, rtol=1e-5, what=f"winograd {case} {epilogue}")
     if not in_b and not out_b:  # the unbound call takes the same path
         out2 = np.full(ref.shape, np.nan, np.float32)
@@ -103,7 +104,7 @@ def test_both_tile_sizes_match_torch(case, m, rng) -> None:
     ws = winograd_workspace(x.shape, w.shape, groups, padding, 2, batch >= 2, in_b, out_b, m=m)
     assert ws.m == m
     out = np.full(ref.shape, np.nan, np.float32)
-    outv = np.empty((batch, cout // 16, *ref.shape[2:], 16), np.float32) if out_b else out
+    outv = np.empty((batch, cout // BLOCK, *ref.shape[2:], BLOCK), np.float32) if out_b else out
     rin = to_blocked_array(res) if out_b else res
     xin = to_blocked_array(x) if in_b else x
     winograd_conv2d(winograd_weights(w, groups, m), ws, xin.reshape(batch, -1),
@@ -131,18 +132,19 @@ def test_weights_and_bias_layout(rng) -> None:
     past the filters and channels; the bias padded per group."""
     w = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)  # 2 groups of 3 filters, 5 channels each
     u = winograd_weights(w, 2)
-    assert u.shape == (2, 1, 16, 16, 64) and u.ctypes.data % 64 == 0
+    assert u.shape == (2, 1, 16, VW, CHAN_BLOCK) and u.ctypes.data % 64 == 0
     g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
     want = g @ w[4, 2].astype(np.float64) @ g.T  # filter 4 = group 1, filter 1 of it; channel 2
     np.testing.assert_allclose(u[1, 0, :, 2, 1], want.reshape(16), rtol=1e-6)
     assert not u[:, :, :, 5:].any() and not u[:, :, :, :, 3:].any()
     b = padded_bias(np.arange(6, dtype=np.float32), 6, 2)
-    assert b.shape == (128,) and (b[:3] == [0, 1, 2]).all() and (b[64:67] == [3, 4, 5]).all()
-    assert not b[3:64].any() and not padded_bias(None, 6, 2).any()
+    cb = CHAN_BLOCK
+    assert b.shape == (2 * cb,) and (b[:3] == [0, 1, 2]).all() and (b[cb:cb + 3] == [3, 4, 5]).all()
+    assert not b[3:cb].any() and not padded_bias(None, 6, 2).any()
     u4 = winograd_weights(w, 2, 4)  # F(4x4, 3x3): 36 points
     g4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
                    [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
-    assert u4.shape == (2, 1, 36, 16, 64)
+    assert u4.shape == (2, 1, 36, VW, CHAN_BLOCK)
     want4 = g4 @ w[4, 2].astype(np.float64) @ g4.T
     np.testing.assert_allclose(u4[1, 0, :, 2, 1], want4.reshape(36), rtol=1e-6)
 
@@ -174,8 +176,8 @@ def test_the_rule(rng, monkeypatch) -> None:
     assert ig_mod._use_winograd(dense, (1, 32, 14, 14)) == 2  # 49 2x2 tiles, 16 4x4 ones
     assert ig_mod._use_winograd(dense, (1, 32, 28, 28)) == 4  # 49 4x4 tiles
     assert ig_mod._use_winograd(dense, (1, 32, 7, 7)) == 0  # 16 tiles
-    assert not ig_mod._use_winograd(_prep(rng.standard_normal((64, 8, 3, 3)).astype(np.float32), 1, (1, 1)),
-                                    (1, 8, 14, 14))  # fewer channels than a vector
+    assert not ig_mod._use_winograd(_prep(rng.standard_normal((64, 4, 3, 3)).astype(np.float32), 1, (1, 1)),
+                                    (1, 4, 14, 14))  # fewer channels than a vector
     w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
     k = 32 * 9
     kept = np.arange(0, k, 3)  # a third of the columns: the implicit GEMM does less than Winograd would
