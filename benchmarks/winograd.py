@@ -28,7 +28,7 @@ from benchmarks.end_to_end import ab_run, ab_setup
 from sparsecnn.bench.harness import check_close, set_threads
 from sparsecnn.kernels import implicit_gemm, winograd
 from sparsecnn.kernels._numba import aligned_zeros, num_threads
-from sparsecnn.kernels.blocked import from_blocked_array, to_blocked_array
+from sparsecnn.kernels.blocked import BLOCK, from_blocked_array, to_blocked_array
 
 SWITCHES = {"winograd": "WINOGRAD", "positions-first": "STRAIGHT_POSITIONS_FIRST"}
 # (Cin, Cout, H): ResNet's 3x3 stride-1 layers and AlexNet's conv3
@@ -65,7 +65,7 @@ def _layer_forms(cin: int, cout: int, hw: int) -> dict:
             u, ws, xb.reshape(1, -1), b, out.reshape(1, -1), True), out)
     for name, (fn, out) in forms.items():
         fn()
-        check_close(torch.from_numpy(from_blocked_array(out.reshape(1, cout // 16, hw, hw, 16))), ref,
+        check_close(torch.from_numpy(from_blocked_array(out.reshape(1, cout // BLOCK, hw, hw, BLOCK))), ref,
                     what=f"{name} {cin}->{cout} at {hw}x{hw}")
     return {k: v[0] for k, v in forms.items()}
 
