@@ -149,6 +149,22 @@ def test_weights_and_bias_layout(rng) -> None:
     np.testing.assert_allclose(u4[1, 0, :, 2, 1], want4.reshape(36), rtol=1e-6)
 
 
+
+@pytest.mark.parametrize(("hw", "cin", "m"),
+                         [(56, 64, 4), (56, 64, 2), (28, 128, 4), (112, 64, 4), (14, 256, 2)])
+def test_chunks_of_equal_size(hw, cin, m) -> None:
+    """The tiles of a plane are spread evenly over the chunks (each at most the budget's size), so the
+    threads, which split the chunks evenly, get as many tiles each: 196 4x4 tiles of a 56x56 plane as
+    4 x 49, not 64 + 64 + 64 + 4."""
+    from sparsecnn.kernels import winograd as wmod
+
+    ws = winograd_workspace((1, cin, hw, hw), (cin, cin, 3, 3), 1, (1, 1), 2, False, True, True, m=m)
+    t, tg, nchunk = (int(ws.geo[i]) for i in (wmod._T, wmod._TG, wmod._NCHUNK))
+    assert t == (-(-hw // m)) ** 2 and tg <= wmod.WINO_TILES and nchunk == -(-t // tg)
+    assert t - (nchunk - 1) * tg > tg - nchunk  # the last chunk is short by less than one tile a chunk
+    if (hw, m) == (56, 4):
+        assert (tg, nchunk) == (49, 4)
+
 def test_nan_input_spreads_to_its_outputs(rng) -> None:
     """A NaN input makes NaN every output the dense convolution would (the whole 2x2 output block of
     each tile reading it, at most: never outside the tiles that read it)."""

@@ -195,7 +195,7 @@ def winograd_workspace(x_shape: tuple[int, int, int, int], weight_shape: tuple[i
         # as many chunks per thread (else one thread runs a whole item more)
         nchunk += nparts - nchunk % nparts
     # chunks of equal size: 196 tiles in chunks of at most 64 as 64 + 64 + 64 + 4 left one thread 128
-    # tiles and the other 68 (ResNet's 56x56 layers with m = 4 ran 1.45x slower than as 4 x 49)
+    # tiles and the other 68 (ResNet's 56x56 layer with m = 4 ran 1.30x slower than as 4 x 49)
     tg = -(-t // nchunk)
     nchunk = -(-t // tg)
     s = tg * CHAN_BLOCK + VW  # one point's results, a vector apart from the next (no cache-set conflicts)
