@@ -67,7 +67,8 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # 18: spmv-act's masked column layout there (1.2-1.3x faster at 91%, 2.6-4x at 75%);
 # 19: the implicit GEMM (``lowered``) in channel blocks on stride-2 and large planes (1.12-1.13x);
 # 20: its channel-vector form for 3x3 stride-1 layers, in-place inputs and straight 1x1 tiles;
-# 21: its Winograd F(2x2, 3x3) form for dense 3x3 stride-1 layers (1.4-1.8x the channel form).
+# 21: its Winograd F(m x m, 3x3) form (m = 2 or 4) for dense 3x3 stride-1 layers (1.4-2.4x the
+# channel form).
 _CACHE_VERSION = 21
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.

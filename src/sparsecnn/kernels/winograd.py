@@ -20,7 +20,8 @@ Layouts and loops (``VW`` channels in the vector lanes, as in :mod:`sparsecnn.ke
 - a plain input is first copied into the channel-blocked layout (channels past a group's zero); a
   blocked one is read as it is;
 - work items are (group, chunk of up to ``WINO_TILES`` tiles, block of ``CHAN_BLOCK`` filters), in
-  that order; a thread transforms a chunk when its first item needs it, into its own buffer
+  that order, the tiles spread evenly over the chunks (so the threads, which split the items evenly,
+  get as many tiles each); a thread transforms a chunk when its first item needs it, into its own buffer
   (``(npt, Cg / VW, tg, VW)``, at most ``_CHUNK_BYTES``: it stays in the thread's L2): per channel
   block and row of tiles, the tile row's m + 2 input rows with their zero padding into a scratch,
   then :func:`sparsecnn.kernels._simd.wino_in_tile` (``wino4_in_tile``) per tile. A first version
@@ -47,7 +48,8 @@ Measured (``python -m benchmarks.winograd --layers``: Emerald Rapids, 2 threads,
 blocked in and out, L2 flushed before each call, interleaved; two runs), against the channel form:
 m = 2 at 56x56 / 28x28 / 14x14 1.35-1.87x, AlexNet's 13x13 1.41-1.47x, 7x7 1.11-1.16x; m = 4 at
 56x56 / 28x28 1.76-2.38x, at 14x14 and 13x13 no better than m = 2 (1.27-1.67x), at 7x7 0.97-1.02x (16
-tiles: too few to pay for 4x the weights). Which m a layer gets:
+tiles: too few to pay for 4x the weights). On the Zen 4 VM (8-wide vectors, 1 MiB L2), after the
+chunks were made equal: m = 2 1.20-1.86x, m = 4 1.62x / 2.39x at 56x56 / 28x28. Which m a layer gets:
 :func:`sparsecnn.kernels.implicit_gemm.winograd_tile`. Whole models: docs/engine.md,
 "fourteenth".
 """
