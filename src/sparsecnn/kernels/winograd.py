@@ -49,7 +49,8 @@ blocked in and out, L2 flushed before each call, interleaved; two runs), against
 m = 2 at 56x56 / 28x28 / 14x14 1.35-1.87x, AlexNet's 13x13 1.41-1.47x, 7x7 1.11-1.16x; m = 4 at
 56x56 / 28x28 1.76-2.38x, at 14x14 and 13x13 no better than m = 2 (1.27-1.67x), at 7x7 0.97-1.02x (16
 tiles: too few to pay for 4x the weights). On the Zen 4 VM (8-wide vectors, 1 MiB L2), after the
-chunks were made equal: m = 2 1.20-1.86x, m = 4 1.62x / 2.39x at 56x56 / 28x28. Which m a layer gets:
+chunks were made equal, two runs: m = 2 1.52-1.99x at 56x56 to 13x13 and 1.19-1.33x at 7x7; m = 4
+2.31-2.78x at 56x56 / 28x28. Which m a layer gets:
 :func:`sparsecnn.kernels.implicit_gemm.winograd_tile`. Whole models: docs/engine.md,
 "fourteenth".
 """
