@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sparsecnn.kernels.spmv_act import act_sparse_linear, prepare_act_linear
+from sparsecnn.kernels.spmv_act import ActLinearPrep, act_sparse_linear, prepare_act_linear
 from sparsecnn.layers import SparseLinear, sparsify
 from sparsecnn.plan import _candidates
 from tests.conftest import random_sparse
@@ -73,10 +73,12 @@ def test_bound_dense_columns_tiles_relu_and_nan(rng, m: int, relu: bool) -> None
 
 def test_bytes_are_the_stored_arrays(rng) -> None:
     w = random_sparse(rng, (64, 300), 0.9)
-    prep = prepare_act_linear(w, nblocks=2, masked=False)
+    prep = prepare_act_linear(w, masked=False)
     nnz = int(np.count_nonzero(w))
-    # int32 pointers of two row blocks, uint16 rows, float32 values, int64 block bounds
-    assert prep.nbytes == (2 * 300 + 1) * 4 + nnz * 2 + nnz * 4 + 3 * 8
+    blocks = int(np.sum(-(-np.count_nonzero(w, axis=0) // 8)))
+    # int32 block pointers per column; a block: eight uint16 rows and eight float32 values (48 bytes)
+    assert prep.is_packed and prep.nnz == nnz
+    assert prep.nbytes == (300 + 1) * 4 + blocks * 48
     masked = prepare_act_linear(w, masked=True)
     # one tile of 128 rows: a uint16 mask per 16-row group and column, int32 pointers, float32 values
     assert masked.nbytes == 300 * 8 * 2 + (300 + 1) * 4 + nnz * 4
@@ -133,45 +135,111 @@ def test_checkpoint_round_trip(tmp_path) -> None:
         assert_close(back(x), model(x))
 
 
-@pytest.mark.parametrize("nblocks", [1, 2, 3, 7])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_row_blocks_any_count_any_threads(rng, nblocks: int, batch: int) -> None:
-    """Row-block-major CSC with any block count, run on 1 or 2 threads (blocks need not match the
-    threads), and a plain CSC (``row_blocks`` None, as older files hold) gives the same."""
-    import dataclasses
-
+def _on_threads(fn) -> None:
+    """fn() on one numba thread, then on two (where numba has them)."""
     import numba
 
-    w = random_sparse(rng, (45, 60), 0.85)
-    x = _input(rng, (batch, 60), 0.5)
-    ref = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w))
-    prep = prepare_act_linear(w, nblocks=nblocks, masked=False)
-    prep.check_format()
-    assert prep.blocks.size - 1 == nblocks
     threads = numba.get_num_threads()
     try:
         for t in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
             numba.set_num_threads(t)
-            out = np.full((batch, 45), np.nan, np.float32)
-            act_sparse_linear(prep, x, None, out)
-            assert_close(out, ref)
+            fn()
     finally:
         numba.set_num_threads(threads)
-    plain = prepare_act_linear(w, nblocks=1, masked=False)
-    legacy = dataclasses.replace(plain, row_blocks=None)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("relu", [False, True])
+def test_packed_layout_threads_skewed_columns_and_nan(rng, batch: int, relu: bool) -> None:
+    """The packed layout: columns of very different lengths (one dense, most empty) split between
+    threads by their blocks, on one thread and two; padding entries never reach an output, even
+    when the input is NaN or inf; ReLU keeps NaN."""
+    from sparsecnn.kernels.spmv_act import bind_act_sparse_linear
+
+    m, k = 203, 90
+    w = random_sparse(rng, (m, k), 0.95)
+    w[:, 5] = rng.standard_normal(m)  # one long column (26 blocks, the last padded)
+    w[:, 40:80] = 0.0
+    b = rng.standard_normal(m).astype(np.float32)
+    prep = prepare_act_linear(w, masked=False)
+    prep.check_format()
+    assert prep.is_packed and prep.index_dtype == np.uint16
+    x = _input(rng, (batch, k), 0.5)
+    x[0, 5] = 1.5
+    x[-1, 6] = np.nan
+    x[0, 7] = np.inf
+    # torch makes whole rows NaN (0 * inf); the layer adds its stored nonzeros' products only
+    with np.errstate(invalid="ignore", over="ignore"):
+        stored = (w != 0)[None] & (x != 0)[:, None, :]
+        terms = np.where(stored, x[:, None, :].astype(np.float64) * w[None], 0.0)
+        expect = (terms.sum(axis=2) + b).astype(np.float32)
+    assert np.isinf(expect).any() and np.isnan(expect).any() and np.isfinite(expect).any()
+
+    def check() -> None:
+        out = np.full((batch, m), -7.0, np.float32)
+        bind_act_sparse_linear(prep, batch, b, out, relu)(x)
+        want = np.where(expect > 0, expect, np.where(np.isnan(expect), np.nan, 0)) if relu else expect
+        finite = np.isfinite(want)
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+        np.testing.assert_array_equal(out[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
+        assert_close(out[finite], torch.from_numpy(want[finite]))
+    _on_threads(check)
+
+
+def test_packed_layout_wide_rows_use_uint32(rng) -> None:
+    """Above 65535 rows the padding slot (row M) needs uint32 rows: 16-word blocks."""
+    m, k = 70000, 3
+    w = random_sparse(rng, (m, k), 0.999)
+    w[69999, 1] = 2.0
+    prep = prepare_act_linear(w, masked=False)
+    prep.check_format()
+    assert prep.index_dtype == np.uint32 and prep.packed.size == int(prep.indptr[-1]) * 16
+    x = np.array([[0.5, 3.0, 0.0]], np.float32)
+    out = np.empty((1, m), np.float32)
+    act_sparse_linear(prep, x, None, out)
+    np.testing.assert_allclose(out[0], x[0] @ w.T, rtol=1e-6, atol=1e-6)
+    assert out[0, 69999] == 6.0
+
+
+@pytest.mark.parametrize("nblocks", [1, 2, 3, 7])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_csc_layout_of_older_files_runs(rng, nblocks: int, batch: int) -> None:
+    """Files written before the packed layout hold a row-block-major CSC (any block count, or a
+    plain CSC with ``row_blocks`` None): it loads, runs through a packed copy on 1 or 2 threads,
+    and converts back to the same dense weight."""
+    import dataclasses
+
+    from sparsecnn.kernels.spmv_act import _prepare_csc
+
+    w = random_sparse(rng, (45, 60), 0.85)
+    x = _input(rng, (batch, 60), 0.5)
+    ref = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w))
+    prep = _prepare_csc(w, nblocks)
+    prep.check_format()
+    assert prep.layout == "csc" and not prep.is_packed and prep.blocks.size - 1 == nblocks
+
+    def check() -> None:
+        out = np.full((batch, 45), np.nan, np.float32)
+        act_sparse_linear(prep, x, None, out)
+        assert_close(out, ref)
+    _on_threads(check)
+    assert prep.packed_twin().is_packed and prep.packed_twin() is prep.packed_twin()
+    legacy = dataclasses.replace(_prepare_csc(w, 1), row_blocks=None)
     legacy.check_format()
     out = np.full((batch, 45), np.nan, np.float32)
     act_sparse_linear(legacy, x, None, out)
     assert_close(out, ref)
-    layer = SparseLinear.from_format(legacy, "spmv-act", in_features=60, out_features=45)
-    np.testing.assert_array_equal(layer.engine.to_dense(), w)
+    for fmt in (prep, legacy):
+        layer = SparseLinear.from_format(fmt, "spmv-act", in_features=60, out_features=45)
+        np.testing.assert_array_equal(layer.engine.to_dense(), w)
 
 
 def test_row_outside_its_block_is_rejected(rng) -> None:
     from sparsecnn.errors import SparseCNNError
+    from sparsecnn.kernels.spmv_act import _prepare_csc
 
     w = random_sparse(rng, (20, 10), 0.5)
-    prep = prepare_act_linear(w, nblocks=2, masked=False)
+    prep = _prepare_csc(w, 2)
     bad = prep.indices.copy()
     end = int(prep.indptr[1])  # column 0's part in block 0: its last row moved into block 1 (sorted)
     assert end > 0
@@ -181,6 +249,52 @@ def test_row_outside_its_block_is_rejected(rng) -> None:
     with pytest.raises(SparseCNNError, match="row block"):
         SparseLinear.from_format(dataclasses.replace(prep, indices=bad), "spmv-act", in_features=10,
                                  out_features=20)
+
+
+def test_packed_layout_corruption_is_rejected(rng) -> None:
+    """A packed layout read from a file is checked before any kernel runs: rows past the padding
+    slots, padding on another lane's slot, a row twice in one column, padding that is not zero,
+    pointers that do not match the buffer, NaN values, an unknown layout name."""
+    import dataclasses
+
+    from sparsecnn.errors import SparseCNNError
+
+    m, k = 30, 12
+    w = random_sparse(rng, (m, k), 0.7)
+    w[:, 0] = 1.0  # column 0: 30 rows, four blocks, the last with two padding entries
+    prep = prepare_act_linear(w, masked=False)
+    SparseLinear.from_format(prep, "spmv-act", in_features=k, out_features=m)
+
+    def corrupt(edit) -> ActLinearPrep:
+        packed = prep.packed.copy()
+        bad = dataclasses.replace(prep, packed=packed)
+        edit(*bad.packed_views())
+        return bad
+
+    def rows_past(rows, vals) -> None:
+        rows[0, 0] = m + 8  # past the eight padding slots
+
+    def wrong_lane(rows, vals) -> None:
+        rows[3, 6], rows[3, 7] = rows[3, 7], rows[3, 6]  # two padding entries swapped
+
+    def repeated(rows, vals) -> None:
+        rows[0, 1] = rows[0, 0]
+
+    def padding_value(rows, vals) -> None:
+        vals[3, 7] = 1.0  # column 0's last block: rows 24-29, then two padding entries
+
+    def nan_value(rows, vals) -> None:
+        vals[0, 0] = np.nan
+
+    cases = [(corrupt(rows_past), "below"), (corrupt(wrong_lane), "lane"), (corrupt(repeated), "repeats"),
+             (corrupt(padding_value), "padding"), (corrupt(nan_value), "NaN"),
+             (dataclasses.replace(prep, indptr=prep.indptr[:-1]), "indptr"),
+             (dataclasses.replace(prep, packed=prep.packed[:-12]), "blocks"),
+             (dataclasses.replace(prep, packed=prep.packed.view(np.float32)), "uint32"),
+             (dataclasses.replace(prep, layout="rows"), "layout")]
+    for bad, match in cases:
+        with pytest.raises(SparseCNNError, match=match):
+            SparseLinear.from_format(bad, "spmv-act", in_features=k, out_features=m)
 
 
 def test_large_linear_layers_are_timed_cold() -> None:

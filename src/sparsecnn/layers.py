@@ -1206,6 +1206,15 @@ class _ActSparseLinear(_SparseLinear):
             _need(problem is None, f"ActLinearPrep (masked layout): {problem}")
             _check_f32(fmt.data, "ActLinearPrep.data")
             return
+        _need(fmt.layout in ("packed", "csc"),
+              f"ActLinearPrep.layout must be 'packed' or 'csc', got {fmt.layout!r}")
+        if fmt.is_packed:
+            from sparsecnn.kernels.spmv_act import packed_layout_problem
+
+            problem = packed_layout_problem(fmt)
+            _need(problem is None, f"ActLinearPrep (packed layout): {problem}")
+            check_finite(fmt.packed_values(), "ActLinearPrep.packed values")
+            return
         rb = fmt.row_blocks
         if rb is not None:
             check_int_array(rb, "row_blocks", "ActLinearPrep")
@@ -1231,6 +1240,10 @@ class _ActSparseLinear(_SparseLinear):
             from sparsecnn.kernels.spmv_act import masked_to_dense
 
             return masked_to_dense(f)
+        if f.is_packed:
+            from sparsecnn.kernels.spmv_act import packed_to_dense
+
+            return packed_to_dense(f)
         k = f.shape[1]
         # stacked column b * K + j is column j of W (its part in row block b): fold the blocks
         cols = np.repeat(np.arange(f.indptr.size - 1), np.diff(f.indptr.astype(np.int64))) % max(k, 1)

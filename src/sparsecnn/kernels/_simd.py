@@ -24,7 +24,7 @@ also numba's cache key, so a cached kernel always matches them):
 The stores can apply a ReLU (``relu``; compare-select, NaN kept) so a layer's activation costs no
 extra pass. The call compiles inline into the numba kernel that calls it, so ``cache=True`` caches
 it with that kernel. The gathering row kernels (:func:`row_dot`, :func:`code_row_dot`,
-:func:`scatter_axpy`) keep ``RW`` (8) lanes whatever the CPU: their sums run in eight chains, an
+:func:`scatter_blocks`) keep ``RW`` (8) lanes whatever the CPU: their sums run in eight chains, an
 order the tests hold them to bit for bit (not re-measured at 16 lanes).
 
 The sum over nonzeros runs in their stored order, one rounding per fused multiply-add: no
@@ -45,11 +45,11 @@ __all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "ELL_ROWS", "ELL_SLAB", "GEMM_MR"
            "TABLE", "VW", "WINO_AT", "WINO_BT", "add_vec_act", "chan_tile", "code_ell_block",
            "code_ell_block2", "code_ell_block2_finite", "code_ell_block4", "code_ell_block4_finite",
            "code_row_dot", "code_row_dot32", "copy_even", "copy_vec", "copy_vec_act", "copy_vec_add",
-           "fmadd", "gemm_tile", "group_tile", "max_taps", "pair_tile", "prefetch", "prefetch_l2",
-           "row_dot", "scatter_axpy", "span_tile", "span_tile8", "tile_split", "wino4_in_tile",
-           "wino4_out_tile", "wino_in_tile", "wino_out_tile"]
+           "fmadd", "gemm_tile", "group_tile", "max_taps", "packed_words", "pair_tile", "prefetch",
+           "prefetch_l2", "row_dot", "scatter_blocks", "span_tile", "span_tile8",
+           "tile_split", "wino4_in_tile", "wino4_out_tile", "wino_in_tile", "wino_out_tile"]
 
-RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot, scatter_axpy): sums in 8 chains
+RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot, scatter_blocks): sums in 8 chains
 
 
 def _target() -> tuple[str, list[str]]:
@@ -1201,51 +1201,54 @@ per row), without it from codebook loads as :func:`code_row_dot`.
 NOTE: no bounds checks: indices valid for x, codes < 32, codebook holds 32 floats."""
 
 
-@intrinsic
-def scatter_axpy(typingctx, y, ix, data, p0, n, v):
-    """``y[ix[p]] += v * data[p]`` (one fused multiply-add each) for ``p0 <= p < p0 + n``: one
-    column of CSC weights times one input, into the outputs.
+def packed_words(index_itemsize: int) -> int:
+    """32-bit words per block of :func:`scatter_blocks`'s packed column layout: ``RW`` row indices of
+    ``index_itemsize`` bytes (2 or 4), then ``RW`` float32 values."""
+    return RW * index_itemsize // 4 + RW
 
-    Per block of eight entries: one vector load of values, the eight outputs loaded into one vector
-    (scalar loads inserted into lanes), one vector FMA, and eight scalar stores back. The scalar
-    loop it replaced (load, multiply, add and store per entry) moved 7 loads and 7 FMAs per block
-    more; measured in :func:`sparsecnn.kernels.spmv_act._csc_vec` on AlexNet's fc6/fc7 at 91% with
-    60-70% zero inputs (2 threads, batch 1, interleaved, two runs): 1-13% faster, warm and cold (the
-    loop is bound by the stores and by the short column parts, not by the loads it saves).
-    NOTE: no bounds checks; the rows ``ix[p0 : p0 + n]`` are distinct (one CSC column), valid for y.
+
+@intrinsic
+def scatter_blocks(typingctx, y, ix, vals, blk0, nblk, v):
+    """``y[row] += v * value`` for every entry of the packed blocks ``blk0 <= b < blk0 + nblk``: one
+    column of the packed column layout (:mod:`sparsecnn.kernels.spmv_act`) times one input.
+
+    A block is :func:`packed_words` ``(ix.itemsize)`` words: ``RW`` row indices (uint16 or uint32),
+    then ``RW`` float32 values, so a column is one forward stream (the hardware and software
+    prefetches follow one run, not an index run and a value run). ``ix`` and ``vals`` are the uint and
+    float32 views of the same buffer. Per block: the ``RW`` outputs loaded into one vector (scalar
+    loads inserted into lanes), one vector FMA with the values (one aligned load), ``RW`` scalar
+    stores. A scalar loop (load, FMA, store per entry) moves ``RW - 1`` more loads and FMAs per block:
+    1.2 against 2.0 cycles per entry with everything in L1 (Zen 4; it was 1-13% slower in the
+    kernel on AlexNet's fc6/fc7, where the loop is bound by the stores and the memory).
+    NOTE: no bounds checks; the rows of one block are distinct (two lanes on one row would lose an
+    update: both load it before either stores); the buffer starts on a 16-byte boundary.
     """
-    sig = types.void(y, ix, data, types.intp, types.intp, types.float32)
+    sig = types.void(y, ix, vals, types.intp, types.intp, types.float32)
+    isz = ix.dtype.bitwidth // 8
+    words = packed_words(isz)
+    ix_per_block = words * 4 // isz
+    idx_words = words - RW
 
     def codegen(context, builder, signature, args):
         yp, ip, dp = _array_ptrs(context, builder, signature, args, 3)
-        p0_, n_, v_ = args[3], args[4], args[5]
+        blk0_, nblk_, v_ = args[3], args[4], args[5]
         fma = _fma_vec(builder, RW)
-        fma1 = _fma_scalar(builder)
         vv = _splat(builder, v_, RW)
-        nblk = builder.udiv(n_, ir.Constant(_I64, RW))
-
-        def out_at(k):
-            row = builder.load(builder.gep(ip, [k], inbounds=True))
-            if row.type.width < 64:
-                row = builder.zext(row, _I64)
-            return builder.gep(yp, [row], inbounds=True)
-
-        with cgutils.for_range(builder, nblk) as loop:
-            k = builder.add(p0_, builder.mul(loop.index, ir.Constant(_I64, RW)))
-            ptrs = [out_at(builder.add(k, ir.Constant(_I64, j))) for j in range(RW)]
+        with cgutils.for_range(builder, nblk_) as loop:
+            b = builder.add(blk0_, loop.index)
+            i0 = builder.mul(b, ir.Constant(_I64, ix_per_block))
+            d0 = builder.add(builder.mul(b, ir.Constant(_I64, words)), ir.Constant(_I64, idx_words))
+            ptrs = []
+            for j in range(RW):
+                row = builder.load(builder.gep(ip, [builder.add(i0, ir.Constant(_I64, j))], inbounds=True))
+                ptrs.append(builder.gep(yp, [builder.zext(row, _I64)], inbounds=True))
             yv = ir.Constant(_RVEC, ir.Undefined)
             for j in range(RW):
                 yv = builder.insert_element(yv, builder.load(ptrs[j]), ir.Constant(_I32, j))
-            q = builder.bitcast(builder.gep(dp, [k], inbounds=True), _RVEC.as_pointer())
-            r = builder.call(fma, [vv, builder.load(q, align=4), yv])
+            q = builder.bitcast(builder.gep(dp, [d0], inbounds=True), _RVEC.as_pointer())
+            r = builder.call(fma, [vv, builder.load(q, align=16), yv])
             for j in range(RW):
                 builder.store(builder.extract_element(r, ir.Constant(_I32, j)), ptrs[j])
-        tail = builder.mul(nblk, ir.Constant(_I64, RW))
-        with cgutils.for_range_slice(builder, tail, n_, ir.Constant(_I64, 1), inc=True) as (t, _):
-            k = builder.add(p0_, t)
-            p = out_at(k)
-            w = builder.load(builder.gep(dp, [k], inbounds=True))
-            builder.store(builder.call(fma1, [v_, w, builder.load(p)]), p)
         return context.get_dummy_value()
 
     return sig, codegen

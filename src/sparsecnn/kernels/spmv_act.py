@@ -77,11 +77,22 @@ from sparsecnn.kernels._numba import (
     pjit,
     serial_twin,
 )
-from sparsecnn.kernels._simd import MASK_GROUPS, NV_MAX, VW, masked_tile, prefetch, scatter_axpy, span_tile
+from sparsecnn.kernels._simd import (
+    MASK_GROUPS,
+    NV_MAX,
+    RW,
+    VW,
+    masked_tile,
+    packed_words,
+    prefetch_l2,
+    scatter_blocks,
+    span_tile,
+)
 from sparsecnn.kernels.elementwise import relu_
 
 __all__ = ["DENSE_COLUMNS_ABOVE", "MASKED_DEFAULT", "MASK_ROWS", "ActLinearPrep", "act_sparse_linear",
-           "bind_act_sparse_linear", "masked_layout_problem", "masked_to_dense", "prepare_act_linear"]
+           "bind_act_sparse_linear", "masked_layout_problem", "masked_to_dense", "packed_layout_problem",
+           "packed_to_dense", "prepare_act_linear"]
 
 DENSE_COLUMNS_ABOVE = 2.0 / 3.0  # weight density above which dense columns (4 B) beat CSC (6 B)
 
@@ -99,32 +110,47 @@ class _Workspace:
     nz: np.ndarray  # (K,) the nonzero inputs' columns, filled per call
     xv: np.ndarray  # (K,) their values (batch 1, dense columns)
     xt: np.ndarray  # (K, B) transposed input (batch > 1)
-    acc: np.ndarray  # (M, B) transposed outputs (batch > 1, CSC), else (0, 1)
     tiles: np.ndarray  # (nparts + 1,) tile ranges of the masked layout (nnz-balanced), else (0,)
     nzb: np.ndarray  # (B, K) each image's nonzero inputs (masked layout), else (0, 0)
     counts: np.ndarray  # (B,) how many (masked layout)
     scratch: np.ndarray  # (nparts, MASK_ROWS) a last partial tile's rows (masked layout)
+    cost: np.ndarray  # (K,) running cost of the nonzero inputs' columns (packed layout), else (0,)
+    parts: np.ndarray  # (nparts + 1,) each thread's range of nonzero inputs (packed layout)
+    sums: np.ndarray  # (nparts, M + RW) or (nparts, M + RW, B): each thread's own sums (packed layout)
 
 
 @dataclass(eq=False)
 class ActLinearPrep:
     """Column-stored weights for :func:`act_sparse_linear`.
 
+    Four layouts; ``prepare_act_linear`` writes the first three.
+
+    - **packed** (``layout == "packed"``, the default below 2/3 weight density where the masked layout
+      is not): per column its nonzeros in blocks of ``RW`` (8) entries, each block ``RW`` row indices
+      then ``RW`` values in one buffer (one forward stream per column), the last block of a column
+      padded with value-0 entries on rows ``M + lane`` (scratch slots past the outputs).
+    - **masked**: tiles of 16-row groups with a bit mask per column (see ``masks``).
+    - **dense columns**: ``W.T`` (above 2/3 weight density).
+    - **csc** (``layout == "csc"``, files written before the packed layout): a row-block-major CSC;
+      it runs through a packed copy made on first use.
+
     Attributes
     ----------
     shape : tuple of int
         ``(M, K)`` of the weight.
-    indptr : ndarray, shape (nblocks * K + 1,), int32 or int64
-        Stacked CSC column pointers: the entries of column j in row block b are
-        ``indptr[b * K + j] : indptr[b * K + j + 1]`` (CSC mode; shape (0,) in dense-column mode).
+    indptr : ndarray, int32 or int64
+        Packed layout: shape (K + 1,), column j's blocks are ``indptr[j] : indptr[j + 1]``.
+        CSC layout: shape (nblocks * K + 1,), the entries of column j in row block b are
+        ``indptr[b * K + j] : indptr[b * K + j + 1]``. Shape (0,) in dense-column mode.
     indices : ndarray, shape (nnz,), uint16 when M <= 65536 else uint32
-        Row indices, sorted within each column part, inside the part's row block.
+        CSC layout: row indices, sorted within each column part, inside the part's row block.
+        Shape (0,) in the other layouts.
     data : ndarray, shape (nnz,), float32
+        CSC and masked layouts: the nonzero values. Shape (0,) in the packed layout.
     dense_t : ndarray, shape (K, M), float32
-        ``W.T`` in dense-column mode; shape (0, M) in CSC mode.
+        ``W.T`` in dense-column mode; shape (0, M) otherwise.
     row_blocks : ndarray, shape (nblocks + 1,), int64, or None
-        Row block bounds (``0 = rb[0] <= ... <= rb[-1] = M``); None: one block (a plain CSC, as files
-        written before the blocks were added hold).
+        CSC layout: row block bounds (``0 = rb[0] <= ... <= rb[-1] = M``); None: one block.
     masks : ndarray, shape (ntiles * K * MASK_GROUPS,), uint16
         Masked layout (``tile_ptr`` not empty; ``indptr`` and ``indices`` empty): the rows in tiles of
         ``MASK_ROWS`` (the last padded), and per tile ``t`` and column ``j`` one 16-bit mask per
@@ -133,6 +159,12 @@ class ActLinearPrep:
     tile_ptr : ndarray, shape (ntiles * K + 1,), int32 or int64
         Masked layout: the values of tile ``t``, column ``j`` are ``data[tile_ptr[t * K + j] :
         tile_ptr[t * K + j + 1]]``, group after group and row after row. Shape (0,) otherwise.
+    packed : ndarray, shape (nblocks * words,), uint32
+        Packed layout: the blocks as raw 32-bit words (rows and float32 values; see
+        ``packed_views``), ``words`` = :func:`sparsecnn.kernels._simd.packed_words` of the index dtype
+        (12 for uint16 rows, ``M < 65536``; 16 for uint32). Shape (0,) otherwise.
+    layout : str
+        ``"packed"`` or ``"csc"`` (the masked and dense-column layouts are told by their arrays).
     """
 
     shape: tuple[int, int]
@@ -143,11 +175,16 @@ class ActLinearPrep:
     row_blocks: np.ndarray | None = None
     masks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint16))
     tile_ptr: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    packed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    layout: str = "csc"
     _workspaces: PerThread = field(default_factory=PerThread, repr=False)
+    # a csc layout's packed twin, made on first use (not copied by dataclasses.replace)
+    _packed_copy: list = field(default_factory=list, repr=False, init=False)
 
     def __post_init__(self) -> None:
-        # dense columns are loaded as whole vectors of W.T's rows: on cache lines
+        # dense columns are loaded as whole vectors of W.T's rows, packed blocks as aligned vectors
         self.dense_t = as_aligned(self.dense_t)
+        self.packed = as_aligned(self.packed)
 
     def __setstate__(self, state: dict) -> None:  # copies and unpickled preps too (no __post_init__)
         self.__dict__.update(state)
@@ -155,7 +192,8 @@ class ActLinearPrep:
 
     @property
     def blocks(self) -> np.ndarray:
-        """Row block bounds, ``(nblocks + 1,)`` int64 (one block when ``row_blocks`` is None)."""
+        """CSC layout: row block bounds, ``(nblocks + 1,)`` int64 (one block when ``row_blocks`` is
+        None)."""
         if self.row_blocks is None:
             return np.array([0, self.shape[0]], np.int64)
         return self.row_blocks
@@ -170,20 +208,58 @@ class ActLinearPrep:
         return self.tile_ptr.size > 0 and not self.dense_columns
 
     @property
+    def is_packed(self) -> bool:
+        """The packed layout (see ``packed``)."""
+        return self.layout == "packed" and not self.dense_columns
+
+    @property
+    def index_dtype(self) -> type:
+        """The packed layout's row index dtype: uint16 while the padding slots (rows ``M`` to
+        ``M + RW - 1``) fit."""
+        return np.uint16 if self.shape[0] + RW <= 1 << 16 else np.uint32
+
+    @property
     def ntiles(self) -> int:
         return -(-self.shape[0] // MASK_ROWS)
 
     @property
     def nnz(self) -> int:
-        return int(np.count_nonzero(self.dense_t)) if self.dense_columns else int(self.data.size)
+        if self.dense_columns:
+            return int(np.count_nonzero(self.dense_t))
+        if self.is_packed:
+            return int(np.count_nonzero(self.packed_values()))
+        return int(self.data.size)
 
     @property
     def nbytes(self) -> int:
-        """Exact bytes of the stored weights (pointers, indices, masks, values or dense columns, row
-        blocks)."""
+        """Exact bytes of the stored weights (pointers, indices, masks, values, packed blocks or dense
+        columns, row blocks)."""
         blocks = 0 if self.row_blocks is None else self.row_blocks.nbytes
         return int(self.indptr.nbytes + self.indices.nbytes + self.data.nbytes + self.dense_t.nbytes + blocks
-                   + self.masks.nbytes + self.tile_ptr.nbytes)
+                   + self.masks.nbytes + self.tile_ptr.nbytes + self.packed.nbytes)
+
+    def packed_views(self) -> tuple[np.ndarray, np.ndarray]:
+        """Packed layout: ``(rows, values)``, the blocks' row indices ``(nblocks, RW)`` (index dtype)
+        and values ``(nblocks, RW)`` float32, views of ``packed``."""
+        words = packed_words(np.dtype(self.index_dtype).itemsize)
+        blocks = self.packed.reshape(-1, words)
+        return blocks[:, :words - RW].view(self.index_dtype), blocks[:, words - RW:].view(np.float32)
+
+    def packed_values(self) -> np.ndarray:
+        return self.packed_views()[1]
+
+    def packed_twin(self) -> ActLinearPrep:
+        """This prep in the packed layout: itself, or for the csc layout a packed copy made once."""
+        if self.is_packed:
+            return self
+        if not self._packed_copy:
+            m, k = self.shape
+            counts = np.diff(self.indptr.astype(np.int64))
+            cols = np.repeat(np.arange(self.indptr.size - 1), counts) % max(k, 1)
+            order = np.lexsort((self.indices, cols))
+            self._packed_copy.append(_pack_columns(self.indices.astype(np.int64)[order], cols[order],
+                                                   self.data[order], m, k))
+        return self._packed_copy[0]
 
     def check_format(self) -> None:
         m, k = self.shape
@@ -192,6 +268,10 @@ class ActLinearPrep:
             return
         if self.masked:
             problem = masked_layout_problem(self)
+            assert problem is None, problem
+            return
+        if self.is_packed:
+            problem = packed_layout_problem(self)
             assert problem is None, problem
             return
         rb = self.blocks
@@ -215,38 +295,38 @@ class ActLinearPrep:
             # dense columns: whole vectors per thread (its tiles stay inside its range)
             bounds = np.minimum(np.arange(nparts + 1, dtype=np.int64) * (-(-m // (VW * nparts)) * VW), m)
             masked = self.masked
-            csc_mat = batch > 1 and not masked
-            acc = np.empty((m, batch) if csc_mat else (0, 1), np.float32)
+            packed = not (masked or self.dense_columns)
             tiles = np.zeros(0, np.int64)
             if masked:
                 # nnz-balanced tile ranges, each column part counted as a few nonzeros of overhead
                 ptr = self.tile_ptr.astype(np.int64)[:: max(k, 1)]
                 tiles = balanced_bounds(np.diff(ptr) + 4 * k, nparts)
+            sums_shape = ((nparts, m + RW) if batch == 1 else (nparts, m + RW, batch)) if packed else (0, 0)
             ws = _Workspace(bounds=bounds, nz=np.empty(k, np.int64), xv=np.empty(k, np.float32),
-                            xt=np.empty((k, batch) if csc_mat else (0, 1), np.float32), acc=acc, tiles=tiles,
-                            nzb=np.empty((batch, k) if masked else (0, 0), np.int64),
+                            xt=np.empty((k, batch) if batch > 1 and not masked else (0, 1), np.float32),
+                            tiles=tiles, nzb=np.empty((batch, k) if masked else (0, 0), np.int64),
                             counts=np.zeros(batch if masked else 0, np.int64),
-                            scratch=np.empty((nparts, MASK_ROWS) if masked else (0, 0), np.float32))
+                            scratch=np.empty((nparts, MASK_ROWS) if masked else (0, 0), np.float32),
+                            cost=np.empty(k if packed else 0, np.int64),
+                            parts=np.zeros(nparts + 1, np.int64), sums=np.empty(sums_shape, np.float32))
             self._workspaces[key] = ws
         return ws
 
 
 def prepare_act_linear(weight: np.ndarray, *, dense_above: float = DENSE_COLUMNS_ABOVE,
-                       nblocks: int | None = None, masked: bool | None = None) -> ActLinearPrep:
-    """Store a dense ``(M, K)`` weight by columns: the masked layout or a CSC, or dense columns above
-    ``dense_above`` density.
+                       masked: bool | None = None) -> ActLinearPrep:
+    """Store a dense ``(M, K)`` weight by columns: the packed or the masked layout, or dense columns
+    above ``dense_above`` density.
 
     Parameters
     ----------
     weight : ndarray, shape (M, K), float32
-        Exact zeros are dropped (masked layout and CSC).
+        Exact zeros are dropped (packed and masked layouts).
     dense_above : float
         Weight density above which the columns are stored dense.
-    nblocks : int, optional
-        Row blocks of the CSC (one per thread walks it fastest); default numba's thread count.
     masked : bool, optional
-        The masked layout (tiles of 16-row groups with a bit mask per column) instead of the CSC;
-        default ``MASKED_DEFAULT`` (where AVX-512 runs at full rate).
+        The masked layout (tiles of 16-row groups with a bit mask per column) instead of the packed
+        one; default ``MASKED_DEFAULT`` (where AVX-512 runs at full rate).
     """
     weight = np.ascontiguousarray(weight, dtype=np.float32)
     m, k = weight.shape
@@ -258,16 +338,90 @@ def prepare_act_linear(weight: np.ndarray, *, dense_above: float = DENSE_COLUMNS
         return _prepare_masked(weight, nnz)
     wt = np.ascontiguousarray(weight.T)
     cols, rows = np.nonzero(wt)  # row-major over W.T: by column j, then row i (sorted)
-    nb = max(1, min(int(nblocks or num_threads()), max(m, 1)))
+    return _pack_columns(rows, cols, wt[cols, rows], m, k)
+
+
+def _pack_columns(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, m: int, k: int) -> ActLinearPrep:
+    """The packed layout of the (M, K) weight with nonzeros ``vals`` at ``(rows, cols)``, sorted by
+    column, then row."""
+    counts = np.bincount(cols, minlength=k).astype(np.int64)
+    nblk = -(-counts // RW)
+    total = int(nblk.sum())
+    ptr = np.zeros(k + 1, np.int32 if total <= np.iinfo(np.int32).max // 16 else np.int64)
+    np.cumsum(nblk, out=ptr[1:])
+    first = np.concatenate(([0], np.cumsum(counts)))  # each column's first entry, unpadded
+    slot = ptr[cols].astype(np.int64) * RW + (np.arange(rows.size) - first[cols])
+    prep = ActLinearPrep((m, k), ptr, np.zeros(0, np.uint16), np.zeros(0, np.float32),
+                         np.zeros((0, m), np.float32), layout="packed")
+    itype = prep.index_dtype
+    words = packed_words(np.dtype(itype).itemsize)
+    # padding entries: value 0 on row M + lane (distinct in a block: no lane waits for another's store)
+    block_rows = (m + np.tile(np.arange(RW), total)).astype(itype)
+    block_rows[slot] = rows
+    block_vals = np.zeros(total * RW, np.float32)
+    block_vals[slot] = vals
+    packed = np.zeros((total, words), np.uint32)
+    packed[:, :words - RW].view(itype)[...] = block_rows.reshape(total, RW)
+    packed[:, words - RW:].view(np.float32)[...] = block_vals.reshape(total, RW)
+    prep.packed = as_aligned(packed.reshape(-1))
+    return prep
+
+
+def _prepare_csc(weight: np.ndarray, nblocks: int) -> ActLinearPrep:
+    """The csc layout (row-block-major, ``nblocks`` row blocks) that files written before the packed
+    layout hold; for the tests of reading them."""
+    m, k = weight.shape
+    wt = np.ascontiguousarray(weight.T)
+    cols, rows = np.nonzero(wt)
+    nb = max(1, min(int(nblocks), max(m, 1)))
     rb = balanced_bounds(np.bincount(rows, minlength=m) + 1, nb)
     block = np.searchsorted(rb, rows, side="right") - 1
     order = np.argsort(block, kind="stable")  # by block, then column, then row
     cols, rows, block = cols[order], rows[order], block[order]
-    indptr = np.zeros(nb * k + 1, dtype=np.int32 if nnz <= np.iinfo(np.int32).max else np.int64)
+    indptr = np.zeros(nb * k + 1, dtype=np.int64)
     np.cumsum(np.bincount(block * k + cols, minlength=nb * k), out=indptr[1:])
     index_dtype = np.uint16 if m <= np.iinfo(np.uint16).max + 1 else np.uint32
     return ActLinearPrep((m, k), indptr, rows.astype(index_dtype), np.ascontiguousarray(wt[cols, rows]),
                          np.zeros((0, m), np.float32), rb)
+
+
+def packed_layout_problem(prep: ActLinearPrep) -> str | None:
+    """What is wrong with ``prep``'s packed layout arrays (dtypes, sizes, pointers, rows out of range
+    or repeated in a column, padding entries that are not zero), or None."""
+    m, k = prep.shape
+    ptr = prep.indptr
+    if ptr.dtype not in (np.int32, np.int64) or ptr.shape != (k + 1,):
+        return f"indptr must be int32/int64 of shape {(k + 1,)}, got {ptr.dtype} {ptr.shape}"
+    ptr64 = ptr.astype(np.int64)
+    words = packed_words(np.dtype(prep.index_dtype).itemsize)
+    if prep.packed.dtype != np.uint32 or prep.packed.ndim != 1:
+        return f"packed must be a uint32 vector, got {prep.packed.dtype} {prep.packed.shape}"
+    if ptr64[0] != 0 or (np.diff(ptr64) < 0).any() or ptr64[-1] * words != prep.packed.size:
+        return f"indptr must rise from 0 to the {prep.packed.size // words} blocks of packed"
+    rows, vals = prep.packed_views()
+    rows = rows.astype(np.int64)
+    if (rows >= m + RW).any():
+        return f"row indices must be below {m + RW} (rows {m} to {m + RW - 1} are padding slots)"
+    if (vals[rows >= m] != 0).any():
+        return f"padding entries (rows {m} and up) must hold 0"
+    if (rows[rows >= m] != m + np.nonzero(rows >= m)[1]).any():
+        return f"a padding entry's row must be {m} + its lane"
+    col = np.repeat(np.arange(k), np.diff(ptr64))
+    real = rows < m
+    key = np.repeat(col, RW)[real.reshape(-1)] * m + rows[real]
+    if np.unique(key).size != key.size:
+        return "a row index repeats within a column"
+    return None
+
+
+def packed_to_dense(prep: ActLinearPrep) -> np.ndarray:
+    """The dense (M, K) weight of a packed-layout ``prep``."""
+    m, k = prep.shape
+    rows, vals = prep.packed_views()
+    col = np.repeat(np.repeat(np.arange(k), np.diff(prep.indptr.astype(np.int64))), RW)
+    w = np.zeros((m + RW, k), np.float32)
+    w[rows.reshape(-1).astype(np.int64), col] = vals.reshape(-1)
+    return w[:m]
 
 
 def _prepare_masked(weight: np.ndarray, nnz: int) -> ActLinearPrep:
@@ -343,39 +497,123 @@ def _nonzero_columns(x, nz):
     return n
 
 
-# Nonzero inputs ahead whose CSC column parts _csc_vec prefetches: the parts are short runs
-# (~200 entries per thread on fc6/fc7 at 91%) with gaps where inputs are zero, which the hardware
-# prefetchers do not follow. Measured (Zen 4, 2 threads, batch 1, interleaved with spmv, medians of
-# 60; noisy VM, two runs each): fc6 (4096 x 9216, 91%) at 60% zero inputs 0.99-1.08x spmv without,
-# 2.2x at 2 ahead, 2.36-2.45x at 4, 1.5-2.2x at 8; at 70% 1.4x without, 3.2x at 4.
-_AHEAD = 4
+# Nonzero inputs ahead whose packed columns _packed_vec / _packed_mat prefetch into L2. The columns are
+# runs of 1-2 KB (AlexNet's fc6/fc7 at 91%) with gaps where inputs are zero, which the hardware
+# prefetchers do not follow (and overshoot). Into L2 (prefetcht1) rather than L1: measured cold (caches
+# flushed) on fc6 (4096 x 9216, 91%) at 60% zero inputs, Zen 4, 2 threads, batch 1 (benchmarks/act_fc
+# and docs/engine.md, sixteenth session), the row-block CSC this layout replaced ran 0.75 ms with
+# prefetches into L1 and 0.55-0.58 ms into L2; 4, 8 and 16 inputs ahead within 5%.
+_AHEAD = 8
+
+
+@jit
+def _nonzero_inputs(x, nz):
+    """Batch 1: the columns j with x[j] != 0 into nz (NaN and inf are nonzero); returns how many.
+    No branch on the input (a 60%-zero input mispredicts every other column): 2 us against 4 on
+    fc6's 9216 inputs."""
+    n = 0
+    for j in range(x.size):
+        nz[n] = j
+        n += x[j] != 0.0
+    return n
+
+
+@jit
+def _nonzero_split(x, ptr, nz, cost, parts):
+    """Batch 1: :func:`_nonzero_inputs` then :func:`_split` (one call); returns how many."""
+    n_nz = _nonzero_inputs(x, nz)
+    _split(ptr, nz, n_nz, cost, parts)
+    return n_nz
+
+
+@jit
+def _split(ptr, nz, n_nz, cost, parts):
+    """parts[t] .. parts[t + 1]: thread t's range of the nonzero inputs nz[:n_nz], of about equal
+    cost (each column's blocks plus two, its overhead); cost (K,) is scratch."""
+    c = 0
+    for q in range(n_nz):
+        j = nz[q]
+        c += ptr[j + 1] - ptr[j] + 2
+        cost[q] = c
+    nparts = parts.size - 1
+    parts[0] = 0
+    for t in range(1, nparts):
+        parts[t] = np.searchsorted(cost[:n_nz], c * t // nparts, side="right")
+    parts[nparts] = n_nz
 
 
 @pjit
-def _csc_vec(indices, data, indptr, blocks, x, nz, n_nz, bias, has_bias, y):
-    """Batch 1, row-block-major CSC: block t owns rows [blocks[t], blocks[t+1]) and walks its part of
-    every nonzero input's column, eight entries per vector FMA
-    (:func:`sparsecnn.kernels._simd.scatter_axpy`).
-    NOTE: indptr is (nblocks * K + 1,); nz[:n_nz] are valid columns; y has M elements."""
-    nblocks = blocks.size - 1
-    k = (indptr.size - 1) // max(nblocks, 1)
-    for t in numba.prange(nblocks):
-        r0, r1 = blocks[t], blocks[t + 1]
+def _packed_vec(ix, vals, ptr, words, x, nz, parts, sums, bias, has_bias, y, relu):
+    """Batch 1, packed layout: thread t walks its range of the nonzero inputs (whole columns, one
+    forward stream each) into its own sums (M + RW: the last RW are padding slots), one
+    :func:`sparsecnn.kernels._simd.scatter_blocks` per column; then the threads add up the sums by
+    rows, with the bias and ReLU (NaN kept).
+    NOTE: ix / vals are the index / float32 views of the packed buffer; nz and parts from
+    _nonzero_inputs and _split; sums (nparts, M + RW); y has M elements."""
+    nparts = parts.size - 1
+    m = y.size
+    for t in numba.prange(nparts):
+        s = sums[t]
+        s[:] = np.float32(0.0)
+        q1 = parts[t + 1]
+        for q in range(parts[t], q1):
+            if q + _AHEAD < q1:  # the column _AHEAD inputs on: its lines into L2
+                ja = nz[q + _AHEAD]
+                for p in range(ptr[ja] * words, ptr[ja + 1] * words, 16):
+                    prefetch_l2(vals, p)
+            j = nz[q]
+            scatter_blocks(s, ix, vals, ptr[j], ptr[j + 1] - ptr[j], x[j])
+    for t in numba.prange(nparts):
+        r0, r1 = t * m // nparts, (t + 1) * m // nparts
         for i in range(r0, r1):
             y[i] = bias[i] if has_bias else np.float32(0.0)
-        base = t * k
-        for q in range(n_nz):
-            if q + _AHEAD < n_nz:  # the column part _AHEAD inputs on: its lines into cache
-                ja = base + nz[q + _AHEAD]
-                a0 = indptr[ja]
-                a1 = indptr[ja + 1]
-                for p in range(a0, a1, 16):
-                    prefetch(data, p)
-                for p in range(a0, a1, 32):
-                    prefetch(indices, p)
-            j = base + nz[q]
-            p0 = indptr[j]
-            scatter_axpy(y, indices, data, p0, indptr[j + 1] - p0, x[nz[q]])
+        for u in range(nparts):  # row by row within each thread's sums: vector adds
+            su = sums[u]
+            for i in range(r0, r1):
+                y[i] += su[i]
+        if relu:
+            for i in range(r0, r1):
+                v = y[i]
+                if not v > 0.0 and v == v:
+                    y[i] = np.float32(0.0)
+
+
+@pjit
+def _packed_mat(ix, vals, ptr, words, xt, nz, parts, sums, bias, has_bias, out, relu):
+    """Batch B > 1, packed layout, over the transposed input xt (K, B): as _packed_vec, each entry
+    updating the B sums of its row. NOTE: sums (nparts, M + RW, B); out (B, M)."""
+    nb = xt.shape[1]
+    nparts = parts.size - 1
+    m = out.shape[1]
+    ixw = words * 4 // ix.itemsize
+    for t in numba.prange(nparts):
+        s = sums[t]
+        for i in range(m + RW):
+            for b in range(nb):
+                s[i, b] = np.float32(0.0)
+        q1 = parts[t + 1]
+        for q in range(parts[t], q1):
+            if q + _AHEAD < q1:
+                ja = nz[q + _AHEAD]
+                for p in range(ptr[ja] * words, ptr[ja + 1] * words, 16):
+                    prefetch_l2(vals, p)
+            j = nz[q]
+            xj = xt[j]
+            for blk in range(ptr[j], ptr[j + 1]):
+                for e in range(RW):
+                    w = vals[blk * words + words - RW + e]
+                    si = s[ix[blk * ixw + e]]
+                    for b in range(nb):
+                        si[b] += xj[b] * w
+    for t in numba.prange(nparts):
+        for i in range(t * m // nparts, (t + 1) * m // nparts):
+            for b in range(nb):
+                v = bias[i] if has_bias else np.float32(0.0)
+                for u in range(nparts):
+                    v += sums[u, i, b]
+                if relu and not v > 0.0 and v == v:
+                    v = np.float32(0.0)
+                out[b, i] = v
 
 
 @jit
@@ -473,36 +711,6 @@ _dense_vec_serial = serial_twin(_dense_vec)
 
 
 @pjit
-def _csc_mat(indices, data, indptr, blocks, xt, nz, n_nz, bias, has_bias, out, acc):
-    """Batch B > 1, row-block-major CSC, over the transposed input xt (K, B) into a transposed
-    accumulator.
-    NOTE: as _csc_vec; out is (B, M); acc is (M, B) scratch."""
-    nb = xt.shape[1]
-    nblocks = blocks.size - 1
-    k = (indptr.size - 1) // max(nblocks, 1)
-    for t in numba.prange(nblocks):
-        r0, r1 = blocks[t], blocks[t + 1]
-        for i in range(r0, r1):
-            for b in range(nb):
-                acc[i, b] = bias[i] if has_bias else np.float32(0.0)
-        for q in range(n_nz):
-            j = nz[q]
-            xj = xt[j]
-            p0 = indptr[t * k + j]
-            n = indptr[t * k + j + 1] - p0
-            d = data[p0:p0 + n]
-            ix = indices[p0:p0 + n]
-            for p in range(n):
-                i = ix[p]
-                w = d[p]
-                for b in range(nb):
-                    acc[i, b] += xj[b] * w
-        for b in range(nb):
-            for i in range(r0, r1):
-                out[b, i] = acc[i, b]
-
-
-@pjit
 def _dense_mat(wt, bounds, xt, nz, n_nz, bias, has_bias, out):
     """Batch B > 1, dense columns. NOTE: as _dense_vec; out is (B, M)."""
     nb = xt.shape[1]
@@ -571,7 +779,6 @@ def bind_act_sparse_linear(prep: ActLinearPrep, batch: int, bias: np.ndarray | N
     if not out.flags.c_contiguous or out.shape != (batch, m):
         raise ValueError(f"bind_act_sparse_linear: out must be C-contiguous of shape {(batch, m)}")
     ws = prep.workspace(batch)
-    blocks = prep.blocks
     has_bias = bias is not None
     b = bias if has_bias else np.zeros(0, np.float32)
     relu = bool(relu)
@@ -597,18 +804,28 @@ def bind_act_sparse_linear(prep: ActLinearPrep, batch: int, bias: np.ndarray | N
 
         return run_dense
 
-    def run(x: np.ndarray) -> None:
-        n_nz = _nonzero_columns(x, ws.nz)
-        if batch == 1:
-            _csc_vec(prep.indices, prep.data, prep.indptr, blocks, x[0], ws.nz, n_nz, b, has_bias, out[0])
-        else:
+    if batch > 1 and prep.dense_columns:
+        def run_dense_mat(x: np.ndarray) -> None:
+            n_nz = _nonzero_columns(x, ws.nz)
             np.copyto(ws.xt, x.T)
-            if prep.dense_columns:
-                _dense_mat(prep.dense_t, ws.bounds, ws.xt, ws.nz, n_nz, b, has_bias, out)
-            else:
-                _csc_mat(prep.indices, prep.data, prep.indptr, blocks, ws.xt, ws.nz, n_nz, b, has_bias, out,
-                         ws.acc)
-        if relu:
-            relu_(out.reshape(-1))
+            _dense_mat(prep.dense_t, ws.bounds, ws.xt, ws.nz, n_nz, b, has_bias, out)
+            if relu:
+                relu_(out.reshape(-1))
+
+        return run_dense_mat
+
+    packed = prep.packed_twin()  # the csc layout of older files runs through a packed copy
+    ix, vals = packed.packed.view(packed.index_dtype), packed.packed.view(np.float32)
+    ptr = packed.indptr
+    words = packed_words(np.dtype(packed.index_dtype).itemsize)
+
+    def run(x: np.ndarray) -> None:
+        if batch == 1:
+            _nonzero_split(x[0], ptr, ws.nz, ws.cost, ws.parts)
+            _packed_vec(ix, vals, ptr, words, x[0], ws.nz, ws.parts, ws.sums, b, has_bias, out[0], relu)
+        else:
+            _split(ptr, ws.nz, _nonzero_columns(x, ws.nz), ws.cost, ws.parts)
+            np.copyto(ws.xt, x.T)
+            _packed_mat(ix, vals, ptr, words, ws.xt, ws.nz, ws.parts, ws.sums, b, has_bias, out, relu)
 
     return run
