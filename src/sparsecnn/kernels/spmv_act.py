@@ -12,16 +12,26 @@ so at weight density ``d`` and input density ``a`` it streams about ``a d M K`` 
 ``d M K`` (the "sparse x sparse" product of the seed study, with the input vector sparse; cf. the
 EIE accelerator, Han et al. ISCA 2016, which walks the nonzero activations over CSC weights).
 
-Storage: CSC with row indices in the narrowest dtype (uint16 for ``M <= 65536``), 6 bytes per nonzero;
-above 2/3 weight density the columns are kept dense instead (4 bytes per weight, contiguous
-vector loads), the same walk over nonzero inputs. The CSC is *row-block-major*: the rows are cut
-into nnz-balanced blocks (one per thread at conversion), and each block's parts of all columns are
-stored together (a stacked CSC of ``nblocks * K`` columns); a thread walks its block, so no two
-threads write the same output and each thread's reads run forward through one contiguous region.
-A plain CSC walked by row ranges (each thread reading its half of every column, the other half
-skipped) ran 10-35% slower: measured on AlexNet's fc6/fc7 at 91% with 60-70% zero inputs (Zen 4,
-2 threads, batch 1): cold 0.76 / 0.94 / 0.42 / 0.40 ms -> 0.74 / 0.60 / 0.33 / 0.26 ms (fc6 60%,
-70%, fc7 60%, 70%), warm 0.53 / 0.41 / 0.21 / 0.18 -> 0.44 / 0.35 / 0.19 / 0.14 ms.
+Storage (the **packed layout**): per column its nonzeros in blocks of eight (``RW``), each block
+eight row indices (uint16 while ``M + 8 <= 65536``) then eight float32 values, 48 bytes, so a
+column is one forward stream; a column's last block is padded with value-0 entries on scratch rows
+past the outputs. Above 2/3 weight density the columns are kept dense instead (4 bytes per weight,
+contiguous vector loads), the same walk over nonzero inputs. Per nonzero input, its column's blocks
+are scattered into the outputs (:func:`sparsecnn.kernels._simd.scatter_blocks`: eight outputs
+loaded into one vector, one FMA, eight stores). The threads split the *nonzero inputs* (ranges of
+equal block count), each into its own full-length sums, added up by rows at the end; the column
+eight inputs on is prefetched into L2.
+
+Why so: in a forward pass the weights of a large FC layer come from DRAM (the other layers evict
+them), and the columns of a random 40% of the inputs are runs of 1-2 KB with gaps that the
+hardware prefetchers do not follow. The layout it replaced, a CSC whose rows were cut into one
+block per thread (each thread walking its half of every column: two streams of 0.4 and 0.7 KB per
+column and thread, prefetched into L1), read fc6 at 60% zero inputs cold at 10 GB/s and lost to the
+weight-only spmv (0.75 against 0.62 ms). Measured against it in one process (``_interleaved`` and
+``time_cold``, AlexNet's fc6 / fc7 / fc8 at 91 / 91 / 75% weights and 50-70% zero inputs, Zen 4, 2
+threads, batch 1): cold 1.27-1.57x faster, warm 0.91-1.08x (full-length sums take twice the L1 of
+a row block's). Prefetching the old layout into L2 alone gave cold 1.3x; whole columns and one
+stream the rest.
 
 Dense columns at batch 1 are bound by DRAM: the kernel should stream ``4 a M K`` bytes once, with little
 accumulator traffic. Each thread keeps tiles of up to ``8 * NV_MAX`` of its outputs in vector
@@ -39,9 +49,10 @@ four at a time through an accumulator in L1) 3.2, 2.9 and 1.6 ms.
 At batch ``B > 1`` a column is skipped when its input is zero in the whole batch, and each of its
 nonzeros updates the ``B`` outputs of its row from a transposed copy of the input.
 
-**The masked layout** (the default where AVX-512 FMAs run at full rate, ``MASKED_DEFAULT``). The CSC
-walk scatters: per nonzero a load of the output, a lane insert and extract, and a store, about 1.7
-cycles per nonzero against spmv's one, so at 60% zero inputs it barely beat the weight-only spmv.
+**The masked layout** (the default where AVX-512 FMAs run at full rate, ``MASKED_DEFAULT``). The
+column walk scatters: per nonzero a load of the output, a lane insert and extract, and a store,
+about 1.7 cycles per nonzero against spmv's one (Emerald Rapids, the row-block CSC), so at 60% zero
+inputs it barely beat the weight-only spmv.
 The masked layout keeps the outputs in registers instead: the rows are cut into tiles of
 ``MASK_ROWS`` (128), and per tile and column each 16-row group holds a 16-bit mask of its nonzero
 rows, the values packed behind it. A thread holds a tile's rows in eight zmm accumulators and
@@ -49,7 +60,7 @@ walks the nonzero inputs: per input and group one ``vexpandps`` (the packed valu
 the mask names, zeros elsewhere) and one FMA (:func:`sparsecnn.kernels._simd.masked_tile`). At 91%
 a group holds 1.4 nonzeros, so the FMAs do a seventh of the work of a dense column, but no output
 moves through memory. A stored mask costs 2 bytes per group and column: 4 + 1.4 bytes per nonzero
-at 91% (the CSC's 6), 4.6 at 75%. Interleaved with the CSC and spmv (this project's Emerald Rapids
+at 91% (the column layouts' 6), 4.6 at 75%. Interleaved with the row-block CSC and spmv (Emerald Rapids
 VM, 2 threads, batch 1, warm, medians): fc6 (4096 x 9216, 91%) at 0 / 60 / 70 / 90% zero inputs
 1.34 / 0.59 / 0.48 / 0.22 ms against the CSC's 1.77 / 0.79 / 0.59 / 0.18 and spmv's 0.63-0.66; fc7
 (4096 x 4096) 0.63 / 0.28 / 0.26 / 0.13 against 0.82 / 0.34 / 0.28 / 0.11; fc8 (1000 x 4096, 75%)
@@ -57,7 +68,10 @@ VM, 2 threads, batch 1, warm, medians): fc6 (4096 x 9216, 91%) at 0 / 60 / 70 / 
 Only at 90% zero inputs does the CSC stay ahead (0.8x), where few columns are walked and each
 costs the masked layout eight groups whatever they hold. The expand is what bounds it: with plain
 vector loads in its place (wrong sums, for timing) fc6 ran 1.5x faster. On Zen 4 the same form ran
-0.4-0.6x the scatter (docs/engine.md), so the CSC stays the default there and on AVX2 CPUs.
+0.4-0.6x the scatter (docs/engine.md), so the column walk (now the packed layout) stays the default
+there and on AVX2 CPUs. The masked layout has not been timed against the packed layout, which
+came later (on a Zen 4): on an AVX-512 Intel CPU, ``python -m benchmarks.act_fc --layout masked``
+against ``--layout packed`` would tell.
 """
 
 from __future__ import annotations
@@ -94,13 +108,14 @@ __all__ = ["DENSE_COLUMNS_ABOVE", "MASKED_DEFAULT", "MASK_ROWS", "ActLinearPrep"
            "bind_act_sparse_linear", "masked_layout_problem", "masked_to_dense", "packed_layout_problem",
            "packed_to_dense", "prepare_act_linear"]
 
-DENSE_COLUMNS_ABOVE = 2.0 / 3.0  # weight density above which dense columns (4 B) beat CSC (6 B)
+DENSE_COLUMNS_ABOVE = 2.0 / 3.0  # weight density above which dense columns (4 B) beat packed ones (6 B)
 
 # Rows per tile of the masked layout (16-row groups, one zmm accumulator each).
 MASK_ROWS = 16 * MASK_GROUPS
 # The masked layout is the default where AVX-512 FMAs run at full rate (VW 16): there an expand load
-# and an FMA per 16-row group beat the CSC's scatter. Elsewhere (Zen 4, AVX2) the CSC is kept: on
-# Zen 4 the expand form ran at 0.4-0.6x the scatter (docs/engine.md).
+# and an FMA per 16-row group beat the row-block CSC's scatter. Elsewhere (Zen 4, AVX2) the column
+# walk is kept (the packed layout): on Zen 4 the expand form ran at 0.4-0.6x the scatter
+# (docs/engine.md).
 MASKED_DEFAULT = VW == 16
 
 
