@@ -68,8 +68,10 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # 19: the implicit GEMM (``lowered``) in channel blocks on stride-2 and large planes (1.12-1.13x);
 # 20: its channel-vector form for 3x3 stride-1 layers, in-place inputs and straight 1x1 tiles;
 # 21: its Winograd F(m x m, 3x3) form (m = 2 or 4) for dense 3x3 stride-1 layers (1.4-2.4x the
-# channel form).
-_CACHE_VERSION = 21
+# channel form);
+# 22: spmv-act's packed column layout (one stream per column, threads split the nonzero inputs): cold
+# 1.3-1.6x faster on Zen 4, so spmv vs spmv-act is re-decided.
+_CACHE_VERSION = 22
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.
 DEFAULT_MARGIN = 0.04
