@@ -267,6 +267,8 @@ class ActLinearPrep:
         """This prep in the packed layout: itself, or for the csc layout a packed copy made once."""
         if self.is_packed:
             return self
+        if self.masked or self.dense_columns:
+            raise ValueError("packed_twin: the masked and dense-column layouts have no packed twin")
         if not self._packed_copy:
             m, k = self.shape
             counts = np.diff(self.indptr.astype(np.int64))
