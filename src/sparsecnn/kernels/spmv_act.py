@@ -517,9 +517,9 @@ def _nonzero_columns(x, nz):
 # Nonzero inputs ahead whose packed columns _packed_vec / _packed_mat prefetch into L2. The columns are
 # runs of 1-2 KB (AlexNet's fc6/fc7 at 91%) with gaps where inputs are zero, which the hardware
 # prefetchers do not follow (and overshoot). Into L2 (prefetcht1) rather than L1: measured cold (caches
-# flushed) on fc6 (4096 x 9216, 91%) at 60% zero inputs, Zen 4, 2 threads, batch 1 (benchmarks/act_fc
-# and docs/engine.md, sixteenth session), the row-block CSC this layout replaced ran 0.75 ms with
-# prefetches into L1 and 0.55-0.58 ms into L2; 4, 8 and 16 inputs ahead within 5%.
+# flushed) on fc6 (4096 x 9216, 91%) at 60% zero inputs, Zen 4, 2 threads, batch 1 (scratch scripts,
+# docs/engine.md, sixteenth session), the row-block CSC this layout replaced ran 0.75 ms with
+# prefetches into L1 and 0.55-0.58 ms into L2; 4, 8 and 16 inputs ahead within 5%, in either layout.
 _AHEAD = 8
 
 
