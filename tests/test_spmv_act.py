@@ -234,6 +234,26 @@ def test_csc_layout_of_older_files_runs(rng, nblocks: int, batch: int) -> None:
         np.testing.assert_array_equal(layer.engine.to_dense(), w)
 
 
+def test_csc_layout_checkpoint_loads(rng, tmp_path) -> None:
+    """A checkpoint whose spmv-act layer holds the row-block CSC (as files written before the packed
+    layout do) loads, keeps that layout, and runs."""
+    from sparsecnn.io import checkpoint
+    from sparsecnn.kernels.spmv_act import _prepare_csc
+
+    w = random_sparse(rng, (30, 40), 0.8)
+    b = rng.standard_normal(30).astype(np.float32)
+    layer = SparseLinear.from_format(_prepare_csc(w, 2), "spmv-act", in_features=40, out_features=30, bias=b)
+    old = nn.Sequential(layer, nn.ReLU())
+    path = tmp_path / "old.npz"
+    checkpoint.save(old, path)
+    back = checkpoint.load(path, model=nn.Sequential(nn.Linear(40, 30), nn.ReLU()))
+    assert back[0].format.layout == "csc" and back[0].format.blocks.size == 3
+    x = torch.from_numpy(_input(rng, (2, 40), 0.6))
+    ref = torch.relu(torch.nn.functional.linear(x, torch.from_numpy(w), torch.from_numpy(b)))
+    with torch.no_grad():
+        assert_close(back(x), ref)
+
+
 def test_row_outside_its_block_is_rejected(rng) -> None:
     from sparsecnn.errors import SparseCNNError
     from sparsecnn.kernels.spmv_act import _prepare_csc
