@@ -23,8 +23,8 @@ Linear strategies: ``torch`` (``F.linear``), ``dense`` (``torch.addmm``), ``spmv
 (CSR weights; both run :func:`sparsecnn.kernels.spmv.sparse_linear`, which is a sparse matrix-vector
 product at batch 1 and a sparse x dense product at batch > 1; the names tell the planner which case
 a layer was chosen for). ``spmv-act`` stores the weights by columns (a masked layout of 16-row groups
-where AVX-512 runs at full rate, else CSC; dense columns above 2/3 density) and walks only the nonzero
-inputs (:mod:`sparsecnn.kernels.spmv_act`): for the ReLU-sparse
+where AVX-512 runs at full rate, else packed columns of row-and-value blocks; dense columns above 2/3
+density) and walks only the nonzero inputs (:mod:`sparsecnn.kernels.spmv_act`): for the ReLU-sparse
 input of a fully connected layer at batch 1 or a small batch. ``qspmv`` runs CSR whose values are
 codebook indices (Deep Compression's weight sharing, :mod:`sparsecnn.kernels.qspmv`): one byte per
 nonzero instead of four, for quantized weights (:mod:`sparsecnn.compress`).
