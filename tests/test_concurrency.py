@@ -90,3 +90,28 @@ def test_spmv_linear_from_four_threads() -> None:
     with torch.inference_mode():
         refs = [lin(x) for x in inputs]
     _check(_hammer(layer, inputs), refs)
+
+
+@pytest.mark.parametrize("layout", ["default", "csc"])
+def test_spmv_act_from_four_threads(layout: str) -> None:
+    """spmv-act's nonzero-input lists, thread splits and per-thread sums are per calling thread
+    (batch 1 and > 1, inputs half zeros); a layer in the older csc layout makes its packed copy on
+    first use, here from four threads at once."""
+    from sparsecnn.kernels.spmv_act import _prepare_csc
+
+    rng = np.random.default_rng(4)
+    lin = nn.Linear(300, 70).eval()
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(random_sparse(rng, (70, 300), 0.85)))
+    if layout == "csc":
+        layer = sparsecnn.SparseLinear.from_format(_prepare_csc(lin.weight.detach().numpy(), 2), "spmv-act",
+                                                   in_features=300, out_features=70,
+                                                   bias=lin.bias.detach().numpy())
+    else:
+        layer = sparsecnn.SparseLinear.from_dense(lin, "spmv-act")
+    g = torch.Generator().manual_seed(5)
+    shapes = [(1 + (i // THREADS) % 3, 300) for i in range(THREADS * CALLS)]
+    inputs = [torch.relu(torch.randn(shape, generator=g)) for shape in shapes]
+    with torch.inference_mode():
+        refs = [lin(x) for x in inputs]
+    _check(_hammer(layer, inputs), refs)
