@@ -30,8 +30,8 @@ column and thread, prefetched into L1), read fc6 at 60% zero inputs cold at 10 G
 weight-only spmv (0.75 against 0.62 ms). Measured against it in one process (``_interleaved`` and
 ``time_cold``, AlexNet's fc6 / fc7 / fc8 at 91 / 91 / 75% weights and 50-70% zero inputs, Zen 4, 2
 threads, batch 1): cold 1.27-1.57x faster in a fast spell of the VM, 1.05-1.35x in a slow one;
-warm 0.91-1.08x (full-length sums take twice the L1 of a row block's). Prefetching the old layout into L2 alone gave cold 1.3x; whole columns and one
-stream the rest.
+warm 0.91-1.08x (full-length sums take twice the L1 of a row block's). Prefetching the old layout
+into L2 alone gave cold 1.3x; whole columns and one stream the rest.
 
 Dense columns at batch 1 are bound by DRAM: the kernel should stream ``4 a M K`` bytes once, with little
 accumulator traffic. Each thread keeps tiles of up to ``8 * NV_MAX`` of its outputs in vector
