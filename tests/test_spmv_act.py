@@ -336,8 +336,6 @@ def test_large_linear_layers_are_timed_cold() -> None:
 def test_masked_layout_tiles_relu_nan_and_threads(rng, m: int, relu: bool) -> None:
     """The masked layout against dense torch: partial last tiles, ReLU, 1 and 2 threads, batch 1 and
     3; a NaN or inf input spreads to every row as in the dense product (0 * inf is NaN)."""
-    import numba
-
     from sparsecnn.kernels.spmv_act import MASK_ROWS, bind_act_sparse_linear, masked_to_dense
 
     assert MASK_ROWS == 128
@@ -348,28 +346,24 @@ def test_masked_layout_tiles_relu_nan_and_threads(rng, m: int, relu: bool) -> No
     prep = prepare_act_linear(w, masked=True)
     assert prep.masked and prep.ntiles == -(-m // 128)
     np.testing.assert_array_equal(masked_to_dense(prep), w)
-    threads = numba.get_num_threads()
-    try:
-        for t in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
-            numba.set_num_threads(t)
-            for batch in (1, 3):
-                out = np.full((batch, m), np.nan, np.float32)
-                run = bind_act_sparse_linear(prep, batch, b, out, relu)
-                for zeros in (0.0, 0.6, 1.0):
-                    x = _input(rng, (batch, k), zeros)
-                    if zeros == 0.6:
-                        x[0, 11], x[-1, 40] = np.nan, np.inf
-                    run(x)
-                    ref = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w),
-                                                     torch.from_numpy(b))
-                    ref = (torch.relu(ref) if relu else ref).numpy()
-                    fin = np.isfinite(out)
-                    np.testing.assert_array_equal(fin, np.isfinite(ref))
-                    np.testing.assert_array_equal(out[~fin], ref[~fin])  # the same NaN and +-inf
-                    if fin.any():
-                        assert_close(out[fin], ref[fin])
-    finally:
-        numba.set_num_threads(threads)
+
+    def check() -> None:
+        for batch in (1, 3):
+            out = np.full((batch, m), np.nan, np.float32)
+            run = bind_act_sparse_linear(prep, batch, b, out, relu)
+            for zeros in (0.0, 0.6, 1.0):
+                x = _input(rng, (batch, k), zeros)
+                if zeros == 0.6:
+                    x[0, 11], x[-1, 40] = np.nan, np.inf
+                run(x)
+                ref = torch.nn.functional.linear(*(torch.from_numpy(a) for a in (x, w, b)))
+                ref = (torch.relu(ref) if relu else ref).numpy()
+                fin = np.isfinite(out)
+                np.testing.assert_array_equal(fin, np.isfinite(ref))
+                np.testing.assert_array_equal(out[~fin], ref[~fin])  # the same NaN and +-inf
+                if fin.any():
+                    assert_close(out[fin], ref[fin])
+    _on_threads(check)
 
 
 def test_masked_layout_corruption_is_rejected(rng) -> None:

@@ -23,9 +23,9 @@ also numba's cache key, so a cached kernel always matches them):
 
 The stores can apply a ReLU (``relu``; compare-select, NaN kept) so a layer's activation costs no
 extra pass. The call compiles inline into the numba kernel that calls it, so ``cache=True`` caches
-it with that kernel. The gathering row kernels (:func:`row_dot`, :func:`code_row_dot`,
-:func:`scatter_blocks`) keep ``RW`` (8) lanes whatever the CPU: their sums run in eight chains, an
-order the tests hold them to bit for bit (not re-measured at 16 lanes).
+it with that kernel. The gathering row kernels (:func:`row_dot`, :func:`code_row_dot`) keep ``RW``
+(8) lanes whatever the CPU: their sums run in eight chains, an order the tests hold them to bit for
+bit (not re-measured at 16 lanes); :func:`scatter_blocks` also works in blocks of ``RW`` entries.
 
 The sum over nonzeros runs in their stored order, one rounding per fused multiply-add: no
 reassociation, so no ``fastmath`` is needed.
@@ -49,7 +49,7 @@ __all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "ELL_ROWS", "ELL_SLAB", "GEMM_MR"
            "prefetch_l2", "row_dot", "scatter_blocks", "span_tile", "span_tile8",
            "tile_split", "wino4_in_tile", "wino4_out_tile", "wino_in_tile", "wino_out_tile"]
 
-RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot, scatter_blocks): sums in 8 chains
+RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot: sums in 8 chains), scatter_blocks
 
 
 def _target() -> tuple[str, list[str]]:
