@@ -66,6 +66,9 @@ CONV_CASES = [
     (2, 16, 6, (8, 8), (1, 1), (1, 1), (0, 0), (1, 1), 2),  # 1x1 read in place, grouped
     (2, 4, 6, (21, 38), (3, 3), (2, 2), (1, 1), (1, 1), 1),  # stride-2 rows of >= 8: vector even lanes
     (1, 3, 5, (17, 33), (1, 1), (2, 2), (0, 0), (1, 1), 1),  # ... whose last row ends x (scalar there)
+    (2, 3, 8, (67, 70), (11, 11), (4, 4), (0, 0), (1, 1), 1),  # stride-4 rows of >= 16: every 4th lane
+    (1, 4, 6, (26, 53), (5, 5), (3, 3), (2, 2), (1, 1), 2),  # stride-3 rows of >= 16, grouped
+    (2, 3, 5, (40, 70), (3, 5), (2, 4), (1, 2), (1, 1), 1),  # strides 2 down, 4 across
 ]
 
 
