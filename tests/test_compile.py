@@ -702,3 +702,33 @@ def test_direct_chains_write_planes_padded_to_whole_vectors() -> None:
                 assert _rel(y, net(xb)) <= 1e-5
     finally:
         _lower.PAD_PLANES = saved
+
+
+def _lenet() -> nn.Module:
+    return models.build("lenet5", in_channels=1, input_size=8).eval()
+
+
+@pytest.mark.parametrize("strategy", ["direct", "lowered", "torch"])
+def test_an_empty_batch_gives_an_empty_output(strategy: str) -> None:
+    compiled = sparsecnn.compile(_lenet(), torch.randn(1, 1, 8, 8), strategy)
+    assert compiled(torch.randn(0, 1, 8, 8)).shape == (0, 10)
+    assert compiled.numpy(np.zeros((0, 1, 8, 8), np.float32)).shape == (0, 10)
+    assert compiled(torch.randn(2, 1, 8, 8)).shape == (2, 10)  # the one-image program it used still works
+
+
+def test_bad_example_inputs_and_nan_weights_are_one_clear_error() -> None:
+    with pytest.raises(SparseCNNError, match="holds no image"):
+        sparsecnn.compile(_lenet(), torch.randn(0, 1, 8, 8))
+    with pytest.raises(SparseCNNError, match="holds no image"):
+        sparsecnn.sparsify(_lenet(), example_input=torch.randn(0, 1, 8, 8))
+    x = torch.randn(1, 1, 8, 8)
+    x[0, 0, 3, 3] = float("nan")
+    with pytest.raises(SparseCNNError, match="example_input holds 1 NaN/Inf"):
+        sparsecnn.compile(_lenet(), x)
+    model = _lenet()
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = float("inf")
+    for build in (lambda: sparsecnn.compile(model, torch.randn(1, 1, 8, 8)),
+                  lambda: sparsecnn.sparsify(model, measure=False)):
+        with pytest.raises(SparseCNNError, match="layer 'conv1': weight holds 1 NaN/Inf"):
+            build()

@@ -701,6 +701,27 @@ def test_compress_cli(tmp_path, capsys) -> None:
     assert len(err) == 3 and all(line.startswith("sparsecnn compress: error:") for line in err)
 
 
+def test_compress_cli_takes_sparse_and_compressed_files_as_their_dense_equivalent(tmp_path, capsys) -> None:
+    """A sparse checkpoint and a .sparsecnn file are quantized whole (their sparse / codebook layers
+    as Conv2d / Linear): it once wrote a file without the FC layers (exit 0, unloadable) and said a
+    sparse checkpoint had no layer to quantize."""
+    from sparsecnn.cli import main
+
+    first = str(tmp_path / "a.sparsecnn")
+    assert main(["compress", "lenet5", "--profile", "uniform:0.9", "--out", first]) == 0
+    sparse = str(tmp_path / "sparse.npz")
+    sparsecnn.save(sparsecnn.sparsify(sparsecnn.load(first), "direct"), sparse)
+    for source in (first, sparse):
+        again = str(tmp_path / ("again-" + os.path.basename(source) + ".sparsecnn"))
+        assert main(["compress", source, "--out", again]) == 0
+        assert set(sparsecnn.load(again).sparsecnn_codebooks) == {"conv1", "conv2", "fc1", "fc2"}
+    capsys.readouterr()
+    assert main(["compress", "lenet5", "--out", str(tmp_path / "missing" / "b.sparsecnn")]) == 2
+    assert main(["compress", "lenet5", "--out", first, "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "its directory does not exist" in err and "is a directory" in err
+
+
 
 def _gloo() -> bool:
     import torch.distributed as dist

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -174,8 +176,13 @@ def test_load_weights_errors(tmp_path) -> None:
         models.load_weights(model, tmp_path / "missing.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a torch file")
-    with pytest.raises(SparseCNNError, match="not a readable torch state dict"):
+    with pytest.raises(SparseCNNError, match=r"not a file that torch\.save wrote"):
         models.load_weights(model, corrupt)
+    whole = tmp_path / "whole.pt"  # a pickled module: torch's advice (weights_only=False) is not passed on
+    torch.save(models.build("lenet5"), whole)
+    with pytest.raises(SparseCNNError, match="holds pickled Python objects besides tensors") as info:
+        models.load_weights(model, whole)
+    assert "weights_only" not in str(info.value) and "\x1b" not in str(info.value)
     wrong = tmp_path / "wrong.pt"
     torch.save(models.build("lenet5", num_classes=5).state_dict(), wrong)
     with pytest.raises(SparseCNNError, match=r"'fc2.weight' has shape \(5, 500\) in the file but \(10,"):
@@ -253,3 +260,17 @@ def test_fast_maxpool_matches_torch(kernel, stride, padding, dilation, ceil_mode
     xg = x.clone().requires_grad_(True)
     out = ours(xg)
     assert out.grad_fn is not None and "MaxPool" in type(out.grad_fn).__name__
+
+
+def test_resolve_reads_the_summary_beside_the_weights_or_says_what_is_wrong(tmp_path) -> None:
+    small = models.build("lenet5", in_channels=1, input_size=8)
+    torch.save(small.state_dict(), tmp_path / "model.pt")
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"model": "lenet5", "build": {"in_channels": 1, "input_size": 8}}))
+    assert models.resolve("lenet5", weights=tmp_path / "model.pt").fc1.weight.shape == (500, 200)
+    summary.write_text("{bad")  # a damaged summary is not silently skipped (the shapes would then mismatch)
+    with pytest.raises(SparseCNNError, match=r"summary\.json .* is not valid JSON"):
+        models.resolve("lenet5", weights=tmp_path / "model.pt")
+    summary.unlink()  # no summary: the remedy names it, not build arguments the command line cannot take
+    with pytest.raises(SparseCNNError, match=r"record in summary\.json beside the weights"):
+        models.resolve("lenet5", weights=tmp_path / "model.pt")

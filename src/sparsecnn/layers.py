@@ -109,17 +109,23 @@ def _check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _weights_np(layer: nn.Module, label: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Float32 C-contiguous copies of the layer's weight and bias; NaN/Inf rejected."""
-    w = layer.weight.detach()
-    b = None if layer.bias is None else layer.bias.detach()
-    for what, t in (("weight", w), ("bias", b)):
-        if t is not None and not bool(torch.isfinite(t).all()):
+def check_finite_parameters(layer: nn.Module, label: str) -> None:
+    """Raise :class:`SparseCNNError` naming ``label`` if the layer's weight or bias holds NaN or Inf."""
+    for what in ("weight", "bias"):
+        t = getattr(layer, what, None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             n_bad = int((~torch.isfinite(t)).sum())
             raise SparseCNNError(
                 f"{label}: {what} holds {n_bad} NaN/Inf value(s); fix the weights (e.g. torch.nan_to_num, "
                 f"or retrain with a lower learning rate) before converting"
             )
+
+
+def _weights_np(layer: nn.Module, label: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Float32 C-contiguous copies of the layer's weight and bias; NaN/Inf rejected."""
+    check_finite_parameters(layer, label)
+    w = layer.weight.detach()
+    b = None if layer.bias is None else layer.bias.detach()
     w_np = np.ascontiguousarray(w.cpu().numpy(), dtype=np.float32)
     b_np = None if b is None else np.ascontiguousarray(b.cpu().numpy(), dtype=np.float32)
     return w_np, b_np

@@ -745,6 +745,17 @@ def auto_plan(
     x = _example_input(model) if example_input is None else example_input
     if not isinstance(x, torch.Tensor):
         raise SparseCNNError(f"example_input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() >= 1 and x.shape[0] == 0:
+        raise SparseCNNError(f"example_input {tuple(x.shape)} holds no image: the strategies are timed on "
+                             f"it; pass a batch of at least one")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise SparseCNNError(f"example_input holds {int((~torch.isfinite(x)).sum())} NaN/Inf value(s): the "
+                             f"strategies are timed and checked on it; pass a finite batch (real inputs, or "
+                             f"torch.randn of the model's input shape)")
+    from sparsecnn.layers import _conv_unsupported, check_finite_parameters
+
+    for name, layer in targets.items():  # before timing: a NaN weight would only fail the output checks
+        check_finite_parameters(layer, f"layer {name!r}")
     dev = torch.device(device)
     x = x.to(dev)
     inputs = _capture(model, targets, x)
@@ -756,8 +767,6 @@ def auto_plan(
     new_entries: dict[str, Any] = {}
     choices: dict[str, LayerChoice] = {}
     built: dict[str, nn.Module] = {}
-    from sparsecnn.layers import _conv_unsupported
-
     for name, layer in targets.items():
         xin = inputs.get(name)
         if xin is None:

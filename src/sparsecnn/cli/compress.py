@@ -113,6 +113,7 @@ def print_table(report: Any, title: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sparsecnn import train
+    from sparsecnn.analysis._model import dense_equivalent
     from sparsecnn.cli.train import train_config
     from sparsecnn.compress import QuantizeConfig, finetune_centroids, quantize_model, storage_report
     from sparsecnn.io.compressed import save_compressed
@@ -121,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
     out = os.fspath(args.out)
     if not out.endswith(".sparsecnn"):
         raise SparseCNNError(f"--out {out} must end in .sparsecnn")
+    for option, path in (("--out", out), ("--json", args.json)):  # before any work
+        if path is not None and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(path) or ".")):
+            raise SparseCNNError(f"{option} {path}: " + ("is a directory" if os.path.isdir(path) else
+                                 "its directory does not exist") + "; name a file in an existing directory")
     if isinstance(args.index_bits, bool) or not 1 <= args.index_bits <= 8:
         raise SparseCNNError(f"--index-bits must be 1..8, got {args.index_bits}")
     config = QuantizeConfig(conv_bits=args.conv_bits, fc_bits=args.fc_bits, bits=parse_bits(args.bits),
@@ -136,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
             kw.update(num_classes=info.num_classes, in_channels=info.in_channels, input_size=info.input_size)
     elif args.epochs:
         raise SparseCNNError("--finetune-epochs needs --data (the centroids are fine-tuned on real data)")
-    model = resolve(args.model, weights=args.weights, seed=args.model_seed, **kw)
+    # a sparse checkpoint or a compressed file is quantized as its dense equivalent (its layers stored
+    # sparse or as codebooks are Conv2d / Linear again)
+    model = dense_equivalent(resolve(args.model, weights=args.weights, seed=args.model_seed, **kw))
     if args.profile:
         apply_profile(model, args.profile)
     books = quantize_model(model, config)

@@ -171,6 +171,9 @@ class CompiledModel(nn.Module):
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         """The forward pass on a C-contiguous float32 batch (the hot path: nothing is checked here)."""
+        if x.shape[0] == 0:  # an empty batch gives an empty output, as torch (the kernels need one image)
+            one = self._run(np.zeros((1, *x.shape[1:]), dtype=np.float32))
+            return np.empty((0, *one.shape[1:]), dtype=np.float32)
         b = self._local.__dict__.get("bound", {}).get(x.shape)
         env, steps, slot, output = b if b is not None else self._bound(x.shape)
         serial = x.shape == self._serial_shape
@@ -452,6 +455,10 @@ def compile(
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
         raise SparseCNNError("example_input must be a float torch.Tensor batch, "
                              "e.g. torch.randn(1, 3, 224, 224)")
+    if x.shape[0] == 0:
+        raise SparseCNNError(f"example_input {tuple(x.shape)} holds no image: the layers are planned and "
+                             f"checked on it; pass a batch of at least one, e.g. torch.randn(1, "
+                             f"{', '.join(map(str, x.shape[1:]))})")
     x = x.detach().float().cpu().contiguous()
     if shrink:
         from sparsecnn.shrink import shrink as _shrink

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -540,8 +541,13 @@ def _state_dict_from(obj: Any, path: str) -> Mapping[str, torch.Tensor]:
     return obj
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
-    """Load a state dict file (``torch.save(model.state_dict(), path)``) into ``model`` in place.
+_BUILD_HINT = "build the model with matching num_classes/in_channels/input_size"
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str], *,
+                 build_hint: str = _BUILD_HINT) -> nn.Module:
+    """Load a state dict file (``torch.save(model.state_dict(), path)``) into ``model`` in place;
+    ``build_hint`` is the remedy a shape mismatch names.
 
     Raises
     ------
@@ -555,10 +561,19 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (pickle, zip, RuntimeError) for a bad file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours some messages
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # what torch.save writes
+        if not zipped:
+            why = "not a file that torch.save wrote"
+        elif "Weights only load failed" in text:
+            # torch's own advice (weights_only=False) would run the file's pickled code: not given here
+            why = "it holds pickled Python objects besides tensors, e.g. a whole model, which are not loaded"
+        else:
+            why = text.splitlines()[0] if text else type(exc).__name__
         raise SparseCNNError(
-            f"weights file {path} is not a readable torch state dict ({first}); "
-            f"save one with torch.save(model.state_dict(), path)"
+            f"weights file {path} is not a readable torch state dict ({why}); save one with "
+            f"torch.save(model.state_dict(), path) (an ONNX or Caffe model is passed as the MODEL itself)"
         ) from None
     state = _state_dict_from(obj, path)
     own = model.state_dict()
@@ -571,8 +586,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise SparseCNNError(
                 f"weights file {path} does not fit the model: key {key!r} has shape "
-                f"{tuple(state[key].shape)} in the file but {tuple(tensor.shape)} in the model; "
-                f"build the model with matching num_classes/in_channels/input_size"
+                f"{tuple(state[key].shape)} in the file but {tuple(tensor.shape)} in the model; {build_hint}"
             )
     for key in state:
         if key not in own:
@@ -604,10 +618,18 @@ def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> No
 def _recorded_build(spec: str, weights: str | os.PathLike[str]) -> dict[str, Any]:
     # `sparsecnn train` / `prune` write summary.json beside model.pt with the build arguments
     # (LeNet-5 on 8x8 digits is not the 28x28 default), so their weights load without repeating them.
+    path = Path(weights).parent / "summary.json"
     try:
-        summary = json.loads((Path(weights).parent / "summary.json").read_text())
+        text = path.read_text()
+    except OSError:
+        return {}
+    try:
+        summary = json.loads(text)
         build_args = summary["build"] if summary.get("model") == spec else {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except ValueError as exc:
+        raise SparseCNNError(f"{path} (the build arguments of {weights}) is not valid JSON ({exc}); restore "
+                             f"the one that sparsecnn train / prune wrote, or delete it") from None
+    except (KeyError, TypeError, AttributeError):
         return {}
     if not isinstance(build_args, dict):
         return {}
@@ -629,5 +651,8 @@ def resolve(spec: str, weights: str | os.PathLike[str] | None = None, **build_kw
         build_kwargs = {**_recorded_build(spec, weights), **build_kwargs}
     model = build(spec, **build_kwargs)
     if weights is not None:
-        load_weights(model, weights)
+        # from the command line the build arguments come from that summary.json, not from options
+        load_weights(model, weights, build_hint=f"the command line builds {spec} with the input size and "
+                     f"classes that sparsecnn train / prune record in summary.json beside the weights: keep "
+                     f"that file in {Path(weights).parent}")
     return model
