@@ -193,6 +193,12 @@ BAD = {  # case: (CLI args after "analyze", fragment of the one stderr line)
     "bad npy": (["lenet5", "--input", "{tmp}/bad.npy"], "the model needs (N, 1, 28, 28)"),
     "bad batch": (["lenet5", "--batch", "0"], "batch must be a positive integer"),
     "bad json path": (["lenet5", "--json", "{tmp}/no/such/dir/out.json"], "cannot write"),
+    "weights dir": (["lenet5", "--weights", "{tmp}"], "is a directory; pass the state dict file in it"),
+    "model twice": (["lenet5", "--model", "alexnet"], "is already the zoo model 'lenet5': drop --model"),
+    "two weights": (["{tmp}/good.pt", "--model", "lenet5", "--weights", "{tmp}/good.pt"],
+                    "is already a weights file"),
+    "index bits alone": (["lenet5", "--index-bits", "5"], "add --compression"),
+    "index bits range": (["lenet5", "--compression", "--index-bits", "0"], "--index-bits must be 1..8"),
 }
 
 

@@ -392,6 +392,10 @@ def test_ssl_depth_groups_need_a_residual_path() -> None:
         SSLPruner(0.5, groups=("depth",)).prepare(TinyCNN())
     with pytest.raises(SparseCNNError, match="group kind"):
         SSLPruner(0.5, groups=("rows",))
+    from sparsecnn.prune.pipeline import PruneConfig
+
+    with pytest.raises(SparseCNNError, match=r"group kind\(s\) \(none given\); choose from"):
+        PruneConfig(method="ssl", target=0.5, groups=())
 
 
 def test_sparsity_report_counts_rows_columns_channels() -> None:

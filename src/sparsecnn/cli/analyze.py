@@ -60,8 +60,19 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from sparsecnn.analysis import analyze_model
-    from sparsecnn.models import resolve
+    from sparsecnn.models import names, resolve
 
+    # options checked before any work (the compression table comes after the whole analysis)
+    if args.compression and not 1 <= args.index_bits <= 8:
+        raise SparseCNNError(f"--index-bits must be 1..8, got {args.index_bits}")
+    if args.index_bits != 4 and not args.compression:
+        raise SparseCNNError("--index-bits sets the gaps of the --compression table; add --compression")
+    if args.arch and args.model in names():
+        raise SparseCNNError(f"--model {args.arch} names the architecture of a weights file given as MODEL; "
+                             f"MODEL is already the zoo model {args.model!r}: drop --model")
+    if args.weights and Path(str(args.model)).suffix.lower() in (".pt", ".pth", ".npz"):
+        raise SparseCNNError(f"MODEL {args.model} is already a weights file; drop --weights {args.weights} "
+                             f"or pass a zoo name as MODEL (e.g. lenet5 --weights {args.weights})")
     kw = {"model": args.arch} if args.arch else {}
     model = resolve(args.model, weights=args.weights, seed=args.seed, **kw)
     result = analyze_model(model, input=args.input, batch=args.batch, seed=args.seed, profile=args.profile,
@@ -116,8 +127,6 @@ def _compression(model, args: argparse.Namespace) -> None:
     from sparsecnn.compress import compression_report
     from sparsecnn.models import apply_profile
 
-    if not 1 <= args.index_bits <= 8:
-        raise SparseCNNError(f"--index-bits must be 1..8, got {args.index_bits}")
     work = copy.deepcopy(model)
     if args.profile:
         apply_profile(work, args.profile)

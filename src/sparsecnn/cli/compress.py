@@ -60,10 +60,14 @@ def parse_bits(spec: str | None) -> dict[str, int]:
         try:
             if not sep or not name:
                 raise ValueError
-            out[name.strip()] = int(value)
+            bits = int(value)
         except ValueError:
             raise SparseCNNError(f"--bits takes LAYER=BITS pairs separated by commas (e.g. conv1=6,fc6=4), "
                                  f"got {part!r}") from None
+        name = name.strip()
+        if name in out:
+            raise SparseCNNError(f"--bits gives layer {name!r} twice ({out[name]} and {bits}); keep one")
+        out[name] = bits
     return out
 
 

@@ -556,6 +556,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], *,
         the message names the first missing, unexpected or mismatched key and both shapes.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise SparseCNNError(f"weights file {path} is a directory; pass the state dict file in it (sparsecnn "
+                             f"train and prune write model.pt)")
     if not os.path.isfile(path):
         raise SparseCNNError(f"weights file {path} does not exist; pass the path of a saved state dict")
     try:

@@ -77,7 +77,8 @@ class PruneConfig:
                 raise SparseCNNError("ssl needs exactly one of a target (fraction of groups) or a threshold")
             bad = [g for g in self.groups if g not in GROUP_KINDS]
             if bad or not self.groups:
-                raise SparseCNNError(f"unknown SSL group kind(s) {bad}; choose from {', '.join(GROUP_KINDS)}")
+                raise SparseCNNError(f"unknown SSL group kind(s) {bad or '(none given)'}; choose from "
+                                     f"{', '.join(GROUP_KINDS)}")
         elif self.target is None:
             raise SparseCNNError(f"--method {self.method} needs --target (the fraction of weights to prune)")
         if self.method == "magnitude" and self.policy not in POLICIES:
