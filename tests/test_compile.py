@@ -463,6 +463,22 @@ def test_max_pool_matches_torch(seed: int, monkeypatch) -> None:
     np.testing.assert_array_equal(out, ref.numpy())  # exact, NaN where torch has NaN
 
 
+@pytest.mark.parametrize("padding", [0, 1])
+def test_3x3_stride_2_pools_take_nan_and_inf_in_every_lane(padding: int) -> None:
+    """AlexNet's and ResNet's 3x3 / 2 pools run as whole vectors (``_simd.max3_rows``, ``max3_cols2``:
+    even and odd lanes, and the even lanes moved one on): a NaN or -inf in each lane position of a
+    group of outputs, and rows of 4 * VW + 3 outputs (whole vectors and a scalar tail), against torch."""
+    w = 2 * (4 * VW + 3) + 1
+    x = torch.randn(2, 3, 9, w, generator=torch.Generator().manual_seed(padding))
+    for lane in range(2 * VW + 1):  # one special value per row and plane, at every column of a group
+        x[lane % 2, lane % 3, lane % 9, lane] = float("nan") if lane % 4 else float("-inf")
+    x[1, 1, 4, :] = float("-inf")
+    ref = F.max_pool2d(x, 3, 2, padding)
+    out = np.empty(tuple(ref.shape), np.float32)
+    max_pool2d(x.numpy(), out, (3, 3), (2, 2), (padding, padding), (1, 1))
+    np.testing.assert_array_equal(out, ref.numpy())
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("window", [(2, 2), (3, 3), (2, 3), (1, 4)])
 def test_tiling_max_pools_match_torch(batch: int, window: tuple[int, int]) -> None:

@@ -45,9 +45,10 @@ __all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "ELL_ROWS", "ELL_SLAB", "GEMM_MR"
            "TABLE", "VW", "WINO_AT", "WINO_BT", "add_vec_act", "chan_tile", "code_ell_block",
            "code_ell_block2", "code_ell_block2_finite", "code_ell_block4", "code_ell_block4_finite",
            "code_row_dot", "code_row_dot32", "copy_even", "copy_every3", "copy_every4", "copy_vec",
-           "copy_vec_act", "copy_vec_add", "fmadd", "gemm_tile", "group_tile", "max_taps", "packed_words",
-           "pair_tile", "prefetch", "prefetch_l2", "row_dot", "scatter_blocks", "span_tile", "span_tile8",
-           "tile_split", "wino4_in_tile", "wino4_out_tile", "wino_in_tile", "wino_out_tile"]
+           "copy_vec_act", "copy_vec_add", "fmadd", "gemm_tile", "group_tile", "max3_cols2", "max3_rows",
+           "max_taps", "packed_words", "pair_tile", "prefetch", "prefetch_l2", "row_dot", "scatter_blocks",
+           "span_tile", "span_tile8", "tile_split", "wino4_in_tile", "wino4_out_tile", "wino_in_tile",
+           "wino_out_tile"]
 
 RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot: sums in 8 chains), scatter_blocks
 
@@ -826,6 +827,97 @@ def max_taps(typingctx, src, base, taps, ntaps, dst, dpos):
             take = builder.or_(builder.fcmp_ordered(">", a, d), builder.fcmp_unordered("uno", a, a))
             builder.store(builder.select(take, a, d), acc)
         builder.store(builder.load(acc), builder.bitcast(dp, _VEC.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _nan_max(builder, a, b):
+    """``b if (b > a) | (b != b) else a``: the max with NaN winning, as torch's max pooling (and the
+    pool kernels' scalar loops, so vector and scalar lanes agree bit for bit)."""
+    take = builder.or_(builder.fcmp_ordered(">", b, a), builder.fcmp_unordered("uno", b, b))
+    return builder.select(take, b, a)
+
+
+def _vector_then_scalar(builder, n, body):
+    """``body(i, width)`` for the whole vectors ``i = 0, VW, ...`` below ``n`` (width VW), then for each
+    remaining element (width 1)."""
+    nvec = builder.sdiv(n, ir.Constant(_I64, VW))
+    with cgutils.for_range(builder, nvec) as loop:
+        body(builder.mul(loop.index, ir.Constant(_I64, VW)), VW)
+    start = builder.mul(nvec, ir.Constant(_I64, VW))
+    with cgutils.for_range_slice(builder, start, n, ir.Constant(_I64, 1), inc=True) as (j, _):
+        body(j, 1)
+
+
+def _load(builder, ptr, i, width):
+    q = builder.gep(ptr, [i], inbounds=True)
+    return builder.load(builder.bitcast(q, ir.VectorType(_F32, width).as_pointer()), align=4) if width > 1 \
+        else builder.load(q)
+
+
+def _store(builder, v, ptr, i, width):
+    q = builder.gep(ptr, [i], inbounds=True)
+    builder.store(v, builder.bitcast(q, ir.VectorType(_F32, width).as_pointer()) if width > 1 else q,
+                  align=4)
+
+
+@intrinsic
+def max3_rows(typingctx, src, spos, step, dst, dpos, n):
+    """``dst[dpos + j]`` = the NaN-winning max of ``src[spos + j]``, ``src[spos + step + j]`` and
+    ``src[spos + 2 * step + j]`` for ``0 <= j < n``: a 3-row pooling window's row pass, whole vectors
+    then a scalar tail (the loop numba compiled from a prange body stayed scalar).
+    NOTE: no bounds checks; dst does not overlap the rows."""
+    sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        src_, spos_, step_, dst_, dpos_, n_ = args
+        aty = signature.args
+        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [spos_], inbounds=True)
+        dp = builder.gep(_data_ptr(context, builder, aty[3], dst_), [dpos_], inbounds=True)
+        rows = [sp, builder.gep(sp, [step_], inbounds=True),
+                builder.gep(sp, [builder.mul(step_, ir.Constant(_I64, 2))], inbounds=True)]
+
+        def body(i, width):
+            a, b, c = (_load(builder, r, i, width) for r in rows)
+            _store(builder, _nan_max(builder, _nan_max(builder, a, b), c), dp, i, width)
+
+        _vector_then_scalar(builder, n_, body)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def max3_cols2(typingctx, src, spos, dst, dpos, n):
+    """``dst[dpos + t]`` = the NaN-winning max of ``src[spos + 2t]``, ``src[spos + 2t + 1]`` and
+    ``src[spos + 2t + 2]`` for ``0 <= t < n``: a 3-wide, stride-2 pooling window's column pass. Per
+    VW outputs two vector loads split into even and odd lanes, and the even lanes moved one lane on
+    with the next float (reads ``src`` up to ``spos + 2n``, not past it).
+    NOTE: no bounds checks; dst does not overlap src."""
+    sig = types.void(src, types.intp, dst, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        src_, spos_, dst_, dpos_, n_ = args
+        sp, dp = _copy_ptrs(context, builder, signature.args, src_, spos_, dst_, dpos_)
+        even = ir.Constant(ir.VectorType(_I32, VW), [2 * i for i in range(VW)])
+        odd = ir.Constant(ir.VectorType(_I32, VW), [2 * i + 1 for i in range(VW)])
+        shift = ir.Constant(ir.VectorType(_I32, VW), list(range(1, VW + 1)))
+
+        def body(t, width):
+            i = builder.mul(t, ir.Constant(_I64, 2))
+            if width == 1:
+                a, b, c = (_load(builder, sp, builder.add(i, ir.Constant(_I64, k)), 1) for k in range(3))
+            else:
+                lo = _load(builder, sp, i, VW)
+                hi = _load(builder, sp, builder.add(i, ir.Constant(_I64, VW)), VW)
+                a = builder.shuffle_vector(lo, hi, even)
+                b = builder.shuffle_vector(lo, hi, odd)
+                nxt = _load(builder, sp, builder.add(i, ir.Constant(_I64, 2 * VW)), 1)
+                c = builder.shuffle_vector(a, _splat(builder, nxt), shift)
+            _store(builder, _nan_max(builder, _nan_max(builder, a, b), c), dp, t, width)
+
+        _vector_then_scalar(builder, n_, body)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -17,6 +17,7 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import jit, num_threads, pjit, serial_twin
+from sparsecnn.kernels._simd import max3_cols2, max3_rows
 
 __all__ = ["add_relu", "bind_global_avg_pool", "bind_max_pool2d", "global_avg_pool", "max_pool2d", "relu_"]
 
@@ -150,20 +151,26 @@ def _pool_plane(xp, op, vm, kh, kw, sh, sw, ph, pw, dh, dw):
     span = (kw - 1) * dw
     lo = min(wout, (pw + sw - 1) // sw)  # first output whose window starts inside the row
     hi = max(lo, min(wout, (w - 1 - span + pw) // sw + 1)) if w - 1 - span + pw >= 0 else lo
+    h = xp.shape[0]
     for oh in range(hout):
-        _rows_max(xp, vm, oh * sh - ph, kh, dh)
-        orow = op[oh]
+        h0 = oh * sh - ph
+        if kh == 3 and dh == 1 and h0 >= 0 and h0 + 2 < h:
+            max3_rows(xp, h0 * w, w, vm, 0, w)  # three whole rows, vectors (AlexNet's and ResNet's pools)
+        else:
+            _rows_max(xp, vm, h0, kh, dh)
         n = hi - lo
+        if kw == 3 and dw == 1 and sw == 2:
+            # Even and odd lanes of vector pairs (see max3_cols2); the loop LLVM vectorised with a
+            # constant stride here (6x the runtime stride) ran AlexNet's pool1 at batch 32 at ~2
+            # cycles an input pixel, with this row pass.
+            max3_cols2(vm, max(lo * sw - pw, 0), op, oh * wout + lo, n)
+            if lo > 0 or hi < wout:
+                _pool_row(vm, op[oh], kw, sw, pw, dw, lo, hi)
+            continue
+        orow = op[oh]
         seg = vm[max(lo * sw - pw, 0):]  # the first inside window starts here (lo * sw >= pw)
         dst = orow[lo:hi]
-        if kw == 3 and dw == 1 and sw == 2:
-            # Constant stride and non-negative range indices: LLVM vectorises the strided loads
-            # (ResNet's 3x3/2 pool: 6x faster than with a runtime stride).
-            for t in range(n):
-                a, b, c = seg[2 * t], seg[2 * t + 1], seg[2 * t + 2]
-                m = b if (b > a) | (b != b) else a
-                dst[t] = c if (c > m) | (c != c) else m
-        elif kw == 3 and dw == 1 and sw == 1:
+        if kw == 3 and dw == 1 and sw == 1:
             for t in range(n):
                 a, b, c = seg[t], seg[t + 1], seg[t + 2]
                 m = b if (b > a) | (b != b) else a
