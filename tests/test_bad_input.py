@@ -314,7 +314,7 @@ def test_analysis_of_the_cli_model_file_names_the_missing_option(capsys, tmp_pat
     rc, err = run_cli(capsys, "analyze", str(tmp_path / "model.pt"))
     assert rc == 2 and "--model NAME" in err
     rc, err = run_cli(capsys, "analyze", str(tmp_path / "model.pt"), "--model", "lenet5")
-    assert rc == 2 and "input_size" in err  # no summary.json here: the 28x28 default does not fit
+    assert rc == 2 and "record in summary.json" in err  # none here: the 28x28 default does not fit
 
 
 def test_recorded_build_is_ignored_for_another_model(tmp_path) -> None:
@@ -419,3 +419,143 @@ def test_a_zoo_name_wins_over_a_directory_of_that_name(tmp_path, monkeypatch) ->
     monkeypatch.chdir(tmp_path)
     (tmp_path / "lenet5").mkdir()  # e.g. a run's output directory named after its model
     assert isinstance(models.resolve("lenet5"), torch.nn.Module)
+
+
+# --------------------------------------------------------------------------------------------------
+# output paths, resume files and options that used to end in a raw traceback (or after measuring)
+
+SWEEP = ("sweep", "--shape", "16x32x8", "--sparsity", "0.5,0.9", "--repeats", "1", "--threads", "1")
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+@pytest.mark.parametrize("verb", ["sweep", "bench"])
+def test_results_path_that_cannot_be_a_file(capsys, tmp_path, verb, where) -> None:
+    # A folder was an IsADirectoryError, a path under a file a FileExistsError (ResultsLog.__init__).
+    (tmp_path / "file.pt").write_text("x")
+    results = tmp_path if where == "folder" else tmp_path / "file.pt" / "x.jsonl"
+    argv = SWEEP if verb == "sweep" else ("bench", "lenet5", "--repeats", "1", "--threads", "1")
+    rc, err = run_cli(capsys, *argv, "--results", str(results))
+    assert rc == 2 and ("is a folder" if where == "folder" else "is a file, not a folder") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.pt"]
+
+
+def test_results_log_refuses_bad_paths(tmp_path) -> None:
+    from sparsecnn.bench.harness import ResultsLog
+
+    (tmp_path / "file.pt").write_text("x")
+    with pytest.raises(SparseCNNError, match="is a folder"):
+        ResultsLog(tmp_path)
+    with pytest.raises(SparseCNNError, match=r"file\.pt is a file, not a folder"):
+        ResultsLog(tmp_path / "file.pt" / "sub" / "r.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("verb", "sub"),
+    [("report", ""), ("report", "sub"), ("train", "sub"), ("prune", "sub")],
+)
+def test_output_folder_that_is_or_lies_under_a_file(capsys, tmp_path, verb, sub) -> None:
+    # `--out FILE/sub` was a NotADirectoryError from out.mkdir (train, prune) or the report's mkdir.
+    (tmp_path / "file.pt").write_text("x")
+    out = str(tmp_path / "file.pt" / sub) if sub else str(tmp_path / "file.pt")
+    argv = {
+        "report": ("report", "--size", "tiny", "--only", "weight_sparsity"),
+        "train": ("train", "lenet5", "--epochs", "1", "--quiet"),
+        "prune": ("prune", str(tmp_path / "file.pt"), "--model", "lenet5", "--method", "magnitude"),
+    }[verb]
+    rc, err = run_cli(capsys, *argv, "--out", out)
+    assert rc == 2 and "file.pt" in err and ("not a folder" in err or "is a file" in err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.pt"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "target", "message"),
+    [
+        (("sweep", "--plot"), "nd/x.png", "does not exist"),  # FileNotFoundError after measuring
+        (("sweep", "--plot"), "", "is a folder"),  # IsADirectoryError after measuring
+        (("sweep", "--json"), "", "is a folder"),
+        (("sweep", "--json"), "nd/x.json", "does not exist"),
+        (("bench", "lenet5", "--json"), "nd/x.json", "does not exist"),
+        (("run", "lenet5", "--json"), "", "is a folder"),
+        (("export", "lenet5", "--onnx"), "", "is a folder"),  # was "Is a directory: '.export-xx.onnx'"
+    ],
+)
+def test_output_files_are_checked_before_any_work(capsys, tmp_path, argv, target, message) -> None:
+    path = tmp_path / target if target else tmp_path
+    rest = ("--results", str(tmp_path / "s.jsonl")) if argv[0] in ("sweep", "bench") else ()
+    head = SWEEP[1:] if argv[0] == "sweep" else ()
+    rc, err = run_cli(capsys, argv[0], *head, *argv[1:], str(path), *rest)
+    assert rc == 2 and message in err and str(path) in err
+    assert not list(tmp_path.iterdir())  # refused before measuring: no results file
+
+
+@pytest.mark.parametrize("line", ["[1, 2, 3]", '{"type": "measurement"}', '"text"'])
+def test_resume_from_a_results_file_with_non_records(capsys, tmp_path, line) -> None:
+    # Valid JSON that is not a record: AttributeError ('list' has no .get) or KeyError 'key'.
+    results = tmp_path / "sweep.jsonl"
+    results.write_text(line + "\n")
+    rc, err = run_cli(capsys, *SWEEP, "--resume", "--results", str(results))
+    assert rc == 2 and f"{results}:1" in err and "--resume" in err and "delete" in err
+    assert results.read_text() == line + "\n"  # kept for the user to look at
+
+
+def test_read_records_refuses_a_line_that_is_not_an_object(tmp_path) -> None:
+    from sparsecnn.bench.harness import read_records
+
+    (tmp_path / "r.jsonl").write_text("[1, 2, 3]\n")
+    with pytest.raises(SparseCNNError, match=r"r\.jsonl:1 is not a JSON record \(a list\)"):
+        read_records(tmp_path / "r.jsonl")
+
+
+@pytest.mark.parametrize("saved", ["plain_dict", "state_dict"])
+def test_train_resume_from_a_file_that_is_not_a_training_checkpoint(capsys, tmp_path, saved) -> None:
+    # fit used to fail with KeyError 'model' (or 'optimizer' for a dict holding a 'model').
+    out = tmp_path / "run"
+    out.mkdir()
+    obj = {"a": 1} if saved == "plain_dict" else lenet8().state_dict()
+    torch.save(obj, out / "checkpoint.pt")
+    rc, err = run_cli(capsys, "train", "lenet5", "--epochs", "1", "--quiet", "--out", str(out), "--resume")
+    assert rc == 2 and "not a sparsecnn training checkpoint" in err and "without --resume" in err
+    assert not (out / "model.pt").exists()
+
+
+@pytest.mark.parametrize("only", ["", ",", " , "])
+def test_report_only_with_no_names(capsys, tmp_path, only) -> None:
+    # '' ran the full report; ',' wrote an empty report with exit code 0.
+    rc, err = run_cli(capsys, "report", "--size", "tiny", "--only", only, "--out", str(tmp_path))
+    assert rc == 2 and "weight_sparsity" in err and "compression" in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("opset", ["99", "0", "-1", "below", "above"])
+def test_export_opset_out_of_range(capfd, tmp_path, opset) -> None:
+    from sparsecnn.cli.export import opset_range
+
+    # Used to print 26 lines of Torch IR on stderr (from C++, hence capfd) before the error.
+    lo, hi = opset_range()
+    opset = {"below": str(lo - 1), "above": str(hi + 1)}.get(opset, opset)
+    rc, err = run_cli(capfd, "export", "lenet5", "--onnx", str(tmp_path / "m.onnx"), "--opset", opset)
+    assert rc == 2 and f"--opset {opset}" in err and f"{lo}..{hi}" in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--sparsity", "-0.1:0.5:3", "in [0, 1]"), ("--shape", "-1x3x3", "must be >= 1")],
+)
+def test_sweep_negative_values_reach_the_range_check(capsys, tmp_path, flag, value, message) -> None:
+    # argparse took the leading '-' for an option: "expected one argument".
+    argv = [a for a in SWEEP if a not in ("--shape", "16x32x8")]
+    rc, err = run_cli(capsys, *argv, flag, value, "--results", str(tmp_path / "s.jsonl"))
+    assert rc == 2 and message in err and value in err
+
+
+def test_prune_resume_message_names_the_cli_option(capsys, tmp_path) -> None:
+    torch.save(lenet8().state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"a": 1}, out / "checkpoint.pt")
+    argv = ["prune", str(tmp_path / "w.pt"), "--model", "lenet5", "--method", "magnitude", "--target", "0.5",
+            "--schedule", "oneshot", "--retrain-epochs", "0", "--quiet", "--out", str(out), "--resume"]
+    rc, err = run_cli(capsys, *argv)
+    assert rc == 2 and "not a sparsecnn pruning checkpoint" in err and "without --resume" in err
+    assert "resume=False" not in err

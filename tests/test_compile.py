@@ -748,3 +748,32 @@ def test_bad_example_inputs_and_nan_weights_are_one_clear_error() -> None:
                   lambda: sparsecnn.sparsify(model, measure=False)):
         with pytest.raises(SparseCNNError, match="layer 'conv1': weight holds 1 NaN/Inf"):
             build()
+
+
+def test_lrn_then_max_pool_run_as_one_step_equal_to_the_two() -> None:
+    """AlexNet's norm -> pool pairs run as ``lrn+maxpool`` (the normalised tensor never stored), with
+    the values of the two passes bit for bit, NaN included; a pool the fused pass does not take (2 x 2)
+    keeps the two steps."""
+    from sparsecnn.kernels.elementwise import bind_max_pool2d
+    from sparsecnn.kernels.lrn import bind_lrn, bind_lrn_max_pool
+
+    model = models.build("alexnet", input_size=99, num_classes=50).eval()
+    models.apply_profile(model, "deep-compression")
+    x = torch.randn(2, 3, 99, 99, generator=torch.Generator().manual_seed(0))
+    compiled = sparsecnn.compile(model, x[:1], measure=False)
+    assert compiled.program((2, 3, 99, 99)).kinds.count("lrn+maxpool") == 2
+    with torch.no_grad():
+        assert _rel(compiled(x), model(x)) < 1e-4
+    for shape in ((1, 96, 23, 23), (3, 7, 9, 12), (2, 256, 13, 13)):
+        a = torch.relu(torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 3).numpy()
+        a[0, 0, 1, 1] = np.nan
+        a[-1, -1, 0, :] = np.inf
+        fused = np.empty((shape[0], shape[1], (shape[2] - 3) // 2 + 1, (shape[3] - 3) // 2 + 1), np.float32)
+        bind_lrn_max_pool(shape, 5, 1e-4, 0.75, 2.0, fused)(a)
+        mid, two = np.empty(shape, np.float32), np.empty_like(fused)
+        bind_lrn(shape, 5, 1e-4, 0.75, 2.0, mid)(a)
+        bind_max_pool2d(shape, two, (3, 3), (2, 2), (0, 0), (1, 1))(mid)
+        np.testing.assert_array_equal(fused, two)
+    lrn_pool = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LocalResponseNorm(5), nn.MaxPool2d(2, 2)).eval()
+    kinds = sparsecnn.compile(lrn_pool, torch.randn(1, 3, 12, 12), "direct").program((1, 3, 12, 12)).kinds
+    assert "lrn" in kinds and "maxpool" in kinds and "lrn+maxpool" not in kinds

@@ -720,7 +720,7 @@ def test_compress_cli_takes_sparse_and_compressed_files_as_their_dense_equivalen
     assert main(["compress", "lenet5", "--out", first, "--json", str(tmp_path)]) == 2
     assert main(["compress", "lenet5", "--bits", "conv1=4,conv1=5", "--out", first]) == 2
     err = capsys.readouterr().err
-    assert "its directory does not exist" in err and "is a directory" in err
+    assert "does not exist; create it" in err and "is a folder; give a file path in it" in err
     assert "gives layer 'conv1' twice (4 and 5)" in err
 
 

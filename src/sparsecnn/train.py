@@ -264,6 +264,8 @@ def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.l
 
 # Fields that may differ between an interrupted run and its resume.
 _RESUME_FREE = {"progress", "device", "eval_batch_size"}
+# What fit writes into every checkpoint (and reads back on resume).
+_CHECKPOINT_KEYS = {"epoch", "model", "optimizer", "scheduler", "history", "config"}
 
 
 def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
@@ -276,7 +278,12 @@ def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
         raise SparseCNNError(
             f"checkpoint {path} is not readable ({first}); delete it to start over, or run without --resume"
         ) from None
-    saved = state.get("config", {})
+    if not (isinstance(state, dict) and _CHECKPOINT_KEYS <= set(state) and isinstance(state["config"], dict)):
+        raise SparseCNNError(
+            f"{path} is not a sparsecnn training checkpoint (a state dict or another file?); delete it to "
+            f"start over, or run without --resume"
+        )
+    saved = state["config"]
     for f in fields(config):
         if f.name not in _RESUME_FREE and f.name in saved and saved[f.name] != getattr(config, f.name):
             raise SparseCNNError(
@@ -378,17 +385,18 @@ def fit(
         state = _load_checkpoint(ckpt, config)
         try:
             model.load_state_dict(state["model"])
-        except RuntimeError as exc:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            if pruner is not None and state.get("pruner") is not None:
+                pruner.load_state_dict(state["pruner"])
+            history = [EpochRecord(**r) for r in state["history"]]
+            start = int(state["epoch"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise SparseCNNError(
-                f"checkpoint {ckpt} does not fit the model ({str(exc).splitlines()[0]}); "
+                f"checkpoint {ckpt} does not fit the model ({first}); "
                 "resume with the same model and pruning method"
             ) from None
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if pruner is not None and state.get("pruner") is not None:
-            pruner.load_state_dict(state["pruner"])
-        history = [EpochRecord(**r) for r in state["history"]]
-        start = int(state["epoch"])
     resumed_from = start
     hook = pruner.attach(opt) if pruner is not None else None
     try:

@@ -427,6 +427,8 @@ _TIMING_FIELDS = ("median_s", "q1_s", "q3_s", "iqr_s", "min_s", "max_s", "repeat
 
 def validate_record(rec: Mapping[str, Any]) -> None:
     """Raise :class:`SparseCNNError` naming the first field of ``rec`` that breaks the schema."""
+    if not isinstance(rec, Mapping):
+        raise SparseCNNError(f"results record {rec!r:.80} is a {type(rec).__name__}, not a JSON object")
     kind = rec.get("type")
     if kind not in _REQUIRED:
         raise SparseCNNError(f"results record has type {kind!r}; expected one of {sorted(_REQUIRED)}")
@@ -464,24 +466,34 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     Raises
     ------
     SparseCNNError
-        If the file is missing, or a line other than the last is not JSON.
+        If the file is missing, or a line other than the last is not JSON, or a line is JSON but
+        not an object.
     """
-    p = Path(path)
+    return [rec for _, rec in _numbered_records(Path(path))]
+
+
+def _numbered_records(p: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of every complete record of ``p``, as :func:`read_records` reads them."""
     if not p.exists():
         raise SparseCNNError(f"results file {p} does not exist; run `sparsecnn report` to make it")
-    records: list[dict[str, Any]] = []
+    records: list[tuple[int, dict[str, Any]]] = []
     lines = p.read_text(encoding="utf-8").split("\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError as exc:
             if i == len(lines) - 1:  # no trailing newline: the write was cut off
                 break
             raise SparseCNNError(
                 f"{p}:{i + 1} is not a JSON record ({exc.msg}); the file is corrupt"
             ) from exc
+        if not isinstance(rec, dict):
+            raise SparseCNNError(
+                f"{p}:{i + 1} is not a JSON record (a {type(rec).__name__}); the file is corrupt"
+            )
+        records.append((i + 1, rec))
     return records
 
 
@@ -495,20 +507,63 @@ class ResultsLog:
     resume : bool
         Keep the records already there (dropping a partial last line) and report their keys as done.
         Without ``resume`` an existing file is replaced.
+
+    Raises
+    ------
+    SparseCNNError
+        If ``path`` is a folder, lies under a file or cannot be written, or (with ``resume``) a line
+        of the file is not a valid record.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, resume: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._make_folder()
         self.records: list[dict[str, Any]] = []
         if resume and self.path.exists():
             # drop a torn last line first (a run killed mid-append): read after, so that a line that is
             # JSON but lacks its newline is not kept in memory while cut from the file
             self._truncate_partial_tail()
-            self.records = read_records(self.path)
+            self.records = self._read_for_resume()
         else:
-            self.path.write_text("", encoding="utf-8")
+            try:
+                self.path.write_text("", encoding="utf-8")
+            except OSError as exc:
+                raise SparseCNNError(
+                    f"cannot write results file {self.path} ({exc.strerror}); choose another path"
+                ) from None
         self._by_key = {r["key"]: r for r in self.records if r.get("type") == MEASUREMENT}
+
+    def _make_folder(self) -> None:
+        """Create the file's folder, refusing a path that is a folder or lies under a file."""
+        if self.path.is_dir():
+            raise SparseCNNError(
+                f"results file {self.path} is a folder; give a file path, e.g. {self.path / 'results.jsonl'}"
+            )
+        blocker = next(p for p in self.path.parents if p.exists())  # the root at the latest
+        if not blocker.is_dir():
+            raise SparseCNNError(
+                f"results file {self.path}: {blocker} is a file, not a folder; choose another path"
+            )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SparseCNNError(
+                f"cannot create the folder of results file {self.path} ({exc.strerror}); choose another path"
+            ) from None
+
+    def _read_for_resume(self) -> list[dict[str, Any]]:
+        """The records of the file, each checked against the schema: resuming reuses them as results."""
+        remedy = "delete the file, or run without --resume to replace it"
+        try:
+            numbered = _numbered_records(self.path)
+        except SparseCNNError as exc:
+            raise SparseCNNError(f"cannot resume: {exc}; {remedy}") from None
+        for line, rec in numbered:
+            try:
+                validate_record(rec)
+            except SparseCNNError as exc:
+                raise SparseCNNError(f"cannot resume: {self.path}:{line}: {exc}; {remedy}") from None
+        return [rec for _, rec in numbered]
 
     def _truncate_partial_tail(self) -> None:
         data = self.path.read_bytes()

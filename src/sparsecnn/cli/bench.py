@@ -103,12 +103,15 @@ def run(args: argparse.Namespace) -> int:
     from sparsecnn.analysis._model import dense_equivalent
     from sparsecnn.bench.experiments import bench_model
     from sparsecnn.bench.harness import capture_environment
+    from sparsecnn.cli._common import check_output_file
     from sparsecnn.models import apply_profile, resolve
     from sparsecnn.report.tables import bytes_table, conversion_table, layer_time_table
 
     for flag, value in (("--batch", args.batch), ("--repeats", args.repeats), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise SparseCNNError(f"{flag} must be >= 1, got {value}")
+    if args.json:
+        check_output_file("--json", args.json, "bench.json")  # now, not after the measurements
     if args.whole:
         from sparsecnn.cli.run import run as run_whole
 

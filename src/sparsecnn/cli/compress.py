@@ -118,6 +118,7 @@ def print_table(report: Any, title: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from sparsecnn import train
     from sparsecnn.analysis._model import dense_equivalent
+    from sparsecnn.cli._common import check_output_file
     from sparsecnn.cli.train import train_config
     from sparsecnn.compress import QuantizeConfig, finetune_centroids, quantize_model, storage_report
     from sparsecnn.io.compressed import save_compressed
@@ -126,10 +127,9 @@ def run(args: argparse.Namespace) -> int:
     out = os.fspath(args.out)
     if not out.endswith(".sparsecnn"):
         raise SparseCNNError(f"--out {out} must end in .sparsecnn")
-    for option, path in (("--out", out), ("--json", args.json)):  # before any work
-        if path is not None and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(path) or ".")):
-            raise SparseCNNError(f"{option} {path}: " + ("is a directory" if os.path.isdir(path) else
-                                 "its directory does not exist") + "; name a file in an existing directory")
+    check_output_file("--out", out, "model.sparsecnn")  # before any work
+    if args.json:
+        check_output_file("--json", args.json, "compress.json")
     if isinstance(args.index_bits, bool) or not 1 <= args.index_bits <= 8:
         raise SparseCNNError(f"--index-bits must be 1..8, got {args.index_bits}")
     config = QuantizeConfig(conv_bits=args.conv_bits, fc_bits=args.fc_bits, bits=parse_bits(args.bits),

@@ -67,9 +67,11 @@ def _model_name(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
 
     from sparsecnn import data, models, train
+    from sparsecnn.cli._common import check_output_dir
     from sparsecnn.prune.patterns import parse_blocksize, parse_nm
     from sparsecnn.prune.pipeline import PruneConfig, prune_model
 
+    out = check_output_dir("--out", args.out)  # before loading data: a bad path is found at once
     layers = None if args.layers is None else tuple(x.strip() for x in args.layers.split(",") if x.strip())
     config = PruneConfig(
         method=args.method, target=args.target, schedule=args.schedule, cycles=args.cycles,
@@ -84,9 +86,6 @@ def run(args: argparse.Namespace) -> int:
     model = models.build(name, num_classes=info.num_classes, in_channels=info.in_channels,
                          input_size=info.input_size)
     models.load_weights(model, args.weights)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SparseCNNError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     try:
         model, result = prune_model(model, splits.train, splits.test, config,
@@ -108,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
                 f"accuracy {acc['before_pruning']:.2%} -> {acc['after_pruning']:.2%} (pruned) -> "
                 f"{acc['after_retraining']:.2%} (retrained); wrote {out / 'model.pt'}"
             )
+    except SparseCNNError as exc:  # the library names its keyword; here the option is --resume
+        raise SparseCNNError(str(exc).replace(" (resume=False)", "")) from None
     finally:
         train.shutdown_distributed()
     return 0

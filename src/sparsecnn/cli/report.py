@@ -58,19 +58,20 @@ def run(args: argparse.Namespace) -> int:
         print(write_report(args.out).resolve())
         return 0
     from sparsecnn.bench.experiments import EXPERIMENTS, ReportConfig, run_report
+    from sparsecnn.cli._common import check_output_dir
     from sparsecnn.errors import SparseCNNError
 
     only = None
-    if args.only:
+    if args.only is not None:  # '' or ',' names nothing: an error, not "all" nor an empty report
         only = [n.strip() for n in args.only.split(",") if n.strip()]
         known = [n for n, _ in EXPERIMENTS]
         bad = [n for n in only if n not in known]
-        if bad:
-            raise SparseCNNError(
-                f"--only: unknown experiment(s) {', '.join(bad)}; choose from {', '.join(known)}"
-            )
+        if bad or not only:
+            what = f"unknown experiment(s) {', '.join(bad)}" if bad else f"no experiment in {args.only!r}"
+            raise SparseCNNError(f"--only: {what}; choose from {', '.join(known)}")
     if args.threads is not None and args.threads < 1:
         raise SparseCNNError(f"--threads must be >= 1, got {args.threads}")
+    check_output_dir("--out", args.out)
     size = args.size or ("quick" if args.quick else "full")
     cfg = ReportConfig.preset(size, device=args.device, threads=args.threads)
     summary = run_report(cfg, Path(args.out), resume=args.resume, only=only)

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from sparsecnn.analysis._model import dense_equivalent
     from sparsecnn.bench.harness import check_close, set_threads
     from sparsecnn.bench.peers import model_peers
+    from sparsecnn.cli._common import check_output_file
     from sparsecnn.models import apply_profile, input_shape, resolve
 
     for flag, value in (("--batch", args.batch), ("--threads", args.threads), ("--top", args.top)):
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
             raise SparseCNNError(f"{flag} must be >= 1, got {value}")
     if args.repeats < 0:
         raise SparseCNNError(f"--repeats must be >= 0, got {args.repeats}")
+    if args.json:
+        check_output_file("--json", args.json, "run.json")  # now, not after compiling and timing
     threads = set_threads(args.threads)
     kw = {"model": args.arch} if args.arch else {}
     model = dense_equivalent(resolve(args.model, weights=args.weights, **kw)).eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 from sparsecnn.cli.bench import add_results_args, interrupted
@@ -40,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="OUT", help="also write the records and break-even points as JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw speedup vs sparsity to this PNG")
     add_results_args(p, "sweep.jsonl")
+    # "-0.1:0.5:3" and "-1x3x3" are values (refused by the range checks), not unknown options
+    p._negative_number_matcher = re.compile(r"^-\.?\d")
     p.set_defaults(func=run)
 
 
@@ -83,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparsecnn.bench.experiments import run_sweep
+    from sparsecnn.cli._common import check_output_file
     from sparsecnn.cli.bench import print_tables, write_json
     from sparsecnn.report.tables import break_even, sweep_curves, sweep_tables
 
@@ -93,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     shape = parse_shape(args.shape) if args.shape else None
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SparseCNNError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    for flag, path, ext in (("--plot", args.plot, ".png"), ("--json", args.json, ".json")):
+        if path:
+            check_output_file(flag, path, "sweep" + ext)  # now, not after the measurements
     try:
         records = run_sweep(
             layer=args.layer,

@@ -9,9 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from pathlib import Path
-
-from sparsecnn.errors import SparseCNNError
 
 
 def _add_training_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, epochs_flag: str) -> None:
@@ -61,15 +58,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
 
     from sparsecnn import data, models, train
+    from sparsecnn.cli._common import check_output_dir
 
+    out = check_output_dir("--out", args.out)  # before loading data: a bad path is found at once
     config = train_config(args)
     splits = data.load(args.data, args.size, args.channels)
     info = splits.info
     build = {"num_classes": info.num_classes, "in_channels": info.in_channels, "input_size": info.input_size}
     model = models.build(args.model, seed=args.model_seed, **build)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SparseCNNError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     try:
         result = train.fit(model, splits.train, splits.test, config,

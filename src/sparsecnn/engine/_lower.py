@@ -265,6 +265,7 @@ class _Builder:
         self.residual_of: dict[str, tuple[str, str]] = {}
         self.add_into: dict[str, str] = {}  # add -> the conv that computed it (the add is its view)
         self.padded: dict[str, int] = {}  # value -> floats per channel, its planes padded to whole vectors
+        self.lrn_into_pool: dict[str, Node] = {}  # max pool -> the LRN it computes too (lrn+maxpool)
 
     # ---- buffers
     def _alloc(self, size: int) -> _Buf:
@@ -356,6 +357,7 @@ class _Builder:
                     self.relu_after.add(src.name)
         self._residual_candidates(by_name, users)
         self._padded_planes(users)
+        self._lrn_pools(by_name, users)
         self.prog.padded = dict(self.padded)
         # a forward pass of ReLU aliases is planned in two passes: first fix bases for liveness
         for i, n in enumerate(self.nodes):
@@ -363,6 +365,35 @@ class _Builder:
             self._extend_base_liveness()
             self._release_dead(i)
         return self.prog
+
+    def _lrn_pools(self, by_name: dict[str, Node], users: dict[str, list[int]]) -> None:
+        """Max pools that compute the LRN before them in the same pass (``lrn+maxpool``: the normalised
+        tensor is never written): where the LRN's only reader is a pool that
+        :func:`sparsecnn.kernels.lrn.fuses_with_lrn` takes, on float32 planes in the plain layout. The
+        LRN's input then lives until the pool."""
+        from sparsecnn.kernels.lrn import fuses_with_lrn
+
+        if not FUSE_LRN_POOL:
+            return
+        index = {n.name: i for i, n in enumerate(self.nodes)}
+        for n in self.nodes:
+            if pool_kind(n, self.values) != "max" or not isinstance(n.args[0], Ref):
+                continue
+            lrn = by_name[n.args[0].name]
+            if pool_kind(lrn, self.values) != "lrn" or len(users[lrn.name]) != 1:
+                continue
+            src = lrn.refs()[0]
+            if {src, lrn.name, n.name} & (self.blocked | set(self.padded)) or any(
+                    self.values[v].dtype != torch.float32 for v in (src, lrn.name, n.name)):
+                continue
+            m = n.fn
+            p = tuple(_pair(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
+            _, _, h, w = self.values[src].shape
+            # ceil_mode pools too, where the output is the floor formula's (AlexNet's 55 -> 27, 27 -> 13)
+            floor = tuple(self.values[n.name].shape[2:]) == ((h - 3) // 2 + 1, (w - 3) // 2 + 1)
+            if fuses_with_lrn(*p, tuple(self.values[src].shape)) and floor:
+                self.lrn_into_pool[n.name] = lrn
+                self.last_use[src] = max(self.last_use.get(src, -1), index[n.name])
 
     def _residual_candidates(self, by_name: dict[str, Node], users: dict[str, list[int]]) -> None:
         """Residual adds ``conv(x) + r`` (ResNet's) whose conv runs the direct kernel or the implicit
@@ -493,6 +524,8 @@ class _Builder:
         if n.name in self.fused:
             self._view(n.name, ins[0], shape)
             return
+        if any(lrn is n for lrn in self.lrn_into_pool.values()):
+            return  # the max pool after it computes it (lrn+maxpool)
         if n.name in self.add_into:  # computed by the conv's epilogue
             self._view(n.name, self.add_into[n.name], shape)
             return
@@ -500,7 +533,8 @@ class _Builder:
             self._view(n.name, ins[0], shape)
             return
         relu = n.name in self.relu_after
-        x = self.slot[ins[0]] if ins else -1
+        lrn = self.lrn_into_pool.get(n.name)
+        x = self.slot[lrn.refs()[0] if lrn is not None else ins[0]] if ins else -1
         if n.op == "function" and n.fn is to_plain:
             from sparsecnn.kernels.blocked import BLOCK, from_blocked
 
@@ -702,6 +736,16 @@ class _Builder:
         m = n.fn
         xs = tuple(self.values[n.refs()[0]].shape)
         blocked = n.refs()[0] in self.blocked
+        if kind == "max" and n.name in self.lrn_into_pool:
+            from sparsecnn.kernels.lrn import bind_lrn_max_pool
+
+            lrn = self.lrn_into_pool[n.name].fn
+            xs = tuple(self.values[self.lrn_into_pool[n.name].refs()[0]].shape)
+            a = (lrn.size, lrn.alpha, lrn.beta, lrn.k)
+            s, _ = self._planned(n.name, shape)
+            self._step("lrn+maxpool", lambda env, bufs, x=x, s=s: _bind_kernel(
+                env, x, bind_lrn_max_pool(xs, *a, env[s])))
+            return True
         if kind == "max":
             p = tuple(_pair(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
             s, _ = self._planned(n.name, shape)
@@ -909,6 +953,9 @@ KEEP_SHARED = True
 
 # Off: residual adds run as steps of their own after the conv (the A/B baseline of the fusion).
 FUSE_RESIDUAL = True
+
+# Off: an LRN and the max pool after it run as two steps (benchmarks/fusion.py's lrn-pool baseline).
+FUSE_LRN_POOL = True
 
 # Off: every value keeps planes of H * W floats (benchmarks/planes.py's baseline, before 2026-12-06).
 PAD_PLANES = True

@@ -20,8 +20,9 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import num_threads, pjit
+from sparsecnn.kernels._simd import max3_cols2, max3_rows
 
-__all__ = ["bind_lrn", "lrn_across_channels"]
+__all__ = ["bind_lrn", "bind_lrn_max_pool", "fuses_with_lrn", "lrn_across_channels"]
 
 _RUN = 512  # most pixels per work item: the item's window sums stay in L1
 # Fast-math flags of the kernel: approximate functions, reciprocals and FMA contraction (LLVM then
@@ -112,3 +113,97 @@ def _lrn_kernel(x, out, size, scale, beta, k, three_quarters, run):
             else:
                 for j in range(n):
                     dst[j] = src[j] * (acc[j] * scale + k) ** -beta
+
+
+def fuses_with_lrn(kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                   dilation: tuple[int, int], x_shape: tuple[int, ...]) -> bool:
+    """Whether a max pool with these parameters after an LRN on ``x_shape`` (B, C, H, W) runs fused
+    into it (:func:`bind_lrn_max_pool`): AlexNet's and CaffeNet's 3x3 / 2 windows without padding, on
+    planes of at least 3 x 3."""
+    window = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+    return window == ((3, 3), (2, 2), (0, 0), (1, 1)) and len(x_shape) == 4 and min(x_shape[2:]) >= 3
+
+
+def bind_lrn_max_pool(x_shape: tuple[int, ...], size: int, alpha: float, beta: float, k: float,
+                      out: np.ndarray) -> Callable[[np.ndarray], None]:
+    """``run(x)``: ``max_pool2d(local_response_norm(x, size, alpha, beta, k), 3, 2)`` into ``out``, the
+    normalised planes never written to memory (AlexNet's norm1 -> pool1 and norm2 -> pool2: the
+    whole-model executor's ``lrn+maxpool`` step, where :func:`fuses_with_lrn`).
+
+    Each thread takes a range of (image, channel) planes; per plane it normalises the channel into
+    a scratch plane of its own (:func:`lrn_across_channels`'s arithmetic and, like it, always the
+    parallel kernel, so the values are the same bit for bit) and
+    max-pools that, three rows at a time (:func:`sparsecnn.kernels._simd.max3_rows`, ``max3_cols2``:
+    the same values as :func:`sparsecnn.kernels.elementwise.max_pool2d`, NaN winning). Apart, the two
+    passes write the normalised tensor and read it back (at batch 32, 37 MB each way for norm1).
+
+    Parameters
+    ----------
+    x_shape : tuple of int, (B, C, H, W)
+    size, alpha, beta, k : as :func:`lrn_across_channels`
+    out : ndarray, shape (B, C, (H - 3) // 2 + 1, (W - 3) // 2 + 1), float32, C-contiguous
+    """
+    b, c, h, w = (int(v) for v in x_shape)
+    hout, wout = (h - 3) // 2 + 1, (w - 3) // 2 + 1
+    if out.shape != (b, c, hout, wout) or not out.flags.c_contiguous:
+        raise ValueError(f"bind_lrn_max_pool: out must be C-contiguous of shape {(b, c, hout, wout)}")
+    nparts = max(1, min(num_threads(), b * c))
+    bounds = np.array([i * (b * c) // nparts for i in range(nparts + 1)], dtype=np.int64)
+    plane = np.empty((nparts, h * w), dtype=np.float32)
+    acc = np.empty((nparts, h * w), dtype=np.float32)
+    row = np.empty((nparts, w), dtype=np.float32)
+    flat = out.reshape(-1)
+    args = (flat, size, np.float32(alpha / size), np.float32(beta), np.float32(k), beta == 0.75, bounds,
+            plane, acc, row, h, w, hout, wout)
+
+    def run(x: np.ndarray) -> None:
+        _lrn_pool_kernel(x.reshape(b, c, h * w), *args)
+
+    return run
+
+
+@pjit(fastmath=_FAST)
+def _lrn_pool_kernel(x, out, size, scale, beta, k, three_quarters, bounds, plane, acc, row, h, w, hout, wout):
+    """:func:`bind_lrn_max_pool`'s pass: thread ``t`` normalises and pools planes ``bounds[t]`` to
+    ``bounds[t + 1]`` (plane ``p`` is image ``p // C``, channel ``p % C``) through its scratch plane.
+    The normalisation is :func:`_lrn_kernel`'s arithmetic, in the ``prange`` body as there (in a
+    serial helper LLVM leaves these loops scalar, 5x slower); the pool runs on vector intrinsics.
+    NOTE: x (B, C, H * W); out (B * C * hout * wout,); plane and acc (parts, H * W), row (parts, W)."""
+    nc, n = x.shape[1], x.shape[2]
+    front = size // 2
+    for t in numba.prange(bounds.size - 1):
+        dst = plane[t, 0:n]
+        sums = acc[t, 0:n]
+        vm = row[t]
+        for p in range(bounds[t], bounds[t + 1]):
+            b = p // nc
+            c = p - b * nc
+            lo = c - front
+            src = x[b, c, 0:n]
+            if size == 5 and three_quarters and lo >= 0 and lo + 5 <= nc:
+                a0 = x[b, lo, 0:n]
+                a1 = x[b, lo + 1, 0:n]
+                a2 = x[b, lo + 2, 0:n]
+                a3 = x[b, lo + 3, 0:n]
+                a4 = x[b, lo + 4, 0:n]
+                for j in range(n):
+                    s = a0[j] * a0[j] + a1[j] * a1[j] + a2[j] * a2[j] + a3[j] * a3[j] + a4[j] * a4[j]
+                    r = np.float32(1.0) / np.sqrt(s * scale + k)
+                    dst[j] = src[j] * r * np.sqrt(r)
+            else:
+                sums[:] = 0.0
+                for cc in range(max(lo, 0), min(lo + size, nc)):
+                    sq = x[b, cc, 0:n]
+                    for j in range(n):
+                        sums[j] += sq[j] * sq[j]
+                if three_quarters:
+                    for j in range(n):
+                        r = np.float32(1.0) / np.sqrt(sums[j] * scale + k)
+                        dst[j] = src[j] * r * np.sqrt(r)
+                else:
+                    for j in range(n):
+                        dst[j] = src[j] * (sums[j] * scale + k) ** -beta
+            for oh in range(hout):
+                max3_rows(dst, 2 * oh * w, w, vm, 0, w)
+                max3_cols2(vm, 0, out, (p * hout + oh) * wout, wout)
+
