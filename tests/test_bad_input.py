@@ -559,3 +559,11 @@ def test_prune_resume_message_names_the_cli_option(capsys, tmp_path) -> None:
     rc, err = run_cli(capsys, *argv)
     assert rc == 2 and "not a sparsecnn pruning checkpoint" in err and "without --resume" in err
     assert "resume=False" not in err
+
+
+def test_prune_names_a_missing_weights_file_before_asking_for_model(capsys, tmp_path) -> None:
+    """It said "pass --model (no readable summary.json ...)" for a file that does not exist."""
+    for weights, what in ((tmp_path / "none.pt", "does not exist"), (tmp_path, "is a directory")):
+        rc, err = run_cli(capsys, "prune", str(weights), "--data", "digits", "--method", "magnitude",
+                          "--target", "0.5", "--out", str(tmp_path / "p"))
+        assert rc == 2 and f"{weights} {what}" in err

@@ -774,6 +774,7 @@ def test_lrn_then_max_pool_run_as_one_step_equal_to_the_two() -> None:
         bind_lrn(shape, 5, 1e-4, 0.75, 2.0, mid)(a)
         bind_max_pool2d(shape, two, (3, 3), (2, 2), (0, 0), (1, 1))(mid)
         np.testing.assert_array_equal(fused, two)
-    lrn_pool = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LocalResponseNorm(5), nn.MaxPool2d(2, 2)).eval()
+    lrn_pool = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LocalResponseNorm(5), nn.MaxPool2d(2, 2))
+    lrn_pool.eval()
     kinds = sparsecnn.compile(lrn_pool, torch.randn(1, 3, 12, 12), "direct").program((1, 3, 12, 12)).kinds
     assert "lrn" in kinds and "maxpool" in kinds and "lrn+maxpool" not in kinds

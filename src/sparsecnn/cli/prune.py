@@ -53,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _model_name(args: argparse.Namespace) -> str:
+    if not Path(args.weights).is_file():  # named first: a missing file has no summary beside it either
+        what = "is a directory" if Path(args.weights).is_dir() else "does not exist"
+        raise SparseCNNError(f"WEIGHTS {args.weights} {what}; pass the model.pt that sparsecnn train wrote")
     if args.model:
         return args.model
     summary = Path(args.weights).parent / "summary.json"
