@@ -26,7 +26,7 @@ WHAT = {  # --what: (default cases, the attribute that turns the fusion off, the
 
 
 def main(argv: list[str] | None = None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)  # --what picks the defaults of ab_setup's options
+    pre = argparse.ArgumentParser(prog="python -m benchmarks.fusion", add_help=False)  # picks the defaults
     pre.add_argument("--what", choices=list(WHAT), default="residual")
     known, rest = pre.parse_known_args(argv)
     cases, flag, step = WHAT[known.what]
