@@ -528,10 +528,10 @@ def test_report_only_with_no_names(capsys, tmp_path, only) -> None:
 
 @pytest.mark.parametrize("opset", ["99", "0", "-1", "below", "above"])
 def test_export_opset_out_of_range(capfd, tmp_path, opset) -> None:
-    from sparsecnn.cli.export import opset_range
+    from sparsecnn.io.onnx import onnx_opsets
 
     # Used to print 26 lines of Torch IR on stderr (from C++, hence capfd) before the error.
-    lo, hi = opset_range()
+    lo, hi = onnx_opsets()
     opset = {"below": str(lo - 1), "above": str(hi + 1)}.get(opset, opset)
     rc, err = run_cli(capfd, "export", "lenet5", "--onnx", str(tmp_path / "m.onnx"), "--opset", opset)
     assert rc == 2 and f"--opset {opset}" in err and f"{lo}..{hi}" in err
@@ -567,3 +567,16 @@ def test_prune_names_a_missing_weights_file_before_asking_for_model(capsys, tmp_
         rc, err = run_cli(capsys, "prune", str(weights), "--data", "digits", "--method", "magnitude",
                           "--target", "0.5", "--out", str(tmp_path / "p"))
         assert rc == 2 and f"{weights} {what}" in err
+
+
+def test_export_onnx_checks_its_path_and_opset_itself(tmp_path) -> None:
+    """The library refuses what the CLI refuses (a folder as the file, an opset torch cannot write)."""
+    from sparsecnn.io import export_onnx
+    from sparsecnn.io.onnx import onnx_opsets
+
+    model = models.build("lenet5")
+    with pytest.raises(SparseCNNError, match="it is a directory"):
+        export_onnx(model, tmp_path)
+    with pytest.raises(SparseCNNError, match=f"exports ONNX opsets {onnx_opsets()[0]}"):
+        export_onnx(model, tmp_path / "m.onnx", opset=onnx_opsets()[1] + 1)
+    assert not list(tmp_path.iterdir())

@@ -37,16 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def opset_range() -> tuple[int, int]:
-    """The ONNX opsets the installed torch's (TorchScript) exporter supports, e.g. ``(7, 20)``."""
-    try:
-        from torch.onnx import _constants as c
-
-        return c.ONNX_MIN_OPSET, c.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
-    except (ImportError, AttributeError):  # a private module: fall back to torch 2.x's range
-        return 7, 20
-
-
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -54,9 +44,10 @@ def run(args: argparse.Namespace) -> int:
     from sparsecnn.cli._common import check_output_file
     from sparsecnn.errors import SparseCNNError
     from sparsecnn.io import export_onnx
+    from sparsecnn.io.onnx import onnx_opsets
     from sparsecnn.models import apply_profile, input_shape, resolve
 
-    lo, hi = opset_range()
+    lo, hi = onnx_opsets()
     if not lo <= args.opset <= hi:  # torch would print its IR on stderr before failing
         raise SparseCNNError(
             f"--opset {args.opset}: torch {torch.__version__.split('+')[0]} exports ONNX opsets "

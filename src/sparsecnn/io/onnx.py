@@ -557,6 +557,16 @@ def _for_export(model: nn.Module):
     yield copy.deepcopy(model, memo).eval()
 
 
+def onnx_opsets() -> tuple[int, int]:
+    """The ONNX opsets the installed torch's exporter writes, e.g. ``(7, 20)``."""
+    try:
+        from torch.onnx import _constants as c
+
+        return c.ONNX_MIN_OPSET, c.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    except (ImportError, AttributeError):  # a private module: torch 2.x's range
+        return 7, 20
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -596,6 +606,14 @@ def export_onnx(
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise SparseCNNError(f"cannot write {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise SparseCNNError(f"cannot write {path}: it is a directory; give a file path such as "
+                             f"{os.path.join(path, 'model.onnx')}")
+    lo, hi = onnx_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+        # torch prints its whole graph to stderr before refusing an opset it does not export
+        raise SparseCNNError(f"opset {opset!r}: torch {torch.__version__.split('+')[0]} exports ONNX opsets "
+                             f"{lo}..{hi}; choose one of them (default 17)")
     from sparsecnn.models.zoo import check_finite
 
     check_finite(model.state_dict().items(), f"cannot export {type(model).__name__}")
