@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from sparsecnn._paths import check_output_dir
 from sparsecnn.errors import SparseCNNError
 
 __all__ = [
@@ -539,11 +540,7 @@ class ResultsLog:
             raise SparseCNNError(
                 f"results file {self.path} is a folder; give a file path, e.g. {self.path / 'results.jsonl'}"
             )
-        blocker = next(p for p in self.path.parents if p.exists())  # the root at the latest
-        if not blocker.is_dir():
-            raise SparseCNNError(
-                f"results file {self.path}: {blocker} is a file, not a folder; choose another path"
-            )
+        check_output_dir(f"results file {self.path}: folder", self.path.parent)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

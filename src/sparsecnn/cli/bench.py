@@ -100,10 +100,10 @@ def write_json(path: str, payload: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from sparsecnn._paths import check_output_file
     from sparsecnn.analysis._model import dense_equivalent
     from sparsecnn.bench.experiments import bench_model
     from sparsecnn.bench.harness import capture_environment
-    from sparsecnn.cli._common import check_output_file
     from sparsecnn.models import apply_profile, resolve
     from sparsecnn.report.tables import bytes_table, conversion_table, layer_time_table
 

@@ -117,8 +117,8 @@ def print_table(report: Any, title: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sparsecnn import train
+    from sparsecnn._paths import check_output_file
     from sparsecnn.analysis._model import dense_equivalent
-    from sparsecnn.cli._common import check_output_file
     from sparsecnn.cli.train import train_config
     from sparsecnn.compress import QuantizeConfig, finetune_centroids, quantize_model, storage_report
     from sparsecnn.io.compressed import save_compressed

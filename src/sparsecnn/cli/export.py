@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from sparsecnn.cli._common import check_output_file
+    from sparsecnn._paths import check_output_file
     from sparsecnn.errors import SparseCNNError
     from sparsecnn.io import export_onnx
     from sparsecnn.io.onnx import onnx_opsets

@@ -70,7 +70,7 @@ def _model_name(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
 
     from sparsecnn import data, models, train
-    from sparsecnn.cli._common import check_output_dir
+    from sparsecnn._paths import check_output_dir
     from sparsecnn.prune.patterns import parse_blocksize, parse_nm
     from sparsecnn.prune.pipeline import PruneConfig, prune_model
 
@@ -110,8 +110,6 @@ def run(args: argparse.Namespace) -> int:
                 f"accuracy {acc['before_pruning']:.2%} -> {acc['after_pruning']:.2%} (pruned) -> "
                 f"{acc['after_retraining']:.2%} (retrained); wrote {out / 'model.pt'}"
             )
-    except SparseCNNError as exc:  # the library names its keyword; here the option is --resume
-        raise SparseCNNError(str(exc).replace(" (resume=False)", "")) from None
     finally:
         train.shutdown_distributed()
     return 0

@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
             )
         print(write_report(args.out).resolve())
         return 0
+    from sparsecnn._paths import check_output_dir
     from sparsecnn.bench.experiments import EXPERIMENTS, ReportConfig, run_report
-    from sparsecnn.cli._common import check_output_dir
     from sparsecnn.errors import SparseCNNError
 
     only = None

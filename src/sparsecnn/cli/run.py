@@ -57,11 +57,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import sparsecnn
+    from sparsecnn._paths import check_output_file
     from sparsecnn.analysis._inputs import load_input
     from sparsecnn.analysis._model import dense_equivalent
     from sparsecnn.bench.harness import check_close, set_threads
     from sparsecnn.bench.peers import model_peers
-    from sparsecnn.cli._common import check_output_file
     from sparsecnn.models import apply_profile, input_shape, resolve
 
     for flag, value in (("--batch", args.batch), ("--threads", args.threads), ("--top", args.top)):

@@ -85,8 +85,8 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from sparsecnn._paths import check_output_file
     from sparsecnn.bench.experiments import run_sweep
-    from sparsecnn.cli._common import check_output_file
     from sparsecnn.cli.bench import print_tables, write_json
     from sparsecnn.report.tables import break_even, sweep_curves, sweep_tables
 

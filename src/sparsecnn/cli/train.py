@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
 
     from sparsecnn import data, models, train
-    from sparsecnn.cli._common import check_output_dir
+    from sparsecnn._paths import check_output_dir
 
     out = check_output_dir("--out", args.out)  # before loading data: a bad path is found at once
     config = train_config(args)

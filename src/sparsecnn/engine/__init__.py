@@ -172,8 +172,10 @@ class CompiledModel(nn.Module):
     def _run(self, x: np.ndarray) -> np.ndarray:
         """The forward pass on a C-contiguous float32 batch (the hot path: nothing is checked here)."""
         if x.shape[0] == 0:  # an empty batch gives an empty output, as torch (the kernels need one image)
-            one = self._run(np.zeros((1, *x.shape[1:]), dtype=np.float32))
-            return np.empty((0, *one.shape[1:]), dtype=np.float32)
+            one = (1, *x.shape[1:])
+            self.program(one)  # the shape checked (a clear error if it does not fit), nothing run
+            out = record_shapes(self._nodes, one)[self._nodes[-1].name]
+            return np.empty((0, *out.shape[1:]), dtype=np.float32)
         b = self._local.__dict__.get("bound", {}).get(x.shape)
         env, steps, slot, output = b if b is not None else self._bound(x.shape)
         serial = x.shape == self._serial_shape

@@ -35,7 +35,7 @@ VERSION = 1
 # Settings that may differ between an interrupted run and its resume (as in train.fit).
 _RESUME_FREE = {"progress", "device", "eval_batch_size"}
 _STAGE_FILE = re.compile(r"^(lasso|finetune|retrain|cycle\d+)$")
-_REMEDY = "delete it to start over, or run without --resume (resume=False)"
+_REMEDY = "delete it to start over, or run without --resume"
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -1,4 +1,4 @@
-"""Checks shared by the verbs: an output path that cannot be written is refused before any work."""
+"""Output paths that cannot be written, refused before any work (the verbs' options, the results log)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def check_output_dir(flag: str, path: str | os.PathLike[str]) -> Path:
     """
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise SparseCNNError(f"{flag} {p} exists and is not a folder; choose another path")
+        raise SparseCNNError(f"{flag} {p} is a file, not a folder; choose another path")
     blocker = _file_in_the_way(p)
     if blocker is not None:
         raise SparseCNNError(f"{flag} {p}: {blocker} is a file, not a folder; choose another path")
