@@ -157,6 +157,119 @@ def test_handmade_graph_matches_onnxruntime(tmp_path, rng, opset):
     np.testing.assert_allclose(got, _ort(path, x), rtol=1e-5, atol=1e-6)
 
 
+# Padding torch's layers cannot take (one amount for both sides): asymmetric pads, auto_pad SAME,
+# pool pads above half the kernel, and Pad nodes, each checked against ONNX Runtime. (ONNX Runtime
+# refuses SAME with dilation; test_same_padding_with_dilation checks that against torch.)
+_PADDED = {
+    "conv asymmetric": [helper.make_node("Conv", ["input", "w"], ["output"], kernel_shape=[3, 3],
+                                         strides=[2, 2], pads=[0, 1, 2, 1])],
+    "conv same_upper": [helper.make_node("Conv", ["input", "w"], ["output"], kernel_shape=[3, 3],
+                                         strides=[2, 2], auto_pad="SAME_UPPER")],
+    "conv same_lower": [helper.make_node("Conv", ["input", "w"], ["output"], kernel_shape=[3, 3],
+                                         strides=[2, 3], auto_pad="SAME_LOWER")],
+    "conv valid": [helper.make_node("Conv", ["input", "w"], ["output"], kernel_shape=[3, 3],
+                                    auto_pad="VALID")],
+    "maxpool same_upper": [helper.make_node("Relu", ["input"], ["r"]),  # all <= 0: the pads must be -inf
+                           helper.make_node("Mul", ["r", "minus"], ["n"]),
+                           helper.make_node("MaxPool", ["n"], ["output"], kernel_shape=[3, 3], strides=[2, 2],
+                                            auto_pad="SAME_UPPER")],
+    "maxpool asymmetric": [helper.make_node("MaxPool", ["input"], ["output"], kernel_shape=[2, 2],
+                                            strides=[2, 2], pads=[0, 0, 1, 1])],
+    "maxpool above half": [helper.make_node("MaxPool", ["input"], ["output"], kernel_shape=[3, 3],
+                                            pads=[2, 2, 2, 2])],
+    "avgpool asymmetric": [helper.make_node("AveragePool", ["input"], ["output"], kernel_shape=[3, 3],
+                                            strides=[2, 2], pads=[1, 0, 2, 1], count_include_pad=1)],
+    "pad constant": [helper.make_node("Pad", ["input", "pads", "value"], ["output"])],
+    "pad reflect": [helper.make_node("Pad", ["input", "pads"], ["output"], mode="reflect")],
+    "pad edge": [helper.make_node("Pad", ["input", "pads"], ["output"], mode="edge")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(_PADDED))
+def test_padding_matches_onnxruntime_in_torch_and_the_executor(case, tmp_path, rng):
+    import sparsecnn
+
+    f = np.float32
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)).astype(f), "minus": np.array(-1.0, f),
+             "pads": np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "value": np.array(1.5, f)}
+    nodes = _PADDED[case]
+    used = {i for n in nodes for i in n.input}
+    path = tmp_path / "p.onnx"
+    onnx.save(_model(nodes, {k: v for k, v in inits.items() if k in used}, 13, (2, 3, 7, 8)), path)
+    x = rng.standard_normal((2, 3, 7, 8)).astype(f)
+    want = _ort(path, x)
+    model = load_onnx(path)
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    compiled = sparsecnn.compile(model, torch.from_numpy(x), "auto", tune=False)
+    np.testing.assert_allclose(compiled.numpy(x), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_same_padding_with_dilation_is_torchs_same():
+    from sparsecnn.io._graph import Pad2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, (3, 2), dilation=(2, 3), padding="same", bias=False)
+    x = torch.randn(1, 2, 9, 10)
+    pad = Pad2d(same="upper", kernel=(3, 2), stride=(1, 1), dilation=(2, 3))
+    assert pad.amounts(9, 10) == (1, 2, 2, 2)  # total 3 across: 1 left, 2 right (upper)
+    with torch.no_grad():
+        torch.testing.assert_close(nn.functional.conv2d(pad(x), conv.weight, dilation=(2, 3)), conv(x))
+    lower = Pad2d(same="lower", kernel=(3, 3), stride=(2, 2))
+    assert lower.amounts(8, 7) == (1, 1, 1, 0)  # 8 rows -> 4 outputs, 1 pad (at the top); 7 -> 4, 2
+
+
+def test_pad_node_forms_and_a_checkpoint_keeps_them(tmp_path, rng):
+    import sparsecnn
+
+    f = np.float32
+    x = rng.standard_normal((1, 3, 5, 6)).astype(f)
+    # opset 10: pads and value as attributes; opset 18: only the spatial axes named
+    old = helper.make_node("Pad", ["input"], ["output"], pads=[0, 0, 2, 1, 0, 0, 0, 3], value=-2.0)
+    onnx.save(_model([old], {}, 10, x.shape), tmp_path / "a.onnx")
+    new = helper.make_node("Pad", ["input", "pads", "", "axes"], ["p"], mode="edge")
+    conv = helper.make_node("Conv", ["p", "w"], ["output"], kernel_shape=[3, 3], auto_pad="SAME_UPPER",
+                            strides=[2, 2])
+    inits = {"pads": np.array([1, 0, 2, 1], np.int64), "axes": np.array([-1, 2], np.int64),
+             "w": rng.standard_normal((4, 3, 3, 3)).astype(f)}
+    onnx.save(_model([new, conv], inits, 18, x.shape), tmp_path / "b.onnx")
+    for name in ("a.onnx", "b.onnx"):
+        model = load_onnx(tmp_path / name)
+        want = _ort(tmp_path / name, x)
+        np.testing.assert_allclose(model(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-5, atol=1e-5)
+        if name == "a.onnx":
+            continue
+        sparse = sparsecnn.sparsify(model, "direct")
+        sparsecnn.save(sparse, tmp_path / f"{name}.npz")
+        again = sparsecnn.load(tmp_path / f"{name}.npz")
+        with torch.no_grad():
+            np.testing.assert_allclose(again(torch.from_numpy(x)).numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("node", "message"), [
+    (helper.make_node("Pad", ["input", "pads"], ["output"]), "only the spatial axes"),
+    (helper.make_node("Pad", ["input", "crop"], ["output"]), "negative pads"),
+    (helper.make_node("Pad", ["input", "pads"], ["output"], mode="wrap"), "mode 'wrap' is not supported"),
+    (helper.make_node("Conv", ["input", "w"], ["output"], kernel_shape=[3, 3], auto_pad="SAME"),
+     "unknown auto_pad 'SAME'"),
+    (helper.make_node("MaxPool", ["input"], ["output"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1,
+                      auto_pad="SAME_UPPER"), "ceil_mode with asymmetric"),
+    (helper.make_node("AveragePool", ["input"], ["output"], kernel_shape=[3, 3], strides=[2, 2],
+                      auto_pad="SAME_UPPER"), r"count_include_pad 0\) with asymmetric"),
+])
+def test_padding_that_is_not_supported_is_named(node, message, tmp_path, rng):
+    inits = {"pads": np.array([0, 1, 0, 0, 0, 0, 0, 0], np.int64),
+             "crop": np.array([0, 0, -1, 0, 0, 0, 0, 0], np.int64),
+             "w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32)}
+    used = set(node.input)
+    onnx.save(_model([node], {k: v for k, v in inits.items() if k in used}), tmp_path / "bad.onnx")
+    with pytest.raises(SparseCNNError, match=message):
+        load_onnx(tmp_path / "bad.onnx")
+
+
 def test_unsupported_operator_names_node_and_type(tmp_path):
     nodes = [helper.make_node("Sigmoid", ["input"], ["output"], name="act7")]
     path = tmp_path / "s.onnx"

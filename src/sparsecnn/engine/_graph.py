@@ -68,7 +68,7 @@ def _leaf_types() -> tuple[type, ...]:
     from sparsecnn.layers import SparseConv2d, SparseLinear
 
     return (SparseConv2d, SparseLinear, g.Concat, g.Eltwise, g.ChannelScale, g.Binary, g.Constant, g.Shape,
-            g.Gather, g.Unsqueeze, g.Squeeze, g.Reshape)
+            g.Gather, g.Unsqueeze, g.Squeeze, g.Reshape, g.Pad2d)
 
 
 class _Tracer(fx.Tracer):

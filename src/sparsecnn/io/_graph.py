@@ -24,7 +24,7 @@ from torch import nn
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.models.zoo import LocalResponseNorm, MaxPool2d
 
-__all__ = ["GraphNet", "Step", "from_description", "module_from_spec", "module_spec"]
+__all__ = ["GraphNet", "Pad2d", "Step", "from_description", "module_from_spec", "module_spec"]
 
 
 class Step(NamedTuple):
@@ -214,6 +214,60 @@ class Softmax2D(nn.Module):
         return torch.softmax(x.reshape(math.prod(x.shape[:axis]), -1), dim=1).reshape(x.shape)
 
 
+class Pad2d(nn.Module):
+    """Padding of the last two dimensions: an ONNX Pad node, or the asymmetric or ``auto_pad`` SAME
+    padding of a Conv / pool made explicit before it (torch's layers pad both sides alike).
+
+    ``pads`` is ``(left, right, top, bottom)``; ``mode`` ``"constant"`` (with ``value``: 0, or -inf
+    before a max pool), ``"reflect"`` or ``"replicate"`` (ONNX's ``edge``). With ``same`` (``"upper"``
+    or ``"lower"``) the amounts come from each input's size as ONNX's ``auto_pad`` SAME_UPPER /
+    SAME_LOWER computes them for ``kernel``, ``stride`` and ``dilation``: the output has
+    ``ceil(size / stride)`` positions, and an odd total puts the extra row or column at the end
+    (``"upper"``) or at the start (``"lower"``).
+    """
+
+    def __init__(self, pads: Sequence[int] = (0, 0, 0, 0), mode: str = "constant", value: float = 0.0,
+                 same: str = "", kernel: Sequence[int] = (1, 1), stride: Sequence[int] = (1, 1),
+                 dilation: Sequence[int] = (1, 1)) -> None:
+        super().__init__()
+        if mode not in ("constant", "reflect", "replicate"):
+            raise ValueError(f"unknown padding mode {mode!r}")
+        if same not in ("", "upper", "lower"):
+            raise ValueError(f"unknown SAME padding {same!r}")
+        self.pads = tuple(int(p) for p in pads)
+        if len(self.pads) != 4 or min(self.pads) < 0:
+            raise ValueError(f"pads must be 4 non-negative sizes, got {pads}")
+        self.mode, self.value, self.same = mode, float(value), same
+        self.kernel, self.stride, self.dilation = (
+            tuple(int(v) for v in t) for t in (kernel, stride, dilation))
+
+    def amounts(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """``(left, right, top, bottom)`` for an input of ``h`` x ``w``."""
+        if not self.same:
+            return self.pads  # type: ignore[return-value]
+        out: list[int] = []
+        for n, k, s, d in zip((w, h), self.kernel[::-1], self.stride[::-1], self.dilation[::-1], strict=True):
+            total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+            small = total // 2
+            out += [small, total - small] if self.same == "upper" else [total - small, small]
+        return tuple(out)  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = self.amounts(int(x.shape[-2]), int(x.shape[-1]))
+        if self.mode == "constant":
+            return nn.functional.pad(x, pads, value=self.value)
+        if self.mode == "reflect" and (max(pads[:2]) >= x.shape[-1] or max(pads[2:]) >= x.shape[-2]):
+            raise SparseCNNError(
+                f"reflect padding {pads} needs an input larger than the padding, got {tuple(x.shape[-2:])}"
+            )
+        return nn.functional.pad(x, pads, mode=self.mode)
+
+    def extra_repr(self) -> str:
+        where = (f"same={self.same}, kernel={self.kernel}, stride={self.stride}" if self.same
+                 else f"pads={self.pads}")
+        return f"{where}, mode={self.mode}" + (f", value={self.value}" if self.mode == "constant" else "")
+
+
 class BatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over dimension 1 for inputs of any rank >= 2 (ONNX BatchNormalization)."""
 
@@ -284,6 +338,8 @@ _SPECS: dict[type[nn.Module], Any] = {
     Squeeze: lambda m: dict(axes=list(m.axes)),
     Reshape: lambda m: dict(shape=None if m.shape is None else list(m.shape), allowzero=m.allowzero),
     Softmax2D: lambda m: dict(axis=m.axis),
+    Pad2d: lambda m: dict(pads=list(m.pads), mode=m.mode, value=m.value, same=m.same, kernel=list(m.kernel),
+                          stride=list(m.stride), dilation=list(m.dilation)),
 }
 _SPECS[nn.BatchNorm2d] = _SPECS[nn.BatchNorm1d]
 _SPECS[LocalResponseNorm] = _SPECS[nn.LocalResponseNorm]

@@ -42,6 +42,7 @@ from sparsecnn.io._graph import (
     Constant,
     Gather,
     GraphNet,
+    Pad2d,
     Reshape,
     Shape,
     Softmax2D,
@@ -150,14 +151,38 @@ class _Importer:
         return name[: -len(".weight")] if name.endswith(".weight") else None
 
     @staticmethod
-    def pads2d(where: str, a: dict[str, Any], k: Sequence[int]) -> tuple[int, int]:
+    def padding(where: str, a: dict[str, Any], k: Sequence[int], stride: Sequence[int],
+                dilation: Sequence[int], value: float) -> tuple[tuple[int, int], Pad2d | None]:
+        """The symmetric padding that the torch layer takes, and the :class:`Pad2d` to run before it
+        for the rest (asymmetric ``pads``, ``auto_pad`` SAME_UPPER / SAME_LOWER), or None."""
         auto = a.get("auto_pad", "NOTSET")
-        if auto not in ("NOTSET", "VALID"):
-            raise SparseCNNError(f"{where}: auto_pad {auto} is not supported; export with explicit pads")
-        pads = list(a.get("pads", [0, 0, 0, 0])) if auto == "NOTSET" else [0, 0, 0, 0]
-        if len(pads) != 4 or pads[:2] != pads[2:]:
-            raise SparseCNNError(f"{where}: asymmetric or non-2-D pads {pads} are not supported")
-        return int(pads[0]), int(pads[1])
+        if auto == "VALID":
+            return (0, 0), None
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            same = auto.removeprefix("SAME_").lower()
+            return (0, 0), Pad2d(value=value, same=same, kernel=k, stride=stride, dilation=dilation)
+        if auto != "NOTSET":
+            raise SparseCNNError(
+                f"{where}: unknown auto_pad {auto!r} (NOTSET, VALID, SAME_UPPER, SAME_LOWER)")
+        pads = [int(v) for v in a.get("pads", [0, 0, 0, 0])]
+        if len(pads) != 4:
+            raise SparseCNNError(f"{where}: pads {pads} are not those of a 2-D layer (4 values)")
+        if min(pads) < 0:
+            raise SparseCNNError(f"{where}: negative pads {pads} are not supported")
+        top, left, bottom, right = pads
+        sym = (min(top, bottom), min(left, right))
+        if (top, left) == (bottom, right):
+            return sym, None
+        return sym, Pad2d((left - sym[1], right - sym[1], top - sym[0], bottom - sym[0]), value=value)
+
+    def padded(self, node: Any, where: str, name: str, x: str, pre: Pad2d | None) -> str:
+        """``x``, or the output of ``pre`` run on it (a step of its own, named ``NAME_pad``)."""
+        self.need(x, where)
+        if pre is None:
+            return x
+        out = f"{node.output[0]}::pad"
+        self.add(pre, f"{name}_pad", (x,), (out,))
+        return out
 
     # -- operators --------------------------------------------------------------------------------
 
@@ -206,16 +231,18 @@ class _Importer:
         k = tuple(int(v) for v in a.get("kernel_shape", w.shape[2:]))
         if k != tuple(w.shape[2:]):
             raise SparseCNNError(f"{where}: kernel_shape {k} does not match the weight shape {w.shape}")
-        pad = self.pads2d(where, a, k)
+        stride = tuple(int(v) for v in a.get("strides", (1, 1)))
+        dilation = tuple(int(v) for v in a.get("dilations", (1, 1)))
+        pad, pre = self.padding(where, a, k, stride, dilation, 0.0)
         bias = ins[2] if len(ins) > 2 and ins[2] else None
         module = nn.utils.skip_init(
             nn.Conv2d,
             w.shape[1] * group,
             w.shape[0],
             k,
-            stride=tuple(a.get("strides", (1, 1))),
+            stride=stride,
             padding=pad,
-            dilation=tuple(a.get("dilations", (1, 1))),
+            dilation=dilation,
             groups=group,
             bias=bias is not None,
         )
@@ -223,8 +250,9 @@ class _Importer:
             module.weight.copy_(torch.from_numpy(w.astype(np.float32)))
             if bias is not None:
                 module.bias.copy_(torch.from_numpy(self.const(bias, where, "the bias").astype(np.float32)))
-        self.need(ins[0], where)
-        self.add(module, self.weight_name(ins[1]) or name, ins[:1], node.output[:1])
+        layer = self.weight_name(ins[1]) or name
+        x = self.padded(node, where, layer, ins[0], pre)
+        self.add(module, layer, (x,), node.output[:1])
 
     def _linear(self, node, where, name, x, weight, weight_name, bias):
         out_f, in_f = weight.shape
@@ -293,26 +321,75 @@ class _Importer:
         k = tuple(int(v) for v in a.get("kernel_shape", ()))
         if len(k) != 2:
             raise SparseCNNError(f"{where}: only 2-D pooling is supported (kernel_shape {k})")
-        pad = self.pads2d(where, a, k)
-        if 2 * pad[0] > k[0] or 2 * pad[1] > k[1]:
-            raise SparseCNNError(f"{where}: pads {pad} above half the kernel {k} are not supported")
         stride = tuple(int(v) for v in a.get("strides", (1, 1)))
+        dilation = tuple(int(v) for v in a.get("dilations", (1, 1)))
         ceil = bool(a.get("ceil_mode", 0))
+        include = bool(a.get("count_include_pad", 0))
+        # Padding outside the torch layer: -inf before a max pool (never the max), zeros before an
+        # average that counts the padding.
+        pad, pre = self.padding(where, a, k, stride, dilation, 0.0 if avg else -math.inf)
+        if 2 * pad[0] > k[0] or 2 * pad[1] > k[1]:  # above what torch's pools take: all of it outside
+            pre = Pad2d((pad[1], pad[1], pad[0], pad[0]) if pre is None else
+                        tuple(p + q for p, q in zip(pre.pads, (pad[1], pad[1], pad[0], pad[0]), strict=True)),
+                        value=0.0 if avg else -math.inf)
+            pad = (0, 0)
+        if pre is not None and ceil:
+            raise SparseCNNError(f"{where}: ceil_mode with asymmetric, SAME or above-half-kernel pads is not "
+                                 "supported; export with ceil_mode 0 or symmetric pads")
+        if pre is not None and avg and not include:
+            raise SparseCNNError(f"{where}: an AveragePool that leaves out the padding (count_include_pad 0) "
+                                 "with asymmetric, SAME or above-half-kernel pads is not supported; export "
+                                 "with symmetric pads")
         if avg:
-            module = nn.AvgPool2d(
-                k, stride, pad, ceil_mode=ceil, count_include_pad=bool(a.get("count_include_pad", 0))
-            )
+            module = nn.AvgPool2d(k, stride, pad, ceil_mode=ceil, count_include_pad=include)
         else:
             if int(a.get("storage_order", 0)):
                 raise SparseCNNError(f"{where}: storage_order 1 is not supported")
-            module = MaxPool2d(k, stride, pad, dilation=tuple(a.get("dilations", (1, 1))), ceil_mode=ceil)
-        self._simple(node, where, name, module)
+            module = MaxPool2d(k, stride, pad, dilation=dilation, ceil_mode=ceil)
+        x = self.padded(node, where, name, self._inputs(node)[0], pre)
+        self.add(module, name, (x,), node.output[:1])
 
     def op_MaxPool(self, node, where, a, name):
         self._pool(node, where, a, name, avg=False)
 
     def op_AveragePool(self, node, where, a, name):
         self._pool(node, where, a, name, avg=True)
+
+    def op_Pad(self, node, where, a, name):
+        ins = self._inputs(node)
+        mode = a.get("mode", "constant")
+        modes = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
+        if mode not in modes:
+            raise SparseCNNError(f"{where}: Pad mode {mode!r} is not supported (constant, reflect, edge)")
+        if self.opset < 11:
+            pads, value, axes = a.get("pads", []), float(a.get("value", 0.0)), None
+        else:
+            pads = self.const(ins[1], where, "pads") if len(ins) > 1 and ins[1] else []
+            value = 0.0
+            if len(ins) > 2 and ins[2]:
+                v = self.const(ins[2], where, "constant_value")
+                if v.size != 1:
+                    raise SparseCNNError(f"{where}: constant_value must be one value, got shape {v.shape}")
+                value = float(v.reshape(-1)[0])
+            axes = self.const(ins[3], where, "axes") if len(ins) > 3 and ins[3] else None
+        pads = [int(v) for v in np.asarray(pads).reshape(-1)]
+        axes = list(range(len(pads) // 2)) if axes is None else [int(v) for v in np.asarray(axes).reshape(-1)]
+        if len(pads) != 2 * len(axes):
+            raise SparseCNNError(f"{where}: {len(pads)} pads for {len(axes)} axes")
+        if axes and axes == list(range(len(axes))) and len(axes) != 4:
+            raise SparseCNNError(f"{where}: only 4-D (N, C, H, W) inputs can be padded, got {len(axes)} axes")
+        amount = {2: [0, 0], 3: [0, 0]}  # axis: [begin, end]
+        for i, ax in enumerate(axes):
+            begin, end = pads[i], pads[i + len(axes)]
+            if begin < 0 or end < 0:
+                raise SparseCNNError(f"{where}: negative pads (cropping) {pads} are not supported")
+            if ax % 4 in amount:
+                amount[ax % 4] = [begin, end]
+            elif begin or end:
+                raise SparseCNNError(f"{where}: only the spatial axes (H, W) can be padded, got pads {pads} "
+                                     f"for axes {axes}")
+        module = Pad2d((*amount[3], *amount[2]), mode=modes[mode], value=value)
+        self._simple(node, where, name, module)
 
     def op_GlobalAveragePool(self, node, where, a, name):
         self._simple(node, where, name, nn.AdaptiveAvgPool2d(1))
