@@ -68,7 +68,8 @@ def _leaf_types() -> tuple[type, ...]:
     from sparsecnn.layers import SparseConv2d, SparseLinear
 
     return (SparseConv2d, SparseLinear, g.Concat, g.Eltwise, g.ChannelScale, g.Binary, g.Constant, g.Shape,
-            g.Gather, g.Unsqueeze, g.Squeeze, g.Reshape, g.Pad2d)
+            g.Gather, g.Unsqueeze, g.Squeeze, g.Reshape, g.Pad2d,
+            g.AvgPoolPadded)
 
 
 class _Tracer(fx.Tracer):

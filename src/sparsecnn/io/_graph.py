@@ -24,7 +24,8 @@ from torch import nn
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.models.zoo import LocalResponseNorm, MaxPool2d
 
-__all__ = ["GraphNet", "Pad2d", "Step", "from_description", "module_from_spec", "module_spec"]
+__all__ = ["AvgPoolPadded", "GraphNet", "Pad2d", "Step", "from_description", "module_from_spec",
+           "module_spec"]
 
 
 class Step(NamedTuple):
@@ -268,6 +269,33 @@ class Pad2d(nn.Module):
         return f"{where}, mode={self.mode}" + (f", value={self.value}" if self.mode == "constant" else "")
 
 
+class AvgPoolPadded(nn.Module):
+    """An average pool over padding that torch's layer cannot take (asymmetric, SAME, above half the
+    kernel) and that leaves the padding out of each window's divisor (ONNX ``count_include_pad=0``):
+    the window sums of the zero-padded input over the number of input pixels in each window.
+
+    ``pads`` and ``same`` as :class:`Pad2d`'s (the whole padding; the pool itself pads nothing).
+    NOTE: every window must hold an input pixel (the importer refuses pads of a kernel or more).
+    """
+
+    def __init__(self, kernel_size: Sequence[int], stride: Sequence[int], pads: Sequence[int] = (0, 0, 0, 0),
+                 same: str = "") -> None:
+        super().__init__()
+        self.kernel_size = tuple(int(v) for v in kernel_size)
+        self.stride = tuple(int(v) for v in stride)
+        self.pad = Pad2d(pads, same=same, kernel=self.kernel_size, stride=self.stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = self.pad.amounts(int(x.shape[-2]), int(x.shape[-1]))
+        f = nn.functional
+        window = f.avg_pool2d(f.pad(x, pads), self.kernel_size, self.stride)
+        inside = f.avg_pool2d(f.pad(x.new_ones((1, 1, *x.shape[-2:])), pads), self.kernel_size, self.stride)
+        return window / inside
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, {self.pad.extra_repr()}"
+
+
 class BatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over dimension 1 for inputs of any rank >= 2 (ONNX BatchNormalization)."""
 
@@ -338,6 +366,8 @@ _SPECS: dict[type[nn.Module], Any] = {
     Squeeze: lambda m: dict(axes=list(m.axes)),
     Reshape: lambda m: dict(shape=None if m.shape is None else list(m.shape), allowzero=m.allowzero),
     Softmax2D: lambda m: dict(axis=m.axis),
+    AvgPoolPadded: lambda m: dict(kernel_size=list(m.kernel_size), stride=list(m.stride),
+                                  pads=list(m.pad.pads), same=m.pad.same),
     Pad2d: lambda m: dict(pads=list(m.pads), mode=m.mode, value=m.value, same=m.same, kernel=list(m.kernel),
                           stride=list(m.stride), dilation=list(m.dilation)),
 }

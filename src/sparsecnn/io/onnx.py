@@ -36,6 +36,7 @@ from torch import nn
 from sparsecnn.errors import SparseCNNError
 from sparsecnn.io import _sparse
 from sparsecnn.io._graph import (
+    AvgPoolPadded,
     BatchNorm,
     Binary,
     Concat,
@@ -337,9 +338,15 @@ class _Importer:
             raise SparseCNNError(f"{where}: ceil_mode with asymmetric, SAME or above-half-kernel pads is not "
                                  "supported; export with ceil_mode 0 or symmetric pads")
         if pre is not None and avg and not include:
-            raise SparseCNNError(f"{where}: an AveragePool that leaves out the padding (count_include_pad 0) "
-                                 "with asymmetric, SAME or above-half-kernel pads is not supported; export "
-                                 "with symmetric pads")
+            # the divisor counts only input pixels: one module pads and divides (Pad2d + a count)
+            whole = pre.pads if pre.same else tuple(
+                p + q for p, q in zip(pre.pads, (pad[1], pad[1], pad[0], pad[0]), strict=True))
+            if max(whole[:2]) >= k[1] or max(whole[2:]) >= k[0]:
+                raise SparseCNNError(f"{where}: pads {whole} of a kernel or more leave windows without input "
+                                     "pixels; not supported with count_include_pad 0")
+            module = AvgPoolPadded(k, stride, whole, same=pre.same)
+            self._simple(node, where, name, module)
+            return
         if avg:
             module = nn.AvgPool2d(k, stride, pad, ceil_mode=ceil, count_include_pad=include)
         else:
