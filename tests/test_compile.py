@@ -778,3 +778,48 @@ def test_lrn_then_max_pool_run_as_one_step_equal_to_the_two() -> None:
     lrn_pool.eval()
     kinds = sparsecnn.compile(lrn_pool, torch.randn(1, 3, 12, 12), "direct").program((1, 3, 12, 12)).kinds
     assert "lrn" in kinds and "maxpool" in kinds and "lrn+maxpool" not in kinds
+
+
+_PAD_CASES = [((1, 1, 1, 1), (0, 0, 0, 0)), ((1, 2, 1, 5), (3, 0, 0, 2)), ((2, 3, 5, 4), (1, 2, 3, 0)),
+              ((1, 4, 9, 7), (6, 5, 8, 1)), ((2, 40, 30, 33), (1, 1, 2, 2))]  # the last one in parallel
+
+
+@pytest.mark.parametrize(("shape", "pads", "mode"), [
+    (shape, pads, mode) for shape, pads in _PAD_CASES for mode in ("constant", "reflect", "replicate")
+    # torch (and ONNX) refuse reflect pads of the padded size or more
+    if mode != "reflect" or (max(pads[:2]) < shape[3] and max(pads[2:]) < shape[2])])
+def test_pad_kernel_equals_torch(shape, pads, mode):
+    from sparsecnn.kernels.elementwise import bind_pad2d
+
+    c = shape[1]
+    x = torch.randn(shape)
+    value = -np.inf if c == 4 else 2.5
+    ref = F.pad(x, pads, mode=mode, value=value) if mode == "constant" else F.pad(x, pads, mode=mode)
+    out = np.full(ref.shape, np.nan, np.float32)
+    bind_pad2d(shape, out, pads, mode, value)(x.numpy())
+    np.testing.assert_array_equal(out, ref.numpy())
+
+
+def test_imported_padding_runs_as_an_engine_step(tmp_path):
+    """An ONNX graph's asymmetric / SAME padding is a ``pad`` step of the executor, not torch."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparsecnn.io import load_onnx
+
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[0, 0, 1, 1]),
+             helper.make_node("Pad", ["c", "pads"], ["output"], mode="reflect")]
+    graph = helper.make_graph(nodes, "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 9, 9])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"),
+                               numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "pads")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "p.onnx")
+    model = load_onnx(tmp_path / "p.onnx")
+    x = torch.randn(2, 3, 9, 9)
+    compiled = sparsecnn.compile(model, x, "direct")
+    assert compiled.program(tuple(x.shape)).kinds.count("pad") == 2
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

@@ -563,6 +563,8 @@ class _Builder:
                        _bind_add(add_relu, env, a, b, s, r))
         elif f32 and self._pool(n, x, shape):
             pass
+        elif f32 and self._pad(n, x, shape):
+            pass
         else:
             self._torch(n)
 
@@ -767,6 +769,23 @@ class _Builder:
             self._step("lrn", lambda env, bufs, x=x, s=s: _bind_kernel(env, x, bind_lrn(xs, *a, env[s])))
             return True
         return False
+
+    def _pad(self, n: Node, x: int, shape: tuple[int, ...]) -> bool:
+        """An imported model's padding step (``io._graph.Pad2d``) on a plain 4-D input, in numba."""
+        from sparsecnn.io._graph import Pad2d
+        from sparsecnn.kernels.elementwise import bind_pad2d
+
+        src = n.refs()[0] if len(n.refs()) == 1 else None
+        xin = self.values.get(src) if src is not None else None
+        if (not isinstance(n.fn, Pad2d) or n.op != "module" or not isinstance(xin, torch.Tensor)
+                or xin.dim() != 4 or src in self.blocked or src in self.padded):
+            return False
+        xs = tuple(xin.shape)
+        pads = n.fn.amounts(xs[2], xs[3])
+        s, _ = self._planned(n.name, shape)
+        self._step("pad", lambda env, bufs, x=x, s=s: _bind_kernel(
+            env, x, bind_pad2d(xs, env[s], pads, n.fn.mode, n.fn.value)))
+        return True
 
     def _torch(self, n: Node) -> None:
         """Anything else runs in torch on views of the buffers (no copy in), its result taken as is."""

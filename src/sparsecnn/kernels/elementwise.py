@@ -19,7 +19,8 @@ import numpy as np
 from sparsecnn.kernels._numba import jit, num_threads, pjit, serial_twin
 from sparsecnn.kernels._simd import max3_cols2, max3_rows
 
-__all__ = ["add_relu", "bind_global_avg_pool", "bind_max_pool2d", "global_avg_pool", "max_pool2d", "relu_"]
+__all__ = ["add_relu", "bind_global_avg_pool", "bind_max_pool2d", "bind_pad2d", "global_avg_pool",
+           "max_pool2d", "relu_"]
 
 # Below this many elements a parallel launch (~2 us) costs more than the pass itself.
 _PARALLEL_MIN = 1 << 15
@@ -439,5 +440,86 @@ def bind_global_avg_pool(x_shape: tuple[int, int, int, int], out: np.ndarray,
 
     def run(x: np.ndarray) -> None:
         kernel(x.reshape(b * c, h * w), o)
+
+    return run
+
+
+# ---- padding (ONNX Pad, and the asymmetric / SAME padding of imported layers: io._graph.Pad2d)
+
+
+@pjit
+def _pad_planes(x, out, rows, cols, left, value):
+    """``out[p, i, j] = x[p, rows[i], cols[j]]``, or ``value`` where ``rows[i]`` or ``cols[j]`` is
+    negative; the columns ``left <= j < left + W`` map to ``j - left`` (copied as one slice)."""
+    w = x.shape[2]
+    wo = out.shape[2]
+    for p in numba.prange(x.shape[0]):
+        for i in range(out.shape[1]):
+            r = rows[i]
+            if r < 0:
+                out[p, i, :] = value
+                continue
+            src = x[p, r]
+            dst = out[p, i]
+            for j in range(left):
+                c = cols[j]
+                dst[j] = src[c] if c >= 0 else value
+            dst[left : left + w] = src
+            for j in range(left + w, wo):
+                c = cols[j]
+                dst[j] = src[c] if c >= 0 else value
+
+
+_pad_planes_serial = serial_twin(_pad_planes)
+
+
+def _pad_sources(n: int, before: int, after: int, mode: str) -> np.ndarray:
+    """Source index of every padded position along an axis of ``n``: -1 for the constant, the edge
+    for ``"replicate"``, the mirror without the edge for ``"reflect"``."""
+    j = np.arange(-before, n + after)
+    if mode == "constant":
+        return np.where((j >= 0) & (j < n), j, -1).astype(np.int64)
+    if mode == "replicate":
+        return np.clip(j, 0, n - 1).astype(np.int64)
+    period = 2 * (n - 1)
+    if period == 0:
+        return np.zeros(j.size, np.int64)
+    j = np.abs(j) % period
+    return np.where(j < n, j, period - j).astype(np.int64)
+
+
+def bind_pad2d(x_shape: tuple[int, int, int, int], out: np.ndarray, pads: tuple[int, int, int, int],
+               mode: str = "constant", value: float = 0.0) -> Callable[[np.ndarray], None]:
+    """``run(x)``: ``out = torch.nn.functional.pad(x, pads, mode, value)`` for inputs of ``x_shape``
+    (the executor's padding steps; serial below ``_PARALLEL_MIN`` output elements).
+
+    Parameters
+    ----------
+    x_shape : tuple of int, (B, C, H, W)
+    out : ndarray, shape (B, C, H + top + bottom, W + left + right), float32, C-contiguous
+        Written in full by every call.
+    pads : tuple of int, (left, right, top, bottom), each >= 0
+    mode : {"constant", "reflect", "replicate"}
+        ``"reflect"`` needs every pad below the size it pads.
+    value : float
+        The constant of ``"constant"`` (-inf included).
+    """
+    b, c, h, w = (int(v) for v in x_shape)
+    left, right, top, bottom = (int(p) for p in pads)
+    want = (b, c, h + top + bottom, w + left + right)
+    if min(pads) < 0 or mode not in ("constant", "reflect", "replicate"):
+        raise ValueError(f"bind_pad2d: bad pads {pads} or mode {mode!r}")
+    if mode == "reflect" and (max(left, right) >= w or max(top, bottom) >= h):
+        raise ValueError(f"bind_pad2d: reflect pads {pads} must be below the input's size {(h, w)}")
+    if out.shape != want or not out.flags.c_contiguous or out.dtype != np.float32:
+        raise ValueError(f"bind_pad2d: out must be C-contiguous float32 of shape {want}")
+    rows = _pad_sources(h, top, bottom, mode)
+    cols = _pad_sources(w, left, right, mode)
+    kernel = _pad_planes_serial if out.size < _PARALLEL_MIN else _pad_planes
+    planes = out.reshape(b * c, *want[2:])
+    v = np.float32(value)
+
+    def run(x: np.ndarray) -> None:
+        kernel(x.reshape(b * c, h, w), planes, rows, cols, left, v)
 
     return run
