@@ -1,6 +1,7 @@
 """Whole generated models through the executor (hypothesis): random CNNs of convs (any kernel, stride,
 padding, dilation, groups), BatchNorm, ReLU, residual adds with and without a downsampling branch,
-channel concatenation, max pooling, LRN, global average pooling and linear heads, pruned at random
+channel concatenation, max pooling, LRN, asymmetric padding modules (zero, constant, reflect,
+replicate), global average pooling and linear heads, pruned at random
 densities (all-zero layers included), as torch modules, exported to ONNX and imported back, or
 written as Caffe prototxt + caffemodel and imported, compiled with one strategy, a random strategy
 per layer, or the cost-model plan (half the torch-route models with SSL-like zero filters and
@@ -109,7 +110,7 @@ def models_and_inputs(draw):
         return m, ho, wo
 
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["conv", "conv", "res", "cat", "pool", "lrn"]))
+        kind = draw(st.sampled_from(["conv", "conv", "res", "cat", "pool", "lrn", "pad"]))
         if kind == "conv":
             cout = scale * draw(st.integers(1, 8))
             m, h, w = conv(c, cout, h, w)
@@ -142,6 +143,15 @@ def models_and_inputs(draw):
             if min(h, w) + 2 * p >= k and min(ho, wo) >= 1:
                 ops.append(("layer", add(nn.MaxPool2d(k, s, p, ceil_mode=ceil))))
                 h, w = ho, wo
+        elif kind == "pad":  # asymmetric padding as torch modules (ONNX Pad nodes on the ONNX route)
+            pads = tuple(draw(st.integers(0, 2)) for _ in range(4))  # left, right, top, bottom
+            mode = draw(st.sampled_from(["zero", "constant", "reflect", "replicate"]))
+            if mode == "reflect" and (max(pads[:2]) >= w or max(pads[2:]) >= h):
+                mode = "replicate"
+            pad = {"zero": nn.ZeroPad2d, "constant": lambda p: nn.ConstantPad2d(p, -0.75),
+                   "reflect": nn.ReflectionPad2d, "replicate": nn.ReplicationPad2d}[mode](pads)
+            ops.append(("layer", add(pad)))
+            h, w = h + pads[2] + pads[3], w + pads[0] + pads[1]
         elif kind == "lrn":
             ops.append(("layer", add(nn.LocalResponseNorm(draw(st.sampled_from([3, 5])), alpha=1e-3,
                                                           beta=0.75, k=2.0))))
@@ -258,7 +268,8 @@ def _through_onnx(model: nn.Module, x: torch.Tensor, directory: str) -> nn.Modul
 
 def _caffe_layers(model: _Net) -> list | None:
     """The generated model as Caffe layers (``tests/caffe_writer``), or None where Caffe cannot say
-    it: a max pool in floor mode whose size differs from ceil mode (Caffe's pooling always rounds up)."""
+    it: a max pool in floor mode whose size differs from ceil mode (Caffe's pooling always rounds up),
+    a padding module."""
     from tests.caffe_writer import Layer
 
     layers: list[Layer] = []
@@ -298,6 +309,8 @@ def _caffe_layers(model: _Net) -> list | None:
                                 f"pooling_param {{ pool: MAX kernel_size: {m.kernel_size} stride: {m.stride} "
                                 f"pad: {m.padding} }}"))
             x = layers[-1].top[0]
+        elif isinstance(m, (nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)):
+            return None  # Caffe has no padding layer
         elif isinstance(m, nn.LocalResponseNorm):
             top = f"lrn{next(count)}"
             layers.append(Layer(top, "LRN", [x], [top], f"lrn_param {{ local_size: {m.size} alpha: {m.alpha} "

@@ -276,6 +276,34 @@ def test_padding_that_is_not_supported_is_named(node, message, tmp_path, rng):
         load_onnx(tmp_path / "bad.onnx")
 
 
+def test_torch_exported_padding_modules_import_and_compile(tmp_path):
+    """torch's exporter computes a Pad node's pads with ConstantOfShape / Concat / Reshape / Slice /
+    Transpose / Cast: folded at import into one padding step, which the executor runs."""
+    import sparsecnn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ZeroPad2d((1, 2, 0, 1)), nn.ReLU(),
+                        nn.ReflectionPad2d((1, 0, 2, 1)), nn.ConstantPad2d((0, 1, 2, 0), -0.75),
+                        nn.ReplicationPad2d(1), nn.Conv2d(4, 3, 3, stride=2)).eval()
+    x = torch.randn(2, 2, 9, 8)
+    path = export_onnx(net, tmp_path / "pads.onnx", input_shape=(2, 9, 8))
+    model = load_onnx(path)
+    assert sum(type(m).__name__ == "Pad2d" for m in model.children()) == 4
+    compiled = sparsecnn.compile(model, x, "direct")
+    assert compiled.program(tuple(x.shape)).kinds.count("pad") == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_ort(path, x.numpy()), net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_shape_arithmetic_on_run_time_tensors_is_named(tmp_path):
+    nodes = [helper.make_node("Transpose", ["input"], ["output"], perm=[0, 1, 3, 2], name="t1")]
+    onnx.save(_model(nodes, {}), tmp_path / "t.onnx")
+    with pytest.raises(SparseCNNError, match=r"'t1' \(Transpose\): Transpose of a tensor computed at run"):
+        load_onnx(tmp_path / "t.onnx")
+
+
 def test_unsupported_operator_names_node_and_type(tmp_path):
     nodes = [helper.make_node("Sigmoid", ["input"], ["output"], name="act7")]
     path = tmp_path / "s.onnx"

@@ -771,20 +771,24 @@ class _Builder:
         return False
 
     def _pad(self, n: Node, x: int, shape: tuple[int, ...]) -> bool:
-        """An imported model's padding step (``io._graph.Pad2d``) on a plain 4-D input, in numba."""
-        from sparsecnn.io._graph import Pad2d
+        """A padding module on a plain 4-D input, in numba: an imported model's ``io._graph.Pad2d``, or
+        torch's ``ZeroPad2d`` / ``ConstantPad2d`` / ``ReflectionPad2d`` / ``ReplicationPad2d``."""
         from sparsecnn.kernels.elementwise import bind_pad2d
 
         src = n.refs()[0] if len(n.refs()) == 1 else None
         xin = self.values.get(src) if src is not None else None
-        if (not isinstance(n.fn, Pad2d) or n.op != "module" or not isinstance(xin, torch.Tensor)
-                or xin.dim() != 4 or src in self.blocked or src in self.padded):
+        how = _padding_of(n.fn) if n.op == "module" and not n.kwargs and len(n.args) == 1 else None
+        if (how is None or not isinstance(xin, torch.Tensor) or xin.dim() != 4 or src in self.blocked
+                or src in self.padded):
             return False
         xs = tuple(xin.shape)
-        pads = n.fn.amounts(xs[2], xs[3])
+        amounts, mode, value = how
+        pads = amounts(xs[2], xs[3])
+        if min(pads) < 0:  # torch's negative padding crops: left to torch
+            return False
         s, _ = self._planned(n.name, shape)
         self._step("pad", lambda env, bufs, x=x, s=s: _bind_kernel(
-            env, x, bind_pad2d(xs, env[s], pads, n.fn.mode, n.fn.value)))
+            env, x, bind_pad2d(xs, env[s], pads, mode, value)))
         return True
 
     def _torch(self, n: Node) -> None:
@@ -794,6 +798,21 @@ class _Builder:
         slots = {r: self.slot[r] for r in n.refs()}
         label = type(n.fn).__name__ if n.op == "module" else getattr(n.fn, "__name__", str(n.fn))
         self._step(f"torch:{label}", lambda env, bufs, s=s: _bind_torch(env, n, slots, s))
+
+
+def _padding_of(m: Any) -> tuple[Callable[[int, int], tuple[int, ...]], str, float] | None:
+    """``(amounts(h, w), mode, value)`` of a 2-D padding module the engine runs itself, else None."""
+    from sparsecnn.io._graph import Pad2d
+
+    if isinstance(m, Pad2d):
+        return m.amounts, m.mode, m.value
+    modes = ((nn.ConstantPad2d, "constant"), (nn.ReflectionPad2d, "reflect"),
+             (nn.ReplicationPad2d, "replicate"))
+    for cls, mode in modes:  # ZeroPad2d is a ConstantPad2d
+        if isinstance(m, cls):
+            pads = tuple(int(p) for p in m.padding)
+            return (lambda h, w, p=pads: p), mode, float(getattr(m, "value", 0.0))
+    return None
 
 
 def pool_kind(n: Node, values: dict[str, Any]) -> str | None:

@@ -412,6 +412,15 @@ class _Importer:
     def op_Reshape(self, node, where, a, name):
         ins = self._inputs(node)
         allowzero = bool(a.get("allowzero", 0))
+        if ins[0] in self.consts and ins[1] in self.consts:  # fold at import (torch's pad arithmetic)
+            data, dims = self.consts[ins[0]], [int(d) for d in self.consts[ins[1]].reshape(-1)]
+            if not allowzero:
+                dims = [data.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+            try:
+                self.consts[node.output[0]] = data.reshape(dims)
+            except ValueError as exc:
+                raise SparseCNNError(f"{where}: cannot reshape {data.shape} to {dims} ({exc})") from None
+            return
         if ins[1] in self.consts:
             self._simple(node, where, name, Reshape(self.consts[ins[1]].reshape(-1).tolist(), allowzero))
         else:
@@ -458,6 +467,13 @@ class _Importer:
 
     def op_Concat(self, node, where, a, name):
         ins = self._inputs(node)
+        if ins and all(i in self.consts for i in ins):  # fold at import
+            try:
+                axis = int(a["axis"]) if "axis" in a else 1
+                self.consts[node.output[0]] = np.concatenate([self.consts[i] for i in ins], axis)
+            except ValueError as exc:
+                raise SparseCNNError(f"{where}: cannot concatenate its constants ({exc})") from None
+            return
         self._simple(node, where, name, Concat(int(a["axis"]) if "axis" in a else 1), n_inputs=len(ins))
 
     def op_BatchNormalization(self, node, where, a, name):
@@ -525,6 +541,53 @@ class _Importer:
 
     def op_Squeeze(self, node, where, a, name):
         self._simple(node, where, name, Squeeze(self._axes(node, where, a)))
+
+
+    # -- arithmetic on constants, folded at import: torch's exporter computes a Pad node's pads with
+    # ConstantOfShape / Concat / Reshape / Slice / Transpose / Cast (F.pad, nn.ZeroPad2d, ...)
+
+    def folded(self, node, where, *names):
+        """The constant inputs ``names``; a clear error where one is computed at run time."""
+        for n in names:
+            if n not in self.consts:
+                raise SparseCNNError(f"{where}: {node.op_type} of a tensor computed at run time is not "
+                                     f"supported (only of constants, folded at import)")
+        return [self.consts[n] for n in names]
+
+    def op_ConstantOfShape(self, node, where, a, name):
+        (shape,) = self.folded(node, where, self._inputs(node)[0])
+        value = a.get("value", np.zeros(1, np.float32))
+        self.consts[node.output[0]] = np.full([int(d) for d in shape.reshape(-1)], value.reshape(-1)[0],
+                                              dtype=value.dtype)
+
+    def op_Slice(self, node, where, a, name):
+        ins = self._inputs(node)
+        if self.opset < 10:
+            (data,) = self.folded(node, where, ins[0])
+            starts, ends = a.get("starts", []), a.get("ends", [])
+            axes, steps = a.get("axes", list(range(len(starts)))), [1] * len(starts)
+        else:
+            data, starts, ends = self.folded(node, where, *ins[:3])
+            axes = self.folded(node, where, ins[3])[0] if len(ins) > 3 and ins[3] else range(len(starts))
+            steps = self.folded(node, where, ins[4])[0] if len(ins) > 4 and ins[4] else [1] * len(starts)
+        index = [slice(None)] * data.ndim
+        for ax, lo, hi, st in zip(axes, np.ravel(starts), np.ravel(ends), np.ravel(steps), strict=True):
+            # ONNX clamps out-of-range starts and ends as Python slicing does (INT64_MAX means "to the end")
+            index[int(ax)] = slice(int(lo), int(hi), int(st))
+        self.consts[node.output[0]] = data[tuple(index)]
+
+    def op_Transpose(self, node, where, a, name):
+        (data,) = self.folded(node, where, self._inputs(node)[0])
+        perm = a.get("perm")
+        self.consts[node.output[0]] = np.transpose(data, None if perm is None else [int(p) for p in perm])
+
+    def op_Cast(self, node, where, a, name):
+        (data,) = self.folded(node, where, self._inputs(node)[0])
+        try:
+            dtype = self.onnx.helper.tensor_dtype_to_np_dtype(int(a["to"]))
+        except (KeyError, ValueError, TypeError):
+            raise SparseCNNError(f"{where}: Cast to an unknown type {a.get('to')!r}") from None
+        self.consts[node.output[0]] = data.astype(dtype)
 
 
 SUPPORTED_OPS: tuple[str, ...] = tuple(sorted(n[3:] for n in dir(_Importer) if n.startswith("op_")))
