@@ -365,3 +365,45 @@ def test_zoo_alexnet_exports_one_node_per_pool_and_lrn(tmp_path):
     graph = onnx.load(export_onnx(model, tmp_path / "alexnet.onnx")).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("MaxPool") == 3 and ops.count("LRN") == 2 and "Max" not in ops
+
+
+def test_a_scalar_inf_is_a_value_but_not_as_a_weight(tmp_path, rng):
+    """-inf pads a max pool (torch writes F.pad's value as a scalar Constant); a one-element weight or
+    bias that is inf is still refused."""
+    f = np.float32
+    pad = helper.make_node("Pad", ["input", "pads", "minf"], ["p"])
+    pool = helper.make_node("MaxPool", ["p"], ["output"], kernel_shape=[2, 2])
+    inits = {"pads": np.array([0, 0, 1, 0, 0, 0, 0, 1], np.int64), "minf": np.array(-np.inf, f)}
+    onnx.save(_model([pad, pool], inits), tmp_path / "ok.onnx")
+    x = rng.standard_normal((2, 3, 4, 4)).astype(f)
+    with torch.no_grad():
+        np.testing.assert_allclose(load_onnx(tmp_path / "ok.onnx")(torch.from_numpy(x)).numpy(),
+                                   _ort(tmp_path / "ok.onnx", x))
+    conv = helper.make_node("Conv", ["input", "w", "b"], ["output"], kernel_shape=[1, 1])
+    inits = {"w": rng.standard_normal((1, 3, 1, 1)).astype(f), "b": np.array([np.inf], f)}
+    onnx.save(_model([conv], inits), tmp_path / "bad.onnx")
+    with pytest.raises(SparseCNNError, match=r"the bias \('b'\) holds 1 NaN/Inf"):
+        load_onnx(tmp_path / "bad.onnx")
+
+
+def test_imported_padding_exports_as_single_nodes(tmp_path, rng):
+    """Pad2d and AvgPoolPadded go back to ONNX as one Pad / AveragePool node each, and the file runs
+    in ONNX Runtime as the original does."""
+    f = np.float32
+    nodes = [helper.make_node("Pad", ["input", "pads"], ["p0"], mode="reflect"),
+             helper.make_node("Conv", ["p0", "w"], ["c"], kernel_shape=[3, 3], strides=[2, 2],
+                              auto_pad="SAME_UPPER"),
+             helper.make_node("MaxPool", ["c"], ["m"], kernel_shape=[2, 2], pads=[0, 0, 1, 1]),
+             helper.make_node("AveragePool", ["m"], ["output"], kernel_shape=[3, 3], strides=[2, 2],
+                              auto_pad="SAME_LOWER")]
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)).astype(f),
+             "pads": np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)}
+    onnx.save(_model(nodes, inits, 13, (1, 3, 17, 15)), tmp_path / "a.onnx")
+    path = export_onnx(load_onnx(tmp_path / "a.onnx"), tmp_path / "b.onnx", input_shape=(3, 17, 15))
+    ops = [n.op_type for n in onnx.load(path).graph.node if n.op_type != "Constant"]
+    assert ops == ["Pad", "Pad", "Conv", "Pad", "MaxPool", "AveragePool"], ops
+    x = rng.standard_normal((2, 3, 17, 15)).astype(f)
+    want = np.concatenate([_ort(tmp_path / "a.onnx", x[i : i + 1]) for i in range(2)])
+    np.testing.assert_allclose(_ort(path, x), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(load_onnx(path)(torch.from_numpy(x)).numpy(), want, rtol=1e-5, atol=1e-5)

@@ -93,7 +93,10 @@ class _Importer:
             arr = np.array(self.numpy_helper.to_array(tensor))
         except Exception as exc:  # onnx raises assorted types for a malformed tensor
             raise SparseCNNError(f"{where} is malformed ({type(exc).__name__}: {exc})") from None
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        # A scalar +-inf is a value, not a diverged weight: the -inf that pads a max pool's input
+        # (torch's exporter writes F.pad's value as a Constant), a Clip bound.
+        scalar_inf = arr.size == 1 and np.isinf(arr).all()
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all() and not scalar_inf:
             raise SparseCNNError(
                 f"{where} holds {int((~np.isfinite(arr)).sum())} NaN/Inf value(s); the file is corrupt or "
                 f"its training diverged: export the model again from good weights"
@@ -116,10 +119,17 @@ class _Importer:
             out[a.name] = value
         return out
 
-    def const(self, name: str, where: str, what: str) -> np.ndarray:
+    def const(self, name: str, where: str, what: str, finite: bool = False) -> np.ndarray:
+        """Constant ``name``; with ``finite`` (weights, biases, BatchNorm statistics) no NaN or inf in
+        it, not even a single one (:meth:`_array` lets a scalar inf through as a value)."""
         if name not in self.consts:
             raise SparseCNNError(f"{where}: {what} ({name!r}) must be a constant (an initializer)")
-        return self.consts[name]
+        arr = self.consts[name]
+        if finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise SparseCNNError(f"{where}: {what} ({name!r}) holds {int((~np.isfinite(arr)).sum())} NaN/Inf "
+                                 f"value(s); the file is corrupt or its training diverged: export the model "
+                                 f"again from good weights")
+        return arr
 
     def need(self, name: str, where: str) -> None:
         """Make tensor ``name`` available at run time (a constant becomes a Constant step)."""
@@ -225,7 +235,7 @@ class _Importer:
 
     def op_Conv(self, node, where, a, name):
         ins = self._inputs(node)
-        w = self.const(ins[1], where, "the weight")
+        w = self.const(ins[1], where, "the weight", finite=True)
         if w.ndim != 4:
             raise SparseCNNError(f"{where}: only 2-D convolution is supported (weight shape {w.shape})")
         group = int(a.get("group", 1))
@@ -250,7 +260,8 @@ class _Importer:
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(w.astype(np.float32)))
             if bias is not None:
-                module.bias.copy_(torch.from_numpy(self.const(bias, where, "the bias").astype(np.float32)))
+                b = self.const(bias, where, "the bias", finite=True)
+                module.bias.copy_(torch.from_numpy(b.astype(np.float32)))
         layer = self.weight_name(ins[1]) or name
         x = self.padded(node, where, layer, ins[0], pre)
         self.add(module, layer, (x,), node.output[:1])
@@ -269,13 +280,13 @@ class _Importer:
         ins = self._inputs(node)
         if a.get("transA", 0):
             raise SparseCNNError(f"{where}: Gemm with transA=1 is not supported")
-        b = self.const(ins[1], where, "B (the weight)")
+        b = self.const(ins[1], where, "B (the weight)", finite=True)
         if b.ndim != 2:
             raise SparseCNNError(f"{where}: B must be 2-D, got shape {b.shape}")
         weight = (b if a.get("transB", 0) else b.T) * float(a.get("alpha", 1.0))
         bias = None
         if len(ins) > 2 and ins[2]:
-            c = self.const(ins[2], where, "C (the bias)")
+            c = self.const(ins[2], where, "C (the bias)", finite=True)
             try:
                 bias = np.broadcast_to(c, (1, weight.shape[0])).reshape(-1) * float(a.get("beta", 1.0))
             except ValueError:
@@ -286,7 +297,7 @@ class _Importer:
 
     def op_MatMul(self, node, where, a, name):
         ins = self._inputs(node)
-        b = self.const(ins[1], where, "the right-hand side")
+        b = self.const(ins[1], where, "the right-hand side", finite=True)
         if b.ndim != 2:
             raise SparseCNNError(f"{where}: the right-hand side must be 2-D, got shape {b.shape}")
         self._linear(node, where, name, ins[0], b.T, ins[1], None)
@@ -483,7 +494,8 @@ class _Importer:
                 f"{where}: only inference-mode BatchNormalization with 5 inputs is supported"
             )
         scale, bias, mean, var = (
-            self.const(n, where, w) for n, w in zip(ins[1:5], ("scale", "B", "mean", "var"), strict=True)
+            self.const(n, where, w, finite=True)
+            for n, w in zip(ins[1:5], ("scale", "B", "mean", "var"), strict=True)
         )
         c = scale.shape[0] if scale.ndim == 1 else -1
         if c <= 0 or any(t.shape != (c,) for t in (bias, mean, var)):
@@ -690,15 +702,75 @@ class _ExportLRN(nn.Module):
         return _LRNFunction.apply(x, self.size, self.alpha, self.beta, self.k)
 
 
+class _PadFunction(torch.autograd.Function):
+    """``F.pad`` of the last two dimensions that the exporter writes as one ONNX Pad node (torch's own
+    export computes the pads with a dozen shape nodes)."""
+
+    @staticmethod
+    def forward(ctx, x, left, right, top, bottom, mode, value):
+        pads = (left, right, top, bottom)
+        if mode == "constant":
+            return nn.functional.pad(x, pads, value=value)
+        return nn.functional.pad(x, pads, mode=mode)
+
+    @staticmethod
+    def symbolic(g, x, left, right, top, bottom, mode, value):
+        onnx_pads = g.op("Constant", value_t=torch.tensor([0, 0, top, left, 0, 0, bottom, right],
+                                                          dtype=torch.int64))
+        onnx_mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}[mode]
+        if mode != "constant":
+            return g.op("Pad", x, onnx_pads, mode_s=onnx_mode)
+        return g.op("Pad", x, onnx_pads, g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32)),
+                    mode_s=onnx_mode)
+
+
+class _ExportPad(nn.Module):
+    def __init__(self, pad: Pad2d) -> None:
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = self.pad.amounts(int(x.shape[-2]), int(x.shape[-1]))
+        return _PadFunction.apply(x, *pads, self.pad.mode, self.pad.value)
+
+
+class _AvgPoolPaddedFunction(torch.autograd.Function):
+    """:class:`AvgPoolPadded` as one ONNX AveragePool (``count_include_pad`` 0, explicit or SAME pads)."""
+
+    @staticmethod
+    def forward(ctx, x, kh, kw, sh, sw, left, right, top, bottom, same):
+        return AvgPoolPadded((kh, kw), (sh, sw), (left, right, top, bottom), same=same)(x)
+
+    @staticmethod
+    def symbolic(g, x, kh, kw, sh, sw, left, right, top, bottom, same):
+        kw_ = dict(kernel_shape_i=[kh, kw], strides_i=[sh, sw], count_include_pad_i=0)
+        if same:
+            return g.op("AveragePool", x, auto_pad_s=f"SAME_{same.upper()}", **kw_)
+        return g.op("AveragePool", x, pads_i=[top, left, bottom, right], **kw_)
+
+
+class _ExportAvgPoolPadded(nn.Module):
+    def __init__(self, pool: AvgPoolPadded) -> None:
+        super().__init__()
+        self.args = (*pool.kernel_size, *pool.stride, *pool.pad.pads, pool.pad.same)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _AvgPoolPaddedFunction.apply(x, *self.args)
+
+
 @contextlib.contextmanager
 def _for_export(model: nn.Module):
-    """A copy of ``model`` in eval mode with export-friendly layers (sparse -> dense, LRN -> one ONNX
-    node). The replacements are seeded into deepcopy's memo, so the sparse formats are never copied
-    and the caller's model is never touched."""
+    """A copy of ``model`` in eval mode with export-friendly layers (sparse -> dense, LRN, Pad2d and
+    AvgPoolPadded -> one ONNX node each). The replacements are seeded into deepcopy's memo, so the
+    sparse formats are never copied and the caller's model is never touched."""
     memo: dict[int, Any] = {}
     for m in model.modules():
         if isinstance(m, nn.LocalResponseNorm) and m.size % 2 == 1:
             memo[id(m)] = _ExportLRN(m)
+        elif isinstance(m, Pad2d):
+            memo[id(m)] = _ExportPad(m)
+        elif isinstance(m, AvgPoolPadded):
+            memo[id(m)] = _ExportAvgPoolPadded(m)
         elif _sparse.is_sparse(m):
             memo[id(m)] = _sparse.dense_module(m)
     yield copy.deepcopy(model, memo).eval()
