@@ -823,3 +823,47 @@ def test_imported_padding_runs_as_an_engine_step(tmp_path):
     assert compiled.program(tuple(x.shape)).kinds.count("pad") == 2
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 37, 70_001])  # serial, and parallel chunks with a short last one
+def test_clamp_kernel_equals_torch(n):
+    from sparsecnn.kernels.elementwise import clamp_
+
+    x = torch.randn(n) * 4
+    x[::7] = float("nan")
+    x[1::11] = float("inf")
+    x[2::13] = -float("inf")
+    for lo, hi in ((0.0, 6.0), (-1.5, 2.0), (-np.inf, 0.25), (0.5, np.inf), (1.0, 1.0)):
+        a = x.numpy().copy()
+        clamp_(a, lo, hi)
+        want = torch.clamp(x, lo, hi)
+        torch.testing.assert_close(torch.from_numpy(a), want, equal_nan=True, rtol=0, atol=0)
+
+
+class _Clamps(nn.Module):
+    """Every clamp spelling the executor runs itself (a ``clamp`` step), after convs and a linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.r6, self.ht = nn.ReLU6(), nn.Hardtanh(-0.5, 0.75)
+        self.fc = nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.r6(self.c1(x))
+        b = self.ht(self.c2(a))
+        c = F.relu6(self.c3(b)) + torch.clamp(b, min=0.1) + F.hardtanh(a, -2.0, 1.5)
+        d = c.clamp(max=0.9).flatten(1)
+        return torch.clip(self.fc(d), -0.2, 0.3)
+
+
+def test_clamps_run_as_engine_steps():
+    torch.manual_seed(0)
+    model = _Clamps().eval()
+    x = torch.randn(3, 3, 8, 8) * 3
+    compiled = sparsecnn.compile(model, x, "direct")
+    kinds = compiled.program(tuple(x.shape)).kinds
+    assert kinds.count("clamp") == 7 and not any(k.startswith("torch:") and "lamp" in k for k in kinds), kinds
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(compiled(x[:1]), model(x[:1]), rtol=1e-5, atol=1e-6)

@@ -305,10 +305,10 @@ def test_shape_arithmetic_on_run_time_tensors_is_named(tmp_path):
 
 
 def test_unsupported_operator_names_node_and_type(tmp_path):
-    nodes = [helper.make_node("Sigmoid", ["input"], ["output"], name="act7")]
+    nodes = [helper.make_node("Sin", ["input"], ["output"], name="act7")]
     path = tmp_path / "s.onnx"
     onnx.save(_model(nodes, {}), path)
-    with pytest.raises(SparseCNNError, match=r"node 'act7' \(Sigmoid\): operator 'Sigmoid' is not supported"):
+    with pytest.raises(SparseCNNError, match=r"node 'act7' \(Sin\): operator 'Sin' is not supported"):
         load_onnx(path)
 
 
@@ -407,3 +407,45 @@ def test_imported_padding_exports_as_single_nodes(tmp_path, rng):
     np.testing.assert_allclose(_ort(path, x), want, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         np.testing.assert_allclose(load_onnx(path)(torch.from_numpy(x)).numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [10, 13])
+def test_clip_and_activations_match_onnxruntime(tmp_path, rng, opset):
+    """Clip (bounds as attributes before opset 11, as inputs after, either missing), LeakyRelu,
+    Sigmoid and Tanh; in torch, in the executor and through a checkpoint."""
+    import sparsecnn
+
+    f = np.float32
+    if opset < 11:
+        clips = [helper.make_node("Clip", ["c"], ["k1"], min=0.0, max=6.0),
+                 helper.make_node("Clip", ["k1"], ["k2"], max=2.5)]
+    else:
+        clips = [helper.make_node("Clip", ["c", "zero", "six"], ["k1"]),
+                 helper.make_node("Clip", ["k1", "", "top"], ["k2"])]
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), *clips,
+             helper.make_node("LeakyRelu", ["c"], ["l"], alpha=0.2),
+             helper.make_node("Sigmoid", ["l"], ["s"]), helper.make_node("Tanh", ["c"], ["t"]),
+             helper.make_node("Add", ["k2", "s"], ["a"]), helper.make_node("Add", ["a", "t"], ["output"])]
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)).astype(f) * 3}
+    if opset >= 11:
+        inits |= {"zero": np.array(0.0, f), "six": np.array(6.0, f), "top": np.array(2.5, f)}
+    onnx.save(_model(nodes, inits, opset, (2, 3, 6, 6)), tmp_path / "a.onnx")
+    x = rng.standard_normal((2, 3, 6, 6)).astype(f)
+    want = _ort(tmp_path / "a.onnx", x)
+    model = load_onnx(tmp_path / "a.onnx")
+    kinds = {type(m).__name__ for m in model.children()}
+    assert kinds >= {"ReLU6", "Hardtanh", "LeakyReLU", "Sigmoid", "Tanh"}, kinds
+    compiled = sparsecnn.compile(model, torch.from_numpy(x), "direct")
+    assert compiled.program(x.shape).kinds.count("clamp") == 2
+    sparsecnn.save(sparsecnn.sparsify(model, "direct"), tmp_path / "a.npz")
+    with torch.no_grad():
+        for got in (model(torch.from_numpy(x)), compiled(torch.from_numpy(x)),
+                    sparsecnn.load(tmp_path / "a.npz")(torch.from_numpy(x))):
+            np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_bounds_that_are_not_an_interval_are_named(tmp_path):
+    nodes = [helper.make_node("Clip", ["input"], ["output"], min=2.0, max=1.0, name="c9")]
+    onnx.save(_model(nodes, {}, 10), tmp_path / "c.onnx")
+    with pytest.raises(SparseCNNError, match=r"'c9' \(Clip\): Clip bounds \[2.0, 1.0\] are not an interval"):
+        load_onnx(tmp_path / "c.onnx")

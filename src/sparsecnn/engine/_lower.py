@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,34 @@ def _is_relu(node: Node) -> bool:
     if node.op == "function":
         return node.fn in (torch.relu, F.relu, torch.relu_) and len(node.args) == 1
     return node.op == "method" and node.fn in ("relu", "relu_") and len(node.args) == 1
+
+
+def _clamp_of(node: Node) -> tuple[float, float] | None:
+    """``(lo, hi)`` of a clamp of one tensor to constant bounds: ``nn.ReLU6`` / ``nn.Hardtanh``,
+    ``F.relu6`` / ``F.hardtanh``, ``torch.clamp`` / ``clip`` and the methods; else None."""
+    args, kw = node.args, dict(node.kwargs)
+    if not args or not isinstance(args[0], Ref) or any(isinstance(a, Ref) for a in (*args[1:], *kw.values())):
+        return None
+    kw.pop("inplace", None)
+    if node.op == "module" and isinstance(node.fn, nn.Hardtanh) and len(args) == 1 and not kw:
+        return float(node.fn.min_val), float(node.fn.max_val)
+    if node.op == "function" and node.fn is F.relu6 and len(args) == 1 and not kw:
+        return 0.0, 6.0
+    if node.op == "function" and node.fn is F.hardtanh:
+        bounds = dict(zip(("min_val", "max_val"), args[1:], strict=False)) | kw
+        if set(bounds) <= {"min_val", "max_val"}:
+            return float(bounds.get("min_val", -1.0)), float(bounds.get("max_val", 1.0))
+        return None
+    if (node.op == "function" and node.fn in (torch.clamp, torch.clip)) or (
+            node.op == "method" and node.fn in ("clamp", "clip", "clamp_", "clip_")):
+        bounds = dict(zip(("min", "max"), args[1:], strict=False)) | kw
+        if not set(bounds) <= {"min", "max"} or all(bounds.get(k) is None for k in ("min", "max")):
+            return None
+        if any(not isinstance(v, (int, float)) for v in bounds.values() if v is not None):
+            return None
+        lo, hi = bounds.get("min"), bounds.get("max")
+        return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
+    return None
 
 
 def _is_add(node: Node) -> bool:
@@ -555,6 +584,8 @@ class _Builder:
             self._linear(n, x, shape, relu)
         elif f32 and _is_relu(n):
             self._relu(n, x, ins[0], i, shape)
+        elif f32 and (bounds := _clamp_of(n)) is not None and bounds[0] <= bounds[1]:
+            self._relu(n, x, ins[0], i, shape, bounds)
         elif f32 and _is_add(n) and all(tuple(self.values[r].shape) == shape for r in ins):
             s, _ = self._planned(n.name, shape)
             from sparsecnn.kernels.elementwise import add_relu
@@ -713,9 +744,15 @@ class _Builder:
             self._step(f"linear:{strategy}{suffix}",
                        lambda env, bufs, x=x, s=s: _bind_engine(env, x, s, layer.engine, relu))
 
-    def _relu(self, n: Node, x: int, src: str, i: int, shape: tuple[int, ...]) -> None:
-        from sparsecnn.kernels.elementwise import relu_
+    def _relu(self, n: Node, x: int, src: str, i: int, shape: tuple[int, ...],
+              bounds: tuple[float, float] | None = None) -> None:
+        """A ReLU (or, with ``bounds``, a clamp: ReLU6, Hardtanh) not fused into its producer: in place
+        where its input dies here, else into a buffer of its own."""
+        from sparsecnn.kernels.elementwise import clamp_, relu_
 
+        kind, op = "relu", relu_
+        if bounds is not None:
+            kind, op = "clamp", functools.partial(clamp_, lo=bounds[0], hi=bounds[1])
         v = self.val.get(src)
         root = self.base.get(src, src)
         dies = self.last_use.get(root, -1) <= i and root != self.nodes[0].name
@@ -723,10 +760,10 @@ class _Builder:
             # the input dies here: in place
             self._view(n.name, src, shape)
             s = self.slot[n.name]
-            self._step("relu", lambda env, bufs, s=s: _bind_relu(relu_, env, s, s))
+            self._step(kind, lambda env, bufs, s=s: _bind_relu(op, env, s, s))
             return
         s, _ = self._planned(n.name, shape)
-        self._step("relu", lambda env, bufs, x=x, s=s: _bind_relu(relu_, env, x, s))
+        self._step(kind, lambda env, bufs, x=x, s=s: _bind_relu(op, env, x, s))
 
     def _pool(self, n: Node, x: int, shape: tuple[int, ...]) -> bool:
         from sparsecnn.kernels.elementwise import bind_global_avg_pool, bind_max_pool2d

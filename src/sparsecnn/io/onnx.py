@@ -311,6 +311,37 @@ class _Importer:
     def op_Relu(self, node, where, a, name):
         self._simple(node, where, name, nn.ReLU())
 
+    def op_Clip(self, node, where, a, name):
+        """Clip(x, min, max) -> ``nn.Hardtanh`` (torch's ReLU6 exports as Clip(x, 0, 6)); bounds from
+        the attributes before opset 11, from constant inputs after; a missing bound is infinite."""
+        ins = self._inputs(node)
+        if self.opset < 11:
+            lo, hi = float(a.get("min", -math.inf)), float(a.get("max", math.inf))
+        else:
+            bounds = []
+            for i, what in ((1, "min"), (2, "max")):
+                if len(ins) > i and ins[i]:
+                    v = self.const(ins[i], where, what)
+                    if v.size != 1:
+                        raise SparseCNNError(f"{where}: Clip's {what} must be one value, got shape {v.shape}")
+                    bounds.append(float(v.reshape(-1)[0]))
+                else:
+                    bounds.append(-math.inf if what == "min" else math.inf)
+            lo, hi = bounds
+        if math.isnan(lo) or math.isnan(hi) or lo > hi:
+            raise SparseCNNError(f"{where}: Clip bounds [{lo}, {hi}] are not an interval")
+        module = nn.ReLU6() if (lo, hi) == (0.0, 6.0) else nn.Hardtanh(lo, hi)
+        self._simple(node, where, name, module)
+
+    def op_LeakyRelu(self, node, where, a, name):
+        self._simple(node, where, name, nn.LeakyReLU(float(a.get("alpha", 0.01))))
+
+    def op_Sigmoid(self, node, where, a, name):
+        self._simple(node, where, name, nn.Sigmoid())
+
+    def op_Tanh(self, node, where, a, name):
+        self._simple(node, where, name, nn.Tanh())
+
     def op_Identity(self, node, where, a, name):
         ins = list(node.input)
         if ins and ins[0] in self.consts and ins[0] not in self.blobs:

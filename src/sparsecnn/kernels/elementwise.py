@@ -19,7 +19,7 @@ import numpy as np
 from sparsecnn.kernels._numba import jit, num_threads, pjit, serial_twin
 from sparsecnn.kernels._simd import max3_cols2, max3_rows
 
-__all__ = ["add_relu", "bind_global_avg_pool", "bind_max_pool2d", "bind_pad2d", "global_avg_pool",
+__all__ = ["add_relu", "bind_global_avg_pool", "bind_max_pool2d", "bind_pad2d", "clamp_", "global_avg_pool",
            "max_pool2d", "relu_"]
 
 # Below this many elements a parallel launch (~2 us) costs more than the pass itself.
@@ -41,6 +41,40 @@ def _relu_parallel(a, chunk):
     for c in numba.prange((n + chunk - 1) // chunk):
         lo = c * chunk
         _relu_serial(a[lo : min(n, lo + chunk)])
+
+
+@jit
+def _clamp_serial(a, lo, hi):
+    for i in range(a.size):
+        v = a[i]
+        if v < lo:  # NaN compares false both ways and is kept, as torch.clamp keeps it
+            a[i] = lo
+        elif v > hi:
+            a[i] = hi
+
+
+@pjit
+def _clamp_parallel(a, lo, hi, chunk):
+    """Chunks handed to the serial loop (see :func:`_relu_parallel`)."""
+    n = a.size
+    for c in numba.prange((n + chunk - 1) // chunk):
+        lo_ = c * chunk
+        _clamp_serial(a[lo_ : min(n, lo_ + chunk)], lo, hi)
+
+
+def clamp_(a: np.ndarray, lo: float, hi: float) -> None:
+    """``a = min(max(a, lo), hi)`` in place, NaN kept (``torch.clamp``, ``nn.ReLU6``, ``nn.Hardtanh``).
+
+    Parameters
+    ----------
+    a : ndarray, shape (n,), float32, C-contiguous
+    lo, hi : float
+        Bounds, ``lo <= hi``; -inf / inf for none.
+    """
+    if a.size >= _PARALLEL_MIN:
+        _clamp_parallel(a, np.float32(lo), np.float32(hi), 1 << 14)
+    else:
+        _clamp_serial(a, np.float32(lo), np.float32(hi))
 
 
 def relu_(a: np.ndarray) -> None:
