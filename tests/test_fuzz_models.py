@@ -1,7 +1,7 @@
 """Whole generated models through the executor (hypothesis): random CNNs of convs (any kernel, stride,
 padding, dilation, groups), BatchNorm, ReLU, residual adds with and without a downsampling branch,
 channel concatenation, max pooling, LRN, asymmetric padding modules (zero, constant, reflect,
-replicate), global average pooling and linear heads, pruned at random
+replicate), depthwise convs with ReLU6, global average pooling and linear heads, pruned at random
 densities (all-zero layers included), as torch modules, exported to ONNX and imported back, or
 written as Caffe prototxt + caffemodel and imported, compiled with one strategy, a random strategy
 per layer, or the cost-model plan (half the torch-route models with SSL-like zero filters and
@@ -110,7 +110,7 @@ def models_and_inputs(draw):
         return m, ho, wo
 
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["conv", "conv", "res", "cat", "pool", "lrn", "pad"]))
+        kind = draw(st.sampled_from(["conv", "conv", "res", "cat", "pool", "lrn", "pad", "depthwise"]))
         if kind == "conv":
             cout = scale * draw(st.integers(1, 8))
             m, h, w = conv(c, cout, h, w)
@@ -143,6 +143,14 @@ def models_and_inputs(draw):
             if min(h, w) + 2 * p >= k and min(ho, wo) >= 1:
                 ops.append(("layer", add(nn.MaxPool2d(k, s, p, ceil_mode=ceil))))
                 h, w = ho, wo
+        elif kind == "depthwise" and c > 1:  # MobileNet's: one filter per channel (kernels.depthwise)
+            m, h2, w2 = conv(c, c, h, w)
+            m = nn.Conv2d(c, c, m.kernel_size, m.stride, m.padding, m.dilation, groups=c,
+                          bias=m.bias is not None)
+            ops.append(("layer", add(m)))
+            h, w = h2, w2
+            if draw(st.booleans()):
+                ops.append(("layer", add(nn.ReLU6())))
         elif kind == "pad":  # asymmetric padding as torch modules (ONNX Pad nodes on the ONNX route)
             pads = tuple(draw(st.integers(0, 2)) for _ in range(4))  # left, right, top, bottom
             mode = draw(st.sampled_from(["zero", "constant", "reflect", "replicate"]))
@@ -309,8 +317,8 @@ def _caffe_layers(model: _Net) -> list | None:
                                 f"pooling_param {{ pool: MAX kernel_size: {m.kernel_size} stride: {m.stride} "
                                 f"pad: {m.padding} }}"))
             x = layers[-1].top[0]
-        elif isinstance(m, (nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)):
-            return None  # Caffe has no padding layer
+        elif isinstance(m, (nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ReLU6)):
+            return None  # Caffe has no padding layer, no ReLU6
         elif isinstance(m, nn.LocalResponseNorm):
             top = f"lrn{next(count)}"
             layers.append(Layer(top, "LRN", [x], [top], f"lrn_param {{ local_size: {m.size} alpha: {m.alpha} "

@@ -76,9 +76,11 @@ CONV_CASES = [
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"b{c[0]}c{c[1]}-{c[2]}k{c[4]}s{c[5]}g{c[8]}")
 def test_direct_conv_matches_torch(case, sparsity, mode, rng):
+    from sparsecnn.kernels.depthwise import is_depthwise
+
     with direct_mode(mode):
         prep, *_ = _conv_case(rng, *case, sparsity)
-    if mode == "grouped":
+    if mode == "grouped" and not is_depthwise(prep):  # depthwise layers run kernels.depthwise
         assert (next(iter(prep._workspaces.values())).grouped is not None) == (prep.nnz > 0)
 
 
@@ -669,3 +671,62 @@ def test_direct_conv_takes_filter_groups_on_wide_planes(cin, k, hw, sparsity, gr
     assert (prep.workspace(x.shape).grouped is not None) == grouped
     ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=k // 2).numpy()
     assert_close(out, ref)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=st.integers(2, 40), h=st.integers(1, 30), w=st.integers(1, 30), kh=st.integers(1, 5),
+       kw=st.integers(1, 5), sh=st.integers(1, 4), sw=st.integers(1, 4), ph=st.integers(0, 2),
+       pw=st.integers(0, 2), dh=st.integers(1, 2), dw=st.integers(1, 2), batch=st.sampled_from([1, 2, 3]),
+       sparsity=st.sampled_from([0.0, 0.5, 1.0]),
+       relu=st.booleans(), res=st.booleans(), bias=st.booleans(), padded=st.booleans(),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_depthwise_kernel_matches_torch(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, relu, res,
+                                        bias, padded, threads, seed):
+    """Depthwise layers (``kernels.depthwise``, under the direct strategy) on generated geometry, bound
+    and unbound, with ReLU, a residual, planes padded to whole vectors, one or two threads; and the
+    same outputs as the direct kernel's general path."""
+    from sparsecnn.kernels.conv import bind_direct_conv2d, padded_plane
+    from sparsecnn.kernels.depthwise import is_depthwise
+
+    if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1:
+        return
+    rng = np.random.default_rng(seed)
+    wt = random_sparse(rng, (c, 1, kh, kw), sparsity)
+    wt[rng.integers(c)] = 0.0  # an all-zero filter: its output is the bias
+    x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
+    bv = rng.standard_normal(c).astype(np.float32) if bias else None
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), None if bv is None else torch.from_numpy(bv),
+                   (sh, sw), (ph, pw), (dh, dw), c)
+    r = torch.from_numpy(rng.standard_normal(tuple(ref.shape)).astype(np.float32))
+    ref = ((ref + r) if res else ref).clamp_min(0) if relu else (ref + r) if res else ref
+    prep = prepare_direct(wt, c, (sh, sw), (ph, pw), (dh, dw))
+    assert is_depthwise(prep)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        out = np.full(ref.shape, np.nan, dtype=np.float32)
+        direct_conv2d(prep, x, bv, out, relu=relu, residual=r.numpy() if res else None)
+        assert_close(out, ref.numpy(), what="depthwise direct_conv2d")
+        ho, wo = ref.shape[2:]
+        xs, os_ = (padded_plane(h, w), padded_plane(ho, wo)) if padded else (0, 0)
+        xin = x.reshape(batch, c, h * w)
+        if padded:
+            xin = np.zeros((batch, c, xs), np.float32)
+            xin[:, :, : h * w] = x.reshape(batch, c, h * w)
+        bound = np.full((batch, c, os_) if padded else ref.shape, np.nan, dtype=np.float32)
+        rin = None
+        if res:
+            rin = np.zeros(bound.shape, np.float32)
+            rin.reshape(batch, c, -1)[:, :, : ho * wo] = r.numpy().reshape(batch, c, -1)
+        run = bind_direct_conv2d(prep, x.shape, bv, bound, relu, in_stride=xs, out_stride=os_)
+        run(xin) if rin is None else run(xin, rin)
+        got = bound.reshape(batch, c, -1)[:, :, : ho * wo].reshape(ref.shape)
+        assert_close(got, ref.numpy(), what="bound depthwise")
+        with contextlib.ExitStack() as stack:
+            stack.callback(setattr, conv, "DEPTHWISE", True)
+            conv.DEPTHWISE = False
+            general = np.full(ref.shape, np.nan, dtype=np.float32)
+            direct_conv2d(prep, x, bv, general, relu=relu, residual=r.numpy() if res else None)
+        np.testing.assert_allclose(out, general, rtol=1e-6, atol=1e-6)
+    finally:
+        numba.set_num_threads(before)

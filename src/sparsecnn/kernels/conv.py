@@ -225,6 +225,9 @@ def split_by_image(batch: int, nparts: int) -> bool:
     return nparts > 1 and batch >= nparts and (batch % nparts == 0 or batch >= 4 * nparts)
 
 
+# Off: depthwise layers run the direct kernel's general path, not kernels.depthwise (the A/B baseline).
+DEPTHWISE = True
+
 # Below this many multiply-adds per call (nonzeros x span x batch) a bound layer runs the serial twins
 # of the kernels: a parallel launch (~2.5 us) costs more than a second thread saves (LeNet-5's layers).
 _SERIAL_MACS = 1 << 16
@@ -397,9 +400,14 @@ class ConvPrepBase:
         e.g. the implicit GEMM's layouts), built on first use."""
         nparts = num_threads()
         key = (*x_shape, nparts, *variant)
+        return self.cached(key, lambda: self._build_workspace(x_shape, nparts, *variant))
+
+    def cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """The calling thread's value for ``key``, ``build()`` on first use (the per-thread workspace
+        cache, for other kernels of the same weights: :mod:`sparsecnn.kernels.depthwise`)."""
         ws = self._workspaces.get(key)
         if ws is None:
-            ws = self._build_workspace(x_shape, nparts, *variant)
+            ws = build()
             self._workspaces[key] = ws
         return ws
 
@@ -662,6 +670,16 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     residual : ndarray, shape (B, Cout, Hout, Wout), float32, optional
         Added to the convolution before the ReLU; must not share memory with ``out``.
     """
+    if DEPTHWISE:
+        from sparsecnn.kernels.depthwise import bind_depthwise_conv2d, is_depthwise
+
+        if is_depthwise(prep):
+            dst = out if out.flags.c_contiguous else np.empty(out.shape, dtype=np.float32)
+            res = None if residual is None else _residual(residual, out, "direct_conv2d")
+            bind_depthwise_conv2d(prep, tuple(x.shape), bias, dst, relu)(x, res)
+            if dst is not out:
+                out[...] = dst
+            return
     ws = prep.workspace(x.shape)
     copy = not _reads_in_place(ws, x, 0)  # else the layout is x itself (stride 1, no padding)
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
@@ -776,6 +794,11 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
         ``run(x)`` with ``x`` of shape ``x_shape``, float32.
     """
     x_shape = tuple(int(v) for v in x_shape)
+    if DEPTHWISE:
+        from sparsecnn.kernels.depthwise import bind_depthwise_conv2d, is_depthwise
+
+        if is_depthwise(prep):
+            return bind_depthwise_conv2d(prep, x_shape, bias, out, relu, in_stride, out_stride)
     want = prep.output_shape(x_shape)
     if out_stride:
         if out_stride != padded_plane(*want[2:]):

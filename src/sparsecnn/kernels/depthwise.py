@@ -1,0 +1,164 @@
+"""Depthwise convolution (one filter per input channel, ``groups == Cin == Cout``: MobileNet's 3x3
+layers) for the ``direct`` strategy: each channel phase-copied into a small buffer of the thread's
+and convolved from there at once.
+
+The direct kernel (:mod:`sparsecnn.kernels.conv`) phase-copies the whole input before it starts, all
+threads together, and then reads it back: right for a layer whose every filter reads every channel,
+but a depthwise filter reads one channel and at most ``kh * kw`` taps of it. On such layers the copy,
+the read back and the crop moved 2-3x the bytes of one pass (MobileNet-v2's 96-channel 112 x 112
+stride-2 layer: 0.39 ms at batch 1 on two threads). Here a thread takes a range of (image, channel)
+planes; for each it copies the plane into its own phase planes (the padding stays zero: every plane
+of the layer writes the same pixel region), runs the filter's nonzero taps over the wide rows in
+register tiles (:func:`sparsecnn.kernels._simd.span_tile`, as the direct kernel's per-filter tiles)
+into a wide buffer of its own, and crops the valid columns into ``out`` with the bias, the residual
+and the ReLU (:func:`sparsecnn.kernels.conv._crop`). The copied plane and the wide rows stay in L1 or
+L2 from the copy to the crop.
+
+Measured (Zen 4, 2 threads, batch 1, scratch): see docs/engine.md, "Session of 2026-12-07
+(eighteenth)".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from sparsecnn.kernels._numba import aligned_zeros, num_threads, pjit, serial_twin
+from sparsecnn.kernels._simd import NV_MAX, VW, span_tile, tile_split
+from sparsecnn.kernels.conv import DirectConvPrep, _copy_channels, _crop, padded_plane, phase_layout
+
+__all__ = ["bind_depthwise_conv2d", "is_depthwise"]
+
+# Below this many multiply-adds per call the serial twin runs (no parallel launch), as in conv.py.
+_SERIAL_MACS = 1 << 16
+
+
+def is_depthwise(prep: DirectConvPrep) -> bool:
+    """Whether ``prep`` is a depthwise convolution: one filter per group, each reading one channel."""
+    cout, cin_g, _, _ = prep.weight_shape
+    return cin_g == 1 and prep.groups == cout and cout > 1
+
+
+@dataclass(eq=False)
+class _DepthwiseWorkspace:
+    """One calling thread's buffers for inputs of one shape: per numba thread a channel's phase planes
+    (zero padding, slack for the tiles' last vectors) and the wide output rows."""
+
+    planes: np.ndarray  # (nparts, nph * plane + slack)
+    wide: np.ndarray  # (nparts, whole vectors of span + 2 * VW)
+    copies: np.ndarray
+    geo: np.ndarray
+    offsets: np.ndarray  # (nnz,) int64: each tap's span offset inside one channel's phase planes
+    ptr: np.ndarray  # (C + 1,) int64: the taps of channel c are ptr[c]:ptr[c + 1]
+    span: int
+    wph: int
+    hout: int
+    wout: int
+
+
+def _workspace(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
+               in_stride: int) -> _DepthwiseWorkspace:
+    nparts = num_threads()
+
+    def build() -> _DepthwiseWorkspace:
+        _, _, kh, kw = prep.weight_shape
+        lay = phase_layout(x_shape, (kh, kw), prep.stride, prep.padding, prep.dilation)
+        idx = prep.indices.astype(np.int64)  # (ci * kh + r) * kw + s with ci = 0
+        r, s = np.divmod(idx, kw)
+        offsets = lay.offsets(np.zeros_like(r), r, s)
+        nvec = -(-lay.span // VW)
+        return _DepthwiseWorkspace(
+            planes=aligned_zeros((nparts, lay.nph * lay.plane + 2 * VW + prep.padding[1])),
+            wide=aligned_zeros((nparts, (nvec + 2) * VW)),
+            copies=lay.copies,
+            geo=lay.geometry((1, *x_shape[1:]), in_stride),
+            offsets=np.ascontiguousarray(offsets, dtype=np.int64),
+            ptr=prep.indptr.astype(np.int64),
+            span=lay.span, wph=lay.wph, hout=lay.hout, wout=lay.wout)
+
+    return prep.cached(("depthwise", *x_shape, nparts, in_stride), build)
+
+
+@pjit
+def _depthwise_kernel(x, cstride, planes, wide, copies, geo, offs, data, ptr, bias, has_bias, out, ostride,
+                      hout, wout, wph, span, relu, res, has_res):
+    """Planes ``(b, c)`` in contiguous ranges per thread: copy, tiles, crop (see the module docstring).
+    NOTE: x (B, C * cstride), out and res (B, C * ostride) C-contiguous; offs/copies/geo from the
+    workspace of this shape; planes and wide rows per part as the workspace sizes them."""
+    nb = x.shape[0]
+    c = ptr.size - 1
+    nparts = planes.shape[0]
+    items = nb * c
+    nvec = (span + VW - 1) // VW
+    ntiles = (nvec + NV_MAX - 1) // NV_MAX
+    for part in numba.prange(nparts):
+        p = planes[part]
+        w = wide[part]
+        for item in range(part * items // nparts, (part + 1) * items // nparts):
+            b = item // c
+            ch = item - b * c
+            _copy_channels(x[b, ch * cstride : (ch + 1) * cstride], p, copies, geo, 0, 1)
+            init = bias[ch] if has_bias else np.float32(0.0)
+            for t in range(ntiles):
+                v0, nv = tile_split(nvec, t, ntiles)
+                span_tile(p, offs, data, ptr[ch], ptr[ch + 1], v0 * VW, w, v0 * VW, nv, nv * VW, init,
+                          False, 1, False)
+            _crop(w, span, out[b], ch * ostride, 0, wph, wout, hout, relu, res[b], has_res)
+
+
+_depthwise_kernel_serial = serial_twin(_depthwise_kernel)
+
+
+def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int], bias: np.ndarray | None,
+                          out: np.ndarray, relu: bool = False, in_stride: int = 0,
+                          out_stride: int = 0) -> Callable[..., None]:
+    """``run(x)`` / ``run(x, res)``: the depthwise ``prep`` as :func:`sparsecnn.kernels.conv.
+    bind_direct_conv2d` binds a direct conv (same arguments and strides; ``x`` read in place, never
+    past its planes). Uses the calling thread's buffers: call it from the thread that bound it.
+
+    Parameters
+    ----------
+    prep : DirectConvPrep
+        A depthwise layer (:func:`is_depthwise`).
+    x_shape : tuple of int, (B, C, H, W)
+    bias : ndarray, shape (C,), float32, or None
+    out : ndarray, shape (B, C, Hout, Wout) (or (B, C, out_stride)), float32, C-contiguous
+    relu : bool
+    in_stride, out_stride : int
+        Channel strides of planes padded to whole vectors (:func:`sparsecnn.kernels.conv.padded_plane`),
+        or 0.
+    """
+    if not is_depthwise(prep):
+        raise ValueError("bind_depthwise_conv2d: the layer is not depthwise")
+    x_shape = tuple(int(v) for v in x_shape)
+    nb, _, h, w = x_shape
+    want = prep.output_shape(x_shape)
+    if out_stride:
+        if out_stride != padded_plane(*want[2:]):
+            raise ValueError(f"bind_depthwise_conv2d: out_stride {out_stride} is not the padded plane of "
+                             f"{want}")
+        want = (*want[:2], out_stride)
+    if not out.flags.c_contiguous or out.shape != want:
+        raise ValueError(f"bind_depthwise_conv2d: out must be C-contiguous of shape {want}")
+    cstride = in_stride or h * w
+    if in_stride and in_stride != padded_plane(h, w):
+        raise ValueError(f"bind_depthwise_conv2d: in_stride {in_stride} is not the padded plane of {x_shape}")
+    ws = _workspace(prep, x_shape, in_stride)
+    ostride = out_stride or ws.hout * ws.wout
+    flat = out.reshape(nb, -1)
+    has_bias = bias is not None
+    b = bias if has_bias else prep.data[:0]
+    small = prep.nnz * ws.span * nb < _SERIAL_MACS
+    kernel = _depthwise_kernel_serial if small else _depthwise_kernel
+    args = (cstride, ws.planes, ws.wide, ws.copies, ws.geo, ws.offsets, prep.data, ws.ptr, b, has_bias,
+            flat, ostride, ws.hout, ws.wout, ws.wph, ws.span, bool(relu))
+
+    def run(x: np.ndarray, res: np.ndarray | None = None) -> None:
+        xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+        tail = (flat, False) if res is None else (res.reshape(nb, -1), True)
+        kernel(xc.reshape(nb, -1), *args, *tail)
+
+    return run
