@@ -1,0 +1,161 @@
+"""A pruned MobileNet-v2 end to end: depthwise layers (``kernels.depthwise``) and ReLU6 clamp steps.
+
+``python -m benchmarks.mobilenet [--sparsity 0.7] [--batch 1] [--turns 5] [--threads 2]`` builds
+MobileNet-v2 (Sandler et al. 2018: 17 inverted-residual blocks, width 1.0, 224 x 224, ReLU6;
+defined here, not in the zoo), prunes its 1x1 layers and classifier by magnitude to ``--sparsity``
+(the depthwise layers stay dense, as pruning them saves little), and times, interleaved in turns:
+torch dense, ONNX Runtime on the same model (when installed; thread spinning off), and the compiled
+model with the same ``"auto"`` plan twice: ``general`` with ``kernels.conv.DEPTHWISE`` off (depthwise
+layers through the direct kernel's general path) and ``depthwise`` as the library stands. Outputs
+are checked against torch first. ``--layers`` times MobileNet-v2's depthwise layer shapes alone
+instead (the general path, the depthwise kernel and torch's conv, batch ``--batch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsecnn
+from benchmarks.end_to_end import _interleaved, compile_under
+from sparsecnn.bench.harness import check_close, set_threads
+from sparsecnn.bench.peers import model_peers
+from sparsecnn.bench.placement import probe_cores
+from sparsecnn.kernels import conv
+
+# (expansion t, output channels c, repeats n, first stride s), as in the paper's Table 2
+SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+            (6, 320, 1, 1))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, t: int) -> None:
+        super().__init__()
+        mid = cin * t
+        layers: list[nn.Module] = []
+        if t != 1:
+            layers += [nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6()]
+        layers += [nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
+                   nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.body = nn.Sequential(*layers)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) if self.skip else self.body(x)
+
+
+def mobilenet_v2(num_classes: int = 1000) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6()]
+    cin = 32
+    for t, c, n, s in SETTINGS:
+        for i in range(n):
+            layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+            cin = c
+    layers += [nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6(), nn.AdaptiveAvgPool2d(1),
+               nn.Flatten(), nn.Dropout(0.2), nn.Linear(1280, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def pruned(sparsity: float, seed: int = 0) -> nn.Sequential:
+    """MobileNet-v2 with random weights, BatchNorm statistics away from the identity, and the 1x1
+    layers and the classifier pruned by magnitude (per layer) to ``sparsity``."""
+    torch.manual_seed(seed)
+    model = mobilenet_v2().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+            elif isinstance(m, (nn.Conv2d, nn.Linear)) and not (isinstance(m, nn.Conv2d) and m.groups > 1):
+                w = m.weight
+                k = int(sparsity * w.numel())
+                if k:
+                    w[w.abs() <= w.abs().flatten().kthvalue(k).values] = 0.0
+    return model
+
+
+def _layers(batch: int, turns: int) -> None:
+    from sparsecnn.kernels.conv import bind_direct_conv2d, prepare_direct
+
+    rng = np.random.default_rng(0)
+    print(f"{'layer':22s} {'general':>9s} {'depthwise':>9s} {'torch':>9s} {'gain':>7s}")
+    shapes, hw, cin = [], 112, 32
+    for t, c, n, s in SETTINGS:
+        for i in range(n):
+            stride = s if i == 0 else 1
+            shapes.append((cin * t, hw, stride))
+            hw //= stride
+            cin = c
+    for c, hw, s in sorted(set(shapes), key=lambda v: (-v[1], v[0])):
+        w = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+        x = rng.standard_normal((batch, c, hw, hw)).astype(np.float32)
+        bias = rng.standard_normal(c).astype(np.float32)
+        prep = prepare_direct(w, c, (s, s), (1, 1), (1, 1))
+        ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bias), s, 1, 1, c)
+        outs = [np.empty(tuple(ref.shape), np.float32) for _ in range(2)]
+        runs = []
+        for flag, out in zip((False, True), outs, strict=True):
+            conv.DEPTHWISE = flag
+            runs.append(bind_direct_conv2d(prep, x.shape, bias, out))
+        conv.DEPTHWISE = True
+        for run, out in zip(runs, outs, strict=True):
+            run(x)
+            check_close(torch.from_numpy(out), ref, what=f"depthwise {c}@{hw} s{s}")
+        xt, wt, bt = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bias)
+        fns = [lambda r=run, v=x: r(v) for run in runs]
+        fns.append(lambda a=(xt, wt, bt, s, 1, 1, c): F.conv2d(*a))
+        t = _interleaved(fns, turns * 3, 5, 0.0)
+        print(f"{c:4d} x {hw:3d}x{hw:<3d} s{s}       {t[0] * 1e3:9.3f} {t[1] * 1e3:9.3f} {t[2] * 1e3:9.3f} "
+              f"{t[0] / t[1]:6.2f}x", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.mobilenet", description=__doc__.split("\n")[0])
+    ap.add_argument("--sparsity", type=float, default=0.7)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", action="store_true", help="the depthwise layer shapes alone")
+    ap.add_argument("--plans", default="bench-results/plans.json")
+    args = ap.parse_args(argv)
+    if not 0.0 <= args.sparsity < 1.0:
+        ap.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    threads = set_threads(args.threads)
+    print(f"MobileNet-v2, batch {args.batch}, {threads} threads (torch, numba, ONNX Runtime); ms, medians")
+    if args.layers:
+        _layers(args.batch, args.turns)
+        return 0
+    model = pruned(args.sparsity)
+    x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    plan = dict(sparsecnn.compile(model, x, "auto", plan_path=args.plans).plan)
+    general = compile_under(model, x, plan, [(conv, "DEPTHWISE", False)])
+    now = compile_under(model, x, plan, [])
+    fns = {"torch": lambda: model(x), "general": lambda: general(x), "depthwise": lambda: now(x)}
+    with torch.inference_mode():
+        ref = model(x)
+        peer = model_peers(model, x, threads=threads).get("onnxruntime")
+        if peer is not None:
+            fns = {"torch": fns["torch"], "ort": peer, **{k: v for k, v in fns.items() if k != "torch"}}
+        for name, fn in fns.items():
+            check_close(fn(), ref, rtol=1e-4, what=f"mobilenet-v2 {name}")
+        print(f"plan: {sorted(set(plan.values()))}; steps: clamp x{now.steps(tuple(x.shape)).count('clamp')}")
+        print(f"{'cores':6s} " + " ".join(f"{k:>9s}" for k in fns) + f" {'dw gain':>8s} {'vs torch':>8s}"
+              + (f" {'vs ort':>7s}" if "ort" in fns else ""))
+        gains = []
+        for _ in range(args.turns):
+            cores = probe_cores().label
+            t = dict(zip(fns, _interleaved(list(fns.values()), 5, 5, 0.05), strict=True))
+            gains.append(t["general"] / t["depthwise"])
+            vs_ort = f" {t['ort'] / t['depthwise']:6.2f}x" if "ort" in t else ""
+            print(f"{cores:6s} " + " ".join(f"{v * 1e3:9.3f}" for v in t.values())
+                  + f" {gains[-1]:7.3f}x {t['torch'] / t['depthwise']:7.2f}x{vs_ort}", flush=True)
+    print(f"median depthwise-kernel gain over the general path: {float(np.median(gains)):.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
