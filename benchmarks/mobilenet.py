@@ -6,9 +6,11 @@ defined here, not in the zoo), prunes its 1x1 layers and classifier by magnitude
 (the depthwise layers stay dense, as pruning them saves little), and times, interleaved in turns:
 torch dense, ONNX Runtime on the same model (when installed; thread spinning off), and the compiled
 model with the same ``"auto"`` plan twice: ``general`` with ``kernels.conv.DEPTHWISE`` off (depthwise
-layers through the direct kernel's general path) and ``depthwise`` as the library stands. Outputs
-are checked against torch first. ``--layers`` times MobileNet-v2's depthwise layer shapes alone
-instead (the general path, the depthwise kernel and torch's conv, batch ``--batch``).
+layers through the direct kernel's general path, each ReLU6 a ``clamp`` step of its own) and
+``depthwise`` as the library stands (``kernels.depthwise``, the ReLU6 after it fused:
+``conv:direct+clamp``). Outputs are checked against torch first. ``--layers`` times MobileNet-v2's
+depthwise layer shapes alone instead (the general path, the depthwise kernel and torch's conv,
+batch ``--batch``).
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             fns = {"torch": fns["torch"], "ort": peer, **{k: v for k, v in fns.items() if k != "torch"}}
         for name, fn in fns.items():
             check_close(fn(), ref, rtol=1e-4, what=f"mobilenet-v2 {name}")
-        print(f"plan: {sorted(set(plan.values()))}; steps: clamp x{now.steps(tuple(x.shape)).count('clamp')}")
+        steps = now.steps(tuple(x.shape))
+        print(f"plan: {sorted(set(plan.values()))}; steps: {sum('+clamp' in k for k in steps)} fused ReLU6, "
+              f"{steps.count('clamp')} clamp")
         print(f"{'cores':6s} " + " ".join(f"{k:>9s}" for k in fns) + f" {'dw gain':>8s} {'vs torch':>8s}"
               + (f" {'vs ort':>7s}" if "ort" in fns else ""))
         gains = []

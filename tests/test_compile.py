@@ -867,3 +867,31 @@ def test_clamps_run_as_engine_steps():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(compiled(x[:1]), model(x[:1]), rtol=1e-5, atol=1e-6)
+
+
+def test_relu6_fuses_into_a_depthwise_conv():
+    """A clamp whose input is a depthwise conv run ``direct`` (its only reader) is that conv's epilogue
+    (``conv:direct+clamp``); elsewhere, and with ``FUSE_CLAMP`` off, a ``clamp`` step."""
+    from sparsecnn.engine import _lower
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU6(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU6(),
+                          nn.Conv2d(8, 8, 3, 2, 1, groups=8), nn.Hardtanh(-0.25, 0.5)).eval()
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(4)
+    x = torch.randn(2, 3, 12, 11)
+    fused = sparsecnn.compile(model, x, "direct")
+    kinds = fused.program(tuple(x.shape)).kinds
+    assert kinds == ["conv:direct", "clamp", "conv:direct+clamp", "conv:direct+clamp"], kinds
+    _lower.FUSE_CLAMP = False
+    try:
+        separate = sparsecnn.compile(model, x, "direct")
+        assert separate.program(tuple(x.shape)).kinds.count("clamp") == 3
+    finally:
+        _lower.FUSE_CLAMP = True
+    with torch.no_grad():
+        for compiled in (fused, separate):
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(compiled(x[:1]), model(x[:1]), rtol=1e-5, atol=1e-6)

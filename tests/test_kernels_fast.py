@@ -677,14 +677,16 @@ def test_direct_conv_takes_filter_groups_on_wide_planes(cin, k, hw, sparsity, gr
 @given(c=st.integers(2, 40), h=st.integers(1, 30), w=st.integers(1, 30), kh=st.integers(1, 5),
        kw=st.integers(1, 5), sh=st.integers(1, 4), sw=st.integers(1, 4), ph=st.integers(0, 2),
        pw=st.integers(0, 2), dh=st.integers(1, 2), dw=st.integers(1, 2), batch=st.sampled_from([1, 2, 3]),
-       sparsity=st.sampled_from([0.0, 0.5, 1.0]),
-       relu=st.booleans(), res=st.booleans(), bias=st.booleans(), padded=st.booleans(),
+       sparsity=st.sampled_from([0.0, 0.5, 1.0]), act=st.sampled_from(["none", "relu", "clamp"]),
+       res=st.booleans(), bias=st.booleans(), padded=st.booleans(),
        threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
-def test_depthwise_kernel_matches_torch(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, relu, res,
+def test_depthwise_kernel_matches_torch(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, act, res,
                                         bias, padded, threads, seed):
     """Depthwise layers (``kernels.depthwise``, under the direct strategy) on generated geometry, bound
-    and unbound, with ReLU, a residual, planes padded to whole vectors, one or two threads; and the
-    same outputs as the direct kernel's general path."""
+    and unbound, with ReLU or a clamp (bound only: the executor's fused ReLU6), a residual, planes
+    padded to whole vectors, one or two threads; and the same outputs as the direct kernel's general
+    path."""
+    relu = act == "relu"
     from sparsecnn.kernels.conv import bind_direct_conv2d, padded_plane
     from sparsecnn.kernels.depthwise import is_depthwise
 
@@ -718,10 +720,11 @@ def test_depthwise_kernel_matches_torch(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw,
         if res:
             rin = np.zeros(bound.shape, np.float32)
             rin.reshape(batch, c, -1)[:, :, : ho * wo] = r.numpy().reshape(batch, c, -1)
-        run = bind_direct_conv2d(prep, x.shape, bv, bound, relu, in_stride=xs, out_stride=os_)
+        clamp = (-0.5, 0.75) if act == "clamp" else None
+        run = bind_direct_conv2d(prep, x.shape, bv, bound, relu, in_stride=xs, out_stride=os_, clamp=clamp)
         run(xin) if rin is None else run(xin, rin)
         got = bound.reshape(batch, c, -1)[:, :, : ho * wo].reshape(ref.shape)
-        assert_close(got, ref.numpy(), what="bound depthwise")
+        assert_close(got, (ref.clamp(*clamp) if clamp else ref).numpy(), what="bound depthwise")
         with contextlib.ExitStack() as stack:
             stack.callback(setattr, conv, "DEPTHWISE", True)
             conv.DEPTHWISE = False

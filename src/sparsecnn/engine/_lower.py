@@ -71,6 +71,17 @@ def _clamp_of(node: Node) -> tuple[float, float] | None:
     return None
 
 
+def _depthwise_direct(node: Node) -> bool:
+    """A depthwise conv that runs ``direct`` (:mod:`sparsecnn.kernels.depthwise`, which fuses a clamp)."""
+    from sparsecnn.kernels import conv
+    from sparsecnn.kernels.depthwise import is_depthwise
+    from sparsecnn.layers import SparseConv2d
+
+    layer = node.fn if node.op == "module" else None
+    return (isinstance(layer, SparseConv2d) and layer.strategy == "direct" and conv.DEPTHWISE
+            and is_depthwise(layer.engine.format))
+
+
 def _is_add(node: Node) -> bool:
     from sparsecnn.io._graph import Binary, Eltwise
 
@@ -290,6 +301,7 @@ class _Builder:
         self.free: list[_Buf] = []
         self.fused: set[str] = set()  # ReLU nodes folded into their producer
         self.relu_after: set[str] = set()  # producers that apply the ReLU themselves
+        self.clamp_after: dict[str, tuple[float, float]] = {}  # depthwise convs that apply a clamp
         # conv -> (the other input, the add): residual adds a direct conv may take into its epilogue
         self.residual_of: dict[str, tuple[str, str]] = {}
         self.add_into: dict[str, str] = {}  # add -> the conv that computed it (the add is its view)
@@ -376,7 +388,8 @@ class _Builder:
             if n.op == "input" or (any(r in dynamic for r in n.refs())
                                    and not _shape_like(self.values[n.name])):
                 dynamic.add(n.name)
-        # which ReLUs fuse into their producer (conv, linear, add) as its epilogue
+        # which ReLUs fuse into their producer (conv, linear, add) as its epilogue; which clamps (ReLU6)
+        # into a depthwise conv run by kernels.depthwise
         for n in self.nodes:
             if _is_relu(n) and isinstance(n.args[0], Ref):
                 src = by_name[n.args[0].name]
@@ -384,6 +397,11 @@ class _Builder:
                                                   or _is_add(src)):
                     self.fused.add(n.name)
                     self.relu_after.add(src.name)
+            elif (bounds := _clamp_of(n)) is not None and bounds[0] <= bounds[1] and FUSE_CLAMP:
+                src = by_name[n.args[0].name]
+                if len(users[src.name]) == 1 and _depthwise_direct(src):
+                    self.fused.add(n.name)
+                    self.clamp_after[src.name] = bounds
         self._residual_candidates(by_name, users)
         self._padded_planes(users)
         self._lrn_pools(by_name, users)
@@ -628,7 +646,10 @@ class _Builder:
             binder = bind_direct_conv2d if direct else bind_implicit_gemm_conv2d
             self._shared_if_in_place(n, prep)
             relu, res = self._fused_residual(n, relu)
-            self._bound_conv(n, x, shape, relu, res, functools.partial(binder, slack=slack), prep)
+            binder = functools.partial(binder, slack=slack)
+            if n.name in self.clamp_after:  # a fused ReLU6 (kernels.depthwise)
+                binder = functools.partial(binder, clamp=self.clamp_after[n.name])
+            self._bound_conv(n, x, shape, relu, res, binder, prep, clamp=n.name in self.clamp_after)
             return
         if layer.strategy == "spconv-act":
             from sparsecnn.kernels.spconv_input import bind_spconv_input
@@ -680,7 +701,8 @@ class _Builder:
         return relu, None
 
     def _bound_conv(self, n: Node, x: int, shape: tuple[int, ...], relu: bool, res: int | None, binder: Any,
-                    prep: Any, bias: tuple[Any] | None = None, kind: str | None = None) -> None:
+                    prep: Any, bias: tuple[Any] | None = None, kind: str | None = None,
+                    clamp: bool = False) -> None:
         """A conv step running ``binder(prep, x_shape, bias, out, relu)`` (a kernel's ``bind_*``); with
         ``res`` (a slot) the bound kernel also adds that value (a residual connection)."""
         s, _ = self._planned(n.name, shape)
@@ -694,7 +716,7 @@ class _Builder:
         if strides:
             binder = functools.partial(binder, **strides)
         label = f"conv:{kind or n.fn.strategy}" + ("+add" if res is not None else "")
-        label += "+relu" if relu else ""
+        label += "+relu" if relu else "+clamp" if clamp else ""
         if res is not None:
             self._step(label, lambda env, bufs, x=x, s=s, r=res: _bind_kernel_res(
                 env, x, r, binder(prep, xs, bias, env[s], relu)))
@@ -1028,6 +1050,9 @@ KEEP_SHARED = True
 
 # Off: residual adds run as steps of their own after the conv (the A/B baseline of the fusion).
 FUSE_RESIDUAL = True
+
+# Off: a clamp (ReLU6) after a depthwise conv runs as a step of its own (benchmarks/mobilenet.py's baseline).
+FUSE_CLAMP = True
 
 # Off: an LRN and the max pool after it run as two steps (benchmarks/fusion.py's lrn-pool baseline).
 FUSE_LRN_POOL = True

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import aligned_zeros, num_threads, pjit, serial_twin
+from sparsecnn.kernels._numba import aligned_zeros, jit, num_threads, pjit, serial_twin
 from sparsecnn.kernels._simd import NV_MAX, VW, span_tile, tile_split
 from sparsecnn.kernels.conv import DirectConvPrep, _copy_channels, _crop, padded_plane, phase_layout
 
@@ -82,9 +82,25 @@ def _workspace(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
     return prep.cached(("depthwise", *x_shape, nparts, in_stride), build)
 
 
+@jit
+def _crop_clamp(w, dst, pos, wph, wout, hout, lo, hi, res, has_res):
+    """:func:`sparsecnn.kernels.conv._crop` of a whole plane with a clamp to ``[lo, hi]`` instead of
+    the ReLU (NaN kept, as ``torch.clamp`` keeps it): a fused ReLU6."""
+    for i in range(hout):
+        s = i * wph
+        d = pos + i * wout
+        for t in range(wout):
+            a = w[s + t] + res[d + t] if has_res else w[s + t]
+            if a < lo:
+                a = lo
+            elif a > hi:
+                a = hi
+            dst[d + t] = a
+
+
 @pjit
 def _depthwise_kernel(x, cstride, planes, wide, copies, geo, offs, data, ptr, bias, has_bias, out, ostride,
-                      hout, wout, wph, span, relu, res, has_res):
+                      hout, wout, wph, span, relu, clamp, lo, hi, res, has_res):
     """Planes ``(b, c)`` in contiguous ranges per thread: copy, tiles, crop (see the module docstring).
     NOTE: x (B, C * cstride), out and res (B, C * ostride) C-contiguous; offs/copies/geo from the
     workspace of this shape; planes and wide rows per part as the workspace sizes them."""
@@ -106,15 +122,18 @@ def _depthwise_kernel(x, cstride, planes, wide, copies, geo, offs, data, ptr, bi
                 v0, nv = tile_split(nvec, t, ntiles)
                 span_tile(p, offs, data, ptr[ch], ptr[ch + 1], v0 * VW, w, v0 * VW, nv, nv * VW, init,
                           False, 1, False)
-            _crop(w, span, out[b], ch * ostride, 0, wph, wout, hout, relu, res[b], has_res)
+            if clamp:
+                _crop_clamp(w, out[b], ch * ostride, wph, wout, hout, lo, hi, res[b], has_res)
+            else:
+                _crop(w, span, out[b], ch * ostride, 0, wph, wout, hout, relu, res[b], has_res)
 
 
 _depthwise_kernel_serial = serial_twin(_depthwise_kernel)
 
 
 def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int], bias: np.ndarray | None,
-                          out: np.ndarray, relu: bool = False, in_stride: int = 0,
-                          out_stride: int = 0) -> Callable[..., None]:
+                          out: np.ndarray, relu: bool = False, in_stride: int = 0, out_stride: int = 0,
+                          clamp: tuple[float, float] | None = None) -> Callable[..., None]:
     """``run(x)`` / ``run(x, res)``: the depthwise ``prep`` as :func:`sparsecnn.kernels.conv.
     bind_direct_conv2d` binds a direct conv (same arguments and strides; ``x`` read in place, never
     past its planes). Uses the calling thread's buffers: call it from the thread that bound it.
@@ -130,6 +149,9 @@ def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, in
     in_stride, out_stride : int
         Channel strides of planes padded to whole vectors (:func:`sparsecnn.kernels.conv.padded_plane`),
         or 0.
+    clamp : tuple of float, (lo, hi), optional
+        Clamp the output to ``[lo, hi]`` as it is written (after the residual; a fused ``nn.ReLU6``),
+        in place of ``relu``.
     """
     if not is_depthwise(prep):
         raise ValueError("bind_depthwise_conv2d: the layer is not depthwise")
@@ -153,8 +175,11 @@ def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, in
     b = bias if has_bias else prep.data[:0]
     small = prep.nnz * ws.span * nb < _SERIAL_MACS
     kernel = _depthwise_kernel_serial if small else _depthwise_kernel
+    if clamp is not None and (relu or not clamp[0] <= clamp[1]):
+        raise ValueError(f"bind_depthwise_conv2d: clamp {clamp} must be an interval, and not with relu")
+    lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0), np.float32(0.0))
     args = (cstride, ws.planes, ws.wide, ws.copies, ws.geo, ws.offsets, prep.data, ws.ptr, b, has_bias,
-            flat, ostride, ws.hout, ws.wout, ws.wph, ws.span, bool(relu))
+            flat, ostride, ws.hout, ws.wout, ws.wph, ws.span, bool(relu), clamp is not None, lo, hi)
 
     def run(x: np.ndarray, res: np.ndarray | None = None) -> None:
         xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
