@@ -42,7 +42,7 @@ from sparsecnn.kernels._numba import jit
 
 __all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "ELL_ROWS", "ELL_SLAB", "GEMM_MR", "GEMM_NV", "GROUP_F",
            "GROUP_NV", "GROUP_PATTERNS", "HAS_TABLE32", "NV_MAX", "NV_MAX8", "NV_PAIR", "RW", "SPLIT_MAX",
-           "TABLE", "VW", "WINO_AT", "WINO_BT", "add_vec_act", "chan_tile", "code_ell_block",
+           "TABLE", "VW", "WINO_AT", "WINO_BT", "add_vec_act", "chan_tile", "clamp_vec", "code_ell_block",
            "code_ell_block2", "code_ell_block2_finite", "code_ell_block4", "code_ell_block4_finite",
            "code_row_dot", "code_row_dot32", "copy_even", "copy_every3", "copy_every4", "copy_vec",
            "copy_vec_act", "copy_vec_add", "fmadd", "gemm_tile", "group_tile", "max3_cols2", "max3_rows",
@@ -794,6 +794,35 @@ def add_vec_act(typingctx, src, spos, res, rpos, dst, dpos, relu):
         v = builder.fadd(builder.load(builder.bitcast(sp, _VEC.as_pointer()), align=4),
                          builder.load(builder.bitcast(rp, _VEC.as_pointer()), align=4))
         v = _relu(builder, v, _as_i1(context, builder, relu_, aty[6]))
+        builder.store(v, builder.bitcast(dp, _VEC.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def clamp_vec(typingctx, src, spos, res, rpos, has_res, dst, dpos, lo, hi):
+    """``dst[dpos : dpos + VW] = clamp(src[spos : spos + VW] (+ res[rpos : rpos + VW] with has_res),
+    lo, hi)`` lane by lane, NaN kept (``fcmp olt`` / ``ogt`` are false for NaN, as ``torch.clamp``
+    keeps it): a ReLU6 fused into the crop of a depthwise conv's wide rows
+    (:mod:`sparsecnn.kernels.depthwise`).
+    NOTE: no bounds checks, as for :func:`add_vec_act`; ``res`` holds ``rpos + VW`` elements even
+    without ``has_res`` (it is read, then ignored)."""
+    sig = types.void(src, types.intp, res, types.intp, types.boolean, dst, types.intp, types.float32,
+                     types.float32)
+
+    def codegen(context, builder, signature, args):
+        src_, spos_, res_, rpos_, has_res_, dst_, dpos_, lo_, hi_ = args
+        aty = signature.args
+        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [spos_], inbounds=True)
+        rp = builder.gep(_data_ptr(context, builder, aty[2], res_), [rpos_], inbounds=True)
+        dp = builder.gep(_data_ptr(context, builder, aty[5], dst_), [dpos_], inbounds=True)
+        v = builder.load(builder.bitcast(sp, _VEC.as_pointer()), align=4)
+        r = builder.load(builder.bitcast(rp, _VEC.as_pointer()), align=4)  # read either way: res holds it
+        v = builder.select(_as_i1(context, builder, has_res_, aty[4]), builder.fadd(v, r), v)
+        low, high = _splat(builder, lo_), _splat(builder, hi_)
+        v = builder.select(builder.fcmp_ordered("<", v, low), low, v)
+        v = builder.select(builder.fcmp_ordered(">", v, high), high, v)
         builder.store(v, builder.bitcast(dp, _VEC.as_pointer()), align=4)
         return context.get_dummy_value()
 

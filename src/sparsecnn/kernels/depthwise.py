@@ -27,7 +27,7 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import aligned_zeros, jit, num_threads, pjit, serial_twin
-from sparsecnn.kernels._simd import NV_MAX, VW, span_tile, tile_split
+from sparsecnn.kernels._simd import NV_MAX, VW, clamp_vec, span_tile, tile_split
 from sparsecnn.kernels.conv import DirectConvPrep, _copy_channels, _crop, padded_plane, phase_layout
 
 __all__ = ["bind_depthwise_conv2d", "is_depthwise"]
@@ -84,18 +84,27 @@ def _workspace(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
 
 @jit
 def _crop_clamp(w, dst, pos, wph, wout, hout, lo, hi, res, has_res):
-    """:func:`sparsecnn.kernels.conv._crop` of a whole plane with a clamp to ``[lo, hi]`` instead of
-    the ReLU (NaN kept, as ``torch.clamp`` keeps it): a fused ReLU6."""
+    """:func:`sparsecnn.kernels.conv._crop` of a whole plane with a clamp to ``[lo, hi]`` in place of
+    the ReLU (:func:`sparsecnn.kernels._simd.clamp_vec`, NaN kept): a fused ReLU6. Rows go as whole
+    vectors, the last one running into the next row, which is written after it; the rows whose
+    overrun would leave the plane end lane by lane."""
+    nfull = wout // VW
+    nv = (wout + VW - 1) // VW
+    over = nv * VW - wout
     for i in range(hout):
         s = i * wph
         d = pos + i * wout
-        for t in range(wout):
-            a = w[s + t] + res[d + t] if has_res else w[s + t]
-            if a < lo:
-                a = lo
-            elif a > hi:
-                a = hi
-            dst[d + t] = a
+        exact = (hout - 1 - i) * wout < over
+        for v in range(nfull if exact else nv):
+            clamp_vec(w, s + v * VW, res, d + v * VW, has_res, dst, d + v * VW, lo, hi)
+        if exact:
+            for t in range(nfull * VW, wout):
+                a = w[s + t] + res[d + t] if has_res else w[s + t]
+                if a < lo:
+                    a = lo
+                elif a > hi:
+                    a = hi
+                dst[d + t] = a
 
 
 @pjit
