@@ -871,7 +871,8 @@ def test_clamps_run_as_engine_steps():
 
 def test_relu6_fuses_into_a_depthwise_conv():
     """A clamp whose input is a depthwise conv run ``direct`` (its only reader) is that conv's epilogue
-    (``conv:direct+clamp``); elsewhere, and with ``FUSE_CLAMP`` off, a ``clamp`` step."""
+    (``conv:direct+clamp``); one whose only reader is such a conv is applied to that conv's input copies
+    (``clamp>conv:direct``); with ``FUSE_CLAMP`` off, ``clamp`` steps."""
     from sparsecnn.engine import _lower
 
     torch.manual_seed(0)
@@ -884,7 +885,8 @@ def test_relu6_fuses_into_a_depthwise_conv():
     x = torch.randn(2, 3, 12, 11)
     fused = sparsecnn.compile(model, x, "direct")
     kinds = fused.program(tuple(x.shape)).kinds
-    assert kinds == ["conv:direct", "clamp", "conv:direct+clamp", "conv:direct+clamp"], kinds
+    # the first ReLU6 on the next layer's input copies, the others on the depthwise outputs
+    assert kinds == ["conv:direct", "clamp>conv:direct+clamp", "conv:direct+clamp"], kinds
     _lower.FUSE_CLAMP = False
     try:
         separate = sparsecnn.compile(model, x, "direct")

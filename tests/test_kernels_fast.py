@@ -725,6 +725,17 @@ def test_depthwise_kernel_matches_torch(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw,
         run(xin) if rin is None else run(xin, rin)
         got = bound.reshape(batch, c, -1)[:, :, : ho * wo].reshape(ref.shape)
         assert_close(got, (ref.clamp(*clamp) if clamp else ref).numpy(), what="bound depthwise")
+        # the input clamped as each channel is copied (a ReLU6 before the layer), x left as it was
+        xin_before = xin.copy()
+        cin = bind_direct_conv2d(prep, x.shape, bv, bound, relu, in_stride=xs, out_stride=os_,
+                                 in_clamp=(0.0, 0.6))
+        cin(xin) if rin is None else cin(xin, rin)
+        want = F.conv2d(torch.from_numpy(x).clamp(0.0, 0.6), torch.from_numpy(wt),
+                        None if bv is None else torch.from_numpy(bv), (sh, sw), (ph, pw), (dh, dw), c)
+        want = ((want + r) if res else want).clamp_min(0) if relu else (want + r) if res else want
+        got = bound.reshape(batch, c, -1)[:, :, : ho * wo].reshape(ref.shape)
+        assert_close(got, want.numpy(), what="depthwise with its input clamped")
+        np.testing.assert_array_equal(xin, xin_before)
         with contextlib.ExitStack() as stack:
             stack.callback(setattr, conv, "DEPTHWISE", True)
             conv.DEPTHWISE = False

@@ -302,6 +302,7 @@ class _Builder:
         self.fused: set[str] = set()  # ReLU nodes folded into their producer
         self.relu_after: set[str] = set()  # producers that apply the ReLU themselves
         self.clamp_after: dict[str, tuple[float, float]] = {}  # depthwise convs that apply a clamp
+        self.clamp_before: dict[str, tuple[float, float]] = {}  # ... or clamp their input as they copy it
         # conv -> (the other input, the add): residual adds a direct conv may take into its epilogue
         self.residual_of: dict[str, tuple[str, str]] = {}
         self.add_into: dict[str, str] = {}  # add -> the conv that computed it (the add is its view)
@@ -399,9 +400,16 @@ class _Builder:
                     self.relu_after.add(src.name)
             elif (bounds := _clamp_of(n)) is not None and bounds[0] <= bounds[1] and FUSE_CLAMP:
                 src = by_name[n.args[0].name]
+                dst = [self.nodes[u] for u in users[n.name]]
                 if len(users[src.name]) == 1 and _depthwise_direct(src):
                     self.fused.add(n.name)
                     self.clamp_after[src.name] = bounds
+                elif (len(dst) == 1 and _depthwise_direct(dst[0]) and dst[0].refs() == [n.name]
+                      and bounds[0] <= 0.0 <= bounds[1] and FUSE_CLAMP_INPUT):
+                    # into the depthwise conv after it, on its per-channel copies (its input is read
+                    # there only: the clamp's value is a view of its input, never written)
+                    self.fused.add(n.name)
+                    self.clamp_before[dst[0].name] = bounds
         self._residual_candidates(by_name, users)
         self._padded_planes(users)
         self._lrn_pools(by_name, users)
@@ -649,7 +657,10 @@ class _Builder:
             binder = functools.partial(binder, slack=slack)
             if n.name in self.clamp_after:  # a fused ReLU6 (kernels.depthwise)
                 binder = functools.partial(binder, clamp=self.clamp_after[n.name])
-            self._bound_conv(n, x, shape, relu, res, binder, prep, clamp=n.name in self.clamp_after)
+            if n.name in self.clamp_before:
+                binder = functools.partial(binder, in_clamp=self.clamp_before[n.name])
+            self._bound_conv(n, x, shape, relu, res, binder, prep, clamp=n.name in self.clamp_after,
+                             pre="clamp>" if n.name in self.clamp_before else "")
             return
         if layer.strategy == "spconv-act":
             from sparsecnn.kernels.spconv_input import bind_spconv_input
@@ -702,7 +713,7 @@ class _Builder:
 
     def _bound_conv(self, n: Node, x: int, shape: tuple[int, ...], relu: bool, res: int | None, binder: Any,
                     prep: Any, bias: tuple[Any] | None = None, kind: str | None = None,
-                    clamp: bool = False) -> None:
+                    clamp: bool = False, pre: str = "") -> None:
         """A conv step running ``binder(prep, x_shape, bias, out, relu)`` (a kernel's ``bind_*``); with
         ``res`` (a slot) the bound kernel also adds that value (a residual connection)."""
         s, _ = self._planned(n.name, shape)
@@ -715,7 +726,7 @@ class _Builder:
                                      ("out_stride", self.padded.get(n.name, 0))) if v}
         if strides:
             binder = functools.partial(binder, **strides)
-        label = f"conv:{kind or n.fn.strategy}" + ("+add" if res is not None else "")
+        label = f"{pre}conv:{kind or n.fn.strategy}" + ("+add" if res is not None else "")
         label += "+relu" if relu else "+clamp" if clamp else ""
         if res is not None:
             self._step(label, lambda env, bufs, x=x, s=s, r=res: _bind_kernel_res(
@@ -1053,6 +1064,8 @@ FUSE_RESIDUAL = True
 
 # Off: a clamp (ReLU6) after a depthwise conv runs as a step of its own (benchmarks/mobilenet.py's baseline).
 FUSE_CLAMP = True
+# Off: ... and one before a depthwise conv too (its input's clamp on the conv's per-channel copies).
+FUSE_CLAMP_INPUT = True
 
 # Off: an LRN and the max pool after it run as two steps (benchmarks/fusion.py's lrn-pool baseline).
 FUSE_LRN_POOL = True

@@ -753,7 +753,8 @@ def padded_plane(h: int, w: int) -> int:
 
 def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int], bias: np.ndarray | None,
                        out: np.ndarray, relu: bool = False, slack: int = 0, in_stride: int = 0,
-                       out_stride: int = 0, clamp: tuple[float, float] | None = None) -> Callable[..., None]:
+                       out_stride: int = 0, clamp: tuple[float, float] | None = None,
+                       in_clamp: tuple[float, float] | None = None) -> Callable[..., None]:
     """``run(x)``: :func:`direct_conv2d` ``(prep, x, bias, out, relu)`` for inputs of ``x_shape``, with
     every argument but ``x`` bound once (the whole-model executor's steps). ``run(x, res)`` adds the
     residual connection ``res`` as :func:`direct_conv2d`'s ``residual`` does (C-contiguous float32 of
@@ -779,9 +780,10 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
         Where given, ``x`` (shape (B, Cin, in_stride)) and ``out`` (and ``res``) hold planes padded to
         whole vectors (:func:`padded_plane`): channel ``c`` at ``c * stride``. The executor gives them
         to chains of direct layers on 14x14 and 7x7 planes.
-    clamp : tuple of float, (lo, hi), optional
+    clamp, in_clamp : tuple of float, (lo, hi), optional
         Depthwise layers only (:mod:`sparsecnn.kernels.depthwise`): the output clamped to ``[lo, hi]``
-        as it is written, in place of ``relu`` (the executor's fused ReLU6).
+        as it is written, in place of ``relu``, and the input as it is copied (the executor's fused
+        ReLU6 after or before the layer).
     slack : int
         Float32 elements that every ``x`` given to the callable is followed by in memory (the
         executor's buffers have ``SLACK``). A stride-1 layer without padding reads ``x`` in place, even
@@ -801,8 +803,9 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
         from sparsecnn.kernels.depthwise import bind_depthwise_conv2d, is_depthwise
 
         if is_depthwise(prep):
-            return bind_depthwise_conv2d(prep, x_shape, bias, out, relu, in_stride, out_stride, clamp)
-    if clamp is not None:
+            return bind_depthwise_conv2d(prep, x_shape, bias, out, relu, in_stride, out_stride, clamp,
+                                         in_clamp)
+    if clamp is not None or in_clamp is not None:
         raise ValueError("bind_direct_conv2d: clamp is fused into depthwise layers only")
     want = prep.output_shape(x_shape)
     if out_stride:

@@ -54,6 +54,7 @@ class _DepthwiseWorkspace:
     offsets: np.ndarray  # (nnz,) int64: each tap's span offset inside one channel's phase planes
     ptr: np.ndarray  # (C + 1,) int64: the taps of channel c are ptr[c]:ptr[c + 1]
     span: int
+    nfloats: int  # nph * plane: one channel's phase planes
     wph: int
     hout: int
     wout: int
@@ -77,7 +78,7 @@ def _workspace(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
             geo=lay.geometry((1, *x_shape[1:]), in_stride),
             offsets=np.ascontiguousarray(offsets, dtype=np.int64),
             ptr=prep.indptr.astype(np.int64),
-            span=lay.span, wph=lay.wph, hout=lay.hout, wout=lay.wout)
+            span=lay.span, nfloats=lay.nph * lay.plane, wph=lay.wph, hout=lay.hout, wout=lay.wout)
 
     return prep.cached(("depthwise", *x_shape, nparts, in_stride), build)
 
@@ -109,7 +110,7 @@ def _crop_clamp(w, dst, pos, wph, wout, hout, lo, hi, res, has_res):
 
 @pjit
 def _depthwise_kernel(x, cstride, planes, wide, copies, geo, offs, data, ptr, bias, has_bias, out, ostride,
-                      hout, wout, wph, span, relu, clamp, lo, hi, res, has_res):
+                      hout, wout, wph, span, relu, clamp, lo, hi, in_clamp, ilo, ihi, nfloats, res, has_res):
     """Planes ``(b, c)`` in contiguous ranges per thread: copy, tiles, crop (see the module docstring).
     NOTE: x (B, C * cstride), out and res (B, C * ostride) C-contiguous; offs/copies/geo from the
     workspace of this shape; planes and wide rows per part as the workspace sizes them."""
@@ -126,6 +127,9 @@ def _depthwise_kernel(x, cstride, planes, wide, copies, geo, offs, data, ptr, bi
             b = item // c
             ch = item - b * c
             _copy_channels(x[b, ch * cstride : (ch + 1) * cstride], p, copies, geo, 0, 1)
+            if in_clamp:  # the clamp (ReLU6) before the layer, on the copy in L1 (padding stays 0)
+                for v in range(0, nfloats, VW):
+                    clamp_vec(p, v, p, v, False, p, v, ilo, ihi)
             init = bias[ch] if has_bias else np.float32(0.0)
             for t in range(ntiles):
                 v0, nv = tile_split(nvec, t, ntiles)
@@ -142,7 +146,8 @@ _depthwise_kernel_serial = serial_twin(_depthwise_kernel)
 
 def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int], bias: np.ndarray | None,
                           out: np.ndarray, relu: bool = False, in_stride: int = 0, out_stride: int = 0,
-                          clamp: tuple[float, float] | None = None) -> Callable[..., None]:
+                          clamp: tuple[float, float] | None = None,
+                          in_clamp: tuple[float, float] | None = None) -> Callable[..., None]:
     """``run(x)`` / ``run(x, res)``: the depthwise ``prep`` as :func:`sparsecnn.kernels.conv.
     bind_direct_conv2d` binds a direct conv (same arguments and strides; ``x`` read in place, never
     past its planes). Uses the calling thread's buffers: call it from the thread that bound it.
@@ -161,6 +166,10 @@ def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, in
     clamp : tuple of float, (lo, hi), optional
         Clamp the output to ``[lo, hi]`` as it is written (after the residual; a fused ``nn.ReLU6``),
         in place of ``relu``.
+    in_clamp : tuple of float, (lo, hi), optional
+        Clamp the *input* to ``[lo, hi]`` first (``lo <= 0 <= hi``, so the zero padding stays zero), on
+        each channel's copy: a ReLU6 between the layer before and this one, whose output nothing else
+        reads (``x`` itself is not changed).
     """
     if not is_depthwise(prep):
         raise ValueError("bind_depthwise_conv2d: the layer is not depthwise")
@@ -186,9 +195,13 @@ def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, in
     kernel = _depthwise_kernel_serial if small else _depthwise_kernel
     if clamp is not None and (relu or not clamp[0] <= clamp[1]):
         raise ValueError(f"bind_depthwise_conv2d: clamp {clamp} must be an interval, and not with relu")
+    if in_clamp is not None and not in_clamp[0] <= 0.0 <= in_clamp[1]:
+        raise ValueError(f"bind_depthwise_conv2d: in_clamp {in_clamp} must hold 0 (the padding)")
     lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0), np.float32(0.0))
+    ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
     args = (cstride, ws.planes, ws.wide, ws.copies, ws.geo, ws.offsets, prep.data, ws.ptr, b, has_bias,
-            flat, ostride, ws.hout, ws.wout, ws.wph, ws.span, bool(relu), clamp is not None, lo, hi)
+            flat, ostride, ws.hout, ws.wout, ws.wph, ws.span, bool(relu), clamp is not None, lo, hi,
+            in_clamp is not None, ilo, ihi, ws.nfloats)
 
     def run(x: np.ndarray, res: np.ndarray | None = None) -> None:
         xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
