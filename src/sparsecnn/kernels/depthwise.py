@@ -5,17 +5,19 @@ and convolved from there at once.
 The direct kernel (:mod:`sparsecnn.kernels.conv`) phase-copies the whole input before it starts, all
 threads together, and then reads it back: right for a layer whose every filter reads every channel,
 but a depthwise filter reads one channel and at most ``kh * kw`` taps of it. On such layers the copy,
-the read back and the crop moved 2-3x the bytes of one pass (MobileNet-v2's 96-channel 112 x 112
-stride-2 layer: 0.39 ms at batch 1 on two threads). Here a thread takes a range of (image, channel)
-planes; for each it copies the plane into its own phase planes (the padding stays zero: every plane
-of the layer writes the same pixel region), runs the filter's nonzero taps over the wide rows in
-register tiles (:func:`sparsecnn.kernels._simd.span_tile`, as the direct kernel's per-filter tiles)
-into a wide buffer of its own, and crops the valid columns into ``out`` with the bias, the residual
-and the ReLU (:func:`sparsecnn.kernels.conv._crop`). The copied plane and the wide rows stay in L1 or
-L2 from the copy to the crop.
+the read back and the crop move 2-3x the bytes of one pass, and the whole copy leaves the cache
+before it is read (a MobileNet-v2-shaped model's 96-channel 112 x 112 stride-2 layer at batch 1, two
+threads: 0.39 ms as a step of the forward pass, 0.20 ms called in a loop). Here a thread takes a
+range of (image, channel) planes; for each it copies the plane into its own phase planes (the padding
+stays zero: every plane of the layer writes the same pixel region), runs the filter's nonzero taps
+over the wide rows in register tiles (:func:`sparsecnn.kernels._simd.span_tile`, as the direct
+kernel's per-filter tiles) into a wide buffer of its own, and crops the valid columns into ``out``
+with the bias, the residual and the ReLU (:func:`sparsecnn.kernels.conv._crop`), or a clamp (a fused
+ReLU6, which can also be applied to the copy: the ReLU6 before the layer). The copied plane and the
+wide rows stay in L1 or L2 from the copy to the crop.
 
-Measured (Zen 4, 2 threads, batch 1, scratch): see docs/engine.md, "Session of 2026-12-07
-(eighteenth)".
+Measured (Zen 4, 2 threads, batch 1; ``python -m benchmarks.mobilenet``): docs/engine.md, "Session
+of 2026-12-07 (eighteenth)".
 """
 
 from __future__ import annotations
