@@ -102,7 +102,7 @@ def test_executor_tuning_is_cached_with_the_plan(tmp_path, monkeypatch) -> None:
     path = tmp_path / "plans.json"
     first = sparsecnn.compile(model, x, "auto", plan_path=path, layout="plain")
     entries = json.loads(path.read_text())["entries"]
-    tuned = {k: e for k, e in entries.items() if k.startswith("executor|")}
+    tuned = {k: e for k, e in entries.items() if k.startswith("executor-pass|")}
     layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     assert len(tuned) == len(layers)
 
@@ -127,6 +127,79 @@ def test_executor_tuning_is_cached_with_the_plan(tmp_path, monkeypatch) -> None:
         ref = model(x)
         for c in (second, third):
             assert _rel(c(x), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("alt_faster", [True, False])
+def test_torch_choices_are_checked_in_the_whole_pass(tmp_path, monkeypatch, alt_faster) -> None:
+    """A layer the executor's tuning gives to torch is timed again in the whole forward pass against
+    its fastest numba alternative (``engine._torch_in_pass``); the faster pass keeps its layer, the
+    decision goes to the plan cache marked ``in_pass``, and a rebuild re-times nothing."""
+    import json
+
+    from sparsecnn import engine
+    from sparsecnn.layers import SparseConv2d
+
+    model = models.build("lenet5").eval()
+    models.apply_profile(model, "uniform:0.9")
+    x = torch.randn(1, *models.input_shape(model), generator=torch.Generator().manual_seed(0))
+    conv1 = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    tune = engine._tune
+
+    def torch_for_conv1(node, layer, values):
+        if layer.name != conv1:
+            return tune(node, layer, values)
+        pick = [SparseConv2d.from_dense(node.fn, s, name=conv1) for s in ("torch", "direct")]
+        return pick[0], pick[1]
+
+    passes: list[int] = []
+
+    def whole_passes(fns, rounds=5, min_time_s=0.002):
+        for f in fns:
+            f()  # each side runs (and is correct: the compile's check below reads the kept one)
+        passes.append(len(fns))
+        return [2.0, 1.0] if alt_faster else [1.0, 2.0]
+
+    monkeypatch.setattr(engine, "_tune", torch_for_conv1)
+    monkeypatch.setattr(engine, "_time_steps", whole_passes)
+    path = tmp_path / "plans.json"
+    first = sparsecnn.compile(model, x, "auto", plan_path=path, layout="plain")
+    want = "direct" if alt_faster else "torch"
+    assert first.plan[conv1] == want
+    assert any(k.startswith(f"conv:{want}") for k in first.steps(tuple(x.shape)))
+    entries = json.loads(path.read_text())["entries"]
+    checked = [e for k, e in entries.items() if k.startswith("executor-pass|conv20x1")]
+    assert checked == [{"strategy": want, "in_pass": True, "times_s": {}}]
+    assert passes and passes[0] == 2
+    with torch.inference_mode():
+        assert _rel(first(x), model(x)) <= 1e-4
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("re-timed a decision the plan cache holds")
+
+    monkeypatch.setattr(engine, "_tune", refuse)
+    monkeypatch.setattr(engine, "_torch_in_pass", refuse)
+    second = sparsecnn.compile(model, x, "auto", plan_path=path, layout="plain")
+    assert dict(second.plan) == dict(first.plan)
+
+
+def test_time_in_pass_times_each_function() -> None:
+    """``engine._time_in_pass`` gives one median per function, in order, and each longer call longer."""
+    import time
+
+    from sparsecnn import engine
+
+    calls = [0, 0]
+
+    def short():
+        calls[0] += 1
+
+    def long():
+        calls[1] += 1
+        time.sleep(0.003)
+
+    t = engine._time_in_pass([short, long], rounds=3)
+    assert calls == [4, 4]  # one warm-up and one call a round
+    assert 0 < t[0] < 0.003 <= t[1]
 
 
 class _Odd(nn.Module):

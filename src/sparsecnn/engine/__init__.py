@@ -288,6 +288,47 @@ def _time_steps(fns: list[Callable[[], None]], rounds: int = 5, min_time_s: floa
     return [float(np.median(s)) for s in samples]
 
 
+# What :func:`_time_in_pass` runs around each timed call: numba parallel passes over a scratch buffer
+# (4 MiB: more than the L2 of both cores) for at least _PASS_GAP_S before it, a small one after it.
+_PASS_BEFORE_BYTES = 4 << 20
+_PASS_GAP_S = 2e-3
+_PASS_AFTER_BYTES = 64 << 10
+
+
+def _time_in_pass(fns: list[Callable[[], None]], rounds: int = 7) -> list[float]:
+    """Median seconds of one call of each function *between numba steps*, as a layer runs in the
+    executor's forward pass: each timed call comes right after numba parallel work (passes over a
+    scratch buffer larger than the L2 of both cores) and includes one small numba parallel step after
+    it. Interleaved rounds, one call per sample.
+
+    Timed back to back, a torch step hides what it costs inside a pass of numba steps: torch's and
+    numba's thread pools are separate, and a torch call that follows numba work (numba's workers
+    still spinning, torch's own asleep) ran 1.2-5x its looped time (MobileNet-v2's depthwise
+    576 x 14x14 stride 2 layer: 74 us looped, 85-204 us after 1-64 numba steps, 368 us in the pass,
+    where the direct kernel's 104 us stays 104 us). A numba step after a torch step pays the other way round.
+    """
+    from sparsecnn.kernels.elementwise import relu_
+
+    before = np.ones(_PASS_BEFORE_BYTES // 4, np.float32)  # relu_ leaves ones as they are
+    after = np.ones(_PASS_AFTER_BYTES // 4, np.float32)
+    for f in fns:
+        f()  # JIT warm-up, workspaces
+    relu_(before)
+    relu_(after)
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for k in range(len(fns)):
+            i = (k + r) % len(fns)
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < _PASS_GAP_S:
+                relu_(before)
+            t0 = time.perf_counter()
+            fns[i]()
+            relu_(after)
+            samples[i].append(time.perf_counter() - t0)
+    return [float(np.median(s)) for s in samples]
+
+
 def _tune_candidates(node: Node, layer: nn.Module, values: dict[str, Any]) -> list[str]:
     """The strategies :func:`_tune` times for ``layer`` (the planner's choice first)."""
     xin = values[node.args[0].name]
@@ -300,38 +341,43 @@ def _tune_candidates(node: Node, layer: nn.Module, values: dict[str, Any]) -> li
 
 
 def _tune_cached(node: Node, layer: nn.Module, values: dict[str, Any], cache: dict[str, Any],
-                 new: dict[str, Any]) -> nn.Module:
+                 new: dict[str, Any]) -> tuple[nn.Module, nn.Module | None, str | None]:
     """:func:`_tune`, its decision looked up in / added to the plan cache's entries (``cache`` read
     from the file, ``new`` to write), keyed as the planner's (:func:`sparsecnn.plan.cache_key`) with
-    the executor's candidates and an ``executor|`` prefix: compiling the same model again with the
+    the executor's candidates and an ``executor-pass|`` prefix: compiling the same model again with the
     same cache builds the same plan, without re-timing (before, each build re-timed every layer and,
-    in a noisy spell, plans differed between builds)."""
+    in a noisy spell, plans differed between builds). Returns the layer, the alternative to check in
+    the whole pass (:func:`_torch_in_pass`; None once checked) and the cache key."""
     from sparsecnn.layers import SparseConv2d, SparseLinear
     from sparsecnn.plan import cache_key
 
     names = _tune_candidates(node, layer, values)
     if len(names) == 1:
-        return layer
-    key = "executor|" + cache_key(node.fn, values[node.args[0].name], tuple(names))
+        return layer, None, None
+    key = "executor-pass|" + cache_key(node.fn, values[node.args[0].name], tuple(names))
     hit = new.get(key) or cache.get(key)
     if isinstance(hit, dict) and hit.get("strategy") in names:
-        if hit["strategy"] == layer.strategy:
-            return layer
         cls = SparseConv2d if isinstance(node.fn, nn.Conv2d) else SparseLinear
-        return cls.from_dense(node.fn, hit["strategy"], name=layer.name)
-    best = _tune(node, layer, values)
-    new[key] = {"strategy": best.strategy, "times_s": {}}
-    return best
+        best = layer if hit["strategy"] == layer.strategy else cls.from_dense(node.fn, hit["strategy"],
+                                                                               name=layer.name)
+        alt = hit.get("alt") if not hit.get("in_pass") else None
+        return best, (cls.from_dense(node.fn, alt, name=layer.name) if alt in names else None), key
+    best, alt = _tune(node, layer, values)
+    new[key] = {"strategy": best.strategy, "alt": None if alt is None else alt.strategy, "times_s": {}}
+    return best, alt, key
 
 
-def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
-    """The fastest of the planner's choice, torch and the direct/SpMV kernel *as the executor runs them*.
+def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> tuple[nn.Module, nn.Module | None]:
+    """The fastest of the planner's choice, torch and the direct/SpMV kernel *as the executor runs them*,
+    and, where that is torch, the fastest other candidate (None otherwise).
 
     The planner times layers as modules (torch tensors in and out, ~30 us of glue each); inside the
     executor the numba kernels run on bound buffers, which moves the break-even on small layers (a
     LeNet-5 layer: 10 us direct against 16 us for the planner's csrmm). Each candidate runs as a
     one-step program on the layer's real input, a large linear layer with its caches flushed first
-    (:func:`sparsecnn.plan.times_cold`); ties keep the planner's choice.
+    (:func:`sparsecnn.plan.times_cold`), any other between numba steps (:func:`_time_in_pass`); ties
+    keep the planner's choice. A torch step still costs more in the whole pass than there, so
+    :func:`compile` checks a torch choice against the alternative in the whole pass (:func:`_torch_in_pass`).
     """
     from sparsecnn.layers import SparseConv2d, SparseLinear
 
@@ -340,7 +386,7 @@ def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
     conv = isinstance(dense, nn.Conv2d)
     names = _tune_candidates(node, layer, values)
     if len(names) == 1:
-        return layer
+        return layer, None
     cls = SparseConv2d if conv else SparseLinear
     cands = [layer] + [cls.from_dense(dense, s, name=layer.name) for s in names[1:]]
     fns = []
@@ -362,9 +408,43 @@ def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> nn.Module:
 
         times = time_cold(fns, repeats=7)
     else:
-        times = _time_steps(fns)
+        times = _time_in_pass(fns)
     best = min(range(len(cands)), key=lambda i: (times[i] * (1.0 if i == 0 else 1.02), i))
-    return cands[best]
+    rest = [i for i in range(len(cands)) if cands[i].strategy != "torch"]
+    if cands[best].strategy != "torch" or not rest:
+        return cands[best], None
+    return cands[best], cands[min(rest, key=lambda i: (times[i], i))]
+
+
+def _torch_in_pass(nodes: list[Node], plan: Any, x: torch.Tensor,
+                   pending: list[tuple[str, Node, nn.Module, str | None]], new: dict[str, Any]) -> Any:
+    """Each layer that :func:`_tune` gave to torch, checked in the whole forward pass against its
+    fastest numba alternative (``pending``: the layer's name in the plan, its node, the alternative, the
+    plan cache key); the faster
+    pass keeps its layer (``nodes`` changed in place). Returns the plan; the decisions go to ``new``.
+
+    Alone, even between numba steps, a torch step runs faster than it does in the pass: MobileNet-v2's
+    depthwise 576 x 14x14 stride-2 layer took 74 us looped, 120-220 us timed by :func:`_time_in_pass`
+    and 330-370 us in the pass (the direct kernel 104-120 us in all three), and whole-model A/Bs of
+    ResNets at 0-90% moved 5-8% when layers left torch.
+    """
+    from sparsecnn.plan import LayerChoice, Plan
+
+    xn = x.numpy()
+    for name, node, alt, key in pending:
+        i = nodes.index(node)
+        swapped = list(nodes)
+        swapped[i] = copy.copy(node)
+        swapped[i].fn = alt
+        choice = LayerChoice(alt.strategy, "executor", plan.layers[name].times_s)
+        other_plan = Plan({**plan.layers, name: choice})
+        here, there = CompiledModel(nodes, plan, x), CompiledModel(swapped, other_plan, x)
+        t_torch, t_alt = _time_steps([lambda m=here: m.numpy(xn), lambda m=there: m.numpy(xn)], rounds=7)
+        if t_alt < t_torch:
+            node.fn, plan = alt, other_plan
+        if key is not None:
+            new[key] = {"strategy": node.fn.strategy, "in_pass": True, "times_s": {}}
+    return plan
 
 
 def _faster_layout(compiled: CompiledModel, x: torch.Tensor, force: bool = False) -> CompiledModel:
@@ -498,18 +578,25 @@ def compile(
         tune_path = Path(plan_path) if plan_path is not None else default_plan_path()
         tune_cache = _read_cache(tune_path)
     folded_dense = {name: node.fn for name, node in layers.items()}  # for the check's second opinion
+    pending: list[tuple[str, Node, nn.Module, str | None]] = []  # torch choices to check in the whole pass
     for name, node in layers.items():
         layer = built.get(name)
         if layer is None or layer.strategy != plan[name]:
             cls = SparseConv2d if isinstance(node.fn, nn.Conv2d) else SparseLinear
             layer = cls.from_dense(node.fn, plan[name], name=name)
         if tuned:
-            layer = (_tune_cached(node, layer, values, tune_cache, tune_new) if tune_path is not None
-                     else _tune(node, layer, values))
+            if tune_path is not None:
+                layer, alt, key = _tune_cached(node, layer, values, tune_cache, tune_new)
+            else:
+                (layer, alt), key = _tune(node, layer, values), None
+            if alt is not None:
+                pending.append((name, node, alt, key))
             if layer.strategy != plan[name]:
                 times = plan.layers[name].times_s
                 plan = Plan({**plan.layers, name: LayerChoice(layer.strategy, "executor", times)})
         node.fn = layer
+    if pending:
+        plan = _torch_in_pass(nodes, plan, x, pending, tune_new)
     if tune_new and tune_path is not None:
         from sparsecnn.plan import _write_cache
 
