@@ -686,6 +686,34 @@ def test_depthwise_kernel_matches_torch(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw,
     and unbound, with ReLU or a clamp (bound only: the executor's fused ReLU6), a residual, planes
     padded to whole vectors, one or two threads; and the same outputs as the direct kernel's general
     path."""
+    _check_depthwise(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, act, res, bias, padded,
+                     threads, seed)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=st.integers(2, 24), h=st.integers(1, 60), w=st.integers(1, 60), s=st.sampled_from([1, 2]),
+       p=st.integers(0, 2), batch=st.sampled_from([1, 2]), sparsity=st.sampled_from([0.0, 0.3, 1.0]),
+       act=st.sampled_from(["none", "relu", "clamp"]), res=st.booleans(), bias=st.booleans(),
+       padded=st.booleans(), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_depthwise_row_tiles_match_torch(c, h, w, s, p, batch, sparsity, act, res, bias, padded, threads,
+                                         seed):
+    """The 3x3 stride-1 / stride-2 layers that run the row tiles (``kernels.depthwise.ROW_TILES``,
+    ``_simd.dw_tile_3x3_*``: rows of the tile past the plane's last, columns past the row's last in
+    masked stores, planes of every width from 1 to 60): as :func:`test_depthwise_kernel_matches_torch`,
+    and the same outputs with the row tiles off."""
+    from sparsecnn.kernels import depthwise
+
+    assert depthwise.ROW_TILES
+    _check_depthwise(c, h, w, 3, 3, s, s, p, p, 1, 1, batch, sparsity, act, res, bias, padded, threads, seed)
+    with contextlib.ExitStack() as stack:
+        stack.callback(setattr, depthwise, "ROW_TILES", True)
+        depthwise.ROW_TILES = False
+        _check_depthwise(c, h, w, 3, 3, s, s, p, p, 1, 1, batch, sparsity, act, res, bias, padded, threads,
+                         seed)
+
+
+def _check_depthwise(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, act, res, bias, padded,
+                     threads, seed):
     relu = act == "relu"
     from sparsecnn.kernels.conv import bind_direct_conv2d, padded_plane
     from sparsecnn.kernels.depthwise import is_depthwise

@@ -40,15 +40,15 @@ from numba.extending import intrinsic
 
 from sparsecnn.kernels._numba import jit
 
-__all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "ELL_ROWS", "ELL_SLAB", "GEMM_MR", "GEMM_NV", "GROUP_F",
-           "GROUP_NV", "GROUP_PATTERNS", "HAS_TABLE32", "NV_MAX", "NV_MAX8", "NV_PAIR", "RW", "SPLIT_MAX",
-           "TABLE", "VW", "WINO_AT", "WINO_BT", "add_vec_act", "chan_tile", "clamp_vec", "code_ell_block",
-           "code_ell_block2", "code_ell_block2_finite", "code_ell_block4", "code_ell_block4_finite",
-           "code_row_dot", "code_row_dot32", "copy_even", "copy_every3", "copy_every4", "copy_vec",
-           "copy_vec_act", "copy_vec_add", "fmadd", "gemm_tile", "group_tile", "max3_cols2", "max3_rows",
-           "max_taps", "packed_words", "pair_tile", "prefetch", "prefetch_l2", "row_dot", "scatter_blocks",
-           "span_tile", "span_tile8", "tile_split", "wino4_in_tile", "wino4_out_tile", "wino_in_tile",
-           "wino_out_tile"]
+__all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "DW_NV", "DW_ROWS", "ELL_ROWS", "ELL_SLAB", "GEMM_MR",
+           "GEMM_NV", "GROUP_F", "GROUP_NV", "GROUP_PATTERNS", "HAS_TABLE32", "NV_MAX", "NV_MAX8", "NV_PAIR",
+           "RW", "SPLIT_MAX", "TABLE", "VW", "WINO_AT", "WINO_BT", "add_vec_act", "chan_tile", "clamp_vec",
+           "code_ell_block", "code_ell_block2", "code_ell_block2_finite", "code_ell_block4",
+           "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even", "copy_every3",
+           "copy_every4", "copy_vec", "copy_vec_act", "copy_vec_add", "dw_tile_3x3_s1", "dw_tile_3x3_s2",
+           "fmadd", "gemm_tile", "group_tile", "max3_cols2", "max3_rows", "max_taps", "packed_words",
+           "pair_tile", "prefetch", "prefetch_l2", "row_dot", "scatter_blocks", "span_tile", "span_tile8",
+           "tile_split", "wino4_in_tile", "wino4_out_tile", "wino_in_tile", "wino_out_tile"]
 
 RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot: sums in 8 chains), scatter_blocks
 
@@ -993,6 +993,178 @@ def copy_vec_add(typingctx, src, spos, dst, dpos, add):
         return context.get_dummy_value()
 
     return sig, codegen
+
+# dw_tile_*: a register tile of DW_ROWS output rows x up to DW_NV vectors of a depthwise layer (plus
+# its kh * kw weight broadcasts and the input vectors in flight): 3 x 4 + 9 + 6 of 32 registers with
+# AVX-512VL, 2 x 4 + 9 of 16 with AVX2 (the weights then reloaded from L1 as needed).
+DW_ROWS = 4
+DW_NV = 3 if _vector_registers() >= 32 else 2
+
+
+def _splat_i64(builder, s):
+    vec = ir.VectorType(_I64, VW)
+    v = builder.insert_element(ir.Constant(vec, ir.Undefined), s, ir.Constant(_I32, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, VW), [0] * VW)
+    return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), zeros)
+
+
+def _masked_load(builder, ptr, mask):
+    """``llvm.masked.load``: the lanes of ``mask`` (i1 x VW) from ``ptr`` (a float pointer), 0 elsewhere;
+    no lane outside the mask is read (a masked ``vmovups`` with AVX-512, ``vmaskmovps`` with AVX2)."""
+    vp = _VEC.as_pointer()
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_VEC, [vp, _I32, mask.type, _VEC]), f"llvm.masked.load.v{VW}f32.p0")
+    return builder.call(fn, [builder.bitcast(ptr, vp), ir.Constant(_I32, 4), mask, ir.Constant(_VEC, None)])
+
+
+def _masked_store(builder, v, ptr, mask):
+    """``llvm.masked.store``: the lanes of ``mask`` of ``v`` to ``ptr``; nothing written elsewhere."""
+    vp = _VEC.as_pointer()
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [_VEC, vp, _I32, mask.type]),
+        f"llvm.masked.store.v{VW}f32.p0")
+    builder.call(fn, [v, builder.bitcast(ptr, vp), ir.Constant(_I32, 4), mask])
+
+
+def _plus_res(builder, a, has_res, load):
+    """``a + load()`` where ``has_res`` (an i1) holds, else ``a``: the residual read only when there is one
+    (read either way, the output's old contents cost a pass over memory)."""
+    before = builder.basic_block
+    with builder.if_then(has_res):
+        added = builder.fadd(a, load())
+        then = builder.basic_block
+    phi = builder.phi(a.type)
+    phi.add_incoming(a, before)
+    phi.add_incoming(added, then)
+    return phi
+
+
+def _act(builder, v, relu, clamp, lo, hi):
+    """``v`` with the ReLU (``relu``, an i1) or the clamp to ``[lo, hi]`` (``clamp``, an i1; NaN kept,
+    as :func:`clamp_vec`), for a vector or a scalar ``v``."""
+    v = _relu(builder, v, relu)
+    vec = isinstance(v.type, ir.VectorType)
+    low, high = (_splat(builder, lo, v.type.count), _splat(builder, hi, v.type.count)) if vec else (lo, hi)
+    c = builder.select(builder.fcmp_ordered("<", v, low), low, v)
+    c = builder.select(builder.fcmp_ordered(">", c, high), high, c)
+    return builder.select(clamp, c, v)
+
+
+def _dw_taps(kh: int, kw: int, sh: int, sw: int) -> list[tuple[int, int, int]]:
+    """(phase, row, column) of each tap ``r * kw + s`` of a ``kh x kw`` layer of stride ``(sh, sw)``
+    (dilation 1) in the phase planes of :func:`sparsecnn.kernels.conv.phase_layout`: the tap reads
+    ``phase * plane + row * wph + column`` past the output's wide position."""
+    used = sorted({(r % sh) * sw + s % sw for r in range(kh) for s in range(kw)})
+    compact = {q: i for i, q in enumerate(used)}
+    return [(compact[(r % sh) * sw + s % sw], r // sh, s // sw) for r in range(kh) for s in range(kw)]
+
+
+def _dw_tile_intrinsic(kh: int, kw: int, sh: int, sw: int):
+    """A :func:`dw_tile_3x3_s1`-like intrinsic for ``kh x kw`` taps at stride ``(sh, sw)``."""
+    taps = _dw_taps(kh, kw, sh, sw)
+
+    @intrinsic
+    def dw_tile(typingctx, src, base, wph, plane, wts, wpos, init, dst, dpos, dstride, res, has_res, nr,
+                nvalid, relu, clamp, lo, hi):
+        sig = types.void(src, types.intp, types.intp, types.intp, wts, types.intp, types.float32, dst,
+                         types.intp, types.intp, res, types.boolean, types.intp, types.intp, types.boolean,
+                         types.boolean, types.float32, types.float32)
+
+        def codegen(context, builder, signature, args):
+            (src_, base_, wph_, plane_, wts_, wpos_, init_, dst_, dpos_, dstride_, res_, has_res_, nr_,
+             nvalid_, relu_, clamp_, lo_, hi_) = args
+            aty = signature.args
+            sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [base_], inbounds=True)
+            wp = builder.gep(_data_ptr(context, builder, aty[4], wts_), [wpos_], inbounds=True)
+            dp = builder.gep(_data_ptr(context, builder, aty[7], dst_), [dpos_], inbounds=True)
+            rp = builder.gep(_data_ptr(context, builder, aty[10], res_), [dpos_], inbounds=True)
+            has_res = _as_i1(context, builder, has_res_, aty[11])
+            relu = _as_i1(context, builder, relu_, aty[14])
+            clamp = _as_i1(context, builder, clamp_, aty[15])
+            fma = _fma_vec(builder)
+            nvec = builder.sdiv(builder.add(nvalid_, ir.Constant(_I64, VW - 1)), ir.Constant(_I64, VW))
+
+            def emit(nrows, nv):
+                wv = [_splat(builder, builder.load(builder.gep(wp, [ir.Constant(_I64, k)], inbounds=True)))
+                      for k in range(len(taps))]
+                start = _splat(builder, init_)
+                accs = [[start] * nv for _ in range(nrows)]
+                # input row by input row, each vector loaded once and added into every (row, tap) that
+                # reads it right away: one loaded vector live at a time (taps in order of first use left
+                # all of them live, and spilled)
+                users: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+                for k, (q, oy, ox) in enumerate(taps):
+                    for rr in range(nrows):
+                        users.setdefault((q, rr + oy, ox), []).append((k, rr))
+                for (q, row, col), uses in sorted(users.items()):
+                    for v in range(nv):
+                        off = builder.add(builder.add(builder.mul(ir.Constant(_I64, q), plane_),
+                                                      builder.mul(ir.Constant(_I64, row), wph_)),
+                                          ir.Constant(_I64, col + v * VW))
+                        xv = builder.load(builder.bitcast(builder.gep(sp, [off], inbounds=True),
+                                                          _VEC.as_pointer()), align=4)
+                        for k, rr in uses:
+                            accs[rr][v] = builder.call(fma, [wv[k], xv, accs[rr][v]])
+                for rr in range(nrows):
+                    row = builder.mul(ir.Constant(_I64, rr), dstride_)
+                    for v in range(nv):
+                        at = builder.add(row, ir.Constant(_I64, v * VW))
+                        d = builder.gep(dp, [at], inbounds=True)
+                        r = builder.gep(rp, [at], inbounds=True)
+                        a = accs[rr][v]
+                        rem = builder.sub(nvalid_, ir.Constant(_I64, v * VW))
+                        whole = builder.icmp_signed(">=", rem, ir.Constant(_I64, VW))
+                        with builder.if_else(whole) as (full, part):
+                            with full:
+                                vp = _VEC.as_pointer()
+                                x = _plus_res(builder, a, has_res, lambda r=r, vp=vp: builder.load(
+                                    builder.bitcast(r, vp), align=4))
+                                builder.store(_act(builder, x, relu, clamp, lo_, hi_), builder.bitcast(d, vp),
+                                              align=4)
+                            with part:  # the row's last columns: masked (nothing read or written past)
+                                lanes = ir.Constant(ir.VectorType(_I64, VW), list(range(VW)))
+                                mask = builder.icmp_signed("<", lanes, _splat_i64(builder, rem))
+                                x = _plus_res(builder, a, has_res,
+                                              lambda r=r, m=mask: _masked_load(builder, r, m))
+                                _masked_store(builder, _act(builder, x, relu, clamp, lo_, hi_), d, mask)
+
+            done = builder.append_basic_block("dw_tile.done")
+            key = builder.add(builder.mul(nr_, ir.Constant(_I64, DW_NV + 1)), nvec)
+            switch = builder.switch(key, done)
+            for nrows in range(1, DW_ROWS + 1):
+                for nv in range(1, DW_NV + 1):
+                    block = builder.append_basic_block(f"dw_tile.r{nrows}v{nv}")
+                    switch.add_case(ir.Constant(_I64, nrows * (DW_NV + 1) + nv), block)
+                    builder.position_at_end(block)
+                    emit(nrows, nv)
+                    builder.branch(done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dw_tile
+
+
+dw_tile_3x3_s1 = _dw_tile_intrinsic(3, 3, 1, 1)
+dw_tile_3x3_s1.__doc__ = """Rows ``i < nr`` and columns ``j < nvalid`` of a 3x3 stride-1 depthwise layer's
+    output tile: ``dst[dpos + i * dstride + j] = act(init + sum_{r, s} wts[wpos + 3r + s] *
+    src[base + (i + r) * wph + j + s] (+ res[dpos + i * dstride + j]))``, with ``act`` the ReLU
+    (``relu``) or the clamp to ``[lo, hi]`` (``clamp``) or none, for ``1 <= nr <= DW_ROWS`` and
+    ``1 <= nvalid <= DW_NV * VW`` (any other size does nothing). ``src`` is one channel's padded input
+    (:func:`sparsecnn.kernels.conv.phase_layout`'s plane, ``wph`` floats a row; ``plane`` unused).
+
+    Why: each input vector is loaded once and feeds the (up to) three output rows of the tile that
+    read it, a third of a load per multiply-add, where :func:`span_tile` loads one per multiply-add;
+    and the results go to ``dst`` with the bias, the residual and the activation, with no wide rows
+    to crop. A tile reads up to ``VW - 1`` floats past a row's last column (the plane's slack).
+    NOTE: no bounds checks; ``res`` is read only with ``has_res`` (pass any float array without)."""
+dw_tile_3x3_s2 = _dw_tile_intrinsic(3, 3, 2, 2)
+dw_tile_3x3_s2.__doc__ = """:func:`dw_tile_3x3_s1` at stride 2: ``src`` holds the four phase planes
+    (even / odd rows x even / odd columns, ``plane`` floats apart, :func:`sparsecnn.kernels.conv.
+    phase_layout`); tap ``(r, s)`` reads phase ``(r % 2) * 2 + s % 2`` at row ``i + r // 2`` and column
+    ``j + s // 2``, so an input vector feeds up to two output rows."""
+
 
 # Winograd F(m x m, 3 x 3) (Lavin & Gray, CVPR 2016): the input transform B^T (rows of a (m + 2)-point
 # tile) and the output transform A^T (m outputs from m + 2 points), points 0, +-1 (m = 2) and 0, +-1,

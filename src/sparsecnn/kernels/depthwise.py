@@ -16,6 +16,14 @@ with the bias, the residual and the ReLU (:func:`sparsecnn.kernels.conv._crop`),
 ReLU6, which can also be applied to the copy: the ReLU6 before the layer). The copied plane and the
 wide rows stay in L1 or L2 from the copy to the crop.
 
+3x3 layers of stride 1 or 2 (MobileNet's) skip the wide rows: after the same copy, row tiles
+(:func:`sparsecnn.kernels._simd.dw_tile_3x3_s1` / ``_s2``, ``DW_ROWS`` output rows x up to ``DW_NV``
+vectors) load each input vector once for every output row of the tile that reads it (stride 1: a
+third of a load per multiply-add on the tile's middle rows, against one in the span tiles) and write
+``out`` directly with the bias, the residual and the ReLU or clamp (the row's last columns in masked
+stores). In L1 (one thread, a scratch loop) the 4 x 3 tile ran 5.7-6.1 G vector multiply-adds a
+second against the span tile's 4.6-4.7 G. ``ROW_TILES`` off is the A/B baseline.
+
 Measured (Zen 4, 2 threads, batch 1; ``python -m benchmarks.mobilenet``): docs/engine.md, "Session
 of 2026-12-07 (eighteenth)".
 """
@@ -29,13 +37,26 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import aligned_zeros, jit, num_threads, pjit, serial_twin
-from sparsecnn.kernels._simd import NV_MAX, VW, clamp_vec, span_tile, tile_split
+from sparsecnn.kernels._simd import (
+    DW_NV,
+    DW_ROWS,
+    NV_MAX,
+    VW,
+    clamp_vec,
+    dw_tile_3x3_s1,
+    dw_tile_3x3_s2,
+    span_tile,
+    tile_split,
+)
 from sparsecnn.kernels.conv import DirectConvPrep, _copy_channels, _crop, padded_plane, phase_layout
 
 __all__ = ["bind_depthwise_conv2d", "is_depthwise"]
 
 # Below this many multiply-adds per call the serial twin runs (no parallel launch), as in conv.py.
 _SERIAL_MACS = 1 << 16
+# Off: 3x3 layers (stride 1 or 2) run the nonzero taps' span tiles and the crop too (the A/B baseline of
+# the row tiles, _depthwise3_kernel).
+ROW_TILES = True
 
 
 def is_depthwise(prep: DirectConvPrep) -> bool:
@@ -56,6 +77,7 @@ class _DepthwiseWorkspace:
     offsets: np.ndarray  # (nnz,) int64: each tap's span offset inside one channel's phase planes
     ptr: np.ndarray  # (C + 1,) int64: the taps of channel c are ptr[c]:ptr[c + 1]
     span: int
+    plane: int  # floats between two phase planes
     nfloats: int  # nph * plane: one channel's phase planes
     wph: int
     hout: int
@@ -80,7 +102,8 @@ def _workspace(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
             geo=lay.geometry((1, *x_shape[1:]), in_stride),
             offsets=np.ascontiguousarray(offsets, dtype=np.int64),
             ptr=prep.indptr.astype(np.int64),
-            span=lay.span, nfloats=lay.nph * lay.plane, wph=lay.wph, hout=lay.hout, wout=lay.wout)
+            span=lay.span, plane=lay.plane, nfloats=lay.nph * lay.plane, wph=lay.wph, hout=lay.hout,
+            wout=lay.wout)
 
     return prep.cached(("depthwise", *x_shape, nparts, in_stride), build)
 
@@ -146,6 +169,62 @@ def _depthwise_kernel(x, cstride, planes, wide, copies, geo, offs, data, ptr, bi
 _depthwise_kernel_serial = serial_twin(_depthwise_kernel)
 
 
+@pjit
+def _depthwise3_kernel(x, cstride, planes, copies, geo, wts, bias, has_bias, out, ostride, hout, wout, wph,
+                       plane, s2, relu, clamp, lo, hi, in_clamp, ilo, ihi, nfloats, res, has_res):
+    """A 3x3 layer of stride 1 or 2 (``s2``): per plane the copy of :func:`_depthwise_kernel`, then
+    row tiles (:func:`sparsecnn.kernels._simd.dw_tile_3x3_s1` / ``_s2``: ``DW_ROWS`` output rows x up
+    to ``DW_NV`` vectors, each input vector loaded once for the rows it feeds) that write ``out``
+    with the bias, the residual and the ReLU or clamp: no wide rows, no crop. ``wts`` (C, 9) holds
+    every tap, zeros included."""
+    nb = x.shape[0]
+    c = wts.shape[0]
+    nparts = planes.shape[0]
+    items = nb * c
+    seg = DW_NV * VW
+    for part in numba.prange(nparts):
+        p = planes[part]
+        for item in range(part * items // nparts, (part + 1) * items // nparts):
+            b = item // c
+            ch = item - b * c
+            _copy_channels(x[b, ch * cstride : (ch + 1) * cstride], p, copies, geo, 0, 1)
+            if in_clamp:
+                for v in range(0, nfloats, VW):
+                    clamp_vec(p, v, p, v, False, p, v, ilo, ihi)
+            init = bias[ch] if has_bias else np.float32(0.0)
+            ob = out[b]
+            rb = res[b]
+            for i0 in range(0, hout, DW_ROWS):
+                nr = min(DW_ROWS, hout - i0)
+                for j0 in range(0, wout, seg):
+                    nvalid = min(seg, wout - j0)
+                    dpos = ch * ostride + i0 * wout + j0
+                    if s2:
+                        dw_tile_3x3_s2(p, i0 * wph + j0, wph, plane, wts, ch * 9, init, ob, dpos, wout, rb,
+                                       has_res, nr, nvalid, relu, clamp, lo, hi)
+                    else:
+                        dw_tile_3x3_s1(p, i0 * wph + j0, wph, plane, wts, ch * 9, init, ob, dpos, wout, rb,
+                                       has_res, nr, nvalid, relu, clamp, lo, hi)
+
+
+_depthwise3_kernel_serial = serial_twin(_depthwise3_kernel)
+
+
+def _row_tiles(prep: DirectConvPrep) -> bool:
+    """Whether ``prep`` runs :func:`_depthwise3_kernel`: 3x3, stride 1 or 2 both ways, dilation 1."""
+    _, _, kh, kw = prep.weight_shape
+    return ROW_TILES and (kh, kw) == (3, 3) and prep.dilation == (1, 1) and prep.stride in ((1, 1), (2, 2))
+
+
+def _dense_taps(prep: DirectConvPrep) -> np.ndarray:
+    """(C, kh * kw) float32: every tap of each channel's filter, zeros included."""
+    cout, _, kh, kw = prep.weight_shape
+    dense = np.zeros((cout, kh * kw), dtype=np.float32)
+    rows = np.repeat(np.arange(cout), np.diff(prep.indptr))
+    dense[rows, prep.indices.astype(np.int64)] = prep.data
+    return dense
+
+
 def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int], bias: np.ndarray | None,
                           out: np.ndarray, relu: bool = False, in_stride: int = 0, out_stride: int = 0,
                           clamp: tuple[float, float] | None = None,
@@ -201,9 +280,16 @@ def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, in
         raise ValueError(f"bind_depthwise_conv2d: in_clamp {in_clamp} must hold 0 (the padding)")
     lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0), np.float32(0.0))
     ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
-    args = (cstride, ws.planes, ws.wide, ws.copies, ws.geo, ws.offsets, prep.data, ws.ptr, b, has_bias,
-            flat, ostride, ws.hout, ws.wout, ws.wph, ws.span, bool(relu), clamp is not None, lo, hi,
-            in_clamp is not None, ilo, ihi, ws.nfloats)
+    if _row_tiles(prep):
+        kernel = _depthwise3_kernel_serial if small else _depthwise3_kernel
+        wts = prep.cached(("depthwise-taps",), lambda: _dense_taps(prep))
+        args = (cstride, ws.planes, ws.copies, ws.geo, wts, b, has_bias, flat, ostride, ws.hout, ws.wout,
+                ws.wph, ws.plane, prep.stride == (2, 2), bool(relu), clamp is not None, lo, hi,
+                in_clamp is not None, ilo, ihi, ws.nfloats)
+    else:
+        args = (cstride, ws.planes, ws.wide, ws.copies, ws.geo, ws.offsets, prep.data, ws.ptr, b, has_bias,
+                flat, ostride, ws.hout, ws.wout, ws.wph, ws.span, bool(relu), clamp is not None, lo, hi,
+                in_clamp is not None, ilo, ihi, ws.nfloats)
 
     def run(x: np.ndarray, res: np.ndarray | None = None) -> None:
         xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
