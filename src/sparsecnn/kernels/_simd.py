@@ -46,9 +46,9 @@ __all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "DW_NV", "DW_ROWS", "ELL_ROWS", "
            "code_ell_block", "code_ell_block2", "code_ell_block2_finite", "code_ell_block4",
            "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even", "copy_every3",
            "copy_every4", "copy_vec", "copy_vec_act", "copy_vec_add", "dw_tile_3x3_s1", "dw_tile_3x3_s2",
-           "fmadd", "gemm_tile", "group_tile", "max3_cols2", "max3_rows", "max_taps", "packed_words",
-           "pair_tile", "prefetch", "prefetch_l2", "row_dot", "scatter_blocks", "span_tile", "span_tile8",
-           "tile_split", "wino4_in_tile", "wino4_out_tile", "wino_in_tile", "wino_out_tile"]
+           "dw_tile_3x3_s2_plain", "fmadd", "gemm_tile", "group_tile", "max3_cols2", "max3_rows", "max_taps",
+           "packed_words", "pair_tile", "prefetch", "prefetch_l2", "row_dot", "scatter_blocks", "span_tile",
+           "span_tile8", "tile_split", "wino4_in_tile", "wino4_out_tile", "wino_in_tile", "wino_out_tile"]
 
 RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot: sums in 8 chains), scatter_blocks
 
@@ -1105,40 +1105,9 @@ def _dw_tile_intrinsic(kh: int, kw: int, sh: int, sw: int):
                                                           _VEC.as_pointer()), align=4)
                         for k, rr in uses:
                             accs[rr][v] = builder.call(fma, [wv[k], xv, accs[rr][v]])
-                for rr in range(nrows):
-                    row = builder.mul(ir.Constant(_I64, rr), dstride_)
-                    for v in range(nv):
-                        at = builder.add(row, ir.Constant(_I64, v * VW))
-                        d = builder.gep(dp, [at], inbounds=True)
-                        r = builder.gep(rp, [at], inbounds=True)
-                        a = accs[rr][v]
-                        rem = builder.sub(nvalid_, ir.Constant(_I64, v * VW))
-                        whole = builder.icmp_signed(">=", rem, ir.Constant(_I64, VW))
-                        with builder.if_else(whole) as (full, part):
-                            with full:
-                                vp = _VEC.as_pointer()
-                                x = _plus_res(builder, a, has_res, lambda r=r, vp=vp: builder.load(
-                                    builder.bitcast(r, vp), align=4))
-                                builder.store(_act(builder, x, relu, clamp, lo_, hi_), builder.bitcast(d, vp),
-                                              align=4)
-                            with part:  # the row's last columns: masked (nothing read or written past)
-                                lanes = ir.Constant(ir.VectorType(_I64, VW), list(range(VW)))
-                                mask = builder.icmp_signed("<", lanes, _splat_i64(builder, rem))
-                                x = _plus_res(builder, a, has_res,
-                                              lambda r=r, m=mask: _masked_load(builder, r, m))
-                                _masked_store(builder, _act(builder, x, relu, clamp, lo_, hi_), d, mask)
+                _dw_epilogue(builder, accs, dp, rp, dstride_, nvalid_, has_res, relu, clamp, lo_, hi_)
 
-            done = builder.append_basic_block("dw_tile.done")
-            key = builder.add(builder.mul(nr_, ir.Constant(_I64, DW_NV + 1)), nvec)
-            switch = builder.switch(key, done)
-            for nrows in range(1, DW_ROWS + 1):
-                for nv in range(1, DW_NV + 1):
-                    block = builder.append_basic_block(f"dw_tile.r{nrows}v{nv}")
-                    switch.add_case(ir.Constant(_I64, nrows * (DW_NV + 1) + nv), block)
-                    builder.position_at_end(block)
-                    emit(nrows, nv)
-                    builder.branch(done)
-            builder.position_at_end(done)
+            _switch_tiles(builder, nr_, nvec, "dw_tile", emit)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -1164,6 +1133,140 @@ dw_tile_3x3_s2.__doc__ = """:func:`dw_tile_3x3_s1` at stride 2: ``src`` holds th
     (even / odd rows x even / odd columns, ``plane`` floats apart, :func:`sparsecnn.kernels.conv.
     phase_layout`); tap ``(r, s)`` reads phase ``(r % 2) * 2 + s % 2`` at row ``i + r // 2`` and column
     ``j + s // 2``, so an input vector feeds up to two output rows."""
+
+
+def _dw_epilogue(builder, accs, dp, rp, dstride, nvalid, has_res, relu, clamp, lo, hi):
+    """Store the tile ``accs[row][vector]`` at ``dp`` (rows ``dstride`` floats apart) with the residual
+    at ``rp`` (where ``has_res``) and the activation (:func:`_act`); the vectors past ``nvalid``
+    columns in masked loads and stores (nothing read or written past them)."""
+    vp = _VEC.as_pointer()
+    for rr, row_accs in enumerate(accs):
+        row = builder.mul(ir.Constant(_I64, rr), dstride)
+        for v, a in enumerate(row_accs):
+            at = builder.add(row, ir.Constant(_I64, v * VW))
+            d = builder.gep(dp, [at], inbounds=True)
+            r = builder.gep(rp, [at], inbounds=True)
+            rem = builder.sub(nvalid, ir.Constant(_I64, v * VW))
+            with builder.if_else(builder.icmp_signed(">=", rem, ir.Constant(_I64, VW))) as (full, part):
+                with full:
+                    x = _plus_res(builder, a, has_res,
+                                  lambda r=r: builder.load(builder.bitcast(r, vp), align=4))
+                    builder.store(_act(builder, x, relu, clamp, lo, hi), builder.bitcast(d, vp), align=4)
+                with part:
+                    lanes = ir.Constant(ir.VectorType(_I64, VW), list(range(VW)))
+                    mask = builder.icmp_signed("<", lanes, _splat_i64(builder, rem))
+                    x = _plus_res(builder, a, has_res, lambda r=r, m=mask: _masked_load(builder, r, m))
+                    _masked_store(builder, _act(builder, x, relu, clamp, lo, hi), d, mask)
+
+
+def _switch_tiles(builder, nr, nvec, name, emit):
+    """A switch on the runtime tile size: ``emit(nrows, nv)`` for ``1 <= nrows <= DW_ROWS`` and
+    ``1 <= nv <= DW_NV``; any other size does nothing."""
+    done = builder.append_basic_block(f"{name}.done")
+    switch = builder.switch(builder.add(builder.mul(nr, ir.Constant(_I64, DW_NV + 1)), nvec), done)
+    for nrows in range(1, DW_ROWS + 1):
+        for nv in range(1, DW_NV + 1):
+            block = builder.append_basic_block(f"{name}.r{nrows}v{nv}")
+            switch.add_case(ir.Constant(_I64, nrows * (DW_NV + 1) + nv), block)
+            builder.position_at_end(block)
+            emit(nrows, nv)
+            builder.branch(done)
+    builder.position_at_end(done)
+
+
+@intrinsic
+def dw_tile_3x3_s2_plain(typingctx, src, base, h, w, y0, c0, wts, wpos, init, dst, dpos, dstride, res,
+                         has_res, nr, nvalid, relu, clamp, lo, hi, in_clamp, ilo, ihi):
+    """:func:`dw_tile_3x3_s2` reading the input plane itself (``src[base + y * w + c]``, ``h x w``), no
+    phase copy: output row ``i < nr`` and column ``j < nvalid`` of the tile read input row
+    ``y0 + 2i + r`` and column ``c0 + 2j + s`` for tap ``(r, s)``, a row or column outside the plane
+    reading 0 (the zero padding). Per input row and output vector two vector loads and one float,
+    split into the even columns, the odd ones and the even ones one on (as :func:`max3_cols2`), each
+    loaded once for the (up to) two output rows that read it; with ``in_clamp`` each loaded vector
+    clamped to ``[ilo, ihi]`` first (``ilo <= 0 <= ihi``: the padding stays 0).
+
+    Why: at stride 2 the phase copy was most of a large plane's time (MobileNet-v2's 96 x 112 x 112
+    layer, one thread: 2.1 of 3.3 us a channel).
+    NOTE: loads are masked to the plane (nothing read outside it); ``res`` read only with ``has_res``."""
+    sig = types.void(src, types.intp, types.intp, types.intp, types.intp, types.intp, wts, types.intp,
+                     types.float32, dst, types.intp, types.intp, res, types.boolean, types.intp, types.intp,
+                     types.boolean, types.boolean, types.float32, types.float32, types.boolean, types.float32,
+                     types.float32)
+
+    def codegen(context, builder, signature, args):
+        (src_, base_, h_, w_, y0_, c0_, wts_, wpos_, init_, dst_, dpos_, dstride_, res_, has_res_, nr_,
+         nvalid_, relu_, clamp_, lo_, hi_, in_clamp_, ilo_, ihi_) = args
+        aty = signature.args
+        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [base_], inbounds=True)
+        wp = builder.gep(_data_ptr(context, builder, aty[6], wts_), [wpos_], inbounds=True)
+        dp = builder.gep(_data_ptr(context, builder, aty[9], dst_), [dpos_], inbounds=True)
+        rp = builder.gep(_data_ptr(context, builder, aty[12], res_), [dpos_], inbounds=True)
+        has_res = _as_i1(context, builder, has_res_, aty[13])
+        relu = _as_i1(context, builder, relu_, aty[16])
+        clamp = _as_i1(context, builder, clamp_, aty[17])
+        in_clamp = _as_i1(context, builder, in_clamp_, aty[20])
+        fma = _fma_vec(builder)
+        nvec = builder.sdiv(builder.add(nvalid_, ir.Constant(_I64, VW - 1)), ir.Constant(_I64, VW))
+        ivec = ir.VectorType(_I64, VW)
+        lanes = ir.Constant(ivec, list(range(VW)))
+        zero_i = ir.Constant(ivec, [0] * VW)
+        w_vec = _splat_i64(builder, w_)
+        even = ir.Constant(ir.VectorType(_I32, VW), [2 * i for i in range(VW)])
+        odd = ir.Constant(ir.VectorType(_I32, VW), [2 * i + 1 for i in range(VW)])
+        shift = ir.Constant(ir.VectorType(_I32, VW), list(range(1, VW + 1)))
+        no = ir.Constant(ir.VectorType(_I1, VW), [0] * VW)
+
+        def cols_mask(c):  # lanes l with 0 <= c + l < w
+            at = builder.add(lanes, _splat_i64(builder, c))
+            return builder.and_(builder.icmp_signed(">=", at, zero_i), builder.icmp_signed("<", at, w_vec))
+
+        def clamp_in(v):
+            return builder.select(in_clamp, _act(builder, v, None, ir.Constant(_I1, 1), ilo_, ihi_), v)
+
+        def emit(nrows, nv):
+            wv = [_splat(builder, builder.load(builder.gep(wp, [ir.Constant(_I64, k)], inbounds=True)))
+                  for k in range(9)]
+            start = _splat(builder, init_)
+            accs = [[start] * nv for _ in range(nrows)]
+            # the columns of each vector: two loads' masks and the float after them
+            cmask = []
+            for v in range(nv):
+                c = builder.add(c0_, ir.Constant(_I64, 2 * v * VW))
+                cn = builder.add(c, ir.Constant(_I64, 2 * VW))
+                last = builder.and_(builder.icmp_signed(">=", cn, ir.Constant(_I64, 0)),
+                                    builder.icmp_signed("<", cn, w_))
+                cmask.append((c, cols_mask(c), cols_mask(builder.add(c, ir.Constant(_I64, VW))), cn, last))
+            for t in range(2 * nrows + 1):
+                y = builder.add(y0_, ir.Constant(_I64, t))
+                inside = builder.and_(builder.icmp_signed(">=", y, ir.Constant(_I64, 0)),
+                                      builder.icmp_signed("<", y, h_))
+                rowp = builder.gep(sp, [builder.mul(y, w_)])  # not dereferenced outside the masks
+                uses = [(rr, t - 2 * rr) for rr in range(nrows) if 0 <= t - 2 * rr <= 2]
+                for v, (c, ma, mb, cn, last) in enumerate(cmask):
+                    a = clamp_in(_masked_load(builder, builder.gep(rowp, [c]),
+                                              builder.select(inside, ma, no)))
+                    bp = builder.gep(rowp, [builder.add(c, ir.Constant(_I64, VW))])
+                    b = clamp_in(_masked_load(builder, bp, builder.select(inside, mb, no)))
+                    before = builder.basic_block
+                    with builder.if_then(builder.and_(inside, last)):
+                        got = builder.load(builder.gep(rowp, [cn]))
+                        then = builder.basic_block
+                    nxt = builder.phi(_F32)
+                    nxt.add_incoming(ir.Constant(_F32, 0.0), before)
+                    nxt.add_incoming(got, then)
+                    nxt = clamp_in(_splat(builder, nxt))
+                    ev = builder.shuffle_vector(a, b, even)
+                    od = builder.shuffle_vector(a, b, odd)
+                    e2 = builder.shuffle_vector(ev, nxt, shift)
+                    for rr, r in uses:
+                        for s_, xv in enumerate((ev, od, e2)):
+                            accs[rr][v] = builder.call(fma, [wv[r * 3 + s_], xv, accs[rr][v]])
+            _dw_epilogue(builder, accs, dp, rp, dstride_, nvalid_, has_res, relu, clamp, lo_, hi_)
+
+        _switch_tiles(builder, nr_, nvec, "dw_tile_s2p", emit)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 # Winograd F(m x m, 3 x 3) (Lavin & Gray, CVPR 2016): the input transform B^T (rows of a (m + 2)-point

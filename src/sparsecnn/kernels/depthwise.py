@@ -24,6 +24,12 @@ third of a load per multiply-add on the tile's middle rows, against one in the s
 stores). In L1 (one thread, a scratch loop) the 4 x 3 tile ran 5.7-6.1 G vector multiply-adds a
 second against the span tile's 4.6-4.7 G. ``ROW_TILES`` off is the A/B baseline.
 
+At stride 2 there is no copy at all (``S2_PLAIN``): the tiles read each plane where it lies
+(:func:`sparsecnn.kernels._simd.dw_tile_3x3_s2_plain`), masked loads standing for the padding and
+the even and odd columns split in registers, and the input clamp applied to what they load. The
+phase copy was most of such a layer's time: one thread, MobileNet-v2's 96 x 112 x 112 layer 309 ->
+264 us, its 576 x 14 x 14 layer 227 -> 43 us (scratch script, the layer alone).
+
 Measured (Zen 4, 2 threads, batch 1; ``python -m benchmarks.mobilenet``): docs/engine.md, "Session
 of 2026-12-07 (eighteenth)".
 """
@@ -45,6 +51,7 @@ from sparsecnn.kernels._simd import (
     clamp_vec,
     dw_tile_3x3_s1,
     dw_tile_3x3_s2,
+    dw_tile_3x3_s2_plain,
     span_tile,
     tile_split,
 )
@@ -57,6 +64,9 @@ _SERIAL_MACS = 1 << 16
 # Off: 3x3 layers (stride 1 or 2) run the nonzero taps' span tiles and the crop too (the A/B baseline of
 # the row tiles, _depthwise3_kernel).
 ROW_TILES = True
+# Off: 3x3 stride-2 layers phase-copy each plane before the row tiles (the A/B baseline of
+# _depthwise3s2_kernel, which reads the plane itself).
+S2_PLAIN = True
 
 
 def is_depthwise(prep: DirectConvPrep) -> bool:
@@ -210,6 +220,35 @@ def _depthwise3_kernel(x, cstride, planes, copies, geo, wts, bias, has_bias, out
 _depthwise3_kernel_serial = serial_twin(_depthwise3_kernel)
 
 
+@pjit
+def _depthwise3s2_kernel(x, cstride, h, w, wts, bias, has_bias, out, ostride, hout, wout, ph, pw, relu, clamp,
+                         lo, hi, in_clamp, ilo, ihi, nparts, res, has_res):
+    """A 3x3 stride-2 layer with no copy: row tiles that read each plane where it lies
+    (:func:`sparsecnn.kernels._simd.dw_tile_3x3_s2_plain`: masked loads for the padding, the even and
+    odd columns split in registers), the input clamp applied as they load."""
+    nb = x.shape[0]
+    c = wts.shape[0]
+    items = nb * c
+    seg = DW_NV * VW
+    for part in numba.prange(nparts):
+        for item in range(part * items // nparts, (part + 1) * items // nparts):
+            b = item // c
+            ch = item - b * c
+            init = bias[ch] if has_bias else np.float32(0.0)
+            xb = x[b]
+            ob = out[b]
+            rb = res[b]
+            for i0 in range(0, hout, DW_ROWS):
+                nr = min(DW_ROWS, hout - i0)
+                for j0 in range(0, wout, seg):
+                    dw_tile_3x3_s2_plain(xb, ch * cstride, h, w, 2 * i0 - ph, 2 * j0 - pw, wts, ch * 9, init,
+                                         ob, ch * ostride + i0 * wout + j0, wout, rb, has_res, nr,
+                                         min(seg, wout - j0), relu, clamp, lo, hi, in_clamp, ilo, ihi)
+
+
+_depthwise3s2_kernel_serial = serial_twin(_depthwise3s2_kernel)
+
+
 def _row_tiles(prep: DirectConvPrep) -> bool:
     """Whether ``prep`` runs :func:`_depthwise3_kernel`: 3x3, stride 1 or 2 both ways, dilation 1."""
     _, _, kh, kw = prep.weight_shape
@@ -280,7 +319,12 @@ def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, in
         raise ValueError(f"bind_depthwise_conv2d: in_clamp {in_clamp} must hold 0 (the padding)")
     lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0), np.float32(0.0))
     ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
-    if _row_tiles(prep):
+    if _row_tiles(prep) and S2_PLAIN and prep.stride == (2, 2):
+        kernel = _depthwise3s2_kernel_serial if small else _depthwise3s2_kernel
+        wts = prep.cached(("depthwise-taps",), lambda: _dense_taps(prep))
+        args = (cstride, h, w, wts, b, has_bias, flat, ostride, ws.hout, ws.wout, *prep.padding, bool(relu),
+                clamp is not None, lo, hi, in_clamp is not None, ilo, ihi, ws.planes.shape[0])
+    elif _row_tiles(prep):
         kernel = _depthwise3_kernel_serial if small else _depthwise3_kernel
         wts = prep.cached(("depthwise-taps",), lambda: _dense_taps(prep))
         args = (cstride, ws.planes, ws.copies, ws.geo, wts, b, has_bias, flat, ostride, ws.hout, ws.wout,
