@@ -700,12 +700,13 @@ def test_depthwise_row_tiles_match_torch(c, h, w, s, p, batch, sparsity, act, re
     """The 3x3 stride-1 / stride-2 layers that run the row tiles (``kernels.depthwise.ROW_TILES``,
     ``_simd.dw_tile_3x3_*``: rows of the tile past the plane's last, columns past the row's last in
     masked stores, planes of every width from 1 to 60; at stride 2 reading the plane itself with
-    masked loads for the padding, ``S2_PLAIN``): as :func:`test_depthwise_kernel_matches_torch`, and
-    the same with the stride-2 phase copy back (``S2_PLAIN`` off) and with the row tiles off."""
+    masked loads for the padding, ``S2_PLAIN``, and so at stride 1 on planes no wider than a vector,
+    ``S1_PLAIN``): as :func:`test_depthwise_kernel_matches_torch`, and the same with the copies back
+    (``S2_PLAIN`` / ``S1_PLAIN`` off) and with the row tiles off."""
     from sparsecnn.kernels import depthwise
 
-    assert depthwise.ROW_TILES and depthwise.S2_PLAIN
-    for flag in ("", "S2_PLAIN", "ROW_TILES"):
+    assert depthwise.ROW_TILES and depthwise.S2_PLAIN and depthwise.S1_PLAIN
+    for flag in ("", "S2_PLAIN", "S1_PLAIN", "ROW_TILES"):
         with contextlib.ExitStack() as stack:
             if flag:
                 stack.callback(setattr, depthwise, flag, True)

@@ -1174,99 +1174,128 @@ def _switch_tiles(builder, nr, nvec, name, emit):
     builder.position_at_end(done)
 
 
-@intrinsic
-def dw_tile_3x3_s2_plain(typingctx, src, base, h, w, y0, c0, wts, wpos, init, dst, dpos, dstride, res,
-                         has_res, nr, nvalid, relu, clamp, lo, hi, in_clamp, ilo, ihi):
-    """:func:`dw_tile_3x3_s2` reading the input plane itself (``src[base + y * w + c]``, ``h x w``), no
-    phase copy: output row ``i < nr`` and column ``j < nvalid`` of the tile read input row
-    ``y0 + 2i + r`` and column ``c0 + 2j + s`` for tap ``(r, s)``, a row or column outside the plane
-    reading 0 (the zero padding). Per input row and output vector two vector loads and one float,
-    split into the even columns, the odd ones and the even ones one on (as :func:`max3_cols2`), each
-    loaded once for the (up to) two output rows that read it; with ``in_clamp`` each loaded vector
-    clamped to ``[ilo, ihi]`` first (``ilo <= 0 <= ihi``: the padding stays 0).
+def _dw_plain_intrinsic(stride: int):
+    """The tile of :func:`dw_tile_3x3_s1_plain` (``stride`` 1) or :func:`dw_tile_3x3_s2_plain` (2)."""
+
+    @intrinsic
+    def dw_tile_plain(typingctx, src, base, h, w, y0, c0, wts, wpos, init, dst, dpos, dstride, res, has_res,
+                      nr, nvalid, relu, clamp, lo, hi, in_clamp, ilo, ihi):
+        sig = types.void(src, types.intp, types.intp, types.intp, types.intp, types.intp, wts, types.intp,
+                         types.float32, dst, types.intp, types.intp, res, types.boolean, types.intp,
+                         types.intp, types.boolean, types.boolean, types.float32, types.float32,
+                         types.boolean, types.float32, types.float32)
+
+        def codegen(context, builder, signature, args):
+            (src_, base_, h_, w_, y0_, c0_, wts_, wpos_, init_, dst_, dpos_, dstride_, res_, has_res_, nr_,
+             nvalid_, relu_, clamp_, lo_, hi_, in_clamp_, ilo_, ihi_) = args
+            aty = signature.args
+            sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [base_], inbounds=True)
+            wp = builder.gep(_data_ptr(context, builder, aty[6], wts_), [wpos_], inbounds=True)
+            dp = builder.gep(_data_ptr(context, builder, aty[9], dst_), [dpos_], inbounds=True)
+            rp = builder.gep(_data_ptr(context, builder, aty[12], res_), [dpos_], inbounds=True)
+            has_res = _as_i1(context, builder, has_res_, aty[13])
+            relu = _as_i1(context, builder, relu_, aty[16])
+            clamp = _as_i1(context, builder, clamp_, aty[17])
+            in_clamp = _as_i1(context, builder, in_clamp_, aty[20])
+            fma = _fma_vec(builder)
+            nvec = builder.sdiv(builder.add(nvalid_, ir.Constant(_I64, VW - 1)), ir.Constant(_I64, VW))
+            lanes = ir.Constant(ir.VectorType(_I64, VW), list(range(VW)))
+            zero_i = ir.Constant(ir.VectorType(_I64, VW), [0] * VW)
+            w_vec = _splat_i64(builder, w_)
+            no = ir.Constant(ir.VectorType(_I1, VW), [0] * VW)
+
+            def const(v):
+                return ir.Constant(_I64, v)
+
+            def cols_mask(c):  # lanes l with 0 <= c + l < w
+                at = builder.add(lanes, _splat_i64(builder, c))
+                return builder.and_(builder.icmp_signed(">=", at, zero_i),
+                                    builder.icmp_signed("<", at, w_vec))
+
+            def clamp_in(v):
+                return builder.select(in_clamp, _act(builder, v, None, ir.Constant(_I1, 1), ilo_, ihi_), v)
+
+            def load(rowp, c, mask, inside):
+                m = builder.select(inside, mask, no)
+                return clamp_in(_masked_load(builder, builder.gep(rowp, [c]), m))
+
+            def columns_s1(rowp, inside, cols):
+                # the three taps' vectors: columns c, c + 1, c + 2 (three masked loads)
+                return [load(rowp, c, m, inside) for c, m in cols]
+
+            def columns_s2(rowp, inside, cols):
+                # even columns c + 2l, odd ones c + 2l + 1, and c + 2l + 2: two vector loads and the float
+                # after them, split in registers (as max3_cols2)
+                (ca, ma), (cb, mb), (cn, last) = cols
+                a, b = load(rowp, ca, ma, inside), load(rowp, cb, mb, inside)
+                before = builder.basic_block
+                with builder.if_then(builder.and_(inside, last)):
+                    got = builder.load(builder.gep(rowp, [cn]))
+                    then = builder.basic_block
+                nxt = builder.phi(_F32)
+                nxt.add_incoming(ir.Constant(_F32, 0.0), before)
+                nxt.add_incoming(got, then)
+                nxt = clamp_in(_splat(builder, nxt))
+                ivec = ir.VectorType(_I32, VW)
+                ev = builder.shuffle_vector(a, b, ir.Constant(ivec, [2 * i for i in range(VW)]))
+                od = builder.shuffle_vector(a, b, ir.Constant(ivec, [2 * i + 1 for i in range(VW)]))
+                e2 = builder.shuffle_vector(ev, nxt, ir.Constant(ivec, list(range(1, VW + 1))))
+                return [ev, od, e2]
+
+            def emit(nrows, nv):
+                wv = [_splat(builder, builder.load(builder.gep(wp, [const(k)], inbounds=True)))
+                      for k in range(9)]
+                start = _splat(builder, init_)
+                accs = [[start] * nv for _ in range(nrows)]
+                cols = []  # per output vector: its loads' columns and masks (the same in every row)
+                for v in range(nv):
+                    c = builder.add(c0_, const(stride * v * VW))
+                    if stride == 1:
+                        cols.append([(builder.add(c, const(s_)), cols_mask(builder.add(c, const(s_))))
+                                     for s_ in range(3)])
+                    else:
+                        cb, cn = builder.add(c, const(VW)), builder.add(c, const(2 * VW))
+                        last = builder.and_(builder.icmp_signed(">=", cn, const(0)),
+                                            builder.icmp_signed("<", cn, w_))
+                        cols.append([(c, cols_mask(c)), (cb, cols_mask(cb)), (cn, last)])
+                for t in range(stride * (nrows - 1) + 3):  # input rows, each read once
+                    y = builder.add(y0_, const(t))
+                    inside = builder.and_(builder.icmp_signed(">=", y, const(0)),
+                                          builder.icmp_signed("<", y, h_))
+                    rowp = builder.gep(sp, [builder.mul(y, w_)])  # not dereferenced outside the masks
+                    uses = [(rr, t - stride * rr) for rr in range(nrows) if 0 <= t - stride * rr <= 2]
+                    for v in range(nv):
+                        xs = (columns_s1 if stride == 1 else columns_s2)(rowp, inside, cols[v])
+                        for rr, r in uses:
+                            for s_, xv in enumerate(xs):
+                                accs[rr][v] = builder.call(fma, [wv[r * 3 + s_], xv, accs[rr][v]])
+                _dw_epilogue(builder, accs, dp, rp, dstride_, nvalid_, has_res, relu, clamp, lo_, hi_)
+
+            _switch_tiles(builder, nr_, nvec, f"dw_tile_s{stride}p", emit)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dw_tile_plain
+
+
+dw_tile_3x3_s2_plain = _dw_plain_intrinsic(2)
+dw_tile_3x3_s2_plain.__doc__ = """:func:`dw_tile_3x3_s2` reading the input plane itself
+    (``src[base + y * w + c]``, ``h x w``), no phase copy: output row ``i < nr`` and column
+    ``j < nvalid`` of the tile read input row ``y0 + 2i + r`` and column ``c0 + 2j + s`` for tap
+    ``(r, s)``, a row or column outside the plane reading 0 (the zero padding). Per input row and
+    output vector two vector loads and one float, split into the even columns, the odd ones and the
+    even ones one on (as :func:`max3_cols2`), each loaded once for the (up to) two output rows that
+    read it; with ``in_clamp`` each loaded vector clamped to ``[ilo, ihi]`` first (``ilo <= 0 <= ihi``:
+    the padding stays 0). Arguments after ``wts`` as :func:`dw_tile_3x3_s1`'s.
 
     Why: at stride 2 the phase copy was most of a large plane's time (MobileNet-v2's 96 x 112 x 112
     layer, one thread: 2.1 of 3.3 us a channel).
     NOTE: loads are masked to the plane (nothing read outside it); ``res`` read only with ``has_res``."""
-    sig = types.void(src, types.intp, types.intp, types.intp, types.intp, types.intp, wts, types.intp,
-                     types.float32, dst, types.intp, types.intp, res, types.boolean, types.intp, types.intp,
-                     types.boolean, types.boolean, types.float32, types.float32, types.boolean, types.float32,
-                     types.float32)
-
-    def codegen(context, builder, signature, args):
-        (src_, base_, h_, w_, y0_, c0_, wts_, wpos_, init_, dst_, dpos_, dstride_, res_, has_res_, nr_,
-         nvalid_, relu_, clamp_, lo_, hi_, in_clamp_, ilo_, ihi_) = args
-        aty = signature.args
-        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [base_], inbounds=True)
-        wp = builder.gep(_data_ptr(context, builder, aty[6], wts_), [wpos_], inbounds=True)
-        dp = builder.gep(_data_ptr(context, builder, aty[9], dst_), [dpos_], inbounds=True)
-        rp = builder.gep(_data_ptr(context, builder, aty[12], res_), [dpos_], inbounds=True)
-        has_res = _as_i1(context, builder, has_res_, aty[13])
-        relu = _as_i1(context, builder, relu_, aty[16])
-        clamp = _as_i1(context, builder, clamp_, aty[17])
-        in_clamp = _as_i1(context, builder, in_clamp_, aty[20])
-        fma = _fma_vec(builder)
-        nvec = builder.sdiv(builder.add(nvalid_, ir.Constant(_I64, VW - 1)), ir.Constant(_I64, VW))
-        ivec = ir.VectorType(_I64, VW)
-        lanes = ir.Constant(ivec, list(range(VW)))
-        zero_i = ir.Constant(ivec, [0] * VW)
-        w_vec = _splat_i64(builder, w_)
-        even = ir.Constant(ir.VectorType(_I32, VW), [2 * i for i in range(VW)])
-        odd = ir.Constant(ir.VectorType(_I32, VW), [2 * i + 1 for i in range(VW)])
-        shift = ir.Constant(ir.VectorType(_I32, VW), list(range(1, VW + 1)))
-        no = ir.Constant(ir.VectorType(_I1, VW), [0] * VW)
-
-        def cols_mask(c):  # lanes l with 0 <= c + l < w
-            at = builder.add(lanes, _splat_i64(builder, c))
-            return builder.and_(builder.icmp_signed(">=", at, zero_i), builder.icmp_signed("<", at, w_vec))
-
-        def clamp_in(v):
-            return builder.select(in_clamp, _act(builder, v, None, ir.Constant(_I1, 1), ilo_, ihi_), v)
-
-        def emit(nrows, nv):
-            wv = [_splat(builder, builder.load(builder.gep(wp, [ir.Constant(_I64, k)], inbounds=True)))
-                  for k in range(9)]
-            start = _splat(builder, init_)
-            accs = [[start] * nv for _ in range(nrows)]
-            # the columns of each vector: two loads' masks and the float after them
-            cmask = []
-            for v in range(nv):
-                c = builder.add(c0_, ir.Constant(_I64, 2 * v * VW))
-                cn = builder.add(c, ir.Constant(_I64, 2 * VW))
-                last = builder.and_(builder.icmp_signed(">=", cn, ir.Constant(_I64, 0)),
-                                    builder.icmp_signed("<", cn, w_))
-                cmask.append((c, cols_mask(c), cols_mask(builder.add(c, ir.Constant(_I64, VW))), cn, last))
-            for t in range(2 * nrows + 1):
-                y = builder.add(y0_, ir.Constant(_I64, t))
-                inside = builder.and_(builder.icmp_signed(">=", y, ir.Constant(_I64, 0)),
-                                      builder.icmp_signed("<", y, h_))
-                rowp = builder.gep(sp, [builder.mul(y, w_)])  # not dereferenced outside the masks
-                uses = [(rr, t - 2 * rr) for rr in range(nrows) if 0 <= t - 2 * rr <= 2]
-                for v, (c, ma, mb, cn, last) in enumerate(cmask):
-                    a = clamp_in(_masked_load(builder, builder.gep(rowp, [c]),
-                                              builder.select(inside, ma, no)))
-                    bp = builder.gep(rowp, [builder.add(c, ir.Constant(_I64, VW))])
-                    b = clamp_in(_masked_load(builder, bp, builder.select(inside, mb, no)))
-                    before = builder.basic_block
-                    with builder.if_then(builder.and_(inside, last)):
-                        got = builder.load(builder.gep(rowp, [cn]))
-                        then = builder.basic_block
-                    nxt = builder.phi(_F32)
-                    nxt.add_incoming(ir.Constant(_F32, 0.0), before)
-                    nxt.add_incoming(got, then)
-                    nxt = clamp_in(_splat(builder, nxt))
-                    ev = builder.shuffle_vector(a, b, even)
-                    od = builder.shuffle_vector(a, b, odd)
-                    e2 = builder.shuffle_vector(ev, nxt, shift)
-                    for rr, r in uses:
-                        for s_, xv in enumerate((ev, od, e2)):
-                            accs[rr][v] = builder.call(fma, [wv[r * 3 + s_], xv, accs[rr][v]])
-            _dw_epilogue(builder, accs, dp, rp, dstride_, nvalid_, has_res, relu, clamp, lo_, hi_)
-
-        _switch_tiles(builder, nr_, nvec, "dw_tile_s2p", emit)
-        return context.get_dummy_value()
-
-    return sig, codegen
+dw_tile_3x3_s1_plain = _dw_plain_intrinsic(1)
+dw_tile_3x3_s1_plain.__doc__ = """:func:`dw_tile_3x3_s2_plain` at stride 1: input row ``y0 + i + r``
+    and column ``c0 + j + s``; per input row and output vector three masked loads (columns on by 0,
+    1 and 2), each added into the (up to) three output rows that read it."""
 
 
 # Winograd F(m x m, 3 x 3) (Lavin & Gray, CVPR 2016): the input transform B^T (rows of a (m + 2)-point

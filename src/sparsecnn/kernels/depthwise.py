@@ -28,7 +28,8 @@ At stride 2 there is no copy at all (``S2_PLAIN``): the tiles read each plane wh
 (:func:`sparsecnn.kernels._simd.dw_tile_3x3_s2_plain`), masked loads standing for the padding and
 the even and odd columns split in registers, and the input clamp applied to what they load. The
 phase copy was most of such a layer's time: one thread, MobileNet-v2's 96 x 112 x 112 layer 309 ->
-264 us, its 576 x 14 x 14 layer 227 -> 43 us (scratch script, the layer alone).
+264 us, its 576 x 14 x 14 layer 227 -> 43 us (scratch script, the layer alone). At stride 1 the same
+(``dw_tile_3x3_s1_plain``, ``S1_PLAIN``) pays only on planes no wider than a vector (see there).
 
 Measured (Zen 4, 2 threads, batch 1; ``python -m benchmarks.mobilenet``): docs/engine.md, "Session
 of 2026-12-07 (eighteenth)".
@@ -50,6 +51,7 @@ from sparsecnn.kernels._simd import (
     VW,
     clamp_vec,
     dw_tile_3x3_s1,
+    dw_tile_3x3_s1_plain,
     dw_tile_3x3_s2,
     dw_tile_3x3_s2_plain,
     span_tile,
@@ -67,6 +69,12 @@ ROW_TILES = True
 # Off: 3x3 stride-2 layers phase-copy each plane before the row tiles (the A/B baseline of
 # _depthwise3s2_kernel, which reads the plane itself).
 S2_PLAIN = True
+# Off: 3x3 stride-1 layers on planes no wider than a vector copy each plane (with its padding) before
+# the row tiles too (the A/B baseline of the stride-1 plain tiles there). On wider planes the copy
+# stays: its three loads per input row and vector are unmasked, and the plain tiles' masked ones ran
+# 0.61-0.89x (MobileNet-v2's 32 x 112 x 112 to 384 x 14 x 14 layers, 1-2 threads), against 1.65x on
+# its 960 x 7 x 7 layers (in the forward pass).
+S1_PLAIN = True
 
 
 def is_depthwise(prep: DirectConvPrep) -> bool:
@@ -221,11 +229,12 @@ _depthwise3_kernel_serial = serial_twin(_depthwise3_kernel)
 
 
 @pjit
-def _depthwise3s2_kernel(x, cstride, h, w, wts, bias, has_bias, out, ostride, hout, wout, ph, pw, relu, clamp,
-                         lo, hi, in_clamp, ilo, ihi, nparts, res, has_res):
-    """A 3x3 stride-2 layer with no copy: row tiles that read each plane where it lies
-    (:func:`sparsecnn.kernels._simd.dw_tile_3x3_s2_plain`: masked loads for the padding, the even and
-    odd columns split in registers), the input clamp applied as they load."""
+def _depthwise3_plain_kernel(x, cstride, h, w, wts, bias, has_bias, out, ostride, hout, wout, ph, pw, s2,
+                             relu, clamp, lo, hi, in_clamp, ilo, ihi, nparts, res, has_res):
+    """A 3x3 layer of stride 1 or 2 (``s2``) with no copy: row tiles that read each plane where it
+    lies (:func:`sparsecnn.kernels._simd.dw_tile_3x3_s1_plain` / ``_s2_plain``: masked loads for the
+    padding; at stride 2 the even and odd columns split in registers), the input clamp applied as
+    they load."""
     nb = x.shape[0]
     c = wts.shape[0]
     items = nb * c
@@ -241,12 +250,19 @@ def _depthwise3s2_kernel(x, cstride, h, w, wts, bias, has_bias, out, ostride, ho
             for i0 in range(0, hout, DW_ROWS):
                 nr = min(DW_ROWS, hout - i0)
                 for j0 in range(0, wout, seg):
-                    dw_tile_3x3_s2_plain(xb, ch * cstride, h, w, 2 * i0 - ph, 2 * j0 - pw, wts, ch * 9, init,
-                                         ob, ch * ostride + i0 * wout + j0, wout, rb, has_res, nr,
-                                         min(seg, wout - j0), relu, clamp, lo, hi, in_clamp, ilo, ihi)
+                    dpos = ch * ostride + i0 * wout + j0
+                    nvalid = min(seg, wout - j0)
+                    if s2:
+                        dw_tile_3x3_s2_plain(xb, ch * cstride, h, w, 2 * i0 - ph, 2 * j0 - pw, wts, ch * 9,
+                                             init, ob, dpos, wout, rb, has_res, nr, nvalid, relu, clamp, lo,
+                                             hi, in_clamp, ilo, ihi)
+                    else:
+                        dw_tile_3x3_s1_plain(xb, ch * cstride, h, w, i0 - ph, j0 - pw, wts, ch * 9, init, ob,
+                                             dpos, wout, rb, has_res, nr, nvalid, relu, clamp, lo, hi,
+                                             in_clamp, ilo, ihi)
 
 
-_depthwise3s2_kernel_serial = serial_twin(_depthwise3s2_kernel)
+_depthwise3_plain_kernel_serial = serial_twin(_depthwise3_plain_kernel)
 
 
 def _row_tiles(prep: DirectConvPrep) -> bool:
@@ -319,11 +335,12 @@ def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, in
         raise ValueError(f"bind_depthwise_conv2d: in_clamp {in_clamp} must hold 0 (the padding)")
     lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0), np.float32(0.0))
     ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
-    if _row_tiles(prep) and S2_PLAIN and prep.stride == (2, 2):
-        kernel = _depthwise3s2_kernel_serial if small else _depthwise3s2_kernel
+    s2 = prep.stride == (2, 2)
+    if _row_tiles(prep) and (S2_PLAIN if s2 else S1_PLAIN and w <= VW):
+        kernel = _depthwise3_plain_kernel_serial if small else _depthwise3_plain_kernel
         wts = prep.cached(("depthwise-taps",), lambda: _dense_taps(prep))
-        args = (cstride, h, w, wts, b, has_bias, flat, ostride, ws.hout, ws.wout, *prep.padding, bool(relu),
-                clamp is not None, lo, hi, in_clamp is not None, ilo, ihi, ws.planes.shape[0])
+        args = (cstride, h, w, wts, b, has_bias, flat, ostride, ws.hout, ws.wout, *prep.padding, s2,
+                bool(relu), clamp is not None, lo, hi, in_clamp is not None, ilo, ihi, ws.planes.shape[0])
     elif _row_tiles(prep):
         kernel = _depthwise3_kernel_serial if small else _depthwise3_kernel
         wts = prep.cached(("depthwise-taps",), lambda: _dense_taps(prep))
