@@ -1,8 +1,8 @@
 """A pruned MobileNet-v2 end to end: depthwise layers (``kernels.depthwise``) and ReLU6 clamp steps.
 
 ``python -m benchmarks.mobilenet [--sparsity 0.7] [--batch 1] [--turns 5] [--threads 2]`` builds
-MobileNet-v2 (Sandler et al. 2018: 17 inverted-residual blocks, width 1.0, 224 x 224, ReLU6;
-defined here, not in the zoo), prunes its 1x1 layers and classifier by magnitude to ``--sparsity``
+MobileNet-v2 (the zoo's ``mobilenet_v2``: Sandler et al. 2018, 17 inverted-residual blocks, width
+1.0, 224 x 224, ReLU6), prunes its 1x1 layers and classifier by magnitude to ``--sparsity``
 (the depthwise layers stay dense, as pruning them saves little), and times, interleaved in turns:
 torch dense, ONNX Runtime on the same model (when installed; thread spinning off), and the compiled
 model with the same ``"auto"`` plan twice: ``general`` with ``kernels.conv.DEPTHWISE`` off (depthwise
@@ -24,54 +24,26 @@ from torch import nn
 
 import sparsecnn
 from benchmarks.end_to_end import _interleaved, compile_under
+from sparsecnn import models
 from sparsecnn.bench.harness import check_close, set_threads
 from sparsecnn.bench.peers import model_peers
 from sparsecnn.bench.placement import probe_cores
 from sparsecnn.kernels import conv
+from sparsecnn.models import zoo
 
-# (expansion t, output channels c, repeats n, first stride s), as in the paper's Table 2
-SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-            (6, 320, 1, 1))
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, t: int) -> None:
-        super().__init__()
-        mid = cin * t
-        layers: list[nn.Module] = []
-        if t != 1:
-            layers += [nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6()]
-        layers += [nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
-                   nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)]
-        self.body = nn.Sequential(*layers)
-        self.skip = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x) if self.skip else self.body(x)
+SETTINGS = zoo._MOBILENET_V2  # (expansion t, output channels c, repeats n, first stride s)
 
 
-def mobilenet_v2(num_classes: int = 1000) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6()]
-    cin = 32
-    for t, c, n, s in SETTINGS:
-        for i in range(n):
-            layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
-            cin = c
-    layers += [nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6(), nn.AdaptiveAvgPool2d(1),
-               nn.Flatten(), nn.Dropout(0.2), nn.Linear(1280, num_classes)]
-    return nn.Sequential(*layers)
-
-
-def pruned(sparsity: float, seed: int = 0) -> nn.Sequential:
-    """MobileNet-v2 with random weights, BatchNorm statistics away from the identity, and the 1x1
-    layers and the classifier pruned by magnitude (per layer) to ``sparsity``."""
-    torch.manual_seed(seed)
-    model = mobilenet_v2().eval()
+def pruned(sparsity: float, seed: int = 0) -> nn.Module:
+    """The zoo's MobileNet-v2 (seeded weights) with BatchNorm statistics away from the identity, and the
+    1x1 layers and the classifier pruned by magnitude (per layer) to ``sparsity``."""
+    model = models.build("mobilenet_v2", seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.uniform_(-0.1, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
             elif isinstance(m, (nn.Conv2d, nn.Linear)) and not (isinstance(m, nn.Conv2d) and m.groups > 1):
                 w = m.weight
                 k = int(sparsity * w.numel())

@@ -41,6 +41,7 @@ ZOO = [
     ("vgg16", {"input_size": 32, "num_classes": 10}, "uniform:0.9"),
     ("resnet18", {"input_size": 64, "num_classes": 10}, "uniform:0.8"),
     ("resnet50", {"input_size": 32, "num_classes": 10}, "uniform:0.9"),
+    ("mobilenet_v2", {"input_size": 64, "num_classes": 10}, "uniform:0.7"),
 ]
 
 
@@ -63,6 +64,10 @@ def test_zoo_model_equals_dense(name: str, kwargs: dict, profile: str, strategy:
         assert ("conv:direct+add+relu" if strategy == "direct" else "add+relu") in kinds, kinds
         assert "add+relu" not in kinds or strategy != "direct"
         assert any(k.endswith("+relu") and k.startswith("conv:") for k in kinds)  # BN folded, ReLU fused
+    if name == "mobilenet_v2" and strategy == "direct":
+        # each of the 17 depthwise layers takes the ReLU6 before it (the first conv's or the 1x1
+        # expansion's) and the one after it; the last 1x1 layer's ReLU6 is a step of its own
+        assert kinds.count("clamp>conv:direct+clamp") == 17 and kinds.count("clamp") == 1, kinds
     # another batch size gets its own program, same answers
     x1 = x[:1]
     with torch.inference_mode():
@@ -359,6 +364,7 @@ BLOCKED_ZOO = [
     ("resnet50", {"input_size": 32, "num_classes": 10}),
     ("vgg16", {"input_size": 32, "num_classes": 10}),
     ("alexnet", {"input_size": 99, "num_classes": 50}),
+    ("mobilenet_v2", {"input_size": 64, "num_classes": 10}),
 ]
 
 
@@ -380,6 +386,10 @@ def test_zoo_model_with_blocked_activations_equals_dense(name: str, kwargs: dict
         assert not any(k.startswith("conv:blocked") for k in kinds) and compiled.layout == "plain", kinds
         return
     assert compiled.layout == "blocked"
+    if name == "mobilenet_v2":  # the 1x1 layers between depthwise ones (plain, with their ReLU6s fused)
+        assert any(k.startswith("conv:blocked") for k in kinds), kinds
+        assert kinds.count("clamp>conv:direct+clamp") == 17, kinds
+        return
     # the max pools read and write the blocked layout, ResNet's average pool reads it
     assert kinds[0].startswith("conv:blocked") and "maxpool:blocked" in kinds, kinds
     if name.startswith("resnet"):

@@ -11,7 +11,7 @@ from torch import nn
 from sparsecnn import SparseCNNError, models
 
 # Big models run at a small input_size so the suite stays fast; the defaults are checked separately.
-SMALL = {"alexnet": 67, "lenet5": 28, "resnet18": 32, "resnet50": 32, "vgg16": 32}
+SMALL = {"alexnet": 67, "lenet5": 28, "mobilenet_v2": 32, "resnet18": 32, "resnet50": 32, "vgg16": 32}
 
 
 def _convs_and_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -19,7 +19,7 @@ def _convs_and_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def test_names() -> None:
-    assert models.names() == ("alexnet", "lenet5", "resnet18", "resnet50", "vgg16")
+    assert models.names() == ("alexnet", "lenet5", "mobilenet_v2", "resnet18", "resnet50", "vgg16")
 
 
 @pytest.mark.parametrize("name", models.names())
@@ -38,6 +38,7 @@ def test_forward_shape(name: str) -> None:
     [
         ("alexnet", (3, 227, 227), 1000),
         ("lenet5", (1, 28, 28), 10),
+        ("mobilenet_v2", (3, 224, 224), 1000),
         ("resnet18", (3, 224, 224), 1000),
         ("resnet50", (3, 224, 224), 1000),
         ("vgg16", (3, 224, 224), 1000),
@@ -120,6 +121,23 @@ def test_resnet_layers(name: str, params: int, n_convs: int) -> None:
         assert key in names
     assert isinstance(names["layer2.0.downsample.1"], nn.BatchNorm2d)
     assert names["layer2.0.conv1" if name == "resnet18" else "layer2.0.conv2"].stride == (2, 2)
+
+
+def test_mobilenet_v2_layers() -> None:
+    """MobileNet-v2 (width 1.0) as published and as torchvision names it: 3,504,872 weights, 52 convs of
+    which 17 depthwise, ReLU6, 10 residual blocks."""
+    model = models.build("mobilenet_v2")
+    names = dict(model.named_modules())
+    assert sum(p.numel() for p in model.parameters()) == 3_504_872
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 52
+    assert sum(m.groups == m.in_channels == m.out_channels > 1 for m in convs) == 17
+    assert sum(isinstance(m, nn.ReLU6) for m in model.modules()) == 35
+    assert sum(getattr(m, "use_res_connect", False) for m in model.modules()) == 10
+    assert names["features.0.0"].stride == (2, 2) and names["features.0.0"].out_channels == 32
+    assert names["features.2.conv.1.0"].groups == 96 and names["features.2.conv.1.0"].stride == (2, 2)
+    assert names["features.18.0"].out_channels == 1280
+    assert isinstance(names["classifier.1"], nn.Linear)
 
 
 def test_overrides() -> None:

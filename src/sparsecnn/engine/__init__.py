@@ -301,11 +301,12 @@ def _time_in_pass(fns: list[Callable[[], None]], rounds: int = 7) -> list[float]
     scratch buffer larger than the L2 of both cores) and includes one small numba parallel step after
     it. Interleaved rounds, one call per sample.
 
-    Timed back to back, a torch step hides what it costs inside a pass of numba steps: torch's and
-    numba's thread pools are separate, and a torch call that follows numba work (numba's workers
-    still spinning, torch's own asleep) ran 1.2-5x its looped time (MobileNet-v2's depthwise
-    576 x 14x14 stride 2 layer: 74 us looped, 85-204 us after 1-64 numba steps, 368 us in the pass,
-    where the direct kernel's 104 us stays 104 us). A numba step after a torch step pays the other way round.
+    Timed back to back, a torch step hides what it costs inside a pass of numba steps: a torch call
+    that follows other work ran 1.2-5x its looped time (MobileNet-v2's depthwise 576 x 14x14 stride-2
+    layer: 74 us looped, 85-204 us after 1-64 numba steps, 161 us after a 3 ms Python spin, 330-370 us
+    in the pass, on one torch thread too; the direct kernel's time did not move), and the numba step
+    after it 4-5 us more. The gap here brings part of that out (120-220 us for that layer); a torch
+    choice is checked in the whole pass after (:func:`_torch_in_pass`).
     """
     from sparsecnn.kernels.elementwise import relu_
 

@@ -1,4 +1,5 @@
-"""The model zoo: LeNet-5 (Caffe), AlexNet (BVLC/Caffe), VGG-16 (configuration D), ResNet-18/50.
+"""The model zoo: LeNet-5 (Caffe), AlexNet (BVLC/Caffe), VGG-16 (configuration D), ResNet-18/50,
+MobileNet-v2.
 
 Every model is built from its published definition with readable layer names (``conv1`` ... ``fc8``,
 ``layer1.0.conv1``), so that per-layer sparsity profiles and reports can name layers the way the
@@ -13,7 +14,8 @@ References
 LeCun et al., "Gradient-based learning applied to document recognition", 1998 (Caffe's ``lenet``).
 Krizhevsky et al., "ImageNet classification with deep convolutional neural networks", NIPS 2012
 (as ``bvlc_alexnet`` in Caffe). Simonyan & Zisserman, "Very deep convolutional networks", ICLR 2015.
-He et al., "Deep residual learning for image recognition", CVPR 2016.
+He et al., "Deep residual learning for image recognition", CVPR 2016. Sandler et al.,
+"MobileNetV2: inverted residuals and linear bottlenecks", CVPR 2018 (torchvision's layer names).
 """
 
 from __future__ import annotations
@@ -404,12 +406,71 @@ def _resnet(block: type[BasicBlock | Bottleneck], depths: tuple[int, int, int, i
 
 
 # --------------------------------------------------------------------------------------------------
+# MobileNet-v2 (Sandler et al., CVPR 2018), width 1.0, with torchvision's layer names
+
+# (expansion t, output channels c, repeats n, first stride s): the paper's Table 2
+_MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                 (6, 320, 1, 1))
+
+
+def _conv_bn_relu6(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNet-v2's block: 1x1 expansion (t > 1) + ReLU6, 3x3 depthwise + ReLU6, 1x1 linear projection,
+    each with BatchNorm; the input added where the shape is kept (stride 1, ``cin == cout``)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, t: int) -> None:
+        super().__init__()
+        mid = cin * t
+        layers: list[nn.Module] = [] if t == 1 else [_conv_bn_relu6(cin, mid, 1)]
+        layers += [_conv_bn_relu6(mid, mid, 3, stride, groups=mid), nn.Conv2d(mid, cout, 1, bias=False),
+                   nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+def _mobilenet_v2_features(in_channels: int) -> nn.Sequential:
+    layers: list[nn.Module] = [_conv_bn_relu6(in_channels, 32, 3, 2)]
+    cin = 32
+    for t, c, n, s in _MOBILENET_V2:
+        for i in range(n):
+            layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+            cin = c
+    layers.append(_conv_bn_relu6(cin, 1280, 1))
+    return nn.Sequential(*layers)
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.features = _mobilenet_v2_features(in_channels)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.flatten(self.avgpool(self.features(x))))
+
+
+def _mobilenet_v2(num_classes: int, in_channels: int, input_size: int) -> MobileNetV2:
+    _feature_hw(lambda: _mobilenet_v2_features(in_channels), in_channels, input_size, "mobilenet_v2")
+    return MobileNetV2(num_classes, in_channels)
+
+
+# --------------------------------------------------------------------------------------------------
 # registry
 
 # name -> (constructor, default (num_classes, in_channels, input_size))
 _ZOO: dict[str, tuple[Callable[[int, int, int], nn.Module], tuple[int, int, int]]] = {
     "alexnet": (_alexnet, (1000, 3, 227)),
     "lenet5": (_lenet5, (10, 1, 28)),
+    "mobilenet_v2": (_mobilenet_v2, (1000, 3, 224)),
     "resnet18": (_resnet(BasicBlock, (2, 2, 2, 2), "resnet18"), (1000, 3, 224)),
     "resnet50": (_resnet(Bottleneck, (3, 4, 6, 3), "resnet50"), (1000, 3, 224)),
     "vgg16": (_vgg16, (1000, 3, 224)),
@@ -417,7 +478,8 @@ _ZOO: dict[str, tuple[Callable[[int, int, int], nn.Module], tuple[int, int, int]
 
 
 def names() -> tuple[str, ...]:
-    """Names of the zoo models, sorted: ``("alexnet", "lenet5", "resnet18", "resnet50", "vgg16")``."""
+    """Names of the zoo models, sorted: ``("alexnet", "lenet5", "mobilenet_v2", "resnet18", "resnet50",
+    "vgg16")``."""
     return tuple(sorted(_ZOO))
 
 
@@ -464,7 +526,7 @@ def build(
         One of :func:`names`.
     num_classes, in_channels, input_size : int, optional
         Override the model's defaults (lenet5: 10, 1, 28; alexnet: 1000, 3, 227; vgg16, resnet18,
-        resnet50: 1000, 3, 224). Fully connected input sizes follow from ``input_size`` by a dry
+        resnet50, mobilenet_v2: 1000, 3, 224). Fully connected input sizes follow from ``input_size`` by a dry
         shape calculation.
     seed : int
         Seed of the local generator the weights are drawn from; the global RNG is not touched.
