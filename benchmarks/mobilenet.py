@@ -5,8 +5,9 @@ MobileNet-v2 (the zoo's ``mobilenet_v2``: Sandler et al. 2018, 17 inverted-resid
 1.0, 224 x 224, ReLU6), prunes its 1x1 layers and classifier by magnitude to ``--sparsity``
 (the depthwise layers stay dense, as pruning them saves little), and times, interleaved in turns:
 torch dense, ONNX Runtime on the same model (when installed; thread spinning off), and the compiled
-model with the same ``"auto"`` plan twice: ``general`` with ``kernels.conv.DEPTHWISE`` off (depthwise
-layers through the direct kernel's general path, each ReLU6 a ``clamp`` step of its own) and
+model with the same ``"auto"`` plan and layout twice: ``general`` with ``kernels.conv.DEPTHWISE`` off
+(depthwise layers through the direct kernel's general path, each ReLU6 a ``clamp`` step of its own,
+no blocked depthwise layers) and
 ``depthwise`` as the library stands (``kernels.depthwise``, the ReLU6 after it fused:
 ``conv:direct+clamp``). Outputs are checked against torch first. ``--layers`` times MobileNet-v2's
 depthwise layer shapes alone instead (the general path, the depthwise kernel and torch's conv,
@@ -105,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     model = pruned(args.sparsity)
     x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    plan = dict(sparsecnn.compile(model, x, "auto", plan_path=args.plans).plan)
-    general = compile_under(model, x, plan, [(conv, "DEPTHWISE", False)])
-    now = compile_under(model, x, plan, [])
+    auto = sparsecnn.compile(model, x, "auto", plan_path=args.plans)
+    plan, layout = dict(auto.plan), auto.layout  # the layout compile chose (blocked where it ran faster)
+    general = compile_under(model, x, plan, [(conv, "DEPTHWISE", False)], layout=layout)
+    now = compile_under(model, x, plan, [], layout=layout)
     fns = {"torch": lambda: model(x), "general": lambda: general(x), "depthwise": lambda: now(x)}
     with torch.inference_mode():
         ref = model(x)
@@ -117,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in fns.items():
             check_close(fn(), ref, rtol=1e-4, what=f"mobilenet-v2 {name}")
         steps = now.steps(tuple(x.shape))
-        print(f"plan: {sorted(set(plan.values()))}; steps: {sum('+clamp' in k for k in steps)} fused ReLU6, "
-              f"{steps.count('clamp')} clamp")
+        fused, dwb = sum("+clamp" in k for k in steps), sum("blocked-dw" in k for k in steps)
+        print(f"plan: {sorted(set(plan.values()))}; layout {layout}; steps: {fused} fused ReLU6, "
+              f"{steps.count('clamp')} clamp, {dwb} blocked depthwise")
         print(f"{'cores':6s} " + " ".join(f"{k:>9s}" for k in fns) + f" {'dw gain':>8s} {'vs torch':>8s}"
               + (f" {'vs ort':>7s}" if "ort" in fns else ""))
         gains = []

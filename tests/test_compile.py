@@ -386,9 +386,21 @@ def test_zoo_model_with_blocked_activations_equals_dense(name: str, kwargs: dict
         assert not any(k.startswith("conv:blocked") for k in kinds) and compiled.layout == "plain", kinds
         return
     assert compiled.layout == "blocked"
-    if name == "mobilenet_v2":  # the 1x1 layers between depthwise ones (plain, with their ReLU6s fused)
-        assert any(k.startswith("conv:blocked") for k in kinds), kinds
-        assert kinds.count("clamp>conv:direct+clamp") == 17, kinds
+    if name == "mobilenet_v2":
+        # the depthwise layers in the chain too (engine._layout.DEPTHWISE), each with the ReLU6s before
+        # and after it fused; off, the chains stop at them
+        assert kinds.count("clamp>conv:blocked-dw+clamp") == 17 and kinds[0].startswith("conv:blocked"), kinds
+        assert "to-plain" not in kinds, kinds
+        from sparsecnn.engine import _layout
+
+        _layout.DEPTHWISE = False
+        try:
+            off = sparsecnn.compile(model, x, "direct", layout="blocked")
+        finally:
+            _layout.DEPTHWISE = True
+        assert not any("blocked-dw" in k for k in off.steps(tuple(x.shape)))
+        with torch.inference_mode():
+            assert _rel(off(x), ref) <= 1e-4
         return
     # the max pools read and write the blocked layout, ResNet's average pool reads it
     assert kinds[0].startswith("conv:blocked") and "maxpool:blocked" in kinds, kinds

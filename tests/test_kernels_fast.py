@@ -715,6 +715,50 @@ def test_depthwise_row_tiles_match_torch(c, h, w, s, p, batch, sparsity, act, re
                              threads, seed)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(blocks=st.integers(1, 4), h=st.integers(1, 30), w=st.integers(1, 30), kh=st.integers(1, 5),
+       kw=st.integers(1, 5), sh=st.integers(1, 3), sw=st.integers(1, 3), ph=st.integers(0, 2),
+       pw=st.integers(0, 2), dh=st.integers(1, 2), dw=st.integers(1, 2), batch=st.sampled_from([1, 2]),
+       sparsity=st.sampled_from([0.0, 0.5]), act=st.sampled_from(["none", "relu", "clamp"]),
+       in_clamp=st.booleans(), res=st.booleans(), bias=st.booleans(), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))
+def test_blocked_depthwise_matches_torch(blocks, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, act,
+                                         in_clamp, res, bias, threads, seed):
+    """Depthwise layers on channel-blocked planes (``kernels.depthwise.bind_depthwise_blocked``: the
+    interior columns in pixel tiles, 1 x 3 rows of taps at stride 1 in row tiles, the border columns one
+    by one with their own taps) on generated geometry, with ReLU or a clamp, the input clamped as it is
+    read, a residual, one or two threads: as torch."""
+    from sparsecnn.kernels.blocked import BLOCK, from_blocked_array, to_blocked_array
+    from sparsecnn.kernels.depthwise import bind_depthwise_blocked
+
+    if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1:
+        return
+    c = blocks * BLOCK
+    rng = np.random.default_rng(seed)
+    wt = random_sparse(rng, (c, 1, kh, kw), sparsity)
+    x = (2 * rng.standard_normal((batch, c, h, w))).astype(np.float32)
+    bv = rng.standard_normal(c).astype(np.float32) if bias else None
+    xin = torch.from_numpy(x).clamp(-0.5, 1.0) if in_clamp else torch.from_numpy(x)
+    ref = F.conv2d(xin, torch.from_numpy(wt), None if bv is None else torch.from_numpy(bv), (sh, sw),
+                   (ph, pw), (dh, dw), c)
+    r = rng.standard_normal(tuple(ref.shape)).astype(np.float32)
+    if res:
+        ref = ref + torch.from_numpy(r)
+    clamp = (-0.5, 0.75) if act == "clamp" else None
+    ref = ref.clamp_min(0) if act == "relu" else ref.clamp(*clamp) if clamp else ref
+    prep = prepare_direct(wt, c, (sh, sw), (ph, pw), (dh, dw))
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        out = np.full(to_blocked_array(ref.numpy()).shape, np.nan, dtype=np.float32)
+        run = bind_depthwise_blocked(prep, x.shape, bv, out, relu=act == "relu", clamp=clamp,
+                                     in_clamp=(-0.5, 1.0) if in_clamp else None)
+        run(to_blocked_array(x)) if not res else run(to_blocked_array(x), to_blocked_array(r))
+        assert_close(from_blocked_array(out), ref.numpy(), what="blocked depthwise")
+    finally:
+        numba.set_num_threads(before)
+
+
 def _check_depthwise(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, act, res, bias, padded,
                      threads, seed):
     relu = act == "relu"

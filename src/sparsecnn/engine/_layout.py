@@ -27,7 +27,7 @@ values on the example input and keeps the faster (:func:`sparsecnn.compile`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,9 @@ __all__ = ["Layouts", "has_candidates", "plan_layouts", "to_plain"]
 MIN_DENSITY = 0.35
 # Off: max / average pools read and write only the plain layout (the A/B baseline of the blocked pools).
 POOLS = True
+# Off: depthwise layers read and write only the plain layout, so blocked chains stop at them (the A/B
+# baseline of kernels.depthwise.bind_depthwise_blocked).
+DEPTHWISE = True
 
 
 def to_plain(x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +63,7 @@ class Layouts:
     values: dict[str, Any]
     blocked: set[str]
     chan: dict[str, tuple[Any, np.ndarray | None]]
+    depthwise: set[str] = field(default_factory=set)  # depthwise convs reading and writing blocked values
 
 
 def _conv_prep(n: Node, cache: dict[Any, Any]) -> tuple[Any, np.ndarray | None] | None:
@@ -105,6 +109,17 @@ def _dense_prep(w: np.ndarray, stride: Any, padding: Any, dilation: Any, prepare
                    tuple(padding), tuple(dilation))
 
 
+def _depthwise_ok(n: Node) -> bool:
+    """Whether conv node ``n`` is a depthwise layer the blocked depthwise kernel can run
+    (:func:`sparsecnn.kernels.depthwise.bind_depthwise_blocked`): ``direct``, channels a multiple of
+    ``BLOCK``, one input."""
+    from sparsecnn.engine._lower import _depthwise_direct
+    from sparsecnn.kernels.blocked import BLOCK
+
+    return (DEPTHWISE and n.op == "module" and len(n.args) == 1 and not n.kwargs and _depthwise_direct(n)
+            and n.fn.spec.out_channels % BLOCK == 0)
+
+
 def has_candidates(nodes: list[Node], cache: dict[Any, Any]) -> bool:
     """Whether any conv of ``nodes`` could run the channel-vector GEMM in the blocked layout."""
     return any(_conv_prep(n, cache) is not None for n in nodes)
@@ -130,7 +145,7 @@ class _Classes:
 def plan_layouts(nodes: list[Node], values: dict[str, Any], cache: dict[Any, Any]) -> Layouts:
     """Decide the blocked values of ``nodes`` for the input shape ``values`` was recorded with (see
     the module docstring); ``cache`` keeps each conv's prepared weights across input shapes."""
-    from sparsecnn.engine._lower import _is_add, _is_alias, _is_relu, pool_kind
+    from sparsecnn.engine._lower import _clamp_of, _is_add, _is_alias, _is_relu, pool_kind
     from sparsecnn.kernels.blocked import blockable
 
     def tensor4(name: str) -> bool:
@@ -144,7 +159,7 @@ def plan_layouts(nodes: list[Node], values: dict[str, Any], cache: dict[Any, Any
         ins = n.refs()
         if not tensor4(n.name) or not all(tensor4(r) for r in ins):
             continue
-        if (_is_relu(n) or _is_alias(n)) and len(ins) == 1:
+        if (_is_relu(n) or _is_alias(n) or (DEPTHWISE and _clamp_of(n) is not None)) and len(ins) == 1:
             classes.union(n.name, ins[0])
             elementwise.add(n.name)
         elif _is_add(n) and all(tuple(values[r].shape) == tuple(values[n.name].shape) for r in ins):
@@ -163,35 +178,47 @@ def plan_layouts(nodes: list[Node], values: dict[str, Any], cache: dict[Any, Any
              if POOLS and tensor4(n.name) and (kind := pool_kind(n, values)) in ("max", "avg")}
     first_in = {n.name: n.refs()[0] for n in nodes if n.name in pools}
     cls = {m: c for c, names in members.items() for m in names}
+    dw = {n.name for n in nodes if _depthwise_ok(n) and tensor4(n.name)}
+    refs = {n.name: n.refs() for n in nodes}
     # Optimistic start, every class blocked; drop those that fail until none does (a max pool's
     # output can be blocked only if its input is, and then it is a reader that keeps the input blocked).
-    live = set(members)
+    # A depthwise conv runs blocked only with its input and output both blocked: one that ends up
+    # with one of them plain is dropped from the candidates, and the classes decided again.
+    def blocked_with(dw: set[str]) -> set[str]:
+        live = set(members)
 
-    def made_ok(m: str) -> bool:
-        if m in chan or m in elementwise:
-            return True
-        return pools.get(m) == "max" and cls.get(first_in[m]) in live
+        def made_ok(m: str) -> bool:
+            if m in chan or m in dw or m in elementwise:
+                return True
+            return pools.get(m) == "max" and cls.get(first_in[m]) in live
 
-    def keeps_blocked(r: Node) -> bool:  # a reader that reads the blocked layout and writes one
-        return r.name in chan or (pools.get(r.name) == "max" and cls.get(r.name) in live)
+        def keeps_blocked(r: Node) -> bool:  # a reader that reads the blocked layout and writes one
+            return r.name in chan or r.name in dw or (pools.get(r.name) == "max" and cls.get(r.name) in live)
 
-    changed = True
-    while changed:
-        changed = False
-        for c in list(live):
-            names = members[c]
-            ok = all(made_ok(m) and blockable(tuple(values[m].shape)) for m in names) and \
-                any(keeps_blocked(r) for m in names for r in readers.get(m, []))
-            if not ok:
-                live.discard(c)
-                changed = True
-    blocked = {m for c in live for m in members[c]}
+        changed = True
+        while changed:
+            changed = False
+            for c in list(live):
+                names = members[c]
+                ok = all(made_ok(m) and blockable(tuple(values[m].shape)) for m in names) and \
+                    any(keeps_blocked(r) for m in names for r in readers.get(m, []))
+                if not ok:
+                    live.discard(c)
+                    changed = True
+        return {m for c in live for m in members[c]}
+
+    while True:
+        blocked = blocked_with(dw)
+        mixed = {d for d in dw if (d in blocked) != (refs[d][0] in blocked)}
+        if not mixed:
+            break
+        dw -= mixed
+    dw = {d for d in dw if d in blocked}
     # candidate convs that touch no blocked value keep their own strategy
-    refs = {n.name: n.refs() for n in nodes}
     chan = {k: v for k, v in chan.items() if k in blocked or any(r in blocked for r in refs[k])}
 
     def reads_blocked(r: Node) -> bool:
-        return r.name in chan or pools.get(r.name) == "avg" or (
+        return r.name in chan or r.name in dw or pools.get(r.name) == "avg" or (
             r.name in blocked and (r.name in elementwise or pools.get(r.name) == "max"))
 
     # readers that cannot read the blocked layout get a plain copy made right after the value
@@ -208,7 +235,7 @@ def plan_layouts(nodes: list[Node], values: dict[str, Any], cache: dict[Any, Any
             plain_of[n.name] = name
             values[name] = values[n.name]
             out_nodes.append(Node(name, "function", to_plain, (Ref(n.name),)))
-    return Layouts(out_nodes, values, blocked, chan)
+    return Layouts(out_nodes, values, blocked, chan, dw)
 
 
 def _with_refs(n: Node, rename: dict[str, str]) -> Node:

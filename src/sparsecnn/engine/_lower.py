@@ -293,6 +293,8 @@ class _Builder:
         # channel-blocked values and the convs running the channel-vector GEMM (engine._layout)
         self.blocked: set[str] = set() if layouts is None else layouts.blocked
         self.chan: dict[str, tuple[Any, Any]] = {} if layouts is None else layouts.chan
+        # depthwise convs on blocked input and output (kernels.depthwise.bind_depthwise_blocked)
+        self.dw_blocked: set[str] = set() if layouts is None else layouts.depthwise
         self.prog = Program()
         self.slot: dict[str, int] = {}
         self.val: dict[str, _Val] = {}
@@ -654,13 +656,19 @@ class _Builder:
             binder = bind_direct_conv2d if direct else bind_implicit_gemm_conv2d
             self._shared_if_in_place(n, prep)
             relu, res = self._fused_residual(n, relu)
-            binder = functools.partial(binder, slack=slack)
+            if n.name in self.dw_blocked:  # reads its input in place: no slack
+                from sparsecnn.kernels.depthwise import bind_depthwise_blocked
+
+                binder = bind_depthwise_blocked
+            else:
+                binder = functools.partial(binder, slack=slack)
             if n.name in self.clamp_after:  # a fused ReLU6 (kernels.depthwise)
                 binder = functools.partial(binder, clamp=self.clamp_after[n.name])
             if n.name in self.clamp_before:
                 binder = functools.partial(binder, in_clamp=self.clamp_before[n.name])
             self._bound_conv(n, x, shape, relu, res, binder, prep, clamp=n.name in self.clamp_after,
-                             pre="clamp>" if n.name in self.clamp_before else "")
+                             pre="clamp>" if n.name in self.clamp_before else "",
+                             kind="blocked-dw" if n.name in self.dw_blocked else None)
             return
         if layer.strategy == "spconv-act":
             from sparsecnn.kernels.spconv_input import bind_spconv_input

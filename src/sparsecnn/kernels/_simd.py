@@ -40,15 +40,16 @@ from numba.extending import intrinsic
 
 from sparsecnn.kernels._numba import jit
 
-__all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "DW_NV", "DW_ROWS", "ELL_ROWS", "ELL_SLAB", "GEMM_MR",
-           "GEMM_NV", "GROUP_F", "GROUP_NV", "GROUP_PATTERNS", "HAS_TABLE32", "NV_MAX", "NV_MAX8", "NV_PAIR",
-           "RW", "SPLIT_MAX", "TABLE", "VW", "WINO_AT", "WINO_BT", "add_vec_act", "chan_tile", "clamp_vec",
-           "code_ell_block", "code_ell_block2", "code_ell_block2_finite", "code_ell_block4",
+__all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "DWB_NT", "DW_NV", "DW_ROWS", "ELL_ROWS", "ELL_SLAB",
+           "GEMM_MR", "GEMM_NV", "GROUP_F", "GROUP_NV", "GROUP_PATTERNS", "HAS_TABLE32", "NV_MAX", "NV_MAX8",
+           "NV_PAIR", "RW", "SPLIT_MAX", "TABLE", "VW", "WINO_AT", "WINO_BT", "add_vec_act", "chan_tile",
+           "clamp_vec", "code_ell_block", "code_ell_block2", "code_ell_block2_finite", "code_ell_block4",
            "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even", "copy_every3",
            "copy_every4", "copy_vec", "copy_vec_act", "copy_vec_add", "dw_tile_3x3_s1", "dw_tile_3x3_s2",
-           "dw_tile_3x3_s2_plain", "fmadd", "gemm_tile", "group_tile", "max3_cols2", "max3_rows", "max_taps",
-           "packed_words", "pair_tile", "prefetch", "prefetch_l2", "row_dot", "scatter_blocks", "span_tile",
-           "span_tile8", "tile_split", "wino4_in_tile", "wino4_out_tile", "wino_in_tile", "wino_out_tile"]
+           "dw_tile_3x3_s2_plain", "dwb_tile", "dwb_tile3", "fmadd", "gemm_tile", "group_tile", "max3_cols2",
+           "max3_rows", "max_taps", "packed_words", "pair_tile", "prefetch", "prefetch_l2", "row_dot",
+           "scatter_blocks", "span_tile", "span_tile8", "tile_split", "wino4_in_tile", "wino4_out_tile",
+           "wino_in_tile", "wino_out_tile"]
 
 RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot: sums in 8 chains), scatter_blocks
 
@@ -1296,6 +1297,143 @@ dw_tile_3x3_s1_plain = _dw_plain_intrinsic(1)
 dw_tile_3x3_s1_plain.__doc__ = """:func:`dw_tile_3x3_s2_plain` at stride 1: input row ``y0 + i + r``
     and column ``c0 + j + s``; per input row and output vector three masked loads (columns on by 0,
     1 and 2), each added into the (up to) three output rows that read it."""
+
+
+# dwb_tile: output pixels of a depthwise layer in the channel-blocked layout per register tile (VW
+# channels each, side by side in one vector), plus the tap's weight vector and the loaded input.
+DWB_NT = 8
+
+
+@intrinsic
+def dwb_tile(typingctx, src, base, offs, widx, ntaps, xstep, wts, wbase, bias, bpos, dst, dpos, res, has_res,
+             nt, relu, clamp, lo, hi, in_clamp, ilo, ihi):
+    """``nt`` output pixels (``1 <= nt <= DWB_NT``; other counts do nothing) of a depthwise layer in
+    the channel-blocked layout (:mod:`sparsecnn.kernels.blocked`: ``VW`` channels a pixel, one vector):
+    ``dst[dpos + j * VW : ... + VW] = act(bias[bpos : bpos + VW] + sum_{t < ntaps} wts[wbase + widx[t] * VW
+    : ... + VW] * clampin(src[base + offs[t] + j * xstep : ... + VW]) (+ res[same]))`` for ``j < nt``,
+    ``act`` the ReLU (``relu``) or the clamp to ``[lo, hi]`` (``clamp``) or none, ``clampin`` the clamp
+    to ``[ilo, ihi]`` with ``in_clamp``. The taps' input vectors are whole vectors (no shuffle: the
+    channels are the lanes), each tap's weight vector loaded once for the ``nt`` pixels.
+    NOTE: no bounds checks; every tap read is inside the plane (the caller lists the valid taps);
+    ``res`` read only with ``has_res``."""
+    sig = types.void(src, types.intp, offs, widx, types.intp, types.intp, wts, types.intp, bias, types.intp,
+                     dst, types.intp, res, types.boolean, types.intp, types.boolean, types.boolean,
+                     types.float32, types.float32, types.boolean, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        (src_, base_, offs_, widx_, ntaps_, xstep_, wts_, wbase_, bias_, bpos_, dst_, dpos_, res_, has_res_,
+         nt_, relu_, clamp_, lo_, hi_, in_clamp_, ilo_, ihi_) = args
+        aty = signature.args
+        vp = _VEC.as_pointer()
+        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [base_], inbounds=True)
+        op = _data_ptr(context, builder, aty[2], offs_)
+        ip = _data_ptr(context, builder, aty[3], widx_)
+        wp = builder.gep(_data_ptr(context, builder, aty[6], wts_), [wbase_], inbounds=True)
+        bp = builder.gep(_data_ptr(context, builder, aty[8], bias_), [bpos_], inbounds=True)
+        dp = builder.gep(_data_ptr(context, builder, aty[10], dst_), [dpos_], inbounds=True)
+        rp = builder.gep(_data_ptr(context, builder, aty[12], res_), [dpos_], inbounds=True)
+        has_res = _as_i1(context, builder, has_res_, aty[13])
+        relu = _as_i1(context, builder, relu_, aty[15])
+        clamp = _as_i1(context, builder, clamp_, aty[16])
+        in_clamp = _as_i1(context, builder, in_clamp_, aty[19])
+        fma = _fma_vec(builder)
+
+        def emit(n):
+            accs = [cgutils.alloca_once(builder, _VEC) for _ in range(n)]
+            init = builder.load(builder.bitcast(bp, vp), align=4)
+            for a in accs:
+                builder.store(init, a)
+            with cgutils.for_range(builder, ntaps_) as loop:
+                t = loop.index
+                off = builder.load(builder.gep(op, [t], inbounds=True))
+                k = builder.load(builder.gep(ip, [t], inbounds=True))
+                wv = builder.load(builder.bitcast(builder.gep(wp, [builder.mul(k, ir.Constant(_I64, VW))],
+                                                              inbounds=True), vp), align=4)
+                p = builder.gep(sp, [off], inbounds=True)
+                for j in range(n):
+                    q = builder.gep(p, [builder.mul(xstep_, ir.Constant(_I64, j))], inbounds=True)
+                    xv = builder.load(builder.bitcast(q, vp), align=4)
+                    cl = _act(builder, xv, None, ir.Constant(_I1, 1), ilo_, ihi_)
+                    xv = builder.select(in_clamp, cl, xv)
+                    builder.store(builder.call(fma, [wv, xv, builder.load(accs[j])]), accs[j])
+            for j in range(n):
+                at = ir.Constant(_I64, j * VW)
+                x = _plus_res(builder, builder.load(accs[j]), has_res, lambda at=at: builder.load(
+                    builder.bitcast(builder.gep(rp, [at], inbounds=True), vp), align=4))
+                builder.store(_act(builder, x, relu, clamp, lo_, hi_),
+                              builder.bitcast(builder.gep(dp, [at], inbounds=True), vp), align=4)
+
+        _for_each_nvec(builder, nt_, DWB_NT, "dwb_tile", emit)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def dwb_tile3(typingctx, src, base, offs, widx, nrows, wts, wbase, bias, bpos, dst, dpos, res, has_res, nt,
+              relu, clamp, lo, hi, in_clamp, ilo, ihi):
+    """:func:`dwb_tile` for ``nt`` pixels of a 1 x 3-wide row of taps at stride 1 (dilation 1), every
+    pixel's three taps inside the row: for each of ``nrows`` input rows (``offs[t]``: the row's first
+    tap of pixel 0, ``widx[t]``: its weight index ``r * 3``) the ``nt + 2`` input vectors are loaded
+    once and each added into the (up to) three pixels that read it, a third of a load per FMA where
+    :func:`dwb_tile` loads one.
+    NOTE: no bounds checks, as for :func:`dwb_tile`."""
+    sig = types.void(src, types.intp, offs, widx, types.intp, wts, types.intp, bias, types.intp, dst,
+                     types.intp, res, types.boolean, types.intp, types.boolean, types.boolean, types.float32,
+                     types.float32, types.boolean, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        (src_, base_, offs_, widx_, nrows_, wts_, wbase_, bias_, bpos_, dst_, dpos_, res_, has_res_, nt_,
+         relu_, clamp_, lo_, hi_, in_clamp_, ilo_, ihi_) = args
+        aty = signature.args
+        vp = _VEC.as_pointer()
+        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [base_], inbounds=True)
+        op = _data_ptr(context, builder, aty[2], offs_)
+        ip = _data_ptr(context, builder, aty[3], widx_)
+        wp = builder.gep(_data_ptr(context, builder, aty[5], wts_), [wbase_], inbounds=True)
+        bp = builder.gep(_data_ptr(context, builder, aty[7], bias_), [bpos_], inbounds=True)
+        dp = builder.gep(_data_ptr(context, builder, aty[9], dst_), [dpos_], inbounds=True)
+        rp = builder.gep(_data_ptr(context, builder, aty[11], res_), [dpos_], inbounds=True)
+        has_res = _as_i1(context, builder, has_res_, aty[12])
+        relu = _as_i1(context, builder, relu_, aty[14])
+        clamp = _as_i1(context, builder, clamp_, aty[15])
+        in_clamp = _as_i1(context, builder, in_clamp_, aty[18])
+        fma = _fma_vec(builder)
+
+        def vload(p, i):
+            q = builder.gep(p, [ir.Constant(_I64, i * VW)], inbounds=True)
+            return builder.load(builder.bitcast(q, vp), align=4)
+
+        def emit(n):
+            accs = [cgutils.alloca_once(builder, _VEC) for _ in range(n)]
+            init = builder.load(builder.bitcast(bp, vp), align=4)
+            for a in accs:
+                builder.store(init, a)
+            with cgutils.for_range(builder, nrows_) as loop:
+                t = loop.index
+                p = builder.gep(sp, [builder.load(builder.gep(op, [t], inbounds=True))], inbounds=True)
+                k = builder.load(builder.gep(ip, [t], inbounds=True))
+                wrow = builder.gep(wp, [builder.mul(k, ir.Constant(_I64, VW))], inbounds=True)
+                wv = [vload(wrow, s_) for s_ in range(3)]
+                for c in range(n + 2):  # input pixel c feeds output pixels c - 2 .. c
+                    xv = vload(p, c)
+                    cl = _act(builder, xv, None, ir.Constant(_I1, 1), ilo_, ihi_)
+                    xv = builder.select(in_clamp, cl, xv)
+                    for s_ in range(3):
+                        j = c - s_
+                        if 0 <= j < n:
+                            builder.store(builder.call(fma, [wv[s_], xv, builder.load(accs[j])]), accs[j])
+            for j in range(n):
+                at = ir.Constant(_I64, j * VW)
+                x = _plus_res(builder, builder.load(accs[j]), has_res, lambda at=at: builder.load(
+                    builder.bitcast(builder.gep(rp, [at], inbounds=True), vp), align=4))
+                builder.store(_act(builder, x, relu, clamp, lo_, hi_),
+                              builder.bitcast(builder.gep(dp, [at], inbounds=True), vp), align=4)
+
+        _for_each_nvec(builder, nt_, DWB_NT, "dwb_tile3", emit)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 # Winograd F(m x m, 3 x 3) (Lavin & Gray, CVPR 2016): the input transform B^T (rows of a (m + 2)-point

@@ -47,6 +47,7 @@ from sparsecnn.kernels._numba import aligned_zeros, jit, num_threads, pjit, seri
 from sparsecnn.kernels._simd import (
     DW_NV,
     DW_ROWS,
+    DWB_NT,
     NV_MAX,
     VW,
     clamp_vec,
@@ -54,12 +55,14 @@ from sparsecnn.kernels._simd import (
     dw_tile_3x3_s1_plain,
     dw_tile_3x3_s2,
     dw_tile_3x3_s2_plain,
+    dwb_tile,
+    dwb_tile3,
     span_tile,
     tile_split,
 )
 from sparsecnn.kernels.conv import DirectConvPrep, _copy_channels, _crop, padded_plane, phase_layout
 
-__all__ = ["bind_depthwise_conv2d", "is_depthwise"]
+__all__ = ["bind_depthwise_blocked", "bind_depthwise_conv2d", "is_depthwise"]
 
 # Below this many multiply-adds per call the serial twin runs (no parallel launch), as in conv.py.
 _SERIAL_MACS = 1 << 16
@@ -356,5 +359,136 @@ def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, in
         xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
         tail = (flat, False) if res is None else (res.reshape(nb, -1), True)
         kernel(xc.reshape(nb, -1), *args, *tail)
+
+    return run
+
+
+@pjit
+def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, kh, kw, sh, sw, ph, pw, dh, dw, relu,
+                              clamp, lo, hi, in_clamp, ilo, ihi, taps, nparts, res, has_res):
+    """A depthwise layer on channel-blocked planes (``x`` (B, C/VW * H * W * VW), ``out`` and ``res``
+    (B, C/VW * Hout * Wout * VW)): (image, channel block) items in contiguous ranges per thread; per
+    output row the valid taps once, the columns whose taps all lie inside the row in tiles of
+    ``DWB_NT`` pixels (:func:`sparsecnn.kernels._simd.dwb_tile`), the border columns one by one with
+    their own taps. ``taps`` (nparts, 4, kh * kw) int64 scratch: offsets and weight indices of the
+    row's taps and of one border pixel's."""
+    nb = x.shape[0]
+    k = kh * kw
+    ncb = wts.size // (k * VW)
+    items = nb * ncb
+    jl = min(wout, (pw + sw - 1) // sw)  # first column whose taps all lie inside the row
+    jh = max(jl, min(wout, (w - 1 + pw - (kw - 1) * dw) // sw + 1))
+    row3 = kw == 3 and sw == 1 and dw == 1
+    for part in numba.prange(nparts):
+        ro = taps[part, 0]
+        ri = taps[part, 1]
+        po = taps[part, 2]
+        pi = taps[part, 3]
+        for item in range(part * items // nparts, (part + 1) * items // nparts):
+            b = item // ncb
+            cb = item - b * ncb
+            xb = x[b]
+            ob = out[b]
+            rb = res[b]
+            base = cb * h * w * VW
+            wbase = cb * k * VW
+            for i in range(hout):
+                y0 = i * sh - ph
+                n = 0
+                for r in range(kh):
+                    y = y0 + r * dh
+                    if 0 <= y < h:
+                        for s_ in range(kw):
+                            ro[n] = (y * w - pw + s_ * dw) * VW
+                            ri[n] = r * kw + s_
+                            n += 1
+                orow = ((cb * hout + i) * wout) * VW
+                if row3:  # the row's taps by input row: each input vector loaded once for three pixels
+                    nr = 0
+                    for t in range(n):
+                        if ri[t] - (ri[t] // kw) * kw == 0:
+                            po[nr] = ro[t]
+                            pi[nr] = ri[t]
+                            nr += 1
+                    for j in range(jl, jh, DWB_NT):
+                        nt = min(DWB_NT, jh - j)
+                        dwb_tile3(xb, base + j * VW, po, pi, nr, wts, wbase, bias, cb * VW, ob, orow + j * VW,
+                                  rb, has_res, nt, relu, clamp, lo, hi, in_clamp, ilo, ihi)
+                else:
+                    for j in range(jl, jh, DWB_NT):
+                        nt = min(DWB_NT, jh - j)
+                        dwb_tile(xb, base + j * sw * VW, ro, ri, n, sw * VW, wts, wbase, bias, cb * VW, ob,
+                                 orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi, in_clamp, ilo, ihi)
+                for j in range(wout):
+                    if jl <= j < jh:
+                        continue
+                    m = 0
+                    for t in range(n):
+                        s_ = ri[t] - (ri[t] // kw) * kw
+                        c = j * sw - pw + s_ * dw
+                        if 0 <= c < w:
+                            po[m] = ro[t]
+                            pi[m] = ri[t]
+                            m += 1
+                    dwb_tile(xb, base + j * sw * VW, po, pi, m, sw * VW, wts, wbase, bias, cb * VW, ob,
+                             orow + j * VW, rb, has_res, 1, relu, clamp, lo, hi, in_clamp, ilo, ihi)
+
+
+_depthwise_blocked_kernel_serial = serial_twin(_depthwise_blocked_kernel)
+
+
+def bind_depthwise_blocked(prep: DirectConvPrep, x_shape: tuple[int, int, int, int], bias: np.ndarray | None,
+                           out: np.ndarray, relu: bool = False, clamp: tuple[float, float] | None = None,
+                           in_clamp: tuple[float, float] | None = None) -> Callable[..., None]:
+    """``run(x)`` / ``run(x, res)``: the depthwise ``prep`` on channel-blocked arrays
+    (:mod:`sparsecnn.kernels.blocked`; ``x`` of the plain shape ``x_shape``, ``out`` and ``res`` of the
+    output's, each held as (B, C / VW, H, W, VW) in any array of that many floats), with the bias, the
+    residual and the ReLU or a clamp written with the output, and a clamp of the input as it is read
+    (``in_clamp``, bounds holding 0). The channel count must be a multiple of ``VW``.
+
+    Parameters
+    ----------
+    prep : DirectConvPrep
+        A depthwise layer (:func:`is_depthwise`).
+    x_shape : tuple of int, (B, C, H, W)
+    bias : ndarray, shape (C,), float32, or None
+    out : ndarray, B * C * Hout * Wout float32, C-contiguous
+    relu : bool
+    clamp, in_clamp : tuple of float, (lo, hi), optional
+    """
+    if not is_depthwise(prep):
+        raise ValueError("bind_depthwise_blocked: the layer is not depthwise")
+    nb, c, h, w = (int(v) for v in x_shape)
+    if c % VW:
+        raise ValueError(f"bind_depthwise_blocked: {c} channels are not a multiple of {VW}")
+    _, _, hout, wout = prep.output_shape((nb, c, h, w))
+    if not out.flags.c_contiguous or out.size != nb * c * hout * wout:
+        raise ValueError(f"bind_depthwise_blocked: out must be C-contiguous with {nb * c * hout * wout} "
+                         f"floats")
+    if clamp is not None and (relu or not clamp[0] <= clamp[1]):
+        raise ValueError(f"bind_depthwise_blocked: clamp {clamp} must be an interval, and not with relu")
+    if in_clamp is not None and not in_clamp[0] <= 0.0 <= in_clamp[1]:
+        raise ValueError(f"bind_depthwise_blocked: in_clamp {in_clamp} must hold 0 (the padding)")
+    _, _, kh, kw = prep.weight_shape
+
+    def build() -> np.ndarray:
+        taps = _dense_taps(prep).reshape(c // VW, VW, kh * kw)
+        return np.ascontiguousarray(taps.transpose(0, 2, 1)).reshape(-1)  # (C/VW, kh*kw, VW)
+
+    wts = prep.cached(("depthwise-blocked",), build)
+    b = np.zeros(c, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    nparts = num_threads()
+    taps = np.zeros((nparts, 4, kh * kw), np.int64)
+    small = prep.nnz * hout * wout * nb < _SERIAL_MACS
+    kernel = _depthwise_blocked_kernel_serial if small else _depthwise_blocked_kernel
+    lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0), np.float32(0.0))
+    ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
+    flat = out.reshape(nb, -1)
+    args = (wts, b, h, w, hout, wout, kh, kw, *prep.stride, *prep.padding, *prep.dilation, bool(relu),
+            clamp is not None, lo, hi, in_clamp is not None, ilo, ihi, taps, nparts)
+
+    def run(x: np.ndarray, res: np.ndarray | None = None) -> None:
+        tail = (flat, False) if res is None else (res.reshape(nb, -1), True)
+        kernel(x.reshape(nb, -1), flat, *args, *tail)
 
     return run
