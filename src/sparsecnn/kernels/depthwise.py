@@ -31,6 +31,17 @@ phase copy was most of such a layer's time: one thread, MobileNet-v2's 96 x 112 
 264 us, its 576 x 14 x 14 layer 227 -> 43 us (scratch script, the layer alone). At stride 1 the same
 (``dw_tile_3x3_s1_plain``, ``S1_PLAIN``) pays only on planes no wider than a vector (see there).
 
+In the channel-blocked layout (:mod:`sparsecnn.kernels.blocked`, ``VW`` channels a pixel) a depthwise
+layer needs no shuffles and no copy: :func:`bind_depthwise_blocked` runs, per output row, the
+columns whose taps all lie inside the row in tiles of ``DWB_NT`` pixels (each tap's weight vector
+loaded once a tile; at stride 1 with three taps a row, :func:`sparsecnn.kernels._simd.dwb_tile3`
+loads each input vector once for the three pixels that read it) and the border columns one by one
+with their own taps. It is what lets the executor's blocked chains (:mod:`sparsecnn.engine._layout`)
+run through MobileNet's depthwise layers, so that its dense 1x1 layers run the channel-vector GEMM.
+Alone it is slower than the plain kernel at stride 1 (0.56-0.90x on MobileNet-v2's shapes, its
+border columns and per-row tap lists) and 0.94-1.13x at stride 2; the executor times the whole model
+both ways and keeps the faster layout.
+
 Measured (Zen 4, 2 threads, batch 1; ``python -m benchmarks.mobilenet``): docs/engine.md, "Session
 of 2026-12-07 (eighteenth)".
 """
