@@ -375,26 +375,20 @@ def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, in
 
 
 @pjit
-def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, kh, kw, sh, sw, ph, pw, dh, dw, relu,
-                              clamp, lo, hi, in_clamp, ilo, ihi, taps, nparts, res, has_res):
+def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, sw, jl, jh, row3, rtab, rn, btab, bn,
+                              bcols, relu, clamp, lo, hi, in_clamp, ilo, ihi, nparts, res, has_res):
     """A depthwise layer on channel-blocked planes (``x`` (B, C/VW * H * W * VW), ``out`` and ``res``
     (B, C/VW * Hout * Wout * VW)): (image, channel block) items in contiguous ranges per thread; per
-    output row the valid taps once, the columns whose taps all lie inside the row in tiles of
-    ``DWB_NT`` pixels (:func:`sparsecnn.kernels._simd.dwb_tile`), the border columns one by one with
-    their own taps. ``taps`` (nparts, 4, kh * kw) int64 scratch: offsets and weight indices of the
-    row's taps and of one border pixel's."""
+    output row the columns ``[jl, jh)``, whose taps all lie inside the row, in tiles of ``DWB_NT``
+    pixels (:func:`sparsecnn.kernels._simd.dwb_tile`, or with ``row3`` the row tiles of ``dwb_tile3``),
+    the border columns ``bcols`` one by one with their own taps. The tap tables come from
+    :func:`_blocked_taps` (offsets inside a channel block's planes and weight indices, per output row
+    and per border pixel): nothing is worked out per item."""
     nb = x.shape[0]
-    k = kh * kw
+    k = rtab.shape[2]
     ncb = wts.size // (k * VW)
     items = nb * ncb
-    jl = min(wout, (pw + sw - 1) // sw)  # first column whose taps all lie inside the row
-    jh = max(jl, min(wout, (w - 1 + pw - (kw - 1) * dw) // sw + 1))
-    row3 = kw == 3 and sw == 1 and dw == 1
     for part in numba.prange(nparts):
-        ro = taps[part, 0]
-        ri = taps[part, 1]
-        po = taps[part, 2]
-        pi = taps[part, 3]
         for item in range(part * items // nparts, (part + 1) * items // nparts):
             b = item // ncb
             cb = item - b * ncb
@@ -404,45 +398,53 @@ def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, kh, kw, sh, s
             base = cb * h * w * VW
             wbase = cb * k * VW
             for i in range(hout):
-                y0 = i * sh - ph
-                n = 0
-                for r in range(kh):
-                    y = y0 + r * dh
-                    if 0 <= y < h:
-                        for s_ in range(kw):
-                            ro[n] = (y * w - pw + s_ * dw) * VW
-                            ri[n] = r * kw + s_
-                            n += 1
                 orow = ((cb * hout + i) * wout) * VW
-                if row3:  # the row's taps by input row: each input vector loaded once for three pixels
-                    nr = 0
-                    for t in range(n):
-                        if ri[t] - (ri[t] // kw) * kw == 0:
-                            po[nr] = ro[t]
-                            pi[nr] = ri[t]
-                            nr += 1
-                    for j in range(jl, jh, DWB_NT):
-                        nt = min(DWB_NT, jh - j)
-                        dwb_tile3(xb, base + j * VW, po, pi, nr, wts, wbase, bias, cb * VW, ob, orow + j * VW,
-                                  rb, has_res, nt, relu, clamp, lo, hi, in_clamp, ilo, ihi)
-                else:
-                    for j in range(jl, jh, DWB_NT):
-                        nt = min(DWB_NT, jh - j)
-                        dwb_tile(xb, base + j * sw * VW, ro, ri, n, sw * VW, wts, wbase, bias, cb * VW, ob,
-                                 orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi, in_clamp, ilo, ihi)
-                for j in range(wout):
-                    if jl <= j < jh:
-                        continue
-                    m = 0
-                    for t in range(n):
-                        s_ = ri[t] - (ri[t] // kw) * kw
-                        c = j * sw - pw + s_ * dw
-                        if 0 <= c < w:
-                            po[m] = ro[t]
-                            pi[m] = ri[t]
-                            m += 1
-                    dwb_tile(xb, base + j * sw * VW, po, pi, m, sw * VW, wts, wbase, bias, cb * VW, ob,
-                             orow + j * VW, rb, has_res, 1, relu, clamp, lo, hi, in_clamp, ilo, ihi)
+                for j in range(jl, jh, DWB_NT):
+                    nt = min(DWB_NT, jh - j)
+                    if row3:
+                        dwb_tile3(xb, base + j * VW, rtab[i, 0], rtab[i, 1], rn[i], wts, wbase, bias, cb * VW,
+                                  ob, orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi, in_clamp, ilo, ihi)
+                    else:
+                        dwb_tile(xb, base + j * sw * VW, rtab[i, 0], rtab[i, 1], rn[i], sw * VW, wts, wbase,
+                                 bias, cb * VW, ob, orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi,
+                                 in_clamp, ilo, ihi)
+                for q in range(bcols.size):
+                    j = bcols[q]
+                    dwb_tile(xb, base + j * sw * VW, btab[i, q, 0], btab[i, q, 1], bn[i, q], sw * VW, wts,
+                             wbase, bias, cb * VW, ob, orow + j * VW, rb, has_res, 1, relu, clamp, lo, hi,
+                             in_clamp, ilo, ihi)
+
+
+def _blocked_taps(prep: DirectConvPrep, h: int, w: int) -> tuple:
+    """The tap tables of :func:`_depthwise_blocked_kernel` for ``h x w`` planes: ``(jl, jh, row3, rtab,
+    rn, btab, bn, bcols)``. ``rtab[i]`` (2, kh * kw): offsets (floats, from output column 0's first
+    input column) and weight indices of row ``i``'s valid taps, ``rn[i]`` of them (with ``row3``, one
+    entry per valid input row: its first tap); ``btab[i, q]`` / ``bn[i, q]`` the same for border column
+    ``bcols[q]``, offsets from that column."""
+    _, _, kh, kw = prep.weight_shape
+    (sh, sw), (ph, pw), (dh, dw) = prep.stride, prep.padding, prep.dilation
+    _, _, hout, wout = prep.output_shape((1, 1, h, w))
+    jl = min(wout, -(-pw // sw))
+    jh = max(jl, min(wout, (w - 1 + pw - (kw - 1) * dw) // sw + 1))
+    row3 = kw == 3 and sw == 1 and dw == 1
+    k = kh * kw
+    bcols = np.array([j for j in range(wout) if not jl <= j < jh], dtype=np.int64)
+    rtab = np.zeros((hout, 2, k), np.int64)
+    rn = np.zeros(hout, np.int64)
+    btab = np.zeros((hout, max(1, bcols.size), 2, k), np.int64)
+    bn = np.zeros((hout, max(1, bcols.size)), np.int64)
+    for i in range(hout):
+        rows = [r for r in range(kh) if 0 <= i * sh - ph + r * dh < h]
+        taps = [(((i * sh - ph + r * dh) * w - pw + s * dw) * VW, r * kw + s) for r in rows
+                for s in range(1 if row3 else kw)]
+        rn[i] = len(taps)
+        rtab[i, :, : len(taps)] = np.array(taps, dtype=np.int64).T.reshape(2, -1) if taps else 0
+        for q, j in enumerate(bcols):
+            t = [(((i * sh - ph + r * dh) * w + j * sw - pw + s * dw) * VW - j * sw * VW, r * kw + s)
+                 for r in rows for s in range(kw) if 0 <= j * sw - pw + s * dw < w]
+            bn[i, q] = len(t)
+            btab[i, q, :, : len(t)] = np.array(t, dtype=np.int64).T.reshape(2, -1) if t else 0
+    return jl, jh, row3, rtab, rn, btab, bn, bcols
 
 
 _depthwise_blocked_kernel_serial = serial_twin(_depthwise_blocked_kernel)
@@ -489,14 +491,14 @@ def bind_depthwise_blocked(prep: DirectConvPrep, x_shape: tuple[int, int, int, i
     wts = prep.cached(("depthwise-blocked",), build)
     b = np.zeros(c, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     nparts = num_threads()
-    taps = np.zeros((nparts, 4, kh * kw), np.int64)
+    tables = prep.cached(("depthwise-blocked-taps", h, w), lambda: _blocked_taps(prep, h, w))
     small = prep.nnz * hout * wout * nb < _SERIAL_MACS
     kernel = _depthwise_blocked_kernel_serial if small else _depthwise_blocked_kernel
     lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0), np.float32(0.0))
     ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
     flat = out.reshape(nb, -1)
-    args = (wts, b, h, w, hout, wout, kh, kw, *prep.stride, *prep.padding, *prep.dilation, bool(relu),
-            clamp is not None, lo, hi, in_clamp is not None, ilo, ihi, taps, nparts)
+    args = (wts, b, h, w, hout, wout, prep.stride[1], *tables, bool(relu), clamp is not None, lo, hi,
+            in_clamp is not None, ilo, ihi, nparts)
 
     def run(x: np.ndarray, res: np.ndarray | None = None) -> None:
         tail = (flat, False) if res is None else (res.reshape(nb, -1), True)
