@@ -38,9 +38,10 @@ loaded once a tile; at stride 1 with three taps a row, :func:`sparsecnn.kernels.
 loads each input vector once for the three pixels that read it) and the border columns one by one
 with their own taps. It is what lets the executor's blocked chains (:mod:`sparsecnn.engine._layout`)
 run through MobileNet's depthwise layers, so that its dense 1x1 layers run the channel-vector GEMM.
-Alone it is slower than the plain kernel at stride 1 (0.56-0.90x on MobileNet-v2's shapes, its
-border columns and per-row tap lists) and 0.94-1.13x at stride 2; the executor times the whole model
-both ways and keeps the faster layout.
+The tap lists (per output row, per border pixel) are built once per input shape: built per row and
+channel block they made it 0.56-0.90x the plain kernel at stride 1; now it runs 1.35-2.07x the plain
+kernel alone on MobileNet-v2's shapes (2 threads). The executor times the whole model both ways and
+keeps the faster layout.
 
 Measured (Zen 4, 2 threads, batch 1; ``python -m benchmarks.mobilenet``): docs/engine.md, "Session
 of 2026-12-07 (eighteenth)".
