@@ -1304,6 +1304,27 @@ dw_tile_3x3_s1_plain.__doc__ = """:func:`dw_tile_3x3_s2_plain` at stride 1: inpu
 DWB_NT = 8
 
 
+def _dwb_accumulators(builder, n, bp):
+    """``n`` vector accumulators (allocas, kept in registers by LLVM) set to the bias vector at ``bp``."""
+    init = builder.load(builder.bitcast(bp, _VEC.as_pointer()), align=4)
+    accs = [cgutils.alloca_once(builder, _VEC) for _ in range(n)]
+    for a in accs:
+        builder.store(init, a)
+    return accs
+
+
+def _dwb_store(builder, accs, dp, rp, has_res, relu, clamp, lo, hi):
+    """Pixel ``j`` of the tile (``accs[j]``) to ``dp + j * VW`` with the residual at ``rp + j * VW``
+    (where ``has_res``) and the activation (:func:`_act`)."""
+    vp = _VEC.as_pointer()
+    for j, acc in enumerate(accs):
+        at = ir.Constant(_I64, j * VW)
+        x = _plus_res(builder, builder.load(acc), has_res, lambda at=at: builder.load(
+            builder.bitcast(builder.gep(rp, [at], inbounds=True), vp), align=4))
+        q = builder.bitcast(builder.gep(dp, [at], inbounds=True), vp)
+        builder.store(_act(builder, x, relu, clamp, lo, hi), q, align=4)
+
+
 @intrinsic
 def dwb_tile(typingctx, src, base, offs, widx, ntaps, xstep, wts, wbase, bias, bpos, dst, dpos, res, has_res,
              nt, relu, clamp, lo, hi, in_clamp, ilo, ihi):
@@ -1339,10 +1360,7 @@ def dwb_tile(typingctx, src, base, offs, widx, ntaps, xstep, wts, wbase, bias, b
         fma = _fma_vec(builder)
 
         def emit(n):
-            accs = [cgutils.alloca_once(builder, _VEC) for _ in range(n)]
-            init = builder.load(builder.bitcast(bp, vp), align=4)
-            for a in accs:
-                builder.store(init, a)
+            accs = _dwb_accumulators(builder, n, bp)
             with cgutils.for_range(builder, ntaps_) as loop:
                 t = loop.index
                 off = builder.load(builder.gep(op, [t], inbounds=True))
@@ -1356,12 +1374,7 @@ def dwb_tile(typingctx, src, base, offs, widx, ntaps, xstep, wts, wbase, bias, b
                     cl = _act(builder, xv, None, ir.Constant(_I1, 1), ilo_, ihi_)
                     xv = builder.select(in_clamp, cl, xv)
                     builder.store(builder.call(fma, [wv, xv, builder.load(accs[j])]), accs[j])
-            for j in range(n):
-                at = ir.Constant(_I64, j * VW)
-                x = _plus_res(builder, builder.load(accs[j]), has_res, lambda at=at: builder.load(
-                    builder.bitcast(builder.gep(rp, [at], inbounds=True), vp), align=4))
-                builder.store(_act(builder, x, relu, clamp, lo_, hi_),
-                              builder.bitcast(builder.gep(dp, [at], inbounds=True), vp), align=4)
+            _dwb_store(builder, accs, dp, rp, has_res, relu, clamp, lo_, hi_)
 
         _for_each_nvec(builder, nt_, DWB_NT, "dwb_tile", emit)
         return context.get_dummy_value()
@@ -1405,10 +1418,7 @@ def dwb_tile3(typingctx, src, base, offs, widx, nrows, wts, wbase, bias, bpos, d
             return builder.load(builder.bitcast(q, vp), align=4)
 
         def emit(n):
-            accs = [cgutils.alloca_once(builder, _VEC) for _ in range(n)]
-            init = builder.load(builder.bitcast(bp, vp), align=4)
-            for a in accs:
-                builder.store(init, a)
+            accs = _dwb_accumulators(builder, n, bp)
             with cgutils.for_range(builder, nrows_) as loop:
                 t = loop.index
                 p = builder.gep(sp, [builder.load(builder.gep(op, [t], inbounds=True))], inbounds=True)
@@ -1423,12 +1433,7 @@ def dwb_tile3(typingctx, src, base, offs, widx, nrows, wts, wbase, bias, bpos, d
                         j = c - s_
                         if 0 <= j < n:
                             builder.store(builder.call(fma, [wv[s_], xv, builder.load(accs[j])]), accs[j])
-            for j in range(n):
-                at = ir.Constant(_I64, j * VW)
-                x = _plus_res(builder, builder.load(accs[j]), has_res, lambda at=at: builder.load(
-                    builder.bitcast(builder.gep(rp, [at], inbounds=True), vp), align=4))
-                builder.store(_act(builder, x, relu, clamp, lo_, hi_),
-                              builder.bitcast(builder.gep(dp, [at], inbounds=True), vp), align=4)
+            _dwb_store(builder, accs, dp, rp, has_res, relu, clamp, lo_, hi_)
 
         _for_each_nvec(builder, nt_, DWB_NT, "dwb_tile3", emit)
         return context.get_dummy_value()
