@@ -420,14 +420,14 @@ def _tune(node: Node, layer: nn.Module, values: dict[str, Any]) -> tuple[nn.Modu
 def _torch_in_pass(nodes: list[Node], plan: Any, x: torch.Tensor,
                    pending: list[tuple[str, Node, nn.Module, str | None]], new: dict[str, Any]) -> Any:
     """Each layer that :func:`_tune` gave to torch, checked in the whole forward pass against its
-    fastest numba alternative (``pending``: the layer's name in the plan, its node, the alternative, the
-    plan cache key); the faster
-    pass keeps its layer (``nodes`` changed in place). Returns the plan; the decisions go to ``new``.
+    fastest numba alternative (``pending``: the layer's name in the plan, its node, the alternative,
+    the plan cache key); the faster pass keeps its layer (``nodes`` changed in place). Returns the
+    plan; the decisions go to ``new`` (marked ``in_pass``: a rebuild does not check again).
 
     Alone, even between numba steps, a torch step runs faster than it does in the pass: MobileNet-v2's
     depthwise 576 x 14x14 stride-2 layer took 74 us looped, 120-220 us timed by :func:`_time_in_pass`
     and 330-370 us in the pass (the direct kernel 104-120 us in all three), and whole-model A/Bs of
-    ResNets at 0-90% moved 5-8% when layers left torch.
+    ResNets at 0-90% moved 3-9% when layers left torch (docs/engine.md, nineteenth session).
     """
     from sparsecnn.plan import LayerChoice, Plan
 

@@ -11,7 +11,8 @@ value for one input shape:
    channel-vector implicit GEMM can run; each gets an :class:`~sparsecnn.kernels.implicit_gemm.
    ImplicitGemmPrep` of its weights.
 2. *Classes*: values that must share a layout, because an elementwise step reads and writes them
-   together (a ReLU and its input, a residual add and both its inputs, eval-mode dropout).
+   together (a ReLU or a clamp such as ReLU6 and its input, a residual add and both its inputs,
+   eval-mode dropout).
 3. A class is blocked when every member is made by a candidate conv, an elementwise step or a max
    pool of a blocked value, every member's channel count is a multiple of ``BLOCK``, and some member
    is read by a candidate conv or by a max pool whose output is blocked (decided together: all
@@ -21,8 +22,13 @@ value for one input shape:
    read a plain copy, converted once right after the value is made.
 
 Candidate convs that read or write a blocked value run the channel-vector GEMM (``conv:blocked`` steps);
-the others keep their planned strategy. The compiled model times the program with and without blocked
-values on the example input and keeps the faster (:func:`sparsecnn.compile`).
+the others keep their planned strategy. Depthwise layers run ``direct`` with a multiple of ``BLOCK``
+channels are blocked readers and writers too (``conv:blocked-dw``,
+:func:`sparsecnn.kernels.depthwise.bind_depthwise_blocked`), where both their input and their output
+end up blocked (one that would read one layout and write the other is dropped, and the classes
+decided again): MobileNet's chains of 1x1 and depthwise layers stay blocked end to end. The compiled
+model times the program with and without blocked values on the example input and keeps the faster
+(:func:`sparsecnn.compile`).
 """
 
 from __future__ import annotations
