@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.mobilenet [--sparsity 0.7] [--batch 1] [--turns 5] [--threads 2]`` builds
 MobileNet-v2 (the zoo's ``mobilenet_v2``: Sandler et al. 2018, 17 inverted-residual blocks, width
-1.0, 224 x 224, ReLU6), prunes its 1x1 layers and classifier by magnitude to ``--sparsity``
+1.0, 224 x 224, ReLU6), prunes its first conv, 1x1 layers and classifier by magnitude to ``--sparsity``
 (the depthwise layers stay dense, as pruning them saves little), and times, interleaved in turns:
 torch dense, ONNX Runtime on the same model (when installed; thread spinning off), and the compiled
 model with the same ``"auto"`` plan and layout twice: ``general`` with ``kernels.conv.DEPTHWISE`` off
@@ -31,13 +31,15 @@ from sparsecnn.bench.peers import model_peers
 from sparsecnn.bench.placement import probe_cores
 from sparsecnn.kernels import conv
 from sparsecnn.models import zoo
+from sparsecnn.models.profiles import prunable_layers
 
 SETTINGS = zoo._MOBILENET_V2  # (expansion t, output channels c, repeats n, first stride s)
 
 
 def pruned(sparsity: float, seed: int = 0) -> nn.Module:
     """The zoo's MobileNet-v2 (seeded weights) with BatchNorm statistics away from the identity, and the
-    1x1 layers and the classifier pruned by magnitude (per layer) to ``sparsity``."""
+    first conv, the 1x1 layers and the classifier pruned by magnitude (per layer, ``models.apply_profile``) to
+    ``sparsity``."""
     model = models.build("mobilenet_v2", seed=seed).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -45,11 +47,8 @@ def pruned(sparsity: float, seed: int = 0) -> nn.Module:
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1, generator=g)
                 m.running_var.uniform_(0.5, 2.0, generator=g)
-            elif isinstance(m, (nn.Conv2d, nn.Linear)) and not (isinstance(m, nn.Conv2d) and m.groups > 1):
-                w = m.weight
-                k = int(sparsity * w.numel())
-                if k:
-                    w[w.abs() <= w.abs().flatten().kthvalue(k).values] = 0.0
+    models.apply_profile(model, {name: sparsity for name, m in prunable_layers(model).items()
+                                 if not (isinstance(m, nn.Conv2d) and m.groups > 1)})
     return model
 
 
