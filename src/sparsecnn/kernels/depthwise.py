@@ -351,17 +351,17 @@ def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, in
     lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0), np.float32(0.0))
     ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
     s2 = prep.stride == (2, 2)
-    if _row_tiles(prep) and (S2_PLAIN if s2 else S1_PLAIN and w <= VW):
+    rows = _row_tiles(prep)
+    wts = prep.cached(("depthwise-taps",), lambda: _dense_taps(prep)) if rows else None
+    if rows and (S2_PLAIN if s2 else S1_PLAIN and w <= VW):
         kernel = _depthwise3_plain_kernel_serial if small else _depthwise3_plain_kernel
-        wts = prep.cached(("depthwise-taps",), lambda: _dense_taps(prep))
         args = (cstride, h, w, wts, b, has_bias, flat, ostride, ws.hout, ws.wout, *prep.padding, s2,
                 bool(relu), clamp is not None, lo, hi, in_clamp is not None, ilo, ihi, ws.planes.shape[0])
-    elif _row_tiles(prep):
+    elif rows:
         kernel = _depthwise3_kernel_serial if small else _depthwise3_kernel
-        wts = prep.cached(("depthwise-taps",), lambda: _dense_taps(prep))
         args = (cstride, ws.planes, ws.copies, ws.geo, wts, b, has_bias, flat, ostride, ws.hout, ws.wout,
-                ws.wph, ws.plane, prep.stride == (2, 2), bool(relu), clamp is not None, lo, hi,
-                in_clamp is not None, ilo, ihi, ws.nfloats)
+                ws.wph, ws.plane, s2, bool(relu), clamp is not None, lo, hi, in_clamp is not None, ilo, ihi,
+                ws.nfloats)
     else:
         args = (cstride, ws.planes, ws.wide, ws.copies, ws.geo, ws.offsets, prep.data, ws.ptr, b, has_bias,
                 flat, ostride, ws.hout, ws.wout, ws.wph, ws.span, bool(relu), clamp is not None, lo, hi,
