@@ -721,13 +721,15 @@ def test_depthwise_row_tiles_match_torch(c, h, w, s, p, batch, sparsity, act, re
        pw=st.integers(0, 2), dh=st.integers(1, 2), dw=st.integers(1, 2), batch=st.sampled_from([1, 2]),
        sparsity=st.sampled_from([0.0, 0.5]), act=st.sampled_from(["none", "relu", "clamp"]),
        in_clamp=st.booleans(), res=st.booleans(), bias=st.booleans(), threads=st.sampled_from([1, 2]),
-       seed=st.integers(0, 2**16))
+       rows=st.sampled_from([0, 1, 8]), seed=st.integers(0, 2**16))
 def test_blocked_depthwise_matches_torch(blocks, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, act,
-                                         in_clamp, res, bias, threads, seed):
+                                         in_clamp, res, bias, threads, rows, seed):
     """Depthwise layers on channel-blocked planes (``kernels.depthwise.bind_depthwise_blocked``: the
     interior columns in pixel tiles, 1 x 3 rows of taps at stride 1 in row tiles, the border columns one
     by one with their own taps) on generated geometry, with ReLU or a clamp, the input clamped as it is
-    read, a residual, one or two threads: as torch."""
+    read, a residual, one or two threads splitting the images, the rows (``rows``: ``BY_ROWS_MIN``, 0
+    for ``BY_ROWS`` off) or the (channel block, row) items: as torch."""
+    from sparsecnn.kernels import depthwise
     from sparsecnn.kernels.blocked import BLOCK, from_blocked_array, to_blocked_array
     from sparsecnn.kernels.depthwise import bind_depthwise_blocked
 
@@ -747,8 +749,9 @@ def test_blocked_depthwise_matches_torch(blocks, h, w, kh, kw, sh, sw, ph, pw, d
     clamp = (-0.5, 0.75) if act == "clamp" else None
     ref = ref.clamp_min(0) if act == "relu" else ref.clamp(*clamp) if clamp else ref
     prep = prepare_direct(wt, c, (sh, sw), (ph, pw), (dh, dw))
-    before = numba.get_num_threads()
+    before = numba.get_num_threads(), depthwise.BY_ROWS, depthwise.BY_ROWS_MIN
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    depthwise.BY_ROWS, depthwise.BY_ROWS_MIN = rows > 0, max(rows, 1)
     try:
         out = np.full(to_blocked_array(ref.numpy()).shape, np.nan, dtype=np.float32)
         run = bind_depthwise_blocked(prep, x.shape, bv, out, relu=act == "relu", clamp=clamp,
@@ -756,7 +759,8 @@ def test_blocked_depthwise_matches_torch(blocks, h, w, kh, kw, sh, sw, ph, pw, d
         run(to_blocked_array(x)) if not res else run(to_blocked_array(x), to_blocked_array(r))
         assert_close(from_blocked_array(out), ref.numpy(), what="blocked depthwise")
     finally:
-        numba.set_num_threads(before)
+        numba.set_num_threads(before[0])
+        depthwise.BY_ROWS, depthwise.BY_ROWS_MIN = before[1:]
 
 
 def _check_depthwise(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, act, res, bias, padded,

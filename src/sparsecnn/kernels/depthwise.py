@@ -41,7 +41,12 @@ run through MobileNet's depthwise layers, so that its dense 1x1 layers run the c
 The tap lists (per output row, per border pixel) are built once per input shape: built per row and
 channel block they made it 0.56-0.90x the plain kernel at stride 1; now it runs 1.35-2.07x the plain
 kernel alone on MobileNet-v2's shapes (2 threads). The executor times the whole model both ways and
-keeps the faster layout.
+keeps the faster layout. The threads split a blocked layer's output rows (``BY_ROWS``: the rows of
+every channel block to one thread) as the channel-vector GEMM around it splits its positions, so each
+reads the rows the expanding 1x1 layer wrote on its own core and writes those the projecting one
+reads there; split by channel blocks, half of each came from the other core. Alone it makes no
+difference (0.97-1.00x); dense MobileNet-v2 whole, interleaved in one process: 1.05-1.11x where
+the two vCPUs sat far apart, 1.00-1.01x near (scratch A/B, docs/engine.md, twentieth session).
 
 Measured (Zen 4, 2 threads, batch 1; ``python -m benchmarks.mobilenet``): docs/engine.md, "Session
 of 2026-12-07 (eighteenth)".
@@ -72,7 +77,14 @@ from sparsecnn.kernels._simd import (
     span_tile,
     tile_split,
 )
-from sparsecnn.kernels.conv import DirectConvPrep, _copy_channels, _crop, padded_plane, phase_layout
+from sparsecnn.kernels.conv import (
+    DirectConvPrep,
+    _copy_channels,
+    _crop,
+    padded_plane,
+    phase_layout,
+    split_by_image,
+)
 
 __all__ = ["bind_depthwise_blocked", "bind_depthwise_conv2d", "is_depthwise"]
 
@@ -90,6 +102,10 @@ S2_PLAIN = True
 # 0.61-0.89x (MobileNet-v2's 32 x 112 x 112 to 384 x 14 x 14 layers, 1-2 threads), against 1.65x on
 # its 960 x 7 x 7 layers (in the forward pass).
 S1_PLAIN = True
+# Off: the blocked depthwise kernel's threads split each image's (channel block, row) items, not its
+# rows (the A/B baseline of the row split); rows only where each thread gets BY_ROWS_MIN of them.
+BY_ROWS = True
+BY_ROWS_MIN = 8
 
 
 def is_depthwise(prep: DirectConvPrep) -> bool:
@@ -377,43 +393,52 @@ def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, in
 
 @pjit
 def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, sw, jl, jh, row3, rtab, rn, btab, bn,
-                              bcols, relu, clamp, lo, hi, in_clamp, ilo, ihi, nparts, res, has_res):
+                              bcols, relu, clamp, lo, hi, in_clamp, ilo, ihi, nparts, by_image, by_rows,
+                              res, has_res):
     """A depthwise layer on channel-blocked planes (``x`` (B, C/VW * H * W * VW), ``out`` and ``res``
-    (B, C/VW * Hout * Wout * VW)): (image, channel block) items in contiguous ranges per thread; per
-    output row the columns ``[jl, jh)``, whose taps all lie inside the row, in tiles of ``DWB_NT``
-    pixels (:func:`sparsecnn.kernels._simd.dwb_tile`, or with ``row3`` the row tiles of ``dwb_tile3``),
-    the border columns ``bcols`` one by one with their own taps. The tap tables come from
+    (B, C/VW * Hout * Wout * VW)). With ``by_image`` the threads split the images round robin; else,
+    per image, with ``by_rows`` the output rows (every channel block of its rows to a thread), else
+    contiguous ranges of the (channel block, row) items. Per output row the columns ``[jl, jh)``, whose
+    taps all lie inside the row, run in tiles of ``DWB_NT`` pixels
+    (:func:`sparsecnn.kernels._simd.dwb_tile`, or with ``row3`` the row tiles of ``dwb_tile3``), the
+    border columns ``bcols`` one by one with their own taps. The tap tables come from
     :func:`_blocked_taps` (offsets inside a channel block's planes and weight indices, per output row
     and per border pixel): nothing is worked out per item."""
     nb = x.shape[0]
     k = rtab.shape[2]
     ncb = wts.size // (k * VW)
-    items = nb * ncb
+    per = hout * ncb
     for part in numba.prange(nparts):
-        for item in range(part * items // nparts, (part + 1) * items // nparts):
-            b = item // ncb
-            cb = item - b * ncb
+        first = 0 if by_image else part * per // nparts
+        last = per if by_image else (part + 1) * per // nparts
+        r0 = 0 if by_image else part * hout // nparts
+        r1 = hout if by_image else (part + 1) * hout // nparts
+        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
             xb = x[b]
             ob = out[b]
             rb = res[b]
-            base = cb * h * w * VW
-            wbase = cb * k * VW
-            for i in range(hout):
-                orow = ((cb * hout + i) * wout) * VW
-                for j in range(jl, jh, DWB_NT):
-                    nt = min(DWB_NT, jh - j)
-                    if row3:
-                        dwb_tile3(xb, base + j * VW, rtab[i, 0], rtab[i, 1], rn[i], wts, wbase, bias, cb * VW,
-                                  ob, orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi, in_clamp, ilo, ihi)
-                    else:
-                        dwb_tile(xb, base + j * sw * VW, rtab[i, 0], rtab[i, 1], rn[i], sw * VW, wts, wbase,
-                                 bias, cb * VW, ob, orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi,
+            for cb in range(ncb):
+                ia = r0 if by_rows else max(0, first - cb * hout)
+                ib = r1 if by_rows else min(hout, last - cb * hout)
+                base = cb * h * w * VW
+                wb = cb * k * VW
+                for i in range(ia, ib):
+                    orow = ((cb * hout + i) * wout) * VW
+                    for j in range(jl, jh, DWB_NT):
+                        nt = min(DWB_NT, jh - j)
+                        if row3:
+                            dwb_tile3(xb, base + j * VW, rtab[i, 0], rtab[i, 1], rn[i], wts, wb, bias,
+                                      cb * VW, ob, orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi,
+                                      in_clamp, ilo, ihi)
+                        else:
+                            dwb_tile(xb, base + j * sw * VW, rtab[i, 0], rtab[i, 1], rn[i], sw * VW, wts, wb,
+                                     bias, cb * VW, ob, orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi,
+                                     in_clamp, ilo, ihi)
+                    for q in range(bcols.size):
+                        j = bcols[q]
+                        dwb_tile(xb, base + j * sw * VW, btab[i, q, 0], btab[i, q, 1], bn[i, q], sw * VW, wts,
+                                 wb, bias, cb * VW, ob, orow + j * VW, rb, has_res, 1, relu, clamp, lo, hi,
                                  in_clamp, ilo, ihi)
-                for q in range(bcols.size):
-                    j = bcols[q]
-                    dwb_tile(xb, base + j * sw * VW, btab[i, q, 0], btab[i, q, 1], bn[i, q], sw * VW, wts,
-                             wbase, bias, cb * VW, ob, orow + j * VW, rb, has_res, 1, relu, clamp, lo, hi,
-                             in_clamp, ilo, ihi)
 
 
 def _blocked_taps(prep: DirectConvPrep, h: int, w: int) -> tuple:
@@ -498,8 +523,9 @@ def bind_depthwise_blocked(prep: DirectConvPrep, x_shape: tuple[int, int, int, i
     lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0), np.float32(0.0))
     ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
     flat = out.reshape(nb, -1)
+    by_rows = BY_ROWS and hout >= BY_ROWS_MIN * nparts and (wout * VW * 4) % 64 == 0
     args = (wts, b, h, w, hout, wout, prep.stride[1], *tables, bool(relu), clamp is not None, lo, hi,
-            in_clamp is not None, ilo, ihi, nparts)
+            in_clamp is not None, ilo, ihi, nparts, split_by_image(nb, nparts), by_rows)
 
     def run(x: np.ndarray, res: np.ndarray | None = None) -> None:
         tail = (flat, False) if res is None else (res.reshape(nb, -1), True)
