@@ -729,6 +729,28 @@ def test_blocked_depthwise_matches_torch(blocks, h, w, kh, kw, sh, sw, ph, pw, d
     by one with their own taps) on generated geometry, with ReLU or a clamp, the input clamped as it is
     read, a residual, one or two threads splitting the images, the rows (``rows``: ``BY_ROWS_MIN``, 0
     for ``BY_ROWS`` off) or the (channel block, row) items: as torch."""
+    _check_blocked_depthwise(blocks, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, act, in_clamp,
+                             res, bias, threads, rows, True, seed)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(blocks=st.integers(1, 3), h=st.integers(1, 40), w=st.integers(1, 40), kh=st.integers(1, 3),
+       pw=st.integers(0, 2), batch=st.sampled_from([1, 2]), act=st.sampled_from(["none", "relu", "clamp"]),
+       in_clamp=st.booleans(), res=st.booleans(), threads=st.sampled_from([1, 2]), row3=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_blocked_depthwise_stride2_row_tiles(blocks, h, w, kh, pw, batch, act, in_clamp, res, threads, row3,
+                                            seed):
+    """1 x 3-wide rows of taps at stride 2 (MobileNet's stride-2 layers) on channel-blocked planes: the
+    row tiles that load the column two pixels share once (``dwb_tile3s2``; ``ROW3_S2`` off: the general
+    pixel tiles), any width: as torch."""
+    _check_blocked_depthwise(blocks, h, w, kh, 3, 2, 2, 1, pw, 1, 1, batch, 0.0, act, in_clamp, res, True,
+                             threads, 8, row3, seed)
+
+
+def _check_blocked_depthwise(blocks, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, act, in_clamp,
+                             res, bias, threads, rows, row3, seed):
+    """One blocked depthwise layer (``rows``: ``BY_ROWS_MIN``, 0 for ``BY_ROWS`` off; ``row3``:
+    ``ROW3_S2``) against torch's grouped conv."""
     from sparsecnn.kernels import depthwise
     from sparsecnn.kernels.blocked import BLOCK, from_blocked_array, to_blocked_array
     from sparsecnn.kernels.depthwise import bind_depthwise_blocked
@@ -749,9 +771,9 @@ def test_blocked_depthwise_matches_torch(blocks, h, w, kh, kw, sh, sw, ph, pw, d
     clamp = (-0.5, 0.75) if act == "clamp" else None
     ref = ref.clamp_min(0) if act == "relu" else ref.clamp(*clamp) if clamp else ref
     prep = prepare_direct(wt, c, (sh, sw), (ph, pw), (dh, dw))
-    before = numba.get_num_threads(), depthwise.BY_ROWS, depthwise.BY_ROWS_MIN
+    before = numba.get_num_threads(), depthwise.BY_ROWS, depthwise.BY_ROWS_MIN, depthwise.ROW3_S2
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    depthwise.BY_ROWS, depthwise.BY_ROWS_MIN = rows > 0, max(rows, 1)
+    depthwise.BY_ROWS, depthwise.BY_ROWS_MIN, depthwise.ROW3_S2 = rows > 0, max(rows, 1), row3
     try:
         out = np.full(to_blocked_array(ref.numpy()).shape, np.nan, dtype=np.float32)
         run = bind_depthwise_blocked(prep, x.shape, bv, out, relu=act == "relu", clamp=clamp,
@@ -760,7 +782,7 @@ def test_blocked_depthwise_matches_torch(blocks, h, w, kh, kw, sh, sw, ph, pw, d
         assert_close(from_blocked_array(out), ref.numpy(), what="blocked depthwise")
     finally:
         numba.set_num_threads(before[0])
-        depthwise.BY_ROWS, depthwise.BY_ROWS_MIN = before[1:]
+        depthwise.BY_ROWS, depthwise.BY_ROWS_MIN, depthwise.ROW3_S2 = before[1:]
 
 
 def _check_depthwise(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, act, res, bias, padded,

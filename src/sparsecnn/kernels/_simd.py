@@ -46,10 +46,10 @@ __all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "DWB_NT", "DW_NV", "DW_ROWS", "EL
            "clamp_vec", "code_ell_block", "code_ell_block2", "code_ell_block2_finite", "code_ell_block4",
            "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even", "copy_every3",
            "copy_every4", "copy_vec", "copy_vec_act", "copy_vec_add", "dw_tile_3x3_s1", "dw_tile_3x3_s2",
-           "dw_tile_3x3_s2_plain", "dwb_tile", "dwb_tile3", "fmadd", "gemm_tile", "group_tile", "max3_cols2",
-           "max3_rows", "max_taps", "packed_words", "pair_tile", "prefetch", "prefetch_l2", "row_dot",
-           "scatter_blocks", "span_tile", "span_tile8", "tile_split", "wino4_in_tile", "wino4_out_tile",
-           "wino_in_tile", "wino_out_tile"]
+           "dw_tile_3x3_s2_plain", "dwb_tile", "dwb_tile3", "dwb_tile3s2", "fmadd", "gemm_tile", "group_tile",
+           "max3_cols2", "max3_rows", "max_taps", "packed_words", "pair_tile", "prefetch", "prefetch_l2",
+           "row_dot", "scatter_blocks", "span_tile", "span_tile8", "tile_split", "wino4_in_tile",
+           "wino4_out_tile", "wino_in_tile", "wino_out_tile"]
 
 RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot: sums in 8 chains), scatter_blocks
 
@@ -1382,63 +1382,71 @@ def dwb_tile(typingctx, src, base, offs, widx, ntaps, xstep, wts, wbase, bias, b
     return sig, codegen
 
 
-@intrinsic
-def dwb_tile3(typingctx, src, base, offs, widx, nrows, wts, wbase, bias, bpos, dst, dpos, res, has_res, nt,
+def _dwb_row3(stride: int):
+    """The intrinsic :func:`dwb_tile` for a 1 x 3-wide row of taps at stride ``stride`` (1 or 2)."""
+    def typer(typingctx, src, base, offs, widx, nrows, wts, wbase, bias, bpos, dst, dpos, res, has_res, nt,
               relu, clamp, lo, hi, in_clamp, ilo, ihi):
-    """:func:`dwb_tile` for ``nt`` pixels of a 1 x 3-wide row of taps at stride 1 (dilation 1), every
-    pixel's three taps inside the row: for each of ``nrows`` input rows (``offs[t]``: the row's first
-    tap of pixel 0, ``widx[t]``: its weight index ``r * 3``) the ``nt + 2`` input vectors are loaded
-    once and each added into the (up to) three pixels that read it, a third of a load per FMA where
-    :func:`dwb_tile` loads one.
-    NOTE: no bounds checks, as for :func:`dwb_tile`."""
-    sig = types.void(src, types.intp, offs, widx, types.intp, wts, types.intp, bias, types.intp, dst,
-                     types.intp, res, types.boolean, types.intp, types.boolean, types.boolean, types.float32,
-                     types.float32, types.boolean, types.float32, types.float32)
+        sig = types.void(src, types.intp, offs, widx, types.intp, wts, types.intp, bias, types.intp, dst,
+                         types.intp, res, types.boolean, types.intp, types.boolean, types.boolean,
+                         types.float32, types.float32, types.boolean, types.float32, types.float32)
 
-    def codegen(context, builder, signature, args):
-        (src_, base_, offs_, widx_, nrows_, wts_, wbase_, bias_, bpos_, dst_, dpos_, res_, has_res_, nt_,
-         relu_, clamp_, lo_, hi_, in_clamp_, ilo_, ihi_) = args
-        aty = signature.args
-        vp = _VEC.as_pointer()
-        sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [base_], inbounds=True)
-        op = _data_ptr(context, builder, aty[2], offs_)
-        ip = _data_ptr(context, builder, aty[3], widx_)
-        wp = builder.gep(_data_ptr(context, builder, aty[5], wts_), [wbase_], inbounds=True)
-        bp = builder.gep(_data_ptr(context, builder, aty[7], bias_), [bpos_], inbounds=True)
-        dp = builder.gep(_data_ptr(context, builder, aty[9], dst_), [dpos_], inbounds=True)
-        rp = builder.gep(_data_ptr(context, builder, aty[11], res_), [dpos_], inbounds=True)
-        has_res = _as_i1(context, builder, has_res_, aty[12])
-        relu = _as_i1(context, builder, relu_, aty[14])
-        clamp = _as_i1(context, builder, clamp_, aty[15])
-        in_clamp = _as_i1(context, builder, in_clamp_, aty[18])
-        fma = _fma_vec(builder)
+        def codegen(context, builder, signature, args):
+            (src_, base_, offs_, widx_, nrows_, wts_, wbase_, bias_, bpos_, dst_, dpos_, res_, has_res_, nt_,
+             relu_, clamp_, lo_, hi_, in_clamp_, ilo_, ihi_) = args
+            aty = signature.args
+            vp = _VEC.as_pointer()
+            sp = builder.gep(_data_ptr(context, builder, aty[0], src_), [base_], inbounds=True)
+            op = _data_ptr(context, builder, aty[2], offs_)
+            ip = _data_ptr(context, builder, aty[3], widx_)
+            wp = builder.gep(_data_ptr(context, builder, aty[5], wts_), [wbase_], inbounds=True)
+            bp = builder.gep(_data_ptr(context, builder, aty[7], bias_), [bpos_], inbounds=True)
+            dp = builder.gep(_data_ptr(context, builder, aty[9], dst_), [dpos_], inbounds=True)
+            rp = builder.gep(_data_ptr(context, builder, aty[11], res_), [dpos_], inbounds=True)
+            has_res = _as_i1(context, builder, has_res_, aty[12])
+            relu = _as_i1(context, builder, relu_, aty[14])
+            clamp = _as_i1(context, builder, clamp_, aty[15])
+            in_clamp = _as_i1(context, builder, in_clamp_, aty[18])
+            fma = _fma_vec(builder)
 
-        def vload(p, i):
-            q = builder.gep(p, [ir.Constant(_I64, i * VW)], inbounds=True)
-            return builder.load(builder.bitcast(q, vp), align=4)
+            def vload(p, i):
+                q = builder.gep(p, [ir.Constant(_I64, i * VW)], inbounds=True)
+                return builder.load(builder.bitcast(q, vp), align=4)
 
-        def emit(n):
-            accs = _dwb_accumulators(builder, n, bp)
-            with cgutils.for_range(builder, nrows_) as loop:
-                t = loop.index
-                p = builder.gep(sp, [builder.load(builder.gep(op, [t], inbounds=True))], inbounds=True)
-                k = builder.load(builder.gep(ip, [t], inbounds=True))
-                wrow = builder.gep(wp, [builder.mul(k, ir.Constant(_I64, VW))], inbounds=True)
-                wv = [vload(wrow, s_) for s_ in range(3)]
-                for c in range(n + 2):  # input pixel c feeds output pixels c - 2 .. c
-                    xv = vload(p, c)
-                    cl = _act(builder, xv, None, ir.Constant(_I1, 1), ilo_, ihi_)
-                    xv = builder.select(in_clamp, cl, xv)
-                    for s_ in range(3):
-                        j = c - s_
-                        if 0 <= j < n:
-                            builder.store(builder.call(fma, [wv[s_], xv, builder.load(accs[j])]), accs[j])
-            _dwb_store(builder, accs, dp, rp, has_res, relu, clamp, lo_, hi_)
+            def emit(n):
+                accs = _dwb_accumulators(builder, n, bp)
+                with cgutils.for_range(builder, nrows_) as loop:
+                    t = loop.index
+                    p = builder.gep(sp, [builder.load(builder.gep(op, [t], inbounds=True))], inbounds=True)
+                    k = builder.load(builder.gep(ip, [t], inbounds=True))
+                    wrow = builder.gep(wp, [builder.mul(k, ir.Constant(_I64, VW))], inbounds=True)
+                    wv = [vload(wrow, s_) for s_ in range(3)]
+                    for c in range((n - 1) * stride + 3):  # input pixel c feeds pixels j: c = j * stride + s_
+                        xv = vload(p, c)
+                        cl = _act(builder, xv, None, ir.Constant(_I1, 1), ilo_, ihi_)
+                        xv = builder.select(in_clamp, cl, xv)
+                        for s_ in range(3):
+                            j, r = divmod(c - s_, stride)
+                            if r == 0 and 0 <= j < n:
+                                builder.store(builder.call(fma, [wv[s_], xv, builder.load(accs[j])]), accs[j])
+                _dwb_store(builder, accs, dp, rp, has_res, relu, clamp, lo_, hi_)
 
-        _for_each_nvec(builder, nt_, DWB_NT, "dwb_tile3", emit)
-        return context.get_dummy_value()
+            _for_each_nvec(builder, nt_, DWB_NT, typer.__name__, emit)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    typer.__name__ = "dwb_tile3" if stride == 1 else f"dwb_tile3s{stride}"
+    typer.__doc__ = (f""":func:`dwb_tile` for ``nt`` pixels of a 1 x 3-wide row of taps at stride {stride}
+    (dilation 1), every pixel's three taps inside the row: for each of ``nrows`` input rows (``offs[t]``:
+    the row's first tap of pixel 0, ``widx[t]``: its weight index ``r * 3``) the ``(nt - 1) * {stride} + 3``
+    input vectors are loaded once and each added into every pixel that reads it (at stride 1 a third of
+    a load per FMA, at stride 2 two thirds, where :func:`dwb_tile` loads one).
+    NOTE: no bounds checks, as for :func:`dwb_tile`.""")
+    return intrinsic(typer)
+
+
+dwb_tile3 = _dwb_row3(1)
+dwb_tile3s2 = _dwb_row3(2)
 
 
 # Winograd F(m x m, 3 x 3) (Lavin & Gray, CVPR 2016): the input transform B^T (rows of a (m + 2)-point

@@ -34,9 +34,10 @@ phase copy was most of such a layer's time: one thread, MobileNet-v2's 96 x 112 
 In the channel-blocked layout (:mod:`sparsecnn.kernels.blocked`, ``VW`` channels a pixel) a depthwise
 layer needs no shuffles and no copy: :func:`bind_depthwise_blocked` runs, per output row, the
 columns whose taps all lie inside the row in tiles of ``DWB_NT`` pixels (each tap's weight vector
-loaded once a tile; at stride 1 with three taps a row, :func:`sparsecnn.kernels._simd.dwb_tile3`
-loads each input vector once for the three pixels that read it) and the border columns one by one
-with their own taps. It is what lets the executor's blocked chains (:mod:`sparsecnn.engine._layout`)
+loaded once a tile; with three taps a row, :func:`sparsecnn.kernels._simd.dwb_tile3` loads each input
+vector once for the three pixels that read it at stride 1, ``dwb_tile3s2`` once for the two at
+stride 2: 1.07-1.18x on MobileNet-v2's stride-2 layers alone, ``ROW3_S2``) and the border columns one
+by one with their own taps. It is what lets the executor's blocked chains (:mod:`sparsecnn.engine._layout`)
 run through MobileNet's depthwise layers, so that its dense 1x1 layers run the channel-vector GEMM.
 The tap lists (per output row, per border pixel) are built once per input shape: built per row and
 channel block they made it 0.56-0.90x the plain kernel at stride 1; now it runs 1.35-2.07x the plain
@@ -74,6 +75,7 @@ from sparsecnn.kernels._simd import (
     dw_tile_3x3_s2_plain,
     dwb_tile,
     dwb_tile3,
+    dwb_tile3s2,
     span_tile,
     tile_split,
 )
@@ -106,6 +108,9 @@ S1_PLAIN = True
 # rows (the A/B baseline of the row split); rows only where each thread gets BY_ROWS_MIN of them.
 BY_ROWS = True
 BY_ROWS_MIN = 8
+# Off: 3x3 stride-2 blocked depthwise layers run the general pixel tiles (dwb_tile: a load per tap),
+# not the row tiles (dwb_tile3s2: the column two pixels share loaded once; the A/B baseline).
+ROW3_S2 = True
 
 
 def is_depthwise(prep: DirectConvPrep) -> bool:
@@ -400,10 +405,10 @@ def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, sw, jl, jh, r
     per image, with ``by_rows`` the output rows (every channel block of its rows to a thread), else
     contiguous ranges of the (channel block, row) items. Per output row the columns ``[jl, jh)``, whose
     taps all lie inside the row, run in tiles of ``DWB_NT`` pixels
-    (:func:`sparsecnn.kernels._simd.dwb_tile`, or with ``row3`` the row tiles of ``dwb_tile3``), the
-    border columns ``bcols`` one by one with their own taps. The tap tables come from
-    :func:`_blocked_taps` (offsets inside a channel block's planes and weight indices, per output row
-    and per border pixel): nothing is worked out per item."""
+    (:func:`sparsecnn.kernels._simd.dwb_tile`, or with ``row3``, the stride, the row tiles of
+    ``dwb_tile3`` / ``dwb_tile3s2``), the border columns ``bcols`` one by one with their own taps. The
+    tap tables come from :func:`_blocked_taps` (offsets inside a channel block's planes and weight
+    indices, per output row and per border pixel): nothing is worked out per item."""
     nb = x.shape[0]
     k = rtab.shape[2]
     ncb = wts.size // (k * VW)
@@ -426,10 +431,14 @@ def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, sw, jl, jh, r
                     orow = ((cb * hout + i) * wout) * VW
                     for j in range(jl, jh, DWB_NT):
                         nt = min(DWB_NT, jh - j)
-                        if row3:
+                        if row3 == 1:
                             dwb_tile3(xb, base + j * VW, rtab[i, 0], rtab[i, 1], rn[i], wts, wb, bias,
                                       cb * VW, ob, orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi,
                                       in_clamp, ilo, ihi)
+                        elif row3 == 2:
+                            dwb_tile3s2(xb, base + j * 2 * VW, rtab[i, 0], rtab[i, 1], rn[i], wts, wb, bias,
+                                        cb * VW, ob, orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi,
+                                        in_clamp, ilo, ihi)
                         else:
                             dwb_tile(xb, base + j * sw * VW, rtab[i, 0], rtab[i, 1], rn[i], sw * VW, wts, wb,
                                      bias, cb * VW, ob, orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi,
@@ -452,7 +461,8 @@ def _blocked_taps(prep: DirectConvPrep, h: int, w: int) -> tuple:
     _, _, hout, wout = prep.output_shape((1, 1, h, w))
     jl = min(wout, -(-pw // sw))
     jh = max(jl, min(wout, (w - 1 + pw - (kw - 1) * dw) // sw + 1))
-    row3 = kw == 3 and sw == 1 and dw == 1
+    # the stride of the 1 x 3 row tiles (dwb_tile3 / dwb_tile3s2), 0 for none
+    row3 = sw if kw == 3 and dw == 1 and (sw == 1 or (sw == 2 and ROW3_S2)) else 0
     k = kh * kw
     bcols = np.array([j for j in range(wout) if not jl <= j < jh], dtype=np.int64)
     rtab = np.zeros((hout, 2, k), np.int64)
@@ -517,7 +527,7 @@ def bind_depthwise_blocked(prep: DirectConvPrep, x_shape: tuple[int, int, int, i
     wts = prep.cached(("depthwise-blocked",), build)
     b = np.zeros(c, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     nparts = num_threads()
-    tables = prep.cached(("depthwise-blocked-taps", h, w), lambda: _blocked_taps(prep, h, w))
+    tables = prep.cached(("depthwise-blocked-taps", h, w, ROW3_S2), lambda: _blocked_taps(prep, h, w))
     small = prep.nnz * hout * wout * nb < _SERIAL_MACS
     kernel = _depthwise_blocked_kernel_serial if small else _depthwise_blocked_kernel
     lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0), np.float32(0.0))
