@@ -310,6 +310,10 @@ class _Builder:
         self.add_into: dict[str, str] = {}  # add -> the conv that computed it (the add is its view)
         self.padded: dict[str, int] = {}  # value -> floats per channel, its planes padded to whole vectors
         self.lrn_into_pool: dict[str, Node] = {}  # max pool -> the LRN it computes too (lrn+maxpool)
+        # blocked depthwise conv -> (the 1x1 conv it computes too, that conv's input, its ReLU), and the
+        # values those pairs never write (the 1x1 conv's output and the ReLU or clamp on it)
+        self.expand_into: dict[str, tuple[str, str, bool]] = {}
+        self.unwritten: set[str] = set()
 
     # ---- buffers
     def _alloc(self, size: int) -> _Buf:
@@ -415,6 +419,7 @@ class _Builder:
         self._residual_candidates(by_name, users)
         self._padded_planes(users)
         self._lrn_pools(by_name, users)
+        self._expand_pairs(by_name, users)
         self.prog.padded = dict(self.padded)
         # a forward pass of ReLU aliases is planned in two passes: first fix bases for liveness
         for i, n in enumerate(self.nodes):
@@ -451,6 +456,39 @@ class _Builder:
             if fuses_with_lrn(*p, tuple(self.values[src].shape)) and floor:
                 self.lrn_into_pool[n.name] = lrn
                 self.last_use[src] = max(self.last_use.get(src, -1), index[n.name])
+
+    def _expand_pairs(self, by_name: dict[str, Node], users: dict[str, list[int]]) -> None:
+        """Blocked depthwise convs that compute the expanding 1x1 conv before them in the same pass
+        (:mod:`sparsecnn.kernels.expand_depthwise`): where the 1x1 conv runs the channel-vector GEMM
+        blocked in and out, its output (or the ReLU or clamp on it, fused) is read by the depthwise
+        conv alone, neither takes a residual, and each thread gets ``FUSE_EXPAND_ROWS`` output rows
+        (or whole images). The 1x1 conv's input then lives until the depthwise conv."""
+        from sparsecnn.kernels._numba import num_threads
+        from sparsecnn.kernels.conv import split_by_image
+        from sparsecnn.kernels.expand_depthwise import fusable_expand
+
+        if not FUSE_EXPAND:
+            return
+        index = {n.name: i for i, n in enumerate(self.nodes)}
+        nparts = num_threads()
+        for d in self.nodes:
+            if d.name not in self.dw_blocked or d.name in self.residual_of or len(d.refs()) != 1:
+                continue
+            between = d.refs()[0]
+            e = by_name[between].args[0].name if between in self.fused else between  # past a ReLU / clamp
+            en = by_name[e]
+            if (e not in self.chan or e not in self.blocked or e in self.residual_of or len(en.refs()) != 1
+                    or en.refs()[0] not in self.blocked or len(users[e]) != 1 or len(users[between]) != 1):
+                continue
+            batch, _, hout, _ = self.values[d.name].shape
+            if not (split_by_image(int(batch), nparts) or hout >= FUSE_EXPAND_ROWS * nparts):
+                continue
+            if not fusable_expand(self.chan[e][0], d.fn.engine.format):
+                continue
+            src = en.refs()[0]
+            self.expand_into[d.name] = (e, src, e in self.relu_after)
+            self.unwritten |= {e, between}
+            self.last_use[src] = max(self.last_use.get(src, -1), index[d.name])
 
     def _residual_candidates(self, by_name: dict[str, Node], users: dict[str, list[int]]) -> None:
         """Residual adds ``conv(x) + r`` (ResNet's) whose conv runs the direct kernel or the implicit
@@ -578,6 +616,9 @@ class _Builder:
         shape = tuple(value.shape)
         f32 = value.dtype == torch.float32 and all(
             isinstance(self.values[r], torch.Tensor) and self.values[r].dtype == torch.float32 for r in ins)
+        if n.name in self.unwritten:  # computed inside the depthwise conv after it (expand+blocked-dw)
+            self.prog.static.setdefault(self._slot(n.name), lambda bufs: None)
+            return
         if n.name in self.fused:
             self._view(n.name, ins[0], shape)
             return
@@ -656,6 +697,9 @@ class _Builder:
             binder = bind_direct_conv2d if direct else bind_implicit_gemm_conv2d
             self._shared_if_in_place(n, prep)
             relu, res = self._fused_residual(n, relu)
+            if n.name in self.expand_into:
+                self._expand_conv(n, shape, relu, prep)
+                return
             if n.name in self.dw_blocked:  # reads its input in place: no slack
                 from sparsecnn.kernels.depthwise import bind_depthwise_blocked
 
@@ -682,6 +726,25 @@ class _Builder:
         self.prog.static.setdefault(s, lambda bufs: None)
         self._step(f"conv:{layer.strategy}" + ("+relu" if relu else ""),
                    lambda env, bufs, x=x, s=s: _bind_engine(env, x, s, layer.engine, relu))
+
+    def _expand_conv(self, n: Node, shape: tuple[int, ...], relu: bool, prep: Any) -> None:
+        """Blocked depthwise conv ``n`` computing the 1x1 conv before it (``expand+blocked-dw`` steps,
+        :func:`sparsecnn.kernels.expand_depthwise.bind_expand_depthwise_blocked`), reading that conv's
+        input."""
+        from sparsecnn.kernels.expand_depthwise import bind_expand_depthwise_blocked
+
+        e, src, expand_relu = self.expand_into[n.name]
+        eprep, ebias = self.chan[e]
+        eng = n.fn.engine
+        binder = functools.partial(bind_expand_depthwise_blocked, eprep, ebias,
+                                   clamp=self.clamp_after.get(n.name), in_clamp=self.clamp_before.get(n.name),
+                                   expand_relu=expand_relu)
+        s, _ = self._planned(n.name, shape)
+        bias, xs = eng.bias if eng.has_bias else None, tuple(self.values[src].shape)
+        label = ("clamp>" if n.name in self.clamp_before else "") + "conv:expand+blocked-dw"
+        label += "+relu" if relu else "+clamp" if n.name in self.clamp_after else ""
+        self._step(label, lambda env, bufs, x=self.slot[src], s=s: _bind_kernel(
+            env, x, binder(prep, xs, bias, env[s], relu)))
 
     def _chan_conv(self, n: Node, x: int, shape: tuple[int, ...], relu: bool) -> None:
         """A conv running the channel-vector implicit GEMM, reading and writing the layouts that
@@ -1077,6 +1140,12 @@ FUSE_CLAMP_INPUT = True
 
 # Off: an LRN and the max pool after it run as two steps (benchmarks/fusion.py's lrn-pool baseline).
 FUSE_LRN_POOL = True
+
+# Off: a blocked expanding 1x1 conv and the blocked depthwise conv reading it run as two steps
+# (kernels.expand_depthwise; the A/B baseline). On, they run as one where each thread has at least
+# FUSE_EXPAND_ROWS output rows (its first recomputes a row of the 1x1 layer its neighbour computes).
+FUSE_EXPAND = True
+FUSE_EXPAND_ROWS = 7
 
 # Off: every value keeps planes of H * W floats (benchmarks/planes.py's baseline, before 2026-12-06).
 PAD_PLANES = True

@@ -407,7 +407,7 @@ def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, sw, jl, jh, r
     taps all lie inside the row, run in tiles of ``DWB_NT`` pixels
     (:func:`sparsecnn.kernels._simd.dwb_tile`, or with ``row3``, the stride, the row tiles of
     ``dwb_tile3`` / ``dwb_tile3s2``), the border columns ``bcols`` one by one with their own taps. The
-    tap tables come from :func:`_blocked_taps` (offsets inside a channel block's planes and weight
+    tap tables come from :func:`blocked_taps` (offsets inside a channel block's planes and weight
     indices, per output row and per border pixel): nothing is worked out per item."""
     nb = x.shape[0]
     k = rtab.shape[2]
@@ -428,34 +428,41 @@ def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, sw, jl, jh, r
                 base = cb * h * w * VW
                 wb = cb * k * VW
                 for i in range(ia, ib):
-                    orow = ((cb * hout + i) * wout) * VW
-                    for j in range(jl, jh, DWB_NT):
-                        nt = min(DWB_NT, jh - j)
-                        if row3 == 1:
-                            dwb_tile3(xb, base + j * VW, rtab[i, 0], rtab[i, 1], rn[i], wts, wb, bias,
-                                      cb * VW, ob, orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi,
-                                      in_clamp, ilo, ihi)
-                        elif row3 == 2:
-                            dwb_tile3s2(xb, base + j * 2 * VW, rtab[i, 0], rtab[i, 1], rn[i], wts, wb, bias,
-                                        cb * VW, ob, orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi,
-                                        in_clamp, ilo, ihi)
-                        else:
-                            dwb_tile(xb, base + j * sw * VW, rtab[i, 0], rtab[i, 1], rn[i], sw * VW, wts, wb,
-                                     bias, cb * VW, ob, orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi,
-                                     in_clamp, ilo, ihi)
-                    for q in range(bcols.size):
-                        j = bcols[q]
-                        dwb_tile(xb, base + j * sw * VW, btab[i, q, 0], btab[i, q, 1], bn[i, q], sw * VW, wts,
-                                 wb, bias, cb * VW, ob, orow + j * VW, rb, has_res, 1, relu, clamp, lo, hi,
-                                 in_clamp, ilo, ihi)
+                    dwb_row(xb, base, i, cb, wts, wb, bias, ob, ((cb * hout + i) * wout) * VW, rb, has_res,
+                            jl, jh, sw, row3, rtab, rn, btab, bn, bcols, relu, clamp, lo, hi, in_clamp, ilo,
+                            ihi)
 
 
-def _blocked_taps(prep: DirectConvPrep, h: int, w: int) -> tuple:
+@jit(inline="always")
+def dwb_row(xb, base, i, cb, wts, wb, bias, ob, orow, rb, has_res, jl, jh, sw, row3, rtab, rn, btab, bn,
+            bcols, relu, clamp, lo, hi, in_clamp, ilo, ihi):
+    """Output row ``i`` of channel block ``cb`` of a blocked depthwise layer (see
+    :func:`_depthwise_blocked_kernel`): the block's input plane at ``xb[base:]`` (the tap tables'
+    offsets from there), its weights at ``wts[wb:]``, the row written at ``ob[orow:]``."""
+    for j in range(jl, jh, DWB_NT):
+        nt = min(DWB_NT, jh - j)
+        if row3 == 1:
+            dwb_tile3(xb, base + j * VW, rtab[i, 0], rtab[i, 1], rn[i], wts, wb, bias, cb * VW, ob,
+                      orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi, in_clamp, ilo, ihi)
+        elif row3 == 2:
+            dwb_tile3s2(xb, base + j * 2 * VW, rtab[i, 0], rtab[i, 1], rn[i], wts, wb, bias, cb * VW, ob,
+                        orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi, in_clamp, ilo, ihi)
+        else:
+            dwb_tile(xb, base + j * sw * VW, rtab[i, 0], rtab[i, 1], rn[i], sw * VW, wts, wb, bias, cb * VW,
+                     ob, orow + j * VW, rb, has_res, nt, relu, clamp, lo, hi, in_clamp, ilo, ihi)
+    for q in range(bcols.size):
+        j = bcols[q]
+        dwb_tile(xb, base + j * sw * VW, btab[i, q, 0], btab[i, q, 1], bn[i, q], sw * VW, wts, wb, bias,
+                 cb * VW, ob, orow + j * VW, rb, has_res, 1, relu, clamp, lo, hi, in_clamp, ilo, ihi)
+
+
+def blocked_taps(prep: DirectConvPrep, h: int, w: int, ring: int = 0) -> tuple:
     """The tap tables of :func:`_depthwise_blocked_kernel` for ``h x w`` planes: ``(jl, jh, row3, rtab,
     rn, btab, bn, bcols)``. ``rtab[i]`` (2, kh * kw): offsets (floats, from output column 0's first
     input column) and weight indices of row ``i``'s valid taps, ``rn[i]`` of them (with ``row3``, one
     entry per valid input row: its first tap); ``btab[i, q]`` / ``bn[i, q]`` the same for border column
-    ``bcols[q]``, offsets from that column."""
+    ``bcols[q]``, offsets from that column. With ``ring`` the input rows live in a ring of that many
+    rows (row ``r`` in row ``r % ring`` of each channel block's plane)."""
     _, _, kh, kw = prep.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = prep.stride, prep.padding, prep.dilation
     _, _, hout, wout = prep.output_shape((1, 1, h, w))
@@ -471,12 +478,17 @@ def _blocked_taps(prep: DirectConvPrep, h: int, w: int) -> tuple:
     bn = np.zeros((hout, max(1, bcols.size)), np.int64)
     for i in range(hout):
         rows = [r for r in range(kh) if 0 <= i * sh - ph + r * dh < h]
-        taps = [(((i * sh - ph + r * dh) * w - pw + s * dw) * VW, r * kw + s) for r in rows
+
+        def at(r: int, i: int = i) -> int:  # where input row i * sh - ph + r * dh lies
+            v = i * sh - ph + r * dh
+            return v % ring if ring else v
+
+        taps = [((at(r) * w - pw + s * dw) * VW, r * kw + s) for r in rows
                 for s in range(1 if row3 else kw)]
         rn[i] = len(taps)
         rtab[i, :, : len(taps)] = np.array(taps, dtype=np.int64).T.reshape(2, -1) if taps else 0
         for q, j in enumerate(bcols):
-            t = [(((i * sh - ph + r * dh) * w + j * sw - pw + s * dw) * VW - j * sw * VW, r * kw + s)
+            t = [((at(r) * w + j * sw - pw + s * dw) * VW - j * sw * VW, r * kw + s)
                  for r in rows for s in range(kw) if 0 <= j * sw - pw + s * dw < w]
             bn[i, q] = len(t)
             btab[i, q, :, : len(t)] = np.array(t, dtype=np.int64).T.reshape(2, -1) if t else 0
@@ -484,6 +496,17 @@ def _blocked_taps(prep: DirectConvPrep, h: int, w: int) -> tuple:
 
 
 _depthwise_blocked_kernel_serial = serial_twin(_depthwise_blocked_kernel)
+
+
+def blocked_weights(prep: DirectConvPrep) -> np.ndarray:
+    """The depthwise weights as :func:`dwb_row` reads them: (C / VW, kh * kw, VW), flat, built once."""
+    c, _, kh, kw = prep.weight_shape
+
+    def build() -> np.ndarray:
+        taps = _dense_taps(prep).reshape(c // VW, VW, kh * kw)
+        return np.ascontiguousarray(taps.transpose(0, 2, 1)).reshape(-1)
+
+    return prep.cached(("depthwise-blocked",), build)
 
 
 def bind_depthwise_blocked(prep: DirectConvPrep, x_shape: tuple[int, int, int, int], bias: np.ndarray | None,
@@ -518,16 +541,10 @@ def bind_depthwise_blocked(prep: DirectConvPrep, x_shape: tuple[int, int, int, i
         raise ValueError(f"bind_depthwise_blocked: clamp {clamp} must be an interval, and not with relu")
     if in_clamp is not None and not in_clamp[0] <= 0.0 <= in_clamp[1]:
         raise ValueError(f"bind_depthwise_blocked: in_clamp {in_clamp} must hold 0 (the padding)")
-    _, _, kh, kw = prep.weight_shape
-
-    def build() -> np.ndarray:
-        taps = _dense_taps(prep).reshape(c // VW, VW, kh * kw)
-        return np.ascontiguousarray(taps.transpose(0, 2, 1)).reshape(-1)  # (C/VW, kh*kw, VW)
-
-    wts = prep.cached(("depthwise-blocked",), build)
+    wts = blocked_weights(prep)
     b = np.zeros(c, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     nparts = num_threads()
-    tables = prep.cached(("depthwise-blocked-taps", h, w, ROW3_S2), lambda: _blocked_taps(prep, h, w))
+    tables = prep.cached(("depthwise-blocked-taps", h, w, ROW3_S2), lambda: blocked_taps(prep, h, w))
     small = prep.nnz * hout * wout * nb < _SERIAL_MACS
     kernel = _depthwise_blocked_kernel_serial if small else _depthwise_blocked_kernel
     lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0), np.float32(0.0))
