@@ -850,20 +850,23 @@ def _check_depthwise(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, a
         numba.set_num_threads(before)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cin=st.integers(1, 3), cexp=st.integers(1, 6), h=st.integers(1, 20), w=st.integers(1, 20),
        kh=st.integers(1, 3), kw=st.integers(1, 3), s=st.integers(1, 2), p=st.integers(0, 1),
        dil=st.integers(1, 2), batch=st.sampled_from([1, 2, 3]),
        act=st.sampled_from(["none", "relu", "clamp"]), in_clamp=st.booleans(), expand_relu=st.booleans(),
-       bias=st.booleans(), dropped=st.booleans(), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+       bias=st.booleans(), dropped=st.booleans(), threads=st.sampled_from([1, 2]),
+       project=st.sampled_from(["none", "plain", "residual", "relu"]), cout=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
 def test_expand_depthwise_matches_torch(cin, cexp, h, w, kh, kw, s, p, dil, batch, act, in_clamp, expand_relu,
-                                        bias, dropped, threads, seed):
+                                        bias, dropped, threads, project, cout, seed):
     """A 1x1 conv and the depthwise conv after it in one pass
     (``kernels.expand_depthwise.bind_expand_depthwise_blocked``: the 1x1 layer's rows into a ring of
-    three, the depthwise rows from there) on channel-blocked arrays, generated geometry (taps of at most
-    three rows, dilated or not, strides 1-2, rows split between threads or images), with the 1x1
-    layer's ReLU, the clamp between them, the depthwise layer's ReLU or clamp, some input channels
-    dropped from the 1x1 layer's columns (SSL): as torch."""
+    three, the depthwise rows from there), and the projecting 1x1 layer after them too (with a residual
+    and a ReLU or not), on channel-blocked arrays, generated geometry (taps of at most three rows,
+    dilated or not, strides 1-2, rows split between threads or images), with the first 1x1 layer's
+    ReLU, the clamp between them, the depthwise layer's ReLU or clamp, some input channels dropped from
+    the first 1x1 layer's columns (SSL): as torch."""
     from sparsecnn.engine._layout import _dense_prep
     from sparsecnn.kernels.blocked import BLOCK, from_blocked_array, to_blocked_array
     from sparsecnn.kernels.expand_depthwise import bind_expand_depthwise_blocked, fusable_expand
@@ -871,7 +874,7 @@ def test_expand_depthwise_matches_torch(cin, cexp, h, w, kh, kw, s, p, dil, batc
 
     if (kh - 1) * dil + 1 > h + 2 * p or (kw - 1) * dil + 1 > w + 2 * p:
         return
-    ci, ce = cin * BLOCK, cexp * BLOCK
+    ci, ce, co = cin * BLOCK, cexp * BLOCK, cout * BLOCK
     rng = np.random.default_rng(seed)
     we = rng.standard_normal((ce, ci, 1, 1)).astype(np.float32)
     if dropped:
@@ -879,6 +882,8 @@ def test_expand_depthwise_matches_torch(cin, cexp, h, w, kh, kw, s, p, dil, batc
     be = rng.standard_normal(ce).astype(np.float32) if bias else None
     wd = rng.standard_normal((ce, 1, kh, kw)).astype(np.float32)
     bd = rng.standard_normal(ce).astype(np.float32) if bias else None
+    wp = rng.standard_normal((co, ce, 1, 1)).astype(np.float32)
+    bp = rng.standard_normal(co).astype(np.float32)
     x = rng.standard_normal((batch, ci, h, w)).astype(np.float32)
     t = F.conv2d(torch.from_numpy(x), torch.from_numpy(we), None if be is None else torch.from_numpy(be))
     t = t.clamp_min(0) if expand_relu else t
@@ -886,12 +891,20 @@ def test_expand_depthwise_matches_torch(cin, cexp, h, w, kh, kw, s, p, dil, batc
     ref = F.conv2d(t, torch.from_numpy(wd), None if bd is None else torch.from_numpy(bd), s, p, dil, ce)
     clamp = (-0.25, 0.75) if act == "clamp" else None
     ref = ref.clamp_min(0) if act == "relu" else ref.clamp(*clamp) if clamp else ref
+    r = None
+    if project != "none":
+        ref = F.conv2d(ref, torch.from_numpy(wp), torch.from_numpy(bp))
+        if project != "plain":
+            r = rng.standard_normal(tuple(ref.shape)).astype(np.float32)
+            ref = ref + torch.from_numpy(r)
+        ref = ref.clamp_min(0) if project == "relu" else ref
     if dropped:  # the columns SSL left: a compact weight over the kept input channels
         keep = np.flatnonzero(np.abs(we[:, :, 0, 0]).sum(axis=0))
         eprep = prepare_implicit_gemm(np.ascontiguousarray(we[None, :, keep, 0, 0]), np.arange(ce)[None],
                                       keep[None], we.shape, 1, (1, 1), (0, 0), (1, 1))
     else:
         eprep = _dense_prep(we, (1, 1), (0, 0), (1, 1), prepare_implicit_gemm)
+    pprep = _dense_prep(wp, (1, 1), (0, 0), (1, 1), prepare_implicit_gemm)
     dprep = prepare_direct(wd, ce, (s, s), (p, p), (dil, dil))
     assert fusable_expand(eprep, dprep) == ((kh - 1) * dil < 3)  # taps over at most the ring's 3 rows
     if (kh - 1) * dil >= 3:
@@ -902,8 +915,10 @@ def test_expand_depthwise_matches_torch(cin, cexp, h, w, kh, kw, s, p, dil, batc
         out = np.full(to_blocked_array(ref.numpy()).shape, np.nan, dtype=np.float32)
         run = bind_expand_depthwise_blocked(eprep, be, dprep, x.shape, bd, out, relu=act == "relu",
                                             clamp=clamp, in_clamp=(-0.5, 1.0) if in_clamp else None,
-                                            expand_relu=expand_relu)
-        run(to_blocked_array(x))
+                                            expand_relu=expand_relu,
+                                            project=None if project == "none" else (pprep, bp),
+                                            project_relu=project == "relu")
+        run(to_blocked_array(x)) if r is None else run(to_blocked_array(x), to_blocked_array(r))
         assert_close(from_blocked_array(out), ref.numpy(), what="expand + depthwise")
     finally:
         numba.set_num_threads(before)

@@ -313,6 +313,7 @@ class _Builder:
         # blocked depthwise conv -> (the 1x1 conv it computes too, that conv's input, its ReLU), and the
         # values those pairs never write (the 1x1 conv's output and the ReLU or clamp on it)
         self.expand_into: dict[str, tuple[str, str, bool]] = {}
+        self.project_of: dict[str, str] = {}  # ... and the projecting 1x1 conv it computes after it
         self.unwritten: set[str] = set()
 
     # ---- buffers
@@ -465,7 +466,7 @@ class _Builder:
         (or whole images). The 1x1 conv's input then lives until the depthwise conv."""
         from sparsecnn.kernels._numba import num_threads
         from sparsecnn.kernels.conv import split_by_image
-        from sparsecnn.kernels.expand_depthwise import fusable_expand
+        from sparsecnn.kernels.expand_depthwise import fusable_expand, fusable_project
 
         if not FUSE_EXPAND:
             return
@@ -489,6 +490,18 @@ class _Builder:
             self.expand_into[d.name] = (e, src, e in self.relu_after)
             self.unwritten |= {e, between}
             self.last_use[src] = max(self.last_use.get(src, -1), index[d.name])
+            # the projecting 1x1 conv after it (past its fused ReLU or clamp), if it reads nothing else
+            after = d.name
+            if len(users[after]) == 1 and self.nodes[users[after][0]].name in self.fused:
+                after = self.nodes[users[after][0]].name
+            if FUSE_PROJECT and len(users[after]) == 1:
+                pn = self.nodes[users[after][0]]
+                other, _ = self.residual_of.get(pn.name, (None, None))
+                if (pn.name in self.chan and pn.name in self.blocked and pn.refs() == [after]
+                        and (other is None or index[other] < index[d.name])
+                        and fusable_project(self.chan[pn.name][0], int(self.values[d.name].shape[1]))):
+                    self.project_of[d.name] = pn.name
+                    self.unwritten |= {after, pn.name} - {d.name}
 
     def _residual_candidates(self, by_name: dict[str, Node], users: dict[str, list[int]]) -> None:
         """Residual adds ``conv(x) + r`` (ResNet's) whose conv runs the direct kernel or the implicit
@@ -739,10 +752,23 @@ class _Builder:
         binder = functools.partial(bind_expand_depthwise_blocked, eprep, ebias,
                                    clamp=self.clamp_after.get(n.name), in_clamp=self.clamp_before.get(n.name),
                                    expand_relu=expand_relu)
-        s, _ = self._planned(n.name, shape)
         bias, xs = eng.bias if eng.has_bias else None, tuple(self.values[src].shape)
         label = ("clamp>" if n.name in self.clamp_before else "") + "conv:expand+blocked-dw"
         label += "+relu" if relu else "+clamp" if n.name in self.clamp_after else ""
+        res = None
+        if n.name in self.project_of:  # the projecting conv's output instead of the depthwise conv's
+            pn = next(m for m in self.nodes if m.name == self.project_of[n.name])
+            prelu, res = self._fused_residual(pn, pn.name in self.relu_after)
+            binder = functools.partial(binder, project=self.chan[pn.name], project_relu=prelu)
+            self.prog.static.setdefault(self._slot(n.name), lambda bufs: None)
+            s, _ = self._planned(pn.name, tuple(self.values[pn.name].shape))
+            label += "+project" + ("+add" if res is not None else "") + ("+relu" if prelu else "")
+        else:
+            s, _ = self._planned(n.name, shape)
+        if res is not None:
+            self._step(label, lambda env, bufs, x=self.slot[src], s=s, r=res: _bind_kernel_res(
+                env, x, r, binder(prep, xs, bias, env[s], relu)))
+            return
         self._step(label, lambda env, bufs, x=self.slot[src], s=s: _bind_kernel(
             env, x, binder(prep, xs, bias, env[s], relu)))
 
@@ -1146,6 +1172,8 @@ FUSE_LRN_POOL = True
 # FUSE_EXPAND_ROWS output rows (its first recomputes a row of the 1x1 layer its neighbour computes).
 FUSE_EXPAND = True
 FUSE_EXPAND_ROWS = 7
+# Off: ... and the projecting 1x1 conv after the depthwise one runs as a step of its own.
+FUSE_PROJECT = True
 
 # Off: every value keeps planes of H * W floats (benchmarks/planes.py's baseline, before 2026-12-06).
 PAD_PLANES = True

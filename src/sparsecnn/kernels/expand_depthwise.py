@@ -28,12 +28,12 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import aligned_zeros, num_threads, pjit, serial_twin
+from sparsecnn.kernels._numba import aligned_zeros, jit, num_threads, pjit, serial_twin
 from sparsecnn.kernels._simd import CHAN_BLOCK, CHAN_NP, VW, chan_tile
 from sparsecnn.kernels.conv import DirectConvPrep, split_by_image
 from sparsecnn.kernels.depthwise import blocked_taps, blocked_weights, dwb_row, is_depthwise
 
-__all__ = ["RING", "bind_expand_depthwise_blocked", "fusable_expand"]
+__all__ = ["RING", "bind_expand_depthwise_blocked", "fusable_expand", "fusable_project"]
 
 RING = 3  # wide rows kept per channel block: a 3-row depthwise filter's, at stride 1 or 2
 
@@ -53,48 +53,88 @@ def fusable_expand(eprep, dprep: DirectConvPrep) -> bool:
             and (dkh - 1) * dprep.dilation[0] + 1 <= RING and dprep.stride[0] <= RING)
 
 
+@jit(inline="always")
+def _gemm_row(src, offs, qpos, p0, wch, ncols, init, dst, dpos, plane, nchan, npos, res, has_res, relu):
+    """Positions ``p0 .. p0 + npos`` of a blocked 1x1 layer (weights ``wch`` (nob, Kr * CHAN_BLOCK), its
+    ``ncols`` columns at ``src[offs[k] + qpos[p]]``) into the blocked ``dst`` at ``dpos`` (``plane``
+    floats a channel block), every block of filters in register tiles of ``CHAN_NP`` positions."""
+    per = CHAN_BLOCK // VW
+    for o in range(wch.shape[0]):
+        nout = min(per, nchan // VW - o * per)
+        for t0 in range(0, npos, CHAN_NP):
+            pos = dpos + o * per * plane + t0 * VW
+            chan_tile(src, offs, wch[o], 0, ncols, 0, qpos, p0 + t0, dst, pos, VW, plane, nout,
+                      min(CHAN_NP, npos - t0), False, init, o * CHAN_BLOCK, res, has_res, relu)
+
+
+def fusable_project(pprep, cexp: int) -> bool:
+    """Whether the channel-vector GEMM layer ``pprep`` can run as the projecting 1x1 layer of
+    :func:`bind_expand_depthwise_blocked` on ``cexp`` channels: 1x1, stride 1, unpadded, one group,
+    blocked in and out."""
+    _, cin, kh, kw = pprep.weight_shape
+    return ((kh, kw) == (1, 1) and pprep.stride == (1, 1) and pprep.padding == (0, 0) and pprep.groups == 1
+            and cin == cexp and pprep.blockable(False) and pprep.blockable(True))
+
+
 @pjit
 def _expand_depthwise_kernel(x, out, ring, offs, qpos, wch, ncols, init, relu_e, w, dwts, dbias, h,
                              hout, wout, sh, ph, kh, dh, sw, jl, jh, row3, rtab, rn, btab, bn, bcols, relu,
-                             clamp, lo, hi, in_clamp, ilo, ihi, nparts, by_image):
+                             clamp, lo, hi, in_clamp, ilo, ihi, nparts, by_image, has_proj, rowbuf, pwch,
+                             pncols, pinit, poffs, pqpos, pchan, prelu, res, has_res):
     """The fused pair on blocked ``x`` (B, Cin/VW * H * W * VW) into blocked ``out``
     (B, C/VW * Hout * Wout * VW): per thread (whole images with ``by_image``, else its output rows of
     each image), output row by output row, the wide rows ``r`` it reads first (those past the last
     one computed) into ``ring[part]`` (C/VW, RING, W, VW) at row ``r % RING``, then the row of every
-    channel block."""
+    channel block. With ``has_proj`` that row goes to ``rowbuf[part]`` (C/VW, Wout, VW) instead and
+    the projecting 1x1 layer (``pwch``, ``pchan`` filters) writes its row of ``out``
+    (B, pchan/VW * Hout * Wout * VW) from there, adding ``res`` (``out``'s layout) with ``has_res``."""
     nb = x.shape[0]
     ncb = dbias.size // VW
-    nob = wch.shape[0]
     k = rtab.shape[2]
     plane = RING * w * VW
     for part in numba.prange(nparts):
         rg = ring[part]
+        rw = rowbuf[part]
         r0 = 0 if by_image else part * hout // nparts
         r1 = hout if by_image else (part + 1) * hout // nparts
         for b in range(part if by_image else 0, nb, nparts if by_image else 1):
             xb = x[b]
             ob = out[b]
+            rb = res[b]
             done = -1  # the last wide row computed for this image
             for i in range(r0, r1):
                 top = max(i * sh - ph, done + 1, 0)
                 bottom = min(i * sh - ph + (kh - 1) * dh, h - 1)
                 for r in range(top, bottom + 1):
-                    slot = r % RING
-                    for o in range(nob):
-                        wt = wch[o]
-                        nout = min(CHAN_BLOCK // VW, ncb - o * (CHAN_BLOCK // VW))
-                        for t0 in range(0, w, CHAN_NP):
-                            chan_tile(xb, offs, wt, 0, ncols, 0, qpos, r * w + t0, rg,
-                                      ((o * (CHAN_BLOCK // VW) * RING + slot) * w + t0) * VW, VW, plane, nout,
-                                      min(CHAN_NP, w - t0), False, init, o * CHAN_BLOCK, rg, False, relu_e)
+                    _gemm_row(xb, offs, qpos, r * w, wch, ncols, init, rg, (r % RING) * w * VW, plane,
+                              ncb * VW, w, rg, False, relu_e)
                 done = max(done, bottom)
-                for cb in range(ncb):
-                    orow = ((cb * hout + i) * wout) * VW
-                    dwb_row(rg, cb * plane, i, cb, dwts, cb * k * VW, dbias, ob, orow, ob, False, jl, jh, sw,
+                for cb in range(ncb):  # into the row buffer for the projection, else into out
+                    dst = rw if has_proj else ob
+                    at = cb * wout * VW if has_proj else ((cb * hout + i) * wout) * VW
+                    dwb_row(rg, cb * plane, i, cb, dwts, cb * k * VW, dbias, dst, at, dst, False, jl, jh, sw,
                             row3, rtab, rn, btab, bn, bcols, relu, clamp, lo, hi, in_clamp, ilo, ihi)
+                if has_proj:
+                    _gemm_row(rw, poffs, pqpos, 0, pwch, pncols, pinit, ob, i * wout * VW, hout * wout * VW,
+                              pchan, wout, rb, has_res, prelu)
 
 
 _expand_depthwise_kernel_serial = serial_twin(_expand_depthwise_kernel)
+
+
+def _gemm_operands(prep, bias: np.ndarray | None, h: int, w: int) -> tuple:
+    """The channel-vector GEMM operands of blocked 1x1 layer ``prep`` on (C/VW, h, w, VW) planes:
+    ``(weights (nob, Kr * CHAN_BLOCK), kept columns, column offsets, position offsets, initial sums)``."""
+    wch, _ = prep._chan_weights()  # (1, nob, Kr, CHAN_BLOCK)
+    nob = wch.shape[1]
+    ncols = int(prep.ncols[0])
+    chans = prep.cols[0, :ncols].astype(np.int64)  # 1x1: a column is an input channel
+    offs = np.ascontiguousarray(chans // VW * (h * w * VW) + chans % VW, dtype=np.int64)
+    qpos = np.ascontiguousarray(np.arange(h * w, dtype=np.int64) * VW)
+    init = np.zeros(nob * CHAN_BLOCK, np.float32)
+    if bias is not None:
+        init[: prep.weight_shape[0]] = bias
+    return np.ascontiguousarray(wch[0].reshape(nob, -1)), ncols, offs, qpos, init
 
 
 def bind_expand_depthwise_blocked(eprep, ebias: np.ndarray | None, dprep: DirectConvPrep,
@@ -102,12 +142,17 @@ def bind_expand_depthwise_blocked(eprep, ebias: np.ndarray | None, dprep: Direct
                                   out: np.ndarray, relu: bool = False,
                                   clamp: tuple[float, float] | None = None,
                                   in_clamp: tuple[float, float] | None = None,
-                                  expand_relu: bool = False) -> Callable[[np.ndarray], None]:
-    """``run(x)``: the 1x1 layer ``eprep`` (with bias ``ebias`` and, with ``expand_relu``, a ReLU) and
-    then the depthwise layer ``dprep`` (its input clamped to ``in_clamp`` as it is read, its bias, its
-    ReLU or clamp) on channel-blocked arrays (:mod:`sparsecnn.kernels.blocked`): ``x`` of the plain
-    shape ``x_shape`` (the 1x1 layer's input), ``out`` the depthwise layer's output, each held as
-    (B, C / VW, H, W, VW) in any array of that many floats.
+                                  expand_relu: bool = False, project: tuple | None = None,
+                                  project_relu: bool = False) -> Callable[..., None]:
+    """``run(x)`` / ``run(x, res)``: the 1x1 layer ``eprep`` (with bias ``ebias`` and, with
+    ``expand_relu``, a ReLU) and then the depthwise layer ``dprep`` (its input clamped to ``in_clamp``
+    as it is read, its bias, its ReLU or clamp) on channel-blocked arrays
+    (:mod:`sparsecnn.kernels.blocked`): ``x`` of the plain shape ``x_shape`` (the 1x1 layer's input),
+    ``out`` the depthwise layer's output, each held as (B, C / VW, H, W, VW) in any array of that many
+    floats. With ``project`` (``(pprep, pbias)``: a 1x1 layer on the depthwise layer's output,
+    :func:`fusable_project`) that layer too, row by row from a buffer of one depthwise row: ``out`` is
+    its output, with the residual ``res`` (laid out as ``out``) added and then, with ``project_relu``,
+    a ReLU.
 
     Parameters
     ----------
@@ -119,10 +164,13 @@ def bind_expand_depthwise_blocked(eprep, ebias: np.ndarray | None, dprep: Direct
     x_shape : tuple of int, (B, Cin, H, W)
     bias : ndarray, shape (Cexp,), float32, or None
         The depthwise layer's bias.
-    out : ndarray, B * Cexp * Hout * Wout float32, C-contiguous
+    out : ndarray, B * Cexp * Hout * Wout (or B * Cout * Hout * Wout with ``project``) float32,
+        C-contiguous
     relu : bool
     clamp, in_clamp : tuple of float, (lo, hi), optional
     expand_relu : bool
+    project : tuple (ImplicitGemmPrep, ndarray of shape (Cout,) or None), optional
+    project_relu : bool
     """
     if not fusable_expand(eprep, dprep):
         raise ValueError("bind_expand_depthwise_blocked: not a 1x1 layer and a depthwise layer on its output")
@@ -131,41 +179,46 @@ def bind_expand_depthwise_blocked(eprep, ebias: np.ndarray | None, dprep: Direct
     if cin != eprep.weight_shape[1]:
         raise ValueError(f"bind_expand_depthwise_blocked: {cin} input channels, the 1x1 layer takes "
                          f"{eprep.weight_shape[1]}")
+    if project is not None and not fusable_project(project[0], cexp):
+        raise ValueError(f"bind_expand_depthwise_blocked: the projecting layer is not a blocked 1x1 layer on "
+                         f"{cexp} channels")
     _, _, hout, wout = dprep.output_shape((nb, cexp, h, w))
-    if not out.flags.c_contiguous or out.size != nb * cexp * hout * wout:
+    cout = cexp if project is None else project[0].weight_shape[0]
+    if not out.flags.c_contiguous or out.size != nb * cout * hout * wout:
         raise ValueError(f"bind_expand_depthwise_blocked: out must be C-contiguous with "
-                         f"{nb * cexp * hout * wout} floats")
+                         f"{nb * cout * hout * wout} floats")
     if clamp is not None and (relu or not clamp[0] <= clamp[1]):
         raise ValueError(f"bind_expand_depthwise_blocked: clamp {clamp} must be an interval, and not with "
                          f"relu")
     if in_clamp is not None and not in_clamp[0] <= 0.0 <= in_clamp[1]:
         raise ValueError(f"bind_expand_depthwise_blocked: in_clamp {in_clamp} must hold 0 (the padding)")
-    wch, _ = eprep._chan_weights()  # (1, nob, Kr, CHAN_BLOCK)
-    nob = wch.shape[1]
-    ncols = int(eprep.ncols[0])
-    chans = eprep.cols[0, :ncols].astype(np.int64)  # 1x1: a column is an input channel
-    offs = np.ascontiguousarray(chans // VW * (h * w * VW) + chans % VW, dtype=np.int64)
-    qpos = np.ascontiguousarray(np.arange(h * w, dtype=np.int64) * VW)
-    init = np.zeros(nob * CHAN_BLOCK, np.float32)
-    if ebias is not None:
-        init[:cexp] = ebias
+    wflat, ncols, offs, qpos, init = _gemm_operands(eprep, ebias, h, w)
     nparts = num_threads()
     tables = dprep.cached(("depthwise-blocked-ring", h, w, RING), lambda: blocked_taps(dprep, h, w, RING))
     db = np.zeros(cexp, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0),) * 2
     ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
     ring = aligned_zeros((nparts, cexp * RING * w))
-    small = (ncols + dprep.nnz // cexp) * cexp * h * w * nb < _SERIAL_MACS
-    kernel = _expand_depthwise_kernel_serial if small else _expand_depthwise_kernel
-    wflat = np.ascontiguousarray(wch[0].reshape(nob, -1))
+    macs = (ncols + dprep.nnz // cexp) * cexp * h * w * nb
+    if project is None:
+        proj = (aligned_zeros((nparts, VW)), wflat[:, :0], 0, init, offs, qpos, 0, False)
+    else:
+        pw, pncols, poffs, pqpos, pinit = _gemm_operands(project[0], project[1], 1, wout)
+        proj = (aligned_zeros((nparts, cexp * wout)), pw, pncols, pinit, poffs, pqpos, cout,
+                bool(project_relu))
+        macs += pncols * cout * hout * wout * nb
+    kernel = _expand_depthwise_kernel_serial if macs < _SERIAL_MACS else _expand_depthwise_kernel
     (sh, sw), (ph, _), (dh, _) = dprep.stride, dprep.padding, dprep.dilation
     dkh = dprep.weight_shape[2]
     flat = out.reshape(nb, -1)
     args = (ring, offs, qpos, wflat, ncols, init, bool(expand_relu), w, blocked_weights(dprep), db, h,
             hout, wout, sh, ph, dkh, dh, sw, *tables, bool(relu), clamp is not None, lo, hi,
-            in_clamp is not None, ilo, ihi, nparts, split_by_image(nb, nparts))
+            in_clamp is not None, ilo, ihi, nparts, split_by_image(nb, nparts), project is not None, *proj)
 
-    def run(x: np.ndarray) -> None:
-        kernel(x.reshape(nb, -1), flat, *args)
+    def run(x: np.ndarray, res: np.ndarray | None = None) -> None:
+        if res is not None and project is None:
+            raise ValueError("bind_expand_depthwise_blocked: a residual needs the projecting layer")
+        tail = (flat, False) if res is None else (res.reshape(nb, -1), True)
+        kernel(x.reshape(nb, -1), flat, *args, *tail)
 
     return run
