@@ -322,19 +322,27 @@ class _TinyResNet(nn.Module):
         return self.fc(torch.flatten(self.gap(self.block(x)), 1))
 
 
-@pytest.mark.parametrize("layout", ["plain", "blocked"])
+@pytest.mark.parametrize("layout", ["plain", "blocked", "fused"])
 def test_compiled_model_from_four_threads(layout: str) -> None:
     """Every thread its own buffers and workspaces, also for channel-blocked activations (the block's
-    convs at 50%: dense enough to run the channel-vector GEMM)."""
+    convs at 50%: dense enough to run the channel-vector GEMM) and MobileNet-v2's inverted residual
+    blocks run as one step each (``fused``: each thread its own rings and row buffers)."""
     torch.manual_seed(0)
-    model = _TinyResNet(32 if layout == "blocked" else 24).eval()
+    side = 64 if layout == "fused" else 16
+    if layout == "fused":
+        model = models.build("mobilenet_v2", input_size=side, num_classes=10).eval()
+    else:
+        model = _TinyResNet(32 if layout == "blocked" else 24).eval()
     _randomise_bn(model)
-    models.apply_profile(model, "uniform:0.5" if layout == "blocked" else "uniform:0.7")
-    compiled = sparsecnn.compile(model, torch.randn(1, 3, 16, 16), "direct", layout=layout)
+    models.apply_profile(model, "uniform:0.7" if layout == "plain" else "uniform:0.5")
+    layout = "blocked" if layout == "fused" else layout
+    compiled = sparsecnn.compile(model, torch.randn(1, 3, side, side), "direct", layout=layout)
     assert compiled.layout == layout
-    assert any(k.startswith("conv:blocked") for k in compiled.steps((1, 3, 16, 16))) == (layout == "blocked")
+    kinds = compiled.steps((1, 3, side, side))
+    assert any(k.startswith("conv:blocked") for k in kinds) == (layout == "blocked")
+    assert any("expand" in k for k in kinds) == (side == 64 and num_threads() <= 2), kinds
     g = torch.Generator().manual_seed(5)
-    shapes = [(1, 3, 16, 16), (2, 3, 16, 16), (1, 3, 20, 20)]
+    shapes = [(1, 3, side, side), (2, 3, side, side), (1, 3, side + 4, side + 4)]
     inputs = [torch.randn(shapes[(i // 4) % 3], generator=g) for i in range(200)]
     with torch.inference_mode():
         refs = [model(x) for x in inputs]
