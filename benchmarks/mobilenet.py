@@ -9,9 +9,10 @@ model with the same ``"auto"`` plan and layout twice: ``general`` with ``kernels
 (depthwise layers through the direct kernel's general path, each ReLU6 a ``clamp`` step of its own,
 no blocked depthwise layers) and
 ``depthwise`` as the library stands (``kernels.depthwise``, the ReLU6 after it fused:
-``conv:direct+clamp``). Outputs are checked against torch first. ``--layers`` times MobileNet-v2's
-depthwise layer shapes alone instead (the general path, the depthwise kernel and torch's conv,
-batch ``--batch``).
+``conv:direct+clamp``; in the blocked layout, each inverted residual block one step where each thread
+gets enough rows: ``kernels.expand_depthwise``). Outputs are checked against torch first. ``--layers``
+times MobileNet-v2's depthwise layer shapes alone instead (the general path, the depthwise kernel and
+torch's conv, batch ``--batch``).
 """
 
 from __future__ import annotations
@@ -119,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             check_close(fn(), ref, rtol=1e-4, what=f"mobilenet-v2 {name}")
         steps = now.steps(tuple(x.shape))
         fused, dwb = sum("+clamp" in k for k in steps), sum("blocked-dw" in k for k in steps)
+        blocks = sum("expand+blocked-dw" in k for k in steps)
         print(f"plan: {sorted(set(plan.values()))}; layout {layout}; steps: {fused} fused ReLU6, "
-              f"{steps.count('clamp')} clamp, {dwb} blocked depthwise")
+              f"{steps.count('clamp')} clamp, {dwb} blocked depthwise ({blocks} with their 1x1 layers, "
+              f"{sum('+project' in k for k in steps)} of them with the projecting one)")
         print(f"{'cores':6s} " + " ".join(f"{k:>9s}" for k in fns) + f" {'dw gain':>8s} {'vs torch':>8s}"
               + (f" {'vs ort':>7s}" if "ort" in fns else ""))
         gains = []
