@@ -857,16 +857,17 @@ def _check_depthwise(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, batch, sparsity, a
        act=st.sampled_from(["none", "relu", "clamp"]), in_clamp=st.booleans(), expand_relu=st.booleans(),
        bias=st.booleans(), dropped=st.booleans(), threads=st.sampled_from([1, 2]),
        project=st.sampled_from(["none", "plain", "residual", "relu"]), cout=st.integers(1, 3),
-       seed=st.integers(0, 2**16))
+       expand=st.booleans(), seed=st.integers(0, 2**16))
 def test_expand_depthwise_matches_torch(cin, cexp, h, w, kh, kw, s, p, dil, batch, act, in_clamp, expand_relu,
-                                        bias, dropped, threads, project, cout, seed):
+                                        bias, dropped, threads, project, cout, expand, seed):
     """A 1x1 conv and the depthwise conv after it in one pass
     (``kernels.expand_depthwise.bind_expand_depthwise_blocked``: the 1x1 layer's rows into a ring of
     three, the depthwise rows from there), and the projecting 1x1 layer after them too (with a residual
     and a ReLU or not), on channel-blocked arrays, generated geometry (taps of at most three rows,
     dilated or not, strides 1-2, rows split between threads or images), with the first 1x1 layer's
     ReLU, the clamp between them, the depthwise layer's ReLU or clamp, some input channels dropped from
-    the first 1x1 layer's columns (SSL): as torch."""
+    the first 1x1 layer's columns (SSL); without the first 1x1 layer (``expand`` off: the depthwise
+    layer reads its input where it lies): as torch."""
     from sparsecnn.engine._layout import _dense_prep
     from sparsecnn.kernels.blocked import BLOCK, from_blocked_array, to_blocked_array
     from sparsecnn.kernels.expand_depthwise import bind_expand_depthwise_blocked, fusable_expand
@@ -884,9 +885,12 @@ def test_expand_depthwise_matches_torch(cin, cexp, h, w, kh, kw, s, p, dil, batc
     bd = rng.standard_normal(ce).astype(np.float32) if bias else None
     wp = rng.standard_normal((co, ce, 1, 1)).astype(np.float32)
     bp = rng.standard_normal(co).astype(np.float32)
-    x = rng.standard_normal((batch, ci, h, w)).astype(np.float32)
-    t = F.conv2d(torch.from_numpy(x), torch.from_numpy(we), None if be is None else torch.from_numpy(be))
-    t = t.clamp_min(0) if expand_relu else t
+    x = rng.standard_normal((batch, ci if expand else ce, h, w)).astype(np.float32)
+    if expand:
+        t = F.conv2d(torch.from_numpy(x), torch.from_numpy(we), None if be is None else torch.from_numpy(be))
+        t = t.clamp_min(0) if expand_relu else t
+    else:
+        t = torch.from_numpy(x)
     t = t.clamp(-0.5, 1.0) if in_clamp else t
     ref = F.conv2d(t, torch.from_numpy(wd), None if bd is None else torch.from_numpy(bd), s, p, dil, ce)
     clamp = (-0.25, 0.75) if act == "clamp" else None
@@ -907,15 +911,15 @@ def test_expand_depthwise_matches_torch(cin, cexp, h, w, kh, kw, s, p, dil, batc
     pprep = _dense_prep(wp, (1, 1), (0, 0), (1, 1), prepare_implicit_gemm)
     dprep = prepare_direct(wd, ce, (s, s), (p, p), (dil, dil))
     assert fusable_expand(eprep, dprep) == ((kh - 1) * dil < 3)  # taps over at most the ring's 3 rows
-    if (kh - 1) * dil >= 3:
+    if expand and (kh - 1) * dil >= 3:
         return
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         out = np.full(to_blocked_array(ref.numpy()).shape, np.nan, dtype=np.float32)
-        run = bind_expand_depthwise_blocked(eprep, be, dprep, x.shape, bd, out, relu=act == "relu",
-                                            clamp=clamp, in_clamp=(-0.5, 1.0) if in_clamp else None,
-                                            expand_relu=expand_relu,
+        run = bind_expand_depthwise_blocked(eprep if expand else None, be, dprep, x.shape, bd, out,
+                                            relu=act == "relu", clamp=clamp, expand_relu=expand_relu,
+                                            in_clamp=(-0.5, 1.0) if in_clamp else None,
                                             project=None if project == "none" else (pprep, bp),
                                             project_relu=project == "relu")
         run(to_blocked_array(x)) if r is None else run(to_blocked_array(x), to_blocked_array(r))

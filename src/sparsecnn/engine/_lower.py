@@ -459,11 +459,14 @@ class _Builder:
                 self.last_use[src] = max(self.last_use.get(src, -1), index[n.name])
 
     def _expand_pairs(self, by_name: dict[str, Node], users: dict[str, list[int]]) -> None:
-        """Blocked depthwise convs that compute the expanding 1x1 conv before them in the same pass
-        (:mod:`sparsecnn.kernels.expand_depthwise`): where the 1x1 conv runs the channel-vector GEMM
-        blocked in and out, its output (or the ReLU or clamp on it, fused) is read by the depthwise
-        conv alone, neither takes a residual, and each thread gets ``FUSE_EXPAND_ROWS`` output rows
-        (or whole images). The 1x1 conv's input then lives until the depthwise conv."""
+        """Blocked depthwise convs that compute the expanding 1x1 conv before them and the projecting
+        one after them in the same pass (:mod:`sparsecnn.kernels.expand_depthwise`), either or both,
+        where each thread gets ``FUSE_EXPAND_ROWS`` output rows (or whole images) and the depthwise
+        conv takes no residual. The 1x1 conv before it: running the channel-vector GEMM blocked in and
+        out, its output (or the ReLU or clamp on it, fused) read by the depthwise conv alone, no
+        residual; its input then lives until the depthwise conv. The one after it: the same, reading
+        the depthwise conv's output (past its fused ReLU or clamp) alone; its residual add, if any,
+        computed before the depthwise conv."""
         from sparsecnn.kernels._numba import num_threads
         from sparsecnn.kernels.conv import split_by_image
         from sparsecnn.kernels.expand_depthwise import fusable_expand, fusable_project
@@ -475,33 +478,37 @@ class _Builder:
         for d in self.nodes:
             if d.name not in self.dw_blocked or d.name in self.residual_of or len(d.refs()) != 1:
                 continue
+            batch, cexp, hout, _ = self.values[d.name].shape
+            if not (split_by_image(int(batch), nparts) or hout >= FUSE_EXPAND_ROWS * nparts):
+                continue
             between = d.refs()[0]
             e = by_name[between].args[0].name if between in self.fused else between  # past a ReLU / clamp
             en = by_name[e]
-            if (e not in self.chan or e not in self.blocked or e in self.residual_of or len(en.refs()) != 1
-                    or en.refs()[0] not in self.blocked or len(users[e]) != 1 or len(users[between]) != 1):
-                continue
-            batch, _, hout, _ = self.values[d.name].shape
-            if not (split_by_image(int(batch), nparts) or hout >= FUSE_EXPAND_ROWS * nparts):
-                continue
-            if not fusable_expand(self.chan[e][0], d.fn.engine.format):
-                continue
-            src = en.refs()[0]
-            self.expand_into[d.name] = (e, src, e in self.relu_after)
-            self.unwritten |= {e, between}
-            self.last_use[src] = max(self.last_use.get(src, -1), index[d.name])
-            # the projecting 1x1 conv after it (past its fused ReLU or clamp), if it reads nothing else
-            after = d.name
+            expand = (e in self.chan and e in self.blocked and e not in self.residual_of
+                      and len(en.refs()) == 1 and en.refs()[0] in self.blocked and len(users[e]) == 1
+                      and len(users[between]) == 1 and fusable_expand(self.chan[e][0], d.fn.engine.format))
+            after = d.name  # the depthwise conv's value, past its fused ReLU or clamp
             if len(users[after]) == 1 and self.nodes[users[after][0]].name in self.fused:
                 after = self.nodes[users[after][0]].name
-            if FUSE_PROJECT and len(users[after]) == 1:
-                pn = self.nodes[users[after][0]]
-                other, _ = self.residual_of.get(pn.name, (None, None))
-                if (pn.name in self.chan and pn.name in self.blocked and pn.refs() == [after]
-                        and (other is None or index[other] < index[d.name])
-                        and fusable_project(self.chan[pn.name][0], int(self.values[d.name].shape[1]))):
-                    self.project_of[d.name] = pn.name
-                    self.unwritten |= {after, pn.name} - {d.name}
+            pn = self.nodes[users[after][0]] if FUSE_PROJECT and len(users[after]) == 1 else None
+            other, _ = self.residual_of.get(pn.name, (None, None)) if pn is not None else (None, None)
+            early = other is None or index[other] < index[d.name]  # the residual, computed before
+            if pn is not None and not (pn.name in self.chan and pn.name in self.blocked and early
+                                       and pn.refs() == [after]
+                                       and fusable_project(self.chan[pn.name][0], int(cexp))):
+                pn = None
+            if not expand and pn is None:
+                continue
+            if expand:
+                src = en.refs()[0]
+                self.expand_into[d.name] = (e, src, e in self.relu_after)
+                self.unwritten |= {e, between}
+                self.last_use[src] = max(self.last_use.get(src, -1), index[d.name])
+            else:
+                self.expand_into[d.name] = (None, between, False)
+            if pn is not None:
+                self.project_of[d.name] = pn.name
+                self.unwritten |= {after, pn.name} - {d.name}
 
     def _residual_candidates(self, by_name: dict[str, Node], users: dict[str, list[int]]) -> None:
         """Residual adds ``conv(x) + r`` (ResNet's) whose conv runs the direct kernel or the implicit
@@ -743,17 +750,18 @@ class _Builder:
     def _expand_conv(self, n: Node, shape: tuple[int, ...], relu: bool, prep: Any) -> None:
         """Blocked depthwise conv ``n`` computing the 1x1 conv before it (``expand+blocked-dw`` steps,
         :func:`sparsecnn.kernels.expand_depthwise.bind_expand_depthwise_blocked`), reading that conv's
-        input."""
+        input, or the one after it (``...+project`` steps, writing that conv's output), or both."""
         from sparsecnn.kernels.expand_depthwise import bind_expand_depthwise_blocked
 
         e, src, expand_relu = self.expand_into[n.name]
-        eprep, ebias = self.chan[e]
+        eprep, ebias = self.chan[e] if e is not None else (None, None)
         eng = n.fn.engine
         binder = functools.partial(bind_expand_depthwise_blocked, eprep, ebias,
                                    clamp=self.clamp_after.get(n.name), in_clamp=self.clamp_before.get(n.name),
                                    expand_relu=expand_relu)
         bias, xs = eng.bias if eng.has_bias else None, tuple(self.values[src].shape)
-        label = ("clamp>" if n.name in self.clamp_before else "") + "conv:expand+blocked-dw"
+        label = ("clamp>" if n.name in self.clamp_before else "") + "conv:"
+        label += "expand+blocked-dw" if e is not None else "blocked-dw"
         label += "+relu" if relu else "+clamp" if n.name in self.clamp_after else ""
         res = None
         if n.name in self.project_of:  # the projecting conv's output instead of the depthwise conv's

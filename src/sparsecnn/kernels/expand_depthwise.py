@@ -28,6 +28,7 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
+from sparsecnn.kernels import depthwise
 from sparsecnn.kernels._numba import aligned_zeros, jit, num_threads, pjit, serial_twin
 from sparsecnn.kernels._simd import CHAN_BLOCK, CHAN_NP, VW, chan_tile
 from sparsecnn.kernels.conv import DirectConvPrep, split_by_image
@@ -77,8 +78,8 @@ def fusable_project(pprep, cexp: int) -> bool:
 
 
 @pjit
-def _expand_depthwise_kernel(x, out, ring, offs, qpos, wch, ncols, init, relu_e, w, dwts, dbias, h,
-                             hout, wout, sh, ph, kh, dh, sw, jl, jh, row3, rtab, rn, btab, bn, bcols, relu,
+def _expand_depthwise_kernel(x, out, has_expand, ring, offs, qpos, wch, ncols, init, relu_e, w, dwts, dbias,
+                             h, hout, wout, sh, ph, kh, dh, sw, jl, jh, row3, rtab, rn, btab, bn, bcols, relu,
                              clamp, lo, hi, in_clamp, ilo, ihi, nparts, by_image, has_proj, rowbuf, pwch,
                              pncols, pinit, poffs, pqpos, pchan, prelu, res, has_res):
     """The fused pair on blocked ``x`` (B, Cin/VW * H * W * VW) into blocked ``out``
@@ -87,11 +88,13 @@ def _expand_depthwise_kernel(x, out, ring, offs, qpos, wch, ncols, init, relu_e,
     one computed) into ``ring[part]`` (C/VW, RING, W, VW) at row ``r % RING``, then the row of every
     channel block. With ``has_proj`` that row goes to ``rowbuf[part]`` (C/VW, Wout, VW) instead and
     the projecting 1x1 layer (``pwch``, ``pchan`` filters) writes its row of ``out``
-    (B, pchan/VW * Hout * Wout * VW) from there, adding ``res`` (``out``'s layout) with ``has_res``."""
+    (B, pchan/VW * Hout * Wout * VW) from there, adding ``res`` (``out``'s layout) with ``has_res``.
+    Without ``has_expand`` ``x`` is the depthwise layer's input (B, C/VW * H * W * VW), read where it
+    lies (the tap tables for its planes)."""
     nb = x.shape[0]
     ncb = dbias.size // VW
     k = rtab.shape[2]
-    plane = RING * w * VW
+    plane = RING * w * VW if has_expand else h * w * VW
     for part in numba.prange(nparts):
         rg = ring[part]
         rw = rowbuf[part]
@@ -105,14 +108,15 @@ def _expand_depthwise_kernel(x, out, ring, offs, qpos, wch, ncols, init, relu_e,
             for i in range(r0, r1):
                 top = max(i * sh - ph, done + 1, 0)
                 bottom = min(i * sh - ph + (kh - 1) * dh, h - 1)
-                for r in range(top, bottom + 1):
+                for r in range(top, bottom + 1 if has_expand else top):
                     _gemm_row(xb, offs, qpos, r * w, wch, ncols, init, rg, (r % RING) * w * VW, plane,
                               ncb * VW, w, rg, False, relu_e)
                 done = max(done, bottom)
+                src = rg if has_expand else xb
                 for cb in range(ncb):  # into the row buffer for the projection, else into out
                     dst = rw if has_proj else ob
                     at = cb * wout * VW if has_proj else ((cb * hout + i) * wout) * VW
-                    dwb_row(rg, cb * plane, i, cb, dwts, cb * k * VW, dbias, dst, at, dst, False, jl, jh, sw,
+                    dwb_row(src, cb * plane, i, cb, dwts, cb * k * VW, dbias, dst, at, dst, False, jl, jh, sw,
                             row3, rtab, rn, btab, bn, bcols, relu, clamp, lo, hi, in_clamp, ilo, ihi)
                 if has_proj:
                     _gemm_row(rw, poffs, pqpos, 0, pwch, pncols, pinit, ob, i * wout * VW, hout * wout * VW,
@@ -124,7 +128,11 @@ _expand_depthwise_kernel_serial = serial_twin(_expand_depthwise_kernel)
 
 def _gemm_operands(prep, bias: np.ndarray | None, h: int, w: int) -> tuple:
     """The channel-vector GEMM operands of blocked 1x1 layer ``prep`` on (C/VW, h, w, VW) planes:
-    ``(weights (nob, Kr * CHAN_BLOCK), kept columns, column offsets, position offsets, initial sums)``."""
+    ``(weights (nob, Kr * CHAN_BLOCK), kept columns, column offsets, position offsets, initial sums)``;
+    for ``prep`` None, empty ones of the same types."""
+    if prep is None:
+        return (np.zeros((1, 0), np.float32), 0, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                np.zeros(CHAN_BLOCK, np.float32))
     wch, _ = prep._chan_weights()  # (1, nob, Kr, CHAN_BLOCK)
     nob = wch.shape[1]
     ncols = int(prep.ncols[0])
@@ -149,15 +157,15 @@ def bind_expand_depthwise_blocked(eprep, ebias: np.ndarray | None, dprep: Direct
     as it is read, its bias, its ReLU or clamp) on channel-blocked arrays
     (:mod:`sparsecnn.kernels.blocked`): ``x`` of the plain shape ``x_shape`` (the 1x1 layer's input),
     ``out`` the depthwise layer's output, each held as (B, C / VW, H, W, VW) in any array of that many
-    floats. With ``project`` (``(pprep, pbias)``: a 1x1 layer on the depthwise layer's output,
-    :func:`fusable_project`) that layer too, row by row from a buffer of one depthwise row: ``out`` is
-    its output, with the residual ``res`` (laid out as ``out``) added and then, with ``project_relu``,
-    a ReLU.
+    floats. With ``eprep`` None, no 1x1 layer: ``x`` is the depthwise layer's input. With ``project``
+    (``(pprep, pbias)``: a 1x1 layer on the depthwise layer's output, :func:`fusable_project`) that layer
+    too, row by row from a buffer of one depthwise row: ``out`` is its output, with the residual ``res``
+    (laid out as ``out``) added and then, with ``project_relu``, a ReLU.
 
     Parameters
     ----------
-    eprep : ImplicitGemmPrep
-        The 1x1 layer (:func:`fusable_expand` with ``dprep``).
+    eprep : ImplicitGemmPrep or None
+        The 1x1 layer (:func:`fusable_expand` with ``dprep``), or none.
     ebias : ndarray, shape (Cexp,), float32, or None
     dprep : DirectConvPrep
         The depthwise layer on the 1x1 layer's output.
@@ -172,13 +180,14 @@ def bind_expand_depthwise_blocked(eprep, ebias: np.ndarray | None, dprep: Direct
     project : tuple (ImplicitGemmPrep, ndarray of shape (Cout,) or None), optional
     project_relu : bool
     """
-    if not fusable_expand(eprep, dprep):
+    if not (is_depthwise(dprep) if eprep is None else fusable_expand(eprep, dprep)):
         raise ValueError("bind_expand_depthwise_blocked: not a 1x1 layer and a depthwise layer on its output")
     nb, cin, h, w = (int(v) for v in x_shape)
-    cexp = eprep.weight_shape[0]
-    if cin != eprep.weight_shape[1]:
-        raise ValueError(f"bind_expand_depthwise_blocked: {cin} input channels, the 1x1 layer takes "
-                         f"{eprep.weight_shape[1]}")
+    cexp = dprep.weight_shape[0]
+    takes = cexp if eprep is None else eprep.weight_shape[1]
+    if cin != takes:
+        raise ValueError(f"bind_expand_depthwise_blocked: {cin} input channels, the first layer takes "
+                         f"{takes}")
     if project is not None and not fusable_project(project[0], cexp):
         raise ValueError(f"bind_expand_depthwise_blocked: the projecting layer is not a blocked 1x1 layer on "
                          f"{cexp} channels")
@@ -192,13 +201,19 @@ def bind_expand_depthwise_blocked(eprep, ebias: np.ndarray | None, dprep: Direct
                          f"relu")
     if in_clamp is not None and not in_clamp[0] <= 0.0 <= in_clamp[1]:
         raise ValueError(f"bind_expand_depthwise_blocked: in_clamp {in_clamp} must hold 0 (the padding)")
-    wflat, ncols, offs, qpos, init = _gemm_operands(eprep, ebias, h, w)
     nparts = num_threads()
-    tables = dprep.cached(("depthwise-blocked-ring", h, w, RING), lambda: blocked_taps(dprep, h, w, RING))
+    ring_rows = 0 if eprep is None else RING
+    tables = dprep.cached(("depthwise-blocked-ring", h, w, ring_rows, depthwise.ROW3_S2),
+                          lambda: blocked_taps(dprep, h, w, ring_rows))
     db = np.zeros(cexp, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0),) * 2
     ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
-    ring = aligned_zeros((nparts, cexp * RING * w))
+    if eprep is None:
+        ring = aligned_zeros((nparts, VW))
+        wflat, ncols, offs, qpos, init = _gemm_operands(None, None, 0, 0)
+    else:
+        ring = aligned_zeros((nparts, cexp * RING * w))
+        wflat, ncols, offs, qpos, init = _gemm_operands(eprep, ebias, h, w)
     macs = (ncols + dprep.nnz // cexp) * cexp * h * w * nb
     if project is None:
         proj = (aligned_zeros((nparts, VW)), wflat[:, :0], 0, init, offs, qpos, 0, False)
@@ -211,9 +226,10 @@ def bind_expand_depthwise_blocked(eprep, ebias: np.ndarray | None, dprep: Direct
     (sh, sw), (ph, _), (dh, _) = dprep.stride, dprep.padding, dprep.dilation
     dkh = dprep.weight_shape[2]
     flat = out.reshape(nb, -1)
-    args = (ring, offs, qpos, wflat, ncols, init, bool(expand_relu), w, blocked_weights(dprep), db, h,
-            hout, wout, sh, ph, dkh, dh, sw, *tables, bool(relu), clamp is not None, lo, hi,
-            in_clamp is not None, ilo, ihi, nparts, split_by_image(nb, nparts), project is not None, *proj)
+    args = (eprep is not None, ring, offs, qpos, wflat, ncols, init, bool(expand_relu), w,
+            blocked_weights(dprep), db, h, hout, wout, sh, ph, dkh, dh, sw, *tables, bool(relu),
+            clamp is not None, lo, hi, in_clamp is not None, ilo, ihi, nparts, split_by_image(nb, nparts),
+            project is not None, *proj)
 
     def run(x: np.ndarray, res: np.ndarray | None = None) -> None:
         if res is not None and project is None:
