@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         fused, dwb = sum("+clamp" in k for k in steps), sum("blocked-dw" in k for k in steps)
         blocks = sum("expand+blocked-dw" in k for k in steps)
         print(f"plan: {sorted(set(plan.values()))}; layout {layout}; steps: {fused} fused ReLU6, "
-              f"{steps.count('clamp')} clamp, {dwb} blocked depthwise ({blocks} with their 1x1 layers, "
-              f"{sum('+project' in k for k in steps)} of them with the projecting one)")
+              f"{steps.count('clamp')} clamp, {dwb} blocked depthwise ({blocks} computing the 1x1 layer "
+              f"before them, {sum('+project' in k for k in steps)} the one after them)")
         print(f"{'cores':6s} " + " ".join(f"{k:>9s}" for k in fns) + f" {'dw gain':>8s} {'vs torch':>8s}"
               + (f" {'vs ort':>7s}" if "ort" in fns else ""))
         gains = []

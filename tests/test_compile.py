@@ -410,23 +410,15 @@ def test_zoo_model_with_blocked_activations_equals_dense(name: str, kwargs: dict
         assert kinds.count("conv:blocked") + kinds.count("conv:blocked+add") == 35 - expand - project, kinds
         from sparsecnn.engine import _layout, _lower
 
-        _lower.FUSE_EXPAND = False
-        try:
-            apart = sparsecnn.compile(model, x, "direct", layout="blocked")
-        finally:
-            _lower.FUSE_EXPAND = True
-        assert not any("expand" in k for k in apart.steps(tuple(x.shape)))
-        with torch.inference_mode():
-            assert _rel(apart(x), ref) <= 1e-4
-
-        _layout.DEPTHWISE = False
-        try:
-            off = sparsecnn.compile(model, x, "direct", layout="blocked")
-        finally:
-            _layout.DEPTHWISE = True
-        assert not any("blocked-dw" in k for k in off.steps(tuple(x.shape)))
-        with torch.inference_mode():
-            assert _rel(off(x), ref) <= 1e-4
+        for module, flag, gone in ((_lower, "FUSE_EXPAND", "+project"), (_layout, "DEPTHWISE", "blocked-dw")):
+            setattr(module, flag, False)
+            try:
+                off = sparsecnn.compile(model, x, "direct", layout="blocked")
+            finally:
+                setattr(module, flag, True)
+            assert not any(gone in k for k in off.steps(tuple(x.shape))), flag
+            with torch.inference_mode():
+                assert _rel(off(x), ref) <= 1e-4
         return
     # the max pools read and write the blocked layout, ResNet's average pool reads it
     assert kinds[0].startswith("conv:blocked") and "maxpool:blocked" in kinds, kinds

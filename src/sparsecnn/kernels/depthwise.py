@@ -414,14 +414,10 @@ def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, sw, jl, jh, r
     ncb = wts.size // (k * VW)
     per = hout * ncb
     for part in numba.prange(nparts):
-        first = 0 if by_image else part * per // nparts
-        last = per if by_image else (part + 1) * per // nparts
-        r0 = 0 if by_image else part * hout // nparts
-        r1 = hout if by_image else (part + 1) * hout // nparts
+        first, last = part_range(part, nparts, per, by_image)
+        r0, r1 = part_range(part, nparts, hout, by_image)
         for b in range(part if by_image else 0, nb, nparts if by_image else 1):
-            xb = x[b]
-            ob = out[b]
-            rb = res[b]
+            xb, ob, rb = x[b], out[b], res[b]
             for cb in range(ncb):
                 ia = r0 if by_rows else max(0, first - cb * hout)
                 ib = r1 if by_rows else min(hout, last - cb * hout)
@@ -431,6 +427,15 @@ def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, sw, jl, jh, r
                     dwb_row(xb, base, i, cb, wts, wb, bias, ob, ((cb * hout + i) * wout) * VW, rb, has_res,
                             jl, jh, sw, row3, rtab, rn, btab, bn, bcols, relu, clamp, lo, hi, in_clamp, ilo,
                             ihi)
+
+
+@jit(inline="always")
+def part_range(part, nparts, n, by_image):
+    """The items ``[first, last)`` of ``n`` that thread ``part`` of ``nparts`` takes in each image: all
+    of them where the threads split the images (``by_image``), else its contiguous share."""
+    if by_image:
+        return 0, n
+    return part * n // nparts, (part + 1) * n // nparts
 
 
 @jit(inline="always")

@@ -32,7 +32,7 @@ from sparsecnn.kernels import depthwise
 from sparsecnn.kernels._numba import aligned_zeros, jit, num_threads, pjit, serial_twin
 from sparsecnn.kernels._simd import CHAN_BLOCK, CHAN_NP, VW, chan_tile
 from sparsecnn.kernels.conv import DirectConvPrep, split_by_image
-from sparsecnn.kernels.depthwise import blocked_taps, blocked_weights, dwb_row, is_depthwise
+from sparsecnn.kernels.depthwise import blocked_taps, blocked_weights, dwb_row, is_depthwise, part_range
 
 __all__ = ["RING", "bind_expand_depthwise_blocked", "fusable_expand", "fusable_project"]
 
@@ -98,12 +98,9 @@ def _expand_depthwise_kernel(x, out, has_expand, ring, offs, qpos, wch, ncols, i
     for part in numba.prange(nparts):
         rg = ring[part]
         rw = rowbuf[part]
-        r0 = 0 if by_image else part * hout // nparts
-        r1 = hout if by_image else (part + 1) * hout // nparts
+        r0, r1 = part_range(part, nparts, hout, by_image)
         for b in range(part if by_image else 0, nb, nparts if by_image else 1):
-            xb = x[b]
-            ob = out[b]
-            rb = res[b]
+            xb, ob, rb = x[b], out[b], res[b]
             done = -1  # the last wide row computed for this image
             for i in range(r0, r1):
                 top = max(i * sh - ph, done + 1, 0)
