@@ -33,5 +33,5 @@ bench: $(VENV)/.installed
 # through the executor) with many more examples.
 fuzz: $(VENV)/.dev-installed
 	$(PY) -m pytest -q -n 2 -m fuzz --hypothesis-profile=fuzz --hypothesis-show-statistics \
-		tests/test_fuzz_loaders.py tests/test_properties.py tests/test_fuzz_models.py
+		tests/test_fuzz_loaders.py tests/test_properties.py tests/test_fuzz_models.py tests/test_fused_blocks.py
 	SPARSECNN_FUZZ=1 $(PY) -m pytest -q -n 2 tests/test_resume.py

@@ -484,7 +484,8 @@ class _Builder:
             between = d.refs()[0]
             e = by_name[between].args[0].name if between in self.fused else between  # past a ReLU / clamp
             en = by_name[e]
-            expand = (e in self.chan and e in self.blocked and e not in self.residual_of
+            claimed = set(self.project_of.values())  # a 1x1 conv another depthwise conv computes already
+            expand = (e in self.chan and e in self.blocked and e not in self.residual_of and e not in claimed
                       and len(en.refs()) == 1 and en.refs()[0] in self.blocked and len(users[e]) == 1
                       and len(users[between]) == 1 and fusable_expand(self.chan[e][0], d.fn.engine.format))
             after = d.name  # the depthwise conv's value, past its fused ReLU or clamp
