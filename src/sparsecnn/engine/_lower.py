@@ -6,6 +6,9 @@ flatten, dropout or a fused ReLU cost nothing: they are the producer's buffer). 
 gives one thread its own buffers and a list of closures that call the numba kernels with arguments
 bound once; a forward pass is that list run in order. Values that only direct convs (and the global
 average pool) read keep planes padded to whole vectors where H * W is not one (``Program.padded``).
+Steps that compute several nodes in one pass: a conv's bias, ReLU and residual add, an LRN and the max
+pool after it (``lrn+maxpool``), and in the channel-blocked layout a depthwise conv with the 1x1 convs
+before and after it (MobileNet-v2's inverted residual block, ``expand+blocked-dw+...+project``).
 """
 
 from __future__ import annotations
@@ -310,8 +313,9 @@ class _Builder:
         self.add_into: dict[str, str] = {}  # add -> the conv that computed it (the add is its view)
         self.padded: dict[str, int] = {}  # value -> floats per channel, its planes padded to whole vectors
         self.lrn_into_pool: dict[str, Node] = {}  # max pool -> the LRN it computes too (lrn+maxpool)
-        # blocked depthwise conv -> (the 1x1 conv it computes too, that conv's input, its ReLU), and the
-        # values those pairs never write (the 1x1 conv's output and the ReLU or clamp on it)
+        # blocked depthwise conv -> (the 1x1 conv before it that it computes too or None, the value it
+        # reads, that conv's ReLU), the 1x1 conv after it that it computes too, and the values such
+        # steps never write (the 1x1 convs' outputs inside the block, the ReLUs or clamps on them)
         self.expand_into: dict[str, tuple[str, str, bool]] = {}
         self.project_of: dict[str, str] = {}  # ... and the projecting 1x1 conv it computes after it
         self.unwritten: set[str] = set()
@@ -1176,12 +1180,13 @@ FUSE_CLAMP_INPUT = True
 # Off: an LRN and the max pool after it run as two steps (benchmarks/fusion.py's lrn-pool baseline).
 FUSE_LRN_POOL = True
 
-# Off: a blocked expanding 1x1 conv and the blocked depthwise conv reading it run as two steps
-# (kernels.expand_depthwise; the A/B baseline). On, they run as one where each thread has at least
-# FUSE_EXPAND_ROWS output rows (its first recomputes a row of the 1x1 layer its neighbour computes).
+# Off: a blocked depthwise conv and the 1x1 convs before and after it run as separate steps
+# (kernels.expand_depthwise; the A/B baseline). On, the depthwise conv computes the expanding 1x1 conv
+# before it where each thread has at least FUSE_EXPAND_ROWS output rows (its first recomputes a row of
+# the 1x1 layer its neighbour computes) or whole images, and with FUSE_PROJECT the projecting one after it.
 FUSE_EXPAND = True
 FUSE_EXPAND_ROWS = 7
-# Off: ... and the projecting 1x1 conv after the depthwise one runs as a step of its own.
+# Off: ... the projecting 1x1 conv after the depthwise one runs as a step of its own.
 FUSE_PROJECT = True
 
 # Off: every value keeps planes of H * W floats (benchmarks/planes.py's baseline, before 2026-12-06).

@@ -48,6 +48,9 @@ reads the rows the expanding 1x1 layer wrote on its own core and writes those th
 reads there; split by channel blocks, half of each came from the other core. Alone it makes no
 difference (0.97-1.00x); dense MobileNet-v2 whole, interleaved in one process: 1.05-1.11x where
 the two vCPUs sat far apart, 1.00-1.01x near (scratch A/B, docs/engine.md, twentieth session).
+Between two blocked 1x1 layers (MobileNet-v2's inverted residual block) the executor runs the
+depthwise rows (:func:`dwb_row`) inside :mod:`sparsecnn.kernels.expand_depthwise` instead, with the
+1x1 layers in the same pass.
 
 Measured (Zen 4, 2 threads, batch 1; ``python -m benchmarks.mobilenet``): docs/engine.md, "Session
 of 2026-12-07 (eighteenth)".
