@@ -30,7 +30,9 @@ after each case's timing (``near``, ``far``, or ``near->far`` when it changed in
 go to the JSON): on a machine whose two cores the host may place near or far apart, the same build
 runs ResNet-50 at 90% in 13 or 21 ms, so compare rows taken in the same placement. The LeNet-5 case
 is the 8x8-digits geometry at uniform 92% (the sparsity README's ``prune --target 0.92`` reaches);
-latency depends on the zero pattern's density, not on trained values.
+latency depends on the zero pattern's density, not on trained values. The ``mbv2-*`` cases are the
+zoo's MobileNet-v2 dense and at uniform 70% (its depthwise layers pruned too, as a uniform profile
+does; ``benchmarks.mobilenet`` keeps them dense).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ CASES: dict[str, tuple[str, str, dict]] = {
     "resnet50-50": ("resnet50", "uniform:0.5", {}),
     "resnet50-dense": ("resnet50", "uniform:0.0", {}),
     "lenet5": ("lenet5", "uniform:0.92", {"in_channels": 1, "input_size": 8}),
+    "mbv2-dense": ("mobilenet_v2", "uniform:0.0", {}),
+    "mbv2-70": ("mobilenet_v2", "uniform:0.7", {}),
 }
 # Batch-32 runs of the big dense models take seconds per call: by default only these run at batch 32.
 BATCH32 = ("alexnet-dc", "alexnet-ssl", "alexnet-90", "resnet18-90", "lenet5")
