@@ -1010,3 +1010,55 @@ def test_relu6_fuses_into_a_depthwise_conv():
         for compiled in (fused, separate):
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(compiled(x[:1]), model(x[:1]), rtol=1e-5, atol=1e-6)
+
+
+class _ThreeConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 1)
+        self.c = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("winner", ["plain", "blocked", "dense"])
+def test_layout_choice_times_the_sparser_convs_dense_too(winner: str, monkeypatch) -> None:
+    """``compile``'s layout choice (``engine._faster_layout``) times the plain program, the blocked one
+    (convs of at least ``_layout.MIN_DENSITY`` nonzero weights dense, conv ``c`` at 30% sparse) and,
+    since ``c`` holds at least ``_layout.DENSE_TRY``, the blocked one with ``c`` dense too; it keeps
+    the fastest, builds ``c``'s dense weights only to try them and drops them when that one loses."""
+    from sparsecnn import engine
+    from sparsecnn.engine import _layout
+
+    torch.manual_seed(0)
+    model = _ThreeConvs().eval()
+    models.apply_profile(model, {"c": 0.7})
+    x = torch.randn(1, 3, 12, 12)
+    compiled = sparsecnn.compile(model, x, "direct", layout="plain")
+    cache = compiled._chan_cache
+    assert _layout.below_threshold(compiled._nodes, cache)[1] == pytest.approx(0.3, abs=0.01)
+    assert all(callable(e[2]) for e in cache.values() if 0.0 <= e[1] < _layout.MIN_DENSITY)  # none built
+    order = ["plain", "blocked", "dense"]
+
+    def timing(fns, rounds=5, min_time_s=0.002):
+        assert len(fns) == 3
+        for f in fns:
+            f()
+        return [1.0 if name == winner else 2.0 for name in order]
+
+    monkeypatch.setattr(engine, "_time_steps", timing)
+    chosen = engine._faster_layout(compiled, x)
+    kinds = chosen.steps(tuple(x.shape))
+    assert chosen.layout == ("plain" if winner == "plain" else "blocked")
+    convs = [k for k in kinds if k.startswith("conv:")]
+    want = {"plain": 0, "blocked": 2, "dense": 3}[winner]
+    assert sum(k.startswith("conv:blocked") for k in convs) == want, kinds
+    built_sparse = [e for e in chosen._chan_cache.values() if e[1] < _layout.MIN_DENSITY and
+                    e[2] is not None and not callable(e[2])]
+    assert bool(built_sparse) == (winner == "dense")
+    with torch.inference_mode():
+        assert _rel(chosen(x), model(x)) <= 1e-4

@@ -42,11 +42,14 @@ from torch import nn
 
 from sparsecnn.engine._graph import Node, Ref
 
-__all__ = ["Layouts", "has_candidates", "plan_layouts", "to_plain"]
+__all__ = ["Layouts", "below_threshold", "has_candidates", "plan_layouts", "to_plain", "unbuild_below"]
 
 # Convs with at least this fraction of nonzero weights run dense in the channel-vector GEMM when
 # their neighbours are blocked (sparser ones keep their sparse kernel and the plain layout).
 MIN_DENSITY = 0.35
+# ... and compile times the blocked layout with the sparser ones dense too where those hold at least
+# this fraction of nonzero weights on average (sparsecnn.engine._faster_layout).
+DENSE_TRY = 0.25
 # Off: max / average pools read and write only the plain layout (the A/B baseline of the blocked pools).
 POOLS = True
 # Off: depthwise layers read and write only the plain layout, so blocked chains stop at them (the A/B
@@ -72,39 +75,86 @@ class Layouts:
     depthwise: set[str] = field(default_factory=set)  # depthwise convs reading and writing blocked values
 
 
-def _conv_prep(n: Node, cache: dict[Any, Any]) -> tuple[Any, np.ndarray | None] | None:
-    """The channel-vector GEMM's weights of conv node ``n``, or None if it is not a candidate."""
+def _conv_prep(n: Node, cache: dict[Any, Any], min_density: float | None = None, build: bool = True
+               ) -> tuple[Any, np.ndarray | None] | None:
+    """The channel-vector GEMM's weights of conv node ``n``, or None if it is not a candidate (at least
+    ``min_density`` of its weights nonzero: :data:`MIN_DENSITY` when None). ``cache`` keeps, per
+    layer, its density and the weights once built; without ``build``, a candidate whose weights are
+    not built yet gives True (a check that builds nothing)."""
     from sparsecnn.kernels.blocked import BLOCK
-    from sparsecnn.kernels.implicit_gemm import prepare_implicit_gemm
     from sparsecnn.layers import SparseConv2d, _ConvEngine, _TorchConv
 
     layer = n.fn
     if n.op != "module" or type(layer) not in (nn.Conv2d, SparseConv2d) or len(n.args) != 1 or n.kwargs:
         return None
     key = id(layer)
-    if key in cache:
-        return cache[key][1]
-    out = None
-    if isinstance(layer, SparseConv2d):
-        eng = layer.engine
-        implicit = getattr(eng, "implicit", None)
-        if layer.strategy == "lowered" and implicit is not None:
-            out = (implicit, eng.bias if eng.has_bias else None) if implicit.blockable(True) else None
-        elif isinstance(eng, (_ConvEngine, _TorchConv)):
-            s = layer.spec
-            if s.groups == 1 and s.out_channels % BLOCK == 0 and \
-                    (not isinstance(eng, _TorchConv) or eng.conv.padding_mode == "zeros"):
-                w, b = layer.dense_parameters()
-                if np.count_nonzero(w) >= MIN_DENSITY * w.size:
-                    out = (_dense_prep(w, s.stride, s.padding, s.dilation, prepare_implicit_gemm), b)
-    elif layer.groups == 1 and layer.out_channels % BLOCK == 0 and layer.padding_mode == "zeros" and \
-            isinstance(layer.padding, tuple) and layer.weight.device.type == "cpu":
-        w = layer.weight.detach().float().numpy()
-        if np.count_nonzero(w) >= MIN_DENSITY * w.size:
-            b = None if layer.bias is None else layer.bias.detach().float().numpy().copy()
-            out = (_dense_prep(w, layer.stride, layer.padding, layer.dilation, prepare_implicit_gemm), b)
-    cache[key] = (layer, out)  # the layer kept alive with its id
-    return out
+    if key not in cache:
+        dense = None  # where the layer can run dense: a function giving (weight, bias, geometry)
+        density = -1.0
+        if isinstance(layer, SparseConv2d):
+            eng = layer.engine
+            implicit = getattr(eng, "implicit", None)
+            if layer.strategy == "lowered" and implicit is not None:
+                if implicit.blockable(True):  # SSL's compact weights: a candidate whatever their density
+                    cache[key] = (layer, 1.0, (implicit, eng.bias if eng.has_bias else None))
+                    return cache[key][2]
+            elif isinstance(eng, (_ConvEngine, _TorchConv)):
+                s = layer.spec
+                if s.groups == 1 and s.out_channels % BLOCK == 0 and \
+                        (not isinstance(eng, _TorchConv) or eng.conv.padding_mode == "zeros"):
+                    w, _ = layer.dense_parameters()
+                    density = np.count_nonzero(w) / max(w.size, 1)
+                    dense = _sparse_dense
+        elif layer.groups == 1 and layer.out_channels % BLOCK == 0 and layer.padding_mode == "zeros" and \
+                isinstance(layer.padding, tuple) and layer.weight.device.type == "cpu":
+            w = layer.weight.detach()
+            density = int(torch.count_nonzero(w)) / max(w.numel(), 1)
+            dense = _module_dense
+        cache[key] = (layer, density, dense)  # the layer kept alive with its id
+    layer, density, prep = cache[key]
+    if density < (MIN_DENSITY if min_density is None else min_density) or prep is None:
+        return None
+    if callable(prep) and not build:
+        return True
+    if callable(prep):  # built on first use at a threshold it passes
+        from sparsecnn.kernels.implicit_gemm import prepare_implicit_gemm
+
+        w, bias, stride, padding, dilation = prep(layer)
+        prep = (_dense_prep(w, stride, padding, dilation, prepare_implicit_gemm), bias)
+        cache[key] = (layer, density, prep)
+    return prep
+
+
+def _sparse_dense(layer: Any) -> tuple:
+    w, bias = layer.dense_parameters()
+    s = layer.spec
+    return w, bias, s.stride, s.padding, s.dilation
+
+
+def _module_dense(layer: nn.Conv2d) -> tuple:
+    w = layer.weight.detach().float().numpy()
+    bias = None if layer.bias is None else layer.bias.detach().float().numpy().copy()
+    return w, bias, layer.stride, layer.padding, layer.dilation
+
+
+def below_threshold(nodes: list[Node], cache: dict[Any, Any]) -> tuple[float, float]:
+    """``(weights, mean density)`` of the convs that could run the channel-vector GEMM dense but are
+    no candidates at :data:`MIN_DENSITY` (sparser), their weights' share of all such convs' and their
+    density weighted by size; nothing is built."""
+    total = below = nonzero = 0.0
+    for n in nodes:
+        _conv_prep(n, cache, 2.0, build=False)  # fills the cache entry, builds nothing
+        entry = cache.get(id(n.fn)) if n.op == "module" else None
+        if entry is None or entry[1] < 0.0:
+            continue
+        layer = entry[0]
+        size = float(layer.weight.numel()) if type(layer) is nn.Conv2d else float(layer.spec.out_channels
+                                                                                  * layer.spec.k)
+        total += size
+        if entry[1] < MIN_DENSITY:
+            below += size
+            nonzero += size * entry[1]
+    return (below / total, nonzero / below) if below else (0.0, 0.0)
 
 
 def _dense_prep(w: np.ndarray, stride: Any, padding: Any, dilation: Any, prepare: Any) -> Any:
@@ -126,9 +176,19 @@ def _depthwise_ok(n: Node) -> bool:
             and n.fn.spec.out_channels % BLOCK == 0)
 
 
-def has_candidates(nodes: list[Node], cache: dict[Any, Any]) -> bool:
-    """Whether any conv of ``nodes`` could run the channel-vector GEMM in the blocked layout."""
-    return any(_conv_prep(n, cache) is not None for n in nodes)
+def has_candidates(nodes: list[Node], cache: dict[Any, Any], min_density: float | None = None) -> bool:
+    """Whether any conv of ``nodes`` could run the channel-vector GEMM in the blocked layout (builds
+    nothing)."""
+    return any(_conv_prep(n, cache, min_density, build=False) is not None for n in nodes)
+
+
+def unbuild_below(cache: dict[Any, Any], min_density: float | None = None) -> None:
+    """Drop the built weights of the convs in ``cache`` that are no candidates at ``min_density`` (a
+    layout tried and not kept built them)."""
+    threshold = MIN_DENSITY if min_density is None else min_density
+    for key, (layer, density, prep) in list(cache.items()):
+        if 0.0 <= density < threshold and prep is not None and not callable(prep):
+            cache[key] = (layer, density, _sparse_dense if hasattr(layer, "spec") else _module_dense)
 
 
 class _Classes:
@@ -148,9 +208,11 @@ class _Classes:
         self.parent[self.find(a)] = self.find(b)
 
 
-def plan_layouts(nodes: list[Node], values: dict[str, Any], cache: dict[Any, Any]) -> Layouts:
+def plan_layouts(nodes: list[Node], values: dict[str, Any], cache: dict[Any, Any],
+                 min_density: float | None = None) -> Layouts:
     """Decide the blocked values of ``nodes`` for the input shape ``values`` was recorded with (see
-    the module docstring); ``cache`` keeps each conv's prepared weights across input shapes."""
+    the module docstring); ``cache`` keeps each conv's prepared weights across input shapes;
+    ``min_density`` replaces :data:`MIN_DENSITY`."""
     from sparsecnn.engine._lower import _clamp_of, _is_add, _is_alias, _is_relu, pool_kind
     from sparsecnn.kernels.blocked import blockable
 
@@ -158,7 +220,8 @@ def plan_layouts(nodes: list[Node], values: dict[str, Any], cache: dict[Any, Any
         v = values.get(name)
         return isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 4
 
-    chan = {n.name: p for n in nodes if (p := _conv_prep(n, cache)) is not None and tensor4(n.name)}
+    chan = {n.name: p for n in nodes
+            if (p := _conv_prep(n, cache, min_density)) is not None and tensor4(n.name)}
     classes = _Classes()
     elementwise: set[str] = set()
     for n in nodes:

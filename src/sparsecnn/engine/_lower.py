@@ -1198,7 +1198,7 @@ OWN_BUFFERS_MAX_BYTES = 512 << 20
 
 
 def build_program(nodes: list[Node], values: dict[str, Any], blocked: bool = False,
-                  cache: dict[Any, Any] | None = None) -> Program:
+                  cache: dict[Any, Any] | None = None, min_density: float | None = None) -> Program:
     """Lower ``nodes`` for the input shape ``values`` was recorded with (see :func:`record`).
 
     Where the kernels split the batch's images among the threads (:func:`sparsecnn.kernels.conv.
@@ -1209,6 +1209,8 @@ def build_program(nodes: list[Node], values: dict[str, Any], blocked: bool = Fal
     batch 32, 2 threads, interleaved in one process: ResNet-18 at 90% 151-157 against 163-170 ms
     (420 against 147 MB of buffers), AlexNet DC 141-152 against 146-160 ms (154 against 71 MB).
     Otherwise (batch 1, or buffers too large) dead values' buffers are reused (:class:`_Builder`).
+    With ``blocked``, chains of candidate convs (at least ``min_density`` of their weights nonzero,
+    :data:`sparsecnn.engine._layout.MIN_DENSITY` when None) keep channel-blocked activations.
 
     With ``blocked``, chains of dense conv layers keep their activations channel-blocked and run the
     channel-vector implicit GEMM (:mod:`sparsecnn.engine._layout`); ``cache`` keeps those layers'
@@ -1222,7 +1224,7 @@ def build_program(nodes: list[Node], values: dict[str, Any], blocked: bool = Fal
 
     x = next((values[n.name] for n in nodes if n.op == "input"), None)
     nparts = num_threads()
-    layouts = plan_layouts(nodes, values, {} if cache is None else cache) if blocked else None
+    layouts = plan_layouts(nodes, values, {} if cache is None else cache, min_density) if blocked else None
     if isinstance(x, torch.Tensor) and x.dim() > 0 and nparts > 1 and split_by_image(int(x.shape[0]), nparts):
         prog = _Builder(nodes, values, reuse=False, layouts=layouts).build()
         own = 4 * sum(prog.buffers)
