@@ -543,7 +543,8 @@ def compile(
         channel-blocked (NCHW16c) and run the channel-vector implicit GEMM
         (:mod:`sparsecnn.engine._layout`); ``"plain"``: every activation NCHW, every layer its
         planned strategy; ``"auto"``: whichever runs the example input faster (timed when the plan
-        is; plain otherwise).
+        is; plain otherwise), also trying the blocked layout with sparser conv layers (at least 25%
+        nonzero on average) run dense too.
 
     Returns
     -------

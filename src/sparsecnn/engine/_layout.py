@@ -7,9 +7,9 @@ Sparse kernels, pools and torch fallbacks read the plain layout. :func:`plan_lay
 value for one input shape:
 
 1. *Candidates*: conv layers on the CPU with one group, a multiple of ``BLOCK`` output channels and a
-   weight density of at least :data:`MIN_DENSITY` (or SSL's compact ``lowered`` weights), which the
-   channel-vector implicit GEMM can run; each gets an :class:`~sparsecnn.kernels.implicit_gemm.
-   ImplicitGemmPrep` of its weights.
+   weight density of at least :data:`MIN_DENSITY` (or SSL's compact ``lowered`` weights; ``compile``
+   also tries a lower threshold, see :data:`DENSE_TRY`), which the channel-vector implicit GEMM can
+   run; each gets an :class:`~sparsecnn.kernels.implicit_gemm.ImplicitGemmPrep` of its weights.
 2. *Classes*: values that must share a layout, because an elementwise step reads and writes them
    together (a ReLU or a clamp such as ReLU6 and its input, a residual add and both its inputs,
    eval-mode dropout).
