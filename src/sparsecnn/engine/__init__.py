@@ -540,7 +540,7 @@ def compile(
         left (:func:`sparsecnn.shrink.shrink`), so the compact layers run fewer FLOPs.
     layout : {"auto", "blocked", "plain"}
         ``"blocked"``: chains of dense (at least 35% nonzero) conv layers keep their activations
-        channel-blocked (NCHW16c) and run the channel-vector implicit GEMM
+        channel-blocked (NCHWc, c the vector width) and run the channel-vector implicit GEMM
         (:mod:`sparsecnn.engine._layout`); ``"plain"``: every activation NCHW, every layer its
         planned strategy; ``"auto"``: whichever runs the example input faster (timed when the plan
         is; plain otherwise), also trying the blocked layout with sparser conv layers (at least 25%
