@@ -122,6 +122,20 @@ def is_depthwise(prep: DirectConvPrep) -> bool:
     return cin_g == 1 and prep.groups == cout and cout > 1
 
 
+def clamp_bounds(what: str, relu: bool, clamp: tuple[float, float] | None,
+                 in_clamp: tuple[float, float] | None) -> tuple[np.float32, ...]:
+    """``(lo, hi, ilo, ihi)`` as float32 for a depthwise binder's output ``clamp`` and input
+    ``in_clamp`` (zeros where none), checked: the output clamp an interval and not with ``relu``, the
+    input clamp holding 0 (the value of the padding it is applied to)."""
+    if clamp is not None and (relu or not clamp[0] <= clamp[1]):
+        raise ValueError(f"{what}: clamp {clamp} must be an interval, and not with relu")
+    if in_clamp is not None and not in_clamp[0] <= 0.0 <= in_clamp[1]:
+        raise ValueError(f"{what}: in_clamp {in_clamp} must hold 0 (the padding)")
+    lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0),) * 2
+    ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
+    return lo, hi, ilo, ihi
+
+
 @dataclass(eq=False)
 class _DepthwiseWorkspace:
     """One calling thread's buffers for inputs of one shape: per numba thread a channel's phase planes
@@ -368,12 +382,7 @@ def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, in
     b = bias if has_bias else prep.data[:0]
     small = prep.nnz * ws.span * nb < _SERIAL_MACS
     kernel = _depthwise_kernel_serial if small else _depthwise_kernel
-    if clamp is not None and (relu or not clamp[0] <= clamp[1]):
-        raise ValueError(f"bind_depthwise_conv2d: clamp {clamp} must be an interval, and not with relu")
-    if in_clamp is not None and not in_clamp[0] <= 0.0 <= in_clamp[1]:
-        raise ValueError(f"bind_depthwise_conv2d: in_clamp {in_clamp} must hold 0 (the padding)")
-    lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0), np.float32(0.0))
-    ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
+    lo, hi, ilo, ihi = clamp_bounds("bind_depthwise_conv2d", relu, clamp, in_clamp)
     s2 = prep.stride == (2, 2)
     rows = _row_tiles(prep)
     wts = prep.cached(("depthwise-taps",), lambda: _dense_taps(prep)) if rows else None
@@ -503,6 +512,13 @@ def blocked_taps(prep: DirectConvPrep, h: int, w: int, ring: int = 0) -> tuple:
     return jl, jh, row3, rtab, rn, btab, bn, bcols
 
 
+def blocked_tables(prep: DirectConvPrep, h: int, w: int, ring: int = 0) -> tuple:
+    """:func:`blocked_taps` for ``prep`` on ``h x w`` planes (or a ring of ``ring`` rows), built once per
+    shape and kept with ``prep``."""
+    key = ("depthwise-blocked-taps", h, w, ring, ROW3_S2)
+    return prep.cached(key, lambda: blocked_taps(prep, h, w, ring))
+
+
 _depthwise_blocked_kernel_serial = serial_twin(_depthwise_blocked_kernel)
 
 
@@ -545,18 +561,13 @@ def bind_depthwise_blocked(prep: DirectConvPrep, x_shape: tuple[int, int, int, i
     if not out.flags.c_contiguous or out.size != nb * c * hout * wout:
         raise ValueError(f"bind_depthwise_blocked: out must be C-contiguous with {nb * c * hout * wout} "
                          f"floats")
-    if clamp is not None and (relu or not clamp[0] <= clamp[1]):
-        raise ValueError(f"bind_depthwise_blocked: clamp {clamp} must be an interval, and not with relu")
-    if in_clamp is not None and not in_clamp[0] <= 0.0 <= in_clamp[1]:
-        raise ValueError(f"bind_depthwise_blocked: in_clamp {in_clamp} must hold 0 (the padding)")
+    lo, hi, ilo, ihi = clamp_bounds("bind_depthwise_blocked", relu, clamp, in_clamp)
     wts = blocked_weights(prep)
     b = np.zeros(c, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     nparts = num_threads()
-    tables = prep.cached(("depthwise-blocked-taps", h, w, ROW3_S2), lambda: blocked_taps(prep, h, w))
+    tables = blocked_tables(prep, h, w)
     small = prep.nnz * hout * wout * nb < _SERIAL_MACS
     kernel = _depthwise_blocked_kernel_serial if small else _depthwise_blocked_kernel
-    lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0), np.float32(0.0))
-    ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
     flat = out.reshape(nb, -1)
     by_rows = BY_ROWS and hout >= BY_ROWS_MIN * nparts and (wout * VW * 4) % 64 == 0
     args = (wts, b, h, w, hout, wout, prep.stride[1], *tables, bool(relu), clamp is not None, lo, hi,

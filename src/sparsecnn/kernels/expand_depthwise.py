@@ -37,11 +37,17 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-from sparsecnn.kernels import depthwise
 from sparsecnn.kernels._numba import aligned_zeros, jit, num_threads, pjit, serial_twin
 from sparsecnn.kernels._simd import CHAN_BLOCK, CHAN_NP, VW, chan_tile
 from sparsecnn.kernels.conv import DirectConvPrep, split_by_image
-from sparsecnn.kernels.depthwise import blocked_taps, blocked_weights, dwb_row, is_depthwise, part_range
+from sparsecnn.kernels.depthwise import (
+    blocked_tables,
+    blocked_weights,
+    clamp_bounds,
+    dwb_row,
+    is_depthwise,
+    part_range,
+)
 
 __all__ = ["RING", "bind_expand_depthwise_blocked", "fusable_expand", "fusable_project"]
 
@@ -112,12 +118,13 @@ def _expand_depthwise_kernel(x, out, has_expand, ring, offs, qpos, wch, ncols, i
             xb, ob, rb = x[b], out[b], res[b]
             done = -1  # the last wide row computed for this image
             for i in range(r0, r1):
-                top = max(i * sh - ph, done + 1, 0)
-                bottom = min(i * sh - ph + (kh - 1) * dh, h - 1)
-                for r in range(top, bottom + 1 if has_expand else top):
-                    _gemm_row(xb, offs, qpos, r * w, wch, ncols, init, rg, (r % RING) * w * VW, plane,
-                              ncb * VW, w, rg, False, relu_e)
-                done = max(done, bottom)
+                if has_expand:  # the 1x1 layer's rows row i reads, past those computed
+                    top = max(i * sh - ph, done + 1, 0)
+                    bottom = min(i * sh - ph + (kh - 1) * dh, h - 1)
+                    for r in range(top, bottom + 1):
+                        _gemm_row(xb, offs, qpos, r * w, wch, ncols, init, rg, (r % RING) * w * VW, plane,
+                                  ncb * VW, w, rg, False, relu_e)
+                    done = max(done, bottom)
                 src = rg if has_expand else xb
                 for cb in range(ncb):  # into the row buffer for the projection, else into out
                     dst = rw if has_proj else ob
@@ -202,18 +209,10 @@ def bind_expand_depthwise_blocked(eprep, ebias: np.ndarray | None, dprep: Direct
     if not out.flags.c_contiguous or out.size != nb * cout * hout * wout:
         raise ValueError(f"bind_expand_depthwise_blocked: out must be C-contiguous with "
                          f"{nb * cout * hout * wout} floats")
-    if clamp is not None and (relu or not clamp[0] <= clamp[1]):
-        raise ValueError(f"bind_expand_depthwise_blocked: clamp {clamp} must be an interval, and not with "
-                         f"relu")
-    if in_clamp is not None and not in_clamp[0] <= 0.0 <= in_clamp[1]:
-        raise ValueError(f"bind_expand_depthwise_blocked: in_clamp {in_clamp} must hold 0 (the padding)")
+    lo, hi, ilo, ihi = clamp_bounds("bind_expand_depthwise_blocked", relu, clamp, in_clamp)
     nparts = num_threads()
-    ring_rows = 0 if eprep is None else RING
-    tables = dprep.cached(("depthwise-blocked-ring", h, w, ring_rows, depthwise.ROW3_S2),
-                          lambda: blocked_taps(dprep, h, w, ring_rows))
+    tables = blocked_tables(dprep, h, w, 0 if eprep is None else RING)  # the plain layer's, without a ring
     db = np.zeros(cexp, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
-    lo, hi = (np.float32(v) for v in clamp) if clamp is not None else (np.float32(0.0),) * 2
-    ilo, ihi = (np.float32(v) for v in in_clamp) if in_clamp is not None else (np.float32(0.0),) * 2
     if eprep is None:
         ring = aligned_zeros((nparts, VW))
         wflat, ncols, offs, qpos, init = _gemm_operands(None, None, 0, 0)
