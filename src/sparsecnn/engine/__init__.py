@@ -470,15 +470,12 @@ def _faster_layout(compiled: CompiledModel, x: torch.Tensor, force: bool = False
     dense hold at least :data:`~sparsecnn.engine._layout.DENSE_TRY` of their weights nonzero on
     average, it times the blocked layout with them dense too: a 70%-pruned MobileNet-v2's 1x1 layers
     run faster dense in its fused blocks than sparse (1.2x at batch 32)."""
-    from sparsecnn.engine._layout import below_threshold, unbuild_below
-
     xn, shape = x.numpy(), tuple(x.shape)
     cache = compiled._chan_cache
     candidates = []
     if has_candidates(compiled._nodes, cache):
         candidates.append(_blocked_copy(compiled, None))
-    share, density = below_threshold(compiled._nodes, cache)
-    if not force and share > 0.0 and density >= _layout.DENSE_TRY:
+    if not force and _layout.below_threshold(compiled._nodes, cache) >= _layout.DENSE_TRY:
         candidates.append(_blocked_copy(compiled, 0.0))
     candidates = [c for c in candidates if any(k.startswith("conv:blocked") for k in c.steps(shape))]
     if not candidates:
@@ -489,7 +486,7 @@ def _faster_layout(compiled: CompiledModel, x: torch.Tensor, force: bool = False
     times = _time_steps([lambda: compiled.numpy(xn)] + [lambda c=c: c.numpy(xn) for c in candidates])
     best = min(range(len(candidates)), key=lambda i: times[i + 1])
     if times[best + 1] < 0.97 * times[0]:
-        unbuild_below(cache, candidates[best]._min_density)
+        _layout.unbuild_below(cache, candidates[best]._min_density)
         return candidates[best]
     cache.clear()
     return compiled

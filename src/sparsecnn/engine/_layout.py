@@ -137,24 +137,21 @@ def _module_dense(layer: nn.Conv2d) -> tuple:
     return w, bias, layer.stride, layer.padding, layer.dilation
 
 
-def below_threshold(nodes: list[Node], cache: dict[Any, Any]) -> tuple[float, float]:
-    """``(weights, mean density)`` of the convs that could run the channel-vector GEMM dense but are
-    no candidates at :data:`MIN_DENSITY` (sparser), their weights' share of all such convs' and their
-    density weighted by size; nothing is built."""
-    total = below = nonzero = 0.0
+def below_threshold(nodes: list[Node], cache: dict[Any, Any]) -> float:
+    """The mean density, weighted by size, of the convs that could run the channel-vector GEMM dense
+    but are no candidates at :data:`MIN_DENSITY` (sparser); 0 when there are none. Builds nothing."""
+    below = nonzero = 0.0
     for n in nodes:
-        _conv_prep(n, cache, 2.0, build=False)  # fills the cache entry, builds nothing
+        _conv_prep(n, cache, 2.0, build=False)  # fills the cache entry
         entry = cache.get(id(n.fn)) if n.op == "module" else None
-        if entry is None or entry[1] < 0.0:
+        if entry is None or not 0.0 <= entry[1] < MIN_DENSITY:
             continue
         layer = entry[0]
         size = float(layer.weight.numel()) if type(layer) is nn.Conv2d else float(layer.spec.out_channels
                                                                                   * layer.spec.k)
-        total += size
-        if entry[1] < MIN_DENSITY:
-            below += size
-            nonzero += size * entry[1]
-    return (below / total, nonzero / below) if below else (0.0, 0.0)
+        below += size
+        nonzero += size * entry[1]
+    return nonzero / below if below else 0.0
 
 
 def _dense_prep(w: np.ndarray, stride: Any, padding: Any, dilation: Any, prepare: Any) -> Any:
