@@ -934,3 +934,39 @@ def test_expand_depthwise_matches_torch(cin, cexp, h, w, kh, kw, s, p, dil, batc
         assert_close(from_blocked_array(out), ref.numpy(), what="expand + depthwise")
     finally:
         numba.set_num_threads(before)
+
+
+def test_thread_split_keeps_conv_groups_whole(rng):
+    """``balanced_bounds`` with a unit (a conv group's items): a bound near a group's edge moves onto
+    it where the parts stay within ``UNIT_SLACK`` of the cost split's largest, and a grouped direct
+    conv gives each of two threads one whole conv group (AlexNet conv5's shape, where the cost split
+    gave one thread a filter of the other group)."""
+    from sparsecnn.kernels._numba import UNIT_SLACK, balanced_bounds
+
+    cost = np.array([1] * 32 + [2] * 32)  # the second group costs twice as much
+    assert list(balanced_bounds(cost, 2)) == [0, 40, 64]
+    # 8 items (a quarter unit) from the edge, but there one part would cost 64 against 48: left alone
+    assert list(balanced_bounds(cost, 2, 32)) == [0, 40, 64] and UNIT_SLACK < 64 / 48 - 1
+    cost = np.array([10] * 32 + [11] * 32)  # the cost split puts the bound two items off the edge
+    assert list(balanced_bounds(cost, 2)) == [0, 34, 64]
+    assert list(balanced_bounds(cost, 2, 32)) == [0, 32, 64]
+    assert list(balanced_bounds(cost, 4, 32)) == [0, 17, 32, 49, 64]  # quarters: only the middle moves
+    assert list(balanced_bounds(cost, 2, 1)) == list(balanced_bounds(cost, 2, 64)) == [0, 34, 64]
+
+    w = random_sparse(rng, (64, 16, 3, 3), 0.63)
+    w[:32, :, 0, 0] = 0.0  # the first group lighter: a cost split would cross into the second
+    x = rng.standard_normal((1, 32, 13, 13)).astype(np.float32)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        prep = prepare_direct(w, 2, (1, 1), (1, 1), (1, 1))
+        out = np.empty(prep.output_shape(x.shape), np.float32)
+        direct_conv2d(prep, x, None, out)
+        ws = prep.workspace(x.shape)
+        bounds = ws.grouped.bounds if ws.grouped is not None else ws.bounds
+        per_group = (ws.grouped.filters.shape[0] if ws.grouped is not None else 64) // 2
+        assert list(bounds) == [0, per_group, 2 * per_group]
+    finally:
+        numba.set_num_threads(old)
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1, groups=2).numpy()
+    assert_close(out, ref)

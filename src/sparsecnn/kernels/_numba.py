@@ -203,13 +203,37 @@ class PerThread:
         return PerThread()
 
 
-def balanced_bounds(cost: np.ndarray, nparts: int) -> np.ndarray:
-    """Split ``range(len(cost))`` into ``nparts`` contiguous ranges of about equal total cost."""
+# How far above the cost split's largest part a part may go when its bounds move to whole units.
+UNIT_SLACK = 0.1
+
+
+def balanced_bounds(cost: np.ndarray, nparts: int, unit: int = 1) -> np.ndarray:
+    """Split ``range(len(cost))`` into ``nparts`` contiguous ranges of about equal total cost.
+
+    With ``unit`` > 1 (the items of one convolution group, when ``len(cost)`` is a whole number of
+    them), each inner bound within a quarter unit of a unit's edge moves onto it, where no part then
+    costs more than ``UNIT_SLACK`` above an even share: a thread then reads the input channels of its
+    own groups only. Why: AlexNet's conv5 (2 groups of 32 filter groups) split by cost alone gave one
+    thread 33 filter groups, so it read both groups' inputs; on the group edge the layer ran 1.07-1.16x
+    faster (2 threads, batch 1, interleaved), though the cost split was off by a few percent.
+    """
     cum = np.concatenate(([0], np.cumsum(cost)))
     targets = cum[-1] * np.arange(nparts + 1) / nparts
     bounds = np.searchsorted(cum, targets, side="left").astype(np.int64)
     bounds[0], bounds[-1] = 0, cost.size
-    return np.maximum.accumulate(bounds)
+    bounds = np.maximum.accumulate(bounds)
+    n = cost.size
+    if unit <= 1 or unit >= n or n % unit or nparts < 2:
+        return bounds
+    edge = np.round(bounds / unit).astype(np.int64) * unit
+    near = np.abs(edge - bounds) * 4 <= unit
+    near[0] = near[-1] = False
+    if not near.any():
+        return bounds
+    snapped = np.maximum.accumulate(np.where(near, edge, bounds))
+    if np.diff(cum[snapped]).max() <= (1 + UNIT_SLACK) * np.diff(cum[bounds]).max():
+        return snapped
+    return bounds
 
 
 # Bytes a vector kernel's buffers start on: one cache line (a 64-byte zmm load from an address that

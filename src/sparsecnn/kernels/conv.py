@@ -474,7 +474,7 @@ class DirectConvPrep(ConvPrepBase):
         rows = max((_L2_BYTES // (4 * cin_read * nph) - halo) // wph, -(-_TILE // wph), 1)
         group = min(rows, hout) * wph
         counts = np.diff(self.indptr).astype(np.int64) + 1  # +1: an empty filter still costs a bias fill
-        bounds = balanced_bounds(counts, nparts)
+        bounds = balanced_bounds(counts, nparts, cout // self.groups)  # on group edges where near
         # Input-channel blocks whose part of a register tile's input (its span plus the taps' halo,
         # in every phase) fits in L1: every filter of the thread adds a block into its tile before
         # the next block, so the block's input is read from L1 by all of them.
@@ -605,7 +605,7 @@ def _grouped_plan(prep: DirectConvPrep, lay: PhaseLayout, c: np.ndarray, ci: np.
     every_cg, every_j = np.divmod(every, mg)
     filters[every_cg * per_conv + every_j // GROUP_F, every_j % GROUP_F] = every
     cost = np.bincount(fgroup, minlength=ngroups).astype(np.int64) + 1
-    bounds = balanced_bounds(cost, nparts)
+    bounds = balanced_bounds(cost, nparts, per_conv)  # on conv-group edges where near
     gstride = group + 2 * VW
     slots = GROUP_F * max(ngroups if by_image else int(np.diff(bounds).max(initial=0)), 1)
     return _Grouped(offsets=np.ascontiguousarray(offsets, dtype=off_dtype), weights=weights,

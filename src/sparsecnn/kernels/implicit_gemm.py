@@ -247,7 +247,7 @@ class ImplicitGemmPrep(ConvPrepBase):
                                       serial=macs < _SERIAL_MACS, m=m)
         ntiles = self.data.shape[1]
         cost = np.repeat(self.ncols + 1, ntiles)  # an item's cost: its columns (+1: the crop)
-        bounds = balanced_bounds(cost, nparts)
+        bounds = balanced_bounds(cost, nparts, ntiles)  # on group edges where near
         nvec = -(-lay.span // VW)
         # A serial layer copies its input inside the kernel, as the threads do when they split the
         # images: one numba call instead of two (each ~2 us of dispatch on LeNet-5's layers).
@@ -426,7 +426,7 @@ class ImplicitGemmPrep(ConvPrepBase):
             cost = ((self.ncols + 1)[:, None, None] * npos[None, :, None]).repeat(nob, axis=2).reshape(-1)
         else:  # items (group, filter block, position group)
             cost = ((self.ncols + 1)[:, None, None] * npos[None, None, :]).repeat(nob, axis=1).reshape(-1)
-        bounds = balanced_bounds(cost, nparts)
+        bounds = balanced_bounds(cost, nparts, cost.size // self.groups)  # on group edges where near
         nbuf, size = lay.xt_shape(nparts if by_image else b, cin, self.padding[1])
         return _Workspace(
             offsets=offsets,
