@@ -137,17 +137,17 @@ def test_direct_conv_picks_filter_groups_at_moderate_sparsity_only(rng):
     channel: too few columns). With 16 vector registers (AVX2: ``GROUP_NV`` = 2 vectors per filter)
     the group tiles' broadcasts and offsets are spread over too few vectors, so the estimate keeps the
     per-filter tiles everywhere."""
-    pays = GROUPS_CAN_PAY
-
     def form(shape, k, sparsity, batch=1):
         w = random_sparse(rng, (shape[1], shape[0], k, k), sparsity)
         prep = prepare_direct(w, 1, (1, 1), ((k - 1) // 2, (k - 1) // 2), (1, 1))
         return prep.workspace((batch, shape[0], shape[2], shape[2])).grouped is not None
 
-    assert form((48, 64, 27), 5, 0.62) == pays  # AlexNet conv2-like (27x27: several per-filter tiles)
+    # AlexNet conv2-like (27x27: several per-filter tiles)
+    assert form((48, 64, 27), 5, 0.62) == GROUPS_CAN_PAY
     assert not form((48, 64, 27), 5, 0.9)
-    assert form((192, 64, 13), 3, 0.63) == pays  # 13x13: one per-filter tile would cover a row group
-    assert form((192, 64, 13), 3, 0.63, batch=8) == pays
+    # 13x13: one per-filter tile would cover a row group
+    assert form((192, 64, 13), 3, 0.63) == GROUPS_CAN_PAY
+    assert form((192, 64, 13), 3, 0.63, batch=8) == GROUPS_CAN_PAY
     assert not form((192, 64, 13), 3, 0.9)
     assert not form((512, 64, 28), 1, 0.63)
 

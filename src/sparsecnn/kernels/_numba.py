@@ -212,10 +212,11 @@ def balanced_bounds(cost: np.ndarray, nparts: int, unit: int = 1) -> np.ndarray:
 
     With ``unit`` > 1 (the items of one convolution group, when ``len(cost)`` is a whole number of
     them), each inner bound within a quarter unit of a unit's edge moves onto it, where no part then
-    costs more than ``UNIT_SLACK`` above an even share: a thread then reads the input channels of its
-    own groups only. Why: AlexNet's conv5 (2 groups of 32 filter groups) split by cost alone gave one
-    thread 33 filter groups, so it read both groups' inputs; on the group edge the layer ran 1.07-1.16x
-    faster (2 threads, batch 1, interleaved), though the cost split was off by a few percent.
+    costs more than ``UNIT_SLACK`` above the cost split's largest part: a thread then reads the input
+    channels of its own groups only. Why: AlexNet's conv5 (2 groups of 32 filter groups) split by
+    cost alone gave one thread 33 filter groups, so it read both groups' inputs; on the group edge
+    the layer ran 1.07-1.16x faster (2 threads, batch 1, interleaved), though the cost split was off
+    by a few percent.
     """
     cum = np.concatenate(([0], np.cumsum(cost)))
     targets = cum[-1] * np.arange(nparts + 1) / nparts
