@@ -21,6 +21,7 @@ from sparsecnn.bench.harness import (
     read_records,
     time_call,
     time_cold,
+    time_paired,
     validate_record,
 )
 from sparsecnn.errors import SparseCNNError
@@ -63,6 +64,31 @@ def test_time_call_stops_at_the_time_budget() -> None:
 
     t = time_call(lambda: time.sleep(0.01), repeats=100, max_total_s=0.05)
     assert 3 <= t.repeats < 100
+
+
+def test_time_paired_alternates_the_two_calls() -> None:
+    """After each one's warm-up and calibration call, the samples alternate: fn, other, fn, other...,
+    so a slow spell of the machine lands on both; each gets its own Timing."""
+    import time
+
+    calls: list[str] = []
+
+    def fn() -> None:
+        calls.append("a")
+        time.sleep(0.003)
+
+    def other() -> None:
+        calls.append("b")
+        time.sleep(0.006)
+
+    a, b = time_paired(fn, other, repeats=5, warmup=1)
+    assert calls[:4] == ["a", "a", "b", "b"]  # warm-up and calibration, one after the other
+    assert calls[4:] == ["a", "b"] * 5 and a.repeats == b.repeats == 5 and a.inner == b.inner == 1
+    assert a.median_s < b.median_s
+    stopped = time_paired(fn, other, repeats=100, max_total_s=0.05)
+    assert 3 <= stopped[0].repeats == stopped[1].repeats < 100
+    with pytest.raises(SparseCNNError, match="repeats"):
+        time_paired(fn, other, repeats=0)
 
 
 def test_check_close_accepts_reassociation_and_rejects_wrong_output() -> None:

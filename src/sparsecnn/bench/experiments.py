@@ -45,6 +45,7 @@ from sparsecnn.bench.harness import (
     Task,
     check_close,
     time_call,
+    time_paired,
 )
 from sparsecnn.bench.placement import probe_cores, span_label
 from sparsecnn.errors import SparseCNNError
@@ -381,12 +382,22 @@ def _timed(
     cfg: ReportConfig,
     rtol: float = 1e-4,
     metrics: dict[str, Any] | None = None,
+    baseline: Callable[[], Any] | None = None,
 ) -> Outcome:
-    """Warm up and verify against ``ref`` (raising before any timing on a mismatch), then time."""
+    """Warm up and verify against ``ref`` (raising before any timing on a mismatch), then time. With
+    ``baseline`` (the torch-dense call of the same input) the two are timed in alternating samples
+    (:func:`~sparsecnn.bench.harness.time_paired`) and the metrics get ``baseline_s`` and
+    ``paired_speedup`` (baseline median / this median)."""
     err = check_close(fn(), ref, rtol=rtol)  # the first call also compiles (JIT warm-up)
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else None
-    timing = time_call(fn, repeats=cfg.repeats, warmup=1, max_total_s=cfg.max_task_s, sync=sync)
-    return Outcome({**(metrics or {}), "max_rel_err": err}, timing)
+    metrics = {**(metrics or {}), "max_rel_err": err}
+    if baseline is None:
+        timing = time_call(fn, repeats=cfg.repeats, warmup=1, max_total_s=cfg.max_task_s, sync=sync)
+        return Outcome(metrics, timing)
+    timing, base = time_paired(fn, baseline, repeats=cfg.repeats, warmup=1, max_total_s=2 * cfg.max_task_s,
+                               sync=sync)
+    metrics.update(baseline_s=base.median_s, paired_speedup=base.median_s / timing.median_s)
+    return Outcome(metrics, timing)
 
 
 def _layer_kind(module: nn.Module) -> str:
@@ -1086,7 +1097,9 @@ def _e2e_run(ctx: _Context, name: str, profile: str, batch: int, impl: str) -> O
         metrics["strategies"] = {n: m.strategy for n, m in sm.named_modules() if hasattr(m, "strategy")}
         fn = lambda: sm(x)  # noqa: E731
     before = probe_cores() if cfg.device == "cpu" else None
-    outcome = _timed(fn, ref, cfg, rtol=1e-3, metrics=metrics)
+    # every engine but torch dense itself is timed in alternation with torch dense (the speedup column)
+    baseline = None if impl == "torch-dense" else (lambda: model(x))
+    outcome = _timed(fn, ref, cfg, rtol=1e-3, metrics=metrics, baseline=baseline)
     if before is not None:  # the two cores' placement around the timing (near / far; see bench.placement)
         outcome.metrics["cores"] = span_label(before, probe_cores())
     med = outcome.timing.median_s if outcome.timing else float("nan")

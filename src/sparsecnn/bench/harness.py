@@ -51,6 +51,7 @@ __all__ = [
     "read_records",
     "set_threads",
     "time_call",
+    "time_paired",
     "validate_record",
 ]
 
@@ -132,26 +133,70 @@ def time_call(
     if repeats < 1:
         raise SparseCNNError(f"repeats must be >= 1, got {repeats}")
     done = sync or (lambda: None)
-    for _ in range(max(warmup, 0)):
-        fn()
-    done()
-    # Calibrate: one more call, timed, decides how many calls make a sample.
-    t0 = time.perf_counter()
-    fn()
-    done()
-    one = time.perf_counter() - t0
-    inner = 1 if one >= min_sample_s else min(1000, max(1, math.ceil(min_sample_s / max(one, 1e-9))))
+    inner = _calls_per_sample(fn, warmup, min_sample_s, done)
     samples: list[float] = []
     start = time.perf_counter()
     floor = min(3, repeats)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        done()
-        samples.append((time.perf_counter() - t0) / inner)
+        samples.append(_sample(fn, inner, done))
         if len(samples) >= floor and time.perf_counter() - start > max_total_s:
             break
+    return _timing(samples, inner, warmup)
+
+
+def time_paired(
+    fn: Callable[[], object],
+    other: Callable[[], object],
+    *,
+    repeats: int = 7,
+    warmup: int = 1,
+    min_sample_s: float = 2e-3,
+    max_total_s: float = 10.0,
+    sync: Callable[[], None] | None = None,
+) -> tuple[Timing, Timing]:
+    """Time ``fn()`` and ``other()`` in alternating samples (as :func:`time_call` times one): a spell
+    of the machine (a VM's speed can swing 1.5x within minutes) slows both alike, so the ratio of the
+    two medians holds where two separate timings taken minutes apart do not. ``max_total_s`` bounds
+    the two together."""
+    if repeats < 1:
+        raise SparseCNNError(f"repeats must be >= 1, got {repeats}")
+    done = sync or (lambda: None)
+    inner = [_calls_per_sample(f, warmup, min_sample_s, done) for f in (fn, other)]
+    samples: list[list[float]] = [[], []]
+    start = time.perf_counter()
+    floor = min(3, repeats)
+    for _ in range(repeats):
+        for i, f in enumerate((fn, other)):
+            samples[i].append(_sample(f, inner[i], done))
+        if len(samples[0]) >= floor and time.perf_counter() - start > max_total_s:
+            break
+    return _timing(samples[0], inner[0], warmup), _timing(samples[1], inner[1], warmup)
+
+
+def _calls_per_sample(fn: Callable[[], object], warmup: int, min_sample_s: float,
+                      done: Callable[[], None]) -> int:
+    """Warm ``fn`` up, then time one more call: the calls that make a sample of at least
+    ``min_sample_s``."""
+    for _ in range(max(warmup, 0)):
+        fn()
+    done()
+    t0 = time.perf_counter()
+    fn()
+    done()
+    one = time.perf_counter() - t0
+    return 1 if one >= min_sample_s else min(1000, max(1, math.ceil(min_sample_s / max(one, 1e-9))))
+
+
+def _sample(fn: Callable[[], object], inner: int, done: Callable[[], None]) -> float:
+    """Seconds per call of ``inner`` calls of ``fn``."""
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    done()
+    return (time.perf_counter() - t0) / inner
+
+
+def _timing(samples: list[float], inner: int, warmup: int) -> Timing:
     q1, med, q3 = _quartiles(samples)
     return Timing(
         median_s=med,

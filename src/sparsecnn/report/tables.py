@@ -864,7 +864,7 @@ def e2e_table(recs: list[dict[str, Any]]) -> Table:
                 impl,
                 _ms(t),
                 f"{batch / t:,.1f}" if t else "—",
-                _x(base / t) if base and t else "—",
+                _x(r["metrics"].get("paired_speedup") or (base / t if base and t else None)),
                 r["metrics"].get("cores", "—"),
                 counts,
             ]
@@ -876,7 +876,10 @@ def e2e_table(recs: list[dict[str, Any]]) -> Table:
         "'sparsecnn' is sparsify(model, 'auto'): the planner's per-layer choice; 'sparsecnn-compiled' is "
         "sparsecnn.compile(model, x, 'auto'): the whole-model executor (BatchNorm folded, ReLU and residual "
         "adds fused, numba pools, planned buffers); 'onnxruntime' runs the dense model exported to ONNX "
-        "(intra-op spinning off). Planning time is not included. 'cores': where the two worker threads' "
+        "(intra-op spinning off). Planning time is not included. 'speedup': over torch-dense timed in "
+        "alternating samples with the implementation in the same measurement (the ratio of the two medians; "
+        "a spell of the machine slows both), where the ms columns come from separate measurements. "
+        "'cores': where the two worker threads' "
         "cores sat around the timing (sparsecnn.bench.placement): 'far' (no shared cache, as a VM's host "
         "may place them for minutes at a time) slows every multi-threaded engine, the compiled one most; "
         "compare speedups taken in the same placement.",
