@@ -130,18 +130,7 @@ def time_call(
     sync : callable, optional
         Called after each sample's calls (``torch.cuda.synchronize`` on a GPU).
     """
-    if repeats < 1:
-        raise SparseCNNError(f"repeats must be >= 1, got {repeats}")
-    done = sync or (lambda: None)
-    inner = _calls_per_sample(fn, warmup, min_sample_s, done)
-    samples: list[float] = []
-    start = time.perf_counter()
-    floor = min(3, repeats)
-    for _ in range(repeats):
-        samples.append(_sample(fn, inner, done))
-        if len(samples) >= floor and time.perf_counter() - start > max_total_s:
-            break
-    return _timing(samples, inner, warmup)
+    return _round_robin([fn], repeats, warmup, min_sample_s, max_total_s, sync)[0]
 
 
 def time_paired(
@@ -158,19 +147,26 @@ def time_paired(
     of the machine (a VM's speed can swing 1.5x within minutes) slows both alike, so the ratio of the
     two medians holds where two separate timings taken minutes apart do not. ``max_total_s`` bounds
     the two together."""
+    first, second = _round_robin([fn, other], repeats, warmup, min_sample_s, max_total_s, sync)
+    return first, second
+
+
+def _round_robin(fns: list[Callable[[], object]], repeats: int, warmup: int, min_sample_s: float,
+                 max_total_s: float, sync: Callable[[], None] | None) -> list[Timing]:
+    """:func:`time_call`'s samples for each of ``fns``, one sample of each in turn."""
     if repeats < 1:
         raise SparseCNNError(f"repeats must be >= 1, got {repeats}")
     done = sync or (lambda: None)
-    inner = [_calls_per_sample(f, warmup, min_sample_s, done) for f in (fn, other)]
-    samples: list[list[float]] = [[], []]
+    inner = [_calls_per_sample(f, warmup, min_sample_s, done) for f in fns]
+    samples: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     floor = min(3, repeats)
     for _ in range(repeats):
-        for i, f in enumerate((fn, other)):
+        for i, f in enumerate(fns):
             samples[i].append(_sample(f, inner[i], done))
         if len(samples[0]) >= floor and time.perf_counter() - start > max_total_s:
             break
-    return _timing(samples[0], inner[0], warmup), _timing(samples[1], inner[1], warmup)
+    return [_timing(s, n, warmup) for s, n in zip(samples, inner, strict=True)]
 
 
 def _calls_per_sample(fn: Callable[[], object], warmup: int, min_sample_s: float,
