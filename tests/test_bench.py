@@ -249,6 +249,28 @@ def test_break_even_interpolates_in_log_speedup_and_ignores_noise_below() -> Non
     assert "never" in break_even([0.5], [0.5]).describe()
 
 
+def _layer_record(impl: str, median_s: float, paired: float | None = None) -> dict:
+    metrics = {"paired_speedup": paired} if paired else {}
+    return {"params": {"model": "m", "profile": "p", "layer": "conv1", "impl": impl}, "status": "ok",
+            "metrics": metrics, "timing": {"median_s": median_s, "iqr_s": 0.0}}
+
+
+def test_tables_take_the_speedup_timed_beside_torch_dense() -> None:
+    """A spell between torch dense's own measurement (10 ms) and a strategy's (5 ms) would say 2x;
+    the ratio timed in alternation (3x, 4x) is what the tables show and what picks the best."""
+    from sparsecnn.report.tables import _best, _index, layer_time_table, speedup
+
+    recs = [_layer_record("torch-dense", 10e-3), _layer_record("direct", 5e-3, 3.0),
+            _layer_record("csrmm", 4e-3, 2.5), _layer_record("lowered", 8e-3)]
+    assert speedup(recs[1], 10e-3) == 3.0
+    assert speedup(recs[3], 10e-3) == pytest.approx(1.25)  # an older file: no pair, the two medians
+    assert speedup(recs[3], None) is None and speedup({**recs[1], "status": "error"}, 10e-3) is None
+    row = layer_time_table(recs, "m", "p", "t").rows[0]
+    assert "(3.00×)" in row[2] and "(2.50×)" in row[3] and "(1.25×)" in row[4]
+    # csrmm's own time is the smallest, but direct ran faster against torch dense in its own pairs
+    assert _best(_index(recs, "layer", "impl"), ("conv1",), ("direct", "csrmm")) == ("direct", 5e-3, 3.0)
+
+
 def test_peers_match_the_dense_layer() -> None:
     from sparsecnn.bench.peers import conv_peers, linear_peers, matrix_peers
 

@@ -400,6 +400,14 @@ def _timed(
     return Outcome(metrics, timing)
 
 
+def _dense_call(module: nn.Module, x: torch.Tensor, device: str) -> Callable[[], torch.Tensor]:
+    """torch's own dense op of ``module`` on ``x`` (what the ``torch-dense`` peer times): the baseline
+    that every other implementation of a layer is timed in alternation with (:func:`_timed`)."""
+    m = module.eval().to(device)
+    xd = x.to(device)
+    return lambda: m(xd)
+
+
 def _layer_kind(module: nn.Module) -> str:
     return "linear" if isinstance(module, nn.Linear) else "conv"
 
@@ -431,7 +439,11 @@ def _strategy_task(
     io: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     cfg: ReportConfig,
     label: str,
+    baseline: Callable[[], Callable[[], Any]] | None = None,
 ) -> Task:
+    """Time ``strategy`` on the layer ``module()`` in alternation with torch dense: on the same layer
+    and input, or what ``baseline()`` returns (the unshrunk layer of a shrunk one)."""
+
     def run() -> Outcome:
         x, ref = io()
         layer = _engine_layer(module(), strategy, name, cfg.device)
@@ -441,6 +453,7 @@ def _strategy_task(
             ref,
             cfg,
             metrics={"kind": "strategy", "conversion_s": layer.conversion_seconds, "ran": layer.strategy},
+            baseline=baseline() if baseline is not None else _dense_call(module(), x, cfg.device),
         )
         # after the calls: a format that builds a run-time layout on first use (qspmv's sliced ELL)
         # counts it
@@ -470,7 +483,9 @@ def _peer_task(
         conversion = time.perf_counter() - t0
         if peer not in peers:
             raise SparseCNNError(f"peer {peer} is not available here (device {cfg.device})")
-        return _timed(peers[peer], ref, cfg, metrics={"kind": "peer", "conversion_s": conversion})
+        base = None if peer == "torch-dense" else _dense_call(m, x, cfg.device)
+        return _timed(peers[peer], ref, cfg, metrics={"kind": "peer", "conversion_s": conversion},
+                      baseline=base)
 
     return Task(experiment, {**params, "impl": peer}, run, label)
 
@@ -570,6 +585,9 @@ def _planner_task(
         choice = getattr(layer, "strategy", "torch")
         plan = getattr(sm, "sparsecnn_plan", None)
         source = getattr(plan.layers.get(lname), "source", None) if plan is not None else None
+        # the baseline: torch dense on the layer as pruned (unshrunk) and its own input
+        base = _dense_call(ctx.model(name, profile).get_submodule(lname),
+                           ctx.layer_io(name, profile, batch)[lname][0], ctx.cfg.device)
         return _timed(
             lambda: layer(xd),
             ref,
@@ -581,6 +599,7 @@ def _planner_task(
                 "plan_s": plan_s,
                 "measured": ctx.plan_measured(batch),
             },
+            baseline=base,
         )
 
     return Task(experiment, {**params, "impl": "auto"}, run, label)
@@ -756,9 +775,11 @@ def _structure_tasks(ctx: _Context) -> list[Task]:
                             f"{tag} structure"))
             out.append(_peer_task("sparsity_sweep", params, full, "torch-dense", full_io, cfg,
                                   f"{tag} torch-dense"))
+            # each paired with torch dense on the layer as pruned, the structure table's baseline
+            base = functools.partial(lambda f, fio: _dense_call(f(), fio()[0], cfg.device), full, full_io)
             out += [
                 _strategy_task("sparsity_sweep", params, module, lname, st, io, cfg,
-                               f"{tag}{' shrunk' if structured else ''} {st}")
+                               f"{tag}{' shrunk' if structured else ''} {st}", baseline=base)
                 for st in STRUCTURE_STRATEGIES
             ]
     return out
@@ -997,15 +1018,16 @@ def _spxsp_run(ctx: _Context, name: str, profile: str, lname: str, impl: str) ->
     }
     if impl == "torch-dense":
         return _timed(lambda: conv(x), ref, cfg, metrics=metrics)
+    base = _dense_call(conv, x, cfg.device)
     if impl == "torch-spgemm":
         fn = _torch_spgemm(conv, x)
-        return _timed(fn, ref, cfg, metrics=metrics)
+        return _timed(fn, ref, cfg, metrics=metrics, baseline=base)
     layer = _engine_layer(conv, impl, lname, cfg.device)
     metrics["conversion_s"] = layer.conversion_seconds
     if impl in ("direct", "lowered", "bsr"):
         metrics["weight_bytes"] = int(layer.weight_nbytes)
         metrics["operand_bytes"] = metrics["weight_bytes"] + metrics["input_bytes"]
-    return _timed(lambda: layer(x), ref, cfg, metrics=metrics)
+    return _timed(lambda: layer(x), ref, cfg, metrics=metrics, baseline=base)
 
 
 def _torch_spgemm(conv: nn.Conv2d, x: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -1360,6 +1382,12 @@ def run_sweep(
             return harness.run(tasks, title="sweep")
 
 
+def _dense_product(a: np.ndarray, b: np.ndarray, device: str) -> Callable[[], torch.Tensor]:
+    """``A @ B`` by torch's dense matmul (the ``torch-dense`` peer of :func:`matrix_sweep_tasks`)."""
+    at, bt = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
+    return lambda: at @ bt
+
+
 def matrix_sweep_tasks(
     cfg: ReportConfig, shape: tuple[int, int, int], sparsities: Sequence[float]
 ) -> list[Task]:
@@ -1401,11 +1429,13 @@ def matrix_sweep_tasks(
                 ref_of(s),
                 cfg,
                 metrics={"kind": "strategy", "conversion_s": conv_s, "weight_nbytes": fmt.nbytes},
+                baseline=_dense_product(a, b, cfg.device),
             )
 
         def peer(p: str, s: float = s) -> Outcome:
-            fn = matrix_peers(a_of(s), b, device=cfg.device, threads=torch.get_num_threads(), onnx=False)[p]
-            return _timed(fn, ref_of(s), cfg, metrics={"kind": "peer"})
+            peers = matrix_peers(a_of(s), b, device=cfg.device, threads=torch.get_num_threads(), onnx=False)
+            return _timed(peers[p], ref_of(s), cfg, metrics={"kind": "peer"},
+                          baseline=None if p == "torch-dense" else peers["torch-dense"])
 
         tasks.extend(
             Task("sweep", {**params, "impl": impl}, functools.partial(engine, impl), f"s={s:g} {impl}")

@@ -27,6 +27,7 @@ from sparsecnn.report.tables import (
     load_results,
     median,
     spconv_rows,
+    speedup,
     structure_rows,
     sweep_curves,
 )
@@ -135,9 +136,9 @@ def _speedups(res: Results, experiment: str, impl: str, profile: str | None = No
         p = r["params"]
         if p.get("impl") != impl or p["model"] != "alexnet" or (profile and p.get("profile") != profile):
             continue
-        b, t = base.get((p["model"], p.get("profile"), p["layer"])), median(r)
-        if b and t:
-            out[f"{p['layer']}" + ("" if profile else f" ({p.get('profile')})")] = b / t
+        x = speedup(r, base.get((p["model"], p.get("profile"), p["layer"])))
+        if x:
+            out[f"{p['layer']}" + ("" if profile else f" ({p.get('profile')})")] = x
     return out
 
 
@@ -152,19 +153,7 @@ def conclusions(res: Results) -> list[Conclusion]:
     # 1. CSRMM gives no speedup on AlexNet conv layers.
     csr = _speedups(res, "conv_layers", "torch-csr", "deep-compression")
     ours = _speedups(res, "conv_layers", "csrmm", "deep-compression")
-    best = {}
-    for r in res.of("conv_layers"):
-        p = r["params"]
-        if p["model"] == "alexnet" and p.get("profile") == "deep-compression" and p["impl"] == "auto":
-            b = [
-                median(q)
-                for q in res.of("conv_layers")
-                if q["params"]["layer"] == p["layer"]
-                and q["params"].get("profile") == p["profile"]
-                and q["params"]["impl"] == BASELINE
-            ]
-            if b and b[0] and median(r):
-                best[p["layer"]] = b[0] / median(r)
+    best = _speedups(res, "conv_layers", "auto", "deep-compression")  # the planner's choice
     if csr:
         held = max(csr.values()) < 1.1
         out.append(
@@ -302,18 +291,17 @@ def conclusions(res: Results) -> list[Conclusion]:
     t_ratio, m_ratio, t_csr = {}, {}, {}
     old_ratio: dict[str, float] = {}
     for (model, layer, impl), r in idx.items():
-        if impl == "spgemm" and model == "alexnet" and judged != "spgemm":
-            dense = idx.get((model, layer, BASELINE))
-            if median(dense) and median(r):
-                old_ratio[layer] = median(dense) / median(r)
+        base = median(idx.get((model, layer, BASELINE)))
+        if impl == "spgemm" and model == "alexnet" and judged != "spgemm" and speedup(r, base):
+            old_ratio[layer] = speedup(r, base)
         if impl != judged or model != "alexnet":
             continue
-        dense, csrmm = idx.get((model, layer, BASELINE)), idx.get((model, layer, "csrmm"))
+        x, x_csr = speedup(r, base), speedup(idx.get((model, layer, "csrmm")), base)
         gemm = idx.get((model, layer, "dense"))
-        if median(dense) and median(r):
-            t_ratio[layer] = median(dense) / median(r)
-        if median(csrmm) and median(r):
-            t_csr[layer] = median(csrmm) / median(r)
+        if x:
+            t_ratio[layer] = x
+        if x and x_csr:
+            t_csr[layer] = x / x_csr
         if gemm and gemm["status"] == "ok":
             m_ratio[layer] = gemm["metrics"]["operand_bytes"] / r["metrics"]["operand_bytes"]
     gt, gm = geomean(t_ratio.values()), geomean(m_ratio.values())

@@ -26,6 +26,7 @@ __all__ = [
     "experiment_tables",
     "load_results",
     "spconv_table",
+    "speedup",
     "structure_table",
     "sweep_curves",
 ]
@@ -198,8 +199,22 @@ def median(rec: Mapping[str, Any] | None) -> float | None:
     return float(rec["timing"]["median_s"])
 
 
-def _time_cell(rec: Mapping[str, Any] | None, base: float | None) -> str:
-    """``time ms (speedup)``, or the error, for one measurement."""
+def speedup(rec: Mapping[str, Any] | None, base: float | None) -> float | None:
+    """``rec``'s speedup over torch dense: where the two were timed in alternating samples, the ratio
+    of those medians (``paired_speedup``: a spell of the machine slows both alike), else ``base`` (torch
+    dense's own measurement, taken minutes apart) over ``rec``'s median."""
+    if rec is None or rec["status"] != "ok":
+        return None
+    paired = rec["metrics"].get("paired_speedup")
+    if paired:
+        return float(paired)
+    t = median(rec)
+    return base / t if base and t else None
+
+
+def _time_cell(rec: Mapping[str, Any] | None, base: float | None = None, *, ratio: bool = False) -> str:
+    """``time ms (speedup over torch dense)`` (the speedup with ``ratio``), or the error, for one
+    measurement."""
     if rec is None:
         return "—"
     if rec["status"] == "error":
@@ -209,7 +224,8 @@ def _time_cell(rec: Mapping[str, Any] | None, base: float | None) -> str:
         return "—"
     iqr = rec["timing"]["iqr_s"]
     cell = f"{_ms(t)} ±{_ms(iqr / 2)}"
-    return cell + (f" ({_x(base / t)})" if base else "")
+    x = speedup(rec, base) if ratio else None
+    return cell + (f" ({_x(x)})" if x else "")
 
 
 def _index(records: Iterable[Mapping[str, Any]], *keys: str) -> dict[tuple[Any, ...], dict[str, Any]]:
@@ -286,7 +302,7 @@ def layer_time_table(recs: list[dict[str, Any]], model: str, profile: str, title
     rows = []
     for layer in layers:
         base = median(idx.get((layer, BASELINE)))
-        row = [layer] + [_time_cell(idx.get((layer, i)), base if i != BASELINE else None) for i in impls]
+        row = [layer] + [_time_cell(idx.get((layer, i)), base, ratio=i != BASELINE) for i in impls]
         auto = idx.get((layer, "auto"))
         if auto is not None and auto["status"] == "ok":
             row[-1] = f"{auto['metrics'].get('choice')}: {row[-1]}"
@@ -295,8 +311,9 @@ def layer_time_table(recs: list[dict[str, Any]], model: str, profile: str, title
         title,
         ["layer"] + [f"{i} ms" for i in impls],
         rows,
-        "median ± half the interquartile range over repeats; (×) = speedup over torch-dense; "
-        "'auto' is the planner's choice for the layer, timed as chosen.",
+        "median ± half the interquartile range over repeats; (×) = speedup over torch-dense, timed in "
+        "alternating samples with it on the same input; 'auto' is the planner's choice for the layer, "
+        "timed as chosen.",
     )
 
 
@@ -376,11 +393,10 @@ def sweep_curves(recs: list[dict[str, Any]]) -> dict[str, list[tuple[float, floa
     idx = _index(sweep_records(recs), "sparsity", "impl")
     out: dict[str, list[tuple[float, float]]] = {}
     for (s, impl), r in sorted(idx.items(), key=lambda kv: kv[0][0]):
-        base = median(idx.get((s, BASELINE)))
-        t = median(r)
-        if impl == BASELINE or base is None or t is None:
+        x = speedup(r, median(idx.get((s, BASELINE))))
+        if impl == BASELINE or x is None:
             continue
-        out.setdefault(impl, []).append((s, base / t))
+        out.setdefault(impl, []).append((s, x))
     return out
 
 
@@ -400,7 +416,7 @@ def sweep_tables(recs: list[dict[str, Any]]) -> list[Table]:
     for s in sps:
         base = median(idx.get((s, BASELINE)))
         rows.append(
-            [f"{s:.3f}"] + [_time_cell(idx.get((s, i)), base if i != BASELINE else None) for i in impls]
+            [f"{s:.3f}"] + [_time_cell(idx.get((s, i)), base, ratio=i != BASELINE) for i in impls]
         )
     p = recs[0]["params"]
     where = p.get("layer") or "×".join(map(str, p.get("shape", [])))
@@ -502,7 +518,7 @@ def spxsp_tables(recs: list[dict[str, Any]]) -> list[Table]:
                 _pct(SEED["relu_sparsity"].get(layer)),
                 _pct(am.get("lowered_sparsity")),
             ]
-            row += [_time_cell(idx.get((layer, i)), base if i != BASELINE else None) for i in impls]
+            row += [_time_cell(idx.get((layer, i)), base, ratio=i != BASELINE) for i in impls]
             row += [
                 _mib(idx[(layer, i)]["metrics"].get("operand_bytes"))
                 if (layer, i) in idx and idx[(layer, i)]["status"] == "ok"
@@ -550,14 +566,17 @@ def _ok_metrics(rec: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _best(idx: Mapping[tuple[Any, ...], dict[str, Any]], key: tuple[Any, ...],
-          impls: Sequence[str]) -> tuple[str | None, float | None]:
-    """The fastest of ``impls`` at ``key + (impl,)`` and its median time."""
-    times = {i: median(idx.get((*key, i))) for i in impls}
-    times = {i: t for i, t in times.items() if t}
-    if not times:
-        return None, None
-    best = min(times, key=times.__getitem__)
-    return best, times[best]
+          impls: Sequence[str]) -> tuple[str | None, float | None, float | None]:
+    """The fastest of ``impls`` at ``key + (impl,)``: its name, median time and speedup over torch
+    dense (:func:`speedup`; the fastest is the one with the largest speedup, which each measured beside
+    torch dense, so a spell of the machine between two of them does not pick the winner)."""
+    base = median(idx.get((*key, BASELINE)))
+    found = {i: (median(idx.get((*key, i))), speedup(idx.get((*key, i)), base)) for i in impls}
+    found = {i: (t, x) for i, (t, x) in found.items() if t and x}
+    if not found:
+        return None, None, None
+    best = max(found, key=lambda i: found[i][1])
+    return best, *found[best]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -579,19 +598,14 @@ class StructureRow:
     best_structured_s: float | None
     best_unstructured: str | None
     best_unstructured_s: float | None
-
-    @property
-    def speedup_structured(self) -> float | None:
-        return _ratio(self.base_structured_s, self.best_structured_s)
-
-    @property
-    def speedup_unstructured(self) -> float | None:
-        return _ratio(self.base_unstructured_s, self.best_unstructured_s)
+    speedup_structured: float | None  # the best's speedup over torch dense (:func:`speedup`)
+    speedup_unstructured: float | None
 
     @property
     def structured_over_unstructured(self) -> float | None:
-        """Unstructured best time over structured best time (> 1: structure is faster)."""
-        return _ratio(self.best_unstructured_s, self.best_structured_s)
+        """The structured best's speedup over the unstructured best's, each over torch dense on its own
+        layer as pruned (the same dense conv): > 1 where structure is faster."""
+        return _ratio(self.speedup_structured, self.speedup_unstructured)
 
     def verdict(self) -> str:
         """Where structure wins and where it cannot, and why, from the measured numbers."""
@@ -629,12 +643,12 @@ def structure_rows(recs: Iterable[Mapping[str, Any]]) -> list[StructureRow]:
     for layer in _ordered(r["params"]["layer"] for r in mine):
         st = _ok_metrics(idx.get(("ssl", layer, "structure")))
         un = _ok_metrics(idx.get(("ssl-unstructured", layer, "structure")))
-        bs, ts = _best(idx, ("ssl", layer), STRUCTURE_STRATEGIES)
-        bu, tu = _best(idx, ("ssl-unstructured", layer), STRUCTURE_STRATEGIES)
+        bs, ts, xs = _best(idx, ("ssl", layer), STRUCTURE_STRATEGIES)
+        bu, tu, xu = _best(idx, ("ssl-unstructured", layer), STRUCTURE_STRATEGIES)
         rows.append(StructureRow(
             layer, st.get("zeros", math.nan), un.get("zeros", math.nan), st, un,
             median(idx.get(("ssl", layer, BASELINE))), median(idx.get(("ssl-unstructured", layer, BASELINE))),
-            bs, ts, bu, tu,
+            bs, ts, bu, tu, xs, xu,
         ))
     return rows
 
@@ -683,7 +697,8 @@ def structure_table(recs: list[dict[str, Any]]) -> Table | None:
         "ssl: sparsecnn.shrink.shrink removes the all-zero filters and the input channels nobody reads; "
         "each compact layer runs on its own input. Best of torch (the layer's own dense conv) and the "
         f"weight-only strategies {', '.join(WEIGHT_ONLY)}; speedups over torch-dense on the layer as "
-        "pruned. structured / unstructured = unstructured best time / ssl best time.",
+        "pruned, each timed in alternating samples with it. structured / unstructured = ssl best speedup "
+        "/ unstructured best speedup.",
     )
 
 
@@ -700,14 +715,17 @@ class SpconvRow:
     spconv_s: float | None
     spconv_bytes: int | None
     best_bytes: int | None
+    spconv_x: float | None  # speedups over torch dense (:func:`speedup`)
+    best_x: float | None
 
     @property
     def vs_torch(self) -> float | None:
-        return _ratio(self.torch_s, self.spconv_s)
+        return self.spconv_x
 
     @property
     def vs_best(self) -> float | None:
-        return _ratio(self.best_s, self.spconv_s)
+        """The best weight-only strategy's time over spconv-act's (the ratio of their speedups)."""
+        return _ratio(self.spconv_x, self.best_x)
 
     @property
     def work(self) -> float | None:
@@ -746,12 +764,14 @@ def spconv_rows(recs: Iterable[Mapping[str, Any]]) -> list[SpconvRow]:
         if (layer, "spconv-act") not in idx:
             continue
         act = _ok_metrics(idx.get((layer, "activation")))
-        best, best_s = _best(idx, (layer,), WEIGHT_ONLY)
+        best, best_s, best_x = _best(idx, (layer,), WEIGHT_ONLY)
+        base = median(idx.get((layer, BASELINE)))
         rows.append(SpconvRow(
-            layer, act.get("input_sparsity"), act.get("weight_sparsity"), median(idx.get((layer, BASELINE))),
+            layer, act.get("input_sparsity"), act.get("weight_sparsity"), base,
             best, best_s, median(idx[(layer, "spconv-act")]),
             _ok_metrics(idx[(layer, "spconv-act")]).get("operand_bytes"),
             _ok_metrics(idx.get((layer, best))).get("operand_bytes") if best else None,
+            speedup(idx[(layer, "spconv-act")], base), best_x,
         ))
     return rows
 
@@ -775,7 +795,8 @@ def spconv_table(recs: list[dict[str, Any]], model: str, profile: str) -> Table:
         f"best weight-only: the fastest of {', '.join(WEIGHT_ONLY)} on the same input; multiply-adds left "
         "= (1 - weight zeros)(1 - input zeros) (zeros at independent positions), the bound neither kernel "
         "reaches: spconv-act skips the input zeros only, the weight-only kernels the weight zeros only; "
-        "vs = the other's time / spconv-act's.",
+        "vs = the other's time / spconv-act's (ratios of speedups over torch dense, each timed in "
+        "alternating samples with it).",
     )
 
 
@@ -789,11 +810,13 @@ class ActFcRow:
     torch_s: float | None
     spmv_s: float | None
     act_s: float | None
+    spmv_x: float | None  # speedups over torch dense (:func:`speedup`)
+    act_x: float | None
 
     @property
     def act_over_spmv(self) -> float | None:
-        """spmv time / spmv-act time."""
-        return _ratio(self.spmv_s, self.act_s)
+        """spmv time / spmv-act time (the ratio of their speedups over torch dense)."""
+        return _ratio(self.act_x, self.spmv_x)
 
     @property
     def ideal(self) -> float | None:
@@ -818,9 +841,10 @@ def act_fc_rows(recs: Iterable[Mapping[str, Any]]) -> list[ActFcRow]:
     rows = []
     for layer in _ordered(r["params"]["layer"] for r in mine):
         act = _ok_metrics(idx.get((layer, "activation")))
-        rows.append(ActFcRow(layer, act.get("input_sparsity"), act.get("weight_sparsity"),
-                             median(idx.get((layer, BASELINE))), median(idx.get((layer, "spmv"))),
-                             median(idx.get((layer, "spmv-act")))))
+        base = median(idx.get((layer, BASELINE)))
+        spmv, spmv_act = idx.get((layer, "spmv")), idx.get((layer, "spmv-act"))
+        rows.append(ActFcRow(layer, act.get("input_sparsity"), act.get("weight_sparsity"), base,
+                             median(spmv), median(spmv_act), speedup(spmv, base), speedup(spmv_act, base)))
     return rows
 
 
@@ -828,8 +852,8 @@ def act_fc_table(recs: list[dict[str, Any]]) -> Table:
     cells = [
         [
             r.layer, _pct(r.weight_zeros), _pct(r.input_zeros), _ms(r.torch_s),
-            f"{_ms(r.spmv_s)} ({_x(_ratio(r.torch_s, r.spmv_s))})",
-            f"{_ms(r.act_s)} ({_x(_ratio(r.torch_s, r.act_s))})",
+            f"{_ms(r.spmv_s)} ({_x(r.spmv_x)})",
+            f"{_ms(r.act_s)} ({_x(r.act_x)})",
             _x(r.act_over_spmv), _x(r.ideal), r.verdict(),
         ]
         for r in act_fc_rows(recs)
@@ -842,7 +866,8 @@ def act_fc_table(recs: list[dict[str, Any]]) -> Table:
          "spmv-act ms (× torch)", "spmv / spmv-act", "ideal 1/(1-x)", "where it wins, and why"],
         cells,
         "spmv reads every stored weight (CSR rows); spmv-act walks only the nonzero inputs and their weight "
-        "columns. The inputs are the layers' real inputs (through the model), not synthetic zeros.",
+        "columns. The inputs are the layers' real inputs (through the model), not synthetic zeros. (×): "
+        "over torch-dense, timed in alternating samples with it; spmv / spmv-act is the ratio of those.",
     )
 
 
@@ -864,7 +889,7 @@ def e2e_table(recs: list[dict[str, Any]]) -> Table:
                 impl,
                 _ms(t),
                 f"{batch / t:,.1f}" if t else "—",
-                _x(r["metrics"].get("paired_speedup") or (base / t if base and t else None)),
+                _x(speedup(r, base)),
                 r["metrics"].get("cores", "—"),
                 counts,
             ]
