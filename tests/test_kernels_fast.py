@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparsecnn.kernels import conv
-from sparsecnn.kernels._simd import GROUP_NV, NV_MAX, VW, span_tile
+from sparsecnn.kernels._simd import GROUP_NV, NV_MAX, VW, fetch_add, span_tile
 from sparsecnn.kernels.conv import direct_conv2d, prepare_direct
 from sparsecnn.kernels.spmv import prepare_linear, sparse_linear
 from tests.conftest import random_sparse
@@ -613,12 +613,15 @@ def test_direct_conv_reads_and_writes_planes_padded_to_whole_vectors(batch, cin,
 @pytest.mark.parametrize("batch", [1, 5, 4, 9])
 @pytest.mark.parametrize("form", ["flat", "grouped"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_direct_conv_batch_split_and_input_copies(form, threads, batch, rng):
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_direct_conv_batch_split_and_input_copies(form, threads, batch, dynamic, rng, monkeypatch):
     """Where the threads split the filters (batch 1 or 5 on 2 threads, any batch on 1) the input is
     phase-copied once per image before the kernel; where they split the images (4: even; 9: enough
     images that the uneven last round costs little) each thread copies its own images into its own
-    one-image buffer. Every image comes out right in both forms, after a call with another batch of
-    the same shape (no stale copy is read)."""
+    one-image buffer, taking them from a shared counter (``dynamic``) or a static share. Every image
+    comes out right in both forms, after a call with another batch of the same shape (no stale copy
+    is read)."""
+    monkeypatch.setattr(conv, "DYNAMIC_IMAGES", dynamic)
     old = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
@@ -627,6 +630,7 @@ def test_direct_conv_batch_split_and_input_copies(form, threads, batch, rng):
                                              0.5)
             ws = prep.workspace(x.shape)
             assert ws.by_image == (threads == 2 and batch in (4, 9))
+            assert ws.counter.size == (1 if ws.by_image and dynamic else 0)
             assert ws.xt.shape[0] == (threads if ws.by_image else batch)
             assert (ws.grouped is not None) == (form == "grouped")
             x2 = rng.standard_normal(x.shape).astype(np.float32)
@@ -638,6 +642,37 @@ def test_direct_conv_batch_split_and_input_copies(form, threads, batch, rng):
             run = conv.bind_direct_conv2d(prep, x.shape, bv, out)
             run(x)
             assert_close(out, ref, what="bound, first batch again")
+    finally:
+        numba.set_num_threads(old)
+
+
+@numba.njit(parallel=True)
+def _take_items(counter, taken, spin):
+    counter[0] = 0
+    for part in numba.prange(taken.shape[0]):  # more parts than threads: several in each thread
+        i = fetch_add(counter, 0, 1)
+        while i < taken.shape[1]:
+            taken[part, i] += 1  # a row per part: no two threads write one element
+            s = 0.0
+            for k in range(spin):  # some work between the takes, so that the threads overlap
+                s += k * 1e-9
+            if s < 0:
+                taken[part, i] = -1
+            i = fetch_add(counter, 0, 1)
+
+
+def test_fetch_add_hands_each_item_to_one_thread():
+    """The shared counter behind the dynamic image split: every item taken exactly once, by parts that
+    run at the same time (a non-atomic read-add-write would hand some out twice)."""
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        counter = np.zeros(1, np.int64)
+        for spin in (0, 200, 2000):
+            taken = np.zeros((8, 3000), np.int64)
+            _take_items(counter, taken, spin)
+            assert (taken.sum(axis=0) == 1).all()
+            assert counter[0] == taken.shape[1] + taken.shape[0]  # and each part asked once past the end
     finally:
         numba.set_num_threads(old)
 

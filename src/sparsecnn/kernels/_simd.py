@@ -46,10 +46,10 @@ __all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "DWB_NT", "DW_NV", "DW_ROWS", "EL
            "clamp_vec", "code_ell_block", "code_ell_block2", "code_ell_block2_finite", "code_ell_block4",
            "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even", "copy_every3",
            "copy_every4", "copy_vec", "copy_vec_act", "copy_vec_add", "dw_tile_3x3_s1", "dw_tile_3x3_s2",
-           "dw_tile_3x3_s2_plain", "dwb_tile", "dwb_tile3", "dwb_tile3s2", "fmadd", "gemm_tile", "group_tile",
-           "max3_cols2", "max3_rows", "max_taps", "packed_words", "pair_tile", "prefetch", "prefetch_l2",
-           "row_dot", "scatter_blocks", "span_tile", "span_tile8", "tile_split", "wino4_in_tile",
-           "wino4_out_tile", "wino_in_tile", "wino_out_tile"]
+           "dw_tile_3x3_s2_plain", "dwb_tile", "dwb_tile3", "dwb_tile3s2", "fetch_add", "fmadd", "gemm_tile",
+           "group_tile", "max3_cols2", "max3_rows", "max_taps", "packed_words", "pair_tile", "prefetch",
+           "prefetch_l2", "row_dot", "scatter_blocks", "span_tile", "span_tile8", "tile_split",
+           "wino4_in_tile", "wino4_out_tile", "wino_in_tile", "wino_out_tile"]
 
 RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot: sums in 8 chains), scatter_blocks
 
@@ -620,6 +620,21 @@ prefetch = _prefetch_intrinsic("prefetch", 3, """Hint the cache line holding ``a
     (``llvm.prefetch``, read; no fault on any address, so ``i`` need not be in bounds). a is a 1-D array.""")
 prefetch_l2 = _prefetch_intrinsic("prefetch_l2", 2, """:func:`prefetch` into L2 and below (``prefetcht1``),
     leaving L1 to the data in use.""")
+
+
+@intrinsic
+def fetch_add(typingctx, a, i, v):
+    """``old = a[i]; a[i] += v; return old`` as one atomic step (``atomicrmw add``, monotonic order):
+    threads that take work items from a shared counter each get a different one. a is a 1-D int64
+    array. NOTE: no bounds check."""
+    sig = types.int64(a, types.intp, types.int64)
+
+    def codegen(context, builder, signature, args):
+        a_, i_, v_ = args
+        ptr = builder.gep(_data_ptr(context, builder, signature.args[0], a_), [i_])
+        return builder.atomic_rmw("add", ptr, v_, "monotonic")
+
+    return sig, codegen
 
 
 @jit

@@ -132,6 +132,7 @@ from sparsecnn.kernels._simd import (
     copy_every4,
     copy_vec,
     copy_vec_act,
+    fetch_add,
     group_tile,
     pair_tile,
     span_tile,
@@ -231,6 +232,9 @@ DEPTHWISE = True
 # Below this many multiply-adds per call (nonzeros x span x batch) a bound layer runs the serial twins
 # of the kernels: a parallel launch (~2.5 us) costs more than a second thread saves (LeNet-5's layers).
 _SERIAL_MACS = 1 << 16
+# Where the threads split a batch's images, they take them one at a time from a shared counter
+# (next_image) rather than a static share each; read when a workspace is built.
+DYNAMIC_IMAGES = True
 
 
 def _index_dtype(n: int) -> np.dtype:
@@ -285,6 +289,9 @@ class _Workspace:
     group: int  # wide-row positions per pass over the output channels (whole rows of wph)
     tile: int  # vectors per register tile: per filter of a pair (one block), or of one filter (blocks)
     by_image: bool  # threads split the batch's images (split_by_image), not the filters
+    # (1,) int64 where the threads take the images one at a time from this counter (next_image), else
+    # (0,): each thread images part, part + nparts, ...
+    counter: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     grouped: _Grouped | None = None  # the filter-group form, when it is the one that runs
 
     @property
@@ -523,6 +530,7 @@ class DirectConvPrep(ConvPrepBase):
             group=group,
             tile=NV_MAX if nblk > 1 else NV_PAIR,
             by_image=by_image,
+            counter=np.zeros(1 if by_image and DYNAMIC_IMAGES and nparts > 1 else 0, dtype=np.int64),
             grouped=grouped,
         )
 
@@ -697,12 +705,12 @@ def direct_conv2d(prep: DirectConvPrep, x: np.ndarray, bias: np.ndarray | None, 
     if ws.grouped is not None:
         g = ws.grouped
         _grouped_kernel(*inp, *_grouped_args(ws), b, has_bias, flat, ws.hout, ws.wout, g.wide, g.gstride,
-                        g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu), ws.by_image, res,
+                        g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu), ws.by_image, ws.counter, res,
                         residual is not None, ws.hout * ws.wout)
     else:
         _direct_kernel(*inp, ws.offsets, ws.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
                        ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu), ws.by_image,
-                       res, residual is not None, ws.hout * ws.wout)
+                       ws.counter, res, residual is not None, ws.hout * ws.wout)
     if dst is not out:
         out[...] = dst
 
@@ -827,11 +835,12 @@ def bind_direct_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
     if g is not None:
         kernel = _grouped_kernel_serial if small else _grouped_kernel
         kargs = (*_grouped_args(ws), b, has_bias, flat, ws.hout, ws.wout, g.wide, g.gstride,
-                 g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu), ws.by_image)
+                 g.bounds, ws.wph, ws.span, g.group, g.nblk, bool(relu), ws.by_image, ws.counter)
     else:
         kernel = _direct_kernel_serial if small else _direct_kernel
         kargs = (ws.offsets, ws.data, ws.bptr, b, has_bias, flat, ws.hout, ws.wout, ws.wide,
-                 ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu), ws.by_image)
+                 ws.gstride, ws.bounds, ws.wph, ws.span, ws.group, ws.tile, bool(relu), ws.by_image,
+                 ws.counter)
     ostride = out_stride or ws.hout * ws.wout
     xt, copies, geo = ws.xt, ws.copies, ws.geo
     pcopy = phase_copy_serial if small else phase_copy
@@ -894,6 +903,23 @@ def image_input(x, b, xt, part, copies, geo, copy):
     dst = xt[part % xt.shape[0]]
     _copy_channels(src, dst, copies, geo, 0, geo[0])
     return dst
+
+
+@jit(inline="always")
+def next_image(counter, b, part, nparts, by_image):
+    """The image a thread runs after image ``b`` (``b = -1``: its first). Split by filters every thread
+    runs every image in turn. Split by images, with a one-element ``counter`` (reset to 0 before the
+    parallel loop) the next one no thread has taken yet (:func:`sparsecnn.kernels._simd.fetch_add`),
+    else ``part, part + nparts, ...`` (a static share).
+
+    Why taken one at a time: the two vCPUs of this project's VM ran at different speeds for minutes
+    at a time (a single-thread GEMM 83-102 GFLOP/s on one against 95-101 on the other, `lscpu`'s
+    same model), and with a static share a batch waits for the slower thread's half."""
+    if not by_image:
+        return np.int64(b + 1)
+    if counter.size:
+        return fetch_add(counter, 0, 1)
+    return np.int64(part) if b < 0 else np.int64(b + nparts)
 
 
 @jit
@@ -1062,7 +1088,7 @@ def _pair_tiles(xb, offs, data, bptr, bias, has_bias, co, c1, p, target, wpos, w
 
 @pjit
 def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, out, hout, wout, wide, gstride,
-                   bounds, wph, span, group, tile, relu, by_image, res, has_res, ostride):
+                   bounds, wph, span, group, tile, relu, by_image, counter, res, has_res, ostride):
     """Direct sparse convolution over prepared spans, parallel over balanced output-channel ranges.
 
     For each image and each group of ``group`` wide-row positions (whole rows), the output channels
@@ -1075,8 +1101,9 @@ def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, o
     values are stored (the direct tiles' store, else the crop).
     With ``copy`` each thread phase-copies image ``b`` into its own buffer (:func:`image_input`);
     without, ``x`` holds the phase planes (the input read in place, or the shared copy). With
-    ``by_image`` the threads split the images instead (thread ``part`` runs every filter on images
-    ``part, part + nparts, ...``; wide holds every filter).
+    ``by_image`` the threads split the images instead (each runs every filter on an image at a time;
+    wide holds every filter): the next image free (:func:`next_image`) with a one-element ``counter``,
+    else thread ``part`` images ``part, part + nparts, ...``.
     NOTE: offs/xt/copies/geo come from the same workspace (xt rows padded past the last span); out is
     (B, Cout * ostride) C-contiguous, output channel ``co``'s plane (hout * wout floats) at ``co *
     ostride`` (``ostride = hout * wout``, or that rounded up to whole vectors: a padded plane), res
@@ -1088,11 +1115,14 @@ def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, o
     nparts = bounds.size - 1
     nblk = bptr.shape[0]
     direct = wph == wout and nblk == 1
+    if counter.size:
+        counter[0] = 0
     for part in numba.prange(nparts):
         w = wide[part]
         c0 = bounds[0] if by_image else bounds[part]
         c1 = bounds[nparts] if by_image else bounds[part + 1]
-        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
+        b = next_image(counter, -1, part, nparts, by_image)
+        while b < nb:
             xb = image_input(x, b, xt, part, copies, geo, copy)
             dst = out[b]
             rb = res[b]
@@ -1134,11 +1164,13 @@ def _direct_kernel(x, xt, copies, geo, copy, offs, data, bptr, bias, has_bias, o
                     for co in range(c0, c1):
                         _crop(w[(co - c0) * gstride:], n, dst, co * plane, r0, wph, wout, hout, relu, rb,
                               has_res)
+            b = next_image(counter, b, part, nparts, by_image)
 
 
 @pjit
 def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bias, has_bias, out, hout, wout,
-                    wide, gstride, bounds, wph, span, group, nblk, relu, by_image, res, has_res, ostride):
+                    wide, gstride, bounds, wph, span, group, nblk, relu, by_image, counter, res, has_res,
+                    ostride):
     """Direct sparse convolution in filter-group tiles (:func:`sparsecnn.kernels._simd.group_tile`),
     parallel over balanced ranges of filter groups.
 
@@ -1151,7 +1183,7 @@ def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bi
     pattern loops per tile, whose exits cost where a pattern has few columns.
     With ``copy`` each thread phase-copies image ``b`` itself (:func:`image_input`), without it ``x``
     holds the phase planes; with ``by_image`` the threads split the images, each running every filter
-    group on its own.
+    group on its own (taken as :func:`_direct_kernel` takes them, by ``counter``).
     NOTE: offs/xt/copies/geo from the same workspace; out (B, Cout * ostride) C-contiguous (as
     :func:`_direct_kernel`'s); wide holds GROUP_F * gstride floats per filter group of the largest
     range; group is a multiple of wph.
@@ -1161,11 +1193,14 @@ def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bi
     nparts = bounds.size - 1
     ngroups = filters.shape[0]
     zero = np.float32(0.0)
+    if counter.size:
+        counter[0] = 0
     for part in numba.prange(nparts):
         w = wide[part]
         g0 = bounds[0] if by_image else bounds[part]
         g1 = bounds[nparts] if by_image else bounds[part + 1]
-        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
+        b = next_image(counter, -1, part, nparts, by_image)
+        while b < nb:
             xb = image_input(x, b, xt, part, copies, geo, copy)
             dst = out[b]
             rb = res[b]
@@ -1192,6 +1227,7 @@ def _grouped_kernel(x, xt, copies, geo, copy, offs, wts, cptr, wptr, filters, bi
                             slot = (g - g0) * GROUP_F + f
                             _crop(w[slot * gstride:], n, dst, co * plane, r0, wph, wout, hout, relu, rb,
                                   has_res)
+            b = next_image(counter, b, part, nparts, by_image)
 
 
 _direct_kernel_serial = serial_twin(_direct_kernel)
