@@ -530,7 +530,7 @@ class DirectConvPrep(ConvPrepBase):
             group=group,
             tile=NV_MAX if nblk > 1 else NV_PAIR,
             by_image=by_image,
-            counter=np.zeros(1 if by_image and DYNAMIC_IMAGES and nparts > 1 else 0, dtype=np.int64),
+            counter=image_counter(by_image, nparts),
             grouped=grouped,
         )
 
@@ -903,6 +903,13 @@ def image_input(x, b, xt, part, copies, geo, copy):
     dst = xt[part % xt.shape[0]]
     _copy_channels(src, dst, copies, geo, 0, geo[0])
     return dst
+
+
+def image_counter(by_image: bool, nparts: int) -> np.ndarray:
+    """The shared counter that :func:`next_image` takes images from: one int64 where the ``nparts``
+    threads split the images and :data:`DYNAMIC_IMAGES` is on, else none (a static share each). One
+    per workspace or bound layer (the executor binds per calling thread)."""
+    return np.zeros(1 if by_image and DYNAMIC_IMAGES and nparts > 1 else 0, dtype=np.int64)
 
 
 @jit(inline="always")

@@ -86,6 +86,8 @@ from sparsecnn.kernels.conv import (
     DirectConvPrep,
     _copy_channels,
     _crop,
+    image_counter,
+    next_image,
     padded_plane,
     phase_layout,
     split_by_image,
@@ -410,10 +412,11 @@ def bind_depthwise_conv2d(prep: DirectConvPrep, x_shape: tuple[int, int, int, in
 
 @pjit
 def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, sw, jl, jh, row3, rtab, rn, btab, bn,
-                              bcols, relu, clamp, lo, hi, in_clamp, ilo, ihi, nparts, by_image, by_rows,
-                              res, has_res):
+                              bcols, relu, clamp, lo, hi, in_clamp, ilo, ihi, nparts, by_image, counter,
+                              by_rows, res, has_res):
     """A depthwise layer on channel-blocked planes (``x`` (B, C/VW * H * W * VW), ``out`` and ``res``
-    (B, C/VW * Hout * Wout * VW)). With ``by_image`` the threads split the images round robin; else,
+    (B, C/VW * Hout * Wout * VW)). With ``by_image`` the threads split the images (as
+    :func:`sparsecnn.kernels.conv.next_image` hands them out); else,
     per image, with ``by_rows`` the output rows (every channel block of its rows to a thread), else
     contiguous ranges of the (channel block, row) items. Per output row the columns ``[jl, jh)``, whose
     taps all lie inside the row, run in tiles of ``DWB_NT`` pixels
@@ -425,10 +428,13 @@ def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, sw, jl, jh, r
     k = rtab.shape[2]
     ncb = wts.size // (k * VW)
     per = hout * ncb
+    if counter.size:
+        counter[0] = 0
     for part in numba.prange(nparts):
         first, last = part_range(part, nparts, per, by_image)
         r0, r1 = part_range(part, nparts, hout, by_image)
-        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
+        b = next_image(counter, -1, part, nparts, by_image)
+        while b < nb:
             xb, ob, rb = x[b], out[b], res[b]
             for cb in range(ncb):
                 ia = r0 if by_rows else max(0, first - cb * hout)
@@ -439,6 +445,7 @@ def _depthwise_blocked_kernel(x, out, wts, bias, h, w, hout, wout, sw, jl, jh, r
                     dwb_row(xb, base, i, cb, wts, wb, bias, ob, ((cb * hout + i) * wout) * VW, rb, has_res,
                             jl, jh, sw, row3, rtab, rn, btab, bn, bcols, relu, clamp, lo, hi, in_clamp, ilo,
                             ihi)
+            b = next_image(counter, b, part, nparts, by_image)
 
 
 @jit(inline="always")
@@ -571,7 +578,8 @@ def bind_depthwise_blocked(prep: DirectConvPrep, x_shape: tuple[int, int, int, i
     flat = out.reshape(nb, -1)
     by_rows = BY_ROWS and hout >= BY_ROWS_MIN * nparts and (wout * VW * 4) % 64 == 0
     args = (wts, b, h, w, hout, wout, prep.stride[1], *tables, bool(relu), clamp is not None, lo, hi,
-            in_clamp is not None, ilo, ihi, nparts, split_by_image(nb, nparts), by_rows)
+            in_clamp is not None, ilo, ihi, nparts, split_by_image(nb, nparts),
+            image_counter(split_by_image(nb, nparts), nparts), by_rows)
 
     def run(x: np.ndarray, res: np.ndarray | None = None) -> None:
         tail = (flat, False) if res is None else (res.reshape(nb, -1), True)

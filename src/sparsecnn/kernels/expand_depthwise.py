@@ -39,7 +39,7 @@ import numpy as np
 
 from sparsecnn.kernels._numba import aligned_zeros, jit, num_threads, pjit, serial_twin
 from sparsecnn.kernels._simd import CHAN_BLOCK, CHAN_NP, VW, chan_tile
-from sparsecnn.kernels.conv import DirectConvPrep, split_by_image
+from sparsecnn.kernels.conv import DirectConvPrep, image_counter, next_image, split_by_image
 from sparsecnn.kernels.depthwise import (
     blocked_tables,
     blocked_weights,
@@ -95,7 +95,8 @@ def fusable_project(pprep, cexp: int) -> bool:
 @pjit
 def _expand_depthwise_kernel(x, out, has_expand, ring, offs, qpos, wch, ncols, init, relu_e, w, dwts, dbias,
                              h, hout, wout, sh, ph, kh, dh, sw, jl, jh, row3, rtab, rn, btab, bn, bcols, relu,
-                             clamp, lo, hi, in_clamp, ilo, ihi, nparts, by_image, has_proj, rowbuf, pwch,
+                             clamp, lo, hi, in_clamp, ilo, ihi, nparts, by_image, counter, has_proj, rowbuf,
+                             pwch,
                              pncols, pinit, poffs, pqpos, pchan, prelu, res, has_res):
     """The fused pair on blocked ``x`` (B, Cin/VW * H * W * VW) into blocked ``out``
     (B, C/VW * Hout * Wout * VW): per thread (whole images with ``by_image``, else its output rows of
@@ -110,11 +111,14 @@ def _expand_depthwise_kernel(x, out, has_expand, ring, offs, qpos, wch, ncols, i
     ncb = dbias.size // VW
     k = rtab.shape[2]
     plane = RING * w * VW if has_expand else h * w * VW
+    if counter.size:
+        counter[0] = 0
     for part in numba.prange(nparts):
         rg = ring[part]
         rw = rowbuf[part]
         r0, r1 = part_range(part, nparts, hout, by_image)
-        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
+        b = next_image(counter, -1, part, nparts, by_image)
+        while b < nb:
             xb, ob, rb = x[b], out[b], res[b]
             done = -1  # the last wide row computed for this image
             for i in range(r0, r1):
@@ -134,6 +138,7 @@ def _expand_depthwise_kernel(x, out, has_expand, ring, offs, qpos, wch, ncols, i
                 if has_proj:
                     _gemm_row(rw, poffs, pqpos, 0, pwch, pncols, pinit, ob, i * wout * VW, hout * wout * VW,
                               pchan, wout, rb, has_res, prelu)
+            b = next_image(counter, b, part, nparts, by_image)
 
 
 _expand_depthwise_kernel_serial = serial_twin(_expand_depthwise_kernel)
@@ -234,6 +239,7 @@ def bind_expand_depthwise_blocked(eprep, ebias: np.ndarray | None, dprep: Direct
     args = (eprep is not None, ring, offs, qpos, wflat, ncols, init, bool(expand_relu), w,
             blocked_weights(dprep), db, h, hout, wout, sh, ph, dkh, dh, sw, *tables, bool(relu),
             clamp is not None, lo, hi, in_clamp is not None, ilo, ihi, nparts, split_by_image(nb, nparts),
+            image_counter(split_by_image(nb, nparts), nparts),
             project is not None, *proj)
 
     def run(x: np.ndarray, res: np.ndarray | None = None) -> None:

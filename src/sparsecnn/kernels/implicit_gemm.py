@@ -104,7 +104,9 @@ from sparsecnn.kernels.conv import (
     _crop,
     _reads_in_place,
     _residual,
+    image_counter,
     image_input,
+    next_image,
     phase_copy,
     phase_copy_serial,
     phase_layout,
@@ -173,6 +175,7 @@ class _Workspace:
     gstride: int
     bounds: np.ndarray  # (nparts + 1,) ranges of (group, tile) items
     by_image: bool  # threads split the batch's images (conv.split_by_image), each running every item
+    counter: np.ndarray  # conv.image_counter: where the threads take the images one at a time
     copies: np.ndarray
     phases: np.ndarray
     hph: int
@@ -301,6 +304,7 @@ class ImplicitGemmPrep(ConvPrepBase):
             gstride=gstride,
             bounds=bounds,
             by_image=by_image,
+            counter=image_counter(by_image, nparts),
             **self._layout_fields(lay, x_shape),
             kernel=kernel,
             kblk=kblk,
@@ -435,6 +439,7 @@ class ImplicitGemmPrep(ConvPrepBase):
             gstride=0,
             bounds=bounds,
             by_image=by_image,
+            counter=image_counter(by_image, nparts),
             **self._layout_fields(lay, x_shape),
             kernel=_chan_kernel_serial if macs < _SERIAL_MACS else _chan_kernel,
             kblk=kblk,
@@ -669,7 +674,8 @@ def _launch(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace, x: np.ndarra
         else:
             (phase_copy_serial if serial else phase_copy)(xc, ws.xt, ws.copies, ws.geo)
         xc = ws.xt
-    tail = (relu, ws.by_image, flat, False) if res is None else (relu, ws.by_image, res, True)
+    tail = (relu, ws.by_image, ws.counter, flat, False) if res is None else (relu, ws.by_image, ws.counter,
+                                                                              res, True)
     if ws.init is not None:
         wch, rows = prep._chan_weights()
         ws.kernel(xc, ws.xt, ws.copies, ws.geo, copy, ws.offsets, wch, ws.kblk, rows, prep.fill, bias,
@@ -708,13 +714,13 @@ def _tile_bias(bias, rr):
 
 @pjit
 def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bias, out, hout, wout, wide,
-                     gstride, bounds, wph, span, relu, by_image, res, has_res):
+                     gstride, bounds, wph, span, relu, by_image, counter, res, has_res):
     """Implicit GEMM, parallel over balanced ranges of (group, 4-filter tile) items: image after image,
     item after item walks its register tiles over all kept columns (the item's weights stay in L1)
-    and crops. With ``by_image`` the threads split the images instead, each running every item on its
-    own images. With ``copy`` each thread phase-copies its image into its own planes
-    (:func:`sparsecnn.kernels.conv.image_input`); without, ``x`` holds the phase planes (the shared
-    copy).
+    and crops. With ``by_image`` the threads split the images instead, each running every item on an
+    image at a time (:func:`sparsecnn.kernels.conv.next_image`). With ``copy`` each thread
+    phase-copies its image into its own planes (:func:`sparsecnn.kernels.conv.image_input`); without,
+    ``x`` holds the phase planes (the shared copy).
     NOTE: offs/xt/copies/geo come from the same workspace (xt rows padded past the last span); out is
     (B, Cout * hout * wout) C-contiguous; data is (groups, ntiles, Kr, 4)."""
     nb = out.shape[0]
@@ -723,11 +729,14 @@ def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bi
     ntiles = data.shape[1]
     nvec = (span + VW - 1) // VW
     nst = (nvec + GEMM_NV - 1) // GEMM_NV
+    if counter.size:
+        counter[0] = 0
     for part in numba.prange(nparts):
         w = wide[part]
         first = bounds[0] if by_image else bounds[part]
         last = bounds[nparts] if by_image else bounds[part + 1]
-        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
+        b = next_image(counter, -1, part, nparts, by_image)
+        while b < nb:
             xb = image_input(x, b, xt, part, copies, geo, copy)
             dst = out[b]
             for item in range(first, last):
@@ -747,6 +756,7 @@ def _implicit_kernel(x, xt, copies, geo, copy, offs, data, ncols, rows, fill, bi
                               has_res)
             if part == 0 or by_image:
                 _fill_bias(dst, fill, bias, plane, relu, res[b], has_res)
+            b = next_image(counter, b, part, nparts, by_image)
 
 
 _implicit_kernel_serial = serial_twin(_implicit_kernel)
@@ -754,7 +764,7 @@ _implicit_kernel_serial = serial_twin(_implicit_kernel)
 
 @pjit
 def _blocked_kernel(x, xt, copies, geo, copy, offs, data, kblk, rows, fill, bias, out, hout, wout, wide,
-                    gstride, bounds, wph, span, group, relu, by_image, res, has_res, straight):
+                    gstride, bounds, wph, span, group, relu, by_image, counter, res, has_res, straight):
     """:func:`_implicit_kernel` in channel blocks, for layers whose register tile's input window of all
     channels does not fit L1 (the direct kernel's loop, :func:`sparsecnn.kernels.conv._grouped_kernel`):
     per image and group of ``group`` wide-row positions, block after block, register tile after tile,
@@ -773,11 +783,14 @@ def _blocked_kernel(x, xt, copies, geo, copy, offs, data, kblk, rows, fill, bias
     nparts = bounds.size - 1
     ntiles = data.shape[1]
     nblk = kblk.shape[1] - 1
+    if counter.size:
+        counter[0] = 0
     for part in numba.prange(nparts):
         w = wide[part]
         first = bounds[0] if by_image else bounds[part]
         last = bounds[nparts] if by_image else bounds[part + 1]
-        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
+        b = next_image(counter, -1, part, nparts, by_image)
+        while b < nb:
             xb = image_input(x, b, xt, part, copies, geo, copy)
             dst = out[b]
             for p0 in range(0, span, group):
@@ -818,6 +831,7 @@ def _blocked_kernel(x, xt, copies, geo, copy, offs, data, kblk, rows, fill, bias
                                   wout, hout, relu, res[b], has_res)
             if part == 0 or by_image:
                 _fill_bias(dst, fill, bias, plane, relu, res[b], has_res)
+            b = next_image(counter, b, part, nparts, by_image)
 
 
 _blocked_kernel_serial = serial_twin(_blocked_kernel)
@@ -836,8 +850,8 @@ def _act_in_place(dst, res, has_res, pos, n, relu):
 
 @pjit
 def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, out, hout, wout, buf, init,
-                 bounds, qpos, wrow, group, relu, by_image, res, has_res, pstride, out_blocked, straight,
-                 prefetch_weights, posfirst):
+                 bounds, qpos, wrow, group, relu, by_image, counter, res, has_res, pstride, out_blocked,
+                 straight, prefetch_weights, posfirst):
     """Implicit GEMM with output channels in the vector lanes (:func:`sparsecnn.kernels._simd.chan_tile`),
     parallel over balanced ranges of (group, block of ``CHAN_BLOCK`` filters, position group) items.
     Positions are the output's own (``hout * wout``, in row order), read from the wide-row input at
@@ -863,12 +877,15 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
     npos = qpos.size
     ngrp = (npos + group - 1) // group
     wflat = wch.reshape(-1)
+    if counter.size:
+        counter[0] = 0
     for part in numba.prange(nparts):
         bf = buf[part]
         ini = init[part]
         first = bounds[0] if by_image else bounds[part]
         last = bounds[nparts] if by_image else bounds[part + 1]
-        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
+        b = next_image(counter, -1, part, nparts, by_image)
+        while b < nb:
             if pstride > 1:
                 xb = image_input_blocked(x, b, xt, part, copies, geo, copy)
             else:
@@ -928,6 +945,7 @@ def _chan_kernel(x, xt, copies, geo, copy, offs, wch, kblk, rows, fill, bias, ou
                     _crop_chan(bf, p0, n, dst, rr, plane, wrow, wout, relu, res[b], has_res)
             if (part == 0 or by_image) and not out_blocked:
                 _fill_bias(dst, fill, bias, plane, relu, res[b], has_res)
+            b = next_image(counter, b, part, nparts, by_image)
 
 
 _chan_kernel_serial = serial_twin(_chan_kernel)

@@ -76,6 +76,7 @@ from sparsecnn.kernels._simd import (
     wino_in_tile,
     wino_out_tile,
 )
+from sparsecnn.kernels.conv import image_counter, next_image
 
 __all__ = ["WINO_TILES", "WinoWorkspace", "padded_bias", "winograd_conv2d", "winograd_weights",
            "winograd_workspace"]
@@ -156,6 +157,7 @@ class WinoWorkspace:
     init: np.ndarray  # (CHAN_BLOCK,) zeros: the GEMMs start from zero (the bias comes at the end)
     bounds: np.ndarray  # (nparts + 1,) item ranges of the threads
     by_image: bool
+    counter: np.ndarray  # conv.image_counter: where the threads take the images one at a time
     in_blocked: bool
     out_blocked: bool
     serial: bool  # one thread (a layer too small for a parallel launch)
@@ -220,6 +222,7 @@ def winograd_workspace(x_shape: tuple[int, int, int, int], weight_shape: tuple[i
         init=np.zeros(CHAN_BLOCK, np.float32),
         bounds=balanced_bounds(np.ones(groups * nfb * nchunk, dtype=np.int64), nparts),
         by_image=by_image,
+        counter=image_counter(by_image, nparts),
         in_blocked=in_blocked,
         out_blocked=out_blocked,
         serial=serial,
@@ -366,18 +369,23 @@ def _to_blocks_image(x, xb, geo, nparts):
 
 @pjit
 def _wino_kernel(x, xb, v, u, offs, tpos, bias, out, res, has_res, relu, scratch, zeros, mbuf, tmp, ini, geo,
-                 bounds, by_image, in_blocked, out_blocked):
+                 bounds, by_image, counter, in_blocked, out_blocked):
     """The work items of every image, parallel over balanced ranges of them (``bounds``); with
-    ``by_image`` thread ``part`` runs every item of images ``part, part + nparts, ...`` instead, a
-    plain image first copied into its own blocks. Without it, a plain ``x`` is already in ``xb``
+    ``by_image`` each thread runs every item of an image at a time instead (the next one free with a
+    one-element ``counter``, else images ``part, part + nparts, ...``:
+    :func:`sparsecnn.kernels.conv.next_image`), a plain image first copied into its own blocks.
+    Without it, a plain ``x`` is already in ``xb``
     (:func:`_to_blocks_image`, one image: ``x`` holds one)."""
     nb = out.shape[0]
     nparts = bounds.size - 1
     nblk = geo[_GROUPS] * geo[_NCBK]
+    if counter.size:
+        counter[0] = 0
     for part in numba.prange(nparts):
         i0 = bounds[0] if by_image else bounds[part]
         i1 = bounds[nparts] if by_image else bounds[part + 1]
-        for b in range(part if by_image else 0, nb, nparts if by_image else 1):
+        b = next_image(counter, -1, part, nparts, by_image)
+        while b < nb:
             if in_blocked:
                 src = x[b]
             elif by_image:
@@ -388,6 +396,7 @@ def _wino_kernel(x, xb, v, u, offs, tpos, bias, out, res, has_res, relu, scratch
                 src = xb[0]
             _run_items(src, v[part], u, offs, tpos, bias, out[b], res[b], has_res, relu, scratch[part], zeros,
                        mbuf[part], tmp[part], ini, geo, i0, i1, out_blocked)
+            b = next_image(counter, b, part, nparts, by_image)
 
 
 _wino_kernel_serial = serial_twin(_wino_kernel)
@@ -419,7 +428,7 @@ def winograd_conv2d(u: np.ndarray, ws: WinoWorkspace, x: np.ndarray, bias: np.nd
     kernel = _wino_kernel_serial if ws.serial else _wino_kernel
     args = (ws.V, u, ws.offs, ws.tpos, bias)
     tail = (has_res, relu, ws.scratch, ws.zeros, ws.mbuf, ws.tmp, ws.init, ws.geo, ws.bounds, ws.by_image,
-            ws.in_blocked, ws.out_blocked)
+            ws.counter, ws.in_blocked, ws.out_blocked)
     if ws.in_blocked or ws.by_image:
         kernel(x, ws.xb, *args, out, r, *tail)
         return
