@@ -57,7 +57,8 @@ def test_report_writes_results_for_all_eight_experiments(report_dir: Path) -> No
     assert all(r["metrics"]["max_rel_err"] <= 1e-3 for r in timed if "max_rel_err" in r["metrics"])
     # every implementation that a table compares with torch dense was timed in alternation with it
     compared = [r for r in timed if r["params"].get("impl") != "torch-dense" and r["experiment"] in
-                ("conv_layers", "fc_layers", "sparsity_sweep", "sparse_x_sparse", "end_to_end")]
+                ("conv_layers", "fc_layers", "sparsity_sweep", "sparse_x_sparse", "end_to_end",
+                 "compression")]
     assert compared and all(
         r["metrics"]["paired_speedup"] == pytest.approx(r["metrics"]["baseline_s"] / r["timing"]["median_s"])
         for r in compared)
