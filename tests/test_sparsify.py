@@ -158,6 +158,37 @@ def test_pick_needs_a_clear_margin_over_torch() -> None:
     assert pick({"torch": 1.0}, 0.04) == "torch"
 
 
+@pytest.mark.parametrize(("rotation", "paired", "want"), [
+    ({"torch": 1.0, "direct": 0.94, "csrmm": 0.96}, (0.99, 1.0), "torch"),  # close call, the pair disagrees
+    ({"torch": 1.0, "direct": 0.94, "csrmm": 0.96}, (0.90, 1.0), "direct"),  # close call, confirmed
+    ({"torch": 1.0, "direct": 0.70}, None, "direct"),  # a clear win: no second timing
+    ({"torch": 1.0, "direct": 0.98}, None, "torch"),  # no win: no second timing
+])
+def test_a_close_call_against_torch_is_timed_again_as_a_pair(rotation, paired, want, monkeypatch) -> None:
+    """A winner within ``CONFIRM_BAND`` of torch in the rotation of every candidate is timed again
+    against torch alone, in alternating samples, and kept only if it still beats torch by the margin;
+    the pair's times are the ones recorded."""
+    from sparsecnn import plan
+    from sparsecnn.bench import harness
+
+    calls = []
+
+    def fake_pair(fn, other, **kw):
+        calls.append(kw)
+        fn(), other()  # the two modules really run on the layer's input
+        return tuple(harness.Timing(t, t, t, t, t, 1, 1, 1) for t in paired)
+
+    monkeypatch.setattr(plan, "_measure", lambda modules, x, **kw: {n: rotation[n] for n in modules})
+    monkeypatch.setattr(harness, "time_paired", fake_pair)
+    conv = _pruned_conv(16, 16, 3, 0.5)
+    choice, module = choose(conv, torch.randn(1, 16, 12, 12), candidates=tuple(rotation))
+    assert choice.strategy == want and getattr(module, "strategy", "torch") == want
+    assert len(calls) == (paired is not None)
+    if paired is not None:
+        assert (choice.times_s["direct"], choice.times_s["torch"]) == paired
+        assert choice.times_s["csrmm"] == rotation["csrmm"]
+
+
 def _pruned_conv(cin: int, cout: int, k: int, sparsity: float, seed: int = 0) -> nn.Conv2d:
     gen = torch.Generator().manual_seed(seed)
     conv = nn.Conv2d(cin, cout, k, padding=k // 2).eval()
