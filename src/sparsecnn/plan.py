@@ -427,7 +427,9 @@ def choose(
     call at a time with the caches flushed before each (as a forward pass leaves them). The winner
     is the fastest non-torch candidate if it beats ``torch`` by at least
     ``margin``, else ``torch`` (:func:`pick`), so "auto" never trades torch for a kernel that is only
-    within the noise of it. ``torch`` is always a candidate.
+    within the noise of it; a warm winner less than ``CONFIRM_BAND`` faster than torch is timed again
+    against torch alone in alternating samples (:func:`_confirm`) and must still beat it by
+    ``margin``. ``torch`` is always a candidate.
 
     Returns
     -------

@@ -919,9 +919,10 @@ def next_image(counter, b, part, nparts, by_image):
     parallel loop) the next one no thread has taken yet (:func:`sparsecnn.kernels._simd.fetch_add`),
     else ``part, part + nparts, ...`` (a static share).
 
-    Why taken one at a time: the two vCPUs of this project's VM ran at different speeds for minutes
-    at a time (a single-thread GEMM 83-102 GFLOP/s on one against 95-101 on the other, `lscpu`'s
-    same model), and with a static share a batch waits for the slower thread's half."""
+    Why taken one at a time: the two vCPUs of this project's VM ran at different speeds from one
+    moment to the next (a one-thread GEMM pinned to each in turn: 91 / 100, 102 / 87, 83 / 95
+    GFLOP/s), and with a static share a batch waits for the slower thread's half (AlexNet DC at batch
+    32: 1.02-1.10x faster taken one at a time, ``benchmarks.dynamic_images``)."""
     if not by_image:
         return np.int64(b + 1)
     if counter.size:
