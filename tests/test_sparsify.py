@@ -158,35 +158,54 @@ def test_pick_needs_a_clear_margin_over_torch() -> None:
     assert pick({"torch": 1.0}, 0.04) == "torch"
 
 
-@pytest.mark.parametrize(("rotation", "paired", "want"), [
-    ({"torch": 1.0, "direct": 0.94, "csrmm": 0.96}, (0.99, 1.0), "torch"),  # close call, the pair disagrees
-    ({"torch": 1.0, "direct": 0.94, "csrmm": 0.96}, (0.90, 1.0), "direct"),  # close call, confirmed
-    ({"torch": 1.0, "direct": 0.70}, None, "direct"),  # a clear win: no second timing
-    ({"torch": 1.0, "direct": 0.98}, None, "torch"),  # no win: no second timing
+@pytest.mark.parametrize(("rotation", "paired", "want", "confirmed"), [
+    # a close call that the pair does not bear out; the next best then gets the same test
+    ({"torch": 1.0, "direct": 0.94, "csrmm": 0.955}, {"direct": 0.99, "csrmm": 0.99}, "torch",
+     ["direct", "csrmm"]),
+    # a close call the pair confirms (its torch slower in that moment: the others rescale with it)
+    ({"torch": 1.0, "direct": 0.94, "csrmm": 0.955}, {"direct": 0.90 * 1.1}, "direct", ["direct"]),
+    ({"torch": 1.0, "direct": 0.70}, {}, "direct", []),  # a clear win: no second timing
+    ({"torch": 1.0, "direct": 0.98}, {}, "torch", []),  # no win: no second timing
 ])
-def test_a_close_call_against_torch_is_timed_again_as_a_pair(rotation, paired, want, monkeypatch) -> None:
+def test_a_close_call_against_torch_is_timed_again_as_a_pair(rotation, paired, want, confirmed,
+                                                              monkeypatch) -> None:
     """A winner within ``CONFIRM_BAND`` of torch in the rotation of every candidate is timed again
-    against torch alone, in alternating samples, and kept only if it still beats torch by the margin;
-    the pair's times are the ones recorded."""
+    against torch alone (``plan._confirm``), and kept only if it still beats torch by the margin;
+    the times recorded are consistent with the choice (``pick`` of them)."""
     from sparsecnn import plan
-    from sparsecnn.bench import harness
 
     calls = []
 
-    def fake_pair(fn, other, **kw):
-        calls.append(kw)
-        fn(), other()  # the two modules really run on the layer's input
-        return tuple(harness.Timing(t, t, t, t, t, 1, 1, 1) for t in paired)
+    def fake_confirm(candidate, torch_layer, x, name, rounds, min_time_s):
+        calls.append(name)
+        candidate(x), torch_layer(x)  # the two modules really run on the layer's input
+        return {name: paired[name], "torch": 1.1 if want == "direct" and paired else 1.0}
 
     monkeypatch.setattr(plan, "_measure", lambda modules, x, **kw: {n: rotation[n] for n in modules})
-    monkeypatch.setattr(harness, "time_paired", fake_pair)
+    monkeypatch.setattr(plan, "_confirm", fake_confirm)
     conv = _pruned_conv(16, 16, 3, 0.5)
     choice, module = choose(conv, torch.randn(1, 16, 12, 12), candidates=tuple(rotation))
     assert choice.strategy == want and getattr(module, "strategy", "torch") == want
-    assert len(calls) == (paired is not None)
-    if paired is not None:
-        assert (choice.times_s["direct"], choice.times_s["torch"]) == paired
-        assert choice.times_s["csrmm"] == rotation["csrmm"]
+    assert calls == confirmed and pick(choice.times_s, DEFAULT_MARGIN) == want
+    for name in confirmed:  # the pair's own times are the ones recorded for the last pair
+        assert choice.times_s[name] == pytest.approx(paired[name]) or name != calls[-1]
+    if confirmed and want == "direct":  # csrmm keeps its ratio to torch, on the pair's torch
+        assert choice.times_s["csrmm"] / choice.times_s["torch"] == pytest.approx(0.955)
+
+
+def test_confirm_times_the_pair_in_alternation(monkeypatch) -> None:
+    """``plan._confirm`` returns the medians of ``time_paired`` for the candidate and torch."""
+    from sparsecnn import plan
+    from sparsecnn.bench import harness
+
+    order = []
+    monkeypatch.setattr(harness, "time_paired", lambda fn, other, **kw: (
+        order.append(kw["repeats"]) or (harness.Timing(0.5, 0, 0, 0, 0, 1, 1, 1),
+                                         harness.Timing(0.7, 0, 0, 0, 0, 1, 1, 1))))
+    conv = _pruned_conv(8, 8, 3, 0.5)
+    assert plan._confirm(conv, conv, torch.randn(1, 8, 6, 6), "direct", 7, 0.035) == {"direct": 0.5,
+                                                                                     "torch": 0.7}
+    assert order == [15]
 
 
 def _pruned_conv(cin: int, cout: int, k: int, sparsity: float, seed: int = 0) -> nn.Conv2d:

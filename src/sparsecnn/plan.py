@@ -429,7 +429,7 @@ def choose(
     ``margin``, else ``torch`` (:func:`pick`), so "auto" never trades torch for a kernel that is only
     within the noise of it; a warm winner less than ``CONFIRM_BAND`` faster than torch is timed again
     against torch alone in alternating samples (:func:`_confirm`) and must still beat it by
-    ``margin``. ``torch`` is always a candidate.
+    ``margin`` (else the next best is, in turn). ``torch`` is always a candidate.
 
     Returns
     -------
@@ -470,11 +470,16 @@ def choose(
         times = _measure(modules, x, rounds=max(1, rounds), min_time_s=min_time_s, max_time_s=max_time_s,
                          drop_factor=2.5)
     best = pick(times, margin)
-    if best != "torch" and times[best] > (1.0 - CONFIRM_BAND) * times["torch"] and not times_cold(
-            layer, modules.values()):
-        # the pair's times replace the two; the other candidates lost to this one in the rotation
-        times = {**times, **_confirm(modules[best], modules["torch"], x, best, rounds, min_time_s)}
-        best = best if times[best] <= (1.0 - margin) * times["torch"] else "torch"
+    confirmed: set[str] = set()
+    while (best != "torch" and best not in confirmed and times[best] > (1.0 - CONFIRM_BAND) * times["torch"]
+           and not times_cold(layer, modules.values())):
+        pair = _confirm(modules[best], modules["torch"], x, best, rounds, min_time_s)
+        # Every time rescaled to the pair's torch (each keeps its ratio to torch), the pair's own in
+        # place of the two: where the winner lost its lead, the next best gets the same test.
+        scale = pair["torch"] / times["torch"]
+        times = {**{n: t * scale for n, t in times.items()}, **pair}
+        confirmed.add(best)
+        best = pick(times, margin)
     return LayerChoice(best, "measured", times), modules[best]
 
 
