@@ -457,22 +457,23 @@ def choose(
         modules[cand] = module
     if not modules:  # unreachable: torch always verifies against itself
         raise SparseCNNError(f"layer {name!r}: no strategy ran")
-    if times_cold(layer, modules.values()):
+    cold = times_cold(layer, modules.values())
+    if cold:
         from sparsecnn.bench.harness import time_cold
 
         def call(m: nn.Module) -> Callable[[], object]:
             return lambda: m(x)
 
         with torch.no_grad():
-            cold = time_cold([call(m) for m in modules.values()], repeats=max(3, rounds))
-        times = dict(zip(modules, cold, strict=True))
+            times = dict(zip(modules, time_cold([call(m) for m in modules.values()], repeats=max(3, rounds)),
+                             strict=True))
     else:
         times = _measure(modules, x, rounds=max(1, rounds), min_time_s=min_time_s, max_time_s=max_time_s,
                          drop_factor=2.5)
     best = pick(times, margin)
     confirmed: set[str] = set()
-    while (best != "torch" and best not in confirmed and times[best] > (1.0 - CONFIRM_BAND) * times["torch"]
-           and not times_cold(layer, modules.values())):
+    while (not cold and best != "torch" and best not in confirmed
+           and times[best] > (1.0 - CONFIRM_BAND) * times["torch"]):
         pair = _confirm(modules[best], modules["torch"], x, best, rounds, min_time_s)
         # Every time rescaled to the pair's torch (each keeps its ratio to torch), the pair's own in
         # place of the two: where the winner lost its lead, the next best gets the same test.
