@@ -190,6 +190,31 @@ def test_torch_choices_are_checked_in_the_whole_pass(tmp_path, monkeypatch, alt_
     assert dict(second.plan) == dict(first.plan)
 
 
+@pytest.mark.parametrize(("first", "second", "wins"), [
+    ([1.0, 0.5], None, True),  # clear: no second timing
+    ([1.0, 1.5], None, False),
+    ([1.0, 0.98], [1.0, 1.02], False),  # close: the longer second timing outweighs the first
+    ([1.0, 1.02], [1.0, 0.97], True),
+    ([1.0, 0.995], [1.0, 0.995], False),  # faster, but under the 1% margin
+])
+def test_alt_pass_wins_retimes_close_calls(monkeypatch, first, second, wins) -> None:
+    """``engine._alt_pass_wins``: a numba layer replaces a torch one in the pass only with a 1% margin,
+    and a first comparison within 5% is timed again with more rounds before it decides."""
+    from sparsecnn import engine
+
+    answers = [first] + ([second] if second is not None else [])
+    calls: list[int] = []
+
+    def timed(fns, rounds=5, min_time_s=0.002):
+        calls.append(rounds)
+        return answers[len(calls) - 1]
+
+    monkeypatch.setattr(engine, "_time_steps", timed)
+    assert engine._alt_pass_wins(lambda: None, lambda: None) is wins
+    assert len(calls) == len(answers)
+    assert calls[0] == 7 and all(3 <= r <= 14 for r in calls[1:])
+
+
 def test_time_in_pass_times_each_function() -> None:
     """``engine._time_in_pass`` gives one median per function, in order, and each longer call longer."""
     import time
