@@ -54,6 +54,24 @@ def test_round_trip_every_strategy(tmp_path, pruned_lenet, strategy, ext):
             assert twin.weight_nbytes == m.weight_nbytes
 
 
+def test_round_trip_linears_in_the_batch_lanes_form(tmp_path, pruned_lenet):
+    """Linears run as ``direct`` (the batch in the vector lanes, a DirectConvPrep of 1x1 filters) are
+    saved as that format and load as the same strategy, with the same outputs."""
+    plan = {n: "direct" for n, m in pruned_lenet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    sparse = _sparsify(pruned_lenet, plan)
+    linears = [m for m in sparse.modules() if isinstance(m, sparsecnn.SparseLinear)]
+    assert linears and all(m.strategy == "direct" for m in linears)
+    path = sparsecnn.save(sparse, tmp_path / "m.npz")
+    loaded = sparsecnn.load(path)
+    x = torch.randn(5, 1, 28, 28)
+    assert torch.equal(loaded(x), sparse(x))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), pruned_lenet(x), rtol=1e-4, atol=1e-5)
+    for name, m in sparse.named_modules():
+        if isinstance(m, sparsecnn.SparseLinear):
+            assert loaded.get_submodule(name).strategy == "direct"
+
+
 def test_file_size_is_the_formats_not_dense(tmp_path, pruned_lenet):
     sparse = _sparsify(pruned_lenet, "csrmm")
     path = sparsecnn.save(sparse, tmp_path / "m.npz")

@@ -75,6 +75,41 @@ def test_zoo_model_equals_dense(name: str, kwargs: dict, profile: str, strategy:
         assert _rel(compiled(x1), model(x1)) <= 1e-4
 
 
+def test_linears_in_the_batch_lanes_form_from_four_threads() -> None:
+    """Linears planned ``direct`` (the batch in the vector lanes) run as bound steps with ReLU fused,
+    equal to the dense model, and from 4 threads at once (each thread its own transposed buffers)."""
+    model = models.build("alexnet", input_size=99, num_classes=50).eval()
+    models.apply_profile(model, "deep-compression")
+    plan = {n: "direct" for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, *models.input_shape(model), generator=g)
+    compiled = sparsecnn.compile(model, x, plan)
+    kinds = compiled.steps(tuple(x.shape))
+    assert kinds.count("linear:direct+relu") == 2 and kinds.count("linear:direct") == 1, kinds
+    inputs = [torch.randn((3, 5, 1)[i % 3], *models.input_shape(model), generator=g) for i in range(24)]
+    with torch.inference_mode():
+        refs = [model(v) for v in inputs]
+    out: list = [None] * len(inputs)
+    errors: list = []
+    barrier = threading.Barrier(4)
+
+    def work(t: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(t, len(inputs), 4):
+                out[i] = compiled(inputs[i])
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert not errors, errors[0]
+    assert all(o is not None and _rel(o, r) <= 1e-4 for o, r in zip(out, refs, strict=True))
+
+
 def test_auto_plan_cost_model_and_numpy_callable(tmp_path) -> None:
     model = models.build("alexnet", input_size=67, num_classes=10).eval()
     models.apply_profile(model, "uniform:0.9")

@@ -331,7 +331,7 @@ def test_conv_layer_deepcopy_and_pickle(strategy: str) -> None:
 
 def test_strategies_registry() -> None:
     assert CONV == ("torch", "dense", "csrmm", "direct", "lowered", "bsr", "spgemm", "spconv-act")
-    assert LINEAR == ("torch", "dense", "spmv", "spmm", "spmv-act", "qspmv")
+    assert LINEAR == ("torch", "dense", "spmv", "spmm", "spmv-act", "qspmv", "direct")
     with pytest.raises(SparseCNNError, match="conv"):
         sparsecnn.strategies("pool")
 

@@ -59,11 +59,13 @@ __all__ = ["LoweredWeight", "SparseConv2d", "SparseLinear", "sparsify", "strateg
 
 _CONV_STRATEGIES: tuple[str, ...] = ("torch", "dense", "csrmm", "direct", "lowered", "bsr", "spgemm",
                                      "spconv-act")
-_LINEAR_STRATEGIES: tuple[str, ...] = ("torch", "dense", "spmv", "spmm", "spmv-act", "qspmv")
+_LINEAR_STRATEGIES: tuple[str, ...] = ("torch", "dense", "spmv", "spmm", "spmv-act", "qspmv", "direct")
 
 # A strategy named for one kind of layer, applied to the other kind by sparsify(model, name): every
 # sparse convolution strategy runs the model's linears as CSR (spmm covers batch 1 too), and the
-# sparse linear strategies run convolutions as CSR x lowered input, the same format.
+# sparse linear strategies run convolutions as CSR x lowered input, the same format. "direct" names
+# both a conv and a linear strategy; given for a whole model it runs the linears as spmm, since the
+# linear form (the batch in the vector lanes) fills one lane in VW at batch 1.
 _LINEAR_FOR_CONV = {"torch": "torch", "dense": "dense", "csrmm": "spmm", "direct": "spmm",
                     "lowered": "spmm", "bsr": "spmm", "spgemm": "spmm", "spconv-act": "spmm"}
 _CONV_FOR_LINEAR = {"torch": "torch", "dense": "dense", "spmv": "csrmm", "spmm": "csrmm", "spmv-act": "csrmm",
@@ -79,8 +81,8 @@ def strategies(kind: str = "conv") -> tuple[str, ...]:
     Returns
     -------
     tuple of str
-        conv: ``("torch", "dense", "csrmm", "direct", "lowered", "bsr", "spgemm")``;
-        linear: ``("torch", "dense", "spmv", "spmm")``.
+        conv: ``("torch", "dense", "csrmm", "direct", "lowered", "bsr", "spgemm", "spconv-act")``;
+        linear: ``("torch", "dense", "spmv", "spmm", "spmv-act", "qspmv", "direct")``.
     """
     if kind == "conv":
         return _CONV_STRATEGIES
@@ -1309,8 +1311,53 @@ class _QuantSparseLinear(_SparseLinear):
         return torch.from_numpy(out_np)
 
 
+class _DirectLinear(_SparseLinear):
+    """The linear layer as a 1x1 direct convolution over the batch (the items in the vector lanes),
+    :func:`sparsecnn.kernels.direct_linear.direct_linear`: each loaded vector of batch items serves
+    every filter of a tile's group that has the column. For batch >= 2 (at batch 1 it fills one lane
+    in VW). Format: DirectConvPrep of weight shape (M, K, 1, 1)."""
+
+    def __init__(self, prep: Any, bias: np.ndarray | None) -> None:
+        self.format = prep
+        self.bias = bias
+        self.m = int(prep.weight_shape[0])
+
+    @staticmethod
+    def convert(weight: np.ndarray) -> Any:
+        from sparsecnn.kernels.direct_linear import prepare_direct_linear
+
+        return prepare_direct_linear(weight)
+
+    @staticmethod
+    def check(shape: tuple[int, int], fmt: Any) -> None:
+        from sparsecnn.kernels.conv import DirectConvPrep
+
+        _need(isinstance(fmt, DirectConvPrep), f"expected a DirectConvPrep, got {type(fmt).__name__}")
+        _need(tuple(fmt.weight_shape) == (*shape, 1, 1),
+              f"expected a DirectConvPrep of weight shape {(*shape, 1, 1)}, got {tuple(fmt.weight_shape)}")
+        geom = (fmt.groups, tuple(fmt.stride), tuple(fmt.padding), tuple(fmt.dilation))
+        _need(geom == (1, (1, 1), (0, 0), (1, 1)),
+              f"expected a DirectConvPrep of (groups, stride, padding, dilation) "
+              f"(1, (1, 1), (0, 0), (1, 1)), got {geom}")
+        _check_csr_arrays("DirectConvPrep", fmt.indptr, fmt.indices, fmt.data, shape[0], shape[1])
+
+    def to_dense(self) -> np.ndarray:
+        f = self.format
+        return _csr_dense(f.indptr, f.indices, f.data, (self.m, int(f.weight_shape[1])))
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        from sparsecnn.kernels.direct_linear import direct_linear
+
+        x = x.detach().contiguous()
+        out_np = np.empty((x.shape[0], self.m), dtype=np.float32)
+        if x.shape[0]:
+            direct_linear(self.format, x.numpy(), self.bias, out_np)
+        return torch.from_numpy(out_np)
+
+
 _LINEAR_ENGINES: dict[str, type] = {"dense": _DenseLinear, "spmv": _SparseLinear, "spmm": _SparseLinear,
-                                    "spmv-act": _ActSparseLinear, "qspmv": _QuantSparseLinear}
+                                    "spmv-act": _ActSparseLinear, "qspmv": _QuantSparseLinear,
+                                    "direct": _DirectLinear}
 
 
 class SparseLinear(_SparseLayer):
@@ -1583,7 +1630,7 @@ def _targets(model: nn.Module) -> dict[str, nn.Module]:
 
 def _for_layer(strategy: str, layer: nn.Module) -> str:
     if isinstance(layer, nn.Linear):
-        return strategy if strategy in _LINEAR_STRATEGIES else _LINEAR_FOR_CONV[strategy]
+        return _LINEAR_FOR_CONV.get(strategy, strategy)
     return strategy if strategy in _CONV_STRATEGIES else _CONV_FOR_LINEAR[strategy]
 
 

@@ -72,7 +72,8 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # 22: spmv-act's packed column layout (one stream per column, threads split the nonzero inputs): cold
 # 1.3-1.6x faster on Zen 4, so spmv vs spmv-act is re-decided;
 # 23: a close call against torch is timed again as a pair (CONFIRM_BAND);
-# 24: a torch layer's in-pass check asks a 1% margin and re-times close passes (engine._alt_pass_wins).
+# 24: a torch layer's in-pass check asks a 1% margin and re-times close passes (engine._alt_pass_wins);
+#     linears at batch >= 2 also try `direct` (the batch in the vector lanes).
 _CACHE_VERSION = 24
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.
@@ -329,7 +330,9 @@ def _candidates(layer: nn.Module, batch: int, input_density: float = 1.0) -> tup
     if isinstance(layer, nn.Linear):
         w = layer.weight.detach()
         shared = ("qspmv",) if batch <= ACT_SPARSE_MAX_BATCH and _shared_weights(w) else ()
-        base = ("torch", "dense", "spmv" if batch == 1 else "spmm", *shared)
+        # from batch 2 the direct conv's tiles with the batch in the vector lanes (kernels.direct_linear)
+        batched = ("spmm", "direct") if batch >= 2 else ("spmv",)
+        base = ("torch", "dense", *batched, *shared)
         dense_columns = w.numel() > 0 and int(torch.count_nonzero(w)) > DENSE_COLUMNS_ABOVE * w.numel()
         if batch <= ACT_SPARSE_MAX_BATCH and (1.0 - input_density >= ACT_SPARSE_MIN_ZEROS
                                               or (batch == 1 and dense_columns)):
@@ -594,6 +597,12 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
             work = (m * k if dense_cols else nnz) * input_density
             return c.kernel_overhead_s + max(work * per / c.sparse_linear_bandwidth,
                                              2 * b * work / c.csr_flops)
+        if strategy == "direct":  # every nonzero times a vector of batch items (lanes rounded up)
+            from sparsecnn.kernels._simd import VW
+
+            lanes = -(-b // VW) * VW
+            return c.kernel_overhead_s + max(nnz * 6 / c.sparse_linear_bandwidth,
+                                             2 * lanes * nnz / c.direct_flops)
         per = 1 + idx if strategy == "qspmv" else 4 + idx  # a uint8 code, or a float32 value, per nonzero
         return c.kernel_overhead_s + max(nnz * per / c.sparse_linear_bandwidth, 2 * b * nnz / c.csr_flops)
     b, g, cout, k, n, nnz = _conv_dims(layer, x_shape)

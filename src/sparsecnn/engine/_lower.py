@@ -865,6 +865,13 @@ class _Builder:
 
             self._step(f"linear:{strategy}{suffix}", lambda env, bufs, x=x, s=s: _bind_kernel(
                 env, x, bind_quant_linear(eng.format, shape[0], eng.bias, env[s], relu)))
+        elif strategy == "direct":
+            s, _ = self._planned(n.name, shape)
+            eng = layer.engine
+            from sparsecnn.kernels.direct_linear import bind_direct_linear
+
+            self._step(f"linear:{strategy}{suffix}", lambda env, bufs, x=x, s=s: _bind_kernel(
+                env, x, bind_direct_linear(eng.format, shape[0], eng.bias, env[s], relu)))
         elif strategy == "spmv-act":
             s, _ = self._planned(n.name, shape)
             eng = layer.engine
