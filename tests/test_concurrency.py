@@ -78,13 +78,15 @@ def test_sparsified_model_from_four_threads(strategy: str) -> None:
     _check(_hammer(fast, inputs), refs)
 
 
-def test_spmv_linear_from_four_threads() -> None:
-    """The linear kernel's transposed-input and row buffers are per thread too (batch 1 and > 1)."""
+@pytest.mark.parametrize("strategy", ["spmm", "direct"])
+def test_spmv_linear_from_four_threads(strategy: str) -> None:
+    """The linear kernels' transposed-input and row buffers are per thread too (batch 1 and > 1):
+    spmm's, and the batch-lanes form's (``direct``: transposed input and output, the conv workspace)."""
     rng = np.random.default_rng(2)
     lin = nn.Linear(300, 70).eval()
     with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(random_sparse(rng, (70, 300), 0.8)))
-    layer = sparsecnn.SparseLinear.from_dense(lin, "spmm")
+    layer = sparsecnn.SparseLinear.from_dense(lin, strategy)
     g = torch.Generator().manual_seed(3)
     inputs = [torch.randn((1 + (i // THREADS) % 3, 300), generator=g) for i in range(THREADS * CALLS)]
     with torch.inference_mode():
