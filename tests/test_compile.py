@@ -75,6 +75,18 @@ def test_zoo_model_equals_dense(name: str, kwargs: dict, profile: str, strategy:
         assert _rel(compiled(x1), model(x1)) <= 1e-4
 
 
+@pytest.mark.parametrize(("batch", "want", "not_want"),
+                         [(1, "spmv-act", "direct"), (4, "direct", "spmv-act")])
+def test_executor_tunes_linears_with_the_batch_lanes_form_from_batch_2(batch, want, not_want) -> None:
+    from types import SimpleNamespace
+
+    from sparsecnn import engine
+
+    node = SimpleNamespace(args=[SimpleNamespace(name="x")], fn=nn.Linear(6, 3))
+    names = engine._tune_candidates(node, SimpleNamespace(strategy="torch"), {"x": torch.zeros(batch, 6)})
+    assert names[0] == "torch" and want in names and not_want not in names
+
+
 def test_linears_in_the_batch_lanes_form_from_four_threads() -> None:
     """Linears planned ``direct`` (the batch in the vector lanes) run as bound steps with ReLU fused,
     equal to the dense model, and from 4 threads at once (each thread its own transposed buffers)."""

@@ -343,6 +343,8 @@ def _tune_candidates(node: Node, layer: nn.Module, values: dict[str, Any]) -> li
     names = [layer.strategy, "torch", "direct" if conv else ("spmv" if batch == 1 else "spmm")]
     if not conv and batch == 1:
         names.append("spmv-act")  # walks the nonzero inputs (dense columns of a dense weight)
+    elif not conv:
+        names.append("direct")  # the batch in the vector lanes (kernels.direct_linear)
     return list(dict.fromkeys(names))
 
 
