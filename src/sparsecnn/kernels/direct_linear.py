@@ -7,13 +7,13 @@ loads a vector of batch items once and, in the filter-group tiles, every filter 
 column ``k`` adds a broadcast weight times it. The weights stream once per call, in the
 tiles' order, whatever the batch.
 
-Why it exists: at batch 2-32 on this project's Zen 4 VM (2 threads), torch's GEMM (MKL) ran AlexNet's
+Why it exists: at batch 2-32 on this project's Zen 4 VM (2 threads), torch's GEMM ran AlexNet's
 dense fc6 (9216 -> 4096) at 15-17 ms for batch 4-8 and 26-30 ms for 32, and the CSR ``spmm`` (one
 row of batch items per nonzero, no reuse across filters) about as slowly; this form ran them in
-6.8 / 7.6 / 13.6 ms (the weights stream at ~22 GB/s at batch 4). At 91% sparsity it beats ``spmm``
-from batch ~16 on (fc6 at batch 32: 2.7 against 4.9 ms) and loses below (batch 2-8: 1.2-1.3x
-slower). At batch 1 it fills one lane in ``VW``: ``spmv`` there (the planner offers this form from
-batch 2).
+6.8 / 7.6 / 13.6 ms (the weights stream at ~22 GB/s at batch 4). At 91% sparsity it is within
+0.8-1.2x of ``spmm`` (ahead at batch 32), at 75% 1.4-1.8x ahead (``python -m benchmarks.batch_fc``).
+At batch 1 it fills one lane in ``VW`` (fc6 at 91%: 3x ``spmv``'s time), so the planner offers it
+from batch 2.
 
 The batch is padded to whole vectors (``lanes``, zero columns), so every channel's row starts on a
 vector and is read in place; the output comes back through a transposed buffer.
