@@ -18,6 +18,7 @@ from sparsecnn.errors import SparseCNNError
 from sparsecnn.kernels._numba import num_threads
 from sparsecnn.kernels._simd import VW
 from sparsecnn.kernels.elementwise import add_relu, global_avg_pool, max_pool2d, relu_
+from tests.threads import call_from_threads
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -101,24 +102,7 @@ def test_linears_in_the_batch_lanes_form_from_four_threads() -> None:
     inputs = [torch.randn((3, 5, 1)[i % 3], *models.input_shape(model), generator=g) for i in range(24)]
     with torch.inference_mode():
         refs = [model(v) for v in inputs]
-    out: list = [None] * len(inputs)
-    errors: list = []
-    barrier = threading.Barrier(4)
-
-    def work(t: int) -> None:
-        try:
-            barrier.wait()
-            for i in range(t, len(inputs), 4):
-                out[i] = compiled(inputs[i])
-        except BaseException as exc:  # re-raised below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=300)
-    assert not errors, errors[0]
+    out = call_from_threads(compiled, inputs, 4)
     assert all(o is not None and _rel(o, r) <= 1e-4 for o, r in zip(out, refs, strict=True))
 
 

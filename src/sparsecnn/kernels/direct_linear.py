@@ -29,6 +29,7 @@ import numpy as np
 from sparsecnn.kernels._numba import aligned_zeros, pjit, serial_twin
 from sparsecnn.kernels._simd import VW
 from sparsecnn.kernels.conv import SLACK, DirectConvPrep, bind_direct_conv2d, prepare_direct
+from sparsecnn.kernels.spmv import _transpose, _transpose_serial
 
 __all__ = ["bind_direct_linear", "direct_linear", "lanes", "prepare_direct_linear"]
 
@@ -51,20 +52,6 @@ def lanes(batch: int) -> int:
 
 
 @pjit
-def _to_lanes(x, xt):
-    """``xt[k, b] = x[b, k]`` for ``b < B`` (x (B, K), xt (K, L), L >= B; columns from B on are left
-    as they are: zero), blocks of 64 channels in parallel."""
-    nb, nk = x.shape
-    nblk = (nk + 63) // 64
-    for blk in numba.prange(nblk):
-        k0 = blk * 64
-        k1 = min(nk, k0 + 64)
-        for b in range(nb):
-            for k in range(k0, k1):
-                xt[k, b] = x[b, k]
-
-
-@pjit
 def _from_lanes(yt, y):
     """``y[b, m] = yt[m, b]`` (yt (M, L), y (B, M), B <= L), blocks of 64 outputs in parallel."""
     nb, nm = y.shape
@@ -77,7 +64,6 @@ def _from_lanes(yt, y):
                 y[b, m] = yt[m, b]
 
 
-_to_lanes_serial = serial_twin(_to_lanes)
 _from_lanes_serial = serial_twin(_from_lanes)
 # Below this many nonzeros x lanes the transposes run serially (a parallel launch costs more).
 _SERIAL_MACS = 1 << 16
@@ -126,7 +112,8 @@ def bind_direct_linear(prep: DirectConvPrep, batch: int, bias: np.ndarray | None
     xt, yt = _buffers(prep, nl)
     conv = bind_direct_conv2d(prep, (1, k, 1, nl), bias, yt.reshape(1, m, 1, nl), relu, slack=SLACK)
     small = prep.nnz * nl < _SERIAL_MACS
-    to_lanes = _to_lanes_serial if small else _to_lanes
+    # spmm's transpose writes xt[k, b] for b < B: the pad lanes keep their zeros
+    to_lanes = _transpose_serial if small else _transpose
     from_lanes = _from_lanes_serial if small else _from_lanes
     image = xt.reshape(1, k, 1, nl)
 
