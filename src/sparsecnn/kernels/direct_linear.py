@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import aligned_zeros, pjit, serial_twin
+from sparsecnn.kernels._numba import aligned_zeros
 from sparsecnn.kernels._simd import VW
 from sparsecnn.kernels.conv import SLACK, DirectConvPrep, bind_direct_conv2d, prepare_direct
 from sparsecnn.kernels.spmv import _transpose, _transpose_serial
@@ -51,20 +50,6 @@ def lanes(batch: int) -> int:
     return max(1, -(-int(batch) // VW)) * VW
 
 
-@pjit
-def _from_lanes(yt, y):
-    """``y[b, m] = yt[m, b]`` (yt (M, L), y (B, M), B <= L), blocks of 64 outputs in parallel."""
-    nb, nm = y.shape
-    nblk = (nm + 63) // 64
-    for blk in numba.prange(nblk):
-        m0 = blk * 64
-        m1 = min(nm, m0 + 64)
-        for b in range(nb):
-            for m in range(m0, m1):
-                y[b, m] = yt[m, b]
-
-
-_from_lanes_serial = serial_twin(_from_lanes)
 # Below this many nonzeros x lanes the transposes run serially (a parallel launch costs more).
 _SERIAL_MACS = 1 << 16
 
@@ -112,15 +97,16 @@ def bind_direct_linear(prep: DirectConvPrep, batch: int, bias: np.ndarray | None
     xt, yt = _buffers(prep, nl)
     conv = bind_direct_conv2d(prep, (1, k, 1, nl), bias, yt.reshape(1, m, 1, nl), relu, slack=SLACK)
     small = prep.nnz * nl < _SERIAL_MACS
-    # spmm's transpose writes xt[k, b] for b < B: the pad lanes keep their zeros
-    to_lanes = _transpose_serial if small else _transpose
-    from_lanes = _from_lanes_serial if small else _from_lanes
+    # spmm's transpose: into the lanes it writes xt[k, b] for b < B (the pad lanes keep their zeros),
+    # out of them it reads the first B lanes of yt
+    transpose = _transpose_serial if small else _transpose
+    lanes_out = yt[:, :batch]
     image = xt.reshape(1, k, 1, nl)
 
     def run(x: np.ndarray) -> None:
-        to_lanes(x, xt)
+        transpose(x, xt)
         conv(image)
-        from_lanes(yt, out)
+        transpose(lanes_out, out)
 
     return run
 

@@ -307,15 +307,24 @@ def _spmv(indptr, indices, data, x, bias, has_bias, y, bounds, relu):
 
 @pjit
 def _transpose(x, xt):
-    """``xt[k, b] = x[b, k]``, in blocks of columns so both sides stay in cache."""
+    """``xt[k, b] = x[b, k]`` for every element of ``x`` (B, K) (``xt`` may have more columns: they are
+    left as they are), in blocks of 64 along the longer axis, in parallel, so both sides stay in
+    cache: the inputs of a batch (K long) for spmm, the outputs of ``direct_linear`` (B = M long)."""
     nb, nk = x.shape
-    nblk = (nk + 63) // 64
-    for blk in numba.prange(nblk):
-        k0 = blk * 64
-        k1 = min(nk, k0 + 64)
-        for b in range(nb):
-            for k in range(k0, k1):
-                xt[k, b] = x[b, k]
+    if nk >= nb:
+        for blk in numba.prange((nk + 63) // 64):
+            k0 = blk * 64
+            k1 = min(nk, k0 + 64)
+            for b in range(nb):
+                for k in range(k0, k1):
+                    xt[k, b] = x[b, k]
+    else:
+        for blk in numba.prange((nb + 63) // 64):
+            b0 = blk * 64
+            b1 = min(nb, b0 + 64)
+            for k in range(nk):
+                for b in range(b0, b1):
+                    xt[k, b] = x[b, k]
 
 
 @pjit
