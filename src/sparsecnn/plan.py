@@ -598,11 +598,10 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
             return c.kernel_overhead_s + max(work * per / c.sparse_linear_bandwidth,
                                              2 * b * work / c.csr_flops)
         if strategy == "direct":  # every nonzero times a vector of batch items (lanes rounded up)
-            from sparsecnn.kernels._simd import VW
+            from sparsecnn.kernels.direct_linear import lanes
 
-            lanes = -(-b // VW) * VW
             return c.kernel_overhead_s + max(nnz * 6 / c.sparse_linear_bandwidth,
-                                             2 * lanes * nnz / c.direct_flops)
+                                             2 * lanes(b) * nnz / c.direct_flops)
         per = 1 + idx if strategy == "qspmv" else 4 + idx  # a uint8 code, or a float32 value, per nonzero
         return c.kernel_overhead_s + max(nnz * per / c.sparse_linear_bandwidth, 2 * b * nnz / c.csr_flops)
     b, g, cout, k, n, nnz = _conv_dims(layer, x_shape)

@@ -50,8 +50,9 @@ def lanes(batch: int) -> int:
     return max(1, -(-int(batch) // VW)) * VW
 
 
-# Below this many nonzeros x lanes the transposes run serially (a parallel launch costs more).
-_SERIAL_MACS = 1 << 16
+# Below this many floats moved (input and output, batch rows) the transposes run serially: a parallel
+# launch costs more than they do.
+_SERIAL_FLOATS = 1 << 14
 
 
 def _buffers(prep: DirectConvPrep, nl: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +97,7 @@ def bind_direct_linear(prep: DirectConvPrep, batch: int, bias: np.ndarray | None
     nl = lanes(batch)
     xt, yt = _buffers(prep, nl)
     conv = bind_direct_conv2d(prep, (1, k, 1, nl), bias, yt.reshape(1, m, 1, nl), relu, slack=SLACK)
-    small = prep.nnz * nl < _SERIAL_MACS
+    small = (k + m) * batch < _SERIAL_FLOATS
     # spmm's transpose: into the lanes it writes xt[k, b] for b < B (the pad lanes keep their zeros),
     # out of them it reads the first B lanes of yt
     transpose = _transpose_serial if small else _transpose
