@@ -17,9 +17,10 @@ eight row indices (uint16 while ``M + 8 <= 65536``) then eight float32 values, 4
 column is one forward stream; a column's last block is padded with value-0 entries on scratch rows
 past the outputs. Above 2/3 weight density the columns are kept dense instead (4 bytes per weight,
 contiguous vector loads), the same walk over nonzero inputs. Per nonzero input, its column's blocks
-are scattered into the outputs (:func:`sparsecnn.kernels._simd.scatter_blocks`: eight outputs
-loaded into one vector, one FMA, eight stores). The threads split the *nonzero inputs* (ranges of
-equal block count), each into its own full-length sums, added up by rows at the end; the column
+are scattered into the outputs (:func:`sparsecnn.kernels._simd.scatter_blocks`: per four entries
+the rows from one 64-bit load, four outputs loaded into one vector, one FMA, four stores). The
+threads split the *nonzero inputs* (ranges of equal block count), each into its own full-length
+sums, added up by rows at the end; the column
 eight inputs on is prefetched into L2.
 
 Why so: in a forward pass the weights of a large FC layer come from DRAM (the other layers evict
