@@ -20,8 +20,7 @@ contiguous vector loads), the same walk over nonzero inputs. Per nonzero input, 
 are scattered into the outputs (:func:`sparsecnn.kernels._simd.scatter_blocks`: per four entries
 the rows from one 64-bit load, four outputs loaded into one vector, one FMA, four stores). The
 threads split the *nonzero inputs* (ranges of equal block count), each into its own full-length
-sums, added up by rows at the end; the column
-eight inputs on is prefetched into L2.
+sums, added up by rows at the end; the column eight inputs on is prefetched into L2.
 
 Why so: in a forward pass the weights of a large FC layer come from DRAM (the other layers evict
 them), and the columns of a random 40% of the inputs are runs of 1-2 KB with gaps that the
