@@ -357,3 +357,24 @@ def test_probe_cores_measures_two_threads_or_says_one() -> None:
         assert all(np.isfinite(t) and 0 < t < 1e6 for t in times)
     finally:
         numba.set_num_threads(saved)
+
+
+def test_end_to_end_verdicts_follow_the_rows() -> None:
+    """The end-to-end benchmark's target lines: each named target judged on its own row, and every row
+    on the 3% floor against torch and ONNX Runtime (absent ONNX Runtime: torch alone)."""
+    from benchmarks.end_to_end import verdicts
+
+    def row(case, batch, ms, vs_torch, vs_ort):
+        return {"case": case, "batch": batch, "compiled_ms": ms, "compiled_vs_torch": vs_torch,
+                "compiled_vs_ort": vs_ort}
+
+    rows = [row("alexnet-dc", 1, 6.5, 3.3, 2.6), row("alexnet-dc", 32, 130.0, 1.9, 2.3),
+            row("lenet5", 1, 0.03, 9.0, 0.96), row("resnet18-50", 1, 13.0, 1.7, None)]
+    got = {(r, what): ok for r, what, ok in verdicts(rows)}
+    assert got[("alexnet-dc b1", "compiled <= 6.8 ms")] is True
+    assert got[("alexnet-dc b32", "compiled >= 2x torch dense")] is False
+    assert got[("lenet5 b1", "compiled faster than ONNX Runtime")] is False
+    floor = "not below torch / ONNX Runtime by > 3%"
+    assert got[("lenet5 b1", floor)] is False  # 0.96x ONNX Runtime
+    assert got[("alexnet-dc b32", floor)] is True and got[("resnet18-50 b1", floor)] is True
+    assert not any(r.startswith("alexnet-90") for r, _ in got)  # not run: not judged
