@@ -133,6 +133,46 @@ def test_compression_section_numbers_are_consistent(report_dir: Path) -> None:
     assert "codebook-index SpMV vs float CSR" in page
 
 
+def test_fc_layers_are_timed_at_batch_one_and_above(report_dir: Path) -> None:
+    """Experiment 3 times every linear strategy at each of ``fc_batches`` (tiny: 1 and 4), the weight bytes
+    once, a table per batch; the seed's FC claim reads batch 1 alone."""
+    from sparsecnn.bench.experiments import ReportConfig
+    from sparsecnn.layers import strategies
+
+    batches = ReportConfig.preset("tiny").fc_batches
+    assert batches[0] == 1 and len(batches) > 1
+    fc = [r for r in _measurements(report_dir / "results.jsonl")
+          if r["experiment"] == "fc_layers" and r["params"]["model"] == "alexnet"]
+    layers = {r["params"]["layer"] for r in fc}
+    assert layers == {"fc6", "fc7", "fc8"}
+    assert sum(r["params"]["impl"] == "bytes" for r in fc) == len(layers)  # bytes do not depend on the batch
+    for b in batches:
+        timed = {(r["params"]["layer"], r["params"]["impl"]) for r in fc
+                 if r["params"].get("batch") == b and r["status"] == "ok"}
+        for s in (*[s for s in strategies("linear") if s != "torch"], "torch-dense", "auto"):
+            assert {(layer, s) for layer in layers} <= timed, (b, s)
+        assert all(r["metrics"]["max_rel_err"] <= 1e-4 for r in fc
+                   if r["params"].get("batch") == b and r["status"] == "ok" and "max_rel_err" in r["metrics"])
+    page = (report_dir / "report.html").read_text(encoding="utf-8")
+    for b in batches:
+        assert f"alexnet / deep-compression: time per layer, batch {b}" in page
+    # the seed's "about 3x on FC layers" lists the batch-1 spmv speedups, not a larger batch's
+    from sparsecnn.report.html import conclusions
+    from sparsecnn.report.tables import load_results
+
+    claim = next(c for c in conclusions(load_results(report_dir / "results.jsonl"))
+                 if c.claim.startswith("About 3× on FC layers"))
+    shown = {(r["params"]["batch"], r["params"]["layer"]): f"{r['params']['layer']} "
+             f"{r['metrics']['paired_speedup']:.2f}×" for r in fc
+             if r["params"]["impl"] == "spmv" and r["params"]["profile"] == "deep-compression"
+             and r["status"] == "ok"}
+    for (b, layer), text in shown.items():
+        if b == 1:
+            assert text in claim.measured, (text, claim.measured)
+        elif text != shown.get((1, layer)):
+            assert text not in claim.measured, (text, claim.measured)
+
+
 def test_plots_exist_and_are_non_empty_pngs(report_dir: Path) -> None:
     names = [
         "weight_sparsity",

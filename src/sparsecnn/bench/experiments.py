@@ -3,7 +3,8 @@
 1. ``weight_sparsity``: weight sparsity per layer of each model / profile.
 2. ``conv_layers``: per conv layer, the bytes of each format and the time of every strategy, the
    planner's choice and the peers, on the layer's real input; conversion time recorded apart.
-3. ``fc_layers``: per FC layer at batch 1, GEMV vs SpMV (and the peers).
+3. ``fc_layers``: per FC layer at batch 1, GEMV vs SpMV (and the peers), then at the batches of
+   ``fc_batches`` above 1, where the product is a GEMM (the ``spmm`` and ``direct`` forms).
 4. ``sparsity_sweep``: the largest AlexNet conv layer with uniform random zeros from 0.5 to 0.995,
    every strategy and peer; the report interpolates each one's break-even sparsity.
 5. ``memory_scaling``: weight matrices from 256x1200 to 25600x24000 at a fixed sparsity, dense vs
@@ -111,6 +112,7 @@ class ReportConfig:
     scaling_sparsity: float = 0.9
     scaling_impls: tuple[str, ...] = ("dense", "csr", "torch-csr")
     e2e_batches: tuple[int, ...] = (1, 32)
+    fc_batches: tuple[int, ...] = (1, 32)  # experiment 3's batches (1: GEMV; above: GEMM)
     plan_measure: bool = True  # sparsify(..., "auto") times candidates (True) or uses the cost model
     plan_measure_max_batch: int = 32  # above this batch "auto" uses the cost model (timing is slow)
     onnx: bool = True  # time ONNX Runtime when installed
@@ -144,6 +146,7 @@ class ReportConfig:
                 scaling_skipped=((2560, 4800), (25600, 24000)),
                 scaling_impls=("dense", "csr"),
                 e2e_batches=(1, 2),
+                fc_batches=(1, 4),
                 plan_measure=False,
                 onnx=False,
             )
@@ -540,8 +543,10 @@ def layer_tasks(
     batch: int,
     layers: Sequence[str] | None = None,
     planner: bool = True,
+    weight_bytes: bool = True,
 ) -> list[Task]:
-    """Bytes, every strategy, the planner's choice and every peer, for each layer of ``kind``."""
+    """Bytes (with ``weight_bytes``: they do not depend on the batch), every strategy, the planner's
+    choice and every peer, for each layer of ``kind``."""
     cfg = ctx.cfg
     model = ctx.model(name, profile)
     out: list[Task] = []
@@ -551,7 +556,8 @@ def layer_tasks(
         base = {"model": name, "profile": profile, "layer": lname}
         timed = {**base, "batch": batch, "device": cfg.device}
         tag = f"{name}/{profile} {lname}"
-        out.append(_bytes_task(experiment, base, module, f"{tag} bytes"))
+        if weight_bytes:
+            out.append(_bytes_task(experiment, base, module, f"{tag} bytes"))
         out += [
             _strategy_task(experiment, timed, module, lname, s, io, cfg, f"{tag} {s}")
             for s in _strategies(kind)
@@ -668,7 +674,8 @@ def _fc_tasks(ctx: _Context) -> list[Task]:
         fcs = _layers(model, "linear")
         if all(float((m.weight == 0).float().mean()) < 0.01 for m in fcs.values()):
             continue
-        out += layer_tasks(ctx, "fc_layers", name, profile, "linear", 1)
+        for i, batch in enumerate(ctx.cfg.fc_batches):
+            out += layer_tasks(ctx, "fc_layers", name, profile, "linear", batch, weight_bytes=i == 0)
     return out
 
 

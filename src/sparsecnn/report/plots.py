@@ -126,7 +126,9 @@ def plot_layer_bytes(res: Results, path: Path, experiment: str = "conv_layers") 
 
 
 def plot_layer_times(res: Results, path: Path, experiment: str = "conv_layers") -> Path | None:
-    recs = [r for r in res.of(experiment) if r["params"]["impl"] != "bytes"]
+    # batch 1 (the tables also show the larger batches of the FC layers)
+    recs = [r for r in res.of(experiment)
+            if r["params"]["impl"] != "bytes" and r["params"].get("batch", 1) == 1]
     keys = model_keys(recs)
     if not keys:
         return None

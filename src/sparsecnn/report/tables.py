@@ -287,14 +287,17 @@ def weight_tables(res: Results) -> list[Table]:
     return tables
 
 
-def layer_time_table(recs: list[dict[str, Any]], model: str, profile: str, title: str) -> Table:
-    """Per layer: median ms ± IQR/2 and speedup over torch dense for each implementation."""
+def layer_time_table(recs: list[dict[str, Any]], model: str, profile: str, title: str,
+                     batch: int | None = None) -> Table:
+    """Per layer: median ms ± IQR/2 and speedup over torch dense for each implementation (the records
+    of ``batch`` only, when given)."""
     mine = [
         r
         for r in recs
         if r["params"]["model"] == model
         and r["params"].get("profile") == profile
         and r["params"]["impl"] != "bytes"
+        and (batch is None or r["params"].get("batch") == batch)
     ]
     idx = _index(mine, "layer", "impl")
     impls = impls_of(mine)
@@ -317,7 +320,7 @@ def layer_time_table(recs: list[dict[str, Any]], model: str, profile: str, title
     )
 
 
-def conversion_table(recs: list[dict[str, Any]], model: str, profile: str) -> Table:
+def conversion_table(recs: list[dict[str, Any]], model: str, profile: str, batch: int | None = None) -> Table:
     mine = [
         r
         for r in recs
@@ -325,6 +328,7 @@ def conversion_table(recs: list[dict[str, Any]], model: str, profile: str) -> Ta
         and r["params"].get("profile") == profile
         and r["status"] == "ok"
         and r["metrics"].get("kind") == "strategy"
+        and (batch is None or r["params"].get("batch") == batch)
     ]
     idx = _index(mine, "layer", "impl")
     impls = _ordered(r["params"]["impl"] for r in mine)
@@ -1037,11 +1041,14 @@ def experiment_tables(res: Results, experiment: str) -> list[Table]:
     if experiment in ("conv_layers", "fc_layers"):
         out = []
         for model, profile in model_keys(recs):
+            mine = [r for r in recs if (r["params"]["model"], r["params"].get("profile")) == (model, profile)]
+            batches = sorted({r["params"]["batch"] for r in mine if "batch" in r["params"]}) or [1]
             out.append(bytes_table(recs, model, profile))
-            out.append(
-                layer_time_table(recs, model, profile, f"{model} / {profile}: time per layer, batch 1")
-            )
-            out.append(conversion_table(recs, model, profile))
+            out += [
+                layer_time_table(recs, model, profile, f"{model} / {profile}: time per layer, batch {b}", b)
+                for b in batches
+            ]
+            out.append(conversion_table(recs, model, profile, batches[0]))
         return out
     if experiment == "sparsity_sweep":
         structure = structure_table(recs)
