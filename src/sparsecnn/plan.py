@@ -73,8 +73,10 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # 1.3-1.6x faster on Zen 4, so spmv vs spmv-act is re-decided;
 # 23: a close call against torch is timed again as a pair (CONFIRM_BAND);
 # 24: a torch layer's in-pass check asks a 1% margin and re-times close passes (engine._alt_pass_wins);
-#     linears at batch >= 2 also try `direct` (the batch in the vector lanes).
-_CACHE_VERSION = 24
+#     linears at batch >= 2 also try `direct` (the batch in the vector lanes);
+# 25: `lowered` runs strided layers that rearrange into 3x3 stride-1 ones (AlexNet's conv1) as Winograd
+#     over their space-to-depth input at batch 1 (kernels.space_to_depth).
+_CACHE_VERSION = 25
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.
 DEFAULT_MARGIN = 0.04
@@ -619,7 +621,10 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
     if strategy == "spgemm":
         return oh + 4 * b * g * k * n / c.bandwidth + 2 * b * nnz * n * input_density / c.spgemm_flops
     if strategy == "lowered":
+        from sparsecnn.kernels._numba import num_threads
+        from sparsecnn.kernels.conv import split_by_image
         from sparsecnn.kernels.implicit_gemm import winograd_tile
+        from sparsecnn.kernels.space_to_depth import s2d_stride
 
         nz = w.reshape(g, cout // g, k) != 0
         mr = int(nz.any(dim=2).sum(dim=1).max())
@@ -627,8 +632,17 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
         # implicit GEMM on the CPU: no im2col, one phase copy of the input (read + write)
         copy_s = 8 * int(np.prod(x_shape)) / c.bandwidth
         ho, wo = _conv_out_hw(layer, x_shape)
-        m = winograd_tile(layer.kernel_size, layer.stride, layer.dilation, k // 9, (ho, wo),
-                          mr * kr / (cout // g * k))
+        kept = mr * kr / (cout // g * k)
+        stride = s2d_stride(layer.kernel_size, layer.stride, layer.dilation, g)
+        if stride is not None:  # over the space-to-depth input (kernels.space_to_depth), batch 1
+            kh, kw = layer.kernel_size
+            cs = k // (kh * kw) * stride[0] * stride[1]
+            m = 0 if split_by_image(b, num_threads()) else winograd_tile((3, 3), (1, 1), (1, 1), cs, (ho, wo),
+                                                                         kept)
+            if m:
+                tiles = -(-ho // m) * -(-wo // m)
+                return oh + copy_s + 2 * b * cout * cs * (m + 2) ** 2 * tiles / c.gemm_flops
+        m = winograd_tile(layer.kernel_size, layer.stride, layer.dilation, k // 9, (ho, wo), kept)
         if m:
             # F(m x m, 3x3): (m + 2)^2 multiply-adds per m x m outputs and channel pair, every filter
             # and column

@@ -112,6 +112,13 @@ from sparsecnn.kernels.conv import (
     phase_layout,
     split_by_image,
 )
+from sparsecnn.kernels.space_to_depth import (
+    s2d_geometry,
+    s2d_stride,
+    s2d_weight,
+    space_to_depth_blocked,
+    space_to_depth_blocked_serial,
+)
 from sparsecnn.kernels.winograd import (
     WinoWorkspace,
     padded_bias,
@@ -125,6 +132,9 @@ __all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2
 
 # Below this many multiply-adds per call a bound layer runs the serial twin (no parallel launch).
 _SERIAL_MACS = 1 << 16
+# Bytes of the rearranged images of one chunk of a space-to-depth Winograd layer (_S2dWorkspace): whole
+# batches up to this many, else chunks of whole thread counts.
+_S2D_CHUNK_BYTES = 8 << 20
 # Off: every layer walks all its columns per register tile (the A/B baseline of the channel blocks).
 BLOCKS = True
 # Register tiles per plane from which a stride-1 layer runs in channel blocks (see _build_workspace).
@@ -164,6 +174,23 @@ VALID_POSITIONS = True
 STRAIGHT_POSITIONS_FIRST = True
 # Channel form: each channel block's tiles prefetch the next block's weights into L2 (off: the A/B baseline).
 CHAN_PREFETCH = True
+
+
+@dataclass(eq=False)
+class _S2dWorkspace:
+    """A strided layer run as Winograd over its space-to-depth input
+    (:mod:`sparsecnn.kernels.space_to_depth`): per chunk of ``chunk`` images (one per thread from a
+    batch of as many), the rearranged images into ``xb`` (channel-blocked), then
+    :func:`winograd_conv2d` on them."""
+
+    geo: np.ndarray  # space_to_depth.s2d_geometry of the input shape
+    xb: np.ndarray  # (chunk, C2 * Hs * Ws) a chunk's rearranged images, followed by VW readable floats
+    chunk: int
+    wino: WinoWorkspace  # for a chunk of `chunk` images (blocked in)
+    last: WinoWorkspace | None  # for the batch's last, smaller chunk (None: it has none)
+    serial: bool
+    m: int
+    zero_bias: np.ndarray  # the padded bias of a layer without one
 
 
 @dataclass(eq=False)
@@ -234,7 +261,7 @@ class ImplicitGemmPrep(ConvPrepBase):
         self._wino = None
 
     def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int, in_blocked: bool = False,
-                         out_blocked: bool = False) -> _Workspace | WinoWorkspace:
+                         out_blocked: bool = False) -> _Workspace | WinoWorkspace | _S2dWorkspace:
         """The workspace for inputs of (plain) shape ``x_shape``; with ``in_blocked`` / ``out_blocked``
         (``workspace(x_shape, in_blocked, out_blocked)``) the channel form's, reading / writing the
         channel-blocked layout (:mod:`sparsecnn.kernels.blocked`)."""
@@ -243,7 +270,11 @@ class ImplicitGemmPrep(ConvPrepBase):
         lay = phase_layout(x_shape, (kh, kw), self.stride, self.padding, self.dilation)
         off, macs = self._column_offsets(lay, cin)
         macs *= b
-        m = _use_winograd(self, x_shape)
+        m = _use_winograd(self, x_shape, nparts)
+        if m and _s2d(self) is not None:
+            if not in_blocked:  # (a blocked input is a 3x3 stride-1 layer's: never one of these)
+                return self._s2d_workspace(x_shape, nparts, out_blocked, m, macs < _SERIAL_MACS)
+            m = 0
         if m:
             return winograd_workspace(x_shape, self.weight_shape, self.groups, self.padding, nparts,
                                       split_by_image(b, nparts), in_blocked, out_blocked,
@@ -332,14 +363,39 @@ class ImplicitGemmPrep(ConvPrepBase):
             self._chan = (wch, rows)
         return self._chan
 
+    def _s2d_workspace(self, x_shape: tuple[int, int, int, int], nparts: int, out_blocked: bool, m: int,
+                       serial: bool) -> _S2dWorkspace:
+        """The workspace of a strided layer run as Winograd over its space-to-depth input."""
+        b = x_shape[0]
+        geo = s2d_geometry(x_shape, self.weight_shape[2:], self.stride, self.padding)
+        c2, hs, ws_ = int(geo[9]), int(geo[7]), int(geo[8])
+        chunk = 1
+        wshape = (self.weight_shape[0], c2, 3, 3)
+
+        def wino(n: int) -> WinoWorkspace:
+            return winograd_workspace((n, c2, hs, ws_), wshape, 1, (0, 0), nparts, split_by_image(n, nparts),
+                                      True, out_blocked, serial=serial, m=m)
+
+        size = c2 * hs * ws_
+        if not serial:  # as many images as fit the budget, a whole number per thread
+            chunk = min(b, max(nparts, _S2D_CHUNK_BYTES // (4 * size) // nparts * nparts))
+        rest = b % chunk
+        return _S2dWorkspace(geo=geo, xb=aligned_zeros(chunk * size + VW)[:chunk * size].reshape(chunk, size),
+                             chunk=chunk, wino=wino(chunk), last=wino(rest) if rest else None, serial=serial,
+                             m=m, zero_bias=padded_bias(None, self.weight_shape[0], 1))
+
     def _wino_weights(self, m: int) -> np.ndarray:
         """The layer's filters transformed for Winograd F(m x m, 3x3)
         (:func:`sparsecnn.kernels.winograd.winograd_weights`), from the dense weight these tiles hold
-        (zero where a filter or column was dropped); built once per ``m``, on first use."""
+        (zero where a filter or column was dropped), rearranged first for a strided layer that runs
+        over its space-to-depth input (:func:`sparsecnn.kernels.space_to_depth.s2d_weight`); built
+        once per ``m``, on first use."""
         cache = self._wino if self._wino is not None else {}
         if m not in cache:
+            stride = _s2d(self)
+            w = self.to_dense() if stride is None else s2d_weight(self.to_dense(), stride)
             # a new dict, assigned whole: a thread reading self._wino meanwhile sees the old one, complete
-            cache = {**cache, m: winograd_weights(self.to_dense(), self.groups, m)}
+            cache = {**cache, m: winograd_weights(w, self.groups, m)}
             self._wino = cache
         return cache[m]
 
@@ -485,12 +541,27 @@ def winograd_tile(kernel: tuple[int, int], stride: tuple[int, int], dilation: tu
     return m if WINOGRAD or (cin_g >= VW and kept_fraction >= _WINO_MIN_WORK) else 0
 
 
-def _use_winograd(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int]) -> int:
-    """:func:`winograd_tile` of ``prep`` on inputs of ``x_shape``."""
+def _s2d(prep: ImplicitGemmPrep) -> tuple[int, int] | None:
+    """The stride of a strided layer that rearranges into a 3x3 stride-1 one over its space-to-depth
+    input (:func:`sparsecnn.kernels.space_to_depth.s2d_stride`), else None."""
+    return s2d_stride(prep.weight_shape[2:], prep.stride, prep.dilation, prep.groups)
+
+
+def _use_winograd(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int], nparts: int) -> int:
+    """:func:`winograd_tile` of ``prep`` on inputs of ``x_shape`` (``nparts`` threads); a strided layer
+    that rearranges into a 3x3 stride-1 one (:func:`_s2d`) is asked as that one, over ``Cin * sh * sw``
+    channels, where the threads share the images (fewer images than threads: at batch 32 AlexNet's
+    conv1 so ran 0.96x the ``direct`` kernel inside the compiled model, see
+    :mod:`sparsecnn.kernels.space_to_depth`)."""
     cout, cin_g, kh, kw = prep.weight_shape
-    kept = int(((prep.rows >= 0).sum(axis=1) * prep.ncols).sum())
-    return winograd_tile((kh, kw), prep.stride, prep.dilation, cin_g, prep.output_shape(x_shape)[2:],
-                         kept / (cout * cin_g * kh * kw))
+    kept = int(((prep.rows >= 0).sum(axis=1) * prep.ncols).sum()) / (cout * cin_g * kh * kw)
+    out_hw = prep.output_shape(x_shape)[2:]
+    stride = _s2d(prep)
+    if stride is not None:
+        if split_by_image(x_shape[0], nparts):
+            return 0
+        return winograd_tile((3, 3), (1, 1), (1, 1), cin_g * stride[0] * stride[1], out_hw, kept)
+    return winograd_tile((kh, kw), prep.stride, prep.dilation, cin_g, out_hw, kept)
 
 
 def _use_channel_form(prep: ImplicitGemmPrep, span: int) -> bool:
@@ -636,12 +707,13 @@ def bind_implicit_gemm_conv2d(prep: ImplicitGemmPrep, x_shape: tuple[int, int, i
     return run
 
 
-def _bias_for(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace, bias: np.ndarray | None) -> np.ndarray:
+def _bias_for(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace | _S2dWorkspace,
+              bias: np.ndarray | None) -> np.ndarray:
     """The bias as the workspace's kernel reads it: float32 (Cout,), padded to whole filter blocks per
     group for Winograd; zeros for none."""
     if bias is None:
         return ws.zero_bias
-    if isinstance(ws, WinoWorkspace):
+    if isinstance(ws, WinoWorkspace | _S2dWorkspace):
         return padded_bias(bias, prep.weight_shape[0], prep.groups)
     return np.ascontiguousarray(bias, dtype=np.float32)
 
@@ -652,8 +724,9 @@ def _check_out(prep: ImplicitGemmPrep, x_shape: tuple[int, ...], out: np.ndarray
         raise ValueError(f"implicit_gemm_conv2d: out must be C-contiguous of shape {want}")
 
 
-def _launch(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace, x: np.ndarray, bias: np.ndarray,
-            flat: np.ndarray, relu: bool, slack: int = 0, res: np.ndarray | None = None) -> None:
+def _launch(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace | _S2dWorkspace, x: np.ndarray,
+            bias: np.ndarray, flat: np.ndarray, relu: bool, slack: int = 0,
+            res: np.ndarray | None = None) -> None:
     """The kernel (serial twin below a work threshold). A stride-1 layer without padding reads ``x``
     in place where it may (:func:`sparsecnn.kernels.conv._reads_in_place`, ``slack`` floats known to
     follow it). Else, where the threads split the items, one parallel phase copy of the batch comes
@@ -663,6 +736,17 @@ def _launch(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace, x: np.ndarra
     xc = xc.reshape(xc.shape[0], -1)
     if isinstance(ws, WinoWorkspace):  # bias padded to whole filter blocks (padded_bias)
         winograd_conv2d(prep._wino_weights(ws.m), ws, xc, bias, flat, relu, res)
+        return
+    if isinstance(ws, _S2dWorkspace):  # chunk by chunk: rearranged into blocks, then Winograd
+        u = prep._wino_weights(ws.m)
+        rearrange = space_to_depth_blocked_serial if ws.serial else space_to_depth_blocked
+        nb = xc.shape[0]
+        for b0 in range(0, nb, ws.chunk):
+            n = min(ws.chunk, nb - b0)
+            xb = ws.xb[:n]
+            rearrange(xc[b0:b0 + n], xb, ws.geo)
+            winograd_conv2d(u, ws.wino if n == ws.chunk else ws.last, xb, bias, flat[b0:b0 + n], relu,
+                            None if res is None else res[b0:b0 + n])
         return
     copy = ws.by_image
     if _reads_in_place(ws, xc, slack):
