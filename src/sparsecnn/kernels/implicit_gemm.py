@@ -76,7 +76,15 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import aligned_empty, aligned_zeros, balanced_bounds, jit, pjit, serial_twin
+from sparsecnn.kernels._numba import (
+    aligned_empty,
+    aligned_zeros,
+    balanced_bounds,
+    jit,
+    num_threads,
+    pjit,
+    serial_twin,
+)
 from sparsecnn.kernels._simd import (
     CHAN_BLOCK,
     CHAN_NP,
@@ -179,9 +187,9 @@ CHAN_PREFETCH = True
 @dataclass(eq=False)
 class _S2dWorkspace:
     """A strided layer run as Winograd over its space-to-depth input
-    (:mod:`sparsecnn.kernels.space_to_depth`): per chunk of ``chunk`` images (one per thread from a
-    batch of as many), the rearranged images into ``xb`` (channel-blocked), then
-    :func:`winograd_conv2d` on them."""
+    (:mod:`sparsecnn.kernels.space_to_depth`; where the threads share the images): per chunk of
+    ``chunk`` images (the batch, or as many as ``_S2D_CHUNK_BYTES`` holds; one for a serial layer),
+    the rearranged images into ``xb`` (channel-blocked), then :func:`winograd_conv2d` on them."""
 
     geo: np.ndarray  # space_to_depth.s2d_geometry of the input shape
     xb: np.ndarray  # (chunk, C2 * Hs * Ws) a chunk's rearranged images, followed by VW readable floats
@@ -547,18 +555,19 @@ def _s2d(prep: ImplicitGemmPrep) -> tuple[int, int] | None:
     return s2d_stride(prep.weight_shape[2:], prep.stride, prep.dilation, prep.groups)
 
 
-def _use_winograd(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int], nparts: int) -> int:
-    """:func:`winograd_tile` of ``prep`` on inputs of ``x_shape`` (``nparts`` threads); a strided layer
-    that rearranges into a 3x3 stride-1 one (:func:`_s2d`) is asked as that one, over ``Cin * sh * sw``
-    channels, where the threads share the images (fewer images than threads: at batch 32 AlexNet's
-    conv1 so ran 0.96x the ``direct`` kernel inside the compiled model, see
+def _use_winograd(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int],
+                  nparts: int | None = None) -> int:
+    """:func:`winograd_tile` of ``prep`` on inputs of ``x_shape`` (``nparts`` threads, default numba's
+    count); a strided layer that rearranges into a 3x3 stride-1 one (:func:`_s2d`) is asked as that
+    one, over ``Cin * sh * sw`` channels, where the threads share the images (where they split them,
+    at batch 32, AlexNet's conv1 so ran 0.96x the ``direct`` kernel inside the compiled model, see
     :mod:`sparsecnn.kernels.space_to_depth`)."""
     cout, cin_g, kh, kw = prep.weight_shape
     kept = int(((prep.rows >= 0).sum(axis=1) * prep.ncols).sum()) / (cout * cin_g * kh * kw)
     out_hw = prep.output_shape(x_shape)[2:]
     stride = _s2d(prep)
     if stride is not None:
-        if split_by_image(x_shape[0], nparts):
+        if split_by_image(x_shape[0], num_threads() if nparts is None else nparts):
             return 0
         return winograd_tile((3, 3), (1, 1), (1, 1), cin_g * stride[0] * stride[1], out_hw, kept)
     return winograd_tile((kh, kw), prep.stride, prep.dilation, cin_g, out_hw, kept)

@@ -9,13 +9,15 @@ zero:
 .. math:: y[f, p, q] = \\sum_{c, b, d} \\sum_{a, e} x_{c,b,d}[p + a, q + e] \\, w[f, c, s_h a + b, s_w e + d]
 
 Where both sides give 3 taps (AlexNet's conv1: 11x11 stride 4, as 3x3 over 48 channels of 57x57
-phase planes; 5x5 stride 2; 9x9 stride 3) the layer runs Winograd F(m x m, 3x3)
-(:mod:`sparsecnn.kernels.winograd`): the rearranged layer has 144 / 121 of conv1's multiply-adds (the
-zero taps), and F(4 x 4) does 36 of every 144 of those. Measured (Zen 4, 2 threads, AlexNet's conv1
-with Deep Compression's 16% zeros, interleaved, a scratch prototype through the library's Winograd on
-a plain input): F(4 x 4) 0.82 ms against the ``direct`` kernel's 1.28 and torch's 1.04 at batch 1,
-27.9 against 34.3 and 58.2 ms at batch 32; F(2 x 2) 0.92x / 0.84x ``direct`` (not used there: the
-rule of :func:`sparsecnn.kernels.implicit_gemm.winograd_tile` gives 4 on planes of 32 4x4 tiles).
+phase planes; 5x5 stride 2; 9x9 stride 3) the ``lowered`` strategy runs the layer as Winograd F(m x m,
+3x3) (:mod:`sparsecnn.kernels.winograd`) where the threads share the images (batch 1 on two threads):
+the rearranged layer has 144 / 121 of conv1's multiply-adds (the zero taps), and F(4 x 4) does 36 of
+every 144 of those. Measured (Zen 4, 2 threads, AlexNet's conv1 with Deep Compression's 16% zeros,
+interleaved, scratch scripts): alone at batch 1 0.99 ms against the ``direct`` kernel's 1.32 and
+torch's 1.06 (1.34x ``direct``); the whole compiled AlexNet with conv1 so against the same plan with
+conv1 ``direct``: deep-compression 1.029-1.030x (5.50 -> 5.34 ms, two runs), ssl 1.020x. At batch 32
+(each thread its own images, chunks of images rearranged then run) the layer alone ran 0.90-0.94x
+``direct``'s time but the compiled model 0.96x as fast, so strided layers keep the other forms there.
 
 :func:`space_to_depth_blocked` writes the rearranged input straight into the channel-blocked layout
 (:mod:`sparsecnn.kernels.blocked`) that the Winograd kernel reads, so the rearrangement replaces the
