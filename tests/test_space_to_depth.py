@@ -25,6 +25,7 @@ from sparsecnn.kernels.space_to_depth import (
     space_to_depth_blocked,
     space_to_depth_blocked_serial,
 )
+from sparsecnn.kernels.winograd import WinoWorkspace
 from tests.reference import assert_close
 
 
@@ -124,7 +125,7 @@ def test_strided_layer_through_winograd_matches_torch(case, epilogue, rng, monke
     out = np.full(ref.shape, np.nan, np.float32)
     run = bind_implicit_gemm_conv2d(prep, x.shape, bias, out, relu)
     ws = prep.workspace(x.shape)
-    assert isinstance(ws, ig_mod._S2dWorkspace) or split_by_image(batch, num_threads())
+    assert (isinstance(ws, WinoWorkspace) and ws.s2d.size) or split_by_image(batch, num_threads())
     run(x, res)
     assert_close(out, ref, rtol=4e-5, what=f"s2d winograd {case} {epilogue}")
     out2 = np.full(ref.shape, np.nan, np.float32)  # the unbound call
@@ -146,7 +147,7 @@ def test_batches_the_threads_split_keep_the_implicit_gemm(rng) -> None:
 
 
 def test_one_thread_layer_without_bias(rng, monkeypatch) -> None:
-    """A layer below the parallel threshold rearranges one image at a time on one thread."""
+    """A layer below the parallel threshold rearranges each image inside the one-thread kernel."""
     monkeypatch.setattr(ig_mod, "WINOGRAD", True)
     w = rng.standard_normal((8, 2, 5, 5)).astype(np.float32)
     x = rng.standard_normal((1, 2, 21, 21)).astype(np.float32)
@@ -154,7 +155,7 @@ def test_one_thread_layer_without_bias(rng, monkeypatch) -> None:
     out = np.full((1, 8, 10, 10), np.nan, np.float32)
     implicit_gemm_conv2d(prep, x, None, out, relu=True)
     ws = prep.workspace(x.shape)
-    assert isinstance(ws, ig_mod._S2dWorkspace) and ws.serial and ws.chunk == 1
+    assert isinstance(ws, WinoWorkspace) and ws.serial and ws.s2d.size  # rearranged inside the kernel
     ref = np.maximum(F.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=2, padding=1).numpy(), 0)
     assert_close(out, ref, rtol=1e-5)
 
@@ -178,16 +179,17 @@ def test_compiled_stem_from_four_threads(monkeypatch) -> None:
     1 (each thread its own rearranged buffer) and at batch 4 (not rearranged): every output the dense
     model's."""
     import sparsecnn
+    from sparsecnn.kernels import winograd as wino_mod
     from tests.threads import call_from_threads
 
     calls: list[int] = []
-    real = ig_mod.space_to_depth_blocked
+    real = wino_mod.space_to_depth_blocked
 
     def counted(x, xb, geo):
         calls.append(x.shape[0])
         return real(x, xb, geo)
 
-    monkeypatch.setattr(ig_mod, "space_to_depth_blocked", counted)
+    monkeypatch.setattr(wino_mod, "space_to_depth_blocked", counted)
     torch.manual_seed(0)
     model = _Stem().eval()
     compiled = sparsecnn.compile(model, torch.randn(1, 3, 131, 131), {"conv1": "lowered"}, tune=False)
@@ -197,6 +199,22 @@ def test_compiled_stem_from_four_threads(monkeypatch) -> None:
         refs = [model(x) for x in inputs]
     calls.clear()
     outs = call_from_threads(compiled, inputs, 4)
-    assert calls and set(calls) == {1}, "batch 1 ran rearranged, batch 4 did not"
+    assert calls and set(calls) == {1}, "batch 1 ran rearranged (an image a call), batch 4 did not"
     for got, ref in zip(outs, refs, strict=True):
         assert_close(got, ref, rtol=1e-4)
+
+
+def test_switched_on_where_the_threads_split_the_images(rng, monkeypatch) -> None:
+    """``S2D_BY_IMAGE`` on (the A/B switch): each thread rearranges its own images inside the kernel."""
+    monkeypatch.setattr(ig_mod, "S2D_BY_IMAGE", True)
+    w = rng.standard_normal((32, 3, 11, 11)).astype(np.float32)
+    w[rng.random(w.shape) < 0.16] = 0
+    bias = rng.standard_normal(32).astype(np.float32)
+    x = rng.standard_normal((4, 3, 99, 99)).astype(np.float32)
+    prep = _prep(w, (4, 4), (0, 0))
+    out = np.full((4, 32, 23, 23), np.nan, np.float32)
+    implicit_gemm_conv2d(prep, x, bias, out, relu=True)
+    ws = prep.workspace(x.shape)
+    assert isinstance(ws, WinoWorkspace) and ws.s2d.size and (ws.by_image or num_threads() == 1)
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bias), stride=4).numpy()
+    assert_close(out, np.maximum(ref, 0), rtol=4e-5)

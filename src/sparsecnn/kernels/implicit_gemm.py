@@ -120,13 +120,7 @@ from sparsecnn.kernels.conv import (
     phase_layout,
     split_by_image,
 )
-from sparsecnn.kernels.space_to_depth import (
-    s2d_geometry,
-    s2d_stride,
-    s2d_weight,
-    space_to_depth_blocked,
-    space_to_depth_blocked_serial,
-)
+from sparsecnn.kernels.space_to_depth import s2d_geometry, s2d_stride, s2d_weight
 from sparsecnn.kernels.winograd import (
     WinoWorkspace,
     padded_bias,
@@ -140,9 +134,11 @@ __all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2
 
 # Below this many multiply-adds per call a bound layer runs the serial twin (no parallel launch).
 _SERIAL_MACS = 1 << 16
-# Bytes of the rearranged images of one chunk of a space-to-depth Winograd layer (_S2dWorkspace): whole
-# batches up to this many, else chunks of whole thread counts.
-_S2D_CHUNK_BYTES = 8 << 20
+# Strided layers through Winograd over their space-to-depth input (kernels.space_to_depth) also where the
+# threads split the images (the A/B switch; off). AlexNet DC at batch 32, conv1 so against `direct`, same
+# plan, interleaved: the layer alone 1.45x, but the compiled model 0.98x (its step 1.05x, and the steps
+# after it slower: lrn+maxpool 5.4 against 4.9 ms, conv2 45 against 40 ms).
+S2D_BY_IMAGE = False
 # Off: every layer walks all its columns per register tile (the A/B baseline of the channel blocks).
 BLOCKS = True
 # Register tiles per plane from which a stride-1 layer runs in channel blocks (see _build_workspace).
@@ -182,23 +178,6 @@ VALID_POSITIONS = True
 STRAIGHT_POSITIONS_FIRST = True
 # Channel form: each channel block's tiles prefetch the next block's weights into L2 (off: the A/B baseline).
 CHAN_PREFETCH = True
-
-
-@dataclass(eq=False)
-class _S2dWorkspace:
-    """A strided layer run as Winograd over its space-to-depth input
-    (:mod:`sparsecnn.kernels.space_to_depth`; where the threads share the images): per chunk of
-    ``chunk`` images (the batch, or as many as ``_S2D_CHUNK_BYTES`` holds; one for a serial layer),
-    the rearranged images into ``xb`` (channel-blocked), then :func:`winograd_conv2d` on them."""
-
-    geo: np.ndarray  # space_to_depth.s2d_geometry of the input shape
-    xb: np.ndarray  # (chunk, C2 * Hs * Ws) a chunk's rearranged images, followed by VW readable floats
-    chunk: int
-    wino: WinoWorkspace  # for a chunk of `chunk` images (blocked in)
-    last: WinoWorkspace | None  # for the batch's last, smaller chunk (None: it has none)
-    serial: bool
-    m: int
-    zero_bias: np.ndarray  # the padded bias of a layer without one
 
 
 @dataclass(eq=False)
@@ -269,7 +248,7 @@ class ImplicitGemmPrep(ConvPrepBase):
         self._wino = None
 
     def _build_workspace(self, x_shape: tuple[int, int, int, int], nparts: int, in_blocked: bool = False,
-                         out_blocked: bool = False) -> _Workspace | WinoWorkspace | _S2dWorkspace:
+                         out_blocked: bool = False) -> _Workspace | WinoWorkspace:
         """The workspace for inputs of (plain) shape ``x_shape``; with ``in_blocked`` / ``out_blocked``
         (``workspace(x_shape, in_blocked, out_blocked)``) the channel form's, reading / writing the
         channel-blocked layout (:mod:`sparsecnn.kernels.blocked`)."""
@@ -372,25 +351,14 @@ class ImplicitGemmPrep(ConvPrepBase):
         return self._chan
 
     def _s2d_workspace(self, x_shape: tuple[int, int, int, int], nparts: int, out_blocked: bool, m: int,
-                       serial: bool) -> _S2dWorkspace:
-        """The workspace of a strided layer run as Winograd over its space-to-depth input."""
+                       serial: bool) -> WinoWorkspace:
+        """The Winograd workspace of a strided layer run as the 3x3 stride-1 layer over its space-to-depth
+        input (:mod:`sparsecnn.kernels.space_to_depth`; the kernel rearranges each plain image)."""
         b = x_shape[0]
         geo = s2d_geometry(x_shape, self.weight_shape[2:], self.stride, self.padding)
         c2, hs, ws_ = int(geo[9]), int(geo[7]), int(geo[8])
-        chunk = 1
-        wshape = (self.weight_shape[0], c2, 3, 3)
-
-        def wino(n: int) -> WinoWorkspace:
-            return winograd_workspace((n, c2, hs, ws_), wshape, 1, (0, 0), nparts, split_by_image(n, nparts),
-                                      True, out_blocked, serial=serial, m=m)
-
-        size = c2 * hs * ws_
-        if not serial:  # as many images as fit the budget, a whole number per thread
-            chunk = min(b, max(nparts, _S2D_CHUNK_BYTES // (4 * size) // nparts * nparts))
-        rest = b % chunk
-        return _S2dWorkspace(geo=geo, xb=aligned_zeros(chunk * size + VW)[:chunk * size].reshape(chunk, size),
-                             chunk=chunk, wino=wino(chunk), last=wino(rest) if rest else None, serial=serial,
-                             m=m, zero_bias=padded_bias(None, self.weight_shape[0], 1))
+        return winograd_workspace((b, c2, hs, ws_), (self.weight_shape[0], c2, 3, 3), 1, (0, 0), nparts,
+                                  split_by_image(b, nparts), False, out_blocked, serial=serial, m=m, s2d=geo)
 
     def _wino_weights(self, m: int) -> np.ndarray:
         """The layer's filters transformed for Winograd F(m x m, 3x3)
@@ -567,7 +535,7 @@ def _use_winograd(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int],
     out_hw = prep.output_shape(x_shape)[2:]
     stride = _s2d(prep)
     if stride is not None:
-        if split_by_image(x_shape[0], num_threads() if nparts is None else nparts):
+        if not S2D_BY_IMAGE and split_by_image(x_shape[0], num_threads() if nparts is None else nparts):
             return 0
         return winograd_tile((3, 3), (1, 1), (1, 1), cin_g * stride[0] * stride[1], out_hw, kept)
     return winograd_tile((kh, kw), prep.stride, prep.dilation, cin_g, out_hw, kept)
@@ -716,13 +684,13 @@ def bind_implicit_gemm_conv2d(prep: ImplicitGemmPrep, x_shape: tuple[int, int, i
     return run
 
 
-def _bias_for(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace | _S2dWorkspace,
+def _bias_for(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace,
               bias: np.ndarray | None) -> np.ndarray:
     """The bias as the workspace's kernel reads it: float32 (Cout,), padded to whole filter blocks per
     group for Winograd; zeros for none."""
     if bias is None:
         return ws.zero_bias
-    if isinstance(ws, WinoWorkspace | _S2dWorkspace):
+    if isinstance(ws, WinoWorkspace):
         return padded_bias(bias, prep.weight_shape[0], prep.groups)
     return np.ascontiguousarray(bias, dtype=np.float32)
 
@@ -733,7 +701,7 @@ def _check_out(prep: ImplicitGemmPrep, x_shape: tuple[int, ...], out: np.ndarray
         raise ValueError(f"implicit_gemm_conv2d: out must be C-contiguous of shape {want}")
 
 
-def _launch(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace | _S2dWorkspace, x: np.ndarray,
+def _launch(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace, x: np.ndarray,
             bias: np.ndarray, flat: np.ndarray, relu: bool, slack: int = 0,
             res: np.ndarray | None = None) -> None:
     """The kernel (serial twin below a work threshold). A stride-1 layer without padding reads ``x``
@@ -745,17 +713,6 @@ def _launch(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace | _S2dWorkspa
     xc = xc.reshape(xc.shape[0], -1)
     if isinstance(ws, WinoWorkspace):  # bias padded to whole filter blocks (padded_bias)
         winograd_conv2d(prep._wino_weights(ws.m), ws, xc, bias, flat, relu, res)
-        return
-    if isinstance(ws, _S2dWorkspace):  # chunk by chunk: rearranged into blocks, then Winograd
-        u = prep._wino_weights(ws.m)
-        rearrange = space_to_depth_blocked_serial if ws.serial else space_to_depth_blocked
-        nb = xc.shape[0]
-        for b0 in range(0, nb, ws.chunk):
-            n = min(ws.chunk, nb - b0)
-            xb = ws.xb[:n]
-            rearrange(xc[b0:b0 + n], xb, ws.geo)
-            winograd_conv2d(u, ws.wino if n == ws.chunk else ws.last, xb, bias, flat[b0:b0 + n], relu,
-                            None if res is None else res[b0:b0 + n])
         return
     copy = ws.by_image
     if _reads_in_place(ws, xc, slack):

@@ -16,12 +16,15 @@ every 144 of those. Measured (Zen 4, 2 threads, AlexNet's conv1 with Deep Compre
 interleaved, scratch scripts): alone at batch 1 0.99 ms against the ``direct`` kernel's 1.32 and
 torch's 1.06 (1.34x ``direct``); the whole compiled AlexNet with conv1 so against the same plan with
 conv1 ``direct``: deep-compression 1.029-1.030x (5.50 -> 5.34 ms, two runs), ssl 1.020x. At batch 32
-(each thread its own images, chunks of images rearranged then run) the layer alone ran 0.90-0.94x
-``direct``'s time but the compiled model 0.96x as fast, so strided layers keep the other forms there.
+(each thread its own images) the layer alone ran 1.45x ``direct`` but the compiled model 0.96-0.98x as
+fast with it (conv1's step 1.05x, the steps after it slower), so there strided layers keep the other
+forms (``implicit_gemm.S2D_BY_IMAGE``, the A/B switch, off).
 
-:func:`space_to_depth_blocked` writes the rearranged input straight into the channel-blocked layout
+:func:`rearrange_block` writes the rearranged input straight into the channel-blocked layout
 (:mod:`sparsecnn.kernels.blocked`) that the Winograd kernel reads, so the rearrangement replaces the
-plain-to-blocked copy a plain input needs anyway. Only ungrouped layers without dilation.
+plain-to-blocked copy a plain input needs anyway: the Winograd workspace carries the geometry
+(``WinoWorkspace.s2d``) and its kernel rearranges each plain image where it would copy it. Only
+ungrouped layers without dilation.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ import numpy as np
 from sparsecnn.kernels._numba import jit, pjit, serial_twin
 from sparsecnn.kernels._simd import VW
 
-__all__ = ["s2d_channels", "s2d_geometry", "s2d_stride", "s2d_weight", "space_to_depth_blocked",
-           "space_to_depth_blocked_serial"]
+__all__ = ["rearrange_block", "rearrange_image", "s2d_channels", "s2d_geometry", "s2d_stride", "s2d_weight",
+           "space_to_depth_blocked", "space_to_depth_blocked_serial"]
 
 # The taps per side of the rearranged layer that Winograd F(m x m, 3x3) takes.
 _TAPS = 3
@@ -107,64 +110,78 @@ def _lane_value(src, ci, bi, di, j, k, h, w, sh, sw, ph, pw):
     return src[(ci * h + iy) * w + ix]
 
 
+@jit
+def rearrange_block(src, dst, geo, cb):
+    """Channel block ``cb`` of one image's rearranged input into ``dst`` (that block's ``Hs * Ws * VW``
+    floats): lane ``l`` of position ``(j, k)`` is ``src[c, sh * j + bi - ph, sw * k + di - pw]`` for
+    channel ``q = cb * VW + l = (c * sh + bi) * sw + di`` (zero outside the image and past the
+    channels). Each position is one vector of ``VW`` lanes; where every lane's input lies inside the
+    image (all but the border rows and columns) the lanes are plain loads at fixed offsets from the
+    position's (``sw`` consecutive floats of ``VW / sw`` rows on AlexNet's conv1): AlexNet's conv1
+    input in 0.1 ms an image with a per-lane loop, 0.05 ms so (2 threads).
+    NOTE: src (C * H * W) one plain image; geo from :func:`s2d_geometry`."""
+    c, h, w, sh, sw, ph, pw, hs, ws = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7], geo[8]
+    nq = c * sh * sw
+    ci = np.empty(VW, np.int64)
+    bi = np.empty(VW, np.int64)
+    di = np.empty(VW, np.int64)
+    off = np.empty(VW, np.int64)
+    full = True  # every lane a real channel
+    bmin, bmax, dmin, dmax = sh, -1, sw, -1
+    for lane in range(VW):
+        q = cb * VW + lane
+        if q >= nq:
+            full = False
+            ci[lane], bi[lane], di[lane], off[lane] = -1, 0, 0, 0
+            continue
+        ci[lane] = q // (sh * sw)
+        bi[lane] = (q // sw) % sh
+        di[lane] = q % sw
+        off[lane] = (ci[lane] * h + bi[lane] - ph) * w + di[lane] - pw
+        bmin, bmax = min(bmin, bi[lane]), max(bmax, bi[lane])
+        dmin, dmax = min(dmin, di[lane]), max(dmax, di[lane])
+    # output columns k0 <= k < k1 (rows j0 <= j < j1) read inside the image in every lane
+    k0 = min(max(0, -(-(pw - dmin) // sw)), ws)
+    k1 = max(min(ws, (w - 1 + pw - dmax) // sw + 1), k0)
+    j0 = min(max(0, -(-(ph - bmin) // sh)), hs)
+    j1 = max(min(hs, (h - 1 + ph - bmax) // sh + 1), j0)
+    for j in range(hs):
+        row = j * ws * VW
+        inner = full and j0 <= j < j1
+        for k in range(ws):
+            o = row + k * VW
+            if inner and k0 <= k < k1:
+                at = sh * j * w + sw * k
+                for lane in range(VW):
+                    dst[o + lane] = src[off[lane] + at]
+            else:
+                for lane in range(VW):
+                    v = np.float32(0.0)
+                    if ci[lane] >= 0:
+                        v = _lane_value(src, ci[lane], bi[lane], di[lane], j, k, h, w, sh, sw, ph, pw)
+                    dst[o + lane] = v
+
+
+@jit
+def rearrange_image(src, dst, geo):
+    """Every channel block of one image's rearranged input (:func:`rearrange_block`) into ``dst``."""
+    plane = geo[7] * geo[8] * VW
+    for cb in range(geo[9] // VW):
+        rearrange_block(src, dst[cb * plane:(cb + 1) * plane], geo, cb)
+
+
 @pjit
 def space_to_depth_blocked(x, xb, geo):
     """The rearranged input of every image in the channel-blocked layout, (image, channel block) pairs
-    in parallel: ``xb[b, q // VW, j, k, q % VW] = x[b, c, sh * j + bi - ph, sw * k + di - pw]`` for
-    channel ``q = (c * sh + bi) * sw + di`` (zero outside the input and for the padding channels).
-    Each output position is one vector of ``VW`` lanes; where every lane's input lies inside the image
-    (all but the border rows and columns) the lanes are plain loads at fixed offsets from the position's
-    (``sw`` consecutive floats of ``VW / sw`` rows on AlexNet's conv1): AlexNet's conv1 input in
-    0.1 ms per image with a per-lane loop, about a tenth of that so.
+    in parallel (:func:`rearrange_block`): ``xb[b, q // VW, j, k, q % VW] = x[b, c, sh * j + bi - ph,
+    sw * k + di - pw]`` for channel ``q = (c * sh + bi) * sw + di``.
     NOTE: x (B, C * H * W) plain; xb (B, >= C2 * Hs * Ws) (:func:`s2d_geometry` ``geo``)."""
-    c, h, w, sh, sw, ph, pw, hs, ws, c2 = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7], \
-        geo[8], geo[9]
-    ncb = c2 // VW
-    nq = c * sh * sw
-    plane = hs * ws * VW
+    ncb = geo[9] // VW
+    plane = geo[7] * geo[8] * VW
     for pair in numba.prange(x.shape[0] * ncb):
         b = pair // ncb
         cb = pair - b * ncb
-        dst = xb[b, cb * plane:(cb + 1) * plane]
-        src = x[b]
-        ci = np.empty(VW, np.int64)
-        bi = np.empty(VW, np.int64)
-        di = np.empty(VW, np.int64)
-        off = np.empty(VW, np.int64)
-        full = True  # every lane a real channel
-        bmin, bmax, dmin, dmax = sh, -1, sw, -1
-        for lane in range(VW):
-            q = cb * VW + lane
-            if q >= nq:
-                full = False
-                ci[lane], bi[lane], di[lane], off[lane] = -1, 0, 0, 0
-                continue
-            ci[lane] = q // (sh * sw)
-            bi[lane] = (q // sw) % sh
-            di[lane] = q % sw
-            off[lane] = (ci[lane] * h + bi[lane] - ph) * w + di[lane] - pw
-            bmin, bmax = min(bmin, bi[lane]), max(bmax, bi[lane])
-            dmin, dmax = min(dmin, di[lane]), max(dmax, di[lane])
-        # output columns k0 <= k < k1 (rows j0 <= j < j1) read inside the image in every lane
-        k0 = min(max(0, -(-(pw - dmin) // sw)), ws)
-        k1 = max(min(ws, (w - 1 + pw - dmax) // sw + 1), k0)
-        j0 = min(max(0, -(-(ph - bmin) // sh)), hs)
-        j1 = max(min(hs, (h - 1 + ph - bmax) // sh + 1), j0)
-        for j in range(hs):
-            row = j * ws * VW
-            inner = full and j0 <= j < j1
-            for k in range(ws):
-                o = row + k * VW
-                if inner and k0 <= k < k1:
-                    at = sh * j * w + sw * k
-                    for lane in range(VW):
-                        dst[o + lane] = src[off[lane] + at]
-                else:
-                    for lane in range(VW):
-                        v = np.float32(0.0)
-                        if ci[lane] >= 0:
-                            v = _lane_value(src, ci[lane], bi[lane], di[lane], j, k, h, w, sh, sw, ph, pw)
-                        dst[o + lane] = v
+        rearrange_block(x[b], xb[b, cb * plane:(cb + 1) * plane], geo, cb)
 
 
 space_to_depth_blocked_serial = serial_twin(space_to_depth_blocked)

@@ -77,6 +77,7 @@ from sparsecnn.kernels._simd import (
     wino_out_tile,
 )
 from sparsecnn.kernels.conv import image_counter, next_image
+from sparsecnn.kernels.space_to_depth import rearrange_image, space_to_depth_blocked
 
 __all__ = ["WINO_TILES", "WinoWorkspace", "padded_bias", "winograd_conv2d", "winograd_weights",
            "winograd_workspace"]
@@ -163,6 +164,9 @@ class WinoWorkspace:
     serial: bool  # one thread (a layer too small for a parallel launch)
     m: int  # outputs per tile side: F(m x m, 3x3)
     zero_bias: np.ndarray  # (groups * nfb * CHAN_BLOCK,) zeros: the padded bias of a layer without one
+    # space_to_depth.s2d_geometry of a strided layer's plain input, which the kernel rearranges into the
+    # blocks of the 3x3 stride-1 layer this workspace is shaped for; (0,): an ordinary plain input
+    s2d: np.ndarray
 
 
 # geo fields
@@ -177,10 +181,13 @@ _CHUNK_BYTES = 1 << 20
 def winograd_workspace(x_shape: tuple[int, int, int, int], weight_shape: tuple[int, int, int, int],
                        groups: int, padding: tuple[int, int], nparts: int, by_image: bool,
                        in_blocked: bool = False, out_blocked: bool = False,
-                       serial: bool = False, m: int = 2) -> WinoWorkspace:
+                       serial: bool = False, m: int = 2, s2d: np.ndarray | None = None) -> WinoWorkspace:
     """The workspace of :func:`winograd_conv2d` for inputs of (plain) shape ``x_shape`` and F(m x m,
     3x3): threads split the images with ``by_image`` (else the work items of each image), one thread
-    with ``serial``; ``in_blocked`` / ``out_blocked``: the input / output is channel-blocked."""
+    with ``serial``; ``in_blocked`` / ``out_blocked``: the input / output is channel-blocked. With
+    ``s2d`` (:func:`sparsecnn.kernels.space_to_depth.s2d_geometry` of a strided layer's plain input),
+    ``x_shape`` and ``weight_shape`` are the rearranged layer's (``padding`` (0, 0)) and the kernel
+    rearranges each plain image of the strided layer into its blocks."""
     if serial:  # one thread running every image (and copying each plain one into its blocks)
         by_image, nparts = True, 1
     _, _, h, w = x_shape
@@ -228,6 +235,7 @@ def winograd_workspace(x_shape: tuple[int, int, int, int], weight_shape: tuple[i
         serial=serial,
         m=m,
         zero_bias=np.zeros(groups * nfb * CHAN_BLOCK, np.float32),
+        s2d=np.zeros(0, np.int64) if s2d is None else np.asarray(s2d, np.int64),
     )
 
 
@@ -369,11 +377,12 @@ def _to_blocks_image(x, xb, geo, nparts):
 
 @pjit
 def _wino_kernel(x, xb, v, u, offs, tpos, bias, out, res, has_res, relu, scratch, zeros, mbuf, tmp, ini, geo,
-                 bounds, by_image, counter, in_blocked, out_blocked):
+                 bounds, by_image, counter, in_blocked, out_blocked, s2d):
     """The work items of every image, parallel over balanced ranges of them (``bounds``); with
     ``by_image`` each thread runs every item of an image at a time instead (the next one free with a
     one-element ``counter``, else images ``part, part + nparts, ...``:
-    :func:`sparsecnn.kernels.conv.next_image`), a plain image first copied into its own blocks.
+    :func:`sparsecnn.kernels.conv.next_image`), a plain image first copied into its own blocks
+    (rearranged, with ``s2d``: :func:`sparsecnn.kernels.space_to_depth.rearrange_image`).
     Without it, a plain ``x`` is already in ``xb``
     (:func:`_to_blocks_image`, one image: ``x`` holds one)."""
     nb = out.shape[0]
@@ -390,8 +399,11 @@ def _wino_kernel(x, xb, v, u, offs, tpos, bias, out, res, has_res, relu, scratch
                 src = x[b]
             elif by_image:
                 src = xb[part]
-                for gc in range(nblk):
-                    _to_blocks(x[b], src, geo, gc)
+                if s2d.size:
+                    rearrange_image(x[b], src, s2d)
+                else:
+                    for gc in range(nblk):
+                        _to_blocks(x[b], src, geo, gc)
             else:
                 src = xb[0]
             _run_items(src, v[part], u, offs, tpos, bias, out[b], res[b], has_res, relu, scratch[part], zeros,
@@ -413,7 +425,8 @@ def winograd_conv2d(u: np.ndarray, ws: WinoWorkspace, x: np.ndarray, bias: np.nd
     ws : WinoWorkspace
         :func:`winograd_workspace` of ``x``'s shape and layouts.
     x : ndarray, shape (B, Cin * H * W), float32, C-contiguous
-        Plain, or channel-blocked with ``ws.in_blocked``.
+        Plain, or channel-blocked with ``ws.in_blocked``; with ``ws.s2d`` the strided layer's plain
+        input (its shape, not the rearranged one's).
     bias : ndarray
         :func:`padded_bias` of the layer's bias.
     out : ndarray, shape (B, Cout * Hout * Wout), float32, C-contiguous
@@ -428,10 +441,13 @@ def winograd_conv2d(u: np.ndarray, ws: WinoWorkspace, x: np.ndarray, bias: np.nd
     kernel = _wino_kernel_serial if ws.serial else _wino_kernel
     args = (ws.V, u, ws.offs, ws.tpos, bias)
     tail = (has_res, relu, ws.scratch, ws.zeros, ws.mbuf, ws.tmp, ws.init, ws.geo, ws.bounds, ws.by_image,
-            ws.counter, ws.in_blocked, ws.out_blocked)
+            ws.counter, ws.in_blocked, ws.out_blocked, ws.s2d)
     if ws.in_blocked or ws.by_image:
         kernel(x, ws.xb, *args, out, r, *tail)
         return
-    for b in range(out.shape[0]):  # a plain image into blocks, then its items
-        _to_blocks_image(x[b], ws.xb[0], ws.geo, ws.bounds.size - 1)
+    for b in range(out.shape[0]):  # a plain image into blocks (rearranged with s2d), then its items
+        if ws.s2d.size:
+            space_to_depth_blocked(x[b:b + 1], ws.xb[:1], ws.s2d)
+        else:
+            _to_blocks_image(x[b], ws.xb[0], ws.geo, ws.bounds.size - 1)
         kernel(x[b:b + 1], ws.xb, *args, out[b:b + 1], r[b:b + 1], *tail)
