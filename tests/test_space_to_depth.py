@@ -18,12 +18,12 @@ from sparsecnn.kernels.implicit_gemm import (
     prepare_implicit_gemm,
 )
 from sparsecnn.kernels.space_to_depth import (
+    rearrange_image,
     s2d_channels,
     s2d_geometry,
     s2d_stride,
     s2d_weight,
     space_to_depth_blocked,
-    space_to_depth_blocked_serial,
 )
 from sparsecnn.kernels.winograd import WinoWorkspace
 from tests.reference import assert_close
@@ -55,15 +55,19 @@ def test_which_layers_rearrange() -> None:
     ((5, 5), (2, 2), (2, 2), (1, 5, 13, 12)),  # 20 channels: padding lanes
     ((9, 7), (3, 3), (1, 4), (3, 2, 20, 17)),  # one-sided reach past the image
 ])
-@pytest.mark.parametrize("serial", [False, True])
-def test_rearranged_input_is_the_phase_planes(kernel, stride, padding, shape, serial, rng) -> None:
+@pytest.mark.parametrize("per_image", [False, True])
+def test_rearranged_input_is_the_phase_planes(kernel, stride, padding, shape, per_image, rng) -> None:
     """Every lane of the blocked output is ``x[c, sh j + b - ph, sw k + d - pw]`` of its channel, 0 outside
     the image and in the padding channels."""
     x = rng.standard_normal(shape).astype(np.float32)
     geo = s2d_geometry(shape, kernel, stride, padding)
     c2, hs, ws = int(geo[9]), int(geo[7]), int(geo[8])
     xb = np.full((shape[0], c2 * hs * ws), np.nan, np.float32)
-    (space_to_depth_blocked_serial if serial else space_to_depth_blocked)(x.reshape(shape[0], -1), xb, geo)
+    if per_image:  # as the Winograd kernel's threads rearrange their images
+        for b in range(shape[0]):
+            rearrange_image(x[b].reshape(-1), xb[b], geo)
+    else:
+        space_to_depth_blocked(x.reshape(shape[0], -1), xb, geo)
     got = xb.reshape(shape[0], c2 // VW, hs, ws, VW).transpose(0, 1, 4, 2, 3).reshape(shape[0], c2, hs, ws)
     (sh, sw), (ph, pw) = stride, padding
     _, c, h, w = shape
@@ -218,3 +222,19 @@ def test_switched_on_where_the_threads_split_the_images(rng, monkeypatch) -> Non
     assert isinstance(ws, WinoWorkspace) and ws.s2d.size and (ws.by_image or num_threads() == 1)
     ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bias), stride=4).numpy()
     assert_close(out, np.maximum(ref, 0), rtol=4e-5)
+
+
+def test_cost_model_counts_the_winograd_form_where_it_runs(monkeypatch) -> None:
+    """The planner's estimate of ``lowered`` on an AlexNet-like conv1 counts Winograd's multiply-adds at
+    batch 1 (a third of the implicit GEMM's) and the implicit GEMM's where the threads split the
+    images, unless ``S2D_BY_IMAGE`` is on."""
+    from sparsecnn.plan import estimate_seconds
+
+    conv = torch.nn.Conv2d(3, 96, 11, stride=4)
+    monkeypatch.setattr(ig_mod, "S2D_BY_IMAGE", False)
+    one = estimate_seconds(conv, (1, 3, 227, 227), "lowered")
+    four = estimate_seconds(conv, (4, 3, 227, 227), "lowered")
+    if split_by_image(4, num_threads()):
+        assert four / 4 > 2 * one
+    monkeypatch.setattr(ig_mod, "S2D_BY_IMAGE", True)
+    assert estimate_seconds(conv, (4, 3, 227, 227), "lowered") / 4 < 1.2 * one

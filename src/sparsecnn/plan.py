@@ -622,9 +622,7 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
         return oh + 4 * b * g * k * n / c.bandwidth + 2 * b * nnz * n * input_density / c.spgemm_flops
     if strategy == "lowered":
         from sparsecnn.kernels._numba import num_threads
-        from sparsecnn.kernels.conv import split_by_image
-        from sparsecnn.kernels.implicit_gemm import winograd_tile
-        from sparsecnn.kernels.space_to_depth import s2d_stride
+        from sparsecnn.kernels.implicit_gemm import strided_winograd_tile, winograd_tile
 
         nz = w.reshape(g, cout // g, k) != 0
         mr = int(nz.any(dim=2).sum(dim=1).max())
@@ -633,15 +631,13 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
         copy_s = 8 * int(np.prod(x_shape)) / c.bandwidth
         ho, wo = _conv_out_hw(layer, x_shape)
         kept = mr * kr / (cout // g * k)
-        stride = s2d_stride(layer.kernel_size, layer.stride, layer.dilation, g)
-        if stride is not None:  # over the space-to-depth input (kernels.space_to_depth), batch 1
-            kh, kw = layer.kernel_size
-            cs = k // (kh * kw) * stride[0] * stride[1]
-            m = 0 if split_by_image(b, num_threads()) else winograd_tile((3, 3), (1, 1), (1, 1), cs, (ho, wo),
-                                                                         kept)
-            if m:
-                tiles = -(-ho // m) * -(-wo // m)
-                return oh + copy_s + 2 * b * cout * cs * (m + 2) ** 2 * tiles / c.gemm_flops
+        kh, kw = layer.kernel_size
+        m = strided_winograd_tile(layer.kernel_size, layer.stride, layer.dilation, g, k // (kh * kw),
+                                  (ho, wo), kept, b, num_threads())
+        if m:  # over the space-to-depth input (kernels.space_to_depth): 3x3, Cin * sh * sw channels
+            tiles = -(-ho // m) * -(-wo // m)
+            cs = k // (kh * kw) * layer.stride[0] * layer.stride[1]
+            return oh + copy_s + 2 * b * cout * cs * (m + 2) ** 2 * tiles / c.gemm_flops
         m = winograd_tile(layer.kernel_size, layer.stride, layer.dilation, k // 9, (ho, wo), kept)
         if m:
             # F(m x m, 3x3): (m + 2)^2 multiply-adds per m x m outputs and channel pair, every filter

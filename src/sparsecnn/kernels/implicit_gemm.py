@@ -130,7 +130,7 @@ from sparsecnn.kernels.winograd import (
 )
 
 __all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2d", "prepare_implicit_gemm",
-           "winograd_tile"]
+           "strided_winograd_tile", "winograd_tile"]
 
 # Below this many multiply-adds per call a bound layer runs the serial twin (no parallel launch).
 _SERIAL_MACS = 1 << 16
@@ -523,21 +523,31 @@ def _s2d(prep: ImplicitGemmPrep) -> tuple[int, int] | None:
     return s2d_stride(prep.weight_shape[2:], prep.stride, prep.dilation, prep.groups)
 
 
+def strided_winograd_tile(kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+                          groups: int, cin_g: int, out_hw: tuple[int, int], kept_fraction: float, batch: int,
+                          nparts: int) -> int:
+    """The Winograd tile side ``m`` of a strided layer that rearranges into a 3x3 stride-1 one over its
+    space-to-depth input (:mod:`sparsecnn.kernels.space_to_depth`), or 0: :func:`winograd_tile` of that
+    layer (``Cin * sh * sw`` channels), where the ``nparts`` threads share the ``batch``'s images
+    (where they split them, at batch 32, AlexNet's conv1 so ran 0.98x the ``direct`` kernel inside the
+    compiled model: ``S2D_BY_IMAGE``). The planner's cost model asks it too."""
+    s = s2d_stride(kernel, stride, dilation, groups)
+    if s is None or (not S2D_BY_IMAGE and split_by_image(batch, nparts)):
+        return 0
+    return winograd_tile((3, 3), (1, 1), (1, 1), cin_g * s[0] * s[1], out_hw, kept_fraction)
+
+
 def _use_winograd(prep: ImplicitGemmPrep, x_shape: tuple[int, int, int, int],
                   nparts: int | None = None) -> int:
     """:func:`winograd_tile` of ``prep`` on inputs of ``x_shape`` (``nparts`` threads, default numba's
-    count); a strided layer that rearranges into a 3x3 stride-1 one (:func:`_s2d`) is asked as that
-    one, over ``Cin * sh * sw`` channels, where the threads share the images (where they split them,
-    at batch 32, AlexNet's conv1 so ran 0.96x the ``direct`` kernel inside the compiled model, see
-    :mod:`sparsecnn.kernels.space_to_depth`)."""
+    count); for a strided layer that rearranges into a 3x3 stride-1 one (:func:`_s2d`),
+    :func:`strided_winograd_tile`."""
     cout, cin_g, kh, kw = prep.weight_shape
     kept = int(((prep.rows >= 0).sum(axis=1) * prep.ncols).sum()) / (cout * cin_g * kh * kw)
     out_hw = prep.output_shape(x_shape)[2:]
-    stride = _s2d(prep)
-    if stride is not None:
-        if not S2D_BY_IMAGE and split_by_image(x_shape[0], num_threads() if nparts is None else nparts):
-            return 0
-        return winograd_tile((3, 3), (1, 1), (1, 1), cin_g * stride[0] * stride[1], out_hw, kept)
+    if _s2d(prep) is not None:
+        return strided_winograd_tile((kh, kw), prep.stride, prep.dilation, prep.groups, cin_g, out_hw, kept,
+                                     x_shape[0], num_threads() if nparts is None else nparts)
     return winograd_tile((kh, kw), prep.stride, prep.dilation, cin_g, out_hw, kept)
 
 
@@ -684,8 +694,7 @@ def bind_implicit_gemm_conv2d(prep: ImplicitGemmPrep, x_shape: tuple[int, int, i
     return run
 
 
-def _bias_for(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace,
-              bias: np.ndarray | None) -> np.ndarray:
+def _bias_for(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace, bias: np.ndarray | None) -> np.ndarray:
     """The bias as the workspace's kernel reads it: float32 (Cout,), padded to whole filter blocks per
     group for Winograd; zeros for none."""
     if bias is None:
@@ -701,9 +710,8 @@ def _check_out(prep: ImplicitGemmPrep, x_shape: tuple[int, ...], out: np.ndarray
         raise ValueError(f"implicit_gemm_conv2d: out must be C-contiguous of shape {want}")
 
 
-def _launch(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace, x: np.ndarray,
-            bias: np.ndarray, flat: np.ndarray, relu: bool, slack: int = 0,
-            res: np.ndarray | None = None) -> None:
+def _launch(prep: ImplicitGemmPrep, ws: _Workspace | WinoWorkspace, x: np.ndarray, bias: np.ndarray,
+            flat: np.ndarray, relu: bool, slack: int = 0, res: np.ndarray | None = None) -> None:
     """The kernel (serial twin below a work threshold). A stride-1 layer without padding reads ``x``
     in place where it may (:func:`sparsecnn.kernels.conv._reads_in_place`, ``slack`` floats known to
     follow it). Else, where the threads split the items, one parallel phase copy of the batch comes

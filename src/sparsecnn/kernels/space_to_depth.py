@@ -32,11 +32,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import jit, pjit, serial_twin
+from sparsecnn.kernels._numba import jit, pjit
 from sparsecnn.kernels._simd import VW
 
 __all__ = ["rearrange_block", "rearrange_image", "s2d_channels", "s2d_geometry", "s2d_stride", "s2d_weight",
-           "space_to_depth_blocked", "space_to_depth_blocked_serial"]
+           "space_to_depth_blocked"]
 
 # The taps per side of the rearranged layer that Winograd F(m x m, 3x3) takes.
 _TAPS = 3
@@ -183,5 +183,3 @@ def space_to_depth_blocked(x, xb, geo):
         cb = pair - b * ncb
         rearrange_block(x[b], xb[b, cb * plane:(cb + 1) * plane], geo, cb)
 
-
-space_to_depth_blocked_serial = serial_twin(space_to_depth_blocked)
