@@ -136,8 +136,9 @@ __all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2
 _SERIAL_MACS = 1 << 16
 # Strided layers through Winograd over their space-to-depth input (kernels.space_to_depth) also where the
 # threads split the images (the A/B switch; off). AlexNet DC at batch 32, conv1 so against `direct`, same
-# plan, interleaved: the layer alone 1.45x, but the compiled model 0.98x (its step 1.05x, and the steps
-# after it slower: lrn+maxpool 5.4 against 4.9 ms, conv2 45 against 40 ms).
+# plan, interleaved: the layer alone 1.01-1.45x, but the compiled model 0.98x (its step 1.05x, the steps
+# after it slower: lrn+maxpool 5.4 against 4.9 ms, conv2 45 against 40 ms) and 0.987x with the builds
+# balanced (`python -m benchmarks.strided_winograd --batches 32 --by-image`).
 S2D_BY_IMAGE = False
 # Off: every layer walks all its columns per register tile (the A/B baseline of the channel blocks).
 BLOCKS = True
