@@ -301,3 +301,110 @@ def test_winograd_model_from_four_threads(layout, monkeypatch) -> None:
     bad = [i for i, (y, r) in enumerate(zip(out, refs, strict=True))
            if y is None or float((y - r).abs().max()) > 1e-4 * float(r.abs().max())]
     assert not bad, f"{len(bad)} of {len(refs)} outputs wrong"
+
+
+# 5x5 stride-1 layers: F(4x4, 5x5), 8 x 8 tiles of 64 points (AlexNet's conv2 under Deep Compression)
+CASES5 = [
+    # batch, cin, cout, (h, w), padding, groups, in_blocked, out_blocked
+    (1, 96, 256, (27, 27), (2, 2), 2, False, False),  # AlexNet's conv2: grouped, plain in and out
+    (2, 32, 48, (17, 13), (2, 2), 1, False, False),  # threads split the images; last tiles partly outside
+    (1, 32, 40, (12, 12), (2, 1), 1, True, True),  # blocked in and out, one-sided padding
+    (3, 20, 24, (9, 11), (0, 0), 1, False, True),  # unpadded; channels and filters not whole vectors
+    (1, 16, 16, (5, 5), (0, 0), 1, True, False),  # one output
+]
+
+
+@pytest.mark.parametrize("case", CASES5)
+def test_5x5_matches_torch(case, rng) -> None:
+    """F(4x4, 5x5) straight through the kernel's API, with the bias, a residual and the ReLU."""
+    batch, cin, cout, (h, w_), padding, groups, in_b, out_b = case
+    w = rng.standard_normal((cout, cin // groups, 5, 5)).astype(np.float32)
+    w[rng.random(w.shape) < 0.6] = 0  # Deep Compression's zeros: Winograd runs the dense weight
+    bias = rng.standard_normal(cout).astype(np.float32)
+    x = rng.standard_normal((batch, cin, h, w_)).astype(np.float32)
+    out_shape = (batch, cout, h + 2 * padding[0] - 4, w_ + 2 * padding[1] - 4)
+    res = rng.standard_normal(out_shape).astype(np.float32)
+    ref = _reference(x, w, bias, padding, groups, True, res)
+    ws = winograd_workspace(x.shape, w.shape, groups, padding, 2, batch >= 2, in_b, out_b, m=4)
+    assert (ws.m, ws.r) == (4, 5)
+    out = np.full(ref.shape, np.nan, np.float32)
+    outv = np.empty((batch, -(-cout // BLOCK), *ref.shape[2:], BLOCK), np.float32) if out_b else out
+    rin = to_blocked_array(res) if out_b else res
+    xin = to_blocked_array(x) if in_b else x
+    winograd_conv2d(winograd_weights(w, groups, 4), ws, xin.reshape(batch, -1),
+                    padded_bias(bias, cout, groups), outv.reshape(batch, -1), True, rin.reshape(batch, -1))
+    got = from_blocked_array(outv)[:, :cout] if out_b else out
+    assert_close(got, ref, rtol=4e-5, what=f"F(4x4, 5x5) {case}")
+
+
+def test_5x5_rule_and_layer(rng, monkeypatch) -> None:
+    """A dense-enough 5x5 stride-1 layer runs F(4x4, 5x5) where its plane has 32 4x4 tiles (AlexNet's
+    27x27: 49), not on 13x13 (16) or with too few channels; through the layer's bound call it equals
+    torch, a ReLU-sparse input and 60% zero weights included."""
+    monkeypatch.setattr(ig_mod, "WINOGRAD", None)
+    w = rng.standard_normal((64, 16, 5, 5)).astype(np.float32)
+    w[rng.random(w.shape) < 0.6] = 0
+    prep = _prep(w, 2, (2, 2))
+    assert ig_mod._use_winograd(prep, (1, 32, 27, 27)) == 4
+    assert ig_mod._use_winograd(prep, (1, 32, 13, 13)) == 0
+    assert not ig_mod._use_winograd(_prep(w[:, :4], 1, (2, 2)), (1, 4, 27, 27))
+    x = np.maximum(rng.standard_normal((2, 32, 27, 27)), 0).astype(np.float32)
+    bias = rng.standard_normal(64).astype(np.float32)
+    out = np.full((2, 64, 27, 27), np.nan, np.float32)
+    run = bind_implicit_gemm_conv2d(prep, x.shape, bias, out, True, 0)
+    assert isinstance(prep.workspace(x.shape), WinoWorkspace)
+    run(x, None)
+    assert_close(out, _reference(x, w, bias, (2, 2), 2, True, None), rtol=4e-5)
+    with pytest.raises(ValueError, match="no Winograd F"):
+        winograd_workspace((1, 8, 20, 20), (8, 8, 7, 7), 1, (3, 3), 2, False, m=4)
+
+
+def test_toom_cook_tables() -> None:
+    """The generator reproduces Lavin and Gray's F(4x4, 3x3) from its points, and each generated form
+    is an exact correlation: ``A^T [(G g) * (B^T d)] = sum_k d[i + k] g[k]`` in rational arithmetic."""
+    from fractions import Fraction
+
+    from sparsecnn.kernels import winograd as wmod
+    from sparsecnn.kernels._simd import WINO_AT, WINO_BT, WINO_POINTS, toom_cook
+
+    at, g, bt = toom_cook(tuple(map(Fraction, (0, 1, -1, 2, -2))), 4, 3)
+    assert tuple(tuple(float(c) for c in row) for row in bt) == WINO_BT[4, 3]
+    assert tuple(tuple(float(c) for c in row) for row in at) == WINO_AT[4, 3]
+    np.testing.assert_allclose(np.array(g, float), wmod._G[4, 3], rtol=1e-15)
+    rs = np.random.default_rng(0)
+    for (m, r), pts in WINO_POINTS.items():
+        at, g, bt = toom_cook(pts, m, r)
+        n = m + r - 1
+        for _ in range(3):
+            d = [Fraction(int(v)) for v in rs.integers(-9, 10, n)]
+            f = [Fraction(int(v)) for v in rs.integers(-9, 10, r)]
+            u = [sum(gj[k] * f[k] for k in range(r)) for gj in g]
+            v = [sum(bj[k] * d[k] for k in range(n)) for bj in bt]
+            y = [sum(ai[j] * u[j] * v[j] for j in range(n)) for ai in at]
+            assert y == [sum(d[i + k] * f[k] for k in range(r)) for i in range(m)], (m, r)
+        assert wmod.winograd_weights(np.ones((1, 1, r, r), np.float32), 1, m).shape[2] == n * n
+    with pytest.raises(ValueError, match="distinct finite points"):
+        toom_cook(tuple(map(Fraction, (0, 1, 1, 2, -2, 3, 4))), 4, 5)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cin_g=st.integers(1, 24), cout_g=st.integers(1, 40), groups=st.integers(1, 2), h=st.integers(1, 21),
+       w_=st.integers(1, 21), ph=st.integers(0, 2), pw=st.integers(0, 2), batch=st.sampled_from([1, 3]),
+       relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_winograd_5x5_generated_geometry(cin_g, cout_g, groups, h, w_, ph, pw, batch, relu, seed) -> None:
+    if h + 2 * ph < 5 or w_ + 2 * pw < 5:
+        return  # no output
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((cout_g * groups, cin_g, 5, 5)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0
+    x = rng.standard_normal((batch, cin_g * groups, h, w_)).astype(np.float32)
+    bias = rng.standard_normal(cout_g * groups).astype(np.float32)
+    ref = _reference(x, w, bias, (ph, pw), groups, relu, None)
+    prep = _prep(w, groups, (ph, pw))
+    out = np.full(ref.shape, np.nan, np.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ig_mod, "WINOGRAD", True)
+        implicit_gemm_conv2d(prep, x, bias, out, relu=relu)
+        ws = prep.workspace(x.shape)
+        assert isinstance(ws, WinoWorkspace) and ws.r == 5
+    assert_close(out, ref, rtol=4e-5, what="winograd 5x5 generated")

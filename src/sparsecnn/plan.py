@@ -75,8 +75,10 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # 24: a torch layer's in-pass check asks a 1% margin and re-times close passes (engine._alt_pass_wins);
 #     linears at batch >= 2 also try `direct` (the batch in the vector lanes);
 # 25: `lowered` runs strided layers that rearrange into 3x3 stride-1 ones (AlexNet's conv1) as Winograd
-#     over their space-to-depth input at batch 1 (kernels.space_to_depth).
-_CACHE_VERSION = 25
+#     over their space-to-depth input at batch 1 (kernels.space_to_depth);
+# 26: and dense-enough 5x5 stride-1 layers as Winograd F(4x4, 5x5) (AlexNet's conv2 under Deep
+#     Compression: 1.5x `direct`).
+_CACHE_VERSION = 26
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's
 # rule is "never more than 5% slower than torch", and single timings here vary by several percent.
 DEFAULT_MARGIN = 0.04
@@ -638,12 +640,12 @@ def estimate_seconds(layer: nn.Module, x_shape: tuple[int, ...], strategy: str, 
             tiles = -(-ho // m) * -(-wo // m)
             cs = k // (kh * kw) * layer.stride[0] * layer.stride[1]
             return oh + copy_s + 2 * b * cout * cs * (m + 2) ** 2 * tiles / c.gemm_flops
-        m = winograd_tile(layer.kernel_size, layer.stride, layer.dilation, k // 9, (ho, wo), kept)
+        m = winograd_tile(layer.kernel_size, layer.stride, layer.dilation, k // (kh * kw), (ho, wo), kept)
         if m:
-            # F(m x m, 3x3): (m + 2)^2 multiply-adds per m x m outputs and channel pair, every filter
-            # and column
+            # F(m x m, r x r): (m + r - 1)^2 multiply-adds per m x m outputs and channel pair, every
+            # filter and column
             tiles = -(-ho // m) * -(-wo // m)
-            return oh + copy_s + 2 * b * cout * (k // 9) * (m + 2) ** 2 * tiles / c.gemm_flops
+            return oh + copy_s + 2 * b * cout * (k // (kh * kw)) * (m + kh - 1) ** 2 * tiles / c.gemm_flops
         return oh + copy_s + 2 * b * g * mr * kr * n / c.gemm_flops
     if strategy == "bsr":
         return oh + im2col_s + 2 * b * _bsr_entries(layer, blocksize) * n / c.bsr_flops

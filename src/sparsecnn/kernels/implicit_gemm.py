@@ -61,11 +61,14 @@ shapes, 2 threads, interleaved, plain in and out / blocked in and out, ms): 1x1 
 0.473 / 0.391, 1024 -> 256 at 14x14 0.479 / 0.358, 3x3 stride 2 from 56x56 1.55 / 1.22, 1x1 stride 2
 1.43 / 1.13, 3x3 layers 3-7% apart. Channel blocks of 36 KB against 16 KB: 1.04-1.09x on one thread.
 
-**Winograd** (:mod:`sparsecnn.kernels.winograd`): a 3x3 stride-1 layer that kept at least
+**Winograd** (:mod:`sparsecnn.kernels.winograd`): a 3x3 or 5x5 stride-1 layer that kept at least
 ``_WINO_MIN_WORK`` of its filters x columns and has planes of at least ``_WINO_MIN_TILES`` output
-tiles runs F(m x m, 3x3) on its dense weight instead (:func:`winograd_tile`: m = 4 on 56x56 and
-28x28 planes, 2 on 14x14 and 13x13, none on 7x7), in either layout: 1.4-1.8x the channel form on
-dense ResNet layers (the measurements are in that module and docs/engine.md, "fourteenth").
+tiles runs F(m x m, r x r) on its dense weight instead (:func:`winograd_tile`: 3x3 filters m = 4 on
+56x56 and 28x28 planes, 2 on 14x14 and 13x13, none on 7x7; 5x5 filters m = 4 from about 21x21), in
+either layout: 1.4-1.8x the channel form on dense ResNet layers (the measurements are in that module
+and docs/engine.md, "fourteenth"). A 5x5 layer that Deep Compression left 38% dense (AlexNet's conv2)
+does fewer multiply-adds this way (64 / 400) than the sparse kernels (0.38), so `lowered` is the
+planner's choice there (1.5x `direct`).
 """
 
 from __future__ import annotations
@@ -147,8 +150,9 @@ _BLOCK_MIN_TILES = 16
 # The channel-vector form (_chan_kernel): None picks it by the rule in _use_channel_form, True / False
 # force it on / off (the A/B switch).
 CHANNEL_FORM: bool | None = None
-# Winograd F(m x m, 3x3) (:mod:`sparsecnn.kernels.winograd`) for 3x3 stride-1 layers: None picks it by the
-# rule in winograd_tile, True / False force it on (where the layer is 3x3 stride 1) / off (the A/B switch).
+# Winograd F(m x m, r x r) (:mod:`sparsecnn.kernels.winograd`) for 3x3 and 5x5 stride-1 layers: None picks
+# it by the rule in winograd_tile, True / False force it on (where the layer is 3x3 or 5x5, stride 1) / off
+# (the A/B switch).
 WINOGRAD: bool | None = None
 # The rule: Winograd where the implicit GEMM would do at least this fraction of the dense layer's
 # multiply-adds (its kept columns x kept filters): Winograd does 16 / 36 (m = 2) or 36 / 144 (m = 4) of
@@ -362,7 +366,7 @@ class ImplicitGemmPrep(ConvPrepBase):
                                   split_by_image(b, nparts), False, out_blocked, serial=serial, m=m, s2d=geo)
 
     def _wino_weights(self, m: int) -> np.ndarray:
-        """The layer's filters transformed for Winograd F(m x m, 3x3)
+        """The layer's filters transformed for Winograd F(m x m, r x r)
         (:func:`sparsecnn.kernels.winograd.winograd_weights`), from the dense weight these tiles hold
         (zero where a filter or column was dropped), rearranged first for a strided layer that runs
         over its space-to-depth input (:func:`sparsecnn.kernels.space_to_depth.s2d_weight`); built
@@ -498,18 +502,25 @@ def _consecutive_tiles(rows: np.ndarray) -> bool:
 
 def winograd_tile(kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], cin_g: int,
                   out_hw: tuple[int, int], kept_fraction: float) -> int:
-    """The output tile side ``m`` of the Winograd F(m x m, 3x3) form a ``lowered`` layer runs
-    (:mod:`sparsecnn.kernels.winograd`), or 0 for none. Only 3x3, stride 1, no dilation; forced by
-    ``WINOGRAD`` (True: 4 where an output plane has at least ``_WINO_MIN_TILES`` 4x4 tiles, else 2),
-    else where each group has at least a vector of input channels, the kept columns x kept filters
-    are at least ``_WINO_MIN_WORK`` of the dense layer's (``kept_fraction``: SSL's compact layers with
-    fewer run the implicit GEMM on what they kept), and an output plane has at least
-    ``_WINO_MIN_TILES`` tiles: 4 where it has as many 4x4 tiles (56x56 and 28x28 planes), else 2. The
-    planner's cost model asks it too."""
-    if tuple(kernel) != (3, 3) or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or WINOGRAD is False:
+    """The output tile side ``m`` of the Winograd F(m x m, r x r) form a ``lowered`` layer runs
+    (:mod:`sparsecnn.kernels.winograd`), or 0 for none. Only 3x3 and 5x5, stride 1, no dilation;
+    forced by ``WINOGRAD`` (True: 3x3 filters 4 where an output plane has at least ``_WINO_MIN_TILES``
+    4x4 tiles, else 2; 5x5 filters 4), else where each group has at least a vector of input channels,
+    the kept columns x kept filters are at least ``_WINO_MIN_WORK`` of the dense layer's
+    (``kept_fraction``: SSL's compact layers with fewer run the implicit GEMM on what they kept), and
+    an output plane has at least ``_WINO_MIN_TILES`` tiles: 3x3 filters 4 where it has as many 4x4
+    tiles (56x56 and 28x28 planes), else 2; 5x5 filters 4 where it has as many 4x4 tiles (AlexNet's
+    27x27: 49), else none. The planner's cost model asks it too."""
+    if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or WINOGRAD is False:
         return 0
     ho, wo = out_hw
-    if -(-ho // 4) * -(-wo // 4) >= _WINO_MIN_TILES:
+    if tuple(kernel) == (5, 5):  # F(4x4, 5x5)
+        m = 4
+        if not WINOGRAD and -(-ho // 4) * -(-wo // 4) < _WINO_MIN_TILES:
+            return 0
+    elif tuple(kernel) != (3, 3):
+        return 0
+    elif -(-ho // 4) * -(-wo // 4) >= _WINO_MIN_TILES:
         m = 4
     elif WINOGRAD or -(-ho // 2) * -(-wo // 2) >= _WINO_MIN_TILES:
         m = 2

@@ -1,19 +1,31 @@
-r"""Winograd F(m x m, 3x3): dense 3x3 stride-1 convolutions as small GEMMs (Lavin & Gray, CVPR 2016).
+r"""Winograd F(m x m, r x r): dense 3x3 and 5x5 stride-1 convolutions as small GEMMs (Lavin & Gray, 2016).
 
-An m x m block of outputs of a 3 x 3 filter reads an (m + 2) x (m + 2) block of inputs ``d``; in the
-transformed domain the block is one elementwise product per (input channel, filter),
+An m x m block of outputs of an r x r filter reads an (m + r - 1) x (m + r - 1) block of inputs ``d``;
+in the transformed domain the block is one elementwise product per (input channel, filter),
 
 .. math:: Y = A^T \Big[ \sum_c (G g_c G^T) \odot (B^T d_c B) \Big] A
 
-so the 9 m^2 multiply-adds of the direct form per channel pair become (m + 2)^2 (16 for 4 outputs
-with m = 2, 36 for 16 with m = 4), and the sum over input channels is one GEMM per point ``xi`` of
-the transformed tile: ``M[xi][t][f] = sum_c V[xi][c][t] U[xi][c][f]`` with ``U = G g G^T`` (the
-weights, transformed once) and ``V = B^T d B`` (the input, transformed per call). The matrices are
-Lavin and Gray's (points 0, +-1 for m = 2; 0, +-1, +-2 for m = 4: ``_simd.WINO_BT`` / ``WINO_AT`` and
-``_G`` here). Rounding: relative differences to torch's direct convolution of 2e-7 to 1e-6 with m = 2
-and 3e-6 to 1.1e-5 with m = 4 on the tests' layers (the project's tolerance is 1e-4). A NaN or
-infinite input spreads to the whole output tile of every tile that reads it (the direct form: to
-the outputs whose window holds it), and an infinite one may come out NaN.
+so the r^2 m^2 multiply-adds of the direct form per channel pair become (m + r - 1)^2 (3x3 filters:
+16 for 4 outputs with m = 2, 36 for 16 with m = 4; 5x5 filters: 64 for 16 outputs with m = 4, against
+400), and the sum over input channels is one GEMM per point ``xi`` of the transformed tile:
+``M[xi][t][f] = sum_c V[xi][c][t] U[xi][c][f]`` with ``U = G g G^T`` (the weights, transformed once)
+and ``V = B^T d B`` (the input, transformed per call). The 3x3 matrices are Lavin and Gray's (points
+0, +-1 for m = 2; 0, +-1, +-2 for m = 4: ``_simd.WINO_BT`` / ``WINO_AT`` and ``_G`` here); F(4x4,
+5x5)'s come from :func:`sparsecnn.kernels._simd.toom_cook` over 0, +-1, +-2, +-1/2 (the points of the
+usual F(6x6, 3x3)). Rounding: relative differences to torch's direct convolution of 2e-7 to 1e-6
+with m = 2 and 3e-6 to 1.1e-5 with m = 4 on the tests' 3x3 layers, up to about 1e-5 on the 5x5 ones
+(the project's tolerance is 1e-4). A NaN or infinite input spreads to the whole output tile of every
+tile that reads it (the direct form: to the outputs whose window holds it), and an infinite one may
+come out NaN.
+
+**5x5 layers.** AlexNet's conv2 (96 -> 256 in two groups, 27x27) keeps 38% of its weights under
+Deep Compression, so the sparse ``direct`` kernel does 0.38 of the dense multiply-adds, at about
+two thirds of the FMA rate (docs/engine.md); F(4x4, 5x5) does 0.17 of them (64 / 400, the 27x27
+plane as 7 x 7 tiles of 4 x 4) in dense GEMMs. Measured (2 threads, the layer alone, interleaved,
+medians): batch 1 0.70 ms against `direct`'s 1.08 and torch's 1.92 (2.74x torch), batch 32 23.4 ms
+against 34.2 and 61.1 (2.61x); F(3x3, 5x5) (7 x 7 tiles, 49 points per 9 outputs) 0.83 / 29.0 ms.
+Under the ``ssl`` profile the layer keeps too few columns x filters for the rule
+(:func:`sparsecnn.kernels.implicit_gemm.winograd_tile`) and runs its compact GEMM.
 
 Layouts and loops (``VW`` channels in the vector lanes, as in :mod:`sparsecnn.kernels.blocked`):
 
@@ -23,7 +35,7 @@ Layouts and loops (``VW`` channels in the vector lanes, as in :mod:`sparsecnn.ke
   that order, the tiles spread evenly over the chunks (so the threads, which split the items evenly,
   get as many tiles each); a thread transforms a chunk when its first item needs it, into its own buffer
   (``(npt, Cg / VW, tg, VW)``, at most ``_CHUNK_BYTES``: it stays in the thread's L2): per channel
-  block and row of tiles, the tile row's m + 2 input rows with their zero padding into a scratch,
+  block and row of tiles, the tile row's m + r - 1 input rows with their zero padding into a scratch,
   then :func:`sparsecnn.kernels._simd.wino_in_tile` (``wino4_in_tile``) per tile. A first version
   transformed the whole input up front, shared by the threads: the transformed input (4x the
   input's bytes with m = 2) went to L3 and back, and inside a ResNet pass the layers gained
@@ -67,19 +79,23 @@ from sparsecnn.kernels._simd import (
     CHAN_BLOCK,
     CHAN_NP,
     VW,
+    WINO_POINTS,
     chan_tile,
     copy_vec,
     prefetch_l2,
     tile_split,
+    toom_cook,
     wino4_in_tile,
     wino4_out_tile,
+    wino4r5_in_tile,
+    wino4r5_out_tile,
     wino_in_tile,
     wino_out_tile,
 )
 from sparsecnn.kernels.conv import image_counter, next_image
 from sparsecnn.kernels.space_to_depth import rearrange_image, space_to_depth_blocked
 
-__all__ = ["WINO_TILES", "WinoWorkspace", "padded_bias", "winograd_conv2d", "winograd_weights",
+__all__ = ["FORMS", "WINO_TILES", "WinoWorkspace", "padded_bias", "winograd_conv2d", "winograd_weights",
            "winograd_workspace"]
 
 # Tiles per work item: the item's results, one per point (16 or 36 x WINO_TILES x CHAN_BLOCK floats: 256
@@ -89,28 +105,33 @@ WINO_TILES = 64
 # 32 KB) stay in L1 while the item's tiles pass.
 _CBLK = 128
 
-# G of F(m x m, 3x3): U = G g G^T ((m + 2) x (m + 2) per filter and channel), the points of
-# sparsecnn.kernels._simd.WINO_BT / WINO_AT.
+# G of F(m x m, r x r), keyed by (m, r): U = G g G^T ((m + r - 1) x (m + r - 1) per filter and channel),
+# the points of sparsecnn.kernels._simd.WINO_BT / WINO_AT.
 _G = {
-    2: np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]]),
-    4: np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
-                 [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+    (2, 3): np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]]),
+    (4, 3): np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                      [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
 }
+_G.update({key: np.array(toom_cook(pts, *key)[1], dtype=np.float64) for key, pts in WINO_POINTS.items()})
+# The (m, r) forms the kernel runs.
+FORMS = tuple(_G)
 
 
 def winograd_weights(weight: np.ndarray, groups: int, m: int = 2) -> np.ndarray:
-    """The transformed filters ``U = G g G^T`` of F(m x m, 3x3) in the GEMMs' layout.
+    """The transformed filters ``U = G g G^T`` of F(m x m, r x r) in the GEMMs' layout.
 
     Parameters
     ----------
-    weight : ndarray, shape (Cout, Cin / groups, 3, 3), float32
+    weight : ndarray, shape (Cout, Cin / groups, r, r), float32
+        ``r`` 3 or 5.
     groups : int
     m : int
-        Outputs per tile side: 2 (16 points) or 4 (36 points).
+        Outputs per tile side (``FORMS``): 2 (16 points) or 4 (36 points) for 3x3 filters, 4 (64
+        points) for 5x5 ones.
 
     Returns
     -------
-    ndarray, shape (groups, nfb, (m + 2) ** 2, cgp, CHAN_BLOCK), float32
+    ndarray, shape (groups, nfb, (m + r - 1) ** 2, cgp, CHAN_BLOCK), float32
         ``U[g, fb, xi, c, f]``: point ``xi`` of filter ``g * Cout / groups + fb * CHAN_BLOCK + f`` on
         input channel ``c`` of its group; zero past the filters and channels (``cgp``: ``Cin /
         groups`` rounded up to whole vectors, ``nfb`` blocks of ``CHAN_BLOCK`` filters per group).
@@ -121,8 +142,9 @@ def winograd_weights(weight: np.ndarray, groups: int, m: int = 2) -> np.ndarray:
     fg = cout // groups
     nfb = -(-fg // CHAN_BLOCK)
     cgp = -(-cg // VW) * VW
-    g_ = _G[m]
-    npt = (m + 2) ** 2
+    r = weight.shape[2]
+    g_ = _G[m, r]
+    npt = (m + r - 1) ** 2
     u = np.einsum("ai,fcij,bj->abfc", g_, weight.astype(np.float64), g_).reshape(npt, groups, fg, cg)
     full = np.zeros((groups, npt, nfb * CHAN_BLOCK, cgp), np.float32)
     full[:, :, :fg, :cg] = u.transpose(1, 0, 2, 3)
@@ -151,7 +173,7 @@ class WinoWorkspace:
     tpos: np.ndarray  # (tg + CHAN_NP,) int32: V offset of a chunk's tile j (j * VW)
     V: np.ndarray  # (nparts, npt * cgp * tg + VW): each thread's transformed chunk of tiles
     xb: np.ndarray  # (nbuf, groups * ncbk * H * W * VW + VW): a plain input in blocks (else (nbuf, 0))
-    scratch: np.ndarray  # (nparts, (m + 2) * L * VW + VW): a tile row's padded input rows
+    scratch: np.ndarray  # (nparts, (m + r - 1) * L * VW + VW): a tile row's padded input rows
     mbuf: np.ndarray  # (nparts, npt * S + VW): an item's GEMM results, one per point
     tmp: np.ndarray  # (nparts, m * m * VW): one tile's outputs on their way into a plain output
     zeros: np.ndarray  # (VW,)
@@ -162,7 +184,8 @@ class WinoWorkspace:
     in_blocked: bool
     out_blocked: bool
     serial: bool  # one thread (a layer too small for a parallel launch)
-    m: int  # outputs per tile side: F(m x m, 3x3)
+    m: int  # outputs per tile side: F(m x m, r x r)
+    r: int  # filter side
     zero_bias: np.ndarray  # (groups * nfb * CHAN_BLOCK,) zeros: the padded bias of a layer without one
     # space_to_depth.s2d_geometry of a strided layer's plain input, which the kernel rearranges into the
     # blocks of the 3x3 stride-1 layer this workspace is shaped for; (0,): an ordinary plain input
@@ -171,7 +194,7 @@ class WinoWorkspace:
 
 # geo fields
 (_H, _W, _PH, _PW, _HO, _WO, _TH, _TW, _T, _L, _GROUPS, _CG, _NCBK, _CGP, _FG, _NFB, _TG, _NCHUNK, _S,
- _CBLKF, _M) = range(21)
+ _CBLKF, _M, _R) = range(22)
 
 # Most bytes of one thread's transformed chunk (npt x cgp x tiles floats): it stays in L2 while the
 # chunk's filter blocks run (1 MB: a 14x14 plane of 256 channels in one chunk with m = 2).
@@ -183,19 +206,22 @@ def winograd_workspace(x_shape: tuple[int, int, int, int], weight_shape: tuple[i
                        in_blocked: bool = False, out_blocked: bool = False,
                        serial: bool = False, m: int = 2, s2d: np.ndarray | None = None) -> WinoWorkspace:
     """The workspace of :func:`winograd_conv2d` for inputs of (plain) shape ``x_shape`` and F(m x m,
-    3x3): threads split the images with ``by_image`` (else the work items of each image), one thread
-    with ``serial``; ``in_blocked`` / ``out_blocked``: the input / output is channel-blocked. With
-    ``s2d`` (:func:`sparsecnn.kernels.space_to_depth.s2d_geometry` of a strided layer's plain input),
-    ``x_shape`` and ``weight_shape`` are the rearranged layer's (``padding`` (0, 0)) and the kernel
-    rearranges each plain image of the strided layer into its blocks."""
+    r x r) (``r`` the filters' side; ``(m, r)`` one of ``FORMS``): threads split the images with
+    ``by_image`` (else the work items of each image), one thread with ``serial``; ``in_blocked`` /
+    ``out_blocked``: the input / output is channel-blocked. With ``s2d``
+    (:func:`sparsecnn.kernels.space_to_depth.s2d_geometry` of a strided layer's plain input), ``x_shape``
+    and ``weight_shape`` are the rearranged layer's (``padding`` (0, 0)) and the kernel rearranges each
+    plain image of the strided layer into its blocks."""
     if serial:  # one thread running every image (and copying each plain one into its blocks)
         by_image, nparts = True, 1
     _, _, h, w = x_shape
-    cout, cg = weight_shape[:2]
+    cout, cg, r = weight_shape[:3]
+    if (m, r) not in _G or weight_shape[3] != r:
+        raise ValueError(f"no Winograd F({m}x{m}, {r}x{weight_shape[3]}) form (FORMS: {FORMS})")
     ph, pw = padding
-    ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
+    ho, wo = h + 2 * ph - r + 1, w + 2 * pw - r + 1
     th, tw = -(-ho // m), -(-wo // m)
-    npt = (m + 2) ** 2
+    npt = (m + r - 1) ** 2
     t = th * tw
     fg = cout // groups
     nfb = -(-fg // CHAN_BLOCK)
@@ -211,9 +237,9 @@ def winograd_workspace(x_shape: tuple[int, int, int, int], weight_shape: tuple[i
     tg = -(-t // nchunk)
     nchunk = -(-t // tg)
     s = tg * CHAN_BLOCK + VW  # one point's results, a vector apart from the next (no cache-set conflicts)
-    el = m * tw + 2
+    el = m * tw + r - 1
     geo = np.array([h, w, ph, pw, ho, wo, th, tw, t, el, groups, cg, ncbk, cgp, fg, nfb, tg, nchunk, s,
-                    min(_CBLK, cgp), m], dtype=np.int64)
+                    min(_CBLK, cgp), m, r], dtype=np.int64)
     nbuf = nparts if by_image else 1
     c = np.arange(cgp)
     return WinoWorkspace(
@@ -222,7 +248,7 @@ def winograd_workspace(x_shape: tuple[int, int, int, int], weight_shape: tuple[i
         tpos=(np.arange(tg + CHAN_NP) * VW).astype(np.int32),
         V=aligned_zeros((nparts, npt * cgp * tg + VW)),
         xb=aligned_zeros((nbuf, 0 if in_blocked else groups * ncbk * h * w * VW + VW)),
-        scratch=aligned_zeros((nparts, (m + 2) * el * VW + VW)),
+        scratch=aligned_zeros((nparts, (m + r - 1) * el * VW + VW)),
         mbuf=aligned_zeros((nparts, npt * s + VW)),
         tmp=aligned_zeros((nparts, m * m * VW)),
         zeros=np.zeros(VW, np.float32),
@@ -234,6 +260,7 @@ def winograd_workspace(x_shape: tuple[int, int, int, int], weight_shape: tuple[i
         out_blocked=out_blocked,
         serial=serial,
         m=m,
+        r=r,
         zero_bias=np.zeros(groups * nfb * CHAN_BLOCK, np.float32),
         s2d=np.zeros(0, np.int64) if s2d is None else np.asarray(s2d, np.int64),
     )
@@ -264,40 +291,55 @@ def _to_blocks(x, xb, geo, gc):
 @jit
 def _transform_chunk(src, vb, sc, zeros, geo, g, c0, n):
     """Tiles ``c0 <= t < c0 + n`` of group ``g`` of one blocked image ``src``: per channel block and row
-    of tiles, the four padded input rows into ``sc``, then each tile's ``B^T d B`` into ``vb``
-    (``(16, ncbk, tg, VW)``: point, channel block, tile of the chunk, lane)."""
-    h, w, ph, pw, tw, el, m = geo[_H], geo[_W], geo[_PH], geo[_PW], geo[_TW], geo[_L], geo[_M]
+    of tiles, the ``m + r - 1`` padded input rows into ``sc``, then each tile's ``B^T d B`` into ``vb``
+    (``(npt, ncbk, tg, VW)``: point, channel block, tile of the chunk, lane)."""
+    h, w, ph, pw, tw, el, m, r = geo[_H], geo[_W], geo[_PH], geo[_PW], geo[_TW], geo[_L], geo[_M], geo[_R]
     ncbk, tg = geo[_NCBK], geo[_TG]
     row = el * VW
     vstride = ncbk * tg * VW
     for cbk in range(ncbk):
         xoff = (g * ncbk + cbk) * h * w * VW
         for ty in range(c0 // tw, (c0 + n - 1) // tw + 1):
-            for i in range(m + 2):
-                r = m * ty + i - ph
+            for i in range(m + r - 1):
+                y = m * ty + i - ph
                 so = i * row
                 for c in range(el):
                     col = c - pw
-                    if 0 <= r < h and 0 <= col < w:
-                        copy_vec(src, xoff + (r * w + col) * VW, sc, so + c * VW)
+                    if 0 <= y < h and 0 <= col < w:
+                        copy_vec(src, xoff + (y * w + col) * VW, sc, so + c * VW)
                     else:
                         copy_vec(zeros, 0, sc, so + c * VW)
             for tx in range(max(0, c0 - ty * tw), min(tw, c0 + n - ty * tw)):
-                if m == 4:
-                    wino4_in_tile(sc, 4 * tx * VW, row, vb, (cbk * tg + ty * tw + tx - c0) * VW, vstride)
+                dpos = (cbk * tg + ty * tw + tx - c0) * VW
+                if r == 5:
+                    wino4r5_in_tile(sc, 4 * tx * VW, row, vb, dpos, vstride)
+                elif m == 4:
+                    wino4_in_tile(sc, 4 * tx * VW, row, vb, dpos, vstride)
                 else:
-                    wino_in_tile(sc, 2 * tx * VW, row, vb, (cbk * tg + ty * tw + tx - c0) * VW, vstride)
+                    wino_in_tile(sc, 2 * tx * VW, row, vb, dpos, vstride)
+
+
+@jit
+def _out_tile(bf, mpos, s, bias, bpos, rb, has_res, relu, ob, dpos, rowstride, nx, ny, m, r):
+    """The output transform of F(m x m, r x r) (:func:`sparsecnn.kernels._simd.wino_out_tile` and its
+    siblings) for one tile of ``VW`` filters."""
+    if r == 5:
+        wino4r5_out_tile(bf, mpos, s, bias, bpos, rb, has_res, relu, ob, dpos, rowstride, nx, ny)
+    elif m == 4:
+        wino4_out_tile(bf, mpos, s, bias, bpos, rb, has_res, relu, ob, dpos, rowstride, nx, ny)
+    else:
+        wino_out_tile(bf, mpos, s, bias, bpos, rb, has_res, relu, ob, dpos, rowstride, nx, ny)
 
 
 @jit
 def _run_items(src, vb, u, offs, tpos, bias, ob, rb, has_res, relu, sc, zeros, bf, tmp, ini, geo, i0, i1,
                out_blocked):
     """Work items ``i0 <= item < i1`` (group, chunk of tiles, filter block; in that order) of one blocked
-    image ``src``: a chunk's transform into ``vb`` when the items reach it, then per item its 16 GEMMs
+    image ``src``: a chunk's transform into ``vb`` when the items reach it, then per item its npt GEMMs
     into ``bf`` and each tile's output transform into ``ob`` (+ ``rb`` with ``has_res``; ReLU with
     ``relu``)."""
-    ho, wo, tw, t, m = geo[_HO], geo[_WO], geo[_TW], geo[_T], geo[_M]
-    npt = (m + 2) * (m + 2)
+    ho, wo, tw, t, m, r = geo[_HO], geo[_WO], geo[_TW], geo[_T], geo[_M], geo[_R]
+    npt = (m + r - 1) * (m + r - 1)
     fg, nfb, tg, nchunk, s, cblk, cgp = geo[_FG], geo[_NFB], geo[_TG], geo[_NCHUNK], geo[_S], geo[_CBLKF], \
         geo[_CGP]
     plane = ho * wo
@@ -342,16 +384,10 @@ def _run_items(src, vb, u, offs, tpos, bias, ob, rb, has_res, relu, sc, zeros, b
                 first = g * fg + fb * CHAN_BLOCK + o * VW  # the vector's first output channel
                 mpos = j * CHAN_BLOCK + o * VW
                 if out_blocked:
-                    dpos = ((first // VW * ho + oy) * wo + ox) * VW
-                    if m == 4:
-                        wino4_out_tile(bf, mpos, s, bias, bpos, rb, has_res, relu, ob, dpos, wo * VW, nx, ny)
-                    else:
-                        wino_out_tile(bf, mpos, s, bias, bpos, rb, has_res, relu, ob, dpos, wo * VW, nx, ny)
+                    _out_tile(bf, mpos, s, bias, bpos, rb, has_res, relu, ob,
+                              ((first // VW * ho + oy) * wo + ox) * VW, wo * VW, nx, ny, m, r)
                 else:
-                    if m == 4:
-                        wino4_out_tile(bf, mpos, s, bias, bpos, tmp, False, False, tmp, 0, 4 * VW, 4, 4)
-                    else:
-                        wino_out_tile(bf, mpos, s, bias, bpos, tmp, False, False, tmp, 0, 2 * VW, 2, 2)
+                    _out_tile(bf, mpos, s, bias, bpos, tmp, False, False, tmp, 0, m * VW, m, m, m, r)
                     nl = min(VW, nf - o * VW)
                     for dy in range(ny):
                         for dx in range(nx):
@@ -416,7 +452,7 @@ _wino_kernel_serial = serial_twin(_wino_kernel)
 
 def winograd_conv2d(u: np.ndarray, ws: WinoWorkspace, x: np.ndarray, bias: np.ndarray, out: np.ndarray,
                     relu: bool, res: np.ndarray | None = None) -> None:
-    """``out = conv2d(x, W) + bias (+ res)`` (``relu(...)`` with ``relu``) for a 3x3 stride-1 layer.
+    """``out = conv2d(x, W) + bias (+ res)`` (``relu(...)`` with ``relu``) for a 3x3 or 5x5 stride-1 layer.
 
     Parameters
     ----------
