@@ -1,7 +1,7 @@
 """AlexNet's conv1 as Winograd over its space-to-depth input (``kernels/space_to_depth.py``) vs ``direct``.
 
 ``python -m benchmarks.strided_winograd [--threads 2] [--batches 1,32] [--profiles deep-compression,ssl]
-[--turns 7] [--by-image]`` prints, per batch:
+[--turns 7] [--no-by-image]`` prints, per batch:
 
 - the layer alone: AlexNet's conv1 with the profile's zeros, as ``lowered`` (the rearranged Winograd
   form where it applies), ``direct`` and torch dense, modules called on the same input;
@@ -11,9 +11,9 @@
   second), the ratio of the geometric means, and torch dense.
 
 Every output is checked against torch dense first; the engines are timed in interleaved turns
-(medians), so the ratios are within one process and one spell of the machine. ``--by-image`` turns on
-``implicit_gemm.S2D_BY_IMAGE`` (the form also where the threads split the images: batch 32), the A/B
-that decided it stays off there.
+(medians), so the ratios are within one process and one spell of the machine. ``--no-by-image`` turns
+off ``implicit_gemm.S2D_BY_IMAGE`` (the form also where the threads split the images: batch 32; on by
+default): the A/B that decided it.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--profiles", default="deep-compression,ssl")
     ap.add_argument("--turns", type=int, default=7, help="interleaved turns at batch 1 (a third above)")
-    ap.add_argument("--by-image", action="store_true",
-                    help="the form also where the threads split the images")
+    ap.add_argument("--no-by-image", dest="by_image", action="store_false",
+                    help="not the form where the threads split the images (S2D_BY_IMAGE off)")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     implicit_gemm.S2D_BY_IMAGE = args.by_image

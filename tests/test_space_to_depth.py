@@ -207,7 +207,7 @@ def test_compiled_stem_from_four_threads(monkeypatch) -> None:
 
 
 def test_switched_on_where_the_threads_split_the_images(rng, monkeypatch) -> None:
-    """``S2D_BY_IMAGE`` on (the A/B switch): each thread rearranges its own images inside the kernel."""
+    """``S2D_BY_IMAGE`` on (the default): each thread rearranges its own images inside the kernel."""
     monkeypatch.setattr(ig_mod, "S2D_BY_IMAGE", True)
     w = rng.standard_normal((32, 3, 11, 11)).astype(np.float32)
     w[rng.random(w.shape) < 0.16] = 0

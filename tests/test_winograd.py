@@ -89,17 +89,19 @@ def test_winograd_matches_torch(case, epilogue, rng, monkeypatch) -> None:
         np.testing.assert_array_equal(out2, out)
 
 
+@pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("case", CASES)
-def test_both_tile_sizes_match_torch(case, m, rng) -> None:
+def test_both_tile_sizes_match_torch(case, m, residual, rng) -> None:
     """F(2x2, 3x3) and F(4x4, 3x3) straight through the kernel's API, whichever the rule would pick:
-    4x4 output tiles half or three quarters outside small or odd planes."""
+    4x4 output tiles half or three quarters outside small or odd planes; without a residual a plain
+    output takes whole 4x4 tiles through the in-register transpose."""
     batch, cin, cout, (h, w_), padding, groups, in_b, out_b = case
     w = rng.standard_normal((cout, cin // groups, 3, 3)).astype(np.float32)
     bias = rng.standard_normal(cout).astype(np.float32)
     x = rng.standard_normal((batch, cin, h, w_)).astype(np.float32)
     out_shape = (batch, cout, h + 2 * padding[0] - 2, w_ + 2 * padding[1] - 2)
-    res = rng.standard_normal(out_shape).astype(np.float32)
+    res = rng.standard_normal(out_shape).astype(np.float32) if residual else np.zeros(out_shape, np.float32)
     ref = _reference(x, w, bias, padding, groups, True, res)
     ws = winograd_workspace(x.shape, w.shape, groups, padding, 2, batch >= 2, in_b, out_b, m=m)
     assert ws.m == m
@@ -108,7 +110,8 @@ def test_both_tile_sizes_match_torch(case, m, rng) -> None:
     rin = to_blocked_array(res) if out_b else res
     xin = to_blocked_array(x) if in_b else x
     winograd_conv2d(winograd_weights(w, groups, m), ws, xin.reshape(batch, -1),
-                    padded_bias(bias, cout, groups), outv.reshape(batch, -1), True, rin.reshape(batch, -1))
+                    padded_bias(bias, cout, groups), outv.reshape(batch, -1), True,
+                    rin.reshape(batch, -1) if residual else None)
     got = from_blocked_array(outv) if out_b else out
     assert_close(got, ref, rtol=1e-5 if m == 2 else 4e-5, what=f"F({m}x{m}, 3x3) {case}")
 
@@ -314,25 +317,27 @@ CASES5 = [
 ]
 
 
+@pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("case", CASES5)
-def test_5x5_matches_torch(case, rng) -> None:
-    """F(4x4, 5x5) straight through the kernel's API, with the bias, a residual and the ReLU."""
+def test_5x5_matches_torch(case, residual, rng) -> None:
+    """F(4x4, 5x5) straight through the kernel's API, with the bias, the ReLU and a residual or none
+    (a plain output's whole tiles then through the in-register transpose)."""
     batch, cin, cout, (h, w_), padding, groups, in_b, out_b = case
     w = rng.standard_normal((cout, cin // groups, 5, 5)).astype(np.float32)
     w[rng.random(w.shape) < 0.6] = 0  # Deep Compression's zeros: Winograd runs the dense weight
     bias = rng.standard_normal(cout).astype(np.float32)
     x = rng.standard_normal((batch, cin, h, w_)).astype(np.float32)
     out_shape = (batch, cout, h + 2 * padding[0] - 4, w_ + 2 * padding[1] - 4)
-    res = rng.standard_normal(out_shape).astype(np.float32)
+    res = rng.standard_normal(out_shape).astype(np.float32) if residual else None
     ref = _reference(x, w, bias, padding, groups, True, res)
     ws = winograd_workspace(x.shape, w.shape, groups, padding, 2, batch >= 2, in_b, out_b, m=4)
     assert (ws.m, ws.r) == (4, 5)
     out = np.full(ref.shape, np.nan, np.float32)
     outv = np.empty((batch, -(-cout // BLOCK), *ref.shape[2:], BLOCK), np.float32) if out_b else out
-    rin = to_blocked_array(res) if out_b else res
+    rin = None if res is None else (to_blocked_array(res) if out_b else res).reshape(batch, -1)
     xin = to_blocked_array(x) if in_b else x
     winograd_conv2d(winograd_weights(w, groups, 4), ws, xin.reshape(batch, -1),
-                    padded_bias(bias, cout, groups), outv.reshape(batch, -1), True, rin.reshape(batch, -1))
+                    padded_bias(bias, cout, groups), outv.reshape(batch, -1), True, rin)
     got = from_blocked_array(outv)[:, :cout] if out_b else out
     assert_close(got, ref, rtol=4e-5, what=f"F(4x4, 5x5) {case}")
 
@@ -408,3 +413,42 @@ def test_winograd_5x5_generated_geometry(cin_g, cout_g, groups, h, w_, ph, pw, b
         ws = prep.workspace(x.shape)
         assert isinstance(ws, WinoWorkspace) and ws.r == 5
     assert_close(out, ref, rtol=4e-5, what="winograd 5x5 generated")
+
+
+@pytest.mark.parametrize("r", [3, 5])
+def test_nan_through_the_transposed_store(r, rng) -> None:
+    """A NaN input through F(4x4, r x r) into a plain output (whole tiles go through the in-register
+    transpose): NaN at every output the dense convolution makes NaN (the ReLU keeps it), finite outside
+    the 4x4 tiles that read it, and 13 filters (a vector and 5 lanes) stored nowhere else."""
+    pad = r // 2
+    w = rng.standard_normal((13, 16, r, r)).astype(np.float32)
+    x = rng.standard_normal((1, 16, 24, 24)).astype(np.float32)
+    x[0, 3, 10, 13] = np.nan
+    ws = winograd_workspace(x.shape, w.shape, 1, (pad, pad), 2, False, m=4)
+    out = np.full((1, 13 * 24 * 24 + 64), 7.0, np.float32)  # past the planes: must stay 7
+    winograd_conv2d(winograd_weights(w, 1, 4), ws, x.reshape(1, -1), ws.zero_bias, out, True)
+    assert (out[0, 13 * 24 * 24:] == 7.0).all()
+    got = out[0, :13 * 24 * 24].reshape(1, 13, 24, 24)
+    ref = _reference(x, w, None, (pad, pad), 1, True, None)
+    assert np.isnan(got[np.isnan(ref)]).all()
+    rows = slice((10 - pad) // 4 * 4, (10 + pad) // 4 * 4 + 4)
+    cols = slice((13 - pad) // 4 * 4, (13 + pad) // 4 * 4 + 4)
+    inside = np.zeros((24, 24), bool)
+    inside[rows, cols] = True
+    assert np.isfinite(got[0][:, ~inside]).all()
+    assert_close(got[0][:, ~inside], ref[0][:, ~inside], rtol=4e-5, what="outside the NaN tiles")
+
+
+def test_5x5_compact_layers_keep_winograd_longer(rng, monkeypatch) -> None:
+    """An SSL-compact 5x5 layer that kept under half its columns x filters (AlexNet's conv2 under the ssl
+    profile: 0.46) still runs F(4x4, 5x5), which does 0.16 of the dense work; a 3x3 one that kept as
+    little runs its compact GEMM, and a 5x5 one that kept a fifth too."""
+    monkeypatch.setattr(ig_mod, "WINOGRAD", None)
+    for ksz, kept_cols, want in [(5, 0.46, 4), (3, 0.46, 0), (5, 0.2, 0)]:
+        w = rng.standard_normal((64, 16, ksz, ksz)).astype(np.float32)
+        k = 16 * ksz * ksz
+        kept = np.sort(rng.choice(k, int(kept_cols * k), replace=False))
+        data = np.ascontiguousarray(w.reshape(1, 64, k)[:, :, kept])
+        prep = prepare_implicit_gemm(data, np.arange(64)[None], kept[None], w.shape, 1, (1, 1),
+                                     (ksz // 2, ksz // 2), (1, 1))
+        assert ig_mod._use_winograd(prep, (1, 16, 28, 28)) == want, (ksz, kept_cols)

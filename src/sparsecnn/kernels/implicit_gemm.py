@@ -138,11 +138,12 @@ __all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2
 # Below this many multiply-adds per call a bound layer runs the serial twin (no parallel launch).
 _SERIAL_MACS = 1 << 16
 # Strided layers through Winograd over their space-to-depth input (kernels.space_to_depth) also where the
-# threads split the images (the A/B switch; off). AlexNet DC at batch 32, conv1 so against `direct`, same
-# plan, interleaved: the layer alone 1.01-1.45x, but the compiled model 0.98x (its step 1.05x, the steps
-# after it slower: lrn+maxpool 5.4 against 4.9 ms, conv2 45 against 40 ms) and 0.987x with the builds
-# balanced (`python -m benchmarks.strided_winograd --batches 32 --by-image`).
-S2D_BY_IMAGE = False
+# threads split the images (the A/B switch). AlexNet DC at batch 32, conv1 so against `direct`, same plan,
+# interleaved (`python -m benchmarks.strided_winograd --batches 32 --by-image`, builds balanced): first
+# the layer alone 1.01-1.45x but the compiled model 0.987x (off); once Winograd stored whole tiles into a
+# plain output by in-register transposes (9 of conv1's 31 ms had been scalar stores) the layer alone
+# 1.33x and the compiled model 1.082x (on).
+S2D_BY_IMAGE = True
 # Off: every layer walks all its columns per register tile (the A/B baseline of the channel blocks).
 BLOCKS = True
 # Register tiles per plane from which a stride-1 layer runs in channel blocks (see _build_workspace).
@@ -158,6 +159,10 @@ WINOGRAD: bool | None = None
 # multiply-adds (its kept columns x kept filters): Winograd does 16 / 36 (m = 2) or 36 / 144 (m = 4) of
 # them, in GEMMs about as fast per multiply-add as the channel form's, plus the transforms.
 _WINO_MIN_WORK = 0.55
+# ... and for 5x5 layers, where F(4x4, 5x5) does 64 / 400 of the dense multiply-adds: AlexNet's conv2
+# under the ssl profile keeps 0.46 (its compact GEMM 1.30 / 40.6 ms at batch 1 / 32, `direct` 1.11 /
+# 34.8, Winograd 0.74 / 22.0; 2 threads, interleaved).
+_WINO5_MIN_WORK = 0.3
 # ... and where a plane has at least this many output tiles (m = 4 where it has as many 4x4 tiles, else
 # 2x2): each transformed weight (16/9 of the layer's weights with m = 2, 4x with m = 4, from L3 in a
 # forward pass) serves every tile of a plane. On 7x7 planes (16 2x2 tiles) F(2x2) ran 0.8x the channel
@@ -506,8 +511,9 @@ def winograd_tile(kernel: tuple[int, int], stride: tuple[int, int], dilation: tu
     (:mod:`sparsecnn.kernels.winograd`), or 0 for none. Only 3x3 and 5x5, stride 1, no dilation;
     forced by ``WINOGRAD`` (True: 3x3 filters 4 where an output plane has at least ``_WINO_MIN_TILES``
     4x4 tiles, else 2; 5x5 filters 4), else where each group has at least a vector of input channels,
-    the kept columns x kept filters are at least ``_WINO_MIN_WORK`` of the dense layer's
-    (``kept_fraction``: SSL's compact layers with fewer run the implicit GEMM on what they kept), and
+    the kept columns x kept filters are at least ``_WINO_MIN_WORK`` (5x5 layers: ``_WINO5_MIN_WORK``)
+    of the dense layer's (``kept_fraction``: SSL's compact layers with fewer run the implicit GEMM on
+    what they kept), and
     an output plane has at least ``_WINO_MIN_TILES`` tiles: 3x3 filters 4 where it has as many 4x4
     tiles (56x56 and 28x28 planes), else 2; 5x5 filters 4 where it has as many 4x4 tiles (AlexNet's
     27x27: 49), else none. The planner's cost model asks it too."""
@@ -526,7 +532,8 @@ def winograd_tile(kernel: tuple[int, int], stride: tuple[int, int], dilation: tu
         m = 2
     else:
         return 0
-    return m if WINOGRAD or (cin_g >= VW and kept_fraction >= _WINO_MIN_WORK) else 0
+    least = _WINO5_MIN_WORK if tuple(kernel) == (5, 5) else _WINO_MIN_WORK
+    return m if WINOGRAD or (cin_g >= VW and kept_fraction >= least) else 0
 
 
 def _s2d(prep: ImplicitGemmPrep) -> tuple[int, int] | None:
@@ -540,9 +547,9 @@ def strided_winograd_tile(kernel: tuple[int, int], stride: tuple[int, int], dila
                           nparts: int) -> int:
     """The Winograd tile side ``m`` of a strided layer that rearranges into a 3x3 stride-1 one over its
     space-to-depth input (:mod:`sparsecnn.kernels.space_to_depth`), or 0: :func:`winograd_tile` of that
-    layer (``Cin * sh * sw`` channels), where the ``nparts`` threads share the ``batch``'s images
-    (where they split them, at batch 32, AlexNet's conv1 so ran 0.98x the ``direct`` kernel inside the
-    compiled model: ``S2D_BY_IMAGE``). The planner's cost model asks it too."""
+    layer (``Cin * sh * sw`` channels); where the ``nparts`` threads split the ``batch``'s images only
+    with ``S2D_BY_IMAGE`` (on: AlexNet's conv1 at batch 32 1.33x ``direct`` alone, the compiled model
+    1.08x). The planner's cost model asks it too."""
     s = s2d_stride(kernel, stride, dilation, groups)
     if s is None or (not S2D_BY_IMAGE and split_by_image(batch, nparts)):
         return 0

@@ -24,8 +24,9 @@ two thirds of the FMA rate (docs/engine.md); F(4x4, 5x5) does 0.17 of them (64 /
 plane as 7 x 7 tiles of 4 x 4) in dense GEMMs. Measured (2 threads, the layer alone, interleaved,
 medians): batch 1 0.70 ms against `direct`'s 1.08 and torch's 1.92 (2.74x torch), batch 32 23.4 ms
 against 34.2 and 61.1 (2.61x); F(3x3, 5x5) (7 x 7 tiles, 49 points per 9 outputs) 0.83 / 29.0 ms.
-Under the ``ssl`` profile the layer keeps too few columns x filters for the rule
-(:func:`sparsecnn.kernels.implicit_gemm.winograd_tile`) and runs its compact GEMM.
+Under the ``ssl`` profile (0.46 of its columns x filters kept, structured) the same form ran 0.74 /
+22.0 ms against the compact GEMM's 1.30 / 40.6 and `direct`'s 1.11 / 34.8, so the rule
+(:func:`sparsecnn.kernels.implicit_gemm.winograd_tile`) asks 5x5 layers to keep less than 3x3 ones.
 
 Layouts and loops (``VW`` channels in the vector lanes, as in :mod:`sparsecnn.kernels.blocked`):
 
@@ -49,7 +50,10 @@ Layouts and loops (``VW`` channels in the vector lanes, as in :mod:`sparsecnn.ke
 - the item's results gather in a thread buffer (``M``, in L2), then
   :func:`sparsecnn.kernels._simd.wino_out_tile` (``wino4_out_tile``) turns each tile back into its
   outputs with the bias, the residual and the ReLU: whole-vector stores into a channel-blocked
-  output, one scalar store per output into a plain one.
+  output; into a plain one, a whole 4 x 4 tile without a residual as rows of 4 floats per filter
+  (:func:`sparsecnn.kernels._simd.wino4_out_plain_tile`: the tile's vectors transposed in registers),
+  else one scalar store per output. On AlexNet's conv1 at batch 32 the scalar stores had cost 9 of
+  31 ms.
 
 Threads split the work items at small batches; with at least as many images as threads, each
 thread runs its own images (:func:`sparsecnn.kernels.conv.split_by_image`). At batch 32 each thread
@@ -86,8 +90,10 @@ from sparsecnn.kernels._simd import (
     tile_split,
     toom_cook,
     wino4_in_tile,
+    wino4_out_plain_tile,
     wino4_out_tile,
     wino4r5_in_tile,
+    wino4r5_out_plain_tile,
     wino4r5_out_tile,
     wino_in_tile,
     wino_out_tile,
@@ -386,7 +392,13 @@ def _run_items(src, vb, u, offs, tpos, bias, ob, rb, has_res, relu, sc, zeros, b
                 if out_blocked:
                     _out_tile(bf, mpos, s, bias, bpos, rb, has_res, relu, ob,
                               ((first // VW * ho + oy) * wo + ox) * VW, wo * VW, nx, ny, m, r)
-                else:
+                elif m == 4 and nx == 4 and ny == 4 and not has_res:  # transposed in registers
+                    d = first * plane + oy * wo + ox
+                    if r == 5:
+                        wino4r5_out_plain_tile(bf, mpos, s, bias, bpos, relu, ob, d, wo, plane, nf - o * VW)
+                    else:
+                        wino4_out_plain_tile(bf, mpos, s, bias, bpos, relu, ob, d, wo, plane, nf - o * VW)
+                else:  # through a scratch tile, one scalar store per output
                     _out_tile(bf, mpos, s, bias, bpos, tmp, False, False, tmp, 0, m * VW, m, m, m, r)
                     nl = min(VW, nf - o * VW)
                     for dy in range(ny):
