@@ -8,17 +8,17 @@ zero:
 
 .. math:: y[f, p, q] = \\sum_{c, b, d} \\sum_{a, e} x_{c,b,d}[p + a, q + e] \\, w[f, c, s_h a + b, s_w e + d]
 
-Where both sides give 3 taps (AlexNet's conv1: 11x11 stride 4, as 3x3 over 48 channels of 57x57
-phase planes; 5x5 stride 2; 9x9 stride 3) the ``lowered`` strategy runs the layer as Winograd F(m x m,
-3x3) (:mod:`sparsecnn.kernels.winograd`): the rearranged layer has 144 / 121 of conv1's multiply-adds
-(the zero taps), and F(4 x 4) does 36 of every 144 of those. Measured (Zen 4, 2 threads, AlexNet's
-conv1 with Deep Compression's 16% zeros, interleaved, ``python -m benchmarks.strided_winograd``): alone at batch 1 1.23-1.43x the ``direct``
-kernel (0.99 against 1.32 ms, torch 1.06); the whole compiled AlexNet with conv1 so against the same
-plan with conv1 ``direct``: 0.96-1.04x over nine runs of both profiles, no reliable gain. At batch 32
-(each thread its own images) the layer alone first ran 1.01-1.45x ``direct`` but the compiled model
-0.96-0.99x as fast with it; once the Winograd kernel stored whole tiles into a plain output through
-in-register transposes (scalar stores had cost 9 of the layer's 31 ms) the layer alone ran 1.33x and the
-compiled model 1.082x (``implicit_gemm.S2D_BY_IMAGE``, the A/B switch, now on).
+Where both sides give 3 taps (AlexNet's conv1: 11x11 stride 4, as 3x3 over 48 channels of 57x57 phase
+planes; 5x5 stride 2; 9x9 stride 3) the ``lowered`` strategy runs the layer as Winograd F(m x m, 3x3)
+(:mod:`sparsecnn.kernels.winograd`): the rearranged layer has 144 / 121 of conv1's multiply-adds (the
+zero taps), and F(4 x 4) does 36 of every 144 of those. Measured (Zen 4, 2 threads, AlexNet's conv1 with
+Deep Compression's 16% zeros, interleaved, ``python -m benchmarks.strided_winograd``): alone at batch 1
+1.23-1.43x the ``direct`` kernel (0.99 against 1.32 ms, torch 1.06); the whole compiled AlexNet with
+conv1 so against the same plan with conv1 ``direct``: 0.96-1.04x over nine runs of both profiles, no
+reliable gain. At batch 32 (each thread its own images) the layer alone first ran 1.01-1.45x ``direct``
+but the compiled model 0.96-0.99x as fast with it; once the Winograd kernel stored whole tiles into a
+plain output through in-register transposes (scalar stores had cost 9 of the layer's 31 ms) the layer
+alone ran 1.33x and the compiled model 1.082x (``implicit_gemm.S2D_BY_IMAGE``, the A/B switch, now on).
 
 :func:`rearrange_block` writes the rearranged input straight into the channel-blocked layout
 (:mod:`sparsecnn.kernels.blocked`) that the Winograd kernel reads, so the rearrangement replaces the
