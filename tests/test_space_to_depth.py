@@ -135,11 +135,13 @@ def test_strided_layer_through_winograd_matches_torch(case, epilogue, rng, monke
     assert_close(out2, ref, rtol=4e-5)
 
 
-def test_batches_the_threads_split_keep_the_implicit_gemm(rng) -> None:
-    """Where the threads split the images, a strided layer is not rearranged (inside the compiled
-    AlexNet at batch 32 it was slower than ``direct``); its output is the same."""
+def test_batches_the_threads_split_keep_the_implicit_gemm(rng, monkeypatch) -> None:
+    """With ``S2D_BY_IMAGE`` off, where the threads split the images a strided layer is not rearranged
+    (the A/B switch; on by default, where it is); its output is the same."""
     w = rng.standard_normal((32, 3, 11, 11)).astype(np.float32)
     prep = _prep(w, (4, 4), (0, 0))
+    assert ig_mod._use_winograd(prep, (4, 3, 99, 99), 2) == 4  # the default
+    monkeypatch.setattr(ig_mod, "S2D_BY_IMAGE", False)
     assert ig_mod._use_winograd(prep, (1, 3, 99, 99), 2) == 4
     assert ig_mod._use_winograd(prep, (4, 3, 99, 99), 2) == 0
     x = rng.standard_normal((4, 3, 99, 99)).astype(np.float32)
