@@ -48,8 +48,8 @@ __all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "DWB_NT", "DW_NV", "DW_ROWS", "EL
            "chan_tile",
            "clamp_vec", "code_ell_block", "code_ell_block2", "code_ell_block2_finite", "code_ell_block4",
            "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even", "copy_every3",
-           "copy_every4", "copy_vec", "copy_vec_act", "copy_vec_add", "dw_tile_3x3_s1", "dw_tile_3x3_s2",
-           "dw_tile_3x3_s2_plain", "dwb_tile", "dwb_tile3", "dwb_tile3s2", "fetch_add", "fmadd", "gemm_tile",
+           "copy_every4", "copy_quad", "copy_vec", "copy_vec_act", "copy_vec_add", "dw_tile_3x3_s1",
+           "dw_tile_3x3_s2", "dw_tile_3x3_s2_plain", "dwb_tile", "dwb_tile3", "dwb_tile3s2", "fetch_add", "fmadd", "gemm_tile",
            "group_tile", "max3_cols2", "max3_rows", "max_taps", "packed_words", "pair_tile", "prefetch",
            "prefetch_l2", "row_dot", "scatter_blocks", "span_tile", "span_tile8", "tile_split",
            "toom_cook", "wino4_in_tile", "wino4_out_plain_tile", "wino4_out_tile", "wino4r5_in_tile",
@@ -989,6 +989,25 @@ def copy_vec(typingctx, src, spos, dst, dpos):
         sp, dp = _copy_ptrs(context, builder, aty, src_, spos_, dst_, dpos_)
         v = builder.load(builder.bitcast(sp, _VEC.as_pointer()), align=4)
         builder.store(v, builder.bitcast(dp, _VEC.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def copy_quad(typingctx, src, spos, dst, dpos):
+    """``dst[dpos : dpos + 4] = src[spos : spos + 4]`` as one unaligned 4-float load and store (the
+    runs of 4 lanes that a stride-4 space-to-depth rearrangement takes from one input row,
+    :func:`sparsecnn.kernels.space_to_depth.rearrange_block`).
+    NOTE: no bounds checks: both arrays hold ``pos + 4`` elements; src and dst do not overlap."""
+    sig = types.void(src, types.intp, dst, types.intp)
+
+    def codegen(context, builder, signature, args):
+        src_, spos_, dst_, dpos_ = args
+        aty = signature.args
+        sp, dp = _copy_ptrs(context, builder, aty, src_, spos_, dst_, dpos_)
+        quad = ir.VectorType(_F32, 4).as_pointer()
+        builder.store(builder.load(builder.bitcast(sp, quad), align=4), builder.bitcast(dp, quad), align=4)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -33,7 +33,7 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import jit, pjit
-from sparsecnn.kernels._simd import VW
+from sparsecnn.kernels._simd import VW, copy_quad
 
 __all__ = ["rearrange_block", "rearrange_image", "s2d_channels", "s2d_geometry", "s2d_stride", "s2d_weight",
            "space_to_depth_blocked"]
@@ -118,7 +118,8 @@ def rearrange_block(src, dst, geo, cb):
     channels). Each position is one vector of ``VW`` lanes; where every lane's input lies inside the
     image (all but the border rows and columns) the lanes are plain loads at fixed offsets from the
     position's (``sw`` consecutive floats of ``VW / sw`` rows on AlexNet's conv1): AlexNet's conv1
-    input in 0.1 ms an image with a per-lane loop, 0.05 ms so (2 threads).
+    input in 0.1 ms an image with a per-lane loop, 0.05 ms so (2 threads); at stride 4 across, each
+    run of 4 lanes is one 4-float copy (:func:`sparsecnn.kernels._simd.copy_quad`).
     NOTE: src (C * H * W) one plain image; geo from :func:`s2d_geometry`."""
     c, h, w, sh, sw, ph, pw, hs, ws = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7], geo[8]
     nq = c * sh * sw
@@ -141,6 +142,12 @@ def rearrange_block(src, dst, geo, cb):
         bmin, bmax = min(bmin, bi[lane]), max(bmax, bi[lane])
         dmin, dmax = min(dmin, di[lane]), max(dmax, di[lane])
     # output columns k0 <= k < k1 (rows j0 <= j < j1) read inside the image in every lane
+    # runs of 4 lanes from 4 consecutive floats of one input row (stride 4 across, AlexNet's conv1): a
+    # position of such a block is VW / 4 four-float copies (copy_quad) instead of VW scalar ones
+    quads = full and sw == 4 and VW % 4 == 0
+    for lane in range(VW):
+        if quads and lane % 4 and off[lane] != off[lane - 1] + 1:
+            quads = False
     k0 = min(max(0, -(-(pw - dmin) // sw)), ws)
     k1 = max(min(ws, (w - 1 + pw - dmax) // sw + 1), k0)
     j0 = min(max(0, -(-(ph - bmin) // sh)), hs)
@@ -152,8 +159,12 @@ def rearrange_block(src, dst, geo, cb):
             o = row + k * VW
             if inner and k0 <= k < k1:
                 at = sh * j * w + sw * k
-                for lane in range(VW):
-                    dst[o + lane] = src[off[lane] + at]
+                if quads:
+                    for lane in range(0, VW, 4):
+                        copy_quad(src, off[lane] + at, dst, o + lane)
+                else:
+                    for lane in range(VW):
+                        dst[o + lane] = src[off[lane] + at]
             else:
                 for lane in range(VW):
                     v = np.float32(0.0)
