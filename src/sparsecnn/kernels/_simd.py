@@ -45,15 +45,14 @@ from sparsecnn.kernels._numba import jit
 __all__ = ["CHAN_BLOCK", "CHAN_NP", "CHAN_OB", "DWB_NT", "DW_NV", "DW_ROWS", "ELL_ROWS", "ELL_SLAB",
            "GEMM_MR", "GEMM_NV", "GROUP_F", "GROUP_NV", "GROUP_PATTERNS", "HAS_TABLE32", "NV_MAX", "NV_MAX8",
            "NV_PAIR", "RW", "SPLIT_MAX", "TABLE", "VW", "WINO_AT", "WINO_BT", "WINO_POINTS", "add_vec_act",
-           "chan_tile",
-           "clamp_vec", "code_ell_block", "code_ell_block2", "code_ell_block2_finite", "code_ell_block4",
-           "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even", "copy_every3",
-           "copy_every4", "copy_quad", "copy_vec", "copy_vec_act", "copy_vec_add", "dw_tile_3x3_s1",
-           "dw_tile_3x3_s2", "dw_tile_3x3_s2_plain", "dwb_tile", "dwb_tile3", "dwb_tile3s2", "fetch_add", "fmadd", "gemm_tile",
-           "group_tile", "max3_cols2", "max3_rows", "max_taps", "packed_words", "pair_tile", "prefetch",
-           "prefetch_l2", "row_dot", "scatter_blocks", "span_tile", "span_tile8", "tile_split",
-           "toom_cook", "wino4_in_tile", "wino4_out_plain_tile", "wino4_out_tile", "wino4r5_in_tile",
-           "wino4r5_out_plain_tile", "wino4r5_out_tile", "wino_in_tile", "wino_out_tile"]
+           "chan_tile", "clamp_vec", "code_ell_block", "code_ell_block2", "code_ell_block2_finite",
+           "code_ell_block4", "code_ell_block4_finite", "code_row_dot", "code_row_dot32", "copy_even",
+           "copy_every3", "copy_every4", "copy_quad", "copy_vec", "copy_vec_act", "copy_vec_add",
+           "dw_tile_3x3_s1", "dw_tile_3x3_s2", "dw_tile_3x3_s2_plain", "dwb_tile", "dwb_tile3", "dwb_tile3s2",
+           "fetch_add", "fmadd", "gemm_tile", "group_tile", "max3_cols2", "max3_rows", "max_taps",
+           "packed_words", "pair_tile", "prefetch", "prefetch_l2", "row_dot", "scatter_blocks", "span_tile",
+           "span_tile8", "tile_split", "toom_cook", "wino4_in_tile", "wino4_out_plain_tile", "wino4_out_tile",
+           "wino4r5_in_tile", "wino4r5_out_plain_tile", "wino4r5_out_tile", "wino_in_tile", "wino_out_tile"]
 
 RW = 8  # lanes of the gathering row kernels (row_dot, code_row_dot: sums in 8 chains), scatter_blocks
 
