@@ -239,11 +239,18 @@ def test_compact_weights_run_as_their_dense_weight(rng, monkeypatch) -> None:
        w_=st.integers(1, 19), ph=st.integers(0, 2), pw=st.integers(0, 2), batch=st.sampled_from([1, 2, 3, 5]),
        relu=st.booleans(), seed=st.integers(0, 2**16))
 def test_winograd_generated_geometry(cin_g, cout_g, groups, h, w_, ph, pw, batch, relu, seed) -> None:
-    if h + 2 * ph < 3 or w_ + 2 * pw < 3:
+    _check_generated(3, 0.3, 1e-5, cin_g, cout_g, groups, (h, w_), (ph, pw), batch, relu, seed)
+
+
+def _check_generated(ksz, zeros, rtol, cin_g, cout_g, groups, hw, padding, batch, relu, seed) -> None:
+    """A ``ksz x ksz`` layer with a ``zeros`` share of zero weights forced through Winograd (F(m x m,
+    ksz x ksz)) equals torch."""
+    (h, w_), (ph, pw) = hw, padding
+    if h + 2 * ph < ksz or w_ + 2 * pw < ksz:
         return  # no output
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((cout_g * groups, cin_g, 3, 3)).astype(np.float32)
-    w[rng.random(w.shape) < 0.3] = 0
+    w = rng.standard_normal((cout_g * groups, cin_g, ksz, ksz)).astype(np.float32)
+    w[rng.random(w.shape) < zeros] = 0
     x = rng.standard_normal((batch, cin_g * groups, h, w_)).astype(np.float32)
     bias = rng.standard_normal(cout_g * groups).astype(np.float32)
     ref = _reference(x, w, bias, (ph, pw), groups, relu, None)
@@ -252,22 +259,25 @@ def test_winograd_generated_geometry(cin_g, cout_g, groups, h, w_, ph, pw, batch
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ig_mod, "WINOGRAD", True)
         implicit_gemm_conv2d(prep, x, bias, out, relu=relu)
-        assert isinstance(prep.workspace(x.shape), WinoWorkspace)
-    assert_close(out, ref, rtol=1e-5, what="winograd generated")
+        ws = prep.workspace(x.shape)
+        assert isinstance(ws, WinoWorkspace) and ws.r == ksz
+    assert_close(out, ref, rtol=rtol, what=f"winograd {ksz}x{ksz} generated")
 
 
 class _WinoNet(torch.nn.Module):
-    """3x3 stride-1 layers on planes of F(4x4) (24x24) and F(2x2) (12x12) size, a residual add, a pool."""
+    """A 5x5 layer (F(4x4, 5x5)) and 3x3 stride-1 layers on planes of F(4x4) (24x24) and F(2x2) (12x12)
+    size, a residual add, a pool."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.c0 = torch.nn.Conv2d(16, 16, 5, padding=2)
         self.c1 = torch.nn.Conv2d(16, 32, 3, padding=1)
         self.c2 = torch.nn.Conv2d(32, 32, 3, padding=1)
         self.c3 = torch.nn.Conv2d(32, 32, 3, padding=1)
         self.fc = torch.nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.c1(x))
+        y = torch.relu(self.c1(torch.relu(self.c0(x))))
         y = torch.relu(self.c2(y) + y)
         y = torch.relu(self.c3(F.max_pool2d(y, 2)))
         return self.fc(y.mean(dim=(2, 3)))
@@ -275,8 +285,8 @@ class _WinoNet(torch.nn.Module):
 
 @pytest.mark.parametrize("layout", ["plain", "blocked"])
 def test_winograd_model_from_four_threads(layout, monkeypatch) -> None:
-    """A compiled model whose 3x3 layers run Winograd (both tile sizes) called from 4 threads on mixed
-    input shapes: every thread its own transform buffers, every output the dense model's."""
+    """A compiled model whose 5x5 and 3x3 layers run Winograd (every form) called from 4 threads on
+    mixed input shapes: every thread its own transform buffers, every output the dense model's."""
     import sparsecnn
     from sparsecnn.kernels import winograd as wino_mod
     from tests.threads import call_from_threads
@@ -285,7 +295,7 @@ def test_winograd_model_from_four_threads(layout, monkeypatch) -> None:
     real = ig_mod.winograd_conv2d
 
     def counted(u, ws, *args, **kw):
-        calls.append(ws.m)
+        calls.append((ws.m, ws.r))
         return real(u, ws, *args, **kw)
 
     monkeypatch.setattr(ig_mod, "winograd_conv2d", counted)
@@ -300,7 +310,7 @@ def test_winograd_model_from_four_threads(layout, monkeypatch) -> None:
         refs = [model(x) for x in inputs]
     calls.clear()
     out = call_from_threads(compiled, inputs, 4)
-    assert {2, 4} <= set(calls), "both tile sizes ran"
+    assert {(2, 3), (4, 3), (4, 5)} <= set(calls), "every form ran"
     bad = [i for i, (y, r) in enumerate(zip(out, refs, strict=True))
            if y is None or float((y - r).abs().max()) > 1e-4 * float(r.abs().max())]
     assert not bad, f"{len(bad)} of {len(refs)} outputs wrong"
@@ -397,22 +407,7 @@ def test_toom_cook_tables() -> None:
        w_=st.integers(1, 21), ph=st.integers(0, 2), pw=st.integers(0, 2), batch=st.sampled_from([1, 3]),
        relu=st.booleans(), seed=st.integers(0, 2**16))
 def test_winograd_5x5_generated_geometry(cin_g, cout_g, groups, h, w_, ph, pw, batch, relu, seed) -> None:
-    if h + 2 * ph < 5 or w_ + 2 * pw < 5:
-        return  # no output
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((cout_g * groups, cin_g, 5, 5)).astype(np.float32)
-    w[rng.random(w.shape) < 0.5] = 0
-    x = rng.standard_normal((batch, cin_g * groups, h, w_)).astype(np.float32)
-    bias = rng.standard_normal(cout_g * groups).astype(np.float32)
-    ref = _reference(x, w, bias, (ph, pw), groups, relu, None)
-    prep = _prep(w, groups, (ph, pw))
-    out = np.full(ref.shape, np.nan, np.float32)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ig_mod, "WINOGRAD", True)
-        implicit_gemm_conv2d(prep, x, bias, out, relu=relu)
-        ws = prep.workspace(x.shape)
-        assert isinstance(ws, WinoWorkspace) and ws.r == 5
-    assert_close(out, ref, rtol=4e-5, what="winograd 5x5 generated")
+    _check_generated(5, 0.5, 4e-5, cin_g, cout_g, groups, (h, w_), (ph, pw), batch, relu, seed)
 
 
 @pytest.mark.parametrize("r", [3, 5])

@@ -1746,8 +1746,8 @@ wino4_out_plain_tile.__doc__ = """:func:`wino4_out_tile` for a whole 4 x 4 tile 
 a residual: ``Y = A^T M A + bias`` (``max(Y, 0)``, NaN kept, with ``relu``), the 16 position vectors
 turned into the filters' rows by in-register transposes of ``VW x VW`` (:func:`_transpose`), then
 filter ``f < nl`` of the vector's ``VW``, row ``dy``, stored as 4 floats at ``dst[dpos + f * plane + dy *
-rowstride]``. Replaces 16 x VW scalar stores through a scratch tile (AlexNet's conv1 at batch 32, 96
-filters on 55x55 planes: 31.2 -> 22.0 ms with a blocked output, the bound this approaches).
+rowstride]``. Replaces 16 x VW scalar stores through a scratch tile: AlexNet's conv1 at batch 32 (96
+filters on 55x55 planes, scratch timing, 2 threads) 31.2 -> 24.6 ms; into a blocked output 22.0.
 NOTE: no bounds checks, as for :func:`wino_out_tile`."""
 wino4r5_out_plain_tile = _wino_out_plain(4, 5)
 wino4r5_out_plain_tile.__doc__ = """:func:`wino4_out_plain_tile` for F(4x4, 5x5) (``WINO_AT[4, 5]``)."""

@@ -142,7 +142,7 @@ _SERIAL_MACS = 1 << 16
 # interleaved (`python -m benchmarks.strided_winograd --batches 32 --by-image`, builds balanced): first
 # the layer alone 1.01-1.45x but the compiled model 0.987x (off); once Winograd stored whole tiles into a
 # plain output by in-register transposes (9 of conv1's 31 ms had been scalar stores) the layer alone
-# 1.33x and the compiled model 1.082x (on).
+# 1.20-1.33x and the compiled model 1.082-1.090x in three runs (on).
 S2D_BY_IMAGE = True
 # Off: every layer walks all its columns per register tile (the A/B baseline of the channel blocks).
 BLOCKS = True

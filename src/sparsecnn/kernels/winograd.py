@@ -21,9 +21,11 @@ come out NaN.
 **5x5 layers.** AlexNet's conv2 (96 -> 256 in two groups, 27x27) keeps 38% of its weights under
 Deep Compression, so the sparse ``direct`` kernel does 0.38 of the dense multiply-adds, at about
 two thirds of the FMA rate (docs/engine.md); F(4x4, 5x5) does 0.17 of them (64 / 400, the 27x27
-plane as 7 x 7 tiles of 4 x 4) in dense GEMMs. Measured (2 threads, the layer alone, interleaved,
-medians): batch 1 0.70 ms against `direct`'s 1.08 and torch's 1.92 (2.74x torch), batch 32 23.4 ms
-against 34.2 and 61.1 (2.61x); F(3x3, 5x5) (7 x 7 tiles, 49 points per 9 outputs) 0.83 / 29.0 ms.
+plane as 7 x 7 tiles of 4 x 4) in dense GEMMs. Measured (``python -m benchmarks.strided_winograd
+--layers conv2``, 2 threads, the layer alone, interleaved, medians): batch 1 0.655 ms against
+`direct`'s 1.073 and torch's 1.912 (2.92x torch), batch 32 22.2 ms against 34.9 and 62.0 (2.79x);
+F(3x3, 5x5) (7 x 7 tiles, 49 points per 9 outputs; a scratch A/B before the plain stores were
+transposed) 0.84x / 0.81x as fast.
 Under the ``ssl`` profile (0.46 of its columns x filters kept, structured) the same form ran 0.74 /
 22.0 ms against the compact GEMM's 1.30 / 40.6 and `direct`'s 1.11 / 34.8, so the rule
 (:func:`sparsecnn.kernels.implicit_gemm.winograd_tile`) asks 5x5 layers to keep less than 3x3 ones.
