@@ -77,7 +77,7 @@ _PLAN_VERSION = 1  # of Plan.save's JSON
 # 25: `lowered` runs strided layers that rearrange into 3x3 stride-1 ones (AlexNet's conv1) as Winograd
 #     over their space-to-depth input at batch 1 (kernels.space_to_depth);
 # 26: and dense-enough 5x5 stride-1 layers as Winograd F(4x4, 5x5) (AlexNet's conv2 under Deep
-#     Compression: 1.5x `direct`); Winograd's plain stores transposed in registers, and the strided
+#     Compression: 1.6x `direct`); Winograd's plain stores transposed in registers, and the strided
 #     layers' form at every batch (AlexNet's conv1 at batch 32 1.33x `direct`).
 _CACHE_VERSION = 26
 # A sparse strategy must beat torch by this fraction to be chosen (measured or estimated): issue 7's

@@ -68,7 +68,7 @@ tiles runs F(m x m, r x r) on its dense weight instead (:func:`winograd_tile`: 3
 either layout: 1.4-1.8x the channel form on dense ResNet layers (the measurements are in that module
 and docs/engine.md, "fourteenth"). A 5x5 layer that Deep Compression left 38% dense (AlexNet's conv2)
 does fewer multiply-adds this way (64 / 400) than the sparse kernels (0.38), so `lowered` is the
-planner's choice there (1.5x `direct`).
+planner's choice there (the layer alone 1.6x `direct`).
 """
 
 from __future__ import annotations
@@ -139,10 +139,10 @@ __all__ = ["ImplicitGemmPrep", "bind_implicit_gemm_conv2d", "implicit_gemm_conv2
 _SERIAL_MACS = 1 << 16
 # Strided layers through Winograd over their space-to-depth input (kernels.space_to_depth) also where the
 # threads split the images (the A/B switch). AlexNet DC at batch 32, conv1 so against `direct`, same plan,
-# interleaved (`python -m benchmarks.strided_winograd --batches 32 --by-image`, builds balanced): first
-# the layer alone 1.01-1.45x but the compiled model 0.987x (off); once Winograd stored whole tiles into a
-# plain output by in-register transposes (9 of conv1's 31 ms had been scalar stores) the layer alone
-# 1.20-1.33x and the compiled model 1.082-1.090x in three runs (on).
+# interleaved (`python -m benchmarks.strided_winograd --batches 32`, builds balanced; `--no-by-image` turns
+# it off): first the layer alone 1.01-1.45x but the compiled model 0.987x (off); once Winograd stored
+# whole tiles into a plain output by in-register transposes (9 of conv1's 31 ms had been scalar stores)
+# the layer alone 1.20-1.33x and the compiled model 1.082-1.090x in three runs (on).
 S2D_BY_IMAGE = True
 # Off: every layer walks all its columns per register tile (the A/B baseline of the channel blocks).
 BLOCKS = True

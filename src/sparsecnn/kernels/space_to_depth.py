@@ -141,13 +141,13 @@ def rearrange_block(src, dst, geo, cb):
         off[lane] = (ci[lane] * h + bi[lane] - ph) * w + di[lane] - pw
         bmin, bmax = min(bmin, bi[lane]), max(bmax, bi[lane])
         dmin, dmax = min(dmin, di[lane]), max(dmax, di[lane])
-    # output columns k0 <= k < k1 (rows j0 <= j < j1) read inside the image in every lane
     # runs of 4 lanes from 4 consecutive floats of one input row (stride 4 across, AlexNet's conv1): a
     # position of such a block is VW / 4 four-float copies (copy_quad) instead of VW scalar ones
     quads = full and sw == 4 and VW % 4 == 0
     for lane in range(VW):
         if quads and lane % 4 and off[lane] != off[lane - 1] + 1:
             quads = False
+    # output columns k0 <= k < k1 (rows j0 <= j < j1) read inside the image in every lane
     k0 = min(max(0, -(-(pw - dmin) // sw)), ws)
     k1 = max(min(ws, (w - 1 + pw - dmax) // sw + 1), k0)
     j0 = min(max(0, -(-(ph - bmin) // sh)), hs)
