@@ -434,6 +434,30 @@ def test_nan_through_the_transposed_store(r, rng) -> None:
     assert_close(got[0][:, ~inside], ref[0][:, ~inside], rtol=4e-5, what="outside the NaN tiles")
 
 
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize(("r", "hw"), [(3, (22, 23)), (5, (21, 25)), (3, (3, 2))])
+def test_partial_tiles_through_the_transposed_store(r, hw, residual, rng) -> None:
+    """F(4x4, r x r) into a plain output whose last row and column of tiles are partly outside the
+    plane (1, 2 or 3 rows / columns inside), with a residual or none: the transposed rows stored as
+    runs of 4, 2 and 1 floats. Equal to torch; 13 filters (a vector and 5 lanes), and nothing written
+    past the planes (a sentinel there stays)."""
+    pad = r // 2
+    h, w_ = hw
+    w = rng.standard_normal((13, 16, r, r)).astype(np.float32)
+    bias = rng.standard_normal(13).astype(np.float32)
+    x = rng.standard_normal((2, 16, h, w_)).astype(np.float32)
+    n = 13 * h * w_
+    res = rng.standard_normal((2, 13, h, w_)).astype(np.float32) if residual else None
+    ref = _reference(x, w, bias, (pad, pad), 1, True, res)
+    ws = winograd_workspace(x.shape, w.shape, 1, (pad, pad), 2, False, m=4)
+    out = np.full((2, n + 64), 7.0, np.float32)
+    resv = None if res is None else np.concatenate([res.reshape(2, n), np.zeros((2, 64), np.float32)], 1)
+    winograd_conv2d(winograd_weights(w, 1, 4), ws, x.reshape(2, -1), padded_bias(bias, 13, 1), out, True,
+                    resv)
+    assert (out[:, n:] == 7.0).all()
+    assert_close(out[:, :n].reshape(ref.shape), ref, rtol=4e-5, what=f"F(4x4, {r}x{r}) {hw} res {residual}")
+
+
 def test_5x5_compact_layers_keep_winograd_longer(rng, monkeypatch) -> None:
     """An SSL-compact 5x5 layer that kept under half its columns x filters (AlexNet's conv2 under the ssl
     profile: 0.46) still runs F(4x4, 5x5), which does 0.16 of the dense work; a 3x3 one that kept as

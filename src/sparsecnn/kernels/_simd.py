@@ -1668,41 +1668,106 @@ def _transpose(builder, vecs):
     return v
 
 
+# The row pieces of a partial tile's store: output columns dx < nx as (first lane, width) runs of 4, 2
+# and 1 floats (no masked stores: AVX2's vmaskmovps is slow on AMD cores).
+_ROW_PIECES = {1: ((0, 1),), 2: ((0, 2),), 3: ((0, 2), (2, 1)), 4: ((0, 4),)}
+
+
+def _plain_rows_whole(builder, ys, relu, dp, plane, rows, nl, m):
+    """A whole ``m x m`` tile's ``ys`` (a filter per lane) into a plain output: the ReLU on the
+    vectors, ``VW x VW`` transposes, each filter's rows stored as ``m``-float vectors."""
+    rowty = ir.VectorType(_F32, m).as_pointer()
+    ys = [_relu(builder, y, relu) for y in ys]
+    for blk in range(m * m // VW):  # VW positions (VW / m rows of the tile) at a time
+        per_f = _transpose(builder, ys[blk * VW:(blk + 1) * VW])  # VW positions per filter
+        for f in range(VW):
+            with builder.if_then(builder.icmp_signed(">", nl, ir.Constant(_I64, f))):
+                for q in range(VW // m):
+                    row = builder.shuffle_vector(per_f[f], per_f[f], ir.Constant(
+                        ir.VectorType(_I32, m), list(range(q * m, q * m + m))))
+                    off = builder.add(builder.mul(plane, ir.Constant(_I64, f)),
+                                      builder.mul(rows, ir.Constant(_I64, blk * (VW // m) + q)))
+                    builder.store(row, builder.bitcast(builder.gep(dp, [off], inbounds=True), rowty), align=4)
+
+
+def _plain_row_part(builder, src, d, rs, nx, has_res, relu):
+    """The first ``nx`` (a constant) floats of a row at ``src`` (+ the residual's at ``rs`` where
+    ``has_res``), the ReLU, stored at ``d``: runs of 4, 2 and 1 floats."""
+    for o, w in _ROW_PIECES[nx]:
+        vty = ir.VectorType(_F32, w).as_pointer()
+        at = ir.Constant(_I64, o)
+        v = builder.load(builder.bitcast(builder.gep(src, [at], inbounds=True), vty), align=4)
+        before = builder.block
+        with builder.if_then(has_res):
+            vr = builder.fadd(v, builder.load(builder.bitcast(builder.gep(rs, [at], inbounds=True), vty),
+                                              align=4))
+            added = builder.block
+        phi = builder.phi(v.type)
+        phi.add_incoming(vr, added)
+        phi.add_incoming(v, before)
+        builder.store(_relu(builder, phi, relu), builder.bitcast(builder.gep(d, [at], inbounds=True), vty),
+                      align=4)
+
+
+def _plain_rows_partial(builder, ys, relu, has_res, dp, rp, plane, rows, nl, nx, ny, m):
+    """An ``m x m`` tile's ``ys`` into a plain output where only ``nx x ny`` of it is inside the plane
+    or a residual is added: the transposed rows into a stack scratch, then each filter's ``ny`` rows
+    through :func:`_plain_row_part` (a switch on ``nx``)."""
+    tp = builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(_F32, VW * m * m)), _F32.as_pointer())
+    for blk in range(m * m // VW):
+        per_f = _transpose(builder, ys[blk * VW:(blk + 1) * VW])
+        for f in range(VW):
+            builder.store(per_f[f], _vec_at(builder, tp, ir.Constant(_I64, f * m * m + blk * VW)), align=4)
+    with cgutils.for_range(builder, nl) as floop, cgutils.for_range(builder, ny) as yloop:
+        f, dy = floop.index, yloop.index
+        src = builder.gep(tp, [builder.add(builder.mul(f, ir.Constant(_I64, m * m)),
+                                           builder.mul(dy, ir.Constant(_I64, m)))], inbounds=True)
+        off = builder.add(builder.mul(plane, f), builder.mul(rows, dy))
+        d, rs = builder.gep(dp, [off], inbounds=True), builder.gep(rp, [off], inbounds=True)
+        done = builder.append_basic_block("wino_out_plain.row_done")
+        switch = builder.switch(nx, done)
+        for n in range(1, m + 1):
+            block = builder.append_basic_block(f"wino_out_plain.nx{n}")
+            switch.add_case(ir.Constant(_I64, n), block)
+            builder.position_at_end(block)
+            _plain_row_part(builder, src, d, rs, n, has_res, relu)
+            builder.branch(done)
+        builder.position_at_end(done)
+
+
 def _wino_out_plain(m: int, r: int):
     at_ = WINO_AT[m, r]
     p = m + r - 1
-    assert (m * m) % VW == 0 and VW % m == 0
+    assert (m * m) % VW == 0 and VW % m == 0 and m in _ROW_PIECES
 
-    def typer(typingctx, mm, mpos, mstride, bias, bpos, relu, dst, dpos, rowstride, plane, nl):
+    def typer(typingctx, mm, mpos, mstride, bias, bpos, relu, dst, dpos, rowstride, plane, nl, nx, ny, res,
+              has_res):
         sig = types.void(mm, types.intp, types.intp, bias, types.intp, types.boolean, dst, types.intp,
-                         types.intp, types.intp, types.intp)
+                         types.intp, types.intp, types.intp, types.intp, types.intp, res, types.boolean)
 
         def codegen(context, builder, signature, args):
-            m_, mpos_, ms_, b_, bpos_, relu_, d_, dpos_, rows_, plane_, nl_ = args
+            m_, mpos_, ms_, b_, bpos_, relu_, d_, dpos_, rows_, plane_, nl_, nx_, ny_, r_, hres_ = args
             aty = signature.args
             mp = builder.gep(_data_ptr(context, builder, aty[0], m_), [mpos_], inbounds=True)
             bp = builder.gep(_data_ptr(context, builder, aty[3], b_), [bpos_], inbounds=True)
             dp = builder.gep(_data_ptr(context, builder, aty[6], d_), [dpos_], inbounds=True)
+            rp = builder.gep(_data_ptr(context, builder, aty[13], r_), [dpos_], inbounds=True)
             relu = _as_i1(context, builder, relu_, aty[5])
+            has_res = _as_i1(context, builder, hres_, aty[14])
             pts = [[builder.load(_vec_at(builder, mp, builder.mul(ms_, ir.Constant(_I64, p * i + j))),
                                  align=4) for j in range(p)] for i in range(p)]
             s = [[_lincomb(builder, row, [pts[k][j] for k in range(p)]) for j in range(p)] for row in at_]
             bv = builder.load(_vec_at(builder, bp, ir.Constant(_I64, 0)), align=4)
-            ys = [_relu(builder, builder.fadd(_lincomb(builder, row, s[dy]), bv), relu)
+            ys = [builder.fadd(_lincomb(builder, row, s[dy]), bv)
                   for dy in range(m) for row in at_]  # position dy * m + dx, a filter per lane
-            rowty = ir.VectorType(_F32, m).as_pointer()
-            for blk in range(m * m // VW):  # VW positions (VW / m rows of the tile) at a time
-                per_f = _transpose(builder, ys[blk * VW:(blk + 1) * VW])  # VW positions per filter
-                for f in range(VW):
-                    with builder.if_then(builder.icmp_signed(">", nl_, ir.Constant(_I64, f))):
-                        for q in range(VW // m):
-                            dy = blk * (VW // m) + q
-                            row = builder.shuffle_vector(per_f[f], per_f[f], ir.Constant(
-                                ir.VectorType(_I32, m), list(range(q * m, q * m + m))))
-                            off = builder.add(builder.mul(plane_, ir.Constant(_I64, f)),
-                                              builder.mul(rows_, ir.Constant(_I64, dy)))
-                            builder.store(row, builder.bitcast(builder.gep(dp, [off], inbounds=True), rowty),
-                                          align=4)
+            whole = builder.and_(builder.and_(builder.icmp_signed("==", nx_, ir.Constant(_I64, m)),
+                                              builder.icmp_signed("==", ny_, ir.Constant(_I64, m))),
+                                 builder.not_(has_res))
+            with builder.if_else(whole, likely=True) as (then, otherwise):
+                with then:
+                    _plain_rows_whole(builder, ys, relu, dp, plane_, rows_, nl_, m)
+                with otherwise:
+                    _plain_rows_partial(builder, ys, relu, has_res, dp, rp, plane_, rows_, nl_, nx_, ny_, m)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -1742,13 +1807,19 @@ wino4r5_out_tile = _wino_out(4, 5)
 wino4r5_out_tile.__doc__ = """:func:`wino_out_tile` for F(4x4, 5x5): 64 points into 4 x 4 outputs
 (``WINO_AT[4, 5]``), ``nx, ny <= 4``."""
 wino4_out_plain_tile = _wino_out_plain(4, 3)
-wino4_out_plain_tile.__doc__ = """:func:`wino4_out_tile` for a whole 4 x 4 tile into a plain output, without
-a residual: ``Y = A^T M A + bias`` (``max(Y, 0)``, NaN kept, with ``relu``), the 16 position vectors
-turned into the filters' rows by in-register transposes of ``VW x VW`` (:func:`_transpose`), then
-filter ``f < nl`` of the vector's ``VW``, row ``dy``, stored as 4 floats at ``dst[dpos + f * plane + dy *
-rowstride]``. Replaces 16 x VW scalar stores through a scratch tile: AlexNet's conv1 at batch 32 (96
-filters on 55x55 planes, scratch timing, 2 threads) 31.2 -> 24.6 ms; into a blocked output 22.0.
-NOTE: no bounds checks, as for :func:`wino_out_tile`."""
+wino4_out_plain_tile.__doc__ = """:func:`wino4_out_tile` for a 4 x 4 tile into a plain output: ``Y = A^T M A +
+bias`` (+ ``res`` at the same place with ``has_res``; ``max(Y, 0)``, NaN kept, with ``relu``), the 16 position
+vectors turned into the filters' rows by in-register transposes of ``VW x VW`` (:func:`_transpose`), then
+filter ``f < nl`` of the vector's ``VW``, row ``dy < ny``, stored as ``nx`` floats at ``dst[dpos + f * plane +
+dy * rowstride]`` (``nx, ny <= 4``). A whole tile without a residual stores its rows straight from the
+registers; a partial one (the plane's last row and column of tiles) or one with a residual goes through a
+stack scratch of the transposed rows, each row as runs of 4, 2 and 1 floats (``_ROW_PIECES``). Replaces 16
+x VW scalar stores through a scratch tile: AlexNet's conv1 at batch 32 (96 filters on 55x55 planes, scratch
+timing, 2 threads) 31.2 -> 24.6 ms with whole tiles only (into a blocked output 22.0); the partial tiles
+too (10% of conv1's outputs, 21% of conv2's), in-process A/B: conv1 1.02-1.03x at batch 1, 1.00-1.02x at
+32, conv2 0.99-1.00x / 1.03x.
+NOTE: no bounds checks, as for :func:`wino_out_tile`; ``res`` (``dst`` itself for none) is read only with
+``has_res``."""
 wino4r5_out_plain_tile = _wino_out_plain(4, 5)
 wino4r5_out_plain_tile.__doc__ = """:func:`wino4_out_plain_tile` for F(4x4, 5x5) (``WINO_AT[4, 5]``)."""
 

@@ -52,10 +52,10 @@ Layouts and loops (``VW`` channels in the vector lanes, as in :mod:`sparsecnn.ke
 - the item's results gather in a thread buffer (``M``, in L2), then
   :func:`sparsecnn.kernels._simd.wino_out_tile` (``wino4_out_tile``) turns each tile back into its
   outputs with the bias, the residual and the ReLU: whole-vector stores into a channel-blocked
-  output; into a plain one, a whole 4 x 4 tile without a residual as rows of 4 floats per filter
-  (:func:`sparsecnn.kernels._simd.wino4_out_plain_tile`: the tile's vectors transposed in registers),
-  else one scalar store per output. On AlexNet's conv1 at batch 32 the scalar stores had cost 9 of
-  31 ms.
+  output; into a plain one, an F(4x4) tile as rows of up to 4 floats per filter
+  (:func:`sparsecnn.kernels._simd.wino4_out_plain_tile`: the tile's vectors transposed in registers;
+  partial tiles at the plane's edges and residuals too), an F(2x2) tile one scalar store per output.
+  On AlexNet's conv1 at batch 32 the scalar stores had cost 9 of 31 ms.
 
 Threads split the work items at small batches; with at least as many images as threads, each
 thread runs its own images (:func:`sparsecnn.kernels.conv.split_by_image`). At batch 32 each thread
@@ -394,13 +394,16 @@ def _run_items(src, vb, u, offs, tpos, bias, ob, rb, has_res, relu, sc, zeros, b
                 if out_blocked:
                     _out_tile(bf, mpos, s, bias, bpos, rb, has_res, relu, ob,
                               ((first // VW * ho + oy) * wo + ox) * VW, wo * VW, nx, ny, m, r)
-                elif m == 4 and nx == 4 and ny == 4 and not has_res:  # transposed in registers
+                elif m == 4:  # transposed in registers: rows of up to 4 floats per filter
                     d = first * plane + oy * wo + ox
+                    nl = nf - o * VW
                     if r == 5:
-                        wino4r5_out_plain_tile(bf, mpos, s, bias, bpos, relu, ob, d, wo, plane, nf - o * VW)
+                        wino4r5_out_plain_tile(bf, mpos, s, bias, bpos, relu, ob, d, wo, plane, nl, nx, ny,
+                                               rb, has_res)
                     else:
-                        wino4_out_plain_tile(bf, mpos, s, bias, bpos, relu, ob, d, wo, plane, nf - o * VW)
-                else:  # through a scratch tile, one scalar store per output
+                        wino4_out_plain_tile(bf, mpos, s, bias, bpos, relu, ob, d, wo, plane, nl, nx, ny, rb,
+                                             has_res)
+                else:  # F(2x2): through a scratch tile, one scalar store per output
                     _out_tile(bf, mpos, s, bias, bpos, tmp, False, False, tmp, 0, m * VW, m, m, m, r)
                     nl = min(VW, nf - o * VW)
                     for dy in range(ny):
