@@ -266,6 +266,20 @@ def _aligned(shape: int | tuple[int, ...], dtype: Any, alloc: Any) -> np.ndarray
     return raw[start:start + nbytes].view(dt).reshape(shape)
 
 
+def thread_rows(nparts: int, n: int, dtype: Any = np.float32) -> np.ndarray:
+    """Zeroed per-thread scratch: ``(nparts, n')`` with ``n' >= n`` elements a row, every row starting
+    on its own cache line (``n'`` rounded up to whole ``ALIGN_BYTES``), so no two threads write the
+    same line.
+
+    Why: rows of a plain ``(nparts, n)`` array share a cache line at each boundary, and with a short
+    ``n`` every line of them: the LRN + max-pool step's ``(nparts, W)`` row buffers (55 and 27 floats
+    on AlexNet) made its pooling pass no faster on two threads than on one (0.062 against 0.071 ms on
+    norm1's output at batch 1), the line moving between the cores at every row.
+    """
+    per_line = ALIGN_BYTES // np.dtype(dtype).itemsize
+    return aligned_zeros((nparts, max(1, -(-n // per_line)) * per_line), dtype)
+
+
 def as_aligned(a: np.ndarray) -> np.ndarray:
     """``a`` itself when it is C-contiguous and starts on an ``ALIGN_BYTES`` boundary, else such a copy
     (arrays read from files, or made by numpy, which aligns to 16 bytes)."""

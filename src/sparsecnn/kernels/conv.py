@@ -119,6 +119,7 @@ from sparsecnn.kernels._numba import (
     num_threads,
     pjit,
     serial_twin,
+    thread_rows,
 )
 from sparsecnn.kernels._simd import (
     GROUP_F,
@@ -518,7 +519,7 @@ class DirectConvPrep(ConvPrepBase):
             in_place=lay.in_place,
             xt=aligned_zeros(lay.xt_shape(nparts if by_image else x_shape[0], cin, pw)),
             geo=lay.geometry(x_shape, in_stride),
-            wide=aligned_zeros((nparts, max(nco, 1) * gstride if grouped is None else 0)),
+            wide=thread_rows(nparts, max(nco, 1) * gstride if grouped is None else 0),
             gstride=gstride,
             bptr=bptr,
             bounds=bounds,
@@ -618,7 +619,7 @@ def _grouped_plan(prep: DirectConvPrep, lay: PhaseLayout, c: np.ndarray, ci: np.
     slots = GROUP_F * max(ngroups if by_image else int(np.diff(bounds).max(initial=0)), 1)
     return _Grouped(offsets=np.ascontiguousarray(offsets, dtype=off_dtype), weights=weights,
                     cptr=cptr.reshape(-1), wptr=wptr.reshape(-1), filters=filters, bounds=bounds, nblk=nblk,
-                    group=group, wide=aligned_zeros((nparts, slots * gstride)), gstride=gstride)
+                    group=group, wide=thread_rows(nparts, slots * gstride), gstride=gstride)
 
 
 def prepare_direct(

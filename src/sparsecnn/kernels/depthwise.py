@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import aligned_zeros, jit, num_threads, pjit, serial_twin
+from sparsecnn.kernels._numba import jit, num_threads, pjit, serial_twin, thread_rows
 from sparsecnn.kernels._simd import (
     DW_NV,
     DW_ROWS,
@@ -169,8 +169,8 @@ def _workspace(prep: DirectConvPrep, x_shape: tuple[int, int, int, int],
         offsets = lay.offsets(np.zeros_like(r), r, s)
         nvec = -(-lay.span // VW)
         return _DepthwiseWorkspace(
-            planes=aligned_zeros((nparts, lay.nph * lay.plane + 2 * VW + prep.padding[1])),
-            wide=aligned_zeros((nparts, (nvec + 2) * VW)),
+            planes=thread_rows(nparts, lay.nph * lay.plane + 2 * VW + prep.padding[1]),
+            wide=thread_rows(nparts, (nvec + 2) * VW),
             copies=lay.copies,
             geo=lay.geometry((1, *x_shape[1:]), in_stride),
             offsets=np.ascontiguousarray(offsets, dtype=np.int64),

@@ -87,6 +87,7 @@ from sparsecnn.kernels._numba import (
     num_threads,
     pjit,
     serial_twin,
+    thread_rows,
 )
 from sparsecnn.kernels._simd import (
     CHAN_BLOCK,
@@ -318,12 +319,12 @@ class ImplicitGemmPrep(ConvPrepBase):
             group = min(rows, lay.hout) * lay.wph
             gstride = group + 2 * VW
             items = ntiles * self.groups if by_image else int(np.diff(bounds).max(initial=0))
-            wide = aligned_zeros((nparts, GEMM_MR * max(items, 1) * gstride))
+            wide = thread_rows(nparts, GEMM_MR * max(items, 1) * gstride)
             kernel = _blocked_kernel_serial if macs < _SERIAL_MACS else _blocked_kernel
         else:
             group = lay.span
             gstride = nvec * VW + 2 * VW
-            wide = aligned_zeros((nparts, GEMM_MR * gstride))
+            wide = thread_rows(nparts, GEMM_MR * gstride)
             kernel = _implicit_kernel_serial if macs < _SERIAL_MACS else _implicit_kernel
         return _Workspace(
             offsets=off,
@@ -477,7 +478,7 @@ class ImplicitGemmPrep(ConvPrepBase):
         return _Workspace(
             offsets=offsets,
             xt=aligned_zeros((nbuf, size * BLOCK if in_blocked else size)),
-            wide=aligned_zeros((nparts, (group + CHAN_NP) * CHAN_BLOCK)),
+            wide=thread_rows(nparts, (group + CHAN_NP) * CHAN_BLOCK),
             gstride=0,
             bounds=bounds,
             by_image=by_image,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import num_threads, pjit
+from sparsecnn.kernels._numba import num_threads, pjit, thread_rows
 from sparsecnn.kernels._simd import max3_cols2, max3_rows
 
 __all__ = ["bind_lrn", "bind_lrn_max_pool", "fuses_with_lrn", "lrn_across_channels"]
@@ -149,9 +149,9 @@ def bind_lrn_max_pool(x_shape: tuple[int, ...], size: int, alpha: float, beta: f
         raise ValueError(f"bind_lrn_max_pool: out must be C-contiguous of shape {(b, c, hout, wout)}")
     nparts = max(1, min(num_threads(), b * c))
     bounds = np.array([i * (b * c) // nparts for i in range(nparts + 1)], dtype=np.int64)
-    plane = np.empty((nparts, h * w), dtype=np.float32)
-    acc = np.empty((nparts, h * w), dtype=np.float32)
-    row = np.empty((nparts, w), dtype=np.float32)
+    plane = thread_rows(nparts, h * w)  # each thread's rows on cache lines of its own
+    acc = thread_rows(nparts, h * w)
+    row = thread_rows(nparts, w)
     flat = out.reshape(-1)
     args = (flat, size, np.float32(alpha / size), np.float32(beta), np.float32(k), beta == 0.75, bounds,
             plane, acc, row, h, w, hout, wout)

@@ -44,7 +44,15 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, balanced_bounds, jit, num_threads, pjit, serial_twin
+from sparsecnn.kernels._numba import (
+    PerThread,
+    balanced_bounds,
+    jit,
+    num_threads,
+    pjit,
+    serial_twin,
+    thread_rows,
+)
 from sparsecnn.kernels._simd import (
     ELL_COL_BITS,
     ELL_ROWS,
@@ -239,7 +247,7 @@ class QuantLinearPrep:
                     ws.sums = np.zeros((ell.eptr.size - 1) * ELL_ROWS, dtype=np.float32)
                 else:
                     ws.xpad = np.zeros((nparts, ELL_PASS, ell.nslab * ELL_SLAB), dtype=np.float32)
-                    ws.sums = np.zeros((nparts, ELL_PASS * ELL_ROWS), dtype=np.float32)
+                    ws.sums = thread_rows(nparts, ELL_PASS * ELL_ROWS)  # a cache line per thread's sums
             self._workspaces[key] = ws
         return ws
 

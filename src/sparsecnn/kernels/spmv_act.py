@@ -84,12 +84,14 @@ import numpy as np
 
 from sparsecnn.kernels._numba import (
     PerThread,
+    aligned_zeros,
     as_aligned,
     balanced_bounds,
     jit,
     num_threads,
     pjit,
     serial_twin,
+    thread_rows,
 )
 from sparsecnn.kernels._simd import (
     MASK_GROUPS,
@@ -131,7 +133,7 @@ class _Workspace:
     scratch: np.ndarray  # (nparts, MASK_ROWS) a last partial tile's rows (masked layout)
     cost: np.ndarray  # (K,) running cost of the nonzero inputs' columns (packed layout), else (0,)
     parts: np.ndarray  # (nparts + 1,) each thread's range of nonzero inputs (packed layout)
-    sums: np.ndarray  # (nparts, M + RW) or (nparts, M + RW, B): each thread's own sums (packed layout)
+    sums: np.ndarray  # (nparts, >= M + RW) or (nparts, >= M + RW, B): each thread's own sums (packed layout)
 
 
 @dataclass(eq=False)
@@ -318,14 +320,20 @@ class ActLinearPrep:
                 # nnz-balanced tile ranges, each column part counted as a few nonzeros of overhead
                 ptr = self.tile_ptr.astype(np.int64)[:: max(k, 1)]
                 tiles = balanced_bounds(np.diff(ptr) + 4 * k, nparts)
-            sums_shape = ((nparts, m + RW) if batch == 1 else (nparts, m + RW, batch)) if packed else (0, 0)
+            # each thread's sums on cache lines of their own (rows past m + RW unused): a line shared at
+            # the boundary of two threads' sums (their padding slots and the next one's first rows)
+            # moved between the cores at every scatter into it
+            rows = -(-(m + RW) // 16) * 16
+            none = np.empty((0, 0), np.float32)
+            sums = (thread_rows(nparts, m + RW) if batch == 1 else aligned_zeros((nparts, rows, batch))) \
+                if packed else none
             ws = _Workspace(bounds=bounds, nz=np.empty(k, np.int64), xv=np.empty(k, np.float32),
                             xt=np.empty((k, batch) if batch > 1 and not masked else (0, 1), np.float32),
                             tiles=tiles, nzb=np.empty((batch, k) if masked else (0, 0), np.int64),
                             counts=np.zeros(batch if masked else 0, np.int64),
-                            scratch=np.empty((nparts, MASK_ROWS) if masked else (0, 0), np.float32),
+                            scratch=thread_rows(nparts, MASK_ROWS) if masked else none,
                             cost=np.empty(k if packed else 0, np.int64),
-                            parts=np.zeros(nparts + 1, np.int64), sums=np.empty(sums_shape, np.float32))
+                            parts=np.zeros(nparts + 1, np.int64), sums=sums)
             self._workspaces[key] = ws
         return ws
 

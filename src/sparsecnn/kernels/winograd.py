@@ -80,7 +80,15 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import aligned_empty, aligned_zeros, balanced_bounds, jit, pjit, serial_twin
+from sparsecnn.kernels._numba import (
+    aligned_empty,
+    aligned_zeros,
+    balanced_bounds,
+    jit,
+    pjit,
+    serial_twin,
+    thread_rows,
+)
 from sparsecnn.kernels._simd import (
     CHAN_BLOCK,
     CHAN_NP,
@@ -254,11 +262,11 @@ def winograd_workspace(x_shape: tuple[int, int, int, int], weight_shape: tuple[i
         geo=geo,
         offs=((c // VW) * tg * VW + c % VW).astype(np.int32),
         tpos=(np.arange(tg + CHAN_NP) * VW).astype(np.int32),
-        V=aligned_zeros((nparts, npt * cgp * tg + VW)),
+        V=thread_rows(nparts, npt * cgp * tg + VW),
         xb=aligned_zeros((nbuf, 0 if in_blocked else groups * ncbk * h * w * VW + VW)),
-        scratch=aligned_zeros((nparts, (m + r - 1) * el * VW + VW)),
-        mbuf=aligned_zeros((nparts, npt * s + VW)),
-        tmp=aligned_zeros((nparts, m * m * VW)),
+        scratch=thread_rows(nparts, (m + r - 1) * el * VW + VW),
+        mbuf=thread_rows(nparts, npt * s + VW),
+        tmp=thread_rows(nparts, m * m * VW),
         zeros=np.zeros(VW, np.float32),
         init=np.zeros(CHAN_BLOCK, np.float32),
         bounds=balanced_bounds(np.ones(groups * nfb * nchunk, dtype=np.int64), nparts),
