@@ -311,8 +311,10 @@ class ActLinearPrep:
         ws = self._workspaces.get(key)
         if ws is None:
             m, k = self.shape
-            # dense columns: whole vectors per thread (its tiles stay inside its range)
-            bounds = np.minimum(np.arange(nparts + 1, dtype=np.int64) * (-(-m // (VW * nparts)) * VW), m)
+            # dense columns: whole cache lines of rows per thread (its tiles stay inside its range, and
+            # no line of y, rewritten after every block of inputs, is written by both threads)
+            line = max(VW, 16)
+            bounds = np.minimum(np.arange(nparts + 1, dtype=np.int64) * (-(-m // (line * nparts)) * line), m)
             masked = self.masked
             packed = not (masked or self.dense_columns)
             tiles = np.zeros(0, np.int64)
