@@ -488,7 +488,7 @@ class ImplicitGemmPrep(ConvPrepBase):
             kblk=kblk,
             group=group,
             identity=lay.in_place,  # chan_tile reads no position past the span
-            init=np.zeros((nparts, CHAN_BLOCK), dtype=np.float32),
+            init=thread_rows(nparts, CHAN_BLOCK),  # written per item: a cache line per thread
             pstride=BLOCK if in_blocked else 1,
             qpos=qpos,
             wrow=lay.wout if VALID_POSITIONS else lay.wph,

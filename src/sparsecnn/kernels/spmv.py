@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from sparsecnn.kernels._numba import PerThread, aligned_zeros, balanced_bounds, num_threads, pjit, serial_twin
+from sparsecnn.kernels._numba import (
+    PerThread,
+    aligned_zeros,
+    balanced_bounds,
+    num_threads,
+    pjit,
+    serial_twin,
+    thread_rows,
+)
 from sparsecnn.kernels._simd import NV_MAX, NV_MAX8, RW, VW, row_dot, span_tile, span_tile8, tile_split
 
 __all__ = ["SLAB", "LinearPrep", "bind_sparse_linear", "prepare_linear", "slab_order", "slab_row_ids",
@@ -111,7 +119,10 @@ class LinearPrep:
             bp = _padded_batch(batch)
             ws = _Workspace(
                 xt=aligned_zeros((k, bp) if batch > 1 else (0, VW)),
-                acc=aligned_zeros(((m if self.slab else nparts) if batch > 1 else 0, bp)),
+                # per-thread sums (without slabs) on a cache line each: rows of 8 floats side by side
+                # put both threads' sums in one line, rewritten at every output row
+                acc=aligned_zeros((m if batch > 1 else 0, bp)) if self.slab else
+                thread_rows(nparts if batch > 1 else 0, bp),
                 bounds=bounds,
             )
             self._workspaces[key] = ws
