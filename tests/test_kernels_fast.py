@@ -1052,3 +1052,18 @@ def test_thread_split_keeps_conv_groups_whole(rng):
         numba.set_num_threads(old)
     ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1, groups=2).numpy()
     assert_close(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+@pytest.mark.parametrize("n", [0, 1, 27, 55, 16, 4104])
+def test_thread_rows_give_each_thread_its_own_cache_lines(n, dtype):
+    """Per-thread scratch (``thread_rows``): zeroed, at least ``n`` elements a row, and every row
+    starting on a cache line of its own, so no line holds two threads' elements."""
+    from sparsecnn.kernels._numba import ALIGN_BYTES, thread_rows
+
+    rows = thread_rows(3, n, dtype)
+    assert rows.dtype == dtype and rows.flags.c_contiguous and rows.shape[0] == 3 and rows.shape[1] >= n
+    assert not rows.any()
+    for t in range(3):
+        assert rows[t].ctypes.data % ALIGN_BYTES == 0
+    assert rows.strides[0] % ALIGN_BYTES == 0
