@@ -240,6 +240,7 @@ def balanced_bounds(cost: np.ndarray, nparts: int, unit: int = 1) -> np.ndarray:
 # Bytes a vector kernel's buffers start on: one cache line (a 64-byte zmm load from an address that
 # is not a multiple of it always reads two lines). numpy aligns its allocations to 16 bytes only.
 ALIGN_BYTES = 64
+LINE_FLOATS = ALIGN_BYTES // 4  # float32 elements of one cache line
 
 
 def aligned_zeros(shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:

@@ -83,6 +83,7 @@ import numba
 import numpy as np
 
 from sparsecnn.kernels._numba import (
+    LINE_FLOATS,
     PerThread,
     aligned_zeros,
     as_aligned,
@@ -313,7 +314,7 @@ class ActLinearPrep:
             m, k = self.shape
             # dense columns: whole cache lines of rows per thread (its tiles stay inside its range, and
             # no line of y, rewritten after every block of inputs, is written by both threads)
-            line = max(VW, 16)
+            line = max(VW, LINE_FLOATS)
             bounds = np.minimum(np.arange(nparts + 1, dtype=np.int64) * (-(-m // (line * nparts)) * line), m)
             masked = self.masked
             packed = not (masked or self.dense_columns)
@@ -325,7 +326,7 @@ class ActLinearPrep:
             # each thread's sums on cache lines of their own (rows past m + RW unused): a line shared at
             # the boundary of two threads' sums (their padding slots and the next one's first rows)
             # moved between the cores at every scatter into it
-            rows = -(-(m + RW) // 16) * 16
+            rows = -(-(m + RW) // LINE_FLOATS) * LINE_FLOATS
             none = np.empty((0, 0), np.float32)
             sums = (thread_rows(nparts, m + RW) if batch == 1 else aligned_zeros((nparts, rows, batch))) \
                 if packed else none
